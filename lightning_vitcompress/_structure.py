@@ -1,0 +1,154 @@
+"""Recording structural edits in checkpoints and replaying them on load.
+
+A pruned, Nystrom-swapped or quantized model no longer matches the module its
+``__init__`` builds, so its state dict cannot be loaded into a fresh instance.
+Every structural callback therefore records each edit it makes as a small,
+plain-data *record* (``weights_only``-safe: str/int/float/bool/None, lists,
+tuples and dicts of them). The records travel in the checkpoint under
+``"vitcompress_structure"``, in the order the edits were made, and are
+replayed on a freshly built module before its weights are loaded:
+
+* on resume (``trainer.fit(ckpt_path=...)``), by the callbacks at ``setup``;
+* for inference, by :func:`load_compressed`.
+
+A record is ``{"kind": <registered kind>, "target": <attribute path>, ...}``;
+each structural module registers how to replay its kind with
+:func:`register_replay`.
+
+Example::
+
+    @register_replay("my_edit")
+    def _replay_my_edit(model: nn.Module, record: dict) -> None:
+        shrink(model, record["ratio"])          # same shapes as when recorded
+
+    record_edit(pl_module, {"kind": "my_edit", "target": "net", "ratio": 0.5})
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Callable, Optional, TypeVar, Union
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from lightning_vitcompress._model import get_submodule
+
+STRUCTURE_KEY = "vitcompress_structure"
+_EDITS_ATTRIBUTE = "_vitcompress_edits"
+
+Record = dict[str, Any]
+ReplayFn = Callable[[nn.Module, Record], None]
+_REPLAYS: dict[str, ReplayFn] = {}
+
+ModuleT = TypeVar("ModuleT", bound=pl.LightningModule)
+
+
+def register_replay(kind: str) -> Callable[[ReplayFn], ReplayFn]:
+    """Decorator: ``fn(target_module, record)`` rebuilds the structure of a ``kind`` edit."""
+
+    def decorator(fn: ReplayFn) -> ReplayFn:
+        _REPLAYS[kind] = fn
+        return fn
+
+    return decorator
+
+
+def recorded_edits(pl_module: nn.Module) -> list[Record]:
+    """The edits made to ``pl_module`` so far (the live list; append via :func:`record_edit`)."""
+    edits = pl_module.__dict__.get(_EDITS_ATTRIBUTE)
+    if edits is None:
+        edits = []
+        # stored in __dict__, not as a buffer: it is not part of the state dict
+        pl_module.__dict__[_EDITS_ATTRIBUTE] = edits
+    return edits
+
+
+def record_edit(pl_module: nn.Module, record: Record) -> None:
+    """Append ``record`` to the edits that will be saved with ``pl_module``'s checkpoints."""
+    if record.get("kind") not in _REPLAYS:
+        raise KeyError(f"No replay registered for edit kind {record.get('kind')!r}; known: {sorted(_REPLAYS)}")
+    recorded_edits(pl_module).append(copy.deepcopy(record))
+
+
+def save_edits(pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:
+    """Write the recorded edits into a checkpoint dict (idempotent)."""
+    checkpoint[STRUCTURE_KEY] = copy.deepcopy(recorded_edits(pl_module))
+
+
+def replay_edits(pl_module: nn.Module, records: list[Record]) -> None:
+    """Re-apply ``records`` to a freshly built ``pl_module`` and record them again."""
+    _import_replays()
+    for record in records:
+        kind = record.get("kind")
+        if kind not in _REPLAYS:
+            raise KeyError(f"Checkpoint holds an edit of unknown kind {kind!r}; known: {sorted(_REPLAYS)}")
+        _REPLAYS[kind](get_submodule(pl_module, record.get("target", "")), record)
+        recorded_edits(pl_module).append(copy.deepcopy(record))
+
+
+def _import_replays() -> None:
+    # the structural modules register their replays on import
+    import lightning_vitcompress  # noqa: F401
+
+
+def read_checkpoint(path: Union[str, Path], map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a Lightning checkpoint, safely (``weights_only=True``) where its contents allow.
+
+    A checkpoint whose hyper-parameters or extra state hold arbitrary Python
+    objects cannot be read with ``weights_only=True``; it is then read with
+    ``weights_only=False``, as Lightning itself does. Only load checkpoints you trust.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint_path={str(path)!r} does not exist or is not a file.")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception:  # an unpickling error: objects outside the safe allow-list
+        return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def load_compressed(
+    module_class: type[ModuleT],
+    checkpoint_path: Union[str, Path],
+    *,
+    map_location: Any = "cpu",
+    strict: bool = True,
+    **init_kwargs: Any,
+) -> ModuleT:
+    """Build ``module_class``, replay the checkpoint's structural edits, load its weights.
+
+    The one call that restores a pruned / Nystrom-swapped / quantized model for
+    inference; returns it in ``eval()`` mode. ``init_kwargs`` go to
+    ``module_class(...)``; when omitted, the hyper-parameters saved with
+    ``self.save_hyperparameters()`` are used.
+
+    Example::
+
+        model = load_compressed(LitClassifier, "checkpoints/last.ckpt")
+        model(images).argmax(-1)
+    """
+    checkpoint = read_checkpoint(checkpoint_path, map_location)
+    if not init_kwargs:
+        init_kwargs = dict(checkpoint.get(module_class.CHECKPOINT_HYPER_PARAMS_KEY, {}) or {})
+    pl_module = module_class(**init_kwargs)
+    replay_edits(pl_module, checkpoint.get(STRUCTURE_KEY, []))
+    # assign=True keeps tensor subclasses (torchao quantized weights) as saved
+    pl_module.load_state_dict(checkpoint["state_dict"], strict=strict, assign=True)
+    pl_module.on_load_checkpoint(checkpoint)
+    return pl_module.eval()
+
+
+def replay_from_checkpoint(pl_module: nn.Module, checkpoint_path: Optional[Union[str, Path]]) -> list[Record]:
+    """On resume: replay the edits saved in ``checkpoint_path`` onto ``pl_module``.
+
+    Returns the replayed records (empty when there is no checkpoint, no edits,
+    or they were already replayed), so callbacks can tell how far they got.
+    """
+    if not checkpoint_path or recorded_edits(pl_module) or not Path(checkpoint_path).is_file():
+        return []
+    records = read_checkpoint(checkpoint_path).get(STRUCTURE_KEY, [])
+    replay_edits(pl_module, records)
+    return records

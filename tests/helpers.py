@@ -1,0 +1,70 @@
+"""Test helpers: a fast Trainer and 2-process DDP runs (import as ``from helpers import ...``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+#: the tiny classifier every fast test trains: 2 blocks of width 32
+TINY = dict(embed_dim=32, depth=2, num_heads=4)
+
+
+def fast_trainer(tmp_path: Path, **overrides: Any) -> L.Trainer:
+    """A CPU Trainer that keeps tests short and quiet; pass overrides to change anything."""
+    kwargs: dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        limit_train_batches=4,
+        limit_val_batches=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        deterministic=False,
+    )
+    kwargs.update(overrides)
+    return L.Trainer(**kwargs)
+
+
+def run_ddp_script(body: str, tmp_path: Path, timeout: float = 240) -> list[dict[str, Any]]:
+    """Run ``body`` as a script under ``Trainer(strategy="ddp", devices=2)`` on CPU (gloo).
+
+    ``body`` sees ``OUT`` (a folder) and must build ``trainer`` and fit; it
+    should call ``report(trainer, **values)`` to write one JSON per rank.
+    Returns the per-rank reports sorted by rank. Lightning's ddp launcher
+    re-runs the script for rank 1, which is why this is a script and not a
+    function.
+    """
+    prelude = textwrap.dedent(
+        f"""
+        import json, os, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import torch
+        torch.set_num_threads(1)
+        OUT = {str(tmp_path)!r}
+
+        def report(trainer, **values):
+            values["rank"] = trainer.global_rank
+            with open(os.path.join(OUT, f"rank{{trainer.global_rank}}.json"), "w") as f:
+                json.dump(values, f)
+        """
+    )
+    script = tmp_path / "ddp_script.py"
+    script.write_text(prelude + textwrap.dedent(body))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    reports = sorted(tmp_path.glob("rank*.json"))
+    if proc.returncode != 0 or len(reports) != 2:
+        raise AssertionError(f"DDP script failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return [json.loads(p.read_text()) for p in reports]
