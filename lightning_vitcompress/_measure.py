@@ -1,0 +1,202 @@
+"""Plain measuring functions: size, parameters, MACs, throughput, latency, accuracy.
+
+No Trainer needed; :class:`~lightning_vitcompress.BenchmarkCallback` and the
+scripts in ``benchmarks/`` use exactly these. Timing uses
+``torch.utils.benchmark.Timer`` (warm-up, repeated runs, CUDA synchronised) and
+quotes the median. Measuring never changes the model's training flag,
+parameters or device: it works on the model in ``eval()`` under
+``torch.inference_mode`` and restores the flag afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+from torch.utils import benchmark as torch_benchmark
+
+Device = Union[str, torch.device]
+
+
+def resolve_device(device: Device, argument: str = "device") -> torch.device:
+    """``torch.device`` for ``"cpu"``/``"cuda"``/``"cuda:1"``; a clear error otherwise."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"{argument}={device!r} is not a device name; use 'cpu' or 'cuda' (or 'cuda:N').") from err
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"{argument}={device!r}: only 'cpu' and 'cuda' are measured.")
+    return resolved
+
+
+def check_positive(value: Union[int, float], argument: str, example: str) -> None:
+    """Raise ``ValueError`` naming ``argument`` unless ``value > 0``."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ValueError(f"{argument}={value!r}: must be a positive number, e.g. {example}.")
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model.eval()`` inside the block; each submodule's training flag restored after."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+@contextlib.contextmanager
+def thread_count(num_threads: Optional[int]) -> Iterator[int]:
+    """Run the block with ``torch.set_num_threads(num_threads)``; restores the previous count."""
+    previous = torch.get_num_threads()
+    if num_threads is not None:
+        check_positive(num_threads, "num_threads", "2")
+        torch.set_num_threads(num_threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameter elements (quantized tensor subclasses count their logical shape)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def serialized_size_bytes(model: nn.Module) -> int:
+    """Bytes of ``torch.save(model.state_dict())``: what a checkpoint of the weights costs."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getbuffer().nbytes
+
+
+def count_macs(model: nn.Module, example_input: torch.Tensor) -> Optional[int]:
+    """Multiply-accumulates of one forward of ``example_input`` per image (``FlopCounterMode`` / 2).
+
+    ``None`` where the counter cannot trace the model (some quantized kernels).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    try:
+        with eval_mode(model), torch.inference_mode(), counter:
+            model(example_input)
+    except Exception:  # noqa: BLE001 - the counter does not know every custom op
+        return None
+    return counter.get_total_flops() // 2 // max(1, example_input.shape[0])
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _timer(model: nn.Module, example_input: torch.Tensor, num_threads: int) -> torch_benchmark.Timer:
+    return torch_benchmark.Timer(
+        stmt="model(x)",
+        globals={"model": model, "x": example_input},
+        num_threads=num_threads,
+    )
+
+
+def _time_once(model: nn.Module, example_input: torch.Tensor, num_threads: int, min_run_time: float) -> float:
+    """Median seconds per call of ``model(example_input)`` in one adaptive measurement."""
+    with torch.inference_mode():
+        return _timer(model, example_input, num_threads).blocked_autorange(min_run_time=min_run_time).median
+
+
+def compare_throughput(
+    models: Mapping[str, nn.Module],
+    example_input: torch.Tensor,
+    *,
+    num_threads: Optional[int] = None,
+    rounds: int = 3,
+    min_run_time: float = 0.5,
+    warmup: int = 2,
+) -> dict[str, float]:
+    """Images/s of each model, measured interleaved (A, B, A, B...), median over rounds.
+
+    All models run on ``example_input``'s device; interleaving spreads the
+    machine's drift over every variant, so their *ratios* are what to quote.
+
+    Example::
+
+        ips = compare_throughput({"fp32": vit, "int8": quantized}, torch.randn(4, 3, 224, 224))
+        print(ips["int8"] / ips["fp32"])
+    """
+    check_positive(rounds, "rounds", "3")
+    check_positive(min_run_time, "min_run_time", "0.5")
+    threads = num_threads if num_threads is not None else torch.get_num_threads()
+    batch = example_input.shape[0]
+    seconds: dict[str, list[float]] = {name: [] for name in models}
+    with contextlib.ExitStack() as stack:
+        for model in models.values():
+            stack.enter_context(eval_mode(model))
+        with torch.inference_mode():
+            for model in models.values():
+                for _ in range(warmup):
+                    model(example_input)
+        for _ in range(rounds):
+            for name, model in models.items():
+                seconds[name].append(_time_once(model, example_input, threads, min_run_time))
+    return {name: batch / sorted(times)[len(times) // 2] for name, times in seconds.items()}
+
+
+def measure_throughput(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    *,
+    num_threads: Optional[int] = None,
+    rounds: int = 3,
+    min_run_time: float = 0.5,
+) -> float:
+    """Images/s of ``model`` on ``example_input`` (its batch size and device)."""
+    return compare_throughput(
+        {"model": model}, example_input, num_threads=num_threads, rounds=rounds, min_run_time=min_run_time
+    )["model"]
+
+
+def measure_latency(
+    model: nn.Module,
+    example_image: torch.Tensor,
+    *,
+    num_threads: Optional[int] = None,
+    repeats: int = 30,
+) -> tuple[float, float]:
+    """Batch-1 latency ``(p50, p95)`` in milliseconds over ``repeats`` timed calls after warm-up."""
+    check_positive(repeats, "repeats", "30")
+    example_image = example_image[:1]
+    threads = num_threads if num_threads is not None else torch.get_num_threads()
+    with eval_mode(model), torch.inference_mode():
+        timer = _timer(model, example_image, threads)
+        timer.timeit(2)  # warm-up
+        times = sorted(timer.timeit(1).raw_times[0] for _ in range(repeats))
+    p50 = times[len(times) // 2]
+    p95 = times[min(len(times) - 1, math.ceil(0.95 * len(times)) - 1)]
+    return p50 * 1e3, p95 * 1e3
+
+
+def measure_accuracy(
+    model: nn.Module, batches: Iterable[Any], *, device: Optional[Device] = None, num_classes: Optional[int] = None
+) -> Optional[float]:
+    """Top-1 accuracy (torchmetrics) of ``model`` over ``(images, labels)`` batches; None if empty."""
+    from torchmetrics.classification import MulticlassAccuracy
+
+    device = torch.device(device) if device is not None else _model_device(model)
+    metric: Optional[MulticlassAccuracy] = None
+    with eval_mode(model), torch.inference_mode():
+        for batch in batches:
+            images, labels = batch[0].to(device), batch[1].to(device)
+            logits = model(images)
+            if metric is None:
+                metric = MulticlassAccuracy(num_classes=num_classes or logits.shape[-1], average="micro").to(device)
+            metric.update(logits, labels)
+    return None if metric is None else float(metric.compute())
