@@ -197,6 +197,9 @@ def measure_accuracy(
             images, labels = batch[0].to(device), batch[1].to(device)
             logits = model(images)
             if metric is None:
-                metric = MulticlassAccuracy(num_classes=num_classes or logits.shape[-1], average="micro").to(device)
+                # measured on one rank only: no cross-process sync
+                metric = MulticlassAccuracy(
+                    num_classes=num_classes or logits.shape[-1], average="micro", sync_on_compute=False
+                ).to(device)
             metric.update(logits, labels)
     return None if metric is None else float(metric.compute())

@@ -1,0 +1,147 @@
+"""BenchmarkCallback and the plain measuring functions."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+from helpers import TINY, fast_trainer, run_ddp_script
+from test_base import DropLastBlock
+from torch import nn
+
+from lightning_vitcompress import BenchmarkCallback, benchmark_model, compare_models
+from lightning_vitcompress.benchmark import REPORT_FILENAME, format_report
+from lightning_vitcompress.digits import small_vit
+
+FAST = dict(rounds=2, min_run_time=0.1, latency_repeats=5)
+
+
+class RunTwice(nn.Module):
+    """The same model run twice per forward: exactly twice the work."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.model(x)
+        return self.model(x)
+
+
+def test_twice_the_work_measures_about_half_the_throughput():
+    vit = small_vit(embed_dim=64, depth=2)
+    report = compare_models(
+        {"once": vit, "twice": RunTwice(vit)}, torch.randn(16, 3, 32, 32), devices=["cpu"], num_threads=2, rounds=3,
+        min_run_time=0.2, latency_repeats=5,
+    )
+    ratio = report["once"]["cpu_images_per_s"] / report["twice"]["cpu_images_per_s"]
+    assert 1.6 < ratio < 2.5
+    assert report["twice"]["macs_per_image"] == 2 * report["once"]["macs_per_image"]
+
+
+def test_size_is_the_saved_state_dict_and_gpu_is_none_without_cuda(tmp_path):
+    vit = small_vit(**TINY)
+    stats = benchmark_model(vit, torch.randn(4, 3, 32, 32), **FAST)
+    buffer = io.BytesIO()
+    torch.save(vit.state_dict(), buffer)
+    assert stats["size_mb"] == pytest.approx(buffer.getbuffer().nbytes / 1e6)
+    assert stats["size_mib"] == pytest.approx(buffer.getbuffer().nbytes / 2**20)
+    assert stats["params"] == sum(p.numel() for p in vit.parameters())
+    assert stats["batch_size"] == 4 and stats["num_threads"] >= 1
+    if not torch.cuda.is_available():
+        assert stats["gpu_images_per_s"] is None and stats["gpu_latency_ms_p50"] is None
+        assert stats["gpu_name"] is None
+
+
+def test_measuring_leaves_the_model_as_it_was():
+    vit = small_vit(**TINY).train()
+    before = {k: v.clone() for k, v in vit.state_dict().items()}
+    benchmark_model(vit, torch.randn(4, 3, 32, 32), batches=[(torch.randn(4, 3, 32, 32), torch.arange(4))], **FAST)
+    assert vit.training and all(m.training for m in vit.modules())
+    assert all(torch.equal(before[k], v) for k, v in vit.state_dict().items())
+    assert next(vit.parameters()).device.type == "cpu"
+
+
+@pytest.mark.parametrize("edit_first", [True, False])
+def test_baseline_is_the_model_before_any_edit(tmp_path, tiny_classifier, digits, edit_first):
+    bench = BenchmarkCallback(batch_size=8, **FAST)
+    callbacks = [DropLastBlock(), bench] if edit_first else [bench, DropLastBlock()]
+    model = tiny_classifier(depth=3)
+    fast_trainer(tmp_path, callbacks=callbacks).fit(model, digits)
+    report = json.loads((tmp_path / REPORT_FILENAME).read_text())
+    assert report == json.loads(json.dumps(bench.report))
+    per_block = report["baseline"]["params"] - report["final"]["params"]
+    assert per_block == sum(p.numel() for p in model.model.blocks[0].parameters())
+    assert report["ratios"]["params_ratio"] < 1
+    for stage in ("baseline", "final"):
+        for key in ("params", "size_mb", "cpu_images_per_s", "gpu_images_per_s", "accuracy"):
+            assert key in report[stage]
+        assert 0 <= report[stage]["accuracy"] <= 1
+    for key in ("batch_size", "num_threads", "cpu_name", "gpu_name", "versions"):
+        assert key in report
+    assert report["versions"]["torch"] == torch.__version__.split("+")[0] or report["versions"]["torch"]
+    assert "| params |" in format_report(report)
+
+
+def test_no_dataloader_gives_none_accuracy_with_a_warning(tmp_path, tiny_classifier, digits):
+    bench = BenchmarkCallback(batch_size=4, output_dir=tmp_path / "out", **FAST)
+    trainer = fast_trainer(tmp_path, callbacks=[bench], limit_val_batches=0)
+    with pytest.warns(UserWarning, match="no dataloader to measure accuracy"):
+        trainer.fit(tiny_classifier(), train_dataloaders=digits.train_dataloader())
+    assert bench.report["final"]["accuracy"] is None
+    assert (tmp_path / "out" / REPORT_FILENAME).is_file()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(batch_size=0), "batch_size=0: must be a positive"),
+        (dict(devices=["tpu"]), "devices='tpu'"),
+        (dict(devices=["gpu0"]), "devices='gpu0' is not a device name"),
+        (dict(num_threads=-1), "num_threads=-1"),
+        (dict(input_shape=(32, 32)), r"input_shape=\(32, 32\)"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        BenchmarkCallback(**kwargs)
+
+
+def test_model_without_attention_fails_at_setup(tmp_path, digits):
+    import lightning as L
+
+    class Linear(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    with pytest.raises(ValueError, match="No attention blocks"):
+        fast_trainer(tmp_path, callbacks=[BenchmarkCallback()]).fit(Linear(), digits)
+
+
+def test_ddp_writes_one_report_on_rank_zero(tmp_path):
+    reports = run_ddp_script(
+        f"""
+        import lightning as L
+        from lightning_vitcompress import BenchmarkCallback
+        from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
+        L.seed_everything(0)
+        bench = BenchmarkCallback(batch_size=4, rounds=1, min_run_time=0.05, latency_repeats=3, output_dir=OUT)
+        trainer = L.Trainer(accelerator="cpu", strategy="ddp", devices=2, max_epochs=1, limit_train_batches=2,
+                            limit_val_batches=1, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, callbacks=[bench])
+        trainer.fit(DigitsClassifier(**{TINY!r}), DigitsDataModule(batch_size=16))
+        report(trainer, has_report=bench.report is not None)
+        """,
+        tmp_path,
+    )
+    assert [r["has_report"] for r in reports] == [True, False]
+    assert len(list(tmp_path.glob(REPORT_FILENAME))) == 1
