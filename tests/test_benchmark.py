@@ -9,6 +9,7 @@ import pytest
 import torch
 from helpers import TINY, fast_trainer, run_ddp_script
 from test_base import DropLastBlock
+from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from lightning_vitcompress import BenchmarkCallback, benchmark_model, compare_models
@@ -87,11 +88,15 @@ def test_baseline_is_the_model_before_any_edit(tmp_path, tiny_classifier, digits
 
 def test_no_dataloader_gives_none_accuracy_with_a_warning(tmp_path, tiny_classifier, digits):
     bench = BenchmarkCallback(batch_size=4, output_dir=tmp_path / "out", **FAST)
-    trainer = fast_trainer(tmp_path, callbacks=[bench], limit_val_batches=0)
+    logger = CSVLogger(tmp_path, name="csv")
+    trainer = fast_trainer(tmp_path, callbacks=[bench], limit_val_batches=0, logger=logger)
     with pytest.warns(UserWarning, match="no dataloader to measure accuracy"):
         trainer.fit(tiny_classifier(), train_dataloaders=digits.train_dataloader())
     assert bench.report["final"]["accuracy"] is None
     assert (tmp_path / "out" / REPORT_FILENAME).is_file()
+    logged = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"bench/cpu_speedup", "bench/size_ratio", "bench/final_size_mb"} <= set(logged)
+    assert "bench/final_accuracy" not in logged  # None is not logged as a number
 
 
 @pytest.mark.parametrize(
