@@ -1,0 +1,726 @@
+"""QuantizeOnFit: torchao quantization of the trained model when ``fit`` ends, optionally after QAT.
+
+The model trains in full precision (or, from ``qat_start_epoch``, with
+fake-quantized linears: quantization-aware training). When training ends,
+after the last optimizer step and before ``on_fit_end`` (so before
+``BenchmarkCallback`` measures, and before any ``trainer.test``/``predict``
+that follows), the selected ``nn.Linear`` layers are quantized with torchao's
+``quantize_``. Nothing happens inside ``fit`` that a resume would need to undo:
+checkpoints saved during training hold the fp32 weights.
+
+Quantizing works on copies of the layers; only when every copy quantized and a
+forward pass of the model on a real input ran are they swapped in. On any
+failure the fp32 model stays in place and the error says what failed.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import io
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from lightning_vitcompress._base import CompressionCallback
+from lightning_vitcompress._measure import eval_mode
+from lightning_vitcompress._model import set_submodule
+from lightning_vitcompress._structure import (
+    STRUCTURE_KEY,
+    Record,
+    record_edit,
+    recorded_edits,
+    register_replay,
+)
+from lightning_vitcompress._training_state import check_strategy_supported, refresh_after_structural_change
+
+RECORD_KIND = "quantize"
+_MB = 1e6
+#: how many examples of the captured input the post-quantization check runs
+_EXAMPLE_ROWS = 8
+
+SkipSpec = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
+
+
+def _torchao() -> Any:
+    try:
+        import torchao.quantization as torchao_quantization
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "QuantizeOnFit needs torchao: pip install 'lightning-vitcompress[quantization]' (or torchao)"
+        ) from err
+    return torchao_quantization
+
+
+# ----------------------------------------------------------------------------- named configs
+@dataclass(frozen=True)
+class _NamedConfig:
+    build: Callable[[], Any]
+    """the torchao PTQ config"""
+    qat: Callable[[], Any]
+    """the torchao ``QATConfig(step="prepare")`` whose fake quantization matches ``build``"""
+    devices: tuple[str, ...]
+    min_capability: Optional[tuple[int, int]] = None
+    """lowest CUDA compute capability (float8 needs SM 8.9)"""
+    bfloat16_weights: bool = False
+    """the kernel needs bf16 weights (tinygemm int4): the layer is cast to bf16 first"""
+    group_size: Optional[int] = None
+    """in_features must be a multiple of it, else torchao leaves the layer as it is"""
+
+
+def _int8_per_channel_weights() -> Any:
+    from torchao.quantization.qat import IntxFakeQuantizeConfig
+
+    return IntxFakeQuantizeConfig(torch.int8, "per_channel", is_symmetric=True)
+
+
+def _int8_dynamic_qat() -> Any:
+    from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
+
+    # torchao's QATConfig cannot infer fake quantization from Int8DynamicActivationInt8WeightConfig,
+    # and its fake quantizer has no symmetric per-token mode: per-token asymmetric int8 activations
+    # (the closest it has) with symmetric per-channel int8 weights, as the PTQ config quantizes them
+    activations = IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False)
+    return QATConfig(activation_config=activations, weight_config=_int8_per_channel_weights(), step="prepare")
+
+
+def _int8_weight_only_qat() -> Any:
+    from torchao.quantization.qat import QATConfig
+
+    return QATConfig(weight_config=_int8_per_channel_weights(), step="prepare")
+
+
+def _int4_qat() -> Any:
+    from torchao.quantization import Int4WeightOnlyConfig
+    from torchao.quantization.qat import QATConfig
+
+    # QAT infers int4 fake quantization from the plain-format config only; the numerics are the same
+    return QATConfig(base_config=Int4WeightOnlyConfig(group_size=128), step="prepare")
+
+
+def _float8_qat() -> Any:
+    from torchao.quantization.qat import QATConfig
+
+    return QATConfig(base_config=_torchao().Float8DynamicActivationFloat8WeightConfig(), step="prepare")
+
+
+NAMED_CONFIGS: dict[str, _NamedConfig] = {
+    "int8_dynamic": _NamedConfig(
+        build=lambda: _torchao().Int8DynamicActivationInt8WeightConfig(),
+        qat=_int8_dynamic_qat,
+        devices=("cpu", "cuda"),
+    ),
+    "int8_weight_only": _NamedConfig(
+        build=lambda: _torchao().Int8WeightOnlyConfig(),
+        qat=_int8_weight_only_qat,
+        devices=("cpu", "cuda"),
+    ),
+    "int4_weight_only": _NamedConfig(
+        # the tile-packed format runs on core PyTorch's tinygemm kernel (the plain format needs mslk)
+        build=lambda: _torchao().Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"),
+        qat=_int4_qat,
+        devices=("cuda",),
+        bfloat16_weights=True,
+        group_size=128,
+    ),
+    "float8_dynamic": _NamedConfig(
+        build=lambda: _torchao().Float8DynamicActivationFloat8WeightConfig(),
+        qat=_float8_qat,
+        devices=("cuda",),
+        min_capability=(8, 9),
+    ),
+}
+
+
+def _config_label(config: Any) -> str:
+    return config if isinstance(config, str) else type(config).__name__
+
+
+# ----------------------------------------------------------------------------- layer selection
+def _is_mha_out_proj(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear)
+
+
+def _is_quantized_weight(weight: Any) -> bool:
+    """True for torchao's quantized tensor subclasses (not fp32/bf16 parameters)."""
+    data = weight.data if isinstance(weight, nn.Parameter) else weight
+    return type(data) is not torch.Tensor
+
+
+def _skip_matcher(skip: SkipSpec) -> Callable[[str, nn.Module], bool]:
+    if skip is None:
+        return lambda name, module: False
+    if callable(skip):
+        return skip
+    patterns = [skip] if isinstance(skip, str) else list(skip)
+    return lambda name, module: any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def select_layers(
+    model: nn.Module, skip: SkipSpec = None, group_size: Optional[int] = None
+) -> tuple[list[str], dict[str, str]]:
+    """Names of the ``nn.Linear`` layers of ``model`` to quantize, and the skipped ones with why.
+
+    ``nn.MultiheadAttention``'s ``out_proj`` is always skipped: MHA runs it through
+    ``F.multi_head_attention_forward`` with the raw weight tensor, which torchao's
+    quantized tensors do not support (torchao's own default filter skips it silently).
+    """
+    matches_skip = _skip_matcher(skip)
+    selected: list[str] = []
+    skipped: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if _is_mha_out_proj(module):
+            skipped[name] = "nn.MultiheadAttention out_proj (MHA uses its weight tensor directly; kept fp32)"
+        elif matches_skip(name, module):
+            skipped[name] = "skip"
+        elif _is_quantized_weight(module.weight):
+            skipped[name] = "already quantized"
+        elif group_size is not None and module.in_features % group_size:
+            skipped[name] = f"in_features={module.in_features} is not a multiple of group_size={group_size}"
+        else:
+            selected.append(name)
+    return selected, skipped
+
+
+# ----------------------------------------------------------------------------- replay
+@register_replay(RECORD_KIND)
+def _replay_quantize(model: nn.Module, record: Record) -> None:
+    """Prepare a freshly built model for a quantized state dict.
+
+    torchao keeps each quantized layer an ``nn.Linear`` whose weight is a tensor
+    subclass, so the structure is unchanged: loading with ``assign=True`` (as
+    :func:`~lightning_vitcompress.load_compressed` does) restores the quantized
+    weights. Here we only check the layers exist and freeze their weights.
+    """
+    for name in record.get("layers", []):
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError as err:
+            raise KeyError(f"The checkpoint's quantize record names layer {name!r}, which this model lacks.") from err
+        if not isinstance(layer, nn.Linear):
+            raise TypeError(f"The checkpoint's quantize record names {name!r}, a {type(layer).__name__}, not nn.Linear.")
+        layer.weight.requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------- quantizing a model
+def _ptq_config(config: Any) -> Any:
+    return NAMED_CONFIGS[config].build() if isinstance(config, str) else config
+
+
+def _group_size(config: Any) -> Optional[int]:
+    if isinstance(config, str):
+        return NAMED_CONFIGS[config].group_size
+    int4_config = getattr(_torchao(), "Int4WeightOnlyConfig", None)
+    if int4_config is not None and isinstance(config, int4_config):
+        return int(config.group_size)
+    return None
+
+
+def _prepared_copy(layer: nn.Module, config: Any) -> nn.Module:
+    """A copy of ``layer`` ready for ``quantize_``: fake quantization removed, bf16 where the kernel needs it."""
+    from torchao.quantization.qat import FakeQuantizedLinear
+
+    layer = copy.deepcopy(layer)
+    if isinstance(layer, FakeQuantizedLinear):
+        layer = layer.to_linear()
+    if isinstance(config, str) and NAMED_CONFIGS[config].bfloat16_weights:
+        layer = layer.to(torch.bfloat16)
+    return layer
+
+
+def _unprepared(layer: nn.Module) -> nn.Module:
+    from torchao.quantization.qat import FakeQuantizedLinear
+
+    return layer.to_linear() if isinstance(layer, FakeQuantizedLinear) else layer
+
+
+def _run_example(model: nn.Module, example: Optional[tuple[tuple[Any, ...], dict[str, Any]]]) -> Any:
+    if example is None:
+        return None
+    args, kwargs = example
+    device = _first_device(model)
+    with eval_mode(model):
+        return model(*_to_device(args, device), **_to_device(kwargs, device))
+
+
+def quantize_model(
+    model: nn.Module,
+    config: Any = "int8_dynamic",
+    *,
+    skip: SkipSpec = None,
+    example_input: Any = None,
+    _example: Optional[tuple[tuple[Any, ...], dict[str, Any]]] = None,
+) -> dict[str, Any]:
+    """Quantize ``model``'s linear layers in place with torchao; what :class:`QuantizeOnFit` does at train end.
+
+    Each selected layer is copied and quantized; only when all copies are
+    quantized (and, given ``example_input``, a forward pass ran) are they swapped
+    in. On failure ``model`` is left as it was and the error propagates.
+
+    Args:
+        model: the model (e.g. a timm ViT); quantized in place.
+        config, skip: as for :class:`QuantizeOnFit`.
+        example_input: a tensor (or tuple of positional args) to check the quantized
+            model runs and to measure its relative output change.
+
+    Returns:
+        ``{"config", "quantized": [names], "skipped": {name: why}, "size_before_bytes",
+        "size_after_bytes", "output_relative_error"}``.
+
+    Example::
+
+        summary = quantize_model(vit, "int8_dynamic", skip=["head"], example_input=images)
+    """
+    QuantizeOnFit._check_config(config)
+    if _example is None and example_input is not None:
+        args = example_input if isinstance(example_input, tuple) else (example_input,)
+        _example = (args, {})
+    selected, skipped = select_layers(model, skip, _group_size(config))
+    if not selected:
+        raise ValueError(f"skip={skip!r} leaves no nn.Linear layer to quantize; skipped: {skipped}")
+    originals = {name: model.get_submodule(name) for name in selected}
+    size_before = _state_size(model)
+    with torch.no_grad():
+        reference = _run_example(model, _example)
+        copies = nn.ModuleList([_prepared_copy(layer, config) for layer in originals.values()])
+        _torchao().quantize_(copies, _ptq_config(config), filter_fn=_is_linear)
+    quantized: list[str] = []
+    for name, layer in zip(selected, copies):
+        if _is_quantized_weight(layer.weight):
+            quantized.append(name)
+        else:  # torchao returns some layers unchanged (e.g. int4 with an incompatible shape)
+            skipped[name] = "left unquantized by torchao (incompatible shape for this config)"
+    if not quantized:
+        raise RuntimeError(f"torchao quantized none of the {len(selected)} selected layers; skipped: {skipped}")
+    for name, layer in zip(selected, copies):
+        # quantized copies in; layers torchao left alone lose any QAT fake quantization
+        set_submodule(model, name, layer if name in quantized else _unprepared(originals[name]))
+    try:
+        with torch.no_grad():
+            output = _run_example(model, _example)
+    except Exception:
+        for name, layer in originals.items():  # put the full-precision layers back
+            set_submodule(model, name, layer)
+        raise
+    return {
+        "config": _config_label(config),
+        "quantized": quantized,
+        "skipped": skipped,
+        "size_before_bytes": size_before,
+        "size_after_bytes": _state_size(model),
+        "output_relative_error": _relative_error(output, reference),
+    }
+
+
+# ----------------------------------------------------------------------------- the callback
+class QuantizeOnFit(CompressionCallback):
+    r"""Quantize the trained model's linear layers with torchao when training ends; optional QAT.
+
+    Example::
+
+        from lightning_vitcompress import QuantizeOnFit, load_compressed
+
+        trainer = Trainer(callbacks=[QuantizeOnFit("int8_dynamic", save_path="model-int8.ckpt")])
+        trainer.fit(model, datamodule)
+        trainer.test(model, datamodule)      # runs the quantized model
+        model = load_compressed(LitModel, "model-int8.ckpt")
+
+    Args:
+        config: ``"int8_dynamic"`` (int8 per-token activations, int8 per-channel
+            weights; CPU and CUDA), ``"int8_weight_only"`` (CPU and CUDA),
+            ``"int4_weight_only"`` (CUDA; groups of 128, layers cast to bf16),
+            ``"float8_dynamic"`` (CUDA, compute capability >= 8.9), or any torchao
+            config object (``torchao.quantization.*Config``).
+        skip: layers to keep in full precision: a name or glob pattern relative
+            to the model (``"head"``, ``"blocks.0.*"``), a list of them, or
+            ``fn(name, module) -> bool``. ``nn.MultiheadAttention``'s
+            ``out_proj`` is always kept (with a note in :attr:`summary`).
+        qat_start_epoch: start quantization-aware training at this epoch (the
+            linear layers are swapped for torchao's fake-quantized ones that
+            share the same parameters, so the optimizer trains on); converted
+            to the real quantized model when training ends. ``None``: no QAT.
+        compile: ``torch.compile`` the quantized model (``nn.Module.compile``, in
+            place, so state-dict keys do not change); the compile cost is paid
+            once at train end on the captured example input and logged as
+            ``quant/compile_seconds``. Inputs of other shapes, another device
+            or grad mode compile again on first use.
+        save_path: write the quantized model here as a checkpoint that
+            :func:`~lightning_vitcompress.load_compressed` loads back.
+        save_fp32_path: write the trained full-precision model here first (also
+            loadable with ``load_compressed``). The checkpoints ``ModelCheckpoint``
+            saved during training hold the fp32 weights too.
+        on_error: ``"raise"`` (default) or ``"warn"`` when quantizing fails; the
+            fp32 model stays in place either way.
+        model_attribute: attribute of the LightningModule holding the ViT
+            (``None``: found automatically).
+
+    After fit, :attr:`summary` holds what was done: config, quantized layers,
+    skipped layers with why, size before and after, output error on a real input.
+    Metrics are logged under ``quant/``.
+    """
+
+    order = 60
+
+    def __init__(
+        self,
+        config: Any = "int8_dynamic",
+        *,
+        skip: SkipSpec = None,
+        qat_start_epoch: Optional[int] = None,
+        compile: bool = False,
+        save_path: Optional[Union[str, Path]] = None,
+        save_fp32_path: Optional[Union[str, Path]] = None,
+        on_error: Literal["raise", "warn"] = "raise",
+        model_attribute: Optional[str] = None,
+    ) -> None:
+        super().__init__(model_attribute)
+        self._check_config(config)
+        if skip is not None and not (callable(skip) or isinstance(skip, str) or _is_str_sequence(skip)):
+            raise TypeError(
+                f"skip={skip!r}: pass a layer name or glob pattern ('head'), a list of them, "
+                "or a function (name, module) -> bool."
+            )
+        if qat_start_epoch is not None and (
+            not isinstance(qat_start_epoch, int) or isinstance(qat_start_epoch, bool) or qat_start_epoch < 0
+        ):
+            raise ValueError(f"qat_start_epoch={qat_start_epoch!r}: pass an epoch index >= 0, or None for no QAT.")
+        if on_error not in ("raise", "warn"):
+            raise ValueError(f"on_error={on_error!r}: pass 'raise' or 'warn'.")
+        self.config = config
+        self.skip = skip
+        self.qat_start_epoch = qat_start_epoch
+        self.compile = compile
+        self.save_path = Path(save_path) if save_path is not None else None
+        self.save_fp32_path = Path(save_fp32_path) if save_fp32_path is not None else None
+        self.on_error = on_error
+        #: what the last quantization did (``None`` before it ran)
+        self.summary: Optional[dict[str, Any]] = None
+        self._qat_active = False
+        self._example: Optional[tuple[tuple[Any, ...], dict[str, Any]]] = None
+        self._capture_handle: Optional[Any] = None
+
+    # ------------------------------------------------------------- config
+    @staticmethod
+    def _check_config(config: Any) -> None:
+        if isinstance(config, str):
+            if config not in NAMED_CONFIGS:
+                raise ValueError(
+                    f"config={config!r} is not a known quantization config. Use one of {sorted(NAMED_CONFIGS)} "
+                    "or pass a torchao config object, e.g. torchao.quantization.Int8WeightOnlyConfig()."
+                )
+            return
+        from torchao.core.config import AOBaseConfig
+
+        if not isinstance(config, AOBaseConfig):
+            raise TypeError(
+                f"config={config!r} ({type(config).__name__}): pass a name from {sorted(NAMED_CONFIGS)} "
+                "or a torchao config object (torchao.core.config.AOBaseConfig)."
+            )
+
+    @property
+    def _named(self) -> Optional[_NamedConfig]:
+        return NAMED_CONFIGS.get(self.config) if isinstance(self.config, str) else None
+
+    def _ptq_config(self) -> Any:
+        return _ptq_config(self.config)
+
+    def _qat_config(self) -> Any:
+        named = self._named
+        if named is not None:
+            return named.qat()
+        from torchao.quantization.qat import QATConfig
+
+        return QATConfig(base_config=self.config, step="prepare")
+
+    def _group_size(self) -> Optional[int]:
+        return _group_size(self.config)
+
+    # ------------------------------------------------------------- setup: fail fast
+    def ordered_setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage != "fit":
+            return
+        check_strategy_supported(trainer, "QuantizeOnFit")
+        if self.replayed_records(trainer, RECORD_KIND):
+            raise RuntimeError(
+                "QuantizeOnFit: the checkpoint being resumed was saved after the model was quantized; "
+                "a quantized model cannot train on. Resume from a checkpoint saved during training "
+                "(they hold the fp32 weights), or load this one for inference with load_compressed(...)."
+            )
+        device = trainer.strategy.root_device
+        self._check_device(device)
+        self._check_qat_epoch(trainer)
+        self._dry_run(device)
+        selected, skipped = select_layers(self.target(pl_module), self.skip, self._group_size())
+        if not selected:
+            raise ValueError(
+                f"QuantizeOnFit(config={_config_label(self.config)!r}, skip={self.skip!r}) selects no nn.Linear "
+                f"layer of the model; skipped: {skipped}. Loosen `skip`."
+            )
+        self.summary = None
+        self._qat_active = False
+        self._start_capture(self.target(pl_module))
+
+    def _check_device(self, device: torch.device) -> None:
+        named = self._named
+        if named is None:
+            return
+        if device.type not in named.devices:
+            cpu_names = sorted(n for n, c in NAMED_CONFIGS.items() if "cpu" in c.devices)
+            raise ValueError(
+                f"config={self.config!r} runs on {'/'.join(d.upper() for d in named.devices)} only, but this "
+                f"Trainer runs on {device.type!r}. Use config={cpu_names[0]!r} or {cpu_names[1]!r} on CPU, "
+                "or Trainer(accelerator='gpu')."
+            )
+        if named.min_capability is not None and device.type == "cuda":
+            capability = torch.cuda.get_device_capability(device)
+            if capability < named.min_capability:
+                raise ValueError(
+                    f"config={self.config!r} needs a GPU of compute capability >= "
+                    f"{named.min_capability[0]}.{named.min_capability[1]} (Ada, Hopper or newer); "
+                    f"{torch.cuda.get_device_name(device)} is {capability[0]}.{capability[1]}. "
+                    "Use config='int8_dynamic' or 'int4_weight_only'."
+                )
+
+    def _check_qat_epoch(self, trainer: "pl.Trainer") -> None:
+        if self.qat_start_epoch is None:
+            return
+        max_epochs = trainer.max_epochs
+        if max_epochs is not None and max_epochs >= 0 and self.qat_start_epoch >= max_epochs:
+            raise ValueError(
+                f"qat_start_epoch={self.qat_start_epoch} is not before max_epochs={max_epochs}: QAT would never "
+                f"run. Pass an epoch in 0..{max_epochs - 1}, or qat_start_epoch=None for quantization at the end only."
+            )
+
+    def _dry_run(self, device: torch.device) -> None:
+        """Quantize (and QAT-prepare) a small linear layer on the training device: errors now, not after fit."""
+        quantize_ = _torchao().quantize_
+        label = _config_label(self.config)
+        step = "quantize"
+        try:
+            layer = nn.Linear(256, 256).to(device)
+            x = torch.randn(2, 256, device=device)
+            if self.qat_start_epoch is not None:
+                step = "QAT prepare"
+                holder = nn.ModuleList([copy.deepcopy(layer)])
+                quantize_(holder, self._qat_config(), filter_fn=_is_linear)
+                holder[0](x).sum().backward()
+                step = "quantize"
+            holder = nn.ModuleList([_prepared_copy(layer, self.config)])
+            quantize_(holder, self._ptq_config(), filter_fn=_is_linear)
+            with torch.no_grad():
+                holder[0](x.to(holder[0].weight.dtype))
+        except Exception as err:  # noqa: BLE001 - any failure is reported with its cause
+            what = "qat_start_epoch (torchao QAT cannot fake-quantize this config)" if step == "QAT prepare" else ""
+            raise ValueError(
+                f"QuantizeOnFit(config={label!r}): the {step} step failed on a test layer on {device}: "
+                f"{type(err).__name__}: {err}. {what}"
+                f"Named configs: {sorted(NAMED_CONFIGS)}."
+            ) from err
+
+    # ------------------------------------------------------------- example input capture
+    def _start_capture(self, model: nn.Module) -> None:
+        self._stop_capture()
+        self._example = None
+
+        def capture(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            self._example = (_detached_rows(args), _detached_rows(kwargs))
+            self._stop_capture()
+
+        self._capture_handle = model.register_forward_pre_hook(capture, with_kwargs=True)
+
+    def _stop_capture(self) -> None:
+        if self._capture_handle is not None:
+            self._capture_handle.remove()
+            self._capture_handle = None
+
+    # ------------------------------------------------------------- QAT
+    def ordered_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.qat_start_epoch is None or self._qat_active or trainer.current_epoch < self.qat_start_epoch:
+            return
+        model = self.target(pl_module)
+        selected, _ = select_layers(model, self.skip, self._group_size())
+        params_before = [id(p) for p in pl_module.parameters()]
+        holder = nn.ModuleList([model.get_submodule(name) for name in selected])
+        _torchao().quantize_(holder, self._qat_config(), filter_fn=_is_linear)
+        for name, layer in zip(selected, holder):
+            set_submodule(model, name, layer)
+        self._qat_active = True
+        if [id(p) for p in pl_module.parameters()] != params_before:
+            refresh_after_structural_change(trainer)  # torchao shares the parameters today; in case it stops
+        rank_zero_info(
+            f"QuantizeOnFit: quantization-aware training from epoch {trainer.current_epoch} "
+            f"({len(selected)} fake-quantized linear layers, config={_config_label(self.config)!r})."
+        )
+
+    # ------------------------------------------------------------- train end: quantize
+    def ordered_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._stop_capture()
+        model = self.target(pl_module)
+        if self.save_fp32_path is not None:
+            # during QAT too: fake-quantized layers keep nn.Linear's keys and hold the fp32 weights
+            self._save(trainer, pl_module, pl_module.state_dict(), self.save_fp32_path)
+        try:
+            summary = self._quantize(model)
+        except Exception as err:  # noqa: BLE001 - reported with its cause; the fp32 model is in place
+            if self._qat_active:
+                self._remove_fake_quantization(model)
+            message = (
+                f"QuantizeOnFit(config={_config_label(self.config)!r}) failed, the full-precision model was "
+                f"left in place: {type(err).__name__}: {err}"
+            )
+            if self.on_error == "raise":
+                raise RuntimeError(message) from err
+            rank_zero_warn(message)
+            return
+        record_edit(
+            pl_module,
+            {
+                "kind": RECORD_KIND,
+                "target": self.target_path or "",
+                "config": _config_label(self.config),
+                "layers": list(summary["quantized"]),
+                "skipped": dict(summary["skipped"]),
+            },
+        )
+        if self.compile:
+            summary["compile_seconds"] = self._compile(model)
+        self.summary = summary
+        if self.save_path is not None:
+            self._save(trainer, pl_module, pl_module.state_dict(), self.save_path)
+        self._log(trainer, summary)
+
+    def _quantize(self, model: nn.Module) -> dict[str, Any]:
+        summary = quantize_model(model, self.config, skip=self.skip, _example=self._example)
+        summary["qat"] = self._qat_active
+        if summary["skipped"]:
+            rank_zero_info(
+                "QuantizeOnFit kept in full precision: "
+                + ", ".join(f"{name} ({why})" for name, why in summary["skipped"].items())
+            )
+        return summary
+
+    def _remove_fake_quantization(self, model: nn.Module) -> None:
+        """Back to plain ``nn.Linear`` layers (same parameters), e.g. when quantizing failed after QAT."""
+        from torchao.quantization.qat import FakeQuantizedLinear
+
+        for name, module in list(model.named_modules()):
+            if isinstance(module, FakeQuantizedLinear):
+                set_submodule(model, name, module.to_linear())
+        self._qat_active = False
+
+    def _run_example(self, model: nn.Module) -> Any:
+        return _run_example(model, self._example)
+
+    def _compile(self, model: nn.Module) -> Optional[float]:
+        model.compile()
+        if self._example is None:
+            return None
+        start = time.perf_counter()
+        with torch.inference_mode():
+            self._run_example(model)
+        return time.perf_counter() - start
+
+    # ------------------------------------------------------------- files and logs
+    @staticmethod
+    def _save(trainer: "pl.Trainer", pl_module: "pl.LightningModule", state_dict: dict[str, Any], path: Path) -> None:
+        checkpoint: dict[str, Any] = {
+            "state_dict": state_dict,
+            STRUCTURE_KEY: copy.deepcopy(recorded_edits(pl_module)),
+            "pytorch-lightning_version": pl.__version__,
+            "epoch": trainer.current_epoch,
+            "global_step": trainer.global_step,
+        }
+        if pl_module.hparams:
+            checkpoint[pl_module.CHECKPOINT_HYPER_PARAMS_KEY] = dict(pl_module.hparams)
+        if trainer.is_global_zero:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        trainer.strategy.save_checkpoint(checkpoint, path)  # rank zero writes
+        trainer.strategy.barrier("QuantizeOnFit.save")
+        rank_zero_info(f"QuantizeOnFit: saved {path}")
+
+    @staticmethod
+    def _log(trainer: "pl.Trainer", summary: dict[str, Any]) -> None:
+        metrics = {
+            "quant/layers_quantized": float(len(summary["quantized"])),
+            "quant/layers_skipped": float(len(summary["skipped"])),
+            "quant/size_before_mb": summary["size_before_bytes"] / _MB,
+            "quant/size_after_mb": summary["size_after_bytes"] / _MB,
+            "quant/size_ratio": summary["size_after_bytes"] / summary["size_before_bytes"],
+        }
+        if summary["output_relative_error"] is not None:
+            metrics["quant/output_relative_error"] = summary["output_relative_error"]
+        if summary.get("compile_seconds") is not None:
+            metrics["quant/compile_seconds"] = summary["compile_seconds"]
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"quant/config": summary["config"], "quant/qat": summary["qat"]})
+            logger.log_metrics(metrics, step=trainer.global_step)
+        error = summary["output_relative_error"]
+        rank_zero_info(
+            f"QuantizeOnFit: {summary['config']} quantized {len(summary['quantized'])} linear layers"
+            f"{' after QAT' if summary['qat'] else ''}, kept {len(summary['skipped'])}; "
+            f"size {summary['size_before_bytes'] / _MB:.2f} MB -> {summary['size_after_bytes'] / _MB:.2f} MB"
+            + (f"; relative output change {error:.4f} on a training input" if error is not None else "")
+        )
+
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        self._stop_capture()
+        self._example = None
+        super().teardown(trainer, pl_module, stage)
+
+
+# ----------------------------------------------------------------------------- small helpers
+def _is_linear(module: nn.Module, *args: Any) -> bool:
+    return isinstance(module, nn.Linear)
+
+
+def _is_str_sequence(value: Any) -> bool:
+    return isinstance(value, Sequence) and all(isinstance(v, str) for v in value)
+
+
+def _state_size(model: nn.Module) -> int:
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getbuffer().nbytes
+
+
+def _detached_rows(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        rows = value.detach()
+        return rows[:_EXAMPLE_ROWS].clone() if rows.ndim else rows.clone()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_detached_rows(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _detached_rows(v) for k, v in value.items()}
+    return value
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def _first_device(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _relative_error(output: Any, reference: Any) -> Optional[float]:
+    if not isinstance(output, torch.Tensor) or not isinstance(reference, torch.Tensor):
+        return None
+    output, reference = output.float(), reference.float()
+    return float((output - reference).norm() / reference.norm().clamp_min(1e-12))

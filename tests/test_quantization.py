@@ -1,0 +1,283 @@
+"""QuantizeOnFit: torchao quantization when fit ends, QAT, fail-fast checks, checkpoints, DDP."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import lightning as L
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from helpers import TINY, fast_trainer, run_ddp_script
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import nn
+from torchao.core.config import AOBaseConfig
+from torchao.quantization import Int8Tensor
+from torchao.quantization.qat import FakeQuantizedLinear
+from torchao.quantization.transform_module import register_quantize_module_handler
+
+from lightning_vitcompress import load_compressed
+from lightning_vitcompress import quantization as quantization_module
+from lightning_vitcompress._measure import measure_accuracy
+from lightning_vitcompress._structure import STRUCTURE_KEY
+from lightning_vitcompress.digits import DigitsClassifier
+from lightning_vitcompress.quantization import QuantizeOnFit, quantize_model, select_layers
+
+
+def linear_weight_types(model: nn.Module) -> dict[str, type]:
+    return {name: type(m.weight.data) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def test_int8_dynamic_quantizes_every_linear_keeps_accuracy_and_trainer_test_uses_it(
+    tmp_path, tiny_classifier, digits
+):
+    model = tiny_classifier(lr=3e-3)
+    callback = QuantizeOnFit(save_fp32_path=tmp_path / "fp32.ckpt")
+    trainer = fast_trainer(tmp_path, callbacks=[callback], max_epochs=10, limit_train_batches=None, limit_val_batches=0)
+    trainer.fit(model, digits)
+
+    types = linear_weight_types(model.model)
+    assert set(types.values()) == {Int8Tensor}, types  # qkv, proj, fc1, fc2 of both blocks, and the head
+    assert callback.summary["quantized"] == list(types) and callback.summary["skipped"] == {}
+    assert callback.summary["size_after_bytes"] < 0.5 * callback.summary["size_before_bytes"]
+    assert callback.summary["output_relative_error"] < 0.05
+
+    fp32 = load_compressed(DigitsClassifier, tmp_path / "fp32.ckpt")  # the trained weights are not lost
+    assert set(linear_weight_types(fp32.model).values()) == {torch.Tensor}
+    test_batches = list(digits.test_dataloader())
+    fp32_accuracy = measure_accuracy(fp32, test_batches)
+    int8_accuracy = measure_accuracy(model, test_batches)
+    assert fp32_accuracy > 0.5  # trained enough for the comparison to mean something
+    assert fp32_accuracy - int8_accuracy <= 0.005  # at most 0.5 pt lost
+
+    (result,) = trainer.test(model, digits, verbose=False)
+    assert result["test/acc"] == pytest.approx(int8_accuracy)
+    assert set(linear_weight_types(model.model).values()) == {Int8Tensor}
+
+
+def test_size_ratio_on_vit_small():
+    vit = timm.create_model("vit_small_patch16_224", pretrained=False).eval()
+    summary = quantize_model(vit, "int8_dynamic")
+    assert len(summary["quantized"]) == 12 * 4 + 1
+    assert summary["size_after_bytes"] / summary["size_before_bytes"] <= 0.27
+
+
+def test_skip_by_name_pattern_or_predicate(tiny_classifier):
+    vit = tiny_classifier().model
+    selected, skipped = select_layers(vit, ["head", "blocks.1.*"])
+    assert skipped == {name: "skip" for name in ["blocks.1.attn.qkv", "blocks.1.attn.proj", "blocks.1.mlp.fc1",
+                                                 "blocks.1.mlp.fc2", "head"]}
+    assert selected == ["blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2"]
+    summary = quantize_model(vit, "int8_weight_only", skip=lambda name, module: module.out_features == 10)
+    assert summary["skipped"] == {"head": "skip"}
+    assert type(vit.head.weight.data) is torch.Tensor and type(vit.blocks[0].mlp.fc1.weight.data) is Int8Tensor
+
+
+class Recorder(Callback):
+    """Records, in the last batch of each epoch, the layer types and what the optimizer trains."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, dict] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+        self.seen[trainer.current_epoch] = dict(
+            qkv_type=type(pl_module.model.blocks[0].attn.qkv),
+            optimizer_matches=optimized == {id(p) for p in pl_module.parameters()},
+            qkv_weight=pl_module.model.blocks[0].attn.qkv.weight.detach().clone(),
+        )
+
+
+def test_qat_fake_quantizes_from_the_start_epoch_trains_the_same_parameters_and_converts(
+    tmp_path, tiny_classifier, digits
+):
+    model = tiny_classifier()
+    recorder = Recorder()
+    callback = QuantizeOnFit(qat_start_epoch=1, skip="head")
+    fast_trainer(tmp_path, callbacks=[callback, recorder], max_epochs=2).fit(model, digits)
+    assert recorder.seen[0]["qkv_type"] is nn.Linear
+    assert recorder.seen[1]["qkv_type"] is FakeQuantizedLinear
+    assert recorder.seen[1]["optimizer_matches"]  # prepare kept the parameter objects: the optimizer trains on
+    assert not torch.equal(recorder.seen[0]["qkv_weight"], recorder.seen[1]["qkv_weight"])  # and it trained
+    assert callback.summary["qat"] and callback.summary["skipped"] == {"head": "skip"}
+    assert type(model.model.blocks[0].attn.qkv) is nn.Linear  # fake quantization removed...
+    assert type(model.model.blocks[0].attn.qkv.weight.data) is Int8Tensor  # ...and really quantized
+    assert type(model.model.head.weight.data) is torch.Tensor
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(config="int4_weight_only"), ValueError, r"config='int4_weight_only' runs on CUDA only.*'cpu'"),
+        (dict(config="float8_dynamic"), ValueError, r"config='float8_dynamic' runs on CUDA only"),
+        (dict(qat_start_epoch=2), ValueError, r"qat_start_epoch=2 is not before max_epochs=2"),
+        (dict(skip="*"), ValueError, r"selects no nn.Linear layer"),
+    ],
+)
+def test_setup_rejects_what_cannot_run_before_any_training(tmp_path, tiny_classifier, digits, kwargs, error, match):
+    model = tiny_classifier()
+    before = copy.deepcopy(model.state_dict())
+    trainer = fast_trainer(tmp_path, callbacks=[QuantizeOnFit(**kwargs)], max_epochs=2)
+    with pytest.raises(error, match=match):
+        trainer.fit(model, digits)
+    assert trainer.global_step == 0
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])
+
+
+def test_constructor_rejects_unknown_configs_and_bad_arguments():
+    with pytest.raises(ValueError, match=r"config='int3'.*\['float8_dynamic', 'int4_weight_only', 'int8_dynamic'"):
+        QuantizeOnFit("int3")
+    with pytest.raises(TypeError, match="config=.*torchao config object"):
+        QuantizeOnFit(torch.qint8)
+    with pytest.raises(ValueError, match="qat_start_epoch=-1"):
+        QuantizeOnFit(qat_start_epoch=-1)
+    with pytest.raises(ValueError, match="on_error='ignore'"):
+        QuantizeOnFit(on_error="ignore")
+
+
+@dataclass
+class FailsOnSmallLayersConfig(AOBaseConfig):
+    """A torchao config that passes the setup dry run (a 256-wide layer) and fails on the real model."""
+
+
+@register_quantize_module_handler(FailsOnSmallLayersConfig)
+def _fail_on_small_layers(module: nn.Module, config: FailsOnSmallLayersConfig) -> nn.Module:
+    if module.in_features != 256:
+        raise RuntimeError("no kernel for this shape")
+    return module
+
+
+def test_a_failing_quantization_leaves_the_trained_fp32_model_in_place(tmp_path, tiny_classifier, digits):
+    model = tiny_classifier()
+    snapshot: dict = {}
+
+    class Snapshot(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            snapshot.update(copy.deepcopy(pl_module.state_dict()))
+
+    trainer = fast_trainer(tmp_path, callbacks=[QuantizeOnFit(FailsOnSmallLayersConfig()), Snapshot()])
+    with pytest.raises(RuntimeError, match=r"FailsOnSmallLayersConfig.*left in place.*no kernel for this shape"):
+        trainer.fit(model, digits)
+    assert set(linear_weight_types(model.model).values()) == {torch.Tensor}
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, snapshot[key])
+
+
+def test_a_model_that_fails_to_run_after_quantization_gets_its_fp32_layers_back(
+    tmp_path, tiny_classifier, digits, monkeypatch
+):
+    model = tiny_classifier()
+    attention = model.model.blocks[0].attn
+    qkv, run_attention = attention.qkv, attention.forward
+
+    def attention_without_a_kernel_for_int8(x, *args, **kwargs):  # as nn.MultiheadAttention's out_proj does
+        if type(attention.qkv.weight.data) is not torch.Tensor:
+            raise RuntimeError("kernel crashed")
+        return run_attention(x, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "forward", attention_without_a_kernel_for_int8)
+    callback = QuantizeOnFit(on_error="warn")
+    with pytest.warns(UserWarning, match=r"left in place.*kernel crashed"):
+        fast_trainer(tmp_path, callbacks=[callback]).fit(model, digits)
+    assert callback.summary is None
+    assert attention.qkv is qkv and set(linear_weight_types(model.model).values()) == {torch.Tensor}
+    model.eval()
+    assert model(next(iter(digits.val_dataloader()))[0]).shape == (64, 10)
+
+
+class EncoderClassifier(L.LightningModule):
+    """A plain nn.TransformerEncoder ViT: patch embedding, MHA blocks, head."""
+
+    def __init__(self, dim: int = 32) -> None:
+        super().__init__()
+        self.patch = nn.Linear(3 * 4 * 4, dim)
+        layer = nn.TransformerEncoderLayer(dim, nhead=4, dim_feedforward=2 * dim, batch_first=True, dropout=0.0)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        patches = F.unfold(images, kernel_size=4, stride=4).transpose(1, 2)
+        return self.head(self.encoder(self.patch(patches)).mean(1))
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def test_multihead_attention_model_keeps_out_proj_and_quantizes_the_rest(tmp_path, digits):
+    L.seed_everything(0, verbose=False)
+    model = EncoderClassifier()
+    callback = QuantizeOnFit()
+    fast_trainer(tmp_path, callbacks=[callback]).fit(model, digits)
+    summary = callback.summary  # the target is the child holding the attention blocks: `encoder`
+    assert sorted(summary["skipped"]) == ["layers.0.self_attn.out_proj", "layers.1.self_attn.out_proj"]
+    assert all("nn.MultiheadAttention out_proj" in why for why in summary["skipped"].values())
+    assert summary["quantized"] == ["layers.0.linear1", "layers.0.linear2", "layers.1.linear1", "layers.1.linear2"]
+    assert type(model.encoder.layers[0].linear1.weight.data) is Int8Tensor
+    assert summary["output_relative_error"] < 0.05
+    model.eval()
+    assert model(next(iter(digits.test_dataloader()))[0]).shape == (64, 10)
+
+
+def test_checkpoints_before_quantization_resume_and_the_saved_quantized_model_loads(tmp_path, tiny_classifier, digits):
+    model = tiny_classifier()
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = fast_trainer(
+        tmp_path, callbacks=[QuantizeOnFit(save_path=tmp_path / "int8.ckpt"), checkpoints], enable_checkpointing=True
+    )
+    trainer.fit(model, digits)
+
+    saved = torch.load(tmp_path / "int8.ckpt", weights_only=True)  # safe loading works for torchao's tensors
+    assert saved[STRUCTURE_KEY][-1]["kind"] == "quantize"
+    assert saved[STRUCTURE_KEY][-1]["layers"] == list(linear_weight_types(model.model))
+    loaded = load_compressed(DigitsClassifier, tmp_path / "int8.ckpt")
+    assert set(linear_weight_types(loaded.model).values()) == {Int8Tensor}
+    images = next(iter(digits.test_dataloader()))[0]
+    model.eval()
+    torch.testing.assert_close(loaded(images), model(images))
+
+    last = torch.load(tmp_path / "last.ckpt", weights_only=True)  # saved during training: fp32, no quantize record
+    assert all(record["kind"] != "quantize" for record in last.get(STRUCTURE_KEY, []))
+    resumed_model = tiny_classifier()
+    resumed = fast_trainer(tmp_path, callbacks=[QuantizeOnFit()], max_epochs=2)
+    resumed.fit(resumed_model, digits, ckpt_path=tmp_path / "last.ckpt")
+    assert resumed.current_epoch == 2
+    assert set(linear_weight_types(resumed_model.model).values()) == {Int8Tensor}
+
+    with pytest.raises(RuntimeError, match="saved after the model was quantized"):
+        fast_trainer(tmp_path, callbacks=[QuantizeOnFit()], max_epochs=3).fit(
+            tiny_classifier(), digits, ckpt_path=tmp_path / "int8.ckpt"
+        )
+
+
+def test_ddp_every_rank_ends_with_the_same_quantized_model_and_rank_zero_writes(tmp_path):
+    reports = run_ddp_script(
+        f"""
+        import lightning as L
+        from torch import nn
+        from lightning_vitcompress.quantization import QuantizeOnFit
+        from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
+        L.seed_everything(0)
+        model = DigitsClassifier(**{TINY!r})
+        trainer = L.Trainer(accelerator="cpu", strategy="ddp", devices=2, max_epochs=2, limit_train_batches=2,
+                            limit_val_batches=1, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=[QuantizeOnFit(qat_start_epoch=1, save_path=OUT + "/int8.ckpt")])
+        trainer.fit(model, DigitsDataModule(batch_size=16))
+        model.eval()
+        torch.manual_seed(1)
+        with torch.no_grad():
+            out = model(torch.randn(2, 3, 32, 32))
+        types = sorted({{type(m.weight.data).__name__ for m in model.modules() if isinstance(m, nn.Linear)}})
+        report(trainer, types=types, output=out.flatten().tolist())
+        """,
+        tmp_path,
+    )
+    assert [r["types"] for r in reports] == [["Int8Tensor"], ["Int8Tensor"]]
+    assert reports[0]["output"] == pytest.approx(reports[1]["output"], abs=1e-6)
+    assert (tmp_path / "int8.ckpt").is_file()
