@@ -1,0 +1,365 @@
+"""DistillationTeacher: the loss it adds, the teacher it keeps frozen and out of checkpoints, its errors."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from helpers import TINY, fast_trainer, run_ddp_script
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader
+
+from lightning_vitcompress.distillation import (
+    DistillationTeacher,
+    combine_losses,
+    hard_distillation_loss,
+    soft_distillation_loss,
+)
+from lightning_vitcompress.digits import DigitsClassifier, small_vit
+
+
+def tiny_teacher(seed: int = 1, **overrides: Any) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return small_vit(**{**TINY, **overrides})
+
+
+# ------------------------------------------------------------ loss functions
+def test_soft_and_hard_losses_match_hand_computation():
+    student = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]])
+    teacher = torch.tensor([[1.0, 1.0, 0.0], [0.0, 3.0, 1.0]])
+    T = 2.0
+    expected_soft = 0.0
+    for s_row, t_row in zip(student.tolist(), teacher.tolist()):
+        p = [math.exp(v / T) for v in t_row]
+        p = [v / sum(p) for v in p]
+        q = [math.exp(v / T) for v in s_row]
+        q = [v / sum(q) for v in q]
+        expected_soft += sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+    expected_soft = expected_soft / 2 * T * T
+    assert soft_distillation_loss(student, teacher, T).item() == pytest.approx(expected_soft, rel=1e-5)
+    # teacher argmax: class 0 (tie 0/1 -> first) and class 1
+    expected_hard = (
+        -math.log(math.exp(2.0) / (math.exp(2.0) + 1 + math.exp(-1.0)))
+        - math.log(math.exp(1.5) / (math.exp(0.5) + math.exp(1.5) + 1))
+    ) / 2
+    assert hard_distillation_loss(student, teacher).item() == pytest.approx(expected_hard, rel=1e-5)
+    assert combine_losses(torch.tensor(2.0), torch.tensor(4.0), 0.25).item() == pytest.approx(2.5)
+    assert soft_distillation_loss(teacher, teacher, T).item() == pytest.approx(0.0, abs=1e-6)
+
+
+# ------------------------------------------------ the loss the trainer backprops
+class LossCheck(Callback):
+    """At ``on_before_backward``, recompute the expected total loss from the batch and the pre-step weights."""
+
+    def __init__(self, callback: DistillationTeacher, forwards: int = 1) -> None:
+        self.callback = callback
+        self.forwards = forwards
+        self.pairs: list[tuple[float, float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batch = batch
+
+    @torch.no_grad()
+    def on_before_backward(self, trainer, pl_module, loss):
+        images, labels = self.batch
+        student, teacher, cb = pl_module.model, self.callback.teacher, self.callback
+        teacher_logits = teacher(images)
+        if cb.mode == "deit":
+            student.set_distilled_training(True)
+            cls_logits, dist_logits = student(images)
+            student.set_distilled_training(False)
+            task = F.cross_entropy(cls_logits, labels)
+            distill = (
+                F.cross_entropy(dist_logits, teacher_logits.argmax(-1))
+                if cb.deit_target == "hard"
+                else soft_distillation_loss(dist_logits, teacher_logits, cb.temperature)
+            )
+        else:
+            logits = student(images)
+            task = F.cross_entropy(logits, labels) * self.forwards
+            if cb.mode == "soft":
+                distill = F.kl_div(
+                    F.log_softmax(logits / cb.temperature, -1),
+                    F.softmax(teacher_logits / cb.temperature, -1),
+                    reduction="batchmean",
+                ) * cb.temperature**2
+            else:
+                distill = F.cross_entropy(logits, teacher_logits.argmax(-1))
+        self.pairs.append((loss.item(), ((1 - cb.alpha) * task + cb.alpha * distill).item()))
+
+
+@pytest.mark.parametrize(
+    "mode, model_name, deit_target",
+    [("soft", "vit_tiny_patch16_224", "hard"), ("hard", "vit_tiny_patch16_224", "hard"),
+     ("deit", "deit_tiny_distilled_patch16_224", "hard"), ("deit", "deit_tiny_distilled_patch16_224", "soft")],
+)
+def test_backpropagated_loss_is_the_formula(tmp_path, digits, tiny_classifier, mode, model_name, deit_target):
+    callback = DistillationTeacher(tiny_teacher(), mode=mode, alpha=0.3, temperature=3.0, deit_target=deit_target)
+    check = LossCheck(callback)
+    trainer = fast_trainer(tmp_path, callbacks=[callback, check], limit_train_batches=2, limit_val_batches=0)
+    trainer.fit(tiny_classifier(model_name=model_name), digits)
+    assert len(check.pairs) == 2
+    for got, expected in check.pairs:
+        assert got == pytest.approx(expected, rel=1e-4)
+    assert {"distill/task_loss_epoch", "distill/loss_epoch", "distill/agreement_epoch"} <= set(
+        trainer.callback_metrics
+    )
+    assert 0.0 <= trainer.callback_metrics["distill/agreement_epoch"].item() <= 1.0
+
+
+class TwoViews(DigitsClassifier):
+    """Calls the model twice with gradients (same images) and once without: the no-grad call is ignored."""
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        with torch.no_grad():
+            self(images.flip(-1))
+        return F.cross_entropy(self(images), labels) + F.cross_entropy(self(images), labels)
+
+
+def test_several_forward_calls_average_their_terms(tmp_path, digits):
+    L.seed_everything(0, verbose=False)
+    callback = DistillationTeacher(tiny_teacher(), mode="soft", alpha=0.5, temperature=2.0)
+    check = LossCheck(callback, forwards=2)  # task = sum of two CEs, distill = mean of two identical terms
+    trainer = fast_trainer(tmp_path, callbacks=[callback, check], limit_train_batches=1, limit_val_batches=0)
+    trainer.fit(TwoViews(**TINY), digits)
+    got, expected = check.pairs[0]
+    assert got == pytest.approx(expected, rel=1e-4)
+
+
+class DictStep(DigitsClassifier):
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        return {"loss": F.cross_entropy(self(images), labels), "extra": torch.tensor(7.0)}
+
+
+class Outputs(Callback):
+    def __init__(self) -> None:
+        self.outputs: list[Any] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.outputs.append(outputs)
+
+
+def test_dict_returning_training_step(tmp_path, digits):
+    L.seed_everything(0, verbose=False)
+    callback = DistillationTeacher(tiny_teacher(), alpha=1.0)
+    check, outputs = LossCheck(callback), Outputs()
+    trainer = fast_trainer(tmp_path, callbacks=[callback, check, outputs], limit_train_batches=2, limit_val_batches=0)
+    trainer.fit(DictStep(**TINY), digits)
+    for (got, expected), output in zip(check.pairs, outputs.outputs):
+        assert got == pytest.approx(expected, rel=1e-4)
+        assert output["extra"].item() == 7.0 and output["loss"].item() == pytest.approx(got, rel=1e-5)
+
+
+# ------------------------------------------------------ teacher kept apart
+def test_teacher_frozen_outside_checkpoint_and_gradients_reach_only_the_student(tmp_path, digits, tiny_classifier):
+    teacher = tiny_teacher()
+    teacher.train()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    model = tiny_classifier()
+    student_before = {k: v.clone() for k, v in model.state_dict().items()}
+    callback = DistillationTeacher(teacher, alpha=0.5)
+    trainer = fast_trainer(tmp_path, callbacks=[callback], limit_val_batches=0)
+    trainer.fit(model, digits)
+    assert not teacher.training and all(not p.requires_grad and p.grad is None for p in teacher.parameters())
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert any(not torch.equal(student_before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is not None for p in model.model.parameters() if p.requires_grad)
+    path = tmp_path / "student.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    assert set(checkpoint["state_dict"]) == set(model.state_dict())
+    assert not any(isinstance(v, torch.Tensor) and v.numel() > 1 for v in checkpoint["callbacks"][
+        next(k for k in checkpoint["callbacks"] if "DistillationTeacher" in k)
+    ].values())
+    # the wrapper is gone after fit: the module's own training_step again
+    assert "training_step" not in model.__dict__
+
+
+class DeitSpy(DigitsClassifier):
+    """Records what ``self(images)`` returns inside training_step."""
+
+    seen: list[Any] = []
+
+    def training_step(self, batch, batch_idx):
+        logits = self(batch[0])
+        self.seen.append(tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits))
+        return F.cross_entropy(logits, batch[1])
+
+
+def test_deit_student_trains_both_heads_and_evaluates_their_average(tmp_path, digits):
+    L.seed_everything(0, verbose=False)
+    model = DeitSpy(model_name="deit_tiny_distilled_patch16_224", **TINY)
+    heads = {n: model.model.get_submodule(n).weight.clone() for n in ("head", "head_dist")}
+    callback = DistillationTeacher(tiny_teacher(), mode="deit", alpha=0.5)
+    fast_trainer(tmp_path, callbacks=[callback], limit_train_batches=2, limit_val_batches=0).fit(model, digits)
+    assert model.seen == [(64, 10), (64, 10)]  # training_step saw ordinary logits
+    for name, weight in heads.items():
+        assert not torch.equal(weight, model.model.get_submodule(name).weight), f"{name} did not train"
+    assert model.model.distilled_training is False
+    model.eval()
+    images = digits.val_set[:4][0]
+    with torch.no_grad():
+        features = model.model.forward_features(images)
+        average = (model.model.head(features[:, 0]) + model.model.head_dist(features[:, 1])) / 2
+        assert torch.allclose(model(images), average, atol=1e-5)
+
+
+def test_teacher_at_another_resolution_and_logit_cache(tmp_path, digits, tiny_classifier):
+    calls = {"n": 0, "sizes": set()}
+    teacher = tiny_teacher(image_size=64, patch_size=8)
+
+    def count(module, args, output):
+        calls["n"] += 1
+        calls["sizes"].add(tuple(args[0].shape[-2:]))
+
+    teacher.register_forward_hook(count)
+    callback = DistillationTeacher(teacher, mode="hard", cache_teacher_logits=True)  # resized automatically
+    loader = DataLoader(digits.train_set, batch_size=64, shuffle=False)
+    trainer = fast_trainer(tmp_path, callbacks=[callback], max_epochs=2, limit_train_batches=3)
+    trainer.fit(tiny_classifier(), train_dataloaders=loader)
+    assert calls == {"n": 3, "sizes": {(64, 64)}}  # second epoch: all from the cache
+    assert len(callback._cache) == 192
+
+    explicit = DistillationTeacher(tiny_teacher(image_size=48, patch_size=8), input_adapter=48)
+    fast_trainer(tmp_path, callbacks=[explicit], limit_train_batches=1, limit_val_batches=0).fit(
+        tiny_classifier(), digits
+    )
+    adapted: list[tuple[int, ...]] = []
+
+    def halve(images: torch.Tensor) -> torch.Tensor:
+        adapted.append(tuple(images.shape))
+        return images * 0.5
+
+    custom = DistillationTeacher(tiny_teacher(), input_adapter=halve)
+    fast_trainer(tmp_path, callbacks=[custom], limit_train_batches=1, limit_val_batches=0).fit(
+        tiny_classifier(), digits
+    )
+    assert adapted == [(64, 3, 32, 32)]
+
+
+# ------------------------------------------------------------ teacher sources
+def test_teacher_from_checkpoint_path_and_timm_name_with_local_file(tmp_path, digits, tiny_classifier):
+    big = DigitsClassifier(embed_dim=48, depth=2, num_heads=4)
+    trainer = fast_trainer(tmp_path, limit_train_batches=1, limit_val_batches=0)
+    trainer.fit(big, digits)
+    path = tmp_path / "teacher.ckpt"
+    trainer.save_checkpoint(path)
+    callback = DistillationTeacher(str(path))  # loaded as the student's class, with the saved hyper-parameters
+    fast_trainer(tmp_path, callbacks=[callback], limit_train_batches=1, limit_val_batches=0).fit(
+        tiny_classifier(), digits
+    )
+    assert callback.teacher.embed_dim == 48
+    assert all(torch.equal(v, big.model.state_dict()[k]) for k, v in callback.teacher.state_dict().items())
+
+    weights = tmp_path / "vit.pth"
+    torch.save(big.model.state_dict(), weights)
+    arch = dict(num_classes=10, img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=4)
+    named = DistillationTeacher("vit_tiny_patch16_224", teacher_weights=weights, teacher_kwargs=arch)
+    fast_trainer(tmp_path, callbacks=[named], limit_train_batches=1, limit_val_batches=0).fit(tiny_classifier(), digits)
+    assert all(torch.equal(v, big.model.state_dict()[k]) for k, v in named.teacher.state_dict().items())
+
+
+# ---------------------------------------------------------------- fail fast
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(alpha=1.5), r"alpha=1.5.*\[0, 1\]"),
+        (dict(alpha=-0.1), r"alpha=-0.1"),
+        (dict(temperature=0), r"temperature=0.*> 0"),
+        (dict(mode="kd"), r"mode='kd'"),
+        (dict(deit_target="x"), r"deit_target='x'"),
+        (dict(input_adapter=(224,)), r"input_adapter"),
+    ],
+)
+def test_argument_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DistillationTeacher(torch.nn.Linear(2, 2), **kwargs)
+
+
+class Manual(DigitsClassifier):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("classes", r"teacher predicts 7 classes but the student 10"),
+        ("deit", r"mode='deit' needs a student with a distillation token.*VisionTransformer has none"),
+        ("timm", r"teacher='vit_tiny_patch16_24'.*Close matches: \[.*'vit_tiny_patch16_224'"),
+        ("path", r"teacher='.*missing.ckpt': no such checkpoint file"),
+        ("shared", r"shares parameters with the LightningModule"),
+        ("manual", r"automatic_optimization is False"),
+    ],
+)
+def test_setup_errors(tmp_path, digits, tiny_classifier, case, match):
+    model = Manual(**TINY) if case == "manual" else tiny_classifier()
+    teacher: Any = {
+        "classes": tiny_teacher(num_classes=7),
+        "deit": tiny_teacher(),
+        "timm": "vit_tiny_patch16_24",
+        "path": str(tmp_path / "missing.ckpt"),
+        "shared": model.model,
+        "manual": tiny_teacher(),
+    }[case]
+    callback = DistillationTeacher(teacher, mode="deit" if case == "deit" else "soft", pretrained=False)
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        fast_trainer(tmp_path, callbacks=[callback]).fit(model, digits)
+    assert "training_step" not in model.__dict__
+
+
+class NoForward(DigitsClassifier):
+    def training_step(self, batch, batch_idx):
+        return self.model.head(self.model.forward_features(batch[0])[:, 0]).logsumexp(-1).mean()
+
+
+def test_step_without_a_student_forward_says_so(tmp_path, digits):
+    with pytest.raises(RuntimeError, match="was not called with gradients enabled"):
+        fast_trainer(tmp_path, callbacks=[DistillationTeacher(tiny_teacher())]).fit(NoForward(**TINY), digits)
+
+
+# ---------------------------------------------------------------------- DDP
+def test_ddp_two_processes(tmp_path):
+    reports = run_ddp_script(
+        f"""
+        import lightning as L, torch
+        from lightning.pytorch.callbacks import Callback
+        from lightning_vitcompress.distillation import DistillationTeacher
+        from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule, small_vit
+
+        class Spy(Callback):
+            losses = []
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                self.losses.append(float(outputs["loss"]))
+                self.wrapped = type(trainer.strategy.model).__name__
+
+        torch.manual_seed(1)
+        teacher = small_vit(**{TINY!r})
+        L.seed_everything(0)
+        distill = DistillationTeacher(teacher, mode="soft", alpha=0.5)
+        spy = Spy()
+        trainer = L.Trainer(accelerator="cpu", strategy="ddp", devices=2, max_epochs=1, limit_train_batches=2,
+                            limit_val_batches=0, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, callbacks=[distill, spy])
+        model = DigitsClassifier(**{TINY!r})
+        trainer.fit(model, DigitsDataModule(batch_size=16))
+        report(trainer, wrapped=spy.wrapped, teacher_type=type(distill.teacher).__name__,
+               teacher_frozen=all(not p.requires_grad for p in distill.teacher.parameters()),
+               param_sum=float(sum(p.double().sum() for p in model.parameters())),
+               distill_loss=float(trainer.callback_metrics["distill/loss_epoch"]),
+               n_losses=len(spy.losses))
+        """,
+        tmp_path,
+    )
+    assert [r["wrapped"] for r in reports] == ["DistributedDataParallel"] * 2
+    assert all(r["teacher_type"] == "VisionTransformer" and r["teacher_frozen"] for r in reports)
+    assert reports[0]["param_sum"] == pytest.approx(reports[1]["param_sum"], rel=1e-6)  # ranks in lock-step
+    assert all(r["distill_loss"] > 0 and r["n_losses"] == 2 for r in reports)
