@@ -1,0 +1,228 @@
+"""PruningSchedule: real structured pruning of timm ViTs inside fit, checkpoints, DDP."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import TINY, fast_trainer, run_ddp_script
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import nn
+
+from lightning_vitcompress._measure import count_macs, count_parameters
+from lightning_vitcompress._structure import STRUCTURE_KEY, load_compressed, read_checkpoint
+from lightning_vitcompress.digits import DigitsClassifier, small_vit
+from lightning_vitcompress.pruning import PruningSchedule, prune_vit
+
+IMAGES = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def _widths(vit: nn.Module) -> list:
+    """Every shape that pruning may change, to compare structures."""
+    return [list(p.shape) for p in vit.parameters()] + [
+        (b.attn.num_heads, b.attn.head_dim, b.attn.attn_dim) for b in vit.blocks
+    ]
+
+
+def _kept_rows(original: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
+    """Indices of the original rows each pruned row is a copy of."""
+    return torch.cdist(pruned, original).argmin(dim=1)
+
+
+def _sliced_by_hand(original: nn.Module, pruned: nn.Module) -> nn.Module:
+    """``original`` with the pruned model's surviving rows/columns sliced out by hand.
+
+    Uses timm's eager attention with the ORIGINAL softmax scale, so matching the
+    pruned model (fused path) proves the head bookkeeping and the kept scale.
+    """
+    reference = copy.deepcopy(original)
+    for ref, new in zip(reference.blocks, pruned.blocks):
+        attn_dim = new.attn.attn_dim
+        w_old, w_new = ref.attn.qkv.weight.detach(), new.attn.qkv.weight.detach()
+        old_dim = ref.attn.attn_dim
+        kept = _kept_rows(w_old[old_dim : 2 * old_dim], w_new[attn_dim : 2 * attn_dim])  # from the k rows
+        rows = torch.cat([kept, kept + old_dim, kept + 2 * old_dim])
+        ref.attn.qkv.weight = nn.Parameter(w_old[rows])
+        ref.attn.qkv.bias = nn.Parameter(ref.attn.qkv.bias.detach()[rows])
+        ref.attn.proj.weight = nn.Parameter(ref.attn.proj.weight.detach()[:, kept])
+        ref.attn.num_heads, ref.attn.attn_dim = new.attn.num_heads, attn_dim
+        ref.attn.head_dim = attn_dim // new.attn.num_heads
+        ref.attn.fused_attn = False  # eager path: q * ref.attn.scale, the trained scale, untouched
+        hidden = _kept_rows(ref.mlp.fc1.weight.detach(), new.mlp.fc1.weight.detach())
+        ref.mlp.fc1.weight = nn.Parameter(ref.mlp.fc1.weight.detach()[hidden])
+        ref.mlp.fc1.bias = nn.Parameter(ref.mlp.fc1.bias.detach()[hidden])
+        ref.mlp.fc2.weight = nn.Parameter(ref.mlp.fc2.weight.detach()[:, hidden])
+    return reference.eval()
+
+
+@pytest.mark.parametrize("prune_heads", [False, True], ids=["head_dims", "whole_heads"])
+def test_pruned_outputs_equal_hand_sliced_weights(prune_heads):
+    torch.manual_seed(0)
+    original = small_vit(**TINY).eval()
+    pruned = copy.deepcopy(original)
+    prune_vit(pruned, 0.5, IMAGES[:1], prune_embed_dim=False, prune_heads=prune_heads)
+    attn = pruned.blocks[0].attn
+    assert attn.qkv.out_features == 3 * 16 and attn.proj.in_features == 16
+    assert (attn.num_heads, attn.head_dim) == ((2, 8) if prune_heads else (4, 4))
+    assert pruned.blocks[0].mlp.fc1.out_features == 64
+    assert attn.fused_attn  # the fast path stays on
+    with torch.no_grad():
+        torch.testing.assert_close(pruned.eval()(IMAGES), _sliced_by_hand(original, pruned)(IMAGES))
+        for block in pruned.blocks:  # the eager path agrees too: one scale for both
+            block.attn.fused_attn = False
+        torch.testing.assert_close(pruned(IMAGES), _sliced_by_hand(original, pruned)(IMAGES))
+
+
+def test_one_shot_at_setup_shrinks_params_and_macs(tmp_path, tiny_classifier, digits):
+    model = tiny_classifier()
+    params, macs = count_parameters(model.model), count_macs(model.model, IMAGES[:1])
+    trainer = fast_trainer(tmp_path, callbacks=[PruningSchedule(0.5)], max_steps=2)
+    trainer.fit(model, digits)
+    vit = model.model
+    assert vit.embed_dim == 16 and vit.blocks[0].mlp.fc1.out_features == 64
+    assert vit.head.out_features == 10  # classifier outputs intact
+    # every channel dimension halves, so weight matrices shrink ~4x (the head and biases less)
+    assert 0.2 < count_parameters(vit) / params < 0.32
+    assert 0.2 < count_macs(vit, IMAGES[:1]) / macs < 0.32
+    optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in model.parameters()}  # setup pruning: optimizer built on the new params
+    assert trainer.callback_metrics["prune/ratio"] == pytest.approx(0.5, abs=1e-4)
+
+
+def test_iterative_schedule_reaches_target_and_training_continues(tmp_path, tiny_classifier, digits):
+    model = tiny_classifier()
+    callback = PruningSchedule(0.5, start_epoch=1, end_epoch=2, schedule="cubic")
+    trainer = fast_trainer(tmp_path, callbacks=[callback], max_epochs=4, limit_train_batches=2)
+    widths = []
+
+    class WidthSpy(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            widths.append(pl_module.model.blocks[0].mlp.fc1.out_features)
+
+    trainer.callbacks.append(WidthSpy())
+    trainer.fit(model, digits)
+    # cubic: 7/8 of the final ratio after step 1 of 2 -> 128 * (1 - 0.4375) = 72
+    assert widths == [128, 72, 64, 64]
+    assert model.model.blocks[0].attn.head_dim == 4 and model.model.embed_dim == 16
+    assert trainer.global_step == 8  # trained through the rebuilds
+    optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in model.parameters()}
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 4  # schedule position kept
+
+
+def test_resume_mid_schedule_reaches_same_structure_and_load_compressed(tmp_path, tiny_classifier, digits):
+    def schedule():
+        return PruningSchedule(0.5, start_epoch=0, end_epoch=2)
+
+    uninterrupted = tiny_classifier()
+    fast_trainer(tmp_path / "a", callbacks=[schedule()], max_epochs=3, limit_train_batches=2).fit(
+        uninterrupted, digits
+    )
+
+    class Interrupt(Callback):  # the job is killed after epoch 1, mid-schedule
+        def on_train_epoch_end(self, trainer, pl_module):
+            trainer.should_stop = trainer.current_epoch == 1
+
+    first = tiny_classifier()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)
+    trainer = fast_trainer(
+        tmp_path / "b", callbacks=[schedule(), Interrupt(), checkpoint], max_epochs=3, limit_train_batches=2,
+        enable_checkpointing=True,
+    )
+    trainer.fit(first, digits)
+    saved = read_checkpoint(tmp_path / "b" / "last.ckpt")[STRUCTURE_KEY]
+    assert [r["step"] for r in saved] == [1, 2]
+
+    resumed = tiny_classifier()
+    resumed_trainer = fast_trainer(
+        tmp_path / "c", callbacks=[schedule(), ModelCheckpoint(dirpath=tmp_path / "c", save_last=True)],
+        max_epochs=3, limit_train_batches=2, enable_checkpointing=True,
+    )
+    resumed_trainer.fit(resumed, digits, ckpt_path=tmp_path / "b" / "last.ckpt")
+    assert resumed_trainer.current_epoch == 3
+    assert _widths(resumed.model) == _widths(uninterrupted.model)
+    assert resumed.model.blocks[0].mlp.fc1.out_features == 64
+
+    final = tmp_path / "c" / "last.ckpt"
+    assert [r["step"] for r in read_checkpoint(final)[STRUCTURE_KEY]] == [1, 2, 3]
+    loaded = load_compressed(DigitsClassifier, final)
+    assert _widths(loaded.model) == _widths(resumed.model)
+    resumed.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IMAGES), resumed(IMAGES))
+
+
+def test_deit_distilled_prunes_with_taylor_at_step_interval_and_trains(tmp_path, tiny_classifier, digits):
+    model = tiny_classifier(model_name="deit_tiny_distilled_patch16_224")
+    callback = PruningSchedule(0.5, num_steps=2, interval="step", importance="taylor", gradient_batches=1)
+    trainer = fast_trainer(tmp_path, callbacks=[callback], limit_train_batches=4)
+    trainer.fit(model, digits)
+    vit = model.model
+    assert callback.steps_done == 2
+    assert vit.dist_token.shape[-1] == vit.cls_token.shape[-1] == vit.pos_embed.shape[-1] == 16
+    assert vit.head.out_features == vit.head_dist.out_features == 10
+    assert vit.head_dist.in_features == 16
+    model.train()
+    vit.set_distilled_training(True)  # now returns (cls, dist) logits: both heads run on pruned tokens
+    logits = model(IMAGES)
+    assert isinstance(logits, tuple) and logits[1].shape == (3, 10)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "trainer_kwargs", "error", "match"),
+    [
+        (dict(pruning_ratio=1.0), {}, ValueError, r"pruning_ratio=1.0: must be in \(0, 1\)"),
+        (dict(pruning_ratio=0.0), {}, ValueError, r"pruning_ratio=0.0"),
+        (dict(start_epoch=2, end_epoch=1), {}, ValueError, "end_epoch=1 is before start_epoch=2"),
+        (dict(end_epoch=3), dict(max_epochs=2), ValueError, r"end_epoch=3 is past the last epoch.*max_epochs=2"),
+        (dict(importance="magic"), {}, ValueError, "importance='magic'"),
+        (dict(prune_embed_dim=False, prune_attention=False, prune_mlp=False), {}, ValueError, "nothing"),
+        (dict(ignored_layers=["nope"]), {}, AttributeError, "'nope'"),
+    ],
+)
+def test_fails_fast_naming_the_argument(tmp_path, tiny_classifier, digits, kwargs, trainer_kwargs, error, match):
+    with pytest.raises(error, match=match):
+        callback = PruningSchedule(**kwargs)
+        fast_trainer(tmp_path, callbacks=[callback], max_steps=1, **trainer_kwargs).fit(tiny_classifier(), digits)
+
+
+def test_unsupported_strategy_and_multihead_attention_fail_at_setup(tmp_path, digits):
+    from unittest import mock
+
+    class MHAClassifier(DigitsClassifier):
+        def __init__(self):
+            super().__init__(**TINY)
+            self.model = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 1)
+
+    with pytest.raises(ValueError, match="nn.MultiheadAttention.*prune_attention=False"):
+        fast_trainer(tmp_path, callbacks=[PruningSchedule()], max_steps=1).fit(MHAClassifier(), digits)
+
+    with mock.patch("lightning_vitcompress._training_state.SUPPORTED_STRATEGIES", ()):
+        with pytest.raises(RuntimeError, match="PruningSchedule changes the model's structure"):
+            fast_trainer(tmp_path, callbacks=[PruningSchedule()], max_steps=1).fit(DigitsClassifier(**TINY), digits)
+
+
+def test_ddp_ranks_prune_identically_at_setup_and_mid_fit(tmp_path):
+    reports = run_ddp_script(
+        """
+        import torch
+        from helpers import TINY, fast_trainer
+        from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
+        from lightning_vitcompress.pruning import PruningSchedule
+
+        torch.manual_seed(int(os.environ.get("LOCAL_RANK", 0)))  # ranks start from different weights
+        model = DigitsClassifier(**TINY)
+        trainer = fast_trainer(OUT, strategy="ddp", devices=2, max_epochs=2, limit_train_batches=2,
+                               limit_val_batches=0, callbacks=[PruningSchedule(0.5, end_epoch=1)])
+        trainer.fit(model, DigitsDataModule(batch_size=16))
+        shapes = [list(p.shape) for p in model.parameters()]
+        report(trainer, shapes=shapes, checksum=float(sum(p.double().sum() for p in model.parameters())),
+               steps=trainer.global_step)
+        """,
+        tmp_path,
+    )
+    assert reports[0]["shapes"] == reports[1]["shapes"]
+    assert [16, 3, 4, 4] in reports[0]["shapes"]
+    assert reports[0]["checksum"] == pytest.approx(reports[1]["checksum"], rel=1e-6)  # still in lock-step
+    assert reports[0]["steps"] == reports[1]["steps"] == 4
