@@ -1,0 +1,547 @@
+"""Nyström attention swapped into a trained Vision Transformer, fine-tuned in the same fit.
+
+Softmax attention costs O(N^2) in the number of tokens N. Nyström attention
+(Xiong et al., 2021, "Nyströmformer") approximates the N x N softmax matrix
+from ``m`` *landmarks* (segment means of the queries and keys) at O(N m):
+
+    softmax(Q K^T) V  ~  softmax(Q Kl^T) pinv(softmax(Ql Kl^T)) softmax(Ql K^T) V
+
+where ``pinv`` is an iterative Moore-Penrose pseudo-inverse. The speed win
+lives at long sequences (high resolution, small patches); at 197 tokens it is
+slower than fused exact attention. Swapping without retraining loses accuracy,
+so :class:`NystromSwap` swaps, then lets training continue.
+
+How the details are handled (see :class:`NystromAttention`):
+
+* **Prefix tokens** (class, distillation, register tokens; the model's
+  ``num_prefix_tokens``) are kept *exact*: each prefix key is its own landmark
+  and each prefix query attends to all tokens exactly (its row is computed
+  anyway as a landmark row, so this costs nothing). Only the patch tokens are
+  averaged into ``m`` segment landmarks.
+* **Sequence lengths not divisible by m** (196 patches, m = 64): the patch
+  tokens are split into ``m`` contiguous segments whose sizes differ by at most
+  one (e.g. 4 segments of 4 and 60 of 3); no padding, so no padding artefacts.
+* **m >= number of patch tokens**: the approximation would have no advantage,
+  so exact attention (PyTorch SDPA, with the trained softmax scale) is used; the
+  output equals the original module's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from timm.layers.attention import Attention as TimmAttention
+from torch import nn
+
+from lightning_vitcompress._base import CompressionCallback
+from lightning_vitcompress._model import ATTENTION_MARKER, find_attention_blocks, get_submodule, set_submodule
+from lightning_vitcompress._structure import Record, record_edit, register_replay
+from lightning_vitcompress._training_state import check_strategy_supported, refresh_after_structural_change
+
+__all__ = ["NystromAttention", "NystromSwap"]
+
+BlockSelection = Optional[Sequence[Union[int, str]]]
+
+
+def _check_landmarks(num_landmarks: Any) -> None:
+    if isinstance(num_landmarks, bool) or not isinstance(num_landmarks, int) or num_landmarks < 1:
+        raise ValueError(
+            f"num_landmarks={num_landmarks!r}: pass a positive int, the number of landmarks m "
+            "(e.g. 64; about a quarter of the patch tokens keeps accuracy after fine-tuning)."
+        )
+
+
+def _check_options(pinv_iterations: Any, conv_kernel_size: Any, num_prefix_tokens: Any) -> None:
+    if isinstance(pinv_iterations, bool) or not isinstance(pinv_iterations, int) or pinv_iterations < 1:
+        raise ValueError(f"pinv_iterations={pinv_iterations!r}: pass a positive int (6 is the usual choice).")
+    if conv_kernel_size is not None and (
+        isinstance(conv_kernel_size, bool)
+        or not isinstance(conv_kernel_size, int)
+        or conv_kernel_size < 1
+        or conv_kernel_size % 2 == 0
+    ):
+        raise ValueError(
+            f"conv_kernel_size={conv_kernel_size!r}: pass an odd positive int (e.g. 33) for the depthwise "
+            "convolution residual on V, or None for none."
+        )
+    if num_prefix_tokens is not None and (
+        isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0
+    ):
+        raise ValueError(
+            f"num_prefix_tokens={num_prefix_tokens!r}: pass the number of class/distillation/register tokens "
+            "in front of the patch tokens (an int >= 0), or None to read the model's num_prefix_tokens."
+        )
+
+
+def segment_means(x: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """Means of ``num_segments`` contiguous segments along dim -2, without padding.
+
+    With ``n = q * num_segments + r`` tokens, the first ``r`` segments hold
+    ``q + 1`` tokens and the others ``q``, so every landmark averages real tokens.
+    """
+    n = x.shape[-2]
+    size, remainder = divmod(n, num_segments)
+    if remainder == 0:
+        return x.unflatten(-2, (num_segments, size)).mean(-2)
+    split = remainder * (size + 1)
+    long_segments = x[..., :split, :].unflatten(-2, (remainder, size + 1)).mean(-2)
+    short_segments = x[..., split:, :].unflatten(-2, (num_segments - remainder, size)).mean(-2)
+    return torch.cat([long_segments, short_segments], dim=-2)
+
+
+def iterative_pinv(matrix: torch.Tensor, iterations: int = 6) -> torch.Tensor:
+    """Moore-Penrose pseudo-inverse of square matrices (batched over leading dims), iteratively.
+
+    The cubically convergent iteration of Razavi et al. (2014) used by
+    Nyströmformer, started from ``A^T / (||A||_1 ||A||_inf)`` of *each* matrix
+    (so one sample's result never depends on the rest of the batch). Computed
+    in float32 whatever the input dtype: half precision diverges here.
+    """
+    size = matrix.shape[-1]
+    a = matrix.reshape(-1, size, size).float()
+    norms = a.abs().sum(-2).amax(-1) * a.abs().sum(-1).amax(-1)
+    z = a.transpose(1, 2) / norms[:, None, None]
+    eye = torch.eye(size, device=a.device, dtype=a.dtype)
+    for _ in range(iterations):
+        az = torch.bmm(a, z)
+        t = torch.sub(7 * eye, az)  # 7I - AZ
+        t = torch.baddbmm(15 * eye, az, t, alpha=-1)  # 15I - AZ(7I - AZ)
+        t = torch.baddbmm(3.25 * eye, az, t, alpha=-0.25)  # (13I - AZ(...)) / 4
+        z = torch.bmm(z, t)
+    return z.reshape(matrix.shape).to(matrix.dtype)
+
+
+class NystromAttention(nn.Module):
+    """Multi-head self-attention with the Nyström approximation; a drop-in for timm's ``Attention``.
+
+    Keeps timm's attribute names (``qkv``, ``q_norm``, ``k_norm``, ``attn_drop``,
+    ``norm``, ``proj``, ``proj_drop``, ``num_heads``, ``head_dim``, ``attn_dim``,
+    ``scale``), so a trained model's weights load unchanged and structured
+    pruning treats it like timm's module; ``forward`` reads the head layout at
+    every call, so pruned heads/head dims just work. Build it from a trained
+    module with :meth:`from_attention` (timm ``Attention`` or a batch-first-or-not
+    ``nn.MultiheadAttention`` self-attention); the constructor builds fresh weights.
+
+    Args:
+        dim: token width.
+        num_heads: attention heads.
+        num_landmarks: ``m``, the segment-mean landmarks of the patch tokens.
+        num_prefix_tokens: class/distillation/register tokens in front of the
+            patches; they stay exact (their own landmarks, exact attention rows).
+        pinv_iterations: iterations of the pseudo-inverse (6 is usual).
+        conv_kernel_size: odd kernel of an optional depthwise convolution over
+            the token axis of V, added to the output (a residual, per head). It
+            starts at zero, so the swap alone does not change the output.
+        qkv_bias, proj_bias, attn_drop, proj_drop: as in timm's ``Attention``.
+
+    Example::
+
+        vit = timm.create_model("vit_small_patch16_224")
+        vit.blocks[0].attn = NystromAttention.from_attention(vit.blocks[0].attn, num_landmarks=64,
+                                                             num_prefix_tokens=vit.num_prefix_tokens)
+    """
+
+    is_vitcompress_attention: ClassVar[bool] = True  # see _model.ATTENTION_MARKER
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        num_landmarks: int = 64,
+        num_prefix_tokens: int = 0,
+        pinv_iterations: int = 6,
+        conv_kernel_size: Optional[int] = None,
+        qkv_bias: bool = False,
+        proj_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        _check_landmarks(num_landmarks)
+        _check_options(pinv_iterations, conv_kernel_size, num_prefix_tokens)
+        if dim % num_heads:
+            raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}.")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.attn_dim = self.num_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
+        self.num_landmarks = num_landmarks
+        self.num_prefix_tokens = num_prefix_tokens
+        self.pinv_iterations = pinv_iterations
+        self.conv_kernel_size = conv_kernel_size
+        #: True when built from nn.MultiheadAttention: forward takes (query, key, value, ...) and returns a tuple
+        self.multihead_interface = False
+        self.batch_first = True
+        self.qkv = nn.Linear(dim, self.attn_dim * 3, bias=qkv_bias)
+        self.q_norm: nn.Module = nn.Identity()
+        self.k_norm: nn.Module = nn.Identity()
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.norm: nn.Module = nn.Identity()
+        self.gate: Optional[nn.Module] = None
+        self.proj = nn.Linear(self.attn_dim, dim, bias=proj_bias)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.conv = self._make_conv()
+
+    def _make_conv(self) -> Optional[nn.Conv2d]:
+        if self.conv_kernel_size is None:
+            return None
+        k = self.conv_kernel_size
+        conv = nn.Conv2d(self.num_heads, self.num_heads, (k, 1), padding=(k // 2, 0), groups=self.num_heads, bias=False)
+        nn.init.zeros_(conv.weight)
+        return conv
+
+    # ---------------------------------------------------------------- building
+    @classmethod
+    def from_attention(
+        cls,
+        attention: nn.Module,
+        num_landmarks: int = 64,
+        num_prefix_tokens: int = 0,
+        pinv_iterations: int = 6,
+        conv_kernel_size: Optional[int] = None,
+    ) -> "NystromAttention":
+        """A Nyström module that reuses ``attention``'s trained modules (shared, not copied).
+
+        ``attention`` is a timm ``Attention`` (ViT, DeiT, with qk-norm, scale-norm
+        or gating) or a self-attention ``nn.MultiheadAttention`` with equal
+        q/k/v widths and no ``add_bias_kv`` / ``add_zero_attn``.
+
+        Raises:
+            TypeError: another attention type (name what is supported).
+            ValueError: an ``nn.MultiheadAttention`` the approximation cannot reproduce.
+        """
+        _check_landmarks(num_landmarks)
+        _check_options(pinv_iterations, conv_kernel_size, num_prefix_tokens)
+        problem = swap_problem(attention)
+        if problem:
+            raise (TypeError if "supports" in problem else ValueError)(problem)
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.num_landmarks = num_landmarks
+        new.num_prefix_tokens = num_prefix_tokens
+        new.pinv_iterations = pinv_iterations
+        new.conv_kernel_size = conv_kernel_size
+        new.gate = None
+        new.batch_first = True
+        if isinstance(attention, nn.MultiheadAttention):
+            new.multihead_interface = True
+            new.batch_first = attention.batch_first
+            new.num_heads = attention.num_heads
+            new.head_dim = attention.head_dim
+            new.attn_dim = attention.embed_dim
+            new.scale = attention.head_dim**-0.5
+            bias = attention.in_proj_bias is not None
+            new.qkv = nn.Linear(attention.embed_dim, 3 * attention.embed_dim, bias=bias)
+            new.qkv.weight = attention.in_proj_weight
+            if bias:
+                new.qkv.bias = attention.in_proj_bias
+            new.q_norm, new.k_norm, new.norm = nn.Identity(), nn.Identity(), nn.Identity()
+            new.attn_drop = nn.Dropout(attention.dropout)
+            new.proj = attention.out_proj
+            new.proj_drop = nn.Identity()
+            # what nn.TransformerEncoderLayer inspects before its fused fast path; in_proj_bias=None
+            # turns that path off (it would run the exact attention with the old weights' layout)
+            new._qkv_same_embed_dim = True
+            new.in_proj_bias = None
+        else:
+            new.multihead_interface = False
+            new.num_heads = attention.num_heads
+            new.head_dim = attention.head_dim
+            new.attn_dim = attention.attn_dim
+            new.scale = attention.scale  # the trained scale, also after head-dim pruning
+            new.qkv = attention.qkv
+            new.q_norm, new.k_norm = attention.q_norm, attention.k_norm
+            new.attn_drop = attention.attn_drop
+            new.norm = attention.norm
+            new.gate = getattr(attention, "gate", None)
+            new.proj = attention.proj
+            new.proj_drop = attention.proj_drop
+        new.conv = new._make_conv()
+        if new.conv is not None:
+            new.conv.to(device=new.qkv.weight.device, dtype=new.qkv.weight.dtype)
+        return new
+
+    def extra_repr(self) -> str:
+        conv = f", conv_kernel_size={self.conv_kernel_size}" if self.conv_kernel_size else ""
+        return (
+            f"num_heads={self.num_heads}, head_dim={self.head_dim}, num_landmarks={self.num_landmarks}, "
+            f"num_prefix_tokens={self.num_prefix_tokens}, pinv_iterations={self.pinv_iterations}{conv}"
+        )
+
+    # ----------------------------------------------------------------- forward
+    def forward(
+        self,
+        x: torch.Tensor,
+        key: Optional[torch.Tensor] = None,
+        value: Optional[torch.Tensor] = None,
+        key_padding_mask: Optional[torch.Tensor] = None,
+        need_weights: bool = False,
+        attn_mask: Optional[torch.Tensor] = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> Union[torch.Tensor, tuple[torch.Tensor, None]]:
+        """``attn(x)`` like timm's ``Attention``; ``attn(x, x, x, ...)`` -> ``(out, None)`` when
+        built from ``nn.MultiheadAttention`` (attention weights are never materialized)."""
+        if (key is not None and key is not x) or (value is not None and value is not x):
+            raise ValueError("NystromAttention is self-attention only: call it with key and value equal to query.")
+        if attn_mask is not None or key_padding_mask is not None or is_causal:
+            raise ValueError(
+                "NystromAttention does not support attention masks (attn_mask, key_padding_mask, is_causal): "
+                "landmarks average over all tokens. Keep masked blocks exact (NystromSwap(blocks=[...]))."
+            )
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        out = self._attend(x)
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        return (out, None) if self.multihead_interface else out
+
+    def _attend(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        prefix = min(self.num_prefix_tokens, tokens)
+        if self.num_landmarks >= tokens - prefix:
+            dropout = self.attn_drop.p if self.training and isinstance(self.attn_drop, nn.Dropout) else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.scale)
+        else:
+            out = self._nystrom(q * self.scale, k, v, prefix)
+        if self.conv is not None:
+            out = out + self.conv(v)
+        out = out.transpose(1, 2).reshape(batch, tokens, self.attn_dim)
+        out = self.norm(out)
+        if gate is not None:
+            out = out * gate
+        return self.proj_drop(self.proj(out))
+
+    def _nystrom(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int) -> torch.Tensor:
+        """``q`` is already scaled; shapes (B, H, N, D)."""
+        q_landmarks = segment_means(q[:, :, prefix:], self.num_landmarks)
+        k_landmarks = segment_means(k[:, :, prefix:], self.num_landmarks)
+        if prefix:  # prefix tokens are their own landmarks
+            q_landmarks = torch.cat([q[:, :, :prefix], q_landmarks], dim=-2)
+            k_landmarks = torch.cat([k[:, :, :prefix], k_landmarks], dim=-2)
+        kernel_1 = self.attn_drop(torch.softmax(q[:, :, prefix:] @ k_landmarks.transpose(-2, -1), dim=-1))
+        kernel_2 = torch.softmax(q_landmarks @ k_landmarks.transpose(-2, -1), dim=-1)
+        kernel_3 = torch.softmax(q_landmarks @ k.transpose(-2, -1), dim=-1)
+        landmark_values = kernel_3 @ v  # its first `prefix` rows are the prefix tokens' exact attention
+        patch_out = kernel_1 @ (iterative_pinv(kernel_2, self.pinv_iterations) @ landmark_values)
+        if not prefix:
+            return patch_out
+        return torch.cat([landmark_values[:, :, :prefix], patch_out], dim=-2)
+
+
+def swap_problem(attention: nn.Module) -> Optional[str]:
+    """Why ``attention`` cannot become a :class:`NystromAttention` (None when it can)."""
+    if isinstance(attention, TimmAttention) and type(attention).forward is TimmAttention.forward:
+        return None
+    if isinstance(attention, nn.MultiheadAttention):
+        if not attention._qkv_same_embed_dim:
+            return (
+                f"nn.MultiheadAttention with kdim={attention.kdim}/vdim={attention.vdim} != "
+                f"embed_dim={attention.embed_dim} is cross-attention; Nystrom attention here is self-attention only."
+            )
+        if attention.bias_k is not None or attention.add_zero_attn:
+            return "nn.MultiheadAttention with add_bias_kv=True or add_zero_attn=True cannot be swapped (extra keys)."
+        return None
+    return (
+        f"NystromAttention supports timm's Attention and nn.MultiheadAttention, not {type(attention).__name__} "
+        "(it may compute attention differently, e.g. with rotary embeddings)."
+    )
+
+
+@register_replay("nystrom")
+def _replay_nystrom(model: nn.Module, record: Record) -> None:
+    for name in record["blocks"]:
+        module = get_submodule(model, name)
+        if isinstance(module, NystromAttention):
+            continue
+        set_submodule(
+            model,
+            name,
+            NystromAttention.from_attention(
+                module,
+                num_landmarks=record["num_landmarks"],
+                num_prefix_tokens=record["num_prefix_tokens"],
+                pinv_iterations=record["pinv_iterations"],
+                conv_kernel_size=record["conv_kernel_size"],
+            ),
+        )
+
+
+class NystromSwap(CompressionCallback):
+    """Swap softmax attention for Nyström attention (m landmarks), then keep training.
+
+    Reuses every trained weight (q/k/v, projection, norms, head layout). With
+    ``swap_epoch=0`` the swap happens at ``setup`` (before the optimizer exists);
+    with ``swap_epoch=k`` at the start of epoch ``k``, after which the optimizer,
+    LR scheduler and DDP wrapper are rebuilt around the parameters. Checkpoints
+    record the swap: resume and :func:`~lightning_vitcompress.load_compressed`
+    rebuild the Nyström modules before the weights load.
+
+    Args:
+        num_landmarks: ``m``. Speed-up needs many tokens (>= ~1000 on CPU); at
+            197 tokens Nyström is slower than exact attention.
+        swap_epoch: the epoch at whose start to swap; 0 swaps at ``setup``.
+        blocks: which attention blocks to swap: indices into the model's
+            attention blocks (``[0, 1]``, negative from the end) or their
+            qualified names (``["blocks.0.attn"]``); None swaps all.
+        pinv_iterations: iterations of the iterative pseudo-inverse.
+        conv_kernel_size: odd kernel of the optional depthwise convolution
+            residual on V (new parameters, zero-initialized), or None.
+        num_prefix_tokens: tokens kept exact in front of the patches; None
+            reads the model's ``num_prefix_tokens`` (timm), else 0.
+        model_attribute: attribute holding the ViT (None finds it).
+
+    Example::
+
+        trainer = Trainer(max_epochs=10, callbacks=[NystromSwap(num_landmarks=64, swap_epoch=0)])
+        trainer.fit(LitViT(), datamodule)
+    """
+
+    order = 30
+    KIND = "nystrom"
+
+    def __init__(
+        self,
+        num_landmarks: int = 64,
+        swap_epoch: int = 0,
+        blocks: BlockSelection = None,
+        pinv_iterations: int = 6,
+        conv_kernel_size: Optional[int] = None,
+        num_prefix_tokens: Optional[int] = None,
+        model_attribute: Optional[str] = None,
+    ) -> None:
+        super().__init__(model_attribute)
+        _check_landmarks(num_landmarks)
+        _check_options(pinv_iterations, conv_kernel_size, num_prefix_tokens)
+        if isinstance(swap_epoch, bool) or not isinstance(swap_epoch, int) or swap_epoch < 0:
+            raise ValueError(
+                f"swap_epoch={swap_epoch!r}: pass an epoch index >= 0 (0 swaps at setup, before training)."
+            )
+        if blocks is not None and (
+            isinstance(blocks, (str, int)) or not all(isinstance(b, (int, str)) for b in blocks) or not blocks
+        ):
+            raise ValueError(
+                f"blocks={blocks!r}: pass a non-empty list of attention-block indices or names "
+                "(e.g. [0, 1] or ['blocks.0.attn']), or None for all."
+            )
+        self.num_landmarks = num_landmarks
+        self.swap_epoch = swap_epoch
+        self.blocks = list(blocks) if blocks is not None else None
+        self.pinv_iterations = pinv_iterations
+        self.conv_kernel_size = conv_kernel_size
+        self.num_prefix_tokens = num_prefix_tokens
+        self.swapped_blocks: list[str] = []
+
+    # ------------------------------------------------------------- selection
+    def _selected_blocks(self, model: nn.Module) -> list[str]:
+        """Qualified names (relative to the ViT) of the blocks to swap; raises naming the problem."""
+        found = find_attention_blocks(model)
+        names = [name for name, _ in found]
+        if self.blocks is None:
+            chosen = names
+        else:
+            chosen = []
+            for block in self.blocks:
+                if isinstance(block, int):
+                    if not -len(names) <= block < len(names):
+                        raise ValueError(
+                            f"blocks={self.blocks!r}: index {block} is out of range; the model has "
+                            f"{len(names)} attention blocks (indices 0..{len(names) - 1}): {names}."
+                        )
+                    chosen.append(names[block])
+                elif block not in names:
+                    raise ValueError(f"blocks={self.blocks!r}: {block!r} is not an attention block; choose from {names}.")
+                else:
+                    chosen.append(block)
+            chosen = list(dict.fromkeys(chosen))
+        modules = dict(found)
+        pending = [name for name in chosen if not isinstance(modules[name], NystromAttention)]
+        problems = {name: swap_problem(modules[name]) for name in pending}
+        problems = {name: why for name, why in problems.items() if why}
+        if problems:
+            details = "; ".join(f"{name}: {why}" for name, why in problems.items())
+            raise ValueError(f"NystromSwap(blocks={self.blocks!r}) cannot swap these attention blocks: {details}")
+        return chosen
+
+    def _prefix_tokens(self, model: nn.Module) -> int:
+        if self.num_prefix_tokens is not None:
+            return self.num_prefix_tokens
+        return int(getattr(model, "num_prefix_tokens", 0) or 0)
+
+    # ------------------------------------------------------------------ hooks
+    def ordered_setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage != "fit":
+            return
+        self.swapped_blocks = []
+        check_strategy_supported(trainer, type(self).__name__)
+        max_epochs = trainer.max_epochs
+        if self.swap_epoch > 0 and max_epochs is not None and max_epochs >= 0 and self.swap_epoch >= max_epochs:
+            raise ValueError(
+                f"NystromSwap(swap_epoch={self.swap_epoch}) would never swap: Trainer(max_epochs={max_epochs}) "
+                f"runs epochs 0..{max_epochs - 1}. Use swap_epoch < max_epochs (0 swaps at setup)."
+            )
+        model = self.target(pl_module)
+        chosen = self._selected_blocks(model)  # fail fast, also when the swap is epochs away
+        if not chosen:
+            raise ValueError("NystromSwap found no attention blocks to swap.")
+        replayed = self.replayed_records(trainer, self.KIND)
+        if replayed:  # resumed after the swap: the checkpoint's structure was rebuilt already
+            self.swapped_blocks = list(replayed[-1]["blocks"])
+            return
+        if self.swap_epoch == 0:
+            self._swap(pl_module, chosen)
+
+    def ordered_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if not self.swapped_blocks and trainer.current_epoch >= self.swap_epoch:
+            model = self.target(pl_module)
+            self._swap(pl_module, self._selected_blocks(model))
+            refresh_after_structural_change(trainer)
+        if self.swapped_blocks:
+            pl_module.log("nystrom/num_landmarks", float(self.num_landmarks), on_step=False, on_epoch=True)
+            pl_module.log("nystrom/swapped_blocks", float(len(self.swapped_blocks)), on_step=False, on_epoch=True)
+
+    # ------------------------------------------------------------------- swap
+    def _swap(self, pl_module: "pl.LightningModule", names: list[str]) -> None:
+        model = self.target(pl_module)
+        prefix = self._prefix_tokens(model)
+        # build every replacement first: a failure leaves the model untouched
+        replacements = {}
+        for name in names:
+            module = get_submodule(model, name)
+            if isinstance(module, NystromAttention):
+                continue
+            replacements[name] = NystromAttention.from_attention(
+                module,
+                num_landmarks=self.num_landmarks,
+                num_prefix_tokens=prefix,
+                pinv_iterations=self.pinv_iterations,
+                conv_kernel_size=self.conv_kernel_size,
+            )
+        for name, module in replacements.items():
+            set_submodule(model, name, module)
+        self.swapped_blocks = list(names)
+        record_edit(
+            pl_module,
+            {
+                "kind": self.KIND,
+                "target": self.target_path,
+                "blocks": list(replacements),
+                "num_landmarks": self.num_landmarks,
+                "num_prefix_tokens": prefix,
+                "pinv_iterations": self.pinv_iterations,
+                "conv_kernel_size": self.conv_kernel_size,
+            },
+        )
+        rank_zero_info(
+            f"NystromSwap: {len(replacements)} attention blocks now use {self.num_landmarks} landmarks "
+            f"({prefix} prefix tokens kept exact)."
+        )
