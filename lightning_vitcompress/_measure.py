@@ -80,9 +80,14 @@ def serialized_size_bytes(model: nn.Module) -> int:
 def count_macs(model: nn.Module, example_input: torch.Tensor) -> Optional[int]:
     """Multiply-accumulates of one forward of ``example_input`` per image (``FlopCounterMode`` / 2).
 
-    ``None`` where the counter cannot trace the model (some quantized kernels).
+    ``None`` where the counter cannot count the model: it fails to trace it, or
+    its weights are quantized tensor subclasses (torchao), whose kernels the
+    counter does not see (it would report a fraction of the real work).
     """
     from torch.utils.flop_counter import FlopCounterMode
+
+    if any(type(p) not in (torch.Tensor, nn.Parameter) for p in model.parameters()):
+        return None
 
     counter = FlopCounterMode(display=False)
     try:

@@ -150,3 +150,15 @@ def test_ddp_writes_one_report_on_rank_zero(tmp_path):
     )
     assert [r["has_report"] for r in reports] == [True, False]
     assert len(list(tmp_path.glob(REPORT_FILENAME))) == 1
+
+
+def test_macs_are_none_for_torchao_quantized_weights_not_a_fraction():
+    from lightning_vitcompress import quantize_model
+
+    vit = small_vit(**TINY)
+    x = torch.randn(2, 3, 32, 32)
+    assert benchmark_model(vit, x, devices=["cpu"], **FAST)["macs_per_image"] > 0
+    quantize_model(vit, "int8_dynamic")
+    stats = benchmark_model(vit, x, devices=["cpu"], **FAST)
+    assert stats["macs_per_image"] is None
+    assert stats["cpu_images_per_s"] > 0 and stats["size_mb"] > 0
