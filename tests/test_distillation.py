@@ -14,6 +14,7 @@ from helpers import TINY, fast_trainer, run_ddp_script
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
+from lightning_vitcompress._base import CompressionCallback
 from lightning_vitcompress.distillation import (
     DistillationTeacher,
     combine_losses,
@@ -242,6 +243,51 @@ def test_teacher_at_another_resolution_and_logit_cache(tmp_path, digits, tiny_cl
         tiny_classifier(), digits
     )
     assert adapted == [(64, 3, 32, 32)]
+
+
+def test_teacher_follows_the_students_precision(tmp_path, digits, tiny_classifier):
+    callback = DistillationTeacher(tiny_teacher(), alpha=0.5)
+    trainer = fast_trainer(tmp_path, callbacks=[callback], precision="bf16-true", limit_train_batches=1,
+                           limit_val_batches=0)
+    trainer.fit(tiny_classifier(), digits)
+    assert {p.dtype for p in callback.teacher.parameters()} == {torch.bfloat16}
+    assert torch.isfinite(trainer.callback_metrics["distill/loss_epoch"])
+
+
+class DropLastBlockAtSetup(CompressionCallback):
+    """A structural edit at order 20 (as pruning): distillation must see the edited student in any list order."""
+
+    order = 20
+
+    def ordered_setup(self, trainer, pl_module, stage):
+        model = self.target(pl_module)
+        model.blocks = model.blocks[:-1]
+
+
+def test_list_order_does_not_matter(tmp_path, digits, tiny_classifier):
+    losses = []
+    for distill_first in (True, False):
+        distill, drop = DistillationTeacher(tiny_teacher(), alpha=0.5), DropLastBlockAtSetup()
+        model = tiny_classifier()
+        callbacks = [distill, drop] if distill_first else [drop, distill]
+        trainer = fast_trainer(tmp_path, callbacks=callbacks, limit_train_batches=2, limit_val_batches=0)
+        L.seed_everything(0, verbose=False)  # same data order in both runs
+        trainer.fit(model, digits)
+        assert len(model.model.blocks) == 1
+        losses.append(trainer.callback_metrics["distill/total_loss_epoch"].item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_resume_from_checkpoint(tmp_path, digits, tiny_classifier):
+    first = fast_trainer(tmp_path, callbacks=[DistillationTeacher(tiny_teacher())], limit_val_batches=0)
+    model = tiny_classifier()
+    first.fit(model, digits)
+    path = tmp_path / "resume.ckpt"
+    first.save_checkpoint(path)
+    callback = DistillationTeacher(tiny_teacher())
+    resumed = fast_trainer(tmp_path, callbacks=[callback], max_epochs=2, limit_val_batches=0)
+    resumed.fit(tiny_classifier(), digits, ckpt_path=path)
+    assert resumed.current_epoch == 2 and "distill/loss_epoch" in resumed.callback_metrics
 
 
 # ------------------------------------------------------------ teacher sources
