@@ -24,7 +24,7 @@ from torch import nn
 
 from lightning_vitcompress._base import CompressionCallback
 from lightning_vitcompress._measure import count_macs, count_parameters
-from lightning_vitcompress._model import find_attention_blocks, get_submodule, is_attention_block
+from lightning_vitcompress._model import find_attention_blocks, get_submodule, set_submodule
 from lightning_vitcompress._structure import Record, record_edit, register_replay
 from lightning_vitcompress._training_state import check_strategy_supported, refresh_after_structural_change
 
@@ -640,7 +640,9 @@ class PruningSchedule(CompressionCallback):
             self._original_widths = prunable_widths(model)
         keep = widths_after(self._original_widths, reached, self.prune_heads)
         params_before = count_parameters(model)
-        candidate = copy.deepcopy(model)
+        # work on a copy so a failure leaves the model as it was; a LightningModule that is itself the
+        # ViT cannot be copied (it references the trainer) and is pruned in place
+        candidate = copy.deepcopy(model) if self.target_path else model
         gradient_kind = _gradient_kind(self.importance)
         if gradient_kind is not None:
             self._load_gradients(model, candidate)
@@ -649,18 +651,15 @@ class PruningSchedule(CompressionCallback):
                 torch.manual_seed(self.seed + step)  # random importance: the same draw on every rank
                 changes = self._prune_model(candidate, relative, keep=keep)
         except Exception as err:
+            state = "was left as it was" if candidate is not model else "may be partly pruned"
             raise RuntimeError(
                 f"PruningSchedule step {step}/{self.num_steps} (to channel ratio {reached:.3f}) failed; the model "
-                f"was left as it was. Cause: {type(err).__name__}: {err}"
+                f"{state}. Cause: {type(err).__name__}: {err}"
             ) from err
         for param in candidate.parameters():
             param.grad = None
-        if self.target_path:
-            from lightning_vitcompress._model import set_submodule
-
+        if candidate is not model:
             set_submodule(pl_module, self.target_path, candidate)
-        else:  # the LightningModule itself is the ViT: copy the pruned state over
-            _adopt(pl_module, candidate)
         self._reset_gradients()
         params = count_parameters(candidate)
         assert self._example_input is not None
@@ -751,14 +750,3 @@ class PruningSchedule(CompressionCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # the replayed records are authoritative for the structure; this keeps the resolved ratio
         self._channel_ratio = state_dict.get("channel_ratio", self._channel_ratio)
-
-
-def _adopt(pl_module: nn.Module, pruned: nn.Module) -> None:
-    """Make ``pl_module`` (itself the ViT) take the pruned modules of ``pruned``."""
-    for name, child in list(pruned.named_children()):
-        setattr(pl_module, name, child)
-    for attr in _SHAPE_ATTRIBUTES:
-        if attr in pruned.__dict__:
-            setattr(pl_module, attr, pruned.__dict__[attr])
-    for name, param in pruned.named_parameters(recurse=False):
-        setattr(pl_module, name, param)
