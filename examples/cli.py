@@ -16,11 +16,13 @@ from lightning.pytorch.cli import LightningCLI
 from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
 
 
-def main(args: Optional[list[str]] = None) -> LightningCLI:
+def main(args: Optional[list[str]] = None, run: bool = True) -> LightningCLI:
+    """``run=False`` only parses and instantiates (then ``args`` holds no subcommand)."""
     return LightningCLI(
         DigitsClassifier,
         DigitsDataModule,
         args=args,
+        run=run,
         save_config_kwargs={"overwrite": True},
     )
 
