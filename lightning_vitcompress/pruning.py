@@ -397,6 +397,8 @@ class PruningSchedule(CompressionCallback):
         ignored_layers: attribute paths (inside the ViT) of layers whose outputs stay.
         gradient_batches: batches of gradients Taylor/Hessian wait for when none were seen.
         seed: seed of ``importance="random"`` (all ranks draw the same channels).
+        example_input: one input batch to trace the model with; needed for models without
+            a timm ``patch_embed`` (e.g. ``nn.TransformerEncoder`` ones).
         model_attribute: attribute of the LightningModule holding the ViT (default: found).
     """
 
@@ -422,6 +424,7 @@ class PruningSchedule(CompressionCallback):
         ignored_layers: Sequence[str] = (),
         gradient_batches: int = 4,
         seed: int = 0,
+        example_input: Optional[torch.Tensor] = None,
         model_attribute: Optional[str] = None,
     ) -> None:
         super().__init__(model_attribute)
@@ -471,6 +474,7 @@ class PruningSchedule(CompressionCallback):
         self.ignored_layers = list(ignored_layers)
         self.gradient_batches = gradient_batches
         self.seed = seed
+        self.user_example_input = example_input
         self.steps_done = 0
         self._channel_ratio: Optional[float] = None  # pruning_ratio translated to channels
         self._example_input: Optional[torch.Tensor] = None
@@ -505,6 +509,9 @@ class PruningSchedule(CompressionCallback):
 
     # ------------------------------------------------------------------- setup
     def _example(self, model: nn.Module) -> torch.Tensor:
+        if self.user_example_input is not None:
+            device = next(model.parameters()).device
+            return self.user_example_input[:1].to(device)
         patch_embed = getattr(model, "patch_embed", None)
         img_size = getattr(patch_embed, "img_size", None)
         conv = getattr(patch_embed, "proj", None)
@@ -512,8 +519,8 @@ class PruningSchedule(CompressionCallback):
             device = next(model.parameters()).device
             return torch.randn(1, conv.in_channels, *img_size, device=device)
         raise ValueError(
-            f"Cannot build an example input for {type(model).__name__}: PruningSchedule traces timm "
-            "ViT/DeiT models (with a patch_embed); build the model with timm's VisionTransformer family."
+            f"Cannot build an example input for {type(model).__name__} (no timm patch_embed): pass "
+            "example_input=<one input batch> so that torch-pruning can trace the model."
         )
 
     def _check_prunable(self, model: nn.Module) -> None:

@@ -187,16 +187,58 @@ def test_fails_fast_naming_the_argument(tmp_path, tiny_classifier, digits, kwarg
         fast_trainer(tmp_path, callbacks=[callback], max_steps=1, **trainer_kwargs).fit(tiny_classifier(), digits)
 
 
-def test_unsupported_strategy_and_multihead_attention_fail_at_setup(tmp_path, digits):
-    from unittest import mock
+class PatchEncoder(nn.Module):
+    """A plain PyTorch ViT: 4x4 patches, nn.TransformerEncoder (nn.MultiheadAttention), mean pool."""
 
-    class MHAClassifier(DigitsClassifier):
-        def __init__(self):
-            super().__init__(**TINY)
-            self.model = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 1)
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(48, 32)
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2)
+        self.head = nn.Linear(32, 10)
 
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        patches = images.unfold(2, 4, 4).unfold(3, 4, 4).permute(0, 2, 3, 1, 4, 5).flatten(3).flatten(1, 2)
+        return self.head(self.encoder(self.embed(patches)).mean(1))
+
+
+class MHAClassifier(DigitsClassifier):
+    def __init__(self, **kwargs):
+        super().__init__(**TINY)
+        self.model = PatchEncoder()
+
+
+def test_multihead_attention_models_prune_mlp_only_with_a_clear_error_otherwise(tmp_path, digits):
     with pytest.raises(ValueError, match="nn.MultiheadAttention.*prune_attention=False"):
         fast_trainer(tmp_path, callbacks=[PruningSchedule()], max_steps=1).fit(MHAClassifier(), digits)
+    with pytest.raises(ValueError, match="example_input="):
+        callback = PruningSchedule(prune_attention=False, prune_embed_dim=False)
+        fast_trainer(tmp_path, callbacks=[callback], max_steps=1).fit(MHAClassifier(), digits)
+
+    model = MHAClassifier()
+    callback = PruningSchedule(prune_attention=False, prune_embed_dim=False, example_input=IMAGES)
+    trainer = fast_trainer(tmp_path, callbacks=[callback], max_steps=2, enable_checkpointing=True)
+    trainer.fit(model, digits)
+    assert [layer.linear1.out_features for layer in model.model.encoder.layers] == [32, 32]
+    assert model.model.encoder.layers[0].self_attn.embed_dim == 32
+    loaded = load_compressed(MHAClassifier, trainer.checkpoint_callback.best_model_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IMAGES), model.eval()(IMAGES))
+
+
+def test_params_target_and_logged_metrics(tmp_path, tiny_classifier, digits):
+    model = tiny_classifier()
+    params = count_parameters(model.model)
+    callback = PruningSchedule(0.6, target="params")
+    trainer = fast_trainer(tmp_path, callbacks=[callback], max_steps=1)
+    trainer.fit(model, digits)
+    assert count_parameters(model.model) / params == pytest.approx(0.4, abs=0.04)
+    metrics = trainer.callback_metrics
+    assert metrics["prune/params"] == count_parameters(model.model)
+    assert metrics["prune/macs"] == count_macs(model.model, IMAGES[:1])
+
+
+def test_unsupported_strategy_fails_at_setup(tmp_path, digits):
+    from unittest import mock
 
     with mock.patch("lightning_vitcompress._training_state.SUPPORTED_STRATEGIES", ()):
         with pytest.raises(RuntimeError, match="PruningSchedule changes the model's structure"):
