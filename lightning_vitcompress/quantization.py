@@ -73,6 +73,16 @@ class _NamedConfig:
     """the kernel needs bf16 weights (tinygemm int4): the layer is cast to bf16 first"""
     group_size: Optional[int] = None
     """in_features must be a multiple of it, else torchao leaves the layer as it is"""
+    incompatible: Optional[Callable[[nn.Linear], Optional[str]]] = None
+    """why a layer cannot take this config (it is then kept in full precision), or None"""
+
+
+def _float8_incompatible(layer: nn.Linear) -> Optional[str]:
+    # torchao 0.18 takes a tensor-wise scaled 128x128 weight for 128x128 block scaling and the
+    # matmul then asserts ("input_tensor must be 1x128 scaled"); seen on an H100
+    if tuple(layer.weight.shape) == (128, 128):
+        return "a 128x128 weight, which torchao's float8 tensor-wise matmul mistakes for 128x128 blocks"
+    return None
 
 
 def _int8_per_channel_weights() -> Any:
@@ -135,6 +145,7 @@ NAMED_CONFIGS: dict[str, _NamedConfig] = {
         qat=_float8_qat,
         devices=("cuda",),
         min_capability=(8, 9),
+        incompatible=_float8_incompatible,
     ),
 }
 
@@ -164,7 +175,10 @@ def _skip_matcher(skip: SkipSpec) -> Callable[[str, nn.Module], bool]:
 
 
 def select_layers(
-    model: nn.Module, skip: SkipSpec = None, group_size: Optional[int] = None
+    model: nn.Module,
+    skip: SkipSpec = None,
+    group_size: Optional[int] = None,
+    incompatible: Optional[Callable[[nn.Linear], Optional[str]]] = None,
 ) -> tuple[list[str], dict[str, str]]:
     """Names of the ``nn.Linear`` layers of ``model`` to quantize, and the skipped ones with why.
 
@@ -186,6 +200,8 @@ def select_layers(
             skipped[name] = "already quantized"
         elif group_size is not None and module.in_features % group_size:
             skipped[name] = f"in_features={module.in_features} is not a multiple of group_size={group_size}"
+        elif incompatible is not None and incompatible(module):
+            skipped[name] = str(incompatible(module))
         else:
             selected.append(name)
     return selected, skipped
@@ -223,6 +239,10 @@ def _group_size(config: Any) -> Optional[int]:
     if int4_config is not None and isinstance(config, int4_config):
         return int(config.group_size)
     return None
+
+
+def _incompatible(config: Any) -> Optional[Callable[[nn.Linear], Optional[str]]]:
+    return NAMED_CONFIGS[config].incompatible if isinstance(config, str) else None
 
 
 def _prepared_copy(layer: nn.Module, config: Any) -> nn.Module:
@@ -284,7 +304,7 @@ def quantize_model(
     if _example is None and example_input is not None:
         args = example_input if isinstance(example_input, tuple) else (example_input,)
         _example = (args, {})
-    selected, skipped = select_layers(model, skip, _group_size(config))
+    selected, skipped = select_layers(model, skip, _group_size(config), _incompatible(config))
     if not selected:
         raise ValueError(f"skip={skip!r} leaves no nn.Linear layer to quantize; skipped: {skipped}")
     originals = {name: model.get_submodule(name) for name in selected}
@@ -459,7 +479,9 @@ class QuantizeOnFit(CompressionCallback):
         self._check_device(device)
         self._check_qat_epoch(trainer)
         self._dry_run(device)
-        selected, skipped = select_layers(self.target(pl_module), self.skip, self._group_size())
+        selected, skipped = select_layers(
+            self.target(pl_module), self.skip, self._group_size(), _incompatible(self.config)
+        )
         if not selected:
             raise ValueError(
                 f"QuantizeOnFit(config={_config_label(self.config)!r}, skip={self.skip!r}) selects no nn.Linear "
@@ -547,7 +569,7 @@ class QuantizeOnFit(CompressionCallback):
         if self.qat_start_epoch is None or self._qat_active or trainer.current_epoch < self.qat_start_epoch:
             return
         model = self.target(pl_module)
-        selected, _ = select_layers(model, self.skip, self._group_size())
+        selected, _ = select_layers(model, self.skip, self._group_size(), _incompatible(self.config))
         params_before = [id(p) for p in pl_module.parameters()]
         holder = nn.ModuleList([model.get_submodule(name) for name in selected])
         _torchao().quantize_(holder, self._qat_config(), filter_fn=_is_linear)

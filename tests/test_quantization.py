@@ -19,11 +19,10 @@ from torchao.quantization.qat import FakeQuantizedLinear
 from torchao.quantization.transform_module import register_quantize_module_handler
 
 from lightning_vitcompress import load_compressed
-from lightning_vitcompress import quantization as quantization_module
 from lightning_vitcompress._measure import measure_accuracy
 from lightning_vitcompress._structure import STRUCTURE_KEY
 from lightning_vitcompress.digits import DigitsClassifier
-from lightning_vitcompress.quantization import QuantizeOnFit, quantize_model, select_layers
+from lightning_vitcompress.quantization import NAMED_CONFIGS, QuantizeOnFit, quantize_model, select_layers
 
 
 def linear_weight_types(model: nn.Module) -> dict[str, type]:
@@ -73,6 +72,19 @@ def test_skip_by_name_pattern_or_predicate(tiny_classifier):
     summary = quantize_model(vit, "int8_weight_only", skip=lambda name, module: module.out_features == 10)
     assert summary["skipped"] == {"head": "skip"}
     assert type(vit.head.weight.data) is torch.Tensor and type(vit.blocks[0].mlp.fc1.weight.data) is Int8Tensor
+
+
+def test_layers_a_cuda_config_cannot_take_are_reported_not_silently_skipped(tiny_classifier):
+    vit = tiny_classifier(embed_dim=128).model
+    _, skipped = select_layers(vit, group_size=NAMED_CONFIGS["int4_weight_only"].group_size)
+    assert skipped == {}  # in_features 128 and 512: multiples of 128
+    vit = tiny_classifier(embed_dim=96, num_heads=4).model
+    _, skipped = select_layers(vit, group_size=128)
+    assert skipped["blocks.0.attn.qkv"] == "in_features=96 is not a multiple of group_size=128"
+    assert "blocks.0.mlp.fc2" not in skipped and "head" in skipped  # fc2: in_features 384 = 3 x 128
+    vit = tiny_classifier(embed_dim=128).model
+    _, skipped = select_layers(vit, incompatible=NAMED_CONFIGS["float8_dynamic"].incompatible)
+    assert sorted(skipped) == ["blocks.0.attn.proj", "blocks.1.attn.proj"]  # torchao 0.18 bug, seen on an H100
 
 
 class Recorder(Callback):
