@@ -385,9 +385,8 @@ class PruningSchedule(CompressionCallback):
             ratio`` with ``progress = k / num_steps`` for step ``k = 1..num_steps``.
         interval: prune at ``"epoch"`` starts or at optimizer ``"step"`` boundaries.
         importance: ``"l2"``, ``"l1"``, ``"taylor"``, ``"hessian"``, ``"random"`` or a
-            ``torch_pruning`` importance object. Taylor/Hessian use the gradients of the
-            training batches since the previous step (a step due before any batch waits
-            for ``gradient_batches`` batches).
+            ``torch_pruning`` importance object. Taylor/Hessian average the gradients of
+            the ``gradient_batches`` training batches after a step falls due, then prune.
         global_pruning: rank channels across all layers (widths then differ per layer)
             instead of removing the same fraction in every layer.
         round_to: keep widths multiples of this (e.g. 8 for fast kernels).
@@ -395,7 +394,7 @@ class PruningSchedule(CompressionCallback):
         prune_embed_dim / prune_attention / prune_heads / prune_mlp: what may be pruned;
             ``prune_heads=True`` removes whole heads instead of head dimensions.
         ignored_layers: attribute paths (inside the ViT) of layers whose outputs stay.
-        gradient_batches: batches of gradients Taylor/Hessian wait for when none were seen.
+        gradient_batches: training batches whose gradients Taylor/Hessian importance averages.
         seed: seed of ``importance="random"`` (all ranks draw the same channels).
         example_input: one input batch to trace the model with; needed for models without
             a timm ``patch_embed`` (e.g. ``nn.TransformerEncoder`` ones).
@@ -481,6 +480,7 @@ class PruningSchedule(CompressionCallback):
         self._original_widths: Optional[dict[str, list[int]]] = None
         self._grad_sums: dict[int, torch.Tensor] = {}
         self._grad_batches = 0
+        self._gathering = False
 
     # ----------------------------------------------------------------- schedule
     def ratio_after_step(self, step: int) -> float:
@@ -700,7 +700,8 @@ class PruningSchedule(CompressionCallback):
         if due <= self.steps_done:
             return
         if self._needs_gradients and self._grad_batches < self.gradient_batches:
-            return  # wait for gradients of real batches (checked again at each batch start)
+            self._gathering = True  # gather gradients of the next batches, then prune (checked at each batch start)
+            return
         self._prune_to(trainer, pl_module, due)
         refresh_after_structural_change(trainer)
 
@@ -725,9 +726,10 @@ class PruningSchedule(CompressionCallback):
     def _reset_gradients(self) -> None:
         self._grad_sums = {}
         self._grad_batches = 0
+        self._gathering = False
 
     def on_after_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if not self._needs_gradients or self.steps_done >= self.num_steps:
+        if not self._gathering:
             return
         square = _gradient_kind(self.importance) == "hessian"
         with torch.no_grad():
