@@ -56,7 +56,9 @@ def main() -> None:
         f"\nvit_base_patch16_224, batch {args.batch_size}, {args.threads} threads, fp32 eager, "
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, interleaved x{args.rounds}"
     )
-    print("| model | embed / head_dim / mlp | params (M) | MACs/img (G) | size MB (MiB) | size ratio | img/s | speedup |")
+    print(
+        "| model | embed / head_dim / mlp | params (M) | MACs/img (G) | size MB (MiB) | size ratio | img/s | speedup |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, model in models.items():
         size, params, macs = serialized_size_bytes(model), count_parameters(model), count_macs(model, example)

@@ -12,7 +12,8 @@ in several arms that start from the same weights and see the same batches:
 Target: the pruned arms within 1.5 pt of the unpruned one on the test split.
 Several seeds (of the fine-tuning data order) give mean +- std.
 
-    python benchmarks/bench_pruning_accuracy.py [--pretrain-epochs 15] [--epochs 6] [--seeds 2] [--threads 2] [--accelerator cpu]
+    python benchmarks/bench_pruning_accuracy.py [--pretrain-epochs 15] [--epochs 6] [--seeds 2]
+        [--threads 2] [--batch-size 64] [--accelerator cpu]
 """
 
 from __future__ import annotations
@@ -73,7 +74,9 @@ def main() -> None:
         "L2 one-shot": lambda: PruningSchedule(0.5, importance="l2"),
         "L2 iterative": lambda: PruningSchedule(0.5, end_epoch=half, importance="l2"),
         "Taylor one-shot": lambda: PruningSchedule(0.5, importance="taylor", gradient_batches=8),
-        "Taylor iterative": lambda: PruningSchedule(0.5, end_epoch=half, importance="taylor", gradient_batches=8),
+        "Taylor iterative": lambda: PruningSchedule(
+            0.5, end_epoch=half, importance="taylor", gradient_batches=8
+        ),
     }
     results: dict[str, list[float]] = {name: [] for name in arms}
     params: dict[str, int] = {}

@@ -13,6 +13,7 @@ the pruned shapes before the weights load.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Callable, Literal, Optional, Sequence, Union
 
@@ -237,7 +238,10 @@ def widths_after(original: dict[str, list[int]], ratio: float, prune_heads: bool
     for name, width in original.items():
         if len(width) == 2:  # attention: [heads, head_dim]
             heads, head_dim = width
-            keep[name] = [heads - math.ceil(ratio * heads), head_dim] if prune_heads else [heads, int(head_dim * (1 - ratio))]
+            if prune_heads:
+                keep[name] = [heads - math.ceil(ratio * heads), head_dim]
+            else:
+                keep[name] = [heads, int(head_dim * (1 - ratio))]
         else:
             keep[name] = [int(width[0] * (1 - ratio))]
     return keep
@@ -249,7 +253,8 @@ def _ratio_to_keep(current: int, keep: int) -> float:
 
 
 def _broadcast(obj: Any) -> Any:
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and torch.distributed.get_world_size() > 1:
         holder = [obj]
         torch.distributed.broadcast_object_list(holder, src=0)
         return holder[0]
@@ -298,7 +303,8 @@ def prune_vit(
         ignored.extend(attn.qkv for attn in attentions)
     num_heads = {attn.qkv: attn.num_heads for attn in attentions}
     scales = {attn: float(attn.scale) for attn in attentions}
-    ignored.extend(m for _, m in find_attention_blocks(model) if isinstance(m, nn.MultiheadAttention) and not prune_embed_dim)
+    if not prune_embed_dim:  # nn.MultiheadAttention's outputs are the residual stream
+        ignored.extend(m for _, m in find_attention_blocks(model) if isinstance(m, nn.MultiheadAttention))
 
     ratio_dict: dict[nn.Module, float] = {}
     head_ratio_dict: dict[nn.Module, float] = {}
@@ -531,7 +537,9 @@ class PruningSchedule(CompressionCallback):
                 "cannot narrow its heads without the residual stream. Pass prune_attention=False and "
                 "prune_embed_dim=False to prune only the MLP channels of this model."
             )
-        qk_norm = [a for a in _timm_style_attention(model) if not isinstance(getattr(a, "q_norm", nn.Identity()), nn.Identity)]
+        qk_norm = [
+            a for a in _timm_style_attention(model) if not isinstance(getattr(a, "q_norm", nn.Identity()), nn.Identity)
+        ]
         if qk_norm and self.prune_attention and not self.prune_heads:
             raise ValueError(
                 "The attention blocks use qk_norm (normalised per head dimension), so head dimensions cannot be "
@@ -582,15 +590,13 @@ class PruningSchedule(CompressionCallback):
                 self._prune_to(trainer, pl_module, due)
 
     def _steps_due_at_start(self) -> int:
-        units = self.end_epoch - self.start_epoch + 1  # same count of zero offsets in step mode
+        units = self.end_epoch - self.start_epoch + 1
         return sum(1 for offset in self._step_offsets(units) if offset <= 0)
 
     def _resolve_channel_ratio(self, model: nn.Module) -> float:
         """Translate a params/MACs target into a channel ratio by bisection on a copy."""
         if self.target_metric == "channels":
             return self.pruning_ratio
-        import copy
-
         example = self._example_input
         measure = (lambda m: count_parameters(m)) if self.target_metric == "params" else (
             lambda m: count_macs(m, example) or 0
@@ -633,8 +639,6 @@ class PruningSchedule(CompressionCallback):
 
     def _prune_to(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", step: int) -> None:
         """Prune from the ratio of step ``self.steps_done`` to that of ``step``, on a copy."""
-        import copy
-
         model = self.target(pl_module)
         previous = self.ratio_after_step(self.steps_done) if self.steps_done else 0.0
         reached = self.ratio_after_step(step)
