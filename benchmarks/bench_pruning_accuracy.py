@@ -39,8 +39,8 @@ ACCELERATOR = "cpu"
 
 def fit(model: DigitsClassifier, dm: DigitsDataModule, epochs: int, callback: Optional[Any] = None) -> None:
     L.Trainer(
-        accelerator=ACCELERATOR, devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, callbacks=[callback] if callback else [],
+        accelerator=ACCELERATOR, devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[callback] if callback else [],
         default_root_dir="/tmp/bench_pruning_accuracy",
     ).fit(model, dm)
 
