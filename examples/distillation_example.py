@@ -4,7 +4,7 @@ Three fits, about 2-3 minutes on 2 CPU cores, no download:
 
     python examples/distillation_example.py          # --fast: a few batches, checks the wiring only
 
-1. Train a teacher (``DigitsClassifier(embed_dim=96, depth=4)``) as usual and
+1. Train a teacher (``DigitsClassifier(embed_dim=64, depth=4)``) as usual and
    save a checkpoint.
 2. Train a small DeiT-distilled student alone (the reference).
 3. Train the same student with ``DistillationTeacher("teacher.ckpt", mode="deit")``:
@@ -52,7 +52,7 @@ def main() -> None:
 
     # (1) the teacher, trained as usual; its checkpoint is all the callback needs
     L.seed_everything(0)
-    teacher = DigitsClassifier(embed_dim=96, depth=4, num_heads=4)
+    teacher = DigitsClassifier(embed_dim=64, depth=4, num_heads=4)
     trainer = L.Trainer(**common)
     trainer.fit(teacher, data)
     teacher_path = Path(args.output_dir) / "teacher.ckpt"
@@ -71,7 +71,7 @@ def main() -> None:
 
     test = data.test_dataloader()
     print(f"\ntest accuracy after {epochs} epochs:")
-    for name, model in (("teacher (96x4)", teacher), ("DeiT 32x2 alone", alone), ("DeiT 32x2 distilled", student)):
+    for name, model in (("teacher (64x4)", teacher), ("DeiT 32x2 alone", alone), ("DeiT 32x2 distilled", student)):
         print(f"  {name:<20} {100 * measure_accuracy(model, test):5.1f}%")
 
 

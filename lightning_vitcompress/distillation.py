@@ -114,7 +114,13 @@ def _num_classes(model: nn.Module) -> Optional[int]:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
+_TIMM_SOURCES = ("hf-hub:", "hf_hub:", "local-dir:")
+
+
 def _looks_like_path(spec: str) -> bool:
+    """A checkpoint path rather than a timm name (``hf-hub:``/``local-dir:`` names are timm's)."""
+    if spec.startswith(_TIMM_SOURCES):
+        return False
     return (
         os.sep in spec
         or (os.altsep is not None and os.altsep in spec)
@@ -183,7 +189,10 @@ class DistillationTeacher(CompressionCallback):
         teacher_weights: timm names only: a local weights file, passed as
             ``pretrained_cfg_overlay=dict(file=...)`` (implies ``pretrained``).
         teacher_kwargs: timm names only: more ``timm.create_model`` arguments
-            (``num_classes``, ``img_size``...).
+            (``num_classes``, ``img_size``...). With ``teacher_weights`` and
+            ``num_classes``, the file's classifier is kept (it must have that
+            many outputs): a teacher is only useful with a head trained for the
+            student's classes.
         teacher_class: checkpoint paths only: the LightningModule class to build;
             default: the class of the module being trained.
         input_adapter: how student inputs become teacher inputs: an ``int`` or
@@ -326,7 +335,7 @@ class DistillationTeacher(CompressionCallback):
     def _teacher_from_timm(self, name: str) -> nn.Module:
         import timm
 
-        if not timm.is_model(name):
+        if not name.startswith(_TIMM_SOURCES) and not timm.is_model(name):
             close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
             hint = f" Close matches: {close}." if close else " See timm.list_models('<pattern>*')."
             raise ValueError(
