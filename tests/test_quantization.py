@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from helpers import TINY, fast_trainer, run_ddp_script
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torchao.core.config import AOBaseConfig
 from torchao.quantization import Int8Tensor
@@ -108,7 +110,10 @@ def test_qat_fake_quantizes_from_the_start_epoch_trains_the_same_parameters_and_
     model = tiny_classifier()
     recorder = Recorder()
     callback = QuantizeOnFit(qat_start_epoch=1, skip="head")
-    fast_trainer(tmp_path, callbacks=[callback, recorder], max_epochs=2).fit(model, digits)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    fast_trainer(tmp_path, callbacks=[callback, recorder, checkpoints], max_epochs=2, enable_checkpointing=True).fit(
+        model, digits
+    )
     assert recorder.seen[0]["qkv_type"] is nn.Linear
     assert recorder.seen[1]["qkv_type"] is FakeQuantizedLinear
     assert recorder.seen[1]["optimizer_matches"]  # prepare kept the parameter objects: the optimizer trains on
@@ -117,6 +122,15 @@ def test_qat_fake_quantizes_from_the_start_epoch_trains_the_same_parameters_and_
     assert type(model.model.blocks[0].attn.qkv) is nn.Linear  # fake quantization removed...
     assert type(model.model.blocks[0].attn.qkv.weight.data) is Int8Tensor  # ...and really quantized
     assert type(model.model.head.weight.data) is torch.Tensor
+
+    # a checkpoint saved during QAT holds plain fp32 weights under nn.Linear's keys; resuming re-enters QAT
+    resumed_model, resumed_callback = tiny_classifier(), QuantizeOnFit(qat_start_epoch=1, skip="head")
+    resumed_recorder = Recorder()
+    fast_trainer(tmp_path, callbacks=[resumed_callback, resumed_recorder], max_epochs=3).fit(
+        resumed_model, digits, ckpt_path=tmp_path / "last.ckpt"
+    )
+    assert list(resumed_recorder.seen) == [2] and resumed_recorder.seen[2]["qkv_type"] is FakeQuantizedLinear
+    assert resumed_callback.summary["qat"] and type(resumed_model.model.blocks[0].attn.qkv.weight.data) is Int8Tensor
 
 
 @pytest.mark.parametrize(
@@ -146,6 +160,8 @@ def test_constructor_rejects_unknown_configs_and_bad_arguments():
         QuantizeOnFit(torch.qint8)
     with pytest.raises(ValueError, match="qat_start_epoch=-1"):
         QuantizeOnFit(qat_start_epoch=-1)
+    with pytest.raises(TypeError, match="compile='max-autotune'"):
+        QuantizeOnFit(compile="max-autotune")
     with pytest.raises(ValueError, match="on_error='ignore'"):
         QuantizeOnFit(on_error="ignore")
 
@@ -221,12 +237,17 @@ class EncoderClassifier(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
 
-def test_multihead_attention_model_keeps_out_proj_and_quantizes_the_rest(tmp_path, digits):
+def test_multihead_attention_model_keeps_out_proj_quantizes_the_rest_compiles_and_logs(tmp_path, digits):
     L.seed_everything(0, verbose=False)
     model = EncoderClassifier()
-    callback = QuantizeOnFit()
-    fast_trainer(tmp_path, callbacks=[callback]).fit(model, digits)
-    summary = callback.summary  # the target is the child holding the attention blocks: `encoder`
+    keys = set(model.state_dict())
+    callback = QuantizeOnFit(compile={"backend": "eager"})  # the wiring; inductor is the benchmark's business
+    logger = CSVLogger(tmp_path)
+    fast_trainer(tmp_path, callbacks=[callback], logger=logger).fit(model, digits)
+    summary = callback.summary
+    assert summary["compile_seconds"] is not None and set(model.state_dict()) == keys  # compiled in place
+    metrics = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"quant/layers_quantized", "quant/size_ratio", "quant/compile_seconds"} <= set(metrics)  # the target is the child holding the attention blocks: `encoder`
     assert sorted(summary["skipped"]) == ["layers.0.self_attn.out_proj", "layers.1.self_attn.out_proj"]
     assert all("nn.MultiheadAttention out_proj" in why for why in summary["skipped"].values())
     assert summary["quantized"] == ["layers.0.linear1", "layers.0.linear2", "layers.1.linear1", "layers.1.linear2"]
