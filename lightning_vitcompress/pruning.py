@@ -328,23 +328,32 @@ def prune_vit(
 
     training = {module: module.training for module in model.modules()}  # tracing switches to eval
     before = _shape_snapshot(model)
-    pruner = tp.pruner.MetaPruner(
-        model,
-        example_input,
-        importance=imp,
-        global_pruning=global_pruning,
-        pruning_ratio=pruning_ratio,
-        ignored_layers=ignored,
-        round_to=round_to,
-        num_heads=num_heads,
-        prune_num_heads=prune_heads,
-        prune_head_dims=not prune_heads,
-        head_pruning_ratio=pruning_ratio if prune_heads else 0.0,
-        pruning_ratio_dict=ratio_dict or None,
-        head_pruning_ratio_dict=head_ratio_dict or None,
-        # class/distillation/register tokens and position embeddings: their last dim is the embedding
-        unwrapped_parameters=[(p, p.dim() - 1) for p in model.parameters(recurse=False) if p.dim() >= 2],
-    )
+    # torch-pruning cannot trace the landmark branch of NystromAttention (it reads its token concat as a
+    # channel concat); with landmarks >= tokens the module runs exact attention, whose graph is timm's
+    landmarks = {a: a.num_landmarks for a in attentions if isinstance(getattr(a, "num_landmarks", None), int)}
+    for attn in landmarks:
+        attn.num_landmarks = 2**31
+    try:
+        pruner = tp.pruner.MetaPruner(
+            model,
+            example_input,
+            importance=imp,
+            global_pruning=global_pruning,
+            pruning_ratio=pruning_ratio,
+            ignored_layers=ignored,
+            round_to=round_to,
+            num_heads=num_heads,
+            prune_num_heads=prune_heads,
+            prune_head_dims=not prune_heads,
+            head_pruning_ratio=pruning_ratio if prune_heads else 0.0,
+            pruning_ratio_dict=ratio_dict or None,
+            head_pruning_ratio_dict=head_ratio_dict or None,
+            # class/distillation/register tokens and position embeddings: their last dim is the embedding
+            unwrapped_parameters=[(p, p.dim() - 1) for p in model.parameters(recurse=False) if p.dim() >= 2],
+        )
+    finally:
+        for attn, count in landmarks.items():
+            attn.num_landmarks = count
     for group in pruner.step(interactive=True):
         root_idxs = _broadcast([int(i) for i in group[0].idxs])
         group.prune(idxs=root_idxs)

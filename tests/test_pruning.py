@@ -268,3 +268,25 @@ def test_ddp_ranks_prune_identically_at_setup_and_mid_fit(tmp_path):
     assert [16, 3, 4, 4] in reports[0]["shapes"]
     assert reports[0]["checksum"] == pytest.approx(reports[1]["checksum"], rel=1e-6)  # still in lock-step
     assert reports[0]["steps"] == reports[1]["steps"] == 4
+
+
+def test_nystrom_attention_prunes_like_the_timm_attention_it_came_from():
+    from lightning_vitcompress.nystrom import NystromAttention
+
+    def swap(vit: nn.Module) -> nn.Module:
+        for block in vit.blocks:
+            block.attn = NystromAttention.from_attention(block.attn, num_landmarks=8, num_prefix_tokens=1)
+        return vit
+
+    torch.manual_seed(0)
+    original = small_vit(**TINY).eval()
+    swapped_then_pruned = swap(copy.deepcopy(original))
+    prune_vit(swapped_then_pruned, 0.5, IMAGES[:1])
+    pruned_then_swapped = copy.deepcopy(original)
+    prune_vit(pruned_then_swapped, 0.5, IMAGES[:1])
+    swap(pruned_then_swapped)
+    attn = swapped_then_pruned.blocks[0].attn
+    assert isinstance(attn, NystromAttention) and attn.num_landmarks == 8
+    assert (attn.num_heads, attn.head_dim, attn.qkv.out_features) == (4, 4, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(swapped_then_pruned(IMAGES), pruned_then_swapped.eval()(IMAGES))
