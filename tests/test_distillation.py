@@ -409,3 +409,17 @@ def test_ddp_two_processes(tmp_path):
     assert all(r["teacher_type"] == "VisionTransformer" and r["teacher_frozen"] for r in reports)
     assert reports[0]["param_sum"] == pytest.approx(reports[1]["param_sum"], rel=1e-6)  # ranks in lock-step
     assert all(r["distill_loss"] > 0 and r["n_losses"] == 2 for r in reports)
+
+
+# ---------------------------------------------------------------------- GPU
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["32-true", "16-mixed", "bf16-mixed", "bf16-true"])
+def test_teacher_on_the_students_gpu_and_precision(tmp_path, digits, tiny_classifier, precision):
+    callback = DistillationTeacher(tiny_teacher(image_size=64, patch_size=8), mode="soft", cache_teacher_logits=True)
+    trainer = fast_trainer(tmp_path, accelerator="gpu", precision=precision, max_epochs=2, limit_val_batches=0)
+    model = tiny_classifier()
+    trainer.fit(model, digits)
+    teacher_param = next(callback.teacher.parameters())
+    assert teacher_param.device.type == "cuda"
+    assert teacher_param.dtype == (torch.bfloat16 if precision == "bf16-true" else torch.float32)
+    assert torch.isfinite(trainer.callback_metrics["distill/loss_epoch"])
