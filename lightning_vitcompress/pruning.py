@@ -493,6 +493,7 @@ class PruningSchedule(CompressionCallback):
         self._channel_ratio: Optional[float] = None  # pruning_ratio translated to channels
         self._example_input: Optional[torch.Tensor] = None
         self._original_widths: Optional[dict[str, list[int]]] = None
+        self._original_params = 0
         self._grad_sums: dict[int, torch.Tensor] = {}
         self._grad_batches = 0
         self._gathering = False
@@ -589,6 +590,7 @@ class PruningSchedule(CompressionCallback):
         if replayed:
             self._channel_ratio = replayed[-1]["channel_ratio_final"]
             self._original_widths = replayed[-1]["original_widths"]
+            self._original_params = replayed[-1]["original_params"]
         elif self._channel_ratio is None:
             self._channel_ratio = self._resolve_channel_ratio(model)
         self._reset_gradients()
@@ -658,6 +660,7 @@ class PruningSchedule(CompressionCallback):
             return
         if self._original_widths is None:
             self._original_widths = prunable_widths(model)
+            self._original_params = count_parameters(model)
         keep = widths_after(self._original_widths, reached, self.prune_heads)
         params_before = count_parameters(model)
         # work on a copy so a failure leaves the model as it was; a LightningModule that is itself the
@@ -694,13 +697,19 @@ class PruningSchedule(CompressionCallback):
                 "channel_ratio": reached,
                 "channel_ratio_final": self._channel_ratio,
                 "original_widths": self._original_widths,
+                "original_params": self._original_params,
                 "params": params,
                 "macs": macs,
                 "modules": changes,
             },
         )
         self.steps_done = step
-        self._last_metrics = {"prune/params": float(params), "prune/ratio": reached, "prune/step": float(step)}
+        self._last_metrics = {
+            "prune/params": float(params),
+            "prune/params_ratio": params / max(1, self._original_params),
+            "prune/ratio": reached,
+            "prune/step": float(step),
+        }
         if macs is not None:
             self._last_metrics["prune/macs"] = float(macs)
         rank_zero_info(

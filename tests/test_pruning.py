@@ -235,6 +235,7 @@ def test_params_target_and_logged_metrics(tmp_path, tiny_classifier, digits):
     metrics = trainer.callback_metrics
     assert metrics["prune/params"] == count_parameters(model.model)
     assert metrics["prune/macs"] == count_macs(model.model, IMAGES[:1])
+    assert metrics["prune/params_ratio"] == pytest.approx(count_parameters(model.model) / params)
 
 
 def test_unsupported_strategy_fails_at_setup(tmp_path, digits):
