@@ -398,7 +398,7 @@ class PruningSchedule(CompressionCallback):
             or 1 with ``interval="step"``).
         schedule: ``"linear"``, ``"cubic"`` or ``f(progress) -> fraction of the final
             ratio`` with ``progress = k / num_steps`` for step ``k = 1..num_steps``.
-        interval: prune at ``"epoch"`` starts or at optimizer ``"step"`` boundaries.
+        interval: prune at ``"epoch"`` starts or at training-batch (``"step"``) boundaries.
         importance: ``"l2"``, ``"l1"``, ``"taylor"``, ``"hessian"``, ``"random"`` or a
             ``torch_pruning`` importance object. Taylor/Hessian average the gradients of
             the ``gradient_batches`` training batches after a step falls due, then prune.
