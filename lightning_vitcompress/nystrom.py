@@ -506,8 +506,10 @@ class NystromSwap(CompressionCallback):
             self._swap(pl_module, self._selected_blocks(model))
             refresh_after_structural_change(trainer)
         if self.swapped_blocks:
-            pl_module.log("nystrom/num_landmarks", float(self.num_landmarks), on_step=False, on_epoch=True)
-            pl_module.log("nystrom/swapped_blocks", float(len(self.swapped_blocks)), on_step=False, on_epoch=True)
+            # identical on every rank; sync_dist only keeps Lightning's distributed logging checks quiet
+            log = dict(on_step=False, on_epoch=True, sync_dist=True)
+            pl_module.log("nystrom/num_landmarks", float(self.num_landmarks), **log)
+            pl_module.log("nystrom/swapped_blocks", float(len(self.swapped_blocks)), **log)
 
     # ------------------------------------------------------------------- swap
     def _swap(self, pl_module: "pl.LightningModule", names: list[str]) -> None:
