@@ -531,6 +531,8 @@ class NystromSwap(CompressionCallback):
         for name, module in replacements.items():
             set_submodule(model, name, module)
         self.swapped_blocks = list(names)
+        if not replacements:  # already Nystrom (e.g. a second fit of the same module): nothing to record
+            return
         record_edit(
             pl_module,
             {
