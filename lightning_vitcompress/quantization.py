@@ -26,6 +26,11 @@ from typing import Any, Callable, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
+
+# imported with the package on purpose: torchao registers its quantized tensor classes with
+# torch.serialization.add_safe_globals on import, which is what lets load_compressed /
+# torch.load(weights_only=True) read a quantized checkpoint in a fresh process
+import torchao.quantization as _torchao_quantization
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
@@ -50,13 +55,7 @@ SkipSpec = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
 
 
 def _torchao() -> Any:
-    try:
-        import torchao.quantization as torchao_quantization
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "QuantizeOnFit needs torchao: pip install 'lightning-vitcompress[quantization]' (or torchao)"
-        ) from err
-    return torchao_quantization
+    return _torchao_quantization
 
 
 # ----------------------------------------------------------------------------- named configs
