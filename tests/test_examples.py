@@ -1,0 +1,24 @@
+"""The README's quickstart runs (its wiring, in --fast mode) and writes the report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+
+
+def test_quickstart_prunes_distils_quantizes_and_reports(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "quickstart.py"), "--fast", "--quantize", "--output-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((tmp_path / "vitcompress_benchmark.json").read_text())
+    assert report["final"]["params"] < 0.3 * report["baseline"]["params"]
+    assert report["ratios"]["size_ratio"] < 0.2  # pruned to a quarter, then int8
+    assert "report written to" in proc.stdout
