@@ -416,7 +416,9 @@ def test_ddp_two_processes(tmp_path):
 @pytest.mark.parametrize("precision", ["32-true", "16-mixed", "bf16-mixed", "bf16-true"])
 def test_teacher_on_the_students_gpu_and_precision(tmp_path, digits, tiny_classifier, precision):
     callback = DistillationTeacher(tiny_teacher(image_size=64, patch_size=8), mode="soft", cache_teacher_logits=True)
-    trainer = fast_trainer(tmp_path, accelerator="gpu", precision=precision, max_epochs=2, limit_val_batches=0)
+    trainer = fast_trainer(
+        tmp_path, accelerator="gpu", precision=precision, max_epochs=2, limit_val_batches=0, callbacks=[callback]
+    )
     model = tiny_classifier()
     trainer.fit(model, digits)
     teacher_param = next(callback.teacher.parameters())
