@@ -25,6 +25,7 @@ distillation from the unpruned model + int8 in one Trainer).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
@@ -73,7 +74,7 @@ class PretrainedClassifier(DigitsClassifier):
 def cifar10_datamodule(batch_size: int, root: str) -> L.LightningDataModule:
     """CIFAR-10 at 224x224 (torchvision download); a clear error where there is no network."""
     import torchvision.transforms as T
-    from torch.utils.data import DataLoader, random_split
+    from torch.utils.data import random_split
     from torchvision.datasets import CIFAR10
 
     transform = T.Compose([T.Resize(224), T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)])
@@ -144,8 +145,6 @@ def copy_of(module: DigitsClassifier) -> DigitsClassifier:
 
 
 def _clone_model(model: nn.Module) -> nn.Module:
-    import copy
-
     return copy.deepcopy(model).cpu()
 
 
@@ -160,7 +159,7 @@ def swapped_copy(model: nn.Module, num_landmarks: int) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------- table
-def build_rows(setting: Setting) -> tuple[dict[str, nn.Module], dict[str, dict[str, Any]]]:
+def build_rows(setting: Setting) -> tuple[dict[Any, nn.Module], dict[Any, dict[str, Any]]]:
     """Train and compress every row's model; return the models and per-row notes."""
     args = setting.args
     models: dict[str, nn.Module] = {}
@@ -169,9 +168,9 @@ def build_rows(setting: Setting) -> tuple[dict[str, nn.Module], dict[str, dict[s
     tag = "ViT-B/16" if setting.cifar else "ViT (d=64, 4 blocks)"
     deit_tag = "DeiT-B distilled" if setting.cifar else "DeiT (d=64, 4 blocks)"
 
-    def timed(name: str, fn: Any) -> Any:
+    def timed(name: Any, fn: Any, *args: Any) -> Any:
         start = time.perf_counter()
-        result = fn()
+        result = fn(*args)
         notes.setdefault(name, {})["train_seconds"] = round(time.perf_counter() - start, 1)
         print(f"  {name}: {notes[name]['train_seconds']} s", flush=True)
         return result
@@ -198,7 +197,7 @@ def build_rows(setting: Setting) -> tuple[dict[str, nn.Module], dict[str, dict[s
         notes.setdefault(name, {})["accuracy_before_fine_tune"] = measure_accuracy(
             swapped_copy(vanilla.model, m), batches
         )
-        timed(name, lambda: setting.trainer(fine_tune, [swap]).fit(student, setting.data))
+        timed(name, setting.trainer(fine_tune, [swap]).fit, student, setting.data)
         models[name] = student.model
 
     # the teacher: the trained vanilla ViT (the combined pipeline distils from the unpruned
@@ -222,7 +221,7 @@ def build_rows(setting: Setting) -> tuple[dict[str, nn.Module], dict[str, dict[s
         student.hparams.lr = args.fine_tune_lr
         name = (tag, f"structured pruning {ratio:.0%} + {fine_tune} ep fine-tune")
         prune = PruningSchedule(ratio, start_epoch=0, end_epoch=max(0, fine_tune - 2))
-        timed(name, lambda: setting.trainer(fine_tune, [prune]).fit(student, setting.data))
+        timed(name, setting.trainer(fine_tune, [prune]).fit, student, setting.data)
         models[name] = student.model
 
     student = copy_of(vanilla)
@@ -241,7 +240,7 @@ def build_rows(setting: Setting) -> tuple[dict[str, nn.Module], dict[str, dict[s
 
 def measure_rows(
     setting: Setting, models: dict[Any, nn.Module], notes: dict[Any, dict[str, Any]]
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     args = setting.args
     example = next(iter(setting.data.test_dataloader()))[0][: args.batch_size]
     keys = list(models)

@@ -155,20 +155,6 @@ def compare_throughput(
     return {name: batch / sorted(times)[len(times) // 2] for name, times in seconds.items()}
 
 
-def measure_throughput(
-    model: nn.Module,
-    example_input: torch.Tensor,
-    *,
-    num_threads: Optional[int] = None,
-    rounds: int = 3,
-    min_run_time: float = 0.5,
-) -> float:
-    """Images/s of ``model`` on ``example_input`` (its batch size and device)."""
-    return compare_throughput(
-        {"model": model}, example_input, num_threads=num_threads, rounds=rounds, min_run_time=min_run_time
-    )["model"]
-
-
 def measure_latency(
     model: nn.Module,
     example_image: torch.Tensor,

@@ -39,7 +39,7 @@ from timm.layers.attention import Attention as TimmAttention
 from torch import nn
 
 from lightning_vitcompress._base import CompressionCallback
-from lightning_vitcompress._model import ATTENTION_MARKER, find_attention_blocks, get_submodule, set_submodule
+from lightning_vitcompress._model import find_attention_blocks, get_submodule, set_submodule
 from lightning_vitcompress._structure import Record, record_edit, register_replay
 from lightning_vitcompress._training_state import check_strategy_supported, refresh_after_structural_change
 

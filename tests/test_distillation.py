@@ -7,7 +7,6 @@ from typing import Any
 
 import lightning as L
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 from helpers import TINY, fast_trainer, run_ddp_script
