@@ -1,6 +1,6 @@
 """Quickstart: train a small ViT on real digits offline, compress it, print the before/after table.
 
-Runs in about 2-3 minutes on 2 CPU cores with no download:
+Runs in about 1-2 minutes on 2 CPU cores with no download:
 
     python examples/quickstart.py            # --fast: a few batches, checks the wiring only
 
@@ -25,8 +25,8 @@ from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--epochs", type=int, default=15, help="epochs of plain training")
-    parser.add_argument("--compress-epochs", type=int, default=6, help="epochs of fine-tuning while compressing")
+    parser.add_argument("--epochs", type=int, default=20, help="epochs of plain training")
+    parser.add_argument("--compress-epochs", type=int, default=8, help="epochs of fine-tuning while compressing")
     parser.add_argument("--output-dir", default="outputs/quickstart")
     parser.add_argument("--quantize", action="store_true", help="also int8-quantize at the end (QuantizeOnFit)")
     parser.add_argument("--fast", action="store_true", help="a few batches only: checks the wiring, not accuracy")
@@ -50,7 +50,7 @@ def main() -> None:
     epochs = 1 if args.fast else args.compress_epochs
     bench = BenchmarkCallback(batch_size=32, num_threads=2, output_dir=args.output_dir)
     callbacks = [
-        PruningSchedule(pruning_ratio=0.5, start_epoch=0, end_epoch=max(0, epochs - 2)),
+        PruningSchedule(pruning_ratio=0.5, start_epoch=0, end_epoch=max(0, epochs // 2 - 1)),
         DistillationTeacher(teacher, mode="soft", alpha=0.5, temperature=2.0),
         bench,
     ]
