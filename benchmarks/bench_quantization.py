@@ -3,8 +3,10 @@
 1. CPU speed and size, one process, interleaved (A, B, A, B...), on timm
    ``vit_base_patch16_224`` and ``deit_small_patch16_224`` (random weights):
    fp32 eager = 1.0 against QuantizeOnFit's int8-dynamic (eager and
-   ``torch.compile``), int8 weight-only, and the seed study's
-   ``torch.ao.quantization.quantize_dynamic``.
+   ``torch.compile``), int8-dynamic-x86 (compiled with inductor freezing, as
+   QuantizeOnFit does), int8 weight-only, the seed study's
+   ``torch.ao.quantization.quantize_dynamic``, and fp32 compiled with freezing
+   (how much of the x86 speed is the compiler alone).
 2. CUDA (only when a GPU is present, else ``n/a``): bf16 eager = 1.0 against
    int8-dynamic, int8 weight-only, int4 weight-only and float8-dynamic
    (float8 only on compute capability >= 8.9).
@@ -28,6 +30,7 @@ import torch
 from torch import nn
 
 from lightning_vitcompress._measure import compare_throughput, measure_accuracy, serialized_size_bytes
+from lightning_vitcompress._x86_int8 import compile_frozen
 from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
 from lightning_vitcompress.quantization import NAMED_CONFIGS, quantize_model
 
@@ -38,6 +41,13 @@ def quantized(model: nn.Module, config: str, **kwargs) -> nn.Module:
     model = copy.deepcopy(model)
     quantize_model(model, config, **kwargs)
     return model
+
+
+def first_call_seconds(model: nn.Module, x: torch.Tensor) -> float:
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model(x)
+    return time.perf_counter() - start
 
 
 def seed_quantize_dynamic(model: nn.Module) -> nn.Module:
@@ -59,23 +69,28 @@ def cpu_section(args: argparse.Namespace) -> None:
             "QuantizeOnFit int8_weight_only eager": quantized(fp32, "int8_weight_only"),
             "torch.ao quantize_dynamic (seed)": seed_quantize_dynamic(fp32),
         }
-        compile_seconds = None
+        compile_seconds = {}
         if not args.skip_compile:
             compiled = quantized(fp32, "int8_dynamic")
             compiled.compile()
-            start = time.perf_counter()
-            with torch.inference_mode():
-                compiled(x)
-            compile_seconds = time.perf_counter() - start
+            compile_seconds["int8_dynamic"] = first_call_seconds(compiled, x)
             variants["QuantizeOnFit int8_dynamic compiled"] = compiled
+            x86 = quantized(fp32, "int8_dynamic_x86")
+            compile_frozen(x86)  # what QuantizeOnFit("int8_dynamic_x86") does at train end
+            compile_seconds["int8_dynamic_x86"] = first_call_seconds(x86, x)
+            variants["QuantizeOnFit int8_dynamic_x86 compiled"] = x86
+            fp32_frozen = copy.deepcopy(fp32)
+            compile_frozen(fp32_frozen)
+            compile_seconds["fp32"] = first_call_seconds(fp32_frozen, x)
+            variants["fp32 compiled (freezing)"] = fp32_frozen
         speed = compare_throughput(variants, x, num_threads=args.threads, rounds=args.rounds, min_run_time=1.0)
         base_size = serialized_size_bytes(fp32)
         for variant, model in variants.items():
             size = serialized_size_bytes(model._orig_mod if hasattr(model, "_orig_mod") else model)
             ratio = speed[variant] / speed["fp32 eager"]
             print(f"| {name} | {variant} | {ratio:.2f}x | {size / 1e6:.1f} | {size / base_size:.3f} |")
-        if compile_seconds is not None:
-            print(f"| {name} | (compile cost, first call) | {compile_seconds:.1f} s | | |")
+        for variant, seconds in compile_seconds.items():
+            print(f"| {name} | (compile cost of {variant}, first call) | {seconds:.1f} s | | |")
 
 
 def cuda_section(args: argparse.Namespace) -> None:
@@ -93,6 +108,8 @@ def cuda_section(args: argparse.Namespace) -> None:
         bf16 = timm.create_model(name, pretrained=False).eval().to("cuda", torch.bfloat16)
         variants = {"bf16 eager": bf16}
         for config, spec in NAMED_CONFIGS.items():
+            if "cuda" not in spec.devices:
+                continue
             if spec.min_capability is not None and capability < spec.min_capability:
                 print(f"| {name} | {config} | n/a (needs SM {spec.min_capability}) | n/a |")
                 continue
@@ -138,7 +155,7 @@ def digits_section(args: argparse.Namespace) -> None:
     print("| variant | accuracy | change vs fp32 (pt) | predictions changed |")
     print("|---|---|---|---|")
     print(f"| fp32 | {fp32_accuracy:.4f} | | |")
-    for config in ("int8_dynamic", "int8_weight_only"):
+    for config in ("int8_dynamic", "int8_dynamic_x86", "int8_weight_only"):
         for skip in (None, "head"):
             q = quantized(vit, config, skip=skip)
             accuracy = measure_accuracy(q, test)

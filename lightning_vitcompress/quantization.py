@@ -45,6 +45,7 @@ from lightning_vitcompress._structure import (
     register_replay,
 )
 from lightning_vitcompress._training_state import check_strategy_supported, refresh_after_structural_change
+from lightning_vitcompress._x86_int8 import Int8DynamicX86Config, X86Int8DynamicLinear, compile_frozen
 
 RECORD_KIND = "quantize"
 _MB = 1e6
@@ -74,6 +75,8 @@ class _NamedConfig:
     """in_features must be a multiple of it, else torchao leaves the layer as it is"""
     incompatible: Optional[Callable[[nn.Linear], Optional[str]]] = None
     """why a layer cannot take this config (it is then kept in full precision), or None"""
+    compiled_by_default: bool = False
+    """only fast compiled: ``QuantizeOnFit(compile=None)`` compiles it"""
 
 
 def _float8_incompatible(layer: nn.Linear) -> Optional[str]:
@@ -126,6 +129,15 @@ NAMED_CONFIGS: dict[str, _NamedConfig] = {
         qat=_int8_dynamic_qat,
         devices=("cpu", "cuda"),
     ),
+    "int8_dynamic_x86": _NamedConfig(
+        # torchao's X86InductorQuantizer recipe, lowered by inductor to oneDNN int8 GEMMs
+        build=Int8DynamicX86Config,
+        # torchao's fake quantizers have no per-tensor mode (it quantizes activations per tensor):
+        # per-token, the closest, models slightly less rounding noise than deployment sees
+        qat=_int8_dynamic_qat,
+        devices=("cpu",),
+        compiled_by_default=True,
+    ),
     "int8_weight_only": _NamedConfig(
         build=lambda: _torchao().Int8WeightOnlyConfig(),
         qat=_int8_weight_only_qat,
@@ -162,6 +174,14 @@ def _is_quantized_weight(weight: Any) -> bool:
     """True for torchao's quantized tensor subclasses (not fp32/bf16 parameters)."""
     data = weight.data if isinstance(weight, nn.Parameter) else weight
     return type(data) is not torch.Tensor
+
+
+def _is_quantized_layer(layer: nn.Module) -> bool:
+    """A layer ``quantize_`` changed: a quantized weight, or swapped for an int8 module."""
+    if isinstance(layer, X86Int8DynamicLinear):
+        return True
+    weight = getattr(layer, "weight", None)
+    return weight is not None and _is_quantized_weight(weight)
 
 
 def _skip_matcher(skip: SkipSpec) -> Callable[[str, nn.Module], bool]:
@@ -207,6 +227,10 @@ def select_layers(
 
 
 # ----------------------------------------------------------------------------- replay
+#: record labels of configs that swap each linear for an X86Int8DynamicLinear
+_X86_LABELS = ("int8_dynamic_x86", Int8DynamicX86Config.__name__)
+
+
 @register_replay(RECORD_KIND)
 def _replay_quantize(model: nn.Module, record: Record) -> None:
     """Prepare a freshly built model for a quantized state dict.
@@ -214,8 +238,11 @@ def _replay_quantize(model: nn.Module, record: Record) -> None:
     torchao keeps each quantized layer an ``nn.Linear`` whose weight is a tensor
     subclass, so the structure is unchanged: loading with ``assign=True`` (as
     :func:`~lightning_vitcompress.load_compressed` does) restores the quantized
-    weights. Here we only check the layers exist and freeze their weights.
+    weights; here the layers are checked and their weights frozen. The x86
+    config swaps each linear for an :class:`X86Int8DynamicLinear`: empty ones of
+    the same shape are put in, for the state dict to fill.
     """
+    swap = record.get("config") in _X86_LABELS
     for name in record.get("layers", []):
         try:
             layer = model.get_submodule(name)
@@ -223,7 +250,11 @@ def _replay_quantize(model: nn.Module, record: Record) -> None:
             raise KeyError(f"The checkpoint's quantize record names layer {name!r}, which this model lacks.") from err
         if not isinstance(layer, nn.Linear):
             raise TypeError(f"The checkpoint's quantize record names {name!r}, a {type(layer).__name__}, not nn.Linear.")
-        layer.weight.requires_grad_(False)
+        if swap:
+            empty = X86Int8DynamicLinear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+            set_submodule(model, name, empty.to(layer.weight.device))
+        else:
+            layer.weight.requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------- quantizing a model
@@ -314,7 +345,7 @@ def quantize_model(
         _torchao().quantize_(copies, _ptq_config(config), filter_fn=_is_linear)
     quantized: list[str] = []
     for name, layer in zip(selected, copies):
-        if _is_quantized_weight(layer.weight):
+        if _is_quantized_layer(layer):
             quantized.append(name)
         else:  # torchao returns some layers unchanged (e.g. int4 with an incompatible shape)
             skipped[name] = "left unquantized by torchao (incompatible shape for this config)"
@@ -355,7 +386,11 @@ class QuantizeOnFit(CompressionCallback):
 
     Args:
         config: ``"int8_dynamic"`` (int8 per-token activations, int8 per-channel
-            weights; CPU and CUDA), ``"int8_weight_only"`` (CPU and CUDA),
+            weights; CPU and CUDA; torchao's portable int8 path),
+            ``"int8_dynamic_x86"`` (x86 CPUs: uint8 per-tensor activations, int8
+            per-channel weights, compiled to oneDNN int8 GEMMs; the fastest CPU
+            path, see :class:`~lightning_vitcompress.Int8DynamicX86Config`),
+            ``"int8_weight_only"`` (CPU and CUDA),
             ``"int4_weight_only"`` (CUDA; groups of 128, layers cast to bf16),
             ``"float8_dynamic"`` (CUDA, compute capability >= 8.9), or any torchao
             config object (``torchao.quantization.*Config``).
@@ -370,10 +405,12 @@ class QuantizeOnFit(CompressionCallback):
         compile: ``True`` (or a dict of ``torch.compile`` keyword arguments)
             compiles the quantized model in place (``nn.Module.compile``: the
             state-dict keys do not change); the int8 kernels are fastest
-            compiled. The compile cost is paid once at train end, on a captured
+            compiled. ``None`` (default): compile where the config is only fast
+            compiled (``"int8_dynamic_x86"``, compiled with inductor freezing).
+            The compile cost is paid once at train end, on a captured
             training input under ``inference_mode``, and logged as
-            ``quant/compile_seconds``; inputs of another shape, device or grad
-            mode compile again on first use.
+            ``quant/compile_seconds`` (about 15-30 s for ViT-B/16 on 2 cores);
+            inputs of another shape, device or grad mode compile again on first use.
         save_path: write the quantized model here as a checkpoint that
             :func:`~lightning_vitcompress.load_compressed` loads back.
         save_fp32_path: write the trained full-precision model here first (also
@@ -397,7 +434,7 @@ class QuantizeOnFit(CompressionCallback):
         *,
         skip: SkipSpec = None,
         qat_start_epoch: Optional[int] = None,
-        compile: Union[bool, dict[str, Any]] = False,
+        compile: Union[None, bool, dict[str, Any]] = None,
         save_path: Optional[Union[str, Path]] = None,
         save_fp32_path: Optional[Union[str, Path]] = None,
         on_error: Literal["raise", "warn"] = "raise",
@@ -414,8 +451,8 @@ class QuantizeOnFit(CompressionCallback):
             not isinstance(qat_start_epoch, int) or isinstance(qat_start_epoch, bool) or qat_start_epoch < 0
         ):
             raise ValueError(f"qat_start_epoch={qat_start_epoch!r}: pass an epoch index >= 0, or None for no QAT.")
-        if not isinstance(compile, (bool, dict)):
-            raise TypeError(f"compile={compile!r}: pass True/False or a dict of torch.compile arguments.")
+        if compile is not None and not isinstance(compile, (bool, dict)):
+            raise TypeError(f"compile={compile!r}: pass True/False, a dict of torch.compile arguments, or None.")
         if on_error not in ("raise", "warn"):
             raise ValueError(f"on_error={on_error!r}: pass 'raise' or 'warn'.")
         self.config = config
@@ -466,6 +503,16 @@ class QuantizeOnFit(CompressionCallback):
 
     def _group_size(self) -> Optional[int]:
         return _group_size(self.config)
+
+    @property
+    def _compiles(self) -> bool:
+        if self.compile is None:
+            return self._uses_x86_layers
+        return self.compile is not False
+
+    @property
+    def _uses_x86_layers(self) -> bool:
+        return _config_label(self.config) in _X86_LABELS
 
     # ------------------------------------------------------------- setup: fail fast
     def ordered_setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -541,10 +588,11 @@ class QuantizeOnFit(CompressionCallback):
                 step = "quantize"
             holder = nn.ModuleList([_prepared_copy(layer, self.config)])
             quantize_(holder, self._ptq_config(), filter_fn=_is_linear)
+            named = self._named
             with torch.no_grad():
-                holder[0](x.to(holder[0].weight.dtype))
+                holder[0](x.to(torch.bfloat16) if named is not None and named.bfloat16_weights else x)
         except Exception as err:  # noqa: BLE001 - any failure is reported with its cause
-            what = "qat_start_epoch (torchao QAT cannot fake-quantize this config)" if step == "QAT prepare" else ""
+            what = "qat_start_epoch (torchao QAT cannot fake-quantize this config). " if step == "QAT prepare" else ""
             raise ValueError(
                 f"QuantizeOnFit(config={label!r}): the {step} step failed on a test layer on {device}: "
                 f"{type(err).__name__}: {err}. {what}"
@@ -616,7 +664,7 @@ class QuantizeOnFit(CompressionCallback):
                 "skipped": dict(summary["skipped"]),
             },
         )
-        if self.compile is not False:
+        if self._compiles:
             summary["compile_seconds"] = self._compile(model)
         self.summary = summary
         if self.save_path is not None:
@@ -646,7 +694,11 @@ class QuantizeOnFit(CompressionCallback):
         return _run_example(model, self._example)
 
     def _compile(self, model: nn.Module) -> Optional[float]:
-        model.compile(**(self.compile if isinstance(self.compile, dict) else {}))
+        kwargs = self.compile if isinstance(self.compile, dict) else {}
+        if self._uses_x86_layers:
+            compile_frozen(model, **kwargs)
+        else:
+            model.compile(**kwargs)
         if self._example is None:
             return None
         start = time.perf_counter()

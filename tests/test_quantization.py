@@ -20,7 +20,7 @@ from torchao.quantization import Int8Tensor
 from torchao.quantization.qat import FakeQuantizedLinear
 from torchao.quantization.transform_module import register_quantize_module_handler
 
-from lightning_vitcompress import load_compressed
+from lightning_vitcompress import X86Int8DynamicLinear, load_compressed
 from lightning_vitcompress._measure import measure_accuracy
 from lightning_vitcompress._structure import STRUCTURE_KEY
 from lightning_vitcompress.digits import DigitsClassifier
@@ -56,6 +56,50 @@ def test_int8_dynamic_quantizes_every_linear_keeps_accuracy_and_trainer_test_use
     (result,) = trainer.test(model, digits, verbose=False)
     assert result["test/acc"] == pytest.approx(int8_accuracy)
     assert set(linear_weight_types(model.model).values()) == {Int8Tensor}
+
+
+def test_int8_dynamic_x86_swaps_in_int8_layers_compiles_them_to_onednn_and_round_trips(
+    tmp_path, tiny_classifier, digits
+):
+    from torch._dynamo.utils import counters
+
+    model = tiny_classifier(lr=3e-3)
+    callback = QuantizeOnFit(
+        "int8_dynamic_x86", save_path=tmp_path / "int8.ckpt", save_fp32_path=tmp_path / "fp32.ckpt"
+    )
+    trainer = fast_trainer(tmp_path, callbacks=[callback], max_epochs=10, limit_train_batches=None, limit_val_batches=0)
+    counters.clear()
+    trainer.fit(model, digits)
+
+    linears = {
+        name: type(m) for name, m in model.model.named_modules() if isinstance(m, (nn.Linear, X86Int8DynamicLinear))
+    }
+    assert set(linears.values()) == {X86Int8DynamicLinear} and callback.summary["quantized"] == list(linears)
+    assert model.model.blocks[0].mlp.fc1.weight.dtype == torch.int8
+    assert callback.summary["size_after_bytes"] < 0.5 * callback.summary["size_before_bytes"]
+    # compiled by default, with inductor freezing: the int8 layers became oneDNN int8 GEMMs
+    assert callback.summary["compile_seconds"] is not None
+    lowered = counters["inductor"]["qlinear_unary_lower_count"] + counters["inductor"]["qlinear_binary_lower_count"]
+    assert lowered >= len(linears)
+
+    test_batches = list(digits.test_dataloader())
+    fp32_accuracy = measure_accuracy(load_compressed(DigitsClassifier, tmp_path / "fp32.ckpt"), test_batches)
+    int8_accuracy = measure_accuracy(model, test_batches)
+    assert fp32_accuracy > 0.5 and fp32_accuracy - int8_accuracy <= 0.005
+    (result,) = trainer.test(model, digits, verbose=False)
+    assert result["test/acc"] == pytest.approx(int8_accuracy)
+
+    loaded = load_compressed(DigitsClassifier, tmp_path / "int8.ckpt")  # eager, from a weights_only load
+    assert type(loaded.model.blocks[1].attn.proj) is X86Int8DynamicLinear
+    images = test_batches[0][0]
+    model.eval()
+    with torch.inference_mode():
+        eager = model.model.forward(images)  # forward() bypasses the compiled call
+        torch.testing.assert_close(loaded.model.forward(images), eager)
+        compiled = model(images)
+    # oneDNN's int8 GEMM rounds a little differently from the reference dequantize-then-matmul
+    assert (compiled - eager).abs().max() < 0.1
+    assert (compiled.argmax(1) == eager.argmax(1)).float().mean() >= 0.95
 
 
 def test_size_ratio_on_vit_small():
@@ -131,6 +175,16 @@ def test_qat_fake_quantizes_from_the_start_epoch_trains_the_same_parameters_and_
     )
     assert list(resumed_recorder.seen) == [2] and resumed_recorder.seen[2]["qkv_type"] is FakeQuantizedLinear
     assert resumed_callback.summary["qat"] and type(resumed_model.model.blocks[0].attn.qkv.weight.data) is Int8Tensor
+
+
+def test_qat_for_the_x86_config_converts_to_x86_int8_layers(tmp_path, tiny_classifier, digits):
+    model = tiny_classifier()
+    recorder = Recorder()
+    callback = QuantizeOnFit("int8_dynamic_x86", qat_start_epoch=1, compile=False)
+    fast_trainer(tmp_path, callbacks=[callback, recorder], max_epochs=2).fit(model, digits)
+    assert recorder.seen[1]["qkv_type"] is FakeQuantizedLinear and recorder.seen[1]["optimizer_matches"]
+    assert type(model.model.head) is X86Int8DynamicLinear and callback.summary["qat"]
+    assert "compile_seconds" not in callback.summary  # compile=False is respected
 
 
 @pytest.mark.parametrize(
