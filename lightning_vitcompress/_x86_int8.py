@@ -32,6 +32,7 @@ Example::
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -46,8 +47,8 @@ _EPS = 2.0**-12
 
 
 @functools.lru_cache(maxsize=None)
-def _ops() -> Any:
-    """``torch.ops.quantized_decomposed``, with inductor's x86 int8 lowering registered.
+def _register_x86_lowering() -> None:
+    """Define the ``quantized_decomposed`` ops and register inductor's x86 int8 lowering.
 
     Importing torchao's X86InductorQuantizer registers the freezing-pass
     patterns that turn the quantize/dequantize graph into oneDNN int8 GEMMs;
@@ -57,7 +58,11 @@ def _ops() -> Any:
     import torchao.quantization.pt2e.inductor_passes.x86  # noqa: F401
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
 
-    return torch.ops.quantized_decomposed
+    # inductor's oneDNN lowering copies the zero points with torch.tensor(tensor) and warns about
+    # its own code on every compile; nothing a user can act on
+    warnings.filterwarnings(
+        "ignore", message="To copy construct from a tensor", module=r"torch\._inductor\.mkldnn_lowerings"
+    )
 
 
 class X86Int8DynamicLinear(nn.Module):
@@ -73,6 +78,7 @@ class X86Int8DynamicLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__()
+        _register_x86_lowering()
         self.in_features = in_features
         self.out_features = out_features
         self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=torch.int8), requires_grad=False)
@@ -88,7 +94,7 @@ class X86Int8DynamicLinear(nn.Module):
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
         layer.to(weight.device)
         scale = weight.abs().amax(dim=1).clamp(min=_EPS) / 127.5
-        layer.weight.data = _ops().quantize_per_channel.default(
+        layer.weight.data = torch.ops.quantized_decomposed.quantize_per_channel.default(
             weight, scale, layer.weight_zero_point, 0, -128, 127, torch.int8
         )
         layer.weight_scale.copy_(scale)
@@ -97,7 +103,7 @@ class X86Int8DynamicLinear(nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ops = _ops()
+        ops = torch.ops.quantized_decomposed
         scale, zero_point = ops.choose_qparams.tensor(x, 0, 255, _EPS, torch.uint8)
         x_q = ops.quantize_per_tensor.tensor(x, scale, zero_point, 0, 255, torch.uint8)
         x_dq = ops.dequantize_per_tensor.tensor(x_q, scale, zero_point, 0, 255, torch.uint8)
@@ -139,7 +145,7 @@ def compile_frozen(model: nn.Module, **compile_kwargs: Any) -> None:
     """
     import torch._inductor.config as inductor_config
 
-    _ops()
+    _register_x86_lowering()
     compiled: Callable[..., Any] = torch.compile(model._call_impl, **compile_kwargs)
 
     def call_with_freezing(*args: Any, **kwargs: Any) -> Any:
