@@ -291,3 +291,61 @@ def test_nystrom_attention_prunes_like_the_timm_attention_it_came_from():
     assert (attn.num_heads, attn.head_dim, attn.qkv.out_features) == (4, 4, 48)
     with torch.no_grad():
         torch.testing.assert_close(swapped_then_pruned(IMAGES), pruned_then_swapped.eval()(IMAGES))
+
+
+def _mlp_widths(vit: nn.Module) -> list[int]:
+    return [block.mlp.fc1.out_features for block in vit.blocks]
+
+
+def test_callable_schedule_sets_the_fraction_reached_at_each_step(tmp_path, tiny_classifier, digits):
+    model = tiny_classifier()
+    callback = PruningSchedule(0.5, start_epoch=0, end_epoch=1, schedule=lambda progress: progress**2)
+    widths = []
+
+    class WidthSpy(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            widths.append(_mlp_widths(pl_module.model)[0])
+
+    fast_trainer(tmp_path, callbacks=[callback, WidthSpy()], max_epochs=3, limit_train_batches=2).fit(model, digits)
+    # step 1 of 2: progress 0.5 -> 0.25 of the final ratio -> 128 * (1 - 0.125) = 112; step 2: 64
+    assert widths == [112, 64, 64]
+
+
+def test_round_to_keeps_every_pruned_width_a_multiple(tmp_path, tiny_classifier, digits):
+    model = tiny_classifier()
+    fast_trainer(tmp_path, callbacks=[PruningSchedule(0.3, round_to=8)], max_steps=1).fit(model, digits)
+    vit = model.model
+    assert vit.embed_dim % 8 == 0 and vit.embed_dim < 32
+    assert all(width % 8 == 0 and width < 128 for width in _mlp_widths(vit))
+    # without round_to the same ratio leaves widths that are not multiples of 8
+    plain = tiny_classifier()
+    fast_trainer(tmp_path, callbacks=[PruningSchedule(0.3)], max_steps=1).fit(plain, digits)
+    assert any(width % 8 for width in [plain.model.embed_dim, *_mlp_widths(plain.model)])
+
+
+def test_hessian_importance_uses_training_gradients(tmp_path, tiny_classifier, digits):
+    kept = {}
+    for importance in ("l2", "hessian"):
+        model = tiny_classifier()
+        original_fc1 = model.model.blocks[0].mlp.fc1.weight.detach().clone()
+        callback = PruningSchedule(
+            0.5, num_steps=1, interval="step", importance=importance, gradient_batches=2, prune_embed_dim=False
+        )
+        fast_trainer(tmp_path, callbacks=[callback], limit_train_batches=4).fit(model, digits)
+        assert callback.steps_done == 1 and _mlp_widths(model.model) == [64, 64]
+        # which hidden channels survived (read before the fine-tuning steps moved them too far)
+        kept[importance] = set(_kept_rows(original_fc1, model.model.blocks[0].mlp.fc1.weight.detach()).tolist())
+    assert kept["l2"] != kept["hessian"]  # the gradients, not the weight norms alone, chose
+
+
+def test_global_pruning_over_steps_reaches_the_overall_ratio_with_uneven_widths(tmp_path, tiny_classifier, digits):
+    model = tiny_classifier()
+    before = sum(_mlp_widths(model.model))
+    callback = PruningSchedule(0.5, start_epoch=0, end_epoch=1, global_pruning=True, prune_embed_dim=False)
+    fast_trainer(tmp_path, callbacks=[callback], max_epochs=2, limit_train_batches=2).fit(model, digits)
+    widths = _mlp_widths(model.model)
+    assert callback.steps_done == 2
+    assert len(set(widths)) > 1  # ranked across layers, not the same cut everywhere
+    total = sum(widths) + sum(block.attn.attn_dim for block in model.model.blocks)
+    original = before + 2 * 32
+    assert total / original == pytest.approx(0.5, abs=0.06)
