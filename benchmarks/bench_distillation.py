@@ -9,8 +9,9 @@ process, interleaved over several rounds (median), by the wall clock and by the
 main thread's CPU time (at ``--overhead-threads 1`` all the work runs on the
 main thread, so the CPU clock stays meaningful on a machine shared with other
 jobs, where wall times are not). Target: ratio <= 1.10. The teacher forward is
-also timed inside the distilled step, so the table shows the callback's own
-cost (hooks, loss, logging) apart from the teacher's.
+also timed inside the distilled step, so the table shows the teacher's cost
+there apart from the rest (the callback's code, and the student slowed by sharing
+caches with the teacher).
 
 Accuracy: a stronger teacher (``DigitsClassifier(embed_dim=64, depth=4)``, ~8x the student's MACs) is
 trained here and saved to a temporary checkpoint, which is the ``teacher`` path
@@ -77,7 +78,8 @@ class StepTimer(Callback):
 
 class TimedTeacher(DistillationTeacher):
     """Also times the callback's teacher forward (input adapter included) inside the step: the rest of
-    (step with teacher - student step - this) is the callback's own cost (hooks, loss, logging)."""
+    (step with teacher - student step - this) is the callback's own code (hooks, loss, logging) plus any
+    slowdown of the student's work from sharing caches with the teacher in one step."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -276,7 +278,8 @@ def main() -> None:
               "(wall clock | CPU time of the main thread)")
         print("target: step with teacher (step+t) / (student step + teacher forward t-fwd) <= 1.10; t-fwd includes the "
               "resize to the teacher's size (the input adapter)\n(t-fwd in it): the callback's teacher forward timed "
-              "inside step+t, adapter included; (own): step+t - step - (t-fwd in it), the callback's own cost")
+              "inside step+t, adapter included; (own): step+t - step - (t-fwd in it): the callback's code (hooks, loss, "
+              "logging) plus any slowdown of the student's work next to the teacher's")
         print_table(
             ["teacher", "step", "t-fwd", "step+t", "(t-fwd in it)", "(own)", "CPU step", "CPU t-fwd", "CPU step+t",
              "(CPU t-fwd in it)", "(CPU own)", "ratio wall", "ratio CPU"],
