@@ -9,7 +9,13 @@ Example::
 from lightning_vitcompress._base import CompressionCallback
 from lightning_vitcompress._model import find_attention_blocks, resolve_target_model
 from lightning_vitcompress._structure import load_compressed
-from lightning_vitcompress._x86_int8 import Int8DynamicX86Config, X86Int8DynamicLinear, compile_frozen
+from lightning_vitcompress._x86_int8 import (
+    Int8DynamicX86Config,
+    Int8StaticX86Config,
+    X86Int8DynamicLinear,
+    X86Int8StaticLinear,
+    compile_frozen,
+)
 from lightning_vitcompress.benchmark import BenchmarkCallback, benchmark_model, compare_models
 from lightning_vitcompress.distillation import DistillationTeacher
 from lightning_vitcompress.nystrom import NystromAttention, NystromSwap
@@ -27,7 +33,9 @@ __all__ = [
     "PruningSchedule",
     "QuantizeOnFit",
     "Int8DynamicX86Config",
+    "Int8StaticX86Config",
     "X86Int8DynamicLinear",
+    "X86Int8StaticLinear",
     "compile_frozen",
     "benchmark_model",
     "compare_models",

@@ -11,11 +11,15 @@ torchao's ``quantize_`` layer by layer, so the model keeps its structure
 (module names, ``skip`` by name, checkpoint replay):
 
 * weights: int8, symmetric, per output channel (X86InductorQuantizer's weight observer);
-* activations: uint8, asymmetric, per tensor, chosen at run time (its dynamic config).
+* activations: uint8, asymmetric, per tensor, chosen at run time (its dynamic
+  config, :class:`X86Int8DynamicLinear`) or calibrated once on real inputs (its
+  static config, :class:`X86Int8StaticLinear`, :func:`calibrate_input_ranges`).
 
 Eager, the layer runs the reference quantize/dequantize ops (slower than fp32).
 The speed comes from :func:`compile_frozen`: ``torch.compile`` with inductor
-freezing, in inference mode.
+freezing, in inference mode; ``autocast_dtype=torch.bfloat16`` also runs what
+is not quantized (attention, norms, GELU) in bf16, PyTorch's "int8-mixed-bf16"
+recipe for CPUs with AVX512-BF16/AMX.
 
 Example::
 
@@ -24,7 +28,7 @@ Example::
     from lightning_vitcompress._x86_int8 import compile_frozen
 
     quantize_(vit, Int8DynamicX86Config())
-    compile_frozen(vit)
+    compile_frozen(vit)  # or compile_frozen(vit, autocast_dtype=torch.bfloat16)
     with torch.inference_mode():
         logits = vit(images)
 """
@@ -34,11 +38,12 @@ from __future__ import annotations
 import functools
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_map
 from torchao.core.config import AOBaseConfig
 from torchao.quantization.transform_module import register_quantize_module_handler
 
@@ -133,7 +138,120 @@ def _quantize_linear(module: nn.Module, config: Int8DynamicX86Config) -> nn.Modu
     return X86Int8DynamicLinear.from_linear(module)
 
 
-def compile_frozen(model: nn.Module, **compile_kwargs: Any) -> None:
+
+class X86Int8StaticLinear(X86Int8DynamicLinear):
+    """An :class:`X86Int8DynamicLinear` whose activation quantization was calibrated once.
+
+    ``input_scale`` and ``input_zero_point`` (uint8, per tensor) are plain Python
+    numbers, so the compiled graph holds them as constants and inductor fuses the
+    activation quantization into the previous op; they travel in the state dict
+    as the module's extra state (weights_only-safe).
+
+    Example::
+
+        layer = X86Int8StaticLinear.from_linear(nn.Linear(384, 1536), input_range=(-3.2, 4.1))
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__(in_features, out_features, bias)
+        self.input_scale = 1.0
+        self.input_zero_point = 0
+
+    @classmethod
+    def from_linear(  # type: ignore[override]
+        cls, linear: nn.Linear, input_range: Optional[tuple[float, float]] = None
+    ) -> "X86Int8StaticLinear":
+        """Quantize ``linear``'s weight; ``input_range`` (min, max) is what its inputs were seen to span."""
+        if input_range is None:
+            raise ValueError(
+                "input_range=None: a static int8 layer needs the (min, max) of its calibration inputs; "
+                "see calibrate_input_ranges()."
+            )
+        layer: X86Int8StaticLinear = super().from_linear(linear)  # type: ignore[assignment]
+        layer.set_input_range(*input_range)
+        return layer
+
+    def set_input_range(self, low: float, high: float) -> None:
+        """uint8 affine quantization covering ``[low, high]`` (and 0), as PyTorch's MinMaxObserver."""
+        low, high = min(float(low), 0.0), max(float(high), 0.0)
+        scale = max((high - low) / 255.0, _EPS)
+        self.input_scale = scale
+        self.input_zero_point = int(min(max(round(-low / scale), 0), 255))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = torch.ops.quantized_decomposed
+        scale, zero_point = self.input_scale, self.input_zero_point
+        x_q = ops.quantize_per_tensor.default(x, scale, zero_point, 0, 255, torch.uint8)
+        x_dq = ops.dequantize_per_tensor.default(x_q, scale, zero_point, 0, 255, torch.uint8)
+        weight = ops.dequantize_per_channel.default(
+            self.weight, self.weight_scale, self.weight_zero_point, 0, -128, 127, torch.int8
+        )
+        return F.linear(x_dq, weight, self.bias)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"input_scale": self.input_scale, "input_zero_point": self.input_zero_point}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.input_scale = float(state["input_scale"])
+        self.input_zero_point = int(state["input_zero_point"])
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, input_scale={self.input_scale:.4g}, input_zero_point={self.input_zero_point}"
+
+
+@dataclass
+class Int8StaticX86Config(AOBaseConfig):
+    """torchao config: one :class:`X86Int8StaticLinear` whose inputs span ``input_range``.
+
+    The range differs per layer, so :func:`~lightning_vitcompress.quantize_model`
+    (``config="int8_static_x86"``) calibrates the model first and applies one
+    config per layer.
+    """
+
+    input_range: Optional[tuple[float, float]] = None
+
+
+@register_quantize_module_handler(Int8StaticX86Config)
+def _quantize_linear_static(module: nn.Module, config: Int8StaticX86Config) -> nn.Module:
+    if not isinstance(module, nn.Linear):
+        return module
+    return X86Int8StaticLinear.from_linear(module, config.input_range)
+
+
+def calibrate_input_ranges(
+    model: nn.Module, layer_names: Sequence[str], batches: Iterable[tuple[tuple[Any, ...], dict[str, Any]]]
+) -> dict[str, tuple[float, float]]:
+    """Run ``model`` (as it is, e.g. in eval mode) on ``batches`` and return each named layer's input (min, max).
+
+    ``batches`` holds ``(args, kwargs)`` for the model's forward. Layers that
+    saw no input are left out of the result.
+
+    Example::
+
+        ranges = calibrate_input_ranges(vit, ["blocks.0.attn.qkv"], [((images,), {})])
+    """
+    ranges: dict[str, tuple[float, float]] = {}
+
+    def observe(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            low, high = torch.aminmax(args[0].detach().float())
+            seen_low, seen_high = ranges.get(name, (float("inf"), float("-inf")))
+            ranges[name] = (min(seen_low, low.item()), max(seen_high, high.item()))
+
+        return hook
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(observe(name)) for name in layer_names]
+    try:
+        with torch.no_grad():
+            for args, kwargs in batches:
+                model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return ranges
+
+
+def compile_frozen(model: nn.Module, *, autocast_dtype: Optional[torch.dtype] = None, **compile_kwargs: Any) -> None:
     """``model.compile(...)`` with inductor freezing on for every call, in place.
 
     Freezing (weights folded into the graph as constants) is what lets inductor
@@ -142,6 +260,10 @@ def compile_frozen(model: nn.Module, **compile_kwargs: Any) -> None:
     half-applies it here (``onednn.qlinear_prepack is not an OpOverload``), so
     the inductor config is patched around each call instead; new input shapes
     recompile with freezing too. State-dict keys do not change.
+
+    ``autocast_dtype=torch.bfloat16`` runs each call under CPU autocast
+    ("int8-mixed-bf16": the int8 GEMMs stay int8, the rest runs in bf16) and
+    casts floating outputs back to float32.
     """
     import torch._inductor.config as inductor_config
 
@@ -150,6 +272,21 @@ def compile_frozen(model: nn.Module, **compile_kwargs: Any) -> None:
 
     def call_with_freezing(*args: Any, **kwargs: Any) -> Any:
         with inductor_config.patch(freezing=True):
-            return compiled(*args, **kwargs)
+            if autocast_dtype is None:
+                return compiled(*args, **kwargs)
+            with torch.autocast("cpu", dtype=autocast_dtype):
+                output = compiled(*args, **kwargs)
+            return tree_map(_to_float32, output)
 
     model._compiled_call_impl = call_with_freezing  # what nn.Module.compile sets
+
+
+def _to_float32(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != torch.float32:
+        return value.float()
+    return value
+
+
+def cpu_supports_bfloat16() -> bool:
+    """Whether this CPU has native bf16 math (AVX512-BF16 or AMX), which makes "bf16-mixed" inference fast."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())

@@ -16,6 +16,7 @@ failure the fp32 model stays in place and the error says what failed.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
 import io
 import time
@@ -45,7 +46,15 @@ from lightning_vitcompress._structure import (
     register_replay,
 )
 from lightning_vitcompress._training_state import check_strategy_supported, refresh_after_structural_change
-from lightning_vitcompress._x86_int8 import Int8DynamicX86Config, X86Int8DynamicLinear, compile_frozen
+from lightning_vitcompress._x86_int8 import (
+    Int8DynamicX86Config,
+    Int8StaticX86Config,
+    X86Int8DynamicLinear,
+    X86Int8StaticLinear,
+    calibrate_input_ranges,
+    compile_frozen,
+    cpu_supports_bfloat16,
+)
 
 RECORD_KIND = "quantize"
 _MB = 1e6
@@ -53,6 +62,10 @@ _MB = 1e6
 _EXAMPLE_ROWS = 8
 
 SkipSpec = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
+#: a forward call's positional and keyword arguments
+Example = tuple[tuple[Any, ...], dict[str, Any]]
+#: ``QuantizeOnFit(inference_precision=...)``: the dtype the compiled model's unquantized ops run in
+INFERENCE_PRECISIONS: dict[str, Optional[torch.dtype]] = {"32-true": None, "bf16-mixed": torch.bfloat16}
 
 
 def _torchao() -> Any:
@@ -138,6 +151,14 @@ NAMED_CONFIGS: dict[str, _NamedConfig] = {
         devices=("cpu",),
         compiled_by_default=True,
     ),
+    "int8_static_x86": _NamedConfig(
+        # the same layers with activation scales calibrated on training inputs at train end: the
+        # activation quantization then fuses into the op before each linear (X86InductorQuantizer static)
+        build=Int8StaticX86Config,
+        qat=_int8_dynamic_qat,
+        devices=("cpu",),
+        compiled_by_default=True,
+    ),
     "int8_weight_only": _NamedConfig(
         build=lambda: _torchao().Int8WeightOnlyConfig(),
         qat=_int8_weight_only_qat,
@@ -178,7 +199,7 @@ def _is_quantized_weight(weight: Any) -> bool:
 
 def _is_quantized_layer(layer: nn.Module) -> bool:
     """A layer ``quantize_`` changed: a quantized weight, or swapped for an int8 module."""
-    if isinstance(layer, X86Int8DynamicLinear):
+    if isinstance(layer, X86Int8DynamicLinear):  # and X86Int8StaticLinear
         return True
     weight = getattr(layer, "weight", None)
     return weight is not None and _is_quantized_weight(weight)
@@ -227,8 +248,13 @@ def select_layers(
 
 
 # ----------------------------------------------------------------------------- replay
-#: record labels of configs that swap each linear for an X86Int8DynamicLinear
-_X86_LABELS = ("int8_dynamic_x86", Int8DynamicX86Config.__name__)
+#: record labels of the configs that swap each linear for an x86 int8 module, and that module
+_X86_LAYERS: dict[str, type[X86Int8DynamicLinear]] = {
+    "int8_dynamic_x86": X86Int8DynamicLinear,
+    Int8DynamicX86Config.__name__: X86Int8DynamicLinear,
+    "int8_static_x86": X86Int8StaticLinear,
+    Int8StaticX86Config.__name__: X86Int8StaticLinear,
+}
 
 
 @register_replay(RECORD_KIND)
@@ -239,10 +265,11 @@ def _replay_quantize(model: nn.Module, record: Record) -> None:
     subclass, so the structure is unchanged: loading with ``assign=True`` (as
     :func:`~lightning_vitcompress.load_compressed` does) restores the quantized
     weights; here the layers are checked and their weights frozen. The x86
-    config swaps each linear for an :class:`X86Int8DynamicLinear`: empty ones of
-    the same shape are put in, for the state dict to fill.
+    configs swap each linear for an :class:`X86Int8DynamicLinear` (or
+    :class:`X86Int8StaticLinear`): empty ones of the same shape are put in, for
+    the state dict to fill (scales and calibrated input ranges included).
     """
-    swap = record.get("config") in _X86_LABELS
+    x86_layer = _X86_LAYERS.get(record.get("config", ""))
     for name in record.get("layers", []):
         try:
             layer = model.get_submodule(name)
@@ -250,8 +277,8 @@ def _replay_quantize(model: nn.Module, record: Record) -> None:
             raise KeyError(f"The checkpoint's quantize record names layer {name!r}, which this model lacks.") from err
         if not isinstance(layer, nn.Linear):
             raise TypeError(f"The checkpoint's quantize record names {name!r}, a {type(layer).__name__}, not nn.Linear.")
-        if swap:
-            empty = X86Int8DynamicLinear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        if x86_layer is not None:
+            empty = x86_layer(layer.in_features, layer.out_features, bias=layer.bias is not None)
             set_submodule(model, name, empty.to(layer.weight.device))
         else:
             layer.weight.requires_grad_(False)
@@ -260,6 +287,11 @@ def _replay_quantize(model: nn.Module, record: Record) -> None:
 # ----------------------------------------------------------------------------- quantizing a model
 def _ptq_config(config: Any) -> Any:
     return NAMED_CONFIGS[config].build() if isinstance(config, str) else config
+
+
+def _needs_calibration(ptq_config: Any) -> bool:
+    """A static config without an input range: ranges are calibrated per layer."""
+    return isinstance(ptq_config, Int8StaticX86Config) and ptq_config.input_range is None
 
 
 def _group_size(config: Any) -> Optional[int]:
@@ -293,7 +325,7 @@ def _unprepared(layer: nn.Module) -> nn.Module:
     return layer.to_linear() if isinstance(layer, FakeQuantizedLinear) else layer
 
 
-def _run_example(model: nn.Module, example: Optional[tuple[tuple[Any, ...], dict[str, Any]]]) -> Any:
+def _run_example(model: nn.Module, example: Optional[Example]) -> Any:
     if example is None:
         return None
     args, kwargs = example
@@ -308,7 +340,10 @@ def quantize_model(
     *,
     skip: SkipSpec = None,
     example_input: Any = None,
-    _example: Optional[tuple[tuple[Any, ...], dict[str, Any]]] = None,
+    calibration_inputs: Optional[Sequence[Any]] = None,
+    _example: Optional[Example] = None,
+    _calibration: Optional[Sequence[Example]] = None,
+    _sync_ranges: Optional[Callable[[dict[str, tuple[float, float]]], dict[str, tuple[float, float]]]] = None,
 ) -> dict[str, Any]:
     """Quantize ``model``'s linear layers in place with torchao; what :class:`QuantizeOnFit` does at train end.
 
@@ -321,6 +356,9 @@ def quantize_model(
         config, skip: as for :class:`QuantizeOnFit`.
         example_input: a tensor (or tuple of positional args) to check the quantized
             model runs and to measure its relative output change.
+        calibration_inputs: inputs (tensors or tuples of positional args) the
+            model runs on, in eval mode, to calibrate static activation
+            quantization (``"int8_static_x86"``); a few batches of real data.
 
     Returns:
         ``{"config", "quantized": [names], "skipped": {name: why}, "size_before_bytes",
@@ -332,8 +370,17 @@ def quantize_model(
     """
     QuantizeOnFit._check_config(config)
     if _example is None and example_input is not None:
-        args = example_input if isinstance(example_input, tuple) else (example_input,)
-        _example = (args, {})
+        _example = (_as_args(example_input), {})
+    if _calibration is None and calibration_inputs is not None:
+        _calibration = [(_as_args(inputs), {}) for inputs in calibration_inputs]
+    ptq_config = _ptq_config(config)
+    calibrates = _needs_calibration(ptq_config)
+    if calibrates and not _calibration:
+        raise ValueError(
+            f"config={_config_label(config)!r} quantizes activations with scales calibrated on real inputs: "
+            "pass calibration_inputs=[batch, ...] (a few batches of the model's inputs), "
+            "or use config='int8_dynamic_x86', which needs none."
+        )
     selected, skipped = select_layers(model, skip, _group_size(config), _incompatible(config))
     if not selected:
         raise ValueError(f"skip={skip!r} leaves no nn.Linear layer to quantize; skipped: {skipped}")
@@ -342,11 +389,32 @@ def quantize_model(
     with torch.no_grad():
         reference = _run_example(model, _example)
         copies = nn.ModuleList([_prepared_copy(layer, config) for layer in originals.values()])
-        _torchao().quantize_(copies, _ptq_config(config), filter_fn=_is_linear)
+        if calibrates:
+            assert _calibration is not None
+            with eval_mode(model):
+                device = _first_device(model)
+                ranges = calibrate_input_ranges(
+                    model, selected, ((_to_device(a, device), _to_device(k, device)) for a, k in _calibration)
+                )
+            if _sync_ranges is not None:
+                # every selected layer, so all ranks reduce the same tensor; unseen ones stay infinite
+                unseen = (float("inf"), float("-inf"))
+                ranges = _sync_ranges({name: ranges.get(name, unseen) for name in selected})
+                ranges = {name: r for name, r in ranges.items() if r[0] <= r[1]}
+            for index, name in enumerate(selected):
+                if name in ranges:  # a layer the calibration inputs never reached stays full precision
+                    layer_config = dataclasses.replace(ptq_config, input_range=ranges[name])
+                    holder = nn.ModuleList([copies[index]])
+                    _torchao().quantize_(holder, layer_config, filter_fn=_is_linear)
+                    copies[index] = holder[0]
+        else:
+            _torchao().quantize_(copies, ptq_config, filter_fn=_is_linear)
     quantized: list[str] = []
     for name, layer in zip(selected, copies):
         if _is_quantized_layer(layer):
             quantized.append(name)
+        elif calibrates:
+            skipped[name] = "not run by the calibration inputs, so no input range (kept full precision)"
         else:  # torchao returns some layers unchanged (e.g. int4 with an incompatible shape)
             skipped[name] = "left unquantized by torchao (incompatible shape for this config)"
     if not quantized:
@@ -388,8 +456,10 @@ class QuantizeOnFit(CompressionCallback):
         config: ``"int8_dynamic"`` (int8 per-token activations, int8 per-channel
             weights; CPU and CUDA; torchao's portable int8 path),
             ``"int8_dynamic_x86"`` (x86 CPUs: uint8 per-tensor activations, int8
-            per-channel weights, compiled to oneDNN int8 GEMMs; the fastest CPU
-            path, see :class:`~lightning_vitcompress.Int8DynamicX86Config`),
+            per-channel weights, compiled to oneDNN int8 GEMMs, see
+            :class:`~lightning_vitcompress.Int8DynamicX86Config`),
+            ``"int8_static_x86"`` (the same with activation scales calibrated on
+            ``calibration_batches`` training inputs at train end: the fastest CPU path),
             ``"int8_weight_only"`` (CPU and CUDA),
             ``"int4_weight_only"`` (CUDA; groups of 128, layers cast to bf16),
             ``"float8_dynamic"`` (CUDA, compute capability >= 8.9), or any torchao
@@ -411,6 +481,15 @@ class QuantizeOnFit(CompressionCallback):
             training input under ``inference_mode``, and logged as
             ``quant/compile_seconds`` (about 15-30 s for ViT-B/16 on 2 cores);
             inputs of another shape, device or grad mode compile again on first use.
+        inference_precision: ``"32-true"`` (default) or ``"bf16-mixed"``: the
+            compiled x86 model runs its unquantized ops (attention, norms, GELU,
+            residual adds) in bf16 under CPU autocast and returns float32
+            (PyTorch's int8-mixed-bf16 recipe; for CPUs with AVX512-BF16 or AMX,
+            checked at setup). x86 configs only.
+        calibration_batches: how many training batches ``"int8_static_x86"``
+            calibrates on: the target model's inputs of the first
+            ``calibration_batches`` training steps of the last epoch are kept
+            (on their device) and run through the trained model in eval mode.
         save_path: write the quantized model here as a checkpoint that
             :func:`~lightning_vitcompress.load_compressed` loads back.
         save_fp32_path: write the trained full-precision model here first (also
@@ -435,6 +514,8 @@ class QuantizeOnFit(CompressionCallback):
         skip: SkipSpec = None,
         qat_start_epoch: Optional[int] = None,
         compile: Union[None, bool, dict[str, Any]] = None,
+        inference_precision: Literal["32-true", "bf16-mixed"] = "32-true",
+        calibration_batches: int = 8,
         save_path: Optional[Union[str, Path]] = None,
         save_fp32_path: Optional[Union[str, Path]] = None,
         on_error: Literal["raise", "warn"] = "raise",
@@ -455,17 +536,37 @@ class QuantizeOnFit(CompressionCallback):
             raise TypeError(f"compile={compile!r}: pass True/False, a dict of torch.compile arguments, or None.")
         if on_error not in ("raise", "warn"):
             raise ValueError(f"on_error={on_error!r}: pass 'raise' or 'warn'.")
+        if inference_precision not in INFERENCE_PRECISIONS:
+            raise ValueError(f"inference_precision={inference_precision!r}: pass one of {list(INFERENCE_PRECISIONS)}.")
+        if inference_precision != "32-true":
+            if _config_label(config) not in _X86_LAYERS:
+                raise ValueError(
+                    f"inference_precision={inference_precision!r} needs an x86 config (compiled with inductor "
+                    f"freezing), not config={_config_label(config)!r}: use config='int8_static_x86' or "
+                    "'int8_dynamic_x86', or inference_precision='32-true'."
+                )
+            if compile is False:
+                raise ValueError(
+                    f"inference_precision={inference_precision!r} takes effect in the compiled model, "
+                    "but compile=False: pass compile=None (default) or True."
+                )
+        if not isinstance(calibration_batches, int) or isinstance(calibration_batches, bool) or calibration_batches < 1:
+            raise ValueError(f"calibration_batches={calibration_batches!r}: pass a number of batches >= 1.")
         self.config = config
         self.skip = skip
         self.qat_start_epoch = qat_start_epoch
         self.compile = compile
+        self.inference_precision = inference_precision
+        self.calibration_batches = calibration_batches
         self.save_path = Path(save_path) if save_path is not None else None
         self.save_fp32_path = Path(save_fp32_path) if save_fp32_path is not None else None
         self.on_error = on_error
         #: what the last quantization did (``None`` before it ran)
         self.summary: Optional[dict[str, Any]] = None
         self._qat_active = False
-        self._example: Optional[tuple[tuple[Any, ...], dict[str, Any]]] = None
+        self._example: Optional[Example] = None
+        #: training inputs of the current epoch kept for static calibration
+        self._calibration: list[Example] = []
         self._capture_handle: Optional[Any] = None
 
     # ------------------------------------------------------------- config
@@ -512,7 +613,11 @@ class QuantizeOnFit(CompressionCallback):
 
     @property
     def _uses_x86_layers(self) -> bool:
-        return _config_label(self.config) in _X86_LABELS
+        return _config_label(self.config) in _X86_LAYERS
+
+    @property
+    def _calibrates(self) -> bool:
+        return _needs_calibration(self._ptq_config())
 
     # ------------------------------------------------------------- setup: fail fast
     def ordered_setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -527,6 +632,7 @@ class QuantizeOnFit(CompressionCallback):
             )
         device = trainer.strategy.root_device
         self._check_device(device)
+        self._check_inference_precision()
         self._check_qat_epoch(trainer)
         self._dry_run(device)
         selected, skipped = select_layers(
@@ -562,6 +668,13 @@ class QuantizeOnFit(CompressionCallback):
                     "Use config='int8_dynamic' or 'int4_weight_only'."
                 )
 
+    def _check_inference_precision(self) -> None:
+        if self.inference_precision == "bf16-mixed" and not cpu_supports_bfloat16():
+            raise ValueError(
+                "inference_precision='bf16-mixed': this CPU has no native bf16 math (AVX512-BF16 or AMX), "
+                "so bf16 would be slower than float32 here. Use inference_precision='32-true'."
+            )
+
     def _check_qat_epoch(self, trainer: "pl.Trainer") -> None:
         if self.qat_start_epoch is None:
             return
@@ -587,7 +700,10 @@ class QuantizeOnFit(CompressionCallback):
                 holder[0](x).sum().backward()
                 step = "quantize"
             holder = nn.ModuleList([_prepared_copy(layer, self.config)])
-            quantize_(holder, self._ptq_config(), filter_fn=_is_linear)
+            ptq_config = self._ptq_config()
+            if _needs_calibration(ptq_config):
+                ptq_config = dataclasses.replace(ptq_config, input_range=(-4.0, 4.0))
+            quantize_(holder, ptq_config, filter_fn=_is_linear)
             named = self._named
             with torch.no_grad():
                 holder[0](x.to(torch.bfloat16) if named is not None and named.bfloat16_weights else x)
@@ -599,14 +715,22 @@ class QuantizeOnFit(CompressionCallback):
                 f"Named configs: {sorted(NAMED_CONFIGS)}."
             ) from err
 
-    # ------------------------------------------------------------- example input capture
+    # ------------------------------------------------------------- example and calibration input capture
     def _start_capture(self, model: nn.Module) -> None:
+        """Keep the first training input (a few rows: the check and compile example) and, for a
+        static config, the first ``calibration_batches`` training inputs of each epoch."""
         self._stop_capture()
         self._example = None
+        self._calibration = []
+        calibrates = self._calibrates
 
         def capture(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            self._example = (_detached_rows(args), _detached_rows(kwargs))
-            self._stop_capture()
+            if self._example is None:
+                self._example = (_detached_rows(args), _detached_rows(kwargs))
+            if not calibrates:
+                self._stop_capture()
+            elif module.training and len(self._calibration) < self.calibration_batches:
+                self._calibration.append((_detached_rows(args, rows=None), _detached_rows(kwargs, rows=None)))
 
         self._capture_handle = model.register_forward_pre_hook(capture, with_kwargs=True)
 
@@ -617,6 +741,7 @@ class QuantizeOnFit(CompressionCallback):
 
     # ------------------------------------------------------------- QAT
     def ordered_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._calibration = []  # calibrate on the last epoch's inputs, seen by the most trained weights
         if self.qat_start_epoch is None or self._qat_active or trainer.current_epoch < self.qat_start_epoch:
             return
         model = self.target(pl_module)
@@ -642,7 +767,7 @@ class QuantizeOnFit(CompressionCallback):
             # during QAT too: fake-quantized layers keep nn.Linear's keys and hold the fp32 weights
             self._save(trainer, pl_module, pl_module.state_dict(), self.save_fp32_path)
         try:
-            summary = self._quantize(model)
+            summary = self._quantize(model, trainer)
         except Exception as err:  # noqa: BLE001 - reported with its cause; the fp32 model is in place
             if self._qat_active:
                 self._remove_fake_quantization(model)
@@ -671,9 +796,27 @@ class QuantizeOnFit(CompressionCallback):
             self._save(trainer, pl_module, pl_module.state_dict(), self.save_path)
         self._log(trainer, summary)
 
-    def _quantize(self, model: nn.Module) -> dict[str, Any]:
-        summary = quantize_model(model, self.config, skip=self.skip, _example=self._example)
+    def _quantize(self, model: nn.Module, trainer: "pl.Trainer") -> dict[str, Any]:
+        if self._calibrates and not self._calibration:
+            raise RuntimeError(
+                f"config={_config_label(self.config)!r} calibrates on training inputs, but no training step ran "
+                "in this fit (nothing to calibrate on)."
+            )
+
+        def same_on_every_rank(ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+            return _reduce_ranges(trainer, ranges)
+
+        summary = quantize_model(
+            model,
+            self.config,
+            skip=self.skip,
+            _example=self._example,
+            _calibration=self._calibration or None,
+            _sync_ranges=same_on_every_rank,
+        )
+        self._calibration = []
         summary["qat"] = self._qat_active
+        summary["inference_precision"] = self.inference_precision
         if summary["skipped"]:
             rank_zero_info(
                 "QuantizeOnFit kept in full precision: "
@@ -696,7 +839,7 @@ class QuantizeOnFit(CompressionCallback):
     def _compile(self, model: nn.Module) -> Optional[float]:
         kwargs = self.compile if isinstance(self.compile, dict) else {}
         if self._uses_x86_layers:
-            compile_frozen(model, **kwargs)
+            compile_frozen(model, autocast_dtype=INFERENCE_PRECISIONS[self.inference_precision], **kwargs)
         else:
             model.compile(**kwargs)
         if self._example is None:
@@ -757,12 +900,17 @@ class QuantizeOnFit(CompressionCallback):
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         self._stop_capture()
         self._example = None
+        self._calibration = []
         super().teardown(trainer, pl_module, stage)
 
 
 # ----------------------------------------------------------------------------- small helpers
 def _is_linear(module: nn.Module, *args: Any) -> bool:
     return isinstance(module, nn.Linear)
+
+
+def _as_args(inputs: Any) -> tuple[Any, ...]:
+    return inputs if isinstance(inputs, tuple) else (inputs,)
 
 
 def _is_str_sequence(value: Any) -> bool:
@@ -775,15 +923,26 @@ def _state_size(model: nn.Module) -> int:
     return buffer.getbuffer().nbytes
 
 
-def _detached_rows(value: Any) -> Any:
+def _detached_rows(value: Any, rows: Optional[int] = _EXAMPLE_ROWS) -> Any:
+    """A detached copy of ``value``'s tensors, cut to their first ``rows`` rows (``None``: all)."""
     if isinstance(value, torch.Tensor):
-        rows = value.detach()
-        return rows[:_EXAMPLE_ROWS].clone() if rows.ndim else rows.clone()
+        tensor = value.detach()
+        return tensor[:rows].clone() if tensor.ndim and rows is not None else tensor.clone()
     if isinstance(value, (list, tuple)):
-        return type(value)(_detached_rows(v) for v in value)
+        return type(value)(_detached_rows(v, rows) for v in value)
     if isinstance(value, dict):
-        return {k: _detached_rows(v) for k, v in value.items()}
+        return {k: _detached_rows(v, rows) for k, v in value.items()}
     return value
+
+
+def _reduce_ranges(trainer: "pl.Trainer", ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+    """The union of the calibration ranges of all ranks (each rank calibrated on its own batches)."""
+    if trainer.world_size <= 1:
+        return ranges
+    names = sorted(ranges)
+    bounds = torch.tensor([[-ranges[n][0], ranges[n][1]] for n in names], device=trainer.strategy.root_device)
+    bounds = trainer.strategy.reduce(bounds, reduce_op="max")
+    return {name: (-float(low), float(high)) for name, (low, high) in zip(names, bounds.tolist())}
 
 
 def _to_device(value: Any, device: torch.device) -> Any:

@@ -20,7 +20,8 @@ from torchao.quantization import Int8Tensor
 from torchao.quantization.qat import FakeQuantizedLinear
 from torchao.quantization.transform_module import register_quantize_module_handler
 
-from lightning_vitcompress import X86Int8DynamicLinear, load_compressed
+from lightning_vitcompress import X86Int8DynamicLinear, X86Int8StaticLinear, load_compressed
+from lightning_vitcompress._x86_int8 import calibrate_input_ranges
 from lightning_vitcompress._measure import measure_accuracy
 from lightning_vitcompress._structure import STRUCTURE_KEY
 from lightning_vitcompress.digits import DigitsClassifier
@@ -100,6 +101,83 @@ def test_int8_dynamic_x86_swaps_in_int8_layers_compiles_them_to_onednn_and_round
     # oneDNN's int8 GEMM rounds a little differently from the reference dequantize-then-matmul
     assert (compiled - eager).abs().max() < 0.1
     assert (compiled.argmax(1) == eager.argmax(1)).float().mean() >= 0.95
+
+
+class LastEpochInputs(Callback):
+    """Keeps the images of the first training batches of the last epoch, as QuantizeOnFit should."""
+
+    def __init__(self, batches: int) -> None:
+        self.batches = batches
+        self.images: list[torch.Tensor] = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.images = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if len(self.images) < self.batches:
+            self.images.append(batch[0].clone())
+
+
+def test_int8_static_x86_calibrates_on_the_last_epoch_runs_bf16_mixed_and_round_trips(
+    tmp_path, tiny_classifier, digits
+):
+    model = tiny_classifier(lr=3e-3)
+    inputs = LastEpochInputs(batches=2)
+    callback = QuantizeOnFit(
+        "int8_static_x86",
+        inference_precision="bf16-mixed",
+        calibration_batches=2,
+        save_path=tmp_path / "int8.ckpt",
+        save_fp32_path=tmp_path / "fp32.ckpt",
+    )
+    trainer = fast_trainer(
+        tmp_path, callbacks=[callback, inputs], max_epochs=10, limit_train_batches=None, limit_val_batches=0
+    )
+    trainer.fit(model, digits)
+
+    layers = {name: m for name, m in model.model.named_modules() if isinstance(m, (nn.Linear, X86Int8DynamicLinear))}
+    assert {type(m) for m in layers.values()} == {X86Int8StaticLinear} and callback.summary["quantized"] == list(layers)
+    # the activation scales are those of the last epoch's first 2 training batches run through the trained model
+    fp32 = load_compressed(DigitsClassifier, tmp_path / "fp32.ckpt").eval()
+    expected = calibrate_input_ranges(fp32.model, list(layers), [((images,), {}) for images in inputs.images])
+    for name, layer in layers.items():
+        reference = X86Int8StaticLinear(layer.in_features, layer.out_features)
+        reference.set_input_range(*expected[name])
+        assert (layer.input_scale, layer.input_zero_point) == pytest.approx(
+            (reference.input_scale, reference.input_zero_point)
+        ), name
+    assert len({layer.input_scale for layer in layers.values()}) > 1  # one range per layer, not one for all
+
+    test_batches = list(digits.test_dataloader())
+    images = test_batches[0][0]
+    model.eval()
+    with torch.inference_mode():
+        eager = model.model.forward(images)  # forward() bypasses the compiled call: float32 reference ops
+        compiled = model(images)  # oneDNN int8 GEMMs, the rest in bf16 under autocast
+    assert compiled.dtype == torch.float32  # bf16-mixed hands back float32 logits...
+    assert torch.equal(compiled, compiled.bfloat16().float())  # ...computed in bf16
+    assert not torch.equal(eager, eager.bfloat16().float())
+    assert (compiled.argmax(1) == eager.argmax(1)).float().mean() >= 0.95
+    fp32_accuracy = measure_accuracy(fp32, test_batches)
+    int8_accuracy = measure_accuracy(model, test_batches)
+    assert fp32_accuracy > 0.5 and fp32_accuracy - int8_accuracy <= 0.005
+    (result,) = trainer.test(model, digits, verbose=False)
+    assert result["test/acc"] == pytest.approx(int8_accuracy)
+
+    loaded = load_compressed(DigitsClassifier, tmp_path / "int8.ckpt")  # weights_only: scales as extra state
+    loaded_layer, layer = loaded.model.blocks[1].mlp.fc2, model.model.blocks[1].mlp.fc2
+    assert type(loaded_layer) is X86Int8StaticLinear
+    assert (loaded_layer.input_scale, loaded_layer.input_zero_point) == (layer.input_scale, layer.input_zero_point)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.model.forward(images), eager)
+
+
+def test_quantize_model_needs_calibration_inputs_for_the_static_config(tiny_classifier):
+    model = tiny_classifier().model.eval()
+    with pytest.raises(ValueError, match=r"config='int8_static_x86'.*pass calibration_inputs="):
+        quantize_model(model, "int8_static_x86")
+    summary = quantize_model(model, "int8_static_x86", calibration_inputs=[torch.randn(4, 3, 32, 32)])
+    assert type(model.head) is X86Int8StaticLinear and len(summary["quantized"]) == 2 * 4 + 1
 
 
 def test_size_ratio_on_vit_small():
@@ -218,6 +296,22 @@ def test_constructor_rejects_unknown_configs_and_bad_arguments():
         QuantizeOnFit(compile="max-autotune")
     with pytest.raises(ValueError, match="on_error='ignore'"):
         QuantizeOnFit(on_error="ignore")
+    with pytest.raises(ValueError, match=r"inference_precision='bf16'.*\['32-true', 'bf16-mixed'\]"):
+        QuantizeOnFit("int8_static_x86", inference_precision="bf16")
+    with pytest.raises(ValueError, match=r"inference_precision='bf16-mixed' needs an x86 config.*'int8_dynamic'"):
+        QuantizeOnFit("int8_dynamic", inference_precision="bf16-mixed")
+    with pytest.raises(ValueError, match=r"inference_precision='bf16-mixed'.*compile=False"):
+        QuantizeOnFit("int8_dynamic_x86", inference_precision="bf16-mixed", compile=False)
+    with pytest.raises(ValueError, match="calibration_batches=0"):
+        QuantizeOnFit("int8_static_x86", calibration_batches=0)
+
+
+def test_setup_rejects_bf16_mixed_on_a_cpu_without_bf16_math(tmp_path, tiny_classifier, digits, monkeypatch):
+    monkeypatch.setattr("lightning_vitcompress.quantization.cpu_supports_bfloat16", lambda: False)
+    trainer = fast_trainer(tmp_path, callbacks=[QuantizeOnFit("int8_static_x86", inference_precision="bf16-mixed")])
+    with pytest.raises(ValueError, match=r"no native bf16 math.*inference_precision='32-true'"):
+        trainer.fit(tiny_classifier(), digits)
+    assert trainer.global_step == 0
 
 
 @dataclass
@@ -368,3 +462,29 @@ def test_ddp_every_rank_ends_with_the_same_quantized_model_and_rank_zero_writes(
     assert [r["types"] for r in reports] == [["Int8Tensor"], ["Int8Tensor"]]
     assert reports[0]["output"] == pytest.approx(reports[1]["output"], abs=1e-6)
     assert (tmp_path / "int8.ckpt").is_file()
+
+
+def test_ddp_ranks_calibrate_on_their_own_batches_and_end_with_the_same_static_scales(tmp_path):
+    reports = run_ddp_script(
+        f"""
+        import lightning as L
+        from lightning_vitcompress import X86Int8StaticLinear
+        from lightning_vitcompress.quantization import QuantizeOnFit
+        from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
+        L.seed_everything(0)
+        model = DigitsClassifier(**{TINY!r})
+        callback = QuantizeOnFit("int8_static_x86", calibration_batches=1, compile=False)
+        seen = []
+        trainer = L.Trainer(accelerator="cpu", strategy="ddp", devices=2, max_epochs=1, limit_train_batches=2,
+                            limit_val_batches=0, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
+        model.model.register_forward_pre_hook(lambda m, args: seen.append(float(args[0].sum())) if m.training else None)
+        trainer.fit(model, DigitsDataModule(batch_size=16))
+        scales = [(m.input_scale, m.input_zero_point) for m in model.modules() if isinstance(m, X86Int8StaticLinear)]
+        report(trainer, first_batch=seen[0], scales=scales)
+        """,
+        tmp_path,
+    )
+    assert reports[0]["first_batch"] != reports[1]["first_batch"]  # each rank calibrated on its own data...
+    assert len(reports[0]["scales"]) == 2 * 4 + 1
+    assert reports[0]["scales"] == reports[1]["scales"]  # ...and the ranges were merged across ranks
