@@ -6,9 +6,11 @@ them), batch 4, 2 threads, every variant in this one process, timed interleaved
 callbacks run (``prune_vit`` for PruningSchedule, ``quantize_model`` for
 QuantizeOnFit). Target: pruned 50% + int8 >= 11x fp32 eager, size <= 0.07x.
 Compiled variants: torchao's portable ``int8_dynamic`` with ``torch.compile``,
-and ``int8_dynamic_x86`` compiled with inductor freezing (``compile_frozen``,
-what QuantizeOnFit does for that config); the pruned fp32 model compiled with
-freezing shows how much of that is the compiler alone.
+and ``int8_dynamic_x86`` / ``int8_static_x86`` compiled with inductor freezing
+(``compile_frozen``, what QuantizeOnFit does for those configs), also with
+``inference_precision="bf16-mixed"``; the static config calibrates on two
+batches of the same random inputs. The pruned fp32 model compiled with
+freezing (alone and bf16-mixed) shows how much of that is the compiler and bf16.
 
     python benchmarks/bench_pipeline.py [--batch-size 4] [--threads 2] [--no-compile]
 """
@@ -24,6 +26,7 @@ import torch
 
 from lightning_vitcompress import compile_frozen, quantize_model
 from lightning_vitcompress._measure import compare_throughput, serialized_size_bytes
+from lightning_vitcompress.quantization import INFERENCE_PRECISIONS
 from lightning_vitcompress.pruning import prune_vit
 
 
@@ -43,6 +46,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    # nine compiled variants of one model class: past dynamo's default recompile_limit (8) the
+    # rest would silently run eager
+    torch._dynamo.config.recompile_limit = 32
     x = torch.randn(args.batch_size, 3, 224, 224)
 
     fp32 = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
@@ -67,16 +73,21 @@ def main() -> None:
         compile_frozen(pruned_frozen)
         compile_seconds["pruned 50%, compiled (freezing)"] = first_call_seconds(pruned_frozen, x)
         variants["pruned 50%, compiled (freezing)"] = pruned_frozen
-        x86 = copy.deepcopy(fp32)
-        quantize_model(x86, "int8_dynamic_x86")
-        compile_frozen(x86)
-        compile_seconds["int8 dynamic x86, compiled"] = first_call_seconds(x86, x)
-        variants["int8 dynamic x86, compiled"] = x86
-        both_x86 = copy.deepcopy(pruned)
-        quantize_model(both_x86, "int8_dynamic_x86")
-        compile_frozen(both_x86)
-        compile_seconds["pruned 50% + int8 x86, compiled"] = first_call_seconds(both_x86, x)
-        variants["pruned 50% + int8 x86, compiled"] = both_x86
+        pruned_bf16 = copy.deepcopy(pruned)
+        compile_frozen(pruned_bf16, autocast_dtype=torch.bfloat16)
+        compile_seconds["pruned 50%, compiled bf16-mixed"] = first_call_seconds(pruned_bf16, x)
+        variants["pruned 50%, compiled bf16-mixed"] = pruned_bf16
+        calibration = [x, torch.randn_like(x)]
+        runs = [("", fp32, "int8_dynamic_x86", "32-true"), ("", fp32, "int8_static_x86", "bf16-mixed")]
+        runs += [("pruned 50% + ", pruned, config, precision)
+                 for config in ("int8_dynamic_x86", "int8_static_x86") for precision in INFERENCE_PRECISIONS]
+        for prefix, source, config, precision in runs:
+            model = copy.deepcopy(source)
+            quantize_model(model, config, calibration_inputs=calibration)
+            compile_frozen(model, autocast_dtype=INFERENCE_PRECISIONS[precision])
+            label = f"{prefix}{config}{' bf16-mixed' if precision == 'bf16-mixed' else ''}, compiled"
+            compile_seconds[label] = first_call_seconds(model, x)
+            variants[label] = model
 
     ips = compare_throughput(variants, x, num_threads=args.threads, rounds=args.rounds, min_run_time=2.0)
     base_ips, base_size = ips["fp32 eager"], serialized_size_bytes(fp32)

@@ -3,15 +3,18 @@
 1. CPU speed and size, one process, interleaved (A, B, A, B...), on timm
    ``vit_base_patch16_224`` and ``deit_small_patch16_224`` (random weights):
    fp32 eager = 1.0 against QuantizeOnFit's int8-dynamic (eager and
-   ``torch.compile``), int8-dynamic-x86 (compiled with inductor freezing, as
-   QuantizeOnFit does), int8 weight-only, the seed study's
-   ``torch.ao.quantization.quantize_dynamic``, and fp32 compiled with freezing
-   (how much of the x86 speed is the compiler alone).
+   ``torch.compile``), int8-dynamic-x86 and int8-static-x86 (compiled with
+   inductor freezing, as QuantizeOnFit does; also with
+   ``inference_precision="bf16-mixed"``), int8 weight-only, the seed study's
+   ``torch.ao.quantization.quantize_dynamic``, and fp32 compiled with freezing,
+   alone and bf16-mixed (how much of the speed is the compiler and bf16 alone).
+   The static config calibrates on two batches of the same random inputs.
 2. CUDA (only when a GPU is present, else ``n/a``): bf16 eager = 1.0 against
    int8-dynamic, int8 weight-only, int4 weight-only and float8-dynamic
    (float8 only on compute capability >= 8.9).
 3. Digits accuracy: a small ViT trained here, quantized with and without the
-   classifier head (int8-dynamic and int8 weight-only).
+   classifier head (every CPU config; int8-static-x86 calibrated on 8 training
+   batches), and the x86 configs compiled bf16-mixed.
 
     python benchmarks/bench_quantization.py [--batch-size 4] [--threads 2] [--skip-compile] [--skip-digits]
                                             [--cuda-compile]
@@ -32,7 +35,7 @@ from torch import nn
 from lightning_vitcompress._measure import compare_throughput, measure_accuracy, serialized_size_bytes
 from lightning_vitcompress._x86_int8 import compile_frozen
 from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
-from lightning_vitcompress.quantization import NAMED_CONFIGS, quantize_model
+from lightning_vitcompress.quantization import INFERENCE_PRECISIONS, NAMED_CONFIGS, quantize_model
 
 MODELS = ("vit_base_patch16_224", "deit_small_patch16_224")
 
@@ -40,6 +43,12 @@ MODELS = ("vit_base_patch16_224", "deit_small_patch16_224")
 def quantized(model: nn.Module, config: str, **kwargs) -> nn.Module:
     model = copy.deepcopy(model)
     quantize_model(model, config, **kwargs)
+    return model
+
+
+def compiled_frozen(model: nn.Module, precision: str = "32-true") -> nn.Module:
+    """What QuantizeOnFit does at train end for the x86 configs (compile with inductor freezing)."""
+    compile_frozen(model, autocast_dtype=INFERENCE_PRECISIONS[precision])
     return model
 
 
@@ -61,7 +70,10 @@ def cpu_section(args: argparse.Namespace) -> None:
     print(f"\n## CPU: batch {args.batch_size}, {args.threads} threads, torch {torch.__version__}, fp32 eager = 1.0")
     print("| model | variant | speed | size MB | size ratio |")
     print("|---|---|---|---|---|")
-    for name in MODELS:
+    for name in args.models:
+        # every compiled variant is a recompile of the same forward code: without this, the second
+        # model would pass dynamo's recompile_limit (8) and silently run eager
+        torch._dynamo.reset()
         fp32 = timm.create_model(name, pretrained=False).eval()
         variants = {
             "fp32 eager": fp32,
@@ -75,14 +87,18 @@ def cpu_section(args: argparse.Namespace) -> None:
             compiled.compile()
             compile_seconds["int8_dynamic"] = first_call_seconds(compiled, x)
             variants["QuantizeOnFit int8_dynamic compiled"] = compiled
-            x86 = quantized(fp32, "int8_dynamic_x86")
-            compile_frozen(x86)  # what QuantizeOnFit("int8_dynamic_x86") does at train end
-            compile_seconds["int8_dynamic_x86"] = first_call_seconds(x86, x)
-            variants["QuantizeOnFit int8_dynamic_x86 compiled"] = x86
-            fp32_frozen = copy.deepcopy(fp32)
-            compile_frozen(fp32_frozen)
-            compile_seconds["fp32"] = first_call_seconds(fp32_frozen, x)
-            variants["fp32 compiled (freezing)"] = fp32_frozen
+            calibration = [x, torch.randn_like(x)]
+            for config in ("int8_dynamic_x86", "int8_static_x86"):
+                for precision in INFERENCE_PRECISIONS:
+                    model = compiled_frozen(quantized(fp32, config, calibration_inputs=calibration), precision)
+                    label = f"{config}{' bf16-mixed' if precision == 'bf16-mixed' else ''}"
+                    compile_seconds[label] = first_call_seconds(model, x)
+                    variants[f"QuantizeOnFit {label} compiled"] = model
+            for precision in INFERENCE_PRECISIONS:
+                label = f"fp32{' bf16-mixed' if precision == 'bf16-mixed' else ''}"
+                model = compiled_frozen(copy.deepcopy(fp32), precision)
+                compile_seconds[label] = first_call_seconds(model, x)
+                variants[f"{label} compiled (freezing)"] = model
         speed = compare_throughput(variants, x, num_threads=args.threads, rounds=args.rounds, min_run_time=1.0)
         base_size = serialized_size_bytes(fp32)
         for variant, model in variants.items():
@@ -149,25 +165,38 @@ def digits_section(args: argparse.Namespace) -> None:
     test = list(data.test_dataloader()) + list(data.val_dataloader())  # 538 images: 1 image = 0.19 pt
     images = torch.cat([batch[0] for batch in test])
     with torch.no_grad():
-        reference = vit(images).argmax(-1)
+        reference_logits = vit(images)
+    reference = reference_logits.argmax(-1)
     fp32_accuracy = measure_accuracy(vit, test)
     print(f"\n## Digits ({args.digits_epochs} epochs, DigitsClassifier embed 64 depth 4), val+test {len(images)} images")
-    print("| variant | accuracy | change vs fp32 (pt) | predictions changed |")
-    print("|---|---|---|---|")
-    print(f"| fp32 | {fp32_accuracy:.4f} | | |")
-    for config in ("int8_dynamic", "int8_dynamic_x86", "int8_weight_only"):
+    print("| variant | accuracy | change vs fp32 (pt) | predictions changed | logits rel. change |")
+    print("|---|---|---|---|---|")
+    print(f"| fp32 | {fp32_accuracy:.4f} | | | |")
+    calibration = [batch[0] for batch in list(data.train_dataloader())[:8]]  # QuantizeOnFit's default 8 batches
+
+    def report(label: str, q: nn.Module) -> None:
+        accuracy = measure_accuracy(q, test)
+        with torch.no_grad():
+            logits = q(images)
+        changed = int((logits.argmax(-1) != reference).sum())
+        drift = float((logits - reference_logits).norm() / reference_logits.norm())
+        print(f"| {label} | {accuracy:.4f} | {100 * (accuracy - fp32_accuracy):+.2f} | {changed} | {drift:.4f} |")
+
+    cpu_configs = [name for name, spec in NAMED_CONFIGS.items() if "cpu" in spec.devices]
+    for config in cpu_configs:
         for skip in (None, "head"):
-            q = quantized(vit, config, skip=skip)
-            accuracy = measure_accuracy(q, test)
-            with torch.no_grad():
-                changed = int((q(images).argmax(-1) != reference).sum())
-            label = f"{config}, {'head kept fp32' if skip else 'all linears'}"
-            print(f"| {label} | {accuracy:.4f} | {100 * (accuracy - fp32_accuracy):+.2f} | {changed} |")
+            q = quantized(vit, config, skip=skip, calibration_inputs=calibration)
+            report(f"{config}, {'head kept fp32' if skip else 'all linears'}", q)
+    for config in ("int8_dynamic_x86", "int8_static_x86"):
+        q = compiled_frozen(quantized(vit, config, calibration_inputs=calibration), "bf16-mixed")
+        report(f"{config}, all linears, compiled bf16-mixed", q)
+    report("fp32 compiled bf16-mixed (no int8)", compiled_frozen(copy.deepcopy(vit), "bf16-mixed"))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), help="timm models of the CPU section")
     parser.add_argument("--cuda-batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)

@@ -3,6 +3,10 @@
 Runs offline in about a minute on 2 CPU cores:
 
     python examples/quantization_example.py [--epochs 8] [--qat-epochs 2] [--config int8_dynamic]
+                                            [--inference-precision bf16-mixed]
+
+For CPU deployment: ``--config int8_static_x86 --inference-precision bf16-mixed`` (the fastest
+CPU path: calibrated int8 GEMMs, the rest in bf16, compiled when training ends).
 
 What it shows:
 * QAT from epoch ``epochs - qat_epochs`` (fake-quantized linears, same parameters), int8 at the end;
@@ -29,7 +33,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--qat-epochs", type=int, default=2, help="0: post-training quantization only")
-    parser.add_argument("--config", default="int8_dynamic", help="int8_dynamic, int8_weight_only (CPU or CUDA)")
+    parser.add_argument(
+        "--config", default="int8_dynamic",
+        help="int8_dynamic, int8_weight_only (CPU or CUDA); int8_dynamic_x86, int8_static_x86 (x86 CPU, compiled)",
+    )
+    parser.add_argument("--inference-precision", default="32-true", choices=["32-true", "bf16-mixed"],
+                        help="bf16-mixed: x86 configs only, on CPUs with AVX512-BF16/AMX")
     parser.add_argument("--output-dir", default="outputs/quantization")
     args = parser.parse_args()
 
@@ -40,6 +49,7 @@ def main() -> None:
     data = DigitsDataModule(batch_size=64)
     quantize = QuantizeOnFit(
         args.config,
+        inference_precision=args.inference_precision,
         qat_start_epoch=args.epochs - args.qat_epochs if args.qat_epochs else None,
         save_path=output / f"model-{args.config}.ckpt",
         save_fp32_path=output / "model-fp32.ckpt",
@@ -59,7 +69,8 @@ def main() -> None:
     print(f"\nQuantizeOnFit({args.config!r}, QAT epochs: {args.qat_epochs})")
     print(f"  layers quantized: {len(summary['quantized'])}, kept in full precision: {summary['skipped'] or 'none'}")
     print(f"  model size: {serialized_size_bytes(fp32.model) / 1e6:.2f} MB fp32 -> "
-          f"{serialized_size_bytes(loaded.model) / 1e6:.2f} MB ({type(loaded.model.head.weight.data).__name__})")
+          f"{serialized_size_bytes(loaded.model) / 1e6:.2f} MB (head: {type(loaded.model.head).__name__}, "
+          f"weight {type(loaded.model.head.weight.data).__name__} of {loaded.model.head.weight.dtype})")
     print(f"  test accuracy: fp32 {measure_accuracy(fp32, test):.4f}, quantized {result['test/acc']:.4f} "
           f"(trainer.test), reloaded {measure_accuracy(loaded, test):.4f}")
 
