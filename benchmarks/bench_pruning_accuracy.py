@@ -86,13 +86,18 @@ def make_callbacks(arm: str, args: argparse.Namespace, teacher: Any) -> list[Any
     return callbacks
 
 
-def int8_accuracy(model: torch.nn.Module, dm: DigitsDataModule) -> Optional[float]:
+def evaluation_batches(dm: DigitsDataModule, split: str) -> Any:
+    """The split accuracy is measured on: ``test``, or ``val`` for choosing settings (never trained on here)."""
+    return dm.val_dataloader() if split == "val" else dm.test_dataloader()
+
+
+def int8_accuracy(model: torch.nn.Module, dm: DigitsDataModule, split: str) -> Optional[float]:
     from lightning_vitcompress.quantization import quantize_model
 
     quantized = copy.deepcopy(model).cpu().eval()
     summary = quantize_model(quantized, "int8_dynamic")
     assert summary["quantized"], f"nothing was quantized: {summary['skipped']}"
-    return measure_accuracy(quantized, dm.test_dataloader())
+    return measure_accuracy(quantized, evaluation_batches(dm, split))
 
 
 def pretrain(args: argparse.Namespace, dm: DigitsDataModule) -> DigitsClassifier:
@@ -141,6 +146,8 @@ def main() -> None:
     parser.add_argument("--int8", action="store_true", help="also measure each final model after int8 dynamic")
     parser.add_argument("--cache-dir", default=None, help="keep/reuse the pretrained weights here")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--split", default="test", choices=["test", "val"],
+                        help="where accuracy is measured: choose settings on val, report them on test")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--accelerator", default="cpu")
     args = parser.parse_args()
@@ -170,24 +177,25 @@ def main() -> None:
             fit(model, dm, args.epochs, make_callbacks(arm, args, teacher))
             elapsed = time.perf_counter() - start
             model.cpu()
-            results.setdefault(arm, []).append(measure_accuracy(model, dm.test_dataloader()))
+            results.setdefault(arm, []).append(measure_accuracy(model, evaluation_batches(dm, args.split)))
             seconds.setdefault(arm, []).append(elapsed)
             params[arm] = count_parameters(model.model)
             line = f"seed {seed} {arm}: {results[arm][-1]:.4f} ({elapsed:.0f}s)"
             if args.int8:
                 name = f"{arm} + int8"
-                results.setdefault(name, []).append(int8_accuracy(model.model, dm))
+                results.setdefault(name, []).append(int8_accuracy(model.model, dm, args.split))
                 params[name] = params[arm]
                 line += f", int8 {results[name][-1]:.4f}"
             print(line, flush=True)
 
     reference = results["unpruned"]
-    print(f"\ndigits test split ({len(dm.test_set)} images), ViT embed_dim={args.embed_dim} depth={args.depth} "
+    evaluated = dm.val_set if args.split == "val" else dm.test_set
+    print(f"\ndigits {args.split} split ({len(evaluated)} images), ViT embed_dim={args.embed_dim} depth={args.depth} "
           f"heads={args.heads}: {args.pretrain_epochs} pretrain + {args.epochs} fine-tune epochs (lr {args.lr:g}), "
           f"batch {args.batch_size}, {args.seeds} seeds; prune {args.ratio:.0%} of channels; iterative = "
           f"{args.iter_steps or args.iter_end + 1} {args.schedule} steps over epochs 0..{args.iter_end}; "
           f"distil: soft, alpha {args.alpha:g}, T {args.temperature:g}, teacher = the pretrained unpruned model")
-    print("| arm | params | test acc (mean +- std) | vs unpruned (pt) | paired diff per seed (pt, mean +- std) |")
+    print(f"| arm | params | {args.split} acc (mean +- std) | vs unpruned (pt) | paired diff per seed (pt, mean +- std) |")
     print("|---|---|---|---|---|")
     for name, accs in results.items():
         mean = statistics.mean(accs)
