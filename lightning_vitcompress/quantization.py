@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import fnmatch
+import functools
 import io
 import time
 from collections.abc import Sequence
@@ -802,17 +803,13 @@ class QuantizeOnFit(CompressionCallback):
                 f"config={_config_label(self.config)!r} calibrates on training inputs, but no training step ran "
                 "in this fit (nothing to calibrate on)."
             )
-
-        def same_on_every_rank(ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
-            return _reduce_ranges(trainer, ranges)
-
         summary = quantize_model(
             model,
             self.config,
             skip=self.skip,
             _example=self._example,
             _calibration=self._calibration or None,
-            _sync_ranges=same_on_every_rank,
+            _sync_ranges=functools.partial(_reduce_ranges, trainer),  # the same model on every rank
         )
         self._calibration = []
         summary["qat"] = self._qat_active
