@@ -884,7 +884,13 @@ class QuantizeOnFit(CompressionCallback):
         if summary.get("compile_seconds") is not None:
             metrics["quant/compile_seconds"] = summary["compile_seconds"]
         for logger in trainer.loggers:
-            logger.log_hyperparams({"quant/config": summary["config"], "quant/qat": summary["qat"]})
+            logger.log_hyperparams(
+                {
+                    "quant/config": summary["config"],
+                    "quant/qat": summary["qat"],
+                    "quant/inference_precision": summary["inference_precision"],
+                }
+            )
             logger.log_metrics(metrics, step=trainer.global_step)
         error = summary["output_relative_error"]
         rank_zero_info(

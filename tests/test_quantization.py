@@ -11,6 +11,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+import yaml
 from helpers import TINY, fast_trainer, run_ddp_script
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
@@ -395,7 +396,10 @@ def test_multihead_attention_model_keeps_out_proj_quantizes_the_rest_compiles_an
     summary = callback.summary
     assert summary["compile_seconds"] is not None and set(model.state_dict()) == keys  # compiled in place
     metrics = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert {"quant/layers_quantized", "quant/size_ratio", "quant/compile_seconds"} <= set(metrics)  # the target is the child holding the attention blocks: `encoder`
+    # the target is the child holding the attention blocks: `encoder`
+    assert {"quant/layers_quantized", "quant/size_ratio", "quant/compile_seconds"} <= set(metrics)
+    hparams = yaml.safe_load((Path(logger.log_dir) / "hparams.yaml").read_text())
+    assert hparams["quant/config"] == "int8_dynamic" and hparams["quant/inference_precision"] == "32-true"
     assert sorted(summary["skipped"]) == ["layers.0.self_attn.out_proj", "layers.1.self_attn.out_proj"]
     assert all("nn.MultiheadAttention out_proj" in why for why in summary["skipped"].values())
     assert summary["quantized"] == ["layers.0.linear1", "layers.0.linear2", "layers.1.linear1", "layers.1.linear2"]
