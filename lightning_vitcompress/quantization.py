@@ -634,6 +634,7 @@ class QuantizeOnFit(CompressionCallback):
         device = trainer.strategy.root_device
         self._check_device(device)
         self._check_inference_precision()
+        self._check_calibration_data(trainer)
         self._check_qat_epoch(trainer)
         self._dry_run(device)
         selected, skipped = select_layers(
@@ -674,6 +675,14 @@ class QuantizeOnFit(CompressionCallback):
             raise ValueError(
                 "inference_precision='bf16-mixed': this CPU has no native bf16 math (AVX512-BF16 or AMX), "
                 "so bf16 would be slower than float32 here. Use inference_precision='32-true'."
+            )
+
+    def _check_calibration_data(self, trainer: "pl.Trainer") -> None:
+        if self._calibrates and (trainer.max_epochs == 0 or trainer.limit_train_batches == 0):
+            raise ValueError(
+                f"config={_config_label(self.config)!r} calibrates on training inputs, but this Trainer runs no "
+                f"training step (max_epochs={trainer.max_epochs}, limit_train_batches={trainer.limit_train_batches}). "
+                "Train at least one batch, or use config='int8_dynamic_x86'."
             )
 
     def _check_qat_epoch(self, trainer: "pl.Trainer") -> None:

@@ -307,6 +307,14 @@ def test_constructor_rejects_unknown_configs_and_bad_arguments():
         QuantizeOnFit("int8_static_x86", calibration_batches=0)
 
 
+def test_setup_rejects_a_static_config_when_no_training_step_would_give_calibration_data(
+    tmp_path, tiny_classifier, digits
+):
+    trainer = fast_trainer(tmp_path, callbacks=[QuantizeOnFit("int8_static_x86")], limit_train_batches=0)
+    with pytest.raises(ValueError, match=r"config='int8_static_x86' calibrates.*limit_train_batches=0"):
+        trainer.fit(tiny_classifier(), digits)
+
+
 def test_setup_rejects_bf16_mixed_on_a_cpu_without_bf16_math(tmp_path, tiny_classifier, digits, monkeypatch):
     monkeypatch.setattr("lightning_vitcompress.quantization.cpu_supports_bfloat16", lambda: False)
     trainer = fast_trainer(tmp_path, callbacks=[QuantizeOnFit("int8_static_x86", inference_precision="bf16-mixed")])
