@@ -52,23 +52,29 @@ def _pipeline_state(trainer: "pl.Trainer") -> _PipelineState:
     return state
 
 
-def resume_checkpoint_path(trainer: "pl.Trainer") -> Optional[str]:
-    """The checkpoint this ``fit`` will restore, already known at ``setup``.
+def resume_checkpoint_path(trainer: "pl.Trainer") -> tuple[Optional[str], bool]:
+    """The checkpoint this ``fit`` will restore, already known at ``setup``, and whether to read it safely.
 
     ``trainer.ckpt_path`` is only filled in after ``setup`` (Lightning restores
     the checkpoint later), but a reshaped model must be rebuilt *before* its
-    weights load. Lightning 2.x resolves ``fit(ckpt_path=...)`` ("last", "best",
-    "hpc" or a path) into the ``ckpt_path`` argument of ``Trainer._run``, which
-    is on the call stack during ``setup``; we read it from there. The resume
-    tests fail loudly should a Lightning release move it.
+    weights load. Lightning 2.x resolves ``fit(ckpt_path=..., weights_only=...)``
+    ("last", "best", "hpc" or a path) into the arguments of ``Trainer._run``,
+    which is on the call stack during ``setup``; we read both from there. The
+    second value is False only when the user passed ``weights_only=False``.
+    The resume tests fail loudly should a Lightning release move them.
     """
     frame = inspect.currentframe()
     while frame is not None:
         if frame.f_code.co_name == "_run" and isinstance(frame.f_locals.get("self"), pl.Trainer):
             path = frame.f_locals.get("ckpt_path")  # includes a path set with trainer.ckpt_path = ...
-            return str(path) if path else None
+            return (str(path) if path else None), frame.f_locals.get("weights_only") is not False
         frame = frame.f_back
-    return str(trainer.ckpt_path) if trainer.ckpt_path else None
+    return (str(trainer.ckpt_path) if trainer.ckpt_path else None), True
+
+
+def _replay_resumed_structure(trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> list[Record]:
+    path, weights_only = resume_checkpoint_path(trainer)
+    return replay_from_checkpoint(pl_module, path, weights_only=weights_only)
 
 
 def _run_once_in_order(
@@ -144,14 +150,14 @@ class CompressionCallback(Callback):
         def act(callback: CompressionCallback) -> None:
             nonlocal replay_pending
             if replay_pending and callback.order > REPLAY_ORDER:
-                state.replayed = replay_from_checkpoint(pl_module, resume_checkpoint_path(trainer))
+                state.replayed = _replay_resumed_structure(trainer, pl_module)
                 replay_pending = False
             callback.target_path = resolve_target_path(pl_module, callback.model_attribute)
             callback.ordered_setup(trainer, pl_module, stage)
 
         ran = _run_once_in_order(trainer, ("setup", stage), act)
         if ran and replay_pending:  # every callback acts before the replay point
-            state.replayed = replay_from_checkpoint(pl_module, resume_checkpoint_path(trainer))
+            state.replayed = _replay_resumed_structure(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         _run_once_in_order(

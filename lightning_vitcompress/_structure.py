@@ -27,11 +27,13 @@ Example::
 from __future__ import annotations
 
 import copy
+import pickle
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar, Union
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_vitcompress._model import get_submodule
@@ -94,20 +96,66 @@ def _import_replays() -> None:
     import lightning_vitcompress  # noqa: F401
 
 
-def read_checkpoint(path: Union[str, Path], map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a Lightning checkpoint, safely (``weights_only=True``) where its contents allow.
+def read_checkpoint(
+    path: Union[str, Path],
+    map_location: Any = "cpu",
+    *,
+    weights_only: bool = True,
+    argument: str = "checkpoint_path",
+) -> dict[str, Any]:
+    """Load a checkpoint file with ``torch.load(weights_only=True)``; never silently less safely.
 
-    A checkpoint whose hyper-parameters or extra state hold arbitrary Python
-    objects cannot be read with ``weights_only=True``; it is then read with
-    ``weights_only=False``, as Lightning itself does. Only load checkpoints you trust.
+    ``weights_only=True`` unpickles tensors and plain data only, so a crafted
+    file cannot run code while it loads. A file holding other Python objects is
+    refused with an error that names ``argument`` and the path; only the
+    caller's explicit ``weights_only=False`` reads it (with a warning), for files
+    you trust.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        UnsafeCheckpointError: the file needs ``weights_only=False`` (objects outside torch's allow-list).
+        ValueError: the file is truncated, corrupted or not a ``torch.save`` file.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint_path={str(path)!r} does not exist or is not a file.")
+        raise FileNotFoundError(f"{argument}={str(path)!r} does not exist or is not a file.")
+    if not weights_only:
+        rank_zero_warn(
+            f"{argument}={str(path)!r} is loaded with weights_only=False: unpickling runs whatever code the file "
+            "names. Only do this for files you created or trust."
+        )
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception:  # an unpickling error: objects outside the safe allow-list
-        return torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
+    except pickle.UnpicklingError as err:
+        reason = _unpickler_reason(err)
+        if weights_only and "unsupported global" in reason.lower():
+            raise UnsafeCheckpointError(
+                f"{argument}={str(path)!r} holds Python objects that weights_only=True loading refuses (they could "
+                "run code while unpickling). Load it with weights_only=False only if you trust the file, or save "
+                f"plain data (tensors, numbers, strings, lists, dicts) instead. torch said: {reason}"
+            ) from err
+        raise ValueError(
+            f"{argument}={str(path)!r} is not a readable torch checkpoint (corrupted, or another format): {reason}"
+        ) from err
+    except Exception as err:  # noqa: BLE001 - a damaged pickle fails with KeyError, EOFError, RuntimeError...
+        raise ValueError(
+            f"{argument}={str(path)!r} is not a readable torch checkpoint (truncated, corrupted, or another "
+            f"format): {type(err).__name__}: {_unpickler_reason(err)}"
+        ) from err
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A checkpoint that only ``weights_only=False`` could read; refused unless the user asks for that."""
+
+
+def _unpickler_reason(err: BaseException) -> str:
+    """The line of a ``torch.load`` error that says what went wrong (torch wraps it in advice)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for index, line in enumerate(lines):
+        _, marker, reason = line.partition("WeightsUnpickler error:")
+        if marker:
+            return reason.strip() or (lines[index + 1] if index + 1 < len(lines) else line)
+    return lines[0] if lines else type(err).__name__
 
 
 def load_compressed(
@@ -116,6 +164,7 @@ def load_compressed(
     *,
     map_location: Any = "cpu",
     strict: bool = True,
+    weights_only: bool = True,
     **init_kwargs: Any,
 ) -> ModuleT:
     """Build ``module_class``, replay the checkpoint's structural edits, load its weights.
@@ -123,14 +172,23 @@ def load_compressed(
     The one call that restores a pruned / Nystrom-swapped / quantized model for
     inference; returns it in ``eval()`` mode. ``init_kwargs`` go to
     ``module_class(...)``; when omitted, the hyper-parameters saved with
-    ``self.save_hyperparameters()`` are used.
+    ``self.save_hyperparameters()`` are used. The file is read with
+    ``torch.load(weights_only=True)``; pass ``weights_only=False`` only for a
+    file you trust that holds other Python objects (it warns).
 
     Example::
 
         model = load_compressed(LitClassifier, "checkpoints/last.ckpt")
         model(images).argmax(-1)
     """
-    checkpoint = read_checkpoint(checkpoint_path, map_location)
+    checkpoint = read_checkpoint(checkpoint_path, map_location, weights_only=weights_only)
+    return build_from_checkpoint(module_class, checkpoint, strict=strict, **init_kwargs)
+
+
+def build_from_checkpoint(
+    module_class: type[ModuleT], checkpoint: dict[str, Any], *, strict: bool = True, **init_kwargs: Any
+) -> ModuleT:
+    """:func:`load_compressed` for a checkpoint dict already read with :func:`read_checkpoint`."""
     if not init_kwargs:
         init_kwargs = dict(checkpoint.get(module_class.CHECKPOINT_HYPER_PARAMS_KEY, {}) or {})
     pl_module = module_class(**init_kwargs)
@@ -141,14 +199,19 @@ def load_compressed(
     return pl_module.eval()
 
 
-def replay_from_checkpoint(pl_module: nn.Module, checkpoint_path: Optional[Union[str, Path]]) -> list[Record]:
+def replay_from_checkpoint(
+    pl_module: nn.Module, checkpoint_path: Optional[Union[str, Path]], *, weights_only: bool = True
+) -> list[Record]:
     """On resume: replay the edits saved in ``checkpoint_path`` onto ``pl_module``.
+
+    Reads the file as ``trainer.fit(ckpt_path=..., weights_only=...)`` asked
+    (safely unless the user passed ``weights_only=False``).
 
     Returns the replayed records (empty when there is no checkpoint, no edits,
     or they were already replayed), so callbacks can tell how far they got.
     """
     if not checkpoint_path or recorded_edits(pl_module) or not Path(checkpoint_path).is_file():
         return []
-    records = read_checkpoint(checkpoint_path).get(STRUCTURE_KEY, [])
+    records = read_checkpoint(checkpoint_path, weights_only=weights_only, argument="ckpt_path").get(STRUCTURE_KEY, [])
     replay_edits(pl_module, records)
     return records

@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from lightning_vitcompress._base import CompressionCallback
 from lightning_vitcompress._model import get_submodule, resolve_target_path
-from lightning_vitcompress._structure import load_compressed
+from lightning_vitcompress._structure import build_from_checkpoint, read_checkpoint
 
 DistillationMode = Literal["soft", "hard", "deit"]
 TeacherSpec = Union[nn.Module, str, "os.PathLike[str]"]
@@ -206,6 +206,9 @@ class DistillationTeacher(CompressionCallback):
             random augmentation, where it saves the teacher forward from the
             second epoch on. A warning is raised if an epoch after the first gets
             no cache hits.
+        weights_only: checkpoint paths only: ``True`` (default) reads the file with
+            ``torch.load(weights_only=True)``, which cannot run code; ``False``
+            reads a trusted file holding other Python objects, with a warning.
         model_attribute: attribute of the LightningModule holding the student ViT;
             ``None`` finds it.
 
@@ -241,6 +244,7 @@ class DistillationTeacher(CompressionCallback):
         teacher_class: Optional[type[pl.LightningModule]] = None,
         input_adapter: InputAdapter = None,
         cache_teacher_logits: bool = False,
+        weights_only: bool = True,
         model_attribute: Optional[str] = None,
     ) -> None:
         super().__init__(model_attribute)
@@ -259,6 +263,8 @@ class DistillationTeacher(CompressionCallback):
             raise TypeError(
                 f"teacher={teacher!r}: pass an nn.Module, a timm model name or a Lightning checkpoint path."
             )
+        if not isinstance(weights_only, bool):
+            raise TypeError(f"weights_only={weights_only!r}: pass True (safe loading, default) or False (trusted files).")
         if input_adapter is not None and not callable(input_adapter):
             size = (input_adapter, input_adapter) if isinstance(input_adapter, int) else input_adapter
             if not (
@@ -282,6 +288,7 @@ class DistillationTeacher(CompressionCallback):
         self.teacher_class = teacher_class
         self.input_adapter = input_adapter
         self.cache_teacher_logits = cache_teacher_logits
+        self.weights_only = weights_only
         self._teacher: Optional[nn.Module] = None
         self._auto_size: Optional[tuple[int, int]] = None
         self._auto_size_checked = False
@@ -324,8 +331,9 @@ class DistillationTeacher(CompressionCallback):
                 "an nn.Module, or a timm model name."
             )
         module_class = self.teacher_class or type(pl_module)
+        checkpoint = read_checkpoint(path, weights_only=self.weights_only, argument="teacher")
         try:
-            teacher = load_compressed(module_class, path)
+            teacher = build_from_checkpoint(module_class, checkpoint)
         except Exception as err:
             raise RuntimeError(
                 f"teacher={path!r}: could not load it as a {module_class.__name__} ({type(err).__name__}: {err}). "
