@@ -38,9 +38,9 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_vitcompress._measure import measure_accuracy
+from lightning_vitcompress.functional import measure_accuracy
 from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule, small_vit
-from lightning_vitcompress.distillation import DistillationTeacher
+from lightning_vitcompress import DistillationTeacher
 
 TEACHER = dict(embed_dim=64, depth=4, num_heads=4)
 STUDENT = dict(embed_dim=32, depth=2, num_heads=4)
@@ -176,7 +176,7 @@ def student_accuracy(
 def pruned_accuracy(
     dm: DigitsDataModule, seed: int, epochs: int, teacher_path: Path, distil: bool, lr: float, settings: dict[str, Any]
 ) -> float:
-    from lightning_vitcompress.pruning import PruningSchedule
+    from lightning_vitcompress import PruningSchedule
 
     L.seed_everything(seed, verbose=False)
     model = DigitsClassifier.load_from_checkpoint(teacher_path, lr=lr)

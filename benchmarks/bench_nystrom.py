@@ -40,8 +40,7 @@ import timm
 import torch
 from torch import nn
 
-from lightning_vitcompress._measure import compare_throughput
-from lightning_vitcompress.nystrom import NystromAttention
+from lightning_vitcompress.functional import NystromAttention, compare_throughput
 
 #: tokens -> (image size, patch size); one class token
 GEOMETRY = {197: (224, 16), 577: (384, 16), 1025: (256, 8), 4097: (512, 8)}

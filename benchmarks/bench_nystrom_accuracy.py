@@ -28,9 +28,9 @@ import time
 import lightning as L
 import torch
 
-from lightning_vitcompress._measure import measure_accuracy
+from lightning_vitcompress.functional import NystromAttention, measure_accuracy
 from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
-from lightning_vitcompress.nystrom import NystromAttention, NystromSwap
+from lightning_vitcompress import NystromSwap
 
 LANDMARKS = (4, 8, 16, 32, 64)
 

@@ -25,9 +25,7 @@ import timm
 import torch
 
 from lightning_vitcompress import compile_frozen, quantize_model
-from lightning_vitcompress._measure import compare_throughput, serialized_size_bytes
-from lightning_vitcompress.quantization import INFERENCE_PRECISIONS
-from lightning_vitcompress.pruning import prune_vit
+from lightning_vitcompress.functional import INFERENCE_PRECISIONS, compare_throughput, prune_vit, serialized_size_bytes
 
 
 def first_call_seconds(model: torch.nn.Module, x: torch.Tensor) -> float:

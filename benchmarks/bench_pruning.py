@@ -22,8 +22,13 @@ import platform
 import timm
 import torch
 
-from lightning_vitcompress._measure import compare_throughput, count_macs, count_parameters, serialized_size_bytes
-from lightning_vitcompress.pruning import prune_vit
+from lightning_vitcompress.functional import (
+    compare_throughput,
+    count_macs,
+    count_parameters,
+    prune_vit,
+    serialized_size_bytes,
+)
 
 
 def main() -> None:

@@ -45,10 +45,9 @@ from typing import Any, Optional
 import lightning as L
 import torch
 
-from lightning_vitcompress._measure import count_parameters, measure_accuracy
+from lightning_vitcompress.functional import count_parameters, measure_accuracy
 from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
-from lightning_vitcompress.distillation import DistillationTeacher
-from lightning_vitcompress.pruning import PruningSchedule
+from lightning_vitcompress import DistillationTeacher, PruningSchedule
 
 ACCELERATOR = "cpu"
 DEFAULT_ARMS = "unpruned,l2-oneshot,l2-iter,taylor-oneshot,taylor-iter,l2-iter+distil"
@@ -92,7 +91,7 @@ def evaluation_batches(dm: DigitsDataModule, split: str) -> Any:
 
 
 def int8_accuracy(model: torch.nn.Module, dm: DigitsDataModule, split: str) -> Optional[float]:
-    from lightning_vitcompress.quantization import quantize_model
+    from lightning_vitcompress.functional import quantize_model
 
     quantized = copy.deepcopy(model).cpu().eval()
     summary = quantize_model(quantized, "int8_dynamic")

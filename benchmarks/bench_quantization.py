@@ -32,10 +32,16 @@ import timm
 import torch
 from torch import nn
 
-from lightning_vitcompress._measure import compare_throughput, measure_accuracy, serialized_size_bytes
-from lightning_vitcompress._x86_int8 import compile_frozen
+from lightning_vitcompress.functional import (
+    INFERENCE_PRECISIONS,
+    NAMED_CONFIGS,
+    compare_throughput,
+    compile_frozen,
+    measure_accuracy,
+    quantize_model,
+    serialized_size_bytes,
+)
 from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
-from lightning_vitcompress.quantization import INFERENCE_PRECISIONS, NAMED_CONFIGS, quantize_model
 
 MODELS = ("vit_base_patch16_224", "deit_small_patch16_224")
 

@@ -27,9 +27,9 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from lightning_vitcompress._measure import measure_accuracy
+from lightning_vitcompress.functional import measure_accuracy
 from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
-from lightning_vitcompress.distillation import DistillationTeacher
+from lightning_vitcompress import DistillationTeacher
 
 STUDENT = dict(model_name="deit_tiny_distilled_patch16_224", embed_dim=32, depth=2, num_heads=4)
 

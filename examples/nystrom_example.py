@@ -25,10 +25,9 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_vitcompress._measure import measure_accuracy
-from lightning_vitcompress._structure import load_compressed
+from lightning_vitcompress.functional import NystromAttention, measure_accuracy
+from lightning_vitcompress import NystromSwap, load_compressed
 from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
-from lightning_vitcompress.nystrom import NystromAttention, NystromSwap
 
 
 def main() -> None:

@@ -46,8 +46,7 @@ from lightning_vitcompress import (
     find_attention_blocks,
     quantize_model,
 )
-from lightning_vitcompress._measure import measure_accuracy, serialized_size_bytes
-from lightning_vitcompress._model import set_submodule
+from lightning_vitcompress.functional import measure_accuracy, serialized_size_bytes
 from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
 
 #: the seed study's published rows (ViT-B/16 and DeiT-B on CIFAR-10; CPU speed relative to
@@ -154,7 +153,7 @@ def swapped_copy(model: nn.Module, num_landmarks: int) -> nn.Module:
     prefix = getattr(clone, "num_prefix_tokens", 0)
     for name, attention in find_attention_blocks(clone):
         swapped = NystromAttention.from_attention(attention, num_landmarks=num_landmarks, num_prefix_tokens=prefix)
-        set_submodule(clone, name, swapped)
+        clone.set_submodule(name, swapped)
     return clone
 
 

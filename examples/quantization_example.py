@@ -23,10 +23,9 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from lightning_vitcompress import load_compressed
-from lightning_vitcompress._measure import measure_accuracy, serialized_size_bytes
+from lightning_vitcompress import QuantizeOnFit, load_compressed
+from lightning_vitcompress.functional import measure_accuracy, serialized_size_bytes
 from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
-from lightning_vitcompress.quantization import QuantizeOnFit
 
 
 def describe(weight: torch.Tensor) -> str:
