@@ -221,24 +221,15 @@ def accuracy(args: argparse.Namespace) -> list[list[str]]:
                          f"{sum(d > a for d, a in zip(distilled, alone))}/{seeds}"])
         if args.prune_epochs <= 0:
             return rows
-        try:
-            import lightning_vitcompress.pruning  # noqa: F401
-        except ImportError:
-            rows.append(["teacher pruned 50%", "n/a (PruningSchedule not available)", "", "", ""])
-        else:
-            try:
-                lr = args.prune_lr
-                alone = [pruned_accuracy(dm, s, prune_epochs, path, False, lr, pruned) for s in range(seeds)]
-                distilled = [pruned_accuracy(dm, s, prune_epochs, path, True, lr, pruned) for s in range(seeds)]
-            except Exception as err:  # PruningSchedule is developed alongside; keep the other rows
-                rows.append(["teacher pruned 50%", f"failed: {type(err).__name__}: {str(err)[:80]}", "", "", ""])
-                return rows
-            gain = statistics.mean(d - a for d, a in zip(distilled, alone))
-            print(f"  pruned: alone {alone}, distilled {distilled}", flush=True)
-            label = (f"teacher pruned 50%, {prune_epochs} ep fine-tune (lr {lr:g}; soft T={args.prune_temperature:g} "
-                     f"a={args.prune_alpha:g})")
-            rows.append([label, mean_std(alone), mean_std(distilled),
-                         f"{100 * gain:+.1f}", f"{sum(d > a for d, a in zip(distilled, alone))}/{seeds}"])
+        lr = args.prune_lr
+        alone = [pruned_accuracy(dm, s, prune_epochs, path, False, lr, pruned) for s in range(seeds)]
+        distilled = [pruned_accuracy(dm, s, prune_epochs, path, True, lr, pruned) for s in range(seeds)]
+        gain = statistics.mean(d - a for d, a in zip(distilled, alone))
+        print(f"  pruned: alone {alone}, distilled {distilled}", flush=True)
+        label = (f"teacher pruned 50%, {prune_epochs} ep fine-tune (lr {lr:g}; soft T={args.prune_temperature:g} "
+                 f"a={args.prune_alpha:g})")
+        rows.append([label, mean_std(alone), mean_std(distilled),
+                     f"{100 * gain:+.1f}", f"{sum(d > a for d, a in zip(distilled, alone))}/{seeds}"])
     return rows
 
 

@@ -4,43 +4,86 @@ Example::
 
     from lightning_vitcompress import BenchmarkCallback, PruningSchedule, QuantizeOnFit
     trainer = Trainer(callbacks=[PruningSchedule(0.5), QuantizeOnFit("int8_dynamic"), BenchmarkCallback()])
+
+The callbacks (and everything that needs Lightning) load on first use, so
+``lightning_vitcompress.functional`` works where only torch, timm and torchao
+are installed.
 """
 
-from lightning_vitcompress._base import CompressionCallback
-from lightning_vitcompress._model import find_attention_blocks, resolve_target_model
-from lightning_vitcompress._structure import load_compressed
-from lightning_vitcompress._x86_int8 import (
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from lightning_vitcompress.functional import (
     Int8DynamicX86Config,
     Int8StaticX86Config,
+    NystromAttention,
     X86Int8DynamicLinear,
     X86Int8StaticLinear,
+    benchmark_model,
+    compare_models,
     compile_frozen,
+    find_attention_blocks,
+    load_compressed,
+    prune_vit,
+    quantize_model,
+    resolve_target_model,
 )
-from lightning_vitcompress.benchmark import BenchmarkCallback, benchmark_model, compare_models
-from lightning_vitcompress.distillation import DistillationTeacher
-from lightning_vitcompress.nystrom import NystromAttention, NystromSwap
-from lightning_vitcompress.pruning import PruningSchedule
-from lightning_vitcompress.quantization import QuantizeOnFit, quantize_model
+
+if TYPE_CHECKING:
+    from lightning_vitcompress._base import CompressionCallback
+    from lightning_vitcompress._training_state import refresh_after_structural_change
+    from lightning_vitcompress.callbacks import (
+        BenchmarkCallback,
+        DistillationTeacher,
+        NystromSwap,
+        PruningSchedule,
+        QuantizeOnFit,
+    )
 
 __version__ = "0.1.0.dev0"
+
+#: public names that need Lightning, and the module each lives in
+_LIGHTNING_NAMES = {
+    "BenchmarkCallback": "lightning_vitcompress.callbacks",
+    "DistillationTeacher": "lightning_vitcompress.callbacks",
+    "NystromSwap": "lightning_vitcompress.callbacks",
+    "PruningSchedule": "lightning_vitcompress.callbacks",
+    "QuantizeOnFit": "lightning_vitcompress.callbacks",
+    "CompressionCallback": "lightning_vitcompress._base",
+    "refresh_after_structural_change": "lightning_vitcompress._training_state",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LIGHTNING_NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lightning_vitcompress' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
 
 __all__ = [
     "BenchmarkCallback",
     "CompressionCallback",
     "DistillationTeacher",
+    "Int8DynamicX86Config",
+    "Int8StaticX86Config",
     "NystromAttention",
     "NystromSwap",
     "PruningSchedule",
     "QuantizeOnFit",
-    "Int8DynamicX86Config",
-    "Int8StaticX86Config",
     "X86Int8DynamicLinear",
     "X86Int8StaticLinear",
-    "compile_frozen",
     "benchmark_model",
     "compare_models",
+    "compile_frozen",
     "find_attention_blocks",
     "load_compressed",
+    "prune_vit",
     "quantize_model",
+    "refresh_after_structural_change",
     "resolve_target_model",
 ]

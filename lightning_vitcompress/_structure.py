@@ -28,12 +28,11 @@ from __future__ import annotations
 
 import copy
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar, Union
 
-import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_vitcompress._model import get_submodule
@@ -45,7 +44,8 @@ Record = dict[str, Any]
 ReplayFn = Callable[[nn.Module, Record], None]
 _REPLAYS: dict[str, ReplayFn] = {}
 
-ModuleT = TypeVar("ModuleT", bound=pl.LightningModule)
+#: the LightningModule class ``load_compressed`` builds (no Lightning import: any nn.Module class works)
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 def register_replay(kind: str) -> Callable[[ReplayFn], ReplayFn]:
@@ -82,18 +82,12 @@ def save_edits(pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:
 
 def replay_edits(pl_module: nn.Module, records: list[Record]) -> None:
     """Re-apply ``records`` to a freshly built ``pl_module`` and record them again."""
-    _import_replays()
     for record in records:
         kind = record.get("kind")
         if kind not in _REPLAYS:
             raise KeyError(f"Checkpoint holds an edit of unknown kind {kind!r}; known: {sorted(_REPLAYS)}")
         _REPLAYS[kind](get_submodule(pl_module, record.get("target", "")), record)
         recorded_edits(pl_module).append(copy.deepcopy(record))
-
-
-def _import_replays() -> None:
-    # the structural modules register their replays on import
-    import lightning_vitcompress  # noqa: F401
 
 
 def read_checkpoint(
@@ -120,9 +114,10 @@ def read_checkpoint(
     if not path.is_file():
         raise FileNotFoundError(f"{argument}={str(path)!r} does not exist or is not a file.")
     if not weights_only:
-        rank_zero_warn(
+        warnings.warn(
             f"{argument}={str(path)!r} is loaded with weights_only=False: unpickling runs whatever code the file "
-            "names. Only do this for files you created or trust."
+            "names. Only do this for files you created or trust.",
+            stacklevel=2,
         )
     try:
         return torch.load(path, map_location=map_location, weights_only=weights_only)
@@ -190,12 +185,13 @@ def build_from_checkpoint(
 ) -> ModuleT:
     """:func:`load_compressed` for a checkpoint dict already read with :func:`read_checkpoint`."""
     if not init_kwargs:
-        init_kwargs = dict(checkpoint.get(module_class.CHECKPOINT_HYPER_PARAMS_KEY, {}) or {})
+        init_kwargs = dict(checkpoint.get(getattr(module_class, "CHECKPOINT_HYPER_PARAMS_KEY", "hyper_parameters"), {}) or {})
     pl_module = module_class(**init_kwargs)
     replay_edits(pl_module, checkpoint.get(STRUCTURE_KEY, []))
     # assign=True keeps tensor subclasses (torchao quantized weights) as saved
     pl_module.load_state_dict(checkpoint["state_dict"], strict=strict, assign=True)
-    pl_module.on_load_checkpoint(checkpoint)
+    if callable(getattr(pl_module, "on_load_checkpoint", None)):  # a LightningModule's own hook
+        pl_module.on_load_checkpoint(checkpoint)
     return pl_module.eval()
 
 

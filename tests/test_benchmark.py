@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from lightning_vitcompress import BenchmarkCallback, benchmark_model, compare_models
-from lightning_vitcompress.benchmark import REPORT_FILENAME, format_report
+from lightning_vitcompress.functional.report import REPORT_FILENAME, format_report
 from lightning_vitcompress.digits import small_vit
 
 FAST = dict(rounds=2, min_run_time=0.1, latency_repeats=5)

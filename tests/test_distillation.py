@@ -14,12 +14,8 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
 from lightning_vitcompress._base import CompressionCallback
-from lightning_vitcompress.distillation import (
-    DistillationTeacher,
-    combine_losses,
-    hard_distillation_loss,
-    soft_distillation_loss,
-)
+from lightning_vitcompress import DistillationTeacher
+from lightning_vitcompress.functional.distill import combine_losses, hard_distillation_loss, soft_distillation_loss
 from lightning_vitcompress.digits import DigitsClassifier, small_vit
 
 
@@ -377,7 +373,7 @@ def test_ddp_two_processes(tmp_path):
         f"""
         import lightning as L, torch
         from lightning.pytorch.callbacks import Callback
-        from lightning_vitcompress.distillation import DistillationTeacher
+        from lightning_vitcompress import DistillationTeacher
         from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule, small_vit
 
         class Spy(Callback):

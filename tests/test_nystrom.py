@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_vitcompress._model import find_attention_blocks
 from lightning_vitcompress._structure import STRUCTURE_KEY, load_compressed, read_checkpoint, recorded_edits
 from lightning_vitcompress.digits import DigitsClassifier
-from lightning_vitcompress.nystrom import NystromAttention, NystromSwap, iterative_pinv, segment_means
+from lightning_vitcompress.functional.nystrom import NystromAttention, iterative_pinv, segment_means
+from lightning_vitcompress import NystromSwap
 
 
 def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
@@ -209,7 +210,8 @@ def test_ddp_two_processes_swap_mid_fit_in_lock_step(tmp_path):
     body = """
     import lightning as L
     from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
-    from lightning_vitcompress.nystrom import NystromAttention, NystromSwap
+    from lightning_vitcompress.functional.nystrom import NystromAttention
+    from lightning_vitcompress import NystromSwap
     L.seed_everything(0, verbose=False)
     model = DigitsClassifier(embed_dim=32, depth=2, num_heads=4)
     trainer = L.Trainer(

@@ -10,10 +10,11 @@ from helpers import TINY, fast_trainer, run_ddp_script
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
-from lightning_vitcompress._measure import count_macs, count_parameters
+from lightning_vitcompress.functional.measure import count_macs, count_parameters
 from lightning_vitcompress._structure import STRUCTURE_KEY, load_compressed, read_checkpoint
 from lightning_vitcompress.digits import DigitsClassifier, small_vit
-from lightning_vitcompress.pruning import PruningSchedule, prune_vit
+from lightning_vitcompress import PruningSchedule
+from lightning_vitcompress.functional.prune import prune_vit
 
 IMAGES = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
@@ -252,7 +253,7 @@ def test_ddp_ranks_prune_identically_at_setup_and_mid_fit(tmp_path):
         import torch
         from helpers import TINY, fast_trainer
         from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
-        from lightning_vitcompress.pruning import PruningSchedule
+        from lightning_vitcompress import PruningSchedule
 
         torch.manual_seed(int(os.environ.get("LOCAL_RANK", 0)))  # ranks start from different weights
         model = DigitsClassifier(**TINY)
@@ -272,7 +273,7 @@ def test_ddp_ranks_prune_identically_at_setup_and_mid_fit(tmp_path):
 
 
 def test_nystrom_attention_prunes_like_the_timm_attention_it_came_from():
-    from lightning_vitcompress.nystrom import NystromAttention
+    from lightning_vitcompress.functional.nystrom import NystromAttention
 
     def swap(vit: nn.Module) -> nn.Module:
         for block in vit.blocks:

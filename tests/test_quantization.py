@@ -22,11 +22,12 @@ from torchao.quantization.qat import FakeQuantizedLinear
 from torchao.quantization.transform_module import register_quantize_module_handler
 
 from lightning_vitcompress import X86Int8DynamicLinear, X86Int8StaticLinear, load_compressed
-from lightning_vitcompress._x86_int8 import calibrate_input_ranges
-from lightning_vitcompress._measure import measure_accuracy
+from lightning_vitcompress.functional.x86_int8 import calibrate_input_ranges
+from lightning_vitcompress.functional.measure import measure_accuracy
 from lightning_vitcompress._structure import STRUCTURE_KEY
 from lightning_vitcompress.digits import DigitsClassifier
-from lightning_vitcompress.quantization import NAMED_CONFIGS, QuantizeOnFit, quantize_model, select_layers
+from lightning_vitcompress.functional.quantize import NAMED_CONFIGS, quantize_model, select_layers
+from lightning_vitcompress import QuantizeOnFit
 
 
 def linear_weight_types(model: nn.Module) -> dict[str, type]:
@@ -316,7 +317,7 @@ def test_setup_rejects_a_static_config_when_no_training_step_would_give_calibrat
 
 
 def test_setup_rejects_bf16_mixed_on_a_cpu_without_bf16_math(tmp_path, tiny_classifier, digits, monkeypatch):
-    monkeypatch.setattr("lightning_vitcompress.quantization.cpu_supports_bfloat16", lambda: False)
+    monkeypatch.setattr("lightning_vitcompress.callbacks.quantization.cpu_supports_bfloat16", lambda: False)
     trainer = fast_trainer(tmp_path, callbacks=[QuantizeOnFit("int8_static_x86", inference_precision="bf16-mixed")])
     with pytest.raises(ValueError, match=r"no native bf16 math.*inference_precision='32-true'"):
         trainer.fit(tiny_classifier(), digits)
@@ -453,7 +454,7 @@ def test_ddp_every_rank_ends_with_the_same_quantized_model_and_rank_zero_writes(
         f"""
         import lightning as L
         from torch import nn
-        from lightning_vitcompress.quantization import QuantizeOnFit
+        from lightning_vitcompress import QuantizeOnFit
         from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
         L.seed_everything(0)
         model = DigitsClassifier(**{TINY!r})
@@ -481,7 +482,7 @@ def test_ddp_ranks_calibrate_on_their_own_batches_and_end_with_the_same_static_s
         f"""
         import lightning as L
         from lightning_vitcompress import X86Int8StaticLinear
-        from lightning_vitcompress.quantization import QuantizeOnFit
+        from lightning_vitcompress import QuantizeOnFit
         from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
         L.seed_everything(0)
         model = DigitsClassifier(**{TINY!r})

@@ -1,4 +1,7 @@
-"""Compression without a Trainer: pure torch / torchao functions the callbacks are built on.
+"""Compression without a Trainer: the pure torch / torchao functions the callbacks are built on.
+
+Nothing here imports Lightning, so a deployment environment can use it with
+torch, timm and torchao alone.
 
 Example::
 
@@ -7,7 +10,10 @@ Example::
     quantize_model(vit, "int8_dynamic")
 """
 
-from lightning_vitcompress._measure import (
+from lightning_vitcompress._model import find_attention_blocks, resolve_target_model
+from lightning_vitcompress._structure import load_compressed, record_edit, register_replay, replay_edits
+from lightning_vitcompress.functional.distill import combine_losses, hard_distillation_loss, soft_distillation_loss
+from lightning_vitcompress.functional.measure import (
     compare_throughput,
     count_macs,
     count_parameters,
@@ -16,28 +22,47 @@ from lightning_vitcompress._measure import (
     serialized_size_bytes,
     thread_count,
 )
-from lightning_vitcompress._model import find_attention_blocks
-from lightning_vitcompress._x86_int8 import compile_frozen
-from lightning_vitcompress.benchmark import benchmark_model, compare_models
-from lightning_vitcompress.nystrom import NystromAttention
-from lightning_vitcompress.pruning import prune_vit
-from lightning_vitcompress.quantization import INFERENCE_PRECISIONS, NAMED_CONFIGS, quantize_model
+from lightning_vitcompress.functional.nystrom import NystromAttention
+from lightning_vitcompress.functional.prune import prune_vit
+from lightning_vitcompress.functional.quantize import INFERENCE_PRECISIONS, NAMED_CONFIGS, quantize_model, select_layers
+from lightning_vitcompress.functional.report import benchmark_model, compare_models, format_report
+from lightning_vitcompress.functional.x86_int8 import (
+    Int8DynamicX86Config,
+    Int8StaticX86Config,
+    X86Int8DynamicLinear,
+    X86Int8StaticLinear,
+    compile_frozen,
+)
 
 __all__ = [
     "INFERENCE_PRECISIONS",
     "NAMED_CONFIGS",
+    "Int8DynamicX86Config",
+    "Int8StaticX86Config",
     "NystromAttention",
+    "X86Int8DynamicLinear",
+    "X86Int8StaticLinear",
     "benchmark_model",
+    "combine_losses",
     "compare_models",
     "compare_throughput",
     "compile_frozen",
     "count_macs",
     "count_parameters",
     "find_attention_blocks",
+    "format_report",
+    "hard_distillation_loss",
+    "load_compressed",
     "measure_accuracy",
     "measure_latency",
     "prune_vit",
     "quantize_model",
+    "record_edit",
+    "register_replay",
+    "replay_edits",
+    "resolve_target_model",
+    "select_layers",
     "serialized_size_bytes",
+    "soft_distillation_loss",
     "thread_count",
 ]

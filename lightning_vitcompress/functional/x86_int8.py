@@ -25,7 +25,7 @@ Example::
 
     from torchao.quantization import quantize_
     from lightning_vitcompress import Int8DynamicX86Config
-    from lightning_vitcompress._x86_int8 import compile_frozen
+    from lightning_vitcompress.functional.x86_int8 import compile_frozen
 
     quantize_(vit, Int8DynamicX86Config())
     compile_frozen(vit)  # or compile_frozen(vit, autocast_dtype=torch.bfloat16)

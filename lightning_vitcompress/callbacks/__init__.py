@@ -1,0 +1,9 @@
+"""The Lightning callbacks, one per file: each decides *when* and *how much*; ``functional`` does *what*."""
+
+from lightning_vitcompress.callbacks.benchmark import BenchmarkCallback
+from lightning_vitcompress.callbacks.distillation import DistillationTeacher
+from lightning_vitcompress.callbacks.nystrom import NystromSwap
+from lightning_vitcompress.callbacks.pruning import PruningSchedule
+from lightning_vitcompress.callbacks.quantization import QuantizeOnFit
+
+__all__ = ["BenchmarkCallback", "DistillationTeacher", "NystromSwap", "PruningSchedule", "QuantizeOnFit"]

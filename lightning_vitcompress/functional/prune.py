@@ -1,0 +1,356 @@
+"""Structured pruning of a Vision Transformer with torch-pruning: the weight matrices really shrink.
+
+Pure torch / torch-pruning (no Lightning): :func:`prune_vit` removes embedding
+channels, attention head dimensions (or whole heads) and MLP hidden channels,
+keeps each attention's trained softmax scale, and returns the shape changes as
+a record that :func:`~lightning_vitcompress.load_compressed` replays on a fresh
+model. :class:`~lightning_vitcompress.PruningSchedule` calls it inside ``fit``.
+
+Example::
+
+    vit = timm.create_model("vit_base_patch16_224", pretrained=False)
+    prune_vit(vit, 0.5, torch.randn(1, 3, 224, 224))   # half the channels of every layer
+
+.. _torch-pruning: https://github.com/VainF/Torch-Pruning
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Literal, Optional, Sequence, Union
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from lightning_vitcompress._model import find_attention_blocks, get_submodule
+from lightning_vitcompress._structure import Record, register_replay
+
+__all__ = ["prune_vit", "prunable_widths", "widths_after"]
+
+ImportanceName = Literal["l1", "l2", "taylor", "hessian", "random"]
+
+#: integer/float attributes that describe a module's shapes; replayed from the record
+_SHAPE_ATTRIBUTES = (
+    "in_features",
+    "out_features",
+    "in_channels",
+    "out_channels",
+    "normalized_shape",
+    "num_features",
+    "embedding_dim",
+    "embed_dim",
+    "head_hidden_size",
+    "num_heads",
+    "head_dim",
+    "attn_dim",
+    "scale",
+    "kdim",
+    "vdim",
+)
+
+
+# ---------------------------------------------------------------------------- importance
+def _make_importance(importance: Union[str, tp.importance.Importance]) -> tp.importance.Importance:
+    if not isinstance(importance, str):
+        return importance
+    factories: dict[str, Callable[[], tp.importance.Importance]] = {
+        "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
+        "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
+        "taylor": tp.importance.GroupTaylorImportance,
+        "hessian": tp.importance.GroupHessianImportance,
+        "random": tp.importance.RandomImportance,
+    }
+    if importance not in factories:
+        raise ValueError(
+            f"importance={importance!r} is not supported; use one of {sorted(factories)} "
+            "or a torch_pruning.importance.Importance object."
+        )
+    return factories[importance]()
+
+
+def _gradient_kind(importance: tp.importance.Importance) -> Optional[str]:
+    """``"taylor"`` / ``"hessian"`` when ``importance`` reads ``param.grad``, else ``None``."""
+    if isinstance(importance, tp.importance.GroupHessianImportance):
+        return "hessian"
+    if isinstance(importance, tp.importance.GroupTaylorImportance):
+        return "taylor"
+    return None
+
+
+# ---------------------------------------------------------------------- model surgery
+def _classifier_heads(model: nn.Module) -> list[nn.Module]:
+    heads: list[nn.Module] = []
+    get_classifier = getattr(model, "get_classifier", None)
+    if callable(get_classifier):
+        found = get_classifier()
+        heads.extend(found if isinstance(found, (tuple, list)) else [found])
+    for name in ("head", "head_dist", "fc", "classifier"):
+        module = getattr(model, name, None)
+        if isinstance(module, nn.Module) and module not in heads:
+            heads.append(module)
+    return [h for h in heads if isinstance(h, nn.Module) and any(True for _ in h.parameters())]
+
+
+def _residual_layers(model: nn.Module) -> list[nn.Module]:
+    """Layers whose outputs are the residual stream (pruning them narrows the embedding)."""
+    layers: list[nn.Module] = []
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is not None and isinstance(getattr(patch_embed, "proj", None), nn.Module):
+        layers.append(patch_embed.proj)
+    for _, attn in find_attention_blocks(model):
+        if isinstance(getattr(attn, "proj", None), nn.Linear):
+            layers.append(attn.proj)
+        if isinstance(attn, nn.MultiheadAttention):
+            layers.append(attn)
+    for module in model.modules():
+        fc2 = getattr(module, "fc2", None)
+        if isinstance(fc2, nn.Linear):
+            layers.append(fc2)
+        if isinstance(module, nn.TransformerEncoderLayer):
+            layers.append(module.linear2)
+    return layers
+
+
+def _mlp_input_layers(model: nn.Module) -> list[nn.Module]:
+    layers = []
+    for module in model.modules():
+        if isinstance(getattr(module, "fc1", None), nn.Linear):
+            layers.append(module.fc1)
+        if isinstance(module, nn.TransformerEncoderLayer):
+            layers.append(module.linear1)
+    return layers
+
+
+def _timm_style_attention(model: nn.Module) -> list[nn.Module]:
+    """Attention blocks with a fused ``qkv`` Linear (timm ``Attention``, our ``NystromAttention``)."""
+    return [m for _, m in find_attention_blocks(model) if isinstance(getattr(m, "qkv", None), nn.Linear)]
+
+
+def _shape_snapshot(model: nn.Module) -> dict[str, dict[str, Any]]:
+    snapshot: dict[str, dict[str, Any]] = {}
+    for name, module in model.named_modules():
+        tensors = {n: list(t.shape) for n, t in module.named_parameters(recurse=False)}
+        tensors.update({n: list(t.shape) for n, t in module.named_buffers(recurse=False) if t is not None})
+        attrs = {}
+        for attr in _SHAPE_ATTRIBUTES:
+            value = module.__dict__.get(attr)
+            if isinstance(value, bool) or not isinstance(value, (int, float, tuple, list)):
+                continue
+            attrs[attr] = list(value) if isinstance(value, (tuple, list)) else value
+        snapshot[name] = {"tensors": tensors, "attrs": attrs}
+    return snapshot
+
+
+def _shape_changes(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    changes: dict[str, Any] = {}
+    for name, now in after.items():
+        old = before.get(name, {"tensors": {}, "attrs": {}})
+        tensors = {n: s for n, s in now["tensors"].items() if old["tensors"].get(n) != s}
+        attrs = {a: v for a, v in now["attrs"].items() if old["attrs"].get(a) != v}
+        if tensors or attrs:
+            changes[name] = {"tensors": tensors, "attrs": attrs}
+    return changes
+
+
+@register_replay("prune")
+def _replay_prune(model: nn.Module, record: Record) -> None:
+    """Give ``model`` the shapes a pruning step left; the state dict fills in the weights."""
+    for name, change in record["modules"].items():
+        module = get_submodule(model, name)
+        for tensor_name, shape in change["tensors"].items():
+            if tensor_name in module._parameters:
+                old = module._parameters[tensor_name]
+                assert old is not None
+                module._parameters[tensor_name] = nn.Parameter(
+                    old.new_zeros(shape), requires_grad=old.requires_grad
+                )
+            elif tensor_name in module._buffers:
+                old_buffer = module._buffers[tensor_name]
+                assert old_buffer is not None
+                module._buffers[tensor_name] = old_buffer.new_zeros(shape)
+            else:
+                raise KeyError(f"Pruning record names {name}.{tensor_name}, which {type(module).__name__} lacks.")
+        for attr, value in change["attrs"].items():
+            setattr(module, attr, tuple(value) if isinstance(value, list) else value)
+
+
+def _fix_attention(model: nn.Module, num_heads: dict[nn.Module, int], scales: dict[nn.Module, float]) -> None:
+    """After torch-pruning: update head bookkeeping and keep each block's softmax scale.
+
+    timm's fused path calls ``scaled_dot_product_attention`` without ``scale=``,
+    i.e. with ``1/sqrt(head_dim)`` of the *current* head_dim. We fold the ratio
+    ``old_scale * sqrt(new_head_dim)`` into the query projection (rows of
+    ``qkv``, or the affine ``q_norm``) and set ``scale`` to the new default, so
+    the fused and the eager paths both compute exactly the trained attention.
+    """
+    for attn in _timm_style_attention(model):
+        attn_dim = attn.qkv.out_features // 3
+        heads = num_heads.get(attn.qkv, attn.num_heads)
+        head_dim = attn_dim // heads
+        old_scale = scales[attn]
+        new_scale = head_dim**-0.5
+        factor = old_scale / new_scale
+        attn.num_heads, attn.head_dim, attn.attn_dim, attn.scale = heads, head_dim, attn_dim, new_scale
+        if math.isclose(factor, 1.0, rel_tol=1e-12):
+            continue
+        with torch.no_grad():
+            q_norm = getattr(attn, "q_norm", None)
+            if isinstance(q_norm, nn.Module) and not isinstance(q_norm, nn.Identity):
+                for param in q_norm.parameters(recurse=False):
+                    param.mul_(factor)
+            else:
+                attn.qkv.weight[:attn_dim].mul_(factor)
+                if attn.qkv.bias is not None:
+                    attn.qkv.bias[:attn_dim].mul_(factor)
+
+
+def prunable_widths(model: nn.Module) -> dict[str, list[int]]:
+    """The widths pruning acts on: ``{"embed": [E], "<qkv name>": [heads, head_dim], "<fc1 name>": [hidden]}``."""
+    widths: dict[str, list[int]] = {}
+    conv = getattr(getattr(model, "patch_embed", None), "proj", None)
+    if isinstance(conv, nn.Conv2d):
+        widths["embed"] = [conv.out_channels]
+    names = {module: name for name, module in model.named_modules()}
+    for attn in _timm_style_attention(model):
+        widths[names[attn.qkv]] = [int(attn.num_heads), attn.qkv.out_features // 3 // int(attn.num_heads)]
+    for fc1 in _mlp_input_layers(model):
+        widths[names[fc1]] = [fc1.out_features]
+    return widths
+
+
+def widths_after(original: dict[str, list[int]], ratio: float, prune_heads: bool) -> dict[str, list[int]]:
+    """The widths a one-shot uniform prune of ``original`` by ``ratio`` leaves (torch-pruning's rounding)."""
+    keep: dict[str, list[int]] = {}
+    for name, width in original.items():
+        if len(width) == 2:  # attention: [heads, head_dim]
+            heads, head_dim = width
+            if prune_heads:
+                keep[name] = [heads - math.ceil(ratio * heads), head_dim]
+            else:
+                keep[name] = [heads, int(head_dim * (1 - ratio))]
+        else:
+            keep[name] = [int(width[0] * (1 - ratio))]
+    return keep
+
+
+def _ratio_to_keep(current: int, keep: int) -> float:
+    # torch-pruning keeps int(current * (1 - ratio)) channels: aim at keep + 0.5 to be safe from float error
+    return min(max(1.0 - (keep + 0.5) / current, 0.0), 0.999) if keep < current else 0.0
+
+
+def _broadcast(obj: Any) -> Any:
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and torch.distributed.get_world_size() > 1:
+        holder = [obj]
+        torch.distributed.broadcast_object_list(holder, src=0)
+        return holder[0]
+    return obj
+
+
+def prune_vit(
+    model: nn.Module,
+    pruning_ratio: float,
+    example_input: torch.Tensor,
+    *,
+    importance: Union[str, tp.importance.Importance] = "l2",
+    global_pruning: bool = False,
+    round_to: Optional[int] = None,
+    prune_embed_dim: bool = True,
+    prune_attention: bool = True,
+    prune_heads: bool = False,
+    prune_mlp: bool = True,
+    ignored_layers: Sequence[nn.Module] = (),
+    keep: Optional[dict[str, list[int]]] = None,
+) -> dict[str, Any]:
+    """Prune ``model`` in place by ``pruning_ratio`` of its current prunable channels.
+
+    With ``keep`` (widths as in :func:`prunable_widths`) and uniform pruning,
+    each layer is pruned to exactly those widths instead (``pruning_ratio``
+    then only applies to layers ``keep`` does not name).
+
+    Returns the shape changes (``{module name: {"tensors": ..., "attrs": ...}}``)
+    that :func:`_replay_prune` reapplies. Under DDP the channels chosen on rank 0
+    are used on every rank. Works on a copy by the caller's choice: on an error
+    the model may be half pruned (``PruningSchedule`` prunes a copy).
+
+    Example::
+
+        vit = timm.create_model("vit_base_patch16_224")
+        prune_vit(vit, 0.5, torch.randn(1, 3, 224, 224))
+    """
+    imp = _make_importance(importance)
+    attentions = _timm_style_attention(model)
+    ignored: list[nn.Module] = [*_classifier_heads(model), *ignored_layers]
+    if not prune_embed_dim:
+        ignored.extend(_residual_layers(model))
+    if not prune_mlp:
+        ignored.extend(_mlp_input_layers(model))
+    if not prune_attention:
+        ignored.extend(attn.qkv for attn in attentions)
+    num_heads = {attn.qkv: attn.num_heads for attn in attentions}
+    scales = {attn: float(attn.scale) for attn in attentions}
+    if not prune_embed_dim:  # nn.MultiheadAttention's outputs are the residual stream
+        ignored.extend(m for _, m in find_attention_blocks(model) if isinstance(m, nn.MultiheadAttention))
+
+    ratio_dict: dict[nn.Module, float] = {}
+    head_ratio_dict: dict[nn.Module, float] = {}
+    if keep is not None and not global_pruning:
+        current = prunable_widths(model)
+        modules = dict(model.named_modules())
+        for name, width in current.items():
+            target = keep.get(name)
+            if target is None:
+                continue
+            if name == "embed":
+                for layer in _residual_layers(model):
+                    ratio_dict[layer] = _ratio_to_keep(width[0], target[0])
+            elif len(width) == 2 and prune_heads:
+                removed = width[0] - target[0]
+                head_ratio_dict[modules[name]] = max(removed - 0.5, 0.0) / width[0]
+            elif len(width) == 2:
+                ratio_dict[modules[name]] = _ratio_to_keep(width[1], target[1])
+            else:
+                ratio_dict[modules[name]] = _ratio_to_keep(width[0], target[0])
+
+    training = {module: module.training for module in model.modules()}  # tracing switches to eval
+    before = _shape_snapshot(model)
+    # torch-pruning cannot trace the landmark branch of NystromAttention (it reads its token concat as a
+    # channel concat); with landmarks >= tokens the module runs exact attention, whose graph is timm's
+    landmarks = {a: a.num_landmarks for a in attentions if isinstance(getattr(a, "num_landmarks", None), int)}
+    for attn in landmarks:
+        attn.num_landmarks = 2**31
+    try:
+        pruner = tp.pruner.MetaPruner(
+            model,
+            example_input,
+            importance=imp,
+            global_pruning=global_pruning,
+            pruning_ratio=pruning_ratio,
+            ignored_layers=ignored,
+            round_to=round_to,
+            num_heads=num_heads,
+            prune_num_heads=prune_heads,
+            prune_head_dims=not prune_heads,
+            head_pruning_ratio=pruning_ratio if prune_heads else 0.0,
+            pruning_ratio_dict=ratio_dict or None,
+            head_pruning_ratio_dict=head_ratio_dict or None,
+            # class/distillation/register tokens and position embeddings: their last dim is the embedding
+            unwrapped_parameters=[(p, p.dim() - 1) for p in model.parameters(recurse=False) if p.dim() >= 2],
+        )
+    finally:
+        for attn, count in landmarks.items():
+            attn.num_landmarks = count
+    for group in pruner.step(interactive=True):
+        root_idxs = _broadcast([int(i) for i in group[0].idxs])
+        group.prune(idxs=root_idxs)
+    _fix_attention(model, pruner.num_heads, scales)
+    for module, flag in training.items():
+        module.training = flag
+    width = getattr(model, "patch_embed", None)
+    proj = getattr(width, "proj", None)
+    if isinstance(proj, nn.Conv2d):  # timm ViT keeps its width in a few attributes
+        for attr in ("embed_dim", "num_features", "head_hidden_size"):
+            if isinstance(model.__dict__.get(attr), int):
+                setattr(model, attr, proj.out_channels)
+    return _shape_changes(before, _shape_snapshot(model))
