@@ -300,7 +300,8 @@ def test_unsupported_attention_inside_a_supported_family() -> None:
 
     model = _make("timm-vit")
     model.blocks[1].attn = OddAttention()
-    with pytest.raises(TypeError, match=r"OddAttention at 'blocks\.1\.attn'.*supported families"):
+    expected = r"OddAttention at 'blocks\.1\.attn' of a timm VisionTransformer is not supported: it has neither"
+    with pytest.raises(TypeError, match=expected):
         adapter_for(model)
 
 
@@ -324,3 +325,55 @@ def test_input_shape_unknown_is_none() -> None:
     with pytest.raises(ValueError, match="does not state its input shape"):
         adapter.example_input()
 
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_residual_and_mlp_layers_are_what_pruning_must_ignore(name: str) -> None:
+    """Ignoring the residual writers keeps the embedding; ignoring the MLP inputs keeps the MLP width."""
+    model = _make(name)
+    adapter = adapter_for(model)
+    heads = [head for _, head in adapter.classifier_heads()]
+    pruner = tp.pruner.MetaPruner(
+        model, adapter.example_input(2), importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=0.5,
+        ignored_layers=[*heads, *adapter.residual_layers(), *adapter.mlp_input_layers()],
+        num_heads=adapter.head_groups(), unwrapped_parameters=adapter.unwrapped_parameters(),
+        output_transform=adapter.logits,
+    )
+    for group in pruner.step(interactive=True):
+        group.prune()
+    adapter.fix_attributes(pruner.num_heads)
+    assert adapter.embed_dim() == WIDTH
+    assert [m.out_features for m in adapter.mlp_input_layers()] == [MLP] * DEPTH
+    expected_head_dim = WIDTH // HEADS // (2 if adapter.capabilities.head_dim_pruning else 1)
+    assert [lay.head_dim for lay in adapter.layouts()] == [expected_head_dim] * DEPTH
+    assert adapter.forward_logits(adapter.example_input(2)).shape == (2, CLASSES)
+
+
+@pytest.mark.parametrize("name", ["timm-vit", "mha-batch-first"])
+def test_nystrom_swapped_blocks_are_still_found(name: str) -> None:
+    """After NystromSwap, the same adapter family still reads the (marked) Nystrom modules."""
+    from lightning_vitcompress.nystrom import NystromAttention
+
+    model = _make(name)
+    for block_name, attention in adapter_for(model).attention_blocks():
+        parent, _, child = block_name.rpartition(".")
+        setattr(model.get_submodule(parent), child, NystromAttention.from_attention(attention, num_landmarks=4))
+    adapter = adapter_for(model)
+    assert type(adapter) is CASES[name].adapter
+    assert [type(m) for _, m in adapter.attention_blocks()] == [NystromAttention] * DEPTH
+    assert [(lay.kind, lay.num_heads, lay.head_dim) for lay in adapter.layouts()] == [("qkv", HEADS, 8)] * DEPTH
+    assert adapter.forward_logits(adapter.example_input(2)).shape == (2, CLASSES)
+
+
+def test_models_package_never_imports_transformers_at_module_level() -> None:
+    """transformers is the optional [hf] extra: no adapter file may import it at import time."""
+    import ast
+    from pathlib import Path
+
+    from lightning_vitcompress import models
+
+    for path in Path(models.__file__).parent.glob("*.py"):
+        for node in ast.parse(path.read_text()).body:
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n.split(".")[0] == "transformers" for n in names), f"{path.name} imports transformers"

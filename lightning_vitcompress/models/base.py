@@ -179,15 +179,12 @@ def read_layout(name: str, module: nn.Module, out_proj: Optional[nn.Linear] = No
     module (transformers < 5: ``ViTSelfOutput.dense``).
 
     Raises:
-        TypeError: ``module`` has none of the three supported structures.
+        TypeError: ``module`` has none of the three supported structures (says why, without naming it).
     """
     if isinstance(module, nn.MultiheadAttention):
         heads = module.num_heads
         if module.in_proj_weight is None:
-            raise TypeError(
-                f"{name} ({type(module).__name__}) has kdim/vdim != embed_dim (cross-attention); "
-                "only self-attention with a fused in_proj_weight is supported."
-            )
+            raise TypeError("its kdim/vdim differ from embed_dim (cross-attention); only self-attention is supported")
         attn_dim = module.in_proj_weight.shape[0] // 3
         return AttentionLayout(
             name, module, module.in_proj_weight.shape[1], heads, attn_dim // heads, module.out_proj,
@@ -206,13 +203,13 @@ def read_layout(name: str, module: nn.Module, out_proj: Optional[nn.Linear] = No
         query, key, value = separate
         heads = _int_attr(module, "num_attention_heads", "num_heads")
         if heads is None:
-            raise TypeError(f"{name} ({type(module).__name__}) has q/k/v projections but no head count attribute.")
+            raise TypeError("it has q/k/v Linears but no num_attention_heads/num_heads attribute")
         scaling = getattr(module, "scaling", None)
         return AttentionLayout(
             name, module, query.in_features, heads, query.out_features // heads, out,
             query=query, key=key, value=value, scale=float(scaling) if isinstance(scaling, (int, float)) else None,
         )
-    raise TypeError(f"{name} ({type(module).__name__}) is not an attention structure the adapters can read.")
+    raise TypeError("it has neither a fused qkv Linear, an in_proj_weight, nor q/k/v Linears with an output projection")
 
 
 def logits_of(output: Any) -> torch.Tensor:
@@ -493,7 +490,7 @@ class ModelAdapter(ABC):
             from lightning_vitcompress.models import supported_families
 
             raise TypeError(
-                f"{error} Attention module {type(module).__name__} at {name!r} of a {self.family} "
-                f"{type(self.model).__name__} is not supported; supported families: {supported_families()}."
+                f"Attention module {type(module).__name__} at {name!r} of a {self.family} "
+                f"{type(self.model).__name__} is not supported: {error}. Supported families: {supported_families()}."
             ) from None
         return module

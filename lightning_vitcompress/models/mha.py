@@ -49,6 +49,11 @@ _MHA_CAPABILITIES = Capabilities(
 _LAYER_TYPES = (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.MultiheadAttention, nn.BatchNorm2d, nn.GroupNorm)
 
 
+def _is_mha_block(module: nn.Module) -> bool:
+    """An ``nn.MultiheadAttention``, or a module that replaced one (our NystromAttention is marked)."""
+    return isinstance(module, nn.MultiheadAttention) or bool(getattr(type(module), ATTENTION_MARKER, False))
+
+
 class MultiheadAttentionAdapter(ModelAdapter):
     """Any model whose attention blocks are ``nn.MultiheadAttention`` (batch_first or not).
 
@@ -67,15 +72,10 @@ class MultiheadAttentionAdapter(ModelAdapter):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
+        return any(_is_mha_block(m) for m in model.modules())
 
     def attention_blocks(self) -> list[tuple[str, nn.Module]]:
-        # also modules that replaced an MHA (our NystromAttention keeps its interface)
-        return [
-            (name, self.check_attention(name, module))
-            for name, module in self.model.named_modules()
-            if isinstance(module, nn.MultiheadAttention) or getattr(type(module), ATTENTION_MARKER, False)
-        ]
+        return [(name, self.check_attention(name, m)) for name, m in self.model.named_modules() if _is_mha_block(m)]
 
     def patch_embedding(self) -> Optional[nn.Module]:
         return next((m for m in self.model.modules() if isinstance(m, nn.Conv2d)), None)
