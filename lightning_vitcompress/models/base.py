@@ -1,0 +1,496 @@
+"""The model-adapter interface: what a compression technique may ask of a Vision Transformer.
+
+A technique never asks "is this timm?". It asks an adapter (one per model
+family, see :func:`lightning_vitcompress.models.adapter_for`) for the attention
+blocks and their :class:`AttentionLayout`, the prefix tokens, the classifier
+heads, the layers structured pruning acts on, the input shape and the logits,
+and after a structural edit it calls :meth:`ModelAdapter.fix_attributes`.
+
+Example::
+
+    adapter = adapter_for(model)
+    before = sum(p.numel() for p in model.parameters())
+    pruner = torch_pruning.pruner.MetaPruner(
+        model, adapter.example_input(),
+        importance=torch_pruning.importance.MagnitudeImportance(p=2),
+        pruning_ratio=0.5,
+        ignored_layers=[head for _, head in adapter.classifier_heads()],
+        num_heads=adapter.head_groups(),
+        unwrapped_parameters=adapter.unwrapped_parameters(),
+        round_to=adapter.embed_multiple_of(),
+        output_transform=adapter.logits,
+    )
+    for group in pruner.step(interactive=True):
+        group.prune()
+    adapter.fix_attributes(pruner.num_heads)
+    logits = adapter.logits(model(adapter.example_input()))
+
+Attention modules come in three structures, read here once for every family:
+a fused ``qkv`` Linear (timm ``Attention`` and modules marked
+``is_vitcompress_attention`` such as our ``NystromAttention``), the fused
+``in_proj_weight`` of ``nn.MultiheadAttention``, and separate q/k/v Linears
+(Hugging Face transformers: ``q_proj``/``k_proj``/``v_proj`` since 5.0,
+``query``/``key``/``value`` before).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional, Union
+
+import torch
+from torch import nn
+
+#: same marker as ``lightning_vitcompress._model.ATTENTION_MARKER`` (our NystromAttention sets it)
+ATTENTION_MARKER = "is_vitcompress_attention"
+
+#: (query, key, value) attribute names of separate projections, newest transformers naming first
+SEPARATE_QKV_NAMES: tuple[tuple[str, str, str], ...] = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """Widths and projection layers of one attention block, read from its weights.
+
+    Exactly one of ``qkv`` (fused Linear), ``in_proj_weight`` (``nn.MultiheadAttention``)
+    or ``query``/``key``/``value`` (separate Linears) is set.
+
+    Example::
+
+        >>> layout = adapter_for(vit).layouts()[0]
+        >>> (layout.embed_dim, layout.num_heads, layout.head_dim)
+        (192, 3, 64)
+    """
+
+    name: str
+    module: nn.Module = field(repr=False)
+    embed_dim: int
+    num_heads: int
+    head_dim: int
+    out_proj: nn.Linear = field(repr=False)
+    qkv: Optional[nn.Linear] = field(default=None, repr=False)
+    in_proj_weight: Optional[nn.Parameter] = field(default=None, repr=False)
+    in_proj_bias: Optional[nn.Parameter] = field(default=None, repr=False)
+    query: Optional[nn.Linear] = field(default=None, repr=False)
+    key: Optional[nn.Linear] = field(default=None, repr=False)
+    value: Optional[nn.Linear] = field(default=None, repr=False)
+    #: the softmax scale the module stores and applies on every path; None: it applies 1/sqrt(head_dim)
+    scale: Optional[float] = None
+
+    @property
+    def kind(self) -> str:
+        """``"qkv"``, ``"in_proj"`` or ``"separate"``."""
+        if self.qkv is not None:
+            return "qkv"
+        return "in_proj" if self.in_proj_weight is not None else "separate"
+
+    @property
+    def attn_dim(self) -> int:
+        """Width of q (= k = v): ``num_heads * head_dim``."""
+        return self.num_heads * self.head_dim
+
+    @property
+    def effective_scale(self) -> float:
+        """The softmax scale the module computes with."""
+        return self.scale if self.scale is not None else self.head_dim**-0.5
+
+    @property
+    def head_projections(self) -> list[nn.Module]:
+        """Layers whose output channels are grouped by head (torch-pruning's ``num_heads`` keys)."""
+        if self.qkv is not None:
+            return [self.qkv]
+        if self.query is not None:
+            return [self.query, self.key, self.value]  # type: ignore[list-item]
+        return []  # nn.MultiheadAttention: torch-pruning prunes it as one unit (see MultiheadAttentionAdapter)
+
+
+@dataclass(frozen=True)
+class EmbeddingParameter:
+    """A bare parameter with one dimension along the embedding (class/dist/register token, position embedding)."""
+
+    name: str
+    parameter: nn.Parameter
+    dim: int
+
+
+@dataclass(frozen=True)
+class PrefixTokens:
+    """The tokens in front of the patch tokens and the parameters holding them.
+
+    ``count`` is 1 for a ViT, 2 for distilled DeiT, ``1 + R`` with ``R`` registers.
+    ``parameters`` also lists position embeddings (they share the embedding dim).
+    """
+
+    count: int
+    parameters: tuple[EmbeddingParameter, ...]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What structured pruning can do on a family; ``why_not`` explains each ``False``."""
+
+    head_pruning: bool = True
+    head_dim_pruning: bool = True
+    embed_pruning: bool = True
+    mlp_pruning: bool = True
+    why_not: Mapping[str, str] = field(default_factory=dict)
+
+    def require(self, capability: str, option: str, family: str) -> None:
+        """Raise ``ValueError`` naming ``option`` when ``capability`` is missing.
+
+        Example::
+
+            adapter.capabilities.require("head_pruning", "prune_heads=True", adapter.family)
+        """
+        if not getattr(self, capability):
+            reason = self.why_not.get(capability, "")
+            raise ValueError(
+                f"{option} is not possible on {family} models: {reason} Turn off {option}."
+            )
+
+
+def _is_fused_qkv(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "qkv", None), nn.Linear) and isinstance(getattr(module, "proj", None), nn.Linear)
+
+
+def _separate_qkv(module: nn.Module) -> Optional[tuple[nn.Linear, nn.Linear, nn.Linear]]:
+    for names in SEPARATE_QKV_NAMES:
+        layers = [getattr(module, n, None) for n in names]
+        if all(isinstance(layer, nn.Linear) for layer in layers):
+            return layers[0], layers[1], layers[2]  # type: ignore[return-value]
+    return None
+
+
+def _int_attr(module: nn.Module, *names: str) -> Optional[int]:
+    for name in names:
+        value = getattr(module, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def read_layout(name: str, module: nn.Module, out_proj: Optional[nn.Linear] = None) -> AttentionLayout:
+    """The :class:`AttentionLayout` of ``module``; widths come from the weights, the head count from the module.
+
+    ``out_proj`` is needed only where the output projection lives outside the
+    module (transformers < 5: ``ViTSelfOutput.dense``).
+
+    Raises:
+        TypeError: ``module`` has none of the three supported structures (says why, without naming it).
+    """
+    if isinstance(module, nn.MultiheadAttention):
+        heads = module.num_heads
+        if module.in_proj_weight is None:
+            raise TypeError("its kdim/vdim differ from embed_dim (cross-attention); only self-attention is supported")
+        attn_dim = module.in_proj_weight.shape[0] // 3
+        return AttentionLayout(
+            name, module, module.in_proj_weight.shape[1], heads, attn_dim // heads, module.out_proj,
+            in_proj_weight=module.in_proj_weight, in_proj_bias=module.in_proj_bias,
+        )
+    if _is_fused_qkv(module):
+        heads = int(module.num_heads)
+        attn_dim = module.qkv.out_features // 3
+        return AttentionLayout(
+            name, module, module.qkv.in_features, heads, attn_dim // heads, module.proj, qkv=module.qkv,
+            scale=float(module.scale),
+        )
+    separate = _separate_qkv(module)
+    out = out_proj if out_proj is not None else getattr(module, "o_proj", None)
+    if separate is not None and isinstance(out, nn.Linear):
+        query, key, value = separate
+        heads = _int_attr(module, "num_attention_heads", "num_heads")
+        if heads is None:
+            raise TypeError("it has q/k/v Linears but no num_attention_heads/num_heads attribute")
+        scaling = getattr(module, "scaling", None)
+        return AttentionLayout(
+            name, module, query.in_features, heads, query.out_features // heads, out,
+            query=query, key=key, value=value, scale=float(scaling) if isinstance(scaling, (int, float)) else None,
+        )
+    raise TypeError("it has neither a fused qkv Linear, an in_proj_weight, nor q/k/v Linears with an output projection")
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits in what a classifier returned: a tensor, a tuple/list (first element), or ``.logits``.
+
+    Example::
+
+        >>> logits_of(hf_vit(pixel_values)).shape  # ImageClassifierOutput
+        torch.Size([2, 10])
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, Mapping) and isinstance(output.get("logits"), torch.Tensor):
+        return output["logits"]
+    if isinstance(output, (tuple, list)) and output:
+        return logits_of(output[0])
+    raise TypeError(f"Cannot read logits from a {type(output).__name__}: expected a tensor, a tuple or .logits.")
+
+
+def named_heads(model: nn.Module, names: tuple[str, ...]) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of the children called ``names`` that hold parameters (Identity heads are skipped)."""
+    found = []
+    for name in names:
+        module = getattr(model, name, None)
+        if isinstance(module, nn.Module) and any(True for _ in module.parameters()):
+            found.append((name, module))
+    return found
+
+
+def embedding_parameter(name: str, parameter: Optional[nn.Parameter]) -> list[EmbeddingParameter]:
+    """``[EmbeddingParameter]`` for a present token/position parameter (last dim is the embedding), else ``[]``."""
+    if not isinstance(parameter, nn.Parameter):
+        return []
+    return [EmbeddingParameter(name, parameter, parameter.dim() - 1)]
+
+
+class ModelAdapter(ABC):
+    """One model family's answers to what compression techniques need to know.
+
+    Build it before a structural edit and call :meth:`fix_attributes` on the
+    same adapter after it: the adapter remembers each attention's softmax
+    scale, so that an edit that shrinks ``head_dim`` does not silently change
+    attention where the module computes its scale from ``head_dim``.
+
+    Subclasses implement the ``where`` methods (blocks, heads, tokens, input
+    shape, model attributes); reading layouts, finding MLP and residual layers,
+    reading logits and fixing attention attributes are shared here.
+    """
+
+    #: short family name used in messages ("timm", "torchvision", ...)
+    family: ClassVar[str] = ""
+    #: what structured pruning with torch-pruning can do on this family
+    capabilities: ClassVar[Capabilities] = Capabilities()
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._scales = {layout.name: layout.effective_scale for layout in self.layouts()}
+
+    # ------------------------------------------------------------------ family-specific
+    @classmethod
+    @abstractmethod
+    def matches(cls, model: nn.Module) -> bool:
+        """True when this adapter handles ``model`` (cheap; must not import optional libraries needlessly)."""
+
+    @abstractmethod
+    def attention_blocks(self) -> list[tuple[str, nn.Module]]:
+        """``(qualified name, module)`` of every attention block, in forward order.
+
+        Raises:
+            TypeError: an attention module of a type no adapter supports (names it).
+        """
+
+    @abstractmethod
+    def patch_embedding(self) -> Optional[nn.Module]:
+        """The layer that writes patch embeddings into the residual stream (a Conv2d), if any."""
+
+    @abstractmethod
+    def prefix_tokens(self) -> PrefixTokens:
+        """Class/distillation/register tokens and the parameters holding them (with position embeddings)."""
+
+    @abstractmethod
+    def classifier_heads(self) -> list[tuple[str, nn.Module]]:
+        """``(name, module)`` of the classifier head(s): never pruned, never swapped."""
+
+    @abstractmethod
+    def input_shape(self) -> Optional[tuple[int, int, int]]:
+        """``(C, H, W)`` when the model states it, else None."""
+
+    def _fix_model_attributes(self) -> None:
+        """Update the model-level width attributes after an edit (family-specific; default: nothing)."""
+
+    def _output_projection(self, name: str, module: nn.Module) -> Optional[nn.Linear]:
+        """The output projection where it lives outside ``module`` (default: inside)."""
+        return None
+
+    # ------------------------------------------------------------------ shared answers
+    def layouts(self) -> list[AttentionLayout]:
+        """The :class:`AttentionLayout` of every attention block, in order."""
+        return [read_layout(n, m, self._output_projection(n, m)) for n, m in self.attention_blocks()]
+
+    def embed_dim(self) -> int:
+        """Width of the residual stream (from the weights, so it is right after pruning)."""
+        patch = self.patch_embedding()
+        if isinstance(patch, nn.Conv2d):
+            return patch.out_channels
+        if isinstance(patch, nn.Linear):
+            return patch.out_features
+        return self.layouts()[0].embed_dim
+
+    def logits(self, output: Any) -> torch.Tensor:
+        """The logits in ``output`` (see :func:`logits_of`); usable as torch-pruning's ``output_transform``."""
+        return logits_of(output)
+
+    def forward_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Run the model on ``images`` and return its logits, whatever it returns."""
+        return self.logits(self.model(images))
+
+    def example_input(self, batch_size: int = 1) -> torch.Tensor:
+        """A random batch of the stated input shape, on the model's device.
+
+        Raises:
+            ValueError: the model does not state its input shape (take one from the data instead).
+        """
+        shape = self.input_shape()
+        if shape is None:
+            raise ValueError(
+                f"{type(self.model).__name__} does not state its input shape; take an example batch from the data."
+            )
+        parameter = next(self.model.parameters(), None)
+        device = parameter.device if parameter is not None else None
+        return torch.randn(batch_size, *shape, device=device)
+
+    def head_groups(self) -> dict[nn.Module, int]:
+        """``{projection: num_heads}`` for torch-pruning's ``num_heads`` argument."""
+        return {proj: layout.num_heads for layout in self.layouts() for proj in layout.head_projections}
+
+    def unwrapped_parameters(self) -> list[tuple[nn.Parameter, int]]:
+        """``[(parameter, embedding dim)]`` for torch-pruning's ``unwrapped_parameters`` argument."""
+        return [(p.parameter, p.dim) for p in self.prefix_tokens().parameters]
+
+    def embed_multiple_of(self) -> Optional[int]:
+        """Embedding widths pruning must keep a multiple of (torch-pruning's ``round_to``); None: any."""
+        return None
+
+    def _block_of(self, layout: AttentionLayout) -> tuple[nn.Module, list[nn.Linear]]:
+        """The transformer block around an attention and its Linears outside the attention (the MLP)."""
+        modules = dict(self.model.named_modules())
+        own = set(layout.module.modules()) | {layout.out_proj}
+        path = layout.name
+        while path:
+            path = path.rpartition(".")[0]
+            block = modules[path] if path else self.model
+            linears = [m for m in block.modules() if isinstance(m, nn.Linear) and m not in own]
+            if linears:
+                return block, linears
+        raise ValueError(f"No MLP found around attention block {layout.name!r}.")
+
+    def mlp_input_layers(self) -> list[nn.Linear]:
+        """Each block's MLP input Linear(s) (fc1, linear1, intermediate.dense): their outputs are prunable."""
+        return [linear for layout in self.layouts() for linear in self._block_of(layout)[1][:-1]]
+
+    def residual_layers(self) -> list[nn.Module]:
+        """Layers whose outputs are the residual stream: patch embedding, attention output, MLP output.
+
+        For ``nn.MultiheadAttention`` this is the whole module (torch-pruning prunes it as one unit).
+        """
+        patch = self.patch_embedding()
+        layers: list[nn.Module] = [patch] if patch is not None else []
+        for layout in self.layouts():
+            layers.append(layout.module if layout.kind == "in_proj" else layout.out_proj)
+            layers.append(self._block_of(layout)[1][-1])
+        return layers
+
+    # ------------------------------------------------------------------ after an edit
+    def fix_attributes(self, num_heads: Optional[Mapping[Union[str, nn.Module], int]] = None) -> None:
+        """Update the model's own bookkeeping from its weight shapes after a structural edit.
+
+        Args:
+            num_heads: heads per attention after the edit, keyed by the
+                attention's qualified name or by any of its projections
+                (torch-pruning's ``pruner.num_heads`` works as is). Attentions
+                it does not name keep their head count, i.e. the edit changed
+                ``head_dim``.
+
+        Each attention keeps the softmax scale it had when this adapter was
+        built (or last fixed): where the module would now compute another one,
+        the ratio is folded into the query projection.
+
+        Raises:
+            ValueError: an attention's q/k/v width is not divisible by its head count.
+        """
+        num_heads = num_heads or {}
+        for layout in self.layouts():
+            heads = num_heads.get(layout.name)
+            for key in (layout.module, *layout.head_projections):
+                heads = num_heads.get(key, heads)  # type: ignore[call-overload]
+            heads = int(heads if heads is not None else layout.num_heads)
+            attn_dim = self._attn_dim(layout)
+            if attn_dim % heads:
+                raise ValueError(f"{layout.name}: q/k/v width {attn_dim} is not divisible by {heads} heads.")
+            self._write_attention(layout, heads, attn_dim // heads)
+            trained = self._scales.get(layout.name)
+            now = read_layout(layout.name, layout.module, self._output_projection(layout.name, layout.module))
+            if trained is not None and not math.isclose(trained, now.effective_scale, rel_tol=1e-9):
+                self._fold_query_scale(now, trained / now.effective_scale)
+        for module in self.model.modules():
+            if isinstance(module, nn.LayerNorm) and module.weight is not None:
+                module.normalized_shape = tuple(module.weight.shape)
+        self._fix_model_attributes()
+        self._scales = {layout.name: layout.effective_scale for layout in self.layouts()}
+
+    @staticmethod
+    def _attn_dim(layout: AttentionLayout) -> int:
+        if layout.qkv is not None:
+            return layout.qkv.out_features // 3
+        if layout.in_proj_weight is not None:
+            return layout.in_proj_weight.shape[0] // 3
+        assert layout.query is not None
+        return layout.query.out_features
+
+    @staticmethod
+    def _write_attention(layout: AttentionLayout, heads: int, head_dim: int) -> None:
+        module = layout.module
+        if layout.kind == "qkv":
+            # timm's fused path ignores `scale` (it uses 1/sqrt(head_dim)): reset it, fix_attributes folds the ratio
+            module.num_heads, module.head_dim, module.attn_dim = heads, head_dim, heads * head_dim
+            module.scale = head_dim**-0.5
+        elif layout.kind == "in_proj":
+            assert isinstance(module, nn.MultiheadAttention)
+            width = layout.in_proj_weight.shape[1]  # type: ignore[union-attr]
+            module.embed_dim = module.kdim = module.vdim = width
+            module.num_heads, module.head_dim = heads, head_dim
+            if heads * head_dim != width:
+                raise ValueError(
+                    f"{layout.name}: nn.MultiheadAttention needs q/k/v width == embed_dim, got "
+                    f"{heads * head_dim} and {width}."
+                )
+        else:  # transformers: `scaling`, where present, is used by eager and SDPA alike and stays
+            for attr, value in (("num_attention_heads", heads), ("num_heads", heads),
+                                ("attention_head_size", head_dim), ("head_dim", head_dim),
+                                ("all_head_size", heads * head_dim)):
+                if _int_attr(module, attr) is not None:
+                    setattr(module, attr, value)
+
+    @staticmethod
+    def _fold_query_scale(layout: AttentionLayout, factor: float) -> None:
+        """Multiply the queries by ``factor`` (into an affine q-norm where queries are normalized)."""
+        with torch.no_grad():
+            q_norm = getattr(layout.module, "q_norm", None)
+            norm_params = list(q_norm.parameters(recurse=False)) if isinstance(q_norm, nn.Module) else []
+            if norm_params:
+                for param in norm_params:
+                    param.mul_(factor)
+                return
+            if isinstance(q_norm, nn.Module) and not isinstance(q_norm, nn.Identity):
+                # a parameter-free norm would undo the fold: keep the trained scale on the eager path
+                layout.module.scale = layout.effective_scale * factor
+                layout.module.fused_attn = False
+                return
+            if layout.query is not None:
+                weight, bias, rows = layout.query.weight, layout.query.bias, layout.query.out_features
+            elif layout.qkv is not None:
+                weight, bias, rows = layout.qkv.weight, layout.qkv.bias, layout.attn_dim
+            else:
+                weight, bias, rows = layout.in_proj_weight, layout.in_proj_bias, layout.attn_dim
+            weight[:rows].mul_(factor)  # type: ignore[index]
+            if bias is not None:
+                bias[:rows].mul_(factor)
+
+    def check_attention(self, name: str, module: nn.Module) -> nn.Module:
+        """``module`` if the adapters can read it, else ``TypeError`` naming it and the supported families."""
+        try:
+            read_layout(name, module, self._output_projection(name, module))
+        except TypeError as error:
+            from lightning_vitcompress.models import supported_families
+
+            raise TypeError(
+                f"Attention module {type(module).__name__} at {name!r} of a {self.family} "
+                f"{type(self.model).__name__} is not supported: {error}. Supported families: {supported_families()}."
+            ) from None
+        return module

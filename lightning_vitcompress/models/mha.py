@@ -1,0 +1,118 @@
+"""Hand-written ViTs built on ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer``.
+
+What torch-pruning (1.6) can do with ``nn.MultiheadAttention``: its MHA pruner
+removes the *same* channel indices from the embedding (input columns) and from
+each of q, k and v (rows of ``in_proj_weight``), and keeps ``num_heads``. So the
+embedding width and ``head_dim`` shrink together; whole heads cannot be removed,
+and head dims cannot be pruned apart from the embedding. The removed indices
+are not balanced per head: the kept q/k/v channels are re-split into heads, so
+channels of different heads can end up in one head. Passing an MHA in
+``num_heads`` makes torch-pruning skip the embedding group altogether.
+
+Example::
+
+    class TinyViT(nn.Module):  # conv patch embedding, cls token, nn.TransformerEncoder, head
+        ...
+    adapter = MultiheadAttentionAdapter(TinyViT())
+    adapter.capabilities.require("head_pruning", "prune_heads=True", adapter.family)  # ValueError
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+from torch import nn
+
+from lightning_vitcompress.models.base import (
+    ATTENTION_MARKER,
+    Capabilities,
+    EmbeddingParameter,
+    ModelAdapter,
+    PrefixTokens,
+    named_heads,
+)
+
+_MHA_CAPABILITIES = Capabilities(
+    head_pruning=False,
+    head_dim_pruning=False,
+    why_not={
+        "head_pruning": "torch-pruning prunes nn.MultiheadAttention only along the embedding and keeps num_heads.",
+        "head_dim_pruning": (
+            "torch-pruning prunes nn.MultiheadAttention's q/k/v only together with the embedding "
+            "(prune the embedding instead)."
+        ),
+    },
+)
+
+#: module types whose parameters are not bare tokens
+_LAYER_TYPES = (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.MultiheadAttention, nn.BatchNorm2d, nn.GroupNorm)
+
+
+def _is_mha_block(module: nn.Module) -> bool:
+    """An ``nn.MultiheadAttention``, or a module that replaced one (our NystromAttention is marked)."""
+    return isinstance(module, nn.MultiheadAttention) or bool(getattr(type(module), ATTENTION_MARKER, False))
+
+
+class MultiheadAttentionAdapter(ModelAdapter):
+    """Any model whose attention blocks are ``nn.MultiheadAttention`` (batch_first or not).
+
+    Heads are the children called ``head``/``heads``/``head_dist``/``fc``/``classifier``;
+    prefix tokens are bare ``(1, n, E)`` parameters whose name has no ``pos``, unless
+    the model states ``num_prefix_tokens``; the input shape comes from an
+    ``img_size``/``image_size`` attribute and the first Conv2d's ``in_channels``.
+    """
+
+    family = "nn.MultiheadAttention"
+    capabilities = _MHA_CAPABILITIES
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self._width = self.embed_dim()
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return any(_is_mha_block(m) for m in model.modules())
+
+    def attention_blocks(self) -> list[tuple[str, nn.Module]]:
+        return [(name, self.check_attention(name, m)) for name, m in self.model.named_modules() if _is_mha_block(m)]
+
+    def patch_embedding(self) -> Optional[nn.Module]:
+        return next((m for m in self.model.modules() if isinstance(m, nn.Conv2d)), None)
+
+    def prefix_tokens(self) -> PrefixTokens:
+        width = self.embed_dim()
+        owners = {p for m in self.model.modules() if isinstance(m, _LAYER_TYPES) for p in m.parameters()}
+        found = [
+            EmbeddingParameter(name, p, p.dim() - 1)
+            for name, p in self.model.named_parameters()
+            if p not in owners and p.dim() >= 2 and p.shape[-1] == width
+        ]
+        stated = getattr(self.model, "num_prefix_tokens", None)
+        if isinstance(stated, int):
+            count = stated
+        else:
+            count = sum(p.parameter.numel() // width for p in found if "pos" not in p.name.rpartition(".")[2])
+        return PrefixTokens(count, tuple(found))
+
+    def classifier_heads(self) -> list[tuple[str, nn.Module]]:
+        return named_heads(self.model, ("head", "heads", "head_dist", "fc", "classifier"))
+
+    def input_shape(self) -> Optional[tuple[int, int, int]]:
+        size = getattr(self.model, "img_size", getattr(self.model, "image_size", None))
+        patch = self.patch_embedding()
+        if size is None or not isinstance(patch, nn.Conv2d):
+            return None
+        height, width = (size, size) if isinstance(size, int) else size
+        return (patch.in_channels, int(height), int(width))
+
+    def embed_multiple_of(self) -> Optional[int]:
+        heads = [layout.num_heads for layout in self.layouts() if layout.kind == "in_proj"]
+        return math.lcm(*heads) if heads else None
+
+    def _fix_model_attributes(self) -> None:
+        width = self.embed_dim()
+        for attr in ("embed_dim", "hidden_dim", "dim"):
+            if self.model.__dict__.get(attr) == self._width:
+                setattr(self.model, attr, width)
+        self._width = width
