@@ -25,7 +25,7 @@ from torch import nn
 
 from lightning_vitcompress._base import CompressionCallback
 from lightning_vitcompress._measure import count_macs, count_parameters
-from lightning_vitcompress._model import find_attention_blocks, get_submodule, set_submodule
+from lightning_vitcompress._model import ATTENTION_MARKER, find_attention_blocks, get_submodule, set_submodule
 from lightning_vitcompress._structure import Record, record_edit, register_replay
 from lightning_vitcompress._training_state import check_strategy_supported, refresh_after_structural_change
 
@@ -52,6 +52,10 @@ _SHAPE_ATTRIBUTES = (
     "kdim",
     "vdim",
 )
+#: a pruned timm ``Attention`` keeps its head count in this buffer (a scalar int64): from the shapes
+#: alone 4 heads of 4 dims and 2 heads of 8 look the same, so a bare state dict needs it
+#: (:class:`~lightning_vitcompress.NystromAttention` keeps it in its extra state instead)
+HEADS_BUFFER = "vitcompress_num_heads"
 
 
 # ---------------------------------------------------------------------------- importance
@@ -182,6 +186,8 @@ def _replay_prune(model: nn.Module, record: Record) -> None:
                 old_buffer = module._buffers[tensor_name]
                 assert old_buffer is not None
                 module._buffers[tensor_name] = old_buffer.new_zeros(shape)
+            elif tensor_name == HEADS_BUFFER:
+                module.register_buffer(HEADS_BUFFER, torch.zeros(shape, dtype=torch.int64))
             else:
                 raise KeyError(f"Pruning record names {name}.{tensor_name}, which {type(module).__name__} lacks.")
         for attr, value in change["attrs"].items():
@@ -204,7 +210,10 @@ def _fix_attention(model: nn.Module, num_heads: dict[nn.Module, int], scales: di
         old_scale = scales[attn]
         new_scale = head_dim**-0.5
         factor = old_scale / new_scale
+        reshaped = (heads, attn_dim) != (attn.num_heads, attn.attn_dim)
         attn.num_heads, attn.head_dim, attn.attn_dim, attn.scale = heads, head_dim, attn_dim, new_scale
+        if (reshaped or HEADS_BUFFER in attn._buffers) and not getattr(type(attn), ATTENTION_MARKER, False):
+            attn.register_buffer(HEADS_BUFFER, torch.tensor(heads, device=attn.qkv.weight.device))
         if math.isclose(factor, 1.0, rel_tol=1e-12):
             continue
         with torch.no_grad():
@@ -587,6 +596,13 @@ class PruningSchedule(CompressionCallback):
         replayed = self.replayed_records(trainer, "prune")
         self.steps_done = len(replayed)
         self._original_widths = None
+        if replayed and "channel_ratio_final" not in replayed[-1]:
+            raise RuntimeError(
+                "PruningSchedule: the checkpoint being resumed holds a pruned model but no record of the pruning "
+                "steps (its shapes were read from the weights), so the schedule cannot tell how far it got. Resume "
+                "from a checkpoint saved with this package's records (a full ModelCheckpoint), or fine-tune the "
+                "pruned model without PruningSchedule."
+            )
         if replayed:
             self._channel_ratio = replayed[-1]["channel_ratio_final"]
             self._original_widths = replayed[-1]["original_widths"]
