@@ -8,7 +8,7 @@ Example::
 
 from lightning_vitcompress._base import CompressionCallback
 from lightning_vitcompress._model import find_attention_blocks, resolve_target_model
-from lightning_vitcompress._structure import load_compressed
+from lightning_vitcompress._structure import load_compressed, save_safetensors
 from lightning_vitcompress._x86_int8 import (
     Int8DynamicX86Config,
     Int8StaticX86Config,
@@ -43,4 +43,5 @@ __all__ = [
     "load_compressed",
     "quantize_model",
     "resolve_target_model",
+    "save_safetensors",
 ]
