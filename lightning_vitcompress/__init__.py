@@ -29,6 +29,7 @@ from lightning_vitcompress.functional import (
     prune_vit,
     quantize_model,
     resolve_target_model,
+    save_safetensors,
 )
 
 if TYPE_CHECKING:
@@ -86,4 +87,5 @@ __all__ = [
     "quantize_model",
     "refresh_after_structural_change",
     "resolve_target_model",
+    "save_safetensors",
 ]

@@ -11,6 +11,13 @@ replayed on a freshly built module before its weights are loaded:
 * on resume (``trainer.fit(ckpt_path=...)``), by the callbacks at ``setup``;
 * for inference, by :func:`load_compressed`.
 
+Files without records (``ModelCheckpoint(save_weights_only=True)``, a bare
+``torch.save(model.state_dict())``, ``.safetensors``) still hold the structure
+in their tensors: then it is read from them
+(:mod:`lightning_vitcompress._state_dict_structure`). This module is the one
+place that decides: records where the file has them, else the tensors; either
+way the rebuilt module is checked against the saved shapes before loading.
+
 A record is ``{"kind": <registered kind>, "target": <attribute path>, ...}``;
 each structural module registers how to replay its kind with
 :func:`register_replay`.
@@ -29,6 +36,7 @@ from __future__ import annotations
 import copy
 import pickle
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar, Union
 
@@ -99,7 +107,9 @@ def read_checkpoint(
 ) -> dict[str, Any]:
     """Load a checkpoint file with ``torch.load(weights_only=True)``; never silently less safely.
 
-    ``weights_only=True`` unpickles tensors and plain data only, so a crafted
+    A ``.safetensors`` file (recognised by its header, whatever its name) is
+    read with ``safetensors.torch.load_file``, which runs no code at all, and
+    gives a bare state dict. ``weights_only=True`` unpickles tensors and plain data only, so a crafted
     file cannot run code while it loads. A file holding other Python objects is
     refused with an error that names ``argument`` and the path; only the
     caller's explicit ``weights_only=False`` reads it (with a warning), for files
@@ -113,6 +123,8 @@ def read_checkpoint(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{argument}={str(path)!r} does not exist or is not a file.")
+    if _is_safetensors(path):
+        return _read_safetensors(path, map_location, argument)
     if not weights_only:
         warnings.warn(
             f"{argument}={str(path)!r} is loaded with weights_only=False: unpickling runs whatever code the file "
@@ -139,6 +151,49 @@ def read_checkpoint(
         ) from err
 
 
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file starts with its JSON header's length (8 bytes, little endian), then ``{``."""
+    with path.open("rb") as file:
+        head = file.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= path.stat().st_size
+
+
+def _read_safetensors(path: Path, map_location: Any, argument: str) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    device = map_location if isinstance(map_location, (str, int, torch.device)) else "cpu"
+    try:
+        return load_file(path, device=str(device))
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own SafetensorError
+        raise ValueError(f"{argument}={str(path)!r} is not a readable safetensors file: {err}") from err
+
+
+def save_safetensors(state: Union[nn.Module, Mapping[str, Any]], path: Union[str, Path]) -> None:
+    """Write a module's (or a state dict's) tensors to a ``.safetensors`` file that :func:`load_compressed` reads.
+
+    safetensors holds plain tensors only; torchao's quantized weights (tensor
+    subclasses) and non-tensor extra state (``X86Int8StaticLinear``'s
+    calibrated input range) cannot go there: they are refused with an error
+    naming the key, instead of safetensors' own "invalid python storage".
+
+    Example::
+
+        save_safetensors(lit_module, "pruned.safetensors")  # or lit_module.model
+        model = load_compressed(LitClassifier, "pruned.safetensors", **init_kwargs)
+    """
+    from safetensors.torch import save_file
+
+    state_dict = state.state_dict() if isinstance(state, nn.Module) else state
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor) or type(value) not in (torch.Tensor, nn.Parameter):
+            raise TypeError(
+                f"{key} is a {type(value).__name__}, which safetensors cannot hold (plain tensors only; torchao "
+                "quantized weights are tensor subclasses). Save it with torch.save(model.state_dict(), path): "
+                "load_compressed reads that file with weights_only=True."
+            )
+    save_file({key: value.detach().contiguous() for key, value in state_dict.items()}, str(path))
+
+
 class UnsafeCheckpointError(pickle.UnpicklingError):
     """A checkpoint that only ``weights_only=False`` could read; refused unless the user asks for that."""
 
@@ -162,19 +217,39 @@ def load_compressed(
     weights_only: bool = True,
     **init_kwargs: Any,
 ) -> ModuleT:
-    """Build ``module_class``, replay the checkpoint's structural edits, load its weights.
+    """Build ``module_class``, rebuild the saved model's structure, load its weights.
 
     The one call that restores a pruned / Nystrom-swapped / quantized model for
-    inference; returns it in ``eval()`` mode. ``init_kwargs`` go to
-    ``module_class(...)``; when omitted, the hyper-parameters saved with
-    ``self.save_hyperparameters()`` are used. The file is read with
-    ``torch.load(weights_only=True)``; pass ``weights_only=False`` only for a
-    file you trust that holds other Python objects (it warns).
+    inference; returns it in ``eval()`` mode. ``checkpoint_path`` may be
+
+    * a Lightning checkpoint, full or ``ModelCheckpoint(save_weights_only=True)``;
+    * a bare state dict saved with ``torch.save``, of the LightningModule
+      (``lit.state_dict()``) or of the ViT inside it (``lit.model.state_dict()``);
+    * a ``.safetensors`` file of either.
+
+    The structure comes from the edit records the callbacks saved in full
+    checkpoints; where a file has none, it is read from the tensors themselves
+    (shapes, keys, tensor types). Either way the rebuilt module is checked
+    against the saved shapes, and a disagreement is an error naming the module.
+
+    ``init_kwargs`` go to ``module_class(...)``; when omitted, the
+    hyper-parameters saved with ``self.save_hyperparameters()`` are used. A bare
+    state dict holds no hyper-parameters: pass ``init_kwargs`` unless the
+    module's defaults build the architecture that was saved. Files are read
+    with ``torch.load(weights_only=True)`` (safetensors without unpickling);
+    pass ``weights_only=False`` only for a file you trust that holds other
+    Python objects (it warns).
 
     Example::
 
         model = load_compressed(LitClassifier, "checkpoints/last.ckpt")
+        model = load_compressed(LitClassifier, "vit.safetensors", embed_dim=192, depth=12)
         model(images).argmax(-1)
+
+    Raises:
+        StructureMismatchError: the saved tensors do not fit the rebuilt module
+            (another architecture, other ``init_kwargs``, records that disagree
+            with the weights); the message names the module and both shapes.
     """
     checkpoint = read_checkpoint(checkpoint_path, map_location, weights_only=weights_only)
     return build_from_checkpoint(module_class, checkpoint, strict=strict, **init_kwargs)
@@ -183,31 +258,88 @@ def load_compressed(
 def build_from_checkpoint(
     module_class: type[ModuleT], checkpoint: dict[str, Any], *, strict: bool = True, **init_kwargs: Any
 ) -> ModuleT:
-    """:func:`load_compressed` for a checkpoint dict already read with :func:`read_checkpoint`."""
-    if not init_kwargs:
-        init_kwargs = dict(checkpoint.get(getattr(module_class, "CHECKPOINT_HYPER_PARAMS_KEY", "hyper_parameters"), {}) or {})
-    pl_module = module_class(**init_kwargs)
-    replay_edits(pl_module, checkpoint.get(STRUCTURE_KEY, []))
+    """:func:`load_compressed` for a checkpoint (or bare state dict) already read with :func:`read_checkpoint`."""
+    from lightning_vitcompress._state_dict_structure import (
+        StructureMismatchError,
+        align_state_dict,
+        check_structure,
+        infer_records,
+    )
+
+    lightning = isinstance(checkpoint.get("state_dict"), Mapping)
+    pl_module = _construct(module_class, checkpoint if lightning else None, init_kwargs)
+    state_dict, added_prefix = align_state_dict(pl_module, checkpoint["state_dict"] if lightning else checkpoint)
+    records = checkpoint.get(STRUCTURE_KEY) if lightning else None
+    source = "The checkpoint's structure records" if records else "The structure read from the saved tensors"
+    try:
+        replay_edits(pl_module, records or infer_records(pl_module, state_dict))
+        check_structure(pl_module, state_dict, strict=strict, within=added_prefix, source=source)
+    except StructureMismatchError as err:
+        if lightning or init_kwargs:
+            raise
+        raise StructureMismatchError(
+            f"{err} The file is a bare state dict, which holds no hyper-parameters, so {module_class.__name__}() was "
+            f"built with its defaults: pass the constructor arguments, load_compressed({module_class.__name__}, "
+            "path, **init_kwargs)."
+        ) from err
     # assign=True keeps tensor subclasses (torchao quantized weights) as saved
-    pl_module.load_state_dict(checkpoint["state_dict"], strict=strict, assign=True)
-    if callable(getattr(pl_module, "on_load_checkpoint", None)):  # a LightningModule's own hook
+    if added_prefix:  # a state dict of the ViT alone
+        vit = get_submodule(pl_module, added_prefix[:-1])
+        vit.load_state_dict({k[len(added_prefix) :]: v for k, v in state_dict.items()}, strict=strict, assign=True)
+    else:
+        pl_module.load_state_dict(state_dict, strict=strict, assign=True)
+    if lightning and callable(getattr(pl_module, "on_load_checkpoint", None)):  # a LightningModule's own hook
         pl_module.on_load_checkpoint(checkpoint)
     return pl_module.eval()
+
+
+def _construct(
+    module_class: type[ModuleT], checkpoint: Optional[Mapping[str, Any]], init_kwargs: dict[str, Any]
+) -> ModuleT:
+    """``module_class(**init_kwargs)``, or with the checkpoint's hyper-parameters when none are given."""
+    if init_kwargs or checkpoint is None:
+        try:
+            return module_class(**init_kwargs)
+        except Exception as err:
+            if checkpoint is not None:
+                raise
+            raise TypeError(
+                f"{module_class.__name__}(**{init_kwargs}) failed ({type(err).__name__}: {err}). The file is a bare "
+                "state dict, which holds no hyper-parameters: pass the constructor arguments, "
+                f"load_compressed({module_class.__name__}, path, **init_kwargs)."
+            ) from err
+    key = getattr(module_class, "CHECKPOINT_HYPER_PARAMS_KEY", "hyper_parameters")  # Lightning's, without importing it
+    return module_class(**dict(checkpoint.get(key, {}) or {}))
 
 
 def replay_from_checkpoint(
     pl_module: nn.Module, checkpoint_path: Optional[Union[str, Path]], *, weights_only: bool = True
 ) -> list[Record]:
-    """On resume: replay the edits saved in ``checkpoint_path`` onto ``pl_module``.
+    """On resume: rebuild the structure of the model saved in ``checkpoint_path`` on ``pl_module``.
 
     Reads the file as ``trainer.fit(ckpt_path=..., weights_only=...)`` asked
-    (safely unless the user passed ``weights_only=False``).
+    (safely unless the user passed ``weights_only=False``). Replays the saved
+    edit records; a checkpoint without records (written by a fit without these
+    callbacks, or by an older version) whose shapes differ from ``pl_module``'s
+    gets its structure read from the tensors instead (records marked
+    ``"inferred": True``). The result is checked against the saved shapes.
 
     Returns the replayed records (empty when there is no checkpoint, no edits,
     or they were already replayed), so callbacks can tell how far they got.
     """
+    from lightning_vitcompress._state_dict_structure import check_structure, infer_records
+
     if not checkpoint_path or recorded_edits(pl_module) or not Path(checkpoint_path).is_file():
         return []
-    records = read_checkpoint(checkpoint_path, weights_only=weights_only, argument="ckpt_path").get(STRUCTURE_KEY, [])
+    checkpoint = read_checkpoint(checkpoint_path, weights_only=weights_only, argument="ckpt_path")
+    state_dict = checkpoint.get("state_dict")
+    records = checkpoint.get(STRUCTURE_KEY) or []
+    source = "The checkpoint's structure records"
+    if not records and isinstance(state_dict, Mapping):
+        records = infer_records(pl_module, state_dict)
+        source = "The structure read from the saved tensors"
     replay_edits(pl_module, records)
+    if records and isinstance(state_dict, Mapping):
+        # Lightning compares the key sets itself (as strict as the module's strict_loading)
+        check_structure(pl_module, state_dict, strict=False, source=source)
     return records

@@ -352,7 +352,7 @@ def test_residual_and_mlp_layers_are_what_pruning_must_ignore(name: str) -> None
 @pytest.mark.parametrize("name", ["timm-vit", "mha-batch-first"])
 def test_nystrom_swapped_blocks_are_still_found(name: str) -> None:
     """After NystromSwap, the same adapter family still reads the (marked) Nystrom modules."""
-    from lightning_vitcompress.nystrom import NystromAttention
+    from lightning_vitcompress.functional.nystrom import NystromAttention
 
     model = _make(name)
     for block_name, attention in adapter_for(model).attention_blocks():

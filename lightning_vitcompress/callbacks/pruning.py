@@ -273,6 +273,13 @@ class PruningSchedule(CompressionCallback):
         replayed = self.replayed_records(trainer, "prune")
         self.steps_done = len(replayed)
         self._original_widths = None
+        if replayed and "channel_ratio_final" not in replayed[-1]:
+            raise RuntimeError(
+                "PruningSchedule: the checkpoint being resumed holds a pruned model but no record of the pruning "
+                "steps (its shapes were read from the weights), so the schedule cannot tell how far it got. Resume "
+                "from a checkpoint saved with this package's records (a full ModelCheckpoint), or fine-tune the "
+                "pruned model without PruningSchedule."
+            )
         if replayed:
             self._channel_ratio = replayed[-1]["channel_ratio_final"]
             self._original_widths = replayed[-1]["original_widths"]

@@ -11,7 +11,7 @@ Example::
 """
 
 from lightning_vitcompress._model import find_attention_blocks, resolve_target_model
-from lightning_vitcompress._structure import load_compressed, record_edit, register_replay, replay_edits
+from lightning_vitcompress._structure import load_compressed, record_edit, register_replay, replay_edits, save_safetensors
 from lightning_vitcompress.functional.distill import combine_losses, hard_distillation_loss, soft_distillation_loss
 from lightning_vitcompress.functional.measure import (
     compare_throughput,
@@ -61,6 +61,7 @@ __all__ = [
     "register_replay",
     "replay_edits",
     "resolve_target_model",
+    "save_safetensors",
     "select_layers",
     "serialized_size_bytes",
     "soft_distillation_loss",

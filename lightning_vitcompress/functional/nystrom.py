@@ -38,7 +38,7 @@ from torch import nn
 from lightning_vitcompress._model import get_submodule, set_submodule
 from lightning_vitcompress._structure import Record, register_replay
 
-__all__ = ["NystromAttention", "iterative_pinv", "segment_means"]
+__all__ = ["NystromAttention", "iterative_pinv", "nystrom_settings", "segment_means"]
 
 
 
@@ -260,6 +260,30 @@ class NystromAttention(nn.Module):
             new.conv.to(device=new.qkv.weight.device, dtype=new.qkv.weight.dtype)
         return new
 
+    # ------------------------------------------------------------- state dict
+    def get_extra_state(self) -> torch.Tensor:
+        """The settings, as ``<name>._extra_state`` in a state dict: it marks a Nyström block.
+
+        An int64 tensor (see :func:`nystrom_settings`), not a dict, so that a
+        state dict of a swapped model still goes to safetensors and loads with
+        ``torch.load(weights_only=True)``. A timm ``Attention`` swapped for this
+        module keeps its parameter keys (``qkv``, ``proj``); this key is what
+        tells a bare state dict apart.
+        """
+        settings = {**{name: int(getattr(self, name) or 0) for name in _SETTINGS[1:-1]}, "version": 1}
+        settings["scale_bits"] = int(torch.tensor(float(self.scale), dtype=torch.float64).view(torch.int64))
+        return torch.tensor([settings[name] for name in _SETTINGS], dtype=torch.int64)
+
+    def set_extra_state(self, state: Any) -> None:
+        settings = nystrom_settings(state)
+        if settings["conv_kernel_size"] != self.conv_kernel_size:
+            raise ValueError(
+                f"The saved Nyström settings have conv_kernel_size={settings['conv_kernel_size']}, this module "
+                f"{self.conv_kernel_size}: rebuild it with the saved settings before loading."
+            )
+        for name, value in settings.items():
+            setattr(self, name, value)
+
     def extra_repr(self) -> str:
         conv = f", conv_kernel_size={self.conv_kernel_size}" if self.conv_kernel_size else ""
         return (
@@ -330,6 +354,45 @@ class NystromAttention(nn.Module):
         if not prefix:
             return patch_out
         return torch.cat([landmark_values[:, :, :prefix], patch_out], dim=-2)
+
+
+#: the fields of :meth:`NystromAttention.get_extra_state`, in order (``scale_bits``: the float64 bits of ``scale``)
+_SETTINGS = (
+    "version",
+    "num_landmarks",
+    "num_prefix_tokens",
+    "pinv_iterations",
+    "conv_kernel_size",
+    "multihead_interface",
+    "batch_first",
+    "num_heads",
+    "head_dim",
+    "attn_dim",
+    "scale_bits",
+)
+
+
+def nystrom_settings(extra_state: Any) -> dict[str, Any]:
+    """Decode a :class:`NystromAttention`'s ``_extra_state`` into its settings (plain Python values).
+
+    Example::
+
+        nystrom_settings(state_dict["model.blocks.0.attn._extra_state"])
+        # {'num_landmarks': 16, 'num_prefix_tokens': 1, 'pinv_iterations': 6, 'conv_kernel_size': None, ...}
+    """
+    values = extra_state.tolist() if isinstance(extra_state, torch.Tensor) else None
+    if not isinstance(values, list) or len(values) != len(_SETTINGS) or values[0] != 1:
+        raise ValueError(
+            f"Not the extra state of a NystromAttention (an int64 tensor of {len(_SETTINGS)} settings, "
+            f"version 1): {extra_state!r}"
+        )
+    raw = dict(zip(_SETTINGS, values))
+    settings: dict[str, Any] = {name: raw[name] for name in _SETTINGS[1:-1]}
+    settings["conv_kernel_size"] = settings["conv_kernel_size"] or None
+    settings["multihead_interface"] = bool(settings["multihead_interface"])
+    settings["batch_first"] = bool(settings["batch_first"])
+    settings["scale"] = torch.tensor(raw["scale_bits"], dtype=torch.int64).view(torch.float64).item()
+    return settings
 
 
 def swap_problem(attention: nn.Module) -> Optional[str]:

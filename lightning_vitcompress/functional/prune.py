@@ -23,7 +23,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from lightning_vitcompress._model import find_attention_blocks, get_submodule
+from lightning_vitcompress._model import ATTENTION_MARKER, find_attention_blocks, get_submodule
 from lightning_vitcompress._structure import Record, register_replay
 
 __all__ = ["prune_vit", "prunable_widths", "widths_after"]
@@ -48,6 +48,10 @@ _SHAPE_ATTRIBUTES = (
     "kdim",
     "vdim",
 )
+#: a pruned timm ``Attention`` keeps its head count in this buffer (a scalar int64): from the shapes
+#: alone 4 heads of 4 dims and 2 heads of 8 look the same, so a bare state dict needs it
+#: (:class:`~lightning_vitcompress.NystromAttention` keeps it in its extra state instead)
+HEADS_BUFFER = "vitcompress_num_heads"
 
 
 # ---------------------------------------------------------------------------- importance
@@ -169,6 +173,8 @@ def _replay_prune(model: nn.Module, record: Record) -> None:
                 old_buffer = module._buffers[tensor_name]
                 assert old_buffer is not None
                 module._buffers[tensor_name] = old_buffer.new_zeros(shape)
+            elif tensor_name == HEADS_BUFFER:
+                module.register_buffer(HEADS_BUFFER, torch.zeros(shape, dtype=torch.int64))
             else:
                 raise KeyError(f"Pruning record names {name}.{tensor_name}, which {type(module).__name__} lacks.")
         for attr, value in change["attrs"].items():
@@ -191,7 +197,10 @@ def _fix_attention(model: nn.Module, num_heads: dict[nn.Module, int], scales: di
         old_scale = scales[attn]
         new_scale = head_dim**-0.5
         factor = old_scale / new_scale
+        reshaped = (heads, attn_dim) != (attn.num_heads, attn.attn_dim)
         attn.num_heads, attn.head_dim, attn.attn_dim, attn.scale = heads, head_dim, attn_dim, new_scale
+        if (reshaped or HEADS_BUFFER in attn._buffers) and not getattr(type(attn), ATTENTION_MARKER, False):
+            attn.register_buffer(HEADS_BUFFER, torch.tensor(heads, device=attn.qkv.weight.device))
         if math.isclose(factor, 1.0, rel_tol=1e-12):
             continue
         with torch.no_grad():
