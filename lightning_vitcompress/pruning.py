@@ -635,7 +635,14 @@ class PruningSchedule(CompressionCallback):
                 "pruned: pass prune_heads=True (whole heads) or prune_attention=False."
             )
         for name in self.ignored_layers:
-            get_submodule(model, name)  # raises, naming the attribute
+            try:
+                get_submodule(model, name)
+            except (AttributeError, TypeError) as err:
+                modules = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:4]
+                raise ValueError(
+                    f"ignored_layers={self.ignored_layers!r}: {name!r} is not a module of {type(model).__name__}; "
+                    f"name layers inside the ViT, e.g. {modules}."
+                ) from err
         prunable = []
         if self.prune_mlp:
             prunable += _mlp_input_layers(model)

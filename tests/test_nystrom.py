@@ -181,6 +181,30 @@ class CustomAttention(Attention):
         return self.proj(x)
 
 
+class MaskedEncoder(nn.Module):
+    """4x4 patches through nn.TransformerEncoder with a key padding mask, as padded-sequence code does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(48, 32)
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        patches = images.unfold(2, 4, 4).unfold(3, 4, 4).permute(0, 2, 3, 1, 4, 5).flatten(3).flatten(1, 2)
+        tokens = self.embed(patches)
+        padding = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        return self.head(self.encoder(tokens, src_key_padding_mask=padding).mean(1))
+
+
+class MaskedClassifier(DigitsClassifier):
+    def __init__(self, **kwargs):
+        super().__init__(**TINY)
+        torch.manual_seed(0)
+        self.model = MaskedEncoder()
+
+
 def test_fail_fast_errors_name_the_argument(tmp_path, tiny_classifier, digits):
     with pytest.raises(ValueError, match="num_landmarks=0"):
         NystromSwap(num_landmarks=0)
