@@ -541,9 +541,10 @@ class NystromSwap(CompressionCallback):
         if found:
             details = "; ".join(f"{name} gets {what}" for name, what in found.items())
             keep = [name for name in names if name not in found]
+            advice = f"keep them exact: pass blocks={keep!r}" if keep else "no chosen block can be swapped"
             raise ValueError(
                 f"NystromSwap(blocks={self.blocks!r}): {details}. Nyström attention is self-attention without masks "
-                f"(landmarks average over all tokens): keep these blocks exact, e.g. blocks={keep or None!r}."
+                f"(landmarks average over all tokens), so {advice}."
             )
 
     # ------------------------------------------------------------------ hooks

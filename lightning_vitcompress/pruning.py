@@ -727,7 +727,7 @@ class PruningSchedule(CompressionCallback):
         if not cut:
             return
         emptied = [name for name, width in cut.items() if width - self._removed(name, width, ratio) < 1]
-        largest = min((width - 1) / width for width in cut.values())
+        largest = math.floor(min((width - 1) / width for width in cut.values()) * 1000) / 1000
         given = f"pruning_ratio={self.pruning_ratio!r}" + (
             f" (target={self.target_metric!r}: channel ratio {ratio:.3f})" if self.target_metric != "channels" else ""
         )
