@@ -16,7 +16,15 @@ import torch
 
 from lightning_vitcompress._measure import check_positive
 
-__all__ = ["check_bool", "check_choice", "check_example_input", "check_fraction", "check_int", "check_names", "check_positive"]
+__all__ = [
+    "check_bool",
+    "check_choice",
+    "check_example_input",
+    "check_fraction",
+    "check_int",
+    "check_names",
+    "check_positive",
+]
 
 
 def _is_number(value: Any) -> bool:

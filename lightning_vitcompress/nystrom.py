@@ -565,7 +565,9 @@ class NystromSwap(CompressionCallback):
         if not chosen:
             raise ValueError("NystromSwap found no attention blocks to swap.")
         # swapped already: replayed from the checkpoint, or by an earlier fit of this module
-        done = [r for r in recorded_edits(pl_module) if r.get("kind") == self.KIND and r.get("target") == self.target_path]
+        done = [
+            r for r in recorded_edits(pl_module) if r.get("kind") == self.KIND and r.get("target") == self.target_path
+        ]
         if done:
             self.check_same_config(done[-1].get("config"), "the swap an earlier fit applied to this model")
             self.swapped_blocks = [name for record in done for name in record["blocks"]]
@@ -589,7 +591,9 @@ class NystromSwap(CompressionCallback):
             pl_module.log("nystrom/num_landmarks", float(landmarks), **log)
             pl_module.log("nystrom/swapped_blocks", float(len(swapped)), **log)
 
-    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException
+    ) -> None:
         """A swapped block called with a mask (unseen at setup): put this fit's swap back, so the model works."""
         if not isinstance(exception, AttentionMaskError) or not self._originals:
             return

@@ -302,10 +302,12 @@ class _Snapshot:
 
     def __init__(self, model: nn.Module) -> None:
         self.modules = [
-            (module, {key: copy.copy(value) if isinstance(value, dict) else value for key, value in vars(module).items()})
+            (module, {key: copy.copy(value) if isinstance(value, dict) else value
+                      for key, value in vars(module).items()})
             for module in model.modules()
         ]
-        self.tensors = [(tensor, tensor.data.clone(), tensor.grad) for tensor in [*model.parameters(), *model.buffers()]]
+        tensors = [*model.parameters(), *model.buffers()]
+        self.tensors = [(tensor, tensor.data.clone(), tensor.grad) for tensor in tensors]
 
     def restore(self) -> None:
         for module, attributes in self.modules:
@@ -672,7 +674,9 @@ class PruningSchedule(CompressionCallback):
         self._example_input = self._example(model)
         self._reset_gradients()
         # the steps already applied: replayed from the checkpoint, or made by an earlier fit of this module
-        done = [r for r in recorded_edits(pl_module) if r.get("kind") == self.KIND and r.get("target") == self.target_path]
+        done = [
+            r for r in recorded_edits(pl_module) if r.get("kind") == self.KIND and r.get("target") == self.target_path
+        ]
         if done:
             self.check_same_config(done[-1].get("config"), "the pruning an earlier fit applied to this model")
             self.steps_done = int(done[-1]["step"])
