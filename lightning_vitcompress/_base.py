@@ -23,6 +23,7 @@ order  callback                acts
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional
 
 import lightning.pytorch as pl
@@ -30,7 +31,14 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_vitcompress._model import get_submodule, resolve_target_path
-from lightning_vitcompress._structure import Record, replay_from_checkpoint, save_edits
+from lightning_vitcompress._structure import (
+    STRUCTURE_KEY,
+    Record,
+    read_checkpoint,
+    recorded_edits,
+    replay_checkpoint_structure,
+    save_edits,
+)
 
 _STATE_ATTRIBUTE = "_vitcompress_pipeline"
 #: on resume, the checkpoint's structure is replayed between the baseline snapshot and the edits
@@ -43,6 +51,8 @@ class _PipelineState:
     def __init__(self) -> None:
         self.done: set[tuple[Any, ...]] = set()
         self.replayed: list[Record] = []
+        #: the checkpoint this fit resumes from (None for a fresh fit)
+        self.resume_path: Optional[str] = None
 
 
 def _pipeline_state(trainer: "pl.Trainer") -> _PipelineState:
@@ -72,9 +82,12 @@ def resume_checkpoint_path(trainer: "pl.Trainer") -> tuple[Optional[str], bool]:
     return (str(trainer.ckpt_path) if trainer.ckpt_path else None), True
 
 
-def _replay_resumed_structure(trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> list[Record]:
+def _resumed_checkpoint(trainer: "pl.Trainer") -> tuple[Optional[str], dict[str, Any]]:
+    """The path and contents of the checkpoint this fit resumes from (``None, {}`` for a fresh fit)."""
     path, weights_only = resume_checkpoint_path(trainer)
-    return replay_from_checkpoint(pl_module, path, weights_only=weights_only)
+    if not path or not Path(path).is_file():
+        return None, {}
+    return path, read_checkpoint(path, weights_only=weights_only, argument="ckpt_path")
 
 
 def _run_once_in_order(
@@ -102,6 +115,8 @@ class CompressionCallback(Callback):
 
     #: position at shared hooks; lower acts first (see the module docstring)
     order: ClassVar[int] = 50
+    #: the ``kind`` of the structure records this callback writes (None: it writes none)
+    KIND: ClassVar[Optional[str]] = None
 
     def __init__(self, model_attribute: Optional[str] = None) -> None:
         if model_attribute is not None and (not isinstance(model_attribute, str) or not model_attribute):
@@ -124,6 +139,37 @@ class CompressionCallback(Callback):
         """The structural edits of ``kind`` restored from the checkpoint at this fit's setup."""
         return [r for r in _pipeline_state(trainer).replayed if r.get("kind") == kind]
 
+    def resumed(self, trainer: "pl.Trainer") -> bool:
+        """True when this fit restores a checkpoint (its weights load after ``setup``)."""
+        return _pipeline_state(trainer).resume_path is not None
+
+    # ------------------------------------------------ arguments vs checkpoint
+    def resume_config(self) -> dict[str, Any]:
+        """The arguments a resumed run must keep (plain data); saved in records and callback state."""
+        return {}
+
+    def check_same_config(self, saved: Optional[dict[str, Any]], source: str) -> None:
+        """Raise ``ValueError`` naming each argument whose value differs from ``saved`` (from ``source``)."""
+        if not saved:
+            return
+        mine = self.resume_config()
+        differ = [f"{name}={mine[name]!r} (was {name}={saved[name]!r})" for name in mine if name in saved
+                  and mine[name] != saved[name]]
+        if differ:
+            raise ValueError(
+                f"{type(self).__name__} arguments differ from {source}: {'; '.join(differ)}. Pass the earlier "
+                "values to continue that run, or start a fresh fit (no ckpt_path) from the uncompressed model to "
+                "compress differently."
+            )
+
+    def saved_config(self, checkpoint: dict[str, Any]) -> Optional[dict[str, Any]]:
+        """The arguments saved in ``checkpoint`` by this callback: its last record's, else its callback state's."""
+        records = [r for r in checkpoint.get(STRUCTURE_KEY, []) if self.KIND and r.get("kind") == self.KIND]
+        if records and "config" in records[-1]:
+            return records[-1]["config"]
+        state = (checkpoint.get("callbacks") or {}).get(self.state_key) or {}
+        return state.get("config") if isinstance(state, dict) else None
+
     # -------------------------------------------------- hooks for subclasses
     def ordered_setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         """``setup``, in canonical order, after a resumed checkpoint's structure was replayed."""
@@ -145,19 +191,33 @@ class CompressionCallback(Callback):
     # -------------------------------------------- Lightning hooks: dispatch
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         state = _pipeline_state(trainer)
+        if ("setup", stage) in state.done:
+            return
+        checkpoint: dict[str, Any] = {}
+        if stage == "fit":
+            state.resume_path, checkpoint = _resumed_checkpoint(trainer)
+        # arguments that disagree with the checkpoint are refused before anything changes the model
+        for callback in trainer.callbacks:
+            if isinstance(callback, CompressionCallback) and state.resume_path is not None:
+                callback.check_same_config(callback.saved_config(checkpoint), f"the checkpoint {state.resume_path}")
         replay_pending = stage == "fit"
 
-        def act(callback: CompressionCallback) -> None:
+        def replay() -> None:
             nonlocal replay_pending
+            replay_pending = False
+            if state.resume_path is None or recorded_edits(pl_module):
+                return  # a fresh fit, or a module that already carries its edits (a second fit)
+            state.replayed = replay_checkpoint_structure(pl_module, checkpoint)
+
+        def act(callback: CompressionCallback) -> None:
             if replay_pending and callback.order > REPLAY_ORDER:
-                state.replayed = _replay_resumed_structure(trainer, pl_module)
-                replay_pending = False
+                replay()
             callback.target_path = resolve_target_path(pl_module, callback.model_attribute)
             callback.ordered_setup(trainer, pl_module, stage)
 
         ran = _run_once_in_order(trainer, ("setup", stage), act)
         if ran and replay_pending:  # every callback acts before the replay point
-            state.replayed = _replay_resumed_structure(trainer, pl_module)
+            replay()
 
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         _run_once_in_order(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from timm.layers.attention import Attention as TimmAttention
 from torch import nn
 
@@ -107,3 +108,17 @@ def resolve_target_model(root: nn.Module, model_attribute: Optional[str] = None)
         >>> resolve_target_model(Classifier()) is Classifier().net  # doctest: +SKIP
     """
     return get_submodule(root, resolve_target_path(root, model_attribute))
+
+
+def shape_example_input(model: nn.Module) -> Optional[torch.Tensor]:
+    """A random batch of one image for a model that states its input shape (timm ``patch_embed``), else None.
+
+    Drawn from its own generator: building it does not move the global random stream.
+    """
+    patch_embed = getattr(model, "patch_embed", None)
+    img_size = getattr(patch_embed, "img_size", None)
+    conv = getattr(patch_embed, "proj", None)
+    if img_size is None or not isinstance(conv, nn.Conv2d):
+        return None
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(1, conv.in_channels, *img_size, generator=generator).to(conv.weight.device)

@@ -312,28 +312,20 @@ def _construct(
     return module_class(**dict(checkpoint.get(key, {}) or {}))
 
 
-def replay_from_checkpoint(
-    pl_module: nn.Module, checkpoint_path: Optional[Union[str, Path]], *, weights_only: bool = True
-) -> list[Record]:
-    """On resume: rebuild the structure of the model saved in ``checkpoint_path`` on ``pl_module``.
+def replay_checkpoint_structure(pl_module: nn.Module, checkpoint: Mapping[str, Any]) -> list[Record]:
+    """On resume: rebuild the structure of the model saved in ``checkpoint`` on a freshly built ``pl_module``.
 
-    Reads the file as ``trainer.fit(ckpt_path=..., weights_only=...)`` asked
-    (safely unless the user passed ``weights_only=False``). Replays the saved
-    edit records; a checkpoint without records (written by a fit without these
-    callbacks, or by an older version) whose shapes differ from ``pl_module``'s
-    gets its structure read from the tensors instead (records marked
-    ``"inferred": True``). The result is checked against the saved shapes.
-
-    Returns the replayed records (empty when there is no checkpoint, no edits,
-    or they were already replayed), so callbacks can tell how far they got.
+    Replays the saved edit records; a checkpoint without records (written by a
+    fit without these callbacks, or by an older version) whose shapes differ
+    from ``pl_module``'s gets its structure read from the tensors instead
+    (records marked ``"inferred": True``). The result is checked against the
+    saved shapes. Returns the replayed records, so callbacks can tell how far
+    they got.
     """
     from lightning_vitcompress._state_dict_structure import check_structure, infer_records
 
-    if not checkpoint_path or recorded_edits(pl_module) or not Path(checkpoint_path).is_file():
-        return []
-    checkpoint = read_checkpoint(checkpoint_path, weights_only=weights_only, argument="ckpt_path")
     state_dict = checkpoint.get("state_dict")
-    records = checkpoint.get(STRUCTURE_KEY) or []
+    records = list(checkpoint.get(STRUCTURE_KEY) or [])
     source = "The checkpoint's structure records"
     if not records and isinstance(state_dict, Mapping):
         records = infer_records(pl_module, state_dict)

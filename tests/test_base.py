@@ -88,7 +88,8 @@ def test_load_compressed_errors_name_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint_path=.*missing.ckpt"):
         load_compressed(DigitsClassifier, tmp_path / "missing.ckpt")
     path = tmp_path / "bad.ckpt"
-    torch.save({"state_dict": {}, STRUCTURE_KEY: [{"kind": "nope", "target": ""}]}, path)
+    weights = DigitsClassifier(embed_dim=32, depth=1, num_heads=4).state_dict()
+    torch.save({"state_dict": weights, STRUCTURE_KEY: [{"kind": "nope", "target": ""}]}, path)
     with pytest.raises(KeyError, match="unknown kind 'nope'"):
         load_compressed(DigitsClassifier, path, embed_dim=32, depth=1, num_heads=4)
 

@@ -130,7 +130,9 @@ def test_swap_at_setup_trains_and_loss_falls(tmp_path, tiny_classifier, digits):
     assert nystrom_blocks(model.model) == ["blocks.0.attn", "blocks.1.attn"]
     assert batch_loss(model, batch) < before - 0.05
     assert recorded_edits(model)[0]["num_prefix_tokens"] == 1  # read from the timm ViT
-    assert trainer.callback_metrics["nystrom/num_landmarks"] == 16
+    assert [b.attn.num_landmarks for b in model.model.blocks] == [16, 16]
+    assert trainer.callback_metrics["nystrom/num_landmarks"] == model.model.blocks[0].attn.num_landmarks
+    assert trainer.callback_metrics["nystrom/swapped_blocks"] == len(nystrom_blocks(model.model))
 
 
 class BlockTypes(Callback):
@@ -182,6 +184,30 @@ class CustomAttention(Attention):
         return self.proj(x)
 
 
+class MaskedEncoder(nn.Module):
+    """4x4 patches through nn.TransformerEncoder with a key padding mask, as padded-sequence code does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(48, 32)
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        patches = images.unfold(2, 4, 4).unfold(3, 4, 4).permute(0, 2, 3, 1, 4, 5).flatten(3).flatten(1, 2)
+        tokens = self.embed(patches)
+        padding = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        return self.head(self.encoder(tokens, src_key_padding_mask=padding).mean(1))
+
+
+class MaskedClassifier(DigitsClassifier):
+    def __init__(self, **kwargs):
+        super().__init__(**TINY)
+        torch.manual_seed(0)
+        self.model = MaskedEncoder()
+
+
 def test_fail_fast_errors_name_the_argument(tmp_path, tiny_classifier, digits):
     with pytest.raises(ValueError, match="num_landmarks=0"):
         NystromSwap(num_landmarks=0)
@@ -196,9 +222,10 @@ def test_fail_fast_errors_name_the_argument(tmp_path, tiny_classifier, digits):
     ]
     for callback, overrides, message in cases:
         model = tiny_classifier()
+        trainer = fast_trainer(tmp_path, callbacks=[callback], **overrides)
         with pytest.raises(ValueError, match=message):
-            fast_trainer(tmp_path, callbacks=[callback], **overrides).fit(model, digits)
-        assert not nystrom_blocks(model.model)  # nothing was changed
+            trainer.fit(model, digits)
+        assert trainer.global_step == 0 and not nystrom_blocks(model.model)  # refused at setup, nothing changed
     model = tiny_classifier()
     for block in model.model.blocks:
         block.attn = CustomAttention(TINY["embed_dim"], TINY["num_heads"])
@@ -228,3 +255,110 @@ def test_ddp_two_processes_swap_mid_fit_in_lock_step(tmp_path):
     assert rank0["blocks"] == rank1["blocks"] == ["NystromAttention", "NystromAttention"]
     assert rank0["conv"] > 0  # the new parameters trained under the rebuilt DDP wrapper
     assert rank0["checksum"] == pytest.approx(rank1["checksum"], rel=1e-6)
+
+
+# ------------------------------------------------------------------ trust: masks, second fit, failures, resume
+def _outputs(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(images)
+
+
+def test_masked_blocks_are_refused_before_any_swap_with_an_example_input(tmp_path, digits):
+    model = MaskedClassifier()
+    images = next(iter(digits.val_dataloader()))[0][:4]
+    before = _outputs(model, images)
+    trainer = fast_trainer(tmp_path, callbacks=[NystromSwap(num_landmarks=4, example_input=images)])
+    with pytest.raises(ValueError, match="encoder.layers.0.self_attn gets key_padding_mask"):
+        trainer.fit(model, digits)
+    assert trainer.global_step == 0 and not nystrom_blocks(model.model)
+    torch.testing.assert_close(_outputs(model, images), before, rtol=0, atol=0)
+
+
+def test_masked_blocks_without_an_example_input_get_their_swap_undone(tmp_path, digits):
+    model = MaskedClassifier()
+    images = next(iter(digits.val_dataloader()))[0][:4]
+    before = _outputs(model, images)
+    trainer = fast_trainer(tmp_path, callbacks=[NystromSwap(num_landmarks=4)])
+    with pytest.raises(ValueError, match="does not support attention masks") as info:
+        trainer.fit(model, digits)
+    assert any("undid its swap" in note for note in getattr(info.value, "__notes__", []))
+    assert trainer.global_step == 0
+    assert not nystrom_blocks(model.model) and not recorded_edits(model)
+    assert isinstance(model.model.encoder.layers[0].self_attn, nn.MultiheadAttention)
+    torch.testing.assert_close(_outputs(model, images), before, rtol=0, atol=0)  # works as before
+
+
+def test_second_fit_with_the_same_callback_keeps_the_swap(tmp_path, tiny_classifier, digits):
+    model = tiny_classifier()
+    callback = NystromSwap(num_landmarks=8)
+    fast_trainer(tmp_path, callbacks=[callback], max_steps=1).fit(model, digits)
+    swapped = [b.attn for b in model.model.blocks]
+    trainer = fast_trainer(tmp_path, callbacks=[callback], max_steps=1)
+    trainer.fit(model, digits)
+    assert [b.attn for b in model.model.blocks] == swapped  # the same modules, not swapped again
+    assert len(recorded_edits(model)) == 1
+    assert callback.swapped_blocks == ["blocks.0.attn", "blocks.1.attn"]
+    assert trainer.callback_metrics["nystrom/num_landmarks"] == 8
+
+
+@pytest.mark.parametrize("fails", ["second_block", "record"])
+def test_a_failing_swap_leaves_the_model_as_it_was(tmp_path, tiny_classifier, digits, monkeypatch, fails):
+    import lightning_vitcompress.callbacks.nystrom as nystrom
+
+    model = tiny_classifier()
+    images = next(iter(digits.val_dataloader()))[0][:4]
+    before = _outputs(model, images)
+    if fails == "record":
+        monkeypatch.setattr(nystrom, "record_edit", lambda *args: (_ for _ in ()).throw(RuntimeError("injected")))
+    else:
+        calls = []
+        original = nystrom.set_submodule
+
+        def set_once(root, path, module):  # the first block is swapped, the second fails
+            calls.append(path)
+            if len(calls) == 2:
+                raise RuntimeError("injected")
+            original(root, path, module)
+
+        monkeypatch.setattr(nystrom, "set_submodule", set_once)
+    trainer = fast_trainer(tmp_path, callbacks=[NystromSwap(num_landmarks=4)])
+    with pytest.raises(RuntimeError, match="keeps its softmax attention.*injected"):
+        trainer.fit(model, digits)
+    assert not nystrom_blocks(model.model) and not recorded_edits(model)
+    torch.testing.assert_close(_outputs(model, images), before, rtol=0, atol=0)
+
+
+def test_resume_before_the_swap_epoch_gives_the_weights_of_an_uninterrupted_run(tmp_path, tiny_classifier, digits):
+    images, labels = next(iter(DataLoader(digits.train_set, batch_size=96)))
+    loader = DataLoader(TensorDataset(images, labels), batch_size=32)  # fixed order: both runs see the same data
+
+    class StopAfterEpoch0(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            trainer.should_stop = True
+
+    restored = {}
+
+    class AtRestore(Callback):
+        def on_train_start(self, trainer, pl_module):  # after the checkpoint's weights loaded
+            restored.update({k: v.clone() for k, v in pl_module.state_dict().items()})
+
+    def run(folder, *extra, **fit_kwargs):
+        model = tiny_classifier()
+        swap = NystromSwap(num_landmarks=8, swap_epoch=1, conv_kernel_size=3)
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / folder, save_last=True)
+        trainer = fast_trainer(tmp_path / folder, callbacks=[swap, checkpoint, *extra], max_epochs=3,
+                               limit_train_batches=None, limit_val_batches=0, enable_checkpointing=True)
+        trainer.fit(model, train_dataloaders=loader, **fit_kwargs)
+        return model
+
+    uninterrupted = run("a")
+    run("b", StopAfterEpoch0())  # checkpoint after epoch 0, before the swap
+    path = tmp_path / "b" / "last.ckpt"
+    assert STRUCTURE_KEY not in read_checkpoint(path) or not read_checkpoint(path)[STRUCTURE_KEY]
+    resumed = run("c", AtRestore(), ckpt_path=path)
+    for key, value in read_checkpoint(path)["state_dict"].items():
+        torch.testing.assert_close(restored[key], value, msg=key)
+    assert nystrom_blocks(resumed.model) == nystrom_blocks(uninterrupted.model) == ["blocks.0.attn", "blocks.1.attn"]
+    for key, value in uninterrupted.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, msg=key)

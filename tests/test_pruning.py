@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import copy
 
+import lightning as L
 import pytest
 import torch
 from helpers import TINY, fast_trainer, run_ddp_script
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from lightning_vitcompress.functional.measure import count_macs, count_parameters
-from lightning_vitcompress._structure import STRUCTURE_KEY, load_compressed, read_checkpoint
+from lightning_vitcompress._structure import STRUCTURE_KEY, load_compressed, read_checkpoint, recorded_edits
 from lightning_vitcompress.digits import DigitsClassifier, small_vit
 from lightning_vitcompress import PruningSchedule
 from lightning_vitcompress.functional.prune import prune_vit
@@ -88,6 +90,8 @@ def test_one_shot_at_setup_shrinks_params_and_macs(tmp_path, tiny_classifier, di
     assert 0.2 < count_macs(vit, IMAGES[:1]) / macs < 0.32
     optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
     assert optimized == {id(p) for p in model.parameters()}  # setup pruning: optimizer built on the new params
+    # the logged ratio is read from the model: half of the embedding, head-dim and MLP channels are gone
+    assert vit.blocks[0].attn.head_dim == 4 and vit.blocks[1].mlp.fc1.out_features == 64
     assert trainer.callback_metrics["prune/ratio"] == pytest.approx(0.5, abs=1e-4)
 
 
@@ -171,21 +175,34 @@ def test_deit_distilled_prunes_with_taylor_at_step_interval_and_trains(tmp_path,
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "trainer_kwargs", "error", "match"),
+    ("kwargs", "match"),
     [
-        (dict(pruning_ratio=1.0), {}, ValueError, r"pruning_ratio=1.0: must be in \(0, 1\)"),
-        (dict(pruning_ratio=0.0), {}, ValueError, r"pruning_ratio=0.0"),
-        (dict(start_epoch=2, end_epoch=1), {}, ValueError, "end_epoch=1 is before start_epoch=2"),
-        (dict(end_epoch=3), dict(max_epochs=2), ValueError, r"end_epoch=3 is past the last epoch.*max_epochs=2"),
-        (dict(importance="magic"), {}, ValueError, "importance='magic'"),
-        (dict(prune_embed_dim=False, prune_attention=False, prune_mlp=False), {}, ValueError, "nothing"),
-        (dict(ignored_layers=["nope"]), {}, AttributeError, "'nope'"),
+        (dict(pruning_ratio=1.0), r"pruning_ratio=1.0: must be a number in \(0, 1\)"),
+        (dict(pruning_ratio=0.0), r"pruning_ratio=0.0"),
+        (dict(start_epoch=2, end_epoch=1), "end_epoch=1: pass an int >= 2"),
+        (dict(importance="magic"), "importance='magic'"),
+        (dict(prune_embed_dim=False, prune_attention=False, prune_mlp=False), "nothing"),
     ],
 )
-def test_fails_fast_naming_the_argument(tmp_path, tiny_classifier, digits, kwargs, trainer_kwargs, error, match):
-    with pytest.raises(error, match=match):
-        callback = PruningSchedule(**kwargs)
-        fast_trainer(tmp_path, callbacks=[callback], max_steps=1, **trainer_kwargs).fit(tiny_classifier(), digits)
+def test_bad_values_fail_in_the_constructor(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PruningSchedule(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(end_epoch=3), r"end_epoch=3 is past the last epoch.*max_epochs=2"),
+        (dict(ignored_layers=["nope"]), r"ignored_layers=\['nope'\]: 'nope' is not a module"),
+        (dict(pruning_ratio=0.999), r"pruning_ratio=0.999 would remove every channel.*<= 0.875"),
+    ],
+)
+def test_model_dependent_values_fail_at_setup(tmp_path, tiny_classifier, digits, kwargs, match):
+    callback = PruningSchedule(**kwargs)  # the value alone is fine
+    trainer = fast_trainer(tmp_path, callbacks=[callback], max_epochs=2)
+    with pytest.raises(ValueError, match=match):
+        trainer.fit(tiny_classifier(), digits)
+    assert trainer.global_step == 0
 
 
 class PatchEncoder(nn.Module):
@@ -237,6 +254,11 @@ def test_params_target_and_logged_metrics(tmp_path, tiny_classifier, digits):
     assert metrics["prune/params"] == count_parameters(model.model)
     assert metrics["prune/macs"] == count_macs(model.model, IMAGES[:1])
     assert metrics["prune/params_ratio"] == pytest.approx(count_parameters(model.model) / params)
+    # prune/ratio is the fraction of prunable channels the model lost, not the 0.6 of params asked for
+    vit = model.model
+    channels = vit.embed_dim + sum(b.attn.attn_dim + b.mlp.fc1.out_features for b in vit.blocks)
+    assert metrics["prune/ratio"] == pytest.approx(1 - channels / (32 + 2 * (32 + 128)))
+    assert metrics["prune/ratio"] != pytest.approx(0.6, abs=1e-3)
 
 
 def test_unsupported_strategy_fails_at_setup(tmp_path, digits):
@@ -350,3 +372,130 @@ def test_global_pruning_over_steps_reaches_the_overall_ratio_with_uneven_widths(
     total = sum(widths) + sum(block.attn.attn_dim for block in model.model.blocks)
     original = before + 2 * 32
     assert total / original == pytest.approx(0.5, abs=0.06)
+
+
+# ------------------------------------------------------------------ trust: resume, second fit, failures
+def _fixed_loader(digits) -> torch.utils.data.DataLoader:
+    """Training batches in a fixed order (no shuffling), so two runs see the same data."""
+    images, labels = next(iter(torch.utils.data.DataLoader(digits.train_set, batch_size=128)))
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=32)
+
+
+class StopAfter(Callback):
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        trainer.should_stop = trainer.current_epoch == self.epoch
+
+
+def test_resume_mid_schedule_gives_the_weights_of_an_uninterrupted_run(tmp_path, tiny_classifier, digits):
+    def run(folder, model, *extra, **fit_kwargs):
+        schedule = PruningSchedule(0.5, start_epoch=0, end_epoch=2)
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / folder, save_last=True)
+        trainer = fast_trainer(tmp_path / folder, callbacks=[schedule, checkpoint, *extra], max_epochs=3,
+                               limit_train_batches=None, limit_val_batches=0, enable_checkpointing=True)
+        trainer.fit(model, train_dataloaders=_fixed_loader(digits), **fit_kwargs)
+        return model
+
+    uninterrupted = run("a", tiny_classifier())
+    run("b", tiny_classifier(), StopAfter(1))  # killed after epoch 1 of 3, between pruning steps 2 and 3
+    saved = read_checkpoint(tmp_path / "b" / "last.ckpt")
+
+    resumed = run("c", tiny_classifier(), ckpt_path=tmp_path / "b" / "last.ckpt")
+    assert _widths(resumed.model) == _widths(uninterrupted.model)
+    for key, value in uninterrupted.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, msg=key)
+    assert len(saved["state_dict"]) == len(resumed.state_dict())
+
+
+def test_resuming_an_unpruned_checkpoint_prunes_after_the_restore(tmp_path, tiny_classifier, digits):
+    plain = fast_trainer(tmp_path, callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)],
+                         limit_train_batches=2, enable_checkpointing=True)
+    plain.fit(tiny_classifier(), digits)
+    saved = read_checkpoint(tmp_path / "last.ckpt")["state_dict"]
+    seen = {}
+
+    class Spy(Callback):
+        def on_train_start(self, trainer, pl_module):  # after the restore, before the deferred pruning
+            seen["restored"] = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+    model = tiny_classifier()
+    trainer = fast_trainer(tmp_path / "r", callbacks=[PruningSchedule(0.5), Spy()], max_epochs=2, limit_train_batches=2)
+    trainer.fit(model, digits, ckpt_path=tmp_path / "last.ckpt")
+    for key, value in saved.items():
+        torch.testing.assert_close(seen["restored"][key], value, msg=key)  # the checkpoint's weights, unpruned
+    assert model.model.embed_dim == 16 and _mlp_widths(model.model) == [64, 64]  # then pruned
+    optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in model.parameters()}
+    assert trainer.global_step == 4
+
+
+def test_second_fit_with_the_same_callback_does_not_compound(tmp_path, tiny_classifier, digits):
+    model = tiny_classifier()
+    callback = PruningSchedule(0.5)
+    fast_trainer(tmp_path, callbacks=[callback], max_steps=1).fit(model, digits)
+    assert _mlp_widths(model.model) == [64, 64]
+    trainer = fast_trainer(tmp_path, callbacks=[callback], max_steps=1)
+    trainer.fit(model, digits)
+    assert _mlp_widths(model.model) == [64, 64] and model.model.embed_dim == 16  # still 50%, not 75%
+    assert len([r for r in recorded_edits(model) if r["kind"] == "prune"]) == 1
+
+
+@pytest.mark.parametrize("on_module_itself", [False, True], ids=["submodule", "module_is_the_vit"])
+@pytest.mark.parametrize("start_epoch", [0, 1], ids=["at_setup", "mid_fit"])
+def test_a_failing_pruning_step_leaves_the_model_as_it_was(
+    tmp_path, tiny_classifier, digits, monkeypatch, on_module_itself, start_epoch
+):
+    import lightning_vitcompress.functional.prune as pruning
+
+    model = VitModule() if on_module_itself else tiny_classifier()
+    outputs = {}
+
+    class Before(Callback):  # listed first: runs before the pruning step of each epoch start
+        def on_train_epoch_start(self, trainer, pl_module):
+            pl_module.eval()
+            with torch.no_grad():
+                outputs["before"] = pl_module(IMAGES)
+            pl_module.train()
+
+    def broken_fix(*args, **kwargs):  # fails after torch-pruning has already cut the layers
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(pruning, "_fix_attention", broken_fix)
+    callback = PruningSchedule(0.5, start_epoch=start_epoch)
+    trainer = fast_trainer(tmp_path, callbacks=[Before(), callback], max_epochs=2, limit_train_batches=2,
+                           limit_val_batches=0)
+    model.eval()
+    with torch.no_grad():
+        initial = model(IMAGES)
+    with pytest.raises(RuntimeError, match="restored to how it was before this step.*injected failure"):
+        trainer.fit(model, digits)
+    vit = model if on_module_itself else model.model
+    assert callback.target_path == ("" if on_module_itself else "model")
+    assert vit.embed_dim == 32 and [m.fc1.out_features for m in vit.modules() if hasattr(m, "fc1")] == [128, 128]
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(IMAGES), outputs.get("before", initial), rtol=0, atol=0)
+    assert not recorded_edits(model)
+
+
+class VitModule(VisionTransformer, L.LightningModule):
+    """A LightningModule that is itself the timm ViT (no child holds it): pruning acts on the module in place."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        super().__init__(img_size=32, patch_size=4, num_classes=10, embed_dim=32, depth=2, num_heads=4)
+        # two children hold attention blocks, so the callbacks act on the module itself (target path "")
+        self.more_blocks = nn.Sequential(self.blocks[1])
+        self.blocks = nn.Sequential(self.blocks[0])
+
+    def forward_features(self, x, **kwargs):
+        x = self.norm_pre(self._pos_embed(self.patch_embed(x)))
+        return self.norm(self.more_blocks(self.blocks(x)))
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)

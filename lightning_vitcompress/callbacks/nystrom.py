@@ -6,17 +6,27 @@ See :mod:`lightning_vitcompress.functional.nystrom` for the approximation itself
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional, Union
+import inspect
+from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_vitcompress._base import CompressionCallback
-from lightning_vitcompress._model import find_attention_blocks, get_submodule, set_submodule
-from lightning_vitcompress._structure import record_edit
+from lightning_vitcompress._checks import check_example_input, check_int
+from lightning_vitcompress._model import find_attention_blocks, get_submodule, set_submodule, shape_example_input
+from lightning_vitcompress._structure import record_edit, recorded_edits
 from lightning_vitcompress._training_state import check_strategy_supported, refresh_after_structural_change
-from lightning_vitcompress.functional.nystrom import NystromAttention, _check_landmarks, _check_options, swap_problem
+from lightning_vitcompress.functional.measure import eval_mode
+from lightning_vitcompress.functional.nystrom import (
+    AttentionMaskError,
+    NystromAttention,
+    _check_landmarks,
+    _check_options,
+    swap_problem,
+)
 
 __all__ = ["NystromSwap"]
 
@@ -45,6 +55,11 @@ class NystromSwap(CompressionCallback):
             residual on V (new parameters, zero-initialized), or None.
         num_prefix_tokens: tokens kept exact in front of the patches; None
             reads the model's ``num_prefix_tokens`` (timm), else 0.
+        example_input: one input batch of the ViT. At ``setup`` it runs through
+            the model once to check that no chosen block gets an attention mask
+            (Nyström attention cannot apply one), before anything is swapped.
+            Models with a timm ``patch_embed`` need none; for others without it
+            a masked block fails at its first forward and the swap is undone.
         model_attribute: attribute holding the ViT (None finds it).
 
     Example::
@@ -64,29 +79,48 @@ class NystromSwap(CompressionCallback):
         pinv_iterations: int = 6,
         conv_kernel_size: Optional[int] = None,
         num_prefix_tokens: Optional[int] = None,
+        example_input: Optional[torch.Tensor] = None,
         model_attribute: Optional[str] = None,
     ) -> None:
         super().__init__(model_attribute)
         _check_landmarks(num_landmarks)
         _check_options(pinv_iterations, conv_kernel_size, num_prefix_tokens)
-        if isinstance(swap_epoch, bool) or not isinstance(swap_epoch, int) or swap_epoch < 0:
-            raise ValueError(
-                f"swap_epoch={swap_epoch!r}: pass an epoch index >= 0 (0 swaps at setup, before training)."
-            )
+        check_int(swap_epoch, "swap_epoch", example="0 (swaps at setup, before training)")
         if blocks is not None and (
-            isinstance(blocks, (str, int)) or not all(isinstance(b, (int, str)) for b in blocks) or not blocks
+            isinstance(blocks, (str, int))
+            or not isinstance(blocks, Sequence)
+            or not blocks
+            or not all(isinstance(b, (int, str)) and not isinstance(b, bool) for b in blocks)
         ):
             raise ValueError(
                 f"blocks={blocks!r}: pass a non-empty list of attention-block indices or names "
                 "(e.g. [0, 1] or ['blocks.0.attn']), or None for all."
             )
+        check_example_input(example_input)
         self.num_landmarks = num_landmarks
         self.swap_epoch = swap_epoch
         self.blocks = list(blocks) if blocks is not None else None
         self.pinv_iterations = pinv_iterations
         self.conv_kernel_size = conv_kernel_size
         self.num_prefix_tokens = num_prefix_tokens
+        self.example_input = example_input
         self.swapped_blocks: list[str] = []
+        #: the attention modules this fit's swap replaced, to undo it (see :meth:`on_exception`)
+        self._originals: dict[str, nn.Module] = {}
+
+    def resume_config(self) -> dict[str, Any]:
+        return {
+            "num_landmarks": self.num_landmarks,
+            "swap_epoch": self.swap_epoch,
+            "blocks": self.blocks,
+            "pinv_iterations": self.pinv_iterations,
+            "conv_kernel_size": self.conv_kernel_size,
+            "num_prefix_tokens": self.num_prefix_tokens,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        # lets a resumed fit refuse changed arguments also when the checkpoint predates the swap
+        return {"config": self.resume_config()}
 
     # ------------------------------------------------------------- selection
     def _selected_blocks(self, model: nn.Module) -> list[str]:
@@ -124,11 +158,63 @@ class NystromSwap(CompressionCallback):
             return self.num_prefix_tokens
         return int(getattr(model, "num_prefix_tokens", 0) or 0)
 
+    def _check_no_masks(self, model: nn.Module, names: list[str]) -> None:
+        """Run one example through ``model`` and refuse blocks that get a mask or other keys than queries."""
+        example = self.example_input[:1] if self.example_input is not None else shape_example_input(model)
+        if example is None:
+            return  # no input known: a masked call fails at the first forward and on_exception undoes the swap
+        found: dict[str, str] = {}
+
+        def spy(name: str) -> Any:
+            def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                try:
+                    bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+                except TypeError:
+                    return
+                query = next(iter(bound.values()), None)
+                passed = [key for key in ("attn_mask", "key_padding_mask", "mask") if bound.get(key) is not None]
+                passed += ["is_causal=True"] if bound.get("is_causal") else []
+                passed += [key for key in ("key", "value") if bound.get(key) is not None and bound[key] is not query]
+                if passed:
+                    found.setdefault(name, ", ".join(passed))
+
+            return hook
+
+        modules = dict(find_attention_blocks(model))
+        handles = [
+            modules[name].register_forward_pre_hook(spy(name), with_kwargs=True)
+            for name in names
+            if not isinstance(modules[name], NystromAttention)
+        ]
+        try:
+            # eval mode with gradients on: nn.TransformerEncoderLayer's fused path would skip self_attn otherwise
+            with eval_mode(model), torch.enable_grad():
+                model(example.to(next(model.parameters()).device))
+        except Exception as err:
+            if self.example_input is None:
+                return  # the model does not take this shape: nothing to learn from it
+            raise ValueError(
+                f"example_input=<tensor of shape {tuple(self.example_input.shape)}> does not run through "
+                f"{type(model).__name__}: pass one input batch the model takes. It said: {type(err).__name__}: {err}"
+            ) from err
+        finally:
+            for handle in handles:
+                handle.remove()
+        if found:
+            details = "; ".join(f"{name} gets {what}" for name, what in found.items())
+            keep = [name for name in names if name not in found]
+            advice = f"keep them exact: pass blocks={keep!r}" if keep else "no chosen block can be swapped"
+            raise ValueError(
+                f"NystromSwap(blocks={self.blocks!r}): {details}. Nyström attention is self-attention without masks "
+                f"(landmarks average over all tokens), so {advice}."
+            )
+
     # ------------------------------------------------------------------ hooks
     def ordered_setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
         self.swapped_blocks = []
+        self._originals = {}
         check_strategy_supported(trainer, type(self).__name__)
         max_epochs = trainer.max_epochs
         if self.swap_epoch > 0 and max_epochs is not None and max_epochs >= 0 and self.swap_epoch >= max_epochs:
@@ -140,12 +226,18 @@ class NystromSwap(CompressionCallback):
         chosen = self._selected_blocks(model)  # fail fast, also when the swap is epochs away
         if not chosen:
             raise ValueError("NystromSwap found no attention blocks to swap.")
-        replayed = self.replayed_records(trainer, self.KIND)
-        if replayed:  # resumed after the swap: the checkpoint's structure was rebuilt already
-            self.swapped_blocks = list(replayed[-1]["blocks"])
+        # swapped already: replayed from the checkpoint, or by an earlier fit of this module
+        done = [
+            r for r in recorded_edits(pl_module) if r.get("kind") == self.KIND and r.get("target") == self.target_path
+        ]
+        if done:
+            self.check_same_config(done[-1].get("config"), "the swap an earlier fit applied to this model")
+            self.swapped_blocks = [name for record in done for name in record["blocks"]]
             return
-        if self.swap_epoch == 0:
+        self._check_no_masks(model, chosen)
+        if self.swap_epoch == 0 and not self.resumed(trainer):
             self._swap(pl_module, chosen)
+        # resuming a checkpoint from before the swap: its weights load after setup, the swap follows at epoch start
 
     def ordered_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if not self.swapped_blocks and trainer.current_epoch >= self.swap_epoch:
@@ -153,17 +245,38 @@ class NystromSwap(CompressionCallback):
             self._swap(pl_module, self._selected_blocks(model))
             refresh_after_structural_change(trainer)
         if self.swapped_blocks:
-            # identical on every rank; sync_dist only keeps Lightning's distributed logging checks quiet
+            model = self.target(pl_module)
+            swapped = [m for _, m in find_attention_blocks(model) if isinstance(m, NystromAttention)]
+            # what the model has (identical on every rank; sync_dist keeps Lightning's distributed checks quiet)
             log = dict(on_step=False, on_epoch=True, sync_dist=True)
-            pl_module.log("nystrom/num_landmarks", float(self.num_landmarks), **log)
-            pl_module.log("nystrom/swapped_blocks", float(len(self.swapped_blocks)), **log)
+            landmarks = sum(m.num_landmarks for m in swapped) / max(1, len(swapped))
+            pl_module.log("nystrom/num_landmarks", float(landmarks), **log)
+            pl_module.log("nystrom/swapped_blocks", float(len(swapped)), **log)
+
+    def on_exception(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException
+    ) -> None:
+        """A swapped block called with a mask (unseen at setup): put this fit's swap back, so the model works."""
+        if not isinstance(exception, AttentionMaskError) or not self._originals:
+            return
+        model = self.target(pl_module)
+        for name, original in self._originals.items():
+            set_submodule(model, name, original)
+        edits = recorded_edits(pl_module)
+        edits[:] = [r for r in edits if not (r.get("kind") == self.KIND and r.get("target") == self.target_path)]
+        exception.add_note(
+            f"NystromSwap undid its swap of {list(self._originals)}: the model has its softmax attention back. "
+            "Pass example_input=<one input batch> to have such blocks refused at setup, or keep them exact with "
+            "blocks=[...]."
+        )
+        self._originals, self.swapped_blocks = {}, []
 
     # ------------------------------------------------------------------- swap
     def _swap(self, pl_module: "pl.LightningModule", names: list[str]) -> None:
         model = self.target(pl_module)
         prefix = self._prefix_tokens(model)
-        # build every replacement first: a failure leaves the model untouched
-        replacements = {}
+        # build every replacement first, then swap them in; a failure puts the originals back
+        replacements: dict[str, NystromAttention] = {}
         for name in names:
             module = get_submodule(model, name)
             if isinstance(module, NystromAttention):
@@ -175,24 +288,35 @@ class NystromSwap(CompressionCallback):
                 pinv_iterations=self.pinv_iterations,
                 conv_kernel_size=self.conv_kernel_size,
             )
-        for name, module in replacements.items():
-            set_submodule(model, name, module)
+        originals = {name: get_submodule(model, name) for name in replacements}
+        try:
+            for name, module in replacements.items():
+                set_submodule(model, name, module)
+            if replacements:
+                record_edit(
+                    pl_module,
+                    {
+                        "kind": self.KIND,
+                        "target": self.target_path,
+                        "blocks": list(replacements),
+                        "num_landmarks": self.num_landmarks,
+                        "num_prefix_tokens": prefix,
+                        "pinv_iterations": self.pinv_iterations,
+                        "conv_kernel_size": self.conv_kernel_size,
+                        "config": self.resume_config(),
+                    },
+                )
+        except Exception as err:
+            for name, module in originals.items():
+                set_submodule(model, name, module)
+            raise RuntimeError(
+                f"NystromSwap could not swap {list(replacements)}; the model keeps its softmax attention. "
+                f"Cause: {type(err).__name__}: {err}"
+            ) from err
+        self._originals = originals
         self.swapped_blocks = list(names)
-        if not replacements:  # already Nystrom (e.g. a second fit of the same module): nothing to record
-            return
-        record_edit(
-            pl_module,
-            {
-                "kind": self.KIND,
-                "target": self.target_path,
-                "blocks": list(replacements),
-                "num_landmarks": self.num_landmarks,
-                "num_prefix_tokens": prefix,
-                "pinv_iterations": self.pinv_iterations,
-                "conv_kernel_size": self.conv_kernel_size,
-            },
-        )
-        rank_zero_info(
-            f"NystromSwap: {len(replacements)} attention blocks now use {self.num_landmarks} landmarks "
-            f"({prefix} prefix tokens kept exact)."
-        )
+        if replacements:
+            rank_zero_info(
+                f"NystromSwap: {len(replacements)} attention blocks now use {self.num_landmarks} landmarks "
+                f"({prefix} prefix tokens kept exact)."
+            )

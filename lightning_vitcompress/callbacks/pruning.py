@@ -13,7 +13,6 @@ the pruned shapes before the weights load.
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any, Callable, Literal, Optional, Sequence, Union
 
@@ -24,16 +23,25 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_vitcompress._base import CompressionCallback
-from lightning_vitcompress._model import find_attention_blocks, get_submodule, set_submodule
-from lightning_vitcompress._structure import record_edit
+from lightning_vitcompress._checks import (
+    check_bool,
+    check_choice,
+    check_example_input,
+    check_fraction,
+    check_int,
+    check_names,
+)
+from lightning_vitcompress._model import find_attention_blocks, get_submodule, shape_example_input
+from lightning_vitcompress._structure import record_edit, recorded_edits
 from lightning_vitcompress._training_state import check_strategy_supported, refresh_after_structural_change
-from lightning_vitcompress.functional.measure import count_macs, count_parameters
+from lightning_vitcompress.functional.measure import count_macs, count_parameters, eval_mode
 from lightning_vitcompress.functional.prune import (
     ImportanceName,
     _gradient_kind,
     _make_importance,
     _mlp_input_layers,
     _residual_layers,
+    _Snapshot,
     _timm_style_attention,
     prunable_widths,
     prune_vit,
@@ -53,6 +61,31 @@ def _schedule_fraction(schedule: Union[str, Callable[[float], float]], progress:
         return progress
     return 1.0 - (1.0 - progress) ** 3  # cubic (Zhu & Gupta 2017): prune fast early, slow late
 
+
+def _check_schedule(schedule: Any, num_steps: int) -> list[float]:
+    """The fraction of the final ratio after each step; raises naming ``schedule`` unless it can be followed."""
+    if not callable(schedule):
+        check_choice(schedule, "schedule", ("linear", "cubic"), " or a callable progress -> fraction")
+    fractions: list[Any] = []
+    for step in range(1, num_steps + 1):
+        value = schedule(step / num_steps) if callable(schedule) else _schedule_fraction(schedule, step / num_steps)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ValueError(
+                f"schedule={schedule!r} returned {value!r} at progress {step}/{num_steps}: it must return the "
+                "fraction of pruning_ratio reached, a number in [0, 1] (e.g. lambda progress: progress)."
+            )
+        fractions.append(float(value))
+    if any(later < earlier for earlier, later in zip(fractions, fractions[1:])):
+        raise ValueError(
+            f"schedule={schedule!r} gives fractions {fractions} at steps 1..{num_steps}: pruned channels cannot come "
+            "back, so the fractions must not decrease."
+        )
+    if fractions[-1] == 0.0:
+        raise ValueError(
+            f"schedule={schedule!r} gives fractions {fractions}: it never prunes. Return 1.0 at progress 1.0 to "
+            "reach pruning_ratio."
+        )
+    return fractions
 
 
 # ---------------------------------------------------------------------------- callback
@@ -103,6 +136,7 @@ class PruningSchedule(CompressionCallback):
     """
 
     order = 20
+    KIND = "prune"
 
     def __init__(
         self,
@@ -128,34 +162,32 @@ class PruningSchedule(CompressionCallback):
         model_attribute: Optional[str] = None,
     ) -> None:
         super().__init__(model_attribute)
-        if not isinstance(pruning_ratio, (int, float)) or not 0.0 < pruning_ratio < 1.0:
-            raise ValueError(f"pruning_ratio={pruning_ratio!r}: must be in (0, 1), e.g. 0.5 to remove half.")
-        if not isinstance(start_epoch, int) or start_epoch < 0:
-            raise ValueError(f"start_epoch={start_epoch!r}: must be an epoch index >= 0.")
+        check_fraction(pruning_ratio, "pruning_ratio", "0.5 to remove half")
+        check_int(start_epoch, "start_epoch", example="0 (prune at setup)")
         end_epoch = start_epoch if end_epoch is None else end_epoch
-        if not isinstance(end_epoch, int) or end_epoch < start_epoch:
-            raise ValueError(
-                f"end_epoch={end_epoch!r} is before start_epoch={start_epoch}: pass end_epoch >= start_epoch."
-            )
-        if interval not in ("epoch", "step"):
-            raise ValueError(f"interval={interval!r}: use 'epoch' or 'step'.")
+        check_int(end_epoch, "end_epoch", minimum=start_epoch, example=f"{start_epoch} (start_epoch={start_epoch})")
+        check_choice(interval, "interval", ("epoch", "step"))
         if num_steps is None:
             num_steps = end_epoch - start_epoch + 1 if interval == "epoch" else 1
-        if not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"num_steps={num_steps!r}: must be a positive number of pruning steps.")
+        check_int(num_steps, "num_steps", minimum=1, example="3 pruning steps")
         if interval == "epoch" and num_steps > end_epoch - start_epoch + 1:
             raise ValueError(
                 f"num_steps={num_steps} does not fit into epochs {start_epoch}..{end_epoch} at one step per epoch; "
                 f"use num_steps <= {end_epoch - start_epoch + 1}, a later end_epoch, or interval='step'."
             )
-        if not callable(schedule) and schedule not in ("linear", "cubic"):
-            raise ValueError(f"schedule={schedule!r}: use 'linear', 'cubic' or a callable progress -> fraction.")
-        if target not in ("channels", "params", "macs"):
-            raise ValueError(f"target={target!r}: use 'channels', 'params' or 'macs'.")
+        self._fractions = _check_schedule(schedule, num_steps)
+        check_choice(target, "target", ("channels", "params", "macs"))
+        for name, flag in [("global_pruning", global_pruning), ("prune_embed_dim", prune_embed_dim),
+                           ("prune_attention", prune_attention), ("prune_heads", prune_heads),
+                           ("prune_mlp", prune_mlp)]:
+            check_bool(flag, name)
         if not (prune_embed_dim or prune_attention or prune_mlp):
             raise ValueError("prune_embed_dim, prune_attention and prune_mlp are all False: nothing would be pruned.")
-        if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
-            raise ValueError(f"round_to={round_to!r}: must be a positive channel multiple, e.g. 8, or None.")
+        check_int(round_to, "round_to", minimum=1, example="8 (channel multiple)", allow_none=True)
+        self.ignored_layers = check_names(ignored_layers, "ignored_layers", "['blocks.0.mlp.fc1']")
+        check_int(gradient_batches, "gradient_batches", minimum=1, example="4")
+        check_int(seed, "seed", example="0")
+        check_example_input(example_input)
         self.importance = _make_importance(importance)  # validates the name early
         self.importance_name = importance if isinstance(importance, str) else type(importance).__name__
         self.pruning_ratio = float(pruning_ratio)
@@ -171,7 +203,6 @@ class PruningSchedule(CompressionCallback):
         self.prune_attention = prune_attention
         self.prune_heads = prune_heads
         self.prune_mlp = prune_mlp
-        self.ignored_layers = list(ignored_layers)
         self.gradient_batches = gradient_batches
         self.seed = seed
         self.user_example_input = example_input
@@ -188,8 +219,7 @@ class PruningSchedule(CompressionCallback):
     def ratio_after_step(self, step: int) -> float:
         """Channel ratio reached after pruning step ``step`` (1-based)."""
         assert self._channel_ratio is not None
-        fraction = _schedule_fraction(self.schedule, step / self.num_steps)
-        return min(max(fraction, 0.0), 1.0) * self._channel_ratio
+        return self._fractions[step - 1] * self._channel_ratio
 
     def _step_offsets(self, units: int) -> list[int]:
         return [math.floor(k * units / self.num_steps) for k in range(self.num_steps)]
@@ -205,6 +235,26 @@ class PruningSchedule(CompressionCallback):
             position = (trainer.current_epoch - self.start_epoch) * per_epoch + position_in_epoch
         return sum(1 for offset in offsets if offset <= position) if position >= 0 else 0
 
+    def resume_config(self) -> dict[str, Any]:
+        schedule = self.schedule if isinstance(self.schedule, str) else self._fractions
+        return {
+            "pruning_ratio": self.pruning_ratio,
+            "target": self.target_metric,
+            "importance": self.importance_name,
+            "prune_heads": self.prune_heads,
+            "prune_embed_dim": self.prune_embed_dim,
+            "prune_attention": self.prune_attention,
+            "prune_mlp": self.prune_mlp,
+            "global_pruning": self.global_pruning,
+            "round_to": self.round_to,
+            "ignored_layers": list(self.ignored_layers),
+            "start_epoch": self.start_epoch,
+            "end_epoch": self.end_epoch,
+            "num_steps": self.num_steps,
+            "interval": self.interval,
+            "schedule": schedule,
+        }
+
     @property
     def _needs_gradients(self) -> bool:
         return _gradient_kind(self.importance) is not None
@@ -213,13 +263,20 @@ class PruningSchedule(CompressionCallback):
     def _example(self, model: nn.Module) -> torch.Tensor:
         if self.user_example_input is not None:
             device = next(model.parameters()).device
-            return self.user_example_input[:1].to(device)
-        patch_embed = getattr(model, "patch_embed", None)
-        img_size = getattr(patch_embed, "img_size", None)
-        conv = getattr(patch_embed, "proj", None)
-        if img_size is not None and isinstance(conv, nn.Conv2d):
-            device = next(model.parameters()).device
-            return torch.randn(1, conv.in_channels, *img_size, device=device)
+            example = self.user_example_input[:1].to(device)
+            try:
+                with torch.no_grad(), eval_mode(model):
+                    model(example)
+            except Exception as err:
+                raise ValueError(
+                    f"example_input=<tensor of shape {tuple(self.user_example_input.shape)}> does not run through "
+                    f"{type(model).__name__}: pass one input batch the model takes. It said: "
+                    f"{type(err).__name__}: {err}"
+                ) from err
+            return example
+        example = shape_example_input(model)
+        if example is not None:
+            return example
         raise ValueError(
             f"Cannot build an example input for {type(model).__name__} (no timm patch_embed): pass "
             "example_input=<one input batch> so that torch-pruning can trace the model."
@@ -242,7 +299,14 @@ class PruningSchedule(CompressionCallback):
                 "pruned: pass prune_heads=True (whole heads) or prune_attention=False."
             )
         for name in self.ignored_layers:
-            get_submodule(model, name)  # raises, naming the attribute
+            try:
+                get_submodule(model, name)
+            except (AttributeError, TypeError) as err:
+                modules = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:4]
+                raise ValueError(
+                    f"ignored_layers={self.ignored_layers!r}: {name!r} is not a module of {type(model).__name__}; "
+                    f"name layers inside the ViT, e.g. {modules}."
+                ) from err
         prunable = []
         if self.prune_mlp:
             prunable += _mlp_input_layers(model)
@@ -270,25 +334,34 @@ class PruningSchedule(CompressionCallback):
         model = self.target(pl_module)
         self._check_prunable(model)
         self._example_input = self._example(model)
-        replayed = self.replayed_records(trainer, "prune")
-        self.steps_done = len(replayed)
-        self._original_widths = None
-        if replayed and "channel_ratio_final" not in replayed[-1]:
+        self._reset_gradients()
+        # the steps already applied: replayed from the checkpoint, or made by an earlier fit of this module
+        done = [
+            r for r in recorded_edits(pl_module) if r.get("kind") == self.KIND and r.get("target") == self.target_path
+        ]
+        if done and "channel_ratio_final" not in done[-1]:
             raise RuntimeError(
                 "PruningSchedule: the checkpoint being resumed holds a pruned model but no record of the pruning "
                 "steps (its shapes were read from the weights), so the schedule cannot tell how far it got. Resume "
                 "from a checkpoint saved with this package's records (a full ModelCheckpoint), or fine-tune the "
                 "pruned model without PruningSchedule."
             )
-        if replayed:
-            self._channel_ratio = replayed[-1]["channel_ratio_final"]
-            self._original_widths = replayed[-1]["original_widths"]
-            self._original_params = replayed[-1]["original_params"]
-        elif self._channel_ratio is None:
-            self._channel_ratio = self._resolve_channel_ratio(model)
-        self._reset_gradients()
+        if done:
+            self.check_same_config(done[-1].get("config"), "the pruning an earlier fit applied to this model")
+            self.steps_done = int(done[-1]["step"])
+            self._channel_ratio = done[-1]["channel_ratio_final"]
+            self._original_widths = done[-1]["original_widths"]
+            self._original_params = done[-1]["original_params"]
+            return  # steps still due run at their epoch / batch boundary
+        self.steps_done = 0
+        self._original_widths = prunable_widths(model)
+        self._original_params = count_parameters(model)
+        self._channel_ratio = self._resolve_channel_ratio(model)
+        self._check_ratio_prunes(self._channel_ratio)
+        if self.resumed(trainer):
+            return  # the checkpoint's unpruned weights load after setup: due steps run at the first epoch start
         # steps due before any training (epoch 0 start) are free at setup, unless they need gradients
-        if not self._needs_gradients and self.steps_done == 0 and self.start_epoch == 0:
+        if not self._needs_gradients and self.start_epoch == 0:
             due = self._steps_due_at_start() if self.interval == "epoch" else int(self.num_steps == 1)
             if due:
                 self._prune_to(trainer, pl_module, due)
@@ -297,21 +370,91 @@ class PruningSchedule(CompressionCallback):
         units = self.end_epoch - self.start_epoch + 1
         return sum(1 for offset in self._step_offsets(units) if offset <= 0)
 
+    # ----------------------------------------------------------- ratio checks
+    def _cut_widths(self, widths: dict[str, list[int]]) -> dict[str, int]:
+        """The width each pruned layer group loses channels from (embedding, head dim or heads, MLP hidden)."""
+        cut: dict[str, int] = {}
+        for name, width in widths.items():
+            if name == "embed":
+                if self.prune_embed_dim:
+                    cut[name] = width[0]
+            elif len(width) == 2:
+                if self.prune_attention:
+                    cut[name] = width[0] if self.prune_heads else width[1]
+            elif self.prune_mlp:
+                cut[name] = width[0]
+        return cut
+
+    def _removed(self, name: str, width: int, ratio: float) -> int:
+        """Channels (or whole heads) torch-pruning removes from ``width`` at channel ``ratio``."""
+        assert self._original_widths is not None
+        if self.prune_heads and len(self._original_widths[name]) == 2:
+            return math.ceil(ratio * width)
+        removed = width - int(width * (1 - ratio))
+        return removed - removed % self.round_to if self.round_to else removed
+
+    def _check_ratio_prunes(self, ratio: float) -> None:
+        """Refuse a ratio that empties a layer (torch-pruning then skips it) or removes nothing."""
+        assert self._original_widths is not None
+        cut = self._cut_widths(self._original_widths)
+        if not cut:
+            return
+        emptied = [name for name, width in cut.items() if width - self._removed(name, width, ratio) < 1]
+        largest = math.floor(min((width - 1) / width for width in cut.values()) * 1000) / 1000
+        given = f"pruning_ratio={self.pruning_ratio!r}" + (
+            f" (target={self.target_metric!r}: channel ratio {ratio:.3f})" if self.target_metric != "channels" else ""
+        )
+        if emptied:
+            raise ValueError(
+                f"{given} would remove every channel of {emptied[0]} ({cut[emptied[0]]}), which torch-pruning then "
+                f"leaves unpruned: pass pruning_ratio <= {largest:.3f} for this model."
+            )
+        if all(self._removed(name, width, ratio) == 0 for name, width in cut.items()):
+            raise ValueError(
+                f"{given} removes no channel with round_to={self.round_to}: pass a larger pruning_ratio "
+                f"(at least {self.round_to / max(cut.values()):.3f}) or a smaller round_to."
+            )
+
+    def _fraction_removed(self, model: nn.Module) -> float:
+        """The fraction of the prunable channels the model has lost so far (what it really is, not the target)."""
+        assert self._original_widths is not None
+        current = prunable_widths(model)
+        names = self._cut_widths(self._original_widths)
+        before = sum(math.prod(self._original_widths[name]) for name in names)
+        after = sum(math.prod(current[name]) for name in names if name in current)
+        return 1.0 - after / max(1, before)
+
     def _resolve_channel_ratio(self, model: nn.Module) -> float:
-        """Translate a params/MACs target into a channel ratio by bisection on a copy."""
+        """Translate a params/MACs target into a channel ratio by bisection (pruning and restoring the model)."""
         if self.target_metric == "channels":
             return self.pruning_ratio
         example = self._example_input
         measure = (lambda m: count_parameters(m)) if self.target_metric == "params" else (
             lambda m: count_macs(m, example) or 0
         )
+        assert self._original_widths is not None
         base = measure(model)
-        low, high = 0.0, 0.99
+
+        def reduction(ratio: float) -> float:
+            snapshot = _Snapshot(model)
+            try:
+                self._prune_model(model, ratio, importance="l2")
+                return 1.0 - measure(model) / base
+            finally:
+                snapshot.restore()
+
+        cut = self._cut_widths(self._original_widths)
+        low, high = 0.0, min((width - 1) / width for width in cut.values())
+        most = reduction(high)
+        if most < self.pruning_ratio:
+            raise ValueError(
+                f"pruning_ratio={self.pruning_ratio!r} with target={self.target_metric!r} is out of reach: keeping "
+                f"one channel in every pruned layer removes {most:.3f} of the {self.target_metric}. Pass "
+                f"pruning_ratio <= {math.floor(most * 1000) / 1000:.3f}."
+            )
         for _ in range(12):
             mid = (low + high) / 2
-            trial = copy.deepcopy(model)
-            self._prune_model(trial, mid, importance="l2")
-            if 1.0 - measure(trial) / base < self.pruning_ratio:
+            if reduction(mid) < self.pruning_ratio:
                 low = mid
             else:
                 high = mid
@@ -342,7 +485,7 @@ class PruningSchedule(CompressionCallback):
         )
 
     def _prune_to(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", step: int) -> None:
-        """Prune from the ratio of step ``self.steps_done`` to that of ``step``, on a copy."""
+        """Prune from the ratio of step ``self.steps_done`` to that of ``step``; on failure, restore the model."""
         model = self.target(pl_module)
         previous = self.ratio_after_step(self.steps_done) if self.steps_done else 0.0
         reached = self.ratio_after_step(step)
@@ -351,62 +494,57 @@ class PruningSchedule(CompressionCallback):
         if relative <= 0.0:
             self.steps_done = step
             return
-        if self._original_widths is None:
-            self._original_widths = prunable_widths(model)
-            self._original_params = count_parameters(model)
+        assert self._original_widths is not None and self._example_input is not None
         keep = widths_after(self._original_widths, reached, self.prune_heads)
         params_before = count_parameters(model)
-        # work on a copy so a failure leaves the model as it was; a LightningModule that is itself the
-        # ViT cannot be copied (it references the trainer) and is pruned in place
-        candidate = copy.deepcopy(model) if self.target_path else model
-        gradient_kind = _gradient_kind(self.importance)
-        if gradient_kind is not None:
-            self._load_gradients(model, candidate)
+        snapshot = _Snapshot(model)  # pruning works in place (the module may be the LightningModule itself)
         try:
+            if _gradient_kind(self.importance) is not None:
+                self._load_gradients(model)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed + step)  # random importance: the same draw on every rank
-                changes = self._prune_model(candidate, relative, keep=keep)
+                changes = self._prune_model(model, relative, keep=keep)
+            params, macs = count_parameters(model), count_macs(model, self._example_input)
+            ratio = self._fraction_removed(model)
+            record_edit(
+                pl_module,
+                {
+                    "kind": self.KIND,
+                    "target": self.target_path or "",
+                    "step": step,
+                    "num_steps": self.num_steps,
+                    "channel_ratio": reached,
+                    "channel_ratio_final": self._channel_ratio,
+                    "fraction_removed": ratio,
+                    "original_widths": self._original_widths,
+                    "original_params": self._original_params,
+                    "params": params,
+                    "macs": macs,
+                    "modules": changes,
+                    "config": self.resume_config(),
+                },
+            )
         except Exception as err:
-            state = "was left as it was" if candidate is not model else "may be partly pruned"
+            snapshot.restore()
             raise RuntimeError(
-                f"PruningSchedule step {step}/{self.num_steps} (to channel ratio {reached:.3f}) failed; the model "
-                f"{state}. Cause: {type(err).__name__}: {err}"
+                f"PruningSchedule step {step}/{self.num_steps} (to channel ratio {reached:.3f}) failed; the model was "
+                f"restored to how it was before this step. Cause: {type(err).__name__}: {err}"
             ) from err
-        for param in candidate.parameters():
-            param.grad = None
-        if candidate is not model:
-            set_submodule(pl_module, self.target_path, candidate)
+        finally:
+            for param in model.parameters():
+                param.grad = None
         self._reset_gradients()
-        params = count_parameters(candidate)
-        assert self._example_input is not None
-        macs = count_macs(candidate, self._example_input)
-        record_edit(
-            pl_module,
-            {
-                "kind": "prune",
-                "target": self.target_path or "",
-                "step": step,
-                "num_steps": self.num_steps,
-                "channel_ratio": reached,
-                "channel_ratio_final": self._channel_ratio,
-                "original_widths": self._original_widths,
-                "original_params": self._original_params,
-                "params": params,
-                "macs": macs,
-                "modules": changes,
-            },
-        )
         self.steps_done = step
         self._last_metrics = {
             "prune/params": float(params),
             "prune/params_ratio": params / max(1, self._original_params),
-            "prune/ratio": reached,
+            "prune/ratio": ratio,
             "prune/step": float(step),
         }
         if macs is not None:
             self._last_metrics["prune/macs"] = float(macs)
         rank_zero_info(
-            f"PruningSchedule step {step}/{self.num_steps}: channel ratio {reached:.3f}, "
+            f"PruningSchedule step {step}/{self.num_steps}: {ratio:.3f} of the prunable channels removed, "
             f"params {params_before:,} -> {params:,}" + (f", MACs/image {macs:,}" if macs is not None else "")
         )
 
@@ -460,17 +598,17 @@ class PruningSchedule(CompressionCallback):
                     self._grad_sums[id(param)] = grad.clone()
         self._grad_batches += 1
 
-    def _load_gradients(self, model: nn.Module, candidate: nn.Module) -> None:
-        """Put the mean accumulated gradient of each parameter of ``model`` on ``candidate``."""
+    def _load_gradients(self, model: nn.Module) -> None:
+        """Put the mean accumulated gradient of each parameter of ``model`` in its ``.grad``."""
         count = max(1, self._grad_batches)
-        for param, copy_param in zip(model.parameters(), candidate.parameters()):
+        for param in model.parameters():
             total = self._grad_sums.get(id(param))
-            copy_param.grad = None if total is None else total / count
+            param.grad = None if total is None else total / count
 
     # ------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        return {"steps_done": self.steps_done, "channel_ratio": self._channel_ratio}
+        # "config" lets a resumed fit refuse changed arguments also before the first pruning step
+        return {"steps_done": self.steps_done, "channel_ratio": self._channel_ratio, "config": self.resume_config()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # the replayed records are authoritative for the structure; this keeps the resolved ratio
-        self._channel_ratio = state_dict.get("channel_ratio", self._channel_ratio)
+        """Nothing to restore: the replayed records are authoritative for the structure and the steps done."""

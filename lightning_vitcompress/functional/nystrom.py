@@ -35,41 +35,32 @@ import torch.nn.functional as F
 from timm.layers.attention import Attention as TimmAttention
 from torch import nn
 
+from lightning_vitcompress._checks import check_int
 from lightning_vitcompress._model import get_submodule, set_submodule
 from lightning_vitcompress._structure import Record, register_replay
 
-__all__ = ["NystromAttention", "iterative_pinv", "nystrom_settings", "segment_means"]
+__all__ = ["AttentionMaskError", "NystromAttention", "iterative_pinv", "nystrom_settings", "segment_means"]
 
 
 
 def _check_landmarks(num_landmarks: Any) -> None:
-    if isinstance(num_landmarks, bool) or not isinstance(num_landmarks, int) or num_landmarks < 1:
-        raise ValueError(
-            f"num_landmarks={num_landmarks!r}: pass a positive int, the number of landmarks m "
-            "(e.g. 64; about a quarter of the patch tokens keeps accuracy after fine-tuning)."
-        )
+    check_int(num_landmarks, "num_landmarks", minimum=1, example="64 (about a quarter of the patch tokens)")
 
 
 def _check_options(pinv_iterations: Any, conv_kernel_size: Any, num_prefix_tokens: Any) -> None:
-    if isinstance(pinv_iterations, bool) or not isinstance(pinv_iterations, int) or pinv_iterations < 1:
-        raise ValueError(f"pinv_iterations={pinv_iterations!r}: pass a positive int (6 is the usual choice).")
-    if conv_kernel_size is not None and (
-        isinstance(conv_kernel_size, bool)
-        or not isinstance(conv_kernel_size, int)
-        or conv_kernel_size < 1
-        or conv_kernel_size % 2 == 0
-    ):
+    check_int(pinv_iterations, "pinv_iterations", minimum=1, example="6")
+    check_int(conv_kernel_size, "conv_kernel_size", minimum=1, example="33", allow_none=True)
+    if conv_kernel_size is not None and conv_kernel_size % 2 == 0:
         raise ValueError(
             f"conv_kernel_size={conv_kernel_size!r}: pass an odd positive int (e.g. 33) for the depthwise "
             "convolution residual on V, or None for none."
         )
-    if num_prefix_tokens is not None and (
-        isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0
-    ):
-        raise ValueError(
-            f"num_prefix_tokens={num_prefix_tokens!r}: pass the number of class/distillation/register tokens "
-            "in front of the patch tokens (an int >= 0), or None to read the model's num_prefix_tokens."
-        )
+    check_int(num_prefix_tokens, "num_prefix_tokens", example="1 (the class token; None reads the model's)",
+              allow_none=True)
+
+
+class AttentionMaskError(ValueError):
+    """A Nyström attention block was called with a mask or with keys/values other than its queries."""
 
 
 def segment_means(x: torch.Tensor, num_segments: int) -> torch.Tensor:
@@ -306,9 +297,11 @@ class NystromAttention(nn.Module):
         """``attn(x)`` like timm's ``Attention``; ``attn(x, x, x, ...)`` -> ``(out, None)`` when
         built from ``nn.MultiheadAttention`` (attention weights are never materialized)."""
         if (key is not None and key is not x) or (value is not None and value is not x):
-            raise ValueError("NystromAttention is self-attention only: call it with key and value equal to query.")
+            raise AttentionMaskError(
+                "NystromAttention is self-attention only: call it with key and value equal to query."
+            )
         if attn_mask is not None or key_padding_mask is not None or is_causal:
-            raise ValueError(
+            raise AttentionMaskError(
                 "NystromAttention does not support attention masks (attn_mask, key_padding_mask, is_causal): "
                 "landmarks average over all tokens. Keep masked blocks exact (NystromSwap(blocks=[...]))."
             )

@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Callable, Literal, Optional, Sequence, Union
 
@@ -23,6 +24,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from lightning_vitcompress._checks import check_choice
 from lightning_vitcompress._model import ATTENTION_MARKER, find_attention_blocks, get_submodule
 from lightning_vitcompress._structure import Record, register_replay
 
@@ -55,22 +57,20 @@ HEADS_BUFFER = "vitcompress_num_heads"
 
 
 # ---------------------------------------------------------------------------- importance
+_IMPORTANCES: dict[str, Callable[[], tp.importance.Importance]] = {
+    "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
+    "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
+    "taylor": tp.importance.GroupTaylorImportance,
+    "hessian": tp.importance.GroupHessianImportance,
+    "random": tp.importance.RandomImportance,
+}
+
+
 def _make_importance(importance: Union[str, tp.importance.Importance]) -> tp.importance.Importance:
-    if not isinstance(importance, str):
+    if isinstance(importance, tp.importance.Importance):
         return importance
-    factories: dict[str, Callable[[], tp.importance.Importance]] = {
-        "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
-        "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
-        "taylor": tp.importance.GroupTaylorImportance,
-        "hessian": tp.importance.GroupHessianImportance,
-        "random": tp.importance.RandomImportance,
-    }
-    if importance not in factories:
-        raise ValueError(
-            f"importance={importance!r} is not supported; use one of {sorted(factories)} "
-            "or a torch_pruning.importance.Importance object."
-        )
-    return factories[importance]()
+    check_choice(importance, "importance", sorted(_IMPORTANCES), " or a torch_pruning.importance.Importance object")
+    return _IMPORTANCES[importance]()
 
 
 def _gradient_kind(importance: tp.importance.Importance) -> Optional[str]:
@@ -257,6 +257,31 @@ def _broadcast(obj: Any) -> Any:
     return obj
 
 
+class _Snapshot:
+    """What pruning may change in ``model``: each module's attributes, its tensors' objects, values and grads.
+
+    ``restore()`` puts all of it back in place, so a failed or trial prune leaves
+    the very same objects (the optimizer keeps pointing at the right tensors).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.modules = [
+            (module, {key: copy.copy(value) if isinstance(value, dict) else value
+                      for key, value in vars(module).items()})
+            for module in model.modules()
+        ]
+        tensors = [*model.parameters(), *model.buffers()]
+        self.tensors = [(tensor, tensor.data.clone(), tensor.grad) for tensor in tensors]
+
+    def restore(self) -> None:
+        for module, attributes in self.modules:
+            vars(module).clear()
+            vars(module).update(attributes)
+        for tensor, data, grad in self.tensors:
+            tensor.data = data
+            tensor.grad = grad
+
+
 def prune_vit(
     model: nn.Module,
     pruning_ratio: float,
@@ -280,8 +305,8 @@ def prune_vit(
 
     Returns the shape changes (``{module name: {"tensors": ..., "attrs": ...}}``)
     that :func:`_replay_prune` reapplies. Under DDP the channels chosen on rank 0
-    are used on every rank. Works on a copy by the caller's choice: on an error
-    the model may be half pruned (``PruningSchedule`` prunes a copy).
+    are used on every rank. On an error the model may be half pruned: work on a
+    copy (``PruningSchedule`` restores the model from a snapshot instead).
 
     Example::
 
