@@ -19,9 +19,10 @@ import copy
 import dataclasses
 import fnmatch
 import functools
+import inspect
 import io
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
@@ -37,6 +38,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_vitcompress._base import CompressionCallback
+from lightning_vitcompress._checks import check_choice, check_int, check_output_file, check_path
 from lightning_vitcompress._measure import eval_mode
 from lightning_vitcompress._model import set_submodule
 from lightning_vitcompress._structure import (
@@ -46,7 +48,11 @@ from lightning_vitcompress._structure import (
     recorded_edits,
     register_replay,
 )
-from lightning_vitcompress._training_state import check_strategy_supported, refresh_after_structural_change
+from lightning_vitcompress._training_state import (
+    check_strategy_supported,
+    refresh_after_structural_change,
+    resumed_callback_state,
+)
 from lightning_vitcompress._x86_int8 import (
     Int8DynamicX86Config,
     Int8StaticX86Config,
@@ -204,6 +210,60 @@ def _is_quantized_layer(layer: nn.Module) -> bool:
         return True
     weight = getattr(layer, "weight", None)
     return weight is not None and _is_quantized_weight(weight)
+
+
+def _check_skip(skip: Any) -> None:
+    """``skip`` is None, a callable, a non-empty pattern, or a list of them (a str is one pattern, not letters)."""
+    patterns = [skip] if isinstance(skip, str) else skip
+    if skip is None or callable(skip):
+        return
+    if (
+        isinstance(skip, (bytes, Mapping))
+        or not isinstance(patterns, (Sequence, set, frozenset))
+        or not all(isinstance(p, str) and p for p in patterns)
+    ):
+        raise TypeError(
+            f"skip={skip!r}: pass a layer name or glob pattern ('head'), a list of them (['head', 'blocks.0.*']), "
+            "or a function (name, module) -> bool."
+        )
+
+
+def _compile_arguments() -> set[str]:
+    return {name for name in inspect.signature(torch.compile).parameters if name != "model"}
+
+
+def _check_compile(compile: Any) -> None:
+    """``compile`` is None, a bool, or a dict of ``torch.compile`` keyword arguments it takes."""
+    if compile is None or isinstance(compile, bool):
+        return
+    if not isinstance(compile, dict):
+        raise TypeError(f"compile={compile!r}: pass True/False, a dict of torch.compile arguments, or None.")
+    unknown = sorted(set(compile) - _compile_arguments())
+    if unknown:
+        raise ValueError(
+            f"compile={compile!r}: torch.compile takes no argument {unknown}; it takes {sorted(_compile_arguments())}."
+        )
+    mode = compile.get("mode")
+    if mode is not None:
+        import torch._inductor
+
+        modes = list(torch._inductor.list_mode_options())
+        if mode not in modes:
+            raise ValueError(f"compile={compile!r}: mode={mode!r} is not a torch.compile mode; use one of {modes}.")
+
+
+def _check_skip_matches(model: nn.Module, skip: SkipSpec) -> None:
+    """Each ``skip`` pattern names at least one ``nn.Linear`` of ``model``: a typo must not quantize a layer."""
+    if skip is None or callable(skip):
+        return
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    for pattern in [skip] if isinstance(skip, str) else skip:
+        if not any(name == pattern or fnmatch.fnmatchcase(name, pattern) for name in names):
+            shown = names if len(names) <= 8 else names[:8] + ["..."]
+            raise ValueError(
+                f"skip={skip!r}: {pattern!r} matches no nn.Linear layer of {type(model).__name__}; its linear "
+                f"layers are {shown}. Use their names or glob patterns ('blocks.*.mlp.fc2')."
+            )
 
 
 def _skip_matcher(skip: SkipSpec) -> Callable[[str, nn.Module], bool]:
@@ -369,7 +429,17 @@ def quantize_model(
 
         summary = quantize_model(vit, "int8_dynamic", skip=["head"], example_input=images)
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model={type(model).__name__}: pass the nn.Module to quantize (e.g. a timm ViT).")
     QuantizeOnFit._check_config(config)
+    _check_skip(skip)
+    if calibration_inputs is not None and (
+        isinstance(calibration_inputs, torch.Tensor) or not isinstance(calibration_inputs, Sequence)
+    ):
+        raise TypeError(
+            f"calibration_inputs={type(calibration_inputs).__name__}: pass a list of batches "
+            "([images, ...]), not one batch (a tensor would be read as one image per element)."
+        )
     if _example is None and example_input is not None:
         _example = (_as_args(example_input), {})
     if _calibration is None and calibration_inputs is not None:
@@ -382,13 +452,20 @@ def quantize_model(
             "pass calibration_inputs=[batch, ...] (a few batches of the model's inputs), "
             "or use config='int8_dynamic_x86', which needs none."
         )
+    _check_skip_matches(model, skip)
     selected, skipped = select_layers(model, skip, _group_size(config), _incompatible(config))
     if not selected:
         raise ValueError(f"skip={skip!r} leaves no nn.Linear layer to quantize; skipped: {skipped}")
     originals = {name: model.get_submodule(name) for name in selected}
     size_before = _state_size(model)
     with torch.no_grad():
-        reference = _run_example(model, _example)
+        try:
+            reference = _run_example(model, _example)
+        except Exception as err:  # noqa: BLE001 - nothing was changed yet
+            raise ValueError(
+                f"example_input: the model cannot run it before quantizing ({type(err).__name__}: {err}); "
+                "pass an input the model takes. The model is unchanged."
+            ) from err
         copies = nn.ModuleList([_prepared_copy(layer, config) for layer in originals.values()])
         if calibrates:
             assert _calibration is not None
@@ -524,19 +601,11 @@ class QuantizeOnFit(CompressionCallback):
     ) -> None:
         super().__init__(model_attribute)
         self._check_config(config)
-        if skip is not None and not (callable(skip) or isinstance(skip, str) or _is_str_sequence(skip)):
-            raise TypeError(
-                f"skip={skip!r}: pass a layer name or glob pattern ('head'), a list of them, "
-                "or a function (name, module) -> bool."
-            )
-        if qat_start_epoch is not None and (
-            not isinstance(qat_start_epoch, int) or isinstance(qat_start_epoch, bool) or qat_start_epoch < 0
-        ):
-            raise ValueError(f"qat_start_epoch={qat_start_epoch!r}: pass an epoch index >= 0, or None for no QAT.")
-        if compile is not None and not isinstance(compile, (bool, dict)):
-            raise TypeError(f"compile={compile!r}: pass True/False, a dict of torch.compile arguments, or None.")
-        if on_error not in ("raise", "warn"):
-            raise ValueError(f"on_error={on_error!r}: pass 'raise' or 'warn'.")
+        _check_skip(skip)
+        if qat_start_epoch is not None:
+            check_int(qat_start_epoch, "qat_start_epoch", minimum=0, example="0 (or None for no QAT)")
+        _check_compile(compile)
+        check_choice(on_error, "on_error", ("raise", "warn"))
         if inference_precision not in INFERENCE_PRECISIONS:
             raise ValueError(f"inference_precision={inference_precision!r}: pass one of {list(INFERENCE_PRECISIONS)}.")
         if inference_precision != "32-true":
@@ -551,16 +620,22 @@ class QuantizeOnFit(CompressionCallback):
                     f"inference_precision={inference_precision!r} takes effect in the compiled model, "
                     "but compile=False: pass compile=None (default) or True."
                 )
-        if not isinstance(calibration_batches, int) or isinstance(calibration_batches, bool) or calibration_batches < 1:
-            raise ValueError(f"calibration_batches={calibration_batches!r}: pass a number of batches >= 1.")
+        check_int(calibration_batches, "calibration_batches", minimum=1, example="8")
+        save_path, save_fp32_path = check_path(save_path, "save_path"), check_path(save_fp32_path, "save_fp32_path")
+        if save_path is not None and save_fp32_path is not None and save_path.resolve() == save_fp32_path.resolve():
+            raise ValueError(
+                f"save_path={str(save_path)!r} and save_fp32_path={str(save_fp32_path)!r} are the same file: the "
+                "quantized model would overwrite the fp32 copy. Pass two paths, e.g. 'model-int8.ckpt' and "
+                "'model-fp32.ckpt'."
+            )
         self.config = config
         self.skip = skip
         self.qat_start_epoch = qat_start_epoch
         self.compile = compile
         self.inference_precision = inference_precision
         self.calibration_batches = calibration_batches
-        self.save_path = Path(save_path) if save_path is not None else None
-        self.save_fp32_path = Path(save_fp32_path) if save_fp32_path is not None else None
+        self.save_path = save_path
+        self.save_fp32_path = save_fp32_path
         self.on_error = on_error
         #: what the last quantization did (``None`` before it ran)
         self.summary: Optional[dict[str, Any]] = None
@@ -636,7 +711,12 @@ class QuantizeOnFit(CompressionCallback):
         self._check_inference_precision()
         self._check_calibration_data(trainer)
         self._check_qat_epoch(trainer)
+        for argument, path in (("save_path", self.save_path), ("save_fp32_path", self.save_fp32_path)):
+            if path is not None:
+                check_output_file(path, argument)
+        self._check_resume(trainer)
         self._dry_run(device)
+        _check_skip_matches(self.target(pl_module), self.skip)
         selected, skipped = select_layers(
             self.target(pl_module), self.skip, self._group_size(), _incompatible(self.config)
         )
@@ -648,6 +728,34 @@ class QuantizeOnFit(CompressionCallback):
         self.summary = None
         self._qat_active = False
         self._start_capture(self.target(pl_module))
+
+    def _check_resume(self, trainer: "pl.Trainer") -> None:
+        """Once the resumed run is in QAT, its weights were trained for one format: config, skip and
+        qat_start_epoch must stay. Before QAT started, any argument may change (nothing was fake-quantized)."""
+        path, saved = resumed_callback_state(trainer, self)
+        if not saved or not saved.get("qat_active"):
+            return
+        mine = self.state_dict()
+        for argument in ("config", "qat_start_epoch", "skip"):
+            if argument == "skip" and (saved.get("skip_callable") or mine["skip_callable"]):
+                continue  # functions cannot be compared
+            if saved.get(argument) != mine[argument]:
+                raise ValueError(
+                    f"{argument}={mine[argument]!r}, but the checkpoint being resumed ({path}) is in "
+                    f"quantization-aware training with {argument}={saved.get(argument)!r}: its weights were trained "
+                    f"for that setting. Resume with {argument}={saved.get(argument)!r}, or start a new fit."
+                )
+
+    def state_dict(self) -> dict[str, Any]:
+        # read back at a resume's setup (_check_resume); plain data, safe to load with weights_only=True
+        skip = self.skip
+        return {
+            "config": _config_label(self.config),
+            "qat_start_epoch": self.qat_start_epoch,
+            "skip": None if skip is None or callable(skip) else ([skip] if isinstance(skip, str) else sorted(skip)),
+            "skip_callable": callable(skip),
+            "qat_active": self._qat_active,
+        }
 
     def _check_device(self, device: torch.device) -> None:
         named = self._named
@@ -773,38 +881,75 @@ class QuantizeOnFit(CompressionCallback):
     def ordered_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._stop_capture()
         model = self.target(pl_module)
+        label = _config_label(self.config)
         if self.save_fp32_path is not None:
-            # during QAT too: fake-quantized layers keep nn.Linear's keys and hold the fp32 weights
-            self._save(trainer, pl_module, pl_module.state_dict(), self.save_fp32_path)
+            try:
+                # during QAT too: fake-quantized layers keep nn.Linear's keys and hold the fp32 weights
+                self._save(trainer, pl_module, pl_module.state_dict(), self.save_fp32_path)
+            except Exception as err:  # noqa: BLE001 - nothing was quantized yet
+                self._fail(
+                    model,
+                    f"QuantizeOnFit(config={label!r}) did not quantize: writing the full-precision copy to "
+                    f"save_fp32_path={str(self.save_fp32_path)!r} failed ({type(err).__name__}: {err}). The trained "
+                    "full-precision model was left in place; save it (trainer.save_checkpoint) before anything else.",
+                    err,
+                )
+                return
+        # the layers as trained: quantize_model swaps in quantized copies and leaves these objects untouched
+        trained = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
         try:
             summary = self._quantize(model, trainer)
         except Exception as err:  # noqa: BLE001 - reported with its cause; the fp32 model is in place
-            if self._qat_active:
-                self._remove_fake_quantization(model)
-            message = (
-                f"QuantizeOnFit(config={_config_label(self.config)!r}) failed, the full-precision model was "
-                f"left in place: {type(err).__name__}: {err}"
+            self._fail(
+                model,
+                f"QuantizeOnFit(config={label!r}) failed, the full-precision model was left in place: "
+                f"{type(err).__name__}: {err}",
+                err,
             )
-            if self.on_error == "raise":
-                raise RuntimeError(message) from err
-            rank_zero_warn(message)
             return
         record_edit(
             pl_module,
             {
                 "kind": RECORD_KIND,
                 "target": self.target_path or "",
-                "config": _config_label(self.config),
+                "config": label,
                 "layers": list(summary["quantized"]),
                 "skipped": dict(summary["skipped"]),
             },
         )
+        if self.save_path is not None:
+            try:
+                self._save(trainer, pl_module, pl_module.state_dict(), self.save_path)  # before compiling: same keys
+            except Exception as err:  # noqa: BLE001 - undo the quantization: the user keeps the trained model
+                recorded_edits(pl_module).pop()
+                for name in summary["quantized"]:
+                    set_submodule(model, name, trained[name])
+                fp32 = (
+                    f"the fp32 copy is at save_fp32_path={str(self.save_fp32_path)!r}"
+                    if self.save_fp32_path is not None
+                    else "no fp32 copy was written (pass save_fp32_path to keep one)"
+                )
+                self._fail(
+                    model,
+                    f"QuantizeOnFit(config={label!r}): writing the quantized model to save_path="
+                    f"{str(self.save_path)!r} failed ({type(err).__name__}: {err}). The model was put back in "
+                    f"full precision, as trained, and {fp32}. Save it with trainer.save_checkpoint(...), or "
+                    "quantize it with quantize_model(...) once the path is writable.",
+                    err,
+                )
+                return
         if self._compiles:
             summary["compile_seconds"] = self._compile(model)
         self.summary = summary
-        if self.save_path is not None:
-            self._save(trainer, pl_module, pl_module.state_dict(), self.save_path)
         self._log(trainer, summary)
+
+    def _fail(self, model: nn.Module, message: str, err: Exception) -> None:
+        """The model is in full precision again; raise or warn with ``message`` as ``on_error`` says."""
+        if self._qat_active:
+            self._remove_fake_quantization(model)
+        if self.on_error == "raise":
+            raise RuntimeError(message) from err
+        rank_zero_warn(message)
 
     def _quantize(self, model: nn.Module, trainer: "pl.Trainer") -> dict[str, Any]:
         if self._calibrates and not self._calibration:
@@ -923,10 +1068,6 @@ def _is_linear(module: nn.Module, *args: Any) -> bool:
 
 def _as_args(inputs: Any) -> tuple[Any, ...]:
     return inputs if isinstance(inputs, tuple) else (inputs,)
-
-
-def _is_str_sequence(value: Any) -> bool:
-    return isinstance(value, Sequence) and all(isinstance(v, str) for v in value)
 
 
 def _state_size(model: nn.Module) -> int:
