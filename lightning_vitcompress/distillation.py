@@ -186,12 +186,13 @@ def _check_teacher(teacher: Any, weights: Any, kwargs: Any, module_class: Any) -
             close = difflib.get_close_matches(teacher, timm.list_models(), n=5, cutoff=0.6)
             hint = f" Close matches: {close}." if close else " See timm.list_models('<pattern>*')."
             raise ValueError(f"teacher={teacher!r} is neither an existing checkpoint path nor a timm model name.{hint}")
-    given = {"teacher_weights": weights is not None, "teacher_kwargs": bool(kwargs), "teacher_class": module_class}
+    given = {"teacher_weights": weights, "teacher_kwargs": kwargs or None, "teacher_class": module_class}
     only_for = {"teacher_weights": "timm", "teacher_kwargs": "timm", "teacher_class": "checkpoint"}
     for argument, applies_to in only_for.items():
-        if given[argument] and kind != applies_to:
+        if given[argument] is not None and kind != applies_to:
             raise ValueError(
-                f"{argument} only applies to a teacher given as {_KINDS[applies_to]}, but teacher={teacher!r} is "
+                f"{argument}={given[argument]!r} only applies to a teacher given as {_KINDS[applies_to]}, but "
+                f"teacher={teacher if isinstance(teacher, str) else type(teacher).__name__!r} is "
                 f"{_KINDS[kind]}: it would be ignored. Leave {argument} out, or build the teacher yourself."
             )
     check_path(weights, "teacher_weights")
