@@ -918,12 +918,15 @@ class QuantizeOnFit(CompressionCallback):
             },
         )
         if self.save_path is not None:
+            previous = _file_stamp(self.save_path)
             try:
                 self._save(trainer, pl_module, pl_module.state_dict(), self.save_path)  # before compiling: same keys
             except Exception as err:  # noqa: BLE001 - undo the quantization: the user keeps the trained model
                 recorded_edits(pl_module).pop()
                 for name in summary["quantized"]:
                     set_submodule(model, name, trained[name])
+                if trainer.is_global_zero and _file_stamp(self.save_path) != previous:
+                    self.save_path.unlink(missing_ok=True)  # a half-written file must not pass for the quantized model
                 fp32 = (
                     f"the fp32 copy is at save_fp32_path={str(self.save_fp32_path)!r}"
                     if self.save_fp32_path is not None
@@ -932,7 +935,8 @@ class QuantizeOnFit(CompressionCallback):
                 self._fail(
                     model,
                     f"QuantizeOnFit(config={label!r}): writing the quantized model to save_path="
-                    f"{str(self.save_path)!r} failed ({type(err).__name__}: {err}). The model was put back in "
+                    f"{str(self.save_path)!r} failed ({type(err).__name__}: {err}); nothing new was left there. The "
+                    "model was put back in "
                     f"full precision, as trained, and {fp32}. Save it with trainer.save_checkpoint(...), or "
                     "quantize it with quantize_model(...) once the path is writable.",
                     err,
@@ -1068,6 +1072,15 @@ def _is_linear(module: nn.Module, *args: Any) -> bool:
 
 def _as_args(inputs: Any) -> tuple[Any, ...]:
     return inputs if isinstance(inputs, tuple) else (inputs,)
+
+
+def _file_stamp(path: Path) -> Optional[tuple[int, int]]:
+    """``(mtime_ns, size)`` of the file at ``path``, ``None`` when there is none: did a write touch it?"""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
 
 
 def _state_size(model: nn.Module) -> int:
