@@ -53,11 +53,13 @@ def check_choice(value: Any, argument: str, choices: Collection[str]) -> None:
 
 
 def check_path(value: Any, argument: str) -> Optional[Path]:
-    """``Path(value)`` for a non-empty ``str``/``os.PathLike`` (``None`` stays ``None``); else ``TypeError``/``ValueError``."""
+    """``Path(value)`` for a non-empty ``str``/``os.PathLike``; ``None`` stays ``None``; anything else raises."""
     if value is None:
         return None
     if not isinstance(value, (str, os.PathLike)):
-        raise TypeError(f"{argument}={value!r} ({type(value).__name__}): pass a file path (str or pathlib.Path), or None.")
+        raise TypeError(
+            f"{argument}={value!r} ({type(value).__name__}): pass a file path (str or pathlib.Path), or None."
+        )
     if not os.fspath(value):
         raise ValueError(f"{argument}={value!r}: pass a file path, or None for no file.")
     return Path(value)
@@ -71,7 +73,9 @@ def _writable_ancestor(path: Path, argument: str) -> None:
     if not parent.is_dir():
         raise ValueError(f"{argument}={str(path)!r}: {str(parent)!r} is a file, not a directory. Pass another path.")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"{argument}={str(path)!r}: the directory {str(parent)!r} is not writable. Pass a path you can write to.")
+        raise PermissionError(
+            f"{argument}={str(path)!r}: the directory {str(parent)!r} is not writable. Pass a path you can write to."
+        )
 
 
 def check_output_file(path: Union[str, Path], argument: str) -> None:
@@ -89,8 +93,12 @@ def check_output_dir(path: Union[str, Path], argument: str) -> None:
     path = Path(path)
     if path.exists():
         if not path.is_dir():
-            raise NotADirectoryError(f"{argument}={str(path)!r} is a file; pass a directory (it is created if missing).")
+            raise NotADirectoryError(
+                f"{argument}={str(path)!r} is a file; pass a directory (it is created if missing)."
+            )
         if not os.access(path, os.W_OK | os.X_OK):
-            raise PermissionError(f"{argument}={str(path)!r}: the directory is not writable. Pass one you can write to.")
+            raise PermissionError(
+                f"{argument}={str(path)!r}: the directory is not writable. Pass one you can write to."
+            )
         return
     _writable_ancestor(path, argument)

@@ -308,9 +308,12 @@ class BenchmarkCallback(CompressionCallback):
     Args:
         batch_size: images per timed forward for throughput.
         num_threads: CPU threads for timing (default: torch's current count).
-        devices: which of ``"cpu"``, ``"cuda"`` to time; CUDA is skipped (``None``) when absent.
+        devices: which of ``"cpu"``, ``"cuda"`` to time; CUDA next to the CPU is skipped
+            (``None``) when absent, while CUDA alone or ``"cuda:N"`` on a machine without
+            that device is an error at setup.
         input_shape: ``(C, H, W)`` of one image; default from ``pl_module.example_input_array``
-            or the timm model's ``patch_embed``.
+            or the timm model's ``patch_embed``. The model (and ``baseline_model``) run one
+            such image at setup, so a wrong shape fails before training.
         dataloader: ``(images, labels)`` batches for top-1 accuracy; default the
             datamodule's / trainer's validation data. ``None`` found: accuracy ``None``.
         accuracy_batches: measure accuracy on at most this many batches.

@@ -288,6 +288,12 @@ class DistillationTeacher(CompressionCallback):
         DistillationTeacher("vit_base_patch16_224", teacher_weights="vit_b16.safetensors",
                             teacher_kwargs=dict(num_classes=10), mode="deit", alpha=0.5, input_adapter=224)
 
+    Resuming (``trainer.fit(ckpt_path=...)``) with another ``mode`` or
+    ``deit_target`` than the checkpoint's run is an error at setup naming both
+    values (the loss would train other heads mid-run); another ``alpha``,
+    ``temperature`` or teacher file/name is allowed with a warning, and the new
+    values apply from the resumed step.
+
     Logs (on step and epoch) ``distill/task_loss``, ``distill/loss`` (the
     distillation term) and ``distill/agreement`` (share of samples where student
     and teacher predict the same class); the total is the loss ``training_step``

@@ -569,14 +569,23 @@ class QuantizeOnFit(CompressionCallback):
             ``calibration_batches`` training steps of the last epoch are kept
             (on their device) and run through the trained model in eval mode.
         save_path: write the quantized model here as a checkpoint that
-            :func:`~lightning_vitcompress.load_compressed` loads back.
+            :func:`~lightning_vitcompress.load_compressed` loads back. Checked at
+            setup (not a directory, its folder writable). Should writing it fail,
+            the model is put back in full precision (a half-written file is removed)
+            and the error says where the fp32 copy is.
         save_fp32_path: write the trained full-precision model here first (also
-            loadable with ``load_compressed``). The checkpoints ``ModelCheckpoint``
+            loadable with ``load_compressed``); must differ from ``save_path``. If
+            writing it fails, nothing is quantized. The checkpoints ``ModelCheckpoint``
             saved during training hold the fp32 weights too.
-        on_error: ``"raise"`` (default) or ``"warn"`` when quantizing fails; the
-            fp32 model stays in place either way.
+        on_error: ``"raise"`` (default) or ``"warn"`` when quantizing or saving
+            fails; the fp32 model stays in place either way.
         model_attribute: attribute of the LightningModule holding the ViT
             (``None``: found automatically).
+
+    Resuming (``trainer.fit(ckpt_path=...)``): until QAT has started in the
+    checkpoint's run, any argument may change. Once it has, the weights were
+    trained for one format, so ``config``, ``skip`` and ``qat_start_epoch``
+    must match the checkpoint's (an error at setup names both values).
 
     After fit, :attr:`summary` holds what was done: config, quantized layers,
     skipped layers with why, size before and after, output error on a real input.
