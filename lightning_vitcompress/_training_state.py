@@ -23,6 +23,7 @@ from lightning_vitcompress._base import resume_checkpoint_path
 from lightning_vitcompress._structure import read_checkpoint
 
 SUPPORTED_STRATEGIES = (SingleDeviceStrategy, DDPStrategy)
+_RESUMED_STATES = "_vitcompress_resumed_callback_states"
 
 
 def check_strategy_supported(trainer: "pl.Trainer", callback_name: str) -> None:
@@ -51,8 +52,13 @@ def resumed_callback_state(trainer: "pl.Trainer", callback: Callback) -> tuple[O
     path, weights_only = resume_checkpoint_path(trainer)
     if not path or not Path(path).is_file():
         return path, None
-    checkpoint = read_checkpoint(path, weights_only=weights_only, argument="ckpt_path")
-    return path, (checkpoint.get("callbacks") or {}).get(callback.state_key)
+    stat = Path(path).stat()
+    key = (path, stat.st_mtime_ns, stat.st_size, weights_only)
+    cached = trainer.__dict__.get(_RESUMED_STATES)
+    if cached is None or cached[0] != key:  # one read per checkpoint, however many callbacks ask
+        checkpoint = read_checkpoint(path, weights_only=weights_only, argument="ckpt_path")
+        cached = trainer.__dict__[_RESUMED_STATES] = (key, dict(checkpoint.get("callbacks") or {}))
+    return path, cached[1].get(callback.state_key)
 
 
 def _parameters_of(optimizer: torch.optim.Optimizer) -> set[int]:
