@@ -1,20 +1,27 @@
-"""Argument checks shared by the callbacks: one message style, ``name=value: what would work.``
+"""Argument checks shared by every callback and config: one message style, bools never pass as numbers.
 
-Each check raises ``ValueError`` (``TypeError`` never: a user reading the
-message wants to know the value that works, not the type theory) naming the
-argument and its value. ``bool`` is refused where a number is expected, since
-``True`` is an ``int`` to Python but never what the user meant.
+Every error names the argument and its value and says what would work, in the
+house style ``f"{argument}={value!r}: what would work."``. A value of the wrong
+kind (a string where a flag or a path is expected) is a ``TypeError``; a value
+of the right kind outside what works is a ``ValueError``. The constructor
+checks what the value alone decides; ``setup`` checks what needs the model,
+the Trainer or the file system (:func:`check_output_file`, :func:`check_output_dir`).
+
+Example::
+
+    check_int(num_steps, "num_steps", minimum=1, example="3 pruning steps")
+    check_fraction(pruning_ratio, "pruning_ratio", "0.5 to remove half")
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional, Union
 
 import torch
-
-from lightning_vitcompress.functional.measure import check_positive
 
 __all__ = [
     "check_bool",
@@ -23,6 +30,9 @@ __all__ = [
     "check_fraction",
     "check_int",
     "check_names",
+    "check_output_dir",
+    "check_output_file",
+    "check_path",
     "check_positive",
 ]
 
@@ -31,8 +41,16 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
 
 
+def check_positive(value: Any, argument: str, example: str, *, integer: bool = False) -> None:
+    """Raise ``ValueError`` unless ``value`` is a finite number ``> 0`` (an ``int`` when ``integer``)."""
+    if integer:
+        check_int(value, argument, minimum=1, example=example)
+    elif not _is_number(value) or not math.isfinite(value) or not value > 0:
+        raise ValueError(f"{argument}={value!r}: must be a positive finite number, e.g. {example}.")
+
+
 def check_int(value: Any, argument: str, *, minimum: int = 0, example: str, allow_none: bool = False) -> None:
-    """Raise unless ``value`` is an int (not a bool) ``>= minimum`` (or None when ``allow_none``)."""
+    """Raise ``ValueError`` unless ``value`` is an int (not a bool) ``>= minimum`` (or None when ``allow_none``)."""
     if allow_none and value is None:
         return
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
@@ -40,20 +58,22 @@ def check_int(value: Any, argument: str, *, minimum: int = 0, example: str, allo
         raise ValueError(f"{argument}={value!r}: pass an int >= {minimum}{none}, e.g. {example}.")
 
 
-def check_fraction(value: Any, argument: str, example: str) -> None:
-    """Raise unless ``value`` is a real number strictly between 0 and 1."""
-    if not _is_number(value) or not 0.0 < value < 1.0:
-        raise ValueError(f"{argument}={value!r}: must be a number in (0, 1), e.g. {example}.")
+def check_fraction(value: Any, argument: str, example: str, *, closed: bool = False) -> None:
+    """Raise ``ValueError`` unless ``value`` is a number in (0, 1), or in [0, 1] when ``closed``."""
+    inside = _is_number(value) and (0.0 <= value <= 1.0 if closed else 0.0 < value < 1.0)
+    if not inside:
+        interval = "[0, 1]" if closed else "(0, 1)"
+        raise ValueError(f"{argument}={value!r}: must be a number in {interval}, e.g. {example}.")
 
 
-def check_bool(value: Any, argument: str) -> None:
-    """Raise unless ``value`` is True or False (not 0/1, not a string)."""
+def check_bool(value: Any, argument: str, meaning: str = "") -> None:
+    """Raise ``TypeError`` unless ``value`` is ``True`` or ``False`` (``"no"`` and ``1`` are not)."""
     if not isinstance(value, bool):
-        raise ValueError(f"{argument}={value!r}: pass True or False.")
+        raise TypeError(f"{argument}={value!r}: pass True or False{f' ({meaning})' if meaning else ''}.")
 
 
 def check_choice(value: Any, argument: str, choices: Sequence[str], hint: str = "") -> None:
-    """Raise unless ``value`` is one of ``choices`` (``hint`` adds other accepted forms)."""
+    """Raise ``ValueError`` unless ``value`` is one of ``choices`` (``hint`` adds other accepted forms)."""
     if not isinstance(value, str) or value not in choices:
         options = ", ".join(repr(c) for c in choices)
         raise ValueError(f"{argument}={value!r}: use one of {options}{hint}.")
@@ -70,7 +90,7 @@ def check_names(value: Any, argument: str, example: str) -> list[str]:
 
 
 def check_example_input(value: Any, argument: str = "example_input") -> None:
-    """Raise unless ``value`` is None or one input batch: a tensor with a non-empty batch dimension."""
+    """Raise ``ValueError`` unless ``value`` is None or one input batch: a tensor with a non-empty batch dimension."""
     if value is None:
         return
     if isinstance(value, torch.Tensor):
@@ -83,3 +103,51 @@ def check_example_input(value: Any, argument: str = "example_input") -> None:
         f"{argument}={shown}: pass one input batch of the model as a tensor (e.g. torch.randn(1, 3, 224, 224)), "
         "or None."
     )
+
+
+def check_path(value: Any, argument: str) -> Optional[Path]:
+    """``Path(value)`` for a non-empty ``str``/``os.PathLike`` (``None`` stays ``None``)."""
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(
+            f"{argument}={value!r} ({type(value).__name__}): pass a file path (str or pathlib.Path), or None."
+        )
+    if not os.fspath(value):
+        raise ValueError(f"{argument}={value!r}: pass a file path, or None for no file.")
+    return Path(value)
+
+
+def _writable_ancestor(path: Path, argument: str) -> None:
+    """The nearest existing ancestor of ``path`` must be a directory we may write in (missing ones get created)."""
+    parent = path.parent if path.parent != Path("") else Path(".")
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{argument}={str(path)!r}: {str(parent)!r} is a file, not a directory. Pass another path.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"{argument}={str(path)!r}: the directory {str(parent)!r} is not writable. Pass a path you can write to."
+        )
+
+
+def check_output_file(path: Union[str, Path], argument: str) -> None:
+    """At ``setup``: a file can be written at ``path`` (not a directory; its directory exists or can be created)."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"{argument}={str(path)!r} is a directory; pass a file path in it, e.g. {str(path / 'model.ckpt')!r}."
+        )
+    _writable_ancestor(path, argument)
+
+
+def check_output_dir(path: Union[str, Path], argument: str) -> None:
+    """At ``setup``: ``path`` is a writable directory, or can be created."""
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise NotADirectoryError(f"{argument}={str(path)!r} is a file; pass a directory (it is created if missing).")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(f"{argument}={str(path)!r}: the directory is not writable. Pass one you can write to.")
+        return
+    _writable_ancestor(path, argument)

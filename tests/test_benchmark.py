@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from importlib import metadata
 
 import pytest
 import torch
@@ -76,13 +77,26 @@ def test_baseline_is_the_model_before_any_edit(tmp_path, tiny_classifier, digits
     per_block = report["baseline"]["params"] - report["final"]["params"]
     assert per_block == sum(p.numel() for p in model.model.blocks[0].parameters())
     assert report["ratios"]["params_ratio"] < 1
+    # values, not just keys (the report's dicts are built from one list of names, so keys are always there)
+    assert report["baseline"]["params"] == sum(p.numel() for p in tiny_classifier(depth=3).model.parameters())
     for stage in ("baseline", "final"):
-        for key in ("params", "size_mb", "cpu_images_per_s", "gpu_images_per_s", "accuracy"):
-            assert key in report[stage]
-        assert 0 <= report[stage]["accuracy"] <= 1
-    for key in ("batch_size", "num_threads", "cpu_name", "gpu_name", "versions"):
-        assert key in report
-    assert report["versions"]["torch"] == torch.__version__.split("+")[0] or report["versions"]["torch"]
+        measured = report[stage]
+        assert isinstance(measured["params"], int) and measured["params"] > 0
+        assert measured["size_mb"] > 0 and measured["size_mib"] == pytest.approx(measured["size_mb"] * 1e6 / 2**20)
+        assert measured["cpu_images_per_s"] > 0 and measured["cpu_latency_ms_p50"] > 0
+        assert measured["macs_per_image"] > 0
+        assert 0 <= measured["accuracy"] <= 1
+        if not torch.cuda.is_available():
+            assert measured["gpu_images_per_s"] is None and measured["gpu_latency_ms_p50"] is None
+    assert report["final"]["size_mb"] < report["baseline"]["size_mb"]
+    assert report["batch_size"] == 8 and report["input_shape"] == [3, 32, 32]
+    assert report["num_threads"] == torch.get_num_threads()
+    assert isinstance(report["cpu_name"], str) and report["cpu_name"]
+    if not torch.cuda.is_available():
+        assert report["gpu_name"] is None
+    for package in ("torch", "lightning", "timm", "torchao"):
+        assert report["versions"][package] == metadata.version(package)
+    assert report["versions"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
     assert "| params |" in format_report(report)
 
 
@@ -107,6 +121,8 @@ def test_no_dataloader_gives_none_accuracy_with_a_warning(tmp_path, tiny_classif
         (dict(devices=["gpu0"]), "devices='gpu0' is not a device name"),
         (dict(num_threads=-1), "num_threads=-1"),
         (dict(input_shape=(32, 32)), r"input_shape=\(32, 32\)"),
+        (dict(input_shape="abc"), r"input_shape='abc': give \(channels, height, width\)"),
+        (dict(batch_size=2.5), r"batch_size=2.5: must be a positive whole number"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, message):

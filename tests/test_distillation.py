@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import TINY, fast_trainer, run_ddp_script
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from lightning_vitcompress._base import CompressionCallback
@@ -273,16 +273,72 @@ def test_list_order_does_not_matter(tmp_path, digits, tiny_classifier):
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
-def test_resume_from_checkpoint(tmp_path, digits, tiny_classifier):
-    first = fast_trainer(tmp_path, callbacks=[DistillationTeacher(tiny_teacher())], limit_val_batches=0)
-    model = tiny_classifier()
-    first.fit(model, digits)
-    path = tmp_path / "resume.ckpt"
-    first.save_checkpoint(path)
-    callback = DistillationTeacher(tiny_teacher())
-    resumed = fast_trainer(tmp_path, callbacks=[callback], max_epochs=2, limit_val_batches=0)
-    resumed.fit(tiny_classifier(), digits, ckpt_path=path)
+def test_resume_continues_exactly_where_the_checkpoint_stopped(tmp_path, digits, tiny_classifier):
+    """1 epoch + resume for 1 ends with the weights of 2 uninterrupted epochs (data in a fixed order)."""
+    loader = DataLoader(digits.train_set, batch_size=64, shuffle=False)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
+    straight = tiny_classifier()
+    fast_trainer(
+        tmp_path, callbacks=[DistillationTeacher(tiny_teacher()), checkpoints], max_epochs=2, limit_val_batches=0,
+        enable_checkpointing=True,
+    ).fit(straight, train_dataloaders=loader)
+    saved = torch.load(tmp_path / "epoch=0.ckpt", weights_only=True)
+    assert saved["callbacks"]["DistillationTeacher"]["mode"] == "soft"
+
+    seen: dict = {}
+
+    class AtStart(Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen.update({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
+
+    L.seed_everything(5, verbose=False)
+    resumed_model = DigitsClassifier(**TINY)  # other initial weights: the checkpoint must provide all of them
+    resumed = fast_trainer(
+        tmp_path, callbacks=[DistillationTeacher(tiny_teacher()), AtStart()], max_epochs=2, limit_val_batches=0
+    )
+    resumed.fit(resumed_model, train_dataloaders=loader, ckpt_path=tmp_path / "epoch=0.ckpt")
     assert resumed.current_epoch == 2 and "distill/loss_epoch" in resumed.callback_metrics
+    assert all(torch.equal(seen[k], v) for k, v in saved["state_dict"].items())  # started from the checkpoint
+    for key, value in straight.state_dict().items():
+        assert torch.allclose(resumed_model.state_dict()[key], value, atol=1e-6), key
+        if key.startswith("model.") and value.is_floating_point():
+            changed = not torch.equal(value, saved["state_dict"][key])
+            seen["changed"] = seen.get("changed", False) or changed
+    assert seen["changed"]  # the resumed epoch trained
+
+
+@pytest.mark.parametrize(
+    ("argument", "first", "then"), [("mode", "deit", "soft"), ("deit_target", "hard", "soft")]
+)
+def test_resuming_with_another_loss_is_an_error_naming_both_values(tmp_path, digits, argument, first, then):
+    def student():
+        L.seed_everything(0, verbose=False)
+        return DigitsClassifier(model_name="deit_tiny_distilled_patch16_224", **TINY)
+
+    def callback(**kwargs):
+        return DistillationTeacher(tiny_teacher(), **{"mode": "deit", **kwargs})
+
+    trainer = fast_trainer(tmp_path, callbacks=[callback(**{argument: first})], limit_train_batches=1)
+    trainer.fit(student(), digits)
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    model = student()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    resumed = fast_trainer(tmp_path, callbacks=[callback(**{argument: then})], max_epochs=2)
+    with pytest.raises(ValueError, match=rf"{argument}='{then}', but the checkpoint.*{argument}='{first}'"):
+        resumed.fit(model, digits, ckpt_path=tmp_path / "run.ckpt")
+    assert resumed.global_step == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # refused before loading
+
+
+def test_resuming_with_another_alpha_warns_and_uses_the_new_value(tmp_path, digits, tiny_classifier):
+    trainer = fast_trainer(tmp_path, callbacks=[DistillationTeacher(tiny_teacher(), alpha=0.5)], limit_train_batches=1)
+    trainer.fit(tiny_classifier(), digits)
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    callback = DistillationTeacher(tiny_teacher(), alpha=0.9)
+    resumed = fast_trainer(tmp_path, callbacks=[callback], max_epochs=2, limit_train_batches=1, limit_val_batches=0)
+    with pytest.warns(UserWarning, match=r"alpha=0.5 -> 0.9.*new values apply"):
+        resumed.fit(tiny_classifier(), digits, ckpt_path=tmp_path / "run.ckpt")
+    assert callback.alpha == 0.9 and resumed.current_epoch == 2
 
 
 # ------------------------------------------------------------ teacher sources
@@ -313,7 +369,8 @@ def test_teacher_from_checkpoint_path_and_timm_name_with_local_file(tmp_path, di
     [
         (dict(alpha=1.5), r"alpha=1.5.*\[0, 1\]"),
         (dict(alpha=-0.1), r"alpha=-0.1"),
-        (dict(temperature=0), r"temperature=0.*> 0"),
+        (dict(temperature=0), r"temperature=0: must be a positive"),
+        (dict(temperature=float("inf")), r"temperature=inf"),
         (dict(mode="kd"), r"mode='kd'"),
         (dict(deit_target="x"), r"deit_target='x'"),
         (dict(input_adapter=(224,)), r"input_adapter"),
@@ -322,6 +379,11 @@ def test_teacher_from_checkpoint_path_and_timm_name_with_local_file(tmp_path, di
 def test_argument_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DistillationTeacher(torch.nn.Linear(2, 2), **kwargs)
+
+
+def test_an_unknown_timm_name_is_refused_in_the_constructor_with_close_matches():
+    with pytest.raises(ValueError, match=r"teacher='vit_tiny_patch16_24'.*Close matches: \[.*'vit_tiny_patch16_224'"):
+        DistillationTeacher("vit_tiny_patch16_24", pretrained=False)
 
 
 class Manual(DigitsClassifier):
@@ -335,7 +397,6 @@ class Manual(DigitsClassifier):
     [
         ("classes", r"teacher predicts 7 classes but the student 10"),
         ("deit", r"mode='deit' needs a student with a distillation token.*VisionTransformer has none"),
-        ("timm", r"teacher='vit_tiny_patch16_24'.*Close matches: \[.*'vit_tiny_patch16_224'"),
         ("path", r"teacher='.*missing.ckpt': no such checkpoint file"),
         ("shared", r"shares parameters with the LightningModule"),
         ("manual", r"automatic_optimization is False"),
@@ -346,7 +407,6 @@ def test_setup_errors(tmp_path, digits, tiny_classifier, case, match):
     teacher: Any = {
         "classes": tiny_teacher(num_classes=7),
         "deit": tiny_teacher(),
-        "timm": "vit_tiny_patch16_24",
         "path": str(tmp_path / "missing.ckpt"),
         "shared": model.model,
         "manual": tiny_teacher(),
@@ -372,7 +432,7 @@ def test_ddp_two_processes(tmp_path):
     reports = run_ddp_script(
         f"""
         import lightning as L, torch
-        from lightning.pytorch.callbacks import Callback
+        from lightning.pytorch.callbacks import Callback, ModelCheckpoint
         from lightning_vitcompress import DistillationTeacher
         from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule, small_vit
 

@@ -11,6 +11,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+import torchao.quantization
 import yaml
 from helpers import TINY, fast_trainer, run_ddp_script
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -24,10 +25,32 @@ from torchao.quantization.transform_module import register_quantize_module_handl
 from lightning_vitcompress import X86Int8DynamicLinear, X86Int8StaticLinear, load_compressed
 from lightning_vitcompress.functional.x86_int8 import calibrate_input_ranges
 from lightning_vitcompress.functional.measure import measure_accuracy
-from lightning_vitcompress._structure import STRUCTURE_KEY
+from lightning_vitcompress._model import set_submodule
+from lightning_vitcompress._structure import STRUCTURE_KEY, UnsafeCheckpointError, recorded_edits
 from lightning_vitcompress.digits import DigitsClassifier
 from lightning_vitcompress.functional.quantize import NAMED_CONFIGS, quantize_model, select_layers
 from lightning_vitcompress import QuantizeOnFit
+
+
+@pytest.fixture
+def safe_loads(monkeypatch) -> list:
+    """Every ``torch.load`` in the test must be ``weights_only=True``; the list of files loaded shows loads ran.
+
+    Loading a checkpoint with ``weights_only=False`` would read the same tensors, so a test that only checks
+    what it loaded cannot tell safe loading from unsafe; this one fails on the first unsafe call.
+    """
+    real_load, loaded = torch.load, []
+    # Lightning's own resume passes weights_only=None: torch >= 2.6 reads that as True unless this is set
+    monkeypatch.delenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", raising=False)
+
+    def load(f, *args, **kwargs):
+        safe = kwargs.get("weights_only") is True or ("weights_only" in kwargs and kwargs["weights_only"] is None)
+        assert safe, f"torch.load({f!r}) with weights_only={kwargs.get('weights_only', 'not given')!r}"
+        loaded.append(Path(f).name if isinstance(f, (str, Path)) else f)
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", load)
+    return loaded
 
 
 def linear_weight_types(model: nn.Module) -> dict[str, type]:
@@ -62,7 +85,7 @@ def test_int8_dynamic_quantizes_every_linear_keeps_accuracy_and_trainer_test_use
 
 
 def test_int8_dynamic_x86_swaps_in_int8_layers_compiles_them_to_onednn_and_round_trips(
-    tmp_path, tiny_classifier, digits
+    tmp_path, tiny_classifier, digits, safe_loads
 ):
     from torch._dynamo.utils import counters
 
@@ -93,6 +116,7 @@ def test_int8_dynamic_x86_swaps_in_int8_layers_compiles_them_to_onednn_and_round
     assert result["test/acc"] == pytest.approx(int8_accuracy)
 
     loaded = load_compressed(DigitsClassifier, tmp_path / "int8.ckpt")  # eager, from a weights_only load
+    assert safe_loads[-1] == "int8.ckpt"
     assert type(loaded.model.blocks[1].attn.proj) is X86Int8DynamicLinear
     images = test_batches[0][0]
     model.eval()
@@ -121,7 +145,7 @@ class LastEpochInputs(Callback):
 
 
 def test_int8_static_x86_calibrates_on_the_last_epoch_runs_bf16_mixed_and_round_trips(
-    tmp_path, tiny_classifier, digits
+    tmp_path, tiny_classifier, digits, safe_loads
 ):
     model = tiny_classifier(lr=3e-3)
     inputs = LastEpochInputs(batches=2)
@@ -167,6 +191,7 @@ def test_int8_static_x86_calibrates_on_the_last_epoch_runs_bf16_mixed_and_round_
     assert result["test/acc"] == pytest.approx(int8_accuracy)
 
     loaded = load_compressed(DigitsClassifier, tmp_path / "int8.ckpt")  # weights_only: scales as extra state
+    assert safe_loads[-1] == "int8.ckpt"
     loaded_layer, layer = loaded.model.blocks[1].mlp.fc2, model.model.blocks[1].mlp.fc2
     assert type(loaded_layer) is X86Int8StaticLinear
     assert (loaded_layer.input_scale, loaded_layer.input_zero_point) == (layer.input_scale, layer.input_zero_point)
@@ -418,7 +443,9 @@ def test_multihead_attention_model_keeps_out_proj_quantizes_the_rest_compiles_an
     assert model(next(iter(digits.test_dataloader()))[0]).shape == (64, 10)
 
 
-def test_checkpoints_before_quantization_resume_and_the_saved_quantized_model_loads(tmp_path, tiny_classifier, digits):
+def test_checkpoints_before_quantization_resume_and_the_saved_quantized_model_loads(
+    tmp_path, tiny_classifier, digits, safe_loads
+):
     model = tiny_classifier()
     checkpoints = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     trainer = fast_trainer(
@@ -447,6 +474,13 @@ def test_checkpoints_before_quantization_resume_and_the_saved_quantized_model_lo
         fast_trainer(tmp_path, callbacks=[QuantizeOnFit()], max_epochs=3).fit(
             tiny_classifier(), digits, ckpt_path=tmp_path / "int8.ckpt"
         )
+    assert {"int8.ckpt", "last.ckpt"} <= set(safe_loads)  # load_compressed and the resumes read them safely
+
+    crafted = torch.load(tmp_path / "int8.ckpt", weights_only=True)
+    crafted["extra"] = Path("not plain data")  # what a tampered file could carry
+    torch.save(crafted, tmp_path / "crafted.ckpt")
+    with pytest.raises(UnsafeCheckpointError, match="checkpoint_path=.*crafted.ckpt"):
+        load_compressed(DigitsClassifier, tmp_path / "crafted.ckpt")
 
 
 def test_ddp_every_rank_ends_with_the_same_quantized_model_and_rank_zero_writes(tmp_path):
@@ -501,3 +535,150 @@ def test_ddp_ranks_calibrate_on_their_own_batches_and_end_with_the_same_static_s
     assert reports[0]["first_batch"] != reports[1]["first_batch"]  # each rank calibrated on its own data...
     assert len(reports[0]["scales"]) == 2 * 4 + 1
     assert reports[0]["scales"] == reports[1]["scales"]  # ...and the ranges were merged across ranks
+
+
+# ------------------------------------------------------------------ nothing lost: failures injected mid-action
+class BeforeQuantizing(Callback):
+    """Listed before QuantizeOnFit: records the trained model's outputs and weights just before it acts."""
+
+    def __init__(self) -> None:
+        self.images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        self.outputs: torch.Tensor = torch.empty(0)
+        self.state: dict = {}
+
+    def on_train_end(self, trainer, pl_module):
+        # after a failure the trained fp32 layers are back, without QAT's fake quantization
+        plain = copy.deepcopy(pl_module)
+        for name, module in list(plain.named_modules()):
+            if isinstance(module, FakeQuantizedLinear):
+                set_submodule(plain, name, module.to_linear())
+        self.outputs = self.run(plain)
+        self.state = copy.deepcopy(plain.state_dict())
+
+    def run(self, pl_module) -> torch.Tensor:
+        was_training = pl_module.training
+        pl_module.eval()
+        with torch.no_grad():
+            outputs = pl_module(self.images.to(pl_module.device)).cpu()
+        pl_module.train(was_training)
+        return outputs
+
+    def assert_unchanged(self, pl_module) -> None:
+        assert set(linear_weight_types(pl_module.model).values()) == {torch.Tensor}
+        assert not any(isinstance(m, (FakeQuantizedLinear, X86Int8DynamicLinear)) for m in pl_module.modules())
+        state = pl_module.state_dict()
+        assert set(state) == set(self.state)
+        assert all(torch.equal(state[key], value) for key, value in self.state.items())
+        assert torch.equal(self.run(pl_module), self.outputs)
+
+
+@pytest.mark.parametrize("qat", [False, True])
+def test_quantize_failing_midway_through_the_layers_leaves_the_outputs_unchanged(
+    tmp_path, tiny_classifier, digits, monkeypatch, qat
+):
+    """The static config quantizes layer by layer: the third ``quantize_`` call fails."""
+    real_quantize, calls = torchao.quantization.quantize_, []
+
+    class FailFromTrainEnd(Callback):
+        def on_train_start(self, trainer, pl_module):  # after the setup dry run, which must succeed
+            def quantize_(*args, **kwargs):
+                calls.append(1)
+                if len(calls) == 3:
+                    raise RuntimeError("injected: out of memory")
+                return real_quantize(*args, **kwargs)
+
+            monkeypatch.setattr(torchao.quantization, "quantize_", quantize_)
+
+    model, before = tiny_classifier(), BeforeQuantizing()
+    callback = QuantizeOnFit("int8_static_x86", qat_start_epoch=0 if qat else None, compile=False)
+    with pytest.raises(RuntimeError, match=r"full-precision model was left in place.*injected: out of memory"):
+        fast_trainer(tmp_path, callbacks=[before, callback, FailFromTrainEnd()], limit_train_batches=2).fit(
+            model, digits
+        )
+    assert len(calls) == 3
+    before.assert_unchanged(model)
+    assert callback.summary is None and not recorded_edits(model)
+
+
+def _failing_save(monkeypatch, trainer, failing: Path) -> None:
+    real_save = trainer.strategy.save_checkpoint
+
+    def save_checkpoint(checkpoint, filepath, *args, **kwargs):
+        if Path(filepath) == failing:
+            Path(filepath).write_bytes(b"partial")  # as a full disk would leave it
+            raise OSError(28, "No space left on device")
+        return real_save(checkpoint, filepath, *args, **kwargs)
+
+    monkeypatch.setattr(trainer.strategy, "save_checkpoint", save_checkpoint)
+
+
+@pytest.mark.parametrize("qat", [False, True])
+def test_a_failed_save_of_the_quantized_model_puts_the_trained_model_back_and_says_where_the_fp32_copy_is(
+    tmp_path, tiny_classifier, digits, monkeypatch, qat
+):
+    model, before = tiny_classifier(), BeforeQuantizing()
+    callback = QuantizeOnFit(
+        save_path=tmp_path / "int8.ckpt", save_fp32_path=tmp_path / "fp32.ckpt", qat_start_epoch=0 if qat else None
+    )
+    trainer = fast_trainer(tmp_path, callbacks=[before, callback], limit_train_batches=2)
+    _failing_save(monkeypatch, trainer, tmp_path / "int8.ckpt")
+    with pytest.raises(
+        RuntimeError, match=r"save_path='.*int8.ckpt' failed \(OSError.*No space.*full precision.*save_fp32_path='.*fp32"
+    ):
+        trainer.fit(model, digits)
+    before.assert_unchanged(model)
+    assert callback.summary is None and not recorded_edits(model)
+    assert not (tmp_path / "int8.ckpt").exists()  # the half-written file was removed
+    fp32 = load_compressed(DigitsClassifier, tmp_path / "fp32.ckpt")  # the copy named in the message is complete
+    assert torch.equal(before.run(fp32), before.outputs)
+
+
+def test_a_failed_save_warns_with_on_error_warn_and_says_no_fp32_copy_was_written(
+    tmp_path, tiny_classifier, digits, monkeypatch
+):
+    model, before = tiny_classifier(), BeforeQuantizing()
+    callback = QuantizeOnFit(save_path=tmp_path / "int8.ckpt", on_error="warn")
+    trainer = fast_trainer(tmp_path, callbacks=[before, callback], limit_train_batches=2)
+    _failing_save(monkeypatch, trainer, tmp_path / "int8.ckpt")
+    with pytest.warns(UserWarning, match=r"save_path=.*no fp32 copy was written \(pass save_fp32_path"):
+        trainer.fit(model, digits)
+    before.assert_unchanged(model)
+
+
+def test_a_failed_fp32_save_stops_before_quantizing(tmp_path, tiny_classifier, digits, monkeypatch):
+    model, before = tiny_classifier(), BeforeQuantizing()
+    callback = QuantizeOnFit(save_path=tmp_path / "int8.ckpt", save_fp32_path=tmp_path / "fp32.ckpt")
+    trainer = fast_trainer(tmp_path, callbacks=[before, callback], limit_train_batches=2)
+    _failing_save(monkeypatch, trainer, tmp_path / "fp32.ckpt")
+    with pytest.raises(RuntimeError, match=r"did not quantize: writing .*save_fp32_path='.*fp32.ckpt' failed"):
+        trainer.fit(model, digits)
+    before.assert_unchanged(model)
+    assert not (tmp_path / "int8.ckpt").exists()
+
+
+def test_a_directory_as_save_path_is_refused_before_training_naming_the_argument(tmp_path, tiny_classifier, digits):
+    (tmp_path / "out").mkdir()
+    trainer = fast_trainer(tmp_path, callbacks=[QuantizeOnFit(save_path=tmp_path / "out")])
+    with pytest.raises(IsADirectoryError, match=r"save_path='.*out' is a directory; pass a file path in it"):
+        trainer.fit(tiny_classifier(), digits)
+    assert trainer.global_step == 0
+
+
+def test_resuming_qat_with_the_same_arguments_or_before_qat_started_is_allowed(tmp_path, tiny_classifier, digits):
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
+    callback = QuantizeOnFit(qat_start_epoch=1, skip="head")
+    fast_trainer(tmp_path, callbacks=[callback, checkpoints], max_epochs=2, limit_train_batches=1,
+                 enable_checkpointing=True).fit(tiny_classifier(), digits)
+    saved = torch.load(tmp_path / "epoch=1.ckpt", weights_only=True)["callbacks"]["QuantizeOnFit"]
+    assert saved == {"config": "int8_dynamic", "qat_start_epoch": 1, "skip": ["head"], "skip_callable": False,
+                     "qat_active": True}
+    # before QAT started anything may change; in QAT, the same arguments resume
+    for ckpt, kwargs in (("epoch=0.ckpt", dict(config="int8_weight_only")), ("epoch=1.ckpt", dict(skip=["head"]))):
+        resumed = fast_trainer(tmp_path, callbacks=[QuantizeOnFit(qat_start_epoch=1, **{"skip": "head", **kwargs})],
+                               max_epochs=3, limit_train_batches=1)
+        resumed.fit(tiny_classifier(), digits, ckpt_path=tmp_path / ckpt)
+        assert resumed.current_epoch == 3
+    with pytest.raises(ValueError, match=r"skip=\['blocks.0.\*'\], but the checkpoint .* skip=\['head'\]"):
+        fast_trainer(tmp_path, callbacks=[QuantizeOnFit(qat_start_epoch=1, skip="blocks.0.*")], max_epochs=3).fit(
+            tiny_classifier(), digits, ckpt_path=tmp_path / "epoch=1.ckpt"
+        )

@@ -7,6 +7,7 @@ CPU/GPU names, library versions); a device that is absent is reported as
 ``None`` (``n/a`` in the table), never as a number.
 """
 
+
 from __future__ import annotations
 
 import copy
@@ -21,10 +22,27 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_vitcompress._base import CompressionCallback
-from lightning_vitcompress.functional.measure import check_positive, resolve_device
-from lightning_vitcompress.functional.report import REPORT_FILENAME, compare_models, format_report, save_plot, summarize
+from lightning_vitcompress._checks import (
+    check_bool,
+    check_output_dir,
+    check_path,
+    check_positive,
+)
+from lightning_vitcompress.functional.measure import (
+    eval_mode,
+    resolve_device,
+)
+from lightning_vitcompress.functional.report import (
+    REPORT_FILENAME,
+    _check_devices,
+    _check_input_shape,
+    compare_models,
+    format_report,
+    save_plot,
+    summarize,
+)
 
-__all__ = ["BenchmarkCallback"]
+__all__ = ['BenchmarkCallback']
 
 
 class BenchmarkCallback(CompressionCallback):
@@ -40,9 +58,12 @@ class BenchmarkCallback(CompressionCallback):
     Args:
         batch_size: images per timed forward for throughput.
         num_threads: CPU threads for timing (default: torch's current count).
-        devices: which of ``"cpu"``, ``"cuda"`` to time; CUDA is skipped (``None``) when absent.
+        devices: which of ``"cpu"``, ``"cuda"`` to time; CUDA next to the CPU is skipped
+            (``None``) when absent, while CUDA alone or ``"cuda:N"`` on a machine without
+            that device is an error at setup.
         input_shape: ``(C, H, W)`` of one image; default from ``pl_module.example_input_array``
-            or the timm model's ``patch_embed``.
+            or the timm model's ``patch_embed``. The model (and ``baseline_model``) run one
+            such image at setup, so a wrong shape fails before training.
         dataloader: ``(images, labels)`` batches for top-1 accuracy; default the
             datamodule's / trainer's validation data. ``None`` found: accuracy ``None``.
         accuracy_batches: measure accuracy on at most this many batches.
@@ -80,24 +101,33 @@ class BenchmarkCallback(CompressionCallback):
         model_attribute: Optional[str] = None,
     ) -> None:
         super().__init__(model_attribute)
-        check_positive(batch_size, "batch_size", "32")
+        check_positive(batch_size, "batch_size", "32", integer=True)
         if num_threads is not None:
-            check_positive(num_threads, "num_threads", "2")
-        if isinstance(devices, str):
-            devices = (devices,)
-        for device in devices:
-            resolve_device(device, "devices")
-        if input_shape is not None and (len(input_shape) != 3 or any(int(s) <= 0 for s in input_shape)):
-            raise ValueError(f"input_shape={tuple(input_shape)!r}: give (channels, height, width), e.g. (3, 224, 224).")
+            check_positive(num_threads, "num_threads", "2", integer=True)
+        devices = _check_devices(devices)
+        if input_shape is not None:
+            input_shape = _check_input_shape(input_shape)
+        if dataloader is not None and not isinstance(dataloader, Iterable):
+            raise TypeError(
+                f"dataloader={dataloader!r}: pass an iterable of (images, labels) batches, e.g. "
+                "datamodule.val_dataloader(), or None for the Trainer's validation data."
+            )
         if accuracy_batches is not None:
-            check_positive(accuracy_batches, "accuracy_batches", "10")
-        check_positive(rounds, "rounds", "3")
+            check_positive(accuracy_batches, "accuracy_batches", "10", integer=True)
+        if baseline_model is not None and not isinstance(baseline_model, nn.Module):
+            raise TypeError(
+                f"baseline_model={baseline_model!r} ({type(baseline_model).__name__}): pass an nn.Module to compare "
+                "against, or None to compare against the model as it was at setup."
+            )
+        output_dir = check_path(output_dir, "output_dir")
+        check_positive(rounds, "rounds", "3", integer=True)
         check_positive(min_run_time, "min_run_time", "0.5")
-        check_positive(latency_repeats, "latency_repeats", "30")
+        check_positive(latency_repeats, "latency_repeats", "30", integer=True)
+        check_bool(plot, "plot", "write vitcompress_benchmark.png")
         self.batch_size = batch_size
         self.num_threads = num_threads
-        self.devices = tuple(devices)
-        self.input_shape = tuple(int(s) for s in input_shape) if input_shape is not None else None
+        self.devices = devices
+        self.input_shape: Optional[tuple[int, ...]] = input_shape
         self.dataloader = dataloader
         self.accuracy_batches = accuracy_batches
         self.baseline_model = baseline_model
@@ -109,17 +139,49 @@ class BenchmarkCallback(CompressionCallback):
         self.report: Optional[dict[str, Any]] = None
         self.report_path: Optional[Path] = None
         self._baseline: Optional[nn.Module] = None
+        #: ``input_shape``, or the one inferred from the model at setup
+        self._input_shape: Optional[tuple[int, ...]] = input_shape
 
     # ------------------------------------------------------------------ setup
     def ordered_setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
         model = self.target(pl_module)
-        self.input_shape = self._infer_input_shape(pl_module, model)
+        self._check_devices_present()
+        if self.output_dir is not None:
+            check_output_dir(self.output_dir, "output_dir")
+        self._input_shape = self._infer_input_shape(pl_module, model)
+        for label, candidate in (("model", model), ("baseline_model", self.baseline_model)):
+            if candidate is not None:
+                self._check_runs(candidate, label)
         if trainer.is_global_zero:
             source = self.baseline_model if self.baseline_model is not None else model
             # a CPU copy: the live model is about to be edited, moved and trained
             self._baseline = copy.deepcopy(source).cpu()
+
+    def _check_devices_present(self) -> None:
+        """A CUDA device asked for explicitly must exist; CUDA next to the CPU is just ``n/a`` without one."""
+        cuda = [resolve_device(d) for d in self.devices if resolve_device(d).type == "cuda"]
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        missing = [str(d) for d in cuda if (d.index or 0) >= count]
+        if missing and (len(missing) == len(self.devices) or any(d.index is not None for d in cuda)):
+            raise ValueError(
+                f"devices={self.devices!r}: this machine has {count} CUDA device(s), so {missing} cannot be timed. "
+                "Pass devices=('cpu',), or the default ('cpu', 'cuda') to time CUDA where present."
+            )
+
+    def _check_runs(self, model: nn.Module, label: str) -> None:
+        """One batch-1 forward of ``input_shape`` now, not a crash after training."""
+        assert self._input_shape is not None
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        try:
+            with eval_mode(model), torch.inference_mode():
+                model(torch.zeros(1, *self._input_shape, device=device))
+        except Exception as err:  # noqa: BLE001 - reported with its cause
+            raise ValueError(
+                f"input_shape={self._input_shape!r}: the {label} ({type(model).__name__}) cannot run an input of "
+                f"this shape ({type(err).__name__}: {err}). Pass the (channels, height, width) the model takes."
+            ) from err
 
     def _infer_input_shape(self, pl_module: "pl.LightningModule", model: nn.Module) -> tuple[int, ...]:
         if self.input_shape is not None:
@@ -143,7 +205,7 @@ class BenchmarkCallback(CompressionCallback):
             return
         final = self.target(pl_module)
         generator = torch.Generator().manual_seed(0)
-        example_input = torch.randn(self.batch_size, *self.input_shape, generator=generator)
+        example_input = torch.randn(self.batch_size, *self._input_shape, generator=generator)
         batches = self._accuracy_batches(trainer)
         measured = compare_models(
             {"baseline": self._baseline, "final": final},
@@ -220,3 +282,6 @@ class BenchmarkCallback(CompressionCallback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.report = state_dict.get("report")
+
+
+

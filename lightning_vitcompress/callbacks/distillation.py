@@ -36,6 +36,7 @@ parameter dtype (``"bf16-true"``, ``"16-true"``); under mixed precision it runs
 inside the same autocast region as the student.
 """
 
+
 from __future__ import annotations
 
 import difflib
@@ -53,12 +54,22 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_vitcompress._base import CompressionCallback
+from lightning_vitcompress._checks import (
+    check_bool,
+    check_choice,
+    check_fraction,
+    check_path,
+    check_positive,
+)
 from lightning_vitcompress._model import get_submodule, resolve_target_path
 from lightning_vitcompress._structure import build_from_checkpoint, read_checkpoint
+from lightning_vitcompress._training_state import resumed_callback_state
 from lightning_vitcompress.functional.distill import (
     _MODES,
     _TIMM_SOURCES,
     DistillationMode,
+    InputAdapter,
+    TeacherSpec,
     _fixed_image_size,
     _looks_like_path,
     _num_classes,
@@ -67,10 +78,7 @@ from lightning_vitcompress.functional.distill import (
     soft_distillation_loss,
 )
 
-__all__ = ["DistillationTeacher"]
-
-TeacherSpec = Union[nn.Module, str, "os.PathLike[str]"]
-InputAdapter = Union[None, int, tuple[int, int], Callable[[Tensor], Tensor]]
+__all__ = ['DistillationTeacher']
 
 
 def _sample_keys(inputs: Tensor) -> list[bytes]:
@@ -80,6 +88,63 @@ def _sample_keys(inputs: Tensor) -> list[bytes]:
     if rows.dtype == torch.bfloat16:  # numpy has no bfloat16: hash the same bits as int16
         rows = rows.view(torch.int16)
     return [hashlib.blake2b(header + row.numpy().tobytes(), digest_size=16).digest() for row in rows]
+
+
+_KINDS = {"module": "an nn.Module", "checkpoint": "a checkpoint path", "timm": "a timm model name"}
+
+
+def _teacher_kind(teacher: Any) -> str:
+    """``"module"``, ``"checkpoint"`` (a path) or ``"timm"`` (a model name)."""
+    if isinstance(teacher, nn.Module):
+        return "module"
+    if isinstance(teacher, os.PathLike) or _looks_like_path(teacher):
+        return "checkpoint"
+    return "timm"
+
+
+def _check_teacher(teacher: Any, weights: Any, kwargs: Any, module_class: Any) -> None:
+    """What the value of ``teacher`` and its companion arguments alone decide (files are read at setup)."""
+    if not isinstance(teacher, (nn.Module, str, os.PathLike)) or (isinstance(teacher, str) and not teacher.strip()):
+        raise TypeError(
+            f"teacher={teacher!r}: pass an nn.Module, a timm model name ('deit_tiny_patch16_224') or the path of a "
+            "Lightning checkpoint."
+        )
+    kind = _teacher_kind(teacher)
+    if kind == "timm":
+        import timm
+
+        if not teacher.startswith(_TIMM_SOURCES) and not timm.is_model(teacher):
+            close = difflib.get_close_matches(teacher, timm.list_models(), n=5, cutoff=0.6)
+            hint = f" Close matches: {close}." if close else " See timm.list_models('<pattern>*')."
+            raise ValueError(f"teacher={teacher!r} is neither an existing checkpoint path nor a timm model name.{hint}")
+    given = {"teacher_weights": weights, "teacher_kwargs": kwargs or None, "teacher_class": module_class}
+    only_for = {"teacher_weights": "timm", "teacher_kwargs": "timm", "teacher_class": "checkpoint"}
+    for argument, applies_to in only_for.items():
+        if given[argument] is not None and kind != applies_to:
+            raise ValueError(
+                f"{argument}={given[argument]!r} only applies to a teacher given as {_KINDS[applies_to]}, but "
+                f"teacher={teacher if isinstance(teacher, str) else type(teacher).__name__!r} is "
+                f"{_KINDS[kind]}: it would be ignored. Leave {argument} out, or build the teacher yourself."
+            )
+    check_path(weights, "teacher_weights")
+    if kwargs is not None:
+        if not isinstance(kwargs, Mapping) or not all(isinstance(key, str) for key in kwargs):
+            raise TypeError(
+                f"teacher_kwargs={kwargs!r}: pass a dict of timm.create_model arguments, e.g. dict(num_classes=10)."
+            )
+        reserved = sorted({"model_name", "pretrained"} & set(kwargs))
+        if reserved:
+            raise ValueError(
+                f"teacher_kwargs={kwargs!r}: {reserved} are DistillationTeacher's own arguments "
+                "(teacher=..., pretrained=...); pass them there."
+            )
+    if module_class is not None and not (
+        isinstance(module_class, type) and issubclass(module_class, pl.LightningModule)
+    ):
+        raise TypeError(
+            f"teacher_class={module_class!r}: pass the LightningModule class that saved the checkpoint "
+            "(the class, not an instance), e.g. teacher_class=DigitsClassifier."
+        )
 
 
 class _Capture:
@@ -154,6 +219,12 @@ class DistillationTeacher(CompressionCallback):
         DistillationTeacher("vit_base_patch16_224", teacher_weights="vit_b16.safetensors",
                             teacher_kwargs=dict(num_classes=10), mode="deit", alpha=0.5, input_adapter=224)
 
+    Resuming (``trainer.fit(ckpt_path=...)``) with another ``mode`` or
+    ``deit_target`` than the checkpoint's run is an error at setup naming both
+    values (the loss would train other heads mid-run); another ``alpha``,
+    ``temperature`` or teacher file/name is allowed with a warning, and the new
+    values apply from the resumed step.
+
     Logs (on step and epoch) ``distill/task_loss``, ``distill/loss`` (the
     distillation term) and ``distill/agreement`` (share of samples where student
     and teacher predict the same class); the total is the loss ``training_step``
@@ -180,23 +251,19 @@ class DistillationTeacher(CompressionCallback):
         model_attribute: Optional[str] = None,
     ) -> None:
         super().__init__(model_attribute)
-        if mode not in _MODES:
-            raise ValueError(f"mode={mode!r}: use one of {list(_MODES)}.")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        check_choice(mode, "mode", _MODES)
+        check_fraction(alpha, "alpha", "0.5 as in DeiT (0: task loss only, 1: teacher only)", closed=True)
+        check_positive(temperature, "temperature", "1.0 (plain softmax) or 4.0")
+        check_choice(deit_target, "deit_target", ("hard", "soft"))
+        if deit_target != "hard" and mode != "deit":
             raise ValueError(
-                f"alpha={alpha!r}: the weight of the distillation term must be in [0, 1] "
-                "(0: task loss only, 1: teacher only; DeiT uses 0.5)."
+                f"deit_target={deit_target!r} only applies to mode='deit' (it picks the distillation head's term), "
+                f"but mode={mode!r}. Pass mode='deit', or leave deit_target out."
             )
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ValueError(f"temperature={temperature!r}: must be > 0, e.g. 1.0 (plain softmax) or 4.0.")
-        if deit_target not in ("hard", "soft"):
-            raise ValueError(f"deit_target={deit_target!r}: use 'hard' (DeiT's choice) or 'soft'.")
-        if not isinstance(teacher, (nn.Module, str, os.PathLike)):
-            raise TypeError(
-                f"teacher={teacher!r}: pass an nn.Module, a timm model name or a Lightning checkpoint path."
-            )
-        if not isinstance(weights_only, bool):
-            raise TypeError(f"weights_only={weights_only!r}: pass True (safe loading, default) or False (trusted files).")
+        check_bool(pretrained, "pretrained", "timm names: load pretrained weights")
+        check_bool(cache_teacher_logits, "cache_teacher_logits", "reuse the teacher's logits per sample")
+        check_bool(weights_only, "weights_only", "True: safe loading, default; False: trusted files only")
+        _check_teacher(teacher, teacher_weights, teacher_kwargs, teacher_class)
         if input_adapter is not None and not callable(input_adapter):
             size = (input_adapter, input_adapter) if isinstance(input_adapter, int) else input_adapter
             if not (
@@ -264,11 +331,18 @@ class DistillationTeacher(CompressionCallback):
             )
         module_class = self.teacher_class or type(pl_module)
         checkpoint = read_checkpoint(path, weights_only=self.weights_only, argument="teacher")
+        if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
+            raise ValueError(
+                f"teacher={path!r} is not a Lightning checkpoint (no 'state_dict' entry; a plain state dict or "
+                "weights file?). For timm weights pass teacher=<timm name>, teacher_weights=<file>; else build the "
+                "teacher, load the weights yourself and pass the nn.Module."
+            )
         try:
             teacher = build_from_checkpoint(module_class, checkpoint)
         except Exception as err:
-            raise RuntimeError(
-                f"teacher={path!r}: could not load it as a {module_class.__name__} ({type(err).__name__}: {err}). "
+            reason = str(err) if len(str(err)) <= 300 else str(err)[:300] + "..."
+            raise ValueError(
+                f"teacher={path!r}: could not load it as a {module_class.__name__} ({type(err).__name__}: {reason}). "
                 "Pass teacher_class=<the LightningModule class that saved it> (with save_hyperparameters()), "
                 "or build the teacher yourself and pass the nn.Module."
             ) from err
@@ -277,12 +351,6 @@ class DistillationTeacher(CompressionCallback):
     def _teacher_from_timm(self, name: str) -> nn.Module:
         import timm
 
-        if not name.startswith(_TIMM_SOURCES) and not timm.is_model(name):
-            close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
-            hint = f" Close matches: {close}." if close else " See timm.list_models('<pattern>*')."
-            raise ValueError(
-                f"teacher={name!r} is neither an existing checkpoint path nor a timm model name.{hint}"
-            )
         kwargs = dict(self.teacher_kwargs)
         pretrained = self.pretrained or self.teacher_weights is not None
         if self.teacher_weights is not None:
@@ -297,9 +365,17 @@ class DistillationTeacher(CompressionCallback):
             kwargs["pretrained_cfg_overlay"] = overlay
         try:
             model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        except TypeError as err:  # an argument the model's constructor does not take
+            raise ValueError(
+                f"teacher_kwargs={self.teacher_kwargs!r}: timm.create_model({name!r}, ...) rejected them "
+                f"({err}). Pass arguments of {name!r}'s constructor (num_classes, img_size, ...)."
+            ) from err
         except Exception as err:
             if not pretrained:
-                raise
+                raise ValueError(
+                    f"teacher={name!r}: timm could not build it with teacher_kwargs={self.teacher_kwargs!r} "
+                    f"({type(err).__name__}: {err})."
+                ) from err
             raise RuntimeError(
                 f"teacher={name!r}: timm could not load the pretrained weights ({type(err).__name__}: {err}). "
                 "Offline, pass teacher_weights='<local weights file>'; pretrained=False gives random weights."
@@ -344,6 +420,7 @@ class DistillationTeacher(CompressionCallback):
                 "to the loss that training_step returns, which manual optimization never backpropagates. Use "
                 "automatic optimization, or add soft_distillation_loss/hard_distillation_loss yourself."
             )
+        self._check_resume(trainer)
         student = self.target(pl_module)
         if self.mode == "deit" and not (
             callable(getattr(student, "set_distilled_training", None)) and hasattr(student, "head_dist")
@@ -586,8 +663,44 @@ class DistillationTeacher(CompressionCallback):
 
     # ------------------------------------------------------ callback state
     def state_dict(self) -> dict[str, Any]:
-        # the teacher is deliberately *not* saved: checkpoints hold the student only
-        return {"mode": self.mode, "alpha": self.alpha, "temperature": self.temperature}
+        # the teacher itself is deliberately *not* saved: checkpoints hold the student only. These fields are
+        # read back at a resume's setup (_check_resume).
+        teacher = self.teacher_spec
+        return {
+            "mode": self.mode,
+            "deit_target": self.deit_target,
+            "alpha": self.alpha,
+            "temperature": self.temperature,
+            "teacher": None if isinstance(teacher, nn.Module) else os.fspath(teacher),
+        }
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        pass  # the arguments given to this instance win over those of the run that wrote the checkpoint
+    def _check_resume(self, trainer: pl.Trainer) -> None:
+        """Resuming with another loss is an error; another weight, temperature or teacher file is a warning.
+
+        ``mode`` and ``deit_target`` decide which heads and logits the teacher trains (switching from "deit" to
+        "soft" mid-run trains another head): they must match the checkpoint's run. ``alpha``, ``temperature``
+        and a teacher given by name or path may change on purpose (a schedule, a better teacher): the new
+        values apply from the resumed step, with a warning naming both.
+        """
+        path, saved = resumed_callback_state(trainer, self)
+        if not saved:
+            return
+        mine = self.state_dict()
+        for argument in ("mode", "deit_target"):
+            if argument in saved and saved[argument] != mine[argument]:
+                raise ValueError(
+                    f"{argument}={mine[argument]!r}, but the checkpoint being resumed ({path}) was trained with "
+                    f"{argument}={saved[argument]!r}. Resume with {argument}={saved[argument]!r}, or start a new fit "
+                    "from its weights (trainer.fit without ckpt_path, after loading them)."
+                )
+        changed = [
+            f"{argument}={saved[argument]!r} -> {mine[argument]!r}"
+            for argument in ("alpha", "temperature", "teacher")
+            if saved.get(argument) is not None and mine[argument] is not None and saved[argument] != mine[argument]
+        ]
+        if changed:
+            rank_zero_warn(
+                f"DistillationTeacher: resuming {path} with other arguments than its run used ({', '.join(changed)}); "
+                "the new values apply from the resumed step."
+            )
+

@@ -19,7 +19,6 @@ import copy
 import dataclasses
 import functools
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -29,9 +28,23 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_vitcompress._base import CompressionCallback
+from lightning_vitcompress._checks import (
+    check_choice,
+    check_int,
+    check_output_file,
+    check_path,
+)
 from lightning_vitcompress._model import set_submodule
-from lightning_vitcompress._structure import STRUCTURE_KEY, record_edit, recorded_edits
-from lightning_vitcompress._training_state import check_strategy_supported, refresh_after_structural_change
+from lightning_vitcompress._structure import (
+    STRUCTURE_KEY,
+    record_edit,
+    recorded_edits,
+)
+from lightning_vitcompress._training_state import (
+    check_strategy_supported,
+    refresh_after_structural_change,
+    resumed_callback_state,
+)
 from lightning_vitcompress.functional.quantize import (
     _EXAMPLE_ROWS,
     _MB,
@@ -41,6 +54,9 @@ from lightning_vitcompress.functional.quantize import (
     RECORD_KIND,
     Example,
     SkipSpec,
+    _check_compile,
+    _check_skip,
+    _check_skip_matches,
     _config_label,
     _group_size,
     _incompatible,
@@ -55,9 +71,12 @@ from lightning_vitcompress.functional.quantize import (
     quantize_model,
     select_layers,
 )
-from lightning_vitcompress.functional.x86_int8 import compile_frozen, cpu_supports_bfloat16
+from lightning_vitcompress.functional.x86_int8 import (
+    compile_frozen,
+    cpu_supports_bfloat16,
+)
 
-__all__ = ["QuantizeOnFit"]
+__all__ = ['QuantizeOnFit']
 
 
 # ----------------------------------------------------------------------------- the callback
@@ -112,14 +131,23 @@ class QuantizeOnFit(CompressionCallback):
             ``calibration_batches`` training steps of the last epoch are kept
             (on their device) and run through the trained model in eval mode.
         save_path: write the quantized model here as a checkpoint that
-            :func:`~lightning_vitcompress.load_compressed` loads back.
+            :func:`~lightning_vitcompress.load_compressed` loads back. Checked at
+            setup (not a directory, its folder writable). Should writing it fail,
+            the model is put back in full precision (a half-written file is removed)
+            and the error says where the fp32 copy is.
         save_fp32_path: write the trained full-precision model here first (also
-            loadable with ``load_compressed``). The checkpoints ``ModelCheckpoint``
+            loadable with ``load_compressed``); must differ from ``save_path``. If
+            writing it fails, nothing is quantized. The checkpoints ``ModelCheckpoint``
             saved during training hold the fp32 weights too.
-        on_error: ``"raise"`` (default) or ``"warn"`` when quantizing fails; the
-            fp32 model stays in place either way.
+        on_error: ``"raise"`` (default) or ``"warn"`` when quantizing or saving
+            fails; the fp32 model stays in place either way.
         model_attribute: attribute of the LightningModule holding the ViT
             (``None``: found automatically).
+
+    Resuming (``trainer.fit(ckpt_path=...)``): until QAT has started in the
+    checkpoint's run, any argument may change. Once it has, the weights were
+    trained for one format, so ``config``, ``skip`` and ``qat_start_epoch``
+    must match the checkpoint's (an error at setup names both values).
 
     After fit, :attr:`summary` holds what was done: config, quantized layers,
     skipped layers with why, size before and after, output error on a real input.
@@ -144,19 +172,11 @@ class QuantizeOnFit(CompressionCallback):
     ) -> None:
         super().__init__(model_attribute)
         self._check_config(config)
-        if skip is not None and not (callable(skip) or isinstance(skip, str) or _is_str_sequence(skip)):
-            raise TypeError(
-                f"skip={skip!r}: pass a layer name or glob pattern ('head'), a list of them, "
-                "or a function (name, module) -> bool."
-            )
-        if qat_start_epoch is not None and (
-            not isinstance(qat_start_epoch, int) or isinstance(qat_start_epoch, bool) or qat_start_epoch < 0
-        ):
-            raise ValueError(f"qat_start_epoch={qat_start_epoch!r}: pass an epoch index >= 0, or None for no QAT.")
-        if compile is not None and not isinstance(compile, (bool, dict)):
-            raise TypeError(f"compile={compile!r}: pass True/False, a dict of torch.compile arguments, or None.")
-        if on_error not in ("raise", "warn"):
-            raise ValueError(f"on_error={on_error!r}: pass 'raise' or 'warn'.")
+        _check_skip(skip)
+        if qat_start_epoch is not None:
+            check_int(qat_start_epoch, "qat_start_epoch", minimum=0, example="0 (or None for no QAT)")
+        _check_compile(compile)
+        check_choice(on_error, "on_error", ("raise", "warn"))
         if inference_precision not in INFERENCE_PRECISIONS:
             raise ValueError(f"inference_precision={inference_precision!r}: pass one of {list(INFERENCE_PRECISIONS)}.")
         if inference_precision != "32-true":
@@ -171,16 +191,22 @@ class QuantizeOnFit(CompressionCallback):
                     f"inference_precision={inference_precision!r} takes effect in the compiled model, "
                     "but compile=False: pass compile=None (default) or True."
                 )
-        if not isinstance(calibration_batches, int) or isinstance(calibration_batches, bool) or calibration_batches < 1:
-            raise ValueError(f"calibration_batches={calibration_batches!r}: pass a number of batches >= 1.")
+        check_int(calibration_batches, "calibration_batches", minimum=1, example="8")
+        save_path, save_fp32_path = check_path(save_path, "save_path"), check_path(save_fp32_path, "save_fp32_path")
+        if save_path is not None and save_fp32_path is not None and save_path.resolve() == save_fp32_path.resolve():
+            raise ValueError(
+                f"save_path={str(save_path)!r} and save_fp32_path={str(save_fp32_path)!r} are the same file: the "
+                "quantized model would overwrite the fp32 copy. Pass two paths, e.g. 'model-int8.ckpt' and "
+                "'model-fp32.ckpt'."
+            )
         self.config = config
         self.skip = skip
         self.qat_start_epoch = qat_start_epoch
         self.compile = compile
         self.inference_precision = inference_precision
         self.calibration_batches = calibration_batches
-        self.save_path = Path(save_path) if save_path is not None else None
-        self.save_fp32_path = Path(save_fp32_path) if save_fp32_path is not None else None
+        self.save_path = save_path
+        self.save_fp32_path = save_fp32_path
         self.on_error = on_error
         #: what the last quantization did (``None`` before it ran)
         self.summary: Optional[dict[str, Any]] = None
@@ -241,7 +267,12 @@ class QuantizeOnFit(CompressionCallback):
         self._check_inference_precision()
         self._check_calibration_data(trainer)
         self._check_qat_epoch(trainer)
+        for argument, path in (("save_path", self.save_path), ("save_fp32_path", self.save_fp32_path)):
+            if path is not None:
+                check_output_file(path, argument)
+        self._check_resume(trainer)
         self._dry_run(device)
+        _check_skip_matches(self.target(pl_module), self.skip)
         selected, skipped = select_layers(
             self.target(pl_module), self.skip, self._group_size(), _incompatible(self.config)
         )
@@ -253,6 +284,34 @@ class QuantizeOnFit(CompressionCallback):
         self.summary = None
         self._qat_active = False
         self._start_capture(self.target(pl_module))
+
+    def _check_resume(self, trainer: "pl.Trainer") -> None:
+        """Once the resumed run is in QAT, its weights were trained for one format: config, skip and
+        qat_start_epoch must stay. Before QAT started, any argument may change (nothing was fake-quantized)."""
+        path, saved = resumed_callback_state(trainer, self)
+        if not saved or not saved.get("qat_active"):
+            return
+        mine = self.state_dict()
+        for argument in ("config", "qat_start_epoch", "skip"):
+            if argument == "skip" and (saved.get("skip_callable") or mine["skip_callable"]):
+                continue  # functions cannot be compared
+            if saved.get(argument) != mine[argument]:
+                raise ValueError(
+                    f"{argument}={mine[argument]!r}, but the checkpoint being resumed ({path}) is in "
+                    f"quantization-aware training with {argument}={saved.get(argument)!r}: its weights were trained "
+                    f"for that setting. Resume with {argument}={saved.get(argument)!r}, or start a new fit."
+                )
+
+    def state_dict(self) -> dict[str, Any]:
+        # read back at a resume's setup (_check_resume); plain data, safe to load with weights_only=True
+        skip = self.skip
+        return {
+            "config": _config_label(self.config),
+            "qat_start_epoch": self.qat_start_epoch,
+            "skip": None if skip is None or callable(skip) else ([skip] if isinstance(skip, str) else sorted(skip)),
+            "skip_callable": callable(skip),
+            "qat_active": self._qat_active,
+        }
 
     def _check_device(self, device: torch.device) -> None:
         named = self._named
@@ -378,38 +437,79 @@ class QuantizeOnFit(CompressionCallback):
     def ordered_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._stop_capture()
         model = self.target(pl_module)
+        label = _config_label(self.config)
         if self.save_fp32_path is not None:
-            # during QAT too: fake-quantized layers keep nn.Linear's keys and hold the fp32 weights
-            self._save(trainer, pl_module, pl_module.state_dict(), self.save_fp32_path)
+            try:
+                # during QAT too: fake-quantized layers keep nn.Linear's keys and hold the fp32 weights
+                self._save(trainer, pl_module, pl_module.state_dict(), self.save_fp32_path)
+            except Exception as err:  # noqa: BLE001 - nothing was quantized yet
+                self._fail(
+                    model,
+                    f"QuantizeOnFit(config={label!r}) did not quantize: writing the full-precision copy to "
+                    f"save_fp32_path={str(self.save_fp32_path)!r} failed ({type(err).__name__}: {err}). The trained "
+                    "full-precision model was left in place; save it (trainer.save_checkpoint) before anything else.",
+                    err,
+                )
+                return
+        # the layers as trained: quantize_model swaps in quantized copies and leaves these objects untouched
+        trained = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
         try:
             summary = self._quantize(model, trainer)
         except Exception as err:  # noqa: BLE001 - reported with its cause; the fp32 model is in place
-            if self._qat_active:
-                self._remove_fake_quantization(model)
-            message = (
-                f"QuantizeOnFit(config={_config_label(self.config)!r}) failed, the full-precision model was "
-                f"left in place: {type(err).__name__}: {err}"
+            self._fail(
+                model,
+                f"QuantizeOnFit(config={label!r}) failed, the full-precision model was left in place: "
+                f"{type(err).__name__}: {err}",
+                err,
             )
-            if self.on_error == "raise":
-                raise RuntimeError(message) from err
-            rank_zero_warn(message)
             return
         record_edit(
             pl_module,
             {
                 "kind": RECORD_KIND,
                 "target": self.target_path or "",
-                "config": _config_label(self.config),
+                "config": label,
                 "layers": list(summary["quantized"]),
                 "skipped": dict(summary["skipped"]),
             },
         )
+        if self.save_path is not None:
+            previous = _file_stamp(self.save_path)
+            try:
+                self._save(trainer, pl_module, pl_module.state_dict(), self.save_path)  # before compiling: same keys
+            except Exception as err:  # noqa: BLE001 - undo the quantization: the user keeps the trained model
+                recorded_edits(pl_module).pop()
+                for name in summary["quantized"]:
+                    set_submodule(model, name, trained[name])
+                if trainer.is_global_zero and _file_stamp(self.save_path) != previous:
+                    self.save_path.unlink(missing_ok=True)  # a half-written file must not pass for the quantized model
+                fp32 = (
+                    f"the fp32 copy is at save_fp32_path={str(self.save_fp32_path)!r}"
+                    if self.save_fp32_path is not None
+                    else "no fp32 copy was written (pass save_fp32_path to keep one)"
+                )
+                self._fail(
+                    model,
+                    f"QuantizeOnFit(config={label!r}): writing the quantized model to save_path="
+                    f"{str(self.save_path)!r} failed ({type(err).__name__}: {err}); nothing new was left there. The "
+                    "model was put back in "
+                    f"full precision, as trained, and {fp32}. Save it with trainer.save_checkpoint(...), or "
+                    "quantize it with quantize_model(...) once the path is writable.",
+                    err,
+                )
+                return
         if self._compiles:
             summary["compile_seconds"] = self._compile(model)
         self.summary = summary
-        if self.save_path is not None:
-            self._save(trainer, pl_module, pl_module.state_dict(), self.save_path)
         self._log(trainer, summary)
+
+    def _fail(self, model: nn.Module, message: str, err: Exception) -> None:
+        """The model is in full precision again; raise or warn with ``message`` as ``on_error`` says."""
+        if self._qat_active:
+            self._remove_fake_quantization(model)
+        if self.on_error == "raise":
+            raise RuntimeError(message) from err
+        rank_zero_warn(message)
 
     def _quantize(self, model: nn.Module, trainer: "pl.Trainer") -> dict[str, Any]:
         if self._calibrates and not self._calibration:
@@ -521,9 +621,15 @@ class QuantizeOnFit(CompressionCallback):
         super().teardown(trainer, pl_module, stage)
 
 
-# ----------------------------------------------------------------------------- small helpers
-def _is_str_sequence(value: Any) -> bool:
-    return isinstance(value, Sequence) and all(isinstance(v, str) for v in value)
+
+def _file_stamp(path: Path) -> Optional[tuple[int, int]]:
+    """``(mtime_ns, size)`` of the file at ``path``, ``None`` when there is none: did a write touch it?"""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
 
 
 def _detached_rows(value: Any, rows: Optional[int] = _EXAMPLE_ROWS) -> Any:
@@ -538,6 +644,7 @@ def _detached_rows(value: Any, rows: Optional[int] = _EXAMPLE_ROWS) -> Any:
     return value
 
 
+
 def _reduce_ranges(trainer: "pl.Trainer", ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
     """The union of the calibration ranges of all ranks (each rank calibrated on its own batches)."""
     if trainer.world_size <= 1:
@@ -546,3 +653,6 @@ def _reduce_ranges(trainer: "pl.Trainer", ranges: dict[str, tuple[float, float]]
     bounds = torch.tensor([[-ranges[n][0], ranges[n][1]] for n in names], device=trainer.strategy.root_device)
     bounds = trainer.strategy.reduce(bounds, reduce_op="max")
     return {name: (-float(low), float(high)) for name, (low, high) in zip(names, bounds.tolist())}
+
+
+

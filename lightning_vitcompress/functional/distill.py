@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional, Union
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["combine_losses", "hard_distillation_loss", "soft_distillation_loss"]
+__all__ = ['combine_losses', 'hard_distillation_loss', 'soft_distillation_loss']
+
 
 DistillationMode = Literal["soft", "hard", "deit"]
+TeacherSpec = Union[nn.Module, str, "os.PathLike[str]"]
+InputAdapter = Union[None, int, tuple[int, int], Callable[[Tensor], Tensor]]
+
 _MODES = ("soft", "hard", "deit")
 _CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".safetensors")
 
@@ -70,9 +74,16 @@ def distillation_loss(
 
 # -------------------------------------------------------------------- helpers
 def _num_classes(model: nn.Module) -> Optional[int]:
-    """Output classes where the model states them (timm's ``num_classes``); else ``None``."""
+    """Output classes where the model states them (timm's ``num_classes``, ``get_classifier()``, or the last
+    layer of an ``nn.Sequential`` being an ``nn.Linear``); else ``None``."""
     value = getattr(model, "num_classes", None)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    get_classifier = getattr(model, "get_classifier", None)
+    head = get_classifier() if callable(get_classifier) else None
+    if head is None and isinstance(model, nn.Sequential) and len(model):
+        head = model[-1]
+    return head.out_features if isinstance(head, nn.Linear) else None
 
 
 _TIMM_SOURCES = ("hf-hub:", "hf_hub:", "local-dir:")
@@ -99,3 +110,6 @@ def _fixed_image_size(model: nn.Module) -> Optional[tuple[int, int]]:
     if size is None:
         return None
     return (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
+
+
+

@@ -20,11 +20,15 @@ import torch
 from torch import nn
 from torch.utils import benchmark as torch_benchmark
 
+from lightning_vitcompress._checks import check_positive
+
 Device = Union[str, torch.device]
 
 
 def resolve_device(device: Device, argument: str = "device") -> torch.device:
     """``torch.device`` for ``"cpu"``/``"cuda"``/``"cuda:1"``; a clear error otherwise."""
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"{argument}={device!r}: pass a device name, 'cpu' or 'cuda' (or 'cuda:N').")
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as err:
@@ -32,12 +36,6 @@ def resolve_device(device: Device, argument: str = "device") -> torch.device:
     if resolved.type not in ("cpu", "cuda"):
         raise ValueError(f"{argument}={device!r}: only 'cpu' and 'cuda' are measured.")
     return resolved
-
-
-def check_positive(value: Union[int, float], argument: str, example: str) -> None:
-    """Raise ``ValueError`` naming ``argument`` unless ``value > 0``."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-        raise ValueError(f"{argument}={value!r}: must be a positive number, e.g. {example}.")
 
 
 @contextlib.contextmanager
@@ -57,7 +55,7 @@ def thread_count(num_threads: Optional[int]) -> Iterator[int]:
     """Run the block with ``torch.set_num_threads(num_threads)``; restores the previous count."""
     previous = torch.get_num_threads()
     if num_threads is not None:
-        check_positive(num_threads, "num_threads", "2")
+        check_positive(num_threads, "num_threads", "2", integer=True)
         torch.set_num_threads(num_threads)
     try:
         yield torch.get_num_threads()
@@ -137,7 +135,7 @@ def compare_throughput(
         ips = compare_throughput({"fp32": vit, "int8": quantized}, torch.randn(4, 3, 224, 224))
         print(ips["int8"] / ips["fp32"])
     """
-    check_positive(rounds, "rounds", "3")
+    check_positive(rounds, "rounds", "3", integer=True)
     check_positive(min_run_time, "min_run_time", "0.5")
     threads = num_threads if num_threads is not None else torch.get_num_threads()
     batch = example_input.shape[0]
@@ -163,7 +161,7 @@ def measure_latency(
     repeats: int = 30,
 ) -> tuple[float, float]:
     """Batch-1 latency ``(p50, p95)`` in milliseconds over ``repeats`` timed calls after warm-up."""
-    check_positive(repeats, "repeats", "30")
+    check_positive(repeats, "repeats", "30", integer=True)
     example_image = example_image[:1]
     threads = num_threads if num_threads is not None else torch.get_num_threads()
     with eval_mode(model), torch.inference_mode():

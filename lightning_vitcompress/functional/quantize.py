@@ -16,8 +16,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import fnmatch
+import inspect
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
@@ -30,7 +31,10 @@ import torchao.quantization as _torchao_quantization
 from torch import nn
 
 from lightning_vitcompress._model import set_submodule
-from lightning_vitcompress._structure import Record, register_replay
+from lightning_vitcompress._structure import (
+    Record,
+    register_replay,
+)
 from lightning_vitcompress.functional.measure import eval_mode
 from lightning_vitcompress.functional.x86_int8 import (
     Int8DynamicX86Config,
@@ -39,6 +43,9 @@ from lightning_vitcompress.functional.x86_int8 import (
     X86Int8StaticLinear,
     calibrate_input_ranges,
 )
+
+__all__ = ['check_config', 'quantize_model', 'select_layers', 'INFERENCE_PRECISIONS', 'NAMED_CONFIGS']
+
 
 RECORD_KIND = "quantize"
 _MB = 1e6
@@ -187,6 +194,60 @@ def _is_quantized_layer(layer: nn.Module) -> bool:
         return True
     weight = getattr(layer, "weight", None)
     return weight is not None and _is_quantized_weight(weight)
+
+
+def _check_skip(skip: Any) -> None:
+    """``skip`` is None, a callable, a non-empty pattern, or a list of them (a str is one pattern, not letters)."""
+    patterns = [skip] if isinstance(skip, str) else skip
+    if skip is None or callable(skip):
+        return
+    if (
+        isinstance(skip, (bytes, Mapping))
+        or not isinstance(patterns, (Sequence, set, frozenset))
+        or not all(isinstance(p, str) and p for p in patterns)
+    ):
+        raise TypeError(
+            f"skip={skip!r}: pass a layer name or glob pattern ('head'), a list of them (['head', 'blocks.0.*']), "
+            "or a function (name, module) -> bool."
+        )
+
+
+def _compile_arguments() -> set[str]:
+    return {name for name in inspect.signature(torch.compile).parameters if name != "model"}
+
+
+def _check_compile(compile: Any) -> None:
+    """``compile`` is None, a bool, or a dict of ``torch.compile`` keyword arguments it takes."""
+    if compile is None or isinstance(compile, bool):
+        return
+    if not isinstance(compile, dict):
+        raise TypeError(f"compile={compile!r}: pass True/False, a dict of torch.compile arguments, or None.")
+    unknown = sorted(set(compile) - _compile_arguments())
+    if unknown:
+        raise ValueError(
+            f"compile={compile!r}: torch.compile takes no argument {unknown}; it takes {sorted(_compile_arguments())}."
+        )
+    mode = compile.get("mode")
+    if mode is not None:
+        import torch._inductor
+
+        modes = list(torch._inductor.list_mode_options())
+        if mode not in modes:
+            raise ValueError(f"compile={compile!r}: mode={mode!r} is not a torch.compile mode; use one of {modes}.")
+
+
+def _check_skip_matches(model: nn.Module, skip: SkipSpec) -> None:
+    """Each ``skip`` pattern names at least one ``nn.Linear`` of ``model``: a typo must not quantize a layer."""
+    if skip is None or callable(skip):
+        return
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    for pattern in [skip] if isinstance(skip, str) else skip:
+        if not any(name == pattern or fnmatch.fnmatchcase(name, pattern) for name in names):
+            shown = names if len(names) <= 8 else names[:8] + ["..."]
+            raise ValueError(
+                f"skip={skip!r}: {pattern!r} matches no nn.Linear layer of {type(model).__name__}; its linear "
+                f"layers are {shown}. Use their names or glob patterns ('blocks.*.mlp.fc2')."
+            )
 
 
 def _skip_matcher(skip: SkipSpec) -> Callable[[str, nn.Module], bool]:
@@ -352,7 +413,17 @@ def quantize_model(
 
         summary = quantize_model(vit, "int8_dynamic", skip=["head"], example_input=images)
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model={type(model).__name__}: pass the nn.Module to quantize (e.g. a timm ViT).")
     check_config(config)
+    _check_skip(skip)
+    if calibration_inputs is not None and (
+        isinstance(calibration_inputs, torch.Tensor) or not isinstance(calibration_inputs, Sequence)
+    ):
+        raise TypeError(
+            f"calibration_inputs={type(calibration_inputs).__name__}: pass a list of batches "
+            "([images, ...]), not one batch (a tensor would be read as one image per element)."
+        )
     if _example is None and example_input is not None:
         _example = (_as_args(example_input), {})
     if _calibration is None and calibration_inputs is not None:
@@ -365,13 +436,20 @@ def quantize_model(
             "pass calibration_inputs=[batch, ...] (a few batches of the model's inputs), "
             "or use config='int8_dynamic_x86', which needs none."
         )
+    _check_skip_matches(model, skip)
     selected, skipped = select_layers(model, skip, _group_size(config), _incompatible(config))
     if not selected:
         raise ValueError(f"skip={skip!r} leaves no nn.Linear layer to quantize; skipped: {skipped}")
     originals = {name: model.get_submodule(name) for name in selected}
     size_before = _state_size(model)
     with torch.no_grad():
-        reference = _run_example(model, _example)
+        try:
+            reference = _run_example(model, _example)
+        except Exception as err:  # noqa: BLE001 - nothing was changed yet
+            raise ValueError(
+                f"example_input: the model cannot run it before quantizing ({type(err).__name__}: {err}); "
+                "pass an input the model takes. The model is unchanged."
+            ) from err
         copies = nn.ModuleList([_prepared_copy(layer, config) for layer in originals.values()])
         if calibrates:
             assert _calibration is not None
@@ -423,7 +501,6 @@ def quantize_model(
     }
 
 
-
 def check_config(config: Any) -> None:
     """Raise naming ``config`` unless it is a registered name or a torchao config object."""
     if isinstance(config, str):
@@ -443,19 +520,22 @@ def check_config(config: Any) -> None:
 
 
 
-# ----------------------------------------------------------------------------- small helpers
+
 def _is_linear(module: nn.Module, *args: Any) -> bool:
     return isinstance(module, nn.Linear)
+
 
 
 def _as_args(inputs: Any) -> tuple[Any, ...]:
     return inputs if isinstance(inputs, tuple) else (inputs,)
 
 
+
 def _state_size(model: nn.Module) -> int:
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     return buffer.getbuffer().nbytes
+
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
@@ -468,10 +548,12 @@ def _to_device(value: Any, device: torch.device) -> Any:
     return value
 
 
+
 def _first_device(model: nn.Module) -> torch.device:
     for tensor in model.parameters():
         return tensor.device
     return torch.device("cpu")
+
 
 
 def _relative_error(output: Any, reference: Any) -> Optional[float]:
@@ -479,3 +561,4 @@ def _relative_error(output: Any, reference: Any) -> Optional[float]:
         return None
     output, reference = output.float(), reference.float()
     return float((output - reference).norm() / reference.norm().clamp_min(1e-12))
+

@@ -11,9 +11,9 @@ CPU/GPU names, library versions); a device that is absent is reported as
 from __future__ import annotations
 
 import copy
+import warnings
 import datetime
 import platform
-import warnings
 from collections.abc import Iterable, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -22,8 +22,10 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from lightning_vitcompress.functional.measure import (
+from lightning_vitcompress._checks import (
     check_positive,
+)
+from lightning_vitcompress.functional.measure import (
     compare_throughput,
     count_macs,
     count_parameters,
@@ -34,7 +36,8 @@ from lightning_vitcompress.functional.measure import (
     thread_count,
 )
 
-__all__ = ["benchmark_model", "compare_models", "format_report", "save_plot", "summarize"]
+__all__ = ['benchmark_model', 'compare_models', 'format_report', 'save_plot', 'summarize']
+
 
 REPORT_FILENAME = "vitcompress_benchmark.json"
 _MB, _MIB = 1e6, 2**20
@@ -75,11 +78,37 @@ def _versions() -> dict[str, Optional[str]]:
     return versions
 
 
+def _check_devices(devices: Union[str, Sequence[str]]) -> tuple[str, ...]:
+    """``devices`` as a tuple of valid device names (a single name is one device, not its letters)."""
+    if isinstance(devices, (str, torch.device)):
+        devices = (devices,)
+    if not isinstance(devices, Sequence) or not devices:
+        raise ValueError(f"devices={devices!r}: pass the devices to time, e.g. ('cpu',) or ('cpu', 'cuda').")
+    for device in devices:
+        resolve_device(device, "devices")
+    return tuple(str(device) for device in devices)
+
+
+def _check_input_shape(input_shape: Any) -> tuple[int, int, int]:
+    """``(channels, height, width)`` of positive ints, or a ``ValueError`` naming ``input_shape``."""
+    if (
+        isinstance(input_shape, (str, bytes))
+        or not isinstance(input_shape, Sequence)
+        or len(input_shape) != 3
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in input_shape)
+    ):
+        raise ValueError(
+            f"input_shape={input_shape!r}: give (channels, height, width) of one image as positive ints, "
+            "e.g. (3, 224, 224)."
+        )
+    return (input_shape[0], input_shape[1], input_shape[2])
+
+
 def _cuda_copy(model: nn.Module, label: str) -> Optional[nn.Module]:
     try:
         return copy.deepcopy(model).to("cuda")
     except Exception as err:  # noqa: BLE001 - e.g. a CPU-only quantized layout
-        warnings.warn(f"BenchmarkCallback: could not move the {label} model to CUDA ({err}); GPU columns are n/a.")
+        warnings.warn(f"could not move the {label} model to CUDA ({err}); GPU columns are n/a.", stacklevel=2)
         return None
 
 
@@ -116,8 +145,7 @@ def compare_models(
         report["int8"]["cpu_images_per_s"] / report["fp32"]["cpu_images_per_s"]
     """
     check_positive(example_input.shape[0], "batch_size", "32")
-    for device in devices:
-        resolve_device(device, "devices")
+    devices = _check_devices(devices)
     batches = list(batches) if batches is not None else None
     results: dict[str, dict[str, Any]] = {name: dict.fromkeys(_METRICS) for name in models}
     with thread_count(num_threads) as threads:
@@ -267,3 +295,6 @@ def save_plot(report: dict[str, Any], path: Union[str, Path]) -> Optional[Path]:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+
