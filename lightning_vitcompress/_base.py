@@ -8,21 +8,27 @@ our callbacks that Lightning reaches at a hook runs that hook of *all* of them,
 sorted by their class attribute ``order``; the others then skip it.
 
 =====  ======================  =============================================
-order  callback                acts
-=====  ======================  =============================================
- 10    BenchmarkCallback       setup: snapshots the baseline model
+ 10    BenchmarkCallback       setup: snapshots the baseline model;
+                               fit end: measures the final model (every
+                               edit, quantization included, is done by then)
  15    (base)                  setup, on resume: replays the checkpoint's structure
  20    PruningSchedule         setup / epoch / step: prunes
  30    NystromSwap             setup / epoch: swaps attention
  40    DistillationTeacher     setup: checks and places the teacher
  60    QuantizeOnFit           train end: quantizes
- 90    BenchmarkCallback       fit end: measures the final model
 =====  ======================  =============================================
+
+The base class also owns what every callback does at ``setup``: the fit-stage
+gate, the strategy check of callbacks that edit the model, epochs against
+``max_epochs`` (:meth:`CompressionCallback.check_fit`), the record helper
+(:meth:`~CompressionCallback.record`) and one logging helper
+(:meth:`~CompressionCallback.log_metrics`).
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional
 
@@ -35,14 +41,18 @@ from lightning_vitcompress._structure import (
     STRUCTURE_KEY,
     Record,
     read_checkpoint,
+    record_edit,
     recorded_edits,
     replay_checkpoint_structure,
     save_edits,
 )
+from lightning_vitcompress._training_state import check_strategy_supported
 
 _STATE_ATTRIBUTE = "_vitcompress_pipeline"
 #: on resume, the checkpoint's structure is replayed between the baseline snapshot and the edits
 REPLAY_ORDER = 15
+#: hooks in which Lightning lets a callback call ``LightningModule.log`` (the ones ours log from)
+_LOOP_HOOKS = frozenset({"on_train_epoch_start", "on_train_batch_start", "on_train_batch_end", "on_train_epoch_end"})
 
 
 class _PipelineState:
@@ -51,8 +61,9 @@ class _PipelineState:
     def __init__(self) -> None:
         self.done: set[tuple[Any, ...]] = set()
         self.replayed: list[Record] = []
-        #: the checkpoint this fit resumes from (None for a fresh fit)
+        #: the checkpoint this fit resumes from (None for a fresh fit), read once at setup
         self.resume_path: Optional[str] = None
+        self.checkpoint: dict[str, Any] = {}
 
 
 def _pipeline_state(trainer: "pl.Trainer") -> _PipelineState:
@@ -117,6 +128,10 @@ class CompressionCallback(Callback):
     order: ClassVar[int] = 50
     #: the ``kind`` of the structure records this callback writes (None: it writes none)
     KIND: ClassVar[Optional[str]] = None
+    #: True when it changes the model's structure or layers: strategies that shard parameters are refused
+    EDITS_STRUCTURE: ClassVar[bool] = False
+    #: prefix of the metrics it logs (``"prune"`` logs ``prune/ratio``...)
+    LOG_PREFIX: ClassVar[str] = ""
 
     def __init__(self, model_attribute: Optional[str] = None) -> None:
         if model_attribute is not None and (not isinstance(model_attribute, str) or not model_attribute):
@@ -133,6 +148,62 @@ class CompressionCallback(Callback):
         if self.target_path is None:
             self.target_path = resolve_target_path(pl_module, self.model_attribute)
         return get_submodule(pl_module, self.target_path)
+
+    def record(self, pl_module: nn.Module, **fields: Any) -> Record:
+        """Record an edit of this callback's ``KIND`` on its target (saved with checkpoints, replayed on load)."""
+        assert self.KIND is not None, f"{type(self).__name__} has no record KIND"
+        record = {"kind": self.KIND, "target": self.target_path or "", **fields}
+        record_edit(pl_module, record)
+        return record
+
+    def log_metrics(self, trainer: "pl.Trainer", metrics: Mapping[str, Optional[float]]) -> None:
+        """Log ``metrics`` as ``<LOG_PREFIX>/<name>`` (``None`` values are skipped), on rank zero.
+
+        Inside the training loop they go through ``LightningModule.log`` (so they
+        reach the progress bar, ``callback_metrics`` and ``ModelCheckpoint``);
+        at hooks where Lightning forbids ``self.log`` (``on_train_end``,
+        ``on_fit_end``) they go to the loggers directly, at the global step.
+        """
+        named = {f"{self.LOG_PREFIX}/{name}": float(value) for name, value in metrics.items() if value is not None}
+        pl_module = trainer.lightning_module
+        if getattr(pl_module, "_current_fx_name", None) in _LOOP_HOOKS:
+            for name, value in named.items():
+                pl_module.log(name, value, sync_dist=False, rank_zero_only=True)
+        elif trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(named, step=trainer.global_step)
+
+    def scheduled_epochs(self) -> dict[str, int]:
+        """Arguments naming a training epoch at which this callback acts (``{"end_epoch": 4}``)."""
+        return {}
+
+    def check_fit(self, trainer: "pl.Trainer") -> None:
+        """What every callback checks at fit ``setup``: the strategy (for edits), epochs within ``max_epochs``."""
+        name = type(self).__name__
+        if self.EDITS_STRUCTURE:
+            check_strategy_supported(trainer, name)
+        max_epochs = trainer.max_epochs
+        if max_epochs is None or max_epochs < 0:
+            return
+        for argument, epoch in self.scheduled_epochs().items():
+            if epoch >= max_epochs:
+                raise ValueError(
+                    f"{name}({argument}={epoch}) would never act: Trainer(max_epochs={max_epochs}) runs epochs "
+                    f"0..{max_epochs - 1}. Pass {argument} <= {max_epochs - 1}, or raise max_epochs."
+                )
+
+    def resumed_callback_state(self, trainer: "pl.Trainer") -> tuple[Optional[str], Optional[dict[str, Any]]]:
+        """At ``setup`` of a resumed fit: the checkpoint path and the state this callback saved in it.
+
+        Lightning restores callback state only after the weights, later than
+        ``setup``; reading it here lets a callback refuse arguments that
+        disagree with the checkpoint's run before anything is loaded.
+        ``(path, None)`` when it holds no state for this callback (e.g. a
+        ``save_weights_only`` checkpoint); ``(None, None)`` for a fresh fit.
+        """
+        state = _pipeline_state(trainer)
+        saved = (state.checkpoint.get("callbacks") or {}).get(self.state_key)
+        return state.resume_path, saved if isinstance(saved, dict) else None
 
     @staticmethod
     def replayed_records(trainer: "pl.Trainer", kind: str) -> list[Record]:
@@ -172,7 +243,8 @@ class CompressionCallback(Callback):
 
     # -------------------------------------------------- hooks for subclasses
     def ordered_setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        """``setup``, in canonical order, after a resumed checkpoint's structure was replayed."""
+        """``setup`` of ``fit`` (only), in canonical order, after :meth:`check_fit` and the replay of a resumed
+        checkpoint's structure."""
 
     def ordered_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """``on_train_epoch_start``, in canonical order."""
@@ -193,9 +265,9 @@ class CompressionCallback(Callback):
         state = _pipeline_state(trainer)
         if ("setup", stage) in state.done:
             return
-        checkpoint: dict[str, Any] = {}
         if stage == "fit":
-            state.resume_path, checkpoint = _resumed_checkpoint(trainer)
+            state.resume_path, state.checkpoint = _resumed_checkpoint(trainer)
+        checkpoint = state.checkpoint
         # arguments that disagree with the checkpoint are refused before anything changes the model
         for callback in trainer.callbacks:
             if isinstance(callback, CompressionCallback) and state.resume_path is not None:
@@ -210,9 +282,12 @@ class CompressionCallback(Callback):
             state.replayed = replay_checkpoint_structure(pl_module, checkpoint)
 
         def act(callback: CompressionCallback) -> None:
+            if stage != "fit":  # the callbacks act in fit only; test/validate/predict see the model as it is
+                return
             if replay_pending and callback.order > REPLAY_ORDER:
                 replay()
             callback.target_path = resolve_target_path(pl_module, callback.model_attribute)
+            callback.check_fit(trainer)
             callback.ordered_setup(trainer, pl_module, stage)
 
         ran = _run_once_in_order(trainer, ("setup", stage), act)

@@ -10,20 +10,13 @@ touches Lightning's strategy internals for that; it is tested with Lightning
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Optional
 
 import lightning.pytorch as pl
-import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_vitcompress._base import resume_checkpoint_path
-from lightning_vitcompress._structure import read_checkpoint
 
 SUPPORTED_STRATEGIES = (SingleDeviceStrategy, DDPStrategy)
-_RESUMED_STATES = "_vitcompress_resumed_callback_states"
 
 
 def check_strategy_supported(trainer: "pl.Trainer", callback_name: str) -> None:
@@ -38,31 +31,6 @@ def check_strategy_supported(trainer: "pl.Trainer", callback_name: str) -> None:
             f"{callback_name} changes the model's structure, which {type(strategy).__name__} does not support "
             "(parameters are sharded or wrapped). Use strategy='auto' (one device) or strategy='ddp'."
         )
-
-
-def resumed_callback_state(trainer: "pl.Trainer", callback: Callback) -> tuple[Optional[str], Optional[dict[str, Any]]]:
-    """At ``setup`` of a resumed fit: the checkpoint path and the state ``callback`` saved in it.
-
-    Lightning restores callback state only after the weights, later than
-    ``setup``; reading it here lets a callback refuse arguments that disagree
-    with the checkpoint's run before anything is loaded. ``(path, None)`` when
-    there is no checkpoint or it holds no state for this callback (e.g. a
-    ``save_weights_only`` checkpoint).
-    """
-    path, weights_only = resume_checkpoint_path(trainer)
-    if not path or not Path(path).is_file():
-        return path, None
-    stat = Path(path).stat()
-    key = (path, stat.st_mtime_ns, stat.st_size, weights_only)
-    cached = trainer.__dict__.get(_RESUMED_STATES)
-    if cached is None or cached[0] != key:  # one read per checkpoint, however many callbacks ask
-        checkpoint = read_checkpoint(path, weights_only=weights_only, argument="ckpt_path")
-        cached = trainer.__dict__[_RESUMED_STATES] = (key, dict(checkpoint.get("callbacks") or {}))
-    return path, cached[1].get(callback.state_key)
-
-
-def _parameters_of(optimizer: torch.optim.Optimizer) -> set[int]:
-    return {id(p) for group in optimizer.param_groups for p in group["params"]}
 
 
 def refresh_after_structural_change(trainer: "pl.Trainer") -> None:

@@ -19,8 +19,8 @@ from lightning_vitcompress import PruningSchedule
 P = "PruningSchedule"
 
 
-def init(id: str, argument: str, **kwargs: Any) -> Case:
-    return Case(id, lambda t: PruningSchedule(**kwargs), argument, "init", P, ValueError)
+def init(id: str, argument: str, error: type[Exception] = ValueError, **kwargs: Any) -> Case:
+    return Case(id, lambda t: PruningSchedule(**kwargs), argument, "init", P, error)
 
 
 def setup(id: str, argument: str, error: Any = ValueError, model: Any = tiny_model, trainer: Any = None,
@@ -90,7 +90,7 @@ CASES = [
     init("target-unknown", "target='flops'", target="flops"),
     init("round-to-zero", "round_to=0", round_to=0),
     init("round-to-bool", "round_to=True", round_to=True),
-    init("prune-heads-string", "prune_heads='yes'", prune_heads="yes"),
+    init("prune-heads-string", "prune_heads='yes'", TypeError, prune_heads="yes"),
     init("nothing-to-prune", "prune_embed_dim", prune_embed_dim=False, prune_attention=False, prune_mlp=False),
     init("ignored-layers-string", "ignored_layers='head'", ignored_layers="head"),
     init("ignored-layers-empty-name", "ignored_layers=['']", ignored_layers=[""]),

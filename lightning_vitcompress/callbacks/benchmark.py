@@ -83,6 +83,7 @@ class BenchmarkCallback(CompressionCallback):
     """
 
     order = 10
+    LOG_PREFIX = "bench"
 
     def __init__(
         self,
@@ -144,8 +145,6 @@ class BenchmarkCallback(CompressionCallback):
 
     # ------------------------------------------------------------------ setup
     def ordered_setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        if stage != "fit":
-            return
         model = self.target(pl_module)
         self._check_devices_present()
         if self.output_dir is not None:
@@ -264,15 +263,9 @@ class BenchmarkCallback(CompressionCallback):
         self.report_path.write_text(json.dumps(self.report, indent=2))
         if self.plot:
             save_plot(self.report, output_dir / "vitcompress_benchmark.png")
-        metrics = {
-            f"bench/{stage}_{key}": float(value)
-            for stage in ("baseline", "final")
-            for key, value in self.report[stage].items()
-            if value is not None
-        }
-        metrics.update({f"bench/{key}": float(v) for key, v in self.report["ratios"].items() if v is not None})
+        metrics = {f"{stage}_{key}": value for stage in ("baseline", "final") for key, value in self.report[stage].items()}
+        self.log_metrics(trainer, {**metrics, **self.report["ratios"]})
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
             logger.save()
         rank_zero_info(f"\nBenchmark ({self.report_path}):\n{format_report(self.report)}")
 

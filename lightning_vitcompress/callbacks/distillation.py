@@ -63,7 +63,6 @@ from lightning_vitcompress._checks import (
 )
 from lightning_vitcompress._model import get_submodule, resolve_target_path
 from lightning_vitcompress._structure import build_from_checkpoint, read_checkpoint
-from lightning_vitcompress._training_state import resumed_callback_state
 from lightning_vitcompress.functional.distill import (
     _MODES,
     _TIMM_SOURCES,
@@ -232,6 +231,7 @@ class DistillationTeacher(CompressionCallback):
     """
 
     order = 40
+    LOG_PREFIX = "distill"
 
     def __init__(
         self,
@@ -412,8 +412,6 @@ class DistillationTeacher(CompressionCallback):
 
     # --------------------------------------------------------------- setup
     def ordered_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
         if not pl_module.automatic_optimization:
             raise ValueError(
                 f"{type(pl_module).__name__}.automatic_optimization is False: DistillationTeacher adds its term "
@@ -682,7 +680,7 @@ class DistillationTeacher(CompressionCallback):
         and a teacher given by name or path may change on purpose (a schedule, a better teacher): the new
         values apply from the resumed step, with a warning naming both.
         """
-        path, saved = resumed_callback_state(trainer, self)
+        path, saved = self.resumed_callback_state(trainer)
         if not saved:
             return
         mine = self.state_dict()

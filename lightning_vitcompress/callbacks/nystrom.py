@@ -17,8 +17,8 @@ from torch import nn
 from lightning_vitcompress._base import CompressionCallback
 from lightning_vitcompress._checks import check_example_input, check_int
 from lightning_vitcompress._model import find_attention_blocks, get_submodule, set_submodule, shape_example_input
-from lightning_vitcompress._structure import record_edit, recorded_edits
-from lightning_vitcompress._training_state import check_strategy_supported, refresh_after_structural_change
+from lightning_vitcompress._structure import recorded_edits
+from lightning_vitcompress._training_state import refresh_after_structural_change
 from lightning_vitcompress.functional.measure import eval_mode
 from lightning_vitcompress.functional.nystrom import (
     AttentionMaskError,
@@ -70,6 +70,8 @@ class NystromSwap(CompressionCallback):
 
     order = 30
     KIND = "nystrom"
+    EDITS_STRUCTURE = True
+    LOG_PREFIX = "nystrom"
 
     def __init__(
         self,
@@ -210,18 +212,12 @@ class NystromSwap(CompressionCallback):
             )
 
     # ------------------------------------------------------------------ hooks
+    def scheduled_epochs(self) -> dict[str, int]:
+        return {"swap_epoch": self.swap_epoch} if self.swap_epoch > 0 else {}  # 0 swaps at setup
+
     def ordered_setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        if stage != "fit":
-            return
         self.swapped_blocks = []
         self._originals = {}
-        check_strategy_supported(trainer, type(self).__name__)
-        max_epochs = trainer.max_epochs
-        if self.swap_epoch > 0 and max_epochs is not None and max_epochs >= 0 and self.swap_epoch >= max_epochs:
-            raise ValueError(
-                f"NystromSwap(swap_epoch={self.swap_epoch}) would never swap: Trainer(max_epochs={max_epochs}) "
-                f"runs epochs 0..{max_epochs - 1}. Use swap_epoch < max_epochs (0 swaps at setup)."
-            )
         model = self.target(pl_module)
         chosen = self._selected_blocks(model)  # fail fast, also when the swap is epochs away
         if not chosen:
@@ -247,11 +243,8 @@ class NystromSwap(CompressionCallback):
         if self.swapped_blocks:
             model = self.target(pl_module)
             swapped = [m for _, m in find_attention_blocks(model) if isinstance(m, NystromAttention)]
-            # what the model has (identical on every rank; sync_dist keeps Lightning's distributed checks quiet)
-            log = dict(on_step=False, on_epoch=True, sync_dist=True)
             landmarks = sum(m.num_landmarks for m in swapped) / max(1, len(swapped))
-            pl_module.log("nystrom/num_landmarks", float(landmarks), **log)
-            pl_module.log("nystrom/swapped_blocks", float(len(swapped)), **log)
+            self.log_metrics(trainer, {"num_landmarks": landmarks, "swapped_blocks": len(swapped)})  # what it has
 
     def on_exception(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException
@@ -293,18 +286,14 @@ class NystromSwap(CompressionCallback):
             for name, module in replacements.items():
                 set_submodule(model, name, module)
             if replacements:
-                record_edit(
+                self.record(
                     pl_module,
-                    {
-                        "kind": self.KIND,
-                        "target": self.target_path,
-                        "blocks": list(replacements),
-                        "num_landmarks": self.num_landmarks,
-                        "num_prefix_tokens": prefix,
-                        "pinv_iterations": self.pinv_iterations,
-                        "conv_kernel_size": self.conv_kernel_size,
-                        "config": self.resume_config(),
-                    },
+                    blocks=list(replacements),
+                    num_landmarks=self.num_landmarks,
+                    num_prefix_tokens=prefix,
+                    pinv_iterations=self.pinv_iterations,
+                    conv_kernel_size=self.conv_kernel_size,
+                    config=self.resume_config(),
                 )
         except Exception as err:
             for name, module in originals.items():

@@ -32,8 +32,8 @@ from lightning_vitcompress._checks import (
     check_names,
 )
 from lightning_vitcompress._model import find_attention_blocks, get_submodule, shape_example_input
-from lightning_vitcompress._structure import record_edit, recorded_edits
-from lightning_vitcompress._training_state import check_strategy_supported, refresh_after_structural_change
+from lightning_vitcompress._structure import recorded_edits
+from lightning_vitcompress._training_state import refresh_after_structural_change
 from lightning_vitcompress.functional.measure import count_macs, count_parameters, eval_mode
 from lightning_vitcompress.functional.prune import (
     ImportanceName,
@@ -137,6 +137,8 @@ class PruningSchedule(CompressionCallback):
 
     order = 20
     KIND = "prune"
+    EDITS_STRUCTURE = True
+    LOG_PREFIX = "prune"
 
     def __init__(
         self,
@@ -214,6 +216,8 @@ class PruningSchedule(CompressionCallback):
         self._grad_sums: dict[int, torch.Tensor] = {}
         self._grad_batches = 0
         self._gathering = False
+        #: metrics of the last pruning step, logged at the next batch end (setup cannot log)
+        self._last_metrics: dict[str, Optional[float]] = {}
 
     # ----------------------------------------------------------------- schedule
     def ratio_after_step(self, step: int) -> float:
@@ -321,16 +325,10 @@ class PruningSchedule(CompressionCallback):
                 "ViT/DeiT blocks (attn.qkv/proj, mlp.fc1/fc2) and nn.TransformerEncoderLayer MLPs."
             )
 
+    def scheduled_epochs(self) -> dict[str, int]:
+        return {"end_epoch": self.end_epoch}
+
     def ordered_setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        if stage != "fit":
-            return
-        check_strategy_supported(trainer, type(self).__name__)
-        max_epochs = trainer.max_epochs
-        if max_epochs is not None and max_epochs >= 0 and self.end_epoch >= max_epochs:
-            raise ValueError(
-                f"end_epoch={self.end_epoch} is past the last epoch of this fit (max_epochs={max_epochs} runs epochs "
-                f"0..{max_epochs - 1}): pass end_epoch <= {max_epochs - 1} or raise max_epochs."
-            )
         model = self.target(pl_module)
         self._check_prunable(model)
         self._example_input = self._example(model)
@@ -506,23 +504,19 @@ class PruningSchedule(CompressionCallback):
                 changes = self._prune_model(model, relative, keep=keep)
             params, macs = count_parameters(model), count_macs(model, self._example_input)
             ratio = self._fraction_removed(model)
-            record_edit(
+            self.record(
                 pl_module,
-                {
-                    "kind": self.KIND,
-                    "target": self.target_path or "",
-                    "step": step,
-                    "num_steps": self.num_steps,
-                    "channel_ratio": reached,
-                    "channel_ratio_final": self._channel_ratio,
-                    "fraction_removed": ratio,
-                    "original_widths": self._original_widths,
-                    "original_params": self._original_params,
-                    "params": params,
-                    "macs": macs,
-                    "modules": changes,
-                    "config": self.resume_config(),
-                },
+                step=step,
+                num_steps=self.num_steps,
+                channel_ratio=reached,
+                channel_ratio_final=self._channel_ratio,
+                fraction_removed=ratio,
+                original_widths=self._original_widths,
+                original_params=self._original_params,
+                params=params,
+                macs=macs,
+                modules=changes,
+                config=self.resume_config(),
             )
         except Exception as err:
             snapshot.restore()
@@ -536,13 +530,12 @@ class PruningSchedule(CompressionCallback):
         self._reset_gradients()
         self.steps_done = step
         self._last_metrics = {
-            "prune/params": float(params),
-            "prune/params_ratio": params / max(1, self._original_params),
-            "prune/ratio": ratio,
-            "prune/step": float(step),
+            "params": params,
+            "params_ratio": params / max(1, self._original_params),
+            "ratio": ratio,
+            "step": step,
+            "macs": macs,
         }
-        if macs is not None:
-            self._last_metrics["prune/macs"] = float(macs)
         rank_zero_info(
             f"PruningSchedule step {step}/{self.num_steps}: {ratio:.3f} of the prunable channels removed, "
             f"params {params_before:,} -> {params:,}" + (f", MACs/image {macs:,}" if macs is not None else "")
@@ -569,10 +562,8 @@ class PruningSchedule(CompressionCallback):
             self._maybe_prune(trainer, pl_module, batch_idx if self.interval == "step" else 0)
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", *args: Any) -> None:
-        metrics = getattr(self, "_last_metrics", None)
-        if metrics:
-            for name, value in metrics.items():
-                pl_module.log(name, value, on_step=True, on_epoch=False, sync_dist=False, rank_zero_only=True)
+        if self._last_metrics:  # logged here: a step at setup or an epoch start cannot log yet
+            self.log_metrics(trainer, self._last_metrics)
             self._last_metrics = {}
 
     # --------------------------------------------------------------- gradients

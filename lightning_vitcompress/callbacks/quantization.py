@@ -37,13 +37,10 @@ from lightning_vitcompress._checks import (
 from lightning_vitcompress._model import set_submodule
 from lightning_vitcompress._structure import (
     STRUCTURE_KEY,
-    record_edit,
     recorded_edits,
 )
 from lightning_vitcompress._training_state import (
-    check_strategy_supported,
     refresh_after_structural_change,
-    resumed_callback_state,
 )
 from lightning_vitcompress.functional.quantize import (
     _EXAMPLE_ROWS,
@@ -155,6 +152,9 @@ class QuantizeOnFit(CompressionCallback):
     """
 
     order = 60
+    KIND = RECORD_KIND
+    EDITS_STRUCTURE = True
+    LOG_PREFIX = "quant"
 
     def __init__(
         self,
@@ -252,10 +252,10 @@ class QuantizeOnFit(CompressionCallback):
         return _needs_calibration(self._ptq_config())
 
     # ------------------------------------------------------------- setup: fail fast
+    def scheduled_epochs(self) -> dict[str, int]:
+        return {} if self.qat_start_epoch is None else {"qat_start_epoch": self.qat_start_epoch}
+
     def ordered_setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        if stage != "fit":
-            return
-        check_strategy_supported(trainer, "QuantizeOnFit")
         if self.replayed_records(trainer, RECORD_KIND):
             raise RuntimeError(
                 "QuantizeOnFit: the checkpoint being resumed was saved after the model was quantized; "
@@ -266,7 +266,6 @@ class QuantizeOnFit(CompressionCallback):
         self._check_device(device)
         self._check_inference_precision()
         self._check_calibration_data(trainer)
-        self._check_qat_epoch(trainer)
         for argument, path in (("save_path", self.save_path), ("save_fp32_path", self.save_fp32_path)):
             if path is not None:
                 check_output_file(path, argument)
@@ -288,7 +287,7 @@ class QuantizeOnFit(CompressionCallback):
     def _check_resume(self, trainer: "pl.Trainer") -> None:
         """Once the resumed run is in QAT, its weights were trained for one format: config, skip and
         qat_start_epoch must stay. Before QAT started, any argument may change (nothing was fake-quantized)."""
-        path, saved = resumed_callback_state(trainer, self)
+        path, saved = self.resumed_callback_state(trainer)
         if not saved or not saved.get("qat_active"):
             return
         mine = self.state_dict()
@@ -347,16 +346,6 @@ class QuantizeOnFit(CompressionCallback):
                 f"config={_config_label(self.config)!r} calibrates on training inputs, but this Trainer runs no "
                 f"training step (max_epochs={trainer.max_epochs}, limit_train_batches={trainer.limit_train_batches}). "
                 "Train at least one batch, or use config='int8_dynamic_x86'."
-            )
-
-    def _check_qat_epoch(self, trainer: "pl.Trainer") -> None:
-        if self.qat_start_epoch is None:
-            return
-        max_epochs = trainer.max_epochs
-        if max_epochs is not None and max_epochs >= 0 and self.qat_start_epoch >= max_epochs:
-            raise ValueError(
-                f"qat_start_epoch={self.qat_start_epoch} is not before max_epochs={max_epochs}: QAT would never "
-                f"run. Pass an epoch in 0..{max_epochs - 1}, or qat_start_epoch=None for quantization at the end only."
             )
 
     def _dry_run(self, device: torch.device) -> None:
@@ -463,16 +452,7 @@ class QuantizeOnFit(CompressionCallback):
                 err,
             )
             return
-        record_edit(
-            pl_module,
-            {
-                "kind": RECORD_KIND,
-                "target": self.target_path or "",
-                "config": label,
-                "layers": list(summary["quantized"]),
-                "skipped": dict(summary["skipped"]),
-            },
-        )
+        self.record(pl_module, config=label, layers=list(summary["quantized"]), skipped=dict(summary["skipped"]))
         if self.save_path is not None:
             previous = _file_stamp(self.save_path)
             try:
@@ -584,20 +564,8 @@ class QuantizeOnFit(CompressionCallback):
         trainer.strategy.barrier("QuantizeOnFit.save")
         rank_zero_info(f"QuantizeOnFit: saved {path}")
 
-    @staticmethod
-    def _log(trainer: "pl.Trainer", summary: dict[str, Any]) -> None:
-        metrics = {
-            "quant/layers_quantized": float(len(summary["quantized"])),
-            "quant/layers_skipped": float(len(summary["skipped"])),
-            "quant/size_before_mb": summary["size_before_bytes"] / _MB,
-            "quant/size_after_mb": summary["size_after_bytes"] / _MB,
-            "quant/size_ratio": summary["size_after_bytes"] / summary["size_before_bytes"],
-        }
-        if summary["output_relative_error"] is not None:
-            metrics["quant/output_relative_error"] = summary["output_relative_error"]
-        if summary.get("compile_seconds") is not None:
-            metrics["quant/compile_seconds"] = summary["compile_seconds"]
-        for logger in trainer.loggers:
+    def _log(self, trainer: "pl.Trainer", summary: dict[str, Any]) -> None:
+        for logger in trainer.loggers:  # what the deployed model is, next to the run's other settings
             logger.log_hyperparams(
                 {
                     "quant/config": summary["config"],
@@ -605,7 +573,18 @@ class QuantizeOnFit(CompressionCallback):
                     "quant/inference_precision": summary["inference_precision"],
                 }
             )
-            logger.log_metrics(metrics, step=trainer.global_step)
+        self.log_metrics(
+            trainer,
+            {
+                "layers_quantized": len(summary["quantized"]),
+                "layers_skipped": len(summary["skipped"]),
+                "size_before_mb": summary["size_before_bytes"] / _MB,
+                "size_after_mb": summary["size_after_bytes"] / _MB,
+                "size_ratio": summary["size_after_bytes"] / summary["size_before_bytes"],
+                "output_relative_error": summary["output_relative_error"],
+                "compile_seconds": summary.get("compile_seconds"),
+            },
+        )
         error = summary["output_relative_error"]
         rank_zero_info(
             f"QuantizeOnFit: {summary['config']} quantized {len(summary['quantized'])} linear layers"
