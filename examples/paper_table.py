@@ -38,13 +38,12 @@ from torch import nn
 from lightning_vitcompress import (
     BenchmarkCallback,
     DistillationTeacher,
-    NystromAttention,
     NystromSwap,
     PruningSchedule,
     QuantizeOnFit,
     compare_models,
-    find_attention_blocks,
     quantize_model,
+    swap_attention,
 )
 from lightning_vitcompress.functional import measure_accuracy, serialized_size_bytes
 from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
@@ -150,10 +149,7 @@ def _clone_model(model: nn.Module) -> nn.Module:
 def swapped_copy(model: nn.Module, num_landmarks: int) -> nn.Module:
     """A copy of ``model`` with every attention block swapped to Nystrom, no training (the study's setting)."""
     clone = _clone_model(model)
-    prefix = getattr(clone, "num_prefix_tokens", 0)
-    for name, attention in find_attention_blocks(clone):
-        swapped = NystromAttention.from_attention(attention, num_landmarks=num_landmarks, num_prefix_tokens=prefix)
-        clone.set_submodule(name, swapped)
+    swap_attention(clone, num_landmarks)
     return clone
 
 

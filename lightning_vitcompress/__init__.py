@@ -19,6 +19,8 @@ from lightning_vitcompress.functional import (
     Int8DynamicX86Config,
     Int8StaticX86Config,
     NystromAttention,
+    NystromConfig,
+    PruneConfig,
     X86Int8DynamicLinear,
     X86Int8StaticLinear,
     benchmark_model,
@@ -30,6 +32,7 @@ from lightning_vitcompress.functional import (
     quantize_model,
     resolve_target_model,
     save_safetensors,
+    swap_attention,
 )
 
 if TYPE_CHECKING:
@@ -73,7 +76,9 @@ __all__ = [
     "Int8DynamicX86Config",
     "Int8StaticX86Config",
     "NystromAttention",
+    "NystromConfig",
     "NystromSwap",
+    "PruneConfig",
     "PruningSchedule",
     "QuantizeOnFit",
     "X86Int8DynamicLinear",
@@ -88,4 +93,5 @@ __all__ = [
     "refresh_after_structural_change",
     "resolve_target_model",
     "save_safetensors",
+    "swap_attention",
 ]

@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ import torch
 
 __all__ = [
     "check_bool",
+    "config_or_options",
     "check_choice",
     "check_example_input",
     "check_fraction",
@@ -151,3 +153,25 @@ def check_output_dir(path: Union[str, Path], argument: str) -> None:
             raise PermissionError(f"{argument}={str(path)!r}: the directory is not writable. Pass one you can write to.")
         return
     _writable_ancestor(path, argument)
+
+
+def config_or_options(config: Any, config_class: type, options: dict[str, Any], owner: str) -> Any:
+    """A technique's frozen config: ``config`` when given (``options`` then stay at their defaults), else built
+    from the keyword ``options`` (which validates them).
+
+    Example::
+
+        self.config = config_or_options(config, PruneConfig, dict(pruning_ratio=pruning_ratio), "PruningSchedule")
+    """
+    if config is None:
+        return config_class(**options)
+    if not isinstance(config, config_class):
+        raise TypeError(f"config={config!r}: pass a {config_class.__name__}, or None to use the keyword arguments.")
+    defaults = {field.name: field.default for field in dataclasses.fields(config_class)}
+    changed = [f"{name}={value!r}" for name, value in options.items() if name in defaults and value != defaults[name]]
+    if changed:
+        raise ValueError(
+            f"{owner}(config=..., {', '.join(changed)}): pass the options either in config or as keyword "
+            f"arguments, not both (e.g. dataclasses.replace(config, {changed[0]}))."
+        )
+    return config

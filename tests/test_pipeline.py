@@ -140,7 +140,7 @@ def test_yaml_config_round_trips_through_lightning_cli(tmp_path, monkeypatch):
     assert {"PruningSchedule", "DistillationTeacher", "NystromSwap", "QuantizeOnFit", "BenchmarkCallback"} <= set(types)
     expected = yaml.safe_load(config.read_text())["trainer"]["callbacks"]
     pruning_args = next(c["init_args"] for c in expected if c["class_path"].endswith("PruningSchedule"))
-    assert types["PruningSchedule"].pruning_ratio == pruning_args["pruning_ratio"]
+    assert types["PruningSchedule"].config.pruning_ratio == pruning_args["pruning_ratio"]
     # dump and parse again: the same callbacks and arguments come back
     dumped = tmp_path / "dumped.yaml"
     dumped.write_text(cli.parser.dump(cli.config, skip_none=False))

@@ -5,9 +5,9 @@ See :mod:`lightning_vitcompress.functional.nystrom` for the approximation itself
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
 import inspect
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -15,22 +15,23 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_vitcompress._base import CompressionCallback
-from lightning_vitcompress._checks import check_example_input, check_int
-from lightning_vitcompress._model import find_attention_blocks, get_submodule, set_submodule, shape_example_input
+from lightning_vitcompress._checks import check_example_input, check_int, config_or_options
+from lightning_vitcompress._model import find_attention_blocks, set_submodule, shape_example_input
 from lightning_vitcompress._structure import recorded_edits
 from lightning_vitcompress._training_state import refresh_after_structural_change
 from lightning_vitcompress.functional.measure import eval_mode
 from lightning_vitcompress.functional.nystrom import (
     AttentionMaskError,
+    BlockSelection,
     NystromAttention,
-    _check_landmarks,
-    _check_options,
-    swap_problem,
+    NystromConfig,
+    check_block_selection,
+    select_attention_blocks,
+    swap_attention,
 )
 
 __all__ = ["NystromSwap"]
 
-BlockSelection = Optional[Sequence[Union[int, str]]]
 
 
 class NystromSwap(CompressionCallback):
@@ -82,83 +83,32 @@ class NystromSwap(CompressionCallback):
         conv_kernel_size: Optional[int] = None,
         num_prefix_tokens: Optional[int] = None,
         example_input: Optional[torch.Tensor] = None,
+        config: Optional[NystromConfig] = None,
         model_attribute: Optional[str] = None,
     ) -> None:
         super().__init__(model_attribute)
-        _check_landmarks(num_landmarks)
-        _check_options(pinv_iterations, conv_kernel_size, num_prefix_tokens)
+        options = dict(num_landmarks=num_landmarks, pinv_iterations=pinv_iterations,
+                       conv_kernel_size=conv_kernel_size, num_prefix_tokens=num_prefix_tokens)
+        #: how attention is approximated (validated once); ``config=`` or the same keyword arguments
+        self.config = config_or_options(config, NystromConfig, options, "NystromSwap")
         check_int(swap_epoch, "swap_epoch", example="0 (swaps at setup, before training)")
-        if blocks is not None and (
-            isinstance(blocks, (str, int))
-            or not isinstance(blocks, Sequence)
-            or not blocks
-            or not all(isinstance(b, (int, str)) and not isinstance(b, bool) for b in blocks)
-        ):
-            raise ValueError(
-                f"blocks={blocks!r}: pass a non-empty list of attention-block indices or names "
-                "(e.g. [0, 1] or ['blocks.0.attn']), or None for all."
-            )
+        self.blocks = check_block_selection(blocks)
         check_example_input(example_input)
-        self.num_landmarks = num_landmarks
         self.swap_epoch = swap_epoch
-        self.blocks = list(blocks) if blocks is not None else None
-        self.pinv_iterations = pinv_iterations
-        self.conv_kernel_size = conv_kernel_size
-        self.num_prefix_tokens = num_prefix_tokens
         self.example_input = example_input
         self.swapped_blocks: list[str] = []
         #: the attention modules this fit's swap replaced, to undo it (see :meth:`on_exception`)
         self._originals: dict[str, nn.Module] = {}
 
     def resume_config(self) -> dict[str, Any]:
-        return {
-            "num_landmarks": self.num_landmarks,
-            "swap_epoch": self.swap_epoch,
-            "blocks": self.blocks,
-            "pinv_iterations": self.pinv_iterations,
-            "conv_kernel_size": self.conv_kernel_size,
-            "num_prefix_tokens": self.num_prefix_tokens,
-        }
+        return {**dataclasses.asdict(self.config), "swap_epoch": self.swap_epoch, "blocks": self.blocks}
 
     def state_dict(self) -> dict[str, Any]:
         # lets a resumed fit refuse changed arguments also when the checkpoint predates the swap
         return {"config": self.resume_config()}
 
-    # ------------------------------------------------------------- selection
     def _selected_blocks(self, model: nn.Module) -> list[str]:
-        """Qualified names (relative to the ViT) of the blocks to swap; raises naming the problem."""
-        found = find_attention_blocks(model)
-        names = [name for name, _ in found]
-        if self.blocks is None:
-            chosen = names
-        else:
-            chosen = []
-            for block in self.blocks:
-                if isinstance(block, int):
-                    if not -len(names) <= block < len(names):
-                        raise ValueError(
-                            f"blocks={self.blocks!r}: index {block} is out of range; the model has "
-                            f"{len(names)} attention blocks (indices 0..{len(names) - 1}): {names}."
-                        )
-                    chosen.append(names[block])
-                elif block not in names:
-                    raise ValueError(f"blocks={self.blocks!r}: {block!r} is not an attention block; choose from {names}.")
-                else:
-                    chosen.append(block)
-            chosen = list(dict.fromkeys(chosen))
-        modules = dict(found)
-        pending = [name for name in chosen if not isinstance(modules[name], NystromAttention)]
-        problems = {name: swap_problem(modules[name]) for name in pending}
-        problems = {name: why for name, why in problems.items() if why}
-        if problems:
-            details = "; ".join(f"{name}: {why}" for name, why in problems.items())
-            raise ValueError(f"NystromSwap(blocks={self.blocks!r}) cannot swap these attention blocks: {details}")
-        return chosen
-
-    def _prefix_tokens(self, model: nn.Module) -> int:
-        if self.num_prefix_tokens is not None:
-            return self.num_prefix_tokens
-        return int(getattr(model, "num_prefix_tokens", 0) or 0)
+        return select_attention_blocks(model, self.blocks, owner="NystromSwap")
 
     def _check_no_masks(self, model: nn.Module, names: list[str]) -> None:
         """Run one example through ``model`` and refuse blocks that get a mask or other keys than queries."""
@@ -267,45 +217,29 @@ class NystromSwap(CompressionCallback):
     # ------------------------------------------------------------------- swap
     def _swap(self, pl_module: "pl.LightningModule", names: list[str]) -> None:
         model = self.target(pl_module)
-        prefix = self._prefix_tokens(model)
-        # build every replacement first, then swap them in; a failure puts the originals back
-        replacements: dict[str, NystromAttention] = {}
-        for name in names:
-            module = get_submodule(model, name)
-            if isinstance(module, NystromAttention):
-                continue
-            replacements[name] = NystromAttention.from_attention(
-                module,
-                num_landmarks=self.num_landmarks,
-                num_prefix_tokens=prefix,
-                pinv_iterations=self.pinv_iterations,
-                conv_kernel_size=self.conv_kernel_size,
-            )
-        originals = {name: get_submodule(model, name) for name in replacements}
+        originals = swap_attention(model, self.config, blocks=names)  # all or nothing
         try:
-            for name, module in replacements.items():
-                set_submodule(model, name, module)
-            if replacements:
+            if originals:
                 self.record(
                     pl_module,
-                    blocks=list(replacements),
-                    num_landmarks=self.num_landmarks,
-                    num_prefix_tokens=prefix,
-                    pinv_iterations=self.pinv_iterations,
-                    conv_kernel_size=self.conv_kernel_size,
+                    blocks=list(originals),
+                    num_landmarks=self.config.num_landmarks,
+                    num_prefix_tokens=self.config.prefix_tokens(model),
+                    pinv_iterations=self.config.pinv_iterations,
+                    conv_kernel_size=self.config.conv_kernel_size,
                     config=self.resume_config(),
                 )
         except Exception as err:
             for name, module in originals.items():
                 set_submodule(model, name, module)
             raise RuntimeError(
-                f"NystromSwap could not swap {list(replacements)}; the model keeps its softmax attention. "
+                f"NystromSwap could not swap {list(originals)}; the model keeps its softmax attention. "
                 f"Cause: {type(err).__name__}: {err}"
             ) from err
         self._originals = originals
         self.swapped_blocks = list(names)
-        if replacements:
+        if originals:
             rank_zero_info(
-                f"NystromSwap: {len(replacements)} attention blocks now use {self.num_landmarks} landmarks "
-                f"({prefix} prefix tokens kept exact)."
+                f"NystromSwap: {len(originals)} attention blocks now use {self.config.num_landmarks} landmarks "
+                f"({self.config.prefix_tokens(model)} prefix tokens kept exact)."
             )

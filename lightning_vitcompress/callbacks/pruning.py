@@ -13,6 +13,7 @@ the pruned shapes before the weights load.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable, Literal, Optional, Sequence, Union
 
@@ -24,25 +25,20 @@ from torch import nn
 
 from lightning_vitcompress._base import CompressionCallback
 from lightning_vitcompress._checks import (
-    check_bool,
+    config_or_options,
     check_choice,
     check_example_input,
-    check_fraction,
     check_int,
-    check_names,
 )
-from lightning_vitcompress._model import find_attention_blocks, get_submodule, shape_example_input
+from lightning_vitcompress._model import shape_example_input
 from lightning_vitcompress._structure import recorded_edits
 from lightning_vitcompress._training_state import refresh_after_structural_change
 from lightning_vitcompress.functional.measure import count_macs, count_parameters, eval_mode
 from lightning_vitcompress.functional.prune import (
     ImportanceName,
+    PruneConfig,
     _gradient_kind,
-    _make_importance,
-    _mlp_input_layers,
-    _residual_layers,
     _Snapshot,
-    _timm_style_attention,
     prunable_widths,
     prune_vit,
     widths_after,
@@ -161,10 +157,17 @@ class PruningSchedule(CompressionCallback):
         gradient_batches: int = 4,
         seed: int = 0,
         example_input: Optional[torch.Tensor] = None,
+        config: Optional[PruneConfig] = None,
         model_attribute: Optional[str] = None,
     ) -> None:
         super().__init__(model_attribute)
-        check_fraction(pruning_ratio, "pruning_ratio", "0.5 to remove half")
+        options = dict(
+            pruning_ratio=pruning_ratio, target=target, importance=importance, global_pruning=global_pruning,
+            round_to=round_to, prune_embed_dim=prune_embed_dim, prune_attention=prune_attention,
+            prune_heads=prune_heads, prune_mlp=prune_mlp, ignored_layers=ignored_layers,
+        )
+        #: what is pruned (validated once); ``config=`` or the same keyword arguments
+        self.config = config_or_options(config, PruneConfig, options, "PruningSchedule")
         check_int(start_epoch, "start_epoch", example="0 (prune at setup)")
         end_epoch = start_epoch if end_epoch is None else end_epoch
         check_int(end_epoch, "end_epoch", minimum=start_epoch, example=f"{start_epoch} (start_epoch={start_epoch})")
@@ -178,33 +181,15 @@ class PruningSchedule(CompressionCallback):
                 f"use num_steps <= {end_epoch - start_epoch + 1}, a later end_epoch, or interval='step'."
             )
         self._fractions = _check_schedule(schedule, num_steps)
-        check_choice(target, "target", ("channels", "params", "macs"))
-        for name, flag in [("global_pruning", global_pruning), ("prune_embed_dim", prune_embed_dim),
-                           ("prune_attention", prune_attention), ("prune_heads", prune_heads),
-                           ("prune_mlp", prune_mlp)]:
-            check_bool(flag, name)
-        if not (prune_embed_dim or prune_attention or prune_mlp):
-            raise ValueError("prune_embed_dim, prune_attention and prune_mlp are all False: nothing would be pruned.")
-        check_int(round_to, "round_to", minimum=1, example="8 (channel multiple)", allow_none=True)
-        self.ignored_layers = check_names(ignored_layers, "ignored_layers", "['blocks.0.mlp.fc1']")
         check_int(gradient_batches, "gradient_batches", minimum=1, example="4")
         check_int(seed, "seed", example="0")
         check_example_input(example_input)
-        self.importance = _make_importance(importance)  # validates the name early
-        self.importance_name = importance if isinstance(importance, str) else type(importance).__name__
-        self.pruning_ratio = float(pruning_ratio)
+        self.importance = self.config.make_importance()
         self.start_epoch = start_epoch
         self.end_epoch = end_epoch
         self.num_steps = num_steps
         self.schedule = schedule
         self.interval = interval
-        self.global_pruning = global_pruning
-        self.round_to = round_to
-        self.target_metric = target
-        self.prune_embed_dim = prune_embed_dim
-        self.prune_attention = prune_attention
-        self.prune_heads = prune_heads
-        self.prune_mlp = prune_mlp
         self.gradient_batches = gradient_batches
         self.seed = seed
         self.user_example_input = example_input
@@ -242,16 +227,7 @@ class PruningSchedule(CompressionCallback):
     def resume_config(self) -> dict[str, Any]:
         schedule = self.schedule if isinstance(self.schedule, str) else self._fractions
         return {
-            "pruning_ratio": self.pruning_ratio,
-            "target": self.target_metric,
-            "importance": self.importance_name,
-            "prune_heads": self.prune_heads,
-            "prune_embed_dim": self.prune_embed_dim,
-            "prune_attention": self.prune_attention,
-            "prune_mlp": self.prune_mlp,
-            "global_pruning": self.global_pruning,
-            "round_to": self.round_to,
-            "ignored_layers": list(self.ignored_layers),
+            **self.config.to_record(),
             "start_epoch": self.start_epoch,
             "end_epoch": self.end_epoch,
             "num_steps": self.num_steps,
@@ -286,51 +262,12 @@ class PruningSchedule(CompressionCallback):
             "example_input=<one input batch> so that torch-pruning can trace the model."
         )
 
-    def _check_prunable(self, model: nn.Module) -> None:
-        mha = [name for name, m in find_attention_blocks(model) if isinstance(m, nn.MultiheadAttention)]
-        if mha and (self.prune_attention or self.prune_embed_dim):
-            raise ValueError(
-                f"{mha[0]} is an nn.MultiheadAttention, whose head width is tied to embed_dim: torch-pruning "
-                "cannot narrow its heads without the residual stream. Pass prune_attention=False and "
-                "prune_embed_dim=False to prune only the MLP channels of this model."
-            )
-        qk_norm = [
-            a for a in _timm_style_attention(model) if not isinstance(getattr(a, "q_norm", nn.Identity()), nn.Identity)
-        ]
-        if qk_norm and self.prune_attention and not self.prune_heads:
-            raise ValueError(
-                "The attention blocks use qk_norm (normalised per head dimension), so head dimensions cannot be "
-                "pruned: pass prune_heads=True (whole heads) or prune_attention=False."
-            )
-        for name in self.ignored_layers:
-            try:
-                get_submodule(model, name)
-            except (AttributeError, TypeError) as err:
-                modules = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:4]
-                raise ValueError(
-                    f"ignored_layers={self.ignored_layers!r}: {name!r} is not a module of {type(model).__name__}; "
-                    f"name layers inside the ViT, e.g. {modules}."
-                ) from err
-        prunable = []
-        if self.prune_mlp:
-            prunable += _mlp_input_layers(model)
-        if self.prune_attention:
-            prunable += _timm_style_attention(model)
-        if self.prune_embed_dim:
-            prunable += _residual_layers(model)
-        if not prunable:
-            raise ValueError(
-                f"Nothing prunable in {type(model).__name__} with prune_embed_dim={self.prune_embed_dim}, "
-                f"prune_attention={self.prune_attention}, prune_mlp={self.prune_mlp}: PruningSchedule prunes timm "
-                "ViT/DeiT blocks (attn.qkv/proj, mlp.fc1/fc2) and nn.TransformerEncoderLayer MLPs."
-            )
-
     def scheduled_epochs(self) -> dict[str, int]:
         return {"end_epoch": self.end_epoch}
 
     def ordered_setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         model = self.target(pl_module)
-        self._check_prunable(model)
+        self.config.check_model(model)
         self._example_input = self._example(model)
         self._reset_gradients()
         # the steps already applied: replayed from the checkpoint, or made by an earlier fit of this module
@@ -355,7 +292,7 @@ class PruningSchedule(CompressionCallback):
         self._original_widths = prunable_widths(model)
         self._original_params = count_parameters(model)
         self._channel_ratio = self._resolve_channel_ratio(model)
-        self._check_ratio_prunes(self._channel_ratio)
+        self.config.check_ratio_prunes(self._original_widths, self._channel_ratio)
         if self.resumed(trainer):
             return  # the checkpoint's unpruned weights load after setup: due steps run at the first epoch start
         # steps due before any training (epoch 0 start) are free at setup, unless they need gradients
@@ -368,66 +305,12 @@ class PruningSchedule(CompressionCallback):
         units = self.end_epoch - self.start_epoch + 1
         return sum(1 for offset in self._step_offsets(units) if offset <= 0)
 
-    # ----------------------------------------------------------- ratio checks
-    def _cut_widths(self, widths: dict[str, list[int]]) -> dict[str, int]:
-        """The width each pruned layer group loses channels from (embedding, head dim or heads, MLP hidden)."""
-        cut: dict[str, int] = {}
-        for name, width in widths.items():
-            if name == "embed":
-                if self.prune_embed_dim:
-                    cut[name] = width[0]
-            elif len(width) == 2:
-                if self.prune_attention:
-                    cut[name] = width[0] if self.prune_heads else width[1]
-            elif self.prune_mlp:
-                cut[name] = width[0]
-        return cut
-
-    def _removed(self, name: str, width: int, ratio: float) -> int:
-        """Channels (or whole heads) torch-pruning removes from ``width`` at channel ``ratio``."""
-        assert self._original_widths is not None
-        if self.prune_heads and len(self._original_widths[name]) == 2:
-            return math.ceil(ratio * width)
-        removed = width - int(width * (1 - ratio))
-        return removed - removed % self.round_to if self.round_to else removed
-
-    def _check_ratio_prunes(self, ratio: float) -> None:
-        """Refuse a ratio that empties a layer (torch-pruning then skips it) or removes nothing."""
-        assert self._original_widths is not None
-        cut = self._cut_widths(self._original_widths)
-        if not cut:
-            return
-        emptied = [name for name, width in cut.items() if width - self._removed(name, width, ratio) < 1]
-        largest = math.floor(min((width - 1) / width for width in cut.values()) * 1000) / 1000
-        given = f"pruning_ratio={self.pruning_ratio!r}" + (
-            f" (target={self.target_metric!r}: channel ratio {ratio:.3f})" if self.target_metric != "channels" else ""
-        )
-        if emptied:
-            raise ValueError(
-                f"{given} would remove every channel of {emptied[0]} ({cut[emptied[0]]}), which torch-pruning then "
-                f"leaves unpruned: pass pruning_ratio <= {largest:.3f} for this model."
-            )
-        if all(self._removed(name, width, ratio) == 0 for name, width in cut.items()):
-            raise ValueError(
-                f"{given} removes no channel with round_to={self.round_to}: pass a larger pruning_ratio "
-                f"(at least {self.round_to / max(cut.values()):.3f}) or a smaller round_to."
-            )
-
-    def _fraction_removed(self, model: nn.Module) -> float:
-        """The fraction of the prunable channels the model has lost so far (what it really is, not the target)."""
-        assert self._original_widths is not None
-        current = prunable_widths(model)
-        names = self._cut_widths(self._original_widths)
-        before = sum(math.prod(self._original_widths[name]) for name in names)
-        after = sum(math.prod(current[name]) for name in names if name in current)
-        return 1.0 - after / max(1, before)
-
     def _resolve_channel_ratio(self, model: nn.Module) -> float:
         """Translate a params/MACs target into a channel ratio by bisection (pruning and restoring the model)."""
-        if self.target_metric == "channels":
-            return self.pruning_ratio
+        if self.config.target == "channels":
+            return self.config.pruning_ratio
         example = self._example_input
-        measure = (lambda m: count_parameters(m)) if self.target_metric == "params" else (
+        measure = (lambda m: count_parameters(m)) if self.config.target == "params" else (
             lambda m: count_macs(m, example) or 0
         )
         assert self._original_widths is not None
@@ -441,23 +324,23 @@ class PruningSchedule(CompressionCallback):
             finally:
                 snapshot.restore()
 
-        cut = self._cut_widths(self._original_widths)
+        cut = self.config.cut_widths(self._original_widths)
         low, high = 0.0, min((width - 1) / width for width in cut.values())
         most = reduction(high)
-        if most < self.pruning_ratio:
+        if most < self.config.pruning_ratio:
             raise ValueError(
-                f"pruning_ratio={self.pruning_ratio!r} with target={self.target_metric!r} is out of reach: keeping "
-                f"one channel in every pruned layer removes {most:.3f} of the {self.target_metric}. Pass "
+                f"pruning_ratio={self.config.pruning_ratio!r} with target={self.config.target!r} is out of reach: keeping "
+                f"one channel in every pruned layer removes {most:.3f} of the {self.config.target}. Pass "
                 f"pruning_ratio <= {math.floor(most * 1000) / 1000:.3f}."
             )
         for _ in range(12):
             mid = (low + high) / 2
-            if reduction(mid) < self.pruning_ratio:
+            if reduction(mid) < self.config.pruning_ratio:
                 low = mid
             else:
                 high = mid
         rank_zero_info(
-            f"PruningSchedule: removing {self.pruning_ratio:.0%} of the {self.target_metric} needs a channel ratio "
+            f"PruningSchedule: removing {self.config.pruning_ratio:.0%} of the {self.config.target} needs a channel ratio "
             f"of {high:.3f}."
         )
         return high
@@ -467,20 +350,10 @@ class PruningSchedule(CompressionCallback):
         self, model: nn.Module, ratio: float, importance: Any = None, keep: Optional[dict[str, list[int]]] = None
     ) -> dict[str, Any]:
         assert self._example_input is not None
-        return prune_vit(
-            model,
-            ratio,
-            self._example_input,
-            importance=self.importance if importance is None else importance,
-            global_pruning=self.global_pruning,
-            round_to=self.round_to,
-            prune_embed_dim=self.prune_embed_dim,
-            prune_attention=self.prune_attention,
-            prune_heads=self.prune_heads,
-            prune_mlp=self.prune_mlp,
-            ignored_layers=[get_submodule(model, name) for name in self.ignored_layers],
-            keep=keep,
+        config = dataclasses.replace(
+            self.config, pruning_ratio=ratio, target="channels", importance=importance or self.importance
         )
+        return prune_vit(model, config, self._example_input, keep=keep)
 
     def _prune_to(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", step: int) -> None:
         """Prune from the ratio of step ``self.steps_done`` to that of ``step``; on failure, restore the model."""
@@ -493,7 +366,7 @@ class PruningSchedule(CompressionCallback):
             self.steps_done = step
             return
         assert self._original_widths is not None and self._example_input is not None
-        keep = widths_after(self._original_widths, reached, self.prune_heads)
+        keep = widths_after(self._original_widths, reached, self.config.prune_heads)
         params_before = count_parameters(model)
         snapshot = _Snapshot(model)  # pruning works in place (the module may be the LightningModule itself)
         try:
@@ -503,7 +376,7 @@ class PruningSchedule(CompressionCallback):
                 torch.manual_seed(self.seed + step)  # random importance: the same draw on every rank
                 changes = self._prune_model(model, relative, keep=keep)
             params, macs = count_parameters(model), count_macs(model, self._example_input)
-            ratio = self._fraction_removed(model)
+            ratio = self.config.fraction_removed(self._original_widths, model)
             self.record(
                 pl_module,
                 step=step,

@@ -22,8 +22,8 @@ from lightning_vitcompress.functional.measure import (
     serialized_size_bytes,
     thread_count,
 )
-from lightning_vitcompress.functional.nystrom import NystromAttention
-from lightning_vitcompress.functional.prune import prune_vit
+from lightning_vitcompress.functional.nystrom import NystromAttention, NystromConfig, swap_attention
+from lightning_vitcompress.functional.prune import PruneConfig, prune_vit
 from lightning_vitcompress.functional.quantize import INFERENCE_PRECISIONS, NAMED_CONFIGS, quantize_model, select_layers
 from lightning_vitcompress.functional.report import benchmark_model, compare_models, format_report
 from lightning_vitcompress.functional.x86_int8 import (
@@ -40,6 +40,8 @@ __all__ = [
     "Int8DynamicX86Config",
     "Int8StaticX86Config",
     "NystromAttention",
+    "NystromConfig",
+    "PruneConfig",
     "X86Int8DynamicLinear",
     "X86Int8StaticLinear",
     "benchmark_model",
@@ -65,5 +67,6 @@ __all__ = [
     "select_layers",
     "serialized_size_bytes",
     "soft_distillation_loss",
+    "swap_attention",
     "thread_count",
 ]

@@ -18,17 +18,18 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Literal, Optional, Sequence, Union
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
-from lightning_vitcompress._checks import check_choice
+from lightning_vitcompress._checks import check_bool, check_choice, check_fraction, check_int, check_names
 from lightning_vitcompress._model import ATTENTION_MARKER, find_attention_blocks, get_submodule
 from lightning_vitcompress._structure import Record, register_replay
 
-__all__ = ["prune_vit", "prunable_widths", "widths_after"]
+__all__ = ["PruneConfig", "prunable_widths", "prune_vit", "widths_after"]
 
 ImportanceName = Literal["l1", "l2", "taylor", "hessian", "random"]
 
@@ -80,6 +81,161 @@ def _gradient_kind(importance: tp.importance.Importance) -> Optional[str]:
     if isinstance(importance, tp.importance.GroupTaylorImportance):
         return "taylor"
     return None
+
+
+# ---------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class PruneConfig:
+    """What structured pruning removes, validated once: the ``quantize_(model, config)`` of pruning.
+
+    Args:
+        pruning_ratio: fraction to remove, in (0, 1): of each layer's channels (``target="channels"``),
+            or of the parameters / MACs (``target="params"``/``"macs"``, translated to channels by search).
+        target: what ``pruning_ratio`` measures.
+        importance: ``"l2"``, ``"l1"``, ``"taylor"``, ``"hessian"``, ``"random"`` or a torch-pruning
+            importance object.
+        global_pruning: rank channels across all layers instead of the same fraction in each.
+        round_to: keep widths multiples of this (e.g. 8), or None.
+        prune_embed_dim / prune_attention / prune_heads / prune_mlp: what may be pruned;
+            ``prune_heads=True`` removes whole heads instead of head dimensions.
+        ignored_layers: attribute paths (inside the ViT) of layers whose outputs stay.
+
+    Example::
+
+        config = PruneConfig(0.5, prune_heads=True)
+        prune_vit(vit, config, torch.randn(1, 3, 224, 224))
+        PruningSchedule(config=config, start_epoch=0)
+    """
+
+    pruning_ratio: float = 0.5
+    target: Literal["channels", "params", "macs"] = "channels"
+    importance: Union[str, tp.importance.Importance] = "l2"
+    global_pruning: bool = False
+    round_to: Optional[int] = None
+    prune_embed_dim: bool = True
+    prune_attention: bool = True
+    prune_heads: bool = False
+    prune_mlp: bool = True
+    ignored_layers: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        check_fraction(self.pruning_ratio, "pruning_ratio", "0.5 to remove half")
+        check_choice(self.target, "target", ("channels", "params", "macs"))
+        if not isinstance(self.importance, tp.importance.Importance):
+            check_choice(self.importance, "importance", sorted(_IMPORTANCES), " or a torch_pruning.importance.Importance object")
+        for name in ("global_pruning", "prune_embed_dim", "prune_attention", "prune_heads", "prune_mlp"):
+            check_bool(getattr(self, name), name)
+        if not (self.prune_embed_dim or self.prune_attention or self.prune_mlp):
+            raise ValueError("prune_embed_dim, prune_attention and prune_mlp are all False: nothing would be pruned.")
+        check_int(self.round_to, "round_to", minimum=1, example="8 (channel multiple)", allow_none=True)
+        names = check_names(self.ignored_layers, "ignored_layers", "['blocks.0.mlp.fc1']")
+        object.__setattr__(self, "pruning_ratio", float(self.pruning_ratio))
+        object.__setattr__(self, "ignored_layers", tuple(names))
+
+    @property
+    def importance_name(self) -> str:
+        return self.importance if isinstance(self.importance, str) else type(self.importance).__name__
+
+    def make_importance(self) -> tp.importance.Importance:
+        """A fresh torch-pruning importance (the object itself when one was given)."""
+        return _make_importance(self.importance)
+
+    def to_record(self) -> dict[str, Any]:
+        """Plain data (``weights_only``-safe): written into checkpoints, compared on resume."""
+        return {**{f.name: getattr(self, f.name) for f in fields(self)}, "importance": self.importance_name,
+                "ignored_layers": list(self.ignored_layers)}
+
+    # ------------------------------------------------------- what a ratio does to widths
+    def cut_widths(self, widths: dict[str, list[int]]) -> dict[str, int]:
+        """The width each pruned layer group loses channels from (embedding, head dim or heads, MLP hidden)."""
+        cut: dict[str, int] = {}
+        for name, width in widths.items():
+            if name == "embed":
+                if self.prune_embed_dim:
+                    cut[name] = width[0]
+            elif len(width) == 2:
+                if self.prune_attention:
+                    cut[name] = width[0] if self.prune_heads else width[1]
+            elif self.prune_mlp:
+                cut[name] = width[0]
+        return cut
+
+    def removed(self, is_attention: bool, width: int, ratio: float) -> int:
+        """Channels (or whole heads) torch-pruning removes from ``width`` at channel ``ratio``."""
+        if self.prune_heads and is_attention:
+            return math.ceil(ratio * width)
+        removed = width - int(width * (1 - ratio))
+        return removed - removed % self.round_to if self.round_to else removed
+
+    def check_ratio_prunes(self, widths: dict[str, list[int]], ratio: float) -> None:
+        """Refuse a channel ``ratio`` that empties a layer of ``widths`` (torch-pruning then skips it) or removes nothing."""
+        cut = self.cut_widths(widths)
+        if not cut:
+            return
+        removed = {name: self.removed(len(widths[name]) == 2, width, ratio) for name, width in cut.items()}
+        emptied = [name for name, width in cut.items() if width - removed[name] < 1]
+        largest = math.floor(min((width - 1) / width for width in cut.values()) * 1000) / 1000
+        given = f"pruning_ratio={self.pruning_ratio!r}" + (
+            f" (target={self.target!r}: channel ratio {ratio:.3f})" if self.target != "channels" else ""
+        )
+        if emptied:
+            raise ValueError(
+                f"{given} would remove every channel of {emptied[0]} ({cut[emptied[0]]}), which torch-pruning then "
+                f"leaves unpruned: pass pruning_ratio <= {largest:.3f} for this model."
+            )
+        if all(count == 0 for count in removed.values()):
+            raise ValueError(
+                f"{given} removes no channel with round_to={self.round_to}: pass a larger pruning_ratio "
+                f"(at least {self.round_to / max(cut.values()):.3f}) or a smaller round_to."
+            )
+
+    def fraction_removed(self, original: dict[str, list[int]], model: nn.Module) -> float:
+        """The fraction of the prunable channels ``model`` has lost since ``original`` widths."""
+        current = prunable_widths(model)
+        names = self.cut_widths(original)
+        before = sum(math.prod(original[name]) for name in names)
+        after = sum(math.prod(current[name]) for name in names if name in current)
+        return 1.0 - after / max(1, before)
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise naming the option to turn off when ``model`` cannot be pruned as configured."""
+        mha = [name for name, m in find_attention_blocks(model) if isinstance(m, nn.MultiheadAttention)]
+        if mha and (self.prune_attention or self.prune_embed_dim):
+            raise ValueError(
+                f"{mha[0]} is an nn.MultiheadAttention, whose head width is tied to embed_dim: torch-pruning "
+                "cannot narrow its heads without the residual stream. Pass prune_attention=False and "
+                "prune_embed_dim=False to prune only the MLP channels of this model."
+            )
+        qk_norm = [
+            a for a in _timm_style_attention(model) if not isinstance(getattr(a, "q_norm", nn.Identity()), nn.Identity)
+        ]
+        if qk_norm and self.prune_attention and not self.prune_heads:
+            raise ValueError(
+                "The attention blocks use qk_norm (normalised per head dimension), so head dimensions cannot be "
+                "pruned: pass prune_heads=True (whole heads) or prune_attention=False."
+            )
+        for name in self.ignored_layers:
+            try:
+                get_submodule(model, name)
+            except (AttributeError, TypeError) as err:
+                modules = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:4]
+                raise ValueError(
+                    f"ignored_layers={list(self.ignored_layers)!r}: {name!r} is not a module of "
+                    f"{type(model).__name__}; name layers inside the ViT, e.g. {modules}."
+                ) from err
+        prunable = []
+        if self.prune_mlp:
+            prunable += _mlp_input_layers(model)
+        if self.prune_attention:
+            prunable += _timm_style_attention(model)
+        if self.prune_embed_dim:
+            prunable += _residual_layers(model)
+        if not prunable:
+            raise ValueError(
+                f"Nothing prunable in {type(model).__name__} with prune_embed_dim={self.prune_embed_dim}, "
+                f"prune_attention={self.prune_attention}, prune_mlp={self.prune_mlp}: PruningSchedule prunes timm "
+                "ViT/DeiT blocks (attn.qkv/proj, mlp.fc1/fc2) and nn.TransformerEncoderLayer MLPs."
+            )
 
 
 # ---------------------------------------------------------------------- model surgery
@@ -284,22 +440,18 @@ class _Snapshot:
 
 def prune_vit(
     model: nn.Module,
-    pruning_ratio: float,
+    config: Union[PruneConfig, float],
     example_input: torch.Tensor,
     *,
-    importance: Union[str, tp.importance.Importance] = "l2",
-    global_pruning: bool = False,
-    round_to: Optional[int] = None,
-    prune_embed_dim: bool = True,
-    prune_attention: bool = True,
-    prune_heads: bool = False,
-    prune_mlp: bool = True,
-    ignored_layers: Sequence[nn.Module] = (),
     keep: Optional[dict[str, list[int]]] = None,
+    **options: Any,
 ) -> dict[str, Any]:
-    """Prune ``model`` in place by ``pruning_ratio`` of its current prunable channels.
+    """Prune ``model`` in place by ``config.pruning_ratio`` of its current prunable channels.
 
-    With ``keep`` (widths as in :func:`prunable_widths`) and uniform pruning,
+    ``config`` is a :class:`PruneConfig`, or just the ratio with the other
+    options as keywords (``prune_vit(vit, 0.5, x, prune_heads=True)``);
+    ``config.target`` is read as ``"channels"`` here (the callback translates
+    params/MACs targets). With ``keep`` (widths as in :func:`prunable_widths`) and uniform pruning,
     each layer is pruned to exactly those widths instead (``pruning_ratio``
     then only applies to layers ``keep`` does not name).
 
@@ -313,9 +465,15 @@ def prune_vit(
         vit = timm.create_model("vit_base_patch16_224")
         prune_vit(vit, 0.5, torch.randn(1, 3, 224, 224))
     """
-    imp = _make_importance(importance)
+    if not isinstance(config, PruneConfig):
+        config = PruneConfig(pruning_ratio=config, **options)
+    elif options:
+        raise ValueError(f"prune_vit: pass the options in the PruneConfig, not also as keywords ({sorted(options)}).")
+    pruning_ratio, global_pruning, prune_heads = config.pruning_ratio, config.global_pruning, config.prune_heads
+    prune_embed_dim, prune_attention, prune_mlp = config.prune_embed_dim, config.prune_attention, config.prune_mlp
+    imp = config.make_importance()
     attentions = _timm_style_attention(model)
-    ignored: list[nn.Module] = [*_classifier_heads(model), *ignored_layers]
+    ignored: list[nn.Module] = [*_classifier_heads(model), *(get_submodule(model, n) for n in config.ignored_layers)]
     if not prune_embed_dim:
         ignored.extend(_residual_layers(model))
     if not prune_mlp:
@@ -362,7 +520,7 @@ def prune_vit(
             global_pruning=global_pruning,
             pruning_ratio=pruning_ratio,
             ignored_layers=ignored,
-            round_to=round_to,
+            round_to=config.round_to,
             num_heads=num_heads,
             prune_num_heads=prune_heads,
             prune_head_dims=not prune_heads,
