@@ -46,7 +46,8 @@ def _is_number(value: Any) -> bool:
 def check_positive(value: Any, argument: str, example: str, *, integer: bool = False) -> None:
     """Raise ``ValueError`` unless ``value`` is a finite number ``> 0`` (an ``int`` when ``integer``)."""
     if integer:
-        check_int(value, argument, minimum=1, example=example)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{argument}={value!r}: must be a positive whole number, e.g. {example}.")
     elif not _is_number(value) or not math.isfinite(value) or not value > 0:
         raise ValueError(f"{argument}={value!r}: must be a positive finite number, e.g. {example}.")
 

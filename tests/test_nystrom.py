@@ -310,7 +310,9 @@ def test_a_failing_swap_leaves_the_model_as_it_was(tmp_path, tiny_classifier, di
     images = next(iter(digits.val_dataloader()))[0][:4]
     before = _outputs(model, images)
     if fails == "record":
-        monkeypatch.setattr(nystrom, "record_edit", lambda *args: (_ for _ in ()).throw(RuntimeError("injected")))
+        monkeypatch.setattr(
+            "lightning_vitcompress._base.record_edit", lambda *args: (_ for _ in ()).throw(RuntimeError("injected"))
+        )
     else:
         calls = []
         original = nystrom.set_submodule

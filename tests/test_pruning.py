@@ -192,7 +192,7 @@ def test_bad_values_fail_in_the_constructor(kwargs, match):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        (dict(end_epoch=3), r"end_epoch=3 is past the last epoch.*max_epochs=2"),
+        (dict(end_epoch=3), r"end_epoch=3\) would never act: Trainer\(max_epochs=2\)"),
         (dict(ignored_layers=["nope"]), r"ignored_layers=\['nope'\]: 'nope' is not a module"),
         (dict(pruning_ratio=0.999), r"pruning_ratio=0.999 would remove every channel.*<= 0.875"),
     ],

@@ -13,7 +13,7 @@ import lightning as L
 import pytest
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
 
-from lightning_vitcompress import QuantizeOnFit
+from lightning_vitcompress import NystromSwap, PruningSchedule, QuantizeOnFit
 from lightning_vitcompress._training_state import check_strategy_supported
 
 
@@ -40,8 +40,10 @@ def test_sharded_strategies_are_refused_naming_the_strategy_and_what_works(strat
         check_strategy_supported(trainer, "QuantizeOnFit")
     model = tiny_classifier()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(RuntimeError, match=type(strategy).__name__):
-        QuantizeOnFit().ordered_setup(trainer, model, "fit")  # the callback's setup runs the check first
+    trainer = SimpleNamespace(strategy=strategy, max_epochs=2)
+    for callback in (QuantizeOnFit(), PruningSchedule(0.5), NystromSwap(num_landmarks=8)):
+        with pytest.raises(RuntimeError, match=type(strategy).__name__):
+            callback.check_fit(trainer)  # what the base class runs at setup before the callback's own setup
     assert all(v.equal(before[k]) for k, v in model.state_dict().items())
 
 
