@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -304,8 +306,6 @@ def test_second_fit_with_the_same_callback_keeps_the_swap(tmp_path, tiny_classif
 
 @pytest.mark.parametrize("fails", ["second_block", "record"])
 def test_a_failing_swap_leaves_the_model_as_it_was(tmp_path, tiny_classifier, digits, monkeypatch, fails):
-    import lightning_vitcompress.callbacks.nystrom as nystrom
-
     model = tiny_classifier()
     images = next(iter(digits.val_dataloader()))[0][:4]
     before = _outputs(model, images)
@@ -315,7 +315,8 @@ def test_a_failing_swap_leaves_the_model_as_it_was(tmp_path, tiny_classifier, di
         )
     else:
         calls = []
-        original = nystrom.set_submodule
+        swapping = importlib.import_module("lightning_vitcompress.functional.nystrom")  # where swap_attention swaps
+        original = swapping.set_submodule
 
         def set_once(root, path, module):  # the first block is swapped, the second fails
             calls.append(path)
@@ -323,7 +324,7 @@ def test_a_failing_swap_leaves_the_model_as_it_was(tmp_path, tiny_classifier, di
                 raise RuntimeError("injected")
             original(root, path, module)
 
-        monkeypatch.setattr(nystrom, "set_submodule", set_once)
+        monkeypatch.setattr(swapping, "set_submodule", set_once)
     trainer = fast_trainer(tmp_path, callbacks=[NystromSwap(num_landmarks=4)])
     with pytest.raises(RuntimeError, match="keeps its softmax attention.*injected"):
         trainer.fit(model, digits)

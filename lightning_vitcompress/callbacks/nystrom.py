@@ -217,8 +217,9 @@ class NystromSwap(CompressionCallback):
     # ------------------------------------------------------------------- swap
     def _swap(self, pl_module: "pl.LightningModule", names: list[str]) -> None:
         model = self.target(pl_module)
-        originals = swap_attention(model, self.config, blocks=names)  # all or nothing
+        originals: dict[str, nn.Module] = {}
         try:
+            originals = swap_attention(model, self.config, blocks=names)  # all or nothing
             if originals:
                 self.record(
                     pl_module,
@@ -233,7 +234,7 @@ class NystromSwap(CompressionCallback):
             for name, module in originals.items():
                 set_submodule(model, name, module)
             raise RuntimeError(
-                f"NystromSwap could not swap {list(originals)}; the model keeps its softmax attention. "
+                f"NystromSwap could not swap {names}; the model keeps its softmax attention. "
                 f"Cause: {type(err).__name__}: {err}"
             ) from err
         self._originals = originals

@@ -184,7 +184,7 @@ class PruningSchedule(CompressionCallback):
         check_int(gradient_batches, "gradient_batches", minimum=1, example="4")
         check_int(seed, "seed", example="0")
         check_example_input(example_input)
-        self.importance = self.config.make_importance()
+        self._importance = self.config.make_importance()
         self.start_epoch = start_epoch
         self.end_epoch = end_epoch
         self.num_steps = num_steps
@@ -237,7 +237,7 @@ class PruningSchedule(CompressionCallback):
 
     @property
     def _needs_gradients(self) -> bool:
-        return _gradient_kind(self.importance) is not None
+        return _gradient_kind(self._importance) is not None
 
     # ------------------------------------------------------------------- setup
     def _example(self, model: nn.Module) -> torch.Tensor:
@@ -351,7 +351,7 @@ class PruningSchedule(CompressionCallback):
     ) -> dict[str, Any]:
         assert self._example_input is not None
         config = dataclasses.replace(
-            self.config, pruning_ratio=ratio, target="channels", importance=importance or self.importance
+            self.config, pruning_ratio=ratio, target="channels", importance=importance or self._importance
         )
         return prune_vit(model, config, self._example_input, keep=keep)
 
@@ -370,7 +370,7 @@ class PruningSchedule(CompressionCallback):
         params_before = count_parameters(model)
         snapshot = _Snapshot(model)  # pruning works in place (the module may be the LightningModule itself)
         try:
-            if _gradient_kind(self.importance) is not None:
+            if _gradient_kind(self._importance) is not None:
                 self._load_gradients(model)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed + step)  # random importance: the same draw on every rank
@@ -448,7 +448,7 @@ class PruningSchedule(CompressionCallback):
     def on_after_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if not self._gathering:
             return
-        square = _gradient_kind(self.importance) == "hessian"
+        square = _gradient_kind(self._importance) == "hessian"
         with torch.no_grad():
             for param in self.target(pl_module).parameters():
                 if param.grad is None:
