@@ -16,6 +16,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from lightning_vitcompress.functional import (
+    DistillConfig,
     Int8DynamicX86Config,
     Int8StaticX86Config,
     NystromAttention,
@@ -72,6 +73,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "BenchmarkCallback",
     "CompressionCallback",
+    "DistillConfig",
     "DistillationTeacher",
     "Int8DynamicX86Config",
     "Int8StaticX86Config",

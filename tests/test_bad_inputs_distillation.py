@@ -12,7 +12,7 @@ from bad_inputs import Case, check_case, tiny_model
 from helpers import TINY, fast_trainer
 from torch import nn
 
-from lightning_vitcompress import DistillationTeacher
+from lightning_vitcompress import DistillConfig, DistillationTeacher
 from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule, small_vit
 
 D = "DistillationTeacher"
@@ -129,6 +129,8 @@ CASES = [
     init("input-adapter-string", "input_adapter", ValueError, input_adapter="224"),
     init("input-adapter-bool", "input_adapter", ValueError, input_adapter=True),
     init("model-attribute-empty", "model_attribute", ValueError, model_attribute=""),
+    init("config-a-dict", "config", TypeError, config=dict(mode="hard")),
+    init("config-and-a-loss-keyword", "config", ValueError, config=DistillConfig(mode="hard"), alpha=0.7),
     # ------------------------------------------------------------ setup: needs the student, the files or the Trainer
     setup("teacher-other-class-count", "teacher", lambda t: DistillationTeacher(teacher(num_classes=7)),
           error=ValueError),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -15,7 +16,13 @@ from torch.utils.data import DataLoader
 
 from lightning_vitcompress._base import CompressionCallback
 from lightning_vitcompress import DistillationTeacher
-from lightning_vitcompress.functional.distill import combine_losses, hard_distillation_loss, soft_distillation_loss
+from lightning_vitcompress.functional import (
+    DistillConfig,
+    combine_losses,
+    hard_distillation_loss,
+    load_teacher,
+    soft_distillation_loss,
+)
 from lightning_vitcompress.digits import DigitsClassifier, small_vit
 
 
@@ -48,6 +55,48 @@ def test_soft_and_hard_losses_match_hand_computation():
     assert soft_distillation_loss(teacher, teacher, T).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_distill_config_is_checked_once_frozen_and_computes_the_term():
+    config = DistillConfig(mode="deit", alpha=1, temperature=3, deit_target="soft")
+    assert (config.alpha, config.temperature) == (1.0, 3.0) and isinstance(config.alpha, float)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.alpha = 0.2  # type: ignore[misc]
+    student, teacher = torch.randn(4, 5), torch.randn(4, 5)
+    assert torch.equal(config.loss(student, teacher), soft_distillation_loss(student, teacher, 3.0))
+    assert torch.equal(DistillConfig(mode="soft", temperature=4).loss(student, teacher),
+                       soft_distillation_loss(student, teacher, 4.0))
+    for mode in ("hard", "deit"):  # deit's default target is DeiT's hard term
+        assert torch.equal(DistillConfig(mode=mode).loss(student, teacher), hard_distillation_loss(student, teacher))
+    for kwargs, match in [(dict(alpha=1.5), r"alpha=1.5"), (dict(mode="kd"), r"mode='kd'"),
+                          (dict(temperature=0), r"temperature=0"), (dict(deit_target="soft"), r"deit_target='soft'")]:
+        with pytest.raises(ValueError, match=match):
+            DistillConfig(**kwargs)
+
+
+def test_callback_takes_a_config_or_the_keywords_not_both():
+    config = DistillConfig(mode="hard", alpha=0.3)
+    assert DistillationTeacher(torch.nn.Linear(2, 2), config=config).config is config
+    assert DistillationTeacher(torch.nn.Linear(2, 2), mode="hard", alpha=0.3).config == config
+    with pytest.raises(ValueError, match=r"config=DistillConfig\(.*\) and mode='deit', alpha=0.7 both set"):
+        DistillationTeacher(torch.nn.Linear(2, 2), "deit", 0.7, config=DistillConfig(mode="hard"))
+    with pytest.raises(TypeError, match=r"config=\{'mode': 'hard'\}: pass a DistillConfig"):
+        DistillationTeacher(torch.nn.Linear(2, 2), config={"mode": "hard"})
+
+
+def test_load_teacher_works_without_a_trainer(tmp_path):
+    big = DigitsClassifier(embed_dim=48, depth=2, num_heads=4)
+    path = tmp_path / "teacher.ckpt"
+    torch.save({"state_dict": big.state_dict(), "hyper_parameters": dict(big.hparams)}, path)
+    teacher = load_teacher(path, teacher_class=DigitsClassifier)
+    assert teacher.embed_dim == 48
+    assert all(torch.equal(v, big.model.state_dict()[k]) for k, v in teacher.state_dict().items())
+    assert load_teacher(big) is big.model  # a LightningModule gives its ViT
+    with pytest.raises(ValueError, match=r"teacher=.*teacher.ckpt' is a checkpoint path: pass teacher_class"):
+        load_teacher(path)
+    arch = dict(num_classes=10, img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=4)
+    named = load_teacher("vit_tiny_patch16_224", pretrained=False, teacher_kwargs=arch)
+    assert named.num_classes == 10
+
+
 # ------------------------------------------------ the loss the trainer backprops
 class LossCheck(Callback):
     """At ``on_before_backward``, recompute the expected total loss from the batch and the pre-step weights."""
@@ -65,28 +114,28 @@ class LossCheck(Callback):
         images, labels = self.batch
         student, teacher, cb = pl_module.model, self.callback.teacher, self.callback
         teacher_logits = teacher(images)
-        if cb.mode == "deit":
+        if cb.config.mode == "deit":
             student.set_distilled_training(True)
             cls_logits, dist_logits = student(images)
             student.set_distilled_training(False)
             task = F.cross_entropy(cls_logits, labels)
             distill = (
                 F.cross_entropy(dist_logits, teacher_logits.argmax(-1))
-                if cb.deit_target == "hard"
-                else soft_distillation_loss(dist_logits, teacher_logits, cb.temperature)
+                if cb.config.deit_target == "hard"
+                else soft_distillation_loss(dist_logits, teacher_logits, cb.config.temperature)
             )
         else:
             logits = student(images)
             task = F.cross_entropy(logits, labels) * self.forwards
-            if cb.mode == "soft":
+            if cb.config.mode == "soft":
                 distill = F.kl_div(
-                    F.log_softmax(logits / cb.temperature, -1),
-                    F.softmax(teacher_logits / cb.temperature, -1),
+                    F.log_softmax(logits / cb.config.temperature, -1),
+                    F.softmax(teacher_logits / cb.config.temperature, -1),
                     reduction="batchmean",
-                ) * cb.temperature**2
+                ) * cb.config.temperature**2
             else:
                 distill = F.cross_entropy(logits, teacher_logits.argmax(-1))
-        self.pairs.append((loss.item(), ((1 - cb.alpha) * task + cb.alpha * distill).item()))
+        self.pairs.append((loss.item(), ((1 - cb.config.alpha) * task + cb.config.alpha * distill).item()))
 
 
 @pytest.mark.parametrize(
@@ -95,7 +144,11 @@ class LossCheck(Callback):
      ("deit", "deit_tiny_distilled_patch16_224", "hard"), ("deit", "deit_tiny_distilled_patch16_224", "soft")],
 )
 def test_backpropagated_loss_is_the_formula(tmp_path, digits, tiny_classifier, mode, model_name, deit_target):
-    callback = DistillationTeacher(tiny_teacher(), mode=mode, alpha=0.3, temperature=3.0, deit_target=deit_target)
+    settings = dict(mode=mode, alpha=0.3, temperature=3.0, deit_target=deit_target)
+    if mode == "hard":  # the same settings as one config
+        callback = DistillationTeacher(tiny_teacher(), config=DistillConfig(**settings))
+    else:
+        callback = DistillationTeacher(tiny_teacher(), **settings)
     check = LossCheck(callback)
     trainer = fast_trainer(tmp_path, callbacks=[callback, check], limit_train_batches=2, limit_val_batches=0)
     trainer.fit(tiny_classifier(model_name=model_name), digits)
@@ -338,7 +391,7 @@ def test_resuming_with_another_alpha_warns_and_uses_the_new_value(tmp_path, digi
     resumed = fast_trainer(tmp_path, callbacks=[callback], max_epochs=2, limit_train_batches=1, limit_val_batches=0)
     with pytest.warns(UserWarning, match=r"alpha=0.5 -> 0.9.*new values apply"):
         resumed.fit(tiny_classifier(), digits, ckpt_path=tmp_path / "run.ckpt")
-    assert callback.alpha == 0.9 and resumed.current_epoch == 2
+    assert callback.config.alpha == 0.9 and resumed.current_epoch == 2
 
 
 # ------------------------------------------------------------ teacher sources

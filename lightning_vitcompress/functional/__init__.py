@@ -12,7 +12,13 @@ Example::
 
 from lightning_vitcompress._model import find_attention_blocks, resolve_target_model
 from lightning_vitcompress._structure import load_compressed, record_edit, register_replay, replay_edits, save_safetensors
-from lightning_vitcompress.functional.distill import combine_losses, hard_distillation_loss, soft_distillation_loss
+from lightning_vitcompress.functional.distill import (
+    DistillConfig,
+    combine_losses,
+    hard_distillation_loss,
+    load_teacher,
+    soft_distillation_loss,
+)
 from lightning_vitcompress.functional.measure import (
     compare_throughput,
     count_macs,
@@ -35,6 +41,7 @@ from lightning_vitcompress.functional.x86_int8 import (
 )
 
 __all__ = [
+    "DistillConfig",
     "INFERENCE_PRECISIONS",
     "NAMED_CONFIGS",
     "Int8DynamicX86Config",
@@ -55,6 +62,7 @@ __all__ = [
     "format_report",
     "hard_distillation_loss",
     "load_compressed",
+    "load_teacher",
     "measure_accuracy",
     "measure_latency",
     "prune_vit",

@@ -1,23 +1,51 @@
-"""Distillation losses and teacher helpers: pure torch, no Lightning.
+"""Distillation: the loss settings (:class:`DistillConfig`), the loss terms and teacher loading. Pure torch, no Lightning.
 
 :class:`~lightning_vitcompress.DistillationTeacher` adds these terms to the
-user's loss; they are usable on their own in any training loop.
+user's loss at every training step; they are usable on their own in any
+training loop.
 
 Example::
 
-    loss = combine_losses(F.cross_entropy(student(x), y), soft_distillation_loss(student(x), teacher(x), 4.0), 0.5)
+    config = DistillConfig(mode="soft", alpha=0.5, temperature=4.0)
+    teacher = load_teacher("vit_base_patch16_224", teacher_weights="vit_b16.safetensors",
+                           teacher_kwargs=dict(num_classes=10)).eval().requires_grad_(False)
+    logits = student(x)
+    term = config.loss(logits, teacher_forward(teacher, x, input_adapter=224))  # no_grad, resized to 224
+    loss = combine_losses(F.cross_entropy(logits, y), term, config.alpha)
 """
 
 from __future__ import annotations
 
+import difflib
+import hashlib
 import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ['combine_losses', 'hard_distillation_loss', 'soft_distillation_loss']
+from lightning_vitcompress._checks import check_choice, check_fraction, check_path, check_positive
+from lightning_vitcompress._model import get_submodule, resolve_target_path
+from lightning_vitcompress._structure import build_from_checkpoint, read_checkpoint
+
+__all__ = [
+    "DistillConfig",
+    "check_input_adapter",
+    "check_same_classes",
+    "check_teacher",
+    "combine_losses",
+    "hard_distillation_loss",
+    "load_teacher",
+    "sample_keys",
+    "soft_distillation_loss",
+    "teacher_forward",
+    "teacher_kind",
+]
 
 
 DistillationMode = Literal["soft", "hard", "deit"]
@@ -58,18 +86,344 @@ def combine_losses(task_loss: Tensor, distillation_loss: Tensor, alpha: float) -
     return (1.0 - alpha) * task_loss + alpha * distillation_loss
 
 
-def distillation_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    mode: Literal["soft", "hard"] = "soft",
-    temperature: float = 1.0,
-) -> Tensor:
-    """The distillation term of ``mode`` (``"soft"`` or ``"hard"``)."""
-    if mode == "soft":
-        return soft_distillation_loss(student_logits, teacher_logits, temperature)
-    if mode == "hard":
+# ----------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class DistillConfig:
+    """The distillation loss settings, checked once, here: ``total = (1 - alpha) * task_loss + alpha * term``.
+
+    Args:
+        mode: ``"soft"``: KL divergence at ``temperature``, scaled by ``T**2``.
+            ``"hard"``: cross-entropy to the teacher's argmax (DeiT's hard
+            distillation). ``"deit"``: for a timm ``VisionTransformerDistilled``
+            student: the distillation token's head learns from the teacher
+            (with ``deit_target``), the class token's head from the task loss.
+        alpha: weight of the distillation term, in ``[0, 1]``.
+        temperature: softmax temperature of the soft term (``> 0``).
+        deit_target: ``"hard"`` (DeiT's choice) or ``"soft"``: the term that
+            trains the distillation head in ``mode="deit"``.
+
+    Example::
+
+        config = DistillConfig(mode="deit", deit_target="soft", temperature=3.0)
+        term = config.loss(student_logits, teacher_logits)
+    """
+
+    mode: DistillationMode = "soft"
+    alpha: float = 0.5
+    temperature: float = 2.0
+    deit_target: Literal["hard", "soft"] = "hard"
+
+    def __post_init__(self) -> None:
+        check_choice(self.mode, "mode", _MODES)
+        check_fraction(self.alpha, "alpha", "0.5 as in DeiT (0: task loss only, 1: teacher only)", closed=True)
+        check_positive(self.temperature, "temperature", "1.0 (plain softmax) or 4.0")
+        check_choice(self.deit_target, "deit_target", ("hard", "soft"))
+        if self.deit_target != "hard" and self.mode != "deit":
+            raise ValueError(
+                f"deit_target={self.deit_target!r} only applies to mode='deit' (it picks the distillation head's "
+                f"term), but mode={self.mode!r}. Pass mode='deit', or leave deit_target out."
+            )
+        object.__setattr__(self, "alpha", float(self.alpha))  # frozen: set once, as a float
+        object.__setattr__(self, "temperature", float(self.temperature))
+
+    def loss(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        """The distillation term (not yet weighted by ``alpha``) for these student and teacher logits."""
+        kind = self.deit_target if self.mode == "deit" else self.mode
+        if kind == "soft":
+            return soft_distillation_loss(student_logits, teacher_logits, self.temperature)
         return hard_distillation_loss(student_logits, teacher_logits)
-    raise ValueError(f"mode={mode!r}: use 'soft' or 'hard'.")
+
+    def check_student(self, student: nn.Module) -> None:
+        """``mode="deit"`` needs a student with a distillation token; raise ``ValueError`` naming ``mode`` if not."""
+        if self.mode == "deit" and not (
+            callable(getattr(student, "set_distilled_training", None)) and hasattr(student, "head_dist")
+        ):
+            raise ValueError(
+                f"mode='deit' needs a student with a distillation token (timm VisionTransformerDistilled, e.g. "
+                f"small_vit('deit_tiny_distilled_patch16_224')); {type(student).__name__} has none. "
+                "Use mode='soft' or mode='hard' for this student."
+            )
+
+
+# --------------------------------------------------------------- teacher loading
+_KINDS = {"module": "an nn.Module", "checkpoint": "a checkpoint path", "timm": "a timm model name"}
+
+
+def _is_lightning_module_class(cls: Any) -> bool:
+    """A ``LightningModule`` subclass, told without importing Lightning (this layer must load without it).
+
+    ``CHECKPOINT_HYPER_PARAMS_KEY`` is a class attribute of ``LightningModule``
+    that a plain ``nn.Module`` does not have.
+    """
+    return isinstance(cls, type) and issubclass(cls, nn.Module) and hasattr(cls, "CHECKPOINT_HYPER_PARAMS_KEY")
+
+
+def teacher_kind(teacher: TeacherSpec) -> str:
+    """``"module"``, ``"checkpoint"`` (a path) or ``"timm"`` (a model name)."""
+    if isinstance(teacher, nn.Module):
+        return "module"
+    if isinstance(teacher, os.PathLike) or _looks_like_path(teacher):
+        return "checkpoint"
+    return "timm"
+
+
+def check_teacher(
+    teacher: Any, *, teacher_weights: Any = None, teacher_kwargs: Any = None, teacher_class: Any = None
+) -> None:
+    """Check what the values of ``teacher`` and its companion arguments alone decide (files are read later).
+
+    Raises ``TypeError`` for a value of the wrong kind and ``ValueError`` for an
+    unknown timm name (with close matches) or a companion argument that does
+    not apply to this kind of teacher; each message names the argument.
+    """
+    if not isinstance(teacher, (nn.Module, str, os.PathLike)) or (isinstance(teacher, str) and not teacher.strip()):
+        raise TypeError(
+            f"teacher={teacher!r}: pass an nn.Module, a timm model name ('deit_tiny_patch16_224') or the path of a "
+            "Lightning checkpoint."
+        )
+    kind = teacher_kind(teacher)
+    if kind == "timm":
+        import timm
+
+        if not teacher.startswith(_TIMM_SOURCES) and not timm.is_model(teacher):
+            close = difflib.get_close_matches(teacher, timm.list_models(), n=5, cutoff=0.6)
+            hint = f" Close matches: {close}." if close else " See timm.list_models('<pattern>*')."
+            raise ValueError(f"teacher={teacher!r} is neither an existing checkpoint path nor a timm model name.{hint}")
+    given = {"teacher_weights": teacher_weights, "teacher_kwargs": teacher_kwargs or None, "teacher_class": teacher_class}
+    only_for = {"teacher_weights": "timm", "teacher_kwargs": "timm", "teacher_class": "checkpoint"}
+    for argument, applies_to in only_for.items():
+        if given[argument] is not None and kind != applies_to:
+            raise ValueError(
+                f"{argument}={given[argument]!r} only applies to a teacher given as {_KINDS[applies_to]}, but "
+                f"teacher={teacher if isinstance(teacher, str) else type(teacher).__name__!r} is "
+                f"{_KINDS[kind]}: it would be ignored. Leave {argument} out, or build the teacher yourself."
+            )
+    check_path(teacher_weights, "teacher_weights")
+    if teacher_kwargs is not None:
+        if not isinstance(teacher_kwargs, Mapping) or not all(isinstance(key, str) for key in teacher_kwargs):
+            raise TypeError(
+                f"teacher_kwargs={teacher_kwargs!r}: pass a dict of timm.create_model arguments, "
+                "e.g. dict(num_classes=10)."
+            )
+        reserved = sorted({"model_name", "pretrained"} & set(teacher_kwargs))
+        if reserved:
+            raise ValueError(
+                f"teacher_kwargs={teacher_kwargs!r}: {reserved} have arguments of their own "
+                "(teacher=..., pretrained=...); pass them there."
+            )
+    if teacher_class is not None and not _is_lightning_module_class(teacher_class):
+        raise TypeError(
+            f"teacher_class={teacher_class!r}: pass the LightningModule class that saved the checkpoint "
+            "(the class, not an instance), e.g. teacher_class=DigitsClassifier."
+        )
+
+
+def load_teacher(
+    teacher: TeacherSpec,
+    *,
+    pretrained: bool = True,
+    teacher_weights: Optional[Union[str, "os.PathLike[str]"]] = None,
+    teacher_kwargs: Optional[Mapping[str, Any]] = None,
+    teacher_class: Optional[type[nn.Module]] = None,
+    weights_only: bool = True,
+    model_attribute: Optional[str] = None,
+    warn: Callable[[str], Any] = warnings.warn,
+) -> nn.Module:
+    """The teacher network ``teacher`` names, as it is (not frozen, not moved; the caller decides).
+
+    Args:
+        teacher: an ``nn.Module`` (a LightningModule gives its ViT, found as for
+            the student, or itself when it has none); a timm model name
+            (``"deit_base_patch16_224"``, ``"hf-hub:..."``); or the path of a
+            Lightning checkpoint, rebuilt as ``teacher_class`` with
+            :func:`~lightning_vitcompress.load_compressed`'s machinery (so
+            pruned or otherwise compressed teachers load too).
+        pretrained: timm names only: load the hub weights (or ``teacher_weights``).
+        teacher_weights: timm names only: a local weights file, passed as
+            ``pretrained_cfg_overlay=dict(file=...)`` (implies ``pretrained``).
+            With ``num_classes`` in ``teacher_kwargs`` the file's classifier is
+            kept (it must have that many outputs).
+        teacher_kwargs: timm names only: more ``timm.create_model`` arguments.
+        teacher_class: checkpoint paths only (and required for them): the
+            LightningModule class that saved the checkpoint.
+        weights_only: checkpoint paths only: ``True`` reads the file with
+            ``torch.load(weights_only=True)``, which cannot run code; ``False``
+            reads a trusted file holding other Python objects, with a warning.
+        model_attribute: attribute of a LightningModule teacher holding its ViT.
+        warn: reports a teacher that is probably not what you meant (a hub
+            head replaced by an untrained one); under DDP pass a rank-zero
+            warning function.
+
+    Raises:
+        TypeError, ValueError: as :func:`check_teacher`, or a file that is no
+            Lightning checkpoint / cannot be built as ``teacher_class``.
+        FileNotFoundError: a missing checkpoint or ``teacher_weights`` file.
+        RuntimeError: timm could not fetch pretrained weights (offline).
+
+    Example::
+
+        teacher = load_teacher("runs/big.ckpt", teacher_class=DigitsClassifier)
+    """
+    check_teacher(teacher, teacher_weights=teacher_weights, teacher_kwargs=teacher_kwargs, teacher_class=teacher_class)
+    if isinstance(teacher, nn.Module):
+        return _network_of(teacher, model_attribute)
+    spec = os.fspath(teacher)
+    if teacher_kind(spec) == "checkpoint":
+        return _teacher_from_checkpoint(spec, teacher_class, weights_only, model_attribute)
+    return _teacher_from_timm(spec, pretrained, teacher_weights, dict(teacher_kwargs or {}), warn)
+
+
+def _network_of(module: nn.Module, model_attribute: Optional[str]) -> nn.Module:
+    """A LightningModule teacher: its ViT (as for the student), or itself when it has none."""
+    if not _is_lightning_module_class(type(module)):
+        return module
+    try:
+        return get_submodule(module, resolve_target_path(module, model_attribute))
+    except (AttributeError, ValueError):
+        return module  # e.g. a CNN teacher: its own forward gives the logits
+
+
+def _teacher_from_checkpoint(
+    path: str, module_class: Optional[type[nn.Module]], weights_only: bool, model_attribute: Optional[str]
+) -> nn.Module:
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"teacher={path!r}: no such checkpoint file. Pass an existing Lightning checkpoint path, "
+            "an nn.Module, or a timm model name."
+        )
+    if module_class is None:
+        raise ValueError(
+            f"teacher={path!r} is a checkpoint path: pass teacher_class=<the LightningModule class that saved it>."
+        )
+    checkpoint = read_checkpoint(path, weights_only=weights_only, argument="teacher")
+    if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
+        raise ValueError(
+            f"teacher={path!r} is not a Lightning checkpoint (no 'state_dict' entry; a plain state dict or "
+            "weights file?). For timm weights pass teacher=<timm name>, teacher_weights=<file>; else build the "
+            "teacher, load the weights yourself and pass the nn.Module."
+        )
+    try:
+        built = build_from_checkpoint(module_class, checkpoint)
+    except Exception as err:
+        reason = str(err) if len(str(err)) <= 300 else str(err)[:300] + "..."
+        raise ValueError(
+            f"teacher={path!r}: could not load it as a {module_class.__name__} ({type(err).__name__}: {reason}). "
+            "Pass teacher_class=<the LightningModule class that saved it> (with save_hyperparameters()), "
+            "or build the teacher yourself and pass the nn.Module."
+        ) from err
+    return _network_of(built, model_attribute)
+
+
+def _teacher_from_timm(
+    name: str,
+    pretrained: bool,
+    teacher_weights: Optional[Union[str, "os.PathLike[str]"]],
+    given: dict[str, Any],
+    warn: Callable[[str], Any],
+) -> nn.Module:
+    import timm
+
+    kwargs = dict(given)
+    pretrained = pretrained or teacher_weights is not None
+    if teacher_weights is not None:
+        weights = Path(teacher_weights)
+        if not weights.is_file():
+            raise FileNotFoundError(f"teacher_weights={str(weights)!r}: no such file.")
+        overlay = {**kwargs.get("pretrained_cfg_overlay", {}), "file": str(weights)}
+        if "num_classes" in kwargs:
+            # the file holds a teacher trained for these classes: keep its head (timm would drop and
+            # re-initialise a head whose class count differs from the hub config's)
+            overlay.setdefault("num_classes", kwargs["num_classes"])
+        kwargs["pretrained_cfg_overlay"] = overlay
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as err:  # an argument the model's constructor does not take
+        raise ValueError(
+            f"teacher_kwargs={given!r}: timm.create_model({name!r}, ...) rejected them "
+            f"({err}). Pass arguments of {name!r}'s constructor (num_classes, img_size, ...)."
+        ) from err
+    except Exception as err:
+        if not pretrained:
+            raise ValueError(
+                f"teacher={name!r}: timm could not build it with teacher_kwargs={given!r} "
+                f"({type(err).__name__}: {err})."
+            ) from err
+        raise RuntimeError(
+            f"teacher={name!r}: timm could not load the pretrained weights ({type(err).__name__}: {err}). "
+            "Offline, pass teacher_weights='<local weights file>'; pretrained=False gives random weights."
+        ) from err
+    hub_classes = (getattr(model, "pretrained_cfg", None) or {}).get("num_classes")
+    if pretrained and teacher_weights is None and kwargs.get("num_classes") not in (None, hub_classes):
+        warn(
+            f"teacher={name!r}: the hub weights predict {hub_classes} classes, so timm gave the teacher a new, "
+            f"untrained {kwargs['num_classes']}-class head. Fine-tune the teacher on your classes first and pass "
+            "its checkpoint (or teacher_weights=<file>)."
+        )
+    return model
+
+
+# ----------------------------------------------------------- the teacher in a step
+def check_input_adapter(input_adapter: Any) -> InputAdapter:
+    """``None``, a callable, or an image size as ``(height, width)`` (an ``int`` means a square); else ``ValueError``."""
+    if input_adapter is None or callable(input_adapter):
+        return input_adapter
+    size = (input_adapter, input_adapter) if isinstance(input_adapter, int) else input_adapter
+    if not (
+        isinstance(size, (tuple, list))
+        and len(size) == 2
+        and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)
+    ):
+        raise ValueError(
+            f"input_adapter={input_adapter!r}: pass an image size (224 or (224, 224)), "
+            "a callable mapping the student's batch to the teacher's, or None."
+        )
+    return (int(size[0]), int(size[1]))
+
+
+@torch.no_grad()
+def teacher_forward(teacher: nn.Module, inputs: Tensor, input_adapter: InputAdapter = None) -> Tensor:
+    """The teacher's logits for a student batch, without gradients.
+
+    ``input_adapter`` (see :func:`check_input_adapter`) maps the batch (a
+    callable) or resizes it bilinearly (an image size); floating inputs are cast
+    to the teacher's parameter dtype. A teacher returning a tuple (a distilled
+    timm model in training mode) gives its first output.
+    """
+    x = inputs
+    if callable(input_adapter):
+        x = input_adapter(x)
+    elif input_adapter is not None and tuple(x.shape[-2:]) != tuple(input_adapter):
+        x = F.interpolate(x, size=input_adapter, mode="bilinear", align_corners=False)
+    reference = next(iter(teacher.parameters()), None)
+    if reference is not None and reference.is_floating_point() and x.is_floating_point():
+        x = x.to(reference.dtype)
+    logits = teacher(x)
+    if isinstance(logits, (tuple, list)):  # a distilled timm teacher in eval averages; others: first output
+        logits = logits[0]
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"The teacher returned {type(logits).__name__}; it must return a logits tensor.")
+    return logits.detach()
+
+
+def sample_keys(inputs: Tensor) -> list[bytes]:
+    """One content hash per sample (its exact bytes, shape and dtype): a teacher-logit cache key."""
+    rows = inputs.detach().to("cpu").contiguous()
+    header = f"{rows.dtype}{tuple(rows.shape[1:])}".encode()
+    if rows.dtype == torch.bfloat16:  # numpy has no bfloat16: hash the same bits as int16
+        rows = rows.view(torch.int16)
+    return [hashlib.blake2b(header + row.numpy().tobytes(), digest_size=16).digest() for row in rows]
+
+
+
+def check_same_classes(student: nn.Module, teacher: nn.Module) -> None:
+    """Raise ``ValueError`` when both models state their class count and the counts differ."""
+    student_classes, teacher_classes = _num_classes(student), _num_classes(teacher)
+    if student_classes and teacher_classes and student_classes != teacher_classes:
+        raise ValueError(
+            f"teacher predicts {teacher_classes} classes but the student {student_classes}. Use a teacher "
+            f"trained on the student's {student_classes} classes (e.g. a timm name with "
+            f"teacher_kwargs=dict(num_classes={student_classes}) and fine-tuned weights, or its checkpoint)."
+        )
 
 
 # -------------------------------------------------------------------- helpers
@@ -110,6 +464,3 @@ def _fixed_image_size(model: nn.Module) -> Optional[tuple[int, int]]:
     if size is None:
         return None
     return (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
-
-
-
