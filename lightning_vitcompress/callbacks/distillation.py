@@ -50,7 +50,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_vitcompress._base import CompressionCallback
-from lightning_vitcompress._checks import check_bool
+from lightning_vitcompress._checks import check_bool, config_or_options
 from lightning_vitcompress.functional.distill import (
     DistillationMode,
     DistillConfig,
@@ -68,22 +68,6 @@ from lightning_vitcompress.functional.distill import (
 )
 
 __all__ = ['DistillationTeacher']
-
-
-def _loss_config(config: Optional[DistillConfig], **keywords: Any) -> DistillConfig:
-    """``config``, or one built from the loss keywords; both at once (a keyword off its default) is an error."""
-    if config is None:
-        return DistillConfig(**keywords)
-    if not isinstance(config, DistillConfig):
-        raise TypeError(f"config={config!r}: pass a DistillConfig(mode=..., alpha=...), or None.")
-    defaults = DistillConfig()
-    given = [f"{name}={value!r}" for name, value in keywords.items() if value != getattr(defaults, name)]
-    if given:
-        raise ValueError(
-            f"config={config!r} and {', '.join(given)} both set the distillation loss. Pass the settings in "
-            "config only (DistillConfig(..., " + ", ".join(given) + ")), or leave config out."
-        )
-    return config
 
 
 class _Capture:
@@ -183,7 +167,8 @@ class DistillationTeacher(CompressionCallback):
         model_attribute: Optional[str] = None,
     ) -> None:
         super().__init__(model_attribute)
-        self.config = _loss_config(config, mode=mode, alpha=alpha, temperature=temperature, deit_target=deit_target)
+        options = dict(mode=mode, alpha=alpha, temperature=temperature, deit_target=deit_target)
+        self.config = config_or_options(config, DistillConfig, options, "DistillationTeacher")
         check_bool(pretrained, "pretrained", "timm names: load pretrained weights")
         check_bool(cache_teacher_logits, "cache_teacher_logits", "reuse the teacher's logits per sample")
         check_bool(weights_only, "weights_only", "True: safe loading, default; False: trusted files only")
