@@ -45,7 +45,8 @@ from torch import nn
 from lightning_vitcompress._model import get_submodule, is_attention_block, resolve_target_path
 from lightning_vitcompress._structure import Record
 from lightning_vitcompress.functional.nystrom import NystromAttention, nystrom_settings
-from lightning_vitcompress.functional.prune import HEADS_BUFFER, _shape_changes, _shape_snapshot
+from lightning_vitcompress._structure import shape_changes, shape_snapshot
+from lightning_vitcompress.functional.prune import HEADS_BUFFER
 from lightning_vitcompress.functional.quantize import RECORD_KIND as QUANTIZE_KIND
 
 __all__ = ["StructureMismatchError", "align_state_dict", "check_structure", "infer_records"]
@@ -163,7 +164,7 @@ def _pruned_shapes(
     model: nn.Module, saved: Mapping[str, Any], nystrom: Mapping[str, dict[str, Any]], prefix: str
 ) -> dict[str, Any]:
     """The ``"modules"`` of a prune record: saved shapes and the attributes that follow from them."""
-    before = _shape_snapshot(model)
+    before = shape_snapshot(model)
     after = copy.deepcopy(before)
     modules = dict(model.named_modules())
     for name, entry in after.items():
@@ -186,7 +187,7 @@ def _pruned_shapes(
     for name, module in modules.items():
         attrs = _attributes(name, module, after, saved, nystrom, prefix)
         after[name]["attrs"].update({a: v for a, v in attrs.items() if a in after[name]["attrs"]})
-    return _shape_changes(before, after)
+    return shape_changes(before, after)
 
 
 def _attributes(
@@ -197,7 +198,7 @@ def _attributes(
     nystrom: Mapping[str, dict[str, Any]],
     prefix: str,
 ) -> dict[str, Any]:
-    """The shape attributes of ``module`` (see ``pruning._SHAPE_ATTRIBUTES``) that its saved tensors imply."""
+    """The shape attributes of ``module`` (see ``_structure.SHAPE_ATTRIBUTES``) that its saved tensors imply."""
     dot = f"{name}." if name else ""
     tensors = after[name]["tensors"]
     weight = tensors.get("weight")

@@ -56,6 +56,80 @@ _REPLAYS: dict[str, ReplayFn] = {}
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
+# ------------------------------------------------------------------ shapes of a model
+#: integer/float attributes that describe a module's shapes; replayed from the record
+SHAPE_ATTRIBUTES = (
+    "in_features",
+    "out_features",
+    "in_channels",
+    "out_channels",
+    "normalized_shape",
+    "num_features",
+    "embedding_dim",
+    "embed_dim",
+    "head_hidden_size",
+    "num_heads",
+    "head_dim",
+    "attn_dim",
+    "scale",
+    "kdim",
+    "vdim",
+)
+
+
+def shape_snapshot(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Every module's tensor shapes and shape attributes (:data:`SHAPE_ATTRIBUTES`), as plain data."""
+    snapshot: dict[str, dict[str, Any]] = {}
+    for name, module in model.named_modules():
+        tensors = {n: list(t.shape) for n, t in module.named_parameters(recurse=False)}
+        tensors.update({n: list(t.shape) for n, t in module.named_buffers(recurse=False) if t is not None})
+        attrs = {}
+        for attr in SHAPE_ATTRIBUTES:
+            value = module.__dict__.get(attr)
+            if isinstance(value, bool) or not isinstance(value, (int, float, tuple, list)):
+                continue
+            attrs[attr] = list(value) if isinstance(value, (tuple, list)) else value
+        snapshot[name] = {"tensors": tensors, "attrs": attrs}
+    return snapshot
+
+
+def shape_changes(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """What differs between two :func:`shape_snapshot` s: the ``modules`` part of a structural record."""
+    changes: dict[str, Any] = {}
+    for name, now in after.items():
+        old = before.get(name, {"tensors": {}, "attrs": {}})
+        tensors = {n: s for n, s in now["tensors"].items() if old["tensors"].get(n) != s}
+        attrs = {a: v for a, v in now["attrs"].items() if old["attrs"].get(a) != v}
+        if tensors or attrs:
+            changes[name] = {"tensors": tensors, "attrs": attrs}
+    return changes
+
+
+class ModelSnapshot:
+    """What pruning may change in ``model``: each module's attributes, its tensors' objects, values and grads.
+
+    ``restore()`` puts all of it back in place, so a failed or trial prune leaves
+    the very same objects (the optimizer keeps pointing at the right tensors).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.modules = [
+            (module, {key: copy.copy(value) if isinstance(value, dict) else value
+                      for key, value in vars(module).items()})
+            for module in model.modules()
+        ]
+        tensors = [*model.parameters(), *model.buffers()]
+        self.tensors = [(tensor, tensor.data.clone(), tensor.grad) for tensor in tensors]
+
+    def restore(self) -> None:
+        for module, attributes in self.modules:
+            vars(module).clear()
+            vars(module).update(attributes)
+        for tensor, data, grad in self.tensors:
+            tensor.data = data
+            tensor.grad = grad
+
+
 def register_replay(kind: str) -> Callable[[ReplayFn], ReplayFn]:
     """Decorator: ``fn(target_module, record)`` rebuilds the structure of a ``kind`` edit."""
 

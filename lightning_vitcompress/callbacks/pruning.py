@@ -31,14 +31,13 @@ from lightning_vitcompress._checks import (
     check_int,
 )
 from lightning_vitcompress._model import shape_example_input
-from lightning_vitcompress._structure import recorded_edits
+from lightning_vitcompress._structure import ModelSnapshot, recorded_edits
 from lightning_vitcompress._training_state import refresh_after_structural_change
 from lightning_vitcompress.functional.measure import count_macs, count_parameters, eval_mode
 from lightning_vitcompress.functional.prune import (
     ImportanceName,
     PruneConfig,
     _gradient_kind,
-    _Snapshot,
     prunable_widths,
     prune_vit,
     widths_after,
@@ -317,7 +316,7 @@ class PruningSchedule(CompressionCallback):
         base = measure(model)
 
         def reduction(ratio: float) -> float:
-            snapshot = _Snapshot(model)
+            snapshot = ModelSnapshot(model)
             try:
                 self._prune_model(model, ratio, importance="l2")
                 return 1.0 - measure(model) / base
@@ -368,7 +367,7 @@ class PruningSchedule(CompressionCallback):
         assert self._original_widths is not None and self._example_input is not None
         keep = widths_after(self._original_widths, reached, self.config.prune_heads)
         params_before = count_parameters(model)
-        snapshot = _Snapshot(model)  # pruning works in place (the module may be the LightningModule itself)
+        snapshot = ModelSnapshot(model)  # pruning works in place (the module may be the LightningModule itself)
         try:
             if _gradient_kind(self._importance) is not None:
                 self._load_gradients(model)

@@ -16,7 +16,6 @@ Example::
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Literal, Optional, Sequence, Union
@@ -27,30 +26,12 @@ from torch import nn
 
 from lightning_vitcompress._checks import check_bool, check_choice, check_fraction, check_int, check_names
 from lightning_vitcompress._model import ATTENTION_MARKER, find_attention_blocks, get_submodule
-from lightning_vitcompress._structure import Record, register_replay
+from lightning_vitcompress._structure import Record, register_replay, shape_changes, shape_snapshot
 
 __all__ = ["PruneConfig", "prunable_widths", "prune_vit", "widths_after"]
 
 ImportanceName = Literal["l1", "l2", "taylor", "hessian", "random"]
 
-#: integer/float attributes that describe a module's shapes; replayed from the record
-_SHAPE_ATTRIBUTES = (
-    "in_features",
-    "out_features",
-    "in_channels",
-    "out_channels",
-    "normalized_shape",
-    "num_features",
-    "embedding_dim",
-    "embed_dim",
-    "head_hidden_size",
-    "num_heads",
-    "head_dim",
-    "attn_dim",
-    "scale",
-    "kdim",
-    "vdim",
-)
 #: a pruned timm ``Attention`` keeps its head count in this buffer (a scalar int64): from the shapes
 #: alone 4 heads of 4 dims and 2 heads of 8 look the same, so a bare state dict needs it
 #: (:class:`~lightning_vitcompress.NystromAttention` keeps it in its extra state instead)
@@ -287,32 +268,6 @@ def _timm_style_attention(model: nn.Module) -> list[nn.Module]:
     return [m for _, m in find_attention_blocks(model) if isinstance(getattr(m, "qkv", None), nn.Linear)]
 
 
-def _shape_snapshot(model: nn.Module) -> dict[str, dict[str, Any]]:
-    snapshot: dict[str, dict[str, Any]] = {}
-    for name, module in model.named_modules():
-        tensors = {n: list(t.shape) for n, t in module.named_parameters(recurse=False)}
-        tensors.update({n: list(t.shape) for n, t in module.named_buffers(recurse=False) if t is not None})
-        attrs = {}
-        for attr in _SHAPE_ATTRIBUTES:
-            value = module.__dict__.get(attr)
-            if isinstance(value, bool) or not isinstance(value, (int, float, tuple, list)):
-                continue
-            attrs[attr] = list(value) if isinstance(value, (tuple, list)) else value
-        snapshot[name] = {"tensors": tensors, "attrs": attrs}
-    return snapshot
-
-
-def _shape_changes(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    changes: dict[str, Any] = {}
-    for name, now in after.items():
-        old = before.get(name, {"tensors": {}, "attrs": {}})
-        tensors = {n: s for n, s in now["tensors"].items() if old["tensors"].get(n) != s}
-        attrs = {a: v for a, v in now["attrs"].items() if old["attrs"].get(a) != v}
-        if tensors or attrs:
-            changes[name] = {"tensors": tensors, "attrs": attrs}
-    return changes
-
-
 @register_replay("prune")
 def _replay_prune(model: nn.Module, record: Record) -> None:
     """Give ``model`` the shapes a pruning step left; the state dict fills in the weights."""
@@ -413,31 +368,6 @@ def _broadcast(obj: Any) -> Any:
     return obj
 
 
-class _Snapshot:
-    """What pruning may change in ``model``: each module's attributes, its tensors' objects, values and grads.
-
-    ``restore()`` puts all of it back in place, so a failed or trial prune leaves
-    the very same objects (the optimizer keeps pointing at the right tensors).
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.modules = [
-            (module, {key: copy.copy(value) if isinstance(value, dict) else value
-                      for key, value in vars(module).items()})
-            for module in model.modules()
-        ]
-        tensors = [*model.parameters(), *model.buffers()]
-        self.tensors = [(tensor, tensor.data.clone(), tensor.grad) for tensor in tensors]
-
-    def restore(self) -> None:
-        for module, attributes in self.modules:
-            vars(module).clear()
-            vars(module).update(attributes)
-        for tensor, data, grad in self.tensors:
-            tensor.data = data
-            tensor.grad = grad
-
-
 def prune_vit(
     model: nn.Module,
     config: Union[PruneConfig, float],
@@ -506,7 +436,7 @@ def prune_vit(
                 ratio_dict[modules[name]] = _ratio_to_keep(width[0], target[0])
 
     training = {module: module.training for module in model.modules()}  # tracing switches to eval
-    before = _shape_snapshot(model)
+    before = shape_snapshot(model)
     # torch-pruning cannot trace the landmark branch of NystromAttention (it reads its token concat as a
     # channel concat); with landmarks >= tokens the module runs exact attention, whose graph is timm's
     landmarks = {a: a.num_landmarks for a in attentions if isinstance(getattr(a, "num_landmarks", None), int)}
@@ -545,4 +475,4 @@ def prune_vit(
         for attr in ("embed_dim", "num_features", "head_hidden_size"):
             if isinstance(model.__dict__.get(attr), int):
                 setattr(model, attr, proj.out_channels)
-    return _shape_changes(before, _shape_snapshot(model))
+    return shape_changes(before, shape_snapshot(model))
