@@ -49,11 +49,9 @@ from lightning_vitcompress.functional.quantize import (
     Ranges,
     SkipSpec,
     _check_skip_matches,
-    _is_linear,
     _run,
     check_compile,
     check_skip,
-    quantize_,
     quantize_model,
     remove_fake_quantization,
     resolve_quantization,
@@ -299,12 +297,8 @@ class QuantizeOnFit(CompressionCallback):
         if self.qat_start_epoch is None or self._qat_active or trainer.current_epoch < self.qat_start_epoch:
             return
         model = self.target(pl_module)
-        selected, _ = self.spec.select_layers(model, self.skip)
         params_before = [id(p) for p in pl_module.parameters()]
-        holder = nn.ModuleList([model.get_submodule(name) for name in selected])
-        quantize_(holder, self.spec.qat_config(), filter_fn=_is_linear)
-        for name, layer in zip(selected, holder):
-            set_submodule(model, name, layer)
+        selected = self.spec.prepare_qat(model, self.skip)
         self._qat_active = True
         if [id(p) for p in pl_module.parameters()] != params_before:
             refresh_after_structural_change(trainer)  # torchao shares the parameters today; in case it stops

@@ -33,18 +33,17 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from torch import nn
-from torchao.core.config import AOBaseConfig
-
 # imported with the package on purpose: torchao registers its quantized tensor classes with
 # torch.serialization.add_safe_globals on import, which is what lets load_compressed /
 # torch.load(weights_only=True) read a quantized checkpoint in a fresh process
+import torchao.quantization
+from torch import nn
+from torchao.core.config import AOBaseConfig
 from torchao.quantization import (
     Float8DynamicActivationFloat8WeightConfig,
     Int4WeightOnlyConfig,
     Int8DynamicActivationInt8WeightConfig,
     Int8WeightOnlyConfig,
-    quantize_,
 )
 from torchao.quantization.qat import FakeQuantizedLinear, IntxFakeQuantizeConfig, QATConfig
 from torchao.utils import TorchAOBaseTensor
@@ -187,6 +186,18 @@ class QuantizationSpec:
         """:func:`select_layers` with this config's group size and layer check."""
         return select_layers(model, skip, self.group_size, self.incompatible)
 
+    def prepare_qat(self, model: nn.Module, skip: SkipSpec = None) -> list[str]:
+        """Swap the selected linears of ``model`` for torchao's fake-quantized ones, in place; their names.
+
+        The fake-quantized layers share the linears' parameters, so an optimizer trains on.
+        """
+        selected, _ = self.select_layers(model, skip)
+        holder = nn.ModuleList([model.get_submodule(name) for name in selected])
+        torchao.quantization.quantize_(holder, self.qat_config(), filter_fn=_is_linear)
+        for name, layer in zip(selected, holder):
+            set_submodule(model, name, layer)
+        return selected
+
     def prepared_copy(self, layer: nn.Module) -> nn.Module:
         """A copy of ``layer`` ready for ``quantize_``: fake quantization removed, bf16 where the kernel needs it."""
         layer = _unprepared(copy.deepcopy(layer))
@@ -243,11 +254,12 @@ class QuantizationSpec:
             if qat:
                 step = "QAT prepare"
                 holder = nn.ModuleList([copy.deepcopy(layer)])
-                quantize_(holder, self.qat_config(), filter_fn=_is_linear)
+                torchao.quantization.quantize_(holder, self.qat_config(), filter_fn=_is_linear)
                 holder[0](x).sum().backward()
                 step = "quantize"
             holder = nn.ModuleList([self.prepared_copy(layer)])
-            quantize_(holder, self.ptq_config((-4.0, 4.0) if self.calibrates else None), filter_fn=_is_linear)
+            config = self.ptq_config((-4.0, 4.0) if self.calibrates else None)
+            torchao.quantization.quantize_(holder, config, filter_fn=_is_linear)
             with torch.no_grad():
                 holder[0](x.to(torch.bfloat16) if self.bfloat16_weights else x)
         except Exception as err:  # noqa: BLE001 - any failure is reported with its cause
@@ -298,6 +310,10 @@ def _int8_weight_only_qat() -> QATConfig:
 def _int4_qat() -> QATConfig:
     # QAT infers int4 fake quantization from the plain-format config only; the numerics are the same
     return QATConfig(base_config=Int4WeightOnlyConfig(group_size=128), step="prepare")
+
+
+def _float8_qat() -> QATConfig:
+    return QATConfig(base_config=Float8DynamicActivationFloat8WeightConfig(), step="prepare")
 
 
 #: the named configs: ``QuantizeOnFit(config=name)`` / ``quantize_model(model, name)``; one entry each
@@ -352,7 +368,7 @@ QUANTIZATION_CONFIGS: dict[str, QuantizationSpec] = {
     "float8_dynamic": QuantizationSpec(
         name="float8_dynamic",
         build=Float8DynamicActivationFloat8WeightConfig,
-        qat=lambda: QATConfig(base_config=Float8DynamicActivationFloat8WeightConfig(), step="prepare"),
+        qat=_float8_qat,
         devices=("cuda",),
         min_capability=(8, 9),
         incompatible=_float8_incompatible,
@@ -405,11 +421,11 @@ def resolve_quantization(config: Any) -> QuantizationSpec:
     entry = next((s for s in QUANTIZATION_CONFIGS.values() if type(config) is s.config_class), None)
     name = type(config).__name__
     if entry is None:
-        return QuantizationSpec(name=name, build=lambda: config)
+        return QuantizationSpec(name=name, build=functools.partial(_given, config))
     group_size = getattr(config, "group_size", None) if entry.group_size is not None else None
     return QuantizationSpec(
         name=name,
-        build=lambda: config,
+        build=functools.partial(_given, config),
         group_size=int(group_size) if group_size is not None else None,
         module_class=entry.module_class,
         calibrates=entry.calibrates and getattr(config, "input_range", None) is None,
@@ -417,6 +433,11 @@ def resolve_quantization(config: Any) -> QuantizationSpec:
         frozen_compile=entry.frozen_compile,
         bf16_mixed=entry.bf16_mixed,
     )
+
+
+def _given(config: AOBaseConfig) -> AOBaseConfig:
+    """``build`` of a spec resolved from a config object (a function, so the spec pickles, e.g. for ddp_spawn)."""
+    return config
 
 
 def spec_for_label(label: str) -> Optional[QuantizationSpec]:
@@ -714,10 +735,10 @@ def quantize_model(
             for index, name in enumerate(selected):
                 if name in ranges:  # a layer the calibration inputs never reached stays full precision
                     holder = nn.ModuleList([copies[index]])
-                    quantize_(holder, spec.ptq_config(ranges[name]), filter_fn=_is_linear)
+                    torchao.quantization.quantize_(holder, spec.ptq_config(ranges[name]), filter_fn=_is_linear)
                     copies[index] = holder[0]
         else:
-            quantize_(copies, spec.ptq_config(), filter_fn=_is_linear)
+            torchao.quantization.quantize_(copies, spec.ptq_config(), filter_fn=_is_linear)
     quantized: list[str] = []
     for name, layer in zip(selected, copies):
         if _is_quantized_layer(layer, spec):
