@@ -34,7 +34,7 @@ from torch import nn
 
 from lightning_vitcompress.functional import (
     INFERENCE_PRECISIONS,
-    NAMED_CONFIGS,
+    QUANTIZATION_CONFIGS,
     compare_throughput,
     compile_frozen,
     measure_accuracy,
@@ -129,7 +129,7 @@ def cuda_section(args: argparse.Namespace) -> None:
     for name in MODELS:
         bf16 = timm.create_model(name, pretrained=False).eval().to("cuda", torch.bfloat16)
         variants = {"bf16 eager": bf16}
-        for config, spec in NAMED_CONFIGS.items():
+        for config, spec in QUANTIZATION_CONFIGS.items():
             if "cuda" not in spec.devices:
                 continue
             if spec.min_capability is not None and capability < spec.min_capability:
@@ -188,7 +188,7 @@ def digits_section(args: argparse.Namespace) -> None:
         drift = float((logits - reference_logits).norm() / reference_logits.norm())
         print(f"| {label} | {accuracy:.4f} | {100 * (accuracy - fp32_accuracy):+.2f} | {changed} | {drift:.4f} |")
 
-    cpu_configs = [name for name, spec in NAMED_CONFIGS.items() if "cpu" in spec.devices]
+    cpu_configs = [name for name, spec in QUANTIZATION_CONFIGS.items() if "cpu" in spec.devices]
     for config in cpu_configs:
         for skip in (None, "head"):
             q = quantized(vit, config, skip=skip, calibration_inputs=calibration)

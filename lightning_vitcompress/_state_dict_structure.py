@@ -47,6 +47,7 @@ from lightning_vitcompress._structure import Record
 from lightning_vitcompress.functional.nystrom import NystromAttention, nystrom_settings
 from lightning_vitcompress._structure import shape_changes, shape_snapshot
 from lightning_vitcompress.functional.prune import HEADS_BUFFER
+from lightning_vitcompress.functional.quantize import QUANTIZATION_CONFIGS
 from lightning_vitcompress.functional.quantize import RECORD_KIND as QUANTIZE_KIND
 
 __all__ = ["StructureMismatchError", "align_state_dict", "check_structure", "infer_records"]
@@ -263,7 +264,13 @@ def _head_layout(
 
 
 def _quantized_layers(model: nn.Module, saved: Mapping[str, Any]) -> dict[str, list[str]]:
-    """``{config label: linear layer names}`` of the layers saved quantized."""
+    """``{config label: linear layer names}`` of the layers saved quantized.
+
+    A torchao tensor-subclass weight is labelled with its class; a layer saved
+    from a registered config's ``module_class`` (the x86 int8 layers) with the
+    first config whose module has exactly the saved keys and an int8 weight.
+    """
+    modules: Optional[list[tuple[str, frozenset[str]]]] = None
     layers: dict[str, list[str]] = {}
     for name, module in model.named_modules():
         weight = saved.get(f"{name}.weight")
@@ -271,12 +278,25 @@ def _quantized_layers(model: nn.Module, saved: Mapping[str, Any]) -> dict[str, l
             continue
         if type(weight) not in (torch.Tensor, nn.Parameter):  # a torchao tensor subclass
             label = type(weight).__name__
-        elif f"{name}.weight_scale" in saved and weight.dtype == torch.int8:  # an X86Int8*Linear
-            label = "int8_static_x86" if f"{name}.{_EXTRA_STATE}" in saved else "int8_dynamic_x86"
+        elif weight.dtype == torch.int8:
+            keys = frozenset(key[len(name) + 1 :] for key in saved if key.startswith(f"{name}.")) - {"bias"}
+            modules = _swapped_in_modules() if modules is None else modules
+            label = next((config for config, module_keys in modules if keys == module_keys), "")
+            if not label:
+                continue
         else:
             continue
         layers.setdefault(label, []).append(name)
     return layers
+
+
+def _swapped_in_modules() -> list[tuple[str, frozenset[str]]]:
+    """``(config name, state-dict keys of its module but "bias")`` of the registered configs that swap modules."""
+    return [
+        (config, frozenset(spec.module_class(1, 1, bias=False).state_dict()))
+        for config, spec in QUANTIZATION_CONFIGS.items()
+        if spec.module_class is not None
+    ]
 
 
 # ----------------------------------------------------------------------------- checking

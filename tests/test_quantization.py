@@ -22,13 +22,26 @@ from torchao.quantization import Int8Tensor
 from torchao.quantization.qat import FakeQuantizedLinear
 from torchao.quantization.transform_module import register_quantize_module_handler
 
-from lightning_vitcompress import X86Int8DynamicLinear, X86Int8StaticLinear, load_compressed
+from lightning_vitcompress import (
+    Int8DynamicX86Config,
+    Int8StaticX86Config,
+    X86Int8DynamicLinear,
+    X86Int8StaticLinear,
+    load_compressed,
+)
 from lightning_vitcompress.functional.x86_int8 import calibrate_input_ranges
 from lightning_vitcompress.functional.measure import measure_accuracy
 from lightning_vitcompress._model import set_submodule
 from lightning_vitcompress._structure import STRUCTURE_KEY, UnsafeCheckpointError, recorded_edits
 from lightning_vitcompress.digits import DigitsClassifier
-from lightning_vitcompress.functional.quantize import NAMED_CONFIGS, quantize_model, select_layers
+from lightning_vitcompress.functional import (
+    QUANTIZATION_CONFIGS,
+    QuantizationSpec,
+    quantize_model,
+    resolve_quantization,
+    select_layers,
+)
+from lightning_vitcompress.functional.quantize import spec_for_label
 from lightning_vitcompress import QuantizeOnFit
 
 
@@ -207,6 +220,61 @@ def test_quantize_model_needs_calibration_inputs_for_the_static_config(tiny_clas
     assert type(model.head) is X86Int8StaticLinear and len(summary["quantized"]) == 2 * 4 + 1
 
 
+def test_a_config_added_as_one_registry_entry_quantizes_in_a_fit_and_reloads(
+    tmp_path, tiny_classifier, digits, monkeypatch
+):
+    # the whole of adding a config: a second name for the x86 dynamic layers that keeps narrow layers fp32
+    toy = QuantizationSpec(
+        name="toy_int8_x86_wide",
+        build=Int8DynamicX86Config,
+        devices=("cpu",),
+        incompatible=lambda layer: "fewer than 64 inputs" if layer.in_features < 64 else None,
+        module_class=X86Int8DynamicLinear,
+    )
+    monkeypatch.setitem(QUANTIZATION_CONFIGS, toy.name, toy)
+    model = tiny_classifier()
+    callback = QuantizeOnFit(toy.name, save_path=tmp_path / "toy.ckpt")
+    fast_trainer(tmp_path, callbacks=[callback]).fit(model, digits)
+    wide = ["blocks.0.mlp.fc2", "blocks.1.mlp.fc2"]  # in_features 128; the rest take 32
+    assert callback.summary["config"] == toy.name and callback.summary["quantized"] == wide
+    assert callback.summary["skipped"]["head"] == "fewer than 64 inputs"
+    assert "compile_seconds" not in callback.summary  # compiled_by_default=False
+    assert recorded_edits(model)[-1]["config"] == toy.name
+
+    images = next(iter(digits.test_dataloader()))[0]
+    model.eval()
+    with torch.no_grad():
+        expected = model(images)
+    torch.save(model.state_dict(), tmp_path / "toy.pt")
+    for loaded in (load_compressed(DigitsClassifier, tmp_path / "toy.ckpt"),  # replayed by its label
+                   load_compressed(DigitsClassifier, tmp_path / "toy.pt", **TINY)):  # read from the tensors
+        assert {name for name, m in loaded.model.named_modules() if type(m) is X86Int8DynamicLinear} == set(wide)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(images), expected)
+
+
+def test_a_config_resolves_once_to_a_spec_and_records_replay_by_label():
+    assert resolve_quantization("int8_static_x86") is QUANTIZATION_CONFIGS["int8_static_x86"]
+    static = resolve_quantization(Int8StaticX86Config())  # an object of a registered class: its entry's layers
+    assert (static.name, static.module_class, static.calibrates) == ("Int8StaticX86Config", X86Int8StaticLinear, True)
+    assert static.compiled_by_default and static.bf16_mixed and static.devices is None
+    assert not resolve_quantization(Int8StaticX86Config(input_range=(-1.0, 1.0))).calibrates
+    int4 = resolve_quantization(torchao.quantization.Int4WeightOnlyConfig(group_size=32))
+    assert int4.group_size == 32 and not int4.bfloat16_weights  # quantized as given, as before
+    assert resolve_quantization(FailsOnSmallLayersConfig()).name == "FailsOnSmallLayersConfig"
+    assert spec_for_label("int8_dynamic_x86").module_class is X86Int8DynamicLinear
+    assert spec_for_label("Int8StaticX86Config") is QUANTIZATION_CONFIGS["int8_static_x86"]
+    assert spec_for_label("Int8Tensor") is None  # a tensor subclass read from a bare state dict
+    with pytest.raises(ValueError, match=r"config='int9_magic', which is neither a registered.*QuantizationSpec"):
+        spec_for_label("int9_magic")
+    monkeypatched = dict(QUANTIZATION_CONFIGS)
+    monkeypatched["alias"] = QUANTIZATION_CONFIGS["int8_dynamic"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("lightning_vitcompress.functional.quantize.QUANTIZATION_CONFIGS", monkeypatched)
+        with pytest.raises(ValueError, match=r"QUANTIZATION_CONFIGS\['alias'\] is a QuantizationSpec named"):
+            resolve_quantization("alias")
+
+
 def test_size_ratio_on_vit_small():
     vit = timm.create_model("vit_small_patch16_224", pretrained=False).eval()
     summary = quantize_model(vit, "int8_dynamic")
@@ -227,14 +295,14 @@ def test_skip_by_name_pattern_or_predicate(tiny_classifier):
 
 def test_layers_a_cuda_config_cannot_take_are_reported_not_silently_skipped(tiny_classifier):
     vit = tiny_classifier(embed_dim=128).model
-    _, skipped = select_layers(vit, group_size=NAMED_CONFIGS["int4_weight_only"].group_size)
+    _, skipped = select_layers(vit, group_size=QUANTIZATION_CONFIGS["int4_weight_only"].group_size)
     assert skipped == {}  # in_features 128 and 512: multiples of 128
     vit = tiny_classifier(embed_dim=96, num_heads=4).model
     _, skipped = select_layers(vit, group_size=128)
     assert skipped["blocks.0.attn.qkv"] == "in_features=96 is not a multiple of group_size=128"
     assert "blocks.0.mlp.fc2" not in skipped and "head" in skipped  # fc2: in_features 384 = 3 x 128
     vit = tiny_classifier(embed_dim=128).model
-    _, skipped = select_layers(vit, incompatible=NAMED_CONFIGS["float8_dynamic"].incompatible)
+    _, skipped = select_layers(vit, incompatible=QUANTIZATION_CONFIGS["float8_dynamic"].incompatible)
     assert sorted(skipped) == ["blocks.0.attn.proj", "blocks.1.attn.proj"]  # torchao 0.18 bug, seen on an H100
 
 

@@ -16,7 +16,6 @@ failure the fp32 model stays in place and the error says what failed.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 import time
 from pathlib import Path
@@ -45,33 +44,19 @@ from lightning_vitcompress._training_state import (
 from lightning_vitcompress.functional.quantize import (
     _EXAMPLE_ROWS,
     _MB,
-    _X86_LAYERS,
-    INFERENCE_PRECISIONS,
-    NAMED_CONFIGS,
     RECORD_KIND,
-    Example,
+    ModelInputs,
+    Ranges,
     SkipSpec,
-    _check_compile,
-    _check_skip,
     _check_skip_matches,
-    _config_label,
-    _group_size,
-    _incompatible,
-    _is_linear,
-    _NamedConfig,
-    _needs_calibration,
-    _prepared_copy,
-    _ptq_config,
-    _run_example,
-    _torchao,
-    check_config,
+    _run,
+    check_compile,
+    check_skip,
     quantize_model,
-    select_layers,
+    remove_fake_quantization,
+    resolve_quantization,
 )
-from lightning_vitcompress.functional.x86_int8 import (
-    compile_frozen,
-    cpu_supports_bfloat16,
-)
+from lightning_vitcompress.functional.x86_int8 import cpu_supports_bfloat16
 
 __all__ = ['QuantizeOnFit']
 
@@ -99,8 +84,11 @@ class QuantizeOnFit(CompressionCallback):
             ``calibration_batches`` training inputs at train end: the fastest CPU path),
             ``"int8_weight_only"`` (CPU and CUDA),
             ``"int4_weight_only"`` (CUDA; groups of 128, layers cast to bf16),
-            ``"float8_dynamic"`` (CUDA, compute capability >= 8.9), or any torchao
-            config object (``torchao.quantization.*Config``).
+            ``"float8_dynamic"`` (CUDA, compute capability >= 8.9), any name
+            registered in :data:`~lightning_vitcompress.functional.QUANTIZATION_CONFIGS`,
+            any torchao config object (``torchao.quantization.*Config``), or a
+            :class:`~lightning_vitcompress.functional.QuantizationSpec`. Resolved once
+            into :attr:`spec`.
         skip: layers to keep in full precision: a name or glob pattern relative
             to the model (``"head"``, ``"blocks.0.*"``), a list of them, or
             ``fn(name, module) -> bool``. ``nn.MultiheadAttention``'s
@@ -113,7 +101,8 @@ class QuantizeOnFit(CompressionCallback):
             compiles the quantized model in place (``nn.Module.compile``: the
             state-dict keys do not change); the int8 kernels are fastest
             compiled. ``None`` (default): compile where the config is only fast
-            compiled (``"int8_dynamic_x86"``, compiled with inductor freezing).
+            compiled (its spec's ``compiled_by_default``: the x86 configs,
+            compiled with inductor freezing).
             The compile cost is paid once at train end, on a captured
             training input under ``inference_mode``, and logged as
             ``quant/compile_seconds`` (about 15-30 s for ViT-B/16 on 2 cores);
@@ -171,26 +160,14 @@ class QuantizeOnFit(CompressionCallback):
         model_attribute: Optional[str] = None,
     ) -> None:
         super().__init__(model_attribute)
-        self._check_config(config)
-        _check_skip(skip)
+        #: the config resolved once: what it is, how it quantizes, compiles and replays
+        self.spec = resolve_quantization(config)
+        check_skip(skip)
         if qat_start_epoch is not None:
             check_int(qat_start_epoch, "qat_start_epoch", minimum=0, example="0 (or None for no QAT)")
-        _check_compile(compile)
+        check_compile(compile)
         check_choice(on_error, "on_error", ("raise", "warn"))
-        if inference_precision not in INFERENCE_PRECISIONS:
-            raise ValueError(f"inference_precision={inference_precision!r}: pass one of {list(INFERENCE_PRECISIONS)}.")
-        if inference_precision != "32-true":
-            if _config_label(config) not in _X86_LAYERS:
-                raise ValueError(
-                    f"inference_precision={inference_precision!r} needs an x86 config (compiled with inductor "
-                    f"freezing), not config={_config_label(config)!r}: use config='int8_static_x86' or "
-                    "'int8_dynamic_x86', or inference_precision='32-true'."
-                )
-            if compile is False:
-                raise ValueError(
-                    f"inference_precision={inference_precision!r} takes effect in the compiled model, "
-                    "but compile=False: pass compile=None (default) or True."
-                )
+        self.spec.check_inference_precision(inference_precision, compile)
         check_int(calibration_batches, "calibration_batches", minimum=1, example="8")
         save_path, save_fp32_path = check_path(save_path, "save_path"), check_path(save_fp32_path, "save_fp32_path")
         if save_path is not None and save_fp32_path is not None and save_path.resolve() == save_fp32_path.resolve():
@@ -211,45 +188,10 @@ class QuantizeOnFit(CompressionCallback):
         #: what the last quantization did (``None`` before it ran)
         self.summary: Optional[dict[str, Any]] = None
         self._qat_active = False
-        self._example: Optional[Example] = None
+        self._example: Optional[ModelInputs] = None
         #: training inputs of the current epoch kept for static calibration
-        self._calibration: list[Example] = []
+        self._calibration: list[ModelInputs] = []
         self._capture_handle: Optional[Any] = None
-
-    # ------------------------------------------------------------- config
-    _check_config = staticmethod(check_config)
-
-    @property
-    def _named(self) -> Optional[_NamedConfig]:
-        return NAMED_CONFIGS.get(self.config) if isinstance(self.config, str) else None
-
-    def _ptq_config(self) -> Any:
-        return _ptq_config(self.config)
-
-    def _qat_config(self) -> Any:
-        named = self._named
-        if named is not None:
-            return named.qat()
-        from torchao.quantization.qat import QATConfig
-
-        return QATConfig(base_config=self.config, step="prepare")
-
-    def _group_size(self) -> Optional[int]:
-        return _group_size(self.config)
-
-    @property
-    def _compiles(self) -> bool:
-        if self.compile is None:
-            return self._uses_x86_layers
-        return self.compile is not False
-
-    @property
-    def _uses_x86_layers(self) -> bool:
-        return _config_label(self.config) in _X86_LAYERS
-
-    @property
-    def _calibrates(self) -> bool:
-        return _needs_calibration(self._ptq_config())
 
     # ------------------------------------------------------------- setup: fail fast
     def scheduled_epochs(self) -> dict[str, int]:
@@ -263,21 +205,19 @@ class QuantizeOnFit(CompressionCallback):
                 "(they hold the fp32 weights), or load this one for inference with load_compressed(...)."
             )
         device = trainer.strategy.root_device
-        self._check_device(device)
+        self.spec.check_device(device)
         self._check_inference_precision()
         self._check_calibration_data(trainer)
         for argument, path in (("save_path", self.save_path), ("save_fp32_path", self.save_fp32_path)):
             if path is not None:
                 check_output_file(path, argument)
         self._check_resume(trainer)
-        self._dry_run(device)
+        self.spec.dry_run(device, qat=self.qat_start_epoch is not None)
         _check_skip_matches(self.target(pl_module), self.skip)
-        selected, skipped = select_layers(
-            self.target(pl_module), self.skip, self._group_size(), _incompatible(self.config)
-        )
+        selected, skipped = self.spec.select_layers(self.target(pl_module), self.skip)
         if not selected:
             raise ValueError(
-                f"QuantizeOnFit(config={_config_label(self.config)!r}, skip={self.skip!r}) selects no nn.Linear "
+                f"QuantizeOnFit(config={self.spec.name!r}, skip={self.skip!r}) selects no nn.Linear "
                 f"layer of the model; skipped: {skipped}. Loosen `skip`."
             )
         self.summary = None
@@ -305,33 +245,12 @@ class QuantizeOnFit(CompressionCallback):
         # read back at a resume's setup (_check_resume); plain data, safe to load with weights_only=True
         skip = self.skip
         return {
-            "config": _config_label(self.config),
+            "config": self.spec.name,
             "qat_start_epoch": self.qat_start_epoch,
             "skip": None if skip is None or callable(skip) else ([skip] if isinstance(skip, str) else sorted(skip)),
             "skip_callable": callable(skip),
             "qat_active": self._qat_active,
         }
-
-    def _check_device(self, device: torch.device) -> None:
-        named = self._named
-        if named is None:
-            return
-        if device.type not in named.devices:
-            cpu_names = sorted(n for n, c in NAMED_CONFIGS.items() if "cpu" in c.devices)
-            raise ValueError(
-                f"config={self.config!r} runs on {'/'.join(d.upper() for d in named.devices)} only, but this "
-                f"Trainer runs on {device.type!r}. Use config={cpu_names[0]!r} or {cpu_names[1]!r} on CPU, "
-                "or Trainer(accelerator='gpu')."
-            )
-        if named.min_capability is not None and device.type == "cuda":
-            capability = torch.cuda.get_device_capability(device)
-            if capability < named.min_capability:
-                raise ValueError(
-                    f"config={self.config!r} needs a GPU of compute capability >= "
-                    f"{named.min_capability[0]}.{named.min_capability[1]} (Ada, Hopper or newer); "
-                    f"{torch.cuda.get_device_name(device)} is {capability[0]}.{capability[1]}. "
-                    "Use config='int8_dynamic' or 'int4_weight_only'."
-                )
 
     def _check_inference_precision(self) -> None:
         if self.inference_precision == "bf16-mixed" and not cpu_supports_bfloat16():
@@ -341,42 +260,12 @@ class QuantizeOnFit(CompressionCallback):
             )
 
     def _check_calibration_data(self, trainer: "pl.Trainer") -> None:
-        if self._calibrates and (trainer.max_epochs == 0 or trainer.limit_train_batches == 0):
+        if self.spec.calibrates and (trainer.max_epochs == 0 or trainer.limit_train_batches == 0):
             raise ValueError(
-                f"config={_config_label(self.config)!r} calibrates on training inputs, but this Trainer runs no "
+                f"config={self.spec.name!r} calibrates on training inputs, but this Trainer runs no "
                 f"training step (max_epochs={trainer.max_epochs}, limit_train_batches={trainer.limit_train_batches}). "
                 "Train at least one batch, or use config='int8_dynamic_x86'."
             )
-
-    def _dry_run(self, device: torch.device) -> None:
-        """Quantize (and QAT-prepare) a small linear layer on the training device: errors now, not after fit."""
-        quantize_ = _torchao().quantize_
-        label = _config_label(self.config)
-        step = "quantize"
-        try:
-            layer = nn.Linear(256, 256).to(device)
-            x = torch.randn(2, 256, device=device)
-            if self.qat_start_epoch is not None:
-                step = "QAT prepare"
-                holder = nn.ModuleList([copy.deepcopy(layer)])
-                quantize_(holder, self._qat_config(), filter_fn=_is_linear)
-                holder[0](x).sum().backward()
-                step = "quantize"
-            holder = nn.ModuleList([_prepared_copy(layer, self.config)])
-            ptq_config = self._ptq_config()
-            if _needs_calibration(ptq_config):
-                ptq_config = dataclasses.replace(ptq_config, input_range=(-4.0, 4.0))
-            quantize_(holder, ptq_config, filter_fn=_is_linear)
-            named = self._named
-            with torch.no_grad():
-                holder[0](x.to(torch.bfloat16) if named is not None and named.bfloat16_weights else x)
-        except Exception as err:  # noqa: BLE001 - any failure is reported with its cause
-            what = "qat_start_epoch (torchao QAT cannot fake-quantize this config). " if step == "QAT prepare" else ""
-            raise ValueError(
-                f"QuantizeOnFit(config={label!r}): the {step} step failed on a test layer on {device}: "
-                f"{type(err).__name__}: {err}. {what}"
-                f"Named configs: {sorted(NAMED_CONFIGS)}."
-            ) from err
 
     # ------------------------------------------------------------- example and calibration input capture
     def _start_capture(self, model: nn.Module) -> None:
@@ -385,15 +274,15 @@ class QuantizeOnFit(CompressionCallback):
         self._stop_capture()
         self._example = None
         self._calibration = []
-        calibrates = self._calibrates
+        calibrates = self.spec.calibrates
 
         def capture(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if self._example is None:
-                self._example = (_detached_rows(args), _detached_rows(kwargs))
+                self._example = ModelInputs.detached(args, kwargs, rows=_EXAMPLE_ROWS)
             if not calibrates:
                 self._stop_capture()
             elif module.training and len(self._calibration) < self.calibration_batches:
-                self._calibration.append((_detached_rows(args, rows=None), _detached_rows(kwargs, rows=None)))
+                self._calibration.append(ModelInputs.detached(args, kwargs))
 
         self._capture_handle = model.register_forward_pre_hook(capture, with_kwargs=True)
 
@@ -408,25 +297,21 @@ class QuantizeOnFit(CompressionCallback):
         if self.qat_start_epoch is None or self._qat_active or trainer.current_epoch < self.qat_start_epoch:
             return
         model = self.target(pl_module)
-        selected, _ = select_layers(model, self.skip, self._group_size(), _incompatible(self.config))
         params_before = [id(p) for p in pl_module.parameters()]
-        holder = nn.ModuleList([model.get_submodule(name) for name in selected])
-        _torchao().quantize_(holder, self._qat_config(), filter_fn=_is_linear)
-        for name, layer in zip(selected, holder):
-            set_submodule(model, name, layer)
+        selected = self.spec.prepare_qat(model, self.skip)
         self._qat_active = True
         if [id(p) for p in pl_module.parameters()] != params_before:
             refresh_after_structural_change(trainer)  # torchao shares the parameters today; in case it stops
         rank_zero_info(
             f"QuantizeOnFit: quantization-aware training from epoch {trainer.current_epoch} "
-            f"({len(selected)} fake-quantized linear layers, config={_config_label(self.config)!r})."
+            f"({len(selected)} fake-quantized linear layers, config={self.spec.name!r})."
         )
 
     # ------------------------------------------------------------- train end: quantize
     def ordered_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._stop_capture()
         model = self.target(pl_module)
-        label = _config_label(self.config)
+        label = self.spec.name
         if self.save_fp32_path is not None:
             try:
                 # during QAT too: fake-quantized layers keep nn.Linear's keys and hold the fp32 weights
@@ -478,7 +363,7 @@ class QuantizeOnFit(CompressionCallback):
                     err,
                 )
                 return
-        if self._compiles:
+        if self.spec.compiles(self.compile):
             summary["compile_seconds"] = self._compile(model)
         self.summary = summary
         self._log(trainer, summary)
@@ -486,24 +371,25 @@ class QuantizeOnFit(CompressionCallback):
     def _fail(self, model: nn.Module, message: str, err: Exception) -> None:
         """The model is in full precision again; raise or warn with ``message`` as ``on_error`` says."""
         if self._qat_active:
-            self._remove_fake_quantization(model)
+            remove_fake_quantization(model)
+            self._qat_active = False
         if self.on_error == "raise":
             raise RuntimeError(message) from err
         rank_zero_warn(message)
 
     def _quantize(self, model: nn.Module, trainer: "pl.Trainer") -> dict[str, Any]:
-        if self._calibrates and not self._calibration:
+        if self.spec.calibrates and not self._calibration:
             raise RuntimeError(
-                f"config={_config_label(self.config)!r} calibrates on training inputs, but no training step ran "
+                f"config={self.spec.name!r} calibrates on training inputs, but no training step ran "
                 "in this fit (nothing to calibrate on)."
             )
         summary = quantize_model(
             model,
-            self.config,
+            self.spec,
             skip=self.skip,
-            _example=self._example,
-            _calibration=self._calibration or None,
-            _sync_ranges=functools.partial(_reduce_ranges, trainer),  # the same model on every rank
+            example_input=self._example,
+            calibration_inputs=self._calibration,
+            reduce_ranges=functools.partial(_reduce_ranges, trainer),  # the same model on every rank
         )
         self._calibration = []
         summary["qat"] = self._qat_active
@@ -515,30 +401,14 @@ class QuantizeOnFit(CompressionCallback):
             )
         return summary
 
-    def _remove_fake_quantization(self, model: nn.Module) -> None:
-        """Back to plain ``nn.Linear`` layers (same parameters), e.g. when quantizing failed after QAT."""
-        from torchao.quantization.qat import FakeQuantizedLinear
-
-        for name, module in list(model.named_modules()):
-            if isinstance(module, FakeQuantizedLinear):
-                set_submodule(model, name, module.to_linear())
-        self._qat_active = False
-
-    def _run_example(self, model: nn.Module) -> Any:
-        return _run_example(model, self._example)
-
     def _compile(self, model: nn.Module) -> Optional[float]:
-        kwargs = self.compile if isinstance(self.compile, dict) else {}
-        if self._uses_x86_layers:
-            compile_frozen(model, autocast_dtype=INFERENCE_PRECISIONS[self.inference_precision], **kwargs)
-        else:
-            model.compile(**kwargs)
+        self.spec.compile(model, self.inference_precision, **(self.compile if isinstance(self.compile, dict) else {}))
         if self._example is None:
             return None
         start = time.perf_counter()
         try:
             with torch.inference_mode():
-                self._run_example(model)
+                _run(model, self._example)
         except Exception as err:  # noqa: BLE001 - the quantized model is fine, only compiling failed
             model._compiled_call_impl = None  # undo nn.Module.compile
             rank_zero_warn(f"QuantizeOnFit(compile={self.compile!r}): compiling the quantized model failed, "
@@ -600,7 +470,6 @@ class QuantizeOnFit(CompressionCallback):
         super().teardown(trainer, pl_module, stage)
 
 
-
 def _file_stamp(path: Path) -> Optional[tuple[int, int]]:
     """``(mtime_ns, size)`` of the file at ``path``, ``None`` when there is none: did a write touch it?"""
     try:
@@ -610,21 +479,7 @@ def _file_stamp(path: Path) -> Optional[tuple[int, int]]:
     return stat.st_mtime_ns, stat.st_size
 
 
-
-def _detached_rows(value: Any, rows: Optional[int] = _EXAMPLE_ROWS) -> Any:
-    """A detached copy of ``value``'s tensors, cut to their first ``rows`` rows (``None``: all)."""
-    if isinstance(value, torch.Tensor):
-        tensor = value.detach()
-        return tensor[:rows].clone() if tensor.ndim and rows is not None else tensor.clone()
-    if isinstance(value, (list, tuple)):
-        return type(value)(_detached_rows(v, rows) for v in value)
-    if isinstance(value, dict):
-        return {k: _detached_rows(v, rows) for k, v in value.items()}
-    return value
-
-
-
-def _reduce_ranges(trainer: "pl.Trainer", ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+def _reduce_ranges(trainer: "pl.Trainer", ranges: Ranges) -> Ranges:
     """The union of the calibration ranges of all ranks (each rank calibrated on its own batches)."""
     if trainer.world_size <= 1:
         return ranges
@@ -632,6 +487,3 @@ def _reduce_ranges(trainer: "pl.Trainer", ranges: dict[str, tuple[float, float]]
     bounds = torch.tensor([[-ranges[n][0], ranges[n][1]] for n in names], device=trainer.strategy.root_device)
     bounds = trainer.strategy.reduce(bounds, reduce_op="max")
     return {name: (-float(low), float(high)) for name, (low, high) in zip(names, bounds.tolist())}
-
-
-

@@ -30,7 +30,15 @@ from lightning_vitcompress.functional.measure import (
 )
 from lightning_vitcompress.functional.nystrom import NystromAttention, NystromConfig, swap_attention
 from lightning_vitcompress.functional.prune import PruneConfig, prune_vit
-from lightning_vitcompress.functional.quantize import INFERENCE_PRECISIONS, NAMED_CONFIGS, quantize_model, select_layers
+from lightning_vitcompress.functional.quantize import (
+    INFERENCE_PRECISIONS,
+    QUANTIZATION_CONFIGS,
+    ModelInputs,
+    QuantizationSpec,
+    quantize_model,
+    resolve_quantization,
+    select_layers,
+)
 from lightning_vitcompress.functional.report import benchmark_model, compare_models, format_report
 from lightning_vitcompress.functional.x86_int8 import (
     Int8DynamicX86Config,
@@ -43,12 +51,14 @@ from lightning_vitcompress.functional.x86_int8 import (
 __all__ = [
     "DistillConfig",
     "INFERENCE_PRECISIONS",
-    "NAMED_CONFIGS",
     "Int8DynamicX86Config",
     "Int8StaticX86Config",
+    "ModelInputs",
     "NystromAttention",
     "NystromConfig",
     "PruneConfig",
+    "QUANTIZATION_CONFIGS",
+    "QuantizationSpec",
     "X86Int8DynamicLinear",
     "X86Int8StaticLinear",
     "benchmark_model",
@@ -70,6 +80,7 @@ __all__ = [
     "record_edit",
     "register_replay",
     "replay_edits",
+    "resolve_quantization",
     "resolve_target_model",
     "save_safetensors",
     "select_layers",
