@@ -47,7 +47,7 @@ from lightning_vitcompress._structure import Record
 from lightning_vitcompress.functional.nystrom import NystromAttention, nystrom_settings
 from lightning_vitcompress._structure import shape_changes, shape_snapshot
 from lightning_vitcompress.functional.prune import HEADS_BUFFER
-from lightning_vitcompress.functional.quantize import QUANTIZATION_CONFIGS
+from lightning_vitcompress.functional.quantize_configs import QUANTIZATION_CONFIGS
 from lightning_vitcompress.functional.quantize import RECORD_KIND as QUANTIZE_KIND
 
 __all__ = ["StructureMismatchError", "align_state_dict", "check_structure", "infer_records"]

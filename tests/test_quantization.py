@@ -41,7 +41,7 @@ from lightning_vitcompress.functional import (
     resolve_quantization,
     select_layers,
 )
-from lightning_vitcompress.functional.quantize import spec_for_label
+from lightning_vitcompress.functional.quantize_configs import spec_for_label
 from lightning_vitcompress import QuantizeOnFit
 
 
@@ -270,7 +270,7 @@ def test_a_config_resolves_once_to_a_spec_and_records_replay_by_label():
     monkeypatched = dict(QUANTIZATION_CONFIGS)
     monkeypatched["alias"] = QUANTIZATION_CONFIGS["int8_dynamic"]
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("lightning_vitcompress.functional.quantize.QUANTIZATION_CONFIGS", monkeypatched)
+        patch.setattr("lightning_vitcompress.functional.quantize_configs.QUANTIZATION_CONFIGS", monkeypatched)
         with pytest.raises(ValueError, match=r"QUANTIZATION_CONFIGS\['alias'\] is a QuantizationSpec named"):
             resolve_quantization("alias")
 

@@ -47,15 +47,12 @@ from lightning_vitcompress.functional.quantize import (
     RECORD_KIND,
     ModelInputs,
     Ranges,
-    SkipSpec,
-    _check_skip_matches,
     _run,
-    check_compile,
-    check_skip,
     quantize_model,
     remove_fake_quantization,
-    resolve_quantization,
 )
+from lightning_vitcompress.functional.quantize_layers import SkipSpec, _check_skip_matches, check_skip
+from lightning_vitcompress.functional.quantize_configs import check_compile, resolve_quantization
 from lightning_vitcompress.functional.x86_int8 import cpu_supports_bfloat16
 
 __all__ = ['QuantizeOnFit']

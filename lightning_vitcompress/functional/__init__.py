@@ -30,15 +30,14 @@ from lightning_vitcompress.functional.measure import (
 )
 from lightning_vitcompress.functional.nystrom import NystromAttention, NystromConfig, swap_attention
 from lightning_vitcompress.functional.prune import PruneConfig, prune_vit
-from lightning_vitcompress.functional.quantize import (
+from lightning_vitcompress.functional.quantize_configs import (
     INFERENCE_PRECISIONS,
     QUANTIZATION_CONFIGS,
-    ModelInputs,
     QuantizationSpec,
-    quantize_model,
     resolve_quantization,
-    select_layers,
 )
+from lightning_vitcompress.functional.quantize import ModelInputs, quantize_model
+from lightning_vitcompress.functional.quantize_layers import select_layers
 from lightning_vitcompress.functional.report import benchmark_model, compare_models, format_report
 from lightning_vitcompress.functional.x86_int8 import (
     Int8DynamicX86Config,

@@ -1,0 +1,121 @@
+"""Which ``nn.Linear`` layers of a model a quantization config applies to (``skip``, incompatible shapes).
+
+Example::
+
+    selected, skipped = select_layers(vit, skip=["head", "blocks.0.*"])
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+
+import torch
+
+# imported with the package on purpose: torchao registers its quantized tensor classes with
+# torch.serialization.add_safe_globals on import, which is what lets load_compressed /
+# torch.load(weights_only=True) read a quantized checkpoint in a fresh process
+from torch import nn
+
+if TYPE_CHECKING:
+    from lightning_vitcompress.functional.quantize_configs import QuantizationSpec
+
+__all__ = ['SkipSpec', 'check_skip', 'select_layers']
+
+
+SkipSpec = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
+
+
+def check_skip(skip: Any) -> None:
+    """``skip`` is None, a callable, a non-empty pattern, or a list of them (a str is one pattern, not letters)."""
+    patterns = [skip] if isinstance(skip, str) else skip
+    if skip is None or callable(skip):
+        return
+    if (
+        isinstance(skip, (bytes, Mapping))
+        or not isinstance(patterns, (Sequence, set, frozenset))
+        or not all(isinstance(p, str) and p for p in patterns)
+    ):
+        raise TypeError(
+            f"skip={skip!r}: pass a layer name or glob pattern ('head'), a list of them (['head', 'blocks.0.*']), "
+            "or a function (name, module) -> bool."
+        )
+
+
+def _is_mha_out_proj(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear)
+
+
+def _is_quantized_weight(weight: Any) -> bool:
+    """True for torchao's quantized tensor subclasses (not fp32/bf16 parameters)."""
+    data = weight.data if isinstance(weight, nn.Parameter) else weight
+    return type(data) is not torch.Tensor
+
+
+def _is_quantized_layer(layer: nn.Module, spec: QuantizationSpec) -> bool:
+    """A layer ``quantize_`` changed: swapped for the spec's module, or given a quantized weight."""
+    if spec.module_class is not None and isinstance(layer, spec.module_class):
+        return True
+    weight = getattr(layer, "weight", None)
+    return weight is not None and _is_quantized_weight(weight)
+
+
+def _check_skip_matches(model: nn.Module, skip: SkipSpec) -> None:
+    """Each ``skip`` pattern names at least one ``nn.Linear`` of ``model``: a typo must not quantize a layer."""
+    if skip is None or callable(skip):
+        return
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    for pattern in [skip] if isinstance(skip, str) else skip:
+        if not any(name == pattern or fnmatch.fnmatchcase(name, pattern) for name in names):
+            shown = names if len(names) <= 8 else names[:8] + ["..."]
+            raise ValueError(
+                f"skip={skip!r}: {pattern!r} matches no nn.Linear layer of {type(model).__name__}; its linear "
+                f"layers are {shown}. Use their names or glob patterns ('blocks.*.mlp.fc2')."
+            )
+
+
+def _skip_matcher(skip: SkipSpec) -> Callable[[str, nn.Module], bool]:
+    if skip is None:
+        return lambda name, module: False
+    if callable(skip):
+        return skip
+    patterns = [skip] if isinstance(skip, str) else list(skip)
+    return lambda name, module: any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def select_layers(
+    model: nn.Module,
+    skip: SkipSpec = None,
+    group_size: Optional[int] = None,
+    incompatible: Optional[Callable[[nn.Linear], Optional[str]]] = None,
+) -> tuple[list[str], dict[str, str]]:
+    """Names of the ``nn.Linear`` layers of ``model`` to quantize, and the skipped ones with why.
+
+    ``nn.MultiheadAttention``'s ``out_proj`` is always skipped: MHA runs it through
+    ``F.multi_head_attention_forward`` with the raw weight tensor, which torchao's
+    quantized tensors do not support (torchao's own default filter skips it silently).
+    """
+    matches_skip = _skip_matcher(skip)
+    selected: list[str] = []
+    skipped: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if _is_mha_out_proj(module):
+            skipped[name] = "nn.MultiheadAttention out_proj (MHA uses its weight tensor directly; kept fp32)"
+        elif matches_skip(name, module):
+            skipped[name] = "skip"
+        elif _is_quantized_weight(module.weight):
+            skipped[name] = "already quantized"
+        elif group_size is not None and module.in_features % group_size:
+            skipped[name] = f"in_features={module.in_features} is not a multiple of group_size={group_size}"
+        elif incompatible is not None and incompatible(module):
+            skipped[name] = str(incompatible(module))
+        else:
+            selected.append(name)
+    return selected, skipped
+
+
+def _is_linear(module: nn.Module, *args: Any) -> bool:
+    return isinstance(module, nn.Linear)
