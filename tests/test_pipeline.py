@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 import yaml
 from helpers import TINY, fast_trainer, run_ddp_script
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
 from lightning_vitcompress import (
@@ -181,3 +182,68 @@ def plain(value):
 
 def arguments(callback) -> dict:
     return {k: plain(v) for k, v in vars(callback).items() if not k.startswith("_") and not isinstance(v, nn.Module)}
+
+
+def test_resume_mid_pipeline_gives_the_weights_of_an_uninterrupted_run(tmp_path, tiny_classifier, digits, teacher):
+    """All five callbacks, 2 epochs + resume for 1 = 3 straight epochs: same structure and the same outputs."""
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(digits.train_set, batch_size=64, shuffle=False)  # both runs see the same batches
+    images = next(iter(digits.val_dataloader()))[0][:16]
+
+    class StopAfterEpoch1(Callback):  # the interrupted run: same max_epochs (so the same LR schedule), cut short
+        def on_train_epoch_end(self, trainer, pl_module):
+            trainer.should_stop = trainer.current_epoch == 1
+
+    def run(folder: str, *extra: Callback, **fit_kwargs) -> DigitsClassifier:
+        model = tiny_classifier()
+        callbacks = [*pipeline(teacher, tmp_path / folder), *extra]
+        fast_trainer(tmp_path / folder, callbacks=callbacks, max_epochs=3, limit_val_batches=0,
+                     enable_checkpointing=bool(extra)).fit(model, train_dataloaders=loader, **fit_kwargs)
+        return model.eval()
+
+    straight = run("straight")
+    run("first", StopAfterEpoch1(), ModelCheckpoint(dirpath=tmp_path / "first", save_last=True))
+    resumed = run("resumed", ckpt_path=tmp_path / "first" / "last.ckpt")
+    assert structure(resumed.model) == structure(straight.model)
+    with torch.no_grad():
+        torch.testing.assert_close(resumed(images), straight(images), rtol=1e-4, atol=1e-4)
+
+
+def test_ddp_resume_mid_schedule_keeps_ranks_identical_and_continues(tmp_path):
+    """Two gloo ranks prune at epochs 0 and 1 and swap at 1; a checkpoint after epoch 0 resumes under DDP."""
+    body = f"""
+        import lightning as L, torch
+        from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+        from lightning_vitcompress import NystromAttention, NystromSwap, PruningSchedule
+        from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
+        L.seed_everything(0)
+        resume = os.path.exists(os.path.join(OUT, "ckpt", "last.ckpt"))
+        callbacks = [PruningSchedule(0.5, start_epoch=0, end_epoch=1, num_steps=2), NystromSwap(num_landmarks=8, swap_epoch=1)]
+        class StopAfterEpoch0(L.Callback):  # the interrupted run keeps max_epochs=2 (the same schedule)
+            def on_train_epoch_end(self, trainer, pl_module):
+                trainer.should_stop = True
+
+        if not resume:
+            callbacks += [ModelCheckpoint(dirpath=os.path.join(OUT, "ckpt"), save_last=True), StopAfterEpoch0()]
+        trainer = L.Trainer(accelerator="cpu", strategy="ddp", devices=2, max_epochs=2,
+                            limit_train_batches=2, limit_val_batches=0, logger=False, enable_checkpointing=not resume,
+                            enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+        model = DigitsClassifier(**{TINY!r})
+        trainer.fit(model, DigitsDataModule(batch_size=16),
+                    ckpt_path=os.path.join(OUT, "ckpt", "last.ckpt") if resume else None)
+        shapes = {{n: list(p.shape) for n, p in model.named_parameters()}}
+        swapped = sum(isinstance(m, NystromAttention) for m in model.modules())
+        report(trainer, shapes=shapes, swapped=swapped, epoch=trainer.current_epoch,
+               checksum=float(sum(p.float().sum() for p in model.parameters())))
+    """
+    first = run_ddp_script(body, tmp_path)
+    for path in tmp_path.glob("rank*.json"):
+        path.unlink()
+    resumed = run_ddp_script(body, tmp_path)
+    assert first[0]["swapped"] == 0 and resumed[0]["swapped"] == 2  # swapped at epoch 1, after the resume
+    assert first[0]["epoch"] == 1 and resumed[0]["epoch"] == 2
+    assert resumed[0]["shapes"] == resumed[1]["shapes"]
+    assert resumed[0]["checksum"] == pytest.approx(resumed[1]["checksum"], rel=1e-6)
+    first_params = sum(math.prod(s) for s in first[0]["shapes"].values())
+    assert sum(math.prod(s) for s in resumed[0]["shapes"].values()) < first_params  # the second step pruned
