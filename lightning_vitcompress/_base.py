@@ -35,6 +35,7 @@ from typing import Any, Callable, ClassVar, Optional
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from torch import nn
+from typing_extensions import override
 
 from lightning_vitcompress._model import get_submodule, resolve_target_path
 from lightning_vitcompress._structure import (
@@ -261,6 +262,7 @@ class CompressionCallback(Callback):
         """``on_fit_end``, in canonical order (the model is unwrapped and on CPU)."""
 
     # -------------------------------------------- Lightning hooks: dispatch
+    @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         state = _pipeline_state(trainer)
         if ("setup", stage) in state.done:
@@ -294,6 +296,7 @@ class CompressionCallback(Callback):
         if ran and replay_pending:  # every callback acts before the replay point
             replay()
 
+    @override
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         _run_once_in_order(
             trainer,
@@ -301,6 +304,7 @@ class CompressionCallback(Callback):
             lambda cb: cb.ordered_train_epoch_start(trainer, pl_module),
         )
 
+    @override
     def on_train_batch_start(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
     ) -> None:
@@ -310,16 +314,20 @@ class CompressionCallback(Callback):
             lambda cb: cb.ordered_train_batch_start(trainer, pl_module, batch, batch_idx),
         )
 
+    @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         _run_once_in_order(trainer, ("train_end",), lambda cb: cb.ordered_train_end(trainer, pl_module))
 
+    @override
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         _run_once_in_order(trainer, ("fit_end",), lambda cb: cb.ordered_fit_end(trainer, pl_module))
 
+    @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         # a later trainer.fit/test/validate on the same trainer dispatches afresh
         trainer.__dict__.pop(_STATE_ATTRIBUTE, None)
 
+    @override
     def on_save_checkpoint(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]
     ) -> None:

@@ -110,15 +110,24 @@ def resolve_target_model(root: nn.Module, model_attribute: Optional[str] = None)
     return get_submodule(root, resolve_target_path(root, model_attribute))
 
 
-def shape_example_input(model: nn.Module) -> Optional[torch.Tensor]:
-    """A random batch of one image for a model that states its input shape (timm ``patch_embed``), else None.
-
-    Drawn from its own generator: building it does not move the global random stream.
-    """
+def stated_input_shape(model: nn.Module) -> Optional[tuple[int, int, int]]:
+    """``(channels, height, width)`` of one image where the model states it (timm ``patch_embed``), else None."""
     patch_embed = getattr(model, "patch_embed", None)
     img_size = getattr(patch_embed, "img_size", None)
     conv = getattr(patch_embed, "proj", None)
     if img_size is None or not isinstance(conv, nn.Conv2d):
         return None
+    return (conv.in_channels, int(img_size[0]), int(img_size[1]))
+
+
+def shape_example_input(model: nn.Module) -> Optional[torch.Tensor]:
+    """A random batch of one image for a model that states its input shape, else None.
+
+    Drawn from its own generator: building it does not move the global random stream.
+    """
+    shape = stated_input_shape(model)
+    if shape is None:
+        return None
     generator = torch.Generator().manual_seed(0)
-    return torch.randn(1, conv.in_channels, *img_size, generator=generator).to(conv.weight.device)
+    device = next(model.parameters()).device
+    return torch.randn(1, *shape, generator=generator).to(device)

@@ -20,6 +20,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
+from typing_extensions import override
 
 from lightning_vitcompress._base import CompressionCallback
 from lightning_vitcompress._checks import (
@@ -28,6 +29,7 @@ from lightning_vitcompress._checks import (
     check_path,
     check_positive,
 )
+from lightning_vitcompress._model import stated_input_shape
 from lightning_vitcompress.functional.measure import (
     eval_mode,
     resolve_device,
@@ -188,11 +190,9 @@ class BenchmarkCallback(CompressionCallback):
         example = getattr(pl_module, "example_input_array", None)
         if isinstance(example, torch.Tensor) and example.dim() == 4:
             return tuple(example.shape[1:])
-        patch_embed = getattr(model, "patch_embed", None)
-        img_size = getattr(patch_embed, "img_size", None)
-        proj = getattr(patch_embed, "proj", None)
-        if img_size is not None and isinstance(proj, nn.Conv2d):
-            return (proj.in_channels, *img_size)
+        stated = stated_input_shape(model)
+        if stated is not None:
+            return stated
         raise ValueError(
             f"BenchmarkCallback cannot tell the input shape of {type(model).__name__}: pass "
             "input_shape=(channels, height, width), or set example_input_array on the LightningModule."
@@ -270,9 +270,11 @@ class BenchmarkCallback(CompressionCallback):
         rank_zero_info(f"\nBenchmark ({self.report_path}):\n{format_report(self.report)}")
 
     # ------------------------------------------------------------ persistence
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"report": self.report}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.report = state_dict.get("report")
 

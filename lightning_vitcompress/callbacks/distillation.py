@@ -48,6 +48,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
+from typing_extensions import override
 
 from lightning_vitcompress._base import CompressionCallback
 from lightning_vitcompress._checks import check_bool, config_or_options
@@ -247,6 +248,7 @@ class DistillationTeacher(CompressionCallback):
             f"alpha={self.config.alpha}, temperature={self.config.temperature}."
         )
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the strategy has moved the student to its device (and dtype, for "-true" precisions) by now
         self._place_teacher(self.target(pl_module))
@@ -289,10 +291,12 @@ class DistillationTeacher(CompressionCallback):
             else:
                 pl_module.__dict__["training_step"] = previous
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._uninstall()
         super().teardown(trainer, pl_module, stage)
 
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._uninstall()  # Lightning does not call teardown after an exception
 
@@ -435,6 +439,7 @@ class DistillationTeacher(CompressionCallback):
                 self._cache[keys[i]] = row.clone()
         return torch.stack([self._cache[key] for key in keys]).to(inputs.device)
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.cache_teacher_logits and trainer.current_epoch >= 1 and self._cache_lookups and not self._cache_hits:
             rank_zero_warn(
@@ -445,6 +450,7 @@ class DistillationTeacher(CompressionCallback):
         self._cache_lookups = self._cache_hits = 0
 
     # ------------------------------------------------------ callback state
+    @override
     def state_dict(self) -> dict[str, Any]:
         # the teacher itself is deliberately *not* saved: checkpoints hold the student only. These fields are
         # read back at a resume's setup (_check_resume).

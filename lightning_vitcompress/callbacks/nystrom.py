@@ -13,10 +13,19 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from typing_extensions import override
 
 from lightning_vitcompress._base import CompressionCallback
-from lightning_vitcompress._checks import check_example_input, check_int, config_or_options
-from lightning_vitcompress._model import find_attention_blocks, set_submodule, shape_example_input
+from lightning_vitcompress._checks import (
+    check_example_input,
+    check_int,
+    config_or_options,
+)
+from lightning_vitcompress._model import (
+    find_attention_blocks,
+    set_submodule,
+    shape_example_input,
+)
 from lightning_vitcompress._structure import recorded_edits
 from lightning_vitcompress._training_state import refresh_after_structural_change
 from lightning_vitcompress.functional.measure import eval_mode
@@ -103,6 +112,7 @@ class NystromSwap(CompressionCallback):
     def resume_config(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self.config), "swap_epoch": self.swap_epoch, "blocks": self.blocks}
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         # lets a resumed fit refuse changed arguments also when the checkpoint predates the swap
         return {"config": self.resume_config()}
@@ -196,6 +206,7 @@ class NystromSwap(CompressionCallback):
             landmarks = sum(m.num_landmarks for m in swapped) / max(1, len(swapped))
             self.log_metrics(trainer, {"num_landmarks": landmarks, "swapped_blocks": len(swapped)})  # what it has
 
+    @override
     def on_exception(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException
     ) -> None:

@@ -22,18 +22,23 @@ import torch
 import torch_pruning as tp
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from typing_extensions import override
 
 from lightning_vitcompress._base import CompressionCallback
 from lightning_vitcompress._checks import (
-    config_or_options,
     check_choice,
     check_example_input,
     check_int,
+    config_or_options,
 )
 from lightning_vitcompress._model import shape_example_input
 from lightning_vitcompress._structure import ModelSnapshot, recorded_edits
 from lightning_vitcompress._training_state import refresh_after_structural_change
-from lightning_vitcompress.functional.measure import count_macs, count_parameters, eval_mode
+from lightning_vitcompress.functional.measure import (
+    count_macs,
+    count_parameters,
+    eval_mode,
+)
 from lightning_vitcompress.functional.prune import (
     ImportanceName,
     PruneConfig,
@@ -433,6 +438,7 @@ class PruningSchedule(CompressionCallback):
         if self.interval == "step" or self._needs_gradients:
             self._maybe_prune(trainer, pl_module, batch_idx if self.interval == "step" else 0)
 
+    @override
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", *args: Any) -> None:
         if self._last_metrics:  # logged here: a step at setup or an epoch start cannot log yet
             self.log_metrics(trainer, self._last_metrics)
@@ -444,6 +450,7 @@ class PruningSchedule(CompressionCallback):
         self._grad_batches = 0
         self._gathering = False
 
+    @override
     def on_after_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if not self._gathering:
             return
@@ -469,9 +476,11 @@ class PruningSchedule(CompressionCallback):
             param.grad = None if total is None else total / count
 
     # ------------------------------------------------------------------- state
+    @override
     def state_dict(self) -> dict[str, Any]:
         # "config" lets a resumed fit refuse changed arguments also before the first pruning step
         return {"steps_done": self.steps_done, "channel_ratio": self._channel_ratio, "config": self.resume_config()}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Nothing to restore: the replayed records are authoritative for the structure and the steps done."""

@@ -25,6 +25,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
+from typing_extensions import override
 
 from lightning_vitcompress._base import CompressionCallback
 from lightning_vitcompress._checks import (
@@ -51,8 +52,15 @@ from lightning_vitcompress.functional.quantize import (
     quantize_model,
     remove_fake_quantization,
 )
-from lightning_vitcompress.functional.quantize_layers import SkipSpec, _check_skip_matches, check_skip
-from lightning_vitcompress.functional.quantize_configs import check_compile, resolve_quantization
+from lightning_vitcompress.functional.quantize_configs import (
+    check_compile,
+    resolve_quantization,
+)
+from lightning_vitcompress.functional.quantize_layers import (
+    SkipSpec,
+    _check_skip_matches,
+    check_skip,
+)
 from lightning_vitcompress.functional.x86_int8 import cpu_supports_bfloat16
 
 __all__ = ['QuantizeOnFit']
@@ -238,6 +246,7 @@ class QuantizeOnFit(CompressionCallback):
                     f"for that setting. Resume with {argument}={saved.get(argument)!r}, or start a new fit."
                 )
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         # read back at a resume's setup (_check_resume); plain data, safe to load with weights_only=True
         skip = self.skip
@@ -460,6 +469,7 @@ class QuantizeOnFit(CompressionCallback):
             + (f"; relative output change {error:.4f} on a training input" if error is not None else "")
         )
 
+    @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         self._stop_capture()
         self._example = None
