@@ -22,3 +22,14 @@ def test_quickstart_prunes_distils_quantizes_and_reports(tmp_path):
     assert report["final"]["params"] < 0.3 * report["baseline"]["params"]
     assert report["ratios"]["size_ratio"] < 0.2  # pruned to a quarter, then int8
     assert "report written to" in proc.stdout
+
+
+def test_readme_without_a_trainer_snippet_runs():
+    """The README's functional example, as written: prune, swap, quantize and compare, no Trainer."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    snippet = readme.split("## Without a Trainer", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    report = namespace["report"]
+    assert report["final"]["params"] < 0.7 * report["baseline"]["params"]
+    assert report["final"]["size_mb"] < 0.5 * report["baseline"]["size_mb"]

@@ -478,8 +478,9 @@ class PruningSchedule(CompressionCallback):
     # ------------------------------------------------------------------- state
     @override
     def state_dict(self) -> dict[str, Any]:
-        # "config" lets a resumed fit refuse changed arguments also before the first pruning step
-        return {"steps_done": self.steps_done, "channel_ratio": self._channel_ratio, "config": self.resume_config()}
+        # read back at setup of a resumed fit, to refuse changed arguments also before the first pruning step;
+        # the steps done and the ratio come from the structure records, which are authoritative
+        return {"config": self.resume_config()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
