@@ -325,6 +325,16 @@ def load_compressed(
             (another architecture, other ``init_kwargs``, records that disagree
             with the weights); the message names the module and both shapes.
     """
+    if not isinstance(module_class, type) or not issubclass(module_class, nn.Module):
+        raise TypeError(
+            f"module_class={module_class!r}: pass the LightningModule class that saved the checkpoint (the class, "
+            "not an instance), e.g. load_compressed(LitClassifier, 'last.ckpt')."
+        )
+    for name, flag in (("weights_only", weights_only), ("strict", strict)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name}={flag!r}: pass True or False.")
+    if not isinstance(checkpoint_path, (str, Path)):
+        raise TypeError(f"checkpoint_path={checkpoint_path!r}: pass the path of a checkpoint or state-dict file.")
     checkpoint = read_checkpoint(checkpoint_path, map_location, weights_only=weights_only)
     return build_from_checkpoint(module_class, checkpoint, strict=strict, **init_kwargs)
 

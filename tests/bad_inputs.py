@@ -74,7 +74,8 @@ def _assert_unchanged(before: dict[str, torch.Tensor], model: torch.nn.Module) -
     after = model.state_dict()
     assert set(after) == set(before), f"state-dict keys changed: {set(after) ^ set(before)}"
     for key, value in before.items():
-        assert type(after[key]) is type(value) and after[key].shape == value.shape, f"{key} changed shape or type"
+        assert type(after[key]) is type(value), f"{key} changed its type to {type(after[key]).__name__}"
+        assert after[key].shape == value.shape, f"{key} changed its shape to {tuple(after[key].shape)}"
         assert torch.equal(after[key], value), f"{key} changed value"
 
 

@@ -37,6 +37,20 @@ CASES = [
          "call", "load_compressed", ValueError),
     Case("unsafe-object", lambda t: load_compressed(DigitsClassifier, _saved(t, extra=Path("x"))),
          "checkpoint_path=", "call", "load_compressed", UnsafeCheckpointError),
+    Case("class-instance", lambda t: load_compressed(tiny_model(), _saved(t)), "module_class=", "call",
+         "load_compressed", TypeError),
+    Case("class-not-a-module", lambda t: load_compressed(dict, _saved(t)), "module_class=", "call",
+         "load_compressed", TypeError),
+    Case("path-int", lambda t: load_compressed(DigitsClassifier, 3), "checkpoint_path=", "call",
+         "load_compressed", TypeError),
+    Case("weights-only-string", lambda t: load_compressed(DigitsClassifier, _saved(t), weights_only="no"),
+         "weights_only=", "call", "load_compressed", TypeError),
+    Case("strict-string", lambda t: load_compressed(DigitsClassifier, _saved(t), strict="yes"), "strict=", "call",
+         "load_compressed", TypeError),
+    Case("unknown-record-kind", lambda t: load_compressed(DigitsClassifier, _saved(t, vitcompress_structure=[
+        {"kind": "nope", "target": ""}])), "nope", "call", "load_compressed", KeyError),
+    Case("bad-init-kwarg", lambda t: load_compressed(DigitsClassifier, _saved(t), embed_size=32), "embed_size",
+         "call", "load_compressed", TypeError),
 ]
 
 
