@@ -480,6 +480,41 @@ def test_step_without_a_student_forward_says_so(tmp_path, digits):
         fast_trainer(tmp_path, callbacks=[DistillationTeacher(tiny_teacher())]).fit(NoForward(**TINY), digits)
 
 
+class FailingTeacher(torch.nn.Module):
+    """A teacher whose forward fails on its third call: a failure in the middle of distilling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_teacher()
+        self.calls = 0
+
+    def forward(self, images):
+        self.calls += 1
+        if self.calls == 3:
+            raise RuntimeError("injected teacher failure")
+        return self.net(images)
+
+
+def test_a_failing_teacher_leaves_the_student_as_the_last_good_step_left_it(tmp_path, digits, tiny_classifier):
+    model = tiny_classifier()
+    images = next(iter(digits.val_dataloader()))[0][:8]
+    after_good_steps = {}
+
+    class Snapshot(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            after_good_steps.update({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
+
+    trainer = fast_trainer(tmp_path, callbacks=[DistillationTeacher(FailingTeacher()), Snapshot()], limit_val_batches=0)
+    with pytest.raises(RuntimeError, match="injected teacher failure"):
+        trainer.fit(model, digits)
+    assert trainer.global_step == 2  # two steps trained, the third failed before its optimizer step
+    assert all(torch.equal(after_good_steps[k], v) for k, v in model.state_dict().items())
+    assert "training_step" not in model.__dict__  # the wrapper is gone: the module's own training_step again
+    model.eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(images)).all()
+
+
 # ---------------------------------------------------------------------- DDP
 def test_ddp_two_processes(tmp_path):
     reports = run_ddp_script(
