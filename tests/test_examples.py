@@ -33,3 +33,13 @@ def test_readme_without_a_trainer_snippet_runs():
     report = namespace["report"]
     assert report["final"]["params"] < 0.7 * report["baseline"]["params"]
     assert report["final"]["size_mb"] < 0.5 * report["baseline"]["size_mb"]
+
+
+def test_reload_formats_example_runs():
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "reload_formats.py")], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "difference" in line]
+    assert len(rows) >= 19  # 4 models x 5 formats, less what safetensors refuses
+    assert all(float(row.rsplit(" ", 2)[-2]) < 1e-4 for row in rows)
