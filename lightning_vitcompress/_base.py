@@ -37,7 +37,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from typing_extensions import override
 
-from lightning_vitcompress._model import get_submodule, resolve_target_path
+from lightning_vitcompress._model import check_supported_attention, get_submodule, resolve_target_path
 from lightning_vitcompress._structure import (
     STRUCTURE_KEY,
     Record,
@@ -289,6 +289,7 @@ class CompressionCallback(Callback):
             if replay_pending and callback.order > REPLAY_ORDER:
                 replay()
             callback.target_path = resolve_target_path(pl_module, callback.model_attribute)
+            check_supported_attention(get_submodule(pl_module, callback.target_path))  # before anything is changed
             callback.check_fit(trainer)
             callback.ordered_setup(trainer, pl_module, stage)
 

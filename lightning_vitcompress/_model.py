@@ -1,9 +1,20 @@
 """Finding the Vision Transformer inside a LightningModule, and its attention blocks.
 
-Every callback acts on one ``nn.Module`` (the *target*): by default the
-LightningModule itself or its single child that holds attention blocks; the
-user may name the attribute instead (``model_attribute="net"``, dotted paths
-work too).
+Every callback acts on one ``nn.Module`` (the *target*); the user may name
+its attribute (``model_attribute="net"``, dotted paths work too). Otherwise
+:func:`resolve_target_path` looks at the children that hold attention blocks:
+
+* one child that is a model (``self.model = timm.create_model(...)``): that child;
+* only bare containers (``nn.ModuleList``/``nn.Sequential``/``nn.ModuleDict``)
+  or attention modules (a ViT written inline: ``self.patch_embed``,
+  ``self.blocks = nn.ModuleList([...])``, ``self.head``): the module itself;
+* two or more models (a ViT and its EMA copy, a teacher stored on the module),
+  or a model next to inline blocks: :class:`AmbiguousTargetError` naming them,
+  never a silent choice.
+
+:func:`check_supported_attention` (run by the callbacks at setup) turns an
+attention module of a type no adapter reads (timm Swin's ``WindowAttention``)
+into a ``TypeError`` from :func:`lightning_vitcompress.models.adapter_for`.
 """
 
 from __future__ import annotations
@@ -13,6 +24,8 @@ from typing import Optional
 import torch
 from timm.layers.attention import Attention as TimmAttention
 from torch import nn
+
+from lightning_vitcompress.models import ADAPTERS, adapter_for
 
 #: A module class that sets this class attribute to ``True`` counts as an
 #: attention block (our ``NystromAttention`` does), without this module
@@ -57,32 +70,97 @@ def _get_attribute(root: nn.Module, path: str) -> nn.Module:
     return module
 
 
+class AmbiguousTargetError(ValueError):
+    """Two or more children of the module could be the ViT (the message names them)."""
+
+
+#: containers that hold blocks but are no model of their own: holding attention, they make an inline ViT
+_BARE_CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
+
+
 def resolve_target_path(root: nn.Module, model_attribute: Optional[str] = None) -> str:
     """The attribute path (``""`` for ``root`` itself) of the model to compress.
 
+    The rule is in this module's docstring: the single child model holding
+    attention blocks, else ``root`` itself when its attention sits in bare
+    containers or attention modules of its own (a ViT written inline).
+
     Raises:
         AttributeError: ``model_attribute`` names nothing on ``root``.
+        AmbiguousTargetError: (a ``ValueError``) two or more candidates; names each with its class.
+        TypeError: no attention blocks, but an attention module of an unsupported type (names it).
         ValueError: no attention blocks were found, with what was looked at.
     """
     if model_attribute:
         target = _get_attribute(root, model_attribute)
-        if not find_attention_blocks(target):
+        if not _holds_attention(target):
             raise ValueError(
                 f"model_attribute={model_attribute!r} ({type(target).__name__}) has no attention blocks "
                 "(timm Attention or nn.MultiheadAttention). Name the attribute holding the Vision Transformer."
             )
         return model_attribute
-    holders = [name for name, child in root.named_children() if find_attention_blocks(child)]
-    if len(holders) == 1:
-        return holders[0]
-    if find_attention_blocks(root):
-        return ""
+    holders = [(name, child) for name, child in root.named_children() if _holds_attention(child)]
+    models = [(name, child) for name, child in holders if not _is_part(child)]
+    if len(models) == 1 and len(holders) == 1:
+        return models[0][0]
+    if models:
+        listed = ", ".join(f"{name!r} ({type(child).__name__})" for name, child in models)
+        inline = [name for name, child in holders if _is_part(child)]
+        also = f", and attention blocks of its own in {inline}" if inline else ""
+        raise AmbiguousTargetError(
+            f"{type(root).__name__} holds more than one model with attention blocks: {listed}{also}. "
+            f"Pass model_attribute='<one of them>' (e.g. model_attribute={models[0][0]!r}) to say which one "
+            "the callbacks compress" + ("; to compress the module's own blocks, put its ViT in one attribute." if inline else ".")
+        )
+    if holders or is_attention_block(root):
+        return ""  # a ViT written inline: the module itself
+    check_supported_attention(root)  # attention of a type nobody reads: say so rather than "none found"
     children = [f"{name} ({type(child).__name__})" for name, child in root.named_children()]
     raise ValueError(
         f"No attention blocks (timm Attention or nn.MultiheadAttention) found in {type(root).__name__} "
         f"or its children {children}. Build the model from timm's VisionTransformer family or "
         "nn.MultiheadAttention, or pass model_attribute='<attribute holding the ViT>'."
     )
+
+
+def _holds_attention(module: nn.Module) -> bool:
+    """Attention blocks the callbacks act on, or a model of a family an adapter reads (transformers ViT)."""
+    return bool(find_attention_blocks(module)) or any(adapter.matches(module) for adapter in ADAPTERS)
+
+
+def _is_part(child: nn.Module) -> bool:
+    """A piece of a ViT written inline (its blocks' container, or an attention module), not a model of its own."""
+    return isinstance(child, _BARE_CONTAINERS) or is_attention_block(child)
+
+
+def check_supported_attention(model: nn.Module) -> None:
+    """``TypeError`` when ``model`` has an attention module that neither the callbacks nor any adapter read.
+
+    An unsupported attention is a module whose class name contains "attention"
+    that is no attention block (:func:`is_attention_block`), holds none and sits
+    in none (a wrapper or a piece of one). Only then is
+    :func:`lightning_vitcompress.models.adapter_for` asked: a family it reads
+    (transformers ViT, a timm ViT with an attention pool) passes, anything else
+    gets its ``TypeError`` naming the class, where it is and the supported families.
+    """
+    blocks = [name for name, _ in find_attention_blocks(model)]
+    unsupported = [
+        name
+        for name, module in model.named_modules()
+        if "attention" in type(module).__name__.lower()
+        and not is_attention_block(module)
+        and not any(_nested(name, block) or _nested(block, name) for block in blocks)
+    ]
+    if not unsupported:
+        return
+    try:
+        adapter_for(model).attention_blocks()
+    except ValueError:
+        pass  # no attention at all by the adapters' reading: resolution already said what it found
+
+
+def _nested(inner: str, outer: str) -> bool:
+    return outer == "" or inner == outer or inner.startswith(outer + ".")
 
 
 def get_submodule(root: nn.Module, path: str) -> nn.Module:

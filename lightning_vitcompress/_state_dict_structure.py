@@ -42,7 +42,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from lightning_vitcompress._model import get_submodule, is_attention_block, resolve_target_path
+from lightning_vitcompress._model import AmbiguousTargetError, get_submodule, is_attention_block, resolve_target_path
 from lightning_vitcompress._structure import Record
 from lightning_vitcompress.functional.nystrom import NystromAttention, nystrom_settings
 from lightning_vitcompress._structure import shape_changes, shape_snapshot
@@ -73,7 +73,7 @@ def align_state_dict(module: nn.Module, state_dict: Mapping[str, Any]) -> tuple[
         StructureMismatchError: neither reading matches any key of ``module``.
     """
     expected = set(module.state_dict())
-    target = resolve_target_path(module)
+    target = _target_or_whole(module)
     as_is = sum(key in expected for key in state_dict)
     prefix = f"{target}." if target else ""
     prefixed = sum(prefix + key in expected for key in state_dict) if prefix else 0
@@ -86,6 +86,14 @@ def align_state_dict(module: nn.Module, state_dict: Mapping[str, Any]) -> tuple[
     if prefixed > as_is:
         return {prefix + key: value for key, value in state_dict.items()}, prefix
     return dict(state_dict), ""
+
+
+def _target_or_whole(module: nn.Module) -> str:
+    """The ViT's path; the whole module (``""``) where several children could be it (a model and its EMA copy)."""
+    try:
+        return resolve_target_path(module)
+    except AmbiguousTargetError:
+        return ""  # loading reads the module's own keys: every candidate's structure is in them
 
 
 def _first(keys: Any) -> str:
@@ -111,7 +119,7 @@ def infer_records(module: nn.Module, state_dict: Mapping[str, Any], target_path:
         replay_edits(module, infer_records(module, torch.load("weights.pt", weights_only=True)))
     """
     if target_path is None:
-        target_path = resolve_target_path(module)
+        target_path = _target_or_whole(module)
     prefix = f"{target_path}." if target_path else ""
     model = get_submodule(module, target_path)
     saved = {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}

@@ -279,8 +279,8 @@ def _network_of(module: nn.Module, model_attribute: Optional[str]) -> nn.Module:
         return module
     try:
         return get_submodule(module, resolve_target_path(module, model_attribute))
-    except (AttributeError, ValueError):
-        return module  # e.g. a CNN teacher: its own forward gives the logits
+    except (AttributeError, TypeError, ValueError):
+        return module  # e.g. a CNN or Swin teacher: its own forward gives the logits
 
 
 def _teacher_from_checkpoint(
