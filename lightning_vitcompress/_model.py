@@ -189,7 +189,18 @@ def resolve_target_model(root: nn.Module, model_attribute: Optional[str] = None)
 
 
 def stated_input_shape(model: nn.Module) -> Optional[tuple[int, int, int]]:
-    """``(channels, height, width)`` of one image where the model states it (timm ``patch_embed``), else None."""
+    """``(channels, height, width)`` of one image where the model states it, else None.
+
+    Asked of the model's family adapter (timm ``patch_embed``, torchvision
+    ``image_size``, transformers ``config.image_size``); a model no adapter reads
+    may still carry a timm-style ``patch_embed``.
+    """
+    try:
+        shape = adapter_for(model).input_shape()
+    except (TypeError, ValueError):  # no adapter reads it
+        shape = None
+    if shape is not None:
+        return shape
     patch_embed = getattr(model, "patch_embed", None)
     img_size = getattr(patch_embed, "img_size", None)
     conv = getattr(patch_embed, "proj", None)

@@ -9,13 +9,13 @@ from importlib import metadata
 import pytest
 import torch
 from helpers import TINY, fast_trainer, run_ddp_script
-from test_base import DropLastBlock
 from lightning.pytorch.loggers import CSVLogger
+from test_base import DropLastBlock
 from torch import nn
 
 from lightning_vitcompress import BenchmarkCallback, benchmark_model, compare_models
+from lightning_vitcompress.digits import DigitsClassifier, small_vit
 from lightning_vitcompress.functional.report import REPORT_FILENAME, format_report
-from lightning_vitcompress.digits import small_vit
 
 FAST = dict(rounds=2, min_run_time=0.1, latency_repeats=5)
 
@@ -178,3 +178,42 @@ def test_macs_are_none_for_torchao_quantized_weights_not_a_fraction():
     stats = benchmark_model(vit, x, devices=["cpu"], **FAST)
     assert stats["macs_per_image"] is None
     assert stats["cpu_images_per_s"] > 0 and stats["size_mb"] > 0
+
+
+class TorchvisionClassifier(DigitsClassifier):
+    """The digits module around a tiny torchvision ``VisionTransformer`` (its input size is ``image_size``)."""
+
+    def __init__(self) -> None:
+        super().__init__(**TINY)
+        from torchvision.models.vision_transformer import VisionTransformer
+
+        self.model = VisionTransformer(
+            image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64, num_classes=10
+        )
+
+
+@pytest.mark.parametrize("family", ["torchvision", "transformers"])
+def test_input_shape_comes_from_the_family_adapter(tmp_path, digits, family):
+    """torchvision and transformers ViTs state their input size elsewhere than timm: no input_shape needed."""
+    if family == "transformers":
+        pytest.importorskip("transformers", reason="the [hf] extra is not installed")
+        from transformers import ViTConfig, ViTForImageClassification
+
+        class Module(DigitsClassifier):
+            def __init__(self) -> None:
+                super().__init__(**TINY)
+                config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=4, intermediate_size=64, num_labels=10)
+                self.model = ViTForImageClassification(config)
+
+            def forward(self, images):
+                return self.model(images).logits
+
+        model = Module()
+    else:
+        model = TorchvisionClassifier()
+    bench = BenchmarkCallback(batch_size=4, devices=("cpu",), rounds=1, min_run_time=0.05, latency_repeats=3,
+                              output_dir=tmp_path, plot=False, accuracy_batches=1)
+    fast_trainer(tmp_path, callbacks=[bench], limit_train_batches=1, limit_val_batches=1).fit(model, digits)
+    assert bench.report["final"]["params"] == sum(p.numel() for p in model.model.parameters())
+    assert bench.report["final"]["cpu_images_per_s"] > 0

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils import benchmark as torch_benchmark
 
 from lightning_vitcompress._checks import check_positive
+from lightning_vitcompress.models.base import logits_of
 
 Device = Union[str, torch.device]
 
@@ -184,7 +185,7 @@ def measure_accuracy(
     with eval_mode(model), torch.inference_mode():
         for batch in batches:
             images, labels = batch[0].to(device), batch[1].to(device)
-            logits = model(images)
+            logits = logits_of(model(images))  # a tensor, a tuple, or an output object with .logits
             if metric is None:
                 # measured on one rank only: no cross-process sync
                 metric = MulticlassAccuracy(
