@@ -234,13 +234,14 @@ class CompressionCallback(Callback):
                 "compress differently."
             )
 
-    def saved_config(self, checkpoint: dict[str, Any]) -> Optional[dict[str, Any]]:
-        """The arguments saved in ``checkpoint`` by this callback: its last record's, else its callback state's."""
+    def saved_config(self, trainer: "pl.Trainer") -> Optional[dict[str, Any]]:
+        """The arguments the resumed checkpoint holds for this callback: its last record's, else its state's."""
+        checkpoint = _pipeline_state(trainer).checkpoint
         records = [r for r in checkpoint.get(STRUCTURE_KEY, []) if self.KIND and r.get("kind") == self.KIND]
         if records and "config" in records[-1]:
             return records[-1]["config"]
-        state = (checkpoint.get("callbacks") or {}).get(self.state_key) or {}
-        return state.get("config") if isinstance(state, dict) else None
+        _, state = self.resumed_callback_state(trainer)
+        return state.get("config") if state else None
 
     # -------------------------------------------------- hooks for subclasses
     def ordered_setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -273,7 +274,7 @@ class CompressionCallback(Callback):
         # arguments that disagree with the checkpoint are refused before anything changes the model
         for callback in trainer.callbacks:
             if isinstance(callback, CompressionCallback) and state.resume_path is not None:
-                callback.check_same_config(callback.saved_config(checkpoint), f"the checkpoint {state.resume_path}")
+                callback.check_same_config(callback.saved_config(trainer), f"the checkpoint {state.resume_path}")
         replay_pending = stage == "fit"
 
         def replay() -> None:

@@ -27,6 +27,7 @@ import torch
 __all__ = [
     "check_bool",
     "config_or_options",
+    "example_input_error",
     "check_choice",
     "check_example_input",
     "check_fraction",
@@ -105,6 +106,14 @@ def check_example_input(value: Any, argument: str = "example_input") -> None:
     raise ValueError(
         f"{argument}={shown}: pass one input batch of the model as a tensor (e.g. torch.randn(1, 3, 224, 224)), "
         "or None."
+    )
+
+
+def example_input_error(example: torch.Tensor, model: Any, err: BaseException) -> ValueError:
+    """The error for a user's ``example_input`` that ``model`` cannot run (raise it ``from err``)."""
+    return ValueError(
+        f"example_input=<tensor of shape {tuple(example.shape)}> does not run through {type(model).__name__}: "
+        f"pass one input batch the model takes. It said: {type(err).__name__}: {err}"
     )
 
 

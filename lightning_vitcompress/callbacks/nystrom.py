@@ -20,6 +20,7 @@ from lightning_vitcompress._checks import (
     check_example_input,
     check_int,
     config_or_options,
+    example_input_error,
 )
 from lightning_vitcompress._model import (
     find_attention_blocks,
@@ -155,10 +156,7 @@ class NystromSwap(CompressionCallback):
         except Exception as err:
             if self.example_input is None:
                 return  # the model does not take this shape: nothing to learn from it
-            raise ValueError(
-                f"example_input=<tensor of shape {tuple(self.example_input.shape)}> does not run through "
-                f"{type(model).__name__}: pass one input batch the model takes. It said: {type(err).__name__}: {err}"
-            ) from err
+            raise example_input_error(self.example_input, model, err) from err
         finally:
             for handle in handles:
                 handle.remove()

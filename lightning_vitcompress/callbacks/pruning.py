@@ -30,6 +30,7 @@ from lightning_vitcompress._checks import (
     check_example_input,
     check_int,
     config_or_options,
+    example_input_error,
 )
 from lightning_vitcompress._model import shape_example_input
 from lightning_vitcompress._structure import ModelSnapshot, recorded_edits
@@ -252,17 +253,13 @@ class PruningSchedule(CompressionCallback):
                 with torch.no_grad(), eval_mode(model):
                     model(example)
             except Exception as err:
-                raise ValueError(
-                    f"example_input=<tensor of shape {tuple(self.user_example_input.shape)}> does not run through "
-                    f"{type(model).__name__}: pass one input batch the model takes. It said: "
-                    f"{type(err).__name__}: {err}"
-                ) from err
+                raise example_input_error(self.user_example_input, model, err) from err
             return example
         example = shape_example_input(model)
         if example is not None:
             return example
         raise ValueError(
-            f"Cannot build an example input for {type(model).__name__} (no timm patch_embed): pass "
+            f"Cannot build an example input for {type(model).__name__} (it states no input size): pass "
             "example_input=<one input batch> so that torch-pruning can trace the model."
         )
 
