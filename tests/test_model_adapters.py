@@ -11,6 +11,10 @@ import pytest
 import timm
 import torch
 import torch_pruning as tp
+from families import CLASSES, DEPTH, HEADS, MLP, WIDTH, MHAViT
+from families import hf_vit as _hf
+from families import timm_vit as _timm
+from families import torchvision_vit as _torchvision
 from torch import nn
 
 from lightning_vitcompress.models import (
@@ -21,58 +25,6 @@ from lightning_vitcompress.models import (
     adapter_for,
     logits_of,
 )
-
-# tiny everywhere: 2 blocks, width 32, 4 heads of 8, MLP 64, 32x32 images, 10 classes
-WIDTH, HEADS, DEPTH, MLP, CLASSES = 32, 4, 2, 64, 10
-
-
-def _timm(name: str = "vit_tiny_patch16_224", **kwargs) -> nn.Module:
-    return timm.create_model(
-        name, pretrained=False, img_size=32, patch_size=8, embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS,
-        mlp_ratio=MLP / WIDTH, num_classes=CLASSES, **kwargs,
-    )
-
-
-def _torchvision() -> nn.Module:
-    from torchvision.models import VisionTransformer
-
-    return VisionTransformer(
-        image_size=32, patch_size=8, num_layers=DEPTH, num_heads=HEADS, hidden_dim=WIDTH, mlp_dim=MLP,
-        num_classes=CLASSES,
-    )
-
-
-def _hf(class_name: str, attn_implementation: str = "eager") -> nn.Module:
-    transformers = pytest.importorskip("transformers", reason="the [hf] extra (transformers) is not installed")
-    config_class = transformers.DeiTConfig if class_name.startswith("DeiT") else transformers.ViTConfig
-    config = config_class(
-        image_size=32, patch_size=8, num_channels=3, hidden_size=WIDTH, num_hidden_layers=DEPTH,
-        num_attention_heads=HEADS, intermediate_size=MLP, num_labels=CLASSES,
-    )
-    return getattr(transformers, class_name)._from_config(config, attn_implementation=attn_implementation)
-
-
-class MHAViT(nn.Module):
-    """A hand-written ViT on nn.TransformerEncoderLayer (what many research repos look like)."""
-
-    def __init__(self, batch_first: bool = True) -> None:
-        super().__init__()
-        self.img_size = 32
-        self.batch_first = batch_first
-        self.patch = nn.Conv2d(3, WIDTH, kernel_size=8, stride=8)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, WIDTH))
-        self.pos_embed = nn.Parameter(torch.randn(1, 17, WIDTH) * 0.02)
-        layer = nn.TransformerEncoderLayer(WIDTH, HEADS, MLP, dropout=0.0, batch_first=batch_first)
-        self.encoder = nn.TransformerEncoder(layer, DEPTH, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(WIDTH)
-        self.head = nn.Linear(WIDTH, CLASSES)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.patch(images).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-        x = self.encoder(x if self.batch_first else x.transpose(0, 1))
-        x = x if self.batch_first else x.transpose(0, 1)
-        return self.head(self.norm(x[:, 0]))
 
 
 @dataclass
