@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_vitcompress._base import CompressionCallback
+from lightning_vitcompress._base import CompressionCallback, example_from_data
 from lightning_vitcompress._checks import (
     check_bool,
     check_output_dir,
@@ -151,7 +151,7 @@ class BenchmarkCallback(CompressionCallback):
         self._check_devices_present()
         if self.output_dir is not None:
             check_output_dir(self.output_dir, "output_dir")
-        self._input_shape = self._infer_input_shape(pl_module, model)
+        self._input_shape = self._infer_input_shape(pl_module, model, trainer)
         for label, candidate in (("model", model), ("baseline_model", self.baseline_model)):
             if candidate is not None:
                 self._check_runs(candidate, label)
@@ -184,7 +184,9 @@ class BenchmarkCallback(CompressionCallback):
                 f"this shape ({type(err).__name__}: {err}). Pass the (channels, height, width) the model takes."
             ) from err
 
-    def _infer_input_shape(self, pl_module: "pl.LightningModule", model: nn.Module) -> tuple[int, ...]:
+    def _infer_input_shape(
+        self, pl_module: "pl.LightningModule", model: nn.Module, trainer: "pl.Trainer"
+    ) -> tuple[int, ...]:
         if self.input_shape is not None:
             return self.input_shape
         example = getattr(pl_module, "example_input_array", None)
@@ -193,9 +195,13 @@ class BenchmarkCallback(CompressionCallback):
         stated = stated_input_shape(model)
         if stated is not None:
             return stated
+        example = example_from_data(trainer)
+        if example is not None:
+            return tuple(example.shape[1:])
         raise ValueError(
-            f"BenchmarkCallback cannot tell the input shape of {type(model).__name__}: pass "
-            "input_shape=(channels, height, width), or set example_input_array on the LightningModule."
+            f"BenchmarkCallback cannot tell the input shape of {type(model).__name__}: it states none and the "
+            "Trainer has no data to take a batch from. Pass input_shape=(channels, height, width), or set "
+            "example_input_array on the LightningModule."
         )
 
     # ---------------------------------------------------------------- measure

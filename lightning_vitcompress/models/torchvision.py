@@ -19,7 +19,7 @@ from typing import Optional
 from torch import nn
 
 from lightning_vitcompress.models.base import PrefixTokens, embedding_parameter
-from lightning_vitcompress.models.mha import MultiheadAttentionAdapter
+from lightning_vitcompress.models.mha import HandWrittenAdapter
 
 
 def _vision_transformer_class() -> Optional[type]:
@@ -30,7 +30,7 @@ def _vision_transformer_class() -> Optional[type]:
     return VisionTransformer
 
 
-class TorchvisionAdapter(MultiheadAttentionAdapter):
+class TorchvisionAdapter(HandWrittenAdapter):
     """torchvision ``VisionTransformer``: class token, ``encoder.pos_embedding``, ``conv_proj``, ``heads``."""
 
     family = "torchvision"

@@ -24,6 +24,7 @@ from typing import Optional
 from torch import nn
 
 from lightning_vitcompress.models.base import (
+    ATTENTION_MARKER,
     Capabilities,
     ModelAdapter,
     PrefixTokens,
@@ -60,7 +61,11 @@ class TransformersAdapter(ModelAdapter):
         base = self.model.base_model
         prefix = self.model.base_model_prefix + "." if base is not self.model else ""
         modules = list(base.named_modules())
-        found = [(prefix + name, module) for name, module in modules if _separate_qkv(module) is not None]
+        found = [
+            (prefix + name, module)
+            for name, module in modules
+            if _separate_qkv(module) is not None or getattr(type(module), ATTENTION_MARKER, False)  # or NystromAttention
+        ]
         for name, module in modules:  # an attention that neither is nor holds q/k/v projections: unsupported
             if "attention" in type(module).__name__.lower() and not any(
                 owner is module or owner in set(module.modules()) for _, owner in found
