@@ -18,6 +18,7 @@ import pytest
 import torch
 from families import FAMILIES, FamilyClassifier, build_family
 from helpers import fast_trainer, run_ddp_script
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from lightning_vitcompress import (
@@ -111,6 +112,7 @@ def test_teacher_of_another_family(tmp_path, digits, student, teacher):
 
 
 def test_ddp_torchvision_and_transformers_pipelines_keep_ranks_identical(tmp_path):
+    pytest.importorskip("transformers", reason="the [hf] extra (transformers) is not installed")
     reports = run_ddp_script(
         f"""
         import lightning as L
@@ -143,3 +145,27 @@ def test_ddp_torchvision_and_transformers_pipelines_keep_ranks_identical(tmp_pat
     assert reports[0]["hf-vit-sdpa/params"] == reports[1]["hf-vit-sdpa/params"]
     for family in ("torchvision", "hf-vit-sdpa"):
         assert reports[0][family] == pytest.approx(reports[1][family], rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize("family", ["torchvision", "hf-vit-sdpa", "hf-deit-teacher", "mha-seq-first"])
+def test_resume_mid_schedule_reaches_the_uninterrupted_structure(tmp_path, digits, family):
+    """Pruned in two steps (epochs 0 and 1), swapped at epoch 1: resuming after epoch 0 rebuilds step one first."""
+
+    def callbacks() -> list:
+        return [PruningSchedule(0.5, start_epoch=0, end_epoch=1, num_steps=2), NystromSwap(num_landmarks=4, swap_epoch=1)]
+
+    def shapes(module: FamilyClassifier) -> dict[str, tuple]:
+        return {name: tuple(p.shape) for name, p in module.named_parameters()}
+
+    whole = FamilyClassifier(family)
+    every_epoch = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_top_k=-1, filename="{epoch}")
+    trainer = fast_trainer(tmp_path, callbacks=[*callbacks(), every_epoch], max_epochs=2, limit_train_batches=2,
+                           enable_checkpointing=True)
+    trainer.fit(whole, digits)
+
+    resumed = FamilyClassifier(family)
+    fast_trainer(tmp_path, callbacks=callbacks(), max_epochs=2, limit_train_batches=2).fit(
+        resumed, digits, ckpt_path=tmp_path / "checkpoints" / "epoch=0.ckpt"
+    )
+    assert shapes(resumed) == shapes(whole) != shapes(FamilyClassifier(family))
+    assert all(isinstance(block, NystromAttention) for _, block in adapter_for(resumed.model).attention_blocks())

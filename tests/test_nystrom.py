@@ -108,7 +108,7 @@ def test_multihead_attention_layers_swap_with_both_layouts():
         assert layer(x).shape == x.shape and relative_error(layer(x), exact) > 1e-4
     with pytest.raises(ValueError, match="kdim=16"):
         NystromAttention.from_attention(nn.MultiheadAttention(32, 4, kdim=16, vdim=16), num_landmarks=8)
-    with pytest.raises(TypeError, match="supports timm's Attention and nn.MultiheadAttention, not Linear"):
+    with pytest.raises(TypeError, match="supports timm's Attention, nn.MultiheadAttention and transformers' ViT/DeiT attention, not Linear"):
         NystromAttention.from_attention(nn.Linear(4, 4))
 
 

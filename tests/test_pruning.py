@@ -235,8 +235,8 @@ def test_multihead_attention_models_prune_embedding_attention_and_mlp(tmp_path, 
         callback = PruningSchedule(prune_embed_dim=False, example_input=IMAGES)
         fast_trainer(tmp_path, callbacks=[callback], max_steps=1).fit(MHAClassifier(), digits)
 
-    model = MHAClassifier()
-    callback = PruningSchedule(0.5, example_input=IMAGES)
+    model = MHAClassifier()  # states no input size: the example comes from the Trainer's first batch
+    callback = PruningSchedule(0.5)
     trainer = fast_trainer(tmp_path, callbacks=[callback], max_steps=2, enable_checkpointing=True)
     trainer.fit(model, digits)
     assert [layer.linear1.out_features for layer in model.model.encoder.layers] == [32, 32]
