@@ -28,8 +28,9 @@ What to know:
 * Blocks swapped to Nyström attention keep working with the shrinking token
   count (landmarks over the merged tokens); their attention takes no size
   bias, and their matching uses the block's normalized input (not the keys).
-* Structured pruning traces the model: :func:`token_merging_paused` runs the
-  original forward meanwhile (``prune_vit`` uses it).
+* Structured pruning of a merged model works (torch-pruning traces through
+  the merge; checked on timm and transformers); :func:`token_merging_paused`
+  runs the blocks' own forward for code that must trace the unmerged model.
 
 Example::
 
@@ -275,7 +276,7 @@ def _separate_attention(m: nn.Module, x: torch.Tensor,
 def _attend(module: nn.Module, x: torch.Tensor, size: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of any supported structure on batch-first ``x`` with sizes; (output, matching metric)."""
     if getattr(type(module), "is_vitcompress_attention", False) and hasattr(module, "num_landmarks"):
-        return module(x), x  # Nyström: no size bias; match on the block's input
+        return module._attend(x), x  # Nyström (batch-first core): no size bias; match on the block's input
     if isinstance(module, nn.MultiheadAttention):
         return _mha_attention(module, x, size)
     if isinstance(getattr(module, "qkv", None), nn.Module):
@@ -543,12 +544,18 @@ def token_merging_paused(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def merged_token_counts(model: nn.Module, example_input: Optional[torch.Tensor] = None) -> Optional[list[int]]:
-    """Tokens after each transformer block of a merging ``model`` in one forward of ``example_input``
-    (the stated input size if None); None for a model that does not merge."""
+    """Tokens after each transformer block of a merging ``model`` (None for a model that does not merge).
+
+    With ``example_input`` (or when the model has not run yet: its stated input
+    size) one forward measures them; else they are those of its last forward,
+    so a compiled or quantized model need not run again.
+    """
     blocks = _merging_blocks(model)
     if not blocks:
         return None
     state = blocks[0][1].__dict__[MERGE_ATTRIBUTE].state
+    if example_input is None and all(t is not None for t in state.tokens):
+        return [int(t) for t in state.tokens]
     if example_input is None:
         example_input = adapter_for(model).example_input(1)
     training = model.training
