@@ -107,6 +107,19 @@ def test_each_family_merges_and_is_exact_at_r_zero(family):
     assert _sizes(model).sum(1).flatten().tolist() == [plan["tokens_in"]] * 2
 
 
+def test_blocks_left_out_keep_their_tokens_but_weigh_merged_ones():
+    model = build_family("timm-vit").eval()
+    images = torch.randn(2, 3, 32, 32)
+    plan = merge_tokens(model, 5, blocks=[0])
+    assert plan["block_r"] == [5, 0] and merged_token_counts(model, images) == [12, 12]
+    with_sizes = _logits(model, images)
+    merge_tokens(model, 5, blocks=[0], proportional_attention=False)
+    assert not torch.allclose(_logits(model, images), with_sizes)  # block 1 weighs the merged tokens by size
+    model.set_grad_checkpointing(True)
+    with pytest.raises(TypeError, match="gradient checkpointing"):
+        merge_tokens(model, 5)
+
+
 def test_merged_model_composes_with_nystrom_and_pruning_and_copies():
     import copy
 

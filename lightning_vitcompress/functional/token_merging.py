@@ -438,6 +438,12 @@ def plan_token_merging(
             tokens than the prefix tokens + 1.
     """
     adapter = adapter_for(model)
+    if getattr(model, "grad_checkpointing", False) or getattr(model, "is_gradient_checkpointing", False):
+        raise TypeError(
+            f"Token merging cannot run in this {type(model).__name__} with gradient checkpointing on: the recomputed "
+            "blocks would see the token sizes of the last block. Turn it off (timm: set_grad_checkpointing(False); "
+            "transformers: gradient_checkpointing_disable())."
+        )
     found = adapter.token_blocks()
     names = [name for name, _, _ in found]
     chosen = _select(names, config.blocks)
