@@ -137,22 +137,6 @@ def test_merged_model_composes_with_nystrom_and_pruning_and_copies():
     assert copied.blocks[0].forward.__self__ is copied.blocks[0]  # the copy merges with its own modules
 
 
-def test_unsupported_blocks_and_too_large_r_are_refused_at_setup(tmp_path, digits):
-    model = DigitsClassifier(**TINY)  # 65 tokens, 2 blocks
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"r=40.*Pass r <= 31"):
-        fast_trainer(tmp_path, callbacks=[TokenMerging(r=40)]).fit(model, digits)
-    model.model.blocks[1].attn.register_buffer("relative_position_index", torch.zeros(65, 65, dtype=torch.long))
-    with pytest.raises(TypeError, match=r"blocks.1.*relative_position_index.*fixed length"):
-        fast_trainer(tmp_path, callbacks=[TokenMerging(r=4)]).fit(model, digits)
-    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items() if k in state)
-    assert not any(MERGE_ATTRIBUTE in m.__dict__ for m in model.modules())
-    for bad, argument in ((dict(r=-1), "r="), (dict(r=4, schedule="linear"), "schedule="), (dict(blocks=[]), "blocks="),
-                          (dict(r=[1, 2], schedule="decreasing"), "schedule="), (dict(start_epoch=-1), "start_epoch=")):
-        with pytest.raises(ValueError, match=argument):
-            TokenMerging(**bad)
-
-
 # ------------------------------------------------------------------ the callback
 def test_merging_mid_fit_resumes_and_loads_from_the_record(tmp_path, tiny_classifier, digits):
     merging = dict(r=[6, 10], start_epoch=1)
