@@ -16,6 +16,7 @@ MACs are counted on the fp32 models (``count_macs``: the counter cannot see
 int8 kernels); the merged pipelines' MACs are those of pruned + merged fp32.
 
     python benchmarks/bench_token_merging.py [--batch-size 4] [--threads 2] [--no-compile] [--rounds 3]
+        [--min-run-time 2.0] [--merging-only]
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--min-run-time", type=float, default=2.0)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--merging-only", action="store_true", help="fp32, r=8 and r=16 only (no pipelines)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -60,14 +62,15 @@ def main() -> None:
         name = f"ToMe r={r}"
         variants[name], macs[name], tokens[name] = merged, count_macs(merged, x[:1]), merged_token_counts(merged)
 
-    pruned = copy.deepcopy(fp32)
-    prune_vit(pruned, 0.5, x[:1])
-    pruned_merged = copy.deepcopy(pruned)
-    merge_tokens(pruned_merged, 16)
-    pipeline_macs = {False: count_macs(pruned, x[:1]), True: count_macs(pruned_merged, x[:1])}
     compile_seconds: dict[str, float] = {}
-    pipelines: list[tuple[str, str, str]] = [("pruned 50% + int8", "int8_dynamic", "eager")]
-    if not args.no_compile:
+    pipelines: list[tuple[str, str, str]] = [] if args.merging_only else [("pruned 50% + int8", "int8_dynamic", "eager")]
+    if pipelines:
+        pruned = copy.deepcopy(fp32)
+        prune_vit(pruned, 0.5, x[:1])
+        pruned_merged = copy.deepcopy(pruned)
+        merge_tokens(pruned_merged, 16)
+        pipeline_macs = {False: count_macs(pruned, x[:1]), True: count_macs(pruned_merged, x[:1])}
+    if pipelines and not args.no_compile:
         pipelines.append(("pruned 50% + int8 static x86 bf16-mixed, compiled", "int8_static_x86", "compiled"))
     calibration = [x, torch.randn_like(x)]
     for label, config, how in pipelines:
