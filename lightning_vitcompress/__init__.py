@@ -22,6 +22,7 @@ from lightning_vitcompress.functional import (
     NystromAttention,
     NystromConfig,
     PruneConfig,
+    TokenMergingConfig,
     X86Int8DynamicLinear,
     X86Int8StaticLinear,
     benchmark_model,
@@ -29,6 +30,7 @@ from lightning_vitcompress.functional import (
     compile_frozen,
     find_attention_blocks,
     load_compressed,
+    merge_tokens,
     prune_vit,
     quantize_model,
     resolve_target_model,
@@ -45,6 +47,7 @@ if TYPE_CHECKING:
         NystromSwap,
         PruningSchedule,
         QuantizeOnFit,
+        TokenMerging,
     )
 
 __version__ = "0.1.0.dev0"
@@ -56,6 +59,7 @@ _LIGHTNING_NAMES = {
     "NystromSwap": "lightning_vitcompress.callbacks",
     "PruningSchedule": "lightning_vitcompress.callbacks",
     "QuantizeOnFit": "lightning_vitcompress.callbacks",
+    "TokenMerging": "lightning_vitcompress.callbacks",
     "CompressionCallback": "lightning_vitcompress._base",
     "refresh_after_structural_change": "lightning_vitcompress._training_state",
 }
@@ -83,6 +87,8 @@ __all__ = [
     "PruneConfig",
     "PruningSchedule",
     "QuantizeOnFit",
+    "TokenMerging",
+    "TokenMergingConfig",
     "X86Int8DynamicLinear",
     "X86Int8StaticLinear",
     "benchmark_model",
@@ -90,6 +96,7 @@ __all__ = [
     "compile_frozen",
     "find_attention_blocks",
     "load_compressed",
+    "merge_tokens",
     "prune_vit",
     "quantize_model",
     "refresh_after_structural_change",

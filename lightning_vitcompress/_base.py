@@ -14,6 +14,9 @@ sorted by their class attribute ``order``; the others then skip it.
  15    (base)                  setup, on resume: replays the checkpoint's structure
  20    PruningSchedule         setup / epoch / step: prunes
  30    NystromSwap             setup / epoch: swaps attention
+ 35    TokenMerging            setup / epoch: blocks merge tokens (after the
+                               edits to weights and attention modules, which
+                               it runs through; the teacher is never merged)
  40    DistillationTeacher     setup: checks and places the teacher
  60    QuantizeOnFit           train end: quantizes
 =====  ======================  =============================================

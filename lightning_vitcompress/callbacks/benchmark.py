@@ -43,6 +43,7 @@ from lightning_vitcompress.functional.report import (
     save_plot,
     summarize,
 )
+from lightning_vitcompress.functional.token_merging import merged_token_counts
 
 __all__ = ['BenchmarkCallback']
 
@@ -228,6 +229,9 @@ class BenchmarkCallback(CompressionCallback):
             "ratios": summarize(measured["baseline"], measured["final"]),
             **measured["conditions"],
         }
+        tokens = merged_token_counts(final)  # a merging model's tokens per block, from the forwards just timed
+        if tokens is not None:
+            self.report["final_tokens_per_block"] = tokens
         self._baseline = None  # free the copy
         self._write(trainer)
 

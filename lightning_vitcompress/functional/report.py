@@ -257,6 +257,8 @@ def format_report(report: dict[str, Any]) -> str:
         else:
             ratio_text = "n/a" if ratio is None else f"{ratio:.3f}x"
         lines.append(f"| {label} | {_cell(baseline.get(key), digits)} | {_cell(final.get(key), digits)} | {ratio_text} |")
+    if report.get("final_tokens_per_block"):
+        lines.append(f"| tokens after each block (final) | | {report['final_tokens_per_block']} | |")
     gpu = report.get("gpu_name") or "no CUDA"
     lines.append(
         f"\nbatch {report['batch_size']}, {report['num_threads']} CPU threads, CPU: {report['cpu_name']}, GPU: {gpu}"

@@ -519,3 +519,29 @@ class ModelAdapter(ABC):
                 f"{type(self.model).__name__} is not supported: {error}. Supported families: {supported_families()}."
             ) from None
         return module
+
+    # ------------------------------------------------------------------ token merging
+    def token_blocks(self) -> list[tuple[str, nn.Module, str]]:
+        """``(block name, block, attention attribute)`` of each transformer block (the parent of each attention)."""
+        modules = dict(self.model.named_modules())
+        return [(name.rpartition(".")[0], modules[name.rpartition(".")[0]], name.rpartition(".")[2])
+                for name, _ in self.attention_blocks()]
+
+    def merge_problem(self, block: nn.Module) -> Optional[str]:
+        """Why token merging cannot run ``block`` (None: it can, with :meth:`attention_step` and :meth:`mlp_step`)."""
+        return f"token merging does not know the {self.family} block {type(block).__name__}"
+
+    @staticmethod
+    def attention_step(block: nn.Module, x: torch.Tensor, attend: Any) -> torch.Tensor:
+        """``block``'s attention half on batch-first tokens ``x``, with ``attend(h)`` in place of its attention."""
+        raise NotImplementedError
+
+    @staticmethod
+    def mlp_step(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``block``'s MLP half on batch-first tokens ``x`` (residual and norms included)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def tokens_batch_first(block: nn.Module) -> bool:
+        """Whether ``block`` takes ``(batch, tokens, width)`` (else ``(tokens, batch, width)``)."""
+        return True

@@ -25,7 +25,9 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
+
+import torch
 
 from torch import nn
 
@@ -128,3 +130,24 @@ class HandWrittenAdapter(ModelAdapter):
             if self.model.__dict__.get(attr) == self._width:
                 setattr(self.model, attr, width)
         self._width = width
+
+    def merge_problem(self, block: nn.Module) -> Optional[str]:
+        if type(block).forward is not nn.TransformerEncoderLayer.forward:
+            return f"{type(block).__name__} is not an nn.TransformerEncoderLayer"
+        return None
+
+    @staticmethod
+    def attention_step(block: nn.Module, x: torch.Tensor, attend: Any) -> torch.Tensor:
+        if block.norm_first:
+            return x + block.dropout1(attend(block.norm1(x)))
+        return block.norm1(x + block.dropout1(attend(x)))
+
+    @staticmethod
+    def mlp_step(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if block.norm_first:
+            return x + block._ff_block(block.norm2(x))
+        return block.norm2(x + block._ff_block(x))
+
+    @staticmethod
+    def tokens_batch_first(block: nn.Module) -> bool:
+        return bool(block.self_attn.batch_first)

@@ -19,7 +19,9 @@ Example::
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
+
+import torch
 
 from torch import nn
 
@@ -119,3 +121,17 @@ class TransformersAdapter(ModelAdapter):
             config.head_dim = head_dims.pop()  # read by transformers >= 5 when rebuilding from the config
         if len(mlp) == 1:
             config.intermediate_size = mlp.pop()
+
+    def merge_problem(self, block: nn.Module) -> Optional[str]:
+        parts = ("layernorm_before", "layernorm_after", "mlp", "dropout")
+        if all(isinstance(getattr(block, part, None), nn.Module) for part in parts):
+            return None
+        return f"{type(block).__name__} has not all of {parts} (the transformers >= 5 ViT layer)"
+
+    @staticmethod
+    def attention_step(block: nn.Module, x: torch.Tensor, attend: Any) -> torch.Tensor:
+        return x + block.dropout(attend(block.layernorm_before(x)))
+
+    @staticmethod
+    def mlp_step(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return x + block.dropout(block.mlp(block.layernorm_after(x)))
