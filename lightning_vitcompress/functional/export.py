@@ -188,6 +188,25 @@ def _uncompiled(model: nn.Module) -> Iterator[nn.Module]:
         model._compiled_call_impl = compiled
 
 
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called")
+
+
+@contextlib.contextmanager
+def _hooks_set_aside(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` with its modules' forward hooks set aside: a trial trace must not reach hooks that keep inputs
+    (QuantizeOnFit's capture of the first training batch would keep the trace's tensors)."""
+    saved = [(module, name, getattr(module, name)) for module in model.modules() for name in _HOOK_DICTS
+             if getattr(module, name, None)]
+    for module, name, hooks in saved:
+        setattr(module, name, type(hooks)())
+    try:
+        yield model
+    finally:
+        for module, name, hooks in saved:
+            setattr(module, name, hooks)
+
+
 def _has_x86_int8(model: nn.Module) -> bool:
     return any(isinstance(module, X86Int8DynamicLinear) for module in model.modules())
 
@@ -205,8 +224,7 @@ def _export_program(module: nn.Module, example: torch.Tensor, dynamic_batch: boo
         with torch.no_grad():
             return torch.export.export(module, (example,), dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as err:  # noqa: BLE001 - reported with what would work
-        text = f"{type(err).__name__}: {err}".strip()
-        text = text if len(text) < 1500 else text[:1500] + " ..."
+        text = _short(err, 1500)
         data_dependent = any(
             marker in text for marker in ("data-dependent", "data dependent", "GuardOnDataDependent", "Could not guard")
         )
@@ -228,7 +246,7 @@ def check_exportable(model: nn.Module, example_input: torch.Tensor, config: Opti
     Cheap next to the AOT compile: :class:`~lightning_vitcompress.ExportOnFit` runs it at ``setup``.
     """
     config = config or ExportConfig()
-    with _uncompiled(model), eval_mode(model):
+    with _uncompiled(model), eval_mode(model), _hooks_set_aside(model):
         _export_program(_Deployable(model, None), _example_batch(example_input), config.dynamic_batch)
 
 
@@ -351,11 +369,11 @@ def _moved_copy(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def _write_pt2(program: torch.export.ExportedProgram, path: Path) -> None:
-    import torch._inductor
+    from torch._inductor import aoti_compile_and_package
 
     # freezing applies only with gradients off, as in compile_frozen's inference-mode calls
     with torch.no_grad():
-        torch._inductor.aoti_compile_and_package(
+        aoti_compile_and_package(
             program, package_path=str(path), inductor_configs=dict(FROZEN_INDUCTOR_OPTIONS)
         )
 
@@ -378,9 +396,17 @@ def _write_onnx(
     except Exception as err:  # noqa: BLE001 - reported with the format that works
         what = "its int8 layers" if int8 or _has_quantized_weights(module) else "the model"
         raise ValueError(
-            f"format='onnx': the ONNX exporter cannot convert {what} ({type(err).__name__}: {str(err)[:800]}). "
+            f"format='onnx': the ONNX exporter cannot convert {what} ({_short(err, 600)}). "
             "Use format='pt2' (AOTInductor, loads with torch alone), which runs every model this library makes."
         ) from err
+
+
+def _short(err: BaseException, limit: int) -> str:
+    """``Type: message`` without terminal colour codes, cut at ``limit`` characters."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", f"{type(err).__name__}: {err}").strip()
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def _has_quantized_weights(model: nn.Module) -> bool:
@@ -439,14 +465,21 @@ class LoadedArtifact(nn.Module):
         self.first_call_seconds: Optional[float] = None
         start = time.perf_counter()
         if format == "pt2":
-            import torch._inductor
+            from torch._inductor import aoti_load_package
 
-            self._runner: Any = torch._inductor.aoti_load_package(str(self.path))
+            self._runner: Any = aoti_load_package(str(self.path))
         else:
             import onnxruntime
 
+            options = onnxruntime.SessionOptions()
+            # torch's thread count, and no spin-waiting between calls: idle threads would steal the CPU from
+            # whatever runs next (other models, a benchmark's interleaved variants)
+            options.intra_op_num_threads = torch.get_num_threads()
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             providers = ["CUDAExecutionProvider"] if device.type == "cuda" else []
-            self._runner = onnxruntime.InferenceSession(str(self.path), providers=providers + ["CPUExecutionProvider"])
+            self._runner = onnxruntime.InferenceSession(
+                str(self.path), options, providers=providers + ["CPUExecutionProvider"]
+            )
             self._input_name = self._runner.get_inputs()[0].name
         self.load_seconds = time.perf_counter() - start
 

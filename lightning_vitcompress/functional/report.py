@@ -265,7 +265,12 @@ def format_report(report: dict[str, Any]) -> str:
         line = f"| {label} | {_cell(baseline.get(key), digits)} | {_cell(final.get(key), digits)} | {ratio_text} |"
         if deployed is not None:
             deployed_ratio = _ratio(deployed.get(key), baseline.get(key))
-            line += f" {_cell(deployed.get(key), digits)} | {'n/a' if deployed_ratio is None else f'{deployed_ratio:.3f}x'} |"
+            if key == "accuracy":
+                delta = report["deployed_ratios"]["accuracy_delta"]
+                deployed_text = "n/a" if delta is None else f"{delta * 100:+.2f} pt"
+            else:
+                deployed_text = "n/a" if deployed_ratio is None else f"{deployed_ratio:.3f}x"
+            line += f" {_cell(deployed.get(key), digits)} | {deployed_text} |"
         lines.append(line)
     startup = report.get("deployed_startup")
     if startup is not None:
