@@ -396,7 +396,7 @@ def _write_onnx(
     except Exception as err:  # noqa: BLE001 - reported with the format that works
         what = "its int8 layers" if int8 or _has_quantized_weights(module) else "the model"
         raise ValueError(
-            f"format='onnx': the ONNX exporter cannot convert {what} ({_short(err, 600)}). "
+            f"format='onnx': the ONNX exporter cannot convert {what} ({_short(err, 300).splitlines()[0]}). "
             "Use format='pt2' (AOTInductor, loads with torch alone), which runs every model this library makes."
         ) from err
 
