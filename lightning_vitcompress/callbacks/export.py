@@ -114,7 +114,7 @@ class ExportOnFit(CompressionCallback):
         self._config.check_environment()
         model = self.target(pl_module)
         shape = _input_shape(pl_module, model)
-        if shape is not None and trainer.is_global_zero:  # torch.export captures it (not a 10-hour fit later)
+        if shape is not None:  # torch.export captures it (not a 10-hour fit later); on every rank: same answer
             device = next((p.device for p in model.parameters()), torch.device("cpu"))
             check_exportable(model, torch.zeros(2, *shape, device=device), self._config)
         self.summary = None

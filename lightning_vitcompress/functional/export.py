@@ -305,7 +305,14 @@ def export_compressed(
     config.check_environment()
 
     device = torch.device(config.device) if config.device is not None else _model_device(model)
-    source = model if _model_device(model) == device else _moved_copy(model, device)
+    if device.type != "cpu" and config.precision == "bf16-mixed":
+        raise ValueError(
+            f"inference_precision='bf16-mixed' is the x86 CPU recipe (CPU autocast), but the export is for "
+            f"{str(device)!r}. Export for device='cpu', or with inference_precision='32-true'."
+        )
+    here = _model_device(model)
+    same = here.type == device.type and (here.index or 0) == (device.index or 0)
+    source = model if same else _moved_copy(model, device)
     example = _example_batch(example_input).to(device)
     int8 = _has_x86_int8(source)
     if int8:
