@@ -314,9 +314,9 @@ def export_compressed(
     same = here.type == device.type and (here.index or 0) == (device.index or 0)
     source = model if same else _moved_copy(model, device)
     example = _example_batch(example_input).to(device)
-    int8 = _has_x86_int8(source)
-    if int8:
+    if _has_x86_int8(source):
         _register_x86_lowering()
+    int8 = _has_x86_int8(source) or _has_quantized_weights(source)  # x86 layers, or torchao's tensor subclasses
     tolerance = config.tolerance if config.tolerance is not None else TOLERANCES[(config.precision, int8)]
 
     start = time.perf_counter()
