@@ -185,8 +185,8 @@ def test_onnx_of_torchao_int8_names_the_format_that_runs_it(digit_images, tmp_pa
 def test_export_on_fit_writes_a_checked_nystrom_pt2_that_the_benchmark_measures_as_deployed(tmp_path):
     from lightning.pytorch.loggers import CSVLogger
 
-    bench = BenchmarkCallback(batch_size=4, devices=("cpu",), rounds=1, min_run_time=0.05, latency_repeats=3,
-                              plot=False)
+    bench = BenchmarkCallback(batch_size=4, devices=("cpu",), rounds=1, min_run_time=0.05, latency_repeats=1,
+                              accuracy_batches=1, plot=False)
     export = ExportOnFit(tmp_path / "vit.pt2")
     trainer = fast_trainer(tmp_path, callbacks=[bench, export, NystromSwap(num_landmarks=4)], limit_train_batches=2,
                            logger=CSVLogger(tmp_path))

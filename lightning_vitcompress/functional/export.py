@@ -325,6 +325,7 @@ def export_compressed(
         with torch.inference_mode():
             reference = deployable(example).float()
         program = _export_program(deployable, example, config.dynamic_batch)
+        path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.partial{ARTIFACT_FORMATS[config.format]}")
         try:
             if config.format == "pt2":
