@@ -20,7 +20,6 @@ from torch import nn
 
 from lightning_vitcompress import (
     BenchmarkCallback,
-    ExportConfig,
     ExportOnFit,
     NystromSwap,
     PruningSchedule,
@@ -252,17 +251,6 @@ class Wrapped(FamilyClassifier):
     def training_step(self, batch, batch_idx):
         self.steps += 1
         return super().training_step(batch, batch_idx)
-
-
-def test_bad_format_and_onnx_bf16_are_refused_at_the_constructor(tmp_path):
-    with pytest.raises(ValueError, match=r"format='tflite'.*'pt2'"):
-        ExportOnFit(tmp_path / "m.tflite", format="tflite")
-    with pytest.raises(ValueError, match=r"inference_precision='bf16-mixed' with format='onnx'.*format='pt2'"):
-        ExportOnFit(tmp_path / "m.onnx", inference_precision="bf16-mixed")
-    with pytest.raises(ValueError, match=r"path=None"):
-        ExportOnFit(None)
-    with pytest.raises(ValueError, match="pass the options either in config or as keyword"):
-        ExportOnFit(tmp_path / "m.pt2", config=ExportConfig(), dynamic_batch=False)
 
 
 def test_data_dependent_control_flow_and_unwritable_path_fail_at_setup_before_training(tmp_path):

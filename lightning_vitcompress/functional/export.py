@@ -40,7 +40,7 @@ from typing import Any, Iterator, Literal, Optional, Union
 import torch
 from torch import nn
 
-from lightning_vitcompress._checks import check_bool, check_choice, check_example_input, check_output_file, check_path
+from lightning_vitcompress._checks import check_bool, check_choice, check_output_file, check_path
 from lightning_vitcompress.functional.measure import eval_mode
 from lightning_vitcompress.functional.quantize_configs import INFERENCE_PRECISIONS
 from lightning_vitcompress.functional.x86_int8 import (
@@ -295,11 +295,12 @@ def export_compressed(
         config = ExportConfig(**options)
     elif options:
         raise ValueError(f"export_compressed(config=..., {', '.join(options)}=...): pass the options in config only.")
-    if not isinstance(example_input, torch.Tensor) or example_input.dim() != 4:
-        check_example_input(example_input)
+    if not isinstance(example_input, torch.Tensor) or example_input.dim() != 4 or example_input.shape[0] == 0:
+        shown = (f"<tensor of shape {tuple(example_input.shape)}>" if isinstance(example_input, torch.Tensor)
+                 else f"<{type(example_input).__name__}>")
         raise ValueError(
-            f"example_input=<tensor of shape {tuple(example_input.shape)}>: pass a batch of images "
-            "(batch, channels, height, width)."
+            f"example_input={shown}: pass a real batch of images (batch, channels, height, width), e.g. the first "
+            "validation batch; its image size is the exported file's."
         )
     check_output_file(path, "path")
     config.check_environment()
