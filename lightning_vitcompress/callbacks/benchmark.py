@@ -55,7 +55,9 @@ class BenchmarkCallback(CompressionCallback):
     third-party callback that edits the model in ``setup`` must be listed
     after this one). The final model is measured at ``on_fit_end``, after
     training, pruning, swapping and quantization, side by side with the
-    baseline. Rank zero only.
+    baseline. Rank zero only. When an :class:`~lightning_vitcompress.ExportOnFit` in the
+    Trainer wrote a file (CPU, dynamic batch), that file is loaded afresh and measured too: the
+    ``"deployed"`` column, with its load + first-call seconds next to the in-process compile's.
 
     Args:
         batch_size: images per timed forward for throughput.
