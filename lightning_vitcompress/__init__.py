@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from lightning_vitcompress.functional import (
     DistillConfig,
+    ExportConfig,
     Int8DynamicX86Config,
     Int8StaticX86Config,
     NystromAttention,
@@ -28,7 +29,9 @@ from lightning_vitcompress.functional import (
     benchmark_model,
     compare_models,
     compile_frozen,
+    export_compressed,
     find_attention_blocks,
+    load_artifact,
     load_compressed,
     merge_tokens,
     prune_vit,
@@ -44,6 +47,7 @@ if TYPE_CHECKING:
     from lightning_vitcompress.callbacks import (
         BenchmarkCallback,
         DistillationTeacher,
+        ExportOnFit,
         NystromSwap,
         PruningSchedule,
         QuantizeOnFit,
@@ -56,6 +60,7 @@ __version__ = "0.1.0.dev0"
 _LIGHTNING_NAMES = {
     "BenchmarkCallback": "lightning_vitcompress.callbacks",
     "DistillationTeacher": "lightning_vitcompress.callbacks",
+    "ExportOnFit": "lightning_vitcompress.callbacks",
     "NystromSwap": "lightning_vitcompress.callbacks",
     "PruningSchedule": "lightning_vitcompress.callbacks",
     "QuantizeOnFit": "lightning_vitcompress.callbacks",
@@ -79,6 +84,8 @@ __all__ = [
     "CompressionCallback",
     "DistillConfig",
     "DistillationTeacher",
+    "ExportConfig",
+    "ExportOnFit",
     "Int8DynamicX86Config",
     "Int8StaticX86Config",
     "NystromAttention",
@@ -94,7 +101,9 @@ __all__ = [
     "benchmark_model",
     "compare_models",
     "compile_frozen",
+    "export_compressed",
     "find_attention_blocks",
+    "load_artifact",
     "load_compressed",
     "merge_tokens",
     "prune_vit",

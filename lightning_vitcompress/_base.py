@@ -19,6 +19,8 @@ sorted by their class attribute ``order``; the others then skip it.
                                it runs through; the teacher is never merged)
  40    DistillationTeacher     setup: checks and places the teacher
  60    QuantizeOnFit           train end: quantizes
+ 70    ExportOnFit             train end: exports the final model to a file
+                               (after QuantizeOnFit saved; before the benchmark)
 =====  ======================  =============================================
 
 The base class also owns what every callback does at ``setup``: the fit-stage

@@ -19,6 +19,14 @@ from lightning_vitcompress.functional.distill import (
     load_teacher,
     soft_distillation_loss,
 )
+from lightning_vitcompress.functional.export import (
+    ArtifactMismatchError,
+    ExportConfig,
+    LoadedArtifact,
+    check_exportable,
+    export_compressed,
+    load_artifact,
+)
 from lightning_vitcompress.functional.measure import (
     compare_throughput,
     count_macs,
@@ -55,7 +63,13 @@ from lightning_vitcompress.functional.x86_int8 import (
 )
 
 __all__ = [
+    "ArtifactMismatchError",
     "DistillConfig",
+    "ExportConfig",
+    "LoadedArtifact",
+    "check_exportable",
+    "export_compressed",
+    "load_artifact",
     "INFERENCE_PRECISIONS",
     "Int8DynamicX86Config",
     "Int8StaticX86Config",
