@@ -30,6 +30,7 @@ from lightning_vitcompress._checks import (
     check_positive,
 )
 from lightning_vitcompress._model import stated_input_shape
+from lightning_vitcompress.functional.baselines import BASELINES, build_baseline, check_baselines
 from lightning_vitcompress.functional.measure import (
     eval_mode,
     resolve_device,
@@ -75,6 +76,13 @@ class BenchmarkCallback(CompressionCallback):
             trainer's ``log_dir`` or ``default_root_dir``.
         rounds, min_run_time, latency_repeats: timing precision vs time (see :func:`compare_models`).
         plot: also write ``vitcompress_benchmark.png`` when matplotlib is installed.
+        baselines: also measure what a team would run without compressing, built from the
+            baseline model and timed interleaved with it: ``("bf16_compiled",)`` is the
+            uncompressed model under bf16 autocast (where the CPU/GPU runs bf16 natively,
+            else fp32) compiled with inductor. The report then gives the final model's
+            speedup against fp32 eager (``ratios``) and against each of these
+            (``report["baselines"][name]["ratios"]``). Compiling costs a minute or more
+            on a small CPU. Default ``()``: none.
 
     Example::
 
@@ -102,6 +110,7 @@ class BenchmarkCallback(CompressionCallback):
         latency_repeats: int = 30,
         plot: bool = True,
         model_attribute: Optional[str] = None,
+        baselines: Sequence[str] = (),
     ) -> None:
         super().__init__(model_attribute)
         check_positive(batch_size, "batch_size", "32", integer=True)
@@ -127,6 +136,7 @@ class BenchmarkCallback(CompressionCallback):
         check_positive(min_run_time, "min_run_time", "0.5")
         check_positive(latency_repeats, "latency_repeats", "30", integer=True)
         check_bool(plot, "plot", "write vitcompress_benchmark.png")
+        self.baselines = check_baselines(baselines)
         self.batch_size = batch_size
         self.num_threads = num_threads
         self.devices = devices
@@ -206,8 +216,9 @@ class BenchmarkCallback(CompressionCallback):
         generator = torch.Generator().manual_seed(0)
         example_input = torch.randn(self.batch_size, *self._input_shape, generator=generator)
         batches = self._accuracy_batches(trainer)
+        references = {name: build_baseline(self._baseline, name) for name in self.baselines}
         measured = compare_models(
-            {"baseline": self._baseline, "final": final},
+            {"baseline": self._baseline, **references, "final": final},
             example_input,
             batches=batches,
             devices=self.devices,
@@ -222,6 +233,12 @@ class BenchmarkCallback(CompressionCallback):
             "ratios": summarize(measured["baseline"], measured["final"]),
             **measured["conditions"],
         }
+        if references:
+            self.report["baselines"] = {
+                name: {"description": BASELINES[name], **measured[name],
+                       "ratios": summarize(measured[name], measured["final"])}
+                for name in references
+            }
         self._baseline = None  # free the copy
         self._write(trainer)
 
@@ -264,6 +281,8 @@ class BenchmarkCallback(CompressionCallback):
         if self.plot:
             save_plot(self.report, output_dir / "vitcompress_benchmark.png")
         metrics = {f"{stage}_{key}": value for stage in ("baseline", "final") for key, value in self.report[stage].items()}
+        for name, reference in self.report.get("baselines", {}).items():
+            metrics.update({f"vs_{name}_{key}": value for key, value in reference["ratios"].items()})
         self.log_metrics(trainer, {**metrics, **self.report["ratios"]})
         for logger in trainer.loggers:
             logger.save()
