@@ -100,6 +100,7 @@ def step_times(
     adapter: Any,
     inner: Optional[list] = None,
     precision: str = "fp32",
+    student: Optional[dict[str, Any]] = None,
 ) -> list[tuple[float, float]]:
     L.seed_everything(0, verbose=False)
     timer = StepTimer()
@@ -107,7 +108,7 @@ def step_times(
     if teacher is not None:
         callbacks.insert(0, TimedTeacher(teacher, mode="soft", alpha=0.5, input_adapter=adapter,
                                          teacher_precision=precision))
-    trainer(1, callbacks, limit_train_batches=steps + 2).fit(DigitsClassifier(**STUDENT), dm)
+    trainer(1, callbacks, limit_train_batches=steps + 2).fit(DigitsClassifier(**(student or STUDENT)), dm)
     if teacher is not None and inner is not None:
         inner += callbacks[0].forward_times[2:]
     return timer.times[2:]  # the first steps warm up
@@ -127,44 +128,50 @@ def teacher_forward_times(
     return times
 
 
-#: (label, architecture, teacher image size or None for the student's 32): the same-size teacher is the
-#: student's own architecture; 64x4 is the accuracy part's teacher (~8x the student's MACs)
+#: ViT-Tiny's width and depth (192 wide, 6 blocks, 3 heads) at 32x32: a student big enough for bf16 to pay
+TINY_WIDTH = dict(embed_dim=192, depth=6, num_heads=3)
+#: (label, student, teacher, teacher image size or None for the student's 32): a same-size teacher is the
+#: student's own architecture; 64x4 is the accuracy part's teacher (~8x the 32x2 student's MACs)
 OVERHEAD_TEACHERS = [
-    ("same size 32x2 @32", STUDENT, None),
-    ("64x4 @32", TEACHER, None),
-    ("64x4 @64 (resized)", TEACHER, 64),
+    ("student 32x2, same-size teacher", STUDENT, STUDENT, None),
+    ("student 32x2, teacher 64x4", STUDENT, TEACHER, None),
+    ("student 32x2, teacher 64x4 @64 (resized)", STUDENT, TEACHER, 64),
+    ("student 192x6, same-size teacher", TINY_WIDTH, TINY_WIDTH, None),
 ]
 
 
-def overhead(rounds: int, steps: int, precisions: list[str]) -> list[list[str]]:
+def overhead(rounds: int, steps: int, precisions: list[str], cases: list[int]) -> list[list[str]]:
     dm = DigitsDataModule(batch_size=64)
     dm.setup()
     teachers = []
-    for label, arch, size in OVERHEAD_TEACHERS:
+    for label, student, arch, size in (OVERHEAD_TEACHERS[i] for i in cases):
         torch.manual_seed(0)
-        teachers.append((label, small_vit(**arch, image_size=size or 32, patch_size=4 if size is None else 8), size))
-    configs = [(label, teacher, size, precision) for label, teacher, size in teachers for precision in precisions]
-    plain: list[tuple[float, float]] = []
+        teacher = small_vit(**arch, image_size=size or 32, patch_size=4 if size is None else 8)
+        teachers.append((label, student, teacher, size))
+    configs = [(*teacher, precision) for teacher in teachers for precision in precisions]
+    students = {repr(student): student for _, student, _, _ in teachers}
+    plain: dict[str, list] = {key: [] for key in students}
     distilled: dict[int, list] = {i: [] for i in range(len(configs))}
     forward: dict[int, list] = {i: [] for i in range(len(configs))}
     inner: dict[int, list] = {i: [] for i in range(len(configs))}
-    for _ in range(rounds):  # interleaved: plain, then each teacher and precision: distilled, teacher forward
-        plain += step_times(None, dm, steps, None)
-        for i, (label, teacher, size, precision) in enumerate(configs):
-            distilled[i] += step_times(teacher, dm, steps, size, inner[i], precision)
+    for _ in range(rounds):  # interleaved: each plain student, then each teacher and precision
+        for key, student in students.items():
+            plain[key] += step_times(None, dm, steps, None, student=student)
+        for i, (label, student, teacher, size, precision) in enumerate(configs):
+            distilled[i] += step_times(teacher, dm, steps, size, inner[i], precision, student)
             forward[i] += teacher_forward_times(teacher, dm, steps, size, precision)
     rows = []
-    for i, (label, _, _, precision) in enumerate(configs):
+    for i, (label, student, _, _, precision) in enumerate(configs):
         row = [label, precision]
         ratios = []
         for clock in (0, 1):  # wall, CPU
             p, d, f, n = (statistics.median(t[clock] for t in v) * 1e3
-                          for v in (plain, distilled[i], forward[i], inner[i]))
+                          for v in (plain[repr(student)], distilled[i], forward[i], inner[i]))
             row += [f"{p:.1f}", f"{f:.1f}", f"{d:.1f}", f"{n:.1f}", f"{d - p - n:.1f}"]
             ratios.append((d / (p + f), d / p))
-        (wall_fwd, wall_step), (cpu_fwd, cpu_step) = ratios
-        row += [f"{wall_fwd:.3f} {'ok' if wall_fwd <= 1.1 else 'OVER'}", f"{cpu_fwd:.3f} {'ok' if cpu_fwd <= 1.1 else 'OVER'}",
-                f"{cpu_step:.2f}"]
+        (wall_fwd, _), (cpu_fwd, cpu_step) = ratios
+        row += [f"{wall_fwd:.3f} {'ok' if wall_fwd <= 1.1 else 'OVER'}",
+                f"{cpu_fwd:.3f} {'ok' if cpu_fwd <= 1.1 else 'OVER'}", f"{cpu_step:.2f}"]
         rows.append(row)
     return rows
 
@@ -243,6 +250,8 @@ def accuracy(args: argparse.Namespace) -> list[list[str]]:
             print(f"  {label}: alone {alone}, distilled {distilled}", flush=True)
             rows.append([f"{label}, {epochs} ep", mean_std(alone), mean_std(distilled), f"{100 * gain:+.1f}",
                          f"{sum(d > a for d, a in zip(distilled, alone))}/{seeds}"])
+        if args.sweep:
+            rows += sweep(args, dm, path, epochs, seeds)
         if args.prune_epochs <= 0:
             return rows
         lr = args.prune_lr
@@ -254,6 +263,27 @@ def accuracy(args: argparse.Namespace) -> list[list[str]]:
                  f"a={args.prune_alpha:g})")
         rows.append([label, mean_std(alone), mean_std(distilled),
                      f"{100 * gain:+.1f}", f"{sum(d > a for d, a in zip(distilled, alone))}/{seeds}"])
+    return rows
+
+
+def sweep(args: argparse.Namespace, dm: DigitsDataModule, path: Path, epochs: int, seeds: int) -> list[list[str]]:
+    """Soft-mode settings side by side: the student alone once per seed, each setting distilled per seed,
+    gains paired by seed. ``--sweep "4:0.5:fp32 1:0.5 2:0.3"`` = temperature:alpha[:teacher precision]."""
+    name = "vit_tiny_patch16_224"
+    alone = [student_accuracy(dm, s, epochs, None, "soft", name, {}) for s in range(seeds)]
+    print(f"  sweep: alone {alone}", flush=True)
+    rows = [[f"sweep: ViT 32x2 alone, {epochs} ep", mean_std(alone), "-", "-", "-"]]
+    for item in args.sweep.split():
+        temperature, alpha, *precision = item.split(":")
+        settings: dict[str, Any] = dict(alpha=float(alpha), temperature=float(temperature))
+        if precision:
+            settings["teacher_precision"] = precision[0]
+        distilled = [student_accuracy(dm, s, epochs, path, "soft", name, settings) for s in range(seeds)]
+        gains = [d - a for d, a in zip(distilled, alone)]
+        print(f"  sweep {item}: distilled {distilled}", flush=True)
+        label = f"sweep: soft T={temperature} a={alpha}" + (f" {precision[0]} teacher" if precision else "")
+        rows.append([label, mean_std(alone), mean_std(distilled), f"{100 * statistics.mean(gains):+.1f}",
+                     f"{sum(g > 0 for g in gains)}/{seeds}"])
     return rows
 
 
@@ -283,6 +313,9 @@ def main() -> None:
     parser.add_argument("--prune-temperature", type=float, default=4.0)
     parser.add_argument("--modes", default="soft,deit", help="student rows among soft,hard,deit ('' for none)")
     parser.add_argument("--overhead-precisions", default="fp32,bf16", help="teacher precisions of the overhead rows")
+    parser.add_argument("--overhead-cases", default="0,1,2,3",
+                        help="indices into OVERHEAD_TEACHERS (student/teacher pairs) of the overhead rows")
+    parser.add_argument("--sweep", default="", help="extra soft rows: 'T:alpha[:teacher precision] ...', paired by seed")
     parser.add_argument("--skip-overhead", action="store_true")
     parser.add_argument("--skip-accuracy", action="store_true")
     args = parser.parse_args()
@@ -301,7 +334,8 @@ def main() -> None:
         print_table(
             ["teacher", "precision", "step", "t-fwd", "step+t", "(t-fwd in it)", "(own)", "CPU step", "CPU t-fwd",
              "CPU step+t", "(CPU t-fwd in it)", "(CPU own)", "ratio wall", "ratio CPU", "step+t / step CPU"],
-            overhead(args.rounds, args.steps, args.overhead_precisions.split(",")),
+            overhead(args.rounds, args.steps, args.overhead_precisions.split(","),
+                     [int(i) for i in args.overhead_cases.split(",")]),
         )
     if not args.skip_accuracy:
         torch.set_num_threads(args.threads)
