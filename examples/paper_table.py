@@ -120,6 +120,8 @@ class Setting:
         self.data.setup("fit")
         #: CIFAR-10 mode: a larger model trained here to distil from (offline: the trained vanilla ViT)
         self.trained_teacher: Optional[nn.Module] = None
+        #: models trained for one seed that several rows start from
+        self.trained: dict[Any, nn.Module] = {}
 
     def vit(self) -> DigitsClassifier:
         if self.cifar:
@@ -247,16 +249,16 @@ def train_recipe(setting: Setting, recipe: Recipe, vanilla: DigitsClassifier, se
     """The recipe's model on the accuracy scale, starting from this seed's trained vanilla ViT."""
     args = setting.args
     if recipe.family == "deit":
-        L.seed_everything(seed, verbose=False)
-        deit = setting.deit()
-        teacher = setting.trained_teacher or _clone_model(vanilla.model)
-        callbacks: list[Any] = [DistillationTeacher(_clone_model(teacher), mode="deit")]
-        if recipe.quantize:
-            callbacks.append(quantizer(recipe))
-        setting.trainer(args.epochs, callbacks).fit(deit, setting.data)
-        return deit.model
+        if (seed, "deit") not in setting.trained:  # one DeiT per seed; its quantized rows start from it
+            L.seed_everything(seed, verbose=False)
+            deit = setting.deit()
+            teacher = setting.trained_teacher or _clone_model(vanilla.model)
+            callbacks: list[Any] = [DistillationTeacher(_clone_model(teacher), mode="deit")]
+            setting.trainer(args.epochs, callbacks).fit(deit, setting.data)
+            setting.trained = {(seed, "deit"): deit.model}
     if not recipe.fine_tuned:
-        model = _clone_model(vanilla.model)
+        source = setting.trained[(seed, "deit")] if recipe.family == "deit" else vanilla.model
+        model = _clone_model(source)
         if recipe.quantize:
             calibration = [batch[0] for batch in setting.test_batches()[:2]]
             quantize_model(model, recipe.quantize, calibration_inputs=calibration)
@@ -333,8 +335,10 @@ def speed_models(recipes: list[Recipe], args: argparse.Namespace) -> tuple[dict[
         key = f"{name}@{size}|{recipe.method}"
         models[key] = model
         info[key] = {"arch": arch, "macs": macs, "recipe": recipe}
-    if not args.no_reference:
-        for arch, vanilla in vanillas.items():
+        print(f"  built {key}", flush=True)
+    if not args.no_reference:  # the study's architecture only: each compile costs minutes on a small CPU
+        main_arch = (args.speed_models[0], args.speed_image_size)
+        for arch, vanilla in ((a, v) for a, v in vanillas.items() if a == main_arch):
             key = f"{arch[0]}@{arch[1]}|{REFERENCE}"
             models[key] = build_baseline(vanilla, "bf16_compiled")
             info[key] = {"arch": arch, "macs": count_macs(vanilla, torch.randn(1, 3, arch[1], arch[1])), "recipe": None}
@@ -349,9 +353,12 @@ def measure_speed(models: dict[str, nn.Module], args: argparse.Namespace) -> dic
         by_size.setdefault(int(key.split("|")[0].split("@")[1]), {})[key] = model
     for size, group in by_size.items():
         example = torch.randn(args.batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
-        for key, model in group.items():  # compile (and check) each variant before timing
+        for key, model in group.items():  # compile (and check) each variant before timing, at both batch sizes
+            start = time.perf_counter()
             with torch.inference_mode():
                 model(example)
+                model(example[:1])
+            print(f"  first calls of {key}: {time.perf_counter() - start:.0f} s", flush=True)
         result = compare_models(group, example, devices=("cpu", "cuda"), num_threads=args.threads,
                                 rounds=args.rounds, min_run_time=args.min_run_time, latency_repeats=5)
         measured["conditions"] = result.pop("conditions")
