@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
+from torch.utils import _python_dispatch
 from torch.utils._pytree import tree_map
 
 from lightning_vitcompress._checks import check_choice
@@ -73,6 +74,8 @@ class CompiledAutocast(nn.Module):
         import torch._inductor.config as inductor_config
 
         device = x.device
+        if _python_dispatch._get_current_dispatch_mode() is not None:
+            return self.model(x)  # under a dispatch mode (count_macs' FlopCounterMode): eager, no new compile
         compiled = self._compiled.get(device.type)
         if compiled is None:
             with warnings.catch_warnings():  # first called under FlopCounterMode's global hooks: harmless here
