@@ -427,6 +427,10 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _times(value: Optional[float], digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}x"
+
+
 def _pm(value: Optional[tuple[float, float]], signed: bool = False) -> str:
     if value is None:
         return "n/a"
@@ -470,8 +474,8 @@ def markdown(rows: list[dict[str, Any]], head: str) -> str:
         lines.append(
             f"| {r['speed_model']} | {r['method']} | {accuracy} | {_pm(r['delta_vs_vanilla'], signed=True)} "
             f"| {_fmt(r['params_m'], 1)} | {_fmt(r['size_mb'], 1)} | {_fmt(r['macs_g'], 2)} "
-            f"| {_fmt(r['cpu_images_per_s'], 2)} | {_fmt(r['cpu_speedup'])}x | {_fmt(r['cpu_speedup_vs_bf16_compiled'])}x "
-            f"| {_fmt(r['size_ratio'], 3)}x | {_fmt(r['gpu_images_per_s'], 1)} |"
+            f"| {_fmt(r['cpu_images_per_s'], 2)} | {_times(r['cpu_speedup'])} | {_times(r['cpu_speedup_vs_bf16_compiled'])} "
+            f"| {_times(r['size_ratio'], 3)} | {_fmt(r['gpu_images_per_s'], 1)} |"
         )
     lines.append("\nThe study's published rows (CIFAR-10, ViT-B/16, its own CPU), reference points only:\n")
     lines.append("| study row | accuracy (%) | CPU speedup | size (MB) |\n|---|---|---|---|")
