@@ -14,8 +14,13 @@ sorted by their class attribute ``order``; the others then skip it.
  15    (base)                  setup, on resume: replays the checkpoint's structure
  20    PruningSchedule         setup / epoch / step: prunes
  30    NystromSwap             setup / epoch: swaps attention
+ 35    TokenMerging            setup / epoch: blocks merge tokens (after the
+                               edits to weights and attention modules, which
+                               it runs through; the teacher is never merged)
  40    DistillationTeacher     setup: checks and places the teacher
  60    QuantizeOnFit           train end: quantizes
+ 70    ExportOnFit             train end: exports the final model to a file
+                               (after QuantizeOnFit saved; before the benchmark)
 =====  ======================  =============================================
 
 The base class also owns what every callback does at ``setup``: the fit-stage
@@ -33,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 from typing_extensions import override
@@ -48,6 +54,7 @@ from lightning_vitcompress._structure import (
     save_edits,
 )
 from lightning_vitcompress._training_state import check_strategy_supported
+from lightning_vitcompress.functional.measure import images_of
 
 _STATE_ATTRIBUTE = "_vitcompress_pipeline"
 #: on resume, the checkpoint's structure is replayed between the baseline snapshot and the edits
@@ -65,6 +72,8 @@ class _PipelineState:
         #: the checkpoint this fit resumes from (None for a fresh fit), read once at setup
         self.resume_path: Optional[str] = None
         self.checkpoint: dict[str, Any] = {}
+        #: one image of the Trainer's data (see :func:`example_from_data`), looked up once; False: none found
+        self.example: Any = None
 
 
 def _pipeline_state(trainer: "pl.Trainer") -> _PipelineState:
@@ -100,6 +109,47 @@ def _resumed_checkpoint(trainer: "pl.Trainer") -> tuple[Optional[str], dict[str,
     if not path or not Path(path).is_file():
         return None, {}
     return path, read_checkpoint(path, weights_only=weights_only, argument="ckpt_path")
+
+
+def example_from_data(trainer: "pl.Trainer") -> Optional[torch.Tensor]:
+    """One image (batch of 1) of the data this fit trains on: validation data first, else training data.
+
+    For models that do not state their input size. Lightning calls the
+    datamodule's ``setup`` before the callbacks' ``setup``, so its loaders can
+    be asked here; loaders passed to ``fit`` directly are read from the fit
+    loop's data sources (``_DataLoaderSource.dataloader()``, what Lightning
+    itself calls). The first batch is read under a forked random state, so the
+    training order is what it would be without us. Returns None where no data
+    is reachable or a batch holds no image tensor.
+    """
+    state = _pipeline_state(trainer)
+    if state.example is None:
+        state.example = _first_images(trainer)
+        state.example = False if state.example is None else state.example[:1].detach().cpu()
+    return state.example if isinstance(state.example, torch.Tensor) else None
+
+
+def _first_images(trainer: "pl.Trainer") -> Optional[torch.Tensor]:
+    sources: list[Callable[[], Any]] = []
+    datamodule = trainer.datamodule
+    if datamodule is not None:
+        sources += [datamodule.val_dataloader, datamodule.train_dataloader]
+    for loop in (trainer.fit_loop.epoch_loop.val_loop, trainer.fit_loop):
+        source = getattr(loop, "_data_source", None)
+        if source is not None and source.is_defined():
+            sources.append(source.dataloader)
+    for source in sources:
+        try:
+            with torch.random.fork_rng(devices=[]):
+                loader = source()
+                loader = loader[0] if isinstance(loader, (list, tuple)) and loader else loader
+                batch = next(iter(loader))
+        except Exception:  # noqa: BLE001 - an undefined or failing loader: try the next source
+            continue
+        images = images_of(batch)
+        if images is not None:
+            return images
+    return None
 
 
 def _run_once_in_order(

@@ -22,26 +22,26 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from timm.layers.attention import Attention as TimmAttention
 from torch import nn
 
 from lightning_vitcompress.models import ADAPTERS, adapter_for
+from lightning_vitcompress.models.base import ATTENTION_MARKER, is_attention_module
 
-#: A module class that sets this class attribute to ``True`` counts as an
-#: attention block (our ``NystromAttention`` does), without this module
-#: importing it.
-ATTENTION_MARKER = "is_vitcompress_attention"
+__all__ = ["ATTENTION_MARKER", "find_attention_blocks", "is_attention_block", "resolve_target_model"]
 
 
 def is_attention_block(module: nn.Module) -> bool:
-    """True for timm ``Attention``, ``nn.MultiheadAttention`` and marked modules."""
-    return isinstance(module, (TimmAttention, nn.MultiheadAttention)) or bool(
-        getattr(type(module), ATTENTION_MARKER, False)
-    )
+    """True for an attention module the adapters read (timm ``Attention``, ``nn.MultiheadAttention``,
+    transformers' q/k/v attention, marked modules such as our ``NystromAttention``)."""
+    return is_attention_module(module)
 
 
 def find_attention_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(qualified name, module)`` of every attention block in ``model``, in order.
+
+    The model's family adapter says where its blocks are (transformers < 5 keeps
+    the output projection outside the attention module); any other model is
+    searched for attention modules of a structure the adapters read.
 
     Example::
 
@@ -49,6 +49,12 @@ def find_attention_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
         >>> [name for name, _ in find_attention_blocks(vit)][:2]
         ['blocks.0.attn', 'blocks.1.attn']
     """
+    for adapter in ADAPTERS:
+        if adapter.matches(model):
+            try:
+                return adapter(model).attention_blocks()
+            except TypeError:  # an unsupported attention in it: list the ones we can read
+                break
     return [(name, module) for name, module in model.named_modules() if is_attention_block(module)]
 
 

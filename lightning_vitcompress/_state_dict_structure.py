@@ -42,13 +42,18 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from lightning_vitcompress._model import AmbiguousTargetError, get_submodule, is_attention_block, resolve_target_path
-from lightning_vitcompress._structure import Record
+from lightning_vitcompress._model import (
+    AmbiguousTargetError,
+    get_submodule,
+    is_attention_block,
+    resolve_target_path,
+)
+from lightning_vitcompress._structure import Record, shape_changes, shape_snapshot
 from lightning_vitcompress.functional.nystrom import NystromAttention, nystrom_settings
-from lightning_vitcompress._structure import shape_changes, shape_snapshot
 from lightning_vitcompress.functional.prune import HEADS_BUFFER
-from lightning_vitcompress.functional.quantize_configs import QUANTIZATION_CONFIGS
 from lightning_vitcompress.functional.quantize import RECORD_KIND as QUANTIZE_KIND
+from lightning_vitcompress.functional.quantize_configs import QUANTIZATION_CONFIGS
+from lightning_vitcompress.models.base import read_layout
 
 __all__ = ["StructureMismatchError", "align_state_dict", "check_structure", "infer_records"]
 
@@ -222,6 +227,14 @@ def _attributes(
         heads, head_dim = _head_layout(name, module, qkv[0] // 3, saved, nystrom, prefix)
         scale = nystrom[name]["scale"] if name in nystrom else head_dim**-0.5
         return {"num_heads": heads, "head_dim": head_dim, "attn_dim": qkv[0] // 3, "scale": scale}
+    in_proj = tensors.get("in_proj_weight")
+    if isinstance(module, nn.MultiheadAttention) and in_proj:  # pruned only along with the embedding
+        return {"embed_dim": in_proj[1], "kdim": in_proj[1], "vdim": in_proj[1], "head_dim": in_proj[0] // 3 // module.num_heads}
+    query = after.get(dot + "q_proj", {}).get("tensors", {}).get("weight")
+    if query and is_attention_block(module):  # transformers: separate q/k/v
+        heads, head_dim = _head_layout(name, module, query[0], saved, nystrom, prefix)
+        return {"num_attention_heads": heads, "num_heads": heads, "attention_head_size": head_dim,
+                "head_dim": head_dim, "all_head_size": query[0]}
     conv = after.get(dot + "patch_embed.proj", {}).get("tensors", {}).get("weight")
     if conv:  # timm VisionTransformer: its width in a few attributes (see prune_vit)
         return {attr: conv[0] for attr in ("embed_dim", "num_features", "head_hidden_size")}
@@ -250,8 +263,9 @@ def _head_layout(
     if isinstance(heads_buffer, torch.Tensor):
         heads = int(heads_buffer)
         return heads, attn_dim // heads
-    heads, head_dim = int(attn.num_heads), int(attn.head_dim)
-    if attn_dim == int(attn.attn_dim):
+    layout = read_layout(name, attn)
+    heads, head_dim = layout.num_heads, layout.head_dim
+    if attn_dim == layout.attn_dim:
         return heads, head_dim
     q_norm = saved.get(dot + "q_norm.weight")
     if isinstance(q_norm, torch.Tensor):

@@ -74,6 +74,11 @@ SHAPE_ATTRIBUTES = (
     "scale",
     "kdim",
     "vdim",
+    # transformers attention and torchvision's VisionTransformer keep their widths under these names
+    "num_attention_heads",
+    "attention_head_size",
+    "all_head_size",
+    "hidden_dim",
 )
 
 

@@ -11,7 +11,7 @@ import torch
 from bad_inputs import Case, check_case, tiny_model
 from helpers import fast_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from test_pruning import MHAClassifier
+from test_pruning import IMAGES, MHAClassifier
 
 from lightning_vitcompress.digits import DigitsDataModule
 from lightning_vitcompress import PruningSchedule
@@ -110,9 +110,9 @@ CASES = [
     setup("ignored-layer-missing", "ignored_layers=['nope']", ignored_layers=["nope"]),
     setup("model-attribute-missing", "model_attribute='net'", AttributeError, model_attribute="net"),
     setup("example-input-wrong-shape", "example_input=", example_input=torch.randn(1, 3, 7, 7)),
-    setup("mha-heads-not-prunable", "prune_attention=False", model=MHAClassifier),
-    setup("mha-needs-example-input", "example_input=", model=MHAClassifier, prune_attention=False,
-          prune_embed_dim=False),
+    setup("mha-heads-not-prunable", "prune_heads", model=MHAClassifier, prune_heads=True, example_input=IMAGES),
+    setup("mha-attention-without-embedding", "prune_embed_dim", model=MHAClassifier, prune_embed_dim=False,
+          example_input=IMAGES),
     Case("second-fit-other-ratio", lambda t: PruningSchedule(0.25), "pruning_ratio=0.25", "setup", P, ValueError,
          model=_pruned_model),
     # resuming with arguments that differ from the checkpoint's: refused before the checkpoint is restored

@@ -248,3 +248,19 @@ def test_input_shape_comes_from_the_family_adapter(tmp_path, digits, family):
     fast_trainer(tmp_path, callbacks=[bench], limit_train_batches=1, limit_val_batches=1).fit(model, digits)
     assert bench.report["final"]["params"] == sum(p.numel() for p in model.model.parameters())
     assert bench.report["final"]["cpu_images_per_s"] > 0
+
+
+@pytest.mark.parametrize("source", ["datamodule", "dataloaders"])
+def test_input_shape_comes_from_the_first_batch(tmp_path, digits, source):
+    """A hand-written ViT that states no input size is measured at the shape of the Trainer's data."""
+    from test_pruning import MHAClassifier
+
+    bench = BenchmarkCallback(batch_size=4, devices=("cpu",), rounds=1, min_run_time=0.05, latency_repeats=3,
+                              output_dir=tmp_path, plot=False, accuracy_batches=1)
+    trainer = fast_trainer(tmp_path, callbacks=[bench], limit_train_batches=1, limit_val_batches=1)
+    if source == "datamodule":
+        trainer.fit(MHAClassifier(), digits)
+    else:
+        trainer.fit(MHAClassifier(), train_dataloaders=digits.train_dataloader())
+    assert bench.report["input_shape"] == [3, 32, 32]
+    assert bench.report["final"]["cpu_images_per_s"] > 0

@@ -43,3 +43,31 @@ def test_reload_formats_example_runs():
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "difference" in line]
     assert len(rows) >= 19  # 4 models x 5 formats, less what safetensors refuses
     assert all(float(row.rsplit(" ", 2)[-2]) < 1e-4 for row in rows)
+
+
+def test_transformers_example_compresses_and_reloads(tmp_path):
+    import pytest
+
+    pytest.importorskip("transformers", reason="the [hf] extra (transformers) is not installed")
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "transformers_example.py"), "--fast", "--epochs", "1",
+         "--output-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "reload gives the same logits: True" in proc.stdout
+    report = json.loads((tmp_path / "vitcompress_benchmark.json").read_text())
+    assert report["final"]["params"] < 0.35 * report["baseline"]["params"]
+
+
+def test_readme_models_snippet_prunes_every_family():
+    import pytest
+
+    pytest.importorskip("transformers", reason="the [hf] extra (transformers) is not installed")
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    snippet = readme.split("## Models", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    ratios = namespace["ratios"]
+    assert set(ratios) == {"timm", "torchvision", "transformers"}
+    assert all(0.2 < ratio < 0.4 for ratio in ratios.values()), ratios

@@ -18,7 +18,7 @@ from families import torchvision_vit as _torchvision
 from torch import nn
 
 from lightning_vitcompress.models import (
-    MultiheadAttentionAdapter,
+    HandWrittenAdapter,
     TimmAdapter,
     TorchvisionAdapter,
     TransformersAdapter,
@@ -63,10 +63,10 @@ CASES = {
         lambda: _hf("DeiTForImageClassificationWithTeacher"), TransformersAdapter,
         [f"deit.layers.{i}.attention" for i in range(DEPTH)], 2, ["cls_classifier", "distillation_classifier"],
     ),
-    "mha-batch-first": Case(MHAViT, MultiheadAttentionAdapter, MHA_BLOCKS, 1, ["head"]),
-    "mha-seq-first": Case(lambda: MHAViT(batch_first=False), MultiheadAttentionAdapter, MHA_BLOCKS, 1, ["head"]),
+    "mha-batch-first": Case(MHAViT, HandWrittenAdapter, MHA_BLOCKS, 1, ["head"]),
+    "mha-seq-first": Case(lambda: MHAViT(batch_first=False), HandWrittenAdapter, MHA_BLOCKS, 1, ["head"]),
 }
-HEAD_PRUNABLE = [name for name, case in CASES.items() if case.adapter.capabilities.head_pruning]
+HEAD_PRUNABLE = [name for name in CASES if adapter_for(CASES[name].build()).capabilities.head_pruning]
 
 
 def _make(name: str) -> nn.Module:

@@ -108,7 +108,7 @@ def test_multihead_attention_layers_swap_with_both_layouts():
         assert layer(x).shape == x.shape and relative_error(layer(x), exact) > 1e-4
     with pytest.raises(ValueError, match="kdim=16"):
         NystromAttention.from_attention(nn.MultiheadAttention(32, 4, kdim=16, vdim=16), num_landmarks=8)
-    with pytest.raises(TypeError, match="supports timm's Attention and nn.MultiheadAttention, not Linear"):
+    with pytest.raises(TypeError, match="supports timm's Attention, nn.MultiheadAttention and transformers' ViT/DeiT attention, not Linear"):
         NystromAttention.from_attention(nn.Linear(4, 4))
 
 
@@ -277,7 +277,20 @@ def test_masked_blocks_are_refused_before_any_swap_with_an_example_input(tmp_pat
     torch.testing.assert_close(_outputs(model, images), before, rtol=0, atol=0)
 
 
-def test_masked_blocks_without_an_example_input_get_their_swap_undone(tmp_path, digits):
+def test_masked_blocks_are_refused_at_setup_from_the_trainers_data(tmp_path, digits):
+    """No example_input: the first batch of the Trainer's data shows the masks before anything is swapped."""
+    model = MaskedClassifier()
+    trainer = fast_trainer(tmp_path, callbacks=[NystromSwap(num_landmarks=4)])
+    with pytest.raises(ValueError, match=r"NystromSwap\(blocks=None\): encoder.layers.0.self_attn gets key_padding_mask"):
+        trainer.fit(model, digits)
+    assert trainer.global_step == 0 and not nystrom_blocks(model.model)
+
+
+def test_masked_blocks_unseen_at_setup_get_their_swap_undone(tmp_path, digits, monkeypatch):
+    """Where no example can be had at setup, a masked call at the first step undoes the swap."""
+    from lightning_vitcompress.callbacks import nystrom as nystrom_callback
+
+    monkeypatch.setattr(nystrom_callback, "example_from_data", lambda trainer: None)
     model = MaskedClassifier()
     images = next(iter(digits.val_dataloader()))[0][:4]
     before = _outputs(model, images)

@@ -225,19 +225,23 @@ class MHAClassifier(DigitsClassifier):
         self.model = PatchEncoder()
 
 
-def test_multihead_attention_models_prune_mlp_only_with_a_clear_error_otherwise(tmp_path, digits):
-    with pytest.raises(ValueError, match="nn.MultiheadAttention.*prune_attention=False"):
-        fast_trainer(tmp_path, callbacks=[PruningSchedule()], max_steps=1).fit(MHAClassifier(), digits)
-    with pytest.raises(ValueError, match="example_input="):
-        callback = PruningSchedule(prune_attention=False, prune_embed_dim=False)
+def test_multihead_attention_models_prune_embedding_attention_and_mlp(tmp_path, digits):
+    """nn.MultiheadAttention ties q/k/v to the embedding: pruned together by default; what cannot be done is refused."""
+    with pytest.raises(ValueError, match="prune_heads=True is not possible on hand-written models.*Turn off prune_heads"):
+        fast_trainer(tmp_path, callbacks=[PruningSchedule(prune_heads=True, example_input=IMAGES)], max_steps=1).fit(
+            MHAClassifier(), digits
+        )
+    with pytest.raises(ValueError, match="prune_attention=True with prune_embed_dim=False is not possible"):
+        callback = PruningSchedule(prune_embed_dim=False, example_input=IMAGES)
         fast_trainer(tmp_path, callbacks=[callback], max_steps=1).fit(MHAClassifier(), digits)
 
-    model = MHAClassifier()
-    callback = PruningSchedule(prune_attention=False, prune_embed_dim=False, example_input=IMAGES)
+    model = MHAClassifier()  # states no input size: the example comes from the Trainer's first batch
+    callback = PruningSchedule(0.5)
     trainer = fast_trainer(tmp_path, callbacks=[callback], max_steps=2, enable_checkpointing=True)
     trainer.fit(model, digits)
     assert [layer.linear1.out_features for layer in model.model.encoder.layers] == [32, 32]
-    assert model.model.encoder.layers[0].self_attn.embed_dim == 32
+    attention = model.model.encoder.layers[0].self_attn
+    assert (attention.embed_dim, attention.num_heads, attention.head_dim) == (16, 4, 4)
     loaded = load_compressed(MHAClassifier, trainer.checkpoint_callback.best_model_path)
     with torch.no_grad():
         torch.testing.assert_close(loaded(IMAGES), model.eval()(IMAGES))
@@ -462,7 +466,7 @@ def test_a_failing_pruning_step_leaves_the_model_as_it_was(
     def broken_fix(*args, **kwargs):  # fails after torch-pruning has already cut the layers
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr(pruning, "_fix_attention", broken_fix)
+    monkeypatch.setattr(pruning, "_keep_head_counts", broken_fix)
     callback = PruningSchedule(0.5, start_epoch=start_epoch)
     trainer = fast_trainer(tmp_path, callbacks=[Before(), callback], max_epochs=2, limit_train_batches=2,
                            limit_val_batches=0)

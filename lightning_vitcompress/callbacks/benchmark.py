@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_vitcompress._base import CompressionCallback
+from lightning_vitcompress._base import CompressionCallback, example_from_data
 from lightning_vitcompress._checks import (
     check_bool,
     check_output_dir,
@@ -44,6 +44,7 @@ from lightning_vitcompress.functional.report import (
     save_plot,
     summarize,
 )
+from lightning_vitcompress.functional.token_merging import merged_token_counts
 
 __all__ = ['BenchmarkCallback']
 
@@ -56,7 +57,9 @@ class BenchmarkCallback(CompressionCallback):
     third-party callback that edits the model in ``setup`` must be listed
     after this one). The final model is measured at ``on_fit_end``, after
     training, pruning, swapping and quantization, side by side with the
-    baseline. Rank zero only.
+    baseline. Rank zero only. When an :class:`~lightning_vitcompress.ExportOnFit` in the
+    Trainer wrote a file (CPU, dynamic batch), that file is loaded afresh and measured too: the
+    ``"deployed"`` column, with its load + first-call seconds next to the in-process compile's.
 
     Args:
         batch_size: images per timed forward for throughput.
@@ -161,7 +164,7 @@ class BenchmarkCallback(CompressionCallback):
         self._check_devices_present()
         if self.output_dir is not None:
             check_output_dir(self.output_dir, "output_dir")
-        self._input_shape = self._infer_input_shape(pl_module, model)
+        self._input_shape = self._infer_input_shape(pl_module, model, trainer)
         for label, candidate in (("model", model), ("baseline_model", self.baseline_model)):
             if candidate is not None:
                 self._check_runs(candidate, label)
@@ -194,7 +197,9 @@ class BenchmarkCallback(CompressionCallback):
                 f"this shape ({type(err).__name__}: {err}). Pass the (channels, height, width) the model takes."
             ) from err
 
-    def _infer_input_shape(self, pl_module: "pl.LightningModule", model: nn.Module) -> tuple[int, ...]:
+    def _infer_input_shape(
+        self, pl_module: "pl.LightningModule", model: nn.Module, trainer: "pl.Trainer"
+    ) -> tuple[int, ...]:
         if self.input_shape is not None:
             return self.input_shape
         example = getattr(pl_module, "example_input_array", None)
@@ -203,9 +208,13 @@ class BenchmarkCallback(CompressionCallback):
         stated = stated_input_shape(model)
         if stated is not None:
             return stated
+        example = example_from_data(trainer)
+        if example is not None:
+            return tuple(example.shape[1:])
         raise ValueError(
-            f"BenchmarkCallback cannot tell the input shape of {type(model).__name__}: pass "
-            "input_shape=(channels, height, width), or set example_input_array on the LightningModule."
+            f"BenchmarkCallback cannot tell the input shape of {type(model).__name__}: it states none and the "
+            "Trainer has no data to take a batch from. Pass input_shape=(channels, height, width), or set "
+            "example_input_array on the LightningModule."
         )
 
     # ---------------------------------------------------------------- measure
@@ -216,9 +225,15 @@ class BenchmarkCallback(CompressionCallback):
         generator = torch.Generator().manual_seed(0)
         example_input = torch.randn(self.batch_size, *self._input_shape, generator=generator)
         batches = self._accuracy_batches(trainer)
+        models: dict[str, nn.Module] = {"baseline": self._baseline}
         references = {name: build_baseline(self._baseline, name) for name in self.baselines}
+        models.update(references)
+        models["final"] = final
+        deployed, startup = _deployed_artifact(trainer, example_input)
+        if deployed is not None:
+            models["deployed"] = deployed
         measured = compare_models(
-            {"baseline": self._baseline, **references, "final": final},
+            models,
             example_input,
             batches=batches,
             devices=self.devices,
@@ -239,6 +254,13 @@ class BenchmarkCallback(CompressionCallback):
                        "ratios": summarize(measured[name], measured["final"])}
                 for name in references
             }
+        tokens = merged_token_counts(final)  # a merging model's tokens per block, from the forwards just timed
+        if tokens is not None:
+            self.report["final_tokens_per_block"] = tokens
+        if deployed is not None:
+            self.report["deployed"] = measured["deployed"]
+            self.report["deployed_ratios"] = summarize(measured["baseline"], measured["deployed"])
+            self.report["deployed_startup"] = startup
         self._baseline = None  # free the copy
         self._write(trainer)
 
@@ -280,10 +302,12 @@ class BenchmarkCallback(CompressionCallback):
         self.report_path.write_text(json.dumps(self.report, indent=2))
         if self.plot:
             save_plot(self.report, output_dir / "vitcompress_benchmark.png")
-        metrics = {f"{stage}_{key}": value for stage in ("baseline", "final") for key, value in self.report[stage].items()}
+        stages = [stage for stage in ("baseline", "final", "deployed") if stage in self.report]
+        metrics = {f"{stage}_{key}": value for stage in stages for key, value in self.report[stage].items()}
         for name, reference in self.report.get("baselines", {}).items():
             metrics.update({f"vs_{name}_{key}": value for key, value in reference["ratios"].items()})
-        self.log_metrics(trainer, {**metrics, **self.report["ratios"]})
+        deployed_ratios = {f"deployed_{key}": value for key, value in (self.report.get("deployed_ratios") or {}).items()}
+        self.log_metrics(trainer, {**metrics, **self.report["ratios"], **deployed_ratios})
         for logger in trainer.loggers:
             logger.save()
         rank_zero_info(f"\nBenchmark ({self.report_path}):\n{format_report(self.report)}")
@@ -298,4 +322,37 @@ class BenchmarkCallback(CompressionCallback):
         self.report = state_dict.get("report")
 
 
+def _deployed_artifact(
+    trainer: "pl.Trainer", example_input: torch.Tensor
+) -> tuple[Optional[nn.Module], Optional[dict[str, Any]]]:
+    """The file ExportOnFit wrote, loaded afresh and called once on ``example_input`` (what a server pays at start),
+    with those timings next to the in-process compile time it replaces; ``(None, None)`` without one.
 
+    Measured when it runs on the CPU at any batch size (``dynamic_batch=True``)."""
+    from lightning_vitcompress.callbacks.export import ExportOnFit
+    from lightning_vitcompress.callbacks.quantization import QuantizeOnFit
+    from lightning_vitcompress.functional.export import load_artifact
+
+    export = next((cb for cb in trainer.callbacks if isinstance(cb, ExportOnFit) and cb.summary), None)
+    if export is None or export.summary is None:
+        return None, None
+    summary = export.summary
+    if not summary["dynamic_batch"] or summary["device"] != "cpu":
+        rank_zero_warn(
+            f"BenchmarkCallback: the exported file {summary['path']} is not measured (it runs on "
+            f"{summary['device']!r}, dynamic_batch={summary['dynamic_batch']}); export for the CPU with "
+            "dynamic_batch=True to see it next to the final model."
+        )
+        return None, None
+    artifact = load_artifact(summary["path"], format=summary["format"])
+    with torch.inference_mode():
+        artifact(example_input)
+    quantize = next((cb for cb in trainer.callbacks if isinstance(cb, QuantizeOnFit) and cb.summary), None)
+    return artifact, {
+        "path": summary["path"],
+        "format": summary["format"],
+        "load_seconds": artifact.load_seconds,
+        "first_call_seconds": artifact.first_call_seconds,
+        "compile_seconds": quantize.summary.get("compile_seconds") if quantize is not None else None,
+        "export_seconds": summary["export_seconds"],
+    }

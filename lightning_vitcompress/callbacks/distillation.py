@@ -55,6 +55,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_vitcompress._base import CompressionCallback
+from lightning_vitcompress.models.base import logits_of
 from lightning_vitcompress._checks import check_bool, config_or_options
 from lightning_vitcompress.functional.distill import (
     DistillationMode,
@@ -87,6 +88,28 @@ class _Capture:
         self.teacher_logits = teacher_logits
         self.distill_logits = distill_logits  # the logits the teacher term trains
         self.prediction_logits = prediction_logits  # what the student predicts (for agreement)
+
+
+def _class_and_distillation_logits(output: Any) -> Optional[tuple[Tensor, Tensor]]:
+    """The class-token and distillation-token logits of a DeiT student in distilled training, else None.
+
+    timm's ``VisionTransformerDistilled`` returns them as a pair; transformers'
+    ``DeiTForImageClassificationWithTeacher`` as ``cls_logits``/``distillation_logits``.
+    """
+    if isinstance(output, (tuple, list)) and len(output) == 2 and all(isinstance(o, Tensor) for o in output):
+        return output[0], output[1]
+    cls_logits, dist_logits = getattr(output, "cls_logits", None), getattr(output, "distillation_logits", None)
+    if isinstance(cls_logits, Tensor) and isinstance(dist_logits, Tensor):
+        return cls_logits, dist_logits
+    return None
+
+
+def _with_logits(output: Any, logits: Tensor) -> Any:
+    """``output`` with its logits replaced: the tensor itself, or an output object whose ``.logits`` is ``logits``."""
+    if isinstance(output, (Tensor, tuple, list)):
+        return logits
+    output.logits = logits  # transformers' ModelOutput keeps attribute and key in step
+    return output
 
 
 # ------------------------------------------------------------------- callback
@@ -339,14 +362,14 @@ class DistillationTeacher(CompressionCallback):
         )
         deit = self.config.mode == "deit"
         was_distilled = bool(getattr(student, "distilled_training", False))
-        if deit:
+        if deit and callable(getattr(student, "set_distilled_training", None)):  # timm; transformers always is
             student.set_distilled_training(True)
         try:
             output = original(*args, **kwargs)
         finally:
             for handle in handles:
                 handle.remove()
-            if deit:
+            if deit and callable(getattr(student, "set_distilled_training", None)):
                 student.set_distilled_training(was_distilled)
         if output is None:  # the user skips this batch
             return None
@@ -413,21 +436,24 @@ class DistillationTeacher(CompressionCallback):
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
             record = self._records(module) and bool(pending)
             if deit:
-                if not (isinstance(output, (tuple, list)) and len(output) == 2):
+                heads = _class_and_distillation_logits(output)
+                if heads is None:
                     return None  # eval mode: timm already averaged the heads
-                cls_logits, dist_logits = output
+                cls_logits, dist_logits = heads
                 if not record:  # what the user would get without distilled training
-                    return (cls_logits + dist_logits) / 2
+                    return _with_logits(output, (cls_logits + dist_logits) / 2)
                 captures.append(_Capture(pending.pop(), dist_logits, ((cls_logits + dist_logits) / 2).detach()))
-                return cls_logits  # training_step sees ordinary logits; the task loss trains the class head
+                return _with_logits(output, cls_logits)  # the task loss trains the class head
             if not record:
                 return None
-            if not isinstance(output, Tensor):
+            try:
+                logits = logits_of(output)  # a tensor, a tuple's first element, or transformers' .logits
+            except TypeError:
                 raise TypeError(
-                    f"DistillationTeacher: the student's forward returned {type(output).__name__}, not a logits "
-                    "tensor. Set model_attribute to the module that returns the logits."
-                )
-            captures.append(_Capture(pending.pop(), output, output))
+                    f"DistillationTeacher: the student's forward returned {type(output).__name__}, not logits. "
+                    "Set model_attribute to the module that returns the logits."
+                ) from None
+            captures.append(_Capture(pending.pop(), logits, logits))
             return None
 
         return hook

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from lightning_vitcompress._base import CompressionCallback
+from lightning_vitcompress._base import CompressionCallback, example_from_data
 from lightning_vitcompress._checks import (
     check_example_input,
     check_int,
@@ -121,9 +121,11 @@ class NystromSwap(CompressionCallback):
     def _selected_blocks(self, model: nn.Module) -> list[str]:
         return select_attention_blocks(model, self.blocks, owner="NystromSwap")
 
-    def _check_no_masks(self, model: nn.Module, names: list[str]) -> None:
+    def _check_no_masks(self, model: nn.Module, names: list[str], trainer: "pl.Trainer") -> None:
         """Run one example through ``model`` and refuse blocks that get a mask or other keys than queries."""
         example = self.example_input[:1] if self.example_input is not None else shape_example_input(model)
+        if example is None:
+            example = example_from_data(trainer)
         if example is None:
             return  # no input known: a masked call fails at the first forward and on_exception undoes the swap
         found: dict[str, str] = {}
@@ -188,7 +190,7 @@ class NystromSwap(CompressionCallback):
             self.check_same_config(done[-1].get("config"), "the swap an earlier fit applied to this model")
             self.swapped_blocks = [name for record in done for name in record["blocks"]]
             return
-        self._check_no_masks(model, chosen)
+        self._check_no_masks(model, chosen, trainer)
         if self.swap_epoch == 0 and not self.resumed(trainer):
             self._swap(pl_module, chosen)
         # resuming a checkpoint from before the swap: its weights load after setup, the swap follows at epoch start

@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from lightning_vitcompress._base import CompressionCallback
+from lightning_vitcompress._base import CompressionCallback, example_from_data
 from lightning_vitcompress._checks import (
     check_choice,
     check_example_input,
@@ -245,7 +245,7 @@ class PruningSchedule(CompressionCallback):
         return _gradient_kind(self._importance) is not None
 
     # ------------------------------------------------------------------- setup
-    def _example(self, model: nn.Module) -> torch.Tensor:
+    def _example(self, model: nn.Module, trainer: "pl.Trainer") -> torch.Tensor:
         if self.user_example_input is not None:
             device = next(model.parameters()).device
             example = self.user_example_input[:1].to(device)
@@ -256,11 +256,14 @@ class PruningSchedule(CompressionCallback):
                 raise example_input_error(self.user_example_input, model, err) from err
             return example
         example = shape_example_input(model)
+        if example is None:
+            example = example_from_data(trainer)
         if example is not None:
-            return example
+            return example.to(next(model.parameters()).device)
         raise ValueError(
-            f"Cannot build an example input for {type(model).__name__} (it states no input size): pass "
-            "example_input=<one input batch> so that torch-pruning can trace the model."
+            f"Cannot build an example input for {type(model).__name__}: it states no input size and the Trainer "
+            "has no data to take one batch from. Pass example_input=<one input batch> so that torch-pruning can "
+            "trace the model."
         )
 
     def scheduled_epochs(self) -> dict[str, int]:
@@ -269,7 +272,7 @@ class PruningSchedule(CompressionCallback):
     def ordered_setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         model = self.target(pl_module)
         self.config.check_model(model)
-        self._example_input = self._example(model)
+        self._example_input = self._example(model, trainer)
         self._reset_gradients()
         # the steps already applied: replayed from the checkpoint, or made by an earlier fit of this module
         done = [

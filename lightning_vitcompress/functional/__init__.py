@@ -19,6 +19,14 @@ from lightning_vitcompress.functional.distill import (
     load_teacher,
     soft_distillation_loss,
 )
+from lightning_vitcompress.functional.export import (
+    ArtifactMismatchError,
+    ExportConfig,
+    LoadedArtifact,
+    check_exportable,
+    export_compressed,
+    load_artifact,
+)
 from lightning_vitcompress.functional.measure import (
     compare_throughput,
     count_macs,
@@ -38,6 +46,13 @@ from lightning_vitcompress.functional.quantize_configs import (
 )
 from lightning_vitcompress.functional.quantize import ModelInputs, quantize_model
 from lightning_vitcompress.functional.quantize_layers import select_layers
+from lightning_vitcompress.functional.token_merging import (
+    TokenMergingConfig,
+    merge_tokens,
+    merged_token_counts,
+    remove_token_merging,
+    token_merging_paused,
+)
 from lightning_vitcompress.functional.report import benchmark_model, compare_models, format_report
 from lightning_vitcompress.functional.x86_int8 import (
     Int8DynamicX86Config,
@@ -48,7 +63,13 @@ from lightning_vitcompress.functional.x86_int8 import (
 )
 
 __all__ = [
+    "ArtifactMismatchError",
     "DistillConfig",
+    "ExportConfig",
+    "LoadedArtifact",
+    "check_exportable",
+    "export_compressed",
+    "load_artifact",
     "INFERENCE_PRECISIONS",
     "Int8DynamicX86Config",
     "Int8StaticX86Config",
@@ -58,6 +79,7 @@ __all__ = [
     "PruneConfig",
     "QUANTIZATION_CONFIGS",
     "QuantizationSpec",
+    "TokenMergingConfig",
     "X86Int8DynamicLinear",
     "X86Int8StaticLinear",
     "benchmark_model",
@@ -74,8 +96,11 @@ __all__ = [
     "load_teacher",
     "measure_accuracy",
     "measure_latency",
+    "merge_tokens",
+    "merged_token_counts",
     "prune_vit",
     "quantize_model",
+    "remove_token_merging",
     "record_edit",
     "register_replay",
     "replay_edits",
@@ -87,4 +112,5 @@ __all__ = [
     "soft_distillation_loss",
     "swap_attention",
     "thread_count",
+    "token_merging_paused",
 ]

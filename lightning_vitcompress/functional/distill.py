@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from lightning_vitcompress._checks import check_choice, check_fraction, check_path, check_positive
 from lightning_vitcompress._model import get_submodule, resolve_target_path
 from lightning_vitcompress._structure import build_from_checkpoint, read_checkpoint
+from lightning_vitcompress.models.base import logits_of
 
 __all__ = [
     "DistillConfig",
@@ -140,12 +141,13 @@ class DistillConfig:
 
     def check_student(self, student: nn.Module) -> None:
         """``mode="deit"`` needs a student with a distillation token; raise ``ValueError`` naming ``mode`` if not."""
-        if self.mode == "deit" and not (
-            callable(getattr(student, "set_distilled_training", None)) and hasattr(student, "head_dist")
-        ):
+        timm_distilled = callable(getattr(student, "set_distilled_training", None)) and hasattr(student, "head_dist")
+        transformers_distilled = hasattr(student, "cls_classifier") and hasattr(student, "distillation_classifier")
+        if self.mode == "deit" and not (timm_distilled or transformers_distilled):
             raise ValueError(
                 f"mode='deit' needs a student with a distillation token (timm VisionTransformerDistilled, e.g. "
-                f"small_vit('deit_tiny_distilled_patch16_224')); {type(student).__name__} has none. "
+                f"small_vit('deit_tiny_distilled_patch16_224'), or transformers "
+                f"DeiTForImageClassificationWithTeacher); {type(student).__name__} has none. "
                 "Use mode='soft' or mode='hard' for this student."
             )
 
@@ -453,7 +455,8 @@ def teacher_forward(
     as they are) and return float32 logits; ``"fp32"`` runs it with autocast
     off, even inside the student's mixed-precision region; ``None`` leaves the
     surrounding autocast state alone. A teacher returning a tuple (a distilled
-    timm model in training mode) gives its first output.
+    timm model in training mode) gives its first output; an output object
+    (transformers) its ``.logits``.
     """
     with torch.inference_mode():
         x = inputs
@@ -465,15 +468,18 @@ def teacher_forward(
         if reference is not None and reference.is_floating_point() and x.is_floating_point():
             x = x.to(reference.dtype)
         if precision is None:
-            logits = teacher(x)
+            output = teacher(x)
         else:
             dtype = _TEACHER_DTYPES[check_teacher_precision(precision)]
             with torch.autocast(x.device.type, dtype=dtype, enabled=precision != "fp32"):
-                logits = teacher(x)
-        if isinstance(logits, (tuple, list)):  # a distilled timm teacher in eval averages; others: first output
-            logits = logits[0]
-        if not isinstance(logits, Tensor):
-            raise TypeError(f"The teacher returned {type(logits).__name__}; it must return a logits tensor.")
+                output = teacher(x)
+        try:  # a tensor; a tuple (first output: a distilled timm teacher in eval averages); `.logits` (transformers)
+            logits = logits_of(output)
+        except TypeError:
+            raise TypeError(
+                f"The teacher returned {type(output).__name__}; it must return logits: a tensor, a tuple whose "
+                "first element is one, or an object with .logits."
+            ) from None
     # outside inference mode: a normal tensor the loss may save for backward
     return logits.float() if precision in ("bf16", "fp16") else logits.clone()
 

@@ -182,6 +182,32 @@ def measure_latency(
     return p50 * 1e3, p95 * 1e3
 
 
+#: dict keys under which batches commonly carry their images (transformers uses pixel_values)
+IMAGE_KEYS = ("pixel_values", "images", "image", "inputs", "input", "x")
+
+
+def images_of(batch: Any) -> Optional[torch.Tensor]:
+    """The image tensor in a batch: the batch itself, its first element, or a dict's ``pixel_values``/``images``...
+
+    Example::
+
+        >>> images_of((torch.zeros(8, 3, 32, 32), torch.zeros(8))).shape
+        torch.Size([8, 3, 32, 32])
+        >>> images_of({"pixel_values": torch.zeros(8, 3, 32, 32), "labels": torch.zeros(8)}).shape
+        torch.Size([8, 3, 32, 32])
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch if batch.dim() >= 3 and batch.is_floating_point() else None
+    if isinstance(batch, Mapping):
+        for key in IMAGE_KEYS:
+            if key in batch:
+                return images_of(batch[key])
+        return None
+    if isinstance(batch, (tuple, list)) and batch:
+        return images_of(batch[0])
+    return None
+
+
 def measure_accuracy(
     model: nn.Module, batches: Iterable[Any], *, device: Optional[Device] = None, num_classes: Optional[int] = None
 ) -> Optional[float]:

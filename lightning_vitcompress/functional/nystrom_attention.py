@@ -36,6 +36,7 @@ from timm.layers.attention import Attention as TimmAttention
 from torch import nn
 
 from lightning_vitcompress._checks import check_int
+from lightning_vitcompress.models.base import is_attention_module, read_layout
 
 __all__ = ["AttentionMaskError", "NystromAttention", "iterative_pinv", "nystrom_settings", "segment_means", "swap_problem"]
 
@@ -156,8 +157,9 @@ class NystromAttention(nn.Module):
         self.num_prefix_tokens = num_prefix_tokens
         self.pinv_iterations = pinv_iterations
         self.conv_kernel_size = conv_kernel_size
-        #: True when built from nn.MultiheadAttention: forward takes (query, key, value, ...) and returns a tuple
-        self.multihead_interface = False
+        #: the call convention of the module it replaced: "timm" (``attn(x)``), "multihead"
+        #: (``attn(q, k, v, ...) -> (out, None)``) or "transformers" (``attn(x, attention_mask) -> (out, None)``)
+        self.interface = "timm"
         self.batch_first = True
         self.qkv = nn.Linear(dim, self.attn_dim * 3, bias=qkv_bias)
         self.q_norm: nn.Module = nn.Identity()
@@ -190,8 +192,9 @@ class NystromAttention(nn.Module):
         """A Nyström module that reuses ``attention``'s trained modules (shared, not copied).
 
         ``attention`` is a timm ``Attention`` (ViT, DeiT, with qk-norm, scale-norm
-        or gating) or a self-attention ``nn.MultiheadAttention`` with equal
-        q/k/v widths and no ``add_bias_kv`` / ``add_zero_attn``.
+        or gating), a self-attention ``nn.MultiheadAttention`` with equal
+        q/k/v widths and no ``add_bias_kv`` / ``add_zero_attn``, or a transformers
+        ViT/DeiT attention (separate q/k/v, fused here into one ``qkv`` Linear).
 
         Raises:
             TypeError: another attention type (name what is supported).
@@ -211,7 +214,7 @@ class NystromAttention(nn.Module):
         new.gate = None
         new.batch_first = True
         if isinstance(attention, nn.MultiheadAttention):
-            new.multihead_interface = True
+            new.interface = "multihead"
             new.batch_first = attention.batch_first
             new.num_heads = attention.num_heads
             new.head_dim = attention.head_dim
@@ -230,8 +233,25 @@ class NystromAttention(nn.Module):
             # turns that path off (it would run the exact attention with the old weights' layout)
             new._qkv_same_embed_dim = True
             new.in_proj_bias = None
+        elif not isinstance(attention, TimmAttention):  # transformers: separate q/k/v, output projection o_proj
+            layout = read_layout("", attention)
+            new.interface = "transformers"
+            new.num_heads, new.head_dim, new.attn_dim = layout.num_heads, layout.head_dim, layout.attn_dim
+            new.scale = layout.effective_scale
+            parts = (layout.query, layout.key, layout.value)
+            bias = all(part.bias is not None for part in parts)  # type: ignore[union-attr]
+            weight = layout.query.weight  # type: ignore[union-attr]
+            new.qkv = nn.Linear(layout.embed_dim, 3 * layout.attn_dim, bias=bias, device=weight.device, dtype=weight.dtype)
+            with torch.no_grad():
+                new.qkv.weight.copy_(torch.cat([part.weight for part in parts]))  # type: ignore[union-attr]
+                if bias:
+                    new.qkv.bias.copy_(torch.cat([part.bias for part in parts]))  # type: ignore[union-attr]
+            new.q_norm, new.k_norm, new.norm = nn.Identity(), nn.Identity(), nn.Identity()
+            new.attn_drop = nn.Dropout(float(getattr(attention, "attention_dropout", 0.0) or 0.0))
+            new.proj = layout.out_proj
+            new.proj_drop = nn.Identity()
         else:
-            new.multihead_interface = False
+            new.interface = "timm"
             new.num_heads = attention.num_heads
             new.head_dim = attention.head_dim
             new.attn_dim = attention.attn_dim
@@ -258,7 +278,11 @@ class NystromAttention(nn.Module):
         module keeps its parameter keys (``qkv``, ``proj``); this key is what
         tells a bare state dict apart.
         """
-        settings = {**{name: int(getattr(self, name) or 0) for name in _SETTINGS[1:-1]}, "version": 1}
+        settings = {
+            **{name: int(getattr(self, name) or 0) for name in _SETTINGS[1:-1] if name != "interface"},
+            "interface": _INTERFACES.index(self.interface),
+            "version": 1,
+        }
         settings["scale_bits"] = int(torch.tensor(float(self.scale), dtype=torch.float64).view(torch.int64))
         return torch.tensor([settings[name] for name in _SETTINGS], dtype=torch.int64)
 
@@ -290,9 +314,20 @@ class NystromAttention(nn.Module):
         attn_mask: Optional[torch.Tensor] = None,
         average_attn_weights: bool = True,
         is_causal: bool = False,
+        **kwargs: Any,
     ) -> Union[torch.Tensor, tuple[torch.Tensor, None]]:
         """``attn(x)`` like timm's ``Attention``; ``attn(x, x, x, ...)`` -> ``(out, None)`` when
-        built from ``nn.MultiheadAttention`` (attention weights are never materialized)."""
+        built from ``nn.MultiheadAttention``; ``attn(x, attention_mask)`` -> ``(out, None)`` when built
+        from a transformers attention (attention weights are never materialized)."""
+        if self.interface == "transformers":  # its second positional argument is the attention mask
+            if key is not None or kwargs.get("attention_mask") is not None:
+                raise AttentionMaskError(
+                    "NystromAttention does not support attention masks: landmarks average over all tokens. "
+                    "Keep masked blocks exact (NystromSwap(blocks=[...]))."
+                )
+            return self._attend(x), None
+        if kwargs:
+            raise TypeError(f"NystromAttention.forward() got unexpected keyword arguments {sorted(kwargs)}")
         if (key is not None and key is not x) or (value is not None and value is not x):
             raise AttentionMaskError(
                 "NystromAttention is self-attention only: call it with key and value equal to query."
@@ -307,7 +342,7 @@ class NystromAttention(nn.Module):
         out = self._attend(x)
         if not self.batch_first:
             out = out.transpose(0, 1)
-        return (out, None) if self.multihead_interface else out
+        return (out, None) if self.interface == "multihead" else out
 
     def _attend(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, _ = x.shape
@@ -346,6 +381,9 @@ class NystromAttention(nn.Module):
         return torch.cat([landmark_values[:, :, :prefix], patch_out], dim=-2)
 
 
+#: :attr:`NystromAttention.interface` by its code in the extra state (0 and 1 were a "multihead" flag)
+_INTERFACES = ("timm", "multihead", "transformers")
+
 #: the fields of :meth:`NystromAttention.get_extra_state`, in order (``scale_bits``: the float64 bits of ``scale``)
 _SETTINGS = (
     "version",
@@ -353,7 +391,7 @@ _SETTINGS = (
     "num_prefix_tokens",
     "pinv_iterations",
     "conv_kernel_size",
-    "multihead_interface",
+    "interface",
     "batch_first",
     "num_heads",
     "head_dim",
@@ -379,7 +417,7 @@ def nystrom_settings(extra_state: Any) -> dict[str, Any]:
     raw = dict(zip(_SETTINGS, values))
     settings: dict[str, Any] = {name: raw[name] for name in _SETTINGS[1:-1]}
     settings["conv_kernel_size"] = settings["conv_kernel_size"] or None
-    settings["multihead_interface"] = bool(settings["multihead_interface"])
+    settings["interface"] = _INTERFACES[settings["interface"]]
     settings["batch_first"] = bool(settings["batch_first"])
     settings["scale"] = torch.tensor(raw["scale_bits"], dtype=torch.int64).view(torch.float64).item()
     return settings
@@ -398,7 +436,10 @@ def swap_problem(attention: nn.Module) -> Optional[str]:
         if attention.bias_k is not None or attention.add_zero_attn:
             return "nn.MultiheadAttention with add_bias_kv=True or add_zero_attn=True cannot be swapped (extra keys)."
         return None
+    if is_attention_module(attention) and type(attention).__module__.startswith("transformers."):
+        return None  # ViT/DeiT attention: separate q/k/v, o_proj, the softmax scale in `scaling`
     return (
-        f"NystromAttention supports timm's Attention and nn.MultiheadAttention, not {type(attention).__name__} "
+        f"NystromAttention supports timm's Attention, nn.MultiheadAttention and transformers' ViT/DeiT "
+        f"attention, not {type(attention).__name__} "
         "(it may compute attention differently, e.g. with rotary embeddings)."
     )

@@ -25,8 +25,9 @@ import torch_pruning as tp
 from torch import nn
 
 from lightning_vitcompress._checks import check_bool, check_choice, check_fraction, check_int, check_names
-from lightning_vitcompress._model import ATTENTION_MARKER, find_attention_blocks, get_submodule
+from lightning_vitcompress._model import ATTENTION_MARKER, get_submodule
 from lightning_vitcompress._structure import Record, register_replay, shape_changes, shape_snapshot
+from lightning_vitcompress.models import ModelAdapter, adapter_for
 
 __all__ = ["PruneConfig", "prunable_widths", "prune_vit", "widths_after"]
 
@@ -179,16 +180,27 @@ class PruneConfig:
         return 1.0 - after / max(1, before)
 
     def check_model(self, model: nn.Module) -> None:
-        """Raise naming the option to turn off when ``model`` cannot be pruned as configured."""
-        mha = [name for name, m in find_attention_blocks(model) if isinstance(m, nn.MultiheadAttention)]
-        if mha and (self.prune_attention or self.prune_embed_dim):
+        """Raise naming the option to turn off when ``model`` cannot be pruned as configured.
+
+        What a family can prune comes from its adapter's
+        :class:`~lightning_vitcompress.models.Capabilities`: ``nn.MultiheadAttention``
+        (torchvision, hand-written ViTs) ties q/k/v to the embedding, so attention and
+        embedding are pruned together or not at all, and never as whole heads.
+        """
+        adapter = adapter_for(model)
+        capabilities, family = adapter.capabilities, adapter.family
+        if self.prune_attention and self.prune_heads:
+            capabilities.require("head_pruning", "prune_heads=True", family)
+        if not capabilities.head_dim_pruning and self.prune_attention != self.prune_embed_dim:
+            on, off = ("prune_attention", "prune_embed_dim") if self.prune_attention else ("prune_embed_dim", "prune_attention")
             raise ValueError(
-                f"{mha[0]} is an nn.MultiheadAttention, whose head width is tied to embed_dim: torch-pruning "
-                "cannot narrow its heads without the residual stream. Pass prune_attention=False and "
-                "prune_embed_dim=False to prune only the MLP channels of this model."
+                f"{on}=True with {off}=False is not possible on {family} models: their nn.MultiheadAttention "
+                f"prunes q/k/v only together with the embedding. Pass {off}=True as well, or {on}=False "
+                "(prune_mlp=True alone prunes only the MLP channels)."
             )
         qk_norm = [
-            a for a in _timm_style_attention(model) if not isinstance(getattr(a, "q_norm", nn.Identity()), nn.Identity)
+            layout.name for layout in adapter.layouts()
+            if not isinstance(getattr(layout.module, "q_norm", nn.Identity()), nn.Identity)
         ]
         if qk_norm and self.prune_attention and not self.prune_heads:
             raise ValueError(
@@ -204,73 +216,23 @@ class PruneConfig:
                     f"ignored_layers={list(self.ignored_layers)!r}: {name!r} is not a module of "
                     f"{type(model).__name__}; name layers inside the ViT, e.g. {modules}."
                 ) from err
-        prunable = []
-        if self.prune_mlp:
-            prunable += _mlp_input_layers(model)
-        if self.prune_attention:
-            prunable += _timm_style_attention(model)
-        if self.prune_embed_dim:
-            prunable += _residual_layers(model)
-        if not prunable:
-            raise ValueError(
-                f"Nothing prunable in {type(model).__name__} with prune_embed_dim={self.prune_embed_dim}, "
-                f"prune_attention={self.prune_attention}, prune_mlp={self.prune_mlp}: PruningSchedule prunes timm "
-                "ViT/DeiT blocks (attn.qkv/proj, mlp.fc1/fc2) and nn.TransformerEncoderLayer MLPs."
-            )
 
 
 # ---------------------------------------------------------------------- model surgery
-def _classifier_heads(model: nn.Module) -> list[nn.Module]:
-    heads: list[nn.Module] = []
-    get_classifier = getattr(model, "get_classifier", None)
-    if callable(get_classifier):
-        found = get_classifier()
-        heads.extend(found if isinstance(found, (tuple, list)) else [found])
-    for name in ("head", "head_dist", "fc", "classifier"):
-        module = getattr(model, name, None)
-        if isinstance(module, nn.Module) and module not in heads:
-            heads.append(module)
-    return [h for h in heads if isinstance(h, nn.Module) and any(True for _ in h.parameters())]
-
-
-def _residual_layers(model: nn.Module) -> list[nn.Module]:
-    """Layers whose outputs are the residual stream (pruning them narrows the embedding)."""
-    layers: list[nn.Module] = []
-    patch_embed = getattr(model, "patch_embed", None)
-    if patch_embed is not None and isinstance(getattr(patch_embed, "proj", None), nn.Module):
-        layers.append(patch_embed.proj)
-    for _, attn in find_attention_blocks(model):
-        if isinstance(getattr(attn, "proj", None), nn.Linear):
-            layers.append(attn.proj)
-        if isinstance(attn, nn.MultiheadAttention):
-            layers.append(attn)
-    for module in model.modules():
-        fc2 = getattr(module, "fc2", None)
-        if isinstance(fc2, nn.Linear):
-            layers.append(fc2)
-        if isinstance(module, nn.TransformerEncoderLayer):
-            layers.append(module.linear2)
-    return layers
-
-
-def _mlp_input_layers(model: nn.Module) -> list[nn.Module]:
-    layers = []
-    for module in model.modules():
-        if isinstance(getattr(module, "fc1", None), nn.Linear):
-            layers.append(module.fc1)
-        if isinstance(module, nn.TransformerEncoderLayer):
-            layers.append(module.linear1)
-    return layers
-
-
-def _timm_style_attention(model: nn.Module) -> list[nn.Module]:
-    """Attention blocks with a fused ``qkv`` Linear (timm ``Attention``, our ``NystromAttention``)."""
-    return [m for _, m in find_attention_blocks(model) if isinstance(getattr(m, "qkv", None), nn.Linear)]
+def _attention_output_layers(adapter: ModelAdapter) -> list[nn.Module]:
+    """What torch-pruning prunes for "attention": each block's head projections, or the whole
+    ``nn.MultiheadAttention`` (pruned as one unit, together with the embedding)."""
+    return [
+        layer
+        for layout in adapter.layouts()
+        for layer in (layout.head_projections if layout.kind != "in_proj" else [layout.module])
+    ]
 
 
 @register_replay("prune")
 def _replay_prune(model: nn.Module, record: Record) -> None:
     """Give ``model`` the shapes a pruning step left; the state dict fills in the weights."""
+    adapter = _adapter_or_none(model)  # before the edit: it remembers the widths to update
     for name, change in record["modules"].items():
         module = get_submodule(model, name)
         for tensor_name, shape in change["tensors"].items():
@@ -290,52 +252,46 @@ def _replay_prune(model: nn.Module, record: Record) -> None:
                 raise KeyError(f"Pruning record names {name}.{tensor_name}, which {type(module).__name__} lacks.")
         for attr, value in change["attrs"].items():
             setattr(module, attr, tuple(value) if isinstance(value, list) else value)
+    if adapter is not None:  # model-level widths (torchvision hidden_dim, transformers config)
+        adapter.fix_model_attributes()
 
 
-def _fix_attention(model: nn.Module, num_heads: dict[nn.Module, int], scales: dict[nn.Module, float]) -> None:
-    """After torch-pruning: update head bookkeeping and keep each block's softmax scale.
+def _adapter_or_none(model: nn.Module) -> Optional[ModelAdapter]:
+    try:
+        return adapter_for(model)
+    except (TypeError, ValueError):  # a record of a model no adapter reads: the record's attributes are all
+        return None
 
-    timm's fused path calls ``scaled_dot_product_attention`` without ``scale=``,
-    i.e. with ``1/sqrt(head_dim)`` of the *current* head_dim. We fold the ratio
-    ``old_scale * sqrt(new_head_dim)`` into the query projection (rows of
-    ``qkv``, or the affine ``q_norm``) and set ``scale`` to the new default, so
-    the fused and the eager paths both compute exactly the trained attention.
+
+def _keep_head_counts(adapter: ModelAdapter, heads_before: dict[str, tuple[int, int]]) -> None:
+    """Store the head count of every attention whose layout changed in :data:`HEADS_BUFFER`.
+
+    From the shapes alone 4 heads of 4 dims and 2 heads of 8 look the same; a bare
+    state dict needs the count. ``nn.MultiheadAttention`` never changes its count and
+    :class:`~lightning_vitcompress.NystromAttention` keeps it in its extra state.
     """
-    for attn in _timm_style_attention(model):
-        attn_dim = attn.qkv.out_features // 3
-        heads = num_heads.get(attn.qkv, attn.num_heads)
-        head_dim = attn_dim // heads
-        old_scale = scales[attn]
-        new_scale = head_dim**-0.5
-        factor = old_scale / new_scale
-        reshaped = (heads, attn_dim) != (attn.num_heads, attn.attn_dim)
-        attn.num_heads, attn.head_dim, attn.attn_dim, attn.scale = heads, head_dim, attn_dim, new_scale
-        if (reshaped or HEADS_BUFFER in attn._buffers) and not getattr(type(attn), ATTENTION_MARKER, False):
-            attn.register_buffer(HEADS_BUFFER, torch.tensor(heads, device=attn.qkv.weight.device))
-        if math.isclose(factor, 1.0, rel_tol=1e-12):
+    for layout in adapter.layouts():
+        module = layout.module
+        if layout.kind == "in_proj" or getattr(type(module), ATTENTION_MARKER, False):
             continue
-        with torch.no_grad():
-            q_norm = getattr(attn, "q_norm", None)
-            if isinstance(q_norm, nn.Module) and not isinstance(q_norm, nn.Identity):
-                for param in q_norm.parameters(recurse=False):
-                    param.mul_(factor)
-            else:
-                attn.qkv.weight[:attn_dim].mul_(factor)
-                if attn.qkv.bias is not None:
-                    attn.qkv.bias[:attn_dim].mul_(factor)
+        if (layout.num_heads, layout.head_dim) != heads_before.get(layout.name) or HEADS_BUFFER in module._buffers:
+            module.register_buffer(HEADS_BUFFER, torch.tensor(layout.num_heads, device=layout.out_proj.weight.device))
 
 
 def prunable_widths(model: nn.Module) -> dict[str, list[int]]:
-    """The widths pruning acts on: ``{"embed": [E], "<qkv name>": [heads, head_dim], "<fc1 name>": [hidden]}``."""
-    widths: dict[str, list[int]] = {}
-    conv = getattr(getattr(model, "patch_embed", None), "proj", None)
-    if isinstance(conv, nn.Conv2d):
-        widths["embed"] = [conv.out_channels]
+    """The widths pruning acts on: ``{"embed": [E], "<attention>": [heads, head_dim], "<MLP input>": [hidden]}``.
+
+    Attention widths are keyed by the name of the layer torch-pruning groups heads
+    by (timm ``qkv``, transformers ``q_proj``), or of the ``nn.MultiheadAttention``.
+    """
+    adapter = adapter_for(model)
     names = {module: name for name, module in model.named_modules()}
-    for attn in _timm_style_attention(model):
-        widths[names[attn.qkv]] = [int(attn.num_heads), attn.qkv.out_features // 3 // int(attn.num_heads)]
-    for fc1 in _mlp_input_layers(model):
-        widths[names[fc1]] = [fc1.out_features]
+    widths: dict[str, list[int]] = {"embed": [adapter.embed_dim()]}
+    for layout in adapter.layouts():
+        key = layout.module if layout.kind == "in_proj" else layout.head_projections[0]
+        widths[names[key]] = [layout.num_heads, layout.head_dim]
+    for linear in adapter.mlp_input_layers():
+        widths[names[linear]] = [linear.out_features]
     return widths
 
 
@@ -402,44 +358,59 @@ def prune_vit(
     pruning_ratio, global_pruning, prune_heads = config.pruning_ratio, config.global_pruning, config.prune_heads
     prune_embed_dim, prune_attention, prune_mlp = config.prune_embed_dim, config.prune_attention, config.prune_mlp
     imp = config.make_importance()
-    attentions = _timm_style_attention(model)
-    ignored: list[nn.Module] = [*_classifier_heads(model), *(get_submodule(model, n) for n in config.ignored_layers)]
+    adapter = adapter_for(model)  # built before the edit: it remembers each attention's softmax scale
+    config.check_model(model)
+    layouts = adapter.layouts()
+    residual, mlp_inputs, attention = adapter.residual_layers(), adapter.mlp_input_layers(), _attention_output_layers(adapter)
+    ignored: list[nn.Module] = [
+        *(head for _, head in adapter.classifier_heads()), *(get_submodule(model, n) for n in config.ignored_layers)
+    ]
     if not prune_embed_dim:
-        ignored.extend(_residual_layers(model))
+        ignored.extend(residual)
     if not prune_mlp:
-        ignored.extend(_mlp_input_layers(model))
+        ignored.extend(mlp_inputs)
     if not prune_attention:
-        ignored.extend(attn.qkv for attn in attentions)
-    num_heads = {attn.qkv: attn.num_heads for attn in attentions}
-    scales = {attn: float(attn.scale) for attn in attentions}
-    if not prune_embed_dim:  # nn.MultiheadAttention's outputs are the residual stream
-        ignored.extend(m for _, m in find_attention_blocks(model) if isinstance(m, nn.MultiheadAttention))
+        ignored.extend(attention)
+    heads_before = {layout.name: (layout.num_heads, layout.head_dim) for layout in layouts}
 
     ratio_dict: dict[nn.Module, float] = {}
     head_ratio_dict: dict[nn.Module, float] = {}
     if keep is not None and not global_pruning:
-        current = prunable_widths(model)
-        modules = dict(model.named_modules())
-        for name, width in current.items():
+        by_key = {
+            name: layout for layout in layouts if layout.kind != "in_proj"
+            for name, m in model.named_modules() if m is layout.head_projections[0]
+        }
+        for name, width in prunable_widths(model).items():
             target = keep.get(name)
             if target is None:
                 continue
             if name == "embed":
-                for layer in _residual_layers(model):
+                for layer in residual:
                     ratio_dict[layer] = _ratio_to_keep(width[0], target[0])
+            elif len(width) == 2 and name not in by_key:
+                continue  # nn.MultiheadAttention: its width follows the embedding
             elif len(width) == 2 and prune_heads:
                 removed = width[0] - target[0]
-                head_ratio_dict[modules[name]] = max(removed - 0.5, 0.0) / width[0]
+                for projection in by_key[name].head_projections:
+                    head_ratio_dict[projection] = max(removed - 0.5, 0.0) / width[0]
             elif len(width) == 2:
-                ratio_dict[modules[name]] = _ratio_to_keep(width[1], target[1])
+                for projection in by_key[name].head_projections:
+                    ratio_dict[projection] = _ratio_to_keep(width[1], target[1])
             else:
-                ratio_dict[modules[name]] = _ratio_to_keep(width[0], target[0])
+                ratio_dict[get_submodule(model, name)] = _ratio_to_keep(width[0], target[0])
 
+    round_to = config.round_to
+    multiple = adapter.embed_multiple_of() if prune_embed_dim else None
+    if multiple:  # nn.MultiheadAttention: the embedding stays divisible by the head count
+        round_to = math.lcm(round_to or 1, multiple)
     training = {module: module.training for module in model.modules()}  # tracing switches to eval
     before = shape_snapshot(model)
     # torch-pruning cannot trace the landmark branch of NystromAttention (it reads its token concat as a
     # channel concat); with landmarks >= tokens the module runs exact attention, whose graph is timm's
-    landmarks = {a: a.num_landmarks for a in attentions if isinstance(getattr(a, "num_landmarks", None), int)}
+    landmarks = {
+        layout.module: layout.module.num_landmarks
+        for layout in layouts if isinstance(getattr(layout.module, "num_landmarks", None), int)
+    }
     for attn in landmarks:
         attn.num_landmarks = 2**31
     try:
@@ -450,15 +421,16 @@ def prune_vit(
             global_pruning=global_pruning,
             pruning_ratio=pruning_ratio,
             ignored_layers=ignored,
-            round_to=config.round_to,
-            num_heads=num_heads,
+            round_to=round_to,
+            num_heads=adapter.head_groups(),
             prune_num_heads=prune_heads,
             prune_head_dims=not prune_heads,
             head_pruning_ratio=pruning_ratio if prune_heads else 0.0,
             pruning_ratio_dict=ratio_dict or None,
             head_pruning_ratio_dict=head_ratio_dict or None,
             # class/distillation/register tokens and position embeddings: their last dim is the embedding
-            unwrapped_parameters=[(p, p.dim() - 1) for p in model.parameters(recurse=False) if p.dim() >= 2],
+            unwrapped_parameters=adapter.unwrapped_parameters(),
+            output_transform=adapter.logits,
         )
     finally:
         for attn, count in landmarks.items():
@@ -466,13 +438,8 @@ def prune_vit(
     for group in pruner.step(interactive=True):
         root_idxs = _broadcast([int(i) for i in group[0].idxs])
         group.prune(idxs=root_idxs)
-    _fix_attention(model, pruner.num_heads, scales)
+    adapter.fix_attributes(pruner.num_heads)  # head counts, widths, and the trained softmax scale
+    _keep_head_counts(adapter, heads_before)
     for module, flag in training.items():
         module.training = flag
-    width = getattr(model, "patch_embed", None)
-    proj = getattr(width, "proj", None)
-    if isinstance(proj, nn.Conv2d):  # timm ViT keeps its width in a few attributes
-        for attr in ("embed_dim", "num_features", "head_hidden_size"):
-            if isinstance(model.__dict__.get(attr), int):
-                setattr(model, attr, proj.out_channels)
     return shape_changes(before, shape_snapshot(model))

@@ -25,6 +25,7 @@ from torch import nn
 from lightning_vitcompress._checks import (
     check_positive,
 )
+from lightning_vitcompress.functional.export import LoadedArtifact
 from lightning_vitcompress.functional.measure import (
     compare_throughput,
     count_macs,
@@ -150,12 +151,14 @@ def compare_models(
     results: dict[str, dict[str, Any]] = {name: dict.fromkeys(_METRICS) for name in models}
     with thread_count(num_threads) as threads:
         for name, model in models.items():
-            size = serialized_size_bytes(model)
+            # an exported file (LoadedArtifact) holds no parameters: its size is the file's, params and MACs n/a
+            artifact = isinstance(model, LoadedArtifact)
+            size = model.size_bytes if artifact else serialized_size_bytes(model)
             results[name].update(
-                params=count_parameters(model),
+                params=None if artifact else count_parameters(model),
                 size_mb=size / _MB,
                 size_mib=size / _MIB,
-                macs_per_image=count_macs(model, example_input[:1]),
+                macs_per_image=None if artifact else count_macs(model, example_input[:1]),
                 accuracy=measure_accuracy(model, batches, device="cpu") if batches else None,
             )
         if "cpu" in devices:
@@ -248,7 +251,10 @@ def format_report(report: dict[str, Any]) -> str:
         ("top-1 accuracy", "accuracy", 4),
     ]
     baseline, final = report["baseline"], report["final"]
+    deployed = report.get("deployed")  # the exported file as loaded (ExportOnFit), when there is one
     lines = ["| metric | baseline | final | final / baseline |", "|---|---|---|---|"]
+    if deployed is not None:
+        lines = ["| metric | baseline | final | final / baseline | deployed | deployed / baseline |", "|---|---|---|---|---|---|"]
     for label, key, digits in rows:
         ratio = _ratio(final.get(key), baseline.get(key))
         if key == "accuracy":
@@ -256,7 +262,25 @@ def format_report(report: dict[str, Any]) -> str:
             ratio_text = "n/a" if delta is None else f"{delta * 100:+.2f} pt"
         else:
             ratio_text = "n/a" if ratio is None else f"{ratio:.3f}x"
-        lines.append(f"| {label} | {_cell(baseline.get(key), digits)} | {_cell(final.get(key), digits)} | {ratio_text} |")
+        line = f"| {label} | {_cell(baseline.get(key), digits)} | {_cell(final.get(key), digits)} | {ratio_text} |"
+        if deployed is not None:
+            deployed_ratio = _ratio(deployed.get(key), baseline.get(key))
+            if key == "accuracy":
+                delta = report["deployed_ratios"]["accuracy_delta"]
+                deployed_text = "n/a" if delta is None else f"{delta * 100:+.2f} pt"
+            else:
+                deployed_text = "n/a" if deployed_ratio is None else f"{deployed_ratio:.3f}x"
+            line += f" {_cell(deployed.get(key), digits)} | {deployed_text} |"
+        lines.append(line)
+    if report.get("final_tokens_per_block"):
+        lines.append(f"| tokens after each block (final) | | {report['final_tokens_per_block']} | |")
+    startup = report.get("deployed_startup")
+    if startup is not None:
+        lines.append(
+            f"\ndeployed: {startup['path']}; load {_cell(startup['load_seconds'])} s + first call "
+            f"{_cell(startup['first_call_seconds'])} s, instead of the in-process compile's "
+            f"{_cell(startup['compile_seconds'])} s"
+        )
     gpu = report.get("gpu_name") or "no CUDA"
     lines.append(
         f"\nbatch {report['batch_size']}, {report['num_threads']} CPU threads, CPU: {report['cpu_name']}, GPU: {gpu}"

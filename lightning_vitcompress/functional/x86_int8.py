@@ -251,6 +251,21 @@ def calibrate_input_ranges(
     return ranges
 
 
+#: the inductor settings every frozen CPU lowering uses (``compile_frozen`` and the AOTInductor export):
+#: weights folded in as constants, which is what turns the int8 layers into oneDNN GEMMs
+FROZEN_INDUCTOR_OPTIONS: dict[str, Any] = {"freezing": True}
+
+
+def run_in_precision(call: Callable[..., Any], autocast_dtype: Optional[torch.dtype], *args: Any, **kwargs: Any) -> Any:
+    """``call(*args, **kwargs)``, under CPU autocast to ``autocast_dtype`` with floating outputs cast back to float32
+    ("int8-mixed-bf16"); ``None`` runs it as it is. Shared by :func:`compile_frozen` and the exported artifact."""
+    if autocast_dtype is None:
+        return call(*args, **kwargs)
+    with torch.autocast("cpu", dtype=autocast_dtype):
+        output = call(*args, **kwargs)
+    return tree_map(_to_float32, output)
+
+
 def compile_frozen(model: nn.Module, *, autocast_dtype: Optional[torch.dtype] = None, **compile_kwargs: Any) -> None:
     """``model.compile(...)`` with inductor freezing on for every call, in place.
 
@@ -271,12 +286,8 @@ def compile_frozen(model: nn.Module, *, autocast_dtype: Optional[torch.dtype] = 
     compiled: Callable[..., Any] = torch.compile(model._call_impl, **compile_kwargs)
 
     def call_with_freezing(*args: Any, **kwargs: Any) -> Any:
-        with inductor_config.patch(freezing=True):
-            if autocast_dtype is None:
-                return compiled(*args, **kwargs)
-            with torch.autocast("cpu", dtype=autocast_dtype):
-                output = compiled(*args, **kwargs)
-            return tree_map(_to_float32, output)
+        with inductor_config.patch(FROZEN_INDUCTOR_OPTIONS):
+            return run_in_precision(compiled, autocast_dtype, *args, **kwargs)
 
     model._compiled_call_impl = call_with_freezing  # what nn.Module.compile sets
 

@@ -22,7 +22,7 @@ from lightning_vitcompress.models.base import (
     PrefixTokens,
     logits_of,
 )
-from lightning_vitcompress.models.mha import MultiheadAttentionAdapter
+from lightning_vitcompress.models.mha import HandWrittenAdapter
 from lightning_vitcompress.models.timm import TimmAdapter
 from lightning_vitcompress.models.torchvision import TorchvisionAdapter
 from lightning_vitcompress.models.transformers import TransformersAdapter
@@ -33,7 +33,7 @@ __all__ = [
     "Capabilities",
     "EmbeddingParameter",
     "ModelAdapter",
-    "MultiheadAttentionAdapter",
+    "HandWrittenAdapter",
     "PrefixTokens",
     "TimmAdapter",
     "TorchvisionAdapter",
@@ -48,7 +48,7 @@ ADAPTERS: list[type[ModelAdapter]] = [
     TimmAdapter,
     TorchvisionAdapter,
     TransformersAdapter,
-    MultiheadAttentionAdapter,  # any other model with nn.MultiheadAttention: keep last
+    HandWrittenAdapter,  # any other model with attention the adapters read: keep last
 ]
 
 
@@ -57,7 +57,7 @@ def supported_families() -> str:
     return (
         "timm VisionTransformer/VisionTransformerDistilled, torchvision VisionTransformer, "
         "transformers ViTForImageClassification/DeiTForImageClassification(WithTeacher), "
-        "models built on nn.MultiheadAttention"
+        "hand-written ViTs built on nn.MultiheadAttention or timm-style attention"
     )
 
 

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Union
 
 import torch
+from timm.layers.attention import Attention as TimmAttention
 from torch import nn
 
 #: same marker as ``lightning_vitcompress._model.ATTENTION_MARKER`` (our NystromAttention sets it)
@@ -104,7 +105,7 @@ class AttentionLayout:
             return [self.qkv]
         if self.query is not None:
             return [self.query, self.key, self.value]  # type: ignore[list-item]
-        return []  # nn.MultiheadAttention: torch-pruning prunes it as one unit (see MultiheadAttentionAdapter)
+        return []  # nn.MultiheadAttention: torch-pruning prunes it as one unit (see HandWrittenAdapter)
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,25 @@ def _int_attr(module: nn.Module, *names: str) -> Optional[int]:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     return None
+
+
+def is_attention_module(module: nn.Module) -> bool:
+    """True for a self-attention module the adapters read without knowing its family.
+
+    ``nn.MultiheadAttention``, timm's ``Attention`` (also inside a ViT of one's
+    own), a module marked ``is_vitcompress_attention`` (our ``NystromAttention``),
+    and transformers' q/k/v attention with an ``o_proj`` and a head count. Other
+    modules with the same weight names may compute something else (Swin's window
+    attention adds a relative-position bias per head) and are not taken.
+    """
+    if isinstance(module, (nn.MultiheadAttention, TimmAttention)) or getattr(type(module), ATTENTION_MARKER, False):
+        return True
+    return (
+        type(module).__module__.startswith("transformers.")
+        and _separate_qkv(module) is not None
+        and isinstance(getattr(module, "o_proj", None), nn.Linear)
+        and _int_attr(module, "num_attention_heads", "num_heads") is not None
+    )
 
 
 def read_layout(name: str, module: nn.Module, out_proj: Optional[nn.Linear] = None) -> AttentionLayout:
@@ -303,6 +323,11 @@ class ModelAdapter(ABC):
 
     def _fix_model_attributes(self) -> None:
         """Update the model-level width attributes after an edit (family-specific; default: nothing)."""
+
+    def fix_model_attributes(self) -> None:
+        """Update only the model-level widths (timm ``embed_dim``, torchvision ``hidden_dim``,
+        transformers ``config``) from the weights, e.g. after replaying recorded shapes."""
+        self._fix_model_attributes()
 
     def _output_projection(self, name: str, module: nn.Module) -> Optional[nn.Linear]:
         """The output projection where it lives outside ``module`` (default: inside)."""
@@ -494,3 +519,29 @@ class ModelAdapter(ABC):
                 f"{type(self.model).__name__} is not supported: {error}. Supported families: {supported_families()}."
             ) from None
         return module
+
+    # ------------------------------------------------------------------ token merging
+    def token_blocks(self) -> list[tuple[str, nn.Module, str]]:
+        """``(block name, block, attention attribute)`` of each transformer block (the parent of each attention)."""
+        modules = dict(self.model.named_modules())
+        return [(name.rpartition(".")[0], modules[name.rpartition(".")[0]], name.rpartition(".")[2])
+                for name, _ in self.attention_blocks()]
+
+    def merge_problem(self, block: nn.Module) -> Optional[str]:
+        """Why token merging cannot run ``block`` (None: it can, with :meth:`attention_step` and :meth:`mlp_step`)."""
+        return f"token merging does not know the {self.family} block {type(block).__name__}"
+
+    @staticmethod
+    def attention_step(block: nn.Module, x: torch.Tensor, attend: Any) -> torch.Tensor:
+        """``block``'s attention half on batch-first tokens ``x``, with ``attend(h)`` in place of its attention."""
+        raise NotImplementedError
+
+    @staticmethod
+    def mlp_step(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``block``'s MLP half on batch-first tokens ``x`` (residual and norms included)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def tokens_batch_first(block: nn.Module) -> bool:
+        """Whether ``block`` takes ``(batch, tokens, width)`` (else ``(tokens, batch, width)``)."""
+        return True

@@ -1,4 +1,9 @@
-"""Hand-written ViTs built on ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer``.
+"""Hand-written ViTs: ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer``, or timm-style blocks.
+
+:class:`HandWrittenAdapter` reads any model whose attention modules have one of the
+three structures :func:`~lightning_vitcompress.models.base.is_attention_module`
+knows (``nn.MultiheadAttention``, a fused ``qkv`` such as timm's ``Attention`` used
+in a ViT of one's own, separate q/k/v Linears with ``o_proj``).
 
 What torch-pruning (1.6) can do with ``nn.MultiheadAttention``: its MHA pruner
 removes the *same* channel indices from the embedding (input columns) and from
@@ -13,23 +18,25 @@ Example::
 
     class TinyViT(nn.Module):  # conv patch embedding, cls token, nn.TransformerEncoder, head
         ...
-    adapter = MultiheadAttentionAdapter(TinyViT())
+    adapter = HandWrittenAdapter(TinyViT())
     adapter.capabilities.require("head_pruning", "prune_heads=True", adapter.family)  # ValueError
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
+
+import torch
 
 from torch import nn
 
 from lightning_vitcompress.models.base import (
-    ATTENTION_MARKER,
     Capabilities,
     EmbeddingParameter,
     ModelAdapter,
     PrefixTokens,
+    is_attention_module,
     named_heads,
 )
 
@@ -49,13 +56,12 @@ _MHA_CAPABILITIES = Capabilities(
 _LAYER_TYPES = (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.MultiheadAttention, nn.BatchNorm2d, nn.GroupNorm)
 
 
-def _is_mha_block(module: nn.Module) -> bool:
-    """An ``nn.MultiheadAttention``, or a module that replaced one (our NystromAttention is marked)."""
-    return isinstance(module, nn.MultiheadAttention) or bool(getattr(type(module), ATTENTION_MARKER, False))
+class HandWrittenAdapter(ModelAdapter):
+    """Any model whose attention blocks the adapters can read (``nn.MultiheadAttention``, batch_first
+    or not; timm-style fused ``qkv``; separate q/k/v): a ViT of one's own.
 
-
-class MultiheadAttentionAdapter(ModelAdapter):
-    """Any model whose attention blocks are ``nn.MultiheadAttention`` (batch_first or not).
+    Pruning capabilities follow the attention: with ``nn.MultiheadAttention`` no head or
+    separate head-dim pruning (see the module docstring), else everything.
 
     Heads are the children called ``head``/``heads``/``head_dist``/``fc``/``classifier``;
     prefix tokens are bare ``(1, n, E)`` parameters whose name has no ``pos``, unless
@@ -63,8 +69,7 @@ class MultiheadAttentionAdapter(ModelAdapter):
     ``img_size``/``image_size`` attribute and the first Conv2d's ``in_channels``.
     """
 
-    family = "nn.MultiheadAttention"
-    capabilities = _MHA_CAPABILITIES
+    family = "hand-written"
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -72,10 +77,19 @@ class MultiheadAttentionAdapter(ModelAdapter):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return any(_is_mha_block(m) for m in model.modules())
+        return any(is_attention_module(m) for m in model.modules())
+
+    @property
+    def capabilities(self) -> Capabilities:  # type: ignore[override]
+        """Those of ``nn.MultiheadAttention`` where the model has one, else full."""
+        if any(isinstance(m, nn.MultiheadAttention) for m in self.model.modules()):
+            return _MHA_CAPABILITIES
+        return Capabilities()
 
     def attention_blocks(self) -> list[tuple[str, nn.Module]]:
-        return [(name, self.check_attention(name, m)) for name, m in self.model.named_modules() if _is_mha_block(m)]
+        return [
+            (name, self.check_attention(name, m)) for name, m in self.model.named_modules() if is_attention_module(m)
+        ]
 
     def patch_embedding(self) -> Optional[nn.Module]:
         return next((m for m in self.model.modules() if isinstance(m, nn.Conv2d)), None)
@@ -116,3 +130,24 @@ class MultiheadAttentionAdapter(ModelAdapter):
             if self.model.__dict__.get(attr) == self._width:
                 setattr(self.model, attr, width)
         self._width = width
+
+    def merge_problem(self, block: nn.Module) -> Optional[str]:
+        if type(block).forward is not nn.TransformerEncoderLayer.forward:
+            return f"{type(block).__name__} is not an nn.TransformerEncoderLayer"
+        return None
+
+    @staticmethod
+    def attention_step(block: nn.Module, x: torch.Tensor, attend: Any) -> torch.Tensor:
+        if block.norm_first:
+            return x + block.dropout1(attend(block.norm1(x)))
+        return block.norm1(x + block.dropout1(attend(x)))
+
+    @staticmethod
+    def mlp_step(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if block.norm_first:
+            return x + block._ff_block(block.norm2(x))
+        return block.norm2(x + block._ff_block(x))
+
+    @staticmethod
+    def tokens_batch_first(block: nn.Module) -> bool:
+        return bool(block.self_attn.batch_first)

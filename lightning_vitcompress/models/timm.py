@@ -10,7 +10,9 @@ Example::
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
+
+import torch
 
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -68,3 +70,16 @@ class TimmAdapter(ModelAdapter):
         for attr in ("embed_dim", "num_features", "head_hidden_size"):
             if isinstance(self.model.__dict__.get(attr), int):
                 setattr(self.model, attr, width)
+
+    def merge_problem(self, block: nn.Module) -> Optional[str]:
+        from timm.models.vision_transformer import Block
+
+        return None if type(block).forward is Block.forward else f"{type(block).__name__} is not timm's Block"
+
+    @staticmethod
+    def attention_step(block: nn.Module, x: torch.Tensor, attend: Any) -> torch.Tensor:
+        return x + block.drop_path1(block.ls1(attend(block.norm1(x))))
+
+    @staticmethod
+    def mlp_step(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))

@@ -14,12 +14,14 @@ Example::
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
+
+import torch
 
 from torch import nn
 
 from lightning_vitcompress.models.base import PrefixTokens, embedding_parameter
-from lightning_vitcompress.models.mha import MultiheadAttentionAdapter
+from lightning_vitcompress.models.mha import HandWrittenAdapter
 
 
 def _vision_transformer_class() -> Optional[type]:
@@ -30,7 +32,7 @@ def _vision_transformer_class() -> Optional[type]:
     return VisionTransformer
 
 
-class TorchvisionAdapter(MultiheadAttentionAdapter):
+class TorchvisionAdapter(HandWrittenAdapter):
     """torchvision ``VisionTransformer``: class token, ``encoder.pos_embedding``, ``conv_proj``, ``heads``."""
 
     family = "torchvision"
@@ -68,3 +70,20 @@ class TorchvisionAdapter(MultiheadAttentionAdapter):
         self.model.hidden_dim = self.embed_dim()
         for layer in self.model.encoder.layers:
             layer.num_heads = layer.self_attention.num_heads
+
+    def merge_problem(self, block: nn.Module) -> Optional[str]:
+        from torchvision.models.vision_transformer import EncoderBlock
+
+        return None if type(block).forward is EncoderBlock.forward else f"{type(block).__name__} is not an EncoderBlock"
+
+    @staticmethod
+    def attention_step(block: nn.Module, x: torch.Tensor, attend: Any) -> torch.Tensor:
+        return x + block.dropout(attend(block.ln_1(x)))
+
+    @staticmethod
+    def mlp_step(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return x + block.mlp(block.ln_2(x))
+
+    @staticmethod
+    def tokens_batch_first(block: nn.Module) -> bool:
+        return True

@@ -19,11 +19,14 @@ Example::
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
+
+import torch
 
 from torch import nn
 
 from lightning_vitcompress.models.base import (
+    ATTENTION_MARKER,
     Capabilities,
     ModelAdapter,
     PrefixTokens,
@@ -60,7 +63,11 @@ class TransformersAdapter(ModelAdapter):
         base = self.model.base_model
         prefix = self.model.base_model_prefix + "." if base is not self.model else ""
         modules = list(base.named_modules())
-        found = [(prefix + name, module) for name, module in modules if _separate_qkv(module) is not None]
+        found = [
+            (prefix + name, module)
+            for name, module in modules
+            if _separate_qkv(module) is not None or getattr(type(module), ATTENTION_MARKER, False)  # or NystromAttention
+        ]
         for name, module in modules:  # an attention that neither is nor holds q/k/v projections: unsupported
             if "attention" in type(module).__name__.lower() and not any(
                 owner is module or owner in set(module.modules()) for _, owner in found
@@ -114,3 +121,17 @@ class TransformersAdapter(ModelAdapter):
             config.head_dim = head_dims.pop()  # read by transformers >= 5 when rebuilding from the config
         if len(mlp) == 1:
             config.intermediate_size = mlp.pop()
+
+    def merge_problem(self, block: nn.Module) -> Optional[str]:
+        parts = ("layernorm_before", "layernorm_after", "mlp", "dropout")
+        if all(isinstance(getattr(block, part, None), nn.Module) for part in parts):
+            return None
+        return f"{type(block).__name__} has not all of {parts} (the transformers >= 5 ViT layer)"
+
+    @staticmethod
+    def attention_step(block: nn.Module, x: torch.Tensor, attend: Any) -> torch.Tensor:
+        return x + block.dropout(attend(block.layernorm_before(x)))
+
+    @staticmethod
+    def mlp_step(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return x + block.dropout(block.mlp(block.layernorm_after(x)))

@@ -1,0 +1,133 @@
+"""TokenMerging: ToMe's token merging in a Vision Transformer, trained through in the same fit.
+
+See :mod:`lightning_vitcompress.functional.token_merging` for the matching, the
+merge and how each model family is run.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+from lightning_vitcompress._base import CompressionCallback
+from lightning_vitcompress._checks import check_example_input, check_int, config_or_options
+from lightning_vitcompress._structure import recorded_edits
+from lightning_vitcompress.functional.token_merging import (
+    RSpec,
+    TokenMergingConfig,
+    apply_merge_plan,
+    merged_token_counts,
+    plan_token_merging,
+)
+
+__all__ = ["TokenMerging"]
+
+
+class TokenMerging(CompressionCallback):
+    """Merge ``r`` tokens in each block (bipartite soft matching), then keep training the merged model.
+
+    No weight changes: the checkpoint records the merge settings, and resume and
+    :func:`~lightning_vitcompress.load_compressed` rebuild the merging from them.
+    A resumed fit from a checkpoint without records (``save_weights_only=True``)
+    merges again from this callback's own arguments; ``load_compressed`` of such
+    a file gives the unmerged model (call
+    :func:`~lightning_vitcompress.functional.merge_tokens` on it). The optimizer
+    needs no rebuild when merging starts mid-fit: the parameters stay the same.
+
+    Args:
+        r: tokens each selected block merges: an int (ViT-B/16 at 224: 8 to 16),
+            or one int per selected block. Bipartite matching merges at most half
+            the patch tokens of a block; ``r`` that would leave fewer tokens than
+            the prefix tokens + 1 is refused at ``setup``.
+        start_epoch: the epoch at whose start merging begins; 0 merges at ``setup``.
+        blocks: the transformer blocks that merge: indices (negative from the
+            end) or block names (``"blocks.3"``); None: all.
+        proportional_attention: attention weighs each merged token by its size
+            (``+ log(size)`` on its logits).
+        schedule: ``"constant"`` or ``"decreasing"`` (``2r`` down to 0 over the blocks).
+        example_input: one input batch, for models that do not state their input
+            size (the token count checks ``r`` at ``setup``).
+        config: a :class:`~lightning_vitcompress.functional.TokenMergingConfig`
+            instead of ``r``/``blocks``/``proportional_attention``/``schedule``.
+        model_attribute: attribute holding the ViT (None finds it).
+
+    Logs ``tome/r`` (mean over the selected blocks) and ``tome/tokens_out``
+    (tokens after the last block) at each epoch start once merging.
+
+    Example::
+
+        trainer = Trainer(max_epochs=10, callbacks=[TokenMerging(r=16, start_epoch=0)])
+        trainer.fit(LitViT(), datamodule)
+    """
+
+    order = 35
+    KIND = "tome"
+    EDITS_STRUCTURE = True
+    LOG_PREFIX = "tome"
+
+    def __init__(
+        self,
+        r: RSpec = 8,
+        start_epoch: int = 0,
+        blocks: Optional[list[Any]] = None,
+        proportional_attention: bool = True,
+        schedule: str = "constant",
+        example_input: Optional[torch.Tensor] = None,
+        config: Optional[TokenMergingConfig] = None,
+        model_attribute: Optional[str] = None,
+    ) -> None:
+        super().__init__(model_attribute)
+        options = dict(r=r, schedule=schedule, blocks=blocks, proportional_attention=proportional_attention)
+        #: how many tokens merge where (validated once); ``config=`` or the same keyword arguments
+        self.config = config_or_options(config, TokenMergingConfig, options, "TokenMerging")
+        check_int(start_epoch, "start_epoch", example="0 (merges at setup, before training)")
+        check_example_input(example_input)
+        self.start_epoch = start_epoch
+        self.example_input = example_input
+        #: the plan in force (what the record holds), once merging
+        self.plan: Optional[dict[str, Any]] = None
+
+    def resume_config(self) -> dict[str, Any]:
+        return {**self.config.as_record(), "start_epoch": self.start_epoch}
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"config": self.resume_config()}
+
+    def scheduled_epochs(self) -> dict[str, int]:
+        return {"start_epoch": self.start_epoch} if self.start_epoch > 0 else {}
+
+    # ------------------------------------------------------------------ hooks
+    def ordered_setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        self.plan = None
+        done = [r for r in recorded_edits(pl_module) if r.get("kind") == self.KIND and r.get("target") == self.target_path]
+        if done:  # replayed from the checkpoint, or merged by an earlier fit of this module
+            self.check_same_config(done[-1].get("config"), "the merging an earlier fit applied to this model")
+            self.plan = done[-1]
+            return
+        plan = plan_token_merging(self.target(pl_module), self.config, self.example_input)  # fail fast
+        if self.start_epoch == 0:
+            self._merge(pl_module, plan)
+
+    def ordered_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.plan is None and trainer.current_epoch >= self.start_epoch:
+            self._merge(pl_module, plan_token_merging(self.target(pl_module), self.config, self.example_input))
+        if self.plan is not None:
+            selected = [r for r in self.plan["block_r"] if r > 0] or [0]
+            tokens = self.plan.get("tokens") or merged_token_counts(self.target(pl_module), self.example_input)
+            self.log_metrics(trainer, {"r": sum(selected) / len(selected), "tokens_out": tokens[-1] if tokens else None})
+
+    def _merge(self, pl_module: "pl.LightningModule", plan: dict[str, Any]) -> None:
+        plan = {**plan, "config": self.resume_config()}
+        apply_merge_plan(self.target(pl_module), plan)
+        self.record(pl_module, **plan)
+        self.plan = plan
+        tokens = plan["tokens"]
+        rank_zero_info(
+            f"TokenMerging: {sum(r > 0 for r in plan['block_r'])} blocks merge (r per block {plan['block_r']}); "
+            + (f"{plan['tokens_in']} tokens in, {tokens[-1]} after the last block." if tokens else "")
+        )

@@ -1,0 +1,532 @@
+"""Export the compressed model as a file a server loads without this library (nor Lightning, timm, torchao).
+
+A compressed model lives in a Python process that imports Lightning, timm,
+torchao and us; the fastest CPU paths exist only as a ``torch.compile`` of that
+live model, paid again (15-20 s for ViT-B/16) in every process. What a team
+deploys is a file: :func:`export_compressed` writes
+
+* ``format="pt2"``: ``torch.export`` of the model, compiled ahead of time by
+  AOTInductor into a ``.pt2`` package for the model's device, with the same
+  lowering the in-process compiled paths use (inductor freezing, the x86 int8
+  layers as oneDNN GEMMs, ``inference_precision="bf16-mixed"`` as CPU autocast).
+  Load it with ``torch._inductor.aoti_load_package(path)``; torch alone runs it.
+* ``format="onnx"``: the dynamo ONNX exporter; run it with onnxruntime. For the
+  float structures (pruned, Nystrom, distilled); int8 where onnxruntime runs the
+  exported quantize/dequantize graph, else an error naming ``"pt2"``.
+
+The artifact maps a batch of images to the logits tensor (output objects and
+DeiT's tuples are read as :func:`~lightning_vitcompress.models.logits_of` reads
+them), with a dynamic batch size and the image size of the example input. It is
+written next to its final path and moved there only once it loaded back and its
+outputs matched the live model's within :data:`TOLERANCES`.
+
+Example::
+
+    summary = export_compressed(vit, "vit-int8.pt2", images[:8], inference_precision="bf16-mixed")
+    runner = torch._inductor.aoti_load_package("vit-int8.pt2")   # in the server: torch only
+    logits = runner(images)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal, Optional, Union
+
+import torch
+from torch import nn
+
+from lightning_vitcompress._checks import check_bool, check_choice, check_output_file, check_path
+from lightning_vitcompress.functional.measure import eval_mode
+from lightning_vitcompress.functional.quantize_configs import INFERENCE_PRECISIONS
+from lightning_vitcompress.functional.x86_int8 import (
+    FROZEN_INDUCTOR_OPTIONS,
+    X86Int8DynamicLinear,
+    _register_x86_lowering,
+    cpu_supports_bfloat16,
+    run_in_precision,
+)
+from lightning_vitcompress.models.base import logits_of
+
+__all__ = [
+    "ARTIFACT_FORMATS",
+    "TOLERANCES",
+    "ArtifactMismatchError",
+    "ExportConfig",
+    "LoadedArtifact",
+    "check_exportable",
+    "export_compressed",
+    "load_artifact",
+]
+
+#: ``format`` -> file suffix
+ARTIFACT_FORMATS: dict[str, str] = {"pt2": ".pt2", "onnx": ".onnx"}
+
+#: how far the loaded artifact's logits may be from the live model's on the same real batch, as
+#: ``max |artifact - live| / max |live|``, per (precision, int8 layers present). The reference is the live model
+#: run eagerly in the same precision; compiled kernels differ in summation order (float32), in rounding to bf16
+#: at other points (bf16-mixed), and int8 layers re-quantize activations whose values may move by one step
+TOLERANCES: dict[tuple[str, bool], float] = {
+    ("32-true", False): 1e-3,
+    ("32-true", True): 3e-2,
+    ("bf16-mixed", False): 5e-2,
+    ("bf16-mixed", True): 8e-2,
+}
+
+_INSTALL_ONNX = "pip install 'lightning-vitcompress[export]' (onnx, onnxscript, onnxruntime)"
+
+
+class ArtifactMismatchError(RuntimeError):
+    """The exported file loaded back but its outputs differ from the live model's beyond the tolerance."""
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """What to export, validated once.
+
+    Args:
+        format: ``"pt2"`` (AOTInductor package, torch alone loads it) or ``"onnx"`` (onnxruntime).
+        inference_precision: ``"32-true"`` or ``"bf16-mixed"`` (the unquantized ops run in bf16 under CPU
+            autocast, outputs float32: QuantizeOnFit's int8-mixed-bf16; ``"pt2"`` only, on a CPU with
+            AVX512-BF16 or AMX). None: ``"32-true"`` (``ExportOnFit``: the ``QuantizeOnFit``'s in the Trainer).
+        dynamic_batch: any batch size (``torch.export.Dim``); False fixes the example's. The image size is fixed.
+        device: where the artifact runs, ``"cpu"`` or ``"cuda"``; None: the model's device.
+        check: load the file back and compare its outputs with the live model's (see :data:`TOLERANCES`).
+        tolerance: override :data:`TOLERANCES` (relative to the largest live logit).
+        opset_version: ONNX opset (None: the exporter's default).
+
+    Example::
+
+        export_compressed(vit, "vit.onnx", images, ExportConfig(format="onnx"))
+    """
+
+    format: Literal["pt2", "onnx"] = "pt2"
+    inference_precision: Optional[Literal["32-true", "bf16-mixed"]] = None
+    dynamic_batch: bool = True
+    device: Optional[str] = None
+    check: bool = True
+    tolerance: Optional[float] = None
+    opset_version: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        check_choice(self.format, "format", tuple(ARTIFACT_FORMATS), " ('pt2': AOTInductor, torch alone loads it)")
+        if self.inference_precision is not None:
+            check_choice(self.inference_precision, "inference_precision", tuple(INFERENCE_PRECISIONS))
+        check_bool(self.dynamic_batch, "dynamic_batch", "export any batch size")
+        check_bool(self.check, "check", "load the file back and compare its outputs")
+        if self.device is not None:
+            try:
+                device = torch.device(self.device)
+            except (RuntimeError, TypeError) as err:
+                raise ValueError(f"device={self.device!r}: pass 'cpu', 'cuda' or None (the model's device).") from err
+            if device.type not in ("cpu", "cuda"):
+                raise ValueError(f"device={self.device!r}: pass 'cpu', 'cuda' or None (the model's device).")
+        if self.tolerance is not None and (not isinstance(self.tolerance, (int, float)) or not self.tolerance > 0):
+            raise ValueError(f"tolerance={self.tolerance!r}: pass a positive number (e.g. 1e-3), or None.")
+        if self.opset_version is not None and (not isinstance(self.opset_version, int) or self.opset_version < 7):
+            raise ValueError(f"opset_version={self.opset_version!r}: pass an ONNX opset number (e.g. 18), or None.")
+        if self.format == "onnx" and self.precision != "32-true":
+            raise ValueError(
+                f"inference_precision={self.inference_precision!r} with format='onnx': onnxruntime has no CPU "
+                "autocast (bf16-mixed). Use format='pt2' for bf16-mixed, or inference_precision='32-true'."
+            )
+
+    @property
+    def precision(self) -> str:
+        """``inference_precision``, ``"32-true"`` when None."""
+        return self.inference_precision or "32-true"
+
+    @property
+    def autocast_dtype(self) -> Optional[torch.dtype]:
+        return INFERENCE_PRECISIONS[self.precision]
+
+    def check_environment(self) -> None:
+        """What can be known before exporting: the ONNX packages, bf16 math on this CPU, CUDA when asked for."""
+        if self.format == "onnx":
+            missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if not _importable(name)]
+            if missing:
+                raise ImportError(f"format='onnx' needs {missing}: {_INSTALL_ONNX}. Or use format='pt2' (torch only).")
+        if self.precision == "bf16-mixed" and not cpu_supports_bfloat16():
+            raise ValueError(
+                "inference_precision='bf16-mixed': this CPU has no native bf16 math (AVX512-BF16 or AMX), so the "
+                "artifact would be slower than float32. Use inference_precision='32-true'."
+            )
+        if self.device is not None and torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r}: this machine has no CUDA device. Pass device='cpu' or None.")
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+class _Deployable(nn.Module):
+    """What the artifact computes: images -> logits (float32), in the configured precision."""
+
+    def __init__(self, model: nn.Module, autocast_dtype: Optional[torch.dtype]) -> None:
+        super().__init__()
+        self.model = model
+        self.autocast_dtype = autocast_dtype
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return run_in_precision(lambda x: logits_of(self.model(x)), self.autocast_dtype, images)
+
+
+@contextlib.contextmanager
+def _uncompiled(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` with an in-place ``nn.Module.compile`` (QuantizeOnFit's) set aside: export traces the eager model."""
+    compiled = model.__dict__.get("_compiled_call_impl")
+    model._compiled_call_impl = None
+    try:
+        yield model
+    finally:
+        model._compiled_call_impl = compiled
+
+
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called")
+
+
+@contextlib.contextmanager
+def _hooks_set_aside(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` with its modules' forward hooks set aside: a trial trace must not reach hooks that keep inputs
+    (QuantizeOnFit's capture of the first training batch would keep the trace's tensors)."""
+    saved = [(module, name, getattr(module, name)) for module in model.modules() for name in _HOOK_DICTS
+             if getattr(module, name, None)]
+    for module, name, hooks in saved:
+        setattr(module, name, type(hooks)())
+    try:
+        yield model
+    finally:
+        for module, name, hooks in saved:
+            setattr(module, name, hooks)
+
+
+def _has_x86_int8(model: nn.Module) -> bool:
+    return any(isinstance(module, X86Int8DynamicLinear) for module in model.modules())
+
+
+def _example_batch(example_input: torch.Tensor) -> torch.Tensor:
+    """At least two rows: ``torch.export`` specializes a dynamic dimension it sees as 1."""
+    example_input = example_input.detach()
+    return example_input if example_input.shape[0] >= 2 else example_input.repeat(2, *[1] * (example_input.dim() - 1))
+
+
+def _export_program(module: nn.Module, example: torch.Tensor, dynamic_batch: bool) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``module`` on ``example``; a model it cannot capture is a ``ValueError`` saying why."""
+    dynamic_shapes = {"images": {0: torch.export.Dim("batch", min=1)}} if dynamic_batch else None
+    try:
+        with torch.no_grad():
+            return torch.export.export(module, (example,), dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as err:  # noqa: BLE001 - reported with what would work
+        text = _short(err, 1500)
+        data_dependent = any(
+            marker in text for marker in ("data-dependent", "data dependent", "GuardOnDataDependent", "Could not guard")
+        )
+        hint = (
+            "It branches on tensor values (data-dependent control flow), which a graph cannot hold: compute the "
+            "branch from shapes, or use torch.cond"
+            if data_dependent
+            else "Make the forward traceable by torch.export (no Python side effects that depend on values)"
+        )
+        raise ValueError(
+            f"{type(module.model).__name__} cannot be exported with torch.export (dynamic_batch={dynamic_batch}). "
+            f"{hint}. The model itself is unchanged. It said: {text}"
+        ) from err
+
+
+def check_exportable(model: nn.Module, example_input: torch.Tensor, config: Optional[ExportConfig] = None) -> None:
+    """Raise ``ValueError`` now if ``torch.export`` cannot capture ``model`` (e.g. data-dependent control flow).
+
+    Cheap next to the AOT compile: :class:`~lightning_vitcompress.ExportOnFit` runs it at ``setup``.
+    """
+    config = config or ExportConfig()
+    with _uncompiled(model), eval_mode(model), _hooks_set_aside(model):
+        _export_program(_Deployable(model, None), _example_batch(example_input), config.dynamic_batch)
+
+
+def export_compressed(
+    model: nn.Module,
+    path: Union[str, os.PathLike],
+    example_input: torch.Tensor,
+    config: Optional[ExportConfig] = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Export ``model`` (pruned, Nystrom-swapped, quantized...) to ``path`` and check the file.
+
+    The model is not changed (an in-place ``compile`` is set aside while tracing,
+    its training flags restored). The file is written beside ``path`` first, then
+    loaded back and run on ``example_input`` (a real batch); only when its logits
+    match the live model's (same precision, eager) within the tolerance does it
+    replace ``path``.
+
+    Args:
+        model: the model; ``model(images)`` returns logits, a tuple or an object with ``.logits``.
+        path: the file to write (``.pt2`` or ``.onnx``; ``format`` follows the suffix unless given).
+        example_input: a real batch of images; its image size is the artifact's.
+        config: an :class:`ExportConfig`, or pass its fields as keyword ``options``.
+
+    Returns:
+        ``{"path", "format", "device", "inference_precision", "dynamic_batch", "size_bytes",
+        "export_seconds", "load_seconds", "first_call_seconds", "relative_error", "tolerance"}``.
+
+    Raises:
+        ValueError: a bad argument, or a model ``torch.export`` cannot capture (data-dependent
+            control flow); also int8 layers onnxruntime cannot run (use ``format="pt2"``).
+        ArtifactMismatchError: the loaded file's outputs differ beyond the tolerance (no file left at ``path``).
+
+    Example::
+
+        export_compressed(vit, "vit.pt2", images[:8])
+        export_compressed(vit, "vit.onnx", images[:8])
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model={type(model).__name__}: pass the nn.Module to export (e.g. a timm ViT).")
+    path = check_path(path, "path")
+    assert path is not None
+    if config is None:
+        if "format" not in options and path.suffix in (".onnx", ".pt2"):
+            options["format"] = path.suffix[1:]
+        config = ExportConfig(**options)
+    elif options:
+        raise ValueError(f"export_compressed(config=..., {', '.join(options)}=...): pass the options in config only.")
+    if not isinstance(example_input, torch.Tensor) or example_input.dim() != 4 or example_input.shape[0] == 0:
+        shown = (f"<tensor of shape {tuple(example_input.shape)}>" if isinstance(example_input, torch.Tensor)
+                 else f"<{type(example_input).__name__}>")
+        raise ValueError(
+            f"example_input={shown}: pass a real batch of images (batch, channels, height, width), e.g. the first "
+            "validation batch; its image size is the exported file's."
+        )
+    check_output_file(path, "path")
+    config.check_environment()
+
+    device = torch.device(config.device) if config.device is not None else _model_device(model)
+    if device.type != "cpu" and config.precision == "bf16-mixed":
+        raise ValueError(
+            f"inference_precision='bf16-mixed' is the x86 CPU recipe (CPU autocast), but the export is for "
+            f"{str(device)!r}. Export for device='cpu', or with inference_precision='32-true'."
+        )
+    here = _model_device(model)
+    same = here.type == device.type and (here.index or 0) == (device.index or 0)
+    source = model if same else _moved_copy(model, device)
+    example = _example_batch(example_input).to(device)
+    if _has_x86_int8(source):
+        _register_x86_lowering()
+    int8 = _has_x86_int8(source) or _has_quantized_weights(source)  # x86 layers, or torchao's tensor subclasses
+    tolerance = config.tolerance if config.tolerance is not None else TOLERANCES[(config.precision, int8)]
+
+    start = time.perf_counter()
+    with _uncompiled(source), eval_mode(source):
+        deployable = _Deployable(source, config.autocast_dtype)
+        with torch.inference_mode():
+            reference = deployable(example).float()
+        program = _export_program(deployable, example, config.dynamic_batch)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial{ARTIFACT_FORMATS[config.format]}")
+        try:
+            if config.format == "pt2":
+                _write_pt2(program, partial)
+            else:
+                _write_onnx(deployable, program, example, partial, config, int8)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+    export_seconds = time.perf_counter() - start
+
+    summary: dict[str, Any] = {
+        "path": str(path),
+        "format": config.format,
+        "device": str(device),
+        "inference_precision": config.precision,
+        "dynamic_batch": config.dynamic_batch,
+        "size_bytes": partial.stat().st_size,
+        "export_seconds": export_seconds,
+        "load_seconds": None,
+        "first_call_seconds": None,
+        "relative_error": None,
+        "tolerance": tolerance,
+    }
+    if config.check:
+        try:
+            summary.update(_verify(partial, config.format, example, reference, tolerance, device))
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+    os.replace(partial, path)
+    return summary
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _moved_copy(model: nn.Module, device: torch.device) -> nn.Module:
+    try:
+        return copy.deepcopy(model).to(device)
+    except Exception as err:  # noqa: BLE001 - e.g. CPU-only int8 layers to CUDA
+        raise ValueError(
+            f"device={str(device)!r}: the model cannot move there ({type(err).__name__}: {err}). Export on the "
+            "device the model was quantized for (device=None)."
+        ) from err
+
+
+def _write_pt2(program: torch.export.ExportedProgram, path: Path) -> None:
+    from torch._inductor import aoti_compile_and_package
+
+    # freezing applies only with gradients off, as in compile_frozen's inference-mode calls
+    with torch.no_grad():
+        aoti_compile_and_package(
+            program, package_path=str(path), inductor_configs=dict(FROZEN_INDUCTOR_OPTIONS)
+        )
+
+
+def _write_onnx(
+    module: nn.Module,
+    program: torch.export.ExportedProgram,
+    example: torch.Tensor,
+    path: Path,
+    config: ExportConfig,
+    int8: bool,
+) -> None:
+    kwargs: dict[str, Any] = {"dynamo": True, "verbose": False, "input_names": ["images"], "output_names": ["logits"]}
+    if config.opset_version is not None:
+        kwargs["opset_version"] = config.opset_version
+    try:
+        with torch.no_grad():
+            onnx_program = torch.onnx.export(program, (example,), **kwargs)
+        onnx_program.save(str(path))
+    except Exception as err:  # noqa: BLE001 - reported with the format that works
+        what = "its int8 layers" if int8 or _has_quantized_weights(module) else "the model"
+        raise ValueError(
+            f"format='onnx': the ONNX exporter cannot convert {what} ({_short(err, 300).splitlines()[0]}). "
+            "Use format='pt2' (AOTInductor, loads with torch alone), which runs every model this library makes."
+        ) from err
+
+
+def _short(err: BaseException, limit: int) -> str:
+    """``Type: message`` without terminal colour codes, cut at ``limit`` characters."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", f"{type(err).__name__}: {err}").strip()
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _has_quantized_weights(model: nn.Module) -> bool:
+    return any(type(p) not in (torch.Tensor, nn.Parameter) for p in model.parameters())
+
+
+def _verify(
+    path: Path,
+    format: str,
+    example: torch.Tensor,
+    reference: torch.Tensor,
+    tolerance: float,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Load the file back, run ``example``, compare with ``reference``; the timings and the error."""
+    try:
+        loaded = load_artifact(path, format=format, device=device)
+        with torch.inference_mode():
+            output = loaded(example)
+    except Exception as err:  # noqa: BLE001 - the file is unusable; say so with the cause
+        raise ArtifactMismatchError(
+            f"The exported {format} file does not run when loaded back ({type(err).__name__}: {err}); it was not "
+            "kept. The model itself is unchanged."
+        ) from err
+    if tuple(output.shape) != tuple(reference.shape):
+        raise ArtifactMismatchError(
+            f"The exported {format} file returns shape {tuple(output.shape)}, the live model {tuple(reference.shape)}; "
+            "it was not kept."
+        )
+    scale = reference.abs().max().clamp_min(1e-12)
+    error = float((output.float().to(reference.device) - reference).abs().max() / scale)
+    if not error <= tolerance:
+        raise ArtifactMismatchError(
+            f"The exported {format} file's logits differ from the live model's by {error:.3g} (max abs difference / "
+            f"max abs logit) on a real batch, above tolerance={tolerance:g}; it was not kept. Pass a larger "
+            "tolerance if this precision loss is expected, or report the model that does this."
+        )
+    return {"load_seconds": loaded.load_seconds, "first_call_seconds": loaded.first_call_seconds, "relative_error": error}
+
+
+class LoadedArtifact(nn.Module):
+    """An exported file loaded for inference, as an ``nn.Module``: ``artifact(images) -> logits``.
+
+    What :class:`~lightning_vitcompress.BenchmarkCallback` measures as the deployed
+    model. It holds no parameters; :attr:`size_bytes` is the file's size and
+    :attr:`load_seconds` / :attr:`first_call_seconds` what loading cost.
+    A server needs none of this: see the README's loader (torch or onnxruntime alone).
+    """
+
+    def __init__(self, path: Union[str, os.PathLike], format: str, device: torch.device) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self.format = format
+        self.device = device
+        self.size_bytes = self.path.stat().st_size
+        self.first_call_seconds: Optional[float] = None
+        start = time.perf_counter()
+        if format == "pt2":
+            from torch._inductor import aoti_load_package
+
+            self._runner: Any = aoti_load_package(str(self.path))
+        else:
+            import onnxruntime
+
+            options = onnxruntime.SessionOptions()
+            # torch's thread count, and no spin-waiting between calls: idle threads would steal the CPU from
+            # whatever runs next (other models, a benchmark's interleaved variants)
+            options.intra_op_num_threads = torch.get_num_threads()
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            providers = ["CUDAExecutionProvider"] if device.type == "cuda" else []
+            self._runner = onnxruntime.InferenceSession(
+                str(self.path), options, providers=providers + ["CPUExecutionProvider"]
+            )
+            self._input_name = self._runner.get_inputs()[0].name
+        self.load_seconds = time.perf_counter() - start
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter() if self.first_call_seconds is None else None
+        if self.format == "pt2":
+            output = self._runner(images.to(self.device))
+        else:
+            output = torch.from_numpy(self._runner.run(None, {self._input_name: images.detach().cpu().numpy()})[0])
+        if start is not None:
+            self.first_call_seconds = time.perf_counter() - start
+        return output
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "LoadedArtifact":
+        # the runner is a native handle; a copy is a fresh load of the same file (on its own device)
+        return LoadedArtifact(self.path, self.format, self.device)
+
+    def extra_repr(self) -> str:
+        return f"path={str(self.path)!r}, format={self.format!r}, size_bytes={self.size_bytes}"
+
+
+def load_artifact(
+    path: Union[str, os.PathLike], *, format: Optional[str] = None, device: Union[str, torch.device, None] = None
+) -> LoadedArtifact:
+    """Load a file :func:`export_compressed` wrote (format from the suffix unless given) as a :class:`LoadedArtifact`.
+
+    Example::
+
+        artifact = load_artifact("vit.pt2")
+        logits = artifact(images)
+    """
+    path = Path(path)
+    if format is None:
+        format = next((name for name, suffix in ARTIFACT_FORMATS.items() if path.suffix == suffix), None)
+        if format is None:
+            raise ValueError(f"path={str(path)!r}: pass format= one of {list(ARTIFACT_FORMATS)} for this suffix.")
+    check_choice(format, "format", tuple(ARTIFACT_FORMATS))
+    if not path.is_file():
+        raise FileNotFoundError(f"path={str(path)!r}: no such file.")
+    return LoadedArtifact(path, format, torch.device(device) if device is not None else torch.device("cpu"))
+

@@ -1,0 +1,580 @@
+"""Token merging (ToMe, Bolya et al., ICLR 2023): fewer tokens in each block, no new weights.
+
+In each selected block, after attention, *bipartite soft matching* pairs the
+patch tokens: they are split alternately into two sets A and B, each A token
+finds its most similar B token (cosine similarity of the attention keys,
+averaged over heads), and the ``r`` most similar pairs are merged into one
+token: the size-weighted average of the two. Each token carries its *size*
+(how many input patches it stands for); with ``proportional_attention`` the
+attention logits get ``+ log(size)`` of each key, so a merged token weighs as
+much as the tokens it replaced. Class, distillation and register tokens
+(the model's prefix tokens) are never merged and stay in front, so heads that
+read ``x[:, 0]`` keep working. Gradients flow through the weighted averages,
+so training continues through a merged model.
+
+How it is applied: every transformer block of the model gets a forward that
+runs its attention half with the size bias (one implementation per attention
+structure: timm's fused ``qkv``, ``nn.MultiheadAttention``'s ``in_proj``,
+transformers' separate q/k/v), merges, then runs its MLP half; the family
+adapter (:mod:`lightning_vitcompress.models`) says where the norms and
+residuals are. No parameter, buffer or state-dict key changes: a merged model
+loads an unmerged model's weights and the other way round.
+
+What to know:
+
+* ``r`` is what a block *asks* to merge; one step of bipartite matching can
+  merge at most half of the patch tokens, so late blocks of a deep model may
+  merge fewer (ToMe does the same). :func:`token_schedule` gives the real counts.
+* Blocks swapped to Nyström attention keep working with the shrinking token
+  count (landmarks over the merged tokens); their attention takes no size
+  bias, and their matching uses the block's normalized input (not the keys).
+* Structured pruning of a merged model works (torch-pruning traces through
+  the merge; checked on timm and transformers); :func:`token_merging_paused`
+  runs the blocks' own forward for code that must trace the unmerged model.
+
+Example::
+
+    vit = timm.create_model("vit_base_patch16_224", pretrained=False)
+    merge_tokens(vit, 16)          # 197 tokens in, 11 out of the last block
+    vit(torch.randn(2, 3, 224, 224))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import types
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_vitcompress._checks import check_bool, check_choice
+from lightning_vitcompress._structure import Record, register_replay
+from lightning_vitcompress.models import ModelAdapter, adapter_for
+
+__all__ = [
+    "TokenMergingConfig",
+    "bipartite_soft_matching",
+    "merge_tokens",
+    "merge_weighted_average",
+    "merged_token_counts",
+    "remove_token_merging",
+    "token_merging_paused",
+    "token_schedule",
+]
+
+#: attribute on each block that merges (plain data + the shared per-model state)
+MERGE_ATTRIBUTE = "_vitcompress_tome"
+SCHEDULES = ("constant", "decreasing")
+RSpec = Union[int, Sequence[int]]
+
+
+def _check_r(r: Any) -> None:
+    ok_int = isinstance(r, int) and not isinstance(r, bool) and r >= 0
+    ok_list = (
+        isinstance(r, (list, tuple)) and len(r) > 0
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in r)
+    )
+    if not (ok_int or ok_list):
+        raise ValueError(
+            f"r={r!r}: pass the tokens each block merges as an int >= 0 (e.g. 16 for ViT-B/16 at 224), "
+            "or a list with one int >= 0 per selected block."
+        )
+
+
+def _check_blocks(blocks: Any) -> None:
+    if blocks is None:
+        return
+    if (isinstance(blocks, (str, int)) or not isinstance(blocks, Sequence) or not blocks
+            or not all(isinstance(b, (int, str)) and not isinstance(b, bool) for b in blocks)):
+        raise ValueError(
+            f"blocks={blocks!r}: pass a non-empty list of transformer-block indices or names "
+            "(e.g. [0, 1, 2] or ['blocks.0']), or None for all."
+        )
+
+
+@dataclass(frozen=True)
+class TokenMergingConfig:
+    """How many tokens merge where, validated once (the ``quantize_(model, config)`` of token merging).
+
+    Args:
+        r: tokens each selected block merges: an int, or one int per selected block.
+        schedule: ``"constant"`` (every selected block asks ``r``) or
+            ``"decreasing"`` (from ``2r`` in the first selected block down to 0 in
+            the last, linearly: about the same total, more merged early, as ToMe's
+            ``inflect=-1``). Only for an int ``r``.
+        blocks: the transformer blocks that merge: indices (negative from the
+            end) or block names (``"blocks.3"``); None: all.
+        proportional_attention: add ``log(size)`` of each key to the attention
+            logits after merging (the paper's default; needed without retraining).
+
+    Example::
+
+        merge_tokens(vit, TokenMergingConfig(r=8, schedule="decreasing"))
+    """
+
+    r: RSpec = 8
+    schedule: str = "constant"
+    blocks: Optional[Sequence[Union[int, str]]] = None
+    proportional_attention: bool = True
+
+    def __post_init__(self) -> None:
+        _check_r(self.r)
+        check_choice(self.schedule, "schedule", SCHEDULES)
+        if self.schedule != "constant" and not isinstance(self.r, int):
+            raise ValueError(
+                f"schedule={self.schedule!r} with r={self.r!r}: a schedule spreads an int r over the blocks; "
+                "pass an int r, or schedule='constant' with one r per block."
+            )
+        _check_blocks(self.blocks)
+        check_bool(self.proportional_attention, "proportional_attention", "weigh merged tokens by their size")
+        if not isinstance(self.r, int):
+            object.__setattr__(self, "r", tuple(self.r))
+        if self.blocks is not None:
+            object.__setattr__(self, "blocks", tuple(self.blocks))
+
+    def as_record(self) -> dict[str, Any]:
+        """Every field as plain data (lists, not tuples): what records and resume checks compare."""
+        fields = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
+
+    def block_r(self, num_selected: int) -> list[int]:
+        """What each of ``num_selected`` selected blocks asks to merge."""
+        if not isinstance(self.r, int):
+            if len(self.r) != num_selected:
+                raise ValueError(
+                    f"r={list(self.r)!r}: {len(self.r)} values for {num_selected} selected blocks; "
+                    f"pass one per block (blocks={self.blocks!r}), or an int."
+                )
+            return list(self.r)
+        if self.schedule == "constant" or num_selected == 1:
+            return [self.r] * num_selected
+        return [round(2 * self.r * (num_selected - 1 - i) / (num_selected - 1)) for i in range(num_selected)]
+
+
+# ---------------------------------------------------------------------------- the math
+def bipartite_soft_matching(
+    metric: torch.Tensor, r: int, num_prefix_tokens: int = 0
+) -> Callable[[torch.Tensor, str], torch.Tensor]:
+    """ToMe's matching: a function that merges ``r`` tokens of any ``(B, N, C)`` tensor laid out like ``metric``.
+
+    The first ``num_prefix_tokens`` tokens are left out of the matching and stay
+    in front. The patch tokens alternate into sets A (even) and B (odd); the
+    ``r`` A tokens most similar (cosine) to their best B token are merged into
+    it. Returns ``merge(x, mode)`` (``mode`` is ``"sum"`` or ``"mean"``), giving
+    ``(B, N - r, C)``: prefix tokens, unmerged A tokens, then the B tokens.
+    ``r`` is capped at the size of A.
+    """
+    patches = metric.shape[1] - num_prefix_tokens
+    r = min(r, (patches + 1) // 2)
+    if r <= 0:
+        return lambda x, mode="sum": x
+    with torch.no_grad():
+        metric = metric[:, num_prefix_tokens:]
+        metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        a, b = metric[:, ::2], metric[:, 1::2]
+        if b.shape[1] == 0:
+            return lambda x, mode="sum": x
+        scores = a @ b.transpose(-1, -2)
+        node_max, node_idx = scores.max(dim=-1)
+        edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
+        unmerged_idx, source_idx = edge_idx[:, r:], edge_idx[:, :r]
+        destination_idx = node_idx[..., None].gather(1, source_idx)
+
+    def merge(x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
+        prefix, x = x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]
+        source, destination = x[:, ::2], x[:, 1::2]
+        batch, count, channels = source.shape
+        unmerged = source.gather(1, unmerged_idx.expand(batch, count - r, channels))
+        source = source.gather(1, source_idx.expand(batch, r, channels))
+        destination = destination.scatter_reduce(1, destination_idx.expand(batch, r, channels), source, reduce=mode)
+        return torch.cat([prefix, unmerged, destination], dim=1)
+
+    return merge
+
+
+def merge_weighted_average(
+    merge: Callable[[torch.Tensor, str], torch.Tensor], x: torch.Tensor, size: Optional[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge ``x`` as size-weighted averages; return the merged tokens and their sizes ``(B, N', 1)``."""
+    if size is None:
+        size = torch.ones_like(x[..., :1])
+    x = merge(x * size, "sum")
+    size = merge(size, "sum")
+    return x / size, size
+
+
+def token_schedule(num_tokens: int, num_prefix_tokens: int, block_r: Sequence[int]) -> list[int]:
+    """The tokens after each block when ``num_tokens`` enter and block ``i`` asks to merge ``block_r[i]``."""
+    counts = []
+    for r in block_r:
+        num_tokens -= min(r, (num_tokens - num_prefix_tokens + 1) // 2 if num_tokens - num_prefix_tokens > 1 else 0)
+        counts.append(num_tokens)
+    return counts
+
+
+# ---------------------------------------------------------------------------- attention with sizes
+def _size_bias(size: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    return None if size is None else size.log().to(dtype)[:, None, None, :, 0]  # (B, 1, 1, N)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], dropout: float,
+          scale: Optional[float]) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale)
+
+
+def _timm_attention(m: nn.Module, x: torch.Tensor, size: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm ``Attention`` (fused qkv), computed as it does, plus the size bias; returns (output, keys)."""
+    batch, tokens, _ = x.shape
+    gate = m.gate(x).sigmoid() if getattr(m, "gate", None) is not None else None
+    q, k, v = m.qkv(x).reshape(batch, tokens, 3, m.num_heads, m.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = m.q_norm(q), m.k_norm(k)
+    bias = _size_bias(size, q.dtype)
+    dropout = m.attn_drop.p if m.training else 0.0
+    if m.fused_attn:
+        out = _sdpa(q, k, v, bias, dropout, None)
+    else:
+        attn = (q * m.scale) @ k.transpose(-2, -1)
+        attn = (attn if bias is None else attn + bias).softmax(dim=-1)
+        out = m.attn_drop(attn) @ v
+    out = m.norm(out.transpose(1, 2).reshape(batch, tokens, m.num_heads * m.head_dim))
+    if gate is not None:
+        out = out * gate
+    return m.proj_drop(m.proj(out)), k.mean(1)
+
+
+def _mha_attention(m: nn.MultiheadAttention, x: torch.Tensor,
+                   size: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``nn.MultiheadAttention`` self-attention on batch-first ``x``, plus the size bias."""
+    batch, tokens, _ = x.shape
+    heads = m.num_heads
+    qkv = F.linear(x, m.in_proj_weight, m.in_proj_bias)
+    q, k, v = qkv.reshape(batch, tokens, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    out = _sdpa(q, k, v, _size_bias(size, q.dtype), m.dropout if m.training else 0.0, None)
+    return m.out_proj(out.transpose(1, 2).reshape(batch, tokens, -1)), k.mean(1)
+
+
+def _separate_attention(m: nn.Module, x: torch.Tensor,
+                        size: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers >= 5 ViT/DeiT attention (``q_proj``/``k_proj``/``v_proj``/``o_proj``), plus the size bias."""
+    batch, tokens, _ = x.shape
+    heads = m.num_attention_heads
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(batch, tokens, heads, -1).transpose(1, 2)
+
+    q, k, v = split(m.q_proj(x)), split(m.k_proj(x)), split(m.v_proj(x))
+    dropout = m.attention_dropout if m.training else 0.0
+    out = _sdpa(q, k, v, _size_bias(size, q.dtype), dropout, m.scaling)
+    return m.o_proj(out.transpose(1, 2).reshape(batch, tokens, -1)), k.mean(1)
+
+
+def _attend(module: nn.Module, x: torch.Tensor, size: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of any supported structure on batch-first ``x`` with sizes; (output, matching metric)."""
+    if getattr(type(module), "is_vitcompress_attention", False) and hasattr(module, "num_landmarks"):
+        return module._attend(x), x  # Nyström (batch-first core): no size bias; match on the block's input
+    if isinstance(module, nn.MultiheadAttention):
+        return _mha_attention(module, x, size)
+    if isinstance(getattr(module, "qkv", None), nn.Module):
+        return _timm_attention(module, x, size)
+    return _separate_attention(module, x, size)
+
+
+def _attention_problem(module: nn.Module) -> Optional[str]:
+    """Why :func:`_attend` cannot run ``module`` with sizes (None: it can)."""
+    for name, _ in [*module.named_parameters(), *module.named_buffers()]:
+        if "rel" in name or "pos" in name or "rope" in name:
+            return (f"it holds {name!r}, a position bias of fixed length inside the block, which cannot follow "
+                    "merged tokens")
+    if isinstance(module, nn.MultiheadAttention):
+        if not module._qkv_same_embed_dim or module.bias_k is not None or module.add_zero_attn:
+            return "nn.MultiheadAttention with kdim/vdim, bias_k/bias_v or add_zero_attn"
+        return None
+    if getattr(type(module), "is_vitcompress_attention", False):
+        return None
+    if isinstance(getattr(module, "qkv", None), nn.Module):
+        missing = [a for a in ("num_heads", "head_dim", "q_norm", "k_norm", "norm", "proj", "proj_drop", "fused_attn")
+                   if not hasattr(module, a)]
+        return f"a fused-qkv attention without {missing}" if missing else None
+    if all(isinstance(getattr(module, a, None), nn.Linear) for a in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        return None
+    return f"{type(module).__name__} is not an attention token merging can run (fused qkv, in_proj or q/k/v/o_proj)"
+
+
+# ---------------------------------------------------------------------------- applying it to a model
+class _MergeState:
+    """Per model: the sizes passed from block to block within one forward, and the tokens each block left."""
+
+    def __init__(self, num_blocks: int) -> None:
+        self.size: Optional[torch.Tensor] = None
+        self.tokens: list[Optional[int]] = [None] * num_blocks
+        self.paused = False
+
+
+@dataclass
+class _BlockMerging:
+    """What one block's merging forward needs; held on the block as plain data (copies with it)."""
+
+    index: int
+    r: int
+    attention: str
+    num_prefix_tokens: int
+    proportional_attention: bool
+    family: type[ModelAdapter]
+    state: _MergeState
+
+
+def _merging_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    """A transformer block's forward with token merging (bound to each block by :func:`merge_tokens`)."""
+    settings: _BlockMerging = self.__dict__[MERGE_ATTRIBUTE]
+    state = settings.state
+    size = state.size if settings.index > 0 else None  # the first block starts every forward afresh
+    masks = [a for a in args if isinstance(a, torch.Tensor)] + [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
+    if state.paused or (size is None and settings.r == 0):
+        state.size = None
+        out = type(self).forward(self, x, *args, **kwargs)
+        state.tokens[settings.index] = (out if isinstance(out, torch.Tensor) else x).shape[1]
+        return out
+    if masks:
+        raise ValueError(
+            f"token merging: {type(self).__name__} was called with a mask {tuple(masks[0].shape)}; merged tokens "
+            "cannot follow a mask of the original length. Merge only unmasked self-attention models."
+        )
+    batch_first = settings.family.tokens_batch_first(self)
+    tokens = x if batch_first else x.transpose(0, 1)
+    if size is not None and size.shape[:2] != tokens.shape[:2]:
+        size = None  # not the sizes of these tokens (the model was entered another way)
+    attention = getattr(self, settings.attention)
+    found: list[torch.Tensor] = []
+
+    def attend(h: torch.Tensor) -> torch.Tensor:
+        out, metric = _attend(attention, h, size if settings.proportional_attention else None)
+        found.append(metric)
+        return out
+
+    tokens = settings.family.attention_step(self, tokens, attend)
+    if settings.r > 0:
+        merge = bipartite_soft_matching(found[0], settings.r, settings.num_prefix_tokens)
+        tokens, size = merge_weighted_average(merge, tokens, size)
+    tokens = settings.family.mlp_step(self, tokens)
+    state.size = size
+    state.tokens[settings.index] = tokens.shape[1]
+    return tokens if batch_first else tokens.transpose(0, 1)
+
+
+def _merging_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, m) for name, m in model.named_modules() if MERGE_ATTRIBUTE in m.__dict__]
+
+
+def _select(names: list[str], blocks: Optional[Sequence[Union[int, str]]]) -> list[int]:
+    if blocks is None:
+        return list(range(len(names)))
+    chosen = []
+    for block in blocks:
+        if isinstance(block, int):
+            if not -len(names) <= block < len(names):
+                raise ValueError(
+                    f"blocks={list(blocks)!r}: index {block} is out of range; the model has {len(names)} "
+                    f"transformer blocks (indices 0..{len(names) - 1})."
+                )
+            chosen.append(block % len(names))
+        elif block in names:
+            chosen.append(names.index(block))
+        else:
+            raise ValueError(f"blocks={list(blocks)!r}: {block!r} is not a transformer block; choose from {names}.")
+    return sorted(set(chosen))
+
+
+def input_token_count(model: nn.Module, example_input: Optional[torch.Tensor] = None) -> Optional[int]:
+    """Tokens entering the first transformer block for ``example_input`` (or the model's stated input size)."""
+    adapter = adapter_for(model)
+    if example_input is None:
+        try:
+            example_input = adapter.example_input(1)
+        except ValueError:
+            return None
+    blocks = adapter.token_blocks()
+    if not blocks:
+        return None
+    first = blocks[0][1]
+    seen: list[int] = []
+    batch_first = adapter.tokens_batch_first(first)
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        x = args[0] if args else next(iter(kwargs.values()))
+        seen.append(int(x.shape[1] if batch_first else x.shape[0]))
+        raise _Seen
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    training = model.training
+    try:
+        model.eval()
+        with torch.no_grad(), token_merging_paused(model):
+            model(example_input[:1].to(next(model.parameters()).device))
+    except _Seen:
+        pass
+    finally:
+        handle.remove()
+        model.train(training)
+    return seen[0] if seen else None
+
+
+class _Seen(Exception):
+    pass
+
+
+def plan_token_merging(
+    model: nn.Module, config: TokenMergingConfig, example_input: Optional[torch.Tensor] = None
+) -> dict[str, Any]:
+    """Check ``config`` against ``model`` and return the plan (a record without kind/target); changes nothing.
+
+    Raises:
+        TypeError: a block or attention token merging cannot run (names the block, the family and why).
+        ValueError: unknown blocks, a wrong number of per-block ``r``, or ``r`` that would leave fewer
+            tokens than the prefix tokens + 1.
+    """
+    adapter = adapter_for(model)
+    if getattr(model, "grad_checkpointing", False) or getattr(model, "is_gradient_checkpointing", False):
+        raise TypeError(
+            f"Token merging cannot run in this {type(model).__name__} with gradient checkpointing on: the recomputed "
+            "blocks would see the token sizes of the last block. Turn it off (timm: set_grad_checkpointing(False); "
+            "transformers: gradient_checkpointing_disable())."
+        )
+    found = adapter.token_blocks()
+    names = [name for name, _, _ in found]
+    chosen = _select(names, config.blocks)
+    per_selected = config.block_r(len(chosen))
+    block_r = [0] * len(names)
+    for index, r in zip(chosen, per_selected):
+        block_r[index] = r
+    for name, block, attention in found:
+        why = adapter.merge_problem(block) or _attention_problem(getattr(block, attention))
+        if why:
+            raise TypeError(
+                f"Token merging cannot run block {name!r} of this {adapter.family} {type(model).__name__}: {why}. "
+                "Supported: timm Block, torchvision EncoderBlock, transformers >= 5 ViT/DeiT layers and "
+                "nn.TransformerEncoderLayer, without position biases inside the blocks."
+            )
+    prefix = adapter.prefix_tokens().count
+    tokens_in = input_token_count(model, example_input)
+    tokens = token_schedule(tokens_in, prefix, block_r) if tokens_in is not None else None
+    if tokens_in is not None and tokens_in - sum(block_r) < prefix + 1:
+        most = (tokens_in - prefix - 1) // max(1, len(chosen))
+        raise ValueError(
+            f"r={config.r!r}: {len(chosen)} blocks would merge {sum(block_r)} tokens, but only {tokens_in} enter "
+            f"({prefix} prefix tokens that never merge), which would leave fewer than {prefix + 1}. "
+            f"Pass r <= {most}, or fewer blocks."
+        )
+    return {
+        "blocks": names,
+        "block_r": block_r,
+        "num_prefix_tokens": prefix,
+        "proportional_attention": config.proportional_attention,
+        "tokens_in": tokens_in,
+        "tokens": tokens,
+        "config": config.as_record(),
+    }
+
+
+def apply_merge_plan(model: nn.Module, plan: dict[str, Any]) -> None:
+    """Give ``model``'s blocks the merging forward ``plan`` describes (see :func:`plan_token_merging`)."""
+    remove_token_merging(model)
+    adapter = adapter_for(model)
+    found = adapter.token_blocks()
+    names = [name for name, _, _ in found]
+    if names != list(plan["blocks"]):
+        raise ValueError(f"The token-merging record names blocks {plan['blocks']}, but the model has {names}.")
+    state = _MergeState(len(found))
+    for index, ((_, block, attention), r) in enumerate(zip(found, plan["block_r"])):
+        block.__dict__[MERGE_ATTRIBUTE] = _BlockMerging(
+            index, int(r), attention, int(plan["num_prefix_tokens"]), bool(plan["proportional_attention"]),
+            type(adapter), state,
+        )
+        block.forward = types.MethodType(_merging_forward, block)
+
+
+def merge_tokens(
+    model: nn.Module,
+    config: Union[TokenMergingConfig, RSpec] = 8,
+    *,
+    example_input: Optional[torch.Tensor] = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Make ``model`` merge tokens in its blocks (no weights change); return the plan (what a record holds).
+
+    ``config`` is a :class:`TokenMergingConfig` or ``r`` (then ``options`` are its
+    other fields). ``example_input`` (one batch) tells the token count where the
+    model does not state its input size. Calling it again replaces the settings;
+    ``r=0`` keeps the output as it was.
+
+    Example::
+
+        vit = timm.create_model("deit_small_patch16_224", pretrained=False)
+        plan = merge_tokens(vit, 16)
+        plan["tokens"][-1]  # tokens left after the last block
+    """
+    if not isinstance(config, TokenMergingConfig):
+        config = TokenMergingConfig(r=config, **options)
+    elif options:
+        raise ValueError(f"merge_tokens: pass the options in the TokenMergingConfig, not also as keywords "
+                         f"({sorted(options)}).")
+    plan = plan_token_merging(model, config, example_input)
+    apply_merge_plan(model, plan)
+    return plan
+
+
+def remove_token_merging(model: nn.Module) -> None:
+    """Give every merging block of ``model`` its own forward back."""
+    for _, block in _merging_blocks(model):
+        del block.__dict__[MERGE_ATTRIBUTE]
+        block.__dict__.pop("forward", None)
+
+
+@contextlib.contextmanager
+def token_merging_paused(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, ``model``'s blocks run their own forward (for tracing, e.g. torch-pruning)."""
+    states = {id(block.__dict__[MERGE_ATTRIBUTE].state): block.__dict__[MERGE_ATTRIBUTE].state
+              for _, block in _merging_blocks(model)}
+    before = {key: state.paused for key, state in states.items()}
+    for state in states.values():
+        state.paused = True
+    try:
+        yield model
+    finally:
+        for key, state in states.items():
+            state.paused = before[key]
+
+
+def merged_token_counts(model: nn.Module, example_input: Optional[torch.Tensor] = None) -> Optional[list[int]]:
+    """Tokens after each transformer block of a merging ``model`` (None for a model that does not merge).
+
+    With ``example_input`` (or when the model has not run yet: its stated input
+    size) one forward measures them; else they are those of its last forward,
+    so a compiled or quantized model need not run again.
+    """
+    blocks = _merging_blocks(model)
+    if not blocks:
+        return None
+    state = blocks[0][1].__dict__[MERGE_ATTRIBUTE].state
+    if example_input is None and all(t is not None for t in state.tokens):
+        return [int(t) for t in state.tokens]
+    if example_input is None:
+        example_input = adapter_for(model).example_input(1)
+    training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example_input[:1].to(next(model.parameters()).device))
+    finally:
+        model.train(training)
+    return [int(t) for t in state.tokens if t is not None]
+
+
+@register_replay("tome")
+def _replay_token_merging(model: nn.Module, record: Record) -> None:
+    apply_merge_plan(model, record)
+

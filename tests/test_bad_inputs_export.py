@@ -1,0 +1,109 @@
+"""Bad inputs to ``ExportOnFit``, ``export_compressed`` and ``load_artifact`` (see tests/bad_inputs.py for the harness)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+from bad_inputs import Case, check_case, tiny_model
+from torch import nn
+
+from lightning_vitcompress import ExportConfig, ExportOnFit, export_compressed, load_artifact
+from lightning_vitcompress.digits import DigitsClassifier
+
+E = "ExportOnFit"
+
+
+def init(id: str, argument: str, error: type[BaseException] = Exception, **kwargs: Any) -> Case:
+    kwargs.setdefault("path", "model.pt2")
+    return Case(id, lambda t: ExportOnFit(**kwargs), f"{argument}=", "init", E, error)
+
+
+def setup(id: str, argument: str, make: Callable[[Path], Any], **case_kwargs: Any) -> Case:
+    return Case(id, make, argument, "setup", E, **case_kwargs)
+
+
+class _Shared:
+    """The model a plain call gets is the one the harness checks for changes."""
+
+    def __init__(self) -> None:
+        self.model: Any = None
+
+    def build(self) -> Any:
+        self.model = tiny_model()
+        return self.model
+
+
+def call(id: str, argument: str, fn: Callable[[nn.Module, Path], Any], error: Any = Exception) -> Case:
+    shared = _Shared()
+    return Case(id, lambda t: fn(shared.model.model, t), argument, "call", "export_compressed", error,
+                model=shared.build)
+
+
+class ValueBranch(nn.Module):
+    """A ViT whose forward branches on a tensor's value: ``torch.export`` cannot capture it."""
+
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        self.vit = vit
+        self.img_size = 32
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = self.vit(images)
+        return logits if images.mean() > 0 else -logits
+
+
+def value_branch_model() -> DigitsClassifier:
+    module = tiny_model()
+    module.model = ValueBranch(module.model)
+    module.example_input_array = torch.zeros(1, 3, 32, 32)
+    return module
+
+
+def _under_a_file(tmp_path: Path) -> Path:
+    (tmp_path / "a_file").write_text("not a directory")
+    return tmp_path / "a_file" / "model.pt2"
+
+
+IMAGES = torch.randn(2, 3, 32, 32)
+
+CASES = [
+    init("format-unknown", "format", ValueError, format="tflite"),
+    init("path-none", "path", ValueError, path=None),
+    init("path-int", "path", TypeError, path=123),
+    init("path-empty", "path", ValueError, path=""),
+    init("inference-precision-unknown", "inference_precision", ValueError, inference_precision="fp16"),
+    init("onnx-bf16-mixed", "inference_precision", ValueError, path="m.onnx", inference_precision="bf16-mixed"),
+    init("dynamic-batch-string", "dynamic_batch", TypeError, dynamic_batch="yes"),
+    init("device-unknown", "device", ValueError, device="tpu"),
+    init("tolerance-negative", "tolerance", ValueError, tolerance=-1.0),
+    init("on-error-unknown", "on_error", ValueError, on_error="ignore"),
+    init("config-not-a-config", "config", TypeError, config={"format": "pt2"}),
+    init("config-and-options", "config", ValueError, config=ExportConfig(), dynamic_batch=False),
+    init("model-attribute-empty", "model_attribute", ValueError, model_attribute=""),
+    setup("path-is-a-directory", "path=", lambda t: ExportOnFit(t), error=IsADirectoryError),
+    setup("path-under-a-file", "path=", lambda t: ExportOnFit(_under_a_file(t)), error=ValueError),
+    setup("data-dependent-control-flow", "cannot be exported with torch.export", lambda t: ExportOnFit(t / "m.pt2"),
+          error=ValueError, model=value_branch_model),
+    setup("model-attribute-missing", "model_attribute=", lambda t: ExportOnFit(t / "m.pt2", model_attribute="net"),
+          error=AttributeError),
+    call("model-not-a-module", "model=", lambda m, t: export_compressed("vit.ckpt", t / "m.pt2", IMAGES), TypeError),
+    call("example-input-not-images", "example_input=",
+         lambda m, t: export_compressed(m, t / "m.pt2", torch.randn(2, 32)), ValueError),
+    call("example-input-none", "example_input=", lambda m, t: export_compressed(m, t / "m.pt2", None), ValueError),
+    call("path-under-a-file", "path=", lambda m, t: export_compressed(m, _under_a_file(t), IMAGES), ValueError),
+    call("options-and-config", "config=",
+         lambda m, t: export_compressed(m, t / "m.pt2", IMAGES, ExportConfig(), check=False), ValueError),
+    call("cuda-without-cuda", "device=",
+         lambda m, t: export_compressed(m, t / "m.pt2", IMAGES, device="cuda") if not torch.cuda.is_available()
+         else pytest.skip("this machine has CUDA"), ValueError),
+    call("load-unknown-suffix", "path=", lambda m, t: load_artifact(t / "model.bin"), ValueError),
+    call("load-missing-file", "path=", lambda m, t: load_artifact(t / "model.pt2"), FileNotFoundError),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case, tmp_path, digits):
+    check_case(case, tmp_path, digits)
