@@ -39,6 +39,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_vitcompress.functional import measure_accuracy
+from lightning_vitcompress.functional.distill import check_input_adapter, teacher_forward
 from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule, small_vit
 from lightning_vitcompress import DistillationTeacher
 
@@ -93,54 +94,84 @@ class TimedTeacher(DistillationTeacher):
 
 
 def step_times(
-    teacher: Optional[torch.nn.Module], dm: DigitsDataModule, steps: int, adapter: Any, inner: Optional[list] = None
+    teacher: Optional[torch.nn.Module],
+    dm: DigitsDataModule,
+    steps: int,
+    adapter: Any,
+    inner: Optional[list] = None,
+    precision: str = "fp32",
+    student: Optional[dict[str, Any]] = None,
 ) -> list[tuple[float, float]]:
     L.seed_everything(0, verbose=False)
     timer = StepTimer()
     callbacks: list[Callback] = [timer]
     if teacher is not None:
-        callbacks.insert(0, TimedTeacher(teacher, mode="soft", alpha=0.5, input_adapter=adapter))
-    trainer(1, callbacks, limit_train_batches=steps + 2).fit(DigitsClassifier(**STUDENT), dm)
+        callbacks.insert(0, TimedTeacher(teacher, mode="soft", alpha=0.5, input_adapter=adapter,
+                                         teacher_precision=precision))
+    trainer(1, callbacks, limit_train_batches=steps + 2).fit(DigitsClassifier(**(student or STUDENT)), dm)
     if teacher is not None and inner is not None:
         inner += callbacks[0].forward_times[2:]
     return timer.times[2:]  # the first steps warm up
 
 
 def teacher_forward_times(
-    teacher: torch.nn.Module, dm: DigitsDataModule, steps: int, size: Optional[int]
+    teacher: torch.nn.Module, dm: DigitsDataModule, steps: int, size: Optional[int], precision: str = "fp32"
 ) -> list[tuple[float, float]]:
     images = next(iter(dm.train_dataloader()))[0]
     times = []
     teacher.eval()
-    with torch.no_grad():
-        for i in range(steps + 2):
-            start = (time.perf_counter(), time.thread_time())
-            x = images if size is None else torch.nn.functional.interpolate(images, size=size, mode="bilinear")
-            teacher(x)
-            if i >= 2:
-                times.append((time.perf_counter() - start[0], time.thread_time() - start[1]))
+    for i in range(steps + 2):
+        start = (time.perf_counter(), time.thread_time())
+        teacher_forward(teacher, images, check_input_adapter(size), precision=precision)
+        if i >= 2:
+            times.append((time.perf_counter() - start[0], time.thread_time() - start[1]))
     return times
 
 
-def overhead(rounds: int, steps: int) -> list[list[str]]:
+#: ViT-Tiny's width and depth (192 wide, 6 blocks, 3 heads) at 32x32: a student big enough for bf16 to pay
+TINY_WIDTH = dict(embed_dim=192, depth=6, num_heads=3)
+#: (label, student, teacher, teacher image size or None for the student's 32): a same-size teacher is the
+#: student's own architecture; 64x4 is the accuracy part's teacher (~8x the 32x2 student's MACs)
+OVERHEAD_TEACHERS = [
+    ("student 32x2, same-size teacher", STUDENT, STUDENT, None),
+    ("student 32x2, teacher 64x4", STUDENT, TEACHER, None),
+    ("student 32x2, teacher 64x4 @64 (resized)", STUDENT, TEACHER, 64),
+    ("student 192x6, same-size teacher", TINY_WIDTH, TINY_WIDTH, None),
+]
+
+
+def overhead(rounds: int, steps: int, precisions: list[str], cases: list[int]) -> list[list[str]]:
     dm = DigitsDataModule(batch_size=64)
     dm.setup()
-    rows = []
-    for label, size in (("teacher 64x4 @32", None), ("teacher 64x4 @64 (resized)", 64)):
+    teachers = []
+    for label, student, arch, size in (OVERHEAD_TEACHERS[i] for i in cases):
         torch.manual_seed(0)
-        teacher = small_vit(**TEACHER, image_size=size or 32, patch_size=4 if size is None else 8)
-        plain, distilled, forward, inner = [], [], [], []
-        for _ in range(rounds):  # interleaved: plain, distilled, teacher forward, ...
-            plain += step_times(None, dm, steps, size)
-            distilled += step_times(teacher, dm, steps, size, inner)
-            forward += teacher_forward_times(teacher, dm, steps, size)
-        row = [label]
+        teacher = small_vit(**arch, image_size=size or 32, patch_size=4 if size is None else 8)
+        teachers.append((label, student, teacher, size))
+    configs = [(*teacher, precision) for teacher in teachers for precision in precisions]
+    students = {repr(student): student for _, student, _, _ in teachers}
+    plain: dict[str, list] = {key: [] for key in students}
+    distilled: dict[int, list] = {i: [] for i in range(len(configs))}
+    forward: dict[int, list] = {i: [] for i in range(len(configs))}
+    inner: dict[int, list] = {i: [] for i in range(len(configs))}
+    for _ in range(rounds):  # interleaved: each plain student, then each teacher and precision
+        for key, student in students.items():
+            plain[key] += step_times(None, dm, steps, None, student=student)
+        for i, (label, student, teacher, size, precision) in enumerate(configs):
+            distilled[i] += step_times(teacher, dm, steps, size, inner[i], precision, student)
+            forward[i] += teacher_forward_times(teacher, dm, steps, size, precision)
+    rows = []
+    for i, (label, student, _, _, precision) in enumerate(configs):
+        row = [label, precision]
         ratios = []
         for clock in (0, 1):  # wall, CPU
-            p, d, f, i = (statistics.median(t[clock] for t in v) * 1e3 for v in (plain, distilled, forward, inner))
-            row += [f"{p:.1f}", f"{f:.1f}", f"{d:.1f}", f"{i:.1f}", f"{d - p - i:.1f}"]
-            ratios.append(d / (p + f))
-        row += [f"{r:.3f} {'ok' if r <= 1.1 else 'OVER'}" for r in ratios]
+            p, d, f, n = (statistics.median(t[clock] for t in v) * 1e3
+                          for v in (plain[repr(student)], distilled[i], forward[i], inner[i]))
+            row += [f"{p:.1f}", f"{f:.1f}", f"{d:.1f}", f"{n:.1f}", f"{d - p - n:.1f}"]
+            ratios.append((d / (p + f), d / p))
+        (wall_fwd, _), (cpu_fwd, cpu_step) = ratios
+        row += [f"{wall_fwd:.3f} {'ok' if wall_fwd <= 1.1 else 'OVER'}",
+                f"{cpu_fwd:.3f} {'ok' if cpu_fwd <= 1.1 else 'OVER'}", f"{cpu_step:.2f}"]
         rows.append(row)
     return rows
 
@@ -219,6 +250,8 @@ def accuracy(args: argparse.Namespace) -> list[list[str]]:
             print(f"  {label}: alone {alone}, distilled {distilled}", flush=True)
             rows.append([f"{label}, {epochs} ep", mean_std(alone), mean_std(distilled), f"{100 * gain:+.1f}",
                          f"{sum(d > a for d, a in zip(distilled, alone))}/{seeds}"])
+        if args.sweep:
+            rows += sweep(args, dm, path, epochs, seeds)
         if args.prune_epochs <= 0:
             return rows
         lr = args.prune_lr
@@ -230,6 +263,27 @@ def accuracy(args: argparse.Namespace) -> list[list[str]]:
                  f"a={args.prune_alpha:g})")
         rows.append([label, mean_std(alone), mean_std(distilled),
                      f"{100 * gain:+.1f}", f"{sum(d > a for d, a in zip(distilled, alone))}/{seeds}"])
+    return rows
+
+
+def sweep(args: argparse.Namespace, dm: DigitsDataModule, path: Path, epochs: int, seeds: int) -> list[list[str]]:
+    """Soft-mode settings side by side: the student alone once per seed, each setting distilled per seed,
+    gains paired by seed. ``--sweep "4:0.5:fp32 1:0.5 2:0.3"`` = temperature:alpha[:teacher precision]."""
+    name = "vit_tiny_patch16_224"
+    alone = [student_accuracy(dm, s, epochs, None, "soft", name, {}) for s in range(seeds)]
+    print(f"  sweep: alone {alone}", flush=True)
+    rows = [[f"sweep: ViT 32x2 alone, {epochs} ep", mean_std(alone), "-", "-", "-"]]
+    for item in args.sweep.split():
+        temperature, alpha, *precision = item.split(":")
+        settings: dict[str, Any] = dict(alpha=float(alpha), temperature=float(temperature))
+        if precision:
+            settings["teacher_precision"] = precision[0]
+        distilled = [student_accuracy(dm, s, epochs, path, "soft", name, settings) for s in range(seeds)]
+        gains = [d - a for d, a in zip(distilled, alone)]
+        print(f"  sweep {item}: distilled {distilled}", flush=True)
+        label = f"sweep: soft T={temperature} a={alpha}" + (f" {precision[0]} teacher" if precision else "")
+        rows.append([label, mean_std(alone), mean_std(distilled), f"{100 * statistics.mean(gains):+.1f}",
+                     f"{sum(g > 0 for g in gains)}/{seeds}"])
     return rows
 
 
@@ -258,6 +312,10 @@ def main() -> None:
     parser.add_argument("--prune-alpha", type=float, default=0.5)
     parser.add_argument("--prune-temperature", type=float, default=4.0)
     parser.add_argument("--modes", default="soft,deit", help="student rows among soft,hard,deit ('' for none)")
+    parser.add_argument("--overhead-precisions", default="fp32,bf16", help="teacher precisions of the overhead rows")
+    parser.add_argument("--overhead-cases", default="0,1,2,3",
+                        help="indices into OVERHEAD_TEACHERS (student/teacher pairs) of the overhead rows")
+    parser.add_argument("--sweep", default="", help="extra soft rows: 'T:alpha[:teacher precision] ...', paired by seed")
     parser.add_argument("--skip-overhead", action="store_true")
     parser.add_argument("--skip-accuracy", action="store_true")
     args = parser.parse_args()
@@ -271,10 +329,13 @@ def main() -> None:
               "resize to the teacher's size (the input adapter)\n(t-fwd in it): the callback's teacher forward timed "
               "inside step+t, adapter included; (own): step+t - step - (t-fwd in it): the callback's code (hooks, loss, "
               "logging) plus any slowdown of the student's work next to the teacher's")
+        print("step+t / step (CPU): what the teacher adds to a student step (target for a same-size bf16 teacher: "
+              "<= 1.20)")
         print_table(
-            ["teacher", "step", "t-fwd", "step+t", "(t-fwd in it)", "(own)", "CPU step", "CPU t-fwd", "CPU step+t",
-             "(CPU t-fwd in it)", "(CPU own)", "ratio wall", "ratio CPU"],
-            overhead(args.rounds, args.steps),
+            ["teacher", "precision", "step", "t-fwd", "step+t", "(t-fwd in it)", "(own)", "CPU step", "CPU t-fwd",
+             "CPU step+t", "(CPU t-fwd in it)", "(CPU own)", "ratio wall", "ratio CPU", "step+t / step CPU"],
+            overhead(args.rounds, args.steps, args.overhead_precisions.split(","),
+                     [int(i) for i in args.overhead_cases.split(",")]),
         )
     if not args.skip_accuracy:
         torch.set_num_threads(args.threads)

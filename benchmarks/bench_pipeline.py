@@ -11,6 +11,10 @@ and ``int8_dynamic_x86`` / ``int8_static_x86`` compiled with inductor freezing
 ``inference_precision="bf16-mixed"``; the static config calibrates on two
 batches of the same random inputs. The pruned fp32 model compiled with
 freezing (alone and bf16-mixed) shows how much of that is the compiler and bf16.
+The last column divides by what a team would run without compressing: the
+unpruned fp32 model under bf16 autocast (where the CPU has native bf16) compiled
+with inductor (``build_baseline(model, "bf16_compiled")``, the reference
+``BenchmarkCallback(baselines=("bf16_compiled",))`` adds).
 
     python benchmarks/bench_pipeline.py [--batch-size 4] [--threads 2] [--no-compile]
 """
@@ -26,6 +30,9 @@ import torch
 
 from lightning_vitcompress import compile_frozen, quantize_model
 from lightning_vitcompress.functional import INFERENCE_PRECISIONS, compare_throughput, prune_vit, serialized_size_bytes
+from lightning_vitcompress.functional.baselines import build_baseline
+
+REFERENCE = "fp32 model, bf16 compiled (what you would run anyway)"
 
 
 def first_call_seconds(model: torch.nn.Module, x: torch.Tensor) -> float:
@@ -62,6 +69,9 @@ def main() -> None:
     variants["pruned 50% + int8"] = both
     compile_seconds = {}
     if not args.no_compile:
+        reference = build_baseline(fp32, "bf16_compiled")
+        compile_seconds[REFERENCE] = first_call_seconds(reference, x)
+        variants[REFERENCE] = reference
         compiled = copy.deepcopy(pruned)
         quantize_model(compiled, "int8_dynamic")
         compiled.compile()
@@ -90,13 +100,16 @@ def main() -> None:
     ips = compare_throughput(variants, x, num_threads=args.threads, rounds=args.rounds, min_run_time=2.0)
     base_ips, base_size = ips["fp32 eager"], serialized_size_bytes(fp32)
     print(f"\nvit_base_patch16_224, batch {args.batch_size}, {args.threads} threads, torch {torch.__version__}")
-    print("| variant | params (M) | size (MB) | size ratio | CPU images/s | speedup vs fp32 eager |")
-    print("|---|---|---|---|---|---|")
+    ref_ips = ips.get(REFERENCE)
+    print("| variant | params (M) | size (MB) | size ratio | CPU images/s | speedup vs fp32 eager "
+          "| speedup vs bf16 compiled |")
+    print("|---|---|---|---|---|---|---|")
     for name, model in variants.items():
         size = serialized_size_bytes(model)
         params = sum(p.numel() for p in model.parameters()) / 1e6
+        vs_ref = "n/a" if ref_ips is None else f"{ips[name] / ref_ips:.2f}x"
         print(f"| {name} | {params:.1f} | {size / 1e6:.1f} | {size / base_size:.3f}x | {ips[name]:.2f} "
-              f"| {ips[name] / base_ips:.2f}x |")
+              f"| {ips[name] / base_ips:.2f}x | {vs_ref} |")
     for name, seconds in compile_seconds.items():
         print(f"first call of {name} (compile cost): {seconds:.1f} s")
 

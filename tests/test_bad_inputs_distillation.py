@@ -112,6 +112,8 @@ CASES = [
     init("pretrained-string", "pretrained", TypeError, pretrained="no"),
     init("cache-string", "cache_teacher_logits", TypeError, cache_teacher_logits="yes"),
     init("weights-only-int", "weights_only", TypeError, weights_only=1),
+    init("teacher-precision-unknown", "teacher_precision", ValueError, teacher_precision="int8"),
+    init("teacher-precision-dtype", "teacher_precision", ValueError, teacher_precision=torch.bfloat16),
     Case("teacher-weights-for-a-module", lambda t: DistillationTeacher(teacher(), teacher_weights=t / "w.pth"),
          "teacher_weights", "init", D, ValueError),
     init("teacher-kwargs-for-a-module", "teacher_kwargs", ValueError, teacher_kwargs=dict(num_classes=10)),

@@ -113,10 +113,41 @@ def test_no_dataloader_gives_none_accuracy_with_a_warning(tmp_path, tiny_classif
     assert "bench/final_accuracy" not in logged  # None is not logged as a number
 
 
+def test_bf16_compiled_baseline_gives_the_speedup_against_what_a_team_would_run(tmp_path, tiny_classifier, digits):
+    from lightning_vitcompress.functional.baselines import CompiledAutocast
+
+    bench = BenchmarkCallback(batch_size=8, baselines=("bf16_compiled",), accuracy_batches=1, plot=False, **FAST)
+    model = tiny_classifier(depth=3)
+    fast_trainer(tmp_path, callbacks=[DropLastBlock(), bench]).fit(model, digits)
+    report = json.loads((tmp_path / REPORT_FILENAME).read_text())
+    reference = report["baselines"]["bf16_compiled"]
+    baseline, final = report["baseline"], report["final"]
+    # the reference is the uncompressed model (same weights, same work), only run differently
+    assert reference["params"] == baseline["params"] > final["params"]
+    assert reference["macs_per_image"] == baseline["macs_per_image"]
+    assert reference["cpu_images_per_s"] > 0 and reference["cpu_latency_ms_p50"] > 0
+    assert reference["accuracy"] == pytest.approx(baseline["accuracy"], abs=0.1)
+    assert reference["ratios"]["cpu_speedup"] == pytest.approx(final["cpu_images_per_s"] / reference["cpu_images_per_s"])
+    assert report["ratios"]["cpu_speedup"] == pytest.approx(final["cpu_images_per_s"] / baseline["cpu_images_per_s"])
+    assert "| bf16_compiled |" in format_report(report) and "| fp32 eager (baseline) |" in format_report(report)
+    # the functional piece: a new module, close to the fp32 model, the original untouched
+    vit = small_vit(**TINY).eval()
+    before = {k: v.clone() for k, v in vit.state_dict().items()}
+    wrapped = CompiledAutocast(vit)
+    x = torch.randn(8, 3, 32, 32)
+    with torch.inference_mode():
+        got, expected = wrapped(x), vit(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, atol=0.1, rtol=0.05)
+    assert all(torch.equal(before[k], v) for k, v in vit.state_dict().items())
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         (dict(batch_size=0), "batch_size=0: must be a positive"),
+        (dict(baselines=("fp16_compiled",)), r"baselines='fp16_compiled': use one of 'bf16_compiled'"),
+        (dict(baselines=3), r"baselines=3: pass a tuple of names"),
         (dict(devices=["tpu"]), "devices='tpu'"),
         (dict(devices=["gpu0"]), "devices='gpu0' is not a device name"),
         (dict(num_threads=-1), "num_threads=-1"),

@@ -113,7 +113,9 @@ class LossCheck(Callback):
     def on_before_backward(self, trainer, pl_module, loss):
         images, labels = self.batch
         student, teacher, cb = pl_module.model, self.callback.teacher, self.callback
-        teacher_logits = teacher(images)
+        low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cb.teacher_precision)
+        with torch.autocast("cpu", dtype=low or torch.bfloat16, enabled=low is not None):
+            teacher_logits = teacher(images).float()
         if cb.config.mode == "deit":
             student.set_distilled_training(True)
             cls_logits, dist_logits = student(images)
@@ -302,6 +304,57 @@ def test_teacher_follows_the_students_precision(tmp_path, digits, tiny_classifie
     assert torch.isfinite(trainer.callback_metrics["distill/loss_epoch"])
 
 
+class LinearDtypes:
+    """The dtype of every nn.Linear output of a model's forward calls, and whether autograd recorded it."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.seen: set[tuple[torch.dtype, bool]] = set()
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.register_forward_hook(self.hook)
+
+    def hook(self, module, args, output):
+        self.seen.add((output.dtype, output.is_inference()))
+
+
+@pytest.mark.parametrize(
+    "requested, precision, expected",
+    [(None, "32-true", None), ("bf16", "32-true", torch.bfloat16), ("fp32", "bf16-mixed", torch.float32)],
+)
+def test_teacher_precision_runs_the_teacher_under_autocast_in_inference_mode(
+    tmp_path, digits, tiny_classifier, requested, precision, expected
+):
+    from lightning_vitcompress.functional.distill import autocast_runs_natively
+
+    teacher = tiny_teacher()
+    dtypes = LinearDtypes(teacher)
+    callback = DistillationTeacher(teacher, teacher_precision=requested)
+    trainer = fast_trainer(tmp_path, callbacks=[callback], precision=precision, limit_train_batches=1,
+                           limit_val_batches=0)
+    trainer.fit(tiny_classifier(), digits)
+    if requested is None:  # the per-device default: bf16 only where this CPU has native bf16
+        native = autocast_runs_natively("cpu", "bf16")
+        assert callback.teacher_precision == ("bf16" if native else "fp32")
+        expected = torch.bfloat16 if native else torch.float32
+    assert dtypes.seen == {(expected, True)}  # every teacher matmul at that precision, no autograd record
+    assert {p.dtype for p in teacher.parameters()} == {torch.float32}  # weights untouched
+    state = callback.state_dict()
+    assert state["teacher_precision"] == callback.teacher_precision
+    assert torch.isfinite(trainer.callback_metrics["distill/loss_epoch"])
+
+
+def test_teacher_forward_precision_returns_float32_logits_close_to_fp32():
+    from lightning_vitcompress.functional.distill import teacher_forward
+
+    teacher, x = tiny_teacher().eval(), torch.randn(8, 3, 32, 32)
+    exact = teacher_forward(teacher, x, precision="fp32")
+    with torch.no_grad():
+        assert torch.equal(exact, teacher(x))
+    low = teacher_forward(teacher, x, precision="bf16")
+    assert low.dtype == torch.float32 and not low.is_inference() and not torch.equal(low, exact)
+    torch.testing.assert_close(low, exact, atol=0.1, rtol=0.05)
+
+
 class DropLastBlockAtSetup(CompressionCallback):
     """A structural edit at order 20 (as pruning): distillation must see the edited student in any list order."""
 
@@ -392,6 +445,18 @@ def test_resuming_with_another_alpha_warns_and_uses_the_new_value(tmp_path, digi
     with pytest.warns(UserWarning, match=r"alpha=0.5 -> 0.9.*new values apply"):
         resumed.fit(tiny_classifier(), digits, ckpt_path=tmp_path / "run.ckpt")
     assert callback.config.alpha == 0.9 and resumed.current_epoch == 2
+
+
+def test_resuming_with_another_teacher_precision_warns_naming_both(tmp_path, digits, tiny_classifier):
+    first = DistillationTeacher(tiny_teacher(), teacher_precision="fp32")
+    trainer = fast_trainer(tmp_path, callbacks=[first], limit_train_batches=1, limit_val_batches=0)
+    trainer.fit(tiny_classifier(), digits)
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    callback = DistillationTeacher(tiny_teacher(), teacher_precision="bf16")
+    resumed = fast_trainer(tmp_path, callbacks=[callback], max_epochs=2, limit_train_batches=1, limit_val_batches=0)
+    with pytest.warns(UserWarning, match=r"teacher_precision='fp32' -> 'bf16'"):
+        resumed.fit(tiny_classifier(), digits, ckpt_path=tmp_path / "run.ckpt")
+    assert callback.teacher_precision == "bf16" and resumed.current_epoch == 2
 
 
 # ------------------------------------------------------------ teacher sources

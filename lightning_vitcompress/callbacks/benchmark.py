@@ -30,6 +30,7 @@ from lightning_vitcompress._checks import (
     check_positive,
 )
 from lightning_vitcompress._model import stated_input_shape
+from lightning_vitcompress.functional.baselines import BASELINES, build_baseline, check_baselines
 from lightning_vitcompress.functional.measure import (
     eval_mode,
     resolve_device,
@@ -78,6 +79,13 @@ class BenchmarkCallback(CompressionCallback):
             trainer's ``log_dir`` or ``default_root_dir``.
         rounds, min_run_time, latency_repeats: timing precision vs time (see :func:`compare_models`).
         plot: also write ``vitcompress_benchmark.png`` when matplotlib is installed.
+        baselines: also measure what a team would run without compressing, built from the
+            baseline model and timed interleaved with it: ``("bf16_compiled",)`` is the
+            uncompressed model under bf16 autocast (where the CPU/GPU runs bf16 natively,
+            else fp32) compiled with inductor. The report then gives the final model's
+            speedup against fp32 eager (``ratios``) and against each of these
+            (``report["baselines"][name]["ratios"]``). Compiling costs a minute or more
+            on a small CPU. Default ``()``: none.
 
     Example::
 
@@ -105,6 +113,7 @@ class BenchmarkCallback(CompressionCallback):
         latency_repeats: int = 30,
         plot: bool = True,
         model_attribute: Optional[str] = None,
+        baselines: Sequence[str] = (),
     ) -> None:
         super().__init__(model_attribute)
         check_positive(batch_size, "batch_size", "32", integer=True)
@@ -130,6 +139,7 @@ class BenchmarkCallback(CompressionCallback):
         check_positive(min_run_time, "min_run_time", "0.5")
         check_positive(latency_repeats, "latency_repeats", "30", integer=True)
         check_bool(plot, "plot", "write vitcompress_benchmark.png")
+        self.baselines = check_baselines(baselines)
         self.batch_size = batch_size
         self.num_threads = num_threads
         self.devices = devices
@@ -215,7 +225,10 @@ class BenchmarkCallback(CompressionCallback):
         generator = torch.Generator().manual_seed(0)
         example_input = torch.randn(self.batch_size, *self._input_shape, generator=generator)
         batches = self._accuracy_batches(trainer)
-        models: dict[str, nn.Module] = {"baseline": self._baseline, "final": final}
+        models: dict[str, nn.Module] = {"baseline": self._baseline}
+        references = {name: build_baseline(self._baseline, name) for name in self.baselines}
+        models.update(references)
+        models["final"] = final
         deployed, startup = _deployed_artifact(trainer, example_input)
         if deployed is not None:
             models["deployed"] = deployed
@@ -235,6 +248,12 @@ class BenchmarkCallback(CompressionCallback):
             "ratios": summarize(measured["baseline"], measured["final"]),
             **measured["conditions"],
         }
+        if references:
+            self.report["baselines"] = {
+                name: {"description": BASELINES[name], **measured[name],
+                       "ratios": summarize(measured[name], measured["final"])}
+                for name in references
+            }
         tokens = merged_token_counts(final)  # a merging model's tokens per block, from the forwards just timed
         if tokens is not None:
             self.report["final_tokens_per_block"] = tokens
@@ -285,6 +304,8 @@ class BenchmarkCallback(CompressionCallback):
             save_plot(self.report, output_dir / "vitcompress_benchmark.png")
         stages = [stage for stage in ("baseline", "final", "deployed") if stage in self.report]
         metrics = {f"{stage}_{key}": value for stage in stages for key, value in self.report[stage].items()}
+        for name, reference in self.report.get("baselines", {}).items():
+            metrics.update({f"vs_{name}_{key}": value for key, value in reference["ratios"].items()})
         deployed_ratios = {f"deployed_{key}": value for key, value in (self.report.get("deployed_ratios") or {}).items()}
         self.log_metrics(trainer, {**metrics, **self.report["ratios"], **deployed_ratios})
         for logger in trainer.loggers:

@@ -36,12 +36,15 @@ from lightning_vitcompress.models.base import logits_of
 
 __all__ = [
     "DistillConfig",
+    "autocast_runs_natively",
     "check_input_adapter",
     "check_same_classes",
     "check_teacher",
+    "check_teacher_precision",
     "combine_losses",
     "hard_distillation_loss",
     "load_teacher",
+    "resolve_teacher_precision",
     "sample_keys",
     "soft_distillation_loss",
     "teacher_forward",
@@ -50,10 +53,12 @@ __all__ = [
 
 
 DistillationMode = Literal["soft", "hard", "deit"]
+TeacherPrecision = Literal["bf16", "fp16", "fp32"]
 TeacherSpec = Union[nn.Module, str, "os.PathLike[str]"]
 InputAdapter = Union[None, int, tuple[int, int], Callable[[Tensor], Tensor]]
 
 _MODES = ("soft", "hard", "deit")
+_TEACHER_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".safetensors")
 
 
@@ -382,33 +387,101 @@ def check_input_adapter(input_adapter: Any) -> InputAdapter:
     return (int(size[0]), int(size[1]))
 
 
-@torch.no_grad()
-def teacher_forward(teacher: nn.Module, inputs: Tensor, input_adapter: InputAdapter = None) -> Tensor:
-    """The teacher's logits for a student batch, without gradients.
+def check_teacher_precision(teacher_precision: Any) -> Optional[TeacherPrecision]:
+    """``None`` (resolved per device by :func:`resolve_teacher_precision`), ``"bf16"``, ``"fp16"`` or ``"fp32"``."""
+    if teacher_precision is not None:
+        check_choice(
+            teacher_precision, "teacher_precision", tuple(_TEACHER_DTYPES),
+            ", or None (bf16 where the device runs it natively, else fp32)",
+        )
+    return teacher_precision
+
+
+def autocast_runs_natively(device: Union[str, torch.device], precision: str) -> bool:
+    """Whether ``device`` runs autocast in ``precision`` with native math (not just emulated, hence slow).
+
+    CPU: bf16 with AVX512-BF16 or AMX (oneDNN), fp16 with AVX512-FP16 or AMX-FP16;
+    CUDA: bf16 from Ampere on, fp16 everywhere; other devices: no.
+    """
+    device = torch.device(device)
+    if precision == "fp32":
+        return True
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return False
+        return torch.cuda.is_bf16_supported() if precision == "bf16" else True
+    if device.type == "cpu" and torch.backends.mkldnn.is_available():
+        probe = "_is_mkldnn_bf16_supported" if precision == "bf16" else "_is_mkldnn_fp16_supported"
+        try:
+            return bool(getattr(torch.ops.mkldnn, probe)())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def resolve_teacher_precision(
+    teacher_precision: Optional[str], device: Union[str, torch.device]
+) -> TeacherPrecision:
+    """The precision the teacher runs in on ``device``: ``teacher_precision``, or for ``None`` bf16 where
+    the device has native bf16 (:func:`autocast_runs_natively`) and fp32 elsewhere.
+
+    A reduced precision the device cannot autocast to at all (fp16/bf16 on a
+    device type without autocast, bf16 on a pre-Ampere GPU) is a ``ValueError``
+    naming ``teacher_precision``.
+    """
+    check_teacher_precision(teacher_precision)
+    device = torch.device(device)
+    if teacher_precision is None:
+        return "bf16" if autocast_runs_natively(device, "bf16") else "fp32"
+    if teacher_precision != "fp32":
+        available = torch.amp.is_autocast_available(device.type)
+        if not available or (device.type == "cuda" and not autocast_runs_natively(device, teacher_precision)):
+            raise ValueError(
+                f"teacher_precision={teacher_precision!r}: the {device} device cannot autocast to "
+                f"{teacher_precision}. Pass teacher_precision='fp32', or None to pick per device."
+            )
+    return teacher_precision  # type: ignore[return-value]
+
+
+def teacher_forward(
+    teacher: nn.Module, inputs: Tensor, input_adapter: InputAdapter = None, precision: Optional[str] = None
+) -> Tensor:
+    """The teacher's logits for a student batch, in inference mode (no autograd records at all).
 
     ``input_adapter`` (see :func:`check_input_adapter`) maps the batch (a
     callable) or resizes it bilinearly (an image size); floating inputs are cast
-    to the teacher's parameter dtype. A teacher returning a tuple (a distilled
+    to the teacher's parameter dtype. ``precision``: ``"bf16"``/``"fp16"`` run
+    the forward under autocast on the inputs' device (the teacher's weights stay
+    as they are) and return float32 logits; ``"fp32"`` runs it with autocast
+    off, even inside the student's mixed-precision region; ``None`` leaves the
+    surrounding autocast state alone. A teacher returning a tuple (a distilled
     timm model in training mode) gives its first output; an output object
     (transformers) its ``.logits``.
     """
-    x = inputs
-    if callable(input_adapter):
-        x = input_adapter(x)
-    elif input_adapter is not None and tuple(x.shape[-2:]) != tuple(input_adapter):
-        x = F.interpolate(x, size=input_adapter, mode="bilinear", align_corners=False)
-    reference = next(iter(teacher.parameters()), None)
-    if reference is not None and reference.is_floating_point() and x.is_floating_point():
-        x = x.to(reference.dtype)
-    output = teacher(x)
-    try:  # a tensor; a tuple (first output: a distilled timm teacher in eval averages); `.logits` (transformers)
-        logits = logits_of(output)
-    except TypeError:
-        raise TypeError(
-            f"The teacher returned {type(output).__name__}; it must return logits: a tensor, a tuple whose "
-            "first element is one, or an object with .logits."
-        ) from None
-    return logits.detach()
+    with torch.inference_mode():
+        x = inputs
+        if callable(input_adapter):
+            x = input_adapter(x)
+        elif input_adapter is not None and tuple(x.shape[-2:]) != tuple(input_adapter):
+            x = F.interpolate(x, size=input_adapter, mode="bilinear", align_corners=False)
+        reference = next(iter(teacher.parameters()), None)
+        if reference is not None and reference.is_floating_point() and x.is_floating_point():
+            x = x.to(reference.dtype)
+        if precision is None:
+            output = teacher(x)
+        else:
+            dtype = _TEACHER_DTYPES[check_teacher_precision(precision)]
+            with torch.autocast(x.device.type, dtype=dtype, enabled=precision != "fp32"):
+                output = teacher(x)
+        try:  # a tensor; a tuple (first output: a distilled timm teacher in eval averages); `.logits` (transformers)
+            logits = logits_of(output)
+        except TypeError:
+            raise TypeError(
+                f"The teacher returned {type(output).__name__}; it must return logits: a tensor, a tuple whose "
+                "first element is one, or an object with .logits."
+            ) from None
+    # outside inference mode: a normal tensor the loss may save for backward
+    return logits.float() if precision in ("bf16", "fp16") else logits.clone()
 
 
 def sample_keys(inputs: Tensor) -> list[bytes]:

@@ -89,11 +89,19 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> Optional[int]:
         return None
 
     counter = FlopCounterMode(display=False)
+    # counted eager: under the counter a compiled module (nn.Module.compile, compile_frozen) would compile
+    # again, which costs minutes on a small CPU and counts the same work
+    compiled = [(m, m._compiled_call_impl) for m in model.modules() if getattr(m, "_compiled_call_impl", None)]
     try:
+        for module, _ in compiled:
+            module._compiled_call_impl = None
         with eval_mode(model), torch.inference_mode(), counter:
             model(example_input)
     except Exception:  # noqa: BLE001 - the counter does not know every custom op
         return None
+    finally:
+        for module, call in compiled:
+            module._compiled_call_impl = call
     return counter.get_total_flops() // 2 // max(1, example_input.shape[0])
 
 

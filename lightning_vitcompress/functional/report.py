@@ -285,7 +285,29 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(
         f"\nbatch {report['batch_size']}, {report['num_threads']} CPU threads, CPU: {report['cpu_name']}, GPU: {gpu}"
     )
+    lines += _baselines_table(report)
     return "\n".join(lines)
+
+
+def _baselines_table(report: dict[str, Any]) -> list[str]:
+    """The final model against what a team would run without compressing (``BenchmarkCallback(baselines=...)``)."""
+    references = report.get("baselines") or {}
+    if not references:
+        return []
+    lines = ["", "| against | CPU images/s | GPU images/s | final CPU speedup | final GPU speedup |", "|---|---|---|---|---|"]
+    baseline_ratios = report["ratios"]
+    lines.append(
+        f"| fp32 eager (baseline) | {_cell(report['baseline'].get('cpu_images_per_s'), 1)} "
+        f"| {_cell(report['baseline'].get('gpu_images_per_s'), 1)} | {_cell(baseline_ratios['cpu_speedup'])}x "
+        f"| {_cell(baseline_ratios['gpu_speedup'])}x |"
+    )
+    for name, reference in references.items():
+        ratios = reference["ratios"]
+        lines.append(
+            f"| {name} | {_cell(reference.get('cpu_images_per_s'), 1)} | {_cell(reference.get('gpu_images_per_s'), 1)} "
+            f"| {_cell(ratios['cpu_speedup'])}x | {_cell(ratios['gpu_speedup'])}x |"
+        )
+    return lines
 
 
 def save_plot(report: dict[str, Any], path: Union[str, Path]) -> Optional[Path]:
