@@ -122,6 +122,23 @@ def _replay_quantize(model: nn.Module, record: Record) -> None:
             set_submodule(model, name, empty.to(layer.weight.device))
         else:
             layer.weight.requires_grad_(False)
+    keep_encoder_layers_unfused(model)
+
+
+def keep_encoder_layers_unfused(model: nn.Module) -> None:
+    """Turn off ``nn.TransformerEncoderLayer``'s fused inference path where its MLP is no float ``nn.Linear``.
+
+    In inference that path hands ``linear1.weight``/``linear2.weight`` straight to
+    one fused kernel, which reads an x86 int8 layer's int8 weight as if it were
+    float (torchao's tensor subclasses already keep it off). The flag it checks
+    only selects that path; the layer's own modules compute the same function.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoderLayer) and any(
+            type(layer) is not nn.Linear or not layer.weight.is_floating_point()
+            for layer in (module.linear1, module.linear2)
+        ):
+            module.activation_relu_or_gelu = 0
 
 
 
@@ -252,6 +269,7 @@ def quantize_model(
     for name, layer in zip(selected, copies):
         # quantized copies in; layers torchao left alone lose any QAT fake quantization
         set_submodule(model, name, layer if name in quantized else _unprepared(originals[name]))
+    keep_encoder_layers_unfused(model)
     try:
         with torch.no_grad():
             output = _run(model, example)
