@@ -1,0 +1,86 @@
+"""Accuracy and speed budgets: QuantizeOnFit("auto"), max_accuracy_drop, undoing what does not pay."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import fast_trainer
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+
+from lightning_vitcompress import QuantizeOnFit
+from lightning_vitcompress.functional.budget import AccuracyBudget
+from lightning_vitcompress.functional.quantize import RECORD_KIND
+from lightning_vitcompress.functional.quantize_auto import AutoCandidate, select_quantization
+from lightning_vitcompress._structure import recorded_edits
+
+
+# ----------------------------------------------------------------------------- QuantizeOnFit("auto")
+def test_auto_keeps_a_tiny_model_unquantized_when_int8_is_slower_and_says_so(tmp_path, tiny_classifier, digits):
+    # 32-wide layers: int8 kernels cost more than they save (eager configs; the compiled x86 ones are excluded by
+    # compile=False, which keeps this test fast)
+    model = tiny_classifier()
+    before = {name: type(m.weight.data) for name, m in model.model.named_modules() if isinstance(m, nn.Linear)}
+    callback = QuantizeOnFit("auto", compile=False, auto_time_budget_s=30)
+    logger = CSVLogger(tmp_path)
+    trainer = fast_trainer(tmp_path, callbacks=[callback], logger=logger, enable_progress_bar=True)
+    trainer.fit(model, digits)
+    result = callback.auto_result
+    assert result["chosen"] is None, result
+    assert "no config ran" in result["reason"]
+    assert {t["label"] for t in result["trials"]} == {"int8_dynamic", "int8_weight_only"}
+    assert all(t["speedup"] is not None and t["status"].startswith("slower") for t in result["trials"])
+    after = {name: type(m.weight.data) for name, m in model.model.named_modules() if isinstance(m, nn.Linear)}
+    assert after == before  # nothing quantized
+    assert not [r for r in recorded_edits(model) if r["kind"] == RECORD_KIND]
+    assert callback.summary["config"] is None
+    assert callback.decisions()["auto"]["chosen"] == "unquantized"
+    logged = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
+    assert "quant/auto/int8_dynamic/speedup" in logged and "quant/auto/selection_seconds" in logged
+
+
+def test_auto_picks_an_int8_config_for_vit_b_sized_linears():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(768, 3072), nn.GELU(), nn.Linear(3072, 768)).eval()
+    tokens = torch.randn(8, 197, 768)
+    candidates = [AutoCandidate("int8_dynamic_x86"), AutoCandidate("int8_weight_only")]
+    result = select_quantization(
+        model, candidates, tokens, example_input=tokens[:1], min_run_time=0.05, rounds=2, time_budget_s=120
+    )
+    assert result["chosen"] is not None, result
+    assert result["chosen"].config in ("int8_dynamic_x86", "int8_weight_only")
+    assert all(isinstance(m.weight.data, torch.Tensor) and m.weight.dtype == torch.float32
+               for m in model if isinstance(m, nn.Linear))  # the model itself is untouched
+
+
+def test_auto_rejects_a_config_beyond_the_accuracy_budget():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(768, 3072), nn.GELU(), nn.Linear(3072, 768)).eval()
+    tokens = torch.randn(8, 197, 768)
+    result = select_quantization(
+        model, [AutoCandidate("int8_dynamic_x86")], tokens, example_input=tokens[:1], min_run_time=0.05, rounds=2,
+        accuracy=lambda m: 0.5, budget=AccuracyBudget(max_drop=1.0, reference=0.9),
+    )
+    assert result["chosen"] is None
+    assert result["trials"][0]["accuracy"] == 0.5 and result["trials"][0]["status"].startswith("beyond budget")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(qat_start_epoch=0), "qat_start_epoch=0 with config='auto'"),
+        (dict(inference_precision="bf16-mixed"), "inference_precision='bf16-mixed' with config='auto'"),
+        (dict(auto_configs=["int9"]), "auto_configs=\\['int9'\\]"),
+        (dict(auto_time_budget_s=0), "auto_time_budget_s=0"),
+        (dict(max_accuracy_drop=-1), "max_accuracy_drop=-1"),
+    ],
+)
+def test_auto_and_budget_arguments_are_checked_in_the_constructor(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        QuantizeOnFit("auto", **kwargs)
+
+
+def test_a_budget_without_validation_data_is_an_error_at_setup(tmp_path, tiny_classifier, digits):
+    trainer = fast_trainer(tmp_path, callbacks=[QuantizeOnFit(max_accuracy_drop=1.0)], limit_val_batches=0)
+    with pytest.raises(ValueError, match=r"QuantizeOnFit\(max_accuracy_drop=1.0\) measures validation top-1"):
+        trainer.fit(tiny_classifier(), digits)
