@@ -17,18 +17,19 @@ from lightning_vitcompress._structure import recorded_edits
 
 # ----------------------------------------------------------------------------- QuantizeOnFit("auto")
 def test_auto_keeps_a_tiny_model_unquantized_when_int8_is_slower_and_says_so(tmp_path, tiny_classifier, digits):
-    # 32-wide layers: int8 kernels cost more than they save (eager configs; the compiled x86 ones are excluded by
-    # compile=False, which keeps this test fast)
+    # 32-wide layers: the int8 kernels cost more than they save (about 0.4x here); the compiled x86 configs are left
+    # out by compile=False (they run only compiled), which keeps this test fast
     model = tiny_classifier()
     before = {name: type(m.weight.data) for name, m in model.model.named_modules() if isinstance(m, nn.Linear)}
-    callback = QuantizeOnFit("auto", compile=False, auto_time_budget_s=30)
+    callback = QuantizeOnFit("auto", compile=False, auto_configs=["int8_dynamic", "int8_dynamic_x86"],
+                             auto_time_budget_s=5)
     logger = CSVLogger(tmp_path)
     trainer = fast_trainer(tmp_path, callbacks=[callback], logger=logger, enable_progress_bar=True)
     trainer.fit(model, digits)
     result = callback.auto_result
     assert result["chosen"] is None, result
     assert "no config ran" in result["reason"]
-    assert {t["label"] for t in result["trials"]} == {"int8_dynamic", "int8_weight_only"}
+    assert [t["label"] for t in result["trials"]] == ["int8_dynamic"]
     assert all(t["speedup"] is not None and t["status"].startswith("slower") for t in result["trials"])
     after = {name: type(m.weight.data) for name, m in model.model.named_modules() if isinstance(m, nn.Linear)}
     assert after == before  # nothing quantized

@@ -207,16 +207,21 @@ def select_quantization(
     if built:
         left = max(0.0, time_budget_s - (time.perf_counter() - start))
         per_measurement = min(min_run_time, max(0.05, 0.5 * left / (rounds * (len(built) + 1))))
-        say(f"timing {len(built)} configs against the unquantized model, interleaved "
-            f"(batch {timing_input.shape[0]}, about {per_measurement * rounds * (len(built) + 1) * 1.5:.0f} s)")
-        ips = compare_throughput(
-            {"unquantized": model, **built},
-            timing_input,
-            num_threads=num_threads,
-            rounds=rounds,
-            min_run_time=per_measurement,
-            warmup=1,
-        )
+        say(f"timing {len(built)} configs against the unquantized model, interleaved (batch "
+            f"{timing_input.shape[0]}, {rounds} rounds of {per_measurement:.2f} s or more each)")
+        variants = {"unquantized": model, **built}
+        samples: dict[str, list[float]] = {label: [] for label in variants}
+        for round_index in range(rounds):
+            # one round at a time: a round or more is always measured, the next only while time is left
+            measured = compare_throughput(
+                variants, timing_input, num_threads=num_threads, rounds=1, min_run_time=per_measurement,
+                warmup=1 if round_index == 0 else 0,
+            )
+            for label, value in measured.items():
+                samples[label].append(value)
+            if time.perf_counter() - start > time_budget_s:
+                break
+        ips = {label: sorted(values)[len(values) // 2] for label, values in samples.items()}
         baseline_ips = ips.pop("unquantized")
         for label, value in ips.items():
             trials[label].update(images_per_s=value, speedup=value / baseline_ips)
