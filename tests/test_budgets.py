@@ -85,3 +85,56 @@ def test_a_budget_without_validation_data_is_an_error_at_setup(tmp_path, tiny_cl
     trainer = fast_trainer(tmp_path, callbacks=[QuantizeOnFit(max_accuracy_drop=1.0)], limit_val_batches=0)
     with pytest.raises(ValueError, match=r"QuantizeOnFit\(max_accuracy_drop=1.0\) measures validation top-1"):
         trainer.fit(tiny_classifier(), digits)
+
+
+# ----------------------------------------------------------------------------- PruningSchedule(max_accuracy_drop)
+def _channels(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def test_pruning_budget_rolls_back_an_absurd_step_and_a_resume_keeps_the_kept_structure(
+    tmp_path, tiny_classifier, digits
+):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_vitcompress import PruningSchedule, load_compressed
+    from lightning_vitcompress.digits import DigitsClassifier
+    from lightning_vitcompress.functional import measure_accuracy
+
+    model = tiny_classifier(lr=1e-2)
+    fast_trainer(tmp_path / "pre", max_epochs=3, limit_train_batches=None, limit_val_batches=0).fit(model, digits)
+    validation = list(digits.val_dataloader())
+    entering = measure_accuracy(model.model, validation)
+    model.hparams.lr = 5e-4  # fine-tuning
+
+    def schedule(progress: float) -> float:  # a mild first step, then the whole absurd ratio at once
+        return 0.1 if progress < 0.5 else 1.0
+
+    def pruning() -> PruningSchedule:
+        return PruningSchedule(0.85, start_epoch=0, end_epoch=2, num_steps=3, schedule=schedule, max_accuracy_drop=1.0)
+
+    callback = pruning()
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+    trainer = fast_trainer(tmp_path, callbacks=[callback, checkpoints], max_epochs=3, limit_train_batches=6,
+                           limit_val_batches=None, enable_checkpointing=True)
+    trainer.fit(model, digits)
+    assert callback.budget_reference == pytest.approx(entering)
+    assert callback.stopped and callback.rollbacks and callback.rollbacks[0]["rolled_back"]
+    final = measure_accuracy(model.model, validation)
+    assert (entering - final) * 100 <= 1.0 + 1e-6
+    kept = callback.config.fraction_removed(callback._original_widths, model.model)
+    assert kept < callback.rollbacks[0]["ratio"]  # a step was made, measured and undone: fewer channels removed
+    assert callback.decisions()["stopped_by_budget"]
+    structure = _channels(model.model)
+
+    # the checkpoint saved after the rollback (epoch 2 ends after it) rebuilds the kept structure, for inference ...
+    last = tmp_path / "ckpt" / "last.ckpt"
+    assert _channels(load_compressed(DigitsClassifier, last).model) == structure
+    # ... and for a resumed fit, which prunes no further
+    resumed_model = tiny_classifier(lr=5e-4)
+    resumed = pruning()
+    fast_trainer(tmp_path, callbacks=[resumed], max_epochs=4, limit_train_batches=2, limit_val_batches=2).fit(
+        resumed_model, digits, ckpt_path=last
+    )
+    assert resumed.stopped and resumed.budget_reference == pytest.approx(entering)
+    assert _channels(resumed_model.model) == structure

@@ -138,6 +138,7 @@ def select_quantization(
     min_run_time: float = 0.5,
     num_threads: Optional[int] = None,
     progress: Optional[Callable[[str], None]] = None,
+    keep_models: bool = False,
 ) -> dict[str, Any]:
     """Try each candidate on a copy of ``model``; the fastest one within ``budget`` (``model`` is not changed).
 
@@ -154,6 +155,8 @@ def select_quantization(
             ``min_run_time`` to fit what is left).
         rounds, min_run_time, num_threads: as for :func:`compare_throughput`.
         progress: called with one line per step ("trying int8_static_x86 (2/6)...").
+        keep_models: also return the quantized copies (``result["models"]``, by label), e.g. to
+            time them again; by default they are freed.
 
     Returns:
         ``{"chosen": AutoCandidate or None, "trials": [one dict per candidate: label, config,
@@ -251,8 +254,10 @@ def select_quantization(
                 reason = "every config faster than the unquantized model lost more accuracy than the budget allows"
         for label in faster[faster.index(chosen.label) + 1:] if chosen is not None else ():
             trials[label]["status"] = "faster than unquantized, not needed"
+    models = dict(built) if keep_models else {}
     built.clear()
     return {
+        "models": models,
         "chosen": chosen,
         "trials": [trials[c.label] for c in candidates if c.label in trials],
         "baseline_images_per_s": baseline_ips,
