@@ -87,13 +87,50 @@ def test_a_budget_without_validation_data_is_an_error_at_setup(tmp_path, tiny_cl
         trainer.fit(tiny_classifier(), digits)
 
 
+@pytest.fixture(scope="module")
+def trained_tiny(digits):
+    """The weights of the tiny classifier trained briefly on digits (once for the module): a model entering fit."""
+    import lightning as L
+    from helpers import TINY
+
+    from lightning_vitcompress.digits import DigitsClassifier
+
+    L.seed_everything(0, verbose=False)
+    model = DigitsClassifier(**{**TINY, "lr": 1e-2})
+    fast_trainer(None, max_epochs=3, limit_train_batches=None, limit_val_batches=0).fit(model, digits)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------- QuantizeOnFit(max_accuracy_drop)
+def test_quantization_budget_keeps_the_measured_most_sensitive_layer_in_full_precision(
+    tmp_path, tiny_classifier, digits, trained_tiny
+):
+    from lightning_vitcompress.functional import measure_accuracy
+
+    model = tiny_classifier(lr=1e-9)
+    model.load_state_dict(trained_tiny)
+    with torch.no_grad():  # the same huge weight on one input of every class: fp32 argmax is unchanged, but
+        model.model.head.weight[:, 0] = 1000.0  # per-channel int8 then rounds every other head weight to 0
+    validation = list(digits.val_dataloader())
+    entering = measure_accuracy(model.model, validation)
+    callback = QuantizeOnFit("int8_dynamic", max_accuracy_drop=2.0)
+    trainer = fast_trainer(tmp_path, callbacks=[callback], limit_train_batches=1, limit_val_batches=None)
+    trainer.fit(model, digits)
+    summary = callback.summary
+    assert summary["higher_precision"][0] == "head", summary["higher_precision"]
+    assert "head" not in summary["quantized"] and summary["quantized"]
+    assert isinstance(model.model.head.weight.data, torch.Tensor) and model.model.head.weight.dtype == torch.float32
+    assert (entering - measure_accuracy(model.model, validation)) * 100 <= 2.0 + 1e-6
+    assert callback.decisions()["kept_in_higher_precision"] == summary["higher_precision"]
+
+
 # ----------------------------------------------------------------------------- PruningSchedule(max_accuracy_drop)
 def _channels(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
 def test_pruning_budget_rolls_back_an_absurd_step_and_a_resume_keeps_the_kept_structure(
-    tmp_path, tiny_classifier, digits
+    tmp_path, tiny_classifier, digits, trained_tiny
 ):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -101,11 +138,10 @@ def test_pruning_budget_rolls_back_an_absurd_step_and_a_resume_keeps_the_kept_st
     from lightning_vitcompress.digits import DigitsClassifier
     from lightning_vitcompress.functional import measure_accuracy
 
-    model = tiny_classifier(lr=1e-2)
-    fast_trainer(tmp_path / "pre", max_epochs=3, limit_train_batches=None, limit_val_batches=0).fit(model, digits)
+    model = tiny_classifier(lr=5e-4)
+    model.load_state_dict(trained_tiny)
     validation = list(digits.val_dataloader())
     entering = measure_accuracy(model.model, validation)
-    model.hparams.lr = 5e-4  # fine-tuning
 
     def schedule(progress: float) -> float:  # a mild first step, then the whole absurd ratio at once
         return 0.1 if progress < 0.5 else 1.0

@@ -222,6 +222,13 @@ class BenchmarkCallback(CompressionCallback):
             "ratios": summarize(measured["baseline"], measured["final"]),
             **measured["conditions"],
         }
+        decisions = {  # what the budgets and "auto" decided: rolled-back steps, layers kept, the chosen config
+            type(callback).__name__: decided
+            for callback in trainer.callbacks
+            if isinstance(callback, CompressionCallback) and (decided := callback.decisions()) is not None
+        }
+        if decisions:
+            self.report["decisions"] = decisions
         self._baseline = None  # free the copy
         self._write(trainer)
 

@@ -28,7 +28,12 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_vitcompress._base import CompressionCallback, local_validation_accuracy, progress_line
+from lightning_vitcompress._base import (
+    CompressionCallback,
+    local_validation_accuracy,
+    progress_line,
+    validation_data,
+)
 from lightning_vitcompress._checks import (
     check_choice,
     check_int,
@@ -61,6 +66,7 @@ from lightning_vitcompress.functional.quantize_auto import (
     format_auto_table,
     select_quantization,
 )
+from lightning_vitcompress.functional.quantize_sensitivity import layer_sensitivity, skip_also
 from lightning_vitcompress.functional.quantize_configs import (
     QUANTIZATION_CONFIGS,
     QuantizationSpec,
@@ -449,13 +455,26 @@ class QuantizeOnFit(CompressionCallback):
         trained = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
         try:
             summary = self._quantize(model, trainer)
+            if self.budget is not None:
+                summary = self._fit_budget(trainer, model, summary, trained)
         except Exception as err:  # noqa: BLE001 - reported with its cause; the fp32 model is in place
+            for name, layer in trained.items():
+                if model.get_submodule(name) is not layer:
+                    set_submodule(model, name, layer)
+            self._calibration = []
             self._fail(
                 model,
                 f"QuantizeOnFit(config={label!r}) failed, the full-precision model was left in place: "
                 f"{type(err).__name__}: {err}",
                 err,
             )
+            return
+        self._calibration = []
+        if summary.get("config") is None:  # the budget left nothing to quantize
+            self.summary = summary
+            for path in (self.save_fp32_path, self.save_path):
+                if path is not None:
+                    self._save(trainer, pl_module, pl_module.state_dict(), path)
             return
         self.record(pl_module, config=label, layers=list(summary["quantized"]), skipped=dict(summary["skipped"]))
         if self.save_path is not None:
@@ -562,7 +581,7 @@ class QuantizeOnFit(CompressionCallback):
                 self._save(trainer, pl_module, pl_module.state_dict(), path)
 
     def decisions(self) -> Optional[dict[str, Any]]:
-        if self.summary is None:
+        if self.summary is None or (not self.auto and self.max_accuracy_drop is None):
             return None
         decided: dict[str, Any] = {"config": self.summary.get("config")}
         if self.summary.get("higher_precision"):
@@ -578,6 +597,73 @@ class QuantizeOnFit(CompressionCallback):
             }
         return decided
 
+    # ------------------------------------------------------------- max_accuracy_drop
+    def _fit_budget(
+        self, trainer: "pl.Trainer", model: nn.Module, summary: dict[str, Any], trained: dict[str, nn.Module]
+    ) -> dict[str, Any]:
+        """Keep the most sensitive layers in full precision, as few as the budget allows (bisection).
+
+        ``model`` comes quantized as ``summary`` says and leaves quantized as the returned summary
+        says; ``{"config": None, ...}`` when even the unquantized model is beyond the budget.
+        """
+        budget = self.budget
+        assert budget is not None and self.spec is not None
+        name = f"QuantizeOnFit(config={self.spec.name!r}, max_accuracy_drop={self.max_accuracy_drop!r})"
+        accuracy = self.validation_accuracy(trainer, model)
+        summary.update(accuracy=accuracy, higher_precision=[])
+        if budget.allows(accuracy):
+            rank_zero_info(f"{name}: every selected layer quantized, within budget: {budget.describe(accuracy)}.")
+            return summary
+
+        def undo(quantized: list[str]) -> None:
+            for layer in quantized:
+                set_submodule(model, layer, trained[layer])
+
+        undo(summary["quantized"])
+        fp32 = self.validation_accuracy(trainer, model)
+        if not budget.allows(fp32):
+            rank_zero_warn(f"{name}: the model is beyond the accuracy budget before quantizing "
+                           f"({budget.describe(fp32)}); it was left unquantized.")
+            return {"config": None, "quantized": [], "skipped": {}, "qat": False, "accuracy": fp32,
+                    "reason": "beyond the accuracy budget before quantizing"}
+        layers = list(summary["quantized"])
+        progress_line(trainer, f"{name}: all layers quantized is beyond budget ({budget.describe(accuracy)}); "
+                               f"measuring the sensitivity of {len(layers)} layers")
+        order: Optional[list[str]] = None
+        if trainer.is_global_zero:
+            loader, _ = validation_data(trainer)
+            images = next(iter(loader))[0] if loader is not None else self._example.args[0]
+            sensitivity = layer_sensitivity(model, self.spec, layers, [images])
+            order = sorted(layers, key=lambda layer: -sensitivity[layer])
+        order = trainer.strategy.broadcast(order, src=0)
+        assert order is not None
+        beyond, within = 0, len(order)  # keeping k layers: 0 is beyond budget, all of them is the fp32 model
+        measured: dict[int, Optional[float]] = {0: accuracy, len(order): fp32}
+        while within - beyond > 1:
+            keep = (beyond + within) // 2
+            progress_line(trainer, f"{name}: trying with the {keep} most sensitive layers in full precision")
+            trial = self._quantize(model, trainer, skip=skip_also(self.skip, order[:keep]), quiet=True)
+            measured[keep] = self.validation_accuracy(trainer, model)
+            undo(trial["quantized"])
+            if budget.allows(measured[keep]):
+                within = keep
+            else:
+                beyond = keep
+        if within == len(order):
+            rank_zero_info(f"{name}: only the unquantized model is within budget; it was left unquantized.")
+            return {"config": None, "quantized": [], "skipped": {}, "qat": False, "accuracy": fp32,
+                    "reason": "no layer can be quantized within the accuracy budget"}
+        kept = order[:within]
+        summary = self._quantize(model, trainer, skip=skip_also(self.skip, kept), quiet=True)
+        for rank, layer in enumerate(kept, 1):
+            summary["skipped"][layer] = f"kept in full precision for the accuracy budget (sensitivity rank {rank})"
+        summary.update(accuracy=measured[within], higher_precision=kept)
+        rank_zero_info(
+            f"{name}: kept {len(kept)} of {len(order)} layers in full precision, most sensitive first ({kept}); "
+            f"{budget.describe(measured[within])}."
+        )
+        return summary
+
     def _fail(self, model: nn.Module, message: str, err: Exception) -> None:
         """The model is in full precision again; raise or warn with ``message`` as ``on_error`` says."""
         if self._qat_active:
@@ -587,7 +673,10 @@ class QuantizeOnFit(CompressionCallback):
             raise RuntimeError(message) from err
         rank_zero_warn(message)
 
-    def _quantize(self, model: nn.Module, trainer: "pl.Trainer") -> dict[str, Any]:
+    def _quantize(
+        self, model: nn.Module, trainer: "pl.Trainer", skip: SkipSpec = None, quiet: bool = False
+    ) -> dict[str, Any]:
+        """Quantize ``model`` in place (``skip``: instead of the callback's ``skip``); its summary."""
         assert self.spec is not None
         if self.spec.calibrates and not self._calibration:
             raise RuntimeError(
@@ -597,15 +686,14 @@ class QuantizeOnFit(CompressionCallback):
         summary = quantize_model(
             model,
             self.spec,
-            skip=self.skip,
+            skip=self.skip if skip is None else skip,
             example_input=self._example,
             calibration_inputs=self._calibration,
             reduce_ranges=functools.partial(_reduce_ranges, trainer),  # the same model on every rank
         )
-        self._calibration = []
         summary["qat"] = self._qat_active
         summary["inference_precision"] = self.inference_precision
-        if summary["skipped"]:
+        if summary["skipped"] and not quiet:
             rank_zero_info(
                 "QuantizeOnFit kept in full precision: "
                 + ", ".join(f"{name} ({why})" for name, why in summary["skipped"].items())
@@ -665,6 +753,8 @@ class QuantizeOnFit(CompressionCallback):
                 "size_ratio": summary["size_after_bytes"] / summary["size_before_bytes"],
                 "output_relative_error": summary["output_relative_error"],
                 "compile_seconds": summary.get("compile_seconds"),
+                "accuracy": summary.get("accuracy"),
+                "layers_higher_precision": len(summary["higher_precision"]) if "higher_precision" in summary else None,
             },
         )
         error = summary["output_relative_error"]
