@@ -174,3 +174,31 @@ def test_pruning_budget_rolls_back_an_absurd_step_and_a_resume_keeps_the_kept_st
     )
     assert resumed.stopped and resumed.budget_reference == pytest.approx(entering)
     assert _channels(resumed_model.model) == structure
+
+
+# ----------------------------------------------------------------------------- the benchmark report
+def test_the_benchmark_report_lists_the_decisions():
+    from lightning_vitcompress.functional.report import format_report
+
+    row = dict.fromkeys(("params", "size_mb", "accuracy"), None)
+    report = {
+        "baseline": row, "final": row, "ratios": {"accuracy_delta": None},
+        "batch_size": 4, "num_threads": 2, "cpu_name": "cpu", "gpu_name": None,
+        "decisions": {
+            "PruningSchedule": {
+                "max_accuracy_drop": 1.0, "steps_kept": 1, "stopped_by_budget": True,
+                "rolled_back": [{"step": 2, "ratio": 0.858, "accuracy": 0.0595, "reference": 0.2528,
+                                 "rolled_back": True, "after_rollback": False}],
+            },
+            "QuantizeOnFit": {
+                "config": None, "kept_in_higher_precision": ["head"],
+                "auto": {"chosen": "unquantized", "reason": "no config ran 1.05x faster", "selection_seconds": 3.0,
+                         "tried": [{"label": "int8_dynamic", "speedup": 0.42, "accuracy": None, "status": "slower"}]},
+            },
+        },
+    }
+    text = format_report(report)
+    assert "PruningSchedule: step 2 (0.858 of the channels removed, top-1 5.95% vs 25.28% entering fit)" in text
+    assert "rolled back" in text and "stopped after step 1" in text
+    assert "kept in higher precision for the accuracy budget, most sensitive first: head" in text
+    assert "QuantizeOnFit(config='auto') chose unquantized: no config ran 1.05x faster (tried: int8_dynamic 0.42x" in text

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_vitcompress._base import CompressionCallback
+from lightning_vitcompress._base import CompressionCallback, progress_line
 from lightning_vitcompress._checks import (
     check_bool,
     check_output_dir,
@@ -206,6 +206,10 @@ class BenchmarkCallback(CompressionCallback):
         generator = torch.Generator().manual_seed(0)
         example_input = torch.randn(self.batch_size, *self._input_shape, generator=generator)
         batches = self._accuracy_batches(trainer)
+        timing = self.rounds * 2 * len(self.devices) * self.min_run_time
+        progress_line(trainer, f"BenchmarkCallback: measuring the baseline and final models (size, MACs, "
+                               f"{'accuracy on ' + str(len(batches)) + ' batches, ' if batches else ''}throughput "
+                               f"at batch {self.batch_size}: about {timing:.0f} s of timing plus latency)")
         measured = compare_models(
             {"baseline": self._baseline, "final": final},
             example_input,

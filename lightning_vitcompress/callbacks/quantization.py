@@ -503,6 +503,8 @@ class QuantizeOnFit(CompressionCallback):
                 )
                 return
         if self.spec.compiles(self.compile):
+            progress_line(trainer, f"QuantizeOnFit: compiling the {self.spec.name} model on a training input "
+                                   "(a one-time cost: about 15-30 s for ViT-B/16 on 2 cores)")
             summary["compile_seconds"] = self._compile(model)
         summary["auto"] = self.auto_result
         self.summary = summary
