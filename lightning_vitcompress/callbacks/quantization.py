@@ -139,7 +139,15 @@ class QuantizeOnFit(CompressionCallback):
             registered in :data:`~lightning_vitcompress.functional.QUANTIZATION_CONFIGS`,
             any torchao config object (``torchao.quantization.*Config``), or a
             :class:`~lightning_vitcompress.functional.QuantizationSpec`. Resolved once
-            into :attr:`spec`.
+            into :attr:`spec`. ``"auto"``: at train end, every config that runs on this
+            machine (x86 int8 paths, also bf16-mixed where the CPU has native bf16;
+            portable int8; weight-only; on CUDA int8, int4 weight-only and float8 on
+            SM >= 8.9) is built on a copy of the trained model and timed against the
+            unquantized model with the package's timing, at the ``BenchmarkCallback``'s
+            batch size (32 without one); the fastest one that is at least 1.05x faster
+            (and within ``max_accuracy_drop``) is applied, else the model stays
+            unquantized and the log says why. The table is logged under ``quant/auto/``
+            and kept in :attr:`auto_result`.
         skip: layers to keep in full precision: a name or glob pattern relative
             to the model (``"head"``, ``"blocks.0.*"``), a list of them, or
             ``fn(name, module) -> bool``. ``nn.MultiheadAttention``'s
@@ -178,6 +186,17 @@ class QuantizeOnFit(CompressionCallback):
             saved during training hold the fp32 weights too.
         on_error: ``"raise"`` (default) or ``"warn"`` when quantizing or saving
             fails; the fp32 model stays in place either way.
+        max_accuracy_drop: points of validation top-1 the quantized model may lose
+            against the model as it entered fit (needs validation data; checked at setup).
+            Beyond it, the layers whose quantization moves the output most (measured one
+            layer at a time on a validation batch) are kept in full precision, as few as
+            the budget allows (bisection); ``summary["higher_precision"]`` lists them. If
+            only the unquantized model is within budget, it is left unquantized.
+        auto_time_budget_s: with ``config="auto"``: the seconds the search may spend
+            (building, compiling and timing); candidates it does not reach are logged as
+            "not tried".
+        auto_configs: with ``config="auto"``: the config names it may choose from
+            (default: every one that runs on this machine).
         model_attribute: attribute of the LightningModule holding the ViT
             (``None``: found automatically).
 
@@ -363,6 +382,8 @@ class QuantizeOnFit(CompressionCallback):
             "skip": None if skip is None or callable(skip) else ([skip] if isinstance(skip, str) else sorted(skip)),
             "skip_callable": callable(skip),
             "qat_active": self._qat_active,
+            # the top-1 of the model as it entered the first fit: a resumed fit's budget is against it
+            "budget_reference": self.budget_reference,
         }
 
     def _check_inference_precision(self) -> None:
