@@ -382,8 +382,8 @@ class QuantizeOnFit(CompressionCallback):
             "skip": None if skip is None or callable(skip) else ([skip] if isinstance(skip, str) else sorted(skip)),
             "skip_callable": callable(skip),
             "qat_active": self._qat_active,
-            # the top-1 of the model as it entered the first fit: a resumed fit's budget is against it
-            "budget_reference": self.budget_reference,
+            # with a budget: the top-1 of the model as it entered the first fit, what a resumed fit's budget is against
+            **({"budget_reference": self.budget_reference} if self.max_accuracy_drop is not None else {}),
         }
 
     def _check_inference_precision(self) -> None:
