@@ -33,13 +33,14 @@ gate, the strategy check of callbacks that edit the model, epochs against
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
@@ -54,7 +55,8 @@ from lightning_vitcompress._structure import (
     save_edits,
 )
 from lightning_vitcompress._training_state import check_strategy_supported
-from lightning_vitcompress.functional.measure import images_of
+from lightning_vitcompress.functional.budget import AccuracyBudget, limit_batches
+from lightning_vitcompress.functional.measure import images_of, measure_accuracy
 
 _STATE_ATTRIBUTE = "_vitcompress_pipeline"
 #: on resume, the checkpoint's structure is replayed between the baseline snapshot and the edits
@@ -74,6 +76,8 @@ class _PipelineState:
         self.checkpoint: dict[str, Any] = {}
         #: one image of the Trainer's data (see :func:`example_from_data`), looked up once; False: none found
         self.example: Any = None
+        #: top-1 of each budgeted target (by path) as it entered fit, measured once at setup
+        self.references: dict[str, float] = {}
 
 
 def _pipeline_state(trainer: "pl.Trainer") -> _PipelineState:
@@ -166,6 +170,57 @@ def _run_once_in_order(
     return True
 
 
+def validation_data(trainer: "pl.Trainer") -> tuple[Optional[Iterable[Any]], Optional[int]]:
+    """The fit's validation dataloader (the first one) and how many of its batches to use.
+
+    Found wherever Lightning would find it (``fit(val_dataloaders=...)``, the
+    datamodule, the LightningModule's ``val_dataloader``); readable from
+    ``setup`` on. ``limit_val_batches`` applies (an int: that many batches, a
+    float: that fraction). ``(None, None)`` when there is none or it is limited to 0.
+    """
+    source = trainer.fit_loop.epoch_loop.val_loop._data_source
+    if source.instance is None or not source.is_defined():
+        return None, None
+    loader = source.dataloader()
+    if isinstance(loader, (list, tuple)):
+        loader = loader[0] if loader else None
+    elif isinstance(loader, Mapping):
+        loader = next(iter(loader.values()), None)
+    if loader is None:
+        return None, None
+    limit = trainer.limit_val_batches
+    if isinstance(limit, float):
+        try:
+            limit = None if limit >= 1.0 else int(len(loader) * limit)  # type: ignore[arg-type]
+        except TypeError:  # an iterable without len: all of it
+            limit = None
+    if limit == 0:
+        return None, None
+    return loader, limit
+
+
+def measure_validation_accuracy(trainer: "pl.Trainer", model: nn.Module) -> Optional[float]:
+    """Top-1 of ``model`` on the fit's validation data, measured on rank zero and the same on every rank.
+
+    The one place the budgets measure (``max_accuracy_drop`` of every callback).
+    """
+    accuracy = local_validation_accuracy(trainer, model) if trainer.is_global_zero else None
+    return trainer.strategy.broadcast(accuracy, src=0)
+
+
+def local_validation_accuracy(trainer: "pl.Trainer", model: nn.Module) -> Optional[float]:
+    """Top-1 of ``model`` on the fit's validation data, measured in this process only (no collective call)."""
+    loader, limit = validation_data(trainer)
+    return None if loader is None else measure_accuracy(model, limit_batches(loader, limit))
+
+
+def progress_line(trainer: "pl.Trainer", message: str) -> None:
+    """One line of progress for the work after the last epoch, on rank zero; silent with
+    ``Trainer(enable_progress_bar=False)``."""
+    if trainer.progress_bar_callback is not None:
+        rank_zero_info(message)
+
+
 class CompressionCallback(Callback):
     """Base for the package's callbacks. Subclasses override the ``ordered_*`` hooks.
 
@@ -183,6 +238,10 @@ class CompressionCallback(Callback):
     EDITS_STRUCTURE: ClassVar[bool] = False
     #: prefix of the metrics it logs (``"prune"`` logs ``prune/ratio``...)
     LOG_PREFIX: ClassVar[str] = ""
+    #: points of validation top-1 the model may lose against the model as it entered fit (None: no budget)
+    max_accuracy_drop: Optional[float] = None
+    #: top-1 of the target as it entered fit (set at setup when there is a budget; saved for resumes)
+    budget_reference: Optional[float] = None
 
     def __init__(self, model_attribute: Optional[str] = None) -> None:
         if model_attribute is not None and (not isinstance(model_attribute, str) or not model_attribute):
@@ -223,6 +282,23 @@ class CompressionCallback(Callback):
         elif trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(named, step=trainer.global_step)
+
+    @property
+    def budget(self) -> Optional[AccuracyBudget]:
+        """The accuracy budget (``max_accuracy_drop`` against the reference measured at setup), or None."""
+        if self.max_accuracy_drop is None or self.budget_reference is None:
+            return None
+        return AccuracyBudget(float(self.max_accuracy_drop), self.budget_reference)
+
+    def validation_accuracy(self, trainer: "pl.Trainer", model: Optional[nn.Module] = None) -> Optional[float]:
+        """Top-1 of ``model`` (default: the target) on the validation data; rank zero measures, all get it."""
+        if model is None:
+            model = self.target(trainer.lightning_module)
+        return measure_validation_accuracy(trainer, model)
+
+    def decisions(self) -> Optional[dict[str, Any]]:
+        """What this callback decided in the last fit, for the benchmark report (None: nothing to say)."""
+        return None
 
     def scheduled_epochs(self) -> dict[str, int]:
         """Arguments naming a training epoch at which this callback acts (``{"end_epoch": 4}``)."""
@@ -326,6 +402,8 @@ class CompressionCallback(Callback):
             if isinstance(callback, CompressionCallback) and state.resume_path is not None:
                 callback.check_same_config(callback.saved_config(trainer), f"the checkpoint {state.resume_path}")
         replay_pending = stage == "fit"
+        if stage == "fit" and ("setup", stage) not in state.done:
+            _prepare_budgets(trainer, pl_module, state)
 
         def replay() -> None:
             nonlocal replay_pending
@@ -384,3 +462,48 @@ class CompressionCallback(Callback):
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]
     ) -> None:
         save_edits(pl_module, checkpoint)
+
+
+def _prepare_budgets(trainer: "pl.Trainer", pl_module: "pl.LightningModule", state: _PipelineState) -> None:
+    """Before any callback edits the model: each budget's reference accuracy, or an error without validation data.
+
+    A fresh fit measures the target as it enters (once per target, on rank zero,
+    broadcast); a resumed fit takes the reference its checkpoint saved, since the
+    model entering it is already compressed.
+    """
+    budgeted = [
+        cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback) and cb.max_accuracy_drop is not None
+    ]
+    if not budgeted:
+        return
+    loader, _ = validation_data(trainer)
+    if loader is None:
+        names = ", ".join(f"{type(cb).__name__}(max_accuracy_drop={cb.max_accuracy_drop!r})" for cb in budgeted)
+        raise ValueError(
+            f"{names} measures validation top-1, but this fit has no validation data (limit_val_batches="
+            f"{trainer.limit_val_batches!r}). Pass val_dataloaders to fit / a datamodule with val_dataloader and "
+            "limit_val_batches > 0, or max_accuracy_drop=None."
+        )
+    for callback in budgeted:
+        path = resolve_target_path(pl_module, callback.model_attribute)
+        if state.resume_path is not None:
+            _, saved = callback.resumed_callback_state(trainer)
+            reference = (saved or {}).get("budget_reference")
+            if reference is None:
+                raise ValueError(
+                    f"{type(callback).__name__}(max_accuracy_drop={callback.max_accuracy_drop!r}): the checkpoint "
+                    f"being resumed ({state.resume_path}) holds no reference accuracy of the model as it entered the "
+                    "first fit (a save_weights_only checkpoint, or one of a run without a budget), and the model "
+                    "entering this fit is not that model. Resume from a full checkpoint of the budgeted run, or pass "
+                    "max_accuracy_drop=None."
+                )
+            callback.budget_reference = float(reference)
+            continue
+        if path not in state.references:
+            model = get_submodule(pl_module, path)
+            model.to(trainer.strategy.root_device)  # where Lightning puts it next anyway
+            accuracy = measure_validation_accuracy(trainer, model)
+            assert accuracy is not None
+            state.references[path] = accuracy
+            rank_zero_info(f"Accuracy budget: the model entering fit has validation top-1 {accuracy:.2%}.")
+        callback.budget_reference = state.references[path]

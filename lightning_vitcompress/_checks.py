@@ -32,6 +32,7 @@ __all__ = [
     "check_example_input",
     "check_fraction",
     "check_int",
+    "check_max_accuracy_drop",
     "check_names",
     "check_output_dir",
     "check_output_file",
@@ -68,6 +69,17 @@ def check_fraction(value: Any, argument: str, example: str, *, closed: bool = Fa
     if not inside:
         interval = "[0, 1]" if closed else "(0, 1)"
         raise ValueError(f"{argument}={value!r}: must be a number in {interval}, e.g. {example}.")
+
+
+def check_max_accuracy_drop(value: Any, argument: str = "max_accuracy_drop") -> None:
+    """Raise unless ``value`` is None or a number of points of top-1 in [0, 100) (``1.0`` = one point)."""
+    if value is None:
+        return
+    if not _is_number(value) or not 0.0 <= value < 100.0:
+        raise ValueError(
+            f"{argument}={value!r}: pass the validation top-1 points the model may lose against the model as it "
+            "entered fit, a number in [0, 100) (e.g. 1.0 for one point), or None for no budget."
+        )
 
 
 def check_bool(value: Any, argument: str, meaning: str = "") -> None:

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_vitcompress._base import CompressionCallback, example_from_data
+from lightning_vitcompress._base import CompressionCallback, example_from_data, progress_line
 from lightning_vitcompress._checks import (
     check_bool,
     check_output_dir,
@@ -225,6 +225,10 @@ class BenchmarkCallback(CompressionCallback):
         generator = torch.Generator().manual_seed(0)
         example_input = torch.randn(self.batch_size, *self._input_shape, generator=generator)
         batches = self._accuracy_batches(trainer)
+        timing = self.rounds * 2 * len(self.devices) * self.min_run_time
+        progress_line(trainer, f"BenchmarkCallback: measuring the baseline and final models (size, MACs, "
+                               f"{'accuracy on ' + str(len(batches)) + ' batches, ' if batches else ''}throughput "
+                               f"at batch {self.batch_size}: about {timing:.0f} s of timing plus latency)")
         models: dict[str, nn.Module] = {"baseline": self._baseline}
         references = {name: build_baseline(self._baseline, name) for name in self.baselines}
         models.update(references)
@@ -261,6 +265,13 @@ class BenchmarkCallback(CompressionCallback):
             self.report["deployed"] = measured["deployed"]
             self.report["deployed_ratios"] = summarize(measured["baseline"], measured["deployed"])
             self.report["deployed_startup"] = startup
+        decisions = {  # what the budgets and "auto" decided: rolled-back steps, layers kept, the chosen config
+            type(callback).__name__: decided
+            for callback in trainer.callbacks
+            if isinstance(callback, CompressionCallback) and (decided := callback.decisions()) is not None
+        }
+        if decisions:
+            self.report["decisions"] = decisions
         self._baseline = None  # free the copy
         self._write(trainer)
 

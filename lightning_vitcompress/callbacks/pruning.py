@@ -13,6 +13,7 @@ the pruned shapes before the weights load.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from typing import Any, Callable, Literal, Optional, Sequence, Union
@@ -20,20 +21,21 @@ from typing import Any, Callable, Literal, Optional, Sequence, Union
 import lightning.pytorch as pl
 import torch
 import torch_pruning as tp
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
 from lightning_vitcompress._base import CompressionCallback, example_from_data
 from lightning_vitcompress._checks import (
     check_choice,
+    check_max_accuracy_drop,
     check_example_input,
     check_int,
     config_or_options,
     example_input_error,
 )
 from lightning_vitcompress._model import shape_example_input
-from lightning_vitcompress._structure import ModelSnapshot, recorded_edits
+from lightning_vitcompress._structure import ModelSnapshot, Record, recorded_edits
 from lightning_vitcompress._training_state import refresh_after_structural_change
 from lightning_vitcompress.functional.measure import (
     count_macs,
@@ -89,6 +91,38 @@ def _check_schedule(schedule: Any, num_steps: int) -> list[float]:
     return fractions
 
 
+class _GoodState:
+    """A training state judged within the accuracy budget: the model (tensors and modules, as
+    :class:`ModelSnapshot`), the optimizers' and LR schedulers' states, the records and steps done."""
+
+    def __init__(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", model: nn.Module, steps_done: int):
+        self.target = model
+        self.model = ModelSnapshot(model)
+        strategy = trainer.strategy
+        self.optimizers = [copy.deepcopy(opt.state_dict()) for opt in strategy.optimizers]
+        self.schedulers = [copy.deepcopy(config.scheduler.state_dict()) for config in strategy.lr_scheduler_configs]
+        self.records: list[Record] = list(recorded_edits(pl_module))
+        self.steps_done = steps_done
+
+    def edited_since(self, pl_module: "pl.LightningModule", kind: str) -> list[str]:
+        """Kinds of the records other callbacks added since (a restore would silently undo them)."""
+        known = {id(r) for r in self.records}
+        return [str(r.get("kind")) for r in recorded_edits(pl_module) if id(r) not in known and r.get("kind") != kind]
+
+    def restore(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """Put it all back; it can be restored again later (training after this must not change it)."""
+        self.model.restore()
+        self.model = ModelSnapshot(self.target)  # the restored tensors are the snapshot's: the next training edits them
+        recorded_edits(pl_module)[:] = self.records
+        refresh_after_structural_change(trainer)  # optimizers around the restored parameters
+        strategy = trainer.strategy
+        if len(strategy.optimizers) == len(self.optimizers):
+            for optimizer, state in zip(strategy.optimizers, self.optimizers):
+                optimizer.load_state_dict(copy.deepcopy(state))
+        for config, state in zip(strategy.lr_scheduler_configs, self.schedulers):
+            config.scheduler.load_state_dict(state)
+
+
 # ---------------------------------------------------------------------------- callback
 class PruningSchedule(CompressionCallback):
     r"""Structured pruning of a ViT inside ``fit``: the model really gets smaller and faster.
@@ -133,6 +167,12 @@ class PruningSchedule(CompressionCallback):
         seed: seed of ``importance="random"`` (all ranks draw the same channels).
         example_input: one input batch to trace the model with; needed for models without
             a timm ``patch_embed`` (e.g. ``nn.TransformerEncoder`` ones).
+        max_accuracy_drop: points of validation top-1 the pruned model may lose against the
+            model as it entered fit (``1.0``: one point; needs validation data). Each step is
+            judged after its recovery epochs (when the next step falls due, and at the end of
+            training): a step that leaves the model beyond budget is rolled back (weights,
+            optimizer and LR scheduler state as they were before it) and the schedule stops at
+            the last good width. ``None``: no budget.
         model_attribute: attribute of the LightningModule holding the ViT (default: found).
     """
 
@@ -162,6 +202,7 @@ class PruningSchedule(CompressionCallback):
         gradient_batches: int = 4,
         seed: int = 0,
         example_input: Optional[torch.Tensor] = None,
+        max_accuracy_drop: Optional[float] = None,
         config: Optional[PruneConfig] = None,
         model_attribute: Optional[str] = None,
     ) -> None:
@@ -189,6 +230,16 @@ class PruningSchedule(CompressionCallback):
         check_int(gradient_batches, "gradient_batches", minimum=1, example="4")
         check_int(seed, "seed", example="0")
         check_example_input(example_input)
+        check_max_accuracy_drop(max_accuracy_drop)
+        self.max_accuracy_drop = max_accuracy_drop
+        #: the budget stopped the schedule (a step was rolled back); saved with checkpoints
+        self.stopped = False
+        #: the steps the budget undid: ``{"step", "channel_ratio", "accuracy", "reference"}`` each
+        self.rollbacks: list[dict[str, Any]] = []
+        #: the last state judged within budget (or the model entering fit): what a rollback restores
+        self._good: Optional[_GoodState] = None
+        #: a step was made since :attr:`_good` and is not judged yet
+        self._unjudged = False
         self._importance = self.config.make_importance()
         self.start_epoch = start_epoch
         self.end_epoch = end_epoch
@@ -274,6 +325,8 @@ class PruningSchedule(CompressionCallback):
         self.config.check_model(model)
         self._example_input = self._example(model, trainer)
         self._reset_gradients()
+        # budget state of this fit (a resumed fit gets the checkpoint's back in load_state_dict)
+        self.stopped, self.rollbacks, self._good, self._unjudged = False, [], None, False
         # the steps already applied: replayed from the checkpoint, or made by an earlier fit of this module
         done = [
             r for r in recorded_edits(pl_module) if r.get("kind") == self.KIND and r.get("target") == self.target_path
@@ -303,7 +356,7 @@ class PruningSchedule(CompressionCallback):
         if not self._needs_gradients and self.start_epoch == 0:
             due = self._steps_due_at_start() if self.interval == "epoch" else int(self.num_steps == 1)
             if due:
-                self._prune_to(trainer, pl_module, due)
+                self._budgeted_prune(trainer, pl_module, due)
 
     def _steps_due_at_start(self) -> int:
         units = self.end_epoch - self.start_epoch + 1
@@ -407,6 +460,7 @@ class PruningSchedule(CompressionCallback):
         self._reset_gradients()
         self.steps_done = step
         self._last_metrics = {
+            **self._last_metrics,
             "params": params,
             "params_ratio": params / max(1, self._original_params),
             "ratio": ratio,
@@ -420,13 +474,93 @@ class PruningSchedule(CompressionCallback):
 
     def _maybe_prune(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", position_in_epoch: int) -> None:
         due = self._steps_due(trainer, position_in_epoch)
-        if due <= self.steps_done:
+        if due <= self.steps_done or self.stopped:
+            return
+        if not self._judge(trainer, pl_module):  # the last step, after its recovery: kept or rolled back
             return
         if self._needs_gradients and self._grad_batches < self.gradient_batches:
             self._gathering = True  # gather gradients of the next batches, then prune (checked at each batch start)
             return
-        self._prune_to(trainer, pl_module, due)
+        self._budgeted_prune(trainer, pl_module, due)
         refresh_after_structural_change(trainer)
+
+    # ------------------------------------------------------------------ budget
+    def _budgeted_prune(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", step: int) -> None:
+        """:meth:`_prune_to`, keeping the state before it (with a budget) to roll back to."""
+        if self.budget is not None:
+            self._good = _GoodState(trainer, pl_module, self.target(pl_module), self.steps_done)
+        records = len(recorded_edits(pl_module))
+        self._prune_to(trainer, pl_module, step)
+        self._unjudged = self.budget is not None and len(recorded_edits(pl_module)) > records
+
+    def _judge(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> bool:
+        """Judge the last step against the budget (rank zero measures, every rank decides the same).
+
+        Within budget: True. Beyond: the step is rolled back to the state before it
+        (weights, optimizer and scheduler state, records), the schedule stops, False.
+        """
+        budget = self.budget
+        if budget is None or not self._unjudged:
+            return True
+        self._unjudged = False
+        model = self.target(pl_module)
+        assert self._original_widths is not None
+        accuracy = self.validation_accuracy(trainer, model)
+        ratio = self.config.fraction_removed(self._original_widths, model)
+        if budget.allows(accuracy):
+            rank_zero_info(f"PruningSchedule step {self.steps_done}/{self.num_steps} is within the accuracy budget: "
+                           f"{budget.describe(accuracy)}.")
+            self._last_metrics.update(accuracy=accuracy, accuracy_drop=budget.drop(accuracy))
+            return True
+        again = self.stopped  # the training since a rollback left the model beyond budget once more
+        self.stopped = True
+        undone = {"step": self.steps_done, "ratio": ratio, "accuracy": accuracy, "reference": budget.reference,
+                  "after_rollback": again}
+        others = self._good.edited_since(pl_module, self.KIND) if self._good is not None else []
+        if self._good is None or others:
+            why = "the state before it was not kept (this fit resumed after the step)" if self._good is None else (
+                f"other callbacks edited the model since ({others}), which a rollback would silently undo")
+            rank_zero_warn(f"PruningSchedule step {self.steps_done}/{self.num_steps} is beyond the accuracy budget "
+                           f"({budget.describe(accuracy)}) but cannot be rolled back: {why}. The schedule stops here.")
+            undone["rolled_back"] = False
+        else:
+            self._good.restore(trainer, pl_module)
+            self.steps_done = self._good.steps_done
+            undone["rolled_back"] = True
+            kept = self.config.fraction_removed(self._original_widths, model)
+            what = (
+                "the training since the rollback left the model beyond the accuracy budget" if again
+                else f"step {undone['step']}/{self.num_steps} ({ratio:.3f} of the prunable channels removed) is "
+                "beyond the accuracy budget"
+            )
+            rank_zero_info(
+                f"PruningSchedule: {what} ({budget.describe(accuracy)}): rolled back to {kept:.3f} removed (weights "
+                "and optimizer state as they were when judged within budget); the schedule stops at that width."
+            )
+            self._last_metrics.update(ratio=kept, params=count_parameters(model))
+            # training goes on at the kept width: judged again at the end, back to this state if it drifts out
+            self._unjudged = True
+        self.rollbacks.append(undone)
+        self._last_metrics.update(rolled_back_step=undone["step"], accuracy=accuracy)
+        return False
+
+    def ordered_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """The last step is judged when training ends (before quantization or the benchmark see the model)."""
+        self._judge(trainer, pl_module)
+        if self._last_metrics:
+            self.log_metrics(trainer, self._last_metrics)
+            self._last_metrics = {}
+
+    def decisions(self) -> Optional[dict[str, Any]]:
+        if self.max_accuracy_drop is None and not self.rollbacks:
+            return None
+        return {
+            "max_accuracy_drop": self.max_accuracy_drop,
+            "reference_accuracy": self.budget_reference,
+            "steps_kept": self.steps_done,
+            "stopped_by_budget": self.stopped,
+            "rolled_back": [dict(r) for r in self.rollbacks],
+        }
 
     def ordered_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.interval == "epoch" and not self._needs_gradients:
@@ -480,8 +614,17 @@ class PruningSchedule(CompressionCallback):
     def state_dict(self) -> dict[str, Any]:
         # read back at setup of a resumed fit, to refuse changed arguments also before the first pruning step;
         # the steps done and the ratio come from the structure records, which are authoritative
-        return {"config": self.resume_config()}
+        return {
+            "config": self.resume_config(),
+            "budget_reference": self.budget_reference,
+            "stopped": self.stopped,
+            "rollbacks": [dict(r) for r in self.rollbacks],
+            "unjudged": self._unjudged,
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Nothing to restore: the replayed records are authoritative for the structure and the steps done."""
+        """The budget's decisions (the replayed records are authoritative for the structure and the steps done)."""
+        self.stopped = bool(state_dict.get("stopped", False))
+        self.rollbacks = [dict(r) for r in state_dict.get("rollbacks", [])]
+        self._unjudged = bool(state_dict.get("unjudged", False)) and self.max_accuracy_drop is not None

@@ -19,6 +19,7 @@ import copy
 import functools
 import time
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
@@ -27,14 +28,21 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_vitcompress._base import CompressionCallback
+from lightning_vitcompress._base import (
+    CompressionCallback,
+    local_validation_accuracy,
+    progress_line,
+    validation_data,
+)
 from lightning_vitcompress._checks import (
     check_choice,
     check_int,
+    check_max_accuracy_drop,
     check_output_file,
     check_path,
+    check_positive,
 )
-from lightning_vitcompress._model import set_submodule
+from lightning_vitcompress._model import set_submodule, stated_input_shape
 from lightning_vitcompress._structure import (
     STRUCTURE_KEY,
     recorded_edits,
@@ -52,7 +60,16 @@ from lightning_vitcompress.functional.quantize import (
     quantize_model,
     remove_fake_quantization,
 )
+from lightning_vitcompress.functional.quantize_auto import (
+    AutoCandidate,
+    auto_candidates,
+    format_auto_table,
+    select_quantization,
+)
+from lightning_vitcompress.functional.quantize_sensitivity import layer_sensitivity, skip_also
 from lightning_vitcompress.functional.quantize_configs import (
+    QUANTIZATION_CONFIGS,
+    QuantizationSpec,
     check_compile,
     resolve_quantization,
 )
@@ -64,6 +81,35 @@ from lightning_vitcompress.functional.quantize_layers import (
 from lightning_vitcompress.functional.x86_int8 import cpu_supports_bfloat16
 
 __all__ = ['QuantizeOnFit']
+
+#: ``QuantizeOnFit(config=AUTO)`` measures the configs this machine runs and keeps the fastest within budget
+AUTO = "auto"
+#: the timing batch when no BenchmarkCallback states one (its default)
+_AUTO_BATCH_SIZE = 32
+
+
+def _check_auto_arguments(qat_start_epoch: Any, inference_precision: Any, auto_configs: Any) -> None:
+    """What ``config="auto"`` cannot take: QAT (trained for one format), a fixed precision, unknown names."""
+    if qat_start_epoch is not None:
+        raise ValueError(
+            f"qat_start_epoch={qat_start_epoch!r} with config='auto': quantization-aware training trains the "
+            "weights for one format, chosen before it starts. Name the config (e.g. 'int8_dynamic_x86'), or "
+            "pass qat_start_epoch=None."
+        )
+    if inference_precision != "32-true":
+        raise ValueError(
+            f"inference_precision={inference_precision!r} with config='auto': 'auto' tries bf16-mixed itself "
+            "where the CPU has native bf16. Leave inference_precision at '32-true', or name the config."
+        )
+    if auto_configs is None:
+        return
+    if isinstance(auto_configs, str) or not isinstance(auto_configs, Sequence) or not auto_configs or not all(
+        isinstance(name, str) and name in QUANTIZATION_CONFIGS for name in auto_configs
+    ):
+        raise ValueError(
+            f"auto_configs={auto_configs!r}: pass a non-empty list of config names to choose from, out of "
+            f"{sorted(QUANTIZATION_CONFIGS)}, or None for all that run here."
+        )
 
 
 # ----------------------------------------------------------------------------- the callback
@@ -93,7 +139,15 @@ class QuantizeOnFit(CompressionCallback):
             registered in :data:`~lightning_vitcompress.functional.QUANTIZATION_CONFIGS`,
             any torchao config object (``torchao.quantization.*Config``), or a
             :class:`~lightning_vitcompress.functional.QuantizationSpec`. Resolved once
-            into :attr:`spec`.
+            into :attr:`spec`. ``"auto"``: at train end, every config that runs on this
+            machine (x86 int8 paths, also bf16-mixed where the CPU has native bf16;
+            portable int8; weight-only; on CUDA int8, int4 weight-only and float8 on
+            SM >= 8.9) is built on a copy of the trained model and timed against the
+            unquantized model with the package's timing, at the ``BenchmarkCallback``'s
+            batch size (32 without one); the fastest one that is at least 1.05x faster
+            (and within ``max_accuracy_drop``) is applied, else the model stays
+            unquantized and the log says why. The table is logged under ``quant/auto/``
+            and kept in :attr:`auto_result`.
         skip: layers to keep in full precision: a name or glob pattern relative
             to the model (``"head"``, ``"blocks.0.*"``), a list of them, or
             ``fn(name, module) -> bool``. ``nn.MultiheadAttention``'s
@@ -132,6 +186,17 @@ class QuantizeOnFit(CompressionCallback):
             saved during training hold the fp32 weights too.
         on_error: ``"raise"`` (default) or ``"warn"`` when quantizing or saving
             fails; the fp32 model stays in place either way.
+        max_accuracy_drop: points of validation top-1 the quantized model may lose
+            against the model as it entered fit (needs validation data; checked at setup).
+            Beyond it, the layers whose quantization moves the output most (measured one
+            layer at a time on a validation batch) are kept in full precision, as few as
+            the budget allows (bisection); ``summary["higher_precision"]`` lists them. If
+            only the unquantized model is within budget, it is left unquantized.
+        auto_time_budget_s: with ``config="auto"``: the seconds the search may spend
+            (building, compiling and timing); candidates it does not reach are logged as
+            "not tried".
+        auto_configs: with ``config="auto"``: the config names it may choose from
+            (default: every one that runs on this machine).
         model_attribute: attribute of the LightningModule holding the ViT
             (``None``: found automatically).
 
@@ -162,17 +227,32 @@ class QuantizeOnFit(CompressionCallback):
         save_path: Optional[Union[str, Path]] = None,
         save_fp32_path: Optional[Union[str, Path]] = None,
         on_error: Literal["raise", "warn"] = "raise",
+        max_accuracy_drop: Optional[float] = None,
+        auto_time_budget_s: float = 300.0,
+        auto_configs: Optional[Sequence[str]] = None,
         model_attribute: Optional[str] = None,
     ) -> None:
         super().__init__(model_attribute)
+        #: ``config="auto"``: the config is chosen at train end by measuring (:attr:`spec` is None until then)
+        self.auto = isinstance(config, str) and config == AUTO
         #: the config resolved once: what it is, how it quantizes, compiles and replays
-        self.spec = resolve_quantization(config)
+        self.spec: Optional[QuantizationSpec] = None if self.auto else resolve_quantization(config)
         check_skip(skip)
         if qat_start_epoch is not None:
             check_int(qat_start_epoch, "qat_start_epoch", minimum=0, example="0 (or None for no QAT)")
         check_compile(compile)
         check_choice(on_error, "on_error", ("raise", "warn"))
-        self.spec.check_inference_precision(inference_precision, compile)
+        check_max_accuracy_drop(max_accuracy_drop)
+        check_positive(auto_time_budget_s, "auto_time_budget_s", "300 (seconds)")
+        if self.spec is not None:
+            self.spec.check_inference_precision(inference_precision, compile)
+            if auto_configs is not None:
+                raise ValueError(
+                    f"auto_configs={auto_configs!r} restricts config='auto', but config={config!r}: pass "
+                    "config='auto', or auto_configs=None."
+                )
+        else:
+            _check_auto_arguments(qat_start_epoch, inference_precision, auto_configs)
         check_int(calibration_batches, "calibration_batches", minimum=1, example="8")
         save_path, save_fp32_path = check_path(save_path, "save_path"), check_path(save_fp32_path, "save_fp32_path")
         if save_path is not None and save_fp32_path is not None and save_path.resolve() == save_fp32_path.resolve():
@@ -190,6 +270,13 @@ class QuantizeOnFit(CompressionCallback):
         self.save_path = save_path
         self.save_fp32_path = save_fp32_path
         self.on_error = on_error
+        self.max_accuracy_drop = max_accuracy_drop
+        self.auto_time_budget_s = float(auto_time_budget_s)
+        self.auto_configs = list(auto_configs) if auto_configs is not None else None
+        #: what ``"auto"`` tried and chose in the last fit (``None`` before, or without ``"auto"``)
+        self.auto_result: Optional[dict[str, Any]] = None
+        #: the candidates ``"auto"`` will try (found at setup)
+        self._auto_candidates: list[AutoCandidate] = []
         #: what the last quantization did (``None`` before it ran)
         self.summary: Optional[dict[str, Any]] = None
         self._qat_active = False
@@ -210,24 +297,63 @@ class QuantizeOnFit(CompressionCallback):
                 "(they hold the fp32 weights), or load this one for inference with load_compressed(...)."
             )
         device = trainer.strategy.root_device
-        self.spec.check_device(device)
-        self._check_inference_precision()
-        self._check_calibration_data(trainer)
         for argument, path in (("save_path", self.save_path), ("save_fp32_path", self.save_fp32_path)):
             if path is not None:
                 check_output_file(path, argument)
         self._check_resume(trainer)
-        self.spec.dry_run(device, qat=self.qat_start_epoch is not None)
         _check_skip_matches(self.target(pl_module), self.skip)
-        selected, skipped = self.spec.select_layers(self.target(pl_module), self.skip)
+        if self.auto:
+            self.spec, self.inference_precision = None, "32-true"  # chosen afresh at train end
+            self._setup_auto(trainer, device)
+            spec = QUANTIZATION_CONFIGS[self._auto_candidates[0].config]
+        else:
+            spec = self.spec
+            spec.check_device(device)
+            self._check_inference_precision()
+            self._check_calibration_data(trainer)
+            spec.dry_run(device, qat=self.qat_start_epoch is not None)
+        selected, skipped = spec.select_layers(self.target(pl_module), self.skip)
         if not selected:
             raise ValueError(
-                f"QuantizeOnFit(config={self.spec.name!r}, skip={self.skip!r}) selects no nn.Linear "
+                f"QuantizeOnFit(config={self.config_label!r}, skip={self.skip!r}) selects no nn.Linear "
                 f"layer of the model; skipped: {skipped}. Loosen `skip`."
             )
+        self.auto_result = None
         self.summary = None
         self._qat_active = False
         self._start_capture(self.target(pl_module))
+
+    @property
+    def config_label(self) -> str:
+        """The config's name (``"auto"`` until "auto" has chosen)."""
+        return self.spec.name if self.spec is not None else AUTO
+
+    def _setup_auto(self, trainer: "pl.Trainer", device: torch.device) -> None:
+        """The candidates "auto" will try on ``device``: those that run here (a dry run each), calibrated
+        ones only when training steps run; an error naming what was tried when none does."""
+        trains = not (trainer.max_epochs == 0 or trainer.limit_train_batches == 0)
+        listed = auto_candidates(device, calibration=trains)
+        if self.compile is False:  # the x86 int8 paths are only fast compiled
+            listed = [c for c in listed if not QUANTIZATION_CONFIGS[c.config].compiled_by_default]
+        if self.auto_configs is not None:
+            listed = [c for c in listed if c.config in self.auto_configs]
+        candidates, refused = [], []
+        for candidate in listed:
+            spec = QUANTIZATION_CONFIGS[candidate.config]
+            try:
+                spec.check_device(device)
+                spec.dry_run(device)
+            except ValueError as err:
+                refused.append(f"{candidate.label}: {err}")
+                continue
+            candidates.append(candidate)
+        if not candidates:
+            raise ValueError(
+                f"QuantizeOnFit(config='auto', auto_configs={self.auto_configs!r}, compile={self.compile!r}): no "
+                f"quantization config can run on {device} here (tried {[c.label for c in listed]}; "
+                f"{'; '.join(refused) or 'none listed'}). Pass auto_configs=None, or a config name."
+            )
+        self._auto_candidates = candidates
 
     def _check_resume(self, trainer: "pl.Trainer") -> None:
         """Once the resumed run is in QAT, its weights were trained for one format: config, skip and
@@ -251,11 +377,13 @@ class QuantizeOnFit(CompressionCallback):
         # read back at a resume's setup (_check_resume); plain data, safe to load with weights_only=True
         skip = self.skip
         return {
-            "config": self.spec.name,
+            "config": self.spec.name if self.spec is not None and not self.auto else AUTO,
             "qat_start_epoch": self.qat_start_epoch,
             "skip": None if skip is None or callable(skip) else ([skip] if isinstance(skip, str) else sorted(skip)),
             "skip_callable": callable(skip),
             "qat_active": self._qat_active,
+            # with a budget: the top-1 of the model as it entered the first fit, what a resumed fit's budget is against
+            **({"budget_reference": self.budget_reference} if self.max_accuracy_drop is not None else {}),
         }
 
     def _check_inference_precision(self) -> None:
@@ -266,6 +394,7 @@ class QuantizeOnFit(CompressionCallback):
             )
 
     def _check_calibration_data(self, trainer: "pl.Trainer") -> None:
+        assert self.spec is not None
         if self.spec.calibrates and (trainer.max_epochs == 0 or trainer.limit_train_batches == 0):
             raise ValueError(
                 f"config={self.spec.name!r} calibrates on training inputs, but this Trainer runs no "
@@ -280,7 +409,10 @@ class QuantizeOnFit(CompressionCallback):
         self._stop_capture()
         self._example = None
         self._calibration = []
-        calibrates = self.spec.calibrates
+        if self.spec is not None:
+            calibrates = self.spec.calibrates
+        else:
+            calibrates = any(QUANTIZATION_CONFIGS[c.config].calibrates for c in self._auto_candidates)
 
         def capture(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if self._example is None:
@@ -304,6 +436,7 @@ class QuantizeOnFit(CompressionCallback):
             return
         model = self.target(pl_module)
         params_before = [id(p) for p in pl_module.parameters()]
+        assert self.spec is not None  # "auto" refuses qat_start_epoch
         selected = self.spec.prepare_qat(model, self.skip)
         self._qat_active = True
         if [id(p) for p in pl_module.parameters()] != params_before:
@@ -317,6 +450,14 @@ class QuantizeOnFit(CompressionCallback):
     def ordered_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._stop_capture()
         model = self.target(pl_module)
+        if self.auto:
+            chosen = self._choose(trainer, model)
+            if chosen is None:
+                self._keep_unquantized(trainer, pl_module)
+                return
+            self.spec = QUANTIZATION_CONFIGS[chosen.config]
+            self.inference_precision = chosen.inference_precision
+        assert self.spec is not None
         label = self.spec.name
         if self.save_fp32_path is not None:
             try:
@@ -335,13 +476,26 @@ class QuantizeOnFit(CompressionCallback):
         trained = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
         try:
             summary = self._quantize(model, trainer)
+            if self.budget is not None:
+                summary = self._fit_budget(trainer, model, summary, trained)
         except Exception as err:  # noqa: BLE001 - reported with its cause; the fp32 model is in place
+            for name, layer in trained.items():
+                if model.get_submodule(name) is not layer:
+                    set_submodule(model, name, layer)
+            self._calibration = []
             self._fail(
                 model,
                 f"QuantizeOnFit(config={label!r}) failed, the full-precision model was left in place: "
                 f"{type(err).__name__}: {err}",
                 err,
             )
+            return
+        self._calibration = []
+        if summary.get("config") is None:  # the budget left nothing to quantize
+            self.summary = summary
+            for path in (self.save_fp32_path, self.save_path):
+                if path is not None:
+                    self._save(trainer, pl_module, pl_module.state_dict(), path)
             return
         self.record(pl_module, config=label, layers=list(summary["quantized"]), skipped=dict(summary["skipped"]))
         if self.save_path is not None:
@@ -370,9 +524,168 @@ class QuantizeOnFit(CompressionCallback):
                 )
                 return
         if self.spec.compiles(self.compile):
+            progress_line(trainer, f"QuantizeOnFit: compiling the {self.spec.name} model on a training input "
+                                   "(a one-time cost: about 15-30 s for ViT-B/16 on 2 cores)")
             summary["compile_seconds"] = self._compile(model)
+        summary["auto"] = self.auto_result
         self.summary = summary
         self._log(trainer, summary)
+
+    # ------------------------------------------------------------- "auto"
+    def _choose(self, trainer: "pl.Trainer", model: nn.Module) -> Optional[AutoCandidate]:
+        """Rank zero tries every candidate on copies of ``model``; every rank gets its choice (None: keep fp32)."""
+        result: Optional[dict[str, Any]] = None
+        if trainer.is_global_zero:
+            bench = next((cb for cb in trainer.callbacks if type(cb).__name__ == "BenchmarkCallback"), None)
+            batch_size = getattr(bench, "batch_size", _AUTO_BATCH_SIZE)
+            timing_input = self._timing_input(model, batch_size, getattr(bench, "_input_shape", None))
+            result = select_quantization(
+                model,
+                self._auto_candidates,
+                timing_input,
+                skip=self.skip,
+                example_input=self._example,
+                calibration_inputs=self._calibration or None,
+                compile=self.compile,
+                accuracy=lambda candidate: local_validation_accuracy(trainer, candidate),
+                budget=self.budget,
+                time_budget_s=self.auto_time_budget_s,
+                min_run_time=getattr(bench, "min_run_time", 0.5),
+                num_threads=getattr(bench, "num_threads", None),
+                progress=lambda message: progress_line(trainer, f"QuantizeOnFit(config='auto'): {message}"),
+            )
+            self._log_auto(trainer, result)
+        chosen = trainer.strategy.broadcast(result["chosen"] if result is not None else None, src=0)
+        self.auto_result = result
+        return chosen
+
+    def _timing_input(
+        self, model: nn.Module, batch_size: int, input_shape: Optional[tuple[int, ...]]
+    ) -> torch.Tensor:
+        """A batch of ``batch_size`` random inputs shaped like the training inputs, on the model's device."""
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        example = self._example.args[0] if self._example is not None and self._example.args else None
+        if isinstance(example, torch.Tensor) and example.dim() >= 1:
+            shape = tuple(example.shape[1:])
+        else:
+            shape = input_shape or stated_input_shape(model)
+        if shape is None:
+            raise RuntimeError(
+                "QuantizeOnFit(config='auto') cannot tell the input shape to time the model on: no training "
+                "input was seen and the model states none. Add a BenchmarkCallback(input_shape=...)."
+            )
+        generator = torch.Generator().manual_seed(0)
+        return torch.randn(batch_size, *shape, generator=generator).to(device)
+
+    def _log_auto(self, trainer: "pl.Trainer", result: dict[str, Any]) -> None:
+        metrics: dict[str, Optional[float]] = {
+            "auto/baseline_images_per_s": result["baseline_images_per_s"],
+            "auto/selection_seconds": result["seconds"],
+            "auto/batch_size": result["batch_size"],
+        }
+        for trial in result["trials"]:
+            for key in ("images_per_s", "speedup", "accuracy", "build_seconds"):
+                metrics[f"auto/{trial['label']}/{key}"] = trial[key]
+        chosen = result["chosen"]
+        if chosen is not None:
+            metrics["auto/chosen_speedup"] = next(t["speedup"] for t in result["trials"] if t["label"] == chosen.label)
+        self.log_metrics(trainer, metrics)
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"quant/auto/choice": chosen.label if chosen is not None else "unquantized"})
+        rank_zero_info(f"QuantizeOnFit(config='auto') tried:\n{format_auto_table(result)}")
+
+    def _keep_unquantized(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """"auto" found nothing faster within budget: the trained model stays as it is, and is saved as asked."""
+        reason = self.auto_result["reason"] if self.auto_result is not None else "see rank zero's log"
+        self.summary = {"config": None, "quantized": [], "skipped": {}, "qat": False, "auto": self.auto_result}
+        rank_zero_info(f"QuantizeOnFit(config='auto') kept the model unquantized: {reason}.")
+        for path in (self.save_fp32_path, self.save_path):
+            if path is not None:
+                self._save(trainer, pl_module, pl_module.state_dict(), path)
+
+    def decisions(self) -> Optional[dict[str, Any]]:
+        if self.summary is None or (not self.auto and self.max_accuracy_drop is None):
+            return None
+        decided: dict[str, Any] = {"config": self.summary.get("config")}
+        if self.summary.get("higher_precision"):
+            decided["kept_in_higher_precision"] = list(self.summary["higher_precision"])
+        auto = self.summary.get("auto")
+        if auto is not None:
+            chosen = auto["chosen"]
+            decided["auto"] = {
+                "chosen": chosen.label if chosen is not None else "unquantized",
+                "reason": auto["reason"],
+                "selection_seconds": auto["seconds"],
+                "tried": [{k: t[k] for k in ("label", "speedup", "accuracy", "status")} for t in auto["trials"]],
+            }
+        return decided
+
+    # ------------------------------------------------------------- max_accuracy_drop
+    def _fit_budget(
+        self, trainer: "pl.Trainer", model: nn.Module, summary: dict[str, Any], trained: dict[str, nn.Module]
+    ) -> dict[str, Any]:
+        """Keep the most sensitive layers in full precision, as few as the budget allows (bisection).
+
+        ``model`` comes quantized as ``summary`` says and leaves quantized as the returned summary
+        says; ``{"config": None, ...}`` when even the unquantized model is beyond the budget.
+        """
+        budget = self.budget
+        assert budget is not None and self.spec is not None
+        name = f"QuantizeOnFit(config={self.spec.name!r}, max_accuracy_drop={self.max_accuracy_drop!r})"
+        accuracy = self.validation_accuracy(trainer, model)
+        summary.update(accuracy=accuracy, higher_precision=[])
+        if budget.allows(accuracy):
+            rank_zero_info(f"{name}: every selected layer quantized, within budget: {budget.describe(accuracy)}.")
+            return summary
+
+        def undo(quantized: list[str]) -> None:
+            for layer in quantized:
+                set_submodule(model, layer, trained[layer])
+
+        undo(summary["quantized"])
+        fp32 = self.validation_accuracy(trainer, model)
+        if not budget.allows(fp32):
+            rank_zero_warn(f"{name}: the model is beyond the accuracy budget before quantizing "
+                           f"({budget.describe(fp32)}); it was left unquantized.")
+            return {"config": None, "quantized": [], "skipped": {}, "qat": False, "accuracy": fp32,
+                    "reason": "beyond the accuracy budget before quantizing"}
+        layers = list(summary["quantized"])
+        progress_line(trainer, f"{name}: all layers quantized is beyond budget ({budget.describe(accuracy)}); "
+                               f"measuring the sensitivity of {len(layers)} layers")
+        order: Optional[list[str]] = None
+        if trainer.is_global_zero:
+            loader, _ = validation_data(trainer)
+            images = next(iter(loader))[0] if loader is not None else self._example.args[0]
+            sensitivity = layer_sensitivity(model, self.spec, layers, [images])
+            order = sorted(layers, key=lambda layer: -sensitivity[layer])
+        order = trainer.strategy.broadcast(order, src=0)
+        assert order is not None
+        beyond, within = 0, len(order)  # keeping k layers: 0 is beyond budget, all of them is the fp32 model
+        measured: dict[int, Optional[float]] = {0: accuracy, len(order): fp32}
+        while within - beyond > 1:
+            keep = (beyond + within) // 2
+            progress_line(trainer, f"{name}: trying with the {keep} most sensitive layers in full precision")
+            trial = self._quantize(model, trainer, skip=skip_also(self.skip, order[:keep]), quiet=True)
+            measured[keep] = self.validation_accuracy(trainer, model)
+            undo(trial["quantized"])
+            if budget.allows(measured[keep]):
+                within = keep
+            else:
+                beyond = keep
+        if within == len(order):
+            rank_zero_info(f"{name}: only the unquantized model is within budget; it was left unquantized.")
+            return {"config": None, "quantized": [], "skipped": {}, "qat": False, "accuracy": fp32,
+                    "reason": "no layer can be quantized within the accuracy budget"}
+        kept = order[:within]
+        summary = self._quantize(model, trainer, skip=skip_also(self.skip, kept), quiet=True)
+        for rank, layer in enumerate(kept, 1):
+            summary["skipped"][layer] = f"kept in full precision for the accuracy budget (sensitivity rank {rank})"
+        summary.update(accuracy=measured[within], higher_precision=kept)
+        rank_zero_info(
+            f"{name}: kept {len(kept)} of {len(order)} layers in full precision, most sensitive first ({kept}); "
+            f"{budget.describe(measured[within])}."
+        )
+        return summary
 
     def _fail(self, model: nn.Module, message: str, err: Exception) -> None:
         """The model is in full precision again; raise or warn with ``message`` as ``on_error`` says."""
@@ -383,7 +696,11 @@ class QuantizeOnFit(CompressionCallback):
             raise RuntimeError(message) from err
         rank_zero_warn(message)
 
-    def _quantize(self, model: nn.Module, trainer: "pl.Trainer") -> dict[str, Any]:
+    def _quantize(
+        self, model: nn.Module, trainer: "pl.Trainer", skip: SkipSpec = None, quiet: bool = False
+    ) -> dict[str, Any]:
+        """Quantize ``model`` in place (``skip``: instead of the callback's ``skip``); its summary."""
+        assert self.spec is not None
         if self.spec.calibrates and not self._calibration:
             raise RuntimeError(
                 f"config={self.spec.name!r} calibrates on training inputs, but no training step ran "
@@ -392,15 +709,14 @@ class QuantizeOnFit(CompressionCallback):
         summary = quantize_model(
             model,
             self.spec,
-            skip=self.skip,
+            skip=self.skip if skip is None else skip,
             example_input=self._example,
             calibration_inputs=self._calibration,
             reduce_ranges=functools.partial(_reduce_ranges, trainer),  # the same model on every rank
         )
-        self._calibration = []
         summary["qat"] = self._qat_active
         summary["inference_precision"] = self.inference_precision
-        if summary["skipped"]:
+        if summary["skipped"] and not quiet:
             rank_zero_info(
                 "QuantizeOnFit kept in full precision: "
                 + ", ".join(f"{name} ({why})" for name, why in summary["skipped"].items())
@@ -408,6 +724,7 @@ class QuantizeOnFit(CompressionCallback):
         return summary
 
     def _compile(self, model: nn.Module) -> Optional[float]:
+        assert self.spec is not None
         self.spec.compile(model, self.inference_precision, **(self.compile if isinstance(self.compile, dict) else {}))
         if self._example is None:
             return None
@@ -459,6 +776,8 @@ class QuantizeOnFit(CompressionCallback):
                 "size_ratio": summary["size_after_bytes"] / summary["size_before_bytes"],
                 "output_relative_error": summary["output_relative_error"],
                 "compile_seconds": summary.get("compile_seconds"),
+                "accuracy": summary.get("accuracy"),
+                "layers_higher_precision": len(summary["higher_precision"]) if "higher_precision" in summary else None,
             },
         )
         error = summary["output_relative_error"]

@@ -286,6 +286,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"\nbatch {report['batch_size']}, {report['num_threads']} CPU threads, CPU: {report['cpu_name']}, GPU: {gpu}"
     )
     lines += _baselines_table(report)
+    lines.extend(_decision_lines(report.get("decisions") or {}))
     return "\n".join(lines)
 
 
@@ -308,6 +309,35 @@ def _baselines_table(report: dict[str, Any]) -> list[str]:
             f"| {_cell(ratios['cpu_speedup'])}x | {_cell(ratios['gpu_speedup'])}x |"
         )
     return lines
+
+
+def _decision_lines(decisions: dict[str, Any]) -> list[str]:
+    """One line per decision the callbacks took (``report["decisions"]``): undone steps, layers kept, "auto"."""
+    lines: list[str] = []
+    for name, decided in decisions.items():
+        for undone in decided.get("rolled_back", []):
+            accuracy = undone.get("accuracy")
+            what = "the training after a rollback" if undone.get("after_rollback") else f"step {undone['step']}"
+            lines.append(
+                f"- {name}: {what} ({undone['ratio']:.3f} of the channels removed, top-1 "
+                f"{'n/a' if accuracy is None else f'{accuracy:.2%}'} vs {undone['reference']:.2%} entering fit) "
+                f"was beyond max_accuracy_drop={decided.get('max_accuracy_drop')}: "
+                + ("rolled back" if undone.get("rolled_back") else "kept (could not be rolled back)")
+            )
+        if decided.get("stopped_by_budget"):
+            lines.append(f"- {name}: the schedule stopped after step {decided.get('steps_kept')}")
+        if decided.get("kept_in_higher_precision"):
+            lines.append(f"- {name}: kept in higher precision for the accuracy budget, most sensitive first: "
+                         f"{', '.join(decided['kept_in_higher_precision'])}")
+        auto = decided.get("auto")
+        if auto:
+            tried = ", ".join(
+                f"{t['label']} {'n/a' if t['speedup'] is None else format(t['speedup'], '.2f') + 'x'}"
+                for t in auto["tried"]
+            )
+            lines.append(f"- {name}(config='auto') chose {auto['chosen']}: {auto['reason']} (tried: {tried}; "
+                         f"{auto['selection_seconds']:.0f} s)")
+    return ["", "Decisions:", *lines] if lines else []
 
 
 def save_plot(report: dict[str, Any], path: Union[str, Path]) -> Optional[Path]:
