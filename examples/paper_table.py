@@ -49,10 +49,14 @@ from lightning_vitcompress import (
     NystromSwap,
     PruningSchedule,
     QuantizeOnFit,
+    TokenMerging,
+    TokenMergingConfig,
     compare_models,
+    merge_tokens,
     quantize_model,
     swap_attention,
 )
+from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
 from lightning_vitcompress.functional import (
     INFERENCE_PRECISIONS,
     compile_frozen,
@@ -61,7 +65,6 @@ from lightning_vitcompress.functional import (
     prune_vit,
 )
 from lightning_vitcompress.functional.baselines import build_baseline
-from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
 
 REFERENCE = "bf16 compiled, uncompressed (what you would run anyway)"
 
@@ -191,6 +194,8 @@ class Recipe:
         inference_precision, compile: as ``QuantizeOnFit``'s (x86 int8 configs compile by default).
         speed_model: ``(timm name, image size)`` of the speed architecture; ``None``:
             ViT-B/16 (``"vit"``) or DeiT-B distilled (``"deit"``) at 224.
+        merge: token merging (``TokenMerging``) at the r that halves the MACs at each scale:
+            :data:`MERGE_SPEED` on ViT-B/16, :data:`MERGE_DIGITS` on the 4-block digits ViT.
     """
 
     method: str
@@ -202,16 +207,22 @@ class Recipe:
     inference_precision: str = "32-true"
     compile: Optional[bool] = None
     speed_model: Optional[tuple[str, int]] = None
+    merge: bool = False
 
     @property
     def fine_tuned(self) -> bool:
-        return self.family == "vit" and any(v is not None for v in (self.prune, self.nystrom, self.distil))
+        return self.family == "vit" and (self.merge or any(v is not None for v in (self.prune, self.nystrom, self.distil)))
 
     def accuracy_key(self) -> "Recipe":
         """Rows that differ only in their speed architecture share one accuracy."""
         return dataclasses.replace(self, method="", speed_model=None)
 
 
+#: token merging that halves the MACs: ViT-B/16 at 224, r=16 (0.50x); the 4-block digits ViT (65 tokens) cannot
+#: reach half with a constant r (r=15 gives 0.52x), r=12 decreasing gives 0.46x
+#: (benchmarks/bench_token_merging.py, benchmarks/bench_token_merging_accuracy.py)
+MERGE_SPEED = dict(r=16)
+MERGE_DIGITS = dict(r=12, schedule="decreasing")
 VIT_S_512 = ("vit_small_patch16_224", 512)  # 32x32 patches + class token = 1025 tokens
 #: the rows, in table order. The combined rows distil lightly (alpha 0.2, T 1: at alpha 0.5, T 2 the pruned
 #: student fell 2 pt below pruning alone on digits, benchmarks/bench_pruning_accuracy.py, 3 seeds).
@@ -227,6 +238,9 @@ RECIPES = [
     Recipe("combined: prune 50% + distil + int8 dynamic", prune=0.5, distil="soft", quantize="int8_dynamic"),
     Recipe("combined: prune 50% + distil + int8 static x86, bf16-mixed, compiled", prune=0.5, distil="soft",
            quantize="int8_static_x86", inference_precision="bf16-mixed"),
+    Recipe("token merging (ToMe) + fine-tune", merge=True),
+    Recipe("combined: prune 50% + distil + token merging + int8 static x86, bf16-mixed, compiled", prune=0.5,
+           distil="soft", merge=True, quantize="int8_static_x86", inference_precision="bf16-mixed"),
     Recipe("vanilla", speed_model=VIT_S_512),
     Recipe("Nystrom m=64 + fine-tune", nystrom=64, speed_model=VIT_S_512),
 ]
@@ -275,6 +289,8 @@ def train_recipe(setting: Setting, recipe: Recipe, vanilla: DigitsClassifier, se
         callbacks.append(PruningSchedule(recipe.prune))
     if recipe.nystrom is not None:
         callbacks.append(NystromSwap(num_landmarks=recipe.nystrom))
+    if recipe.merge:
+        callbacks.append(TokenMerging(**MERGE_DIGITS))
     if recipe.distil is not None:
         teacher = setting.trained_teacher or _clone_model(vanilla.model)
         callbacks.append(DistillationTeacher(_clone_model(teacher), **DISTIL_SETTINGS))
@@ -327,6 +343,8 @@ def speed_models(recipes: list[Recipe], args: argparse.Namespace) -> tuple[dict[
             prune_vit(model, recipe.prune, x[:1])
         if recipe.nystrom is not None:
             swap_attention(model, recipe.nystrom)
+        if recipe.merge:
+            merge_tokens(model, TokenMergingConfig(**MERGE_SPEED))
         macs = count_macs(model, x[:1])  # before quantization: torchao weights hide their MACs
         if recipe.quantize:
             quantize_model(model, recipe.quantize, calibration_inputs=[x, torch.randn_like(x)])
