@@ -152,11 +152,15 @@ def test_files_load_and_run_where_lightning_this_library_timm_and_torchao_cannot
         ("timm-deit-distilled", "pruned"),
         ("timm-registers", "nystrom"),
         ("hf-vit-sdpa", "pruned"),
+        ("hf-deit-teacher", "nystrom"),
+        ("torchvision", "pruned"),
         ("mha-seq-first", "pruned"),
     ],
 )
 def test_onnx_of_each_family_runs_in_onnxruntime_like_the_live_model(family, technique, digit_images, tmp_path):
     model = build_family(family).eval()
+    if family == "torchvision":  # its head starts at zero: every logit 0, nothing to compare
+        torch.nn.init.normal_(model.heads.head.weight, std=0.1)
     if technique == "pruned":
         params = sum(p.numel() for p in model.parameters())
         prune_vit(model, 0.5, digit_images[:1])

@@ -16,7 +16,13 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_vitcompress._model import find_attention_blocks
 from lightning_vitcompress._structure import STRUCTURE_KEY, load_compressed, read_checkpoint, recorded_edits
 from lightning_vitcompress.digits import DigitsClassifier
-from lightning_vitcompress.functional.nystrom import NystromAttention, iterative_pinv, segment_means
+from lightning_vitcompress.functional.nystrom import (
+    AttentionMaskError,
+    NystromAttention,
+    iterative_pinv,
+    segment_means,
+    swap_attention,
+)
 from lightning_vitcompress import NystromSwap
 
 
@@ -378,3 +384,22 @@ def test_resume_before_the_swap_epoch_gives_the_weights_of_an_uninterrupted_run(
     assert nystrom_blocks(resumed.model) == nystrom_blocks(uninterrupted.model) == ["blocks.0.attn", "blocks.1.attn"]
     for key, value in uninterrupted.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[key], value, msg=key)
+
+
+def test_transformers_attention_swaps_exactly_and_refuses_a_real_mask():
+    """transformers ViT attention: exact at m >= tokens, (out, None) like the original, a mask refused in eager."""
+    pytest.importorskip("transformers", reason="the [hf] extra (transformers) is not installed")
+    from families import build_family
+
+    model = build_family("hf-vit-sdpa").eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        exact = model(images).logits
+        swap_attention(model, 64)  # 16 patches: exact attention through the fused qkv
+        torch.testing.assert_close(model(images).logits, exact, atol=1e-5, rtol=1e-5)
+    block = model.vit.layers[0].attention
+    assert isinstance(block, NystromAttention) and block.interface == "transformers"
+    out, weights = block(torch.randn(2, 17, 32))
+    assert out.shape == (2, 17, 32) and weights is None
+    with pytest.raises(AttentionMaskError, match="does not support attention masks"):
+        block(torch.randn(2, 17, 32), torch.zeros(2, 1, 17, 17))

@@ -320,7 +320,10 @@ class NystromAttention(nn.Module):
         built from ``nn.MultiheadAttention``; ``attn(x, attention_mask)`` -> ``(out, None)`` when built
         from a transformers attention (attention weights are never materialized)."""
         if self.interface == "transformers":  # its second positional argument is the attention mask
-            if key is not None or kwargs.get("attention_mask") is not None:
+            mask = key if key is not None else kwargs.get("attention_mask")
+            # ViT/DeiT take no padding mask: eager passes None, but under torch.compile/export transformers
+            # materializes the all-visible mask it would otherwise skip, which is safe to ignore there
+            if mask is not None and not torch.compiler.is_compiling():
                 raise AttentionMaskError(
                     "NystromAttention does not support attention masks: landmarks average over all tokens. "
                     "Keep masked blocks exact (NystromSwap(blocks=[...]))."
