@@ -222,6 +222,7 @@ class Recipe:
 #: reach half with a constant r (r=15 gives 0.52x), r=12 decreasing gives 0.46x
 #: (benchmarks/bench_token_merging.py, benchmarks/bench_token_merging_accuracy.py)
 MERGE_SPEED = dict(r=16)
+MERGE_FAST = dict(r=4)  # --fast: the small speed model has 64 patches over 12 blocks
 MERGE_DIGITS = dict(r=12, schedule="decreasing")
 VIT_S_512 = ("vit_small_patch16_224", 512)  # 32x32 patches + class token = 1025 tokens
 #: the rows, in table order. The combined rows distil lightly (alpha 0.2, T 1: at alpha 0.5, T 2 the pruned
@@ -344,7 +345,7 @@ def speed_models(recipes: list[Recipe], args: argparse.Namespace) -> tuple[dict[
         if recipe.nystrom is not None:
             swap_attention(model, recipe.nystrom)
         if recipe.merge:
-            merge_tokens(model, TokenMergingConfig(**MERGE_SPEED))
+            merge_tokens(model, TokenMergingConfig(**(MERGE_FAST if args.fast else MERGE_SPEED)))
         macs = count_macs(model, x[:1])  # before quantization: torchao weights hide their MACs
         if recipe.quantize:
             quantize_model(model, recipe.quantize, calibration_inputs=[x, torch.randn_like(x)])
