@@ -119,10 +119,9 @@ def example_from_data(trainer: "pl.Trainer") -> Optional[torch.Tensor]:
     """One image (batch of 1) of the data this fit trains on: validation data first, else training data.
 
     For models that do not state their input size. Lightning calls the
-    datamodule's ``setup`` before the callbacks' ``setup``, so its loaders can
-    be asked here; loaders passed to ``fit`` directly are read from the fit
-    loop's data sources (``_DataLoaderSource.dataloader()``, what Lightning
-    itself calls). The first batch is read under a forked random state, so the
+    datamodule's ``setup`` before the callbacks' ``setup``, so the loaders can
+    be asked here, from the fit loop's data sources (``_DataLoaderSource.dataloader()``,
+    what Lightning itself calls: ``fit(...)``'s loaders, the datamodule's or the module's). The first batch is read under a forked random state, so the
     training order is what it would be without us. Returns None where no data
     is reachable or a batch holds no image tensor.
     """
@@ -134,26 +133,29 @@ def example_from_data(trainer: "pl.Trainer") -> Optional[torch.Tensor]:
 
 
 def _first_images(trainer: "pl.Trainer") -> Optional[torch.Tensor]:
-    sources: list[Callable[[], Any]] = []
-    datamodule = trainer.datamodule
-    if datamodule is not None:
-        sources += [datamodule.val_dataloader, datamodule.train_dataloader]
-    for loop in (trainer.fit_loop.epoch_loop.val_loop, trainer.fit_loop):
-        source = getattr(loop, "_data_source", None)
-        if source is not None and source.is_defined():
-            sources.append(source.dataloader)
-    for source in sources:
+    for loop in (trainer.fit_loop.epoch_loop.val_loop, trainer.fit_loop):  # validation data, then training data
         try:
             with torch.random.fork_rng(devices=[]):
-                loader = source()
-                loader = loader[0] if isinstance(loader, (list, tuple)) and loader else loader
-                batch = next(iter(loader))
-        except Exception:  # noqa: BLE001 - an undefined or failing loader: try the next source
+                loader = _first_loader(loop._data_source)
+                batch = next(iter(loader)) if loader is not None else None
+        except Exception:  # noqa: BLE001 - a failing loader: try the next source
             continue
         images = images_of(batch)
         if images is not None:
             return images
     return None
+
+
+def _first_loader(source: Any) -> Optional[Iterable[Any]]:
+    """The (first) dataloader of a Lightning data source: ``fit(...)``'s loaders, the datamodule's or the module's."""
+    if source is None or source.instance is None or not source.is_defined():
+        return None
+    loader = source.dataloader()
+    if isinstance(loader, (list, tuple)):
+        return loader[0] if loader else None
+    if isinstance(loader, Mapping):
+        return next(iter(loader.values()), None)
+    return loader
 
 
 def _run_once_in_order(
@@ -178,14 +180,7 @@ def validation_data(trainer: "pl.Trainer") -> tuple[Optional[Iterable[Any]], Opt
     ``setup`` on. ``limit_val_batches`` applies (an int: that many batches, a
     float: that fraction). ``(None, None)`` when there is none or it is limited to 0.
     """
-    source = trainer.fit_loop.epoch_loop.val_loop._data_source
-    if source.instance is None or not source.is_defined():
-        return None, None
-    loader = source.dataloader()
-    if isinstance(loader, (list, tuple)):
-        loader = loader[0] if loader else None
-    elif isinstance(loader, Mapping):
-        loader = next(iter(loader.values()), None)
+    loader = _first_loader(trainer.fit_loop.epoch_loop.val_loop._data_source)
     if loader is None:
         return None, None
     limit = trainer.limit_val_batches
