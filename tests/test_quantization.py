@@ -525,6 +525,17 @@ def test_multihead_attention_projections_quantize_through_linear_layers_compile_
         torch.testing.assert_close(load_compressed(EncoderClassifier, bare).eval()(images), expected)
 
 
+def test_a_failing_quantization_puts_nn_multihead_attention_back(tmp_path, digits):
+    model = EncoderClassifier()
+    attentions = [layer.self_attn for layer in model.encoder.layers]
+    keys = set(model.state_dict())
+    callback = QuantizeOnFit(FailsOnSmallLayersConfig(), on_error="warn")
+    with pytest.warns(UserWarning, match=r"left in place.*no kernel for this shape"):
+        fast_trainer(tmp_path, callbacks=[callback]).fit(model, digits)
+    assert [layer.self_attn for layer in model.encoder.layers] == attentions  # the very modules, as trained
+    assert set(model.state_dict()) == keys and recorded_edits(model) == []
+
+
 def test_split_multihead_attention_is_the_same_function_with_masks_weights_and_either_layout():
     torch.manual_seed(0)
     for batch_first in (True, False):
