@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 from typing import Callable
 
 import timm
 import torch
 from torch import nn
 
+from lightning_vitcompress.functional.report import cpu_name
 from lightning_vitcompress import compile_frozen, prune_vit, quantize_model
 from lightning_vitcompress.functional import compare_throughput, count_parameters
 from lightning_vitcompress.models import logits_of
@@ -116,7 +116,7 @@ def main() -> None:
 
     ips = compare_throughput(variants, x, num_threads=args.threads, rounds=args.rounds, min_run_time=args.min_run_time)
     print(f"\nViT-B/16 of each family, random weights, batch {args.batch_size}, {args.threads} threads, "
-          f"torch {torch.__version__}, CPU: {platform.processor() or platform.machine()}")
+          f"torch {torch.__version__}, CPU: {cpu_name()}")
     print("| family | variant | params (M) | CPU images/s | speedup vs its fp32 eager | vs timm's speedup |")
     print("|---|---|---|---|---|---|")
     speedups: dict[tuple[str, str], float] = {}

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 
 import timm
 import torch
 
+from lightning_vitcompress.functional.report import cpu_name
 from lightning_vitcompress.functional import (
     compare_throughput,
     count_macs,
@@ -64,7 +64,7 @@ def main() -> None:
     base_macs = count_macs(base, example)
     print(
         f"\nvit_base_patch16_224, batch {args.batch_size}, {args.threads} threads, fp32 eager, "
-        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, interleaved x{args.rounds}"
+        f"{cpu_name()}, torch {torch.__version__}, interleaved x{args.rounds}"
     )
     print(
         "| model | embed / heads x head_dim / mlp | params (M) | MACs/img (G) | size MB (MiB) | size ratio | img/s | speedup |"

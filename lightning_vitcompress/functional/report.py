@@ -57,7 +57,8 @@ _METRICS = (
 )
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU model as /proc/cpuinfo names it (int8 speed rankings depend on it), else the platform's name."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             for line in cpuinfo:
@@ -189,7 +190,7 @@ def compare_models(
         "batch_size": int(example_input.shape[0]),
         "input_shape": list(example_input.shape[1:]),
         "num_threads": threads,
-        "cpu_name": _cpu_name(),
+        "cpu_name": cpu_name(),
         "gpu_name": gpu_name,
         "versions": _versions(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
