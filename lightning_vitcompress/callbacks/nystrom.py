@@ -408,6 +408,7 @@ class NystromSwap(CompressionCallback):
             result = nystrom_break_even(
                 attention, self.config, prefix, [*grid, *seen],
                 batch_size=getattr(bench, "batch_size", _AUTO_BATCH_SIZE), num_threads=getattr(bench, "num_threads", None),
+                min_run_time=min(0.5, getattr(bench, "min_run_time", 0.1)),
             )
             speedups = ", ".join(f"{t}: {r:.2f}x" for t, r in result["speedups"].items())
             rank_zero_info(f"NystromSwap(min_tokens='auto'): Nyström / exact speed by token count: {speedups or 'n/a'}; "
