@@ -168,20 +168,41 @@ def test_min_tokens_skips_the_blocks_token_merging_leaves_short(tmp_path, tiny_c
     assert next(r for r in recorded_edits(model) if r["kind"] == "nystrom")["blocks"] == []
 
 
-def test_min_tokens_auto_measures_the_break_even_and_swaps_accordingly(tmp_path, tiny_classifier, digits):
+def test_min_tokens_auto_swaps_from_the_measured_break_even_and_logs_it(tmp_path, tiny_classifier, digits, monkeypatch):
+    import lightning_vitcompress.callbacks.nystrom as callback_module
+
+    timed: list[list[int]] = []
+
+    def measured(attention, config, prefix, token_counts, **kwargs):  # this machine's timing, made up: 60 tokens
+        timed.append(sorted(set(token_counts)))
+        return {"speedups": {18: 0.5, 36: 0.8, 49: 0.9, 65: 1.2}, "break_even": 60}
+
+    monkeypatch.setattr(callback_module, "nystrom_break_even", measured)
     model = tiny_classifier()
     swap = NystromSwap(num_landmarks=8, min_tokens="auto")
     logger = CSVLogger(tmp_path)
-    fast_trainer(tmp_path, callbacks=[swap], limit_train_batches=1, logger=logger).fit(model, digits)
-    speedups, even = swap.break_even["speedups"], swap.break_even["break_even"]
-    assert 65 in speedups and all(ratio > 0 for ratio in speedups.values())
-    swapped = nystrom_blocks(model.model)
-    if even is not None and even <= 65:
-        assert swapped == ["blocks.0.attn", "blocks.1.attn"] and not swap.skipped_blocks
-    else:
-        assert not swapped and "min_tokens='auto'" in swap.skipped_blocks["blocks.0.attn"]
-    assert "break_even_tokens" in swap.decisions()
-    assert "nystrom/auto/65_tokens/speedup" in (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
+    fast_trainer(tmp_path, callbacks=[swap, TokenMerging(r=16)], limit_train_batches=1, logger=logger).fit(
+        model, digits
+    )
+    assert timed == [[18, 36, 49, 65]]  # a doubling grid from 2 (m + prefix) and the counts the blocks see
+    assert nystrom_blocks(model.model) == ["blocks.0.attn"]  # 65 tokens; block 1 sees 49 after merging
+    assert swap.skipped_blocks == {"blocks.1.attn": "sees 49 tokens < min_tokens='auto' (measured break-even 60)"}
+    assert swap.decisions()["break_even_tokens"] == 60
+    logged = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
+    assert "nystrom/break_even_tokens" in logged and "nystrom/auto/65_tokens/speedup" in logged
+
+
+def test_break_even_timing_reports_each_count_where_nystrom_approximates():
+    from timm.layers.attention import Attention
+
+    from lightning_vitcompress.functional.nystrom import nystrom_break_even
+
+    result = nystrom_break_even(Attention(32, num_heads=4), NystromConfig(num_landmarks=8), 1, [9, 18, 65, 18],
+                                batch_size=1, num_threads=1, min_run_time=0.01, rounds=1)
+    assert set(result["speedups"]) == {18, 65}  # 9 tokens: the landmarks cover the patches, both are exact
+    assert all(ratio > 0 for ratio in result["speedups"].values())
+    even = result["break_even"]
+    assert even is None or all(result["speedups"][t] > 1.0 for t in result["speedups"] if t >= even)
 
 
 @pytest.mark.parametrize("family", ["timm-vit", "torchvision", "hf-vit-eager", "mha-seq-first"])
