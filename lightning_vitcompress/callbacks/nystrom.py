@@ -433,7 +433,8 @@ class NystromSwap(CompressionCallback):
         nystrom = [name for name, m in find_attention_blocks(model) if isinstance(m, NystromAttention)
                    and name in self.swapped_blocks]
         if budget is None or not nystrom:
-            self.log_metrics(trainer, metrics)
+            if metrics:  # nothing decided at the end: no empty row in the loggers
+                self.log_metrics(trainer, metrics)
             return
         label = f"NystromSwap(max_accuracy_drop={self.max_accuracy_drop!r})"
         accuracy = self.validation_accuracy(trainer, model)
