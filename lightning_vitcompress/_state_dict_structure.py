@@ -129,8 +129,9 @@ def infer_records(module: nn.Module, state_dict: Mapping[str, Any], target_path:
     model = get_submodule(module, target_path)
     saved = {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
     nystrom = _nystrom_blocks(model, saved)
+    split = _split_attentions(model, saved)
     records: list[Record] = []
-    pruned = _pruned_shapes(model, saved, nystrom, prefix)
+    pruned = _pruned_shapes(model, _with_multihead_keys(saved, split), nystrom, prefix)
     if pruned:
         records.append({"kind": "prune", "target": target_path, "inferred": True, "modules": pruned})
     groups: dict[tuple[Any, ...], list[str]] = {}
@@ -150,12 +151,34 @@ def infer_records(module: nn.Module, state_dict: Mapping[str, Any], target_path:
                 "conv_kernel_size": kernel,
             }
         )
-    for config, layers in _quantized_layers(model, saved).items():
+    quantized = _quantized_layers(model, saved, split) or ({"": []} if split else {})
+    for index, (config, layers) in enumerate(quantized.items()):
         records.append(
             {"kind": QUANTIZE_KIND, "target": target_path, "inferred": True, "config": config, "layers": layers,
-             "skipped": {}}
+             "skipped": {}, "split_attention": split if index == 0 else []}
         )
     return records
+
+
+def _split_attentions(model: nn.Module, saved: Mapping[str, Any]) -> list[str]:
+    """The ``nn.MultiheadAttention`` modules saved split for quantization (``<name>.qkv.weight``, no ``in_proj``)."""
+    return [
+        name for name, module in model.named_modules()
+        if isinstance(module, nn.MultiheadAttention) and f"{name}.qkv.weight" in saved
+        and f"{name}.in_proj_weight" not in saved
+    ]
+
+
+def _with_multihead_keys(saved: Mapping[str, Any], split: list[str]) -> Mapping[str, Any]:
+    """``saved`` with the split attentions' ``qkv`` keys under ``nn.MultiheadAttention``'s names, for their shapes."""
+    if not split:
+        return saved
+    renamed = dict(saved)
+    for name in split:
+        for old, new in (("qkv.weight", "in_proj_weight"), ("qkv.bias", "in_proj_bias")):
+            if f"{name}.{old}" in renamed:
+                renamed[f"{name}.{new}"] = renamed.pop(f"{name}.{old}")
+    return renamed
 
 
 def _nystrom_blocks(model: nn.Module, saved: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -285,18 +308,20 @@ def _head_layout(
     )
 
 
-def _quantized_layers(model: nn.Module, saved: Mapping[str, Any]) -> dict[str, list[str]]:
+def _quantized_layers(model: nn.Module, saved: Mapping[str, Any], split: list[str]) -> dict[str, list[str]]:
     """``{config label: linear layer names}`` of the layers saved quantized.
 
     A torchao tensor-subclass weight is labelled with its class; a layer saved
     from a registered config's ``module_class`` (the x86 int8 layers) with the
     first config whose module has exactly the saved keys and an int8 weight.
+    The ``split`` attentions' ``qkv`` layers count as linears of the model.
     """
     modules: Optional[list[tuple[str, frozenset[str]]]] = None
     layers: dict[str, list[str]] = {}
-    for name, module in model.named_modules():
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    for name in [*linears, *(f"{attention}.qkv" for attention in split)]:
         weight = saved.get(f"{name}.weight")
-        if not isinstance(module, nn.Linear) or not isinstance(weight, torch.Tensor):
+        if not isinstance(weight, torch.Tensor):
             continue
         if type(weight) not in (torch.Tensor, nn.Parameter):  # a torchao tensor subclass
             label = type(weight).__name__

@@ -1,8 +1,9 @@
 """ExportOnFit / export_compressed: .pt2 (AOTInductor) and .onnx files checked against the live model, loaded
 without this library, measured by BenchmarkCallback; bad inputs fail at setup and never lose the model.
 
-AOTInductor compiles take tens of seconds on 2 cores: two .pt2 packages in this file (a pruned + int8 model,
-a Nystrom model through the callback); ONNX carries the family coverage.
+AOTInductor compiles take tens of seconds on 2 cores: three .pt2 packages in this file (a pruned + int8 timm
+model, a pruned + int8 torchvision model, a Nystrom model through the callback); ONNX carries the rest of the
+family coverage.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from families import FamilyClassifier, build_family
-from helpers import fast_trainer
+from helpers import fast_trainer, run_ddp_script
 from torch import nn
 
 from lightning_vitcompress import (
@@ -229,6 +230,65 @@ def test_export_runs_after_quantize_on_fit_saved_and_follows_its_precision_choic
     with torch.inference_mode():
         output = load_artifact(tmp_path / "vit.onnx")(images)
     assert relative_error(output, live_logits(module.model, images)) <= TOLERANCES[("32-true", True)]
+
+
+@needs_onnx
+def test_ddp_rank_zero_writes_one_checked_file_every_rank_gets_its_summary_or_its_failure(tmp_path):
+    reports = run_ddp_script(
+        f"""
+        import lightning as L
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from families import FamilyClassifier
+        import lightning_vitcompress.callbacks.export as export_module
+        from lightning_vitcompress import ExportOnFit, PruningSchedule
+        from lightning_vitcompress.digits import DigitsDataModule
+
+        def fit(export):
+            L.seed_everything(0, verbose=False)
+            trainer = L.Trainer(
+                accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, limit_train_batches=2,
+                limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                enable_model_summary=False, callbacks=[PruningSchedule(0.5), export],
+            )
+            trainer.fit(FamilyClassifier("torchvision"), DigitsDataModule(batch_size=16))
+            return trainer
+
+        export = ExportOnFit(os.path.join(OUT, "vit.onnx"))
+        trainer = fit(export)
+        values = {{"path": export.summary["path"], "size": export.summary["size_bytes"]}}
+
+        def fails_on_rank_zero(*args, **kwargs):
+            raise RuntimeError("disk full")
+
+        export_module.export_compressed = fails_on_rank_zero  # only rank zero exports: would the others hang?
+        try:
+            fit(ExportOnFit(os.path.join(OUT, "again.onnx")))
+        except RuntimeError as err:
+            values["error"] = str(err)
+        report(trainer, **values)
+        """,
+        tmp_path,
+        timeout=400,
+    )
+    assert reports[0]["path"] == reports[1]["path"] == str(tmp_path / "vit.onnx")
+    assert reports[0]["size"] == reports[1]["size"] == (tmp_path / "vit.onnx").stat().st_size
+    for rank in reports:
+        assert "ExportOnFit(path=" in rank["error"] and "disk full" in rank["error"]
+    assert not (tmp_path / "again.onnx").exists()
+
+
+def test_pt2_of_a_pruned_int8_torchvision_vit_quantizes_its_attention_and_matches(digit_images, tmp_path):
+    model = build_family("torchvision").eval()
+    torch.nn.init.normal_(model.heads.head.weight, std=0.1)  # its head starts at zero: nothing to compare
+    prune_vit(model, 0.5, digit_images[:1])
+    summary = quantize_model(model, "int8_dynamic_x86", example_input=digit_images)
+    assert summary["split_attention"] and all(f"{name}.qkv" in summary["quantized"] for name in summary["split_attention"])
+    pt2 = export_compressed(model, tmp_path / "vit.pt2", digit_images)
+    assert pt2["relative_error"] <= pt2["tolerance"] == TOLERANCES[("32-true", True)]
+    images = torch.randn(3, 3, IMAGES, IMAGES)
+    with torch.inference_mode():
+        output = load_artifact(tmp_path / "vit.pt2")(images)
+    assert relative_error(output, live_logits(model, images)) <= pt2["tolerance"]
 
 
 # ----------------------------------------------------------------------------- bad inputs

@@ -29,6 +29,7 @@ from lightning_vitcompress import (
     X86Int8StaticLinear,
     load_compressed,
 )
+from lightning_vitcompress.functional.multihead_attention import MultiheadSelfAttention
 from lightning_vitcompress.functional.x86_int8 import calibrate_input_ranges
 from lightning_vitcompress.functional.measure import measure_accuracy
 from lightning_vitcompress._model import set_submodule
@@ -488,27 +489,73 @@ class EncoderClassifier(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
 
-def test_multihead_attention_model_keeps_out_proj_quantizes_the_rest_compiles_and_logs(tmp_path, digits):
+def test_multihead_attention_projections_quantize_through_linear_layers_compile_log_and_load_back(tmp_path, digits):
     L.seed_everything(0, verbose=False)
     model = EncoderClassifier()
-    keys = set(model.state_dict())
-    callback = QuantizeOnFit(compile={"backend": "eager"})  # the wiring; inductor is the benchmark's business
+    images = next(iter(digits.test_dataloader()))[0]
+    callback = QuantizeOnFit(compile={"backend": "eager"}, save_path=tmp_path / "int8.ckpt")  # inductor: benchmark's
     logger = CSVLogger(tmp_path)
     fast_trainer(tmp_path, callbacks=[callback], logger=logger).fit(model, digits)
     summary = callback.summary
-    assert summary["compile_seconds"] is not None and set(model.state_dict()) == keys  # compiled in place
+    assert summary["compile_seconds"] is not None
     metrics = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()[0].split(",")
     # the target is the child holding the attention blocks: `encoder`
     assert {"quant/layers_quantized", "quant/size_ratio", "quant/compile_seconds"} <= set(metrics)
     hparams = yaml.safe_load((Path(logger.log_dir) / "hparams.yaml").read_text())
     assert hparams["quant/config"] == "int8_dynamic" and hparams["quant/inference_precision"] == "32-true"
-    assert sorted(summary["skipped"]) == ["layers.0.self_attn.out_proj", "layers.1.self_attn.out_proj"]
-    assert all("nn.MultiheadAttention out_proj" in why for why in summary["skipped"].values())
-    assert summary["quantized"] == ["layers.0.linear1", "layers.0.linear2", "layers.1.linear1", "layers.1.linear2"]
-    assert type(model.encoder.layers[0].linear1.weight.data) is Int8Tensor
+    # nn.MultiheadAttention hands its raw weights to one kernel: it became linear projections, which quantize
+    assert summary["split_attention"] == ["layers.0.self_attn", "layers.1.self_attn"]
+    assert summary["skipped"] == {}
+    assert summary["quantized"] == [
+        f"layers.{i}.{layer}" for i in (0, 1) for layer in ("self_attn.qkv", "self_attn.out_proj", "linear1", "linear2")
+    ]
+    attention = model.encoder.layers[0].self_attn
+    assert isinstance(attention, MultiheadSelfAttention) and type(attention.qkv.weight.data) is Int8Tensor
     assert summary["output_relative_error"] < 0.05
     model.eval()
-    assert model(next(iter(digits.test_dataloader()))[0]).shape == (64, 10)
+    with torch.no_grad():
+        expected = model(images)
+    loaded = load_compressed(EncoderClassifier, tmp_path / "int8.ckpt").eval()
+    assert isinstance(loaded.encoder.layers[1].self_attn, MultiheadSelfAttention)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), expected)
+    bare = tmp_path / "weights.pt"  # no records: the split is read from the saved keys
+    torch.save(model.state_dict(), bare)
+    with torch.no_grad():
+        torch.testing.assert_close(load_compressed(EncoderClassifier, bare).eval()(images), expected)
+
+
+def test_a_failing_quantization_puts_nn_multihead_attention_back(tmp_path, digits):
+    model = EncoderClassifier()
+    attentions = [layer.self_attn for layer in model.encoder.layers]
+    keys = set(model.state_dict())
+    callback = QuantizeOnFit(FailsOnSmallLayersConfig(), on_error="warn")
+    with pytest.warns(UserWarning, match=r"left in place.*no kernel for this shape"):
+        fast_trainer(tmp_path, callbacks=[callback]).fit(model, digits)
+    assert [layer.self_attn for layer in model.encoder.layers] == attentions  # the very modules, as trained
+    assert set(model.state_dict()) == keys and recorded_edits(model) == []
+
+
+def test_split_multihead_attention_is_the_same_function_with_masks_weights_and_either_layout():
+    torch.manual_seed(0)
+    for batch_first in (True, False):
+        attention = nn.MultiheadAttention(16, 4, batch_first=batch_first).eval()
+        split = MultiheadSelfAttention.from_multihead(attention)
+        assert split.qkv.weight is attention.in_proj_weight and split.out_proj.weight is attention.out_proj.weight
+        x = torch.randn(2, 5, 16) if batch_first else torch.randn(5, 2, 16)
+        padding = torch.tensor([[False] * 5, [False, False, False, True, True]])
+        for options in ({"need_weights": False}, {"key_padding_mask": padding, "average_attn_weights": False},
+                        {"attn_mask": torch.randn(5, 5)}, {"attn_mask": torch.rand(5, 5) > 0.7, "need_weights": False}):
+            expected, expected_weights = attention(x, x, x, **options)
+            out, weights = split(x, x, x, **options)
+            torch.testing.assert_close(out, expected)
+            assert (weights is None) == (expected_weights is None)
+            if weights is not None:
+                torch.testing.assert_close(weights, expected_weights)
+    with pytest.raises(ValueError, match="self-attention"):
+        split(x, torch.randn_like(x), x)
+    with pytest.raises(ValueError, match="cross-attention"):
+        MultiheadSelfAttention.from_multihead(nn.MultiheadAttention(16, 4, kdim=8, vdim=8))
 
 
 def test_checkpoints_before_quantization_resume_and_the_saved_quantized_model_loads(

@@ -105,6 +105,7 @@ class ExportOnFit(CompressionCallback):
         self.summary: Optional[dict[str, Any]] = None
         self._config: ExportConfig = self.config
         self._example: Optional[torch.Tensor] = None
+        self._error: Optional[Exception] = None  # why the export failed, on rank zero
         self._capture_handle: Optional[Any] = None
 
     # ------------------------------------------------------------- setup: fail fast
@@ -149,24 +150,13 @@ class ExportOnFit(CompressionCallback):
     # ------------------------------------------------------------- train end: export
     def ordered_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._stop_capture()
-        if trainer.is_global_zero:
-            self._export(trainer, pl_module)
-        trainer.strategy.barrier("ExportOnFit.export")
-
-    def _export(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        model = self.target(pl_module)
-        example = self._example
-        if example is None:
-            shape = _input_shape(pl_module, model)
-            if shape is None:
-                self._fail("no training step ran, so there is no real batch to check the file on", None)
-                return
-            rank_zero_warn("ExportOnFit: no training step ran; the exported file is checked on random images.")
-            example = torch.randn(2, *shape)
-        try:
-            summary = export_compressed(model, self.path, example, self._config)
-        except Exception as err:  # noqa: BLE001 - the model is untouched; say so
-            self._fail(f"{type(err).__name__}: {err}", err)
+        # rank zero writes and checks the file; every rank learns how it went, so a failure raises everywhere
+        # (a lone raise on rank zero would leave the others waiting in a collective) and summary is the same
+        outcome = self._export(pl_module) if trainer.is_global_zero else None
+        summary, failure = trainer.strategy.broadcast(outcome, src=0)
+        if failure is not None:
+            error, self._error = self._error, None  # rank zero's exception, the cause of what is raised there
+            self._fail(failure, error)
             return
         self.summary = summary
         for logger in trainer.loggers:
@@ -189,6 +179,22 @@ class ExportOnFit(CompressionCallback):
             + (f"; loaded back, logits within {error:.2g} of the live model's (tolerance {summary['tolerance']:g})"
                if error is not None else "")
         )
+
+    def _export(self, pl_module: "pl.LightningModule") -> tuple[Optional[dict[str, Any]], Optional[str]]:
+        """``(summary, None)``, or ``(None, why)`` when no checked file was written (the error in ``_error``)."""
+        model = self.target(pl_module)
+        example = self._example
+        if example is None:
+            shape = _input_shape(pl_module, model)
+            if shape is None:
+                return None, "no training step ran, so there is no real batch to check the file on"
+            rank_zero_warn("ExportOnFit: no training step ran; the exported file is checked on random images.")
+            example = torch.randn(2, *shape)
+        try:
+            return export_compressed(model, self.path, example, self._config), None
+        except Exception as err:  # noqa: BLE001 - the model is untouched; say so
+            self._error = err
+            return None, f"{type(err).__name__}: {err}"
 
     def _fail(self, reason: str, err: Optional[Exception]) -> None:
         message = (

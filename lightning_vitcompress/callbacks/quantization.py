@@ -59,6 +59,7 @@ from lightning_vitcompress.functional.quantize import (
     _run,
     quantize_model,
     remove_fake_quantization,
+    split_attention_to_quantize,
 )
 from lightning_vitcompress.functional.quantize_auto import (
     AutoCandidate,
@@ -66,6 +67,7 @@ from lightning_vitcompress.functional.quantize_auto import (
     format_auto_table,
     select_quantization,
 )
+from lightning_vitcompress.functional.multihead_attention import restore_multihead_attention
 from lightning_vitcompress.functional.quantize_sensitivity import layer_sensitivity, skip_also
 from lightning_vitcompress.functional.quantize_configs import (
     QUANTIZATION_CONFIGS,
@@ -283,6 +285,7 @@ class QuantizeOnFit(CompressionCallback):
         self._example: Optional[ModelInputs] = None
         #: training inputs of the current epoch kept for static calibration
         self._calibration: list[ModelInputs] = []
+        self._split: dict[str, nn.Module] = {}  # nn.MultiheadAttention modules split for quantization, by name
         self._capture_handle: Optional[Any] = None
 
     # ------------------------------------------------------------- setup: fail fast
@@ -472,6 +475,9 @@ class QuantizeOnFit(CompressionCallback):
                     err,
                 )
                 return
+        # nn.MultiheadAttention gets linear projections that can quantize (the same parameters, the same
+        # function); put back wherever this ends without a quantized model, so the record always tells
+        self._split = split_attention_to_quantize(model)
         # the layers as trained: quantize_model swaps in quantized copies and leaves these objects untouched
         trained = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
         try:
@@ -492,12 +498,14 @@ class QuantizeOnFit(CompressionCallback):
             return
         self._calibration = []
         if summary.get("config") is None:  # the budget left nothing to quantize
+            self._unsplit(model)
             self.summary = summary
             for path in (self.save_fp32_path, self.save_path):
                 if path is not None:
                     self._save(trainer, pl_module, pl_module.state_dict(), path)
             return
-        self.record(pl_module, config=label, layers=list(summary["quantized"]), skipped=dict(summary["skipped"]))
+        self.record(pl_module, config=label, layers=list(summary["quantized"]), skipped=dict(summary["skipped"]),
+                    split_attention=summary["split_attention"])
         if self.save_path is not None:
             previous = _file_stamp(self.save_path)
             try:
@@ -692,9 +700,15 @@ class QuantizeOnFit(CompressionCallback):
         if self._qat_active:
             remove_fake_quantization(model)
             self._qat_active = False
+        self._unsplit(model)
         if self.on_error == "raise":
             raise RuntimeError(message) from err
         rank_zero_warn(message)
+
+    def _unsplit(self, model: nn.Module) -> None:
+        """Put back the ``nn.MultiheadAttention`` modules split for quantization (none: nothing to do)."""
+        restore_multihead_attention(model, self._split)
+        self._split = {}
 
     def _quantize(
         self, model: nn.Module, trainer: "pl.Trainer", skip: SkipSpec = None, quiet: bool = False
@@ -716,6 +730,7 @@ class QuantizeOnFit(CompressionCallback):
         )
         summary["qat"] = self._qat_active
         summary["inference_precision"] = self.inference_precision
+        summary["split_attention"] = list(self._split)  # split by ordered_train_end, before quantize_model
         if summary["skipped"] and not quiet:
             rank_zero_info(
                 "QuantizeOnFit kept in full precision: "

@@ -36,6 +36,7 @@ from lightning_vitcompress.functional.measure import (
     serialized_size_bytes,
     thread_count,
 )
+from lightning_vitcompress.functional.multihead_attention import MultiheadSelfAttention, split_multihead_attention
 from lightning_vitcompress.functional.nystrom import NystromAttention, NystromConfig, swap_attention
 from lightning_vitcompress.functional.prune import PruneConfig, prune_vit
 from lightning_vitcompress.functional.quantize_configs import (
@@ -74,6 +75,7 @@ __all__ = [
     "Int8DynamicX86Config",
     "Int8StaticX86Config",
     "ModelInputs",
+    "MultiheadSelfAttention",
     "NystromAttention",
     "NystromConfig",
     "PruneConfig",
@@ -110,6 +112,7 @@ __all__ = [
     "select_layers",
     "serialized_size_bytes",
     "soft_distillation_loss",
+    "split_multihead_attention",
     "swap_attention",
     "thread_count",
     "token_merging_paused",

@@ -36,6 +36,7 @@ from timm.layers.attention import Attention as TimmAttention
 from torch import nn
 
 from lightning_vitcompress._checks import check_int
+from lightning_vitcompress.functional.multihead_attention import plain_linear
 from lightning_vitcompress.models.base import is_attention_module, read_layout
 
 __all__ = ["AttentionMaskError", "NystromAttention", "iterative_pinv", "nystrom_settings", "segment_means", "swap_problem"]
@@ -231,7 +232,7 @@ class NystromAttention(nn.Module):
                 new.qkv.bias = attention.in_proj_bias
             new.q_norm, new.k_norm, new.norm = nn.Identity(), nn.Identity(), nn.Identity()
             new.attn_drop = nn.Dropout(attention.dropout)
-            new.proj = attention.out_proj
+            new.proj = plain_linear(attention.out_proj)  # MHA's own subclass is left alone by quantization
             new.proj_drop = nn.Identity()
             # what nn.TransformerEncoderLayer inspects before its fused fast path; in_proj_bias=None
             # turns that path off (it would run the exact attention with the old weights' layout)

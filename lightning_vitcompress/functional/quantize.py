@@ -39,6 +39,11 @@ from torchao.quantization.qat import FakeQuantizedLinear
 from lightning_vitcompress._model import set_submodule
 from lightning_vitcompress._structure import Record, register_replay
 from lightning_vitcompress.functional.measure import _model_device, eval_mode, serialized_size_bytes
+from lightning_vitcompress.functional.multihead_attention import (
+    restore_multihead_attention,
+    split_multihead_attention,
+    split_named,
+)
 from lightning_vitcompress.functional.x86_int8 import (
     calibrate_input_ranges,
 )
@@ -51,7 +56,7 @@ from lightning_vitcompress.functional.quantize_layers import (
     check_skip,
 )
 
-__all__ = ['ModelInputs', 'quantize_model', 'remove_fake_quantization']
+__all__ = ['ModelInputs', 'quantize_model', 'remove_fake_quantization', 'split_attention_to_quantize']
 
 
 RECORD_KIND = "quantize"
@@ -106,10 +111,13 @@ def _replay_quantize(model: nn.Module, record: Record) -> None:
     weights; here the layers are checked and their weights frozen. Configs with
     a :attr:`~QuantizationSpec.module_class` (the x86 int8 layers) swap each
     linear for one: empty ones of the same shape are put in, for the state dict
-    to fill (scales and calibrated input ranges included).
+    to fill (scales and calibrated input ranges included). The
+    ``nn.MultiheadAttention`` modules the record lists under ``split_attention``
+    get their linear projections first (see :func:`split_multihead_attention`).
     """
     spec = spec_for_label(record.get("config", ""))
     module_class = spec.module_class if spec is not None else None
+    split_named(model, record.get("split_attention", []))
     for name in record.get("layers", []):
         try:
             layer = model.get_submodule(name)
@@ -132,8 +140,14 @@ def keep_encoder_layers_unfused(model: nn.Module) -> None:
     one fused kernel, which reads an x86 int8 layer's int8 weight as if it were
     float (torchao's tensor subclasses already keep it off). The flag it checks
     only selects that path; the layer's own modules compute the same function.
+    Likewise an ``nn.TransformerEncoder`` whose layers' attention is no longer an
+    ``nn.MultiheadAttention`` does not pack padded inputs into nested tensors.
     """
     for module in model.modules():
+        if isinstance(module, nn.TransformerEncoder) and any(
+            not isinstance(layer.self_attn, nn.MultiheadAttention) for layer in module.layers
+        ):
+            module.use_nested_tensor = False
         if isinstance(module, nn.TransformerEncoderLayer) and any(
             type(layer) is not nn.Linear or not layer.weight.is_floating_point()
             for layer in (module.linear1, module.linear2)
@@ -194,9 +208,14 @@ def quantize_model(
             for a layer no input reached) and returns the union over all processes,
             the same on each. ``None``: this process's ranges are used as they are.
 
+    Self-attention ``nn.MultiheadAttention`` modules (torchvision, hand-written
+    ViTs) are first swapped for :class:`~lightning_vitcompress.functional.multihead_attention.MultiheadSelfAttention`,
+    the same function with ``qkv`` and ``out_proj`` ``nn.Linear`` layers, so that
+    their projections quantize too (``nn.MultiheadAttention`` uses the raw weight tensors).
+
     Returns:
         ``{"config", "quantized": [names], "skipped": {name: why}, "size_before_bytes",
-        "size_after_bytes", "output_relative_error"}``.
+        "size_after_bytes", "output_relative_error", "split_attention": [names of the swapped attentions]}``.
 
     Example::
 
@@ -221,6 +240,32 @@ def quantize_model(
             "pass calibration_inputs=[batch, ...] (a few batches of the model's inputs), "
             "or use config='int8_dynamic_x86', which needs none."
         )
+    split = split_attention_to_quantize(model)
+    try:
+        summary = _quantize_split_model(model, spec, skip, example, calibration, reduce_ranges)
+    except BaseException:
+        restore_multihead_attention(model, split)
+        raise
+    summary["split_attention"] = list(split)
+    return summary
+
+
+def split_attention_to_quantize(model: nn.Module) -> dict[str, nn.Module]:
+    """Give each self-attention ``nn.MultiheadAttention`` linear projections that quantize (``skip`` still applies).
+
+    Returns the swapped-out modules by name (see :func:`restore_multihead_attention`).
+    """
+    return split_multihead_attention(model)
+
+
+def _quantize_split_model(
+    model: nn.Module,
+    spec: Any,
+    skip: SkipSpec,
+    example: Optional[ModelInputs],
+    calibration: list[ModelInputs],
+    reduce_ranges: Optional[Callable[[Ranges], Ranges]],
+) -> dict[str, Any]:
     _check_skip_matches(model, skip)
     selected, skipped = spec.select_layers(model, skip)
     if not selected:

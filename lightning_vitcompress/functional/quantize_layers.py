@@ -92,9 +92,11 @@ def select_layers(
 ) -> tuple[list[str], dict[str, str]]:
     """Names of the ``nn.Linear`` layers of ``model`` to quantize, and the skipped ones with why.
 
-    ``nn.MultiheadAttention``'s ``out_proj`` is always skipped: MHA runs it through
+    An ``nn.MultiheadAttention``'s ``out_proj`` is skipped: MHA runs it through
     ``F.multi_head_attention_forward`` with the raw weight tensor, which torchao's
     quantized tensors do not support (torchao's own default filter skips it silently).
+    :func:`~lightning_vitcompress.functional.quantize_model` first turns self-attention
+    MHA into linear projections, so only cross-attention ones are left to skip.
     """
     matches_skip = _skip_matcher(skip)
     selected: list[str] = []
