@@ -30,3 +30,15 @@ def tiny_classifier() -> Callable[..., DigitsClassifier]:
         return DigitsClassifier(**{**TINY, **overrides})
 
     return make
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(digits: DigitsDataModule) -> dict[str, torch.Tensor]:
+    """The weights of the tiny classifier trained briefly on digits (once per session): a model entering fit
+    whose attention and channels matter (the budget tests of several files start from it)."""
+    from helpers import fast_trainer
+
+    L.seed_everything(0, verbose=False)
+    model = DigitsClassifier(**{**TINY, "lr": 1e-2})
+    fast_trainer(None, max_epochs=3, limit_train_batches=None, limit_val_batches=0).fit(model, digits)
+    return {k: v.clone() for k, v in model.state_dict().items()}

@@ -87,20 +87,6 @@ def test_a_budget_without_validation_data_is_an_error_at_setup(tmp_path, tiny_cl
         trainer.fit(tiny_classifier(), digits)
 
 
-@pytest.fixture(scope="module")
-def trained_tiny(digits):
-    """The weights of the tiny classifier trained briefly on digits (once for the module): a model entering fit."""
-    import lightning as L
-    from helpers import TINY
-
-    from lightning_vitcompress.digits import DigitsClassifier
-
-    L.seed_everything(0, verbose=False)
-    model = DigitsClassifier(**{**TINY, "lr": 1e-2})
-    fast_trainer(None, max_epochs=3, limit_train_batches=None, limit_val_batches=0).fit(model, digits)
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
 # ----------------------------------------------------------------------------- QuantizeOnFit(max_accuracy_drop)
 def test_quantization_budget_keeps_the_measured_most_sensitive_layer_in_full_precision(
     tmp_path, tiny_classifier, digits, trained_tiny

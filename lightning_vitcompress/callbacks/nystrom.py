@@ -7,41 +7,63 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_vitcompress._base import CompressionCallback, example_from_data
+from lightning_vitcompress._base import CompressionCallback, example_from_data, progress_line, validation_data
 from lightning_vitcompress._checks import (
     check_example_input,
     check_int,
+    check_max_accuracy_drop,
     config_or_options,
     example_input_error,
 )
 from lightning_vitcompress._model import (
     find_attention_blocks,
+    resolve_target_path,
     set_submodule,
     shape_example_input,
 )
 from lightning_vitcompress._structure import recorded_edits
 from lightning_vitcompress._training_state import refresh_after_structural_change
+from lightning_vitcompress.functional.budget import limit_batches
 from lightning_vitcompress.functional.measure import eval_mode
 from lightning_vitcompress.functional.nystrom import (
     AttentionMaskError,
     BlockSelection,
     NystromAttention,
     NystromConfig,
+    attention_token_counts,
     check_block_selection,
+    nystrom_break_even,
     select_attention_blocks,
     swap_attention,
+    swap_back,
+    swap_back_gains,
 )
 
 __all__ = ["NystromSwap"]
 
+#: the longest sequence ``min_tokens="auto"`` times (the break-even is reported as not reached beyond it)
+_AUTO_MAX_TOKENS = 4096
+#: images per timed call of ``min_tokens="auto"`` without a BenchmarkCallback to take the batch size from
+_AUTO_BATCH_SIZE = 4
+
+
+def _check_min_tokens(value: Any) -> None:
+    if value is None or value == "auto":
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(
+            f"min_tokens={value!r}: pass an int >= 1 (swap only blocks whose input has at least that many tokens, "
+            "e.g. 1024), 'auto' (measure the break-even token count on this machine), or None to swap every "
+            "selected block."
+        )
 
 
 class NystromSwap(CompressionCallback):
@@ -71,12 +93,29 @@ class NystromSwap(CompressionCallback):
             (Nyström attention cannot apply one), before anything is swapped.
             Models with a timm ``patch_embed`` need none; for others without it
             a masked block fails at its first forward and the swap is undone.
+        min_tokens: swap only the selected blocks whose input holds at least this
+            many tokens (prefix tokens included). With token merging later blocks
+            see fewer tokens; without it every block sees the same count. ``"auto"``
+            times the exact and the Nyström module of the model's width at its
+            token counts on this machine (rank zero) and uses the measured
+            break-even (logged as ``nystrom/break_even_tokens``). Skipped blocks
+            and why are in the record and :attr:`skipped_blocks`. None: all.
+        max_accuracy_drop: points of validation top-1 the model may lose against
+            the model as it entered fit (``1.0``: one point; needs validation data).
+            When training ends, a model beyond it gets its Nyström blocks swapped
+            back to exact attention (the fine-tuned weights kept), the most costly
+            first (each block's cost measured on the validation data), until it is
+            within budget. The record keeps only the blocks that stayed Nyström,
+            so resume and ``load_compressed`` rebuild exactly those. None: no budget.
         model_attribute: attribute holding the ViT (None finds it).
 
     Example::
 
         trainer = Trainer(max_epochs=10, callbacks=[NystromSwap(num_landmarks=64, swap_epoch=0)])
         trainer.fit(LitViT(), datamodule)
+
+        # only where the sequence is long enough to pay on this machine, and at most 1 point of top-1 lost
+        NystromSwap(num_landmarks=64, min_tokens="auto", max_accuracy_drop=1.0)
     """
 
     order = 30
@@ -93,10 +132,26 @@ class NystromSwap(CompressionCallback):
         conv_kernel_size: Optional[int] = None,
         num_prefix_tokens: Optional[int] = None,
         example_input: Optional[torch.Tensor] = None,
+        min_tokens: Union[int, Literal["auto"], None] = None,
+        max_accuracy_drop: Optional[float] = None,
         config: Optional[NystromConfig] = None,
         model_attribute: Optional[str] = None,
     ) -> None:
         super().__init__(model_attribute)
+        _check_min_tokens(min_tokens)
+        check_max_accuracy_drop(max_accuracy_drop)
+        self.min_tokens = min_tokens
+        self.max_accuracy_drop = max_accuracy_drop
+        #: blocks ``min_tokens`` left exact: ``{name: why}``
+        self.skipped_blocks: dict[str, str] = {}
+        #: ``min_tokens="auto"``: what was timed (``{"speedups": {tokens: ratio}, "break_even": tokens or None}``)
+        self.break_even: Optional[dict[str, Any]] = None
+        #: blocks the budget swapped back to exact attention, most costly first, with what was measured
+        self.swapped_back: list[dict[str, Any]] = []
+        #: the budget's verdict at the end of the last fit (accuracy before / after swapping back)
+        self.budget_result: Optional[dict[str, Any]] = None
+        self._selection: Optional[list[str]] = None
+        self._swap_done = False
         options = dict(num_landmarks=num_landmarks, pinv_iterations=pinv_iterations,
                        conv_kernel_size=conv_kernel_size, num_prefix_tokens=num_prefix_tokens)
         #: how attention is approximated (validated once); ``config=`` or the same keyword arguments
@@ -111,12 +166,26 @@ class NystromSwap(CompressionCallback):
         self._originals: dict[str, nn.Module] = {}
 
     def resume_config(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self.config), "swap_epoch": self.swap_epoch, "blocks": self.blocks}
+        config = {**dataclasses.asdict(self.config), "swap_epoch": self.swap_epoch, "blocks": self.blocks}
+        if self.min_tokens is not None:  # absent otherwise: checkpoints from before min_tokens still compare equal
+            config["min_tokens"] = self.min_tokens
+        return config
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        # lets a resumed fit refuse changed arguments also when the checkpoint predates the swap
-        return {"config": self.resume_config()}
+        # lets a resumed fit refuse changed arguments also when the checkpoint predates the swap;
+        # the budget's reference and decisions come back with a resume (the records say which blocks are Nyström)
+        return {
+            "config": self.resume_config(),
+            **({"budget_reference": self.budget_reference} if self.max_accuracy_drop is not None else {}),
+            "swapped_back": [dict(entry) for entry in self.swapped_back],
+            "skipped_blocks": dict(self.skipped_blocks),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.swapped_back = [dict(entry) for entry in state_dict.get("swapped_back", [])]
+        self.skipped_blocks = dict(state_dict.get("skipped_blocks", {}))
 
     def _selected_blocks(self, model: nn.Module) -> list[str]:
         return select_attention_blocks(model, self.blocks, owner="NystromSwap")
@@ -178,6 +247,8 @@ class NystromSwap(CompressionCallback):
     def ordered_setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         self.swapped_blocks = []
         self._originals = {}
+        self._selection, self._swap_done, self.budget_result = None, False, None
+        self.swapped_back, self.skipped_blocks, self.break_even = [], {}, None
         model = self.target(pl_module)
         chosen = self._selected_blocks(model)  # fail fast, also when the swap is epochs away
         if not chosen:
@@ -189,16 +260,21 @@ class NystromSwap(CompressionCallback):
         if done:
             self.check_same_config(done[-1].get("config"), "the swap an earlier fit applied to this model")
             self.swapped_blocks = [name for record in done for name in record["blocks"]]
+            self.skipped_blocks = {k: v for record in done for k, v in (record.get("skipped") or {}).items()}
+            self._swap_done = True
             return
         self._check_no_masks(model, chosen, trainer)
+        if self.min_tokens is not None:
+            chosen = self._long_enough(trainer, pl_module, chosen)
+        self._selection = chosen
         if self.swap_epoch == 0 and not self.resumed(trainer):
             self._swap(pl_module, chosen)
         # resuming a checkpoint from before the swap: its weights load after setup, the swap follows at epoch start
 
     def ordered_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if not self.swapped_blocks and trainer.current_epoch >= self.swap_epoch:
+        if not self._swap_done and trainer.current_epoch >= self.swap_epoch:
             model = self.target(pl_module)
-            self._swap(pl_module, self._selected_blocks(model))
+            self._swap(pl_module, self._selection if self._selection is not None else self._selected_blocks(model))
             refresh_after_structural_change(trainer)
         if self.swapped_blocks:
             model = self.target(pl_module)
@@ -229,9 +305,10 @@ class NystromSwap(CompressionCallback):
     def _swap(self, pl_module: "pl.LightningModule", names: list[str]) -> None:
         model = self.target(pl_module)
         originals: dict[str, nn.Module] = {}
+        self._swap_done = True
         try:
-            originals = swap_attention(model, self.config, blocks=names)  # all or nothing
-            if originals:
+            originals = swap_attention(model, self.config, blocks=names) if names else {}  # all or nothing
+            if originals or self.skipped_blocks:  # a decision to keep: also "no block is long enough"
                 self.record(
                     pl_module,
                     blocks=list(originals),
@@ -240,6 +317,7 @@ class NystromSwap(CompressionCallback):
                     pinv_iterations=self.config.pinv_iterations,
                     conv_kernel_size=self.config.conv_kernel_size,
                     config=self.resume_config(),
+                    skipped=dict(self.skipped_blocks),
                 )
         except Exception as err:
             for name, module in originals.items():
@@ -255,3 +333,178 @@ class NystromSwap(CompressionCallback):
                 f"NystromSwap: {len(originals)} attention blocks now use {self.config.num_landmarks} landmarks "
                 f"({self.config.prefix_tokens(model)} prefix tokens kept exact)."
             )
+
+    # -------------------------------------------------------------- min_tokens
+    def _long_enough(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", names: list[str]) -> list[str]:
+        """The blocks of ``names`` whose input holds at least ``min_tokens`` tokens; the others go to
+        :attr:`skipped_blocks` with the reason. ``"auto"`` measures the threshold first (rank zero, broadcast)."""
+        model = self.target(pl_module)
+        counts = self._token_counts(trainer, pl_module, model)
+        threshold: Optional[int]
+        if self.min_tokens == "auto":
+            self.break_even = self._measure_break_even(trainer, model, names, counts)
+            threshold = self.break_even["break_even"]
+        else:
+            threshold = int(self.min_tokens)  # type: ignore[arg-type]
+        keep, self.skipped_blocks = [], {}
+        for name in names:
+            count = counts.get(name)
+            if count is None or (threshold is not None and count >= threshold):
+                keep.append(name)
+            elif threshold is None:
+                timed = max(self.break_even["speedups"], default=None) if self.break_even else None
+                self.skipped_blocks[name] = (
+                    f"sees {count} tokens; min_tokens='auto' measured Nyström slower than exact attention at every "
+                    f"timed count{f' up to {timed}' if timed else ''}"
+                )
+            else:
+                source = f"min_tokens='auto' (measured break-even {threshold})" if self.min_tokens == "auto" else (
+                    f"min_tokens={self.min_tokens}")
+                self.skipped_blocks[name] = f"sees {count} tokens < {source}"
+        if self.skipped_blocks:
+            rank_zero_info(
+                f"NystromSwap: {len(self.skipped_blocks)} of {len(names)} blocks stay exact (too few tokens to pay): "
+                + "; ".join(f"{name} {why}" for name, why in self.skipped_blocks.items())
+            )
+        return keep
+
+    def _token_counts(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", model: nn.Module) -> dict[str, int]:
+        """Tokens entering each attention block, with the token merging this fit will apply (if any)."""
+        example = self.example_input[:1] if self.example_input is not None else shape_example_input(model)
+        if example is None:
+            example = example_from_data(trainer)
+        merging = next(  # its target path is resolved at its own setup, after this one (order 35 > 30)
+            (cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback) and cb.KIND == "tome"
+             and resolve_target_path(pl_module, cb.model_attribute) == self.target_path), None,
+        )
+        already = any(r.get("kind") == "tome" and r.get("target") == self.target_path
+                      for r in recorded_edits(pl_module))
+        plan = None
+        if merging is not None and not already:  # merging starts after the swap: count what the blocks will see
+            from lightning_vitcompress.functional.token_merging import plan_token_merging
+
+            plan = plan_token_merging(model, merging.config, merging.example_input if merging.example_input
+                                      is not None else example)
+        if plan is None and example is None:
+            raise ValueError(
+                f"NystromSwap(min_tokens={self.min_tokens!r}) needs the token count of each block, but "
+                f"{type(model).__name__} states no input size and the Trainer has no data to take one batch from. "
+                "Pass example_input=<one input batch>, or min_tokens=None."
+            )
+        return attention_token_counts(model, example, merge_plan=plan)
+
+    def _measure_break_even(
+        self, trainer: "pl.Trainer", model: nn.Module, names: list[str], counts: dict[str, int]
+    ) -> dict[str, Any]:
+        result: Optional[dict[str, Any]] = None
+        if trainer.is_global_zero and names:
+            prefix = self.config.prefix_tokens(model)
+            seen = sorted({counts[name] for name in names if name in counts})
+            grid, tokens = [], 2 * (self.config.num_landmarks + prefix)
+            while tokens <= min(_AUTO_MAX_TOKENS, max(seen, default=tokens)):
+                grid.append(tokens)
+                tokens *= 2
+            bench = next((cb for cb in trainer.callbacks if type(cb).__name__ == "BenchmarkCallback"), None)
+            progress_line(trainer, f"NystromSwap(min_tokens='auto'): timing exact against Nyström attention at "
+                                   f"{sorted(set(grid + seen))} tokens")
+            attention = dict(find_attention_blocks(model))[names[0]]
+            result = nystrom_break_even(
+                attention, self.config, prefix, [*grid, *seen],
+                batch_size=getattr(bench, "batch_size", _AUTO_BATCH_SIZE), num_threads=getattr(bench, "num_threads", None),
+                min_run_time=min(0.5, getattr(bench, "min_run_time", 0.1)),
+            )
+            speedups = ", ".join(f"{t}: {r:.2f}x" for t, r in result["speedups"].items())
+            rank_zero_info(f"NystromSwap(min_tokens='auto'): Nyström / exact speed by token count: {speedups or 'n/a'}; "
+                           f"break-even {result['break_even'] or 'not reached'}.")
+        result = trainer.strategy.broadcast(result, src=0)
+        return result or {"speedups": {}, "break_even": None}
+
+    # ------------------------------------------------------------ max_accuracy_drop
+    def ordered_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """With a budget: swap blocks back to exact attention, most costly first, until the model is within it."""
+        metrics: dict[str, Optional[float]] = {}
+        if self.break_even is not None:
+            metrics["break_even_tokens"] = self.break_even["break_even"]
+            metrics.update({f"auto/{t}_tokens/speedup": r for t, r in self.break_even["speedups"].items()})
+        if self.skipped_blocks:
+            metrics["skipped_blocks"] = len(self.skipped_blocks)
+        budget = self.budget
+        model = self.target(pl_module)
+        nystrom = [name for name, m in find_attention_blocks(model) if isinstance(m, NystromAttention)
+                   and name in self.swapped_blocks]
+        if budget is None or not nystrom:
+            if metrics:  # nothing decided at the end: no empty row in the loggers
+                self.log_metrics(trainer, metrics)
+            return
+        label = f"NystromSwap(max_accuracy_drop={self.max_accuracy_drop!r})"
+        accuracy = self.validation_accuracy(trainer, model)
+        self.budget_result = {"accuracy_before": accuracy, "accuracy": accuracy}
+        if budget.allows(accuracy):
+            rank_zero_info(f"{label}: all {len(nystrom)} Nyström blocks kept, within budget: "
+                           f"{budget.describe(accuracy)}.")
+        else:
+            progress_line(trainer, f"{label}: beyond budget ({budget.describe(accuracy)}); measuring what swapping "
+                                   f"each of {len(nystrom)} blocks back to exact attention gains")
+            gains: Optional[dict[str, dict[str, float]]] = None
+            if trainer.is_global_zero:
+                loader, limit = validation_data(trainer)
+                assert loader is not None  # checked at setup
+                gains = swap_back_gains(model, nystrom, limit_batches(loader, limit))
+            gains = trainer.strategy.broadcast(gains, src=0)
+            assert gains is not None
+            order = sorted(nystrom, key=lambda n: (-gains[n]["accuracy_gain"], -gains[n]["logit_change"]))
+            for name in order:
+                swap_back(model, [name])
+                self._originals.pop(name, None)
+                accuracy = self.validation_accuracy(trainer, model)
+                self.swapped_back.append({"block": name, **gains[name], "accuracy_after": accuracy,
+                                          "reference": budget.reference})
+                if budget.allows(accuracy):
+                    break
+            self.budget_result["accuracy"] = accuracy
+            undone = [entry["block"] for entry in self.swapped_back]
+            self._forget(pl_module, undone)
+            kept = [name for name in self.swapped_blocks if name not in undone]
+            self.swapped_blocks = kept
+            message = (f"{label}: swapped {len(undone)} of {len(nystrom)} blocks back to exact attention, most "
+                       f"costly first ({undone}); {len(kept)} stay Nyström; {budget.describe(accuracy)}.")
+            if budget.allows(accuracy):
+                rank_zero_info(message)
+            else:
+                rank_zero_warn(message + " Even exact attention everywhere is beyond the budget: the fine-tuning "
+                                         "after the swap cost the accuracy, not the approximation.")
+        metrics.update(
+            accuracy=accuracy, accuracy_drop=budget.drop(accuracy) if accuracy is not None else None,
+            swapped_back=len(self.swapped_back), swapped_blocks=len(self.swapped_blocks),
+        )
+        for entry in self.swapped_back:
+            metrics[f"swap_back/{entry['block']}/accuracy_gain"] = entry["accuracy_gain"]
+        self.log_metrics(trainer, metrics)
+
+    def _forget(self, pl_module: "pl.LightningModule", names: list[str]) -> None:
+        """Drop ``names`` from this target's records (new dicts: copies held elsewhere stay as they were), so that
+        resume and ``load_compressed`` rebuild only the blocks that stayed Nyström."""
+        edits = recorded_edits(pl_module)
+        for index, record in enumerate(edits):
+            if record.get("kind") == self.KIND and record.get("target") == self.target_path:
+                reason = "swapped back to exact attention for the accuracy budget"
+                edits[index] = {
+                    **record,
+                    "blocks": [name for name in record["blocks"] if name not in names],
+                    "swapped_back": {**record.get("swapped_back", {}), **{n: reason for n in names
+                                                                          if n in record["blocks"]}},
+                }
+
+    def decisions(self) -> Optional[dict[str, Any]]:
+        if self.max_accuracy_drop is None and self.min_tokens is None:
+            return None
+        decided: dict[str, Any] = {
+            "max_accuracy_drop": self.max_accuracy_drop,
+            "reference_accuracy": self.budget_reference,
+            "nystrom_blocks": list(self.swapped_blocks),
+            "swapped_back": [dict(entry) for entry in self.swapped_back],
+            "skipped_blocks": dict(self.skipped_blocks),
+        }
+        if self.break_even is not None:
+            decided["break_even_tokens"] = self.break_even["break_even"]
+        return decided

@@ -12,15 +12,18 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
+import torch
 from torch import nn
 
 from lightning_vitcompress._model import find_attention_blocks, get_submodule, set_submodule
 from lightning_vitcompress._structure import Record, register_replay
+from lightning_vitcompress.functional.measure import compare_throughput, eval_mode, images_of
 from lightning_vitcompress.functional.nystrom_attention import (
+    REPLACED_ATTRIBUTE,
     AttentionMaskError,
     NystromAttention,
     _check_landmarks,
@@ -35,6 +38,11 @@ __all__ = [
     "AttentionMaskError",
     "NystromAttention",
     "NystromConfig",
+    "attention_token_counts",
+    "exact_attention",
+    "nystrom_break_even",
+    "swap_back",
+    "swap_back_gains",
     "iterative_pinv",
     "nystrom_settings",
     "segment_means",
@@ -185,3 +193,247 @@ def _replay_nystrom(model: nn.Module, record: Record) -> None:
                 conv_kernel_size=record["conv_kernel_size"],
             ),
         )
+
+
+# ---------------------------------------------------------------------------- swapping back
+def exact_attention(module: NystromAttention) -> nn.Module:
+    """The exact attention module ``module`` replaced, holding ``module``'s current (fine-tuned) weights.
+
+    timm's ``Attention`` and ``nn.MultiheadAttention`` share their parameters with
+    the Nyström module, so they hold the fine-tuned weights already (their head
+    layout is brought up to date); a transformers attention gets the fused
+    ``qkv`` rows copied back into its q/k/v projections. A depthwise convolution
+    residual (``conv_kernel_size``) has no exact counterpart and is dropped.
+
+    Raises:
+        ValueError: ``module`` was not built by :meth:`NystromAttention.from_attention` (nothing to go back to).
+    """
+    original = module.__dict__.get(REPLACED_ATTRIBUTE)
+    if original is None:
+        raise ValueError(
+            "This NystromAttention was not built from an exact attention module (NystromAttention.from_attention, "
+            "swap_attention or a replayed record), so there is no exact module to swap back to."
+        )
+    weight = module.qkv.weight
+    if isinstance(original, nn.MultiheadAttention):
+        original.num_heads, original.head_dim = module.num_heads, module.head_dim
+        original.embed_dim = original.kdim = original.vdim = module.attn_dim
+        if original.out_proj is not module.proj:  # a plain Linear around the same or copied weights
+            original.out_proj.weight = module.proj.weight
+            original.out_proj.bias = module.proj.bias
+    elif module.interface == "transformers":
+        layout = _separate_projections(original)
+        original.to(device=weight.device)
+        with torch.no_grad():
+            for part, rows in zip(layout, module.qkv.weight.detach().split(module.attn_dim)):
+                part.weight = nn.Parameter(rows.clone(), requires_grad=weight.requires_grad)
+                part.out_features = rows.shape[0]
+            if module.qkv.bias is not None:
+                for part, rows in zip(layout, module.qkv.bias.detach().split(module.attn_dim)):
+                    part.bias = nn.Parameter(rows.clone(), requires_grad=weight.requires_grad)
+    else:  # timm: qkv, norms and proj are the same modules
+        original.num_heads, original.head_dim = module.num_heads, module.head_dim
+        if hasattr(original, "attn_dim"):
+            original.attn_dim = module.attn_dim
+        original.scale = module.scale
+        if not torch.isclose(torch.tensor(module.scale), torch.tensor(module.head_dim**-0.5)):
+            original.fused_attn = False  # timm's fused path would use 1/sqrt(head_dim), not the trained scale
+    return original
+
+
+def _separate_projections(attention: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+    from lightning_vitcompress.models.base import read_layout
+
+    layout = read_layout("", attention)
+    assert layout.query is not None and layout.key is not None and layout.value is not None
+    return layout.query, layout.key, layout.value
+
+
+def swap_back(model: nn.Module, names: Iterable[str]) -> dict[str, NystromAttention]:
+    """Put the exact attention back in place of the named Nyström blocks (see :func:`exact_attention`).
+
+    All or nothing: on any error the model keeps its Nyström blocks. Returns
+    ``{name: the Nyström module removed}`` (to undo it with ``set_submodule``).
+
+    Example::
+
+        swap_attention(vit, NystromConfig(num_landmarks=16))
+        ...fine-tune...
+        swap_back(vit, ["blocks.0.attn"])   # block 0 computes exact softmax attention again
+    """
+    removed = {name: get_submodule(model, name) for name in names}
+    wrong = [name for name, module in removed.items() if not isinstance(module, NystromAttention)]
+    if wrong:
+        raise ValueError(f"swap_back: {wrong} are not Nyström attention blocks.")
+    exact = {name: exact_attention(module) for name, module in removed.items()}  # type: ignore[arg-type]
+    done: list[str] = []
+    try:
+        for name, module in exact.items():
+            set_submodule(model, name, module)
+            done.append(name)
+    except Exception:
+        for name in done:
+            set_submodule(model, name, removed[name])
+        raise
+    return removed  # type: ignore[return-value]
+
+
+def swap_back_gains(
+    model: nn.Module, names: Sequence[str], batches: Iterable[Any]
+) -> dict[str, dict[str, float]]:
+    """What swapping each Nyström block back alone (the others staying Nyström) gains, measured on ``batches``.
+
+    For each block: ``accuracy_gain`` (points of top-1, ``(images, labels)``
+    batches) and ``logit_change`` (mean absolute change of the logits), against
+    the model as it is. Each batch runs once as is and once per block; the model
+    is left as it came.
+
+    Example::
+
+        gains = swap_back_gains(vit, ["blocks.0.attn", "blocks.1.attn"], val_loader)
+        most_costly = max(gains, key=lambda n: (gains[n]["accuracy_gain"], gains[n]["logit_change"]))
+    """
+    from lightning_vitcompress.models.base import logits_of
+
+    correct = {name: 0 for name in (None, *names)}
+    change = dict.fromkeys(names, 0.0)
+    seen = 0
+    with eval_mode(model), torch.inference_mode():
+        device = next(model.parameters()).device
+        for batch in batches:
+            images, labels = images_of(batch), batch[1].to(device)
+            assert images is not None
+            images = images.to(device)
+            reference = logits_of(model(images)).float()
+            correct[None] += int((reference.argmax(-1) == labels).sum())
+            for name in names:
+                removed = swap_back(model, [name])
+                try:
+                    logits = logits_of(model(images)).float()
+                finally:
+                    set_submodule(model, name, removed[name])
+                correct[name] += int((logits.argmax(-1) == labels).sum())
+                change[name] += float((logits - reference).abs().mean()) * labels.shape[0]
+            seen += labels.shape[0]
+    seen = max(1, seen)
+    return {
+        name: {"accuracy_gain": (correct[name] - correct[None]) * 100.0 / seen, "logit_change": change[name] / seen}
+        for name in names
+    }
+
+
+# ---------------------------------------------------------------------------- where the sequence is long enough
+def attention_token_counts(
+    model: nn.Module, example_input: Optional[torch.Tensor] = None, merge_plan: Optional[dict[str, Any]] = None
+) -> dict[str, int]:
+    """Tokens entering each attention block (by qualified name) for one input, token merging included.
+
+    ``merge_plan`` (see :func:`~lightning_vitcompress.functional.token_merging.plan_token_merging`)
+    gives the counts of merging that is not applied yet; else one forward of
+    ``example_input`` (or the model's stated input size) measures them, with
+    whatever merging the model does.
+    """
+    from lightning_vitcompress.models import adapter_for
+
+    attention_names = [name for name, _ in find_attention_blocks(model)]
+    adapter = adapter_for(model)
+    blocks = adapter.token_blocks()
+    per_block: dict[str, int] = {}
+    if merge_plan is not None and merge_plan.get("tokens"):
+        entering = [merge_plan["tokens_in"], *merge_plan["tokens"][:-1]]
+        per_block = {name: int(count) for name, count in zip(merge_plan["blocks"], entering)}
+    else:
+        if example_input is None:
+            example_input = adapter.example_input(1)
+        handles = []
+        for name, block, _ in blocks:
+            batch_first = adapter.tokens_batch_first(block)
+
+            def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], name: str = name,
+                     batch_first: bool = batch_first) -> None:
+                x = args[0] if args else next(iter(kwargs.values()))
+                per_block.setdefault(name, int(x.shape[1] if batch_first else x.shape[0]))
+
+            handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
+        try:
+            with eval_mode(model), torch.no_grad():
+                model(example_input[:1].to(next(model.parameters()).device))
+        finally:
+            for handle in handles:
+                handle.remove()
+    counts: dict[str, int] = {}
+    for attention in attention_names:
+        owner = max((b for b in per_block if attention.startswith(f"{b}.") or not b), key=len, default=None)
+        if owner is not None:
+            counts[attention] = per_block[owner]
+    return counts
+
+
+class _SelfAttention(nn.Module):
+    """``attention(x)`` on batch-first tokens for any supported attention module (timing only)."""
+
+    def __init__(self, attention: nn.Module) -> None:
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        attention = self.attention
+        tokens_first = not getattr(attention, "batch_first", True)
+        if tokens_first:
+            x = x.transpose(0, 1)
+        if isinstance(attention, nn.MultiheadAttention):
+            out = attention(x, x, x, need_weights=False)
+        else:
+            out = attention(x)
+        out = out[0] if isinstance(out, tuple) else out
+        return out.transpose(0, 1) if tokens_first else out
+
+
+def nystrom_break_even(
+    attention: nn.Module,
+    config: NystromConfig,
+    num_prefix_tokens: int,
+    token_counts: Iterable[int],
+    *,
+    batch_size: int = 4,
+    num_threads: Optional[int] = None,
+    min_run_time: float = 0.1,
+    rounds: int = 2,
+) -> dict[str, Any]:
+    """Time an exact attention module against its Nyström swap at each token count, on this machine.
+
+    ``attention`` is one of the model's attention blocks (a copy is timed, with
+    random inputs of its width). Returns ``{"speedups": {tokens: Nyström / exact
+    images per second}, "break_even": the smallest measured count from which
+    Nyström is faster at every larger measured count (None: at none)}``. Counts
+    where the landmarks cover the patch tokens run exact attention in both and
+    are skipped.
+
+    Example::
+
+        nystrom_break_even(vit.blocks[0].attn, NystromConfig(num_landmarks=64), 1, [197, 577, 1025])
+    """
+    import copy
+
+    exact = copy.deepcopy(attention)
+    nystrom = NystromAttention.from_attention(
+        exact, num_landmarks=config.num_landmarks, num_prefix_tokens=num_prefix_tokens,
+        pinv_iterations=config.pinv_iterations, conv_kernel_size=config.conv_kernel_size,
+    )
+    weight = nystrom.qkv.weight
+    width = weight.shape[1]
+    generator = torch.Generator().manual_seed(0)
+    speedups: dict[int, float] = {}
+    for tokens in sorted(set(int(t) for t in token_counts)):
+        if tokens - num_prefix_tokens <= config.num_landmarks:
+            continue
+        x = torch.randn(batch_size, tokens, width, generator=generator).to(device=weight.device, dtype=weight.dtype)
+        ips = compare_throughput({"exact": _SelfAttention(exact), "nystrom": _SelfAttention(nystrom)}, x,
+                                 num_threads=num_threads, rounds=rounds, min_run_time=min_run_time, warmup=1)
+        speedups[tokens] = ips["nystrom"] / ips["exact"]
+    break_even: Optional[int] = None
+    for tokens in sorted(speedups, reverse=True):
+        if speedups[tokens] <= 1.0:
+            break
+        break_even = tokens
+    return {"speedups": speedups, "break_even": break_even}

@@ -58,6 +58,10 @@ def _check_options(pinv_iterations: Any, conv_kernel_size: Any, num_prefix_token
               allow_none=True)
 
 
+#: where :meth:`NystromAttention.from_attention` keeps the module it replaced (see ``functional.nystrom.exact_attention``)
+REPLACED_ATTRIBUTE = "_vitcompress_replaced"
+
+
 class AttentionMaskError(ValueError):
     """A Nyström attention block was called with a mask or with keys/values other than its queries."""
 
@@ -267,6 +271,8 @@ class NystromAttention(nn.Module):
         new.conv = new._make_conv()
         if new.conv is not None:
             new.conv.to(device=new.qkv.weight.device, dtype=new.qkv.weight.dtype)
+        # the module it replaced, outside the module tree (no state-dict keys): what a swap back restores
+        new.__dict__[REPLACED_ATTRIBUTE] = attention
         return new
 
     # ------------------------------------------------------------- state dict

@@ -325,6 +325,19 @@ def _decision_lines(decisions: dict[str, Any]) -> list[str]:
                 f"was beyond max_accuracy_drop={decided.get('max_accuracy_drop')}: "
                 + ("rolled back" if undone.get("rolled_back") else "kept (could not be rolled back)")
             )
+        for back in decided.get("swapped_back", []):
+            after = back.get("accuracy_after")
+            lines.append(
+                f"- {name}: {back['block']} swapped back to exact attention for max_accuracy_drop="
+                f"{decided.get('max_accuracy_drop')} (alone it gains {back['accuracy_gain']:+.2f} pt; top-1 after "
+                f"{'n/a' if after is None else f'{after:.2%}'} vs {back['reference']:.2%} entering fit)"
+            )
+        for block, why in (decided.get("skipped_blocks") or {}).items():
+            lines.append(f"- {name}: {block} kept exact: {why}")
+        if "break_even_tokens" in decided:
+            even = decided["break_even_tokens"]
+            lines.append(f"- {name}(min_tokens='auto'): measured break-even "
+                         f"{'not reached' if even is None else f'{even} tokens'}")
         if decided.get("stopped_by_budget"):
             lines.append(f"- {name}: the schedule stopped after step {decided.get('steps_kept')}")
         if decided.get("kept_in_higher_precision"):
