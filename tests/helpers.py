@@ -46,10 +46,13 @@ def run_ddp_script(body: str, tmp_path: Path, timeout: float = 240) -> list[dict
     """
     prelude = textwrap.dedent(
         f"""
-        import json, os, sys
+        import atexit, json, os, sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         import torch
         torch.set_num_threads(1)
+        # Lightning leaves the gloo process group up; torn down by C++ static destructors at exit, it
+        # sometimes aborted a finished run ("terminate called without an active exception", rc -6)
+        atexit.register(lambda: torch.distributed.is_initialized() and torch.distributed.destroy_process_group())
         OUT = {str(tmp_path)!r}
 
         def report(trainer, **values):

@@ -177,6 +177,22 @@ def test_onnx_of_each_family_runs_in_onnxruntime_like_the_live_model(family, tec
 
 
 @needs_onnx
+@pytest.mark.parametrize("family", ["timm-deit-distilled", "torchvision", "hf-vit-sdpa", "mha-seq-first"])
+def test_onnx_of_each_family_in_static_int8_runs_in_onnxruntime_like_the_live_model(family, digit_images, tmp_path):
+    model = build_family(family).eval()
+    if family == "torchvision":  # its head starts at zero: every logit 0, nothing to compare
+        torch.nn.init.normal_(model.heads.head.weight, std=0.1)
+    summary = quantize_model(model, "int8_static_x86", example_input=digit_images, calibration_inputs=[digit_images])
+    assert len(summary["quantized"]) >= 4 * 2  # every block's attention and MLP (nn.MultiheadAttention included)
+    exported = export_compressed(model, tmp_path / "model.onnx", digit_images)
+    assert exported["relative_error"] <= TOLERANCES[("32-true", True)]
+    images = digit_images[:3]  # static int8: the calibrated input ranges hold for images like these
+    with torch.inference_mode():
+        output = load_artifact(tmp_path / "model.onnx")(images)
+    assert relative_error(output, live_logits(model, images)) <= TOLERANCES[("32-true", True)]
+
+
+@needs_onnx
 def test_onnx_of_torchao_int8_names_the_format_that_runs_it(digit_images, tmp_path):
     model = build_family("timm-vit").eval()
     quantize_model(model, "int8_dynamic", example_input=digit_images)
