@@ -38,6 +38,7 @@ CUDA_TESTS = [
     "tests/test_benchmark.py::test_size_is_the_saved_state_dict_and_gpu_is_none_without_cuda",
     "tests/test_benchmark.py::test_baseline_is_the_model_before_any_edit",
     "tests/test_benchmark.py::test_bf16_compiled_baseline_gives_the_speedup_against_what_a_team_would_run",
+    "tests/test_export.py::test_pt2_for_cuda_of_a_pruned_bf16_model_runs_on_the_gpu_like_the_live_model",
     "tests/test_bad_inputs_quantization.py",
     "tests/test_bad_inputs_benchmark.py",
 ]

@@ -133,6 +133,22 @@ def test_pt2_of_pruned_int8_model_matches_the_live_model_at_any_batch_size(prune
         assert relative_error(output, live_logits(model, images, BF16)) <= summary["tolerance"]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (benchmarks/gpu_check.py runs it on a GPU)")
+def test_pt2_for_cuda_of_a_pruned_bf16_model_runs_on_the_gpu_like_the_live_model(digit_images, tmp_path):
+    model = build_family("timm-vit").eval()
+    prune_vit(model, 0.5, digit_images[:1])
+    model.cuda()
+    summary = export_compressed(model, tmp_path / "vit.pt2", digit_images.cuda(), device="cuda",
+                                inference_precision="bf16-mixed")
+    assert summary["relative_error"] <= summary["tolerance"]
+    images = torch.randn(5, 3, IMAGES, IMAGES, device="cuda")
+    with torch.inference_mode():
+        output = load_artifact(summary["path"], device="cuda")(images)
+    assert output.device.type == "cuda" and output.shape == (5, 10)
+    assert relative_error(output.float().cpu(), live_logits(model, images, "bf16-mixed").float().cpu()) <= summary[
+        "tolerance"]
+
+
 def test_files_load_and_run_where_lightning_this_library_timm_and_torchao_cannot_import(
     pruned_int8, digit_images, tmp_path
 ):
