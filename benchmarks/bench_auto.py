@@ -30,6 +30,7 @@ import timm
 import torch
 from torch import nn
 
+from lightning_vitcompress.functional.report import cpu_name
 from lightning_vitcompress.functional import QUANTIZATION_CONFIGS, compare_throughput, quantize_model
 from lightning_vitcompress.functional.quantize_auto import (
     AutoCandidate,
@@ -71,7 +72,7 @@ def main() -> None:
     calibration = [x, torch.randn_like(x)]
     candidates = auto_candidates(device, calibration=True)
 
-    print(f"## {args.model}, {device.type}, batch {args.batch_size}, {args.threads} threads, torch {torch.__version__}")
+    print(f"## {args.model}, {device.type}, batch {args.batch_size}, {args.threads} threads of {cpu_name()}, torch {torch.__version__}")
     print(f"candidates on this machine: {[c.label for c in candidates]}\n")
     torch._dynamo.reset()
     start = time.perf_counter()

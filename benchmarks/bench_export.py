@@ -27,6 +27,7 @@ import timm
 import torch
 from torch import nn
 
+from lightning_vitcompress.functional.report import cpu_name
 from lightning_vitcompress import compile_frozen, export_compressed, load_artifact, quantize_model
 from lightning_vitcompress.functional import INFERENCE_PRECISIONS, compare_throughput, prune_vit, serialized_size_bytes
 from lightning_vitcompress.functional.x86_int8 import cpu_supports_bfloat16
@@ -79,7 +80,7 @@ def main() -> None:
         {"compiled in-process": live, "loaded .pt2": deployed}, x, rounds=args.rounds, min_run_time=args.min_run_time
     )
     print(f"\nvit_base_patch16_224 pruned 50% + int8_static_x86 ({precision}), batch {args.batch_size}, "
-          f"{args.threads} threads, torch {torch.__version__}")
+          f"{args.threads} threads of {cpu_name()}, torch {torch.__version__}")
     print("| variant | CPU images/s | vs compiled | start-up (s) | size (MB) | size vs fp32 state dict |")
     print("|---|---|---|---|---|---|")
     int8_size = serialized_size_bytes(int8)

@@ -28,6 +28,7 @@ import time
 import timm
 import torch
 
+from lightning_vitcompress.functional.report import cpu_name
 from lightning_vitcompress import compile_frozen, quantize_model
 from lightning_vitcompress.functional import INFERENCE_PRECISIONS, compare_throughput, prune_vit, serialized_size_bytes
 from lightning_vitcompress.functional.baselines import build_baseline
@@ -99,7 +100,7 @@ def main() -> None:
 
     ips = compare_throughput(variants, x, num_threads=args.threads, rounds=args.rounds, min_run_time=2.0)
     base_ips, base_size = ips["fp32 eager"], serialized_size_bytes(fp32)
-    print(f"\nvit_base_patch16_224, batch {args.batch_size}, {args.threads} threads, torch {torch.__version__}")
+    print(f"\nvit_base_patch16_224, batch {args.batch_size}, {args.threads} threads of {cpu_name()}, torch {torch.__version__}")
     ref_ips = ips.get(REFERENCE)
     print("| variant | params (M) | size (MB) | size ratio | CPU images/s | speedup vs fp32 eager "
           "| speedup vs bf16 compiled |")
