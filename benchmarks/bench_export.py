@@ -25,19 +25,12 @@ from pathlib import Path
 
 import timm
 import torch
-from torch import nn
 
+from lightning_vitcompress.functional.measure import first_call_seconds
 from lightning_vitcompress.functional.report import cpu_name
 from lightning_vitcompress import compile_frozen, export_compressed, load_artifact, quantize_model
 from lightning_vitcompress.functional import INFERENCE_PRECISIONS, compare_throughput, prune_vit, serialized_size_bytes
 from lightning_vitcompress.functional.x86_int8 import cpu_supports_bfloat16
-
-
-def first_call_seconds(model: nn.Module, x: torch.Tensor) -> float:
-    start = time.perf_counter()
-    with torch.inference_mode():
-        model(x)
-    return time.perf_counter() - start
 
 
 def main() -> None:

@@ -23,24 +23,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
 
 import timm
 import torch
 
+from lightning_vitcompress.functional.measure import first_call_seconds
 from lightning_vitcompress.functional.report import cpu_name
 from lightning_vitcompress import compile_frozen, quantize_model
 from lightning_vitcompress.functional import INFERENCE_PRECISIONS, compare_throughput, prune_vit, serialized_size_bytes
 from lightning_vitcompress.functional.baselines import build_baseline
 
 REFERENCE = "fp32 model, bf16 compiled (what you would run anyway)"
-
-
-def first_call_seconds(model: torch.nn.Module, x: torch.Tensor) -> float:
-    start = time.perf_counter()
-    with torch.inference_mode():
-        model(x)
-    return time.perf_counter() - start
 
 
 def main() -> None:

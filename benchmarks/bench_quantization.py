@@ -32,6 +32,7 @@ import timm
 import torch
 from torch import nn
 
+from lightning_vitcompress.functional.measure import first_call_seconds
 from lightning_vitcompress.functional import (
     INFERENCE_PRECISIONS,
     QUANTIZATION_CONFIGS,
@@ -56,13 +57,6 @@ def compiled_frozen(model: nn.Module, precision: str = "32-true") -> nn.Module:
     """What QuantizeOnFit does at train end for the x86 configs (compile with inductor freezing)."""
     compile_frozen(model, autocast_dtype=INFERENCE_PRECISIONS[precision])
     return model
-
-
-def first_call_seconds(model: nn.Module, x: torch.Tensor) -> float:
-    start = time.perf_counter()
-    with torch.inference_mode():
-        model(x)
-    return time.perf_counter() - start
 
 
 def seed_quantize_dynamic(model: nn.Module) -> nn.Module:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Optional, Union
 
@@ -180,6 +181,22 @@ def measure_latency(
     p50 = times[len(times) // 2]
     p95 = times[min(len(times) - 1, math.ceil(0.95 * len(times)) - 1)]
     return p50 * 1e3, p95 * 1e3
+
+
+def first_call_seconds(model: nn.Module, example_input: torch.Tensor) -> float:
+    """Wall seconds of one call in inference mode: a compiled model's compile cost, a loaded file's start-up.
+
+    Example::
+
+        compiled = torch.compile(vit)
+        first_call_seconds(compiled, images)  # ~15-30 s for ViT-B/16 on 2 cores; the next call is milliseconds
+    """
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model(example_input)
+    if example_input.device.type == "cuda":
+        torch.cuda.synchronize(example_input.device)
+    return time.perf_counter() - start
 
 
 #: dict keys under which batches commonly carry their images (transformers uses pixel_values)
