@@ -114,25 +114,28 @@ class ModelSnapshot:
     """What pruning may change in ``model``: each module's attributes, its tensors' objects, values and grads.
 
     ``restore()`` puts all of it back in place, so a failed or trial prune leaves
-    the very same objects (the optimizer keeps pointing at the right tensors).
+    the very same objects (the optimizer keeps pointing at the right tensors). It
+    hands out copies, so training or pruning after a restore leaves the snapshot
+    as it was: a second ``restore()`` goes back to the same state.
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.modules = [
-            (module, {key: copy.copy(value) if isinstance(value, dict) else value
-                      for key, value in vars(module).items()})
-            for module in model.modules()
-        ]
+        self.modules = [(module, _shallow_copies(vars(module))) for module in model.modules()]
         tensors = [*model.parameters(), *model.buffers()]
         self.tensors = [(tensor, tensor.data.clone(), tensor.grad) for tensor in tensors]
 
     def restore(self) -> None:
         for module, attributes in self.modules:
             vars(module).clear()
-            vars(module).update(attributes)
+            vars(module).update(_shallow_copies(attributes))
         for tensor, data, grad in self.tensors:
-            tensor.data = data
+            tensor.data = data.clone()
             tensor.grad = grad
+
+
+def _shallow_copies(attributes: dict[str, Any]) -> dict[str, Any]:
+    """``attributes`` with its dicts (``_parameters``, ``_modules``...) copied, so edits to them stay out."""
+    return {key: copy.copy(value) if isinstance(value, dict) else value for key, value in attributes.items()}
 
 
 def register_replay(kind: str) -> Callable[[ReplayFn], ReplayFn]:

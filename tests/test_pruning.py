@@ -13,7 +13,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from lightning_vitcompress.functional.measure import count_macs, count_parameters
-from lightning_vitcompress._structure import STRUCTURE_KEY, load_compressed, read_checkpoint, recorded_edits
+from lightning_vitcompress._structure import STRUCTURE_KEY, ModelSnapshot, load_compressed, read_checkpoint, recorded_edits
 from lightning_vitcompress.digits import DigitsClassifier, small_vit
 from lightning_vitcompress import PruningSchedule
 from lightning_vitcompress.functional.prune import prune_vit
@@ -503,3 +503,22 @@ class VitModule(VisionTransformer, L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def test_a_model_snapshot_restores_the_same_state_every_time():
+    """Rolled back twice (two pruning steps beyond budget): the second restore must not hand back trained values."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    parameters = list(model.parameters())
+    saved = copy.deepcopy(model.state_dict())
+    snapshot = ModelSnapshot(model)
+    for _ in range(2):
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(1.0)  # training after the restore
+        model[0].out_features = 2  # a structural edit: attribute and parameter dict
+        model[0]._parameters["bias"] = nn.Parameter(torch.zeros(2))
+        snapshot.restore()
+        assert model[0].out_features == 4 and list(model.parameters()) == parameters  # the very objects
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, saved[key]), key

@@ -112,7 +112,6 @@ class _GoodState:
     def restore(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """Put it all back; it can be restored again later (training after this must not change it)."""
         self.model.restore()
-        self.model = ModelSnapshot(self.target)  # the restored tensors are the snapshot's: the next training edits them
         recorded_edits(pl_module)[:] = self.records
         refresh_after_structural_change(trainer)  # optimizers around the restored parameters
         strategy = trainer.strategy
