@@ -151,8 +151,7 @@ def infer_records(module: nn.Module, state_dict: Mapping[str, Any], target_path:
                 "conv_kernel_size": kernel,
             }
         )
-    quantized = _quantized_layers(model, saved, split) or ({"": []} if split else {})
-    for index, (config, layers) in enumerate(quantized.items()):
+    for index, (config, layers) in enumerate(_quantized_layers(model, saved, split).items()):
         records.append(
             {"kind": QUANTIZE_KIND, "target": target_path, "inferred": True, "config": config, "layers": layers,
              "skipped": {}, "split_attention": split if index == 0 else []}

@@ -105,7 +105,6 @@ class ExportOnFit(CompressionCallback):
         self.summary: Optional[dict[str, Any]] = None
         self._config: ExportConfig = self.config
         self._example: Optional[torch.Tensor] = None
-        self._error: Optional[Exception] = None  # why the export failed, on rank zero
         self._capture_handle: Optional[Any] = None
 
     # ------------------------------------------------------------- setup: fail fast
@@ -152,10 +151,9 @@ class ExportOnFit(CompressionCallback):
         self._stop_capture()
         # rank zero writes and checks the file; every rank learns how it went, so a failure raises everywhere
         # (a lone raise on rank zero would leave the others waiting in a collective) and summary is the same
-        outcome = self._export(pl_module) if trainer.is_global_zero else None
-        summary, failure = trainer.strategy.broadcast(outcome, src=0)
+        summary, failure, error = self._export(pl_module) if trainer.is_global_zero else (None, None, None)
+        summary, failure = trainer.strategy.broadcast((summary, failure), src=0)  # the exception stays on rank zero
         if failure is not None:
-            error, self._error = self._error, None  # rank zero's exception, the cause of what is raised there
             self._fail(failure, error)
             return
         self.summary = summary
@@ -180,21 +178,22 @@ class ExportOnFit(CompressionCallback):
                if error is not None else "")
         )
 
-    def _export(self, pl_module: "pl.LightningModule") -> tuple[Optional[dict[str, Any]], Optional[str]]:
-        """``(summary, None)``, or ``(None, why)`` when no checked file was written (the error in ``_error``)."""
+    def _export(
+        self, pl_module: "pl.LightningModule"
+    ) -> tuple[Optional[dict[str, Any]], Optional[str], Optional[Exception]]:
+        """``(summary, None, None)``, or ``(None, why, error or None)`` when no checked file was written."""
         model = self.target(pl_module)
         example = self._example
         if example is None:
             shape = _input_shape(pl_module, model)
             if shape is None:
-                return None, "no training step ran, so there is no real batch to check the file on"
+                return None, "no training step ran, so there is no real batch to check the file on", None
             rank_zero_warn("ExportOnFit: no training step ran; the exported file is checked on random images.")
             example = torch.randn(2, *shape)
         try:
-            return export_compressed(model, self.path, example, self._config), None
+            return export_compressed(model, self.path, example, self._config), None, None
         except Exception as err:  # noqa: BLE001 - the model is untouched; say so
-            self._error = err
-            return None, f"{type(err).__name__}: {err}"
+            return None, f"{type(err).__name__}: {err}", err
 
     def _fail(self, reason: str, err: Optional[Exception]) -> None:
         message = (
