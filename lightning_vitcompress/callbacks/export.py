@@ -3,6 +3,10 @@
 It acts at train end after every edit (pruning, Nystrom, quantization, which
 QuantizeOnFit saved to its checkpoints first) and before BenchmarkCallback's
 final measurement, which then also measures the loaded file ("deployed").
+An OpenVINO IR is the exception: OpenVINO converts float models, so it is
+written just *before* QuantizeOnFit acts, from the trained float model, and
+NNCF quantizes it (``quantize="int8"``); should it fail, the error is raised
+at ``on_fit_end``, after QuantizeOnFit saved its checkpoints.
 """
 
 from __future__ import annotations
@@ -17,16 +21,28 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_vitcompress._base import CompressionCallback
-from lightning_vitcompress._checks import check_choice, check_output_file, check_path, config_or_options
+from lightning_vitcompress._base import CompressionCallback, validation_data
+from lightning_vitcompress._checks import check_choice, check_int, check_output_file, check_path, config_or_options
 from lightning_vitcompress._model import stated_input_shape
-from lightning_vitcompress.functional.export import ARTIFACT_FORMATS, ExportConfig, check_exportable, export_compressed
+from lightning_vitcompress.functional.export import (
+    ARTIFACT_FORMATS,
+    ExportConfig,
+    check_exportable,
+    export_compressed,
+    load_artifact,
+)
+from lightning_vitcompress.functional.measure import eval_mode, images_of
+from lightning_vitcompress.models.base import logits_of
 
 __all__ = ["ExportOnFit"]
 
 _MB = 1e6
 #: rows of the first training batch kept to check the exported file against the live model
 _CHECK_ROWS = 8
+#: validation batches the file's top-1 agreement with the live model is measured on
+_AGREEMENT_BATCHES = 8
+#: where an OpenVINO export runs in the canonical order: after every edit, before QuantizeOnFit (60) quantizes
+_OPENVINO_ORDER = 55
 
 
 class ExportOnFit(CompressionCallback):
@@ -37,7 +53,13 @@ class ExportOnFit(CompressionCallback):
     uses (inductor freezing, oneDNN int8, bf16-mixed); the server loads it with
     ``torch._inductor.aoti_load_package(path)`` and pays no compile.
     ``format="onnx"``: the dynamo ONNX exporter, checked with onnxruntime.
+    ``format="openvino"``: an OpenVINO IR (``.xml`` + ``.bin``) of the trained float model,
+    ``quantize="int8"`` by NNCF (transformer preset) calibrated on ``calibration_batches``
+    training batches of the last epoch; the fastest CPU runtime measured here. With a
+    ``QuantizeOnFit`` in the Trainer it is written before torchao quantizes the live model
+    (OpenVINO does not convert torchao's int8 layers), so it needs ``quantize="int8"``.
     The file takes images and returns logits, for any batch size (``dynamic_batch``).
+    Its top-1 agreement with the live model on validation batches is logged (``export/top1_agreement``).
 
     The model is checked at ``setup`` (``torch.export`` captures it; the path is
     writable; the ONNX packages are installed), so a model that cannot export
@@ -53,11 +75,17 @@ class ExportOnFit(CompressionCallback):
         trainer.fit(model, datamodule)
         runner = torch._inductor.aoti_load_package("vit-int8.pt2")  # in the server: torch only
 
+        ExportOnFit("vit-int8.xml", quantize="int8")  # OpenVINO: ov.Core().compile_model("vit-int8.xml", "CPU")
+
     Args:
-        path: the file to write (``.pt2`` or ``.onnx``).
-        format: ``"pt2"`` or ``"onnx"``; None: from the suffix of ``path`` (else ``"pt2"``).
-        inference_precision: ``"32-true"`` or ``"bf16-mixed"`` (pt2); None: the QuantizeOnFit's in the
-            Trainer when it has one (``"32-true"`` for ONNX), else ``"32-true"``.
+        path: the file to write (``.pt2``, ``.onnx`` or ``.xml``).
+        format: ``"pt2"``, ``"onnx"`` or ``"openvino"``; None: from the suffix of ``path`` (else ``"pt2"``).
+        quantize: ``"openvino"`` only: ``"int8"`` (NNCF post-training quantization) or None (float).
+        calibration_batches: training batches NNCF calibrates on (``quantize="int8"``): the first ones of
+            the last epoch, whole.
+        inference_precision: ``"32-true"`` or ``"bf16-mixed"`` (pt2; openvino: the IR's precision hint);
+            None: the QuantizeOnFit's in the Trainer when it has one (``"32-true"`` for ONNX; for OpenVINO
+            ``"bf16-mixed"`` where the CPU has native bf16), else ``"32-true"``.
         dynamic_batch: any batch size (default) or the training batch's only.
         device: ``"cpu"``/``"cuda"``; None: the device the model trained on.
         tolerance: largest relative difference between the file's logits and the live model's
@@ -76,8 +104,10 @@ class ExportOnFit(CompressionCallback):
     def __init__(
         self,
         path: Union[str, Path],
-        format: Optional[Literal["pt2", "onnx"]] = None,
+        format: Optional[Literal["pt2", "onnx", "openvino"]] = None,
         *,
+        quantize: Optional[Literal["int8"]] = None,
+        calibration_batches: int = 8,
         inference_precision: Optional[Literal["32-true", "bf16-mixed"]] = None,
         dynamic_batch: bool = True,
         device: Optional[str] = None,
@@ -94,24 +124,36 @@ class ExportOnFit(CompressionCallback):
             format = next((name for name, suffix in ARTIFACT_FORMATS.items() if path.suffix == suffix), "pt2")
         options = dict(
             format=format or "pt2", inference_precision=inference_precision, dynamic_batch=dynamic_batch,
-            device=device, tolerance=tolerance,
+            device=device, tolerance=tolerance, quantize=quantize,
         )
         #: the export options (``inference_precision`` None is resolved at setup)
         self.config: ExportConfig = config_or_options(config, ExportConfig, options, "ExportOnFit")
         check_choice(on_error, "on_error", ("raise", "warn"))
+        check_int(calibration_batches, "calibration_batches", minimum=1, example="8")
+        if self.config.format == "openvino":
+            if path.suffix != ".xml":
+                raise ValueError(f"path={str(path)!r} with format='openvino': an OpenVINO IR is an .xml file (its "
+                                 f"weights go to the .bin beside it). Pass e.g. {str(path.with_suffix('.xml'))!r}.")
+            self.order = _OPENVINO_ORDER  # type: ignore[misc] - this instance acts before QuantizeOnFit
         self.path = path
         self.on_error = on_error
+        self.calibration_batches = calibration_batches
         #: what the export wrote (``None`` before it ran, or when it failed with on_error="warn")
         self.summary: Optional[dict[str, Any]] = None
         self._config: ExportConfig = self.config
         self._example: Optional[torch.Tensor] = None
+        #: training images NNCF calibrates on (OpenVINO int8): the first batches of the current epoch
+        self._calibration: list[torch.Tensor] = []
         self._capture_handle: Optional[Any] = None
+        #: an OpenVINO export's failure, raised at fit end (after QuantizeOnFit saved)
+        self._deferred: Optional[tuple[str, Optional[Exception]]] = None
 
     # ------------------------------------------------------------- setup: fail fast
     def ordered_setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         check_output_file(self.path, "path")
         self._config = self._resolved_config(trainer)
         self._config.check_environment()
+        self._check_with_quantize_on_fit(trainer)
         model = self.target(pl_module)
         shape = _input_shape(pl_module, model)
         if shape is not None:  # torch.export captures it (not a 10-hour fit later); on every rank: same answer
@@ -120,8 +162,21 @@ class ExportOnFit(CompressionCallback):
         self.summary = None
         self._start_capture(model)
 
+    def _check_with_quantize_on_fit(self, trainer: "pl.Trainer") -> None:
+        from lightning_vitcompress.callbacks.quantization import QuantizeOnFit
+
+        if self._config.format != "openvino" or self._config.quantize is not None:
+            return
+        if any(isinstance(cb, QuantizeOnFit) for cb in trainer.callbacks):
+            raise ValueError(
+                f"ExportOnFit(path={str(self.path)!r}, format='openvino', quantize=None) with a QuantizeOnFit in the "
+                "Trainer: OpenVINO does not convert torchao's int8 layers, so the IR would be the float model while "
+                "the live model is int8. Pass quantize='int8' (NNCF quantizes the trained float model for OpenVINO), "
+                "or use format='pt2' for the torch int8 model."
+            )
+
     def _resolved_config(self, trainer: "pl.Trainer") -> ExportConfig:
-        if self.config.inference_precision is not None or self.config.format == "onnx":
+        if self.config.inference_precision is not None or self.config.format in ("onnx", "openvino"):
             return self.config
         from lightning_vitcompress.callbacks.quantization import QuantizeOnFit
 
@@ -130,16 +185,27 @@ class ExportOnFit(CompressionCallback):
         return dataclasses.replace(self.config, inference_precision=precision)
 
     def _start_capture(self, model: nn.Module) -> None:
-        """Keep a few rows of the first training input: the real batch the exported file is checked on."""
+        """Keep a few rows of the first training input (the real batch the exported file is checked on) and, for
+        NNCF int8, the first ``calibration_batches`` training inputs of each epoch."""
         self._stop_capture()
         self._example = None
+        self._calibration = []
+        calibrates = self._config.quantize is not None
 
         def capture(module: nn.Module, args: tuple[Any, ...]) -> None:
-            if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4:
+            if not (args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4):
+                return
+            if self._example is None:
                 self._example = args[0].detach()[:_CHECK_ROWS].clone()
+            if not calibrates:
                 self._stop_capture()
+            elif module.training and len(self._calibration) < self.calibration_batches:
+                self._calibration.append(args[0].detach().clone())
 
         self._capture_handle = model.register_forward_pre_hook(capture)
+
+    def ordered_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._calibration = []  # calibrate on the last epoch's inputs, seen by the most trained weights
 
     def _stop_capture(self) -> None:
         if self._capture_handle is not None:
@@ -151,10 +217,14 @@ class ExportOnFit(CompressionCallback):
         self._stop_capture()
         # rank zero writes and checks the file; every rank learns how it went, so a failure raises everywhere
         # (a lone raise on rank zero would leave the others waiting in a collective) and summary is the same
-        summary, failure, error = self._export(pl_module) if trainer.is_global_zero else (None, None, None)
+        summary, failure, error = self._export(trainer, pl_module) if trainer.is_global_zero else (None, None, None)
         summary, failure = trainer.strategy.broadcast((summary, failure), src=0)  # the exception stays on rank zero
+        self._calibration = []
         if failure is not None:
-            self._fail(failure, error)
+            if self._config.format == "openvino" and self.on_error == "raise":
+                self._deferred = (failure, error)  # QuantizeOnFit acts (and saves) after this: raise at fit end
+            else:
+                self._fail(failure, error)
             return
         self.summary = summary
         for logger in trainer.loggers:
@@ -168,6 +238,7 @@ class ExportOnFit(CompressionCallback):
                 "load_seconds": summary["load_seconds"],
                 "first_call_seconds": summary["first_call_seconds"],
                 "relative_error": summary["relative_error"],
+                "top1_agreement": summary.get("top1_agreement"),
             },
         )
         error = summary["relative_error"]
@@ -176,10 +247,17 @@ class ExportOnFit(CompressionCallback):
             f"{summary['size_bytes'] / _MB:.2f} MB) in {summary['export_seconds']:.1f} s"
             + (f"; loaded back, logits within {error:.2g} of the live model's (tolerance {summary['tolerance']:g})"
                if error is not None else "")
+            + (f"; top-1 agreement with it {summary['top1_agreement']:.2%} on validation data"
+               if summary.get("top1_agreement") is not None else "")
         )
 
+    def ordered_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        deferred, self._deferred = self._deferred, None
+        if deferred is not None:
+            self._fail(*deferred)
+
     def _export(
-        self, pl_module: "pl.LightningModule"
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule"
     ) -> tuple[Optional[dict[str, Any]], Optional[str], Optional[Exception]]:
         """``(summary, None, None)``, or ``(None, why, error or None)`` when no checked file was written."""
         model = self.target(pl_module)
@@ -190,16 +268,23 @@ class ExportOnFit(CompressionCallback):
                 return None, "no training step ran, so there is no real batch to check the file on", None
             rank_zero_warn("ExportOnFit: no training step ran; the exported file is checked on random images.")
             example = torch.randn(2, *shape)
+        calibration = self._calibration if self._config.quantize is not None and self._calibration else None
         try:
-            return export_compressed(model, self.path, example, self._config), None, None
+            summary = export_compressed(model, self.path, example, self._config, calibration_data=calibration)
         except Exception as err:  # noqa: BLE001 - the model is untouched; say so
             return None, f"{type(err).__name__}: {err}", err
+        # the file's own quantization (NNCF) can change decisions: how often, on real data (other formats hold
+        # the live model's own layers, and its compiled call would recompile for the validation batch's shape)
+        summary["top1_agreement"] = _top1_agreement(trainer, model, summary) if self._config.quantize else None
+        return summary, None, None
 
     def _fail(self, reason: str, err: Optional[Exception]) -> None:
         message = (
-            f"ExportOnFit(path={str(self.path)!r}, format={self._config.format!r}) failed: {reason}. The trained "
-            "model is unchanged (QuantizeOnFit's checkpoints and fp32 copy were written before the export); "
-            "export it later with lightning_vitcompress.functional.export_compressed(model, path, images)."
+            f"ExportOnFit(path={str(self.path)!r}, format={self._config.format!r}) failed: {reason.rstrip('.')}. The "
+            "trained "
+            "model is unchanged (QuantizeOnFit's checkpoints and fp32 copy were written"
+            f"{' after' if self._config.format == 'openvino' else ' before'} the export, ModelCheckpoint's during "
+            "training); export it later with lightning_vitcompress.functional.export_compressed(model, path, images)."
         )
         if self.on_error == "raise":
             raise RuntimeError(message) from err
@@ -210,6 +295,29 @@ class ExportOnFit(CompressionCallback):
         self._stop_capture()
         self._example = None
         super().teardown(trainer, pl_module, stage)
+
+
+def _top1_agreement(trainer: "pl.Trainer", model: nn.Module, summary: dict[str, Any]) -> Optional[float]:
+    """How often the written file's top-1 class equals the live model's, on up to :data:`_AGREEMENT_BATCHES`
+    validation batches; None without validation data (or a file for another device)."""
+    loader, limit = validation_data(trainer)
+    if loader is None or summary["device"] != "cpu":
+        return None
+    artifact = load_artifact(summary["path"], format=summary["format"])
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    agree = total = 0
+    batches = min(limit if limit is not None else _AGREEMENT_BATCHES, _AGREEMENT_BATCHES)
+    with eval_mode(model), torch.inference_mode():
+        for index, batch in enumerate(loader):
+            if index >= batches:
+                break
+            images = images_of(batch)
+            if images is None:
+                return None
+            live = logits_of(model(images.to(device))).argmax(-1).cpu()
+            agree += int((artifact(images.cpu()).argmax(-1) == live).sum())
+            total += live.numel()
+    return agree / total if total else None
 
 
 def _input_shape(pl_module: "pl.LightningModule", model: nn.Module) -> Optional[tuple[int, ...]]:

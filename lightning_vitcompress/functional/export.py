@@ -13,6 +13,9 @@ deploys is a file: :func:`export_compressed` writes
 * ``format="onnx"``: the dynamo ONNX exporter; run it with onnxruntime. For the
   float structures (pruned, Nystrom, distilled); int8 where onnxruntime runs the
   exported quantize/dequantize graph, else an error naming ``"pt2"``.
+* ``format="openvino"``: an OpenVINO IR (``.xml`` + ``.bin``) of the float model,
+  ``quantize="int8"`` by NNCF (see :mod:`~lightning_vitcompress.functional.openvino`);
+  OpenVINO alone runs it. The fastest CPU runtime on the machines measured here.
 
 The artifact maps a batch of images to the logits tensor (output objects and
 DeiT's tuples are read as :func:`~lightning_vitcompress.models.logits_of` reads
@@ -35,13 +38,20 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional, Union
+from typing import Any, Iterable, Iterator, Literal, Optional, Union
 
 import torch
 from torch import nn
 
 from lightning_vitcompress._checks import check_bool, check_choice, check_output_file, check_path
 from lightning_vitcompress.functional.measure import eval_mode
+from lightning_vitcompress.functional.openvino import (
+    OpenVINORunner,
+    check_openvino_installed,
+    converter_message,
+    openvino_files,
+    write_openvino,
+)
 from lightning_vitcompress.functional.quantize_configs import INFERENCE_PRECISIONS
 from lightning_vitcompress.functional.x86_int8 import (
     FROZEN_INDUCTOR_OPTIONS,
@@ -54,6 +64,7 @@ from lightning_vitcompress.models.base import logits_of
 
 __all__ = [
     "ARTIFACT_FORMATS",
+    "NNCF_INT8_TOLERANCE",
     "TOLERANCES",
     "ArtifactMismatchError",
     "ExportConfig",
@@ -64,7 +75,7 @@ __all__ = [
 ]
 
 #: ``format`` -> file suffix
-ARTIFACT_FORMATS: dict[str, str] = {"pt2": ".pt2", "onnx": ".onnx"}
+ARTIFACT_FORMATS: dict[str, str] = {"pt2": ".pt2", "onnx": ".onnx", "openvino": ".xml"}
 
 #: how far the loaded artifact's logits may be from the live model's on the same real batch, as
 #: ``max |artifact - live| / max |live|``, per (precision, int8 layers present). The reference is the live model
@@ -76,6 +87,10 @@ TOLERANCES: dict[tuple[str, bool], float] = {
     ("bf16-mixed", False): 5e-2,
     ("bf16-mixed", True): 8e-2,
 }
+#: the same for an OpenVINO IR that NNCF quantized to int8: its activations are quantized at more places (the
+#: attention matmuls too, per tensor) than torch's int8 layers, so its logits move more; ExportOnFit also reports
+#: the IR's top-1 agreement with the live model on validation data, the check that matters for a classifier
+NNCF_INT8_TOLERANCE = 0.25
 
 _INSTALL_ONNX = "pip install 'lightning-vitcompress[export]' (onnx, onnxscript, onnxruntime)"
 
@@ -89,10 +104,14 @@ class ExportConfig:
     """What to export, validated once.
 
     Args:
-        format: ``"pt2"`` (AOTInductor package, torch alone loads it) or ``"onnx"`` (onnxruntime).
-        inference_precision: ``"32-true"`` or ``"bf16-mixed"`` (the unquantized ops run in bf16 under CPU
-            autocast, outputs float32: QuantizeOnFit's int8-mixed-bf16; ``"pt2"`` only, on a CPU with
-            AVX512-BF16 or AMX). None: ``"32-true"`` (``ExportOnFit``: the ``QuantizeOnFit``'s in the Trainer).
+        format: ``"pt2"`` (AOTInductor package, torch alone loads it), ``"onnx"`` (onnxruntime) or
+            ``"openvino"`` (an OpenVINO IR, ``.xml`` + ``.bin``; OpenVINO alone loads it).
+        inference_precision: ``"32-true"`` or ``"bf16-mixed"`` (the unquantized ops run in bf16, outputs
+            float32: CPU autocast in a ``"pt2"``, QuantizeOnFit's int8-mixed-bf16; the bf16 precision hint in an
+            OpenVINO IR; on a CPU with AVX512-BF16 or AMX). None: ``"32-true"`` (``ExportOnFit``: the
+            ``QuantizeOnFit``'s in the Trainer); for ``"openvino"``, ``"bf16-mixed"`` where the CPU has native bf16.
+        quantize: ``"openvino"`` only: ``"int8"`` quantizes the IR with NNCF (transformer preset) on the
+            calibration batches given to :func:`export_compressed`; None: float.
         dynamic_batch: any batch size (``torch.export.Dim``); False fixes the example's. The image size is fixed.
         device: where the artifact runs, ``"cpu"`` or ``"cuda"``; None: the model's device.
         check: load the file back and compare its outputs with the live model's (see :data:`TOLERANCES`).
@@ -104,8 +123,9 @@ class ExportConfig:
         export_compressed(vit, "vit.onnx", images, ExportConfig(format="onnx"))
     """
 
-    format: Literal["pt2", "onnx"] = "pt2"
+    format: Literal["pt2", "onnx", "openvino"] = "pt2"
     inference_precision: Optional[Literal["32-true", "bf16-mixed"]] = None
+    quantize: Optional[Literal["int8"]] = None
     dynamic_batch: bool = True
     device: Optional[str] = None
     check: bool = True
@@ -129,6 +149,14 @@ class ExportConfig:
             raise ValueError(f"tolerance={self.tolerance!r}: pass a positive number (e.g. 1e-3), or None.")
         if self.opset_version is not None and (not isinstance(self.opset_version, int) or self.opset_version < 7):
             raise ValueError(f"opset_version={self.opset_version!r}: pass an ONNX opset number (e.g. 18), or None.")
+        if self.quantize is not None:
+            check_choice(self.quantize, "quantize", ("int8",), " (NNCF int8), or None")
+            if self.format != "openvino":
+                raise ValueError(
+                    f"quantize={self.quantize!r} with format={self.format!r}: NNCF quantizes OpenVINO IRs only. Use "
+                    "format='openvino', or quantize the model itself (QuantizeOnFit / quantize_model) for "
+                    f"{self.format!r}."
+                )
         if self.format == "onnx" and self.precision != "32-true":
             raise ValueError(
                 f"inference_precision={self.inference_precision!r} with format='onnx': onnxruntime has no CPU "
@@ -137,12 +165,15 @@ class ExportConfig:
 
     @property
     def precision(self) -> str:
-        """``inference_precision``, ``"32-true"`` when None."""
-        return self.inference_precision or "32-true"
+        """``inference_precision``; when None, ``"32-true"`` (``"openvino"``: bf16 where the CPU has it natively)."""
+        if self.inference_precision is not None:
+            return self.inference_precision
+        return "bf16-mixed" if self.format == "openvino" and cpu_supports_bfloat16() else "32-true"
 
     @property
     def autocast_dtype(self) -> Optional[torch.dtype]:
-        return INFERENCE_PRECISIONS[self.precision]
+        """The CPU autocast dtype the traced model runs in (None for OpenVINO, which applies its own hint)."""
+        return None if self.format == "openvino" else INFERENCE_PRECISIONS[self.precision]
 
     def check_environment(self) -> None:
         """What can be known before exporting: the ONNX packages, bf16 math on this CPU, CUDA when asked for."""
@@ -150,6 +181,11 @@ class ExportConfig:
             missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if not _importable(name)]
             if missing:
                 raise ImportError(f"format='onnx' needs {missing}: {_INSTALL_ONNX}. Or use format='pt2' (torch only).")
+        if self.format == "openvino":
+            check_openvino_installed(self.quantize)
+            if self.device is not None and torch.device(self.device).type != "cpu":
+                raise ValueError(f"device={self.device!r} with format='openvino': the IR is written for OpenVINO's "
+                                 "CPU plugin. Pass device='cpu' or None, or use format='pt2' for CUDA.")
         if self.precision == "bf16-mixed" and not cpu_supports_bfloat16():
             raise ValueError(
                 "inference_precision='bf16-mixed': this CPU has no native bf16 math (AVX512-BF16 or AMX), so the "
@@ -247,7 +283,31 @@ def check_exportable(model: nn.Module, example_input: torch.Tensor, config: Opti
     """
     config = config or ExportConfig()
     with _uncompiled(model), eval_mode(model), _hooks_set_aside(model):
+        if config.format == "openvino":  # its converter is the check: a dry conversion, nothing written
+            _check_float(model)
+            import openvino as ov
+
+            example = _example_batch(example_input)
+            try:
+                with torch.no_grad():
+                    ov.convert_model(_Deployable(model, None), example_input=example)
+            except Exception as err:  # noqa: BLE001 - reported with what works
+                raise ValueError(
+                    f"format='openvino': ov.convert_model cannot convert {type(model).__name__} "
+                    f"({converter_message(err)}). Use format='pt2' (AOTInductor). The model is unchanged."
+                ) from err
+            return
         _export_program(_Deployable(model, None), _example_batch(example_input), config.dynamic_batch)
+
+
+def _check_float(model: nn.Module) -> None:
+    """OpenVINO converts float models: int8 layers (QuantizeOnFit / quantize_model) are refused, saying what works."""
+    if _has_x86_int8(model) or _has_quantized_weights(model):
+        raise ValueError(
+            f"format='openvino': {type(model).__name__} holds torch int8 layers (QuantizeOnFit / quantize_model), "
+            "which OpenVINO does not convert. Export the float model with quantize='int8' (NNCF quantizes it for "
+            "OpenVINO; ExportOnFit does this before QuantizeOnFit acts), or use format='pt2' for the torch int8 model."
+        )
 
 
 def export_compressed(
@@ -255,6 +315,8 @@ def export_compressed(
     path: Union[str, os.PathLike],
     example_input: torch.Tensor,
     config: Optional[ExportConfig] = None,
+    *,
+    calibration_data: Optional[Iterable[torch.Tensor]] = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Export ``model`` (pruned, Nystrom-swapped, quantized...) to ``path`` and check the file.
@@ -267,9 +329,11 @@ def export_compressed(
 
     Args:
         model: the model; ``model(images)`` returns logits, a tuple or an object with ``.logits``.
-        path: the file to write (``.pt2`` or ``.onnx``; ``format`` follows the suffix unless given).
+        path: the file to write (``.pt2``, ``.onnx`` or ``.xml``; ``format`` follows the suffix unless given).
         example_input: a real batch of images; its image size is the artifact's.
         config: an :class:`ExportConfig`, or pass its fields as keyword ``options``.
+        calibration_data: image batches NNCF calibrates on (``format="openvino", quantize="int8"``); None:
+            ``example_input``. Real training or validation images, a few hundred in all.
 
     Returns:
         ``{"path", "format", "device", "inference_precision", "dynamic_batch", "size_bytes",
@@ -284,14 +348,15 @@ def export_compressed(
 
         export_compressed(vit, "vit.pt2", images[:8])
         export_compressed(vit, "vit.onnx", images[:8])
+        export_compressed(vit, "vit.xml", images[:8], quantize="int8", calibration_data=train_batches)
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model={type(model).__name__}: pass the nn.Module to export (e.g. a timm ViT).")
     path = check_path(path, "path")
     assert path is not None
     if config is None:
-        if "format" not in options and path.suffix in (".onnx", ".pt2"):
-            options["format"] = path.suffix[1:]
+        if "format" not in options:
+            options["format"] = next((name for name, suffix in ARTIFACT_FORMATS.items() if path.suffix == suffix), "pt2")
         config = ExportConfig(**options)
     elif options:
         raise ValueError(f"export_compressed(config=..., {', '.join(options)}=...): pass the options in config only.")
@@ -304,6 +369,12 @@ def export_compressed(
         )
     check_output_file(path, "path")
     config.check_environment()
+    if config.format == "openvino" and path.suffix != ".xml":
+        raise ValueError(f"path={str(path)!r} with format='openvino': an OpenVINO IR is an .xml file (its weights go "
+                         f"to the .bin beside it). Pass e.g. {str(path.with_suffix('.xml'))!r}.")
+    if calibration_data is not None and config.quantize is None:
+        raise ValueError("calibration_data is for format='openvino', quantize='int8' (NNCF); this export quantizes "
+                         "nothing. Drop calibration_data, or pass quantize='int8'.")
 
     device = torch.device(config.device) if config.device is not None else _model_device(model)
     if device.type != "cpu" and config.precision == "bf16-mixed":
@@ -318,23 +389,33 @@ def export_compressed(
     if _has_x86_int8(source):
         _register_x86_lowering()
     int8 = _has_x86_int8(source) or _has_quantized_weights(source)  # x86 layers, or torchao's tensor subclasses
-    tolerance = config.tolerance if config.tolerance is not None else TOLERANCES[(config.precision, int8)]
+    if config.format == "openvino":
+        _check_float(source)
+    tolerance = config.tolerance if config.tolerance is not None else (
+        NNCF_INT8_TOLERANCE if config.quantize == "int8" else TOLERANCES[(config.precision, int8)])
 
     start = time.perf_counter()
     with _uncompiled(source), eval_mode(source):
         deployable = _Deployable(source, config.autocast_dtype)
         with torch.inference_mode():
             reference = deployable(example).float()
-        program = _export_program(deployable, example, config.dynamic_batch)
+        # OpenVINO's converter traces the module itself; the other formats start from torch.export's program
+        program = None if config.format == "openvino" else _export_program(deployable, example, config.dynamic_batch)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.partial{ARTIFACT_FORMATS[config.format]}")
         try:
             if config.format == "pt2":
+                assert program is not None
                 _write_pt2(program, partial)
-            else:
+            elif config.format == "onnx":
+                assert program is not None
                 _write_onnx(deployable, program, example, partial, config, int8)
+            else:
+                calibration = [example] if calibration_data is None else [b.to(device) for b in calibration_data]
+                write_openvino(deployable, example, partial, precision=config.precision, quantize=config.quantize,
+                               calibration_data=calibration, dynamic_batch=config.dynamic_batch)
         except BaseException:
-            partial.unlink(missing_ok=True)
+            _remove(partial, config.format)
             raise
     export_seconds = time.perf_counter() - start
 
@@ -344,21 +425,33 @@ def export_compressed(
         "device": str(device),
         "inference_precision": config.precision,
         "dynamic_batch": config.dynamic_batch,
-        "size_bytes": partial.stat().st_size,
+        "size_bytes": sum(f.stat().st_size for f in _files(partial, config.format)),
         "export_seconds": export_seconds,
         "load_seconds": None,
         "first_call_seconds": None,
         "relative_error": None,
         "tolerance": tolerance,
+        "quantize": config.quantize,
     }
     if config.check:
         try:
             summary.update(_verify(partial, config.format, example, reference, tolerance, device))
         except BaseException:
-            partial.unlink(missing_ok=True)
+            _remove(partial, config.format)
             raise
-    os.replace(partial, path)
+    for written, final in zip(_files(partial, config.format), _files(path, config.format)):
+        os.replace(written, final)
     return summary
+
+
+def _files(path: Path, format: str) -> tuple[Path, ...]:
+    """The files an artifact at ``path`` consists of (an OpenVINO IR: ``.xml`` and ``.bin``)."""
+    return openvino_files(path) if format == "openvino" else (path,)
+
+
+def _remove(path: Path, format: str) -> None:
+    for file in _files(path, format):
+        file.unlink(missing_ok=True)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -462,7 +555,7 @@ class LoadedArtifact(nn.Module):
     What :class:`~lightning_vitcompress.BenchmarkCallback` measures as the deployed
     model. It holds no parameters; :attr:`size_bytes` is the file's size and
     :attr:`load_seconds` / :attr:`first_call_seconds` what loading cost.
-    A server needs none of this: see the README's loader (torch or onnxruntime alone).
+    A server needs none of this: see the README's loader (torch, onnxruntime or openvino alone).
     """
 
     def __init__(self, path: Union[str, os.PathLike], format: str, device: torch.device) -> None:
@@ -470,13 +563,15 @@ class LoadedArtifact(nn.Module):
         self.path = Path(path)
         self.format = format
         self.device = device
-        self.size_bytes = self.path.stat().st_size
+        self.size_bytes = sum(file.stat().st_size for file in _files(self.path, format))
         self.first_call_seconds: Optional[float] = None
         start = time.perf_counter()
         if format == "pt2":
             from torch._inductor import aoti_load_package
 
             self._runner: Any = aoti_load_package(str(self.path))
+        elif format == "openvino":
+            self._runner = OpenVINORunner(self.path)
         else:
             import onnxruntime
 
@@ -496,6 +591,8 @@ class LoadedArtifact(nn.Module):
         start = time.perf_counter() if self.first_call_seconds is None else None
         if self.format == "pt2":
             output = self._runner(images.to(self.device))
+        elif self.format == "openvino":
+            output = self._runner(images)
         else:
             output = torch.from_numpy(self._runner.run(None, {self._input_name: images.detach().cpu().numpy()})[0])
         if start is not None:
