@@ -75,7 +75,7 @@ def test_int8_dynamic_quantizes_every_linear_keeps_accuracy_and_trainer_test_use
     tmp_path, tiny_classifier, digits
 ):
     model = tiny_classifier(lr=3e-3)
-    callback = QuantizeOnFit(save_fp32_path=tmp_path / "fp32.ckpt")
+    callback = QuantizeOnFit("int8_dynamic", save_fp32_path=tmp_path / "fp32.ckpt")
     trainer = fast_trainer(tmp_path, callbacks=[callback], max_epochs=10, limit_train_batches=None, limit_val_batches=0)
     trainer.fit(model, digits)
 
@@ -327,7 +327,7 @@ def test_qat_fake_quantizes_from_the_start_epoch_trains_the_same_parameters_and_
 ):
     model = tiny_classifier()
     recorder = Recorder()
-    callback = QuantizeOnFit(qat_start_epoch=1, skip="head")
+    callback = QuantizeOnFit("int8_dynamic", qat_start_epoch=1, skip="head")
     checkpoints = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     fast_trainer(tmp_path, callbacks=[callback, recorder, checkpoints], max_epochs=2, enable_checkpointing=True).fit(
         model, digits
@@ -342,7 +342,7 @@ def test_qat_fake_quantizes_from_the_start_epoch_trains_the_same_parameters_and_
     assert type(model.model.head.weight.data) is torch.Tensor
 
     # a checkpoint saved during QAT holds plain fp32 weights under nn.Linear's keys; resuming re-enters QAT
-    resumed_model, resumed_callback = tiny_classifier(), QuantizeOnFit(qat_start_epoch=1, skip="head")
+    resumed_model, resumed_callback = tiny_classifier(), QuantizeOnFit("int8_dynamic", qat_start_epoch=1, skip="head")
     resumed_recorder = Recorder()
     fast_trainer(tmp_path, callbacks=[resumed_callback, resumed_recorder], max_epochs=3).fit(
         resumed_model, digits, ckpt_path=tmp_path / "last.ckpt"
@@ -373,7 +373,7 @@ def test_qat_for_the_x86_config_converts_to_x86_int8_layers(tmp_path, tiny_class
 def test_setup_rejects_what_cannot_run_before_any_training(tmp_path, tiny_classifier, digits, kwargs, error, match):
     model = tiny_classifier()
     before = copy.deepcopy(model.state_dict())
-    trainer = fast_trainer(tmp_path, callbacks=[QuantizeOnFit(**kwargs)], max_epochs=2)
+    trainer = fast_trainer(tmp_path, callbacks=[QuantizeOnFit(**{"config": "int8_dynamic", **kwargs})], max_epochs=2)
     with pytest.raises(error, match=match):
         trainer.fit(model, digits)
     assert trainer.global_step == 0
@@ -459,7 +459,7 @@ def test_a_model_that_fails_to_run_after_quantization_gets_its_fp32_layers_back(
         return run_attention(x, *args, **kwargs)
 
     monkeypatch.setattr(attention, "forward", attention_without_a_kernel_for_int8)
-    callback = QuantizeOnFit(on_error="warn")
+    callback = QuantizeOnFit("int8_dynamic", on_error="warn")
     with pytest.warns(UserWarning, match=r"left in place.*kernel crashed"):
         fast_trainer(tmp_path, callbacks=[callback]).fit(model, digits)
     assert callback.summary is None
@@ -493,7 +493,7 @@ def test_multihead_attention_projections_quantize_through_linear_layers_compile_
     L.seed_everything(0, verbose=False)
     model = EncoderClassifier()
     images = next(iter(digits.test_dataloader()))[0]
-    callback = QuantizeOnFit(compile={"backend": "eager"}, save_path=tmp_path / "int8.ckpt")  # inductor: benchmark's
+    callback = QuantizeOnFit("int8_dynamic", compile={"backend": "eager"}, save_path=tmp_path / "int8.ckpt")  # inductor: benchmark's
     logger = CSVLogger(tmp_path)
     fast_trainer(tmp_path, callbacks=[callback], logger=logger).fit(model, digits)
     summary = callback.summary
@@ -564,7 +564,7 @@ def test_checkpoints_before_quantization_resume_and_the_saved_quantized_model_lo
     model = tiny_classifier()
     checkpoints = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     trainer = fast_trainer(
-        tmp_path, callbacks=[QuantizeOnFit(save_path=tmp_path / "int8.ckpt"), checkpoints], enable_checkpointing=True
+        tmp_path, callbacks=[QuantizeOnFit("int8_dynamic", save_path=tmp_path / "int8.ckpt"), checkpoints], enable_checkpointing=True
     )
     trainer.fit(model, digits)
 
@@ -580,7 +580,7 @@ def test_checkpoints_before_quantization_resume_and_the_saved_quantized_model_lo
     last = torch.load(tmp_path / "last.ckpt", weights_only=True)  # saved during training: fp32, no quantize record
     assert all(record["kind"] != "quantize" for record in last.get(STRUCTURE_KEY, []))
     resumed_model = tiny_classifier()
-    resumed = fast_trainer(tmp_path, callbacks=[QuantizeOnFit()], max_epochs=2)
+    resumed = fast_trainer(tmp_path, callbacks=[QuantizeOnFit("int8_dynamic")], max_epochs=2)
     resumed.fit(resumed_model, digits, ckpt_path=tmp_path / "last.ckpt")
     assert resumed.current_epoch == 2
     assert set(linear_weight_types(resumed_model.model).values()) == {Int8Tensor}
@@ -610,7 +610,7 @@ def test_ddp_every_rank_ends_with_the_same_quantized_model_and_rank_zero_writes(
         trainer = L.Trainer(accelerator="cpu", strategy="ddp", devices=2, max_epochs=2, limit_train_batches=2,
                             limit_val_batches=1, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False,
-                            callbacks=[QuantizeOnFit(qat_start_epoch=1, save_path=OUT + "/int8.ckpt")])
+                            callbacks=[QuantizeOnFit("int8_dynamic", qat_start_epoch=1, save_path=OUT + "/int8.ckpt")])
         trainer.fit(model, DigitsDataModule(batch_size=16))
         model.eval()
         torch.manual_seed(1)
@@ -733,7 +733,8 @@ def test_a_failed_save_of_the_quantized_model_puts_the_trained_model_back_and_sa
 ):
     model, before = tiny_classifier(), BeforeQuantizing()
     callback = QuantizeOnFit(
-        save_path=tmp_path / "int8.ckpt", save_fp32_path=tmp_path / "fp32.ckpt", qat_start_epoch=0 if qat else None
+        "int8_dynamic", save_path=tmp_path / "int8.ckpt", save_fp32_path=tmp_path / "fp32.ckpt",
+        qat_start_epoch=0 if qat else None
     )
     trainer = fast_trainer(tmp_path, callbacks=[before, callback], limit_train_batches=2)
     _failing_save(monkeypatch, trainer, tmp_path / "int8.ckpt")
@@ -752,7 +753,7 @@ def test_a_failed_save_warns_with_on_error_warn_and_says_no_fp32_copy_was_writte
     tmp_path, tiny_classifier, digits, monkeypatch
 ):
     model, before = tiny_classifier(), BeforeQuantizing()
-    callback = QuantizeOnFit(save_path=tmp_path / "int8.ckpt", on_error="warn")
+    callback = QuantizeOnFit("int8_dynamic", save_path=tmp_path / "int8.ckpt", on_error="warn")
     trainer = fast_trainer(tmp_path, callbacks=[before, callback], limit_train_batches=2)
     _failing_save(monkeypatch, trainer, tmp_path / "int8.ckpt")
     with pytest.warns(UserWarning, match=r"save_path=.*no fp32 copy was written \(pass save_fp32_path"):
@@ -762,7 +763,7 @@ def test_a_failed_save_warns_with_on_error_warn_and_says_no_fp32_copy_was_writte
 
 def test_a_failed_fp32_save_stops_before_quantizing(tmp_path, tiny_classifier, digits, monkeypatch):
     model, before = tiny_classifier(), BeforeQuantizing()
-    callback = QuantizeOnFit(save_path=tmp_path / "int8.ckpt", save_fp32_path=tmp_path / "fp32.ckpt")
+    callback = QuantizeOnFit("int8_dynamic", save_path=tmp_path / "int8.ckpt", save_fp32_path=tmp_path / "fp32.ckpt")
     trainer = fast_trainer(tmp_path, callbacks=[before, callback], limit_train_batches=2)
     _failing_save(monkeypatch, trainer, tmp_path / "fp32.ckpt")
     with pytest.raises(RuntimeError, match=r"did not quantize: writing .*save_fp32_path='.*fp32.ckpt' failed"):
@@ -773,7 +774,7 @@ def test_a_failed_fp32_save_stops_before_quantizing(tmp_path, tiny_classifier, d
 
 def test_a_directory_as_save_path_is_refused_before_training_naming_the_argument(tmp_path, tiny_classifier, digits):
     (tmp_path / "out").mkdir()
-    trainer = fast_trainer(tmp_path, callbacks=[QuantizeOnFit(save_path=tmp_path / "out")])
+    trainer = fast_trainer(tmp_path, callbacks=[QuantizeOnFit("int8_dynamic", save_path=tmp_path / "out")])
     with pytest.raises(IsADirectoryError, match=r"save_path='.*out' is a directory; pass a file path in it"):
         trainer.fit(tiny_classifier(), digits)
     assert trainer.global_step == 0
@@ -781,7 +782,7 @@ def test_a_directory_as_save_path_is_refused_before_training_naming_the_argument
 
 def test_resuming_qat_with_the_same_arguments_or_before_qat_started_is_allowed(tmp_path, tiny_classifier, digits):
     checkpoints = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
-    callback = QuantizeOnFit(qat_start_epoch=1, skip="head")
+    callback = QuantizeOnFit("int8_dynamic", qat_start_epoch=1, skip="head")
     fast_trainer(tmp_path, callbacks=[callback, checkpoints], max_epochs=2, limit_train_batches=1,
                  enable_checkpointing=True).fit(tiny_classifier(), digits)
     saved = torch.load(tmp_path / "epoch=1.ckpt", weights_only=True)["callbacks"]["QuantizeOnFit"]
@@ -789,11 +790,12 @@ def test_resuming_qat_with_the_same_arguments_or_before_qat_started_is_allowed(t
                      "qat_active": True}
     # before QAT started anything may change; in QAT, the same arguments resume
     for ckpt, kwargs in (("epoch=0.ckpt", dict(config="int8_weight_only")), ("epoch=1.ckpt", dict(skip=["head"]))):
-        resumed = fast_trainer(tmp_path, callbacks=[QuantizeOnFit(qat_start_epoch=1, **{"skip": "head", **kwargs})],
-                               max_epochs=3, limit_train_batches=1)
+        arguments = {"config": "int8_dynamic", "qat_start_epoch": 1, "skip": "head", **kwargs}
+        resumed = fast_trainer(tmp_path, callbacks=[QuantizeOnFit(**arguments)], max_epochs=3, limit_train_batches=1)
         resumed.fit(tiny_classifier(), digits, ckpt_path=tmp_path / ckpt)
         assert resumed.current_epoch == 3
     with pytest.raises(ValueError, match=r"skip=\['blocks.0.\*'\], but the checkpoint .* skip=\['head'\]"):
-        fast_trainer(tmp_path, callbacks=[QuantizeOnFit(qat_start_epoch=1, skip="blocks.0.*")], max_epochs=3).fit(
+        fast_trainer(tmp_path, callbacks=[QuantizeOnFit("int8_dynamic", qat_start_epoch=1, skip="blocks.0.*")],
+                     max_epochs=3).fit(
             tiny_classifier(), digits, ckpt_path=tmp_path / "epoch=1.ckpt"
         )

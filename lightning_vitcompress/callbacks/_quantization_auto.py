@@ -47,10 +47,10 @@ def _check_auto_arguments(qat_start_epoch: Any, inference_precision: Any, auto_c
             "weights for one format, chosen before it starts. Name the config (e.g. 'int8_dynamic_x86'), or "
             "pass qat_start_epoch=None."
         )
-    if inference_precision != "32-true":
+    if inference_precision not in (None, "32-true"):
         raise ValueError(
             f"inference_precision={inference_precision!r} with config='auto': 'auto' tries bf16-mixed itself "
-            "where the CPU has native bf16. Leave inference_precision at '32-true', or name the config."
+            "where the CPU has native bf16. Leave inference_precision at None, or name the config."
         )
     if auto_configs is None:
         return

@@ -65,9 +65,12 @@ from lightning_vitcompress.functional.quantize import (
 from lightning_vitcompress.functional.quantize_auto import AutoCandidate
 from lightning_vitcompress.functional.multihead_attention import restore_multihead_attention
 from lightning_vitcompress.functional.quantize_configs import (
+    INFERENCE_PRECISIONS,
     QUANTIZATION_CONFIGS,
+    DefaultChoice,
     QuantizationSpec,
     check_compile,
+    default_quantization,
     resolve_quantization,
 )
 from lightning_vitcompress.functional.quantize_layers import (
@@ -79,6 +82,10 @@ from lightning_vitcompress.functional.x86_int8 import cpu_supports_bfloat16
 
 __all__ = ['QuantizeOnFit']
 
+#: ``config=None`` warns below this width (the widest quantized layer's in_features): int8 kernels' per-call
+#: overhead outweighs the cheaper math there (``benchmarks/bench_int8_width.py`` measures where it turns)
+INT8_PAYS_FROM_WIDTH = 192
+
 # ----------------------------------------------------------------------------- the callback
 class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
     r"""Quantize the trained model's linear layers with torchao when training ends; optional QAT.
@@ -87,13 +94,20 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
 
         from lightning_vitcompress import QuantizeOnFit, load_compressed
 
-        trainer = Trainer(callbacks=[QuantizeOnFit("int8_dynamic", save_path="model-int8.ckpt")])
+        trainer = Trainer(callbacks=[QuantizeOnFit(save_path="model-int8.ckpt")])  # the config fast on this device
         trainer.fit(model, datamodule)
         trainer.test(model, datamodule)      # runs the quantized model
         model = load_compressed(LitModel, "model-int8.ckpt")
 
     Args:
-        config: ``"int8_dynamic"`` (int8 per-token activations, int8 per-channel
+        config: ``None`` (default): the int8 config that is fast on the device the
+            Trainer runs on, read from what the hardware reports at ``setup`` (no timing;
+            :func:`~lightning_vitcompress.functional.default_quantization`): on x86 CPUs
+            with VNNI/AMX ``"int8_static_x86"`` (``"bf16-mixed"`` where bf16 is native),
+            on CUDA ``"int8_dynamic"`` (``"float8_dynamic"`` on SM >= 8.9), elsewhere
+            ``"int8_dynamic"``; the choice and why are logged and kept in
+            :attr:`default_choice`. Or name one:
+            ``"int8_dynamic"`` (int8 per-token activations, int8 per-channel
             weights; CPU and CUDA; torchao's portable int8 path),
             ``"int8_dynamic_x86"`` (x86 CPUs: uint8 per-tensor activations, int8
             per-channel weights, compiled to oneDNN int8 GEMMs, see
@@ -133,7 +147,8 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
             training input under ``inference_mode``, and logged as
             ``quant/compile_seconds`` (about 15-30 s for ViT-B/16 on 2 cores);
             inputs of another shape, device or grad mode compile again on first use.
-        inference_precision: ``"32-true"`` (default) or ``"bf16-mixed"``: the
+        inference_precision: ``None`` (default: the default config's choice, else
+            ``"32-true"``), ``"32-true"`` or ``"bf16-mixed"``: the
             compiled x86 model runs its unquantized ops (attention, norms, GELU,
             residual adds) in bf16 under CPU autocast and returns float32
             (PyTorch's int8-mixed-bf16 recipe; for CPUs with AVX512-BF16 or AMX,
@@ -184,12 +199,12 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
 
     def __init__(
         self,
-        config: Any = "int8_dynamic",
+        config: Any = None,
         *,
         skip: SkipSpec = None,
         qat_start_epoch: Optional[int] = None,
         compile: Union[None, bool, dict[str, Any]] = None,
-        inference_precision: Literal["32-true", "bf16-mixed"] = "32-true",
+        inference_precision: Optional[Literal["32-true", "bf16-mixed"]] = None,
         calibration_batches: int = 8,
         save_path: Optional[Union[str, Path]] = None,
         save_fp32_path: Optional[Union[str, Path]] = None,
@@ -202,8 +217,10 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
         super().__init__(model_attribute)
         #: ``config="auto"``: the config is chosen at train end by measuring (:attr:`spec` is None until then)
         self.auto = isinstance(config, str) and config == AUTO
+        #: ``config=None``: the config is read from the hardware at setup (:attr:`default_choice`)
+        self.default = config is None
         #: the config resolved once: what it is, how it quantizes, compiles and replays
-        self.spec: Optional[QuantizationSpec] = None if self.auto else resolve_quantization(config)
+        self.spec: Optional[QuantizationSpec] = None if self.auto or self.default else resolve_quantization(config)
         check_skip(skip)
         if qat_start_epoch is not None:
             check_int(qat_start_epoch, "qat_start_epoch", minimum=0, example="0 (or None for no QAT)")
@@ -211,8 +228,12 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
         check_choice(on_error, "on_error", ("raise", "warn"))
         check_max_accuracy_drop(max_accuracy_drop)
         check_positive(auto_time_budget_s, "auto_time_budget_s", "300 (seconds)")
-        if self.spec is not None:
-            self.spec.check_inference_precision(inference_precision, compile)
+        if inference_precision is not None and inference_precision not in INFERENCE_PRECISIONS:
+            raise ValueError(f"inference_precision={inference_precision!r}: pass one of {list(INFERENCE_PRECISIONS)}, "
+                             "or None (the default config's choice).")
+        if not self.auto:
+            if self.spec is not None:
+                self.spec.check_inference_precision(inference_precision or "32-true", compile)
             if auto_configs is not None:
                 raise ValueError(
                     f"auto_configs={auto_configs!r} restricts config='auto', but config={config!r}: pass "
@@ -232,7 +253,11 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
         self.skip = skip
         self.qat_start_epoch = qat_start_epoch
         self.compile = compile
-        self.inference_precision = inference_precision
+        #: what the user passed (None: the default's choice); :attr:`inference_precision` is what is used
+        self.requested_inference_precision = inference_precision
+        self.inference_precision: str = inference_precision or "32-true"
+        #: what ``config=None`` chose at the last setup, and why
+        self.default_choice: Optional[DefaultChoice] = None
         self.calibration_batches = calibration_batches
         self.save_path = save_path
         self.save_fp32_path = save_fp32_path
@@ -268,6 +293,8 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
         for argument, path in (("save_path", self.save_path), ("save_fp32_path", self.save_fp32_path)):
             if path is not None:
                 check_output_file(path, argument)
+        if self.default:
+            self._choose_default(trainer, device)
         self._check_resume(trainer)
         _check_skip_matches(self.target(pl_module), self.skip)
         if self.auto:
@@ -286,10 +313,35 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
                 f"QuantizeOnFit(config={self.config_label!r}, skip={self.skip!r}) selects no nn.Linear "
                 f"layer of the model; skipped: {skipped}. Loosen `skip`."
             )
+        if self.default:
+            self._warn_if_too_narrow(self.target(pl_module), selected)
         self.auto_result = None
         self.summary = None
         self._qat_active = False
         self._start_capture(self.target(pl_module))
+
+    def _choose_default(self, trainer: "pl.Trainer", device: torch.device) -> None:
+        """``config=None``: the config (and precision, unless given) fast on ``device``, said in the log."""
+        trains = trainer.max_epochs != 0 and trainer.limit_train_batches != 0
+        choice = default_quantization(device, calibrates=trains)
+        self.default_choice = choice
+        self.spec = QUANTIZATION_CONFIGS[choice.config]
+        if self.requested_inference_precision is None:
+            self.inference_precision = choice.inference_precision if self.spec.bf16_mixed else "32-true"
+        self.spec.check_inference_precision(self.inference_precision, self.compile)
+        rank_zero_info(f"QuantizeOnFit: config={choice.config!r}, inference_precision={self.inference_precision!r} "
+                       f"for {device.type}: {choice.reason}.")
+
+    def _warn_if_too_narrow(self, model: nn.Module, selected: list[str]) -> None:
+        """Where int8 cannot pay (every layer narrow: its per-call overhead outweighs the cheaper math), say so."""
+        widest = max(model.get_submodule(name).in_features for name in selected)
+        if widest < INT8_PAYS_FROM_WIDTH:
+            rank_zero_warn(
+                f"QuantizeOnFit: the widest linear layer of this model takes {widest} features; below "
+                f"{INT8_PAYS_FROM_WIDTH} int8 rarely pays on a CPU (measured here: a 64-wide ViT's batch-1 latency "
+                "gets about 3x worse, benchmarks/bench_int8_width.py). It will be quantized as asked; to decide by "
+                "measurement use config='auto' (keeps float when int8 is not faster), or drop QuantizeOnFit."
+            )
 
     @property
     def config_label(self) -> str:
@@ -318,7 +370,7 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
         # read back at a resume's setup (_check_resume); plain data, safe to load with weights_only=True
         skip = self.skip
         return {
-            "config": self.spec.name if self.spec is not None and not self.auto else AUTO,
+            "config": AUTO if self.auto else (self.spec.name if self.spec is not None else None),
             "qat_start_epoch": self.qat_start_epoch,
             "skip": None if skip is None or callable(skip) else ([skip] if isinstance(skip, str) else sorted(skip)),
             "skip_callable": callable(skip),

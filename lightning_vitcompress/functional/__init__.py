@@ -42,6 +42,8 @@ from lightning_vitcompress.functional.prune import PruneConfig, prune_vit
 from lightning_vitcompress.functional.quantize_configs import (
     INFERENCE_PRECISIONS,
     QUANTIZATION_CONFIGS,
+    DefaultChoice,
+    default_quantization,
     QuantizationSpec,
     resolve_quantization,
 )
@@ -80,6 +82,8 @@ __all__ = [
     "NystromConfig",
     "PruneConfig",
     "QUANTIZATION_CONFIGS",
+    "DefaultChoice",
+    "default_quantization",
     "QuantizationSpec",
     "TokenMergingConfig",
     "X86Int8DynamicLinear",

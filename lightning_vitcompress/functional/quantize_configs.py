@@ -41,10 +41,13 @@ from lightning_vitcompress.functional.x86_int8 import (
     X86Int8DynamicLinear,
     X86Int8StaticLinear,
     compile_frozen,
+    cpu_supports_bfloat16,
+    cpu_supports_int8_dot_product,
 )
 from lightning_vitcompress.functional.quantize_layers import SkipSpec, _is_linear, select_layers
 
-__all__ = ['INFERENCE_PRECISIONS', 'QUANTIZATION_CONFIGS', 'QuantizationSpec', 'check_compile', 'check_config', 'resolve_quantization', 'spec_for_label']
+__all__ = ['INFERENCE_PRECISIONS', 'QUANTIZATION_CONFIGS', 'DefaultChoice', 'QuantizationSpec', 'check_compile', 'check_config',
+           'default_quantization', 'resolve_quantization', 'spec_for_label']
 
 
 #: ``QuantizeOnFit(inference_precision=...)``: the dtype the compiled model's unquantized ops run in
@@ -308,6 +311,48 @@ QUANTIZATION_CONFIGS: dict[str, QuantizationSpec] = {
         incompatible=_float8_incompatible,
     ),
 }
+
+
+@dataclass(frozen=True)
+class DefaultChoice:
+    """What :func:`default_quantization` picked for a device, and why (said in the log and the summary)."""
+
+    config: str
+    inference_precision: str
+    reason: str
+
+
+def default_quantization(device: torch.device, calibrates: bool = True) -> DefaultChoice:
+    """The int8 config that is fast where the model runs, read from what the hardware reports (no timing).
+
+    * x86 CPU with int8 dot products (AVX512-VNNI, AVX-VNNI, AMX): ``"int8_static_x86"``
+      (``"int8_dynamic_x86"`` when ``calibrates`` is False: no training batch to calibrate on),
+      lowered by inductor to oneDNN int8 GEMMs; ``"bf16-mixed"`` where the CPU has native bf16;
+    * CUDA: ``"float8_dynamic"`` on compute capability >= 8.9, else ``"int8_dynamic"``;
+    * anything else (ARM, x86 without VNNI): ``"int8_dynamic"``, torchao's portable int8.
+
+    ``QuantizeOnFit(config="auto")`` measures instead of reading. Example::
+
+        >>> default_quantization(torch.device("meta")).config
+        'int8_dynamic'
+    """
+    if device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        if capability >= QUANTIZATION_CONFIGS["float8_dynamic"].min_capability:  # type: ignore[operator]
+            return DefaultChoice("float8_dynamic", "32-true", f"CUDA compute capability {capability[0]}."
+                                 f"{capability[1]} has float8 tensor cores")
+        return DefaultChoice("int8_dynamic", "32-true", f"CUDA compute capability {capability[0]}.{capability[1]}: "
+                             "int8 (float8 needs 8.9 or newer)")
+    if device.type == "cpu" and cpu_supports_int8_dot_product():
+        bf16 = cpu_supports_bfloat16()
+        config = "int8_static_x86" if calibrates else "int8_dynamic_x86"
+        reason = "x86 CPU with int8 dot products (VNNI/AMX): oneDNN int8 GEMMs" + (
+            ", activation ranges calibrated on training batches" if calibrates else
+            " with dynamic activation ranges (no training batch to calibrate on)")
+        reason += ", the rest in bf16 (native on this CPU)" if bf16 else " (no native bf16 on this CPU: float32 rest)"
+        return DefaultChoice(config, "bf16-mixed" if bf16 else "32-true", reason)
+    return DefaultChoice("int8_dynamic", "32-true", f"{device.type} device without x86 int8 dot products: torchao's "
+                         "portable int8")
 
 
 def check_config(config: Any) -> None:

@@ -301,3 +301,15 @@ def _to_float32(value: Any) -> Any:
 def cpu_supports_bfloat16() -> bool:
     """Whether this CPU has native bf16 math (AVX512-BF16 or AMX), which makes "bf16-mixed" inference fast."""
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def cpu_supports_int8_dot_product() -> bool:
+    """Whether this is an x86 CPU with int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX), where
+    oneDNN's int8 GEMMs beat float32; elsewhere the x86 int8 lowering has nothing fast to lower to."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "x86", "i686"):
+        return False
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_vnni_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
