@@ -18,6 +18,9 @@ sorted by their class attribute ``order``; the others then skip it.
                                edits to weights and attention modules, which
                                it runs through; the teacher is never merged)
  40    DistillationTeacher     setup: checks and places the teacher
+ 55    ExportOnFit("*.xml")    train end: an OpenVINO IR, from the float model
+                               (OpenVINO does not convert torchao's int8 layers;
+                               NNCF quantizes it), before QuantizeOnFit
  60    QuantizeOnFit           train end: quantizes
  70    ExportOnFit             train end: exports the final model to a file
                                (after QuantizeOnFit saved; before the benchmark)
