@@ -21,7 +21,8 @@ Rows (what a user would pick, then ours):
 * ONNX Runtime running our ``.onnx`` of the int8 static model;
 * **our OpenVINO IR** (``export_compressed(..., "vit.xml", quantize="int8")``).
 
-Columns: images/s, ratio to fp32 eager, to bf16 compiled, to the study's
+Columns: images/s, ratio to fp32 eager (of that shape, and of the unpruned
+model, timed in the same loop), to bf16 compiled, to the study's
 ``quantize_dynamic``; size (state dict or file); first call (compile or load +
 first call). The header names the CPU: int8 rankings flip between CPUs.
 
@@ -116,11 +117,18 @@ def timed_build(build: Callable[[], Any]) -> tuple[Any, float]:
     return result, time.perf_counter() - start
 
 
+REFERENCE = "fp32 eager, unpruned (reference)"
+
+
 def shape_rows(model: nn.Module, x: torch.Tensor, calibration: list[torch.Tensor], args: argparse.Namespace,
-               out: Path) -> dict[str, Row]:
-    """Every variant of one model shape, built (compiles paid here, first calls recorded)."""
+               out: Path, reference: nn.Module) -> dict[str, Row]:
+    """Every variant of one model shape, built (compiles paid here, first calls recorded); ``reference`` (the
+    unpruned fp32 model) is timed beside them when it is another model, for speedups against the original."""
     default = default_quantization(torch.device("cpu"))
-    rows: dict[str, Row] = {"fp32 eager": Row(model, serialized_size_bytes(model))}
+    rows: dict[str, Row] = {}
+    if reference is not model:
+        rows[REFERENCE] = Row(reference, serialized_size_bytes(reference))
+    rows["fp32 eager"] = Row(model, serialized_size_bytes(model))
     rows["bf16 compiled (no compression)"] = Row(build_baseline(model, "bf16_compiled"), serialized_size_bytes(model))
     rows["study: quantize_dynamic"] = Row(study_quantize_dynamic(model), 0)
     rows["study: quantize_dynamic"].size_bytes = serialized_size_bytes(rows["study: quantize_dynamic"].model)
@@ -159,13 +167,15 @@ def shape_rows(model: nn.Module, x: torch.Tensor, calibration: list[torch.Tensor
 def print_table(title: str, rows: dict[str, Row], ips: dict[str, float]) -> None:
     eager, bf16 = ips["fp32 eager"], ips["bf16 compiled (no compression)"]
     study = ips["study: quantize_dynamic"]
+    original = ips.get(REFERENCE, eager)
     print(f"\n### {title}\n")
-    print("| variant | CPU images/s | vs fp32 eager | vs bf16 compiled | vs quantize_dynamic | size (MB) "
-          "| first call (s) | note |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| variant | CPU images/s | vs fp32 eager | vs unpruned fp32 eager | vs bf16 compiled | vs quantize_dynamic "
+          "| size (MB) | first call (s) | note |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, row in rows.items():
-        print(f"| {name} | {ips[name]:.2f} | {ips[name] / eager:.2f}x | {ips[name] / bf16:.2f}x "
-              f"| {ips[name] / study:.2f}x | {row.size_bytes / 1e6:.1f} | {row.first_call:.1f} | {row.note} |")
+        print(f"| {name} | {ips[name]:.2f} | {ips[name] / eager:.2f}x | {ips[name] / original:.2f}x "
+              f"| {ips[name] / bf16:.2f}x | {ips[name] / study:.2f}x | {row.size_bytes / 1e6:.1f} | {row.first_call:.1f} "
+              f"| {row.note} |")
     fixed = {n: v for n, v in ips.items() if n.startswith("int8_")}
     chosen = next(n for n in fixed if n.endswith("default"))
     fastest = max(fixed, key=fixed.get)
@@ -175,7 +185,7 @@ def print_table(title: str, rows: dict[str, Row], ips: dict[str, float]) -> None
     if ir is not None:
         print(f"our OpenVINO IR vs OpenVINO by hand: {ips[ir] / ips['OpenVINO NNCF int8, by hand']:.3f}x; "
               f"vs our .pt2: {ips[ir] / ips['ours: .pt2 (default config, AOTInductor)']:.2f}x; "
-              f"vs fp32 eager: {ips[ir] / eager:.2f}x")
+              f"vs fp32 eager: {ips[ir] / eager:.2f}x; vs unpruned fp32 eager: {ips[ir] / original:.2f}x")
 
 
 def main() -> None:
@@ -206,8 +216,9 @@ def main() -> None:
     print(f"{name} at {size}x{size}, batch {args.batch_size}, {args.threads} threads of {cpu_name()}; torch "
           f"{torch.__version__}; QuantizeOnFit() default here: {default.config} {default.inference_precision} "
           f"({default.reason}); precisions {list(INFERENCE_PRECISIONS)}")
+    reference = timm.create_model(name, pretrained=False, **kwargs).eval()
     for shape in args.shapes:
-        model = timm.create_model(name, pretrained=False, **kwargs).eval()
+        model = copy.deepcopy(reference)
         title = f"{name} unpruned"
         if shape in ("pruned", "merged"):
             prune_vit(model, 0.5, x[:1])
@@ -216,7 +227,7 @@ def main() -> None:
             merge_tokens(model, args.merge_r)
             title += f" + token merging r={args.merge_r}"
         out = Path(tempfile.mkdtemp(prefix=f"bench_deploy_{shape}_"))
-        rows = shape_rows(model, x, calibration, args, out)
+        rows = shape_rows(model, x, calibration, args, out, reference if shape != "unpruned" else model)
         print(f"timing {len(rows)} variants of {title} ...", flush=True)
         ips = compare_throughput({n: r.model for n, r in rows.items()}, x, rounds=args.rounds,
                                  min_run_time=args.min_run_time)
