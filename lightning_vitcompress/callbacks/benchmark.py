@@ -342,7 +342,7 @@ def _deployed_artifact(
     Measured when it runs on the CPU at any batch size (``dynamic_batch=True``)."""
     from lightning_vitcompress.callbacks.export import ExportOnFit
     from lightning_vitcompress.callbacks.quantization import QuantizeOnFit
-    from lightning_vitcompress.functional.export import load_artifact
+    from lightning_vitcompress.functional.artifact import load_artifact
 
     export = next((cb for cb in trainer.callbacks if isinstance(cb, ExportOnFit) and cb.summary), None)
     if export is None or export.summary is None:

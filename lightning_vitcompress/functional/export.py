@@ -45,13 +45,15 @@ from torch import nn
 
 from lightning_vitcompress._checks import check_bool, check_choice, check_output_file, check_path
 from lightning_vitcompress.functional.measure import eval_mode
-from lightning_vitcompress.functional.openvino import (
-    OpenVINORunner,
-    check_openvino_installed,
-    converter_message,
-    openvino_files,
-    write_openvino,
+from lightning_vitcompress.functional.artifact import (
+    ARTIFACT_FORMATS,
+    ArtifactMismatchError,
+    LoadedArtifact,
+    artifact_files,
+    load_artifact,
+    verify_artifact,
 )
+from lightning_vitcompress.functional.openvino import check_convertible, check_openvino_installed, write_openvino
 from lightning_vitcompress.functional.quantize_configs import INFERENCE_PRECISIONS
 from lightning_vitcompress.functional.x86_int8 import (
     FROZEN_INDUCTOR_OPTIONS,
@@ -74,8 +76,6 @@ __all__ = [
     "load_artifact",
 ]
 
-#: ``format`` -> file suffix
-ARTIFACT_FORMATS: dict[str, str] = {"pt2": ".pt2", "onnx": ".onnx", "openvino": ".xml"}
 
 #: how far the loaded artifact's logits may be from the live model's on the same real batch, as
 #: ``max |artifact - live| / max |live|``, per (precision, int8 layers present). The reference is the live model
@@ -93,10 +93,6 @@ TOLERANCES: dict[tuple[str, bool], float] = {
 NNCF_INT8_TOLERANCE = 0.25
 
 _INSTALL_ONNX = "pip install 'lightning-vitcompress[export]' (onnx, onnxscript, onnxruntime)"
-
-
-class ArtifactMismatchError(RuntimeError):
-    """The exported file loaded back but its outputs differ from the live model's beyond the tolerance."""
 
 
 @dataclass(frozen=True)
@@ -285,17 +281,7 @@ def check_exportable(model: nn.Module, example_input: torch.Tensor, config: Opti
     with _uncompiled(model), eval_mode(model), _hooks_set_aside(model):
         if config.format == "openvino":  # its converter is the check: a dry conversion, nothing written
             _check_float(model)
-            import openvino as ov
-
-            example = _example_batch(example_input)
-            try:
-                with torch.no_grad():
-                    ov.convert_model(_Deployable(model, None), example_input=example)
-            except Exception as err:  # noqa: BLE001 - reported with what works
-                raise ValueError(
-                    f"format='openvino': ov.convert_model cannot convert {type(model).__name__} "
-                    f"({converter_message(err)}). Use format='pt2' (AOTInductor). The model is unchanged."
-                ) from err
+            check_convertible(_Deployable(model, None), _example_batch(example_input))
             return
         _export_program(_Deployable(model, None), _example_batch(example_input), config.dynamic_batch)
 
@@ -425,7 +411,7 @@ def export_compressed(
         "device": str(device),
         "inference_precision": config.precision,
         "dynamic_batch": config.dynamic_batch,
-        "size_bytes": sum(f.stat().st_size for f in _files(partial, config.format)),
+        "size_bytes": sum(f.stat().st_size for f in artifact_files(partial, config.format)),
         "export_seconds": export_seconds,
         "load_seconds": None,
         "first_call_seconds": None,
@@ -435,22 +421,17 @@ def export_compressed(
     }
     if config.check:
         try:
-            summary.update(_verify(partial, config.format, example, reference, tolerance, device))
+            summary.update(verify_artifact(partial, config.format, example, reference, tolerance, device))
         except BaseException:
             _remove(partial, config.format)
             raise
-    for written, final in zip(_files(partial, config.format), _files(path, config.format)):
+    for written, final in zip(artifact_files(partial, config.format), artifact_files(path, config.format)):
         os.replace(written, final)
     return summary
 
 
-def _files(path: Path, format: str) -> tuple[Path, ...]:
-    """The files an artifact at ``path`` consists of (an OpenVINO IR: ``.xml`` and ``.bin``)."""
-    return openvino_files(path) if format == "openvino" else (path,)
-
-
 def _remove(path: Path, format: str) -> None:
-    for file in _files(path, format):
+    for file in artifact_files(path, format):
         file.unlink(missing_ok=True)
 
 
@@ -513,117 +494,3 @@ def _short(err: BaseException, limit: int) -> str:
 
 def _has_quantized_weights(model: nn.Module) -> bool:
     return any(type(p) not in (torch.Tensor, nn.Parameter) for p in model.parameters())
-
-
-def _verify(
-    path: Path,
-    format: str,
-    example: torch.Tensor,
-    reference: torch.Tensor,
-    tolerance: float,
-    device: torch.device,
-) -> dict[str, Any]:
-    """Load the file back, run ``example``, compare with ``reference``; the timings and the error."""
-    try:
-        loaded = load_artifact(path, format=format, device=device)
-        with torch.inference_mode():
-            output = loaded(example)
-    except Exception as err:  # noqa: BLE001 - the file is unusable; say so with the cause
-        raise ArtifactMismatchError(
-            f"The exported {format} file does not run when loaded back ({type(err).__name__}: {err}); it was not "
-            "kept. The model itself is unchanged."
-        ) from err
-    if tuple(output.shape) != tuple(reference.shape):
-        raise ArtifactMismatchError(
-            f"The exported {format} file returns shape {tuple(output.shape)}, the live model {tuple(reference.shape)}; "
-            "it was not kept."
-        )
-    scale = reference.abs().max().clamp_min(1e-12)
-    error = float((output.float().to(reference.device) - reference).abs().max() / scale)
-    if not error <= tolerance:
-        raise ArtifactMismatchError(
-            f"The exported {format} file's logits differ from the live model's by {error:.3g} (max abs difference / "
-            f"max abs logit) on a real batch, above tolerance={tolerance:g}; it was not kept. Pass a larger "
-            "tolerance if this precision loss is expected, or report the model that does this."
-        )
-    return {"load_seconds": loaded.load_seconds, "first_call_seconds": loaded.first_call_seconds, "relative_error": error}
-
-
-class LoadedArtifact(nn.Module):
-    """An exported file loaded for inference, as an ``nn.Module``: ``artifact(images) -> logits``.
-
-    What :class:`~lightning_vitcompress.BenchmarkCallback` measures as the deployed
-    model. It holds no parameters; :attr:`size_bytes` is the file's size and
-    :attr:`load_seconds` / :attr:`first_call_seconds` what loading cost.
-    A server needs none of this: see the README's loader (torch, onnxruntime or openvino alone).
-    """
-
-    def __init__(self, path: Union[str, os.PathLike], format: str, device: torch.device) -> None:
-        super().__init__()
-        self.path = Path(path)
-        self.format = format
-        self.device = device
-        self.size_bytes = sum(file.stat().st_size for file in _files(self.path, format))
-        self.first_call_seconds: Optional[float] = None
-        start = time.perf_counter()
-        if format == "pt2":
-            from torch._inductor import aoti_load_package
-
-            self._runner: Any = aoti_load_package(str(self.path))
-        elif format == "openvino":
-            self._runner = OpenVINORunner(self.path)
-        else:
-            import onnxruntime
-
-            options = onnxruntime.SessionOptions()
-            # torch's thread count, and no spin-waiting between calls: idle threads would steal the CPU from
-            # whatever runs next (other models, a benchmark's interleaved variants)
-            options.intra_op_num_threads = torch.get_num_threads()
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            providers = ["CUDAExecutionProvider"] if device.type == "cuda" else []
-            self._runner = onnxruntime.InferenceSession(
-                str(self.path), options, providers=providers + ["CPUExecutionProvider"]
-            )
-            self._input_name = self._runner.get_inputs()[0].name
-        self.load_seconds = time.perf_counter() - start
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        start = time.perf_counter() if self.first_call_seconds is None else None
-        if self.format == "pt2":
-            output = self._runner(images.to(self.device))
-        elif self.format == "openvino":
-            output = self._runner(images)
-        else:
-            output = torch.from_numpy(self._runner.run(None, {self._input_name: images.detach().cpu().numpy()})[0])
-        if start is not None:
-            self.first_call_seconds = time.perf_counter() - start
-        return output
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> "LoadedArtifact":
-        # the runner is a native handle; a copy is a fresh load of the same file (on its own device)
-        return LoadedArtifact(self.path, self.format, self.device)
-
-    def extra_repr(self) -> str:
-        return f"path={str(self.path)!r}, format={self.format!r}, size_bytes={self.size_bytes}"
-
-
-def load_artifact(
-    path: Union[str, os.PathLike], *, format: Optional[str] = None, device: Union[str, torch.device, None] = None
-) -> LoadedArtifact:
-    """Load a file :func:`export_compressed` wrote (format from the suffix unless given) as a :class:`LoadedArtifact`.
-
-    Example::
-
-        artifact = load_artifact("vit.pt2")
-        logits = artifact(images)
-    """
-    path = Path(path)
-    if format is None:
-        format = next((name for name, suffix in ARTIFACT_FORMATS.items() if path.suffix == suffix), None)
-        if format is None:
-            raise ValueError(f"path={str(path)!r}: pass format= one of {list(ARTIFACT_FORMATS)} for this suffix.")
-    check_choice(format, "format", tuple(ARTIFACT_FORMATS))
-    if not path.is_file():
-        raise FileNotFoundError(f"path={str(path)!r}: no such file.")
-    return LoadedArtifact(path, format, torch.device(device) if device is not None else torch.device("cpu"))
-

@@ -42,8 +42,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-__all__ = ["INSTALL_OPENVINO", "OPENVINO_PRECISION_HINTS", "OpenVINORunner", "check_openvino_installed",
-           "converter_message", "openvino_files", "write_openvino"]
+__all__ = ["INSTALL_OPENVINO", "OPENVINO_PRECISION_HINTS", "OpenVINORunner", "check_convertible",
+           "check_openvino_installed", "converter_message", "openvino_files", "write_openvino"]
 
 INSTALL_OPENVINO = "pip install 'lightning-vitcompress[openvino]' (openvino, nncf)"
 
@@ -62,6 +62,20 @@ def check_openvino_installed(quantize: Optional[str]) -> None:
             f"format='openvino'{' with quantize=' + repr(quantize) if quantize else ''} needs {missing}: "
             f"{INSTALL_OPENVINO}. Or use format='pt2' (torch only) or 'onnx'."
         )
+
+
+def check_convertible(module: nn.Module, example: torch.Tensor) -> None:
+    """Raise ``ValueError`` now if ``ov.convert_model`` cannot convert ``module`` (a dry run: nothing written)."""
+    import openvino as ov
+
+    try:
+        with torch.no_grad():
+            ov.convert_model(module, example_input=example)
+    except Exception as err:  # noqa: BLE001 - reported with what works
+        raise ValueError(
+            f"format='openvino': ov.convert_model cannot convert {type(getattr(module, 'model', module)).__name__} "
+            f"({converter_message(err)}). Use format='pt2' (AOTInductor). The model is unchanged."
+        ) from err
 
 
 def openvino_files(path: Path) -> tuple[Path, Path]:

@@ -25,7 +25,7 @@ from torch import nn
 from lightning_vitcompress._checks import (
     check_positive,
 )
-from lightning_vitcompress.functional.export import LoadedArtifact
+from lightning_vitcompress.functional.artifact import LoadedArtifact
 from lightning_vitcompress.functional.measure import (
     compare_throughput,
     count_macs,
