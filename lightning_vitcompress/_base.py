@@ -76,6 +76,8 @@ class _PipelineState:
         self.checkpoint: dict[str, Any] = {}
         #: one image of the Trainer's data (see :func:`example_from_data`), looked up once; False: none found
         self.example: Any = None
+        #: the first batch of the validation / training data (see :func:`first_batch`), read once
+        self.batches: dict[str, Any] = {}
         #: top-1 of each budgeted target (by path) as it entered fit, measured once at setup
         self.references: dict[str, float] = {}
 
@@ -132,15 +134,25 @@ def example_from_data(trainer: "pl.Trainer") -> Optional[torch.Tensor]:
     return state.example if isinstance(state.example, torch.Tensor) else None
 
 
-def _first_images(trainer: "pl.Trainer") -> Optional[torch.Tensor]:
-    for loop in (trainer.fit_loop.epoch_loop.val_loop, trainer.fit_loop):  # validation data, then training data
+def first_batch(trainer: "pl.Trainer", validation: bool = True) -> Any:
+    """The first batch of the validation data (``validation=True``) or of the training data, read once under a
+    forked random state (the training order stays what it would be without us); None where none is reachable."""
+    state = _pipeline_state(trainer)
+    key = "validation" if validation else "training"
+    if key not in state.batches:
+        loop = trainer.fit_loop.epoch_loop.val_loop if validation else trainer.fit_loop
         try:
             with torch.random.fork_rng(devices=[]):
                 loader = _first_loader(loop._data_source)
-                batch = next(iter(loader)) if loader is not None else None
-        except Exception:  # noqa: BLE001 - a failing loader: try the next source
-            continue
-        images = images_of(batch)
+                state.batches[key] = next(iter(loader)) if loader is not None else None
+        except Exception:  # noqa: BLE001 - a failing or empty loader: no batch
+            state.batches[key] = None
+    return state.batches[key]
+
+
+def _first_images(trainer: "pl.Trainer") -> Optional[torch.Tensor]:
+    for validation in (True, False):  # validation data, then training data
+        images = images_of(first_batch(trainer, validation))
         if images is not None:
             return images
     return None

@@ -11,6 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_vitcompress.digits import DigitsClassifier
 
 #: the tiny classifier every fast test trains: 2 blocks of width 32
 TINY = dict(embed_dim=32, depth=2, num_heads=4)
@@ -71,3 +75,35 @@ def run_ddp_script(body: str, tmp_path: Path, timeout: float = 240) -> list[dict
     if proc.returncode != 0 or len(reports) != 2:
         raise AssertionError(f"DDP script failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return [json.loads(p.read_text()) for p in reports]
+
+
+class DictBatches(torch.utils.data.Dataset):
+    """A dataset of ``(image, label)`` pairs served as Hugging Face style dicts ``{"pixel_values", "labels"}``."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        image, label = self.dataset[index]
+        return {"pixel_values": image, "labels": label}
+
+
+def dict_loaders(digits: L.LightningDataModule, batch_size: int = 32) -> tuple[DataLoader, DataLoader]:
+    """The digits train / validation data as loaders of dict batches."""
+    return (
+        DataLoader(DictBatches(digits.train_dataloader().dataset), batch_size=batch_size, shuffle=True),
+        DataLoader(DictBatches(digits.val_dataloader().dataset), batch_size=batch_size),
+    )
+
+
+class DictDigitsClassifier(DigitsClassifier):
+    """The digits classifier trained on dict batches (``{"pixel_values": ..., "labels": ...}``)."""
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return super().training_step((batch["pixel_values"], batch["labels"]), batch_idx)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> Any:
+        return super().validation_step((batch["pixel_values"], batch["labels"]), batch_idx)

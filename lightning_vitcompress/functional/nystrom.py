@@ -21,7 +21,7 @@ from torch import nn
 
 from lightning_vitcompress._model import find_attention_blocks, get_submodule, set_submodule
 from lightning_vitcompress._structure import Record, register_replay
-from lightning_vitcompress.functional.measure import compare_throughput, eval_mode, images_of
+from lightning_vitcompress.functional.measure import compare_throughput, eval_mode, images_and_labels
 from lightning_vitcompress.functional.nystrom_attention import (
     REPLACED_ATTRIBUTE,
     AttentionMaskError,
@@ -301,9 +301,7 @@ def swap_back_gains(
     with eval_mode(model), torch.inference_mode():
         device = next(model.parameters()).device
         for batch in batches:
-            images, labels = images_of(batch), batch[1].to(device)
-            assert images is not None
-            images = images.to(device)
+            images, labels = (t.to(device) for t in images_and_labels(batch))
             reference = logits_of(model(images)).float()
             correct[None] += int((reference.argmax(-1) == labels).sum())
             for name in names:
