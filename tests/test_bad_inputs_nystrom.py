@@ -91,6 +91,9 @@ CASES = [
     setup("masked-blocks", "blocks=None", model=MaskedClassifier, example_input=MASK_EXAMPLE),
     setup("masked-blocks-later-swap", "blocks=None", model=MaskedClassifier, example_input=MASK_EXAMPLE,
           swap_epoch=1, trainer=dict(max_epochs=2)),
+    # 65 tokens (class + 64 patches): all of them prefix tokens, Nyström would never run
+    setup("prefix-whole-sequence", "num_prefix_tokens=65", num_prefix_tokens=65),
+    setup("prefix-past-sequence", "num_prefix_tokens=500", num_prefix_tokens=500),
     setup("example-input-wrong-shape", "example_input=", model=MaskedClassifier, example_input=torch.randn(2, 5)),
     Case("second-fit-other-landmarks", lambda t: NystromSwap(num_landmarks=8), "num_landmarks=8", "setup", N,
          ValueError, model=_swapped_model),

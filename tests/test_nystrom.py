@@ -403,3 +403,16 @@ def test_transformers_attention_swaps_exactly_and_refuses_a_real_mask():
     assert out.shape == (2, 17, 32) and weights is None
     with pytest.raises(AttentionMaskError, match="does not support attention masks"):
         block(torch.randn(2, 17, 32), torch.zeros(2, 1, 17, 17))
+
+
+def test_class_token_of_a_vit_written_inline_is_kept_exact():
+    """No ``num_prefix_tokens`` attribute: the model adapter finds the class token parameter."""
+    from families import MHAViT
+
+    from lightning_vitcompress.functional.nystrom import NystromConfig, swap_attention
+
+    model = MHAViT()
+    assert not hasattr(model, "num_prefix_tokens")
+    swap_attention(model, NystromConfig(num_landmarks=4))
+    swapped = [m for m in model.modules() if isinstance(m, NystromAttention)]
+    assert len(swapped) == 2 and {m.num_prefix_tokens for m in swapped} == {1}

@@ -264,6 +264,7 @@ class NystromSwap(CompressionCallback):
             self._swap_done = True
             return
         self._check_no_masks(model, chosen, trainer)
+        self._check_prefix(trainer, pl_module, model, chosen)
         if self.min_tokens is not None:
             chosen = self._long_enough(trainer, pl_module, chosen)
         self._selection = chosen
@@ -332,6 +333,28 @@ class NystromSwap(CompressionCallback):
             rank_zero_info(
                 f"NystromSwap: {len(originals)} attention blocks now use {self.config.num_landmarks} landmarks "
                 f"({self.config.prefix_tokens(model)} prefix tokens kept exact)."
+            )
+
+    def _check_prefix(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", model: nn.Module, names: list[str]
+    ) -> None:
+        """A block whose tokens are all prefix tokens would stay exact attention: refuse that now."""
+        prefix = self.config.prefix_tokens(model)
+        if prefix == 0:
+            return
+        try:
+            counts = self._token_counts(trainer, pl_module, model)
+        except ValueError:  # no input size known: nothing to compare with (the count is checked when it runs)
+            return
+        short = {name: counts[name] for name in names if name in counts and counts[name] <= prefix}
+        if short:
+            name, count = next(iter(short.items()))
+            source = (f"num_prefix_tokens={self.config.num_prefix_tokens}" if self.config.num_prefix_tokens is not None
+                      else f"the {prefix} prefix tokens read from {type(model).__name__}")
+            raise ValueError(
+                f"NystromSwap({source}): block {name!r} sees only {count} tokens, so every token would be a prefix "
+                "token kept exact and Nyström attention would never run. Pass num_prefix_tokens= the model's "
+                f"class/distillation/register tokens (fewer than {count}, e.g. 1), or None to read them from the model."
             )
 
     # -------------------------------------------------------------- min_tokens

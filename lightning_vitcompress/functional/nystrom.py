@@ -78,10 +78,19 @@ class NystromConfig:
         _check_options(self.pinv_iterations, self.conv_kernel_size, self.num_prefix_tokens)
 
     def prefix_tokens(self, model: nn.Module) -> int:
-        """The prefix tokens of ``model`` kept exact: the configured count, else the model's own."""
+        """The prefix tokens of ``model`` kept exact: the configured count, else the model's own (its
+        ``num_prefix_tokens``, else what its model adapter finds: class, distillation, register tokens)."""
         if self.num_prefix_tokens is not None:
             return self.num_prefix_tokens
-        return int(getattr(model, "num_prefix_tokens", 0) or 0)
+        stated = getattr(model, "num_prefix_tokens", None)
+        if isinstance(stated, int):
+            return stated
+        from lightning_vitcompress.models import adapter_for
+
+        try:  # the model's adapter finds class/distillation/register tokens (e.g. a ViT written inline)
+            return int(adapter_for(model).prefix_tokens().count)
+        except (TypeError, ValueError):  # no adapter reads this model: no prefix known
+            return 0
 
 
 BlockSelection = Optional[Sequence[Union[int, str]]]
