@@ -12,6 +12,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from timm.layers.attention import Attention as TimmAttention
 from torch.utils.data import DataLoader
 
 from lightning_vitcompress.digits import DigitsClassifier
@@ -107,3 +108,27 @@ class DictDigitsClassifier(DigitsClassifier):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> Any:
         return super().validation_step((batch["pixel_values"], batch["labels"]), batch_idx)
+
+
+class NoHeadsAttention(TimmAttention):
+    """Hand-written timm-style attention that keeps its head count as ``heads``, not ``num_heads``."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__(dim, heads)
+        self.heads = heads
+        del self.num_heads
+
+    def forward(self, x: torch.Tensor, attn_mask: Any = None, is_causal: bool = False) -> torch.Tensor:
+        batch, tokens, width = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        out = torch.nn.functional.scaled_dot_product_attention(*qkv.unbind(0))
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, width))
+
+
+def no_heads_model() -> DigitsClassifier:
+    """The tiny classifier with :class:`NoHeadsAttention` in every block."""
+    L.seed_everything(0, verbose=False)
+    model = DigitsClassifier(**TINY)
+    for block in model.model.blocks:
+        block.attn = NoHeadsAttention(TINY["embed_dim"], TINY["num_heads"])
+    return model
