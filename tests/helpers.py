@@ -132,3 +132,44 @@ def no_heads_model() -> DigitsClassifier:
     for block in model.model.blocks:
         block.attn = NoHeadsAttention(TINY["embed_dim"], TINY["num_heads"])
     return model
+
+
+class MaskedInTrainingBlock(torch.nn.Module):
+    """A hand-written pre-norm block on ``nn.MultiheadAttention`` that passes an ``attn_mask`` only in training."""
+
+    def __init__(self, width: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
+        self.attn = torch.nn.MultiheadAttention(width, heads, batch_first=True)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(width, 2 * width), torch.nn.GELU(), torch.nn.Linear(2 * width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.shape[1]
+        mask = torch.zeros(tokens, tokens, dtype=torch.bool, device=x.device) if self.training else None
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class MaskedInTrainingViT(torch.nn.Module):
+    """A ViT written inline (class token, 4x4 patches of 32x32 images) on :class:`MaskedInTrainingBlock`."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        self.patch = torch.nn.Conv2d(3, width, 4, 4)
+        self.cls_token = torch.nn.Parameter(torch.zeros(1, 1, width))
+        self.blocks = torch.nn.Sequential(MaskedInTrainingBlock(width), MaskedInTrainingBlock(width))
+        self.head = torch.nn.Linear(width, 10)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.patch(images).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1)
+        return self.head(self.blocks(x)[:, 0])
+
+
+def masked_in_training_model() -> DigitsClassifier:
+    """The digits classifier around :class:`MaskedInTrainingViT`."""
+    L.seed_everything(0, verbose=False)
+    model = DigitsClassifier(**TINY)
+    model.model = MaskedInTrainingViT()
+    return model

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 from bad_inputs import Case, check_case, tiny_model
-from helpers import TINY, fast_trainer, no_heads_model
+from helpers import TINY, fast_trainer, masked_in_training_model, no_heads_model
 from lightning.pytorch.callbacks import ModelCheckpoint
 from test_bad_inputs_pruning import StopAfterEpoch0
 from test_nystrom import CustomAttention, MaskedClassifier
@@ -95,6 +95,8 @@ CASES = [
     setup("prefix-whole-sequence", "num_prefix_tokens=65", num_prefix_tokens=65),
     setup("prefix-past-sequence", "num_prefix_tokens=500", num_prefix_tokens=500),
     setup("attention-without-num-heads", "NoHeadsAttention", model=no_heads_model),
+    # nn.MultiheadAttention given a mask only in training: seen at setup, not at the first batch
+    setup("mask-only-in-training", "blocks=None", model=masked_in_training_model),
     setup("example-input-wrong-shape", "example_input=", model=MaskedClassifier, example_input=torch.randn(2, 5)),
     Case("second-fit-other-landmarks", lambda t: NystromSwap(num_landmarks=8), "num_landmarks=8", "setup", N,
          ValueError, model=_swapped_model),

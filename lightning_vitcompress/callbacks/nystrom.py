@@ -221,9 +221,23 @@ class NystromSwap(CompressionCallback):
             if not isinstance(modules[name], NystromAttention)
         ]
         try:
-            # eval mode with gradients on: nn.TransformerEncoderLayer's fused path would skip self_attn otherwise
+            # eval mode with gradients on: nn.TransformerEncoderLayer's fused path would skip self_attn otherwise;
+            # then train mode (a mask passed only in training), its random draws and buffer updates undone
             with eval_mode(model), torch.enable_grad():
                 model(example.to(next(model.parameters()).device))
+            buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+            training = {module: module.training for module in model.modules()}
+            try:
+                with torch.random.fork_rng(devices=[]), torch.enable_grad():
+                    model.train()
+                    model(example.to(next(model.parameters()).device))
+            finally:
+                for module, mode in training.items():
+                    module.training = mode
+                with torch.no_grad():
+                    for name, buffer in model.named_buffers():
+                        if name in buffers:
+                            buffer.copy_(buffers[name])
         except Exception as err:
             if self.example_input is None:
                 return  # the model does not take this shape: nothing to learn from it
