@@ -44,7 +44,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from lightning_vitcompress._model import check_supported_attention, get_submodule, resolve_target_path
+from lightning_vitcompress._model import (
+    check_supported_attention,
+    get_submodule,
+    resolve_target_path,
+    stated_input_shape,
+)
 from lightning_vitcompress._structure import (
     STRUCTURE_KEY,
     Record,
@@ -56,7 +61,7 @@ from lightning_vitcompress._structure import (
 )
 from lightning_vitcompress._training_state import check_strategy_supported
 from lightning_vitcompress.functional.budget import AccuracyBudget, limit_batches
-from lightning_vitcompress.functional.measure import images_of, measure_accuracy
+from lightning_vitcompress.functional.measure import eval_mode, images_of, measure_accuracy
 
 _STATE_ATTRIBUTE = "_vitcompress_pipeline"
 #: on resume, the checkpoint's structure is replayed between the baseline snapshot and the edits
@@ -156,6 +161,36 @@ def _first_images(trainer: "pl.Trainer") -> Optional[torch.Tensor]:
         if images is not None:
             return images
     return None
+
+
+def _check_data_fits_models(trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    """Images of the Trainer's data that the compressed model cannot take (another channel count or size than
+    the one it states) are refused before any callback edits the model, not at the first batch."""
+    if getattr(pl_module, "example_input_array", None) is not None:
+        return  # the module states what its model receives (training_step may convert the batch)
+    example = example_from_data(trainer)
+    if example is None or example.dim() != 4:
+        return
+    paths = {resolve_target_path(pl_module, cb.model_attribute)
+             for cb in trainer.callbacks if isinstance(cb, CompressionCallback)}
+    for path in sorted(paths):
+        model = get_submodule(pl_module, path)
+        stated = stated_input_shape(model)
+        if stated is None or tuple(example.shape[1:]) == tuple(stated):
+            continue
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        try:
+            with eval_mode(model), torch.inference_mode():
+                model(example.to(device))
+        except Exception as err:  # noqa: BLE001 - reported with its cause
+            raise ValueError(
+                f"The Trainer's data gives images of shape {tuple(example.shape[1:])}, but "
+                f"{type(model).__name__} ({path or 'the LightningModule'}) takes {tuple(stated)} (channels, height, "
+                f"width) and cannot run them ({type(err).__name__}: {err}). Nothing was changed. Give the model "
+                "images of its shape (e.g. repeat a grey channel 3 times in the dataset's transform), or build it "
+                "for your images (timm: in_chans=, img_size=); if training_step converts the batch before the model, "
+                "set example_input_array on the LightningModule to what the model receives."
+            ) from err
 
 
 def _first_loader(source: Any) -> Optional[Iterable[Any]]:
@@ -410,6 +445,7 @@ class CompressionCallback(Callback):
                 callback.check_same_config(callback.saved_config(trainer), f"the checkpoint {state.resume_path}")
         replay_pending = stage == "fit"
         if stage == "fit" and ("setup", stage) not in state.done:
+            _check_data_fits_models(trainer, pl_module)
             _prepare_budgets(trainer, pl_module, state)
 
         def replay() -> None:

@@ -173,3 +173,23 @@ def masked_in_training_model() -> DigitsClassifier:
     model = DigitsClassifier(**TINY)
     model.model = MaskedInTrainingViT()
     return model
+
+
+class _FirstChannel(torch.utils.data.Dataset):
+    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, label = self.dataset[index]
+        return image[:1], label
+
+
+def grey_loaders(digits: L.LightningDataModule, batch_size: int = 32) -> tuple[DataLoader, DataLoader]:
+    """The digits train / validation data with one channel (1x32x32), for models that take three."""
+    return (
+        DataLoader(_FirstChannel(digits.train_dataloader().dataset), batch_size=batch_size, shuffle=True),
+        DataLoader(_FirstChannel(digits.val_dataloader().dataset), batch_size=batch_size),
+    )

@@ -16,7 +16,7 @@ from lightning_vitcompress.digits import DigitsClassifier
 E = "ExportOnFit"
 
 
-def init(id: str, argument: str, error: type[BaseException] = Exception, **kwargs: Any) -> Case:
+def init(id: str, argument: str, error: type[BaseException], **kwargs: Any) -> Case:
     kwargs.setdefault("path", "model.pt2")
     return Case(id, lambda t: ExportOnFit(**kwargs), f"{argument}=", "init", E, error)
 
@@ -36,7 +36,7 @@ class _Shared:
         return self.model
 
 
-def call(id: str, argument: str, fn: Callable[[nn.Module, Path], Any], error: Any = Exception) -> Case:
+def call(id: str, argument: str, fn: Callable[[nn.Module, Path], Any], error: Any) -> Case:
     shared = _Shared()
     return Case(id, lambda t: fn(shared.model.model, t), argument, "call", "export_compressed", error,
                 model=shared.build)

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 from bad_inputs import Case, check_case, tiny_model
-from helpers import fast_trainer, no_heads_model
+from helpers import fast_trainer, grey_loaders, no_heads_model
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from test_pruning import IMAGES, MHAClassifier
 
@@ -114,6 +114,9 @@ CASES = [
     setup("mha-attention-without-embedding", "prune_embed_dim", model=MHAClassifier, prune_embed_dim=False,
           example_input=IMAGES),
     setup("attention-without-num-heads", "num_heads", TypeError, model=no_heads_model),
+    # 1-channel data for a 3-channel model: refused before pruning, not at the first batch after it
+    Case("grey-images-for-a-3-channel-model", lambda t: PruningSchedule(0.5), "(1, 32, 32)", "setup", P, ValueError,
+         data=grey_loaders),
     Case("second-fit-other-ratio", lambda t: PruningSchedule(0.25), "pruning_ratio=0.25", "setup", P, ValueError,
          model=_pruned_model),
     # resuming with arguments that differ from the checkpoint's: refused before the checkpoint is restored

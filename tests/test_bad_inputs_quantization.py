@@ -16,7 +16,7 @@ from lightning_vitcompress import QuantizeOnFit, quantize_model
 Q = "QuantizeOnFit"
 
 
-def init(id: str, argument: str, error: type[BaseException] = Exception, **kwargs: Any) -> Case:
+def init(id: str, argument: str, error: type[BaseException], **kwargs: Any) -> Case:
     return Case(id, lambda t: QuantizeOnFit(**kwargs), f"{argument}=", "init", Q, error)
 
 
@@ -35,7 +35,7 @@ class _Shared:
         return self.model
 
 
-def call(id: str, argument: str, fn: Callable[[torch.nn.Module, Path], Any], error: Any = Exception) -> Case:
+def call(id: str, argument: str, fn: Callable[[torch.nn.Module, Path], Any], error: Any) -> Case:
     shared = _Shared()
     return Case(id, lambda t: fn(shared.model.model, t), argument, "call", "quantize_model", error, model=shared.build)
 
