@@ -356,6 +356,12 @@ class CompressionCallback(Callback):
             return
         for argument, epoch in self.scheduled_epochs().items():
             if epoch >= max_epochs:
+                if trainer.fast_dev_run:
+                    raise ValueError(
+                        f"{name}({argument}={epoch}) would never act: Trainer(fast_dev_run={trainer.fast_dev_run!r}) "
+                        f"sets max_epochs=1 (one epoch of {int(trainer.fast_dev_run)} batch(es)), so only epoch 0 "
+                        f"runs. Pass {argument}=0 for a dev run, or turn fast_dev_run off to run the schedule."
+                    )
                 raise ValueError(
                     f"{name}({argument}={epoch}) would never act: Trainer(max_epochs={max_epochs}) runs epochs "
                     f"0..{max_epochs - 1}. Pass {argument} <= {max_epochs - 1}, or raise max_epochs."

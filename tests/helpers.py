@@ -8,7 +8,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import torch
@@ -175,21 +175,41 @@ def masked_in_training_model() -> DigitsClassifier:
     return model
 
 
-class _FirstChannel(torch.utils.data.Dataset):
-    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
-        self.dataset = dataset
+class MappedImages(torch.utils.data.Dataset):
+    """A dataset of ``(image, label)`` pairs with ``fn`` applied to each image."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.dataset, self.fn = dataset, fn
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, label = self.dataset[index]
-        return image[:1], label
+        return self.fn(image), label
 
 
-def grey_loaders(digits: L.LightningDataModule, batch_size: int = 32) -> tuple[DataLoader, DataLoader]:
-    """The digits train / validation data with one channel (1x32x32), for models that take three."""
+def mapped_loaders(
+    digits: L.LightningDataModule, fn: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 32
+) -> tuple[DataLoader, DataLoader]:
+    """The digits train / validation data with ``fn`` applied to every image."""
     return (
-        DataLoader(_FirstChannel(digits.train_dataloader().dataset), batch_size=batch_size, shuffle=True),
-        DataLoader(_FirstChannel(digits.val_dataloader().dataset), batch_size=batch_size),
+        DataLoader(MappedImages(digits.train_dataloader().dataset, fn), batch_size=batch_size, shuffle=True),
+        DataLoader(MappedImages(digits.val_dataloader().dataset, fn), batch_size=batch_size),
     )
+
+
+def grey_loaders(digits: L.LightningDataModule) -> tuple[DataLoader, DataLoader]:
+    """One channel (1x32x32), for models that take three."""
+    return mapped_loaders(digits, lambda image: image[:1])
+
+
+def _with_nan(image: torch.Tensor) -> torch.Tensor:
+    image = image.clone()
+    image[0, 0, 0] = float("nan")
+    return image
+
+
+def nan_loaders(digits: L.LightningDataModule) -> tuple[DataLoader, DataLoader]:
+    """Every image holds a NaN (what a broken normalisation gives)."""
+    return mapped_loaders(digits, _with_nan)

@@ -87,6 +87,7 @@ CASES = [
     setup("blocks-out-of-range", "blocks=[5]", blocks=[5]),
     setup("blocks-unknown-name", "blocks=['head']", blocks=["head"]),
     setup("swap-epoch-past-max-epochs", "swap_epoch=3", swap_epoch=3, trainer=dict(max_epochs=3)),
+    setup("swap-epoch-under-fast-dev-run", "fast_dev_run=True", swap_epoch=1, trainer=dict(fast_dev_run=True)),
     setup("unsupported-attention", "blocks=None", model=_custom_attention_model),
     setup("masked-blocks", "blocks=None", model=MaskedClassifier, example_input=MASK_EXAMPLE),
     setup("masked-blocks-later-swap", "blocks=None", model=MaskedClassifier, example_input=MASK_EXAMPLE,

@@ -63,6 +63,15 @@ def _pruned_model() -> Any:
     return model
 
 
+def _int8_model() -> Any:
+    """A model quantized to int8 (dynamic, torchao) before it meets PruningSchedule."""
+    from lightning_vitcompress import quantize_model
+
+    model = tiny_model()
+    quantize_model(model.model, "int8_dynamic")
+    return model
+
+
 CASES = [
     # ------------------------------------------------------------ constructor: the value alone is wrong
     init("ratio-zero", "pruning_ratio=0.0", pruning_ratio=0.0),
@@ -114,6 +123,7 @@ CASES = [
     setup("mha-attention-without-embedding", "prune_embed_dim", model=MHAClassifier, prune_embed_dim=False,
           example_input=IMAGES),
     setup("attention-without-num-heads", "num_heads", TypeError, model=no_heads_model),
+    setup("model-already-int8", "already quantized", model=_int8_model),
     # 1-channel data for a 3-channel model: refused before pruning, not at the first batch after it
     Case("grey-images-for-a-3-channel-model", lambda t: PruningSchedule(0.5), "(1, 32, 32)", "setup", P, ValueError,
          data=grey_loaders),

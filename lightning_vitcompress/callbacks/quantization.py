@@ -32,8 +32,10 @@ from typing_extensions import override
 
 from lightning_vitcompress._base import (
     CompressionCallback,
+    first_batch,
     progress_line,
 )
+from lightning_vitcompress.functional.measure import images_of
 from lightning_vitcompress._checks import (
     check_choice,
     check_int,
@@ -250,6 +252,10 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
         self._example: Optional[ModelInputs] = None
         #: training inputs of the current epoch kept for static calibration
         self._calibration: list[ModelInputs] = []
+        #: inputs of the current epoch left out of calibration because they held NaN/Inf
+        self._non_finite_inputs = 0
+        #: the Trainer whose training steps are captured (set at setup)
+        self._capture_trainer: Optional["pl.Trainer"] = None
         self._split: dict[str, nn.Module] = {}  # nn.MultiheadAttention modules split for quantization, by name
         self._capture_handle: Optional[Any] = None
 
@@ -280,6 +286,7 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
             self._check_inference_precision()
             self._check_calibration_data(trainer)
             spec.dry_run(device, qat=self.qat_start_epoch is not None)
+        _check_trains(trainer, self.config_label, self.save_path)
         selected, skipped = spec.select_layers(self.target(pl_module), self.skip)
         if not selected:
             raise ValueError(
@@ -289,6 +296,7 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
         self.auto_result = None
         self.summary = None
         self._qat_active = False
+        self._capture_trainer = trainer
         self._start_capture(self.target(pl_module))
 
     @property
@@ -336,6 +344,15 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
 
     def _check_calibration_data(self, trainer: "pl.Trainer") -> None:
         assert self.spec is not None
+        if self.spec.calibrates:
+            images = images_of(first_batch(trainer, validation=False))
+            if images is not None and not bool(torch.isfinite(images).all()):
+                raise ValueError(
+                    f"config={self.spec.name!r} calibrates its activation scales on training inputs (calibration_"
+                    f"batches={self.calibration_batches}), but the first training batch holds NaN or Inf values, "
+                    "which give no usable scale. Clean the data (check its normalisation), or use "
+                    "config='int8_dynamic_x86', which needs no calibration."
+                )
         if self.spec.calibrates and (trainer.max_epochs == 0 or trainer.limit_train_batches == 0):
             raise ValueError(
                 f"config={self.spec.name!r} calibrates on training inputs, but this Trainer runs no "
@@ -356,12 +373,19 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
             calibrates = any(QUANTIZATION_CONFIGS[c.config].calibrates for c in self._auto_candidates)
 
         def capture(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            # a training step by the Trainer's state, not the module's mode: a model left in eval() trains in eval
+            trainer = self._capture_trainer
+            training = trainer.training if trainer is not None else module.training
             if self._example is None:
                 self._example = ModelInputs.detached(args, kwargs, rows=_EXAMPLE_ROWS)
             if not calibrates:
                 self._stop_capture()
-            elif module.training and len(self._calibration) < self.calibration_batches:
-                self._calibration.append(ModelInputs.detached(args, kwargs))
+            elif training and len(self._calibration) < self.calibration_batches:
+                inputs = ModelInputs.detached(args, kwargs)
+                if _all_finite(args, kwargs):
+                    self._calibration.append(inputs)
+                else:
+                    self._non_finite_inputs += 1  # no scale can be taken from NaN/Inf: calibrate on the others
 
         self._capture_handle = model.register_forward_pre_hook(capture, with_kwargs=True)
 
@@ -372,7 +396,7 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
 
     # ------------------------------------------------------------- QAT
     def ordered_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._calibration = []  # calibrate on the last epoch's inputs, seen by the most trained weights
+        self._calibration, self._non_finite_inputs = [], 0  # calibrate on the last epoch's inputs, seen by the most trained weights
         if self.qat_start_epoch is None or self._qat_active or trainer.current_epoch < self.qat_start_epoch:
             return
         model = self.target(pl_module)
@@ -497,6 +521,12 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
     ) -> dict[str, Any]:
         """Quantize ``model`` in place (``skip``: instead of the callback's ``skip``); its summary."""
         assert self.spec is not None
+        if self.spec.calibrates and not self._calibration and self._non_finite_inputs:
+            raise ValueError(
+                f"config={self.spec.name!r}: every training input of the last epoch seen for calibration "
+                f"({self._non_finite_inputs}) held NaN or Inf values, so no activation scale can be calibrated. "
+                "Clean the data, or use config='int8_dynamic_x86', which needs no calibration."
+            )
         if self.spec.calibrates and not self._calibration:
             raise RuntimeError(
                 f"config={self.spec.name!r} calibrates on training inputs, but no training step ran "
@@ -590,7 +620,29 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
         self._stop_capture()
         self._example = None
         self._calibration = []
+        self._capture_trainer = None
         super().teardown(trainer, pl_module, stage)
+
+
+def _check_trains(trainer: "pl.Trainer", config: str, save_path: Optional[Path]) -> None:
+    """A fit that runs no training step never reaches the train-end hooks: nothing would be quantized or saved."""
+    settings = {"max_epochs": trainer.max_epochs, "max_steps": trainer.max_steps,
+                "limit_train_batches": trainer.limit_train_batches}
+    zero = {name: value for name, value in settings.items() if value == 0}
+    if zero:
+        saved = f" nor written to save_path={str(save_path)!r}" if save_path is not None else ""
+        given = ", ".join(f"{name}={value}" for name, value in zero.items())
+        raise ValueError(
+            f"QuantizeOnFit(config={config!r}) quantizes when training ends, but Trainer({given}) runs no training "
+            f"step, and Lightning then skips the train-end hooks: the model would not be quantized{saved}. Train at "
+            "least one batch, or quantize the model directly with quantize_model(model, config)."
+        )
+
+
+def _all_finite(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """No floating tensor among a call's arguments holds NaN or Inf."""
+    tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def _file_stamp(path: Path) -> Optional[tuple[int, int]]:
