@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
 
 import lightning as L
-import pytest
 import torch
 from helpers import TINY, fast_trainer
 from lightning.pytorch.callbacks import Callback

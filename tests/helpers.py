@@ -12,9 +12,14 @@ from typing import Any, Callable
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
 from timm.layers.attention import Attention as TimmAttention
 from torch.utils.data import DataLoader
 
+from lightning_vitcompress import CompressionCallback
+from lightning_vitcompress._structure import record_edit, register_replay
+from lightning_vitcompress._training_state import refresh_after_structural_change
 from lightning_vitcompress.digits import DigitsClassifier
 
 #: the tiny classifier every fast test trains: 2 blocks of width 32
@@ -213,3 +218,94 @@ def _with_nan(image: torch.Tensor) -> torch.Tensor:
 def nan_loaders(digits: L.LightningDataModule) -> tuple[DataLoader, DataLoader]:
     """Every image holds a NaN (what a broken normalisation gives)."""
     return mapped_loaders(digits, _with_nan)
+
+
+# ---------------------------------------------------------------------------- shared test models and callbacks
+#: three fixed images for models that state no input size
+EXAMPLE_IMAGES = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+@register_replay("test_drop_blocks")
+def _replay_drop_blocks(model: nn.Module, record: dict) -> None:
+    model.blocks = model.blocks[: record["keep"]]
+
+
+class DropLastBlock(CompressionCallback):
+    """A structural edit for tests: drop the last block at setup or at ``epoch``."""
+
+    order = 20
+
+    def __init__(self, epoch: int | None = None) -> None:
+        super().__init__()
+        self.epoch = epoch
+        self.calls: list[str] = []
+
+    def _drop(self, pl_module) -> None:
+        model = self.target(pl_module)
+        keep = len(model.blocks) - 1
+        model.blocks = model.blocks[:keep]
+        record_edit(pl_module, {"kind": "test_drop_blocks", "target": self.target_path, "keep": keep})
+
+    def ordered_setup(self, trainer, pl_module, stage):
+        self.calls.append("setup")
+        if self.epoch is None and stage == "fit" and not self.replayed_records(trainer, "test_drop_blocks"):
+            self._drop(pl_module)
+
+    def ordered_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch and not self.replayed_records(trainer, "test_drop_blocks"):
+            self._drop(pl_module)
+            refresh_after_structural_change(trainer)
+
+
+class PatchEncoder(nn.Module):
+    """A plain PyTorch ViT: 4x4 patches, nn.TransformerEncoder (nn.MultiheadAttention), mean pool."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(48, 32)
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        patches = images.unfold(2, 4, 4).unfold(3, 4, 4).permute(0, 2, 3, 1, 4, 5).flatten(3).flatten(1, 2)
+        return self.head(self.encoder(self.embed(patches)).mean(1))
+
+
+class MHAClassifier(DigitsClassifier):
+    def __init__(self, **kwargs):
+        super().__init__(**TINY)
+        self.model = PatchEncoder()
+
+
+class CustomAttention(TimmAttention):
+    def forward(self, x, attn_mask=None, is_causal=False):
+        return self.proj(x)
+
+
+class MaskedEncoder(nn.Module):
+    """4x4 patches through nn.TransformerEncoder with a key padding mask, as padded-sequence code does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(48, 32)
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        patches = images.unfold(2, 4, 4).unfold(3, 4, 4).permute(0, 2, 3, 1, 4, 5).flatten(3).flatten(1, 2)
+        tokens = self.embed(patches)
+        padding = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        return self.head(self.encoder(tokens, src_key_padding_mask=padding).mean(1))
+
+
+class MaskedClassifier(DigitsClassifier):
+    def __init__(self, **kwargs):
+        super().__init__(**TINY)
+        torch.manual_seed(0)
+        self.model = MaskedEncoder()
+
+
+class StopAfterEpoch0(Callback):
+    def on_train_epoch_end(self, trainer, pl_module):
+        trainer.should_stop = True

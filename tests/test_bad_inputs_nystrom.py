@@ -9,10 +9,16 @@ from typing import Any
 import pytest
 import torch
 from bad_inputs import Case, check_case, tiny_model
-from helpers import TINY, fast_trainer, masked_in_training_model, no_heads_model
+from helpers import (
+    TINY,
+    CustomAttention,
+    MaskedClassifier,
+    StopAfterEpoch0,
+    fast_trainer,
+    masked_in_training_model,
+    no_heads_model,
+)
 from lightning.pytorch.callbacks import ModelCheckpoint
-from test_bad_inputs_pruning import StopAfterEpoch0
-from test_nystrom import CustomAttention, MaskedClassifier
 
 from lightning_vitcompress.digits import DigitsDataModule
 from lightning_vitcompress import NystromSwap

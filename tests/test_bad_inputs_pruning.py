@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import torch
 from bad_inputs import Case, check_case, tiny_model
-from helpers import fast_trainer, grey_loaders, no_heads_model
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from test_pruning import IMAGES, MHAClassifier
+from helpers import EXAMPLE_IMAGES as IMAGES
+from helpers import MHAClassifier, StopAfterEpoch0, fast_trainer, grey_loaders, no_heads_model
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_vitcompress.digits import DigitsDataModule
 from lightning_vitcompress import PruningSchedule
@@ -27,11 +27,6 @@ def setup(id: str, argument: str, error: Any = ValueError, model: Any = tiny_mod
           **kwargs: Any) -> Case:
     return Case(id, lambda t: PruningSchedule(**kwargs), argument, "setup", P, error, model=model,
                 trainer_kwargs=trainer or {})
-
-
-class StopAfterEpoch0(Callback):
-    def on_train_epoch_end(self, trainer, pl_module):
-        trainer.should_stop = True
 
 
 def _first_run(tmp_path: Path, callback: PruningSchedule, model: Any = None) -> Path:

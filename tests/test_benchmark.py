@@ -8,9 +8,8 @@ from importlib import metadata
 
 import pytest
 import torch
-from helpers import TINY, DictDigitsClassifier, dict_loaders, fast_trainer, run_ddp_script
+from helpers import TINY, DictDigitsClassifier, DropLastBlock, MHAClassifier, dict_loaders, fast_trainer, run_ddp_script
 from lightning.pytorch.loggers import CSVLogger
-from test_base import DropLastBlock
 from torch import nn
 
 from lightning_vitcompress import BenchmarkCallback, benchmark_model, compare_models
@@ -253,7 +252,6 @@ def test_input_shape_comes_from_the_family_adapter(tmp_path, digits, family):
 @pytest.mark.parametrize("source", ["datamodule", "dataloaders"])
 def test_input_shape_comes_from_the_first_batch(tmp_path, digits, source):
     """A hand-written ViT that states no input size is measured at the shape of the Trainer's data."""
-    from test_pruning import MHAClassifier
 
     bench = BenchmarkCallback(batch_size=4, devices=("cpu",), rounds=1, min_run_time=0.05, latency_repeats=3,
                               output_dir=tmp_path, plot=False, accuracy_batches=1)

@@ -203,7 +203,8 @@ def test_dict_returning_training_step(tmp_path, digits):
     check, outputs = LossCheck(callback), Outputs()
     trainer = fast_trainer(tmp_path, callbacks=[callback, check, outputs], limit_train_batches=2, limit_val_batches=0)
     trainer.fit(DictStep(**TINY), digits)
-    for (got, expected), output in zip(check.pairs, outputs.outputs):
+    assert len(check.pairs) == len(outputs.outputs) == 2  # both steps checked: a zip over nothing checks nothing
+    for (got, expected), output in zip(check.pairs, outputs.outputs, strict=True):
         assert got == pytest.approx(expected, rel=1e-4)
         assert output["extra"].item() == 7.0 and output["loss"].item() == pytest.approx(got, rel=1e-5)
 
