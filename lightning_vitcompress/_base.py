@@ -53,6 +53,7 @@ from lightning_vitcompress._model import (
 from lightning_vitcompress._structure import (
     STRUCTURE_KEY,
     Record,
+    add_digest,
     read_checkpoint,
     record_edit,
     recorded_edits,
@@ -511,6 +512,9 @@ class CompressionCallback(Callback):
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]
     ) -> None:
         save_edits(pl_module, checkpoint)
+        first = next(cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback))
+        if self is first and trainer.is_global_zero:  # once per file, on the rank that writes it
+            add_digest(checkpoint)  # read_checkpoint refuses the file if its tensors change afterwards
 
 
 def _prepare_budgets(trainer: "pl.Trainer", pl_module: "pl.LightningModule", state: _PipelineState) -> None:

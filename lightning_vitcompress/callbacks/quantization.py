@@ -47,6 +47,7 @@ from lightning_vitcompress._checks import (
 from lightning_vitcompress._model import set_submodule
 from lightning_vitcompress._structure import (
     STRUCTURE_KEY,
+    add_digest,
     recorded_edits,
 )
 from lightning_vitcompress._training_state import (
@@ -579,6 +580,7 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
         if pl_module.hparams:
             checkpoint[pl_module.CHECKPOINT_HYPER_PARAMS_KEY] = dict(pl_module.hparams)
         if trainer.is_global_zero:
+            add_digest(checkpoint)  # load_compressed refuses the file if its tensors are damaged later
             path.parent.mkdir(parents=True, exist_ok=True)
         trainer.strategy.save_checkpoint(checkpoint, path)  # rank zero writes
         trainer.strategy.barrier("QuantizeOnFit.save")
