@@ -368,6 +368,26 @@ class CompressionCallback(Callback):
                     f"0..{max_epochs - 1}. Pass {argument} <= {max_epochs - 1}, or raise max_epochs."
                 )
 
+    def resumed_without_training(self, trainer: "pl.Trainer") -> Optional[str]:
+        """At ``setup`` of a resumed fit: why the checkpoint leaves no training step to run (it was saved after
+        the last epoch or step), else None. Lightning then skips the train-end hooks."""
+        state = _pipeline_state(trainer)
+        if state.resume_path is None:
+            return None
+        loops = state.checkpoint.get("loops") or {}
+        try:
+            epochs = int(loops["fit_loop"]["epoch_progress"]["current"]["processed"])
+        except (KeyError, TypeError, ValueError):
+            epochs = None
+        steps = state.checkpoint.get("global_step")
+        if trainer.max_epochs is not None and trainer.max_epochs >= 0 and epochs is not None:
+            if epochs >= trainer.max_epochs:
+                return f"it was saved after epoch {epochs} of Trainer(max_epochs={trainer.max_epochs})"
+        if trainer.max_steps is not None and trainer.max_steps >= 0 and isinstance(steps, int):
+            if steps >= trainer.max_steps:
+                return f"it was saved at step {steps} of Trainer(max_steps={trainer.max_steps})"
+        return None
+
     def resumed_callback_state(self, trainer: "pl.Trainer") -> tuple[Optional[str], Optional[dict[str, Any]]]:
         """At ``setup`` of a resumed fit: the checkpoint path and the state this callback saved in it.
 

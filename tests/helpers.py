@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -309,3 +310,63 @@ class MaskedClassifier(DigitsClassifier):
 class StopAfterEpoch0(Callback):
     def on_train_epoch_end(self, trainer, pl_module):
         trainer.should_stop = True
+
+
+# ---------------------------------------------------------------------------- kill and resume
+#: (phase, when the process is SIGKILLed): mid-epoch after that phase's edit, or at train end before quantizing.
+#: The schedule: pruning at epoch 1, Nyström at epoch 2, QAT from epoch 3, quantization at train end (4 epochs
+#: of 2 steps, a checkpoint at every epoch end).
+KILL_PHASES = {"pruning": 3, "nystrom": 5, "qat": 7, "quantize": "train_end"}
+
+
+class KillAt(Callback):
+    """SIGKILLs its own process at ``global_step == at`` (after that step's update) or at train end."""
+
+    def __init__(self, at: Any) -> None:
+        self.at = at
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step == self.at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.at == "train_end":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def pipeline_run(folder: Path, kill_at: Any = None, ckpt_path: Any = None) -> DigitsClassifier:
+    """The seeded pipeline fit of the kill-and-resume test (fixed data order); returns the final model."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_vitcompress import NystromSwap, PruningSchedule, QuantizeOnFit
+    from lightning_vitcompress.digits import DigitsDataModule
+
+    torch.set_num_threads(2)
+    L.seed_everything(0, verbose=False)
+    model = DigitsClassifier(**TINY)
+    digits = DigitsDataModule(batch_size=32)
+    digits.setup()
+    images, labels = next(iter(DataLoader(digits.train_set, batch_size=64)))
+    loader = DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=32)  # the same order every run
+    callbacks: list[Callback] = [KillAt(kill_at)] if kill_at is not None else []
+    callbacks += [
+        PruningSchedule(0.5, start_epoch=1, end_epoch=1, num_steps=1, seed=0),
+        NystromSwap(num_landmarks=8, swap_epoch=2),
+        QuantizeOnFit("int8_dynamic", qat_start_epoch=3),
+        ModelCheckpoint(dirpath=folder, save_last=True),
+    ]
+    trainer = fast_trainer(folder, callbacks=callbacks, max_epochs=4, limit_train_batches=2, limit_val_batches=0,
+                           enable_checkpointing=True)
+    trainer.fit(model, loader, ckpt_path=ckpt_path)
+    return model
+
+
+def start_killed(folder: Path, kill_at: Any) -> subprocess.Popen:
+    """Start :func:`pipeline_run` in a fresh process that SIGKILLs itself at ``kill_at`` (wait on it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import helpers; "
+            f"helpers.pipeline_run(helpers.Path({str(folder)!r}), {kill_at!r})")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.Popen([sys.executable, "-c", code], cwd=folder, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)

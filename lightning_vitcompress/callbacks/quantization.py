@@ -288,6 +288,15 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
             self._check_calibration_data(trainer)
             spec.dry_run(device, qat=self.qat_start_epoch is not None)
         _check_trains(trainer, self.config_label, self.save_path)
+        finished = self.resumed_without_training(trainer)
+        if finished is not None:
+            path, _ = self.resumed_callback_state(trainer)
+            raise ValueError(
+                f"QuantizeOnFit(config={self.config_label!r}) quantizes when training ends, but ckpt_path={path!r} "
+                f"leaves no training step to run ({finished}), and Lightning then skips the train-end hooks: the "
+                "model would not be quantized. Raise max_epochs/max_steps to train on, or load the checkpoint with "
+                "load_compressed(...) and quantize it with quantize_model(model, config)."
+            )
         selected, skipped = spec.select_layers(self.target(pl_module), self.skip)
         if not selected:
             raise ValueError(
@@ -374,14 +383,16 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
             calibrates = any(QUANTIZATION_CONFIGS[c.config].calibrates for c in self._auto_candidates)
 
         def capture(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            # a training step by the Trainer's state, not the module's mode: a model left in eval() trains in eval
+            # a training step by the Trainer's progress, not the module's mode (a model left in eval() trains in
+            # eval); validation steps and other callbacks' forwards (the example pruning traces) are not inputs
             trainer = self._capture_trainer
-            training = trainer.training if trainer is not None else module.training
+            if not (_in_training_step(trainer) if trainer is not None else module.training):
+                return
             if self._example is None:
                 self._example = ModelInputs.detached(args, kwargs, rows=_EXAMPLE_ROWS)
             if not calibrates:
                 self._stop_capture()
-            elif training and len(self._calibration) < self.calibration_batches:
+            elif len(self._calibration) < self.calibration_batches:
                 inputs = ModelInputs.detached(args, kwargs)
                 if _all_finite(args, kwargs):
                     self._calibration.append(inputs)
@@ -397,7 +408,8 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
 
     # ------------------------------------------------------------- QAT
     def ordered_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._calibration, self._non_finite_inputs = [], 0  # calibrate on the last epoch's inputs, seen by the most trained weights
+        # calibrate on the last epoch's inputs, seen by the most trained weights
+        self._calibration, self._non_finite_inputs = [], 0
         if self.qat_start_epoch is None or self._qat_active or trainer.current_epoch < self.qat_start_epoch:
             return
         model = self.target(pl_module)
@@ -624,6 +636,13 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
         self._calibration = []
         self._capture_trainer = None
         super().teardown(trainer, pl_module, stage)
+
+
+def _in_training_step(trainer: "pl.Trainer") -> bool:
+    """Inside a training batch (between its start and its update), not a callback's forward at an epoch start
+    or a validation step."""
+    progress = trainer.fit_loop.epoch_loop.batch_progress.current
+    return trainer.training and progress.started > progress.processed
 
 
 def _check_trains(trainer: "pl.Trainer", config: str, save_path: Optional[Path]) -> None:
