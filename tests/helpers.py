@@ -328,14 +328,20 @@ class KillAt(Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if trainer.global_step == self.at:
-            os.kill(os.getpid(), signal.SIGKILL)
+            self._kill()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.at == "train_end":
-            os.kill(os.getpid(), signal.SIGKILL)
+            self._kill()
+
+    @staticmethod
+    def _kill() -> None:
+        if os.environ.get("KILL_GROUP"):  # every DDP rank (they share the process group of a new session)
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
-def pipeline_run(folder: Path, kill_at: Any = None, ckpt_path: Any = None) -> DigitsClassifier:
+def pipeline_run(folder: Path, kill_at: Any = None, ckpt_path: Any = None, **trainer_kwargs: Any) -> DigitsClassifier:
     """The seeded pipeline fit of the kill-and-resume test (fixed data order); returns the final model."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -357,7 +363,7 @@ def pipeline_run(folder: Path, kill_at: Any = None, ckpt_path: Any = None) -> Di
         ModelCheckpoint(dirpath=folder, save_last=True),
     ]
     trainer = fast_trainer(folder, callbacks=callbacks, max_epochs=4, limit_train_batches=2, limit_val_batches=0,
-                           enable_checkpointing=True)
+                           enable_checkpointing=True, **trainer_kwargs)
     trainer.fit(model, loader, ckpt_path=ckpt_path)
     return model
 
@@ -370,3 +376,30 @@ def start_killed(folder: Path, kill_at: Any) -> subprocess.Popen:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.Popen([sys.executable, "-c", code], cwd=folder, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
+
+
+def ddp_pipeline(folder: Path, kill_at: Any = None, ckpt_path: Any = None, timeout: float = 300) -> int:
+    """:func:`pipeline_run` under 2-process DDP (gloo) in a new session; rank zero saves the final weights
+    (dequantized) to ``folder/final.pt``. Returns the exit code (``-SIGKILL`` when killed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    code = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import helpers
+        model = helpers.pipeline_run(helpers.Path({str(folder)!r}), {kill_at!r}, {str(ckpt_path) if ckpt_path else None!r},
+                                     strategy="ddp", devices=2)
+        if model.trainer.is_global_zero:
+            plain = (torch.Tensor, torch.nn.Parameter)
+            torch.save({{k: v if type(v) in plain else v.dequantize() for k, v in model.state_dict().items()}},
+                       {str(folder / "final.pt")!r})
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    """)
+    script = folder / "ddp_pipeline.py"
+    script.write_text(code)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "KILL_GROUP": "1"}
+    process = subprocess.run([sys.executable, str(script)], cwd=folder, env=env, capture_output=True, timeout=timeout,
+                             start_new_session=True)
+    if process.returncode not in (0, -signal.SIGKILL):
+        raise AssertionError(f"DDP pipeline failed (rc={process.returncode}):\n{process.stderr.decode()[-4000:]}")
+    return process.returncode

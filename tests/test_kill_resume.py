@@ -45,3 +45,17 @@ def test_sigkill_at_each_phase_resumes_to_the_uninterrupted_model_or_is_refused(
     # epoch Lightning runs no train-end hook, so QuantizeOnFit refuses the resume rather than not quantizing
     assert outcomes == {**{p: "equal" for p in ("pruning", "nystrom", "qat")}, "quantize": outcomes["quantize"]}
     assert outcomes["quantize"].startswith("refused")
+
+
+def test_ddp_sigkill_after_pruning_resumes_to_the_uninterrupted_model(tmp_path):
+    """Both ranks killed mid-epoch after the pruning step; the DDP resume ends where an uninterrupted DDP run
+    ends."""
+    from helpers import ddp_pipeline
+
+    assert ddp_pipeline(tmp_path / "uninterrupted") == 0
+    killed = tmp_path / "killed"
+    assert ddp_pipeline(killed, KILL_PHASES["pruning"]) == -signal.SIGKILL
+    assert not (killed / "final.pt").exists()
+    assert ddp_pipeline(killed, ckpt_path=killed / "last.ckpt") == 0
+    reference = torch.load(tmp_path / "uninterrupted" / "final.pt", weights_only=True)
+    assert _differences(torch.load(killed / "final.pt", weights_only=True), reference) == []
