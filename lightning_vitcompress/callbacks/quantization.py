@@ -35,7 +35,6 @@ from lightning_vitcompress._base import (
     first_batch,
     progress_line,
 )
-from lightning_vitcompress.functional.measure import images_of
 from lightning_vitcompress._checks import (
     check_choice,
     check_int,
@@ -54,6 +53,7 @@ from lightning_vitcompress._training_state import (
     refresh_after_structural_change,
 )
 from lightning_vitcompress.callbacks._quantization_auto import AUTO, _AutoAndBudget, _check_auto_arguments
+from lightning_vitcompress.functional.measure import images_of
 from lightning_vitcompress.functional.quantize import (
     _EXAMPLE_ROWS,
     _MB,
