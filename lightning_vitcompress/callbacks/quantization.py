@@ -253,8 +253,6 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
         self._example: Optional[ModelInputs] = None
         #: training inputs of the current epoch kept for static calibration
         self._calibration: list[ModelInputs] = []
-        #: inputs of the current epoch left out of calibration because they held NaN/Inf
-        self._non_finite_inputs = 0
         #: the Trainer whose training steps are captured (set at setup)
         self._capture_trainer: Optional["pl.Trainer"] = None
         self._split: dict[str, nn.Module] = {}  # nn.MultiheadAttention modules split for quantization, by name
@@ -393,11 +391,7 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
             if not calibrates:
                 self._stop_capture()
             elif len(self._calibration) < self.calibration_batches:
-                inputs = ModelInputs.detached(args, kwargs)
-                if _all_finite(args, kwargs):
-                    self._calibration.append(inputs)
-                else:
-                    self._non_finite_inputs += 1  # no scale can be taken from NaN/Inf: calibrate on the others
+                self._calibration.append(ModelInputs.detached(args, kwargs))
 
         self._capture_handle = model.register_forward_pre_hook(capture, with_kwargs=True)
 
@@ -408,8 +402,7 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
 
     # ------------------------------------------------------------- QAT
     def ordered_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        # calibrate on the last epoch's inputs, seen by the most trained weights
-        self._calibration, self._non_finite_inputs = [], 0
+        self._calibration = []  # calibrate on the last epoch's inputs, seen by the most trained weights
         if self.qat_start_epoch is None or self._qat_active or trainer.current_epoch < self.qat_start_epoch:
             return
         model = self.target(pl_module)
@@ -534,12 +527,6 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
     ) -> dict[str, Any]:
         """Quantize ``model`` in place (``skip``: instead of the callback's ``skip``); its summary."""
         assert self.spec is not None
-        if self.spec.calibrates and not self._calibration and self._non_finite_inputs:
-            raise ValueError(
-                f"config={self.spec.name!r}: every training input of the last epoch seen for calibration "
-                f"({self._non_finite_inputs}) held NaN or Inf values, so no activation scale can be calibrated. "
-                "Clean the data, or use config='int8_dynamic_x86', which needs no calibration."
-            )
         if self.spec.calibrates and not self._calibration:
             raise RuntimeError(
                 f"config={self.spec.name!r} calibrates on training inputs, but no training step ran "
@@ -658,12 +645,6 @@ def _check_trains(trainer: "pl.Trainer", config: str, save_path: Optional[Path])
             f"step, and Lightning then skips the train-end hooks: the model would not be quantized{saved}. Train at "
             "least one batch, or quantize the model directly with quantize_model(model, config)."
         )
-
-
-def _all_finite(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """No floating tensor among a call's arguments holds NaN or Inf."""
-    tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.is_floating_point()]
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def _file_stamp(path: Path) -> Optional[tuple[int, int]]:
