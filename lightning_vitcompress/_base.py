@@ -352,6 +352,7 @@ class CompressionCallback(Callback):
         name = type(self).__name__
         if self.EDITS_STRUCTURE:
             check_strategy_supported(trainer, name)
+        self._check_reaches_train_end(trainer)
         max_epochs = trainer.max_epochs
         if max_epochs is None or max_epochs < 0:
             return
@@ -367,6 +368,33 @@ class CompressionCallback(Callback):
                     f"{name}({argument}={epoch}) would never act: Trainer(max_epochs={max_epochs}) runs epochs "
                     f"0..{max_epochs - 1}. Pass {argument} <= {max_epochs - 1}, or raise max_epochs."
                 )
+
+    def train_end_action(self) -> Optional[tuple[str, str]]:
+        """``(what this callback does when training ends, what to do instead)``, or None when it does nothing
+        there: a fit that never reaches train end is refused at setup rather than silently skipping it."""
+        return None
+
+    def _check_reaches_train_end(self, trainer: "pl.Trainer") -> None:
+        action = self.train_end_action()
+        if action is None:
+            return
+        what, instead = action
+        settings = (("max_epochs", trainer.max_epochs), ("max_steps", trainer.max_steps),
+                    ("limit_train_batches", trainer.limit_train_batches))
+        zero = ", ".join(f"{name}={value}" for name, value in settings if value == 0)
+        if zero:
+            raise ValueError(
+                f"{what} when training ends, but Trainer({zero}) runs no training step, and Lightning then skips "
+                f"the train-end hooks: it would silently not happen. Train at least one batch, {instead}."
+            )
+        finished = self.resumed_without_training(trainer)
+        if finished is not None:
+            path = _pipeline_state(trainer).resume_path
+            raise ValueError(
+                f"{what} when training ends, but ckpt_path={path!r} leaves no training step to run ({finished}), "
+                "and Lightning then skips the train-end hooks: it would silently not happen. Raise max_epochs / "
+                f"max_steps to train on, {instead}."
+            )
 
     def resumed_without_training(self, trainer: "pl.Trainer") -> Optional[str]:
         """At ``setup`` of a resumed fit: why the checkpoint leaves no training step to run (it was saved after

@@ -83,6 +83,9 @@ CASES = [
     init("config-not-a-config", "config", TypeError, config={"format": "pt2"}),
     init("config-and-options", "config", ValueError, config=ExportConfig(), dynamic_batch=False),
     init("model-attribute-empty", "model_attribute", ValueError, model_attribute=""),
+    # no training step: Lightning skips the train-end hooks, so no file would be written
+    setup("no-training-steps", "limit_train_batches=0", lambda t: ExportOnFit(t / "m.pt2"), error=ValueError,
+          trainer_kwargs=dict(limit_train_batches=0)),
     setup("path-is-a-directory", "path=", lambda t: ExportOnFit(t), error=IsADirectoryError),
     setup("path-under-a-file", "path=", lambda t: ExportOnFit(_under_a_file(t)), error=ValueError),
     setup("data-dependent-control-flow", "cannot be exported with torch.export", lambda t: ExportOnFit(t / "m.pt2"),

@@ -94,6 +94,8 @@ CASES = [
     setup("blocks-unknown-name", "blocks=['head']", blocks=["head"]),
     setup("swap-epoch-past-max-epochs", "swap_epoch=3", swap_epoch=3, trainer=dict(max_epochs=3)),
     setup("swap-epoch-under-fast-dev-run", "fast_dev_run=True", swap_epoch=1, trainer=dict(fast_dev_run=True)),
+    setup("budget-without-training-steps", "limit_train_batches=0", max_accuracy_drop=1.0,
+          trainer=dict(limit_train_batches=0)),
     setup("unsupported-attention", "blocks=None", model=_custom_attention_model),
     setup("masked-blocks", "blocks=None", model=MaskedClassifier, example_input=MASK_EXAMPLE),
     setup("masked-blocks-later-swap", "blocks=None", model=MaskedClassifier, example_input=MASK_EXAMPLE,

@@ -118,6 +118,7 @@ CASES = [
     setup("mha-attention-without-embedding", "prune_embed_dim", model=MHAClassifier, prune_embed_dim=False,
           example_input=IMAGES),
     setup("attention-without-num-heads", "num_heads", TypeError, model=no_heads_model),
+    setup("budget-without-training-steps", "max_steps=0", max_accuracy_drop=1.0, trainer=dict(max_steps=0)),
     setup("model-already-int8", "already quantized", model=_int8_model),
     # 1-channel data for a 3-channel model: refused before pruning, not at the first batch after it
     Case("grey-images-for-a-3-channel-model", lambda t: PruningSchedule(0.5), "(1, 32, 32)", "setup", P, ValueError,

@@ -457,6 +457,12 @@ class NystromSwap(CompressionCallback):
         return result or {"speedups": {}, "break_even": None}
 
     # ------------------------------------------------------------ max_accuracy_drop
+    def train_end_action(self) -> Optional[tuple[str, str]]:
+        if self.max_accuracy_drop is None:
+            return None
+        return (f"NystromSwap(max_accuracy_drop={self.max_accuracy_drop!r}) swaps blocks back to exact attention "
+                "until the model is within budget", "or pass max_accuracy_drop=None")
+
     def ordered_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """With a budget: swap blocks back to exact attention, most costly first, until the model is within it."""
         metrics: dict[str, Optional[float]] = {}

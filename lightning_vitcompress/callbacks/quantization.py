@@ -285,16 +285,6 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
             self._check_inference_precision()
             self._check_calibration_data(trainer)
             spec.dry_run(device, qat=self.qat_start_epoch is not None)
-        _check_trains(trainer, self.config_label, self.save_path)
-        finished = self.resumed_without_training(trainer)
-        if finished is not None:
-            path, _ = self.resumed_callback_state(trainer)
-            raise ValueError(
-                f"QuantizeOnFit(config={self.config_label!r}) quantizes when training ends, but ckpt_path={path!r} "
-                f"leaves no training step to run ({finished}), and Lightning then skips the train-end hooks: the "
-                "model would not be quantized. Raise max_epochs/max_steps to train on, or load the checkpoint with "
-                "load_compressed(...) and quantize it with quantize_model(model, config)."
-            )
         selected, skipped = spec.select_layers(self.target(pl_module), self.skip)
         if not selected:
             raise ValueError(
@@ -306,6 +296,11 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
         self._qat_active = False
         self._capture_trainer = trainer
         self._start_capture(self.target(pl_module))
+
+    def train_end_action(self) -> Optional[tuple[str, str]]:
+        saved = f" and writes save_path={str(self.save_path)!r}" if self.save_path is not None else ""
+        return (f"QuantizeOnFit(config={self.config_label!r}) quantizes the model{saved}",
+                "or load the checkpoint with load_compressed(...) and call quantize_model(model, config)")
 
     @property
     def config_label(self) -> str:
@@ -630,21 +625,6 @@ def _in_training_step(trainer: "pl.Trainer") -> bool:
     or a validation step."""
     progress = trainer.fit_loop.epoch_loop.batch_progress.current
     return trainer.training and progress.started > progress.processed
-
-
-def _check_trains(trainer: "pl.Trainer", config: str, save_path: Optional[Path]) -> None:
-    """A fit that runs no training step never reaches the train-end hooks: nothing would be quantized or saved."""
-    settings = {"max_epochs": trainer.max_epochs, "max_steps": trainer.max_steps,
-                "limit_train_batches": trainer.limit_train_batches}
-    zero = {name: value for name, value in settings.items() if value == 0}
-    if zero:
-        saved = f" nor written to save_path={str(save_path)!r}" if save_path is not None else ""
-        given = ", ".join(f"{name}={value}" for name, value in zero.items())
-        raise ValueError(
-            f"QuantizeOnFit(config={config!r}) quantizes when training ends, but Trainer({given}) runs no training "
-            f"step, and Lightning then skips the train-end hooks: the model would not be quantized{saved}. Train at "
-            "least one batch, or quantize the model directly with quantize_model(model, config)."
-        )
 
 
 def _file_stamp(path: Path) -> Optional[tuple[int, int]]:
