@@ -356,12 +356,6 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
                     "which give no usable scale. Clean the data (check its normalisation), or use "
                     "config='int8_dynamic_x86', which needs no calibration."
                 )
-        if self.spec.calibrates and (trainer.max_epochs == 0 or trainer.limit_train_batches == 0):
-            raise ValueError(
-                f"config={self.spec.name!r} calibrates on training inputs, but this Trainer runs no "
-                f"training step (max_epochs={trainer.max_epochs}, limit_train_batches={trainer.limit_train_batches}). "
-                "Train at least one batch, or use config='int8_dynamic_x86'."
-            )
 
     # ------------------------------------------------------------- example and calibration input capture
     def _start_capture(self, model: nn.Module) -> None:
