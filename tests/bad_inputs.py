@@ -96,7 +96,9 @@ class _Probe(Callback):
         self.batch_started = False
         self.train_ended = False
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self.batch_started = True
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

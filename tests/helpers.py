@@ -147,7 +147,9 @@ class MaskedInTrainingBlock(torch.nn.Module):
         super().__init__()
         self.norm1, self.norm2 = torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
         self.attn = torch.nn.MultiheadAttention(width, heads, batch_first=True)
-        self.mlp = torch.nn.Sequential(torch.nn.Linear(width, 2 * width), torch.nn.GELU(), torch.nn.Linear(2 * width, width))
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(width, 2 * width), torch.nn.GELU(), torch.nn.Linear(2 * width, width)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.shape[1]
@@ -386,8 +388,10 @@ def ddp_pipeline(folder: Path, kill_at: Any = None, ckpt_path: Any = None, timeo
         import sys, torch
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         import helpers
-        model = helpers.pipeline_run(helpers.Path({str(folder)!r}), {kill_at!r}, {str(ckpt_path) if ckpt_path else None!r},
-                                     strategy="ddp", devices=2)
+        model = helpers.pipeline_run(
+            helpers.Path({str(folder)!r}), {kill_at!r}, {str(ckpt_path) if ckpt_path else None!r},
+            strategy="ddp", devices=2,
+        )
         if model.trainer.is_global_zero:
             plain = (torch.Tensor, torch.nn.Parameter)
             torch.save({{k: v if type(v) in plain else v.dequantize() for k, v in model.state_dict().items()}},

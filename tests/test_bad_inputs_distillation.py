@@ -165,7 +165,8 @@ CASES = [
     setup("model-attribute-missing", "model_attribute=", lambda t: DistillationTeacher(teacher(), model_attribute="net"),
           error=AttributeError),
     # the teacher does not take the student's batches (3x32x32): refused at setup, not at the first batch
-    setup("teacher-one-channel", "input_adapter=", lambda t: DistillationTeacher(teacher(in_chans=1)), error=ValueError),
+    setup("teacher-one-channel", "input_adapter=", lambda t: DistillationTeacher(teacher(in_chans=1)),
+          error=ValueError),
     setup("teacher-other-input-size", "input_adapter=",
           lambda t: DistillationTeacher(nn.Sequential(nn.Flatten(), nn.Linear(3 * 28 * 28, 10))), error=ValueError),
     setup("teacher-on-meta-device", "teacher=", lambda t: DistillationTeacher(_meta_teacher()), error=ValueError),
