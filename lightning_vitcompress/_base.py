@@ -47,10 +47,16 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from lightning_vitcompress._model import check_supported_attention, get_submodule, resolve_target_path
+from lightning_vitcompress._model import (
+    check_supported_attention,
+    get_submodule,
+    resolve_target_path,
+    stated_input_shape,
+)
 from lightning_vitcompress._structure import (
     STRUCTURE_KEY,
     Record,
+    add_digest,
     read_checkpoint,
     record_edit,
     recorded_edits,
@@ -59,7 +65,7 @@ from lightning_vitcompress._structure import (
 )
 from lightning_vitcompress._training_state import check_strategy_supported
 from lightning_vitcompress.functional.budget import AccuracyBudget, limit_batches
-from lightning_vitcompress.functional.measure import images_of, measure_accuracy
+from lightning_vitcompress.functional.measure import eval_mode, images_of, measure_accuracy
 
 _STATE_ATTRIBUTE = "_vitcompress_pipeline"
 #: on resume, the checkpoint's structure is replayed between the baseline snapshot and the edits
@@ -79,6 +85,8 @@ class _PipelineState:
         self.checkpoint: dict[str, Any] = {}
         #: one image of the Trainer's data (see :func:`example_from_data`), looked up once; False: none found
         self.example: Any = None
+        #: the first batch of the validation / training data (see :func:`first_batch`), read once
+        self.batches: dict[str, Any] = {}
         #: top-1 of each budgeted target (by path) as it entered fit, measured once at setup
         self.references: dict[str, float] = {}
 
@@ -135,18 +143,58 @@ def example_from_data(trainer: "pl.Trainer") -> Optional[torch.Tensor]:
     return state.example if isinstance(state.example, torch.Tensor) else None
 
 
-def _first_images(trainer: "pl.Trainer") -> Optional[torch.Tensor]:
-    for loop in (trainer.fit_loop.epoch_loop.val_loop, trainer.fit_loop):  # validation data, then training data
+def first_batch(trainer: "pl.Trainer", validation: bool = True) -> Any:
+    """The first batch of the validation data (``validation=True``) or of the training data, read once under a
+    forked random state (the training order stays what it would be without us); None where none is reachable."""
+    state = _pipeline_state(trainer)
+    key = "validation" if validation else "training"
+    if key not in state.batches:
+        loop = trainer.fit_loop.epoch_loop.val_loop if validation else trainer.fit_loop
         try:
             with torch.random.fork_rng(devices=[]):
                 loader = _first_loader(loop._data_source)
-                batch = next(iter(loader)) if loader is not None else None
-        except Exception:  # noqa: BLE001 - a failing loader: try the next source
-            continue
-        images = images_of(batch)
+                state.batches[key] = next(iter(loader)) if loader is not None else None
+        except Exception:  # noqa: BLE001 - a failing or empty loader: no batch
+            state.batches[key] = None
+    return state.batches[key]
+
+
+def _first_images(trainer: "pl.Trainer") -> Optional[torch.Tensor]:
+    for validation in (True, False):  # validation data, then training data
+        images = images_of(first_batch(trainer, validation))
         if images is not None:
             return images
     return None
+
+
+def _check_data_fits_models(trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    """Images of the Trainer's data that the compressed model cannot take (another channel count or size than
+    the one it states) are refused before any callback edits the model, not at the first batch."""
+    if getattr(pl_module, "example_input_array", None) is not None:
+        return  # the module states what its model receives (training_step may convert the batch)
+    example = example_from_data(trainer)
+    if example is None or example.dim() != 4:
+        return
+    paths = {resolve_target_path(pl_module, cb.model_attribute)
+             for cb in trainer.callbacks if isinstance(cb, CompressionCallback)}
+    for path in sorted(paths):
+        model = get_submodule(pl_module, path)
+        stated = stated_input_shape(model)
+        if stated is None or tuple(example.shape[1:]) == tuple(stated):
+            continue
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        try:
+            with eval_mode(model), torch.inference_mode():
+                model(example.to(device))
+        except Exception as err:  # noqa: BLE001 - reported with its cause
+            raise ValueError(
+                f"The Trainer's data gives images of shape {tuple(example.shape[1:])}, but "
+                f"{type(model).__name__} ({path or 'the LightningModule'}) takes {tuple(stated)} (channels, height, "
+                f"width) and cannot run them ({type(err).__name__}: {err}). Nothing was changed. Give the model "
+                "images of its shape (e.g. repeat a grey channel 3 times in the dataset's transform), or build it "
+                "for your images (timm: in_chans=, img_size=); if training_step converts the batch before the model, "
+                "set example_input_array on the LightningModule to what the model receives."
+            ) from err
 
 
 def _first_loader(source: Any) -> Optional[Iterable[Any]]:
@@ -307,15 +355,69 @@ class CompressionCallback(Callback):
         name = type(self).__name__
         if self.EDITS_STRUCTURE:
             check_strategy_supported(trainer, name)
+        self._check_reaches_train_end(trainer)
         max_epochs = trainer.max_epochs
         if max_epochs is None or max_epochs < 0:
             return
         for argument, epoch in self.scheduled_epochs().items():
             if epoch >= max_epochs:
+                if trainer.fast_dev_run:
+                    raise ValueError(
+                        f"{name}({argument}={epoch}) would never act: Trainer(fast_dev_run={trainer.fast_dev_run!r}) "
+                        f"sets max_epochs=1 (one epoch of {int(trainer.fast_dev_run)} batch(es)), so only epoch 0 "
+                        f"runs. Pass {argument}=0 for a dev run, or turn fast_dev_run off to run the schedule."
+                    )
                 raise ValueError(
                     f"{name}({argument}={epoch}) would never act: Trainer(max_epochs={max_epochs}) runs epochs "
                     f"0..{max_epochs - 1}. Pass {argument} <= {max_epochs - 1}, or raise max_epochs."
                 )
+
+    def train_end_action(self) -> Optional[tuple[str, str]]:
+        """``(what this callback does when training ends, what to do instead)``, or None when it does nothing
+        there: a fit that never reaches train end is refused at setup rather than silently skipping it."""
+        return None
+
+    def _check_reaches_train_end(self, trainer: "pl.Trainer") -> None:
+        action = self.train_end_action()
+        if action is None:
+            return
+        what, instead = action
+        settings = (("max_epochs", trainer.max_epochs), ("max_steps", trainer.max_steps),
+                    ("limit_train_batches", trainer.limit_train_batches))
+        zero = ", ".join(f"{name}={value}" for name, value in settings if value == 0)
+        if zero:
+            raise ValueError(
+                f"{what} when training ends, but Trainer({zero}) runs no training step, and Lightning then skips "
+                f"the train-end hooks: it would silently not happen. Train at least one batch, {instead}."
+            )
+        finished = self.resumed_without_training(trainer)
+        if finished is not None:
+            path = _pipeline_state(trainer).resume_path
+            raise ValueError(
+                f"{what} when training ends, but ckpt_path={path!r} leaves no training step to run ({finished}), "
+                "and Lightning then skips the train-end hooks: it would silently not happen. Raise max_epochs / "
+                f"max_steps to train on, {instead}."
+            )
+
+    def resumed_without_training(self, trainer: "pl.Trainer") -> Optional[str]:
+        """At ``setup`` of a resumed fit: why the checkpoint leaves no training step to run (it was saved after
+        the last epoch or step), else None. Lightning then skips the train-end hooks."""
+        state = _pipeline_state(trainer)
+        if state.resume_path is None:
+            return None
+        loops = state.checkpoint.get("loops") or {}
+        try:
+            epochs = int(loops["fit_loop"]["epoch_progress"]["current"]["processed"])
+        except (KeyError, TypeError, ValueError):
+            epochs = None
+        steps = state.checkpoint.get("global_step")
+        if trainer.max_epochs is not None and trainer.max_epochs >= 0 and epochs is not None:
+            if epochs >= trainer.max_epochs:
+                return f"it was saved after epoch {epochs} of Trainer(max_epochs={trainer.max_epochs})"
+        if trainer.max_steps is not None and trainer.max_steps >= 0 and isinstance(steps, int):
+            if steps >= trainer.max_steps:
+                return f"it was saved at step {steps} of Trainer(max_steps={trainer.max_steps})"
+        return None
 
     def resumed_callback_state(self, trainer: "pl.Trainer") -> tuple[Optional[str], Optional[dict[str, Any]]]:
         """At ``setup`` of a resumed fit: the checkpoint path and the state this callback saved in it.
@@ -401,6 +503,7 @@ class CompressionCallback(Callback):
                 callback.check_same_config(callback.saved_config(trainer), f"the checkpoint {state.resume_path}")
         replay_pending = stage == "fit"
         if stage == "fit" and ("setup", stage) not in state.done:
+            _check_data_fits_models(trainer, pl_module)
             _prepare_budgets(trainer, pl_module, state)
 
         def replay() -> None:
@@ -460,6 +563,9 @@ class CompressionCallback(Callback):
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]
     ) -> None:
         save_edits(pl_module, checkpoint)
+        first = next(cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback))
+        if self is first and trainer.is_global_zero:  # once per file, on the rank that writes it
+            add_digest(checkpoint)  # read_checkpoint refuses the file if its tensors change afterwards
 
 
 def _prepare_budgets(trainer: "pl.Trainer", pl_module: "pl.LightningModule", state: _PipelineState) -> None:

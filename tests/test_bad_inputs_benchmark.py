@@ -17,7 +17,7 @@ B = "BenchmarkCallback"
 FAST = dict(rounds=1, min_run_time=0.05, latency_repeats=3)
 
 
-def init(id: str, argument: str, error: type[BaseException] = Exception, **kwargs: Any) -> Case:
+def init(id: str, argument: str, error: type[BaseException], **kwargs: Any) -> Case:
     return Case(id, lambda t: BenchmarkCallback(**kwargs), f"{argument}=", "init", B, error)
 
 

@@ -13,6 +13,7 @@ from helpers import TINY, fast_trainer
 from torch import nn
 
 from lightning_vitcompress import DistillConfig, DistillationTeacher
+from lightning_vitcompress._structure import UnsafeCheckpointError
 from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule, small_vit
 
 D = "DistillationTeacher"
@@ -26,7 +27,7 @@ def teacher(**overrides: Any) -> nn.Module:
 _A_TEACHER = object()
 
 
-def init(id: str, argument: str, error: Any = Exception, teacher_spec: Any = _A_TEACHER, **kwargs: Any) -> Case:
+def init(id: str, argument: str, error: Any, teacher_spec: Any = _A_TEACHER, **kwargs: Any) -> Case:
     def make(tmp_path: Path) -> DistillationTeacher:
         return DistillationTeacher(teacher() if teacher_spec is _A_TEACHER else teacher_spec, **kwargs)
 
@@ -94,6 +95,11 @@ class _Shared:
 
 _SHARED_STUDENT = _Shared()
 
+
+def _meta_teacher() -> nn.Module:
+    with torch.device("meta"):
+        return teacher()
+
 CASES = [
     # ------------------------------------------------------------ constructor: the value alone decides
     init("teacher-none", "teacher", TypeError, teacher_spec=None),
@@ -144,7 +150,8 @@ CASES = [
           lambda t: DistillationTeacher(_other_architecture(t)), error=ValueError),
     setup("teacher-plain-state-dict-file", "teacher=", lambda t: DistillationTeacher(_plain_state_dict(t)),
           error=ValueError),
-    setup("teacher-unsafe-checkpoint", "teacher=", lambda t: DistillationTeacher(_unsafe(t)), error=Exception),
+    setup("teacher-unsafe-checkpoint", "teacher=", lambda t: DistillationTeacher(_unsafe(t)),
+          error=UnsafeCheckpointError),
     setup("teacher-kwargs-unknown-key", "teacher_kwargs=",
           lambda t: DistillationTeacher("vit_tiny_patch16_224", pretrained=False, teacher_kwargs=dict(num_clases=10)),
           error=ValueError),
@@ -157,6 +164,12 @@ CASES = [
           error=ValueError),
     setup("model-attribute-missing", "model_attribute=", lambda t: DistillationTeacher(teacher(), model_attribute="net"),
           error=AttributeError),
+    # the teacher does not take the student's batches (3x32x32): refused at setup, not at the first batch
+    setup("teacher-one-channel", "input_adapter=", lambda t: DistillationTeacher(teacher(in_chans=1)),
+          error=ValueError),
+    setup("teacher-other-input-size", "input_adapter=",
+          lambda t: DistillationTeacher(nn.Sequential(nn.Flatten(), nn.Linear(3 * 28 * 28, 10))), error=ValueError),
+    setup("teacher-on-meta-device", "teacher=", lambda t: DistillationTeacher(_meta_teacher()), error=ValueError),
     setup("resume-with-another-mode", "mode=", lambda t: DistillationTeacher(teacher(), mode="soft"), error=ValueError,
           model=_distilled_student, trainer_kwargs=dict(max_epochs=2),
           fit_kwargs=lambda t: dict(ckpt_path=_soft_run_checkpoint(t))),

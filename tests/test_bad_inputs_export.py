@@ -16,7 +16,7 @@ from lightning_vitcompress.digits import DigitsClassifier
 E = "ExportOnFit"
 
 
-def init(id: str, argument: str, error: type[BaseException] = Exception, **kwargs: Any) -> Case:
+def init(id: str, argument: str, error: type[BaseException], **kwargs: Any) -> Case:
     kwargs.setdefault("path", "model.pt2")
     return Case(id, lambda t: ExportOnFit(**kwargs), f"{argument}=", "init", E, error)
 
@@ -36,7 +36,7 @@ class _Shared:
         return self.model
 
 
-def call(id: str, argument: str, fn: Callable[[nn.Module, Path], Any], error: Any = Exception) -> Case:
+def call(id: str, argument: str, fn: Callable[[nn.Module, Path], Any], error: Any) -> Case:
     shared = _Shared()
     return Case(id, lambda t: fn(shared.model.model, t), argument, "call", "export_compressed", error,
                 model=shared.build)
@@ -83,6 +83,9 @@ CASES = [
     init("config-not-a-config", "config", TypeError, config={"format": "pt2"}),
     init("config-and-options", "config", ValueError, config=ExportConfig(), dynamic_batch=False),
     init("model-attribute-empty", "model_attribute", ValueError, model_attribute=""),
+    # no training step: Lightning skips the train-end hooks, so no file would be written
+    setup("no-training-steps", "limit_train_batches=0", lambda t: ExportOnFit(t / "m.pt2"), error=ValueError,
+          trainer_kwargs=dict(limit_train_batches=0)),
     setup("path-is-a-directory", "path=", lambda t: ExportOnFit(t), error=IsADirectoryError),
     setup("path-under-a-file", "path=", lambda t: ExportOnFit(_under_a_file(t)), error=ValueError),
     setup("data-dependent-control-flow", "cannot be exported with torch.export", lambda t: ExportOnFit(t / "m.pt2"),

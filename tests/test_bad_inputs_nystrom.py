@@ -9,10 +9,16 @@ from typing import Any
 import pytest
 import torch
 from bad_inputs import Case, check_case, tiny_model
-from helpers import TINY, fast_trainer
+from helpers import (
+    TINY,
+    CustomAttention,
+    MaskedClassifier,
+    StopAfterEpoch0,
+    fast_trainer,
+    masked_in_training_model,
+    no_heads_model,
+)
 from lightning.pytorch.callbacks import ModelCheckpoint
-from test_bad_inputs_pruning import StopAfterEpoch0
-from test_nystrom import CustomAttention, MaskedClassifier
 
 from lightning_vitcompress.digits import DigitsDataModule
 from lightning_vitcompress import NystromSwap
@@ -87,10 +93,19 @@ CASES = [
     setup("blocks-out-of-range", "blocks=[5]", blocks=[5]),
     setup("blocks-unknown-name", "blocks=['head']", blocks=["head"]),
     setup("swap-epoch-past-max-epochs", "swap_epoch=3", swap_epoch=3, trainer=dict(max_epochs=3)),
+    setup("swap-epoch-under-fast-dev-run", "fast_dev_run=True", swap_epoch=1, trainer=dict(fast_dev_run=True)),
+    setup("budget-without-training-steps", "limit_train_batches=0", max_accuracy_drop=1.0,
+          trainer=dict(limit_train_batches=0)),
     setup("unsupported-attention", "blocks=None", model=_custom_attention_model),
     setup("masked-blocks", "blocks=None", model=MaskedClassifier, example_input=MASK_EXAMPLE),
     setup("masked-blocks-later-swap", "blocks=None", model=MaskedClassifier, example_input=MASK_EXAMPLE,
           swap_epoch=1, trainer=dict(max_epochs=2)),
+    # 65 tokens (class + 64 patches): all of them prefix tokens, Nyström would never run
+    setup("prefix-whole-sequence", "num_prefix_tokens=65", num_prefix_tokens=65),
+    setup("prefix-past-sequence", "num_prefix_tokens=500", num_prefix_tokens=500),
+    setup("attention-without-num-heads", "NoHeadsAttention", model=no_heads_model),
+    # nn.MultiheadAttention given a mask only in training: seen at setup, not at the first batch
+    setup("mask-only-in-training", "blocks=None", model=masked_in_training_model),
     setup("example-input-wrong-shape", "example_input=", model=MaskedClassifier, example_input=torch.randn(2, 5)),
     Case("second-fit-other-landmarks", lambda t: NystromSwap(num_landmarks=8), "num_landmarks=8", "setup", N,
          ValueError, model=_swapped_model),

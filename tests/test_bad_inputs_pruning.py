@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import torch
 from bad_inputs import Case, check_case, tiny_model
-from helpers import fast_trainer
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from test_pruning import IMAGES, MHAClassifier
+from helpers import EXAMPLE_IMAGES as IMAGES
+from helpers import MHAClassifier, StopAfterEpoch0, fast_trainer, grey_loaders, no_heads_model
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_vitcompress.digits import DigitsDataModule
 from lightning_vitcompress import PruningSchedule
@@ -27,11 +27,6 @@ def setup(id: str, argument: str, error: Any = ValueError, model: Any = tiny_mod
           **kwargs: Any) -> Case:
     return Case(id, lambda t: PruningSchedule(**kwargs), argument, "setup", P, error, model=model,
                 trainer_kwargs=trainer or {})
-
-
-class StopAfterEpoch0(Callback):
-    def on_train_epoch_end(self, trainer, pl_module):
-        trainer.should_stop = True
 
 
 def _first_run(tmp_path: Path, callback: PruningSchedule, model: Any = None) -> Path:
@@ -60,6 +55,15 @@ def _pruned_model() -> Any:
     fast_trainer(Path(tempfile.mkdtemp()), callbacks=[PruningSchedule(0.5)], max_steps=1, limit_val_batches=0).fit(
         model, DigitsDataModule(batch_size=64)
     )
+    return model
+
+
+def _int8_model() -> Any:
+    """A model quantized to int8 (dynamic, torchao) before it meets PruningSchedule."""
+    from lightning_vitcompress import quantize_model
+
+    model = tiny_model()
+    quantize_model(model.model, "int8_dynamic")
     return model
 
 
@@ -113,6 +117,12 @@ CASES = [
     setup("mha-heads-not-prunable", "prune_heads", model=MHAClassifier, prune_heads=True, example_input=IMAGES),
     setup("mha-attention-without-embedding", "prune_embed_dim", model=MHAClassifier, prune_embed_dim=False,
           example_input=IMAGES),
+    setup("attention-without-num-heads", "num_heads", TypeError, model=no_heads_model),
+    setup("budget-without-training-steps", "max_steps=0", max_accuracy_drop=1.0, trainer=dict(max_steps=0)),
+    setup("model-already-int8", "already quantized", model=_int8_model),
+    # 1-channel data for a 3-channel model: refused before pruning, not at the first batch after it
+    Case("grey-images-for-a-3-channel-model", lambda t: PruningSchedule(0.5), "(1, 32, 32)", "setup", P, ValueError,
+         data=grey_loaders),
     Case("second-fit-other-ratio", lambda t: PruningSchedule(0.25), "pruning_ratio=0.25", "setup", P, ValueError,
          model=_pruned_model),
     # resuming with arguments that differ from the checkpoint's: refused before the checkpoint is restored

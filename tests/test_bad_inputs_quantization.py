@@ -8,7 +8,7 @@ from typing import Any, Callable
 import pytest
 import torch
 from bad_inputs import Case, check_case, tiny_model
-from helpers import fast_trainer
+from helpers import fast_trainer, nan_loaders
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_vitcompress import QuantizeOnFit, quantize_model
@@ -16,7 +16,7 @@ from lightning_vitcompress import QuantizeOnFit, quantize_model
 Q = "QuantizeOnFit"
 
 
-def init(id: str, argument: str, error: type[BaseException] = Exception, **kwargs: Any) -> Case:
+def init(id: str, argument: str, error: type[BaseException], **kwargs: Any) -> Case:
     return Case(id, lambda t: QuantizeOnFit(**kwargs), f"{argument}=", "init", Q, error)
 
 
@@ -35,7 +35,7 @@ class _Shared:
         return self.model
 
 
-def call(id: str, argument: str, fn: Callable[[torch.nn.Module, Path], Any], error: Any = Exception) -> Case:
+def call(id: str, argument: str, fn: Callable[[torch.nn.Module, Path], Any], error: Any) -> Case:
     shared = _Shared()
     return Case(id, lambda t: fn(shared.model.model, t), argument, "call", "quantize_model", error, model=shared.build)
 
@@ -95,6 +95,13 @@ CASES = [
     setup("qat-start-past-max-epochs", "qat_start_epoch=", lambda t: QuantizeOnFit(qat_start_epoch=1), error=ValueError),
     setup("static-without-training-steps", "config=", lambda t: QuantizeOnFit("int8_static_x86"), error=ValueError,
           trainer_kwargs=dict(limit_train_batches=0)),
+    # no training step: Lightning skips the train-end hooks, so nothing would be quantized or saved
+    setup("no-training-steps", "limit_train_batches=0", lambda t: QuantizeOnFit("int8_dynamic", save_path=t / "q.ckpt"),
+          error=ValueError, trainer_kwargs=dict(limit_train_batches=0)),
+    setup("no-training-epochs", "max_epochs=0", lambda t: QuantizeOnFit("int8_weight_only"), error=ValueError,
+          trainer_kwargs=dict(max_epochs=0)),
+    setup("static-on-nan-images", "calibration_batches=", lambda t: QuantizeOnFit("int8_static_x86"), error=ValueError,
+          data=nan_loaders),
     setup("skip-everything", "skip=", lambda t: QuantizeOnFit(skip="*"), error=ValueError),
     setup("skip-typo", "skip=", lambda t: QuantizeOnFit(skip=["head", "blocks.*.mlp.fc3"]), error=ValueError),
     setup("save-path-is-a-directory", "save_path=", lambda t: QuantizeOnFit(save_path=t), error=IsADirectoryError),

@@ -4,46 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import fast_trainer
+from helpers import DropLastBlock, fast_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch import nn
 
 from lightning_vitcompress import CompressionCallback, load_compressed
-from lightning_vitcompress._structure import STRUCTURE_KEY, read_checkpoint, record_edit, register_replay
-from lightning_vitcompress._training_state import refresh_after_structural_change
+from lightning_vitcompress._structure import STRUCTURE_KEY, read_checkpoint
 from lightning_vitcompress.digits import DigitsClassifier
-
-
-@register_replay("test_drop_blocks")
-def _replay_drop_blocks(model: nn.Module, record: dict) -> None:
-    model.blocks = model.blocks[: record["keep"]]
-
-
-class DropLastBlock(CompressionCallback):
-    """A structural edit for tests: drop the last block at setup or at ``epoch``."""
-
-    order = 20
-
-    def __init__(self, epoch: int | None = None) -> None:
-        super().__init__()
-        self.epoch = epoch
-        self.calls: list[str] = []
-
-    def _drop(self, pl_module) -> None:
-        model = self.target(pl_module)
-        keep = len(model.blocks) - 1
-        model.blocks = model.blocks[:keep]
-        record_edit(pl_module, {"kind": "test_drop_blocks", "target": self.target_path, "keep": keep})
-
-    def ordered_setup(self, trainer, pl_module, stage):
-        self.calls.append("setup")
-        if self.epoch is None and stage == "fit" and not self.replayed_records(trainer, "test_drop_blocks"):
-            self._drop(pl_module)
-
-    def ordered_train_epoch_start(self, trainer, pl_module):
-        if trainer.current_epoch == self.epoch and not self.replayed_records(trainer, "test_drop_blocks"):
-            self._drop(pl_module)
-            refresh_after_structural_change(trainer)
 
 
 class Recorder(CompressionCallback):

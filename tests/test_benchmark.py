@@ -8,9 +8,8 @@ from importlib import metadata
 
 import pytest
 import torch
-from helpers import TINY, fast_trainer, run_ddp_script
+from helpers import TINY, DictDigitsClassifier, DropLastBlock, MHAClassifier, dict_loaders, fast_trainer, run_ddp_script
 from lightning.pytorch.loggers import CSVLogger
-from test_base import DropLastBlock
 from torch import nn
 
 from lightning_vitcompress import BenchmarkCallback, benchmark_model, compare_models
@@ -253,7 +252,6 @@ def test_input_shape_comes_from_the_family_adapter(tmp_path, digits, family):
 @pytest.mark.parametrize("source", ["datamodule", "dataloaders"])
 def test_input_shape_comes_from_the_first_batch(tmp_path, digits, source):
     """A hand-written ViT that states no input size is measured at the shape of the Trainer's data."""
-    from test_pruning import MHAClassifier
 
     bench = BenchmarkCallback(batch_size=4, devices=("cpu",), rounds=1, min_run_time=0.05, latency_repeats=3,
                               output_dir=tmp_path, plot=False, accuracy_batches=1)
@@ -264,3 +262,30 @@ def test_input_shape_comes_from_the_first_batch(tmp_path, digits, source):
         trainer.fit(MHAClassifier(), train_dataloaders=digits.train_dataloader())
     assert bench.report["input_shape"] == [3, 32, 32]
     assert bench.report["final"]["cpu_images_per_s"] > 0
+
+
+def test_dict_batches_are_measured_for_accuracy(tmp_path, digits):
+    """Hugging Face shaped batches ({"pixel_values", "labels"}): the report is written, accuracy from the dicts
+    (the NystromSwap budget measures the same batches)."""
+    import lightning as L
+
+    from lightning_vitcompress import NystromSwap
+
+    train, val = dict_loaders(digits)
+    L.seed_everything(0, verbose=False)
+    model = DictDigitsClassifier(**TINY)
+    bench = BenchmarkCallback(output_dir=tmp_path, plot=False, accuracy_batches=2, **FAST)
+    swap = NystromSwap(num_landmarks=8, max_accuracy_drop=99.0)
+    fast_trainer(tmp_path, callbacks=[bench, swap]).fit(model, train, val)
+    assert bench.report is not None and (tmp_path / REPORT_FILENAME).is_file()
+    assert 0.0 <= bench.report["final"]["accuracy"] <= 1.0
+    assert 0.0 <= bench.report["baseline"]["accuracy"] <= 1.0
+
+
+def test_batches_without_labels_are_refused_at_setup(tmp_path, tiny_classifier, digits):
+    images_only = torch.utils.data.DataLoader([digits.val_dataloader().dataset[i][0] for i in range(8)], batch_size=4)
+    bench = BenchmarkCallback(output_dir=tmp_path, plot=False, dataloader=images_only, **FAST)
+    trainer = fast_trainer(tmp_path, callbacks=[bench])
+    with pytest.raises(ValueError, match="dataloader=.*no \\(images, labels\\) pair") as info:
+        trainer.fit(tiny_classifier(), digits)
+    assert trainer.global_step == 0 and "labels" in str(info.value)

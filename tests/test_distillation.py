@@ -203,7 +203,8 @@ def test_dict_returning_training_step(tmp_path, digits):
     check, outputs = LossCheck(callback), Outputs()
     trainer = fast_trainer(tmp_path, callbacks=[callback, check, outputs], limit_train_batches=2, limit_val_batches=0)
     trainer.fit(DictStep(**TINY), digits)
-    for (got, expected), output in zip(check.pairs, outputs.outputs):
+    assert len(check.pairs) == len(outputs.outputs) == 2  # both steps checked: a zip over nothing checks nothing
+    for (got, expected), output in zip(check.pairs, outputs.outputs, strict=True):
         assert got == pytest.approx(expected, rel=1e-4)
         assert output["extra"].item() == 7.0 and output["loss"].item() == pytest.approx(got, rel=1e-5)
 
@@ -275,7 +276,8 @@ def test_teacher_at_another_resolution_and_logit_cache(tmp_path, digits, tiny_cl
     loader = DataLoader(digits.train_set, batch_size=64, shuffle=False)
     trainer = fast_trainer(tmp_path, callbacks=[callback], max_epochs=2, limit_train_batches=3)
     trainer.fit(tiny_classifier(), train_dataloaders=loader)
-    assert calls == {"n": 3, "sizes": {(64, 64)}}  # second epoch: all from the cache
+    # one image at setup (the teacher must run the student's input), then 3 batches; second epoch: all from the cache
+    assert calls == {"n": 1 + 3, "sizes": {(64, 64)}}
     assert len(callback._cache) == 192
 
     explicit = DistillationTeacher(tiny_teacher(image_size=48, patch_size=8), input_adapter=48)
@@ -292,7 +294,7 @@ def test_teacher_at_another_resolution_and_logit_cache(tmp_path, digits, tiny_cl
     fast_trainer(tmp_path, callbacks=[custom], limit_train_batches=1, limit_val_batches=0).fit(
         tiny_classifier(), digits
     )
-    assert adapted == [(64, 3, 32, 32)]
+    assert adapted == [(1, 3, 32, 32), (64, 3, 32, 32)]  # the setup check's one image, then the batch
 
 
 def test_teacher_follows_the_students_precision(tmp_path, digits, tiny_classifier):
@@ -546,7 +548,8 @@ def test_step_without_a_student_forward_says_so(tmp_path, digits):
 
 
 class FailingTeacher(torch.nn.Module):
-    """A teacher whose forward fails on its third call: a failure in the middle of distilling."""
+    """A teacher whose forward fails on its fourth call (the setup check's, then two batches): a failure in the
+    middle of distilling."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -555,7 +558,7 @@ class FailingTeacher(torch.nn.Module):
 
     def forward(self, images):
         self.calls += 1
-        if self.calls == 3:
+        if self.calls == 4:
             raise RuntimeError("injected teacher failure")
         return self.net(images)
 

@@ -7,7 +7,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TINY, fast_trainer, run_ddp_script
+from helpers import TINY, CustomAttention, MaskedClassifier, fast_trainer, run_ddp_script
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from timm.layers.attention import Attention
 from torch import nn
@@ -185,35 +185,6 @@ def test_checkpoint_resume_and_load_compressed_restore_the_swap(tmp_path, tiny_c
     assert resumed.current_epoch == 3
     assert nystrom_blocks(resumed_model.model) == record["blocks"]
     assert len(recorded_edits(resumed_model)) == 1  # replayed, not swapped a second time
-
-
-class CustomAttention(Attention):
-    def forward(self, x, attn_mask=None, is_causal=False):
-        return self.proj(x)
-
-
-class MaskedEncoder(nn.Module):
-    """4x4 patches through nn.TransformerEncoder with a key padding mask, as padded-sequence code does."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Linear(48, 32)
-        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        self.head = nn.Linear(32, 10)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        patches = images.unfold(2, 4, 4).unfold(3, 4, 4).permute(0, 2, 3, 1, 4, 5).flatten(3).flatten(1, 2)
-        tokens = self.embed(patches)
-        padding = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-        return self.head(self.encoder(tokens, src_key_padding_mask=padding).mean(1))
-
-
-class MaskedClassifier(DigitsClassifier):
-    def __init__(self, **kwargs):
-        super().__init__(**TINY)
-        torch.manual_seed(0)
-        self.model = MaskedEncoder()
 
 
 def test_fail_fast_errors_name_the_argument(tmp_path, tiny_classifier, digits):
@@ -403,3 +374,16 @@ def test_transformers_attention_swaps_exactly_and_refuses_a_real_mask():
     assert out.shape == (2, 17, 32) and weights is None
     with pytest.raises(AttentionMaskError, match="does not support attention masks"):
         block(torch.randn(2, 17, 32), torch.zeros(2, 1, 17, 17))
+
+
+def test_class_token_of_a_vit_written_inline_is_kept_exact():
+    """No ``num_prefix_tokens`` attribute: the model adapter finds the class token parameter."""
+    from families import MHAViT
+
+    from lightning_vitcompress.functional.nystrom import NystromConfig, swap_attention
+
+    model = MHAViT()
+    assert not hasattr(model, "num_prefix_tokens")
+    swap_attention(model, NystromConfig(num_landmarks=4))
+    swapped = [m for m in model.modules() if isinstance(m, NystromAttention)]
+    assert len(swapped) == 2 and {m.num_prefix_tokens for m in swapped} == {1}

@@ -149,7 +149,8 @@ def test_yaml_config_round_trips_through_lightning_cli(tmp_path, monkeypatch):
     assert [type(cb).__name__ for cb in again.trainer.callbacks] == [type(cb).__name__ for cb in cli.trainer.callbacks]
     ours = [cb for cb in cli.trainer.callbacks if isinstance(cb, CompressionCallback)]
     assert len(ours) == 5
-    for first, second in zip(ours, [cb for cb in again.trainer.callbacks if isinstance(cb, CompressionCallback)]):
+    theirs = [cb for cb in again.trainer.callbacks if isinstance(cb, CompressionCallback)]
+    for first, second in zip(ours, theirs, strict=True):
         assert arguments(second) == arguments(first), type(first).__name__  # values, not only attribute names
     for entry in expected:  # and every value the YAML sets is the callback's
         callback = types[entry["class_path"].rsplit(".", 1)[1]]

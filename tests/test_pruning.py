@@ -7,7 +7,7 @@ import copy
 import lightning as L
 import pytest
 import torch
-from helpers import TINY, fast_trainer, run_ddp_script
+from helpers import EXAMPLE_IMAGES, TINY, MHAClassifier, fast_trainer, run_ddp_script
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -18,7 +18,7 @@ from lightning_vitcompress.digits import DigitsClassifier, small_vit
 from lightning_vitcompress import PruningSchedule
 from lightning_vitcompress.functional.prune import prune_vit
 
-IMAGES = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+IMAGES = EXAMPLE_IMAGES
 
 
 def _widths(vit: nn.Module) -> list:
@@ -203,26 +203,6 @@ def test_model_dependent_values_fail_at_setup(tmp_path, tiny_classifier, digits,
     with pytest.raises(ValueError, match=match):
         trainer.fit(tiny_classifier(), digits)
     assert trainer.global_step == 0
-
-
-class PatchEncoder(nn.Module):
-    """A plain PyTorch ViT: 4x4 patches, nn.TransformerEncoder (nn.MultiheadAttention), mean pool."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Linear(48, 32)
-        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2)
-        self.head = nn.Linear(32, 10)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        patches = images.unfold(2, 4, 4).unfold(3, 4, 4).permute(0, 2, 3, 1, 4, 5).flatten(3).flatten(1, 2)
-        return self.head(self.encoder(self.embed(patches)).mean(1))
-
-
-class MHAClassifier(DigitsClassifier):
-    def __init__(self, **kwargs):
-        super().__init__(**TINY)
-        self.model = PatchEncoder()
 
 
 def test_multihead_attention_models_prune_embedding_attention_and_mlp(tmp_path, digits):

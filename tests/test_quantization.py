@@ -406,7 +406,7 @@ def test_setup_rejects_a_static_config_when_no_training_step_would_give_calibrat
     tmp_path, tiny_classifier, digits
 ):
     trainer = fast_trainer(tmp_path, callbacks=[QuantizeOnFit("int8_static_x86")], limit_train_batches=0)
-    with pytest.raises(ValueError, match=r"config='int8_static_x86' calibrates.*limit_train_batches=0"):
+    with pytest.raises(ValueError, match=r"config='int8_static_x86'.*limit_train_batches=0\) runs no training step"):
         trainer.fit(tiny_classifier(), digits)
 
 
@@ -799,3 +799,16 @@ def test_resuming_qat_with_the_same_arguments_or_before_qat_started_is_allowed(t
                      max_epochs=3).fit(
             tiny_classifier(), digits, ckpt_path=tmp_path / "epoch=1.ckpt"
         )
+
+
+def test_int8_static_x86_calibrates_a_model_left_in_eval_mode(tmp_path, tiny_classifier, digits):
+    """``timm.create_model(...).eval()`` before wrapping: Lightning trains it in eval mode; calibration still
+    captures the training steps' inputs (not the validation ones)."""
+    model = tiny_classifier()
+    model.model.eval()
+    callback = QuantizeOnFit("int8_static_x86", calibration_batches=2)
+    trainer = fast_trainer(tmp_path, callbacks=[callback], limit_train_batches=3, limit_val_batches=1)
+    trainer.fit(model, digits)
+    assert callback.summary is not None and callback.summary["quantized"]
+    assert {type(m) for m in model.model.modules() if isinstance(m, (nn.Linear, X86Int8StaticLinear))} == {
+        X86Int8StaticLinear}

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_vitcompress._base import CompressionCallback, example_from_data, progress_line
+from lightning_vitcompress._base import CompressionCallback, example_from_data, first_batch, progress_line
 from lightning_vitcompress._checks import (
     check_bool,
     check_output_dir,
@@ -33,6 +33,7 @@ from lightning_vitcompress._model import stated_input_shape
 from lightning_vitcompress.functional.baselines import BASELINES, build_baseline, check_baselines
 from lightning_vitcompress.functional.measure import (
     eval_mode,
+    images_and_labels,
     resolve_device,
 )
 from lightning_vitcompress.functional.report import (
@@ -168,6 +169,7 @@ class BenchmarkCallback(CompressionCallback):
         for label, candidate in (("model", model), ("baseline_model", self.baseline_model)):
             if candidate is not None:
                 self._check_runs(candidate, label)
+        self._check_accuracy_batch(trainer)
         if trainer.is_global_zero:
             source = self.baseline_model if self.baseline_model is not None else model
             # a CPU copy: the live model is about to be edited, moved and trained
@@ -195,6 +197,25 @@ class BenchmarkCallback(CompressionCallback):
             raise ValueError(
                 f"input_shape={self._input_shape!r}: the {label} ({type(model).__name__}) cannot run an input of "
                 f"this shape ({type(err).__name__}: {err}). Pass the (channels, height, width) the model takes."
+            ) from err
+
+    def _check_accuracy_batch(self, trainer: "pl.Trainer") -> None:
+        """The accuracy data's first batch holds images and labels we can find (tuple or dict), known now rather
+        than after training."""
+        if self.dataloader is not None:
+            with torch.random.fork_rng(devices=[]):
+                batch = next(iter(self.dataloader), None)
+            source = "dataloader="
+        else:
+            batch, source = first_batch(trainer, validation=True), "the Trainer's validation data"
+        if batch is None:
+            return  # no accuracy data: reported as None, with a warning, at the end
+        try:
+            images_and_labels(batch)
+        except ValueError as err:
+            raise ValueError(
+                f"BenchmarkCallback: {source} cannot be measured for accuracy: {err}. Pass dataloader= "
+                "yielding such batches."
             ) from err
 
     def _infer_input_shape(

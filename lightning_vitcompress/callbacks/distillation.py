@@ -54,7 +54,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_vitcompress._base import CompressionCallback
+from lightning_vitcompress._base import CompressionCallback, example_from_data
+from lightning_vitcompress._model import shape_example_input
 from lightning_vitcompress.models.base import logits_of
 from lightning_vitcompress._checks import check_bool, config_or_options
 from lightning_vitcompress.functional.distill import (
@@ -286,6 +287,7 @@ class DistillationTeacher(CompressionCallback):
         if self._teacher is None:
             self._teacher = self._prepare_teacher(self._build_teacher(pl_module), pl_module)
         check_same_classes(student, self._teacher)
+        self._check_teacher_runs(trainer, student)
         self._install(pl_module)
         name = type(self._teacher).__name__
         rank_zero_info(
@@ -293,6 +295,33 @@ class DistillationTeacher(CompressionCallback):
             f"alpha={self.config.alpha}, temperature={self.config.temperature}, "
             f"teacher_precision={self.teacher_precision!r}."
         )
+
+    def _check_teacher_runs(self, trainer: pl.Trainer, student: nn.Module) -> None:
+        """The teacher holds weights and runs one of the student's inputs now, not at the first batch."""
+        teacher = self.teacher
+        tensors = [*teacher.parameters(), *teacher.buffers()]
+        if any(t.is_meta for t in tensors):
+            raise ValueError(
+                f"teacher={type(teacher).__name__}: its weights are on the meta device (built without data, e.g. "
+                "under torch.device('meta') or init_empty_weights), so it has no logits to teach. Load its weights "
+                "first (model.to_empty(device='cpu') then load_state_dict), or pass a checkpoint path or timm name."
+            )
+        example = example_from_data(trainer)
+        source = "the Trainer's data"
+        if example is None:
+            example, source = shape_example_input(student), f"{type(student).__name__}'s stated input size"
+        if example is None:
+            return  # no input known before the first batch
+        device = next((t.device for t in tensors), torch.device("cpu"))
+        try:
+            teacher_forward(teacher, example.to(device), self._adapter(example), precision=self.teacher_precision)
+        except Exception as err:  # noqa: BLE001 - reported with its cause
+            raise ValueError(
+                f"teacher={type(teacher).__name__} cannot run the student's input of shape {tuple(example.shape)} "
+                f"(from {source}): {type(err).__name__}: {err}. Pass input_adapter= (an image size to resize to, or "
+                "a function mapping the student's batch to the teacher's input, e.g. repeating a grey channel), "
+                "or a teacher built for the student's images (channels and size)."
+            ) from err
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -212,6 +212,10 @@ class ExportOnFit(CompressionCallback):
             self._capture_handle.remove()
             self._capture_handle = None
 
+    def train_end_action(self) -> Optional[tuple[str, str]]:
+        return (f"ExportOnFit(path={str(self.path)!r}) writes its file",
+                "or call export_compressed(model, path, images) on the trained model")
+
     # ------------------------------------------------------------- train end: export
     def ordered_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._stop_capture()

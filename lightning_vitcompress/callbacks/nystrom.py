@@ -221,9 +221,23 @@ class NystromSwap(CompressionCallback):
             if not isinstance(modules[name], NystromAttention)
         ]
         try:
-            # eval mode with gradients on: nn.TransformerEncoderLayer's fused path would skip self_attn otherwise
+            # eval mode with gradients on: nn.TransformerEncoderLayer's fused path would skip self_attn otherwise;
+            # then train mode (a mask passed only in training), its random draws and buffer updates undone
             with eval_mode(model), torch.enable_grad():
                 model(example.to(next(model.parameters()).device))
+            buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+            training = {module: module.training for module in model.modules()}
+            try:
+                with torch.random.fork_rng(devices=[]), torch.enable_grad():
+                    model.train()
+                    model(example.to(next(model.parameters()).device))
+            finally:
+                for module, mode in training.items():
+                    module.training = mode
+                with torch.no_grad():
+                    for name, buffer in model.named_buffers():
+                        if name in buffers:
+                            buffer.copy_(buffers[name])
         except Exception as err:
             if self.example_input is None:
                 return  # the model does not take this shape: nothing to learn from it
@@ -264,6 +278,7 @@ class NystromSwap(CompressionCallback):
             self._swap_done = True
             return
         self._check_no_masks(model, chosen, trainer)
+        self._check_prefix(trainer, pl_module, model, chosen)
         if self.min_tokens is not None:
             chosen = self._long_enough(trainer, pl_module, chosen)
         self._selection = chosen
@@ -332,6 +347,28 @@ class NystromSwap(CompressionCallback):
             rank_zero_info(
                 f"NystromSwap: {len(originals)} attention blocks now use {self.config.num_landmarks} landmarks "
                 f"({self.config.prefix_tokens(model)} prefix tokens kept exact)."
+            )
+
+    def _check_prefix(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", model: nn.Module, names: list[str]
+    ) -> None:
+        """A block whose tokens are all prefix tokens would stay exact attention: refuse that now."""
+        prefix = self.config.prefix_tokens(model)
+        if prefix == 0:
+            return
+        try:
+            counts = self._token_counts(trainer, pl_module, model)
+        except ValueError:  # no input size known: nothing to compare with (the count is checked when it runs)
+            return
+        short = {name: counts[name] for name in names if name in counts and counts[name] <= prefix}
+        if short:
+            name, count = next(iter(short.items()))
+            source = (f"num_prefix_tokens={self.config.num_prefix_tokens}" if self.config.num_prefix_tokens is not None
+                      else f"the {prefix} prefix tokens read from {type(model).__name__}")
+            raise ValueError(
+                f"NystromSwap({source}): block {name!r} sees only {count} tokens, so every token would be a prefix "
+                "token kept exact and Nyström attention would never run. Pass num_prefix_tokens= the model's "
+                f"class/distillation/register tokens (fewer than {count}, e.g. 1), or None to read them from the model."
             )
 
     # -------------------------------------------------------------- min_tokens
@@ -420,6 +457,12 @@ class NystromSwap(CompressionCallback):
         return result or {"speedups": {}, "break_even": None}
 
     # ------------------------------------------------------------ max_accuracy_drop
+    def train_end_action(self) -> Optional[tuple[str, str]]:
+        if self.max_accuracy_drop is None:
+            return None
+        return (f"NystromSwap(max_accuracy_drop={self.max_accuracy_drop!r}) swaps blocks back to exact attention "
+                "until the model is within budget", "or pass max_accuracy_drop=None")
+
     def ordered_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """With a budget: swap blocks back to exact attention, most costly first, until the model is within it."""
         metrics: dict[str, Optional[float]] = {}

@@ -543,6 +543,12 @@ class PruningSchedule(CompressionCallback):
         self._last_metrics.update(rolled_back_step=undone["step"], accuracy=accuracy)
         return False
 
+    def train_end_action(self) -> Optional[tuple[str, str]]:
+        if self.max_accuracy_drop is None:
+            return None
+        return (f"PruningSchedule(max_accuracy_drop={self.max_accuracy_drop!r}) judges its last pruning step "
+                "against the budget", "or pass max_accuracy_drop=None")
+
     def ordered_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """The last step is judged when training ends (before quantization or the benchmark see the model)."""
         self._judge(trainer, pl_module)

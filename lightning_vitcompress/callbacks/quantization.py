@@ -32,6 +32,7 @@ from typing_extensions import override
 
 from lightning_vitcompress._base import (
     CompressionCallback,
+    first_batch,
     progress_line,
 )
 from lightning_vitcompress._checks import (
@@ -45,12 +46,14 @@ from lightning_vitcompress._checks import (
 from lightning_vitcompress._model import set_submodule
 from lightning_vitcompress._structure import (
     STRUCTURE_KEY,
+    add_digest,
     recorded_edits,
 )
 from lightning_vitcompress._training_state import (
     refresh_after_structural_change,
 )
 from lightning_vitcompress.callbacks._quantization_auto import AUTO, _AutoAndBudget, _check_auto_arguments
+from lightning_vitcompress.functional.measure import images_of
 from lightning_vitcompress.functional.quantize import (
     _EXAMPLE_ROWS,
     _MB,
@@ -275,6 +278,8 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
         self._example: Optional[ModelInputs] = None
         #: training inputs of the current epoch kept for static calibration
         self._calibration: list[ModelInputs] = []
+        #: the Trainer whose training steps are captured (set at setup)
+        self._capture_trainer: Optional["pl.Trainer"] = None
         self._split: dict[str, nn.Module] = {}  # nn.MultiheadAttention modules split for quantization, by name
         self._capture_handle: Optional[Any] = None
 
@@ -318,6 +323,7 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
         self.auto_result = None
         self.summary = None
         self._qat_active = False
+        self._capture_trainer = trainer
         self._start_capture(self.target(pl_module))
 
     def _choose_default(self, trainer: "pl.Trainer", device: torch.device) -> None:
@@ -342,6 +348,11 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
                 "gets about 3x worse, benchmarks/bench_int8_width.py). It will be quantized as asked; to decide by "
                 "measurement use config='auto' (keeps float when int8 is not faster), or drop QuantizeOnFit."
             )
+
+    def train_end_action(self) -> Optional[tuple[str, str]]:
+        saved = f" and writes save_path={str(self.save_path)!r}" if self.save_path is not None else ""
+        return (f"QuantizeOnFit(config={self.config_label!r}) quantizes the model{saved}",
+                "or load the checkpoint with load_compressed(...) and call quantize_model(model, config)")
 
     @property
     def config_label(self) -> str:
@@ -388,12 +399,15 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
 
     def _check_calibration_data(self, trainer: "pl.Trainer") -> None:
         assert self.spec is not None
-        if self.spec.calibrates and (trainer.max_epochs == 0 or trainer.limit_train_batches == 0):
-            raise ValueError(
-                f"config={self.spec.name!r} calibrates on training inputs, but this Trainer runs no "
-                f"training step (max_epochs={trainer.max_epochs}, limit_train_batches={trainer.limit_train_batches}). "
-                "Train at least one batch, or use config='int8_dynamic_x86'."
-            )
+        if self.spec.calibrates:
+            images = images_of(first_batch(trainer, validation=False))
+            if images is not None and not bool(torch.isfinite(images).all()):
+                raise ValueError(
+                    f"config={self.spec.name!r} calibrates its activation scales on training inputs (calibration_"
+                    f"batches={self.calibration_batches}), but the first training batch holds NaN or Inf values, "
+                    "which give no usable scale. Clean the data (check its normalisation), or use "
+                    "config='int8_dynamic_x86', which needs no calibration."
+                )
 
     # ------------------------------------------------------------- example and calibration input capture
     def _start_capture(self, model: nn.Module) -> None:
@@ -408,11 +422,16 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
             calibrates = any(QUANTIZATION_CONFIGS[c.config].calibrates for c in self._auto_candidates)
 
         def capture(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            # a training step by the Trainer's progress, not the module's mode (a model left in eval() trains in
+            # eval); validation steps and other callbacks' forwards (the example pruning traces) are not inputs
+            trainer = self._capture_trainer
+            if not (_in_training_step(trainer) if trainer is not None else module.training):
+                return
             if self._example is None:
                 self._example = ModelInputs.detached(args, kwargs, rows=_EXAMPLE_ROWS)
             if not calibrates:
                 self._stop_capture()
-            elif module.training and len(self._calibration) < self.calibration_batches:
+            elif len(self._calibration) < self.calibration_batches:
                 self._calibration.append(ModelInputs.detached(args, kwargs))
 
         self._capture_handle = model.register_forward_pre_hook(capture, with_kwargs=True)
@@ -601,6 +620,7 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
         if pl_module.hparams:
             checkpoint[pl_module.CHECKPOINT_HYPER_PARAMS_KEY] = dict(pl_module.hparams)
         if trainer.is_global_zero:
+            add_digest(checkpoint)  # load_compressed refuses the file if its tensors are damaged later
             path.parent.mkdir(parents=True, exist_ok=True)
         trainer.strategy.save_checkpoint(checkpoint, path)  # rank zero writes
         trainer.strategy.barrier("QuantizeOnFit.save")
@@ -642,7 +662,15 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
         self._stop_capture()
         self._example = None
         self._calibration = []
+        self._capture_trainer = None
         super().teardown(trainer, pl_module, stage)
+
+
+def _in_training_step(trainer: "pl.Trainer") -> bool:
+    """Inside a training batch (between its start and its update), not a callback's forward at an epoch start
+    or a validation step."""
+    progress = trainer.fit_loop.epoch_loop.batch_progress.current
+    return trainer.training and progress.started > progress.processed
 
 
 def _file_stamp(path: Path) -> Optional[tuple[int, int]]:

@@ -225,17 +225,51 @@ def images_of(batch: Any) -> Optional[torch.Tensor]:
     return None
 
 
+#: dict keys under which batches commonly carry their class labels
+LABEL_KEYS = ("labels", "label", "targets", "target", "y")
+
+
+def labels_of(batch: Any) -> Optional[torch.Tensor]:
+    """The integer class labels in a batch: a tuple's second element, or a dict's ``labels``/``targets``...
+
+    Example::
+
+        >>> labels_of({"pixel_values": torch.zeros(8, 3, 32, 32), "labels": torch.zeros(8, dtype=torch.long)}).shape
+        torch.Size([8])
+    """
+    found: Any = None
+    if isinstance(batch, Mapping):
+        found = next((batch[key] for key in LABEL_KEYS if key in batch), None)
+    elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        found = batch[1]
+    if isinstance(found, torch.Tensor) and not found.is_floating_point() and found.dim() == 1:
+        return found
+    return None
+
+
+def images_and_labels(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images, labels)`` of a tuple/list or dict batch; ValueError saying what was found otherwise."""
+    images, labels = images_of(batch), labels_of(batch)
+    if images is None or labels is None:
+        shape = {k: type(v).__name__ for k, v in batch.items()} if isinstance(batch, Mapping) else type(batch).__name__
+        raise ValueError(
+            f"a batch of {shape} holds no (images, labels) pair: accuracy needs a tuple (images, labels) or a dict "
+            f"with images under one of {IMAGE_KEYS} and integer labels of shape (batch,) under one of {LABEL_KEYS}"
+        )
+    return images, labels
+
+
 def measure_accuracy(
     model: nn.Module, batches: Iterable[Any], *, device: Optional[Device] = None, num_classes: Optional[int] = None
 ) -> Optional[float]:
-    """Top-1 accuracy (torchmetrics) of ``model`` over ``(images, labels)`` batches; None if empty."""
+    """Top-1 accuracy (torchmetrics) of ``model`` over ``(images, labels)`` or dict batches; None if empty."""
     from torchmetrics.classification import MulticlassAccuracy
 
     device = torch.device(device) if device is not None else _model_device(model)
     metric: Optional[MulticlassAccuracy] = None
     with eval_mode(model), torch.inference_mode():
         for batch in batches:
-            images, labels = batch[0].to(device), batch[1].to(device)
+            images, labels = (t.to(device) for t in images_and_labels(batch))
             logits = logits_of(model(images))  # a tensor, a tuple, or an output object with .logits
             if metric is None:
                 # measured on one rank only: no cross-process sync

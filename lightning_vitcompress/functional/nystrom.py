@@ -21,7 +21,7 @@ from torch import nn
 
 from lightning_vitcompress._model import find_attention_blocks, get_submodule, set_submodule
 from lightning_vitcompress._structure import Record, register_replay
-from lightning_vitcompress.functional.measure import compare_throughput, eval_mode, images_of
+from lightning_vitcompress.functional.measure import compare_throughput, eval_mode, images_and_labels
 from lightning_vitcompress.functional.nystrom_attention import (
     REPLACED_ATTRIBUTE,
     AttentionMaskError,
@@ -78,10 +78,19 @@ class NystromConfig:
         _check_options(self.pinv_iterations, self.conv_kernel_size, self.num_prefix_tokens)
 
     def prefix_tokens(self, model: nn.Module) -> int:
-        """The prefix tokens of ``model`` kept exact: the configured count, else the model's own."""
+        """The prefix tokens of ``model`` kept exact: the configured count, else the model's own (its
+        ``num_prefix_tokens``, else what its model adapter finds: class, distillation, register tokens)."""
         if self.num_prefix_tokens is not None:
             return self.num_prefix_tokens
-        return int(getattr(model, "num_prefix_tokens", 0) or 0)
+        stated = getattr(model, "num_prefix_tokens", None)
+        if isinstance(stated, int):
+            return stated
+        from lightning_vitcompress.models import adapter_for
+
+        try:  # the model's adapter finds class/distillation/register tokens (e.g. a ViT written inline)
+            return int(adapter_for(model).prefix_tokens().count)
+        except (TypeError, ValueError):  # no adapter reads this model: no prefix known
+            return 0
 
 
 BlockSelection = Optional[Sequence[Union[int, str]]]
@@ -301,9 +310,7 @@ def swap_back_gains(
     with eval_mode(model), torch.inference_mode():
         device = next(model.parameters()).device
         for batch in batches:
-            images, labels = images_of(batch), batch[1].to(device)
-            assert images is not None
-            images = images.to(device)
+            images, labels = (t.to(device) for t in images_and_labels(batch))
             reference = logits_of(model(images)).float()
             correct[None] += int((reference.argmax(-1) == labels).sum())
             for name in names:

@@ -66,6 +66,22 @@ def _gradient_kind(importance: tp.importance.Importance) -> Optional[str]:
 
 
 # ---------------------------------------------------------------------------- config
+def quantized_layer_names(model: nn.Module) -> list[str]:
+    """Layers of ``model`` holding quantized weights: torchao tensor subclasses, our x86 int8 linears, or
+    ``torch.ao`` quantized modules."""
+    from lightning_vitcompress.functional.x86_int8 import X86Int8DynamicLinear
+
+    names = []
+    for name, module in model.named_modules():
+        weight = module.__dict__.get("_parameters", {}).get("weight")
+        subclass = weight is not None and type(weight.data) is not torch.Tensor
+        if isinstance(module, X86Int8DynamicLinear) or subclass or type(module).__module__.startswith(
+            "torch.ao.nn.quantized"
+        ):
+            names.append(name)
+    return names
+
+
 @dataclass(frozen=True)
 class PruneConfig:
     """What structured pruning removes, validated once: the ``quantize_(model, config)`` of pruning.
@@ -187,6 +203,14 @@ class PruneConfig:
         (torchvision, hand-written ViTs) ties q/k/v to the embedding, so attention and
         embedding are pruned together or not at all, and never as whole heads.
         """
+        quantized = quantized_layer_names(model)
+        if quantized:
+            raise ValueError(
+                f"{type(model).__name__} is already quantized ({len(quantized)} layers, e.g. {quantized[0]!r}): "
+                "structured pruning works on full-precision weights and would remove nothing from int8 ones. Prune "
+                "the full-precision model and quantize after it (PruningSchedule and QuantizeOnFit in one fit do "
+                "this in that order), e.g. from the fp32 checkpoint that QuantizeOnFit(save_fp32_path=...) writes."
+            )
         adapter = adapter_for(model)
         capabilities, family = adapter.capabilities, adapter.family
         if self.prune_attention and self.prune_heads:

@@ -211,11 +211,17 @@ def read_layout(name: str, module: nn.Module, out_proj: Optional[nn.Linear] = No
             in_proj_weight=module.in_proj_weight, in_proj_bias=module.in_proj_bias,
         )
     if _is_fused_qkv(module):
-        heads = int(module.num_heads)
+        heads = _int_attr(module, "num_heads")
+        if heads is None:
+            raise TypeError(
+                "it has a fused qkv Linear but no int num_heads attribute (the head count); set "
+                "self.num_heads = <heads> in its __init__, as timm's Attention does"
+            )
         attn_dim = module.qkv.out_features // 3
+        scale = getattr(module, "scale", None)
         return AttentionLayout(
             name, module, module.qkv.in_features, heads, attn_dim // heads, module.proj, qkv=module.qkv,
-            scale=float(module.scale),
+            scale=float(scale) if isinstance(scale, (int, float)) else None,
         )
     separate = _separate_qkv(module)
     out = out_proj if out_proj is not None else getattr(module, "o_proj", None)

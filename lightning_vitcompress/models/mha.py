@@ -150,4 +150,7 @@ class HandWrittenAdapter(ModelAdapter):
 
     @staticmethod
     def tokens_batch_first(block: nn.Module) -> bool:
-        return bool(block.self_attn.batch_first)
+        attention = getattr(block, "self_attn", None)  # nn.TransformerEncoderLayer; else the block's own attention
+        if attention is None:
+            attention = next((m for m in block.modules() if isinstance(m, nn.MultiheadAttention)), None)
+        return bool(getattr(attention, "batch_first", True))
