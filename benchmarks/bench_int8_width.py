@@ -2,11 +2,13 @@
 
 int8 GEMMs do a quarter of the work per multiply, but each quantized layer adds
 fixed costs (quantizing its input, the kernel's set-up). On a narrow ViT those
-dominate and int8 is *slower* than float32; ``QuantizeOnFit()`` warns below
-``INT8_PAYS_FROM_WIDTH`` (the widest quantized layer's input width). This script
-measures where the ratio crosses 1 on this machine: timm ViTs of depth 4, patch
-16 at 224 (197 tokens), widths 64-768 (heads of 64, at least one), batch 1, each
-width's variants timed in one process, interleaved.
+can dominate and make int8 *slower* than float32. This script measures, on this
+machine, the default config (compiled) and the portable ``int8_dynamic`` (eager,
+the default on CPUs without int8 dot products) against fp32 eager: timm ViTs of
+depth 4, patch 16 at 224 (197 tokens), widths 64-768 (heads of 64, at least one),
+batch 1, each width's variants timed in one process, interleaved.
+``QuantizeOnFit()`` warns where its choice is eager and the model is narrower
+than ``INT8_PAYS_FROM_WIDTH``.
 
     python benchmarks/bench_int8_width.py [--widths 64 128 192 256 384 768] [--threads 2] [--batch-size 1]
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 
 import timm
 import torch
@@ -42,8 +45,9 @@ def main() -> None:
     print(f"depth-4 ViTs at 224 (197 tokens), batch {args.batch_size}, {args.threads} threads of {cpu_name()}; "
           f"default config here: {choice.config} {choice.inference_precision}; QuantizeOnFit() warns below width "
           f"{INT8_PAYS_FROM_WIDTH}\n")
-    print("| width | fp32 eager latency (ms) | default int8 latency (ms) | int8 speed vs fp32 eager |")
-    print("|---|---|---|---|")
+    print("| width | fp32 eager (ms) | default int8 (ms) | default vs fp32 | portable int8_dynamic, eager (ms) "
+          "| portable vs fp32 |")
+    print("|---|---|---|---|---|---|")
     for width in args.widths:
         model = timm.create_model("vit_base_patch16_224", pretrained=False, embed_dim=width, depth=4,
                                   num_heads=max(1, width // 64)).eval()
@@ -51,9 +55,17 @@ def main() -> None:
         quantize_model(int8, spec, example_input=x, calibration_inputs=[x, torch.randn_like(x)])
         if spec.compiled_by_default:
             spec.compile(int8, choice.inference_precision)
-        ips = compare_throughput({"fp32": model, "int8": int8}, x, rounds=args.rounds, min_run_time=args.min_run_time)
-        print(f"| {width} | {1e3 * args.batch_size / ips['fp32']:.2f} | {1e3 * args.batch_size / ips['int8']:.2f} "
-              f"| {ips['int8'] / ips['fp32']:.2f}x |", flush=True)
+        portable = copy.deepcopy(model)  # what the default is on CPUs without int8 dot products
+        quantize_model(portable, "int8_dynamic", example_input=x)
+        with torch.inference_mode():
+            int8(x)  # compiled before the timing starts
+        print(f"timing width {width} ...", file=sys.stderr, flush=True)
+        ips = compare_throughput({"fp32": model, "int8": int8, "portable": portable}, x, rounds=args.rounds,
+                                 min_run_time=args.min_run_time)
+        print("timed", file=sys.stderr, flush=True)
+        ms = {name: 1e3 * args.batch_size / value for name, value in ips.items()}
+        print(f"| {width} | {ms['fp32']:.2f} | {ms['int8']:.2f} | {ips['int8'] / ips['fp32']:.2f}x "
+              f"| {ms['portable']:.2f} | {ips['portable'] / ips['fp32']:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -85,9 +85,9 @@ from lightning_vitcompress.functional.x86_int8 import cpu_supports_bfloat16
 
 __all__ = ['QuantizeOnFit']
 
-#: ``config=None`` warns below this width (the widest quantized layer's in_features): int8 kernels' per-call
-#: overhead outweighs the cheaper math there (``benchmarks/bench_int8_width.py`` measures where it turns)
-INT8_PAYS_FROM_WIDTH = 192
+#: ``config=None`` warns below this width (the widest quantized layer's in_features) when its choice runs eager:
+#: eager int8's per-layer overhead outweighs the cheaper math there (``benchmarks/bench_int8_width.py``)
+INT8_PAYS_FROM_WIDTH = 256
 
 # ----------------------------------------------------------------------------- the callback
 class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
@@ -339,14 +339,19 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
                        f"for {device.type}: {choice.reason}.")
 
     def _warn_if_too_narrow(self, model: nn.Module, selected: list[str]) -> None:
-        """Where int8 cannot pay (every layer narrow: its per-call overhead outweighs the cheaper math), say so."""
+        """Where the default runs eager int8 on a narrow model (its per-layer overhead outweighing the cheaper
+        math), say so. Compiled x86 int8 paid at every width measured (``benchmarks/bench_int8_width.py``)."""
+        assert self.spec is not None
+        if self.spec.compiles(self.compile):
+            return
         widest = max(model.get_submodule(name).in_features for name in selected)
         if widest < INT8_PAYS_FROM_WIDTH:
             rank_zero_warn(
-                f"QuantizeOnFit: the widest linear layer of this model takes {widest} features; below "
-                f"{INT8_PAYS_FROM_WIDTH} int8 rarely pays on a CPU (measured here: a 64-wide ViT's batch-1 latency "
-                "gets about 3x worse, benchmarks/bench_int8_width.py). It will be quantized as asked; to decide by "
-                "measurement use config='auto' (keeps float when int8 is not faster), or drop QuantizeOnFit."
+                f"QuantizeOnFit: config={self.spec.name!r} runs eager here and the widest linear layer of this model "
+                f"takes {widest} features; below {INT8_PAYS_FROM_WIDTH} eager int8 is usually slower than float32 "
+                "(on an AMD EPYC: 0.37x at width 64, 0.92x at 192, 1.23x at 256; benchmarks/bench_int8_width.py "
+                "measures your machine). It will be quantized as asked; to "
+                "decide by measurement use config='auto' (keeps float when int8 is not faster), or drop QuantizeOnFit."
             )
 
     def train_end_action(self) -> Optional[tuple[str, str]]:
