@@ -528,7 +528,7 @@ def _x(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value:.2f}x"
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> Optional[Path]:
+def plot(rows: list[dict[str, Any]], path: Path, test_images: Optional[int] = None) -> Optional[Path]:
     """Paired Δ vs control per recipe: each seed a dot, the mean a bar."""
     try:
         import matplotlib
@@ -548,7 +548,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Optional[Path]:
     ax.invert_yaxis()
     ax.axvline(0, color="gray", lw=0.8)
     ax.set_xlabel("top-1 Δ vs a control fine-tuned as long (pt); dots: seeds, bar: mean")
-    ax.set_title("Fashion-MNIST (10k test images): each recipe against its own control", fontsize=10)
+    images = f"{test_images:,}" if test_images else "?"
+    ax.set_title(f"Fashion-MNIST ({images} test images): each recipe against its own control", fontsize=10)
     ax.grid(alpha=0.3, axis="x")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -626,7 +627,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     print("\n" + table)
     output.mkdir(parents=True, exist_ok=True)
     (output / "fashion_mnist.md").write_text(table + "\n")
-    png = plot(rows, PLOT if args.update_readme else output / "fashion_mnist.png")
+    png = plot(rows, PLOT if args.update_readme else output / "fashion_mnist.png", results.get("setup", {}).get("test_images"))
     if args.update_readme:
         update_readme(table)
     print(f"results: {path}; plot: {png}")
