@@ -15,7 +15,10 @@ jobs): a 96-wide, 4-block, 3-head timm ViT at patch 4 on 28x28x1 (49 patches + c
 0.46M parameters) trains at 100-150 images/s, a 128-wide one at 110-155, a 192-wide 6-block
 one at 40-70 (the DESIGN note). bf16 autocast (``--precision bf16-mixed``, this EPYC has
 avx512_bf16) was no faster at these widths in interleaved runs (73-121 vs 86-111 img/s fp32:
-small matmuls, overhead-bound), so the default is fp32. Training uses a fixed 10,000-image
+small matmuls, overhead-bound), so the default is fp32. Training runs on **one thread**
+(``--threads``): with other jobs on the 2 cores (load 10), one thread trained 475-484 images
+per CPU-second, two threads 71-104 (they wait on each other at every barrier while one is
+descheduled), so one thread gets more done with whatever CPU the machine leaves it. Training uses a fixed 10,000-image
 subset of the 55,000 training images left after a 5,000-image validation hold-out (not used
 by the study: no validation loop runs), base 12 epochs, each recipe and control 3 more.
 That is about 480k training images per seed, ~1 h per seed at ~130 img/s: 3 seeds in
@@ -592,7 +595,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--train-batch-size", type=int, default=128)
     p.add_argument("--precision", default="32-true", help="Lightning precision of training, e.g. bf16-mixed")
     p.add_argument("--teacher-members", type=int, default=3, help="base models (seeds 0..n-1) in the teacher ensemble")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="training threads (1: on a shared machine 2 threads wasted 5x the CPU time, see the docstring)")
     p.add_argument("--speed-only", action="store_true", help="measure the ViT-B/16-scale columns into the JSON")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--min-run-time", type=float, default=1.0)
