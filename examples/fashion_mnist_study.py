@@ -10,19 +10,19 @@ and the paired Δ (recipe - control of the same seed), mean ± std over seeds. R
 fine-tuning (int8 PTQ) are paired with the base itself. Top-1 is always on the full 10,000
 test images.
 
-**The scale, chosen for 2 shared CPU cores** (measured here, Dec 2026, load 4-5 from other
-jobs): a 96-wide, 4-block, 3-head timm ViT at patch 4 on 28x28x1 (49 patches + class token,
-0.46M parameters) trains at 100-150 images/s, a 128-wide one at 110-155, a 192-wide 6-block
-one at 40-70 (the DESIGN note). bf16 autocast (``--precision bf16-mixed``, this EPYC has
-avx512_bf16) was no faster at these widths in interleaved runs (73-121 vs 86-111 img/s fp32:
-small matmuls, overhead-bound), so the default is fp32. Training runs on **one thread**
-(``--threads``): with other jobs on the 2 cores (load 10), one thread trained 475-484 images
-per CPU-second, two threads 71-104 (they wait on each other at every barrier while one is
-descheduled), so one thread gets more done with whatever CPU the machine leaves it. Training uses a fixed 10,000-image
-subset of the 55,000 training images left after a 5,000-image validation hold-out (not used
-by the study: no validation loop runs), base 12 epochs, each recipe and control 3 more.
-That is about 480k training images per seed, ~1 h per seed at ~130 img/s: 3 seeds in
-about 3-4 h, in pieces.
+**The scale, chosen for 2 shared CPU cores** (measured here, Dec 2026, with other jobs
+on the machine, load 4-10): a 96-wide, 4-block, 3-head timm ViT at patch 4 on 28x28x1
+(49 patches + class token, 0.46M parameters). Training runs on **one thread**
+(``--threads``): under that load one thread trained 475-484 images per CPU-second, two
+threads 71-104 (they wait on each other at every barrier while one is descheduled); the
+first base model trained at 358 img/s wall on one thread (2 threads: 100-150 img/s; a
+192-wide 6-block ViT: 40-70, the DESIGN note). bf16 autocast (``--precision bf16-mixed``;
+this EPYC has avx512_bf16) was no faster at this width in interleaved runs (small,
+overhead-bound matmuls), so training is fp32. Data: a fixed 20,000-image subset of the
+55,000 training images left after a 5,000-image validation hold-out (no validation loop
+runs), base 15 epochs (2,340 steps of 128; 12 epochs of 10,000 reached only 74.7%), each
+recipe and control 3 more epochs. About 1.0-1.2M training images per seed, ~1 h per seed
+at ~350 img/s: 3 seeds in about 3-4 h, in pieces.
 
 **Teacher.** Distillation needs a teacher genuinely better than the student: the ensemble
 (mean of the softmax outputs) of the base models of seeds 0..2, measured on the test set
@@ -254,7 +254,7 @@ class Study:
     def base(self, seed: int) -> DigitsClassifier:
         if seed in self.bases:
             return self.bases[seed]
-        path = self.cache / f"base_seed{seed}.pt"
+        path = self.cache / f"base_{base_fingerprint(self.args)}_seed{seed}.pt"
         module = new_classifier(self.args)
         if path.is_file():
             module.model.load_state_dict(torch.load(path, weights_only=True))
@@ -328,6 +328,15 @@ def check_applied(recipe: StudyRecipe, model: nn.Module, base: nn.Module) -> Non
         raise RuntimeError(f"{recipe.name}: the model kept {params:,} of {base_params:,} parameters; pruning did not act.")
     if recipe.nystrom is not None and not any(isinstance(m, NystromAttention) for m in model.modules()):
         raise RuntimeError(f"{recipe.name}: no NystromAttention block in the fine-tuned model; the swap did not act.")
+
+
+def base_fingerprint(args: argparse.Namespace) -> str:
+    """Short hash of what the base model depends on: a cache from other settings is never reused."""
+    import hashlib
+
+    setup = setup_of(args)
+    keys = ("model", "train_subset", "val_size", "epochs", "lr", "batch_size", "precision", "augment", "fast")
+    return hashlib.sha256(json.dumps({k: setup[k] for k in keys}, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def _frozen_copy(model: nn.Module) -> nn.Module:
@@ -587,8 +596,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--embed-dim", type=int, default=96)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--num-heads", type=int, default=3)
-    p.add_argument("--train-subset", type=int, default=10_000)
-    p.add_argument("--epochs", type=int, default=12, help="base training epochs")
+    p.add_argument("--train-subset", type=int, default=20_000)
+    p.add_argument("--epochs", type=int, default=15, help="base training epochs")
     p.add_argument("--fine-tune-epochs", type=int, default=3, help="every recipe and its control")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--fine-tune-lr", type=float, default=5e-4)
