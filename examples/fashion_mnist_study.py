@@ -415,6 +415,7 @@ def speed_run(args: argparse.Namespace, path: Path) -> dict[str, Any]:
             names[signature] = recipe.name
             rows.append(speed_recipe)
     rows.sort(key=lambda r: r.method != VANILLA)
+    load = round(os.getloadavg()[0], 1)  # other jobs on the machine distort timings: say how busy it was
     models, info = pt.speed_models(rows, speed_args)
     measured = pt.measure_speed(models, speed_args)
     conditions = measured.pop("conditions")
@@ -436,8 +437,9 @@ def speed_run(args: argparse.Namespace, path: Path) -> dict[str, Any]:
             else m["cpu_images_per_s"] / reference["cpu_images_per_s"],
             "size_ratio": m["size_mb"] / base["size_mb"],
         }
-    results["speed"] = {"rows": by_recipe, "conditions": conditions,
-                        "batch_size": speed_args.batch_size, "threads": speed_args.threads}
+    results["speed"] = {"rows": by_recipe, "conditions": conditions, "models": speed_args.speed_models,
+                        "image_size": speed_args.speed_image_size, "batch_size": speed_args.batch_size,
+                        "threads": speed_args.threads, "load_average": load}
     write_results(path, results)
     return results
 
@@ -489,6 +491,9 @@ def markdown(results: dict[str, Any], rows: list[dict[str, Any]], target_seeds: 
     model = setup["model"]
     teacher = results.get("teacher")
     speed = results.get("speed")
+    test_set = ("the full 10,000-image test set" if setup["test_images"] == 10000
+                else f"{setup['test_images']} test images (a smoke run)")
+    speed_models = " / ".join(speed.get("models", ["ViT-B/16", "DeiT-B"])) if speed else ""
     lines = [
         f"**Fashion-MNIST, every recipe against a control trained as long.** Model: timm ViT, {model['embed_dim']} "
         f"wide, {model['depth']} blocks, {model['num_heads']} heads, patch {model['patch_size']} on "
@@ -496,14 +501,15 @@ def markdown(results: dict[str, Any], rows: list[dict[str, Any]], target_seeds: 
         f"({setup['precision']}), trained here. Base: {setup['epochs']} epochs from scratch on a fixed "
         f"{setup['train_subset']:,}-image training subset (flip + crop augmentation), lr {setup['lr']}; each "
         f"recipe and its control: {setup['fine_tune_epochs']} more epochs from the base at lr "
-        f"{setup['fine_tune_lr']} (int8 PTQ: none, paired with the base). Top-1 on the full "
-        f"{setup['test_images']:,}-image test set; mean ± std over the seeds listed; Δ = recipe - control of "
+        f"{setup['fine_tune_lr']} (int8 PTQ: none, paired with the base). Top-1 on "
+        f"{test_set}; mean ± std over the seeds listed; Δ = recipe - control of "
         f"the same seed. Teacher for the distillation rows: {setup['teacher']}"
         + (f", top-1 {teacher['top1']:.2f}% (members: {', '.join(f'{a:.2f}' for a in teacher['member_top1'])})."
            if teacher else ".")
-        + (f" Speed, size, MACs: the same recipe on ViT-B/16 / DeiT-B at 224, random weights, batch "
-           f"{speed['batch_size']}, {speed['threads']} threads of {speed['conditions'].get('cpu_name')}, one "
-           "interleaved run (`--speed-only`), speedup against fp32 eager ViT-B/16." if speed else
+        + (f" Speed, size, MACs: the same recipe on {speed_models} at {speed.get('image_size', 224)}, random "
+           f"weights, batch {speed['batch_size']}, {speed['threads']} threads of "
+           f"{speed['conditions'].get('cpu_name')}, one interleaved run (`--speed-only`, load average "
+           f"{speed.get('load_average', 'n/a')} when it started), speedup against the fp32 eager ViT." if speed else
            " Speed columns: n/a until `--speed-only` has run."),
         "",
         "| method | seeds | top-1 (%) | control | control top-1 (%) | Δ vs control (pt) | Δ per seed | "
