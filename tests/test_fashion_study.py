@@ -88,3 +88,15 @@ def test_work_order_puts_a_seeds_teacherless_rows_first(study):
     first_distil = next(i for i, (r, _) in enumerate(order) if r.needs_teacher)
     assert all(seed == 0 and not r.needs_teacher for r, seed in order[:first_distil])
     assert [seed for _, seed in order] == sorted(seed for _, seed in order)  # seed 0 complete before seed 1
+
+
+def test_ensemble_teacher_averages_probabilities_not_logits(study):
+    import torch
+
+    torch.manual_seed(0)
+    members = [torch.nn.Linear(4, 3) for _ in range(3)]
+    x = torch.randn(5, 4)
+    teacher = study.EnsembleTeacher(members)
+    expected = torch.stack([m(x).softmax(-1) for m in members]).mean(0)
+    assert torch.allclose(teacher(x).softmax(-1), expected, atol=1e-6)
+    assert not torch.allclose(teacher(x).softmax(-1), torch.stack([m(x) for m in members]).mean(0).softmax(-1))
