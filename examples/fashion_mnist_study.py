@@ -617,6 +617,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--min-run-time", type=float, default=1.0)
     p.add_argument("--no-reference", action="store_true", help="--speed-only: skip the bf16-compiled reference")
     p.add_argument("--table-only", action="store_true", help="no training: table and plot from the JSON")
+    p.add_argument("--bases-only", type=int, nargs="+", default=None, metavar="SEED",
+                   help="only train and cache these seeds' base models (e.g. the teacher's members, in a second "
+                        "process while the main run works); the main run loads them from --cache-dir")
     p.add_argument("--update-readme", action="store_true", help="write the table into README.md, the plot to docs/results/")
     p.add_argument("--fast", action="store_true", help="smoke run: 1 seed, 3 batches per epoch, 1000 test images, 2-member teacher")
     return p
@@ -633,6 +636,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     path = Path(args.results) if args.results else (output / "fashion_mnist.json" if args.fast else RESULTS)
     args.cache_dir = args.cache_dir or str(output / "cache" if args.fast else Path("outputs") / "fashion_mnist_cache")
     torch.set_num_threads(args.threads)
+    if args.bases_only is not None:
+        study = Study(args)
+        for seed in args.bases_only:
+            study.base(seed)
+        return {}
     if args.speed_only:
         results = speed_run(args, path)
     elif args.table_only:
