@@ -255,18 +255,26 @@ class Study:
         if seed in self.bases:
             return self.bases[seed]
         path = self.cache / f"base_{base_fingerprint(self.args)}_seed{seed}.pt"
+        lock = path.with_name(path.name + ".lock")
+        while not path.is_file() and lock.is_file() and _process_alive(lock.read_text().strip()):
+            print(f"  base seed {seed}: process {lock.read_text().strip()} is training it ({lock}); waiting", flush=True)
+            time.sleep(30)
         module = new_classifier(self.args)
         if path.is_file():
             module.model.load_state_dict(torch.load(path, weights_only=True))
             print(f"  base seed {seed}: loaded {path}", flush=True)
         else:
             start = time.perf_counter()
-            L.seed_everything(seed, verbose=False)
-            module = new_classifier(self.args)
-            self.trainer(self.args.epochs).fit(module, self.data)
-            partial = path.with_name(path.name + ".partial")
-            torch.save(module.model.state_dict(), partial)
-            os.replace(partial, path)
+            lock.write_text(str(os.getpid()))  # another process of this study waits instead of training it twice
+            try:
+                L.seed_everything(seed, verbose=False)
+                module = new_classifier(self.args)
+                self.trainer(self.args.epochs).fit(module, self.data)
+                partial = path.with_name(path.name + ".partial")
+                torch.save(module.model.state_dict(), partial)
+                os.replace(partial, path)
+            finally:
+                lock.unlink(missing_ok=True)
             seconds = time.perf_counter() - start
             images = len(self.data.train_set) * self.args.epochs
             print(f"  base seed {seed}: trained in {seconds:.0f} s ({images / seconds:.0f} img/s), saved {path}",
@@ -328,6 +336,16 @@ def check_applied(recipe: StudyRecipe, model: nn.Module, base: nn.Module) -> Non
         raise RuntimeError(f"{recipe.name}: the model kept {params:,} of {base_params:,} parameters; pruning did not act.")
     if recipe.nystrom is not None and not any(isinstance(m, NystromAttention) for m in model.modules()):
         raise RuntimeError(f"{recipe.name}: no NystromAttention block in the fine-tuned model; the swap did not act.")
+
+
+def _process_alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def base_fingerprint(args: argparse.Namespace) -> str:
