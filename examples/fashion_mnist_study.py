@@ -467,16 +467,18 @@ def dataclass_key(recipe: Any) -> tuple:
 
 
 # ------------------------------------------------------------------------------------------ table
-def _mean_std(values: list[float]) -> Optional[tuple[float, float]]:
+def _mean_std(values: list[float]) -> Optional[tuple[float, Optional[float]]]:
+    """Mean and sample std; the std is None for one value (no spread to report)."""
     if not values:
         return None
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
-def _pm(value: Optional[tuple[float, float]], signed: bool = False) -> str:
+def _pm(value: Optional[tuple[float, Optional[float]]], signed: bool = False) -> str:
     if value is None:
         return "n/a"
-    return f"{value[0]:+.2f} ± {value[1]:.2f}" if signed else f"{value[0]:.2f} ± {value[1]:.2f}"
+    mean = f"{value[0]:+.2f}" if signed else f"{value[0]:.2f}"
+    return f"{mean} (1 seed)" if value[1] is None else f"{mean} ± {value[1]:.2f}"
 
 
 def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
