@@ -19,6 +19,7 @@
     python examples/paper_table.py                          # digits, 3 seeds + ViT-B/16 / DeiT-B speed
     python examples/paper_table.py --fast                   # smoke run: wiring only, tiny speed models
     python examples/paper_table.py --dataset cifar10 --pretrained
+    python examples/paper_table.py --dataset fashion-mnist  # the controlled study: examples/fashion_mnist_study.py
 
 Writes ``paper_table.md``, ``paper_table.json`` and ``paper_table.png`` (accuracy
 vs CPU speedup, the study's published rows marked for reference) to
@@ -34,6 +35,7 @@ import copy
 import dataclasses
 import json
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -534,9 +536,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Optional[Path]:
     return path
 
 
-def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """The digits/CIFAR-10 table's arguments (``--fast`` already applied)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", choices=["digits", "cifar10"], default="digits")
+    parser.add_argument("--dataset", choices=["digits", "cifar10", "fashion-mnist"], default="digits",
+                        help="fashion-mnist: the controlled study (examples/fashion_mnist_study.py, its own options)")
     parser.add_argument("--pretrained", action="store_true", help="hub weights (cifar10 mode)")
     parser.add_argument("--data-root", default="data")
     parser.add_argument("--seeds", type=int, default=3, help="accuracy seeds (0..n-1)")
@@ -565,6 +569,19 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     if args.fast:
         args.seeds, args.speed_image_size, args.no_reference, args.rounds, args.min_run_time = 1, 128, True, 1, 0.1
         args.speed_models = [args.small_speed_model, "deit_tiny_distilled_patch16_224"]
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> Any:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    dataset = argparse.ArgumentParser(add_help=False)
+    dataset.add_argument("--dataset", default="digits")
+    if dataset.parse_known_args(argv)[0].dataset == "fashion-mnist":  # the controlled study has its own options
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import fashion_mnist_study
+
+        return fashion_mnist_study.main(argv)
+    args = parse_args(argv)
     # many compiled variants of few model classes: past dynamo's default recompile_limit (8) the rest
     # would silently run eager
     torch._dynamo.config.recompile_limit = 64

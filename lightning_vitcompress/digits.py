@@ -127,7 +127,8 @@ class DigitsClassifier(pl.LightningModule):
         model_name: any timm ViT/DeiT architecture name (built with ``pretrained=False``).
         lr: AdamW learning rate, cosine-annealed over ``max_epochs``.
         weight_decay: AdamW weight decay.
-        **model_kwargs: passed to :func:`small_vit` (``embed_dim``, ``depth``, ``num_heads``...).
+        embed_dim, depth, num_heads, mlp_ratio, patch_size: the ViT's shape (:func:`small_vit`).
+        image_size, in_chans: the input (digits: 32x32x3; Fashion-MNIST: ``image_size=28, in_chans=1``).
     """
 
     def __init__(
@@ -139,10 +140,16 @@ class DigitsClassifier(pl.LightningModule):
         depth: int = 4,
         num_heads: int = 4,
         mlp_ratio: float = 4.0,
+        image_size: int = IMAGE_SIZE,
+        in_chans: int = 3,
+        patch_size: int = 4,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = small_vit(model_name, embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio)
+        self.model = small_vit(
+            model_name, embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+            image_size=image_size, patch_size=patch_size, in_chans=in_chans,
+        )
         self.val_accuracy = MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")
         self.test_accuracy = MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")
 
