@@ -58,7 +58,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
-import timm
 import torch
 from torch import nn
 
