@@ -10,7 +10,7 @@ import torch
 from bad_inputs import Case, check_case, tiny_model
 from torch import nn
 
-from lightning_vitcompress import ExportConfig, ExportOnFit, export_compressed, load_artifact
+from lightning_vitcompress import ExportConfig, ExportOnFit, QuantizeOnFit, export_compressed, load_artifact
 from lightning_vitcompress.digits import DigitsClassifier
 
 E = "ExportOnFit"
@@ -68,6 +68,23 @@ def _under_a_file(tmp_path: Path) -> Path:
 
 
 IMAGES = torch.randn(2, 3, 32, 32)
+#: the OpenVINO cases need the [openvino] extra (installed by the test command; tests/test_export_openvino.py says
+#: why it is skipped where it is not)
+HAS_OPENVINO = all(__import__("importlib.util").util.find_spec(name) is not None for name in ("openvino", "nncf"))
+
+
+def float_ir_beside_quantize_on_fit(tmp_path: Path) -> list[Any]:
+    return [ExportOnFit(tmp_path / "m.xml"), QuantizeOnFit("int8_dynamic")]
+
+
+def int8_model_to_openvino(model: nn.Module, tmp_path: Path) -> Any:
+    import copy
+
+    from lightning_vitcompress import quantize_model
+
+    int8 = copy.deepcopy(model)  # the harness checks that the model it hands over is left as it was
+    quantize_model(int8, "int8_dynamic", example_input=IMAGES)
+    return export_compressed(int8, tmp_path / "m.xml", IMAGES)
 
 CASES = [
     init("format-unknown", "format", ValueError, format="tflite"),
@@ -102,9 +119,20 @@ CASES = [
     call("cuda-without-cuda", "device=",
          lambda m, t: export_compressed(m, t / "m.pt2", IMAGES, device="cuda") if not torch.cuda.is_available()
          else pytest.skip("this machine has CUDA"), ValueError),
+    init("openvino-path-not-xml", "path", ValueError, path="m.bin", format="openvino"),
+    init("quantize-with-pt2", "quantize", ValueError, path="m.pt2", quantize="int8"),
+    init("quantize-unknown", "quantize", ValueError, path="m.xml", quantize="int4"),
+    init("calibration-batches-zero", "calibration_batches", ValueError, path="m.xml", quantize="int8",
+         calibration_batches=0),
+    call("calibration-without-quantize", "calibration_data",
+         lambda m, t: export_compressed(m, t / "m.xml", IMAGES, calibration_data=[IMAGES]), ValueError),
     call("load-unknown-suffix", "path=", lambda m, t: load_artifact(t / "model.bin"), ValueError),
     call("load-missing-file", "path=", lambda m, t: load_artifact(t / "model.pt2"), FileNotFoundError),
-]
+] + ([
+    setup("openvino-float-ir-beside-quantize", "quantize=None) with a QuantizeOnFit", float_ir_beside_quantize_on_fit,
+          error=ValueError),
+    call("openvino-of-a-torch-int8-model", "torch int8 layers", int8_model_to_openvino, ValueError),
+] if HAS_OPENVINO else [])
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
