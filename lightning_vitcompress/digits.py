@@ -42,7 +42,33 @@ def load_digits_tensors(image_size: int = IMAGE_SIZE) -> tuple[torch.Tensor, tor
     return images.expand(-1, 3, -1, -1).contiguous(), torch.tensor(digits.target, dtype=torch.long)
 
 
-class DigitsDataModule(pl.LightningDataModule):
+class SplitsDataModule(pl.LightningDataModule):
+    """The loaders of a data module that holds ``train_set``, ``val_set`` and ``test_set`` (the test set also
+    serves ``predict``), batched by ``batch_size`` with ``num_workers``; the base of the offline data modules."""
+
+    batch_size: int
+    num_workers: int
+    train_set: Any
+    val_set: Any
+    test_set: Any
+
+    def _loader(self, dataset: Any, shuffle: bool) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+
+class DigitsDataModule(SplitsDataModule):
     """Digits upsampled to 32x32x3 with a fixed 70/15/15 train/val/test split.
 
     Args:
@@ -76,20 +102,6 @@ class DigitsDataModule(pl.LightningDataModule):
         generator = torch.Generator().manual_seed(self.split_seed)
         self.train_set, self.val_set, self.test_set = random_split(dataset, lengths, generator=generator)
 
-    def _loader(self, dataset: Any, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
 
 
 def small_vit(

@@ -22,11 +22,12 @@ from __future__ import annotations
 import gzip
 import shutil
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
-import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import Dataset, TensorDataset
+
+from lightning_vitcompress.digits import SplitsDataModule
 
 __all__ = ["FASHION_MNIST_FILES", "SYSTEM_DIR", "FashionMNISTDataModule", "FashionMNISTNotFoundError", "prepare_raw_files"]
 
@@ -104,7 +105,7 @@ class _Augmented(Dataset):
         return image, self.labels[index]
 
 
-class FashionMNISTDataModule(pl.LightningDataModule):
+class FashionMNISTDataModule(SplitsDataModule):
     """Fashion-MNIST as 1x28x28 normalised tensors: a train subset, a held-out validation split, the full test set.
 
     Args:
@@ -194,18 +195,3 @@ class FashionMNISTDataModule(pl.LightningDataModule):
             self.train_set = TensorDataset(train_images, train_labels)
         self.val_set = TensorDataset(images[val_index], labels[val_index])
         self.test_set = TensorDataset(*self._read(train=False))
-
-    def _loader(self, dataset: Any, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
