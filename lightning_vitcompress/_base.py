@@ -245,6 +245,14 @@ def validation_data(trainer: "pl.Trainer") -> tuple[Optional[Iterable[Any]], Opt
     return loader, limit
 
 
+def in_training_step(trainer: "pl.Trainer") -> bool:
+    """Inside a training batch (between its start and its update), not a callback's forward at an epoch start
+    or a validation step: what the callbacks that keep training inputs (calibration) go by, rather than the
+    module's mode (a model left in ``eval()`` trains in eval mode)."""
+    progress = trainer.fit_loop.epoch_loop.batch_progress.current
+    return trainer.training and progress.started > progress.processed
+
+
 def measure_validation_accuracy(trainer: "pl.Trainer", model: nn.Module) -> Optional[float]:
     """Top-1 of ``model`` on the fit's validation data, measured on rank zero and the same on every rank.
 

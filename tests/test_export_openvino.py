@@ -273,3 +273,22 @@ def test_the_int8_ir_keeps_the_trained_models_top1_on_the_digits_validation_set(
     ir_top1 = measure_accuracy(load_artifact(summary["path"]), batches)
     assert float_top1 > 0.6  # a trained model (chance: 0.1), where a wrong quantization would show
     assert abs(ir_top1 - float_top1) <= 0.005 + 1e-9, (ir_top1, float_top1)  # within half a point: one image of 270
+
+
+def test_nncf_calibrates_on_whole_training_batches_even_for_a_model_left_in_eval_mode(tmp_path, monkeypatch):
+    import lightning_vitcompress.functional.export as export_module
+
+    seen: dict[str, list[int]] = {}
+    real = export_module.write_openvino
+
+    def spy(*args, calibration_data=None, **kwargs):
+        seen["rows"] = [batch.shape[0] for batch in calibration_data]
+        return real(*args, calibration_data=calibration_data, **kwargs)
+
+    monkeypatch.setattr(export_module, "write_openvino", spy)
+    module = FamilyClassifier("timm-vit")
+    module.model.eval()  # common: timm.create_model(...).eval() before wrapping it; Lightning keeps the mode
+    export = ExportOnFit(tmp_path / "vit.xml", quantize="int8", calibration_batches=2)
+    fast_trainer(tmp_path, callbacks=[export], limit_train_batches=3).fit(module, DigitsDataModule(batch_size=16))
+    assert seen["rows"] == [16, 16]  # the first two training batches, not the 8-row check example
+    assert export.summary is not None and not module.model.training

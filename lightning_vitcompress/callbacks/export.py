@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_vitcompress._base import CompressionCallback, validation_data
+from lightning_vitcompress._base import CompressionCallback, in_training_step, validation_data
 from lightning_vitcompress._checks import check_choice, check_int, check_output_file, check_path, config_or_options
 from lightning_vitcompress._model import stated_input_shape
 from lightning_vitcompress.functional.export import (
@@ -160,7 +160,7 @@ class ExportOnFit(CompressionCallback):
             device = next((p.device for p in model.parameters()), torch.device("cpu"))
             check_exportable(model, torch.zeros(2, *shape, device=device), self._config)
         self.summary = None
-        self._start_capture(model)
+        self._start_capture(trainer, model)
 
     def _check_with_quantize_on_fit(self, trainer: "pl.Trainer") -> None:
         from lightning_vitcompress.callbacks.quantization import QuantizeOnFit
@@ -184,7 +184,7 @@ class ExportOnFit(CompressionCallback):
         precision = quantize.inference_precision if quantize is not None else "32-true"
         return dataclasses.replace(self.config, inference_precision=precision)
 
-    def _start_capture(self, model: nn.Module) -> None:
+    def _start_capture(self, trainer: "pl.Trainer", model: nn.Module) -> None:
         """Keep a few rows of the first training input (the real batch the exported file is checked on) and, for
         NNCF int8, the first ``calibration_batches`` training inputs of each epoch."""
         self._stop_capture()
@@ -199,8 +199,8 @@ class ExportOnFit(CompressionCallback):
                 self._example = args[0].detach()[:_CHECK_ROWS].clone()
             if not calibrates:
                 self._stop_capture()
-            elif module.training and len(self._calibration) < self.calibration_batches:
-                self._calibration.append(args[0].detach().clone())
+            elif in_training_step(trainer) and len(self._calibration) < self.calibration_batches:
+                self._calibration.append(args[0].detach().clone())  # by the Trainer's progress: eval() models too
 
         self._capture_handle = model.register_forward_pre_hook(capture)
 

@@ -32,6 +32,7 @@ from typing_extensions import override
 
 from lightning_vitcompress._base import (
     CompressionCallback,
+    in_training_step,
     first_batch,
     progress_line,
 )
@@ -430,7 +431,7 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
             # a training step by the Trainer's progress, not the module's mode (a model left in eval() trains in
             # eval); validation steps and other callbacks' forwards (the example pruning traces) are not inputs
             trainer = self._capture_trainer
-            if not (_in_training_step(trainer) if trainer is not None else module.training):
+            if not (in_training_step(trainer) if trainer is not None else module.training):
                 return
             if self._example is None:
                 self._example = ModelInputs.detached(args, kwargs, rows=_EXAMPLE_ROWS)
@@ -669,13 +670,6 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
         self._calibration = []
         self._capture_trainer = None
         super().teardown(trainer, pl_module, stage)
-
-
-def _in_training_step(trainer: "pl.Trainer") -> bool:
-    """Inside a training batch (between its start and its update), not a callback's forward at an epoch start
-    or a validation step."""
-    progress = trainer.fit_loop.epoch_loop.batch_progress.current
-    return trainer.training and progress.started > progress.processed
 
 
 def _file_stamp(path: Path) -> Optional[tuple[int, int]]:
