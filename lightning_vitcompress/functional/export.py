@@ -53,7 +53,7 @@ from lightning_vitcompress.functional.artifact import (
     load_artifact,
     verify_artifact,
 )
-from lightning_vitcompress.functional.openvino import check_convertible, check_openvino_installed, write_openvino
+from lightning_vitcompress.functional.openvino import check_openvino_installed, convert_to_openvino, write_openvino
 from lightning_vitcompress.functional.quantize_configs import INFERENCE_PRECISIONS
 from lightning_vitcompress.functional.x86_int8 import (
     FROZEN_INDUCTOR_OPTIONS,
@@ -281,7 +281,7 @@ def check_exportable(model: nn.Module, example_input: torch.Tensor, config: Opti
     with _uncompiled(model), eval_mode(model), _hooks_set_aside(model):
         if config.format == "openvino":  # its converter is the check: a dry conversion, nothing written
             _check_float(model)
-            check_convertible(_Deployable(model, None), _example_batch(example_input))
+            convert_to_openvino(_Deployable(model, None), _example_batch(example_input), config.dynamic_batch)
             return
         _export_program(_Deployable(model, None), _example_batch(example_input), config.dynamic_batch)
 

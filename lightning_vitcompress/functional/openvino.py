@@ -42,7 +42,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-__all__ = ["INSTALL_OPENVINO", "OPENVINO_PRECISION_HINTS", "OpenVINORunner", "check_convertible",
+__all__ = ["INSTALL_OPENVINO", "OPENVINO_PRECISION_HINTS", "OpenVINORunner", "convert_to_openvino",
            "check_openvino_installed", "converter_message", "openvino_files", "write_openvino"]
 
 INSTALL_OPENVINO = "pip install 'lightning-vitcompress[openvino]' (openvino, nncf)"
@@ -64,17 +64,21 @@ def check_openvino_installed(quantize: Optional[str]) -> None:
         )
 
 
-def check_convertible(module: nn.Module, example: torch.Tensor) -> None:
-    """Raise ``ValueError`` now if ``ov.convert_model`` cannot convert ``module`` (a dry run: nothing written)."""
+def convert_to_openvino(module: nn.Module, example: torch.Tensor, dynamic_batch: bool = True) -> Any:
+    """``ov.convert_model`` of ``module`` traced on ``example`` (batch dimension dynamic unless told); a model it
+    cannot convert is a ``ValueError`` naming what it refused and what works. ExportOnFit's setup check is a dry
+    run of this (nothing written)."""
     import openvino as ov
 
+    input_shape = [-1 if dynamic_batch else example.shape[0], *example.shape[1:]]
     try:
         with torch.no_grad():
-            ov.convert_model(module, example_input=example)
-    except Exception as err:  # noqa: BLE001 - reported with what works
+            return ov.convert_model(module, example_input=example, input=[input_shape])
+    except Exception as err:  # noqa: BLE001 - the converter's own words, with what works instead
         raise ValueError(
             f"format='openvino': ov.convert_model cannot convert {type(getattr(module, 'model', module)).__name__} "
-            f"({converter_message(err)}). Use format='pt2' (AOTInductor). The model is unchanged."
+            f"({converter_message(err)}). Use format='pt2' (AOTInductor), which runs every model this library "
+            "makes. The model is unchanged."
         ) from err
 
 
@@ -101,16 +105,7 @@ def write_openvino(
     """
     import openvino as ov
 
-    shape = list(example.shape)
-    input_shape = [-1 if dynamic_batch else shape[0], *shape[1:]]
-    try:
-        with torch.no_grad():
-            ov_model = ov.convert_model(module, example_input=example, input=[input_shape])
-    except Exception as err:  # noqa: BLE001 - the converter's own words, with what works instead
-        raise ValueError(
-            f"format='openvino': ov.convert_model cannot convert {type(getattr(module, 'model', module)).__name__} "
-            f"({converter_message(err)}). Use format='pt2' (AOTInductor), which runs every model this library makes."
-        ) from err
+    ov_model = convert_to_openvino(module, example, dynamic_batch)
     if quantize is not None:
         ov_model = _nncf_int8(ov_model, list(calibration_data) if calibration_data is not None else [example])
     ov_model.set_rt_info(OPENVINO_PRECISION_HINTS[precision], _RUNTIME_HINT)
