@@ -57,6 +57,7 @@ from lightning_vitcompress.functional.token_merging import (
     token_merging_paused,
 )
 from lightning_vitcompress.functional.report import benchmark_model, compare_models, format_report
+from lightning_vitcompress.functional.sdpa import DecomposedAttention, decomposed_attention
 from lightning_vitcompress.functional.x86_int8 import (
     Int8DynamicX86Config,
     Int8StaticX86Config,
@@ -67,6 +68,7 @@ from lightning_vitcompress.functional.x86_int8 import (
 
 __all__ = [
     "ArtifactMismatchError",
+    "DecomposedAttention",
     "DistillConfig",
     "ExportConfig",
     "LoadedArtifact",
@@ -94,6 +96,7 @@ __all__ = [
     "compare_throughput",
     "compile_frozen",
     "count_macs",
+    "decomposed_attention",
     "count_parameters",
     "find_attention_blocks",
     "format_report",

@@ -35,6 +35,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from dataclasses import dataclass
@@ -46,6 +47,8 @@ from torch import nn
 from torch.utils._pytree import tree_map
 from torchao.core.config import AOBaseConfig
 from torchao.quantization.transform_module import register_quantize_module_handler
+
+from lightning_vitcompress.functional.sdpa import DecomposedAttention
 
 #: smallest scale, as in torchao's X86InductorQuantizer default config
 _EPS = 2.0**-12
@@ -256,17 +259,35 @@ def calibrate_input_ranges(
 FROZEN_INDUCTOR_OPTIONS: dict[str, Any] = {"freezing": True}
 
 
-def run_in_precision(call: Callable[..., Any], autocast_dtype: Optional[torch.dtype], *args: Any, **kwargs: Any) -> Any:
+def run_in_precision(
+    call: Callable[..., Any],
+    autocast_dtype: Optional[torch.dtype],
+    *args: Any,
+    decompose_attention: bool = True,
+    **kwargs: Any,
+) -> Any:
     """``call(*args, **kwargs)``, under CPU autocast to ``autocast_dtype`` with floating outputs cast back to float32
-    ("int8-mixed-bf16"); ``None`` runs it as it is. Shared by :func:`compile_frozen` and the exported artifact."""
+    ("int8-mixed-bf16"); ``None`` runs it as it is. Shared by :func:`compile_frozen` and the exported artifact.
+
+    Under autocast, attention runs as matmul -> softmax -> matmul (:class:`~lightning_vitcompress.functional.sdpa.
+    DecomposedAttention`): in bf16 that is faster on CPUs than the fused flash kernel at ViT sequence lengths
+    (``benchmarks/bench_attention.py``); ``decompose_attention=False`` keeps the fused kernel.
+    """
     if autocast_dtype is None:
         return call(*args, **kwargs)
-    with torch.autocast("cpu", dtype=autocast_dtype):
+    rewrite = DecomposedAttention() if decompose_attention else contextlib.nullcontext()
+    with torch.autocast("cpu", dtype=autocast_dtype), rewrite:
         output = call(*args, **kwargs)
     return tree_map(_to_float32, output)
 
 
-def compile_frozen(model: nn.Module, *, autocast_dtype: Optional[torch.dtype] = None, **compile_kwargs: Any) -> None:
+def compile_frozen(
+    model: nn.Module,
+    *,
+    autocast_dtype: Optional[torch.dtype] = None,
+    decompose_attention: bool = True,
+    **compile_kwargs: Any,
+) -> None:
     """``model.compile(...)`` with inductor freezing on for every call, in place.
 
     Freezing (weights folded into the graph as constants) is what lets inductor
@@ -277,8 +298,9 @@ def compile_frozen(model: nn.Module, *, autocast_dtype: Optional[torch.dtype] = 
     recompile with freezing too. State-dict keys do not change.
 
     ``autocast_dtype=torch.bfloat16`` runs each call under CPU autocast
-    ("int8-mixed-bf16": the int8 GEMMs stay int8, the rest runs in bf16) and
-    casts floating outputs back to float32.
+    ("int8-mixed-bf16": the int8 GEMMs stay int8, the rest runs in bf16, attention
+    as bf16 matmuls, see :func:`run_in_precision`; ``decompose_attention=False`` keeps the fused attention
+    kernel) and casts floating outputs back to float32. ``QuantizeOnFit(compile={...})`` passes both here.
     """
     import torch._inductor.config as inductor_config
 
@@ -287,7 +309,7 @@ def compile_frozen(model: nn.Module, *, autocast_dtype: Optional[torch.dtype] = 
 
     def call_with_freezing(*args: Any, **kwargs: Any) -> Any:
         with inductor_config.patch(FROZEN_INDUCTOR_OPTIONS):
-            return run_in_precision(compiled, autocast_dtype, *args, **kwargs)
+            return run_in_precision(compiled, autocast_dtype, *args, decompose_attention=decompose_attention, **kwargs)
 
     model._compiled_call_impl = call_with_freezing  # what nn.Module.compile sets
 
