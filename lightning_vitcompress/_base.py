@@ -47,12 +47,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
+from lightning_vitcompress._card import write_model_cards
 from lightning_vitcompress._model import (
     check_supported_attention,
     get_submodule,
     resolve_target_path,
     stated_input_shape,
 )
+from lightning_vitcompress._plan import PlanRow, show_plan
 from lightning_vitcompress._structure import (
     STRUCTURE_KEY,
     Record,
@@ -354,6 +356,12 @@ class CompressionCallback(Callback):
         """What this callback decided in the last fit, for the benchmark report (None: nothing to say)."""
         return None
 
+    def fit_plan(self, trainer: "pl.Trainer") -> list[PlanRow]:
+        """What this callback will do in this fit, and when: its rows of the plan printed at fit start
+        (:mod:`lightning_vitcompress._plan`). Called after ``setup``, so resolved choices can be named."""
+        summary = (inspect.getdoc(self) or type(self).__name__).splitlines()[0].rstrip(".")
+        return [PlanRow(type(self).__name__, summary, "see its arguments", "")]
+
     def scheduled_epochs(self) -> dict[str, int]:
         """Arguments naming a training epoch at which this callback acts (``{"end_epoch": 4}``)."""
         return {}
@@ -536,6 +544,13 @@ class CompressionCallback(Callback):
             replay()
 
     @override
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        state = _pipeline_state(trainer)
+        if ("plan",) not in state.done:  # once per fit, whichever of our callbacks Lightning reaches first
+            state.done.add(("plan",))
+            show_plan(trainer)
+
+    @override
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         _run_once_in_order(
             trainer,
@@ -559,7 +574,8 @@ class CompressionCallback(Callback):
 
     @override
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        _run_once_in_order(trainer, ("fit_end",), lambda cb: cb.ordered_fit_end(trainer, pl_module))
+        if _run_once_in_order(trainer, ("fit_end",), lambda cb: cb.ordered_fit_end(trainer, pl_module)):
+            write_model_cards(trainer, pl_module)  # beside the exported file and the benchmark report
 
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:

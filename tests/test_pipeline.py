@@ -158,6 +158,31 @@ def test_yaml_config_round_trips_through_lightning_cli(tmp_path, monkeypatch):
             assert plain(init_value(callback, name)) == value, (entry["class_path"], name)
 
 
+@pytest.mark.parametrize("config", sorted((EXAMPLES / "configs").glob("*.yaml")), ids=lambda path: path.name)
+def test_every_yaml_example_parses_into_its_callbacks_with_the_values_it_sets(config, tmp_path, monkeypatch):
+    sys.path.insert(0, str(EXAMPLES))
+    monkeypatch.chdir(tmp_path)
+    from cli import main
+
+    cli = main(["--config", str(config)], run=False)
+    types = {type(cb).__name__: cb for cb in cli.trainer.callbacks}
+    for entry in yaml.safe_load(config.read_text())["trainer"]["callbacks"]:
+        callback = types[entry["class_path"].rsplit(".", 1)[1]]
+        for name, value in entry["init_args"].items():
+            assert plain(init_value(callback, name)) == value, (config.name, entry["class_path"], name)
+
+
+def test_the_yaml_examples_cover_every_callback():
+    import lightning_vitcompress
+
+    named = {entry["class_path"].rsplit(".", 1)[1] for path in (EXAMPLES / "configs").glob("*.yaml")
+             for entry in yaml.safe_load(path.read_text())["trainer"]["callbacks"]}
+    public = {name for name in lightning_vitcompress.__all__ if isinstance(getattr(lightning_vitcompress, name), type)
+              and issubclass(getattr(lightning_vitcompress, name), CompressionCallback)
+              and name != "CompressionCallback"}
+    assert public == named, public - named
+
+
 def init_value(callback, name):
     """The value a callback holds for its ``__init__`` argument ``name`` (on itself or on its technique config)."""
     name = {"teacher": "teacher_spec"}.get(name, name)  # stored under another name

@@ -22,6 +22,7 @@ from torch import nn
 
 from lightning_vitcompress._base import local_validation_accuracy, progress_line, validation_data
 from lightning_vitcompress._model import set_submodule, stated_input_shape
+from lightning_vitcompress._progress import stage_bar
 from lightning_vitcompress.functional.quantize import ModelInputs
 from lightning_vitcompress.functional.quantize_auto import (
     AutoCandidate,
@@ -117,21 +118,23 @@ class _AutoAndBudget:
             bench = next((cb for cb in trainer.callbacks if type(cb).__name__ == "BenchmarkCallback"), None)
             batch_size = getattr(bench, "batch_size", _AUTO_BATCH_SIZE)
             timing_input = self._timing_input(model, batch_size, getattr(bench, "_input_shape", None))
-            result = select_quantization(
-                model,
-                self._auto_candidates,
-                timing_input,
-                skip=self.skip,
-                example_input=self._example,
-                calibration_inputs=self._calibration or None,
-                compile=self.compile,
-                accuracy=lambda candidate: local_validation_accuracy(trainer, candidate),
-                budget=self.budget,
-                time_budget_s=self.auto_time_budget_s,
-                min_run_time=getattr(bench, "min_run_time", 0.5),
-                num_threads=getattr(bench, "num_threads", None),
-                progress=lambda message: progress_line(trainer, f"QuantizeOnFit(config='auto'): {message}"),
-            )
+            with stage_bar(trainer, "QuantizeOnFit(config='auto'): configs",
+                           total=len(self._auto_candidates) + 1, unit="config") as bar:
+                result = select_quantization(
+                    model,
+                    self._auto_candidates,
+                    timing_input,
+                    skip=self.skip,
+                    example_input=self._example,
+                    calibration_inputs=self._calibration or None,
+                    compile=self.compile,
+                    accuracy=lambda candidate: local_validation_accuracy(trainer, candidate),
+                    budget=self.budget,
+                    time_budget_s=self.auto_time_budget_s,
+                    min_run_time=getattr(bench, "min_run_time", 0.5),
+                    num_threads=getattr(bench, "num_threads", None),
+                    progress=bar.step,
+                )
             self._log_auto(trainer, result)
         chosen = trainer.strategy.broadcast(result["chosen"] if result is not None else None, src=0)
         self.auto_result = result

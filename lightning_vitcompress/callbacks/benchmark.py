@@ -30,6 +30,8 @@ from lightning_vitcompress._checks import (
     check_positive,
 )
 from lightning_vitcompress._model import stated_input_shape
+from lightning_vitcompress._plan import PlanRow
+from lightning_vitcompress._progress import stage_bar
 from lightning_vitcompress.functional.baselines import BASELINES, build_baseline, check_baselines
 from lightning_vitcompress.functional.measure import (
     eval_mode,
@@ -42,6 +44,7 @@ from lightning_vitcompress.functional.report import (
     _check_input_shape,
     compare_models,
     format_report,
+    measurement_steps,
     save_plot,
     summarize,
 )
@@ -159,6 +162,12 @@ class BenchmarkCallback(CompressionCallback):
         #: ``input_shape``, or the one inferred from the model at setup
         self._input_shape: Optional[tuple[int, ...]] = input_shape
 
+    def fit_plan(self, trainer: "pl.Trainer") -> list[PlanRow]:
+        timing = self.rounds * 2 * len(self.devices) * self.min_run_time
+        return [PlanRow("BenchmarkCallback", "measures size, MACs, accuracy, throughput, latency",
+                        "baseline at setup, final at fit end",
+                        f"batch {self.batch_size}, devices {list(self.devices)}, about {timing:.0f} s of timing")]
+
     # ------------------------------------------------------------------ setup
     def ordered_setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         model = self.target(pl_module)
@@ -257,16 +266,19 @@ class BenchmarkCallback(CompressionCallback):
         deployed, startup = _deployed_artifact(trainer, example_input)
         if deployed is not None:
             models["deployed"] = deployed
-        measured = compare_models(
-            models,
-            example_input,
-            batches=batches,
-            devices=self.devices,
-            num_threads=self.num_threads,
-            rounds=self.rounds,
-            min_run_time=self.min_run_time,
-            latency_repeats=self.latency_repeats,
-        )
+        total = measurement_steps(len(models), self.devices, self.rounds)
+        with stage_bar(trainer, "BenchmarkCallback: measuring", total=total, unit="measurement") as bar:
+            measured = compare_models(
+                models,
+                example_input,
+                batches=batches,
+                devices=self.devices,
+                num_threads=self.num_threads,
+                rounds=self.rounds,
+                min_run_time=self.min_run_time,
+                latency_repeats=self.latency_repeats,
+                progress=bar.step,
+            )
         self.report = {
             "baseline": measured["baseline"],
             "final": measured["final"],

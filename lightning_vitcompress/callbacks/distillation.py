@@ -55,6 +55,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_vitcompress._base import CompressionCallback, example_from_data
+from lightning_vitcompress._plan import PlanRow
 from lightning_vitcompress._model import shape_example_input
 from lightning_vitcompress.models.base import logits_of
 from lightning_vitcompress._checks import check_bool, config_or_options
@@ -271,6 +272,12 @@ class DistillationTeacher(CompressionCallback):
         return teacher
 
     # --------------------------------------------------------------- setup
+    def fit_plan(self, trainer: pl.Trainer) -> list[PlanRow]:
+        c = self.config
+        teacher = self.teacher_spec if isinstance(self.teacher_spec, str) else type(self.teacher_spec).__name__
+        return [PlanRow("DistillationTeacher", f"adds a {c.mode} distillation term from {teacher}",
+                        "every training step", f"alpha={c.alpha:g}, temperature={c.temperature:g}, teacher in {self.teacher_precision}")]
+
     def ordered_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not pl_module.automatic_optimization:
             raise ValueError(

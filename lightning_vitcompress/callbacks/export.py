@@ -24,11 +24,14 @@ from typing_extensions import override
 from lightning_vitcompress._base import CompressionCallback, in_training_step, validation_data
 from lightning_vitcompress._checks import check_choice, check_int, check_output_file, check_path, config_or_options
 from lightning_vitcompress._model import stated_input_shape
+from lightning_vitcompress._plan import PlanRow
+from lightning_vitcompress._progress import stage_bar
 from lightning_vitcompress.functional.export import (
     ARTIFACT_FORMATS,
     ExportConfig,
     check_exportable,
     export_compressed,
+    export_stages,
     load_artifact,
 )
 from lightning_vitcompress.functional.measure import eval_mode, images_of
@@ -212,6 +215,14 @@ class ExportOnFit(CompressionCallback):
             self._capture_handle.remove()
             self._capture_handle = None
 
+    def fit_plan(self, trainer: "pl.Trainer") -> list[PlanRow]:
+        c = self._config
+        what = f"writes {self.path.name} ({c.format}{', NNCF ' + c.quantize if c.quantize else ''})"
+        when = "train end, before QuantizeOnFit" if c.format == "openvino" else "train end, after QuantizeOnFit"
+        return [PlanRow("ExportOnFit", what, when,
+                        f"precision {c.precision}, checked against the live model (tolerance "
+                        f"{'per precision' if c.tolerance is None else c.tolerance})")]
+
     def train_end_action(self) -> Optional[tuple[str, str]]:
         return (f"ExportOnFit(path={str(self.path)!r}) writes its file",
                 "or call export_compressed(model, path, images) on the trained model")
@@ -273,8 +284,11 @@ class ExportOnFit(CompressionCallback):
             rank_zero_warn("ExportOnFit: no training step ran; the exported file is checked on random images.")
             example = torch.randn(2, *shape)
         calibration = self._calibration if self._config.quantize is not None and self._calibration else None
+        stages = export_stages(self._config)
         try:
-            summary = export_compressed(model, self.path, example, self._config, calibration_data=calibration)
+            with stage_bar(trainer, f"ExportOnFit: {self.path.name}", total=len(stages), unit="stage") as bar:
+                summary = export_compressed(model, self.path, example, self._config, calibration_data=calibration,
+                                            progress=lambda stage: bar.step(stage))
         except Exception as err:  # noqa: BLE001 - the model is untouched; say so
             return None, f"{type(err).__name__}: {err}", err
         # the file's own quantization (NNCF) can change decisions: how often, on real data (other formats hold

@@ -29,6 +29,7 @@ from lightning_vitcompress._model import (
     set_submodule,
     shape_example_input,
 )
+from lightning_vitcompress._plan import PlanRow, budget_phrase, epochs_phrase
 from lightning_vitcompress._structure import recorded_edits
 from lightning_vitcompress._training_state import refresh_after_structural_change
 from lightning_vitcompress.functional.budget import limit_batches
@@ -255,6 +256,12 @@ class NystromSwap(CompressionCallback):
             )
 
     # ------------------------------------------------------------------ hooks
+    def fit_plan(self, trainer: "pl.Trainer") -> list[PlanRow]:
+        blocks = "all blocks" if self.blocks is None else f"blocks {list(self.blocks)}"
+        tokens = f", only where >= {self.min_tokens} tokens" if self.min_tokens is not None else ""
+        return [PlanRow("NystromSwap", f"Nyström attention, m={self.config.num_landmarks} landmarks, {blocks}{tokens}",
+                        epochs_phrase(self.swap_epoch, self.swap_epoch), "then fine-tunes" + budget_phrase(self))]
+
     def scheduled_epochs(self) -> dict[str, int]:
         return {"swap_epoch": self.swap_epoch} if self.swap_epoch > 0 else {}  # 0 swaps at setup
 

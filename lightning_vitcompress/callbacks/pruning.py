@@ -26,6 +26,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_vitcompress._base import CompressionCallback, example_from_data
+from lightning_vitcompress._plan import PlanRow, budget_phrase, epochs_phrase
 from lightning_vitcompress._checks import (
     check_choice,
     check_max_accuracy_drop,
@@ -315,6 +316,15 @@ class PruningSchedule(CompressionCallback):
             "has no data to take one batch from. Pass example_input=<one input batch> so that torch-pruning can "
             "trace the model."
         )
+
+    def fit_plan(self, trainer: "pl.Trainer") -> list[PlanRow]:
+        c = self.config
+        unit = "epochs" if self.interval == "epoch" else "steps"
+        when = (epochs_phrase(self.start_epoch, self.end_epoch, self.num_steps) if self.interval == "epoch"
+                else f"{self.num_steps} steps over {unit}, epochs {self.start_epoch}-{self.end_epoch}")
+        schedule = self.schedule if isinstance(self.schedule, str) else "custom"
+        return [PlanRow("PruningSchedule", f"structured pruning, {c.pruning_ratio:g} of the {c.target} removed",
+                        when, f"importance={c.importance_name}, schedule={schedule}" + budget_phrase(self))]
 
     def scheduled_epochs(self) -> dict[str, int]:
         return {"end_epoch": self.end_epoch}

@@ -34,7 +34,6 @@ from lightning_vitcompress._base import (
     CompressionCallback,
     in_training_step,
     first_batch,
-    progress_line,
 )
 from lightning_vitcompress._checks import (
     check_choice,
@@ -45,6 +44,8 @@ from lightning_vitcompress._checks import (
     check_positive,
 )
 from lightning_vitcompress._model import set_submodule
+from lightning_vitcompress._plan import PlanRow, budget_phrase
+from lightning_vitcompress._progress import stage_bar
 from lightning_vitcompress._structure import (
     STRUCTURE_KEY,
     add_digest,
@@ -285,6 +286,19 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
         self._capture_handle: Optional[Any] = None
 
     # ------------------------------------------------------------- setup: fail fast
+    def fit_plan(self, trainer: "pl.Trainer") -> list[PlanRow]:
+        if self.auto:
+            what = f"int8: the fastest of {len(self._auto_candidates)} configs timed here ('auto')"
+            why = f"search bounded by {self.auto_time_budget_s:g} s"
+        else:
+            assert self.spec is not None
+            what = f"int8: {self.spec.name}, {self.inference_precision}"
+            why = self.default_choice.reason if self.default_choice is not None else "named in config="
+        if self.spec is not None and self.spec.calibrates:
+            why += f"; calibrated on {self.calibration_batches} training batches"
+        qat = f"QAT from epoch {self.qat_start_epoch}, " if self.qat_start_epoch is not None else ""
+        return [PlanRow("QuantizeOnFit", what, f"{qat}train end", why + budget_phrase(self))]
+
     def scheduled_epochs(self) -> dict[str, int]:
         return {} if self.qat_start_epoch is None else {"qat_start_epoch": self.qat_start_epoch}
 
@@ -547,9 +561,9 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
                 )
                 return
         if self.spec.compiles(self.compile):
-            progress_line(trainer, f"QuantizeOnFit: compiling the {self.spec.name} model on a training input "
-                                   "(a one-time cost: about 15-30 s for ViT-B/16 on 2 cores)")
-            summary["compile_seconds"] = self._compile(model)
+            with stage_bar(trainer, f"QuantizeOnFit: compiling {self.spec.name}", total=1, unit="compile") as bar:
+                bar.step("one-time cost, about 15-30 s for ViT-B/16 on 2 cores")
+                summary["compile_seconds"] = self._compile(model)
         summary["auto"] = self.auto_result
         self.summary = summary
         self._log(trainer, summary)
@@ -579,14 +593,18 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
                 f"config={self.spec.name!r} calibrates on training inputs, but no training step ran "
                 "in this fit (nothing to calibrate on)."
             )
-        summary = quantize_model(
-            model,
-            self.spec,
-            skip=self.skip if skip is None else skip,
-            example_input=self._example,
-            calibration_inputs=self._calibration,
-            reduce_ranges=functools.partial(_reduce_ranges, trainer),  # the same model on every rank
-        )
+        calibrates = self.spec.calibrates and not quiet
+        with stage_bar(trainer if calibrates else None, f"QuantizeOnFit: calibrating {self.spec.name}",
+                       total=len(self._calibration), unit="batch") as bar:
+            summary = quantize_model(
+                model,
+                self.spec,
+                skip=self.skip if skip is None else skip,
+                example_input=self._example,
+                calibration_inputs=self._calibration,
+                reduce_ranges=functools.partial(_reduce_ranges, trainer),  # the same model on every rank
+                progress=bar.step,
+            )
         summary["qat"] = self._qat_active
         summary["inference_precision"] = self.inference_precision
         summary["split_attention"] = list(self._split)  # split by ordered_train_end, before quantize_model

@@ -15,6 +15,7 @@ from typing_extensions import override
 
 from lightning_vitcompress._base import CompressionCallback
 from lightning_vitcompress._checks import check_example_input, check_int, config_or_options
+from lightning_vitcompress._plan import PlanRow, epochs_phrase
 from lightning_vitcompress._structure import recorded_edits
 from lightning_vitcompress.functional.token_merging import (
     RSpec,
@@ -97,6 +98,12 @@ class TokenMerging(CompressionCallback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {"config": self.resume_config()}
+
+    def fit_plan(self, trainer: "pl.Trainer") -> list[PlanRow]:
+        c = self.config
+        return [PlanRow("TokenMerging", f"token merging (ToMe), r={c.r} per block ({c.schedule})",
+                        epochs_phrase(self.start_epoch, self.start_epoch),
+                        f"blocks={'all' if c.blocks is None else list(c.blocks)}, no weights change")]
 
     def scheduled_epochs(self) -> dict[str, int]:
         return {"start_epoch": self.start_epoch} if self.start_epoch > 0 else {}

@@ -38,7 +38,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Union
 
 import torch
 from torch import nn
@@ -303,6 +303,7 @@ def export_compressed(
     config: Optional[ExportConfig] = None,
     *,
     calibration_data: Optional[Iterable[torch.Tensor]] = None,
+    progress: Optional[Callable[[str], None]] = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Export ``model`` (pruned, Nystrom-swapped, quantized...) to ``path`` and check the file.
@@ -320,6 +321,7 @@ def export_compressed(
         config: an :class:`ExportConfig`, or pass its fields as keyword ``options``.
         calibration_data: image batches NNCF calibrates on (``format="openvino", quantize="int8"``); None:
             ``example_input``. Real training or validation images, a few hundred in all.
+        progress: called with each stage of :func:`export_stages` as it finishes (a progress bar's step).
 
     Returns:
         ``{"path", "format", "device", "inference_precision", "dynamic_batch", "size_bytes",
@@ -380,6 +382,8 @@ def export_compressed(
     tolerance = config.tolerance if config.tolerance is not None else (
         NNCF_INT8_TOLERANCE if config.quantize == "int8" else TOLERANCES[(config.precision, int8)])
 
+    say = progress or (lambda stage: None)
+    stages = iter(export_stages(config))
     start = time.perf_counter()
     with _uncompiled(source), eval_mode(source):
         deployable = _Deployable(source, config.autocast_dtype)
@@ -387,6 +391,8 @@ def export_compressed(
             reference = deployable(example).float()
         # OpenVINO's converter traces the module itself; the other formats start from torch.export's program
         program = None if config.format == "openvino" else _export_program(deployable, example, config.dynamic_batch)
+        if program is not None:
+            say(next(stages))
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.partial{ARTIFACT_FORMATS[config.format]}")
         try:
@@ -403,6 +409,7 @@ def export_compressed(
         except BaseException:
             _remove(partial, config.format)
             raise
+    say(next(stages))
     export_seconds = time.perf_counter() - start
 
     summary: dict[str, Any] = {
@@ -425,9 +432,18 @@ def export_compressed(
         except BaseException:
             _remove(partial, config.format)
             raise
+        say(next(stages))
     for written, final in zip(artifact_files(partial, config.format), artifact_files(path, config.format)):
         os.replace(written, final)
     return summary
+
+
+def export_stages(config: ExportConfig) -> list[str]:
+    """The stages :func:`export_compressed` reports to ``progress``, in order, for ``config``."""
+    write = {"pt2": "compile (AOTInductor)", "onnx": "write ONNX",
+             "openvino": "convert to OpenVINO" + (" + NNCF int8" if config.quantize else "")}[config.format]
+    return ([] if config.format == "openvino" else ["trace (torch.export)"]) + [write] + (
+        ["load back and check"] if config.check else [])
 
 
 def _remove(path: Path, format: str) -> None:

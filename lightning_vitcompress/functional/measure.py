@@ -15,7 +15,7 @@ import io
 import math
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -134,11 +134,13 @@ def compare_throughput(
     rounds: int = 3,
     min_run_time: float = 0.5,
     warmup: int = 2,
+    progress: Optional[Callable[[str], None]] = None,
 ) -> dict[str, float]:
     """Images/s of each model, measured interleaved (A, B, A, B...), median over rounds.
 
     All models run on ``example_input``'s device; interleaving spreads the
     machine's drift over every variant, so their *ratios* are what to quote.
+    ``progress`` is called after each timed measurement (``rounds x len(models)`` calls).
 
     Example::
 
@@ -157,9 +159,11 @@ def compare_throughput(
             for model in models.values():
                 for _ in range(warmup):
                     model(example_input)
-        for _ in range(rounds):
+        for index in range(rounds):
             for name, model in models.items():
                 seconds[name].append(_time_once(model, example_input, threads, min_run_time))
+                if progress is not None:
+                    progress(f"round {index + 1}/{rounds}: {name}")
     return {name: batch / sorted(times)[len(times) // 2] for name, times in seconds.items()}
 
 

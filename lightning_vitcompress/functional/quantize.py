@@ -186,6 +186,7 @@ def quantize_model(
     example_input: Any = None,
     calibration_inputs: Optional[Sequence[Any]] = None,
     reduce_ranges: Optional[Callable[[Ranges], Ranges]] = None,
+    progress: Optional[Callable[[], None]] = None,
 ) -> dict[str, Any]:
     """Quantize ``model``'s linear layers in place with torchao; what :class:`QuantizeOnFit` does at train end.
 
@@ -207,6 +208,7 @@ def quantize_model(
             selected layer's input ``{name: (min, max)}`` seen here (``(inf, -inf)``
             for a layer no input reached) and returns the union over all processes,
             the same on each. ``None``: this process's ranges are used as they are.
+        progress: called after each calibration batch (a progress bar's step).
 
     Self-attention ``nn.MultiheadAttention`` modules (torchvision, hand-written
     ViTs) are first swapped for :class:`~lightning_vitcompress.functional.multihead_attention.MultiheadSelfAttention`,
@@ -242,7 +244,7 @@ def quantize_model(
         )
     split = split_attention_to_quantize(model)
     try:
-        summary = _quantize_split_model(model, spec, skip, example, calibration, reduce_ranges)
+        summary = _quantize_split_model(model, spec, skip, example, calibration, reduce_ranges, progress)
     except BaseException:
         restore_multihead_attention(model, split)
         raise
@@ -265,6 +267,7 @@ def _quantize_split_model(
     example: Optional[ModelInputs],
     calibration: list[ModelInputs],
     reduce_ranges: Optional[Callable[[Ranges], Ranges]],
+    progress: Optional[Callable[[], None]] = None,
 ) -> dict[str, Any]:
     _check_skip_matches(model, skip)
     selected, skipped = spec.select_layers(model, skip)
@@ -288,6 +291,7 @@ def _quantize_split_model(
                     model,
                     selected,
                     ((_to_device(i.args, device), _to_device(dict(i.kwargs), device)) for i in calibration),
+                    progress,
                 )
             if reduce_ranges is not None:
                 # every selected layer, so all processes reduce the same tensor; unseen ones stay infinite

@@ -17,7 +17,7 @@ import platform
 from collections.abc import Iterable, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -114,6 +114,13 @@ def _cuda_copy(model: nn.Module, label: str) -> Optional[nn.Module]:
         return None
 
 
+def measurement_steps(models: int, devices: Sequence[str], rounds: int) -> int:
+    """How many times :func:`compare_models` calls ``progress`` for ``models`` models (a bar's total): per model
+    its size/MACs/accuracy, then per device present ``rounds`` timings and one latency."""
+    present = [d for d in _check_devices(devices) if resolve_device(d).type == "cpu" or torch.cuda.is_available()]
+    return models * (1 + len(present) * (rounds + 1))
+
+
 def compare_models(
     models: dict[str, nn.Module],
     example_input: torch.Tensor,
@@ -124,6 +131,7 @@ def compare_models(
     rounds: int = 3,
     min_run_time: float = 0.5,
     latency_repeats: int = 30,
+    progress: Optional[Callable[[str], None]] = None,
 ) -> dict[str, Any]:
     """Measure several CPU-resident models side by side; throughput is timed interleaved.
 
@@ -137,6 +145,7 @@ def compare_models(
             costs about ``rounds * len(models) * len(devices) * min_run_time`` seconds.
             Fewer/shorter trade precision for time.
         latency_repeats: batch-1 calls timed for the latency percentiles.
+        progress: called with what was just measured, :func:`measurement_steps` times in all.
 
     Returns:
         ``{name: {params, size_mb, ..., accuracy}}`` plus ``"conditions"``.
@@ -149,6 +158,7 @@ def compare_models(
     check_positive(example_input.shape[0], "batch_size", "32")
     devices = _check_devices(devices)
     batches = list(batches) if batches is not None else None
+    say = progress or (lambda message: None)
     results: dict[str, dict[str, Any]] = {name: dict.fromkeys(_METRICS) for name in models}
     with thread_count(num_threads) as threads:
         for name, model in models.items():
@@ -162,14 +172,17 @@ def compare_models(
                 macs_per_image=None if artifact else count_macs(model, example_input[:1]),
                 accuracy=measure_accuracy(model, batches, device="cpu") if batches else None,
             )
+            say(f"size, MACs{', accuracy' if batches else ''}: {name}")
         if "cpu" in devices:
             for name, ips in compare_throughput(
-                models, example_input, num_threads=threads, rounds=rounds, min_run_time=min_run_time
+                models, example_input, num_threads=threads, rounds=rounds, min_run_time=min_run_time,
+                progress=lambda message: say(f"CPU {message}"),
             ).items():
                 results[name]["cpu_images_per_s"] = ips
             for name, model in models.items():
                 p50, p95 = measure_latency(model, example_input, num_threads=threads, repeats=latency_repeats)
                 results[name].update(cpu_latency_ms_p50=p50, cpu_latency_ms_p95=p95)
+                say(f"CPU latency: {name}")
         gpu_name = None
         if any(resolve_device(d).type == "cuda" for d in devices) and torch.cuda.is_available():
             gpu_name = torch.cuda.get_device_name()
@@ -178,12 +191,14 @@ def compare_models(
             if movable:
                 gpu_input = example_input.to("cuda")
                 for name, ips in compare_throughput(
-                    movable, gpu_input, rounds=rounds, min_run_time=min_run_time
+                    movable, gpu_input, rounds=rounds, min_run_time=min_run_time,
+                    progress=lambda message: say(f"GPU {message}"),
                 ).items():
                     results[name]["gpu_images_per_s"] = ips
                 for name, model in movable.items():
                     p50, p95 = measure_latency(model, gpu_input, repeats=latency_repeats)
                     results[name].update(gpu_latency_ms_p50=p50, gpu_latency_ms_p95=p95)
+                    say(f"GPU latency: {name}")
             del on_gpu, movable
             torch.cuda.empty_cache()
     conditions = {

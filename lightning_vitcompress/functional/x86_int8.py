@@ -222,12 +222,15 @@ def _quantize_linear_static(module: nn.Module, config: Int8StaticX86Config) -> n
 
 
 def calibrate_input_ranges(
-    model: nn.Module, layer_names: Sequence[str], batches: Iterable[tuple[tuple[Any, ...], dict[str, Any]]]
+    model: nn.Module,
+    layer_names: Sequence[str],
+    batches: Iterable[tuple[tuple[Any, ...], dict[str, Any]]],
+    progress: Optional[Callable[[], None]] = None,
 ) -> dict[str, tuple[float, float]]:
     """Run ``model`` (as it is, e.g. in eval mode) on ``batches`` and return each named layer's input (min, max).
 
     ``batches`` holds ``(args, kwargs)`` for the model's forward. Layers that
-    saw no input are left out of the result.
+    saw no input are left out of the result. ``progress`` is called after each batch.
 
     Example::
 
@@ -248,6 +251,8 @@ def calibrate_input_ranges(
         with torch.no_grad():
             for args, kwargs in batches:
                 model(*args, **kwargs)
+                if progress is not None:
+                    progress()
     finally:
         for handle in handles:
             handle.remove()
