@@ -103,3 +103,21 @@ class _InPrecision(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return run_in_precision(self.module, torch.bfloat16, x)
+
+
+@pytest.mark.parametrize("decompose", [True, False])
+def test_compile_frozen_decomposes_attention_unless_told_not_to(decompose):
+    from lightning_vitcompress.functional import compile_frozen
+
+    graphs: list[torch.fx.GraphModule] = []
+
+    def capture(graph: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(graph)
+        return graph.forward
+
+    module = _Attend().eval()
+    compile_frozen(module, autocast_dtype=torch.bfloat16, decompose_attention=decompose, backend=capture)
+    with torch.inference_mode():
+        module(torch.randn(2, 10, 16))
+    calls = " ".join(str(node.target) for graph in graphs for node in graph.graph.nodes)
+    assert ("scaled_dot_product_attention" in calls) is not decompose, calls
