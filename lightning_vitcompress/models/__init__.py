@@ -55,10 +55,17 @@ ADAPTERS: list[type[ModelAdapter]] = [
 def supported_families() -> str:
     """The supported families, for messages."""
     return (
-        "timm VisionTransformer/VisionTransformerDistilled, torchvision VisionTransformer, "
+        "timm VisionTransformer/VisionTransformerDistilled (SigLIP's attention-pool head too), torchvision VisionTransformer, "
         "transformers ViTForImageClassification/DeiTForImageClassification(WithTeacher), "
         "hand-written ViTs built on nn.MultiheadAttention or timm-style attention"
     )
+
+
+def _looks_like_attention(module: nn.Module) -> bool:
+    """A module named like attention, or holding the projections attention has (``qkv``, ``qk``)."""
+    name = type(module).__name__.lower()
+    projections = (getattr(module, attr, None) for attr in ("qkv", "qk"))
+    return "attention" in name or "attn" in name or any(isinstance(p, nn.Linear) for p in projections)
 
 
 def adapter_for(model: nn.Module) -> ModelAdapter:
@@ -72,7 +79,7 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
         if adapter.matches(model):
             return adapter(model)
     for name, module in model.named_modules():
-        if "attention" in type(module).__name__.lower():
+        if _looks_like_attention(module):
             raise TypeError(
                 f"{type(model).__name__} has attention module {type(module).__name__} at {name!r}, "
                 f"which no adapter supports. Supported families: {supported_families()}."
