@@ -22,7 +22,11 @@ from lightning_vitcompress.models.base import (
     PrefixTokens,
     logits_of,
 )
+from lightning_vitcompress.models.beit import BeitAdapter
+from lightning_vitcompress.models.cait import CaitAdapter
+from lightning_vitcompress.models.eva import EvaAdapter
 from lightning_vitcompress.models.mha import HandWrittenAdapter
+from lightning_vitcompress.models.swin import SwinAdapter
 from lightning_vitcompress.models.timm import TimmAdapter
 from lightning_vitcompress.models.torchvision import TorchvisionAdapter
 from lightning_vitcompress.models.transformers import TransformersAdapter
@@ -30,11 +34,15 @@ from lightning_vitcompress.models.transformers import TransformersAdapter
 __all__ = [
     "ADAPTERS",
     "AttentionLayout",
+    "BeitAdapter",
+    "CaitAdapter",
     "Capabilities",
     "EmbeddingParameter",
+    "EvaAdapter",
     "ModelAdapter",
     "HandWrittenAdapter",
     "PrefixTokens",
+    "SwinAdapter",
     "TimmAdapter",
     "TorchvisionAdapter",
     "TransformersAdapter",
@@ -46,6 +54,10 @@ __all__ = [
 #: tried in order; the first whose ``matches`` is true adapts the model
 ADAPTERS: list[type[ModelAdapter]] = [
     TimmAdapter,
+    EvaAdapter,
+    BeitAdapter,
+    CaitAdapter,
+    SwinAdapter,
     TorchvisionAdapter,
     TransformersAdapter,
     HandWrittenAdapter,  # any other model with attention the adapters read: keep last
@@ -55,7 +67,8 @@ ADAPTERS: list[type[ModelAdapter]] = [
 def supported_families() -> str:
     """The supported families, for messages."""
     return (
-        "timm VisionTransformer/VisionTransformerDistilled (SigLIP's attention-pool head too), torchvision VisionTransformer, "
+        "timm VisionTransformer/VisionTransformerDistilled (SigLIP's attention-pool head too), timm Eva "
+        "(EVA, EVA-02, RoPE ViTs), timm Beit, timm Cait, timm SwinTransformer, torchvision VisionTransformer, "
         "transformers ViTForImageClassification/DeiTForImageClassification(WithTeacher), "
         "hand-written ViTs built on nn.MultiheadAttention or timm-style attention"
     )
