@@ -12,12 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from helpers import fast_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from zoo import README_END, README_START, TECHNIQUES, ZOO, ZooClassifier, run_cell, table_row
 
-from lightning_vitcompress import NystromSwap, PruningSchedule, QuantizeOnFit, TokenMerging, load_compressed
+from lightning_vitcompress import NystromSwap, PruningSchedule, QuantizeOnFit, TokenMerging, load_compressed, prune_vit
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 #: families whose every cell works today and must keep working
@@ -90,3 +91,11 @@ def test_pruned_and_int8_fit_resumes_and_reloads(tmp_path, digits, family):
         resumed, digits, ckpt_path=tmp_path / "ckpt" / "last.ckpt"
     )
     assert {n: p.shape for n, p in resumed.named_parameters()} == {n: p.shape for n, p in module.named_parameters()}
+
+
+def test_a_headless_backbone_prunes_to_narrower_features():
+    """num_classes=0: the output is the embedding, so pruning narrows it (not a broken model)."""
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8,
+                            embed_dim=32, depth=2, num_heads=4).eval()
+    prune_vit(vit, 0.5, torch.rand(1, 3, 32, 32))
+    assert vit(torch.rand(2, 3, 32, 32)).shape == (2, 16)

@@ -32,11 +32,17 @@ def output_shape(model: nn.Module, example_input: Optional[torch.Tensor]) -> Opt
 
 
 def check_outcome(
-    model: nn.Module, example_input: Optional[torch.Tensor], before: Optional[torch.Size], technique: str
+    model: nn.Module,
+    example_input: Optional[torch.Tensor],
+    before: Optional[torch.Size],
+    technique: str,
+    features: bool = False,
 ) -> None:
     """Raise ``TypeError`` when ``model`` no longer runs ``example_input``, changed its output shape or gives
     non-finite logits after ``technique``; nothing when there is no input to check with.
 
+    ``features=True``: the model has no classifier head (``num_classes=0``), so its output is the
+    embedding, whose width pruning may change; only the other dimensions must stay.
     The message names the model class and says what the technique supports; the
     caller undoes its edit first where it can.
     """
@@ -49,7 +55,9 @@ def check_outcome(
     except Exception as err:  # noqa: BLE001 - reported with its cause
         problem = f"then fails on its input ({type(err).__name__}: {err})"
     else:
-        if logits.shape != before:
+        if (logits.shape[:-1], logits.dim()) != (before[:-1], len(before)) or (
+            not features and logits.shape != before
+        ):
             problem = f"then returns logits of shape {tuple(logits.shape)} instead of {tuple(before)}"
         elif not torch.isfinite(logits).all():
             problem = "then returns non-finite logits"
