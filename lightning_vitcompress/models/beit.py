@@ -18,7 +18,7 @@ from typing import Optional
 
 from torch import nn
 
-from lightning_vitcompress.models.base import Capabilities, PrefixTokens, embedding_parameter
+from lightning_vitcompress.models.base import Capabilities
 from lightning_vitcompress.models.timm import TimmAdapter
 
 
@@ -39,11 +39,6 @@ class BeitAdapter(TimmAdapter):
 
     def attention_width_is_embedding(self) -> bool:
         return True
-
-    def prefix_tokens(self) -> PrefixTokens:
-        parameters = [*embedding_parameter("cls_token", self.model.cls_token),
-                      *embedding_parameter("pos_embed", self.model.pos_embed)]
-        return PrefixTokens(int(self.model.num_prefix_tokens), tuple(parameters))
 
     def nystrom_problem(self) -> Optional[str]:
         return ("its attention adds a relative-position bias per (query, key) pair, which Nyström attention "

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from lightning_vitcompress.models.base import Capabilities, PrefixTokens, embedding_parameter
+from lightning_vitcompress.models.base import Capabilities, PrefixTokens
 from lightning_vitcompress.models.timm import TimmAdapter
 
 
@@ -70,9 +70,7 @@ class CaitAdapter(TimmAdapter):
 
     def prefix_tokens(self) -> PrefixTokens:
         """No prefix token in the self-attention blocks: the class token joins in the class-attention blocks."""
-        parameters = [*embedding_parameter("cls_token", self.model.cls_token),
-                      *embedding_parameter("pos_embed", self.model.pos_embed)]
-        return PrefixTokens(0, tuple(parameters))
+        return PrefixTokens(0, super().prefix_tokens().parameters)
 
     def nystrom_problem(self) -> Optional[str]:
         return "talking heads mix the heads' full attention maps, which Nyström attention never forms"

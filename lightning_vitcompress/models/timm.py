@@ -50,7 +50,7 @@ class TimmAdapter(ModelAdapter):
         model = self.model
         parameters = [
             *embedding_parameter("cls_token", model.cls_token),
-            *embedding_parameter("reg_token", model.reg_token),
+            *embedding_parameter("reg_token", getattr(model, "reg_token", None)),
             *embedding_parameter("dist_token", getattr(model, "dist_token", None)),
             *embedding_parameter("pos_embed", model.pos_embed),
         ]
