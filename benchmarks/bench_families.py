@@ -93,7 +93,9 @@ class Logits(nn.Module):
 #: issue #27's timm architectures at 224: (builder, prune_vit options); the first is the reference
 TIMM_FAMILIES: dict[str, tuple[Callable[[], nn.Module], dict[str, Any]]] = {
     "timm ViT-S/16": (lambda: timm.create_model("vit_small_patch16_224", pretrained=False), {}),
-    "timm EVA-02-S/14": (lambda: timm.create_model("eva02_small_patch14_224", pretrained=False, num_classes=1000), {"prune_heads": True}),
+    "timm EVA-02-S/14": (
+        lambda: timm.create_model("eva02_small_patch14_224", pretrained=False, num_classes=1000), {"prune_heads": True}
+    ),
     "timm Swin-T": (lambda: timm.create_model("swin_tiny_patch4_window7_224", pretrained=False), {}),
 }
 

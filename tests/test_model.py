@@ -140,7 +140,8 @@ def test_unsupported_attention_fails_at_setup(tmp_path, digits):
             super().__init__(depth=1)
             self.model = _tiny_relpos()
 
-    with pytest.raises(TypeError, match=r"RelPosClassifier has attention module RelPosAttention at 'model\.blocks\.0.*Supported families"):
+    message = r"RelPosClassifier has attention module RelPosAttention at 'model\.blocks\.0.*Supported families"
+    with pytest.raises(TypeError, match=message):
         fast_trainer(tmp_path, callbacks=[NystromSwap(num_landmarks=4)]).fit(RelPosClassifier(), datamodule=digits)
 
 

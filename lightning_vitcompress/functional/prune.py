@@ -220,13 +220,15 @@ class PruneConfig:
             raise TypeError(f"prune_vit: {family} {type(model).__name__} cannot be pruned: {problem}")
         if self.prune_attention and self.prune_heads:
             capabilities.require("head_pruning", "prune_heads=True", f"{family} ({type(model).__name__})")
-        if self.prune_attention and not self.prune_heads and capabilities.head_pruning and not capabilities.head_dim_pruning:
+        only_heads = capabilities.head_pruning and not capabilities.head_dim_pruning
+        if self.prune_attention and not self.prune_heads and only_heads:
             raise ValueError(
                 f"prune_heads=False (head dims) is not possible on {family} models ({type(model).__name__}): "
                 f"{capabilities.why_not.get('head_dim_pruning', '')} Pass prune_heads=True (whole heads), or "
                 "prune_attention=False."
             )
-        if adapter.attention_width_is_embedding() and (self.global_pruning or self.prune_attention != self.prune_embed_dim):
+        tied = adapter.attention_width_is_embedding()
+        if tied and (self.global_pruning or self.prune_attention != self.prune_embed_dim):
             raise ValueError(
                 f"The {family} attention ({type(adapter.layouts()[0].module).__name__}) reshapes its output to the "
                 "embedding width, so heads and embedding are pruned together and uniformly: pass prune_attention and "

@@ -55,7 +55,7 @@ class CaitAdapter(TimmAdapter):
         """Talking-heads attention traced as plain attention (``unbind`` q/k/v, no ``proj_l``/``proj_w``):
         torch-pruning misreads its ``qkv[0]`` indexing as channels, and the head mixing maps heads to
         heads, which pruning never changes. The same layers and channel couplings, another forward."""
-        talking = [block.attn for block in self.model.blocks if isinstance(getattr(block.attn, "proj_l", None), nn.Linear)]
+        talking = [b.attn for b in self.model.blocks if isinstance(getattr(b.attn, "proj_l", None), nn.Linear)]
         for attn in talking:
             attn.forward = types.MethodType(_traced_talking_heads, attn)
         try:

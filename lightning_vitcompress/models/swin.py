@@ -49,7 +49,8 @@ class SwinAdapter(ModelAdapter):
         return self.model.patch_embed.proj
 
     def prefix_tokens(self) -> PrefixTokens:
-        return PrefixTokens(0, tuple(embedding_parameter("absolute_pos_embed", getattr(self.model, "absolute_pos_embed", None))))
+        position = getattr(self.model, "absolute_pos_embed", None)
+        return PrefixTokens(0, tuple(embedding_parameter("absolute_pos_embed", position)))
 
     def classifier_heads(self) -> list[tuple[str, nn.Module]]:
         return named_heads(self.model, ("head",))
