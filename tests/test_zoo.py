@@ -55,6 +55,8 @@ def test_the_readme_table_has_one_row_per_family_and_no_other():
         ("Swin", lambda: TokenMerging(r=2), r"WindowAttention|window"),
         ("ViT RelPos", lambda: PruningSchedule(0.5), r"RelPosAttention.*Supported"),
         ("PiT", lambda: PruningSchedule(0.5), r"PoolingVisionTransformer.*widths"),
+        ("EVA-02", lambda: PruningSchedule(0.5), r"prune_heads=False.*\(Eva\).*RoPE.*Pass prune_heads=True"),
+        ("CaiT", lambda: NystromSwap(num_landmarks=4), r"Cait: talking heads"),
     ],
 )
 def test_callbacks_refuse_at_setup_what_the_function_refuses(tmp_path, digits, family, callback, message):

@@ -219,7 +219,7 @@ class PruneConfig:
         if problem:
             raise TypeError(f"prune_vit: {family} {type(model).__name__} cannot be pruned: {problem}")
         if self.prune_attention and self.prune_heads:
-            capabilities.require("head_pruning", "prune_heads=True", f"{family} ({type(model).__name__})")
+            capabilities.require("head_pruning", "prune_heads=True", family, type(model).__name__)
         only_heads = capabilities.head_pruning and not capabilities.head_dim_pruning
         if self.prune_attention and not self.prune_heads and only_heads:
             raise ValueError(

@@ -142,7 +142,7 @@ class Capabilities:
     mlp_pruning: bool = True
     why_not: Mapping[str, str] = field(default_factory=dict)
 
-    def require(self, capability: str, option: str, family: str) -> None:
+    def require(self, capability: str, option: str, family: str, model_class: str = "") -> None:
         """Raise ``ValueError`` naming ``option`` when ``capability`` is missing.
 
         Example::
@@ -151,8 +151,9 @@ class Capabilities:
         """
         if not getattr(self, capability):
             reason = self.why_not.get(capability, "")
+            which = f" ({model_class})" if model_class else ""
             raise ValueError(
-                f"{option} is not possible on {family} models: {reason} Turn off {option}."
+                f"{option} is not possible on {family} models{which}: {reason} Turn off {option}."
             )
 
 
