@@ -27,7 +27,10 @@ from torch import nn
 from lightning_vitcompress.models import ADAPTERS, adapter_for
 from lightning_vitcompress.models.base import ATTENTION_MARKER, is_attention_module
 
-__all__ = ["ATTENTION_MARKER", "find_attention_blocks", "is_attention_block", "resolve_target_model"]
+__all__ = [
+    "ATTENTION_MARKER", "find_attention_blocks", "is_attention_block", "resolve_target_model",
+    "supported_attention_blocks",
+]
 
 
 def is_attention_block(module: nn.Module) -> bool:
@@ -56,6 +59,24 @@ def find_attention_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
             except TypeError:  # an unsupported attention in it: list the ones we can read
                 break
     return [(name, module) for name, module in model.named_modules() if is_attention_block(module)]
+
+
+def supported_attention_blocks(model: nn.Module, technique: str) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every attention block of ``model`` as its family adapter reads them, for ``technique``.
+
+    Raises:
+        TypeError: an attention module no adapter supports (names its class, where it is, what is supported).
+        ValueError: no attention block at all: ``technique`` would change nothing, which is an error, not a no-op.
+    """
+    blocks = adapter_for(model).attention_blocks()
+    if not blocks:
+        from lightning_vitcompress.models import supported_families
+
+        raise ValueError(
+            f"{technique}: {type(model).__name__} has no attention block, so nothing would change. "
+            f"Supported families: {supported_families()}."
+        )
+    return blocks
 
 
 def _get_attribute(root: nn.Module, path: str) -> nn.Module:

@@ -53,7 +53,8 @@ from lightning_vitcompress.functional.nystrom import NystromAttention, nystrom_s
 from lightning_vitcompress.functional.prune import HEADS_BUFFER
 from lightning_vitcompress.functional.quantize import RECORD_KIND as QUANTIZE_KIND
 from lightning_vitcompress.functional.quantize_configs import QUANTIZATION_CONFIGS
-from lightning_vitcompress.models.base import read_layout
+from lightning_vitcompress.models import adapter_for
+from lightning_vitcompress.models.base import is_attention_pool, read_layout
 
 __all__ = ["StructureMismatchError", "align_state_dict", "check_structure", "infer_records"]
 
@@ -99,6 +100,8 @@ def _target_or_whole(module: nn.Module) -> str:
         return resolve_target_path(module)
     except AmbiguousTargetError:
         return ""  # loading reads the module's own keys: every candidate's structure is in them
+    except (TypeError, ValueError):
+        return ""  # no adapter reads its attention (only int8 applies): the module's own keys
 
 
 def _first(keys: Any) -> str:
@@ -128,6 +131,10 @@ def infer_records(module: nn.Module, state_dict: Mapping[str, Any], target_path:
     prefix = f"{target_path}." if target_path else ""
     model = get_submodule(module, target_path)
     saved = {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
+    try:  # a pruned model's traceable form (e.g. EVA's q/v biases folded into qkv.bias), where the file has it
+        adapter_for(model).prepare_pruning(saved)
+    except (TypeError, ValueError):
+        pass  # no adapter reads it: only int8 applies
     nystrom = _nystrom_blocks(model, saved)
     split = _split_attentions(model, saved)
     records: list[Record] = []
@@ -257,6 +264,10 @@ def _attributes(
         heads, head_dim = _head_layout(name, module, query[0], saved, nystrom, prefix)
         return {"num_attention_heads": heads, "num_heads": heads, "attention_head_size": head_dim,
                 "head_dim": head_dim, "all_head_size": query[0]}
+    kv = after.get(dot + "kv", {}).get("tensors", {}).get("weight")
+    if kv and is_attention_pool(module):  # an attention pool narrowed to a pruned embedding: heads stay
+        head_dim = kv[0] // 2 // module.num_heads
+        return {"head_dim": head_dim, "scale": head_dim**-0.5}
     conv = after.get(dot + "patch_embed.proj", {}).get("tensors", {}).get("weight")
     if conv:  # timm VisionTransformer: its width in a few attributes (see prune_vit)
         return {attr: conv[0] for attr in ("embed_dim", "num_features", "head_hidden_size")}

@@ -103,7 +103,9 @@ CASES = [
     # 65 tokens (class + 64 patches): all of them prefix tokens, Nyström would never run
     setup("prefix-whole-sequence", "num_prefix_tokens=65", num_prefix_tokens=65),
     setup("prefix-past-sequence", "num_prefix_tokens=500", num_prefix_tokens=500),
-    setup("attention-without-num-heads", "NoHeadsAttention", model=no_heads_model),
+    # an attention module no adapter can read: a TypeError, as for any unsupported attention type
+    Case("attention-without-num-heads", lambda t: NystromSwap(), "NoHeadsAttention", "setup", N, TypeError,
+         model=no_heads_model),
     # nn.MultiheadAttention given a mask only in training: seen at setup, not at the first batch
     setup("mask-only-in-training", "blocks=None", model=masked_in_training_model),
     setup("example-input-wrong-shape", "example_input=", model=MaskedClassifier, example_input=torch.randn(2, 5)),

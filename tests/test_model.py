@@ -121,27 +121,28 @@ def test_inline_blocks_next_to_a_model_are_an_error():
         resolve_target_path(lit)
 
 
-def _tiny_swin() -> nn.Module:
+def _tiny_relpos() -> nn.Module:
+    """A timm ViT whose attention (RelPosAttention) no adapter reads."""
     return timm.create_model(
-        "swin_tiny_patch4_window7_224", pretrained=False, img_size=32, patch_size=4, window_size=4,
-        embed_dim=16, depths=(1, 1), num_heads=(2, 2), num_classes=10,
+        "vit_relpos_small_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=16, depth=1,
+        num_heads=2, num_classes=10,
     )
 
 
 def test_unsupported_attention_is_a_type_error_naming_it():
-    swin = _tiny_swin()
-    with pytest.raises(TypeError, match=r"WindowAttention at 'layers\.0\.blocks\.0\.attn'.*Supported families: timm"):
-        check_supported_attention(swin)
+    with pytest.raises(TypeError, match=r"RelPosAttention at 'blocks\.0\.attn'.*Supported families: timm"):
+        check_supported_attention(_tiny_relpos())
 
 
 def test_unsupported_attention_fails_at_setup(tmp_path, digits):
-    class SwinClassifier(DigitsClassifier):
+    class RelPosClassifier(DigitsClassifier):
         def __init__(self) -> None:
             super().__init__(depth=1)
-            self.model = _tiny_swin()
+            self.model = _tiny_relpos()
 
-    with pytest.raises(TypeError, match=r"SwinClassifier has attention module WindowAttention at 'model\.layers\.0.*Supported families"):
-        fast_trainer(tmp_path, callbacks=[NystromSwap(num_landmarks=4)]).fit(SwinClassifier(), datamodule=digits)
+    message = r"RelPosClassifier has attention module RelPosAttention at 'model\.blocks\.0.*Supported families"
+    with pytest.raises(TypeError, match=message):
+        fast_trainer(tmp_path, callbacks=[NystromSwap(num_landmarks=4)]).fit(RelPosClassifier(), datamodule=digits)
 
 
 @pytest.mark.parametrize("family", ["timm-deit-distilled", "torchvision", "transformers", "mha", "nystrom-swapped"])

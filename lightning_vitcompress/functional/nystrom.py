@@ -19,8 +19,14 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from lightning_vitcompress._model import find_attention_blocks, get_submodule, set_submodule
+from lightning_vitcompress._model import (
+    find_attention_blocks,
+    get_submodule,
+    set_submodule,
+    supported_attention_blocks,
+)
 from lightning_vitcompress._structure import Record, register_replay
+from lightning_vitcompress.functional._outcome import check_outcome, output_shape
 from lightning_vitcompress.functional.measure import compare_throughput, eval_mode, images_and_labels
 from lightning_vitcompress.functional.nystrom_attention import (
     REPLACED_ATTRIBUTE,
@@ -33,6 +39,7 @@ from lightning_vitcompress.functional.nystrom_attention import (
     segment_means,
     swap_problem,
 )
+from lightning_vitcompress.models import adapter_for
 
 __all__ = [
     "AttentionMaskError",
@@ -116,7 +123,7 @@ def select_attention_blocks(model: nn.Module, blocks: BlockSelection = None, own
 
     Raises a ``ValueError`` naming ``blocks`` for an unknown block and for blocks that cannot be swapped.
     """
-    found = find_attention_blocks(model)
+    found = supported_attention_blocks(model, owner)
     names = [name for name, _ in found]
     if blocks is None:
         chosen = names
@@ -136,6 +143,12 @@ def select_attention_blocks(model: nn.Module, blocks: BlockSelection = None, own
                 chosen.append(block)
         chosen = list(dict.fromkeys(chosen))
     modules = dict(found)
+    family_problem = adapter_for(model).nystrom_problem()
+    if family_problem:
+        raise TypeError(
+            f"{owner}: Nyström attention does not apply to {type(model).__name__}: {family_problem}. Supported: "
+            "timm's Attention (ViT, DeiT, DINOv2, CLIP, SigLIP...), nn.MultiheadAttention and transformers' ViT/DeiT."
+        )
     problems = {name: swap_problem(modules[name]) for name in chosen if not isinstance(modules[name], NystromAttention)}
     problems = {name: why for name, why in problems.items() if why}
     if problems:
@@ -175,14 +188,24 @@ def swap_attention(
                 conv_kernel_size=config.conv_kernel_size,
             )
     originals = {name: get_submodule(model, name) for name in replacements}
+    example = _stated_example(model)
+    before = output_shape(model, example)
     try:
         for name, module in replacements.items():
             set_submodule(model, name, module)
+        check_outcome(model, example, before, "swap_attention")
     except Exception:
         for name, module in originals.items():
             set_submodule(model, name, module)
         raise
     return originals
+
+
+def _stated_example(model: nn.Module) -> Optional[torch.Tensor]:
+    """One random image of the size ``model`` states (to check the swap), else None."""
+    from lightning_vitcompress._model import shape_example_input
+
+    return shape_example_input(model)
 
 
 @register_replay("nystrom")

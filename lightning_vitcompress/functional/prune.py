@@ -27,7 +27,9 @@ from torch import nn
 from lightning_vitcompress._checks import check_bool, check_choice, check_fraction, check_int, check_names
 from lightning_vitcompress._model import ATTENTION_MARKER, get_submodule
 from lightning_vitcompress._structure import Record, register_replay, shape_changes, shape_snapshot
+from lightning_vitcompress.functional._outcome import check_outcome, output_shape
 from lightning_vitcompress.models import ModelAdapter, adapter_for
+from lightning_vitcompress.models.base import narrow_attention_pool, narrow_glu_mlp
 
 __all__ = ["PruneConfig", "prunable_widths", "prune_vit", "widths_after"]
 
@@ -213,8 +215,25 @@ class PruneConfig:
             )
         adapter = adapter_for(model)
         capabilities, family = adapter.capabilities, adapter.family
+        problem = adapter.pruning_problem()
+        if problem:
+            raise TypeError(f"prune_vit: {family} {type(model).__name__} cannot be pruned: {problem}")
         if self.prune_attention and self.prune_heads:
-            capabilities.require("head_pruning", "prune_heads=True", family)
+            capabilities.require("head_pruning", "prune_heads=True", family, type(model).__name__)
+        only_heads = capabilities.head_pruning and not capabilities.head_dim_pruning
+        if self.prune_attention and not self.prune_heads and only_heads:
+            raise ValueError(
+                f"prune_heads=False (head dims) is not possible on {family} models ({type(model).__name__}): "
+                f"{capabilities.why_not.get('head_dim_pruning', '')} Pass prune_heads=True (whole heads), or "
+                "prune_attention=False."
+            )
+        tied = adapter.attention_width_is_embedding()
+        if tied and (self.global_pruning or self.prune_attention != self.prune_embed_dim):
+            raise ValueError(
+                f"The {family} attention ({type(adapter.layouts()[0].module).__name__}) reshapes its output to the "
+                "embedding width, so heads and embedding are pruned together and uniformly: pass prune_attention and "
+                "prune_embed_dim both True or both False, and global_pruning=False."
+            )
         if not capabilities.head_dim_pruning and self.prune_attention != self.prune_embed_dim:
             on, off = ("prune_attention", "prune_embed_dim") if self.prune_attention else ("prune_embed_dim", "prune_attention")
             raise ValueError(
@@ -257,6 +276,8 @@ def _attention_output_layers(adapter: ModelAdapter) -> list[nn.Module]:
 def _replay_prune(model: nn.Module, record: Record) -> None:
     """Give ``model`` the shapes a pruning step left; the state dict fills in the weights."""
     adapter = _adapter_or_none(model)  # before the edit: it remembers the widths to update
+    if adapter is not None:
+        adapter.prepare_pruning()
     for name, change in record["modules"].items():
         module = get_submodule(model, name)
         for tensor_name, shape in change["tensors"].items():
@@ -334,6 +355,36 @@ def widths_after(original: dict[str, list[int]], ratio: float, prune_heads: bool
     return keep
 
 
+def _tie_embedding_to_heads(
+    adapter: ModelAdapter,
+    config: PruneConfig,
+    residual: list[nn.Module],
+    ratio_dict: dict[nn.Module, float],
+    keep: Optional[dict[str, list[int]]],
+) -> None:
+    """Give the embedding the q/k/v width pruning leaves (``heads x head_dim`` after it), for attention whose
+    q/k/v width is the embedding's (see :meth:`ModelAdapter.attention_width_is_embedding`)."""
+    widths = prunable_widths(adapter.model)
+    targets = set()
+    for name, width in widths.items():
+        if len(width) != 2:
+            continue
+        heads, head_dim = width
+        if keep and name in keep:
+            heads, head_dim = keep[name]
+        elif config.prune_heads:
+            heads -= config.removed(True, width[0], config.pruning_ratio)
+        else:
+            head_dim -= config.removed(False, width[1], config.pruning_ratio)
+        targets.add(heads * head_dim)
+    if len(targets) != 1:
+        raise ValueError(f"The attention blocks would keep q/k/v widths {sorted(targets)}, but {adapter.family} "
+                         "attention needs one width, the embedding's: prune every block by the same ratio.")
+    target = targets.pop()
+    for layer in residual:
+        ratio_dict[layer] = _ratio_to_keep(widths["embed"][0], target)
+
+
 def _ratio_to_keep(current: int, keep: int) -> float:
     # torch-pruning keeps int(current * (1 - ratio)) channels: aim at keep + 0.5 to be safe from float error
     return min(max(1.0 - (keep + 0.5) / current, 0.0), 0.999) if keep < current else 0.0
@@ -384,10 +435,13 @@ def prune_vit(
     imp = config.make_importance()
     adapter = adapter_for(model)  # built before the edit: it remembers each attention's softmax scale
     config.check_model(model)
+    adapter.prepare_pruning()
     layouts = adapter.layouts()
     residual, mlp_inputs, attention = adapter.residual_layers(), adapter.mlp_input_layers(), _attention_output_layers(adapter)
     ignored: list[nn.Module] = [
-        *(head for _, head in adapter.classifier_heads()), *(get_submodule(model, n) for n in config.ignored_layers)
+        *(head for _, head in adapter.classifier_heads()), *(get_submodule(model, n) for n in config.ignored_layers),
+        *(m for _, pool in adapter.attention_pools() for m in (pool, pool.latent)),  # narrowed after the step
+        *(mlp.fc1 for _, mlp in adapter.glu_mlps()),  # torch-pruning misreads their chunk: narrowed after the step
     ]
     if not prune_embed_dim:
         ignored.extend(residual)
@@ -396,6 +450,7 @@ def prune_vit(
     if not prune_attention:
         ignored.extend(attention)
     heads_before = {layout.name: (layout.num_heads, layout.head_dim) for layout in layouts}
+    shape_before = output_shape(model, example_input)
 
     ratio_dict: dict[nn.Module, float] = {}
     head_ratio_dict: dict[nn.Module, float] = {}
@@ -423,6 +478,8 @@ def prune_vit(
             else:
                 ratio_dict[get_submodule(model, name)] = _ratio_to_keep(width[0], target[0])
 
+    if adapter.attention_width_is_embedding() and prune_embed_dim:
+        _tie_embedding_to_heads(adapter, config, residual, ratio_dict, keep)
     round_to = config.round_to
     multiple = adapter.embed_multiple_of() if prune_embed_dim else None
     if multiple:  # nn.MultiheadAttention: the embedding stays divisible by the head count
@@ -438,24 +495,26 @@ def prune_vit(
     for attn in landmarks:
         attn.num_landmarks = 2**31
     try:
-        pruner = tp.pruner.MetaPruner(
-            model,
-            example_input,
-            importance=imp,
-            global_pruning=global_pruning,
-            pruning_ratio=pruning_ratio,
-            ignored_layers=ignored,
-            round_to=round_to,
-            num_heads=adapter.head_groups(),
-            prune_num_heads=prune_heads,
-            prune_head_dims=not prune_heads,
-            head_pruning_ratio=pruning_ratio if prune_heads else 0.0,
-            pruning_ratio_dict=ratio_dict or None,
-            head_pruning_ratio_dict=head_ratio_dict or None,
-            # class/distillation/register tokens and position embeddings: their last dim is the embedding
-            unwrapped_parameters=adapter.unwrapped_parameters(),
-            output_transform=adapter.logits,
-        )
+        with adapter.tracing():  # e.g. EVA without RoPE, whose token concat torch-pruning misreads
+            pruner = tp.pruner.MetaPruner(
+                model,
+                example_input,
+                importance=imp,
+                global_pruning=global_pruning,
+                pruning_ratio=pruning_ratio,
+                ignored_layers=ignored,
+                round_to=round_to,
+                num_heads=adapter.head_groups(),
+                prune_num_heads=prune_heads,
+                prune_head_dims=not prune_heads,
+                head_pruning_ratio=pruning_ratio if prune_heads else 0.0,
+                pruning_ratio_dict=ratio_dict or None,
+                head_pruning_ratio_dict=head_ratio_dict or None,
+                # class/distillation/register tokens and position embeddings: their last dim is the embedding
+                unwrapped_parameters=adapter.unwrapped_parameters(),
+                customized_pruners=adapter.custom_pruners() or None,
+                output_transform=adapter.logits,
+            )
     finally:
         for attn, count in landmarks.items():
             attn.num_landmarks = count
@@ -463,7 +522,15 @@ def prune_vit(
         root_idxs = _broadcast([int(i) for i in group[0].idxs])
         group.prune(idxs=root_idxs)
     adapter.fix_attributes(pruner.num_heads)  # head counts, widths, and the trained softmax scale
+    for name, pool in adapter.attention_pools():
+        narrow_attention_pool(name, pool, adapter.embed_dim())
+    if prune_mlp:
+        for name, mlp in adapter.glu_mlps():
+            target = keep.get(f"{name}.fc1") if keep else None
+            hidden = mlp.fc2.in_features
+            narrow_glu_mlp(mlp, target[0] // 2 if target else hidden - config.removed(False, hidden, pruning_ratio))
     _keep_head_counts(adapter, heads_before)
     for module, flag in training.items():
         module.training = flag
+    check_outcome(model, example_input, shape_before, "prune_vit", features=not adapter.classifier_heads())
     return shape_changes(before, shape_snapshot(model))

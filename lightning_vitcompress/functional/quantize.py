@@ -142,8 +142,12 @@ def keep_encoder_layers_unfused(model: nn.Module) -> None:
     only selects that path; the layer's own modules compute the same function.
     Likewise an ``nn.TransformerEncoder`` whose layers' attention is no longer an
     ``nn.MultiheadAttention`` does not pack padded inputs into nested tensors.
+    timm's EVA and BEiT attention with q/v biases call ``F.linear`` with ``qkv.weight``
+    unless ``qkv_bias_separate`` is set, which calls ``qkv`` and adds the same biases.
     """
     for module in model.modules():
+        if getattr(module, "qkv_bias_separate", None) is False and getattr(module, "q_bias", None) is not None:
+            module.qkv_bias_separate = True  # the same function, with qkv called as a module
         if isinstance(module, nn.TransformerEncoder) and any(
             not isinstance(layer.self_attn, nn.MultiheadAttention) for layer in module.layers
         ):

@@ -53,7 +53,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_vitcompress._checks import check_bool, check_choice
+from lightning_vitcompress._model import shape_example_input
 from lightning_vitcompress._structure import Record, register_replay
+from lightning_vitcompress.functional._outcome import check_outcome, output_shape
 from lightning_vitcompress.models import ModelAdapter, adapter_for
 
 __all__ = [
@@ -523,7 +525,14 @@ def merge_tokens(
         raise ValueError(f"merge_tokens: pass the options in the TokenMergingConfig, not also as keywords "
                          f"({sorted(options)}).")
     plan = plan_token_merging(model, config, example_input)
+    example = example_input[:1] if example_input is not None else shape_example_input(model)
+    before = output_shape(model, example)
     apply_merge_plan(model, plan)
+    try:
+        check_outcome(model, example, before, "merge_tokens")
+    except TypeError:
+        remove_token_merging(model)
+        raise
     return plan
 
 

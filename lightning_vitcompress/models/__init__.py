@@ -22,7 +22,11 @@ from lightning_vitcompress.models.base import (
     PrefixTokens,
     logits_of,
 )
+from lightning_vitcompress.models.beit import BeitAdapter
+from lightning_vitcompress.models.cait import CaitAdapter
+from lightning_vitcompress.models.eva import EvaAdapter
 from lightning_vitcompress.models.mha import HandWrittenAdapter
+from lightning_vitcompress.models.swin import SwinAdapter
 from lightning_vitcompress.models.timm import TimmAdapter
 from lightning_vitcompress.models.torchvision import TorchvisionAdapter
 from lightning_vitcompress.models.transformers import TransformersAdapter
@@ -30,11 +34,15 @@ from lightning_vitcompress.models.transformers import TransformersAdapter
 __all__ = [
     "ADAPTERS",
     "AttentionLayout",
+    "BeitAdapter",
+    "CaitAdapter",
     "Capabilities",
     "EmbeddingParameter",
+    "EvaAdapter",
     "ModelAdapter",
     "HandWrittenAdapter",
     "PrefixTokens",
+    "SwinAdapter",
     "TimmAdapter",
     "TorchvisionAdapter",
     "TransformersAdapter",
@@ -46,6 +54,10 @@ __all__ = [
 #: tried in order; the first whose ``matches`` is true adapts the model
 ADAPTERS: list[type[ModelAdapter]] = [
     TimmAdapter,
+    EvaAdapter,
+    BeitAdapter,
+    CaitAdapter,
+    SwinAdapter,
     TorchvisionAdapter,
     TransformersAdapter,
     HandWrittenAdapter,  # any other model with attention the adapters read: keep last
@@ -55,10 +67,18 @@ ADAPTERS: list[type[ModelAdapter]] = [
 def supported_families() -> str:
     """The supported families, for messages."""
     return (
-        "timm VisionTransformer/VisionTransformerDistilled, torchvision VisionTransformer, "
+        "timm VisionTransformer/VisionTransformerDistilled (SigLIP's attention-pool head too), timm Eva "
+        "(EVA, EVA-02, RoPE ViTs), timm Beit, timm Cait, timm SwinTransformer, torchvision VisionTransformer, "
         "transformers ViTForImageClassification/DeiTForImageClassification(WithTeacher), "
         "hand-written ViTs built on nn.MultiheadAttention or timm-style attention"
     )
+
+
+def _looks_like_attention(module: nn.Module) -> bool:
+    """A module named like attention, or holding the projections attention has (``qkv``, ``qk``)."""
+    name = type(module).__name__.lower()
+    projections = (getattr(module, attr, None) for attr in ("qkv", "qk"))
+    return "attention" in name or "attn" in name or any(isinstance(p, nn.Linear) for p in projections)
 
 
 def adapter_for(model: nn.Module) -> ModelAdapter:
@@ -72,7 +92,7 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
         if adapter.matches(model):
             return adapter(model)
     for name, module in model.named_modules():
-        if "attention" in type(module).__name__.lower():
+        if _looks_like_attention(module):
             raise TypeError(
                 f"{type(model).__name__} has attention module {type(module).__name__} at {name!r}, "
                 f"which no adapter supports. Supported families: {supported_families()}."

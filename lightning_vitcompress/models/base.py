@@ -35,9 +35,10 @@ a fused ``qkv`` Linear (timm ``Attention`` and modules marked
 
 from __future__ import annotations
 
+import contextlib
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Union
 
@@ -49,7 +50,9 @@ from torch import nn
 ATTENTION_MARKER = "is_vitcompress_attention"
 
 #: (query, key, value) attribute names of separate projections, newest transformers naming first
-SEPARATE_QKV_NAMES: tuple[tuple[str, str, str], ...] = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))
+SEPARATE_QKV_NAMES: tuple[tuple[str, str, str], ...] = (
+    ("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q", "k", "v"),  # the last: timm CaiT's ClassAttn
+)
 
 
 @dataclass(frozen=True)
@@ -139,7 +142,7 @@ class Capabilities:
     mlp_pruning: bool = True
     why_not: Mapping[str, str] = field(default_factory=dict)
 
-    def require(self, capability: str, option: str, family: str) -> None:
+    def require(self, capability: str, option: str, family: str, model_class: str = "") -> None:
         """Raise ``ValueError`` naming ``option`` when ``capability`` is missing.
 
         Example::
@@ -148,8 +151,9 @@ class Capabilities:
         """
         if not getattr(self, capability):
             reason = self.why_not.get(capability, "")
+            which = f" ({model_class})" if model_class else ""
             raise ValueError(
-                f"{option} is not possible on {family} models: {reason} Turn off {option}."
+                f"{option} is not possible on {family} models{which}: {reason} Turn off {option}."
             )
 
 
@@ -224,7 +228,7 @@ def read_layout(name: str, module: nn.Module, out_proj: Optional[nn.Linear] = No
             scale=float(scale) if isinstance(scale, (int, float)) else None,
         )
     separate = _separate_qkv(module)
-    out = out_proj if out_proj is not None else getattr(module, "o_proj", None)
+    out = out_proj if out_proj is not None else getattr(module, "o_proj", getattr(module, "proj", None))
     if separate is not None and isinstance(out, nn.Linear):
         query, key, value = separate
         heads = _int_attr(module, "num_attention_heads", "num_heads")
@@ -236,6 +240,87 @@ def read_layout(name: str, module: nn.Module, out_proj: Optional[nn.Linear] = No
             query=query, key=key, value=value, scale=float(scaling) if isinstance(scaling, (int, float)) else None,
         )
     raise TypeError("it has neither a fused qkv Linear, an in_proj_weight, nor q/k/v Linears with an output projection")
+
+
+def is_attention_pool(module: nn.Module) -> bool:
+    """A latent-query attention pool (timm ``AttentionPoolLatent``): ``latent``, ``q``, fused ``kv``, ``proj``."""
+    return (
+        isinstance(getattr(module, "latent", None), nn.Parameter)
+        and isinstance(getattr(module, "kv", None), nn.Linear)
+        and isinstance(getattr(module, "proj", None), nn.Linear)
+        and _int_attr(module, "num_heads") is not None
+    )
+
+
+def narrow_attention_pool(name: str, pool: nn.Module, width: int) -> None:
+    """Keep ``width // num_heads`` dims of each head of ``pool``'s q/k/v, by the L2 norm of their weights.
+
+    The pool's attention output is reshaped to its input width, so after the embedding is pruned
+    to ``width`` its inner width must follow. Its output width (the classifier's input) stays.
+    The trained softmax scale is folded into the query rows. Nothing happens when the widths agree.
+
+    Raises:
+        TypeError: a pool this cannot narrow (no query projection, or a per-head-dim q/k norm).
+        ValueError: ``width`` is not a multiple of the pool's head count (names ``round_to``).
+    """
+    heads, inner = int(pool.num_heads), pool.kv.out_features // 2
+    if inner == width:
+        return
+    if not isinstance(pool.q, nn.Linear) or not isinstance(getattr(pool, "q_norm", nn.Identity()), nn.Identity):
+        raise TypeError(
+            f"The attention pool {type(pool).__name__} at {name!r} has no query projection or normalises q/k per "
+            "head dim, so its width cannot follow the pruned embedding: pass prune_embed_dim=False."
+        )
+    if width % heads:
+        raise ValueError(
+            f"The pruned embedding width {width} is not a multiple of the {heads} heads of the attention pool "
+            f"{type(pool).__name__} at {name!r}: pass round_to={heads}."
+        )
+    head_dim, keep = inner // heads, width // heads
+    with torch.no_grad():
+        q = pool.q.weight.view(heads, head_dim, -1)
+        k, v = pool.kv.weight.view(2, heads, head_dim, -1)
+        out = pool.proj.weight.view(-1, heads, head_dim).transpose(0, 1)
+        score = sum(t.pow(2).sum(-1) for t in (q, k, v, out.transpose(1, 2)))  # (heads, head_dim)
+        kept = score.topk(keep, dim=1).indices.sort(dim=1).values
+        rows = (kept + torch.arange(heads, device=kept.device)[:, None] * head_dim).flatten()
+        trained = float(getattr(pool, "scale", head_dim**-0.5))
+        factor = trained / keep**-0.5
+        _narrow_linear(pool.q, rows=rows, factor=factor)
+        _narrow_linear(pool.kv, rows=torch.cat([rows, rows + inner]))
+        _narrow_linear(pool.proj, columns=rows)
+    pool.head_dim, pool.scale = keep, keep**-0.5
+
+
+def narrow_glu_mlp(mlp: nn.Module, keep: int) -> None:
+    """Keep the ``keep`` hidden channels of a gated MLP (``fc1`` = value and gate halves) with the largest
+    L2 norm over both halves of ``fc1`` and ``fc2``'s columns; its hidden norm, if any, follows."""
+    hidden = mlp.fc2.in_features
+    if keep >= hidden:
+        return
+    with torch.no_grad():
+        halves = mlp.fc1.weight.view(2, hidden, -1)
+        score = halves.pow(2).sum((0, 2)) + mlp.fc2.weight.pow(2).sum(0)
+        kept = score.topk(keep).indices.sort().values
+        _narrow_linear(mlp.fc1, rows=torch.cat([kept, kept + hidden]))
+        _narrow_linear(mlp.fc2, columns=kept)
+        norm = getattr(mlp, "norm", None)
+        if isinstance(norm, nn.LayerNorm) and norm.weight is not None:
+            norm.weight = nn.Parameter(norm.weight[kept], requires_grad=norm.weight.requires_grad)
+            if norm.bias is not None:
+                norm.bias = nn.Parameter(norm.bias[kept], requires_grad=norm.bias.requires_grad)
+            norm.normalized_shape = (keep,)
+
+
+def _narrow_linear(
+    linear: nn.Linear, rows: Optional[torch.Tensor] = None, columns: Optional[torch.Tensor] = None, factor: float = 1.0
+) -> None:
+    """Keep only ``rows`` (outputs) or ``columns`` (inputs) of ``linear``, in place; rows scaled by ``factor``."""
+    weight = linear.weight[rows] * factor if rows is not None else linear.weight[:, columns]
+    linear.weight = nn.Parameter(weight.contiguous(), requires_grad=linear.weight.requires_grad)
+    if rows is not None and linear.bias is not None:
+        linear.bias = nn.Parameter(linear.bias[rows] * factor, requires_grad=linear.bias.requires_grad)
+    linear.out_features, linear.in_features = linear.weight.shape
 
 
 def logits_of(output: Any) -> torch.Tensor:
@@ -326,6 +411,83 @@ class ModelAdapter(ABC):
     @abstractmethod
     def input_shape(self) -> Optional[tuple[int, int, int]]:
         """``(C, H, W)`` when the model states it, else None."""
+
+    def attention_width_is_embedding(self) -> bool:
+        """True where an attention reshapes its output to its input width (timm ``EvaAttention``): its
+        q/k/v width must stay the embedding's, so heads and embedding are pruned together."""
+        return False
+
+    def prepare_pruning(self, saved: Optional[Mapping[str, Any]] = None) -> None:
+        """Make the model's structure one torch-pruning can trace, computing the same function.
+
+        Attention that keeps its q/v biases beside a bias-free ``qkv`` (timm EVA, BEiT: ``q_bias``,
+        ``v_bias`` and a zero ``k_bias`` buffer, handed to ``F.linear`` with ``qkv.weight``) gets them
+        folded into ``qkv.bias``. Run before pruning and before replaying a prune; with ``saved`` (the
+        state dict being loaded) only the attentions it holds folded are folded.
+        """
+        for name, attn in self.attention_blocks():
+            q_bias, qkv = getattr(attn, "q_bias", None), getattr(attn, "qkv", None)
+            if not isinstance(q_bias, nn.Parameter) or not isinstance(qkv, nn.Linear) or qkv.bias is not None:
+                continue
+            if saved is not None and f"{name}.qkv.bias" not in saved:
+                continue
+            with torch.no_grad():
+                bias = torch.cat((q_bias, torch.zeros_like(q_bias), attn.v_bias))
+            qkv.bias = nn.Parameter(bias, requires_grad=q_bias.requires_grad)
+            attn.q_bias = attn.v_bias = attn.k_bias = None
+
+    @contextlib.contextmanager
+    def tracing(self) -> Iterator[nn.Module]:
+        """The model as torch-pruning should trace it: parts whose graph it misreads, and whose widths
+        pruning never changes, are replaced by constants inside the block.
+
+        Relative-position biases (timm Swin, BEiT: a ``(distances, heads)`` table gathered into a
+        ``heads x tokens x tokens`` bias) would be read as a parameter to prune along its last dim,
+        the heads, tangling the head-dim groups: each attention's ``_get_rel_pos_bias`` returns its
+        value as a constant while tracing. Subclasses add their own (RoPE's token concat).
+        """
+        shadowed = []
+        for module in self.model.modules():
+            if isinstance(getattr(module, "relative_position_bias_table", None), nn.Parameter) and callable(
+                getattr(module, "_get_rel_pos_bias", None)
+            ):
+                with torch.no_grad():
+                    constant = module._get_rel_pos_bias().detach()
+                module._get_rel_pos_bias = lambda constant=constant: constant
+                shadowed.append(module)
+        try:
+            yield self.model
+        finally:
+            for module in shadowed:
+                del module._get_rel_pos_bias
+
+    def custom_pruners(self) -> dict[type, Any]:
+        """torch-pruning pruners for module types it should prune as one unit (its ``customized_pruners``)."""
+        return {}
+
+    def glu_mlps(self) -> list[tuple[str, nn.Module]]:
+        """``(name, module)`` of gated MLPs whose ``fc1`` holds value and gate halves (timm ``GluMlp``, EVA-02's):
+        torch-pruning cannot follow the chunk, so pruning narrows them itself (:func:`narrow_glu_mlp`)."""
+        from timm.layers import GluMlp
+
+        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, GluMlp) and isinstance(m.fc1, nn.Linear)]
+
+    def attention_pools(self) -> list[tuple[str, nn.Module]]:
+        """``(name, module)`` of latent attention pools on the residual stream (SigLIP's MAP head; default: none).
+
+        Pruning leaves their outputs (the head's input) alone and narrows their inner width to the
+        embedding's afterwards (:func:`narrow_attention_pool`): timm's pool reshapes its attention
+        output to its input width.
+        """
+        return []
+
+    def nystrom_problem(self) -> Optional[str]:
+        """Why Nyström attention does not apply to this family's attention (None: ask the attention module)."""
+        return None
+
+    def pruning_problem(self) -> Optional[str]:
+        """Why structured pruning cannot run on this model, naming what would work (None: it can)."""
+        return None
 
     def _fix_model_attributes(self) -> None:
         """Update the model-level width attributes after an edit (family-specific; default: nothing)."""
@@ -487,6 +649,8 @@ class ModelAdapter(ABC):
                                 ("all_head_size", heads * head_dim)):
                 if _int_attr(module, attr) is not None:
                     setattr(module, attr, value)
+            if isinstance(module.__dict__.get("scale"), float):  # timm CaiT's ClassAttn: eager path only
+                module.scale = head_dim**-0.5
 
     @staticmethod
     def _fold_query_scale(layout: AttentionLayout, factor: float) -> None:

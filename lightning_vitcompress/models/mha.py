@@ -120,6 +120,15 @@ class HandWrittenAdapter(ModelAdapter):
         height, width = (size, size) if isinstance(size, int) else size
         return (patch.in_channels, int(height), int(width))
 
+    def pruning_problem(self) -> Optional[str]:
+        widths = sorted({layout.embed_dim for layout in self.layouts()})
+        if len(widths) > 1:
+            return (
+                f"its attention blocks have widths {widths} (a model in stages joined by pooling layers, such as "
+                "PiT), and this adapter prunes one residual width; supported: single-width ViTs, and timm Swin"
+            )
+        return None
+
     def embed_multiple_of(self) -> Optional[int]:
         heads = [layout.num_heads for layout in self.layouts() if layout.kind == "in_proj"]
         return math.lcm(*heads) if heads else None

@@ -22,6 +22,7 @@ from lightning_vitcompress.models.base import (
     ModelAdapter,
     PrefixTokens,
     embedding_parameter,
+    is_attention_pool,
     named_heads,
 )
 
@@ -49,7 +50,7 @@ class TimmAdapter(ModelAdapter):
         model = self.model
         parameters = [
             *embedding_parameter("cls_token", model.cls_token),
-            *embedding_parameter("reg_token", model.reg_token),
+            *embedding_parameter("reg_token", getattr(model, "reg_token", None)),
             *embedding_parameter("dist_token", getattr(model, "dist_token", None)),
             *embedding_parameter("pos_embed", model.pos_embed),
         ]
@@ -57,6 +58,10 @@ class TimmAdapter(ModelAdapter):
 
     def classifier_heads(self) -> list[tuple[str, nn.Module]]:
         return named_heads(self.model, ("head", "head_dist"))
+
+    def attention_pools(self) -> list[tuple[str, nn.Module]]:
+        pool = getattr(self.model, "attn_pool", None)
+        return [("attn_pool", pool)] if isinstance(pool, nn.Module) and is_attention_pool(pool) else []
 
     def input_shape(self) -> Optional[tuple[int, int, int]]:
         patch_embed = self.model.patch_embed
