@@ -90,13 +90,11 @@ def test_work_order_puts_a_seeds_teacherless_rows_first(study):
     assert [seed for _, seed in order] == sorted(seed for _, seed in order)  # seed 0 complete before seed 1
 
 
-def test_ensemble_teacher_averages_probabilities_not_logits(study):
+def test_conv_teacher_is_what_the_teacher_module_trains(study):
     import torch
 
-    torch.manual_seed(0)
-    members = [torch.nn.Linear(4, 3) for _ in range(3)]
-    x = torch.randn(5, 4)
-    teacher = study.EnsembleTeacher(members)
-    expected = torch.stack([m(x).softmax(-1) for m in members]).mean(0)
-    assert torch.allclose(teacher(x).softmax(-1), expected, atol=1e-6)
-    assert not torch.allclose(teacher(x).softmax(-1), torch.stack([m(x) for m in members]).mean(0).softmax(-1))
+    module = study.TeacherClassifier(lr=1e-2)
+    assert isinstance(module.model, study.ConvTeacher)
+    assert module(torch.randn(6, 1, 28, 28)).shape == (6, 10)
+    # the optimizer takes module.parameters(): they must be the convnet's, with no leftover ViT
+    assert {id(p) for p in module.parameters()} == {id(p) for p in module.model.parameters()}
