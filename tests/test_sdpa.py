@@ -105,10 +105,7 @@ class _InPrecision(nn.Module):
         return run_in_precision(self.module, torch.bfloat16, x)
 
 
-@pytest.mark.parametrize("decompose", [True, False])
-def test_compile_frozen_decomposes_attention_unless_told_not_to(decompose):
-    from lightning_vitcompress.functional import compile_frozen
-
+def _compiled_calls(compile_model) -> str:
     graphs: list[torch.fx.GraphModule] = []
 
     def capture(graph: torch.fx.GraphModule, example_inputs: list) -> object:
@@ -116,8 +113,27 @@ def test_compile_frozen_decomposes_attention_unless_told_not_to(decompose):
         return graph.forward
 
     module = _Attend().eval()
-    compile_frozen(module, autocast_dtype=torch.bfloat16, decompose_attention=decompose, backend=capture)
+    compile_model(module, capture)
     with torch.inference_mode():
         module(torch.randn(2, 10, 16))
-    calls = " ".join(str(node.target) for graph in graphs for node in graph.graph.nodes)
+    return " ".join(str(node.target) for graph in graphs for node in graph.graph.nodes)
+
+
+@pytest.mark.parametrize("decompose", [True, False])
+def test_compile_frozen_decomposes_attention_unless_told_not_to(decompose):
+    from lightning_vitcompress.functional import compile_frozen
+
+    calls = _compiled_calls(lambda module, backend: compile_frozen(
+        module, autocast_dtype=torch.bfloat16, decompose_attention=decompose, backend=backend))
     assert ("scaled_dot_product_attention" in calls) is not decompose, calls
+
+
+def test_quantize_on_fit_passes_decompose_attention_to_the_x86_compile():
+    from lightning_vitcompress import QuantizeOnFit
+    from lightning_vitcompress.functional import QUANTIZATION_CONFIGS
+
+    compile = QuantizeOnFit("int8_static_x86", compile={"decompose_attention": False}).compile
+    # the callback's compile step: spec.compile(model, precision, **compile)
+    calls = _compiled_calls(lambda module, backend: QUANTIZATION_CONFIGS["int8_static_x86"].compile(
+        module, "bf16-mixed", **compile, backend=backend))
+    assert "scaled_dot_product_attention" in calls, calls

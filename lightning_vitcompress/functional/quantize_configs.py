@@ -162,9 +162,15 @@ class QuantizationSpec:
 
     def check_inference_precision(self, inference_precision: Any, compile: Any = None) -> None:
         """Raise ``ValueError`` unless ``inference_precision`` is one of :data:`INFERENCE_PRECISIONS` that
-        applies to this config, compiled as ``compile`` says."""
+        applies to this config, compiled as ``compile`` says (whose ``decompose_attention`` only x86 configs take)."""
         if inference_precision not in INFERENCE_PRECISIONS:
             raise ValueError(f"inference_precision={inference_precision!r}: pass one of {list(INFERENCE_PRECISIONS)}.")
+        if isinstance(compile, dict) and DECOMPOSE_ATTENTION in compile and not self.frozen_compile:
+            names = " or ".join(repr(n) for n, s in QUANTIZATION_CONFIGS.items() if s.frozen_compile)
+            raise ValueError(
+                f"compile={compile!r}: {DECOMPOSE_ATTENTION} applies to the x86 configs' bf16-mixed inference "
+                f"(compile_frozen), not config={self.name!r}: use config={names}, or drop the key."
+            )
         if inference_precision == "32-true":
             return
         if not self.bf16_mixed:
@@ -216,7 +222,8 @@ class QuantizationSpec:
         """Compile the quantized ``model`` in place (state-dict keys unchanged), as this config is fastest."""
         if self.frozen_compile:
             compile_frozen(model, autocast_dtype=INFERENCE_PRECISIONS[inference_precision], **compile_kwargs)
-        else:
+        else:  # no autocast here, so no attention to write out ("auto" passes one compile= to every candidate)
+            compile_kwargs.pop(DECOMPOSE_ATTENTION, None)
             model.compile(**compile_kwargs)
 
 
@@ -457,17 +464,25 @@ def _compile_arguments() -> set[str]:
     return {name for name in inspect.signature(torch.compile).parameters if name != "model"}
 
 
+#: the ``compile=`` key that is not torch.compile's: the x86 configs' :func:`compile_frozen` option
+DECOMPOSE_ATTENTION = "decompose_attention"
+
+
 def check_compile(compile: Any) -> None:
-    """``compile`` is None, a bool, or a dict of ``torch.compile`` keyword arguments it takes."""
+    """``compile`` is None, a bool, or a dict of ``torch.compile`` keyword arguments it takes (and, for the x86
+    configs, ``decompose_attention``: checked against the config by :meth:`QuantizationSpec.check_inference_precision`)."""
     if compile is None or isinstance(compile, bool):
         return
     if not isinstance(compile, dict):
         raise TypeError(f"compile={compile!r}: pass True/False, a dict of torch.compile arguments, or None.")
-    unknown = sorted(set(compile) - _compile_arguments())
+    unknown = sorted(set(compile) - _compile_arguments() - {DECOMPOSE_ATTENTION})
     if unknown:
         raise ValueError(
-            f"compile={compile!r}: torch.compile takes no argument {unknown}; it takes {sorted(_compile_arguments())}."
+            f"compile={compile!r}: torch.compile takes no argument {unknown}; it takes {sorted(_compile_arguments())} "
+            f"(and the x86 configs {DECOMPOSE_ATTENTION!r})."
         )
+    if not isinstance(compile.get(DECOMPOSE_ATTENTION, True), bool):
+        raise TypeError(f"compile={compile!r}: {DECOMPOSE_ATTENTION} must be True or False.")
     mode = compile.get("mode")
     if mode is not None:
         import torch._inductor

@@ -8,7 +8,7 @@ tokens with 32-64 wide heads it took about half the time of a pruned int8
 ViT-B/16 here. Written out as two batched matmuls and a softmax, inductor fuses
 the scaling and softmax and oneDNN runs both matmuls in bf16:
 ``benchmarks/bench_attention.py`` measures the model-level effect (AMD EPYC,
-pruned 50% int8 ViT-B/16, batch 4: 84 -> 113 img/s, the OpenVINO int8 level).
+pruned 50% int8 ViT-B/16, batch 4: 73 -> 109 img/s, 1.04x OpenVINO int8 by hand).
 
 :class:`DecomposedAttention` does the rewriting as a ``TorchFunctionMode``, so
 it reaches every attention that calls ``F.scaled_dot_product_attention``
