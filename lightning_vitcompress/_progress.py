@@ -47,8 +47,9 @@ class StageBar:
         self._rich: Any = None
         self._task: Any = None
         self._own_rich = False
-        callback = trainer.progress_bar_callback if trainer is not None else None
-        self.enabled = bool(callback is not None and callback.is_enabled and trainer.is_global_zero)
+        callback: Any = trainer.progress_bar_callback if trainer is not None else None
+        self.enabled = bool(trainer is not None and callback is not None and callback.is_enabled
+                            and trainer.is_global_zero)
         if self.enabled:
             self._guard(lambda: self._open(callback, unit))
 
@@ -56,7 +57,7 @@ class StageBar:
         if isinstance(callback, RichProgressBar):
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            progress = callback.progress
+            progress: Any = callback.progress
             if progress is None or getattr(callback, "_progress_stopped", True):
                 # the Trainer's display is closed: our own, on its console
                 progress = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),

@@ -135,6 +135,11 @@ class NystromAttention(nn.Module):
     """
 
     is_vitcompress_attention: ClassVar[bool] = True  # see _model.ATTENTION_MARKER
+    attn_drop: nn.Module  # nn.Dropout, or nn.Identity when swapped in for an attention without dropout
+    proj_drop: nn.Module
+    # set only on a swapped-in nn.MultiheadAttention: what nn.TransformerEncoderLayer reads before its fast path
+    _qkv_same_embed_dim: bool
+    in_proj_bias: Optional[torch.Tensor]
 
     def __init__(
         self,

@@ -164,7 +164,7 @@ def compare_models(
         for name, model in models.items():
             # an exported file (LoadedArtifact) holds no parameters: its size is the file's, params and MACs n/a
             artifact = isinstance(model, LoadedArtifact)
-            size = model.size_bytes if artifact else serialized_size_bytes(model)
+            size = model.size_bytes if isinstance(model, LoadedArtifact) else serialized_size_bytes(model)
             results[name].update(
                 params=None if artifact else count_parameters(model),
                 size_mb=size / _MB,

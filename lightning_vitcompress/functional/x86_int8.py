@@ -84,6 +84,10 @@ class X86Int8DynamicLinear(nn.Module):
         layer = X86Int8DynamicLinear.from_linear(nn.Linear(384, 1536))
     """
 
+    weight_scale: torch.Tensor
+    weight_zero_point: torch.Tensor
+    bias: Optional[nn.Parameter]
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__()
         _register_x86_lowering()
@@ -106,7 +110,7 @@ class X86Int8DynamicLinear(nn.Module):
             weight, scale, layer.weight_zero_point, 0, -128, 127, torch.int8
         )
         layer.weight_scale.copy_(scale)
-        if linear.bias is not None:
+        if linear.bias is not None and layer.bias is not None:
             layer.bias.data = linear.bias.detach().float().clone()
         return layer
 
@@ -161,7 +165,7 @@ class X86Int8StaticLinear(X86Int8DynamicLinear):
         self.input_zero_point = 0
 
     @classmethod
-    def from_linear(  # type: ignore[override]
+    def from_linear(
         cls, linear: nn.Linear, input_range: Optional[tuple[float, float]] = None
     ) -> "X86Int8StaticLinear":
         """Quantize ``linear``'s weight; ``input_range`` (min, max) is what its inputs were seen to span."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import types
 from collections.abc import Iterator
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -80,7 +80,7 @@ class CaitAdapter(TimmAdapter):
                 "attention), which merged tokens do not keep")
 
 
-def _traced_talking_heads(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _traced_talking_heads(attn: Any, x: torch.Tensor) -> torch.Tensor:
     """What torch-pruning traces for a ``TalkingHeadAttn``: its ``qkv`` and ``proj`` around plain attention."""
     batch, tokens, width = x.shape
     qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, width // attn.num_heads).permute(2, 0, 3, 1, 4)

@@ -70,6 +70,8 @@ class HandWrittenAdapter(ModelAdapter):
     """
 
     family = "hand-written"
+    #: a third-party module tree: its attributes are read dynamically (checked by tests/test_zoo.py, not mypy)
+    model: Any
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -146,13 +148,13 @@ class HandWrittenAdapter(ModelAdapter):
         return None
 
     @staticmethod
-    def attention_step(block: nn.Module, x: torch.Tensor, attend: Any) -> torch.Tensor:
+    def attention_step(block: Any, x: torch.Tensor, attend: Any) -> torch.Tensor:
         if block.norm_first:
             return x + block.dropout1(attend(block.norm1(x)))
         return block.norm1(x + block.dropout1(attend(x)))
 
     @staticmethod
-    def mlp_step(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def mlp_step(block: Any, x: torch.Tensor) -> torch.Tensor:
         if block.norm_first:
             return x + block._ff_block(block.norm2(x))
         return block.norm2(x + block._ff_block(x))

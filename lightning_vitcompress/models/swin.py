@@ -27,6 +27,8 @@ class SwinAdapter(ModelAdapter):
     """timm Swin (v1): ``layers[i].blocks[j].attn`` is a ``WindowAttention`` with a fused ``qkv``."""
 
     family = "timm Swin"
+    #: a third-party module tree: its attributes are read dynamically (checked by tests/test_zoo.py, not mypy)
+    model: Any
     capabilities = Capabilities(
         head_pruning=False,
         why_not={"head_pruning": "each WindowAttention's relative-position bias table has one column per head."},
@@ -97,24 +99,24 @@ class _PatchMergingPruner(tp.pruner.function.BasePruningFunc):
     side by side (``4 x C``, neighbour-major), so a pruned input channel ``c`` is ``c + k*C`` for each ``k``."""
 
     @staticmethod
-    def _wide(layer: nn.Module, idxs: Sequence[int]) -> list[int]:
+    def _wide(layer: Any, idxs: Sequence[int]) -> list[int]:
         width = layer.norm.normalized_shape[0] // 4
         return [k * width + int(i) for k in range(4) for i in idxs]
 
-    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+    def prune_out_channels(self, layer: Any, idxs: Sequence[int]) -> nn.Module:
         tp.prune_linear_out_channels(layer.reduction, idxs)
         layer.out_dim = layer.reduction.out_features
         return layer
 
-    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+    def prune_in_channels(self, layer: Any, idxs: Sequence[int]) -> nn.Module:
         wide = self._wide(layer, idxs)
         tp.prune_layernorm_out_channels(layer.norm, wide)
         tp.prune_linear_in_channels(layer.reduction, wide)
         layer.dim = layer.norm.normalized_shape[0] // 4
         return layer
 
-    def get_out_channels(self, layer: nn.Module) -> int:
+    def get_out_channels(self, layer: Any) -> int:
         return layer.reduction.out_features
 
-    def get_in_channels(self, layer: nn.Module) -> int:
+    def get_in_channels(self, layer: Any) -> int:
         return layer.norm.normalized_shape[0] // 4

@@ -31,6 +31,8 @@ class TimmAdapter(ModelAdapter):
     """timm ViTs: ``blocks[i].attn`` with a fused ``qkv``; torch-pruning prunes heads, head dims, embed and MLP."""
 
     family = "timm"
+    #: a third-party module tree: its attributes are read dynamically (checked by tests/test_zoo.py, not mypy)
+    model: Any
     capabilities = Capabilities()
 
     @classmethod
@@ -82,9 +84,9 @@ class TimmAdapter(ModelAdapter):
         return None if type(block).forward is Block.forward else f"{type(block).__name__} is not timm's Block"
 
     @staticmethod
-    def attention_step(block: nn.Module, x: torch.Tensor, attend: Any) -> torch.Tensor:
+    def attention_step(block: Any, x: torch.Tensor, attend: Any) -> torch.Tensor:
         return x + block.drop_path1(block.ls1(attend(block.norm1(x))))
 
     @staticmethod
-    def mlp_step(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def mlp_step(block: Any, x: torch.Tensor) -> torch.Tensor:
         return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))

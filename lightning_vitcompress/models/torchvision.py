@@ -77,11 +77,11 @@ class TorchvisionAdapter(HandWrittenAdapter):
         return None if type(block).forward is EncoderBlock.forward else f"{type(block).__name__} is not an EncoderBlock"
 
     @staticmethod
-    def attention_step(block: nn.Module, x: torch.Tensor, attend: Any) -> torch.Tensor:
+    def attention_step(block: Any, x: torch.Tensor, attend: Any) -> torch.Tensor:
         return x + block.dropout(attend(block.ln_1(x)))
 
     @staticmethod
-    def mlp_step(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def mlp_step(block: Any, x: torch.Tensor) -> torch.Tensor:
         return x + block.mlp(block.ln_2(x))
 
     @staticmethod

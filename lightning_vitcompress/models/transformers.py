@@ -44,6 +44,8 @@ class TransformersAdapter(ModelAdapter):
     """ViT/DeiT image classifiers from transformers (eager and SDPA attention)."""
 
     family = "transformers"
+    #: a third-party module tree: its attributes are read dynamically (checked by tests/test_zoo.py, not mypy)
+    model: Any
     capabilities = Capabilities()
 
     @classmethod
@@ -56,7 +58,7 @@ class TransformersAdapter(ModelAdapter):
         )
 
     @property
-    def _embeddings(self) -> nn.Module:
+    def _embeddings(self) -> Any:
         return self.model.base_model.embeddings
 
     def attention_blocks(self) -> list[tuple[str, nn.Module]]:
@@ -129,9 +131,9 @@ class TransformersAdapter(ModelAdapter):
         return f"{type(block).__name__} has not all of {parts} (the transformers >= 5 ViT layer)"
 
     @staticmethod
-    def attention_step(block: nn.Module, x: torch.Tensor, attend: Any) -> torch.Tensor:
+    def attention_step(block: Any, x: torch.Tensor, attend: Any) -> torch.Tensor:
         return x + block.dropout(attend(block.layernorm_before(x)))
 
     @staticmethod
-    def mlp_step(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def mlp_step(block: Any, x: torch.Tensor) -> torch.Tensor:
         return x + block.dropout(block.mlp(block.layernorm_after(x)))
