@@ -7,8 +7,14 @@ report gives both speedups. Pure torch, no Lightning.
 
 Example::
 
-    reference = build_baseline(vit, "bf16_compiled")      # a new module; vit is untouched
-    report = compare_models({"fp32 eager": vit, "bf16 compiled": reference, "ours": compressed}, x)
+    >>> import timm, torch
+    >>> from lightning_vitcompress.functional.baselines import build_baseline
+    >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2).eval()
+    >>> reference = build_baseline(vit, "bf16_compiled")  # a new module; vit is untouched
+    >>> reference is vit, type(reference).__name__
+    (False, 'CompiledAutocast')
+
+and then ``compare_models({"fp32 eager": vit, "bf16 compiled": reference, "ours": compressed}, x)``.
 """
 
 from __future__ import annotations

@@ -144,8 +144,15 @@ def compare_throughput(
 
     Example::
 
-        ips = compare_throughput({"fp32": vit, "int8": quantized}, torch.randn(4, 3, 224, 224))
-        print(ips["int8"] / ips["fp32"])
+        >>> import copy, timm, torch
+        >>> from lightning_vitcompress.functional import compare_throughput, quantize_model
+        >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2).eval()
+        >>> quantized = copy.deepcopy(vit)
+        >>> summary = quantize_model(quantized, "int8_dynamic")
+        >>> ips = compare_throughput({"fp32": vit, "int8": quantized}, torch.randn(4, 3, 32, 32), rounds=1,
+        ...                          min_run_time=0.05)
+        >>> sorted(ips), ips["int8"] > 0
+        (['fp32', 'int8'], True)
     """
     check_positive(rounds, "rounds", "3", integer=True)
     check_positive(min_run_time, "min_run_time", "0.5")
@@ -192,8 +199,11 @@ def first_call_seconds(model: nn.Module, example_input: torch.Tensor) -> float:
 
     Example::
 
-        compiled = torch.compile(vit)
-        first_call_seconds(compiled, images)  # ~15-30 s for ViT-B/16 on 2 cores; the next call is milliseconds
+        >>> import timm, torch
+        >>> from lightning_vitcompress.functional.measure import first_call_seconds
+        >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2).eval()
+        >>> first_call_seconds(vit, torch.randn(2, 3, 32, 32)) > 0  # a torch.compile'd ViT-B/16: ~15-30 s on 2 cores
+        True
     """
     start = time.perf_counter()
     with torch.inference_mode():

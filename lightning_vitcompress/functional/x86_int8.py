@@ -21,16 +21,21 @@ freezing, in inference mode; ``autocast_dtype=torch.bfloat16`` also runs what
 is not quantized (attention, norms, GELU) in bf16, PyTorch's "int8-mixed-bf16"
 recipe for CPUs with AVX512-BF16/AMX.
 
-Example::
+Example (any model with linear layers; a ViT the same way)::
 
-    from torchao.quantization import quantize_
-    from lightning_vitcompress import Int8DynamicX86Config
-    from lightning_vitcompress.functional.x86_int8 import compile_frozen
-
-    quantize_(vit, Int8DynamicX86Config())
-    compile_frozen(vit)  # or compile_frozen(vit, autocast_dtype=torch.bfloat16)
-    with torch.inference_mode():
-        logits = vit(images)
+    >>> import torch
+    >>> from torchao.quantization import quantize_
+    >>> from lightning_vitcompress import Int8DynamicX86Config
+    >>> from lightning_vitcompress.functional.x86_int8 import compile_frozen
+    >>> mlp = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 10)).eval()
+    >>> quantize_(mlp, Int8DynamicX86Config())
+    >>> type(mlp[0]).__name__
+    'X86Int8DynamicLinear'
+    >>> compile_frozen(mlp)  # or compile_frozen(mlp, autocast_dtype=torch.bfloat16)
+    >>> with torch.inference_mode():
+    ...     logits = mlp(torch.randn(4, 64))
+    >>> logits.shape
+    torch.Size([4, 10])
 """
 
 from __future__ import annotations
@@ -81,7 +86,14 @@ class X86Int8DynamicLinear(nn.Module):
 
     Example::
 
-        layer = X86Int8DynamicLinear.from_linear(nn.Linear(384, 1536))
+        >>> import torch
+        >>> linear = torch.nn.Linear(384, 1536)
+        >>> layer = X86Int8DynamicLinear.from_linear(linear)
+        >>> layer.weight.dtype, layer.weight_scale.shape
+        (torch.int8, torch.Size([1536]))
+        >>> x = torch.randn(2, 384)
+        >>> bool((layer(x) - linear(x)).abs().max() < 0.05)  # int8 weights and activations, close to fp32
+        True
     """
 
     weight_scale: torch.Tensor
@@ -156,7 +168,10 @@ class X86Int8StaticLinear(X86Int8DynamicLinear):
 
     Example::
 
-        layer = X86Int8StaticLinear.from_linear(nn.Linear(384, 1536), input_range=(-3.2, 4.1))
+        >>> import torch
+        >>> layer = X86Int8StaticLinear.from_linear(torch.nn.Linear(384, 1536), input_range=(-3.2, 4.1))
+        >>> layer(torch.randn(2, 384)).shape
+        torch.Size([2, 1536])
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
@@ -238,7 +253,13 @@ def calibrate_input_ranges(
 
     Example::
 
-        ranges = calibrate_input_ranges(vit, ["blocks.0.attn.qkv"], [((images,), {})])
+        >>> import timm, torch
+        >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2).eval()
+        >>> images = torch.randn(4, 3, 32, 32)
+        >>> ranges = calibrate_input_ranges(vit, ["blocks.0.attn.qkv"], [((images,), {})])
+        >>> low, high = ranges["blocks.0.attn.qkv"]
+        >>> low < 0 < high
+        True
     """
     ranges: dict[str, tuple[float, float]] = {}
 
