@@ -2,9 +2,11 @@
 
 Example::
 
-    from lightning_vitcompress.models import adapter_for
-    adapter = adapter_for(timm.create_model("vit_tiny_patch16_224", pretrained=False))
-    [layout.num_heads for layout in adapter.layouts()]  # [3] * 12
+    >>> import timm
+    >>> from lightning_vitcompress.models import adapter_for
+    >>> adapter = adapter_for(timm.create_model("vit_tiny_patch16_224", pretrained=False))
+    >>> adapter.family, [layout.num_heads for layout in adapter.layouts()] == [3] * 12
+    ('timm', True)
 
 Adding a family: write ``models/<family>.py`` with a :class:`ModelAdapter`
 subclass and add it to :data:`ADAPTERS` (more specific families first).

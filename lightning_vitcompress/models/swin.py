@@ -6,10 +6,16 @@ head, and heads stay) and int8. Refused, naming why: whole-head pruning (the bia
 table would have to follow), token merging (tokens tile fixed windows and merge 2x2
 between stages), Nyström (a window holds ``window_size**2`` tokens, already few).
 
-Example::
+Example (a tiny Swin; ``swin_tiny_patch4_window7_224`` the same way)::
 
-    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False)
-    prune_vit(swin, 0.5, torch.randn(1, 3, 224, 224))
+    >>> import timm, torch
+    >>> from lightning_vitcompress.functional import prune_vit
+    >>> swin = timm.create_model("swin_tiny_patch4_window7_224", img_size=32, patch_size=4, window_size=4,
+    ...                          embed_dim=32, depths=(2, 2), num_heads=(2, 4), num_classes=10)
+    >>> before = sum(p.numel() for p in swin.parameters())
+    >>> records = prune_vit(swin, 0.5, torch.randn(1, 3, 32, 32))
+    >>> sum(p.numel() for p in swin.parameters()) < 0.6 * before, swin(torch.randn(2, 3, 32, 32)).shape
+    (True, torch.Size([2, 10]))
 """
 
 from __future__ import annotations

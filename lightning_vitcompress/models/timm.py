@@ -2,10 +2,13 @@
 
 Example::
 
-    vit = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False)
-    adapter = TimmAdapter(vit)
-    adapter.prefix_tokens().count  # 2: class and distillation token
-    [name for name, _ in adapter.classifier_heads()]  # ['head', 'head_dist']
+    >>> import timm
+    >>> vit = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=32, depth=2)
+    >>> adapter = TimmAdapter(vit)
+    >>> adapter.prefix_tokens().count  # class and distillation token
+    2
+    >>> [name for name, _ in adapter.classifier_heads()]
+    ['head', 'head_dist']
 """
 
 from __future__ import annotations

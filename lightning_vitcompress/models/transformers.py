@@ -10,11 +10,13 @@ implementations, so head-dim pruning keeps it; outputs are objects with
 
 Example::
 
-    config = transformers.DeiTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=4, intermediate_size=64, num_labels=10)
-    model = transformers.DeiTForImageClassificationWithTeacher(config)
-    adapter = TransformersAdapter(model)
-    adapter.prefix_tokens().count  # 2
+    >>> import transformers
+    >>> config = transformers.DeiTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+    ...                                  num_attention_heads=4, intermediate_size=64, num_labels=10)
+    >>> model = transformers.DeiTForImageClassificationWithTeacher(config)
+    >>> adapter = TransformersAdapter(model)
+    >>> adapter.prefix_tokens().count  # class and distillation token
+    2
 """
 
 from __future__ import annotations
