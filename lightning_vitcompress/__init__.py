@@ -2,8 +2,9 @@
 
 Example::
 
-    from lightning_vitcompress import BenchmarkCallback, PruningSchedule, QuantizeOnFit
-    trainer = Trainer(callbacks=[PruningSchedule(0.5), QuantizeOnFit("int8_dynamic"), BenchmarkCallback()])
+    >>> from lightning import Trainer
+    >>> from lightning_vitcompress import BenchmarkCallback, PruningSchedule, QuantizeOnFit
+    >>> trainer = Trainer(callbacks=[PruningSchedule(0.5), QuantizeOnFit("int8_dynamic"), BenchmarkCallback()])
 
 The callbacks (and everything that needs Lightning) load on first use, so
 ``lightning_vitcompress.functional`` works where only torch, timm and torchao

@@ -9,8 +9,14 @@ per callback, and the table as text where the logger takes text (TensorBoard).
 
 Example::
 
-    rows = plan_rows(trainer)          # [PlanRow("PruningSchedule", "structured pruning ...", "setup", "...")]
-    print(format_plan(rows))           # the Markdown table printed at fit start
+    >>> import lightning as L
+    >>> from lightning_vitcompress import PruningSchedule, TokenMerging
+    >>> trainer = L.Trainer(max_epochs=3, callbacks=[PruningSchedule(0.5, end_epoch=2), TokenMerging(r=4)])
+    >>> print(format_plan(plan_rows(trainer)))  # the Markdown table printed at fit start
+    | callback | does | when | settings |
+    |---|---|---|---|
+    | PruningSchedule | structured pruning, 0.5 of the channels removed | 3 steps, epochs 0-2 | importance=l2, schedule=linear |
+    | TokenMerging | token merging (ToMe), r=4 per block (constant) | setup (before the optimizer exists) | blocks=all, no weights change |
 """
 
 from __future__ import annotations

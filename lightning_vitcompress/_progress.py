@@ -8,12 +8,13 @@ or a task in the Trainer's own rich display when it uses
 with ``Trainer(enable_progress_bar=False)``. A bar never fails a fit: a bar
 that cannot draw warns once and goes quiet.
 
-Example::
+Example (``trainer=None`` gives a silent bar; a Trainer's own bar style draws it)::
 
-    with stage_bar(trainer, "QuantizeOnFit: calibrating", total=8, unit="batch") as bar:
-        for batch in batches:
-            model(batch)
-            bar.step()
+    >>> with stage_bar(None, "QuantizeOnFit: calibrating", total=8, unit="batch") as bar:
+    ...     for batch in range(8):
+    ...         bar.step()
+    >>> bar.count
+    8
 """
 
 from __future__ import annotations
