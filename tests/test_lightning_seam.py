@@ -226,3 +226,58 @@ def test_each_seam_function_names_what_it_relies_on(name: str) -> None:
 
     doc = inspect.getdoc(getattr(_lightning, name)) or ""
     assert "Lightning 2.4-2.6" in doc
+
+
+# ------------------------------------------------------------------ torch: lightning_vitcompress.functional._torch_internals
+def test_compiled_call_is_what_module_compile_sets_and_call_runs() -> None:
+    from lightning_vitcompress.functional._torch_internals import compiled_call, eager_call, set_compiled_call
+
+    layer, x = nn.Linear(4, 2), torch.randn(3, 4)
+    assert compiled_call(layer) is None
+    layer.compile()  # compiles lazily, at the first call: nothing is compiled here
+    assert compiled_call(layer) is not None
+    set_compiled_call(layer, lambda *args, **kwargs: "compiled")
+    assert layer(x) == "compiled"  # nn.Module.__call__ runs it instead of forward
+    set_compiled_call(layer, None)
+    assert compiled_call(layer) is None and torch.equal(layer(x), eager_call(layer)(x))
+
+
+def test_forward_hook_dicts_hold_every_kind_of_forward_hook() -> None:
+    from lightning_vitcompress.functional._torch_internals import FORWARD_HOOK_DICTS
+
+    layer, calls = nn.Linear(4, 2), []
+    layer.register_forward_pre_hook(lambda *args: calls.append("pre"))
+    layer.register_forward_pre_hook(lambda *args: calls.append("pre, kwargs"), with_kwargs=True)
+    layer.register_forward_hook(lambda *args: calls.append("post"), with_kwargs=True, always_call=True)
+    layer(torch.randn(1, 4))
+    assert len(calls) == 3
+    calls.clear()
+    for name in FORWARD_HOOK_DICTS:  # what export's _hooks_set_aside does: then no hook runs
+        setattr(layer, name, type(getattr(layer, name))())
+    layer(torch.randn(1, 4))
+    assert not calls
+
+
+def test_inductor_and_dispatch_internals() -> None:
+    import torch._inductor
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lightning_vitcompress.functional import _torch_internals as internals
+
+    assert {"default", "max-autotune"} <= set(internals.inductor_mode_options())
+    assert hasattr(internals.inductor_config(), "freezing") and callable(internals.inductor_config().patch)
+    assert callable(torch._inductor.aoti_compile_and_package) and callable(torch._inductor.aoti_load_package)
+    assert not internals.in_dispatch_mode()
+    with FlopCounterMode(display=False):
+        assert internals.in_dispatch_mode()
+    assert internals.tree_map(lambda v: v * 2, {"a": [1, (2, 3)]}) == {"a": [2, (4, 6)]}
+    internals.register_quantized_decomposed_ops()
+    assert hasattr(torch.ops.quantized_decomposed, "quantize_per_tensor")
+
+
+def test_cpu_feature_probes_exist() -> None:
+    from lightning_vitcompress.functional import _torch_internals as internals
+
+    assert isinstance(internals.mkldnn_bf16_supported(), bool)
+    assert any(hasattr(torch.cpu, name) for name in ("_is_vnni_supported", "_is_amx_tile_supported"))
+    assert isinstance(internals.cpu_has_amx_or_vnni(), bool)
