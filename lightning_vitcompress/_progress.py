@@ -28,6 +28,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_vitcompress._lightning import rich_display
+
 __all__ = ["StageBar", "stage_bar"]
 
 
@@ -58,12 +60,12 @@ class StageBar:
         if isinstance(callback, RichProgressBar):
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            progress: Any = callback.progress
-            if progress is None or getattr(callback, "_progress_stopped", True):
+            progress, console = rich_display(callback)
+            if progress is None:
                 # the Trainer's display is closed: our own, on its console
                 progress = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
                                     MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[note]}"),
-                                    console=getattr(callback, "_console", None))
+                                    console=console)
                 progress.start()
                 self._own_rich = True
             self._rich = progress

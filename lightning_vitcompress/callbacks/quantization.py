@@ -55,6 +55,7 @@ from lightning_vitcompress._training_state import (
     refresh_after_structural_change,
 )
 from lightning_vitcompress.callbacks._quantization_auto import AUTO, _AutoAndBudget, _check_auto_arguments
+from lightning_vitcompress.functional._torch_internals import set_compiled_call
 from lightning_vitcompress.functional.measure import images_of
 from lightning_vitcompress.functional.quantize import (
     _EXAMPLE_ROWS,
@@ -625,7 +626,7 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
             with torch.inference_mode():
                 _run(model, self._example)
         except Exception as err:  # noqa: BLE001 - the quantized model is fine, only compiling failed
-            model._compiled_call_impl = None  # undo nn.Module.compile
+            set_compiled_call(model, None)  # undo nn.Module.compile
             rank_zero_warn(f"QuantizeOnFit(compile={self.compile!r}): compiling the quantized model failed, "
                            f"it runs eager: {type(err).__name__}: {err}")
             return None

@@ -64,7 +64,7 @@ class LoadedArtifact(nn.Module):
         self.first_call_seconds: Optional[float] = None
         start = time.perf_counter()
         if format == "pt2":
-            from torch._inductor import aoti_load_package
+            from lightning_vitcompress.functional._torch_internals import aoti_load_package
 
             self._runner: Any = aoti_load_package(str(self.path))
         elif format == "openvino":

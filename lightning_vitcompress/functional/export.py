@@ -45,6 +45,12 @@ from torch import nn
 
 from lightning_vitcompress._checks import check_bool, check_choice, check_output_file, check_path
 from lightning_vitcompress.functional.measure import eval_mode
+from lightning_vitcompress.functional._torch_internals import (
+    FORWARD_HOOK_DICTS,
+    aoti_compile_and_package,
+    compiled_call,
+    set_compiled_call,
+)
 from lightning_vitcompress.functional.artifact import (
     ARTIFACT_FORMATS,
     ArtifactMismatchError,
@@ -212,23 +218,19 @@ class _Deployable(nn.Module):
 @contextlib.contextmanager
 def _uncompiled(model: nn.Module) -> Iterator[nn.Module]:
     """``model`` with an in-place ``nn.Module.compile`` (QuantizeOnFit's) set aside: export traces the eager model."""
-    compiled = model.__dict__.get("_compiled_call_impl")
-    model._compiled_call_impl = None
+    compiled = compiled_call(model)
+    set_compiled_call(model, None)
     try:
         yield model
     finally:
-        model._compiled_call_impl = compiled
-
-
-_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
-               "_forward_hooks_always_called")
+        set_compiled_call(model, compiled)
 
 
 @contextlib.contextmanager
 def _hooks_set_aside(model: nn.Module) -> Iterator[nn.Module]:
     """``model`` with its modules' forward hooks set aside: a trial trace must not reach hooks that keep inputs
     (QuantizeOnFit's capture of the first training batch would keep the trace's tensors)."""
-    saved = [(module, name, getattr(module, name)) for module in model.modules() for name in _HOOK_DICTS
+    saved = [(module, name, getattr(module, name)) for module in model.modules() for name in FORWARD_HOOK_DICTS
              if getattr(module, name, None)]
     for module, name, hooks in saved:
         setattr(module, name, type(hooks)())
@@ -468,8 +470,6 @@ def _moved_copy(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def _write_pt2(program: torch.export.ExportedProgram, path: Path) -> None:
-    from torch._inductor import aoti_compile_and_package
-
     # freezing applies only with gradients off, as in compile_frozen's inference-mode calls
     with torch.no_grad():
         aoti_compile_and_package(

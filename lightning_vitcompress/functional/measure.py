@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils import benchmark as torch_benchmark
 
 from lightning_vitcompress._checks import check_positive
+from lightning_vitcompress.functional._torch_internals import compiled_call, set_compiled_call
 from lightning_vitcompress.models.base import logits_of
 
 Device = Union[str, torch.device]
@@ -92,17 +93,17 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> Optional[int]:
     counter = FlopCounterMode(display=False)
     # counted eager: under the counter a compiled module (nn.Module.compile, compile_frozen) would compile
     # again, which costs minutes on a small CPU and counts the same work
-    compiled = [(m, m._compiled_call_impl) for m in model.modules() if getattr(m, "_compiled_call_impl", None)]
+    compiled = [(m, compiled_call(m)) for m in model.modules() if compiled_call(m)]
     try:
         for module, _ in compiled:
-            module._compiled_call_impl = None
+            set_compiled_call(module, None)
         with eval_mode(model), torch.inference_mode(), counter:
             model(example_input)
     except Exception:  # noqa: BLE001 - the counter does not know every custom op
         return None
     finally:
         for module, call in compiled:
-            module._compiled_call_impl = call
+            set_compiled_call(module, call)
     return counter.get_total_flops() // 2 // max(1, example_input.shape[0])
 
 

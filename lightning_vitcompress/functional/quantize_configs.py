@@ -35,6 +35,7 @@ from torchao.quantization.qat import FakeQuantizedLinear, IntxFakeQuantizeConfig
 from torchao.utils import TorchAOBaseTensor
 
 from lightning_vitcompress._model import set_submodule
+from lightning_vitcompress.functional._torch_internals import inductor_mode_options
 from lightning_vitcompress.functional.x86_int8 import (
     Int8DynamicX86Config,
     Int8StaticX86Config,
@@ -485,9 +486,7 @@ def check_compile(compile: Any) -> None:
         raise TypeError(f"compile={compile!r}: {DECOMPOSE_ATTENTION} must be True or False.")
     mode = compile.get("mode")
     if mode is not None:
-        import torch._inductor
-
-        modes = list(torch._inductor.list_mode_options())
+        modes = inductor_mode_options()
         if mode not in modes:
             raise ValueError(f"compile={compile!r}: mode={mode!r} is not a torch.compile mode; use one of {modes}.")
 

@@ -49,10 +49,18 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._pytree import tree_map
 from torchao.core.config import AOBaseConfig
 from torchao.quantization.transform_module import register_quantize_module_handler
 
+from lightning_vitcompress.functional._torch_internals import (
+    cpu_has_amx_or_vnni,
+    eager_call,
+    inductor_config,
+    mkldnn_bf16_supported,
+    register_quantized_decomposed_ops,
+    set_compiled_call,
+    tree_map,
+)
 from lightning_vitcompress.functional.sdpa import DecomposedAttention
 
 #: smallest scale, as in torchao's X86InductorQuantizer default config
@@ -67,7 +75,7 @@ def _register_x86_lowering() -> None:
     patterns that turn the quantize/dequantize graph into oneDNN int8 GEMMs;
     without the import inductor compiles the reference ops.
     """
-    import torch.ao.quantization.fx._decomposed  # noqa: F401 - defines the quantized_decomposed ops
+    register_quantized_decomposed_ops()
     import torchao.quantization.pt2e.inductor_passes.x86  # noqa: F401
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
 
@@ -332,16 +340,14 @@ def compile_frozen(
     as bf16 matmuls, see :func:`run_in_precision`; ``decompose_attention=False`` keeps the fused attention
     kernel) and casts floating outputs back to float32. ``QuantizeOnFit(compile={...})`` passes both here.
     """
-    import torch._inductor.config as inductor_config
-
     _register_x86_lowering()
-    compiled: Callable[..., Any] = torch.compile(model._call_impl, **compile_kwargs)
+    compiled: Callable[..., Any] = torch.compile(eager_call(model), **compile_kwargs)
 
     def call_with_freezing(*args: Any, **kwargs: Any) -> Any:
-        with inductor_config.patch(FROZEN_INDUCTOR_OPTIONS):
+        with inductor_config().patch(FROZEN_INDUCTOR_OPTIONS):
             return run_in_precision(compiled, autocast_dtype, *args, decompose_attention=decompose_attention, **kwargs)
 
-    model._compiled_call_impl = call_with_freezing  # what nn.Module.compile sets
+    set_compiled_call(model, call_with_freezing)  # what nn.Module.compile sets
 
 
 def _to_float32(value: Any) -> Any:
@@ -352,7 +358,7 @@ def _to_float32(value: Any) -> Any:
 
 def cpu_supports_bfloat16() -> bool:
     """Whether this CPU has native bf16 math (AVX512-BF16 or AMX), which makes "bf16-mixed" inference fast."""
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return bool(torch.backends.mkldnn.is_available() and mkldnn_bf16_supported())
 
 
 def cpu_supports_int8_dot_product() -> bool:
@@ -362,6 +368,5 @@ def cpu_supports_int8_dot_product() -> bool:
 
     if platform.machine().lower() not in ("x86_64", "amd64", "x86", "i686"):
         return False
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_vnni_supported", "_is_amx_tile_supported")]
-    return any(check() for check in checks if check is not None)
+    return cpu_has_amx_or_vnni()
 
