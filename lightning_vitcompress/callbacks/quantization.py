@@ -57,12 +57,12 @@ from lightning_vitcompress._training_state import (
 from lightning_vitcompress.callbacks._quantization_auto import AUTO, _AutoAndBudget, _check_auto_arguments
 from lightning_vitcompress.functional.measure import images_of
 from lightning_vitcompress.functional.quantize import (
-    _EXAMPLE_ROWS,
-    _MB,
+    EXAMPLE_ROWS,
+    MB,
     RECORD_KIND,
     ModelInputs,
     Ranges,
-    _run,
+    run_model,
     quantize_model,
     remove_fake_quantization,
     split_attention_to_quantize,
@@ -80,7 +80,7 @@ from lightning_vitcompress.functional.quantize_configs import (
 )
 from lightning_vitcompress.functional.quantize_layers import (
     SkipSpec,
-    _check_skip_matches,
+    check_skip_matches,
     check_skip,
 )
 from lightning_vitcompress.functional.x86_int8 import cpu_supports_bfloat16
@@ -316,7 +316,7 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
         if self.default:
             self._choose_default(trainer, device)
         self._check_resume(trainer)
-        _check_skip_matches(self.target(pl_module), self.skip)
+        check_skip_matches(self.target(pl_module), self.skip)
         if self.auto:
             self.spec, self.inference_precision = None, "32-true"  # chosen afresh at train end
             self._setup_auto(trainer, device)
@@ -448,7 +448,7 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
             if not (in_training_step(trainer) if trainer is not None else module.training):
                 return
             if self._example is None:
-                self._example = ModelInputs.detached(args, kwargs, rows=_EXAMPLE_ROWS)
+                self._example = ModelInputs.detached(args, kwargs, rows=EXAMPLE_ROWS)
             if not calibrates:
                 self._stop_capture()
             elif len(self._calibration) < self.calibration_batches:
@@ -623,7 +623,7 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
         start = time.perf_counter()
         try:
             with torch.inference_mode():
-                _run(model, self._example)
+                run_model(model, self._example)
         except Exception as err:  # noqa: BLE001 - the quantized model is fine, only compiling failed
             model._compiled_call_impl = None  # undo nn.Module.compile
             rank_zero_warn(f"QuantizeOnFit(compile={self.compile!r}): compiling the quantized model failed, "
@@ -664,8 +664,8 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
             {
                 "layers_quantized": len(summary["quantized"]),
                 "layers_skipped": len(summary["skipped"]),
-                "size_before_mb": summary["size_before_bytes"] / _MB,
-                "size_after_mb": summary["size_after_bytes"] / _MB,
+                "size_before_mb": summary["size_before_bytes"] / MB,
+                "size_after_mb": summary["size_after_bytes"] / MB,
                 "size_ratio": summary["size_after_bytes"] / summary["size_before_bytes"],
                 "output_relative_error": summary["output_relative_error"],
                 "compile_seconds": summary.get("compile_seconds"),
@@ -677,7 +677,7 @@ class QuantizeOnFit(_AutoAndBudget, CompressionCallback):
         rank_zero_info(
             f"QuantizeOnFit: {summary['config']} quantized {len(summary['quantized'])} linear layers"
             f"{' after QAT' if summary['qat'] else ''}, kept {len(summary['skipped'])}; "
-            f"size {summary['size_before_bytes'] / _MB:.2f} MB -> {summary['size_after_bytes'] / _MB:.2f} MB"
+            f"size {summary['size_before_bytes'] / MB:.2f} MB -> {summary['size_after_bytes'] / MB:.2f} MB"
             + (f"; relative output change {error:.4f} on a training input" if error is not None else "")
         )
 
