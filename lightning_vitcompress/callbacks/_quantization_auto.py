@@ -5,7 +5,8 @@ that measures instead of applying one fixed recipe: "auto" times every config
 that runs on this machine against the unquantized model and keeps the fastest
 within budget (:meth:`~AutoQuantization.choose`); the budget keeps the most
 sensitive layers in full precision, as few as the accuracy allows
-(:meth:`~AutoQuantization.fit_budget`). Both decide on rank zero and broadcast.
+(:meth:`~AutoQuantization.fit_budget`, on the shared budget check
+:func:`~lightning_vitcompress.callbacks._budget.judge`). Both decide on rank zero and broadcast.
 It is built from the callback's arguments and gets what each fit brings (the
 budget, the captured inputs) as arguments; it reads nothing of the callback.
 """
@@ -20,14 +21,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_vitcompress._base import (
-    local_validation_accuracy,
-    measure_validation_accuracy,
-    progress_line,
-    validation_data,
-)
+from lightning_vitcompress._base import local_validation_accuracy, progress_line, validation_data
 from lightning_vitcompress._model import set_submodule, stated_input_shape
 from lightning_vitcompress._progress import stage_bar
+from lightning_vitcompress.callbacks._budget import Verdict, judge
 from lightning_vitcompress.functional.budget import AccuracyBudget
 from lightning_vitcompress.functional.quantize import ModelInputs
 from lightning_vitcompress.functional.quantize_auto import (
@@ -227,25 +224,25 @@ class AutoQuantization:
         beyond the budget.
         """
         name = f"QuantizeOnFit(config={spec.name!r}, max_accuracy_drop={self.max_accuracy_drop!r})"
-        accuracy = measure_validation_accuracy(trainer, model)
-        summary.update(accuracy=accuracy, higher_precision=[])
-        if budget.allows(accuracy):
-            rank_zero_info(f"{name}: every selected layer quantized, within budget: {budget.describe(accuracy)}.")
+        quantized = judge(trainer, budget, model)
+        summary.update(accuracy=quantized.accuracy, higher_precision=[])
+        if quantized.within:
+            rank_zero_info(f"{name}: every selected layer quantized, within budget: {quantized.describe()}.")
             return summary
 
-        def undo(quantized: list[str]) -> None:
-            for layer in quantized:
+        def undo(layers: list[str]) -> None:
+            for layer in layers:
                 set_submodule(model, layer, trained[layer])
 
         undo(summary["quantized"])
-        fp32 = measure_validation_accuracy(trainer, model)
-        if not budget.allows(fp32):
+        fp32 = judge(trainer, budget, model)
+        if not fp32.within:
             rank_zero_warn(f"{name}: the model is beyond the accuracy budget before quantizing "
-                           f"({budget.describe(fp32)}); it was left unquantized.")
-            return {"config": None, "quantized": [], "skipped": {}, "qat": False, "accuracy": fp32,
+                           f"({fp32.describe()}); it was left unquantized.")
+            return {"config": None, "quantized": [], "skipped": {}, "qat": False, "accuracy": fp32.accuracy,
                     "reason": "beyond the accuracy budget before quantizing"}
         layers = list(summary["quantized"])
-        progress_line(trainer, f"{name}: all layers quantized is beyond budget ({budget.describe(accuracy)}); "
+        progress_line(trainer, f"{name}: all layers quantized is beyond budget ({quantized.describe()}); "
                                f"measuring the sensitivity of {len(layers)} layers")
         order: Optional[list[str]] = None
         if trainer.is_global_zero:
@@ -256,32 +253,31 @@ class AutoQuantization:
         order = trainer.strategy.broadcast(order, src=0)
         assert order is not None
         beyond, within = 0, len(order)  # keeping k layers: 0 is beyond budget, all of them is the fp32 model
-        measured: dict[int, Optional[float]] = {0: accuracy, len(order): fp32}
+        measured: dict[int, Verdict] = {0: quantized, len(order): fp32}
         while within - beyond > 1:
             keep = (beyond + within) // 2
             progress_line(trainer, f"{name}: trying with the {keep} most sensitive layers in full precision")
             trial = quantize(skip_also(self.skip, order[:keep]))
-            measured[keep] = measure_validation_accuracy(trainer, model)
+            measured[keep] = judge(trainer, budget, model)
             undo(trial["quantized"])
-            if budget.allows(measured[keep]):
+            if measured[keep].within:
                 within = keep
             else:
                 beyond = keep
         if within == len(order):
             rank_zero_info(f"{name}: only the unquantized model is within budget; it was left unquantized.")
-            return {"config": None, "quantized": [], "skipped": {}, "qat": False, "accuracy": fp32,
+            return {"config": None, "quantized": [], "skipped": {}, "qat": False, "accuracy": fp32.accuracy,
                     "reason": "no layer can be quantized within the accuracy budget"}
         kept = order[:within]
         summary = quantize(skip_also(self.skip, kept))
         for rank, layer in enumerate(kept, 1):
             summary["skipped"][layer] = f"kept in full precision for the accuracy budget (sensitivity rank {rank})"
-        summary.update(accuracy=measured[within], higher_precision=kept)
+        summary.update(accuracy=measured[within].accuracy, higher_precision=kept)
         rank_zero_info(
             f"{name}: kept {len(kept)} of {len(order)} layers in full precision, most sensitive first ({kept}); "
-            f"{budget.describe(measured[within])}."
+            f"{measured[within].describe()}."
         )
         return summary
-
 
 def _timing_input(
     model: nn.Module, batch_size: int, example: Optional[ModelInputs], input_shape: Optional[tuple[int, ...]]
