@@ -8,7 +8,7 @@ work (contract 3, fail fast).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -107,6 +107,15 @@ def check_resume(path: Optional[str], saved: Optional[dict[str, Any]], mine: dic
                 f"quantization-aware training with {argument}={saved.get(argument)!r}: its weights were trained "
                 f"for that setting. Resume with {argument}={saved.get(argument)!r}, or start a new fit."
             )
+
+
+def check_inference_precision(inference_precision: str, native_bf16: Callable[[], bool]) -> None:
+    """``"bf16-mixed"`` only where the CPU has native bf16 math (``native_bf16()``, asked only then)."""
+    if inference_precision == "bf16-mixed" and not native_bf16():
+        raise ValueError(
+            "inference_precision='bf16-mixed': this CPU has no native bf16 math (AVX512-BF16 or AMX), "
+            "so bf16 would be slower than float32 here. Use inference_precision='32-true'."
+        )
 
 
 def check_calibration_data(trainer: "pl.Trainer", spec: QuantizationSpec, calibration_batches: int) -> None:

@@ -10,9 +10,12 @@ checkpoints saved during training hold the fp32 weights.
 
 Quantizing works on copies of the layers; only when every copy quantized and a
 forward pass of the model on a real input ran are they swapped in. On any
-failure the fp32 model stays in place and the error says what failed.
-``config="auto"`` and ``max_accuracy_drop``, which measure before they decide,
-live in ``_quantization_auto.py``.
+failure the fp32 model is put back and the error says what failed. The class
+reads top-down: constructor, hooks (``setup`` checks, QAT at an epoch start,
+the train-end recipe), then helpers. Beside it: ``_quantization_setup.py``
+(argument checks, the default config), ``_quantization_auto.py``
+(``config="auto"`` and ``max_accuracy_drop``, which measure before they
+decide) and ``_quantization_io.py`` (inputs kept, files and logs written).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from lightning_vitcompress.callbacks._quantization_auto import AUTO, AutoQuantiz
 from lightning_vitcompress.callbacks._quantization_setup import (
     check_arguments,
     check_calibration_data,
+    check_inference_precision,
     check_not_quantized,
     check_resume,
     check_save_paths,
@@ -231,7 +235,7 @@ class QuantizeOnFit(CompressionCallback):
         else:
             spec = self.spec
             spec.check_device(device)
-            self._check_inference_precision()
+            check_inference_precision(self.inference_precision, native_bf16=cpu_supports_bfloat16)
             check_calibration_data(trainer, spec, self.calibration_batches)
             spec.dry_run(device, qat=self.qat_start_epoch is not None)
         selected, skipped = spec.select_layers(model, self.skip)
@@ -268,7 +272,7 @@ class QuantizeOnFit(CompressionCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        # read back at a resume's setup (_check_resume); plain data, safe to load with weights_only=True
+        # read back at a resume's setup (check_resume); plain data, safe to load with weights_only=True
         skip = self.skip
         return {
             "config": AUTO if self.auto else (self.spec.name if self.spec is not None else None),
@@ -287,7 +291,7 @@ class QuantizeOnFit(CompressionCallback):
         self._inputs.stop()
         model = self.target(pl_module)
         if self.auto:
-            self._adopt(trainer, model)
+            self._choose_auto(trainer, model)
         if self.spec is None:  # "auto" found nothing faster within budget
             summary: Optional[dict[str, Any]] = self.search.unquantized_summary()
         else:
@@ -308,7 +312,51 @@ class QuantizeOnFit(CompressionCallback):
             self.summary = summary
             log_summary(trainer, summary, self.log_metrics)
 
-    def _adopt(self, trainer: "pl.Trainer", model: nn.Module) -> None:
+    # ------------------------------------------------------------- teardown
+    @override
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        self._inputs.clear()
+        super().teardown(trainer, pl_module, stage)
+
+    # ------------------------------------------------------------- what the base class and the report ask
+    def fit_plan(self, trainer: "pl.Trainer") -> list[PlanRow]:
+        if self.auto:
+            what = f"int8: the fastest of {len(self.search.candidates)} configs timed here ('auto')"
+            why = f"search bounded by {self.auto_time_budget_s:g} s"
+        else:
+            assert self.spec is not None
+            what = f"int8: {self.spec.name}, {self.inference_precision}"
+            why = self.default_choice.reason if self.default_choice is not None else "named in config="
+        if self.spec is not None and self.spec.calibrates:
+            why += f"; calibrated on {self.calibration_batches} training batches"
+        qat = f"QAT from epoch {self.qat_start_epoch}, " if self.qat_start_epoch is not None else ""
+        return [PlanRow("QuantizeOnFit", what, f"{qat}train end", why + budget_phrase(self))]
+
+    def scheduled_epochs(self) -> dict[str, int]:
+        return {} if self.qat_start_epoch is None else {"qat_start_epoch": self.qat_start_epoch}
+
+    def train_end_action(self) -> Optional[tuple[str, str]]:
+        saved = f" and writes save_path={str(self.save_path)!r}" if self.save_path is not None else ""
+        return (
+            f"QuantizeOnFit(config={self.config_label!r}) quantizes the model{saved}",
+            "or load the checkpoint with load_compressed(...) and call quantize_model(model, config)",
+        )
+
+    def decisions(self) -> Optional[dict[str, Any]]:
+        return self.search.decisions(self.summary) if self.auto or self.max_accuracy_drop is not None else None
+
+    @property
+    def config_label(self) -> str:
+        """The config's name (``"auto"`` until "auto" has chosen)."""
+        return self.spec.name if self.spec is not None else AUTO
+
+    @property
+    def auto_result(self) -> Optional[dict[str, Any]]:
+        """What ``"auto"`` tried and chose in the last fit (``None`` before, or without ``"auto"``)."""
+        return self.search.result
+
+    # ------------------------------------------------------------- train end helpers
+    def _choose_auto(self, trainer: "pl.Trainer", model: nn.Module) -> None:
         """``config="auto"``: measure, log what was tried, take the choice (``spec`` stays None: none was faster)."""
         chosen = self.search.choose(trainer, model, self._inputs.example, self._inputs.calibration, self.budget)
         self.log_metrics(trainer, self.search.metrics())
@@ -370,58 +418,6 @@ class QuantizeOnFit(CompressionCallback):
                 raise RuntimeError(message) from cause
             rank_zero_warn(message)
 
-    # ------------------------------------------------------------- teardown
-    @override
-    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        self._inputs.clear()
-        super().teardown(trainer, pl_module, stage)
-
-    # ------------------------------------------------------------- what the base class and the report ask
-    def fit_plan(self, trainer: "pl.Trainer") -> list[PlanRow]:
-        if self.auto:
-            what = f"int8: the fastest of {len(self.search.candidates)} configs timed here ('auto')"
-            why = f"search bounded by {self.auto_time_budget_s:g} s"
-        else:
-            assert self.spec is not None
-            what = f"int8: {self.spec.name}, {self.inference_precision}"
-            why = self.default_choice.reason if self.default_choice is not None else "named in config="
-        if self.spec is not None and self.spec.calibrates:
-            why += f"; calibrated on {self.calibration_batches} training batches"
-        qat = f"QAT from epoch {self.qat_start_epoch}, " if self.qat_start_epoch is not None else ""
-        return [PlanRow("QuantizeOnFit", what, f"{qat}train end", why + budget_phrase(self))]
-
-    def scheduled_epochs(self) -> dict[str, int]:
-        return {} if self.qat_start_epoch is None else {"qat_start_epoch": self.qat_start_epoch}
-
-    def train_end_action(self) -> Optional[tuple[str, str]]:
-        saved = f" and writes save_path={str(self.save_path)!r}" if self.save_path is not None else ""
-        return (
-            f"QuantizeOnFit(config={self.config_label!r}) quantizes the model{saved}",
-            "or load the checkpoint with load_compressed(...) and call quantize_model(model, config)",
-        )
-
-    def decisions(self) -> Optional[dict[str, Any]]:
-        return self.search.decisions(self.summary) if self.auto or self.max_accuracy_drop is not None else None
-
-    @property
-    def config_label(self) -> str:
-        """The config's name (``"auto"`` until "auto" has chosen)."""
-        return self.spec.name if self.spec is not None else AUTO
-
-    @property
-    def auto_result(self) -> Optional[dict[str, Any]]:
-        """What ``"auto"`` tried and chose in the last fit (``None`` before, or without ``"auto"``)."""
-        return self.search.result
-
-    # ------------------------------------------------------------- setup helpers
-    def _check_inference_precision(self) -> None:
-        if self.inference_precision == "bf16-mixed" and not cpu_supports_bfloat16():
-            raise ValueError(
-                "inference_precision='bf16-mixed': this CPU has no native bf16 math (AVX512-BF16 or AMX), "
-                "so bf16 would be slower than float32 here. Use inference_precision='32-true'."
-            )
-
-    # ------------------------------------------------------------- train end helpers
     def _quantize(
         self, model: nn.Module, trainer: "pl.Trainer", skip: SkipSpec = None, quiet: bool = False
     ) -> dict[str, Any]:

@@ -50,10 +50,10 @@ from lightning_vitcompress.functional.x86_int8 import (
 from lightning_vitcompress.functional.quantize_configs import resolve_quantization, spec_for_label, unprepared
 from lightning_vitcompress.functional.quantize_layers import (
     SkipSpec,
-    check_skip,
     check_skip_matches,
     is_linear,
     is_quantized_layer,
+    check_skip,
 )
 
 __all__ = ['ModelInputs', 'quantize_model', 'remove_fake_quantization', 'split_attention_to_quantize']
