@@ -233,6 +233,7 @@ class QuantizeOnFit(CompressionCallback):
             self.search.setup(trainer, device)
             spec = QUANTIZATION_CONFIGS[self.search.candidates[0].config]
         else:
+            assert self.spec is not None  # resolved in the constructor, or by choose_default above
             spec = self.spec
             spec.check_device(device)
             check_inference_precision(self.inference_precision, native_bf16=cpu_supports_bfloat16)
@@ -245,7 +246,7 @@ class QuantizeOnFit(CompressionCallback):
                 f"layer of the model; skipped: {skipped}. Loosen `skip`."
             )
         if self.default:
-            warn_if_too_narrow(model, self.spec, self.compile, selected, width=INT8_PAYS_FROM_WIDTH)
+            warn_if_too_narrow(model, spec, self.compile, selected, width=INT8_PAYS_FROM_WIDTH)
         self.search.result = None
         self.summary = None
         self._qat_active = False
@@ -375,7 +376,7 @@ class QuantizeOnFit(CompressionCallback):
             # nn.MultiheadAttention gets linear projections that can quantize (the same parameters, the same function)
             self._split = split_attention_to_quantize(model)
             # the layers as trained: quantize_model swaps in quantized copies and leaves these objects untouched
-            trained = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+            trained: dict[str, nn.Module] = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
             summary = self._quantize(model, trainer)
             if self.budget is not None:
                 requantize = functools.partial(self._quantize, model, trainer, quiet=True)
