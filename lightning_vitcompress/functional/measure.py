@@ -107,7 +107,7 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> Optional[int]:
     return counter.get_total_flops() // 2 // max(1, example_input.shape[0])
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     for tensor in model.parameters():
         return tensor.device
     return torch.device("cpu")
@@ -280,7 +280,7 @@ def measure_accuracy(
     """Top-1 accuracy (torchmetrics) of ``model`` over ``(images, labels)`` or dict batches; None if empty."""
     from torchmetrics.classification import MulticlassAccuracy
 
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     metric: Optional[MulticlassAccuracy] = None
     with eval_mode(model), torch.inference_mode():
         for batch in batches:

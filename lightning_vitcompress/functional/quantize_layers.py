@@ -53,7 +53,7 @@ def _is_quantized_weight(weight: Any) -> bool:
     return type(data) is not torch.Tensor
 
 
-def _is_quantized_layer(layer: nn.Module, spec: QuantizationSpec) -> bool:
+def is_quantized_layer(layer: nn.Module, spec: QuantizationSpec) -> bool:
     """A layer ``quantize_`` changed: swapped for the spec's module, or given a quantized weight."""
     if spec.module_class is not None and isinstance(layer, spec.module_class):
         return True
@@ -61,7 +61,7 @@ def _is_quantized_layer(layer: nn.Module, spec: QuantizationSpec) -> bool:
     return weight is not None and _is_quantized_weight(weight)
 
 
-def _check_skip_matches(model: nn.Module, skip: SkipSpec) -> None:
+def check_skip_matches(model: nn.Module, skip: SkipSpec) -> None:
     """Each ``skip`` pattern names at least one ``nn.Linear`` of ``model``: a typo must not quantize a layer."""
     if skip is None or callable(skip):
         return
@@ -75,7 +75,7 @@ def _check_skip_matches(model: nn.Module, skip: SkipSpec) -> None:
             )
 
 
-def _skip_matcher(skip: SkipSpec) -> Callable[[str, nn.Module], bool]:
+def skip_matcher(skip: SkipSpec) -> Callable[[str, nn.Module], bool]:
     if skip is None:
         return lambda name, module: False
     if callable(skip):
@@ -98,7 +98,7 @@ def select_layers(
     :func:`~lightning_vitcompress.functional.quantize_model` first turns self-attention
     MHA into linear projections, so only cross-attention ones are left to skip.
     """
-    matches_skip = _skip_matcher(skip)
+    matches_skip = skip_matcher(skip)
     selected: list[str] = []
     skipped: dict[str, str] = {}
     for name, module in model.named_modules():
@@ -119,5 +119,5 @@ def select_layers(
     return selected, skipped
 
 
-def _is_linear(module: nn.Module, *args: Any) -> bool:
+def is_linear(module: nn.Module, *args: Any) -> bool:
     return isinstance(module, nn.Linear)
