@@ -126,8 +126,10 @@ def functional(folder: Path) -> None:
     x = torch.randn(2, 3, 32, 32)
     vit = small_vit(**TINY).eval()
     before = sum(p.numel() for p in vit.parameters())
-    prune_vit(vit, PruneConfig(0.5, prune_heads=True), x)
+    # whole heads out, the embedding kept: attention narrower than the residual stream (timm <= 1.0.20 cannot run it)
+    prune_vit(vit, PruneConfig(0.5, prune_heads=True, prune_embed_dim=False), x)
     assert sum(p.numel() for p in vit.parameters()) < before
+    assert vit.blocks[0].attn.qkv.out_features // 3 < vit.embed_dim
     swap_attention(vit, NystromConfig(num_landmarks=16), blocks=[-1])
     merge_tokens(vit, TokenMergingConfig(r=4), example_input=x)
     export_compressed(vit, folder / "functional.pt2", x, ExportConfig(format="pt2"))

@@ -9,7 +9,7 @@ from packaging.requirements import Requirement
 
 from lightning_vitcompress._versions import check_versions, declared_requirements
 
-FLOORS = [Requirement("timm>=1.0.21"), Requirement("torch>=2.14"), Requirement("numpy")]
+FLOORS = [Requirement("timm>=1.0.23"), Requirement("torch>=2.14"), Requirement("numpy")]
 
 
 def versions(**installed: str):
@@ -25,12 +25,12 @@ def test_an_old_dependency_is_named_with_the_version_needed():
     with pytest.raises(ImportError) as err:
         check_versions(FLOORS, versions(timm="1.0.15", torch="2.14.1", numpy="2.0"))
     assert str(err.value) == (
-        'lightning-vitcompress needs timm>=1.0.21, but timm 1.0.15 is installed. Upgrade it: pip install "timm>=1.0.21"'
+        'lightning-vitcompress needs timm>=1.0.23, but timm 1.0.15 is installed. Upgrade it: pip install "timm>=1.0.23"'
     )
 
 
 def test_floors_met_local_builds_and_nightlies_pass():
-    check_versions(FLOORS, versions(timm="1.0.21", torch="2.14.1+cu130", numpy="1.23.5"))
+    check_versions(FLOORS, versions(timm="1.0.23", torch="2.14.1+cu130", numpy="1.23.5"))
     check_versions(FLOORS, versions(timm="1.1.0.dev0", torch="2.15.0.dev20270101+cpu", numpy="3.0"))
 
 
