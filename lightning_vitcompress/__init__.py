@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from lightning_vitcompress import _versions  # noqa: F401 - first: an old dependency is named, not met mid-import
 from lightning_vitcompress.functional import (
     DistillConfig,
     ExportConfig,
