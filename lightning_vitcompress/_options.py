@@ -77,7 +77,10 @@ def takes_config(
 
         @functools.wraps(body)
         def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-            arguments = signature.bind(self, *args, **kwargs)
+            try:
+                arguments = signature.bind(self, *args, **kwargs)
+            except TypeError as err:  # worded as Python's own: "PruningSchedule.__init__() got an unexpected ..."
+                raise TypeError(f"{cls.__qualname__}.__init__() {err}") from None
             arguments.apply_defaults()
             values = dict(arguments.arguments)
             if prepare is not None:
