@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_vitcompress._checks import check_bool, check_choice
+from lightning_vitcompress._checks import check_block_selection, check_bool, check_choice
 from lightning_vitcompress._model import shape_example_input
 from lightning_vitcompress._structure import Record, register_replay
 from lightning_vitcompress.functional._outcome import check_outcome, output_shape
@@ -85,17 +85,6 @@ def _check_r(r: Any) -> None:
         raise ValueError(
             f"r={r!r}: pass the tokens each block merges as an int >= 0 (e.g. 16 for ViT-B/16 at 224), "
             "or a list with one int >= 0 per selected block."
-        )
-
-
-def _check_blocks(blocks: Any) -> None:
-    if blocks is None:
-        return
-    if (isinstance(blocks, (str, int)) or not isinstance(blocks, Sequence) or not blocks
-            or not all(isinstance(b, (int, str)) and not isinstance(b, bool) for b in blocks)):
-        raise ValueError(
-            f"blocks={blocks!r}: pass a non-empty list of transformer-block indices or names "
-            "(e.g. [0, 1, 2] or ['blocks.0']), or None for all."
         )
 
 
@@ -132,7 +121,7 @@ class TokenMergingConfig:
                 f"schedule={self.schedule!r} with r={self.r!r}: a schedule spreads an int r over the blocks; "
                 "pass an int r, or schedule='constant' with one r per block."
             )
-        _check_blocks(self.blocks)
+        check_block_selection(self.blocks, kind="transformer-block", example="[0, 1, 2] or ['blocks.0']")
         check_bool(self.proportional_attention, "proportional_attention", "weigh merged tokens by their size")
         if not isinstance(self.r, int):
             object.__setattr__(self, "r", tuple(self.r))
