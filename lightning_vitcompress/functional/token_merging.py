@@ -93,15 +93,17 @@ class TokenMergingConfig:
     """How many tokens merge where, validated once (the ``quantize_(model, config)`` of token merging).
 
     Args:
-        r: tokens each selected block merges: an int, or one int per selected block.
+        r: tokens each selected block merges: an int (ViT-B/16 at 224: 8 to 16), or one int per selected
+            block. Bipartite matching merges at most half the patch tokens of a block; ``r`` that would leave
+            fewer tokens than the prefix tokens + 1 is refused (``TokenMerging``: at ``setup``).
         schedule: ``"constant"`` (every selected block asks ``r``) or
             ``"decreasing"`` (from ``2r`` in the first selected block down to 0 in
             the last, linearly: about the same total, more merged early, as ToMe's
             ``inflect=-1``). Only for an int ``r``.
         blocks: the transformer blocks that merge: indices (negative from the
             end) or block names (``"blocks.3"``); None: all.
-        proportional_attention: add ``log(size)`` of each key to the attention
-            logits after merging (the paper's default; needed without retraining).
+        proportional_attention: attention weighs each merged token by its size: add ``log(size)`` of
+            each key to the attention logits after merging (the paper's default; needed without retraining).
 
     Example::
 
