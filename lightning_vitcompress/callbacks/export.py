@@ -149,7 +149,6 @@ class ExportOnFit(CompressionCallback):
         self._deferred: Optional[tuple[str, Optional[Exception]]] = None
 
     # ----------------------------------------------------- hooks, in the order Lightning calls them
-
     def ordered_setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         check_output_file(self.path, "path")
         self._config = self._resolved_config(trainer)
@@ -216,7 +215,6 @@ class ExportOnFit(CompressionCallback):
         super().teardown(trainer, pl_module, stage)
 
     # ----------------------------------------------------------------------- what the pipeline asks
-
     def fit_plan(self, trainer: "pl.Trainer") -> list[PlanRow]:
         c = self._config
         what = f"writes {self.path.name} ({c.format}{', NNCF ' + c.quantize if c.quantize else ''})"
@@ -230,7 +228,6 @@ class ExportOnFit(CompressionCallback):
                 "or call export_compressed(model, path, images) on the trained model")
 
     # -------------------------------------------------------------------------------------- helpers
-
     def _check_with_quantize_on_fit(self, trainer: "pl.Trainer") -> None:
         from lightning_vitcompress.callbacks.quantization import QuantizeOnFit
 

@@ -140,7 +140,6 @@ class NystromSwap(CompressionCallback):
         self._originals: dict[str, nn.Module] = {}
 
     # ----------------------------------------------------- hooks, in the order Lightning calls them
-
     def ordered_setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         self.swapped_blocks = []
         self._originals = {}
@@ -232,7 +231,6 @@ class NystromSwap(CompressionCallback):
         self.skipped_blocks = dict(state_dict.get("skipped_blocks", {}))
 
     # ----------------------------------------------------------------------- what the pipeline asks
-
     def resume_config(self) -> dict[str, Any]:
         config = {**dataclasses.asdict(self.config), "swap_epoch": self.swap_epoch, "blocks": self.blocks}
         if self.min_tokens is not None:  # absent otherwise: checkpoints from before min_tokens still compare equal
@@ -269,7 +267,6 @@ class NystromSwap(CompressionCallback):
         return decided
 
     # -------------------------------------------------------------------------------------- helpers
-
     def _selected_blocks(self, model: nn.Module) -> list[str]:
         return select_attention_blocks(model, self.blocks, owner="NystromSwap")
 

@@ -81,7 +81,6 @@ class TokenMerging(CompressionCallback):
         self.plan: Optional[dict[str, Any]] = None
 
     # ----------------------------------------------------- hooks, in the order Lightning calls them
-
     def ordered_setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         self.plan = None
         done = [r for r in recorded_edits(pl_module) if r.get("kind") == self.KIND and r.get("target") == self.target_path]
@@ -106,7 +105,6 @@ class TokenMerging(CompressionCallback):
         return {"config": self.resume_config()}
 
     # ----------------------------------------------------------------------- what the pipeline asks
-
     def resume_config(self) -> dict[str, Any]:
         return {**self.config.as_record(), "start_epoch": self.start_epoch}
 
@@ -120,7 +118,6 @@ class TokenMerging(CompressionCallback):
         return {"start_epoch": self.start_epoch} if self.start_epoch > 0 else {}
 
     # -------------------------------------------------------------------------------------- helpers
-
     def _merge(self, pl_module: "pl.LightningModule", plan: dict[str, Any]) -> None:
         plan = {**plan, "config": self.resume_config()}
         apply_merge_plan(self.target(pl_module), plan)
