@@ -122,16 +122,25 @@ def measure_break_even(
             grid.append(tokens)
             tokens *= 2
         bench = next((cb for cb in trainer.callbacks if type(cb).__name__ == "BenchmarkCallback"), None)
-        progress_line(trainer, f"NystromSwap(min_tokens='auto'): timing exact against Nyström attention at "
-                               f"{sorted(set(grid + seen))} tokens")
+        progress_line(
+            trainer,
+            f"NystromSwap(min_tokens='auto'): timing exact against Nyström attention at "
+            f"{sorted(set(grid + seen))} tokens",
+        )
         attention = dict(find_attention_blocks(model))[names[0]]
         result = nystrom_break_even(
-            attention, config, prefix, [*grid, *seen],
-            batch_size=getattr(bench, "batch_size", _AUTO_BATCH_SIZE), num_threads=getattr(bench, "num_threads", None),
+            attention,
+            config,
+            prefix,
+            [*grid, *seen],
+            batch_size=getattr(bench, "batch_size", _AUTO_BATCH_SIZE),
+            num_threads=getattr(bench, "num_threads", None),
             min_run_time=min(0.5, getattr(bench, "min_run_time", 0.1)),
         )
         speedups = ", ".join(f"{t}: {r:.2f}x" for t, r in result["speedups"].items())
-        rank_zero_info(f"NystromSwap(min_tokens='auto'): Nyström / exact speed by token count: {speedups or 'n/a'}; "
-                       f"break-even {result['break_even'] or 'not reached'}.")
+        rank_zero_info(
+            f"NystromSwap(min_tokens='auto'): Nyström / exact speed by token count: {speedups or 'n/a'}; "
+            f"break-even {result['break_even'] or 'not reached'}."
+        )
     result = trainer.strategy.broadcast(result, src=0)
     return result or {"speedups": {}, "break_even": None}

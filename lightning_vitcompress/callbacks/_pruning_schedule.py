@@ -114,8 +114,9 @@ def channel_ratio_for(
     def reduction(ratio: float) -> float:
         snapshot = ModelSnapshot(model)
         try:
-            prune_vit(model, dataclasses.replace(config, pruning_ratio=ratio, target="channels", importance="l2"),
-                      example)
+            prune_vit(
+                model, dataclasses.replace(config, pruning_ratio=ratio, target="channels", importance="l2"), example
+            )
             return 1.0 - measure(model) / base
         finally:
             snapshot.restore()
