@@ -15,9 +15,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from lightning_vitcompress._base import example_from_data, progress_line
+from lightning_vitcompress._base import progress_line
 from lightning_vitcompress._checks import example_input_error
-from lightning_vitcompress._model import find_attention_blocks, shape_example_input
+from lightning_vitcompress._model import find_attention_blocks
 from lightning_vitcompress.functional.measure import eval_mode
 from lightning_vitcompress.functional.nystrom import NystromAttention, NystromConfig, nystrom_break_even
 
@@ -42,12 +42,14 @@ def check_min_tokens(value: Any) -> None:
 
 
 def check_no_masks(
-    trainer: pl.Trainer, model: nn.Module, names: list[str], example_input: Optional[torch.Tensor], blocks: Any
+    model: nn.Module,
+    names: list[str],
+    example: Optional[torch.Tensor],
+    example_input: Optional[torch.Tensor],
+    blocks: Any,
 ) -> None:
-    """Run one example through ``model`` and refuse blocks that get a mask or other keys than queries."""
-    example = example_input[:1] if example_input is not None else shape_example_input(model)
-    if example is None:
-        example = example_from_data(trainer)
+    """Run ``example`` through ``model`` and refuse blocks that get a mask or other keys than queries
+    (``example_input``: the user's, named in the error when the model cannot run it)."""
     if example is None:
         return  # no input known: a masked call fails at the first forward and on_exception undoes the swap
     found: dict[str, str] = {}

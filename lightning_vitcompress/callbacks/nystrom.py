@@ -17,12 +17,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_vitcompress._base import CompressionCallback, example_from_data, progress_line, validation_data
-from lightning_vitcompress._checks import (
-    check_block_selection,
-    check_example_input,
-    check_int,
-    check_max_accuracy_drop,
-)
+from lightning_vitcompress._checks import check_block_selection, check_example_input, check_int, check_max_accuracy_drop
 from lightning_vitcompress._model import find_attention_blocks, resolve_target_path, set_submodule, shape_example_input
 from lightning_vitcompress._options import takes_config
 from lightning_vitcompress._plan import PlanRow, budget_phrase, epochs_phrase
@@ -159,7 +154,7 @@ class NystromSwap(CompressionCallback):
             self.skipped_blocks = {k: v for record in done for k, v in (record.get("skipped") or {}).items()}
             self._swap_done = True
             return
-        check_no_masks(trainer, model, chosen, self.example_input, self.blocks)
+        check_no_masks(model, chosen, self._example(trainer, model), self.example_input, self.blocks)
         self._check_prefix(trainer, pl_module, model, chosen)
         if self.min_tokens is not None:
             chosen = self._long_enough(trainer, pl_module, chosen)
@@ -357,11 +352,14 @@ class NystromSwap(CompressionCallback):
             )
         return keep
 
+    def _example(self, trainer: "pl.Trainer", model: nn.Module) -> Optional[torch.Tensor]:
+        """One input row: the user's ``example_input``, the model's stated input size, or the Trainer's data."""
+        example = self.example_input[:1] if self.example_input is not None else shape_example_input(model)
+        return example if example is not None else example_from_data(trainer)
+
     def _token_counts(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", model: nn.Module) -> dict[str, int]:
         """Tokens entering each attention block, with the token merging this fit will apply (if any)."""
-        example = self.example_input[:1] if self.example_input is not None else shape_example_input(model)
-        if example is None:
-            example = example_from_data(trainer)
+        example = self._example(trainer, model)
         merging = next(  # its target path is resolved at its own setup, after this one (order 35 > 30)
             (cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback) and cb.KIND == "tome"
              and resolve_target_path(pl_module, cb.model_attribute) == self.target_path), None,
