@@ -4,8 +4,9 @@ A technique's options live once, in its frozen config dataclass (``PruneConfig``
 ``NystromConfig``...): field, default, annotation and the ``Args:`` text of its
 docstring. :func:`takes_config` gives a callback those fields as constructor
 keywords: it builds the public signature (``__signature__`` and resolved
-``__annotations__``, which ``inspect.signature``, IDEs and LightningCLI /
-jsonargparse read), merges the config's ``Args:`` entries into the callback's
+``__annotations__``, which ``inspect.signature``, ``help()``, notebooks and
+LightningCLI / jsonargparse read; static type checkers see only the body's
+own keywords), merges the config's ``Args:`` entries into the callback's
 docstring, and calls the callback's own ``__init__`` with one validated config
 (:func:`~lightning_vitcompress._checks.config_or_options`: ``config=`` or the
 keywords, never both). Like :func:`dataclasses.dataclass`, the generated
@@ -15,14 +16,10 @@ Example::
 
     @takes_config(NystromConfig, positional=("num_landmarks", "swap_epoch"))
     class NystromSwap(CompressionCallback):
-        \"\"\"Swap attention.
-
-        Args:
-            swap_epoch: the epoch at whose start to swap.
-        \"\"\"
+        # the class docstring's ``Args:`` documents swap_epoch and config; NystromConfig's Args are merged in
 
         def __init__(self, swap_epoch: int = 0, *, config: NystromConfig, model_attribute=None) -> None:
-            self.config = config  # validated; num_landmarks=... went into it
+            self.config = config  # validated: NystromSwap(32) put num_landmarks=32 into it
 
     inspect.signature(NystromSwap)  # (num_landmarks: int = 64, swap_epoch: int = 0, *, pinv_iterations: int = 6, ...)
 """
