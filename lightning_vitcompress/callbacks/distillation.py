@@ -46,7 +46,7 @@ import dataclasses
 import functools
 import os
 from collections.abc import Mapping
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -59,10 +59,10 @@ from lightning_vitcompress._data import example_from_data
 from lightning_vitcompress._lightning import wrap_training_step
 from lightning_vitcompress._plan import PlanRow
 from lightning_vitcompress._model import shape_example_input
-from lightning_vitcompress._checks import check_bool, config_or_options
+from lightning_vitcompress._checks import check_bool
+from lightning_vitcompress._options import takes_config
 from lightning_vitcompress.callbacks._distillation_step import StudentCapture, distillation_terms, with_loss
 from lightning_vitcompress.functional.distill import (
-    DistillationMode,
     DistillConfig,
     InputAdapter,
     TeacherPrecision,
@@ -84,6 +84,7 @@ __all__ = ['DistillationTeacher']
 
 
 # ------------------------------------------------------------------- callback
+@takes_config(DistillConfig, positional=("teacher", "mode", "alpha", "temperature"))
 class DistillationTeacher(CompressionCallback):
     r"""Adds a distillation loss from a frozen teacher to the loss ``training_step`` returns.
 
@@ -102,12 +103,6 @@ class DistillationTeacher(CompressionCallback):
             a Lightning checkpoint (compressed teachers load too), read with
             ``torch.load(weights_only=True)`` unless you pass ``weights_only=False``
             for a trusted file.
-        mode, alpha, temperature, deit_target: the loss settings, as in
-            :class:`~lightning_vitcompress.functional.DistillConfig` (``"soft"``,
-            ``"hard"`` or ``"deit"``; weight in ``[0, 1]``; ``T > 0``; the DeiT
-            head's term). In ``mode="deit"`` ``training_step`` still sees
-            ordinary (class-head) logits; evaluation averages the two heads, as
-            timm does.
         config: the same settings as one ``DistillConfig`` (then leave the four
             keywords out; passing both is an error).
         teacher_class: checkpoint paths only: the LightningModule class to build;
@@ -161,12 +156,8 @@ class DistillationTeacher(CompressionCallback):
     def __init__(
         self,
         teacher: TeacherSpec,
-        mode: DistillationMode = "soft",
-        alpha: float = 0.5,
-        temperature: float = 2.0,
         *,
-        deit_target: Literal["hard", "soft"] = "hard",
-        config: Optional[DistillConfig] = None,
+        config: DistillConfig,
         pretrained: bool = True,
         teacher_weights: Optional[Union[str, "os.PathLike[str]"]] = None,
         teacher_kwargs: Optional[dict[str, Any]] = None,
@@ -178,8 +169,7 @@ class DistillationTeacher(CompressionCallback):
         model_attribute: Optional[str] = None,
     ) -> None:
         super().__init__(model_attribute)
-        options = dict(mode=mode, alpha=alpha, temperature=temperature, deit_target=deit_target)
-        self.config = config_or_options(config, DistillConfig, options, "DistillationTeacher")
+        self.config = config
         check_bool(pretrained, "pretrained", "timm names: load pretrained weights")
         check_bool(cache_teacher_logits, "cache_teacher_logits", "reuse the teacher's logits per sample")
         check_bool(weights_only, "weights_only", "True: safe loading, default; False: trusted files only")

@@ -102,7 +102,9 @@ class DistillConfig:
             ``"hard"``: cross-entropy to the teacher's argmax (DeiT's hard
             distillation). ``"deit"``: for a timm ``VisionTransformerDistilled``
             student: the distillation token's head learns from the teacher
-            (with ``deit_target``), the class token's head from the task loss.
+            (with ``deit_target``), the class token's head from the task loss
+            (``DistillationTeacher``: ``training_step`` still sees ordinary
+            class-head logits; evaluation averages the two heads, as timm does).
         alpha: weight of the distillation term, in ``[0, 1]``.
         temperature: softmax temperature of the soft term (``> 0``).
         deit_target: ``"hard"`` (DeiT's choice) or ``"soft"``: the term that

@@ -63,9 +63,11 @@ class NystromConfig:
     """How attention is approximated, validated once (the ``quantize_(model, config)`` of Nyström).
 
     Args:
-        num_landmarks: ``m``, the segment-mean landmarks of the patch tokens.
+        num_landmarks: ``m``, the segment-mean landmarks of the patch tokens. Speed-up needs many
+            tokens (>= ~1000 on CPU); at 197 tokens Nyström is slower than exact attention.
         pinv_iterations: iterations of the iterative pseudo-inverse (6 is usual).
-        conv_kernel_size: odd kernel of an optional depthwise convolution residual on V, or None.
+        conv_kernel_size: odd kernel of an optional depthwise convolution residual on V (new parameters,
+            zero-initialized), or None.
         num_prefix_tokens: tokens kept exact in front of the patches; None reads the model's
             ``num_prefix_tokens`` (timm), else 0.
 
@@ -101,21 +103,6 @@ class NystromConfig:
 
 
 BlockSelection = Optional[Sequence[Union[int, str]]]
-
-
-def check_block_selection(blocks: Any) -> Optional[list[Union[int, str]]]:
-    """``blocks`` as a list (None stays None), or a ``ValueError`` naming it."""
-    if blocks is not None and (
-        isinstance(blocks, (str, int))
-        or not isinstance(blocks, Sequence)
-        or not blocks
-        or not all(isinstance(b, (int, str)) and not isinstance(b, bool) for b in blocks)
-    ):
-        raise ValueError(
-            f"blocks={blocks!r}: pass a non-empty list of attention-block indices or names "
-            "(e.g. [0, 1] or ['blocks.0.attn']), or None for all."
-        )
-    return list(blocks) if blocks is not None else None
 
 
 def select_attention_blocks(model: nn.Module, blocks: BlockSelection = None, owner: str = "swap_attention") -> list[str]:

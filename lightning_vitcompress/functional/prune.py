@@ -109,7 +109,7 @@ class PruneConfig:
 
     pruning_ratio: float = 0.5
     target: Literal["channels", "params", "macs"] = "channels"
-    importance: Union[str, tp.importance.Importance] = "l2"
+    importance: Union[ImportanceName, tp.importance.Importance] = "l2"
     global_pruning: bool = False
     round_to: Optional[int] = None
     prune_embed_dim: bool = True

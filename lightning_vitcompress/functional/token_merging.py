@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_vitcompress._checks import check_bool, check_choice
+from lightning_vitcompress._checks import check_block_selection, check_bool, check_choice
 from lightning_vitcompress._model import shape_example_input
 from lightning_vitcompress._structure import Record, register_replay
 from lightning_vitcompress.functional._outcome import check_outcome, output_shape
@@ -88,31 +88,22 @@ def _check_r(r: Any) -> None:
         )
 
 
-def _check_blocks(blocks: Any) -> None:
-    if blocks is None:
-        return
-    if (isinstance(blocks, (str, int)) or not isinstance(blocks, Sequence) or not blocks
-            or not all(isinstance(b, (int, str)) and not isinstance(b, bool) for b in blocks)):
-        raise ValueError(
-            f"blocks={blocks!r}: pass a non-empty list of transformer-block indices or names "
-            "(e.g. [0, 1, 2] or ['blocks.0']), or None for all."
-        )
-
-
 @dataclass(frozen=True)
 class TokenMergingConfig:
     """How many tokens merge where, validated once (the ``quantize_(model, config)`` of token merging).
 
     Args:
-        r: tokens each selected block merges: an int, or one int per selected block.
+        r: tokens each selected block merges: an int (ViT-B/16 at 224: 8 to 16), or one int per selected
+            block. Bipartite matching merges at most half the patch tokens of a block; ``r`` that would leave
+            fewer tokens than the prefix tokens + 1 is refused (``TokenMerging``: at ``setup``).
         schedule: ``"constant"`` (every selected block asks ``r``) or
             ``"decreasing"`` (from ``2r`` in the first selected block down to 0 in
             the last, linearly: about the same total, more merged early, as ToMe's
             ``inflect=-1``). Only for an int ``r``.
         blocks: the transformer blocks that merge: indices (negative from the
             end) or block names (``"blocks.3"``); None: all.
-        proportional_attention: add ``log(size)`` of each key to the attention
-            logits after merging (the paper's default; needed without retraining).
+        proportional_attention: attention weighs each merged token by its size: add ``log(size)`` of
+            each key to the attention logits after merging (the paper's default; needed without retraining).
 
     Example::
 
@@ -132,7 +123,7 @@ class TokenMergingConfig:
                 f"schedule={self.schedule!r} with r={self.r!r}: a schedule spreads an int r over the blocks; "
                 "pass an int r, or schedule='constant' with one r per block."
             )
-        _check_blocks(self.blocks)
+        check_block_selection(self.blocks, kind="transformer-block", example="[0, 1, 2] or ['blocks.0']")
         check_bool(self.proportional_attention, "proportional_attention", "weigh merged tokens by their size")
         if not isinstance(self.r, int):
             object.__setattr__(self, "r", tuple(self.r))
