@@ -37,7 +37,7 @@ from torch import nn
 from torchao.quantization.qat import FakeQuantizedLinear
 
 from lightning_vitcompress._model import set_submodule
-from lightning_vitcompress._structure import Record, register_replay
+from lightning_vitcompress._registry import Record, register_reader, register_replay
 from lightning_vitcompress.functional.measure import _model_device, eval_mode, serialized_size_bytes
 from lightning_vitcompress.functional.multihead_attention import (
     restore_multihead_attention,
@@ -48,6 +48,7 @@ from lightning_vitcompress.functional.x86_int8 import (
     calibrate_input_ranges,
 )
 from lightning_vitcompress.functional.quantize_configs import _unprepared, resolve_quantization, spec_for_label
+from lightning_vitcompress.functional.quantize_structure import find_split_attentions, read_quantized
 from lightning_vitcompress.functional.quantize_layers import (
     SkipSpec,
     _check_skip_matches,
@@ -131,6 +132,10 @@ def _replay_quantize(model: nn.Module, record: Record) -> None:
         else:
             layer.weight.requires_grad_(False)
     keep_encoder_layers_unfused(model)
+
+
+# a state dict without records: its quantized layers, after pruning's and Nystrom's records (see _registry)
+register_reader(RECORD_KIND, read_quantized, survey=find_split_attentions, order=30)
 
 
 def keep_encoder_layers_unfused(model: nn.Module) -> None:
