@@ -37,7 +37,8 @@ from torch import nn
 from torchao.quantization.qat import FakeQuantizedLinear
 
 from lightning_vitcompress._model import set_submodule
-from lightning_vitcompress._registry import Record, register_reader, register_replay
+from lightning_vitcompress._registry import register_reader
+from lightning_vitcompress._structure import Record, register_replay
 from lightning_vitcompress.functional.measure import _model_device, eval_mode, serialized_size_bytes
 from lightning_vitcompress.functional.multihead_attention import (
     restore_multihead_attention,
@@ -48,7 +49,6 @@ from lightning_vitcompress.functional.x86_int8 import (
     calibrate_input_ranges,
 )
 from lightning_vitcompress.functional.quantize_configs import _unprepared, resolve_quantization, spec_for_label
-from lightning_vitcompress.functional.quantize_structure import find_split_attentions, read_quantized
 from lightning_vitcompress.functional.quantize_layers import (
     SkipSpec,
     _check_skip_matches,
@@ -56,6 +56,7 @@ from lightning_vitcompress.functional.quantize_layers import (
     _is_quantized_layer,
     check_skip,
 )
+from lightning_vitcompress.functional.quantize_structure import find_split_attentions, read_quantized
 
 __all__ = ['ModelInputs', 'quantize_model', 'remove_fake_quantization', 'split_attention_to_quantize']
 
