@@ -105,6 +105,19 @@ def test_no_import_cycle() -> None:
     assert not cycle, "import cycle: " + " -> ".join(cycle)
 
 
+def test_layers_import_downwards() -> None:
+    """``models`` < ``functional`` < ``callbacks``: a layer never imports one above it."""
+    rank = {"models": 0, "functional": 1, "callbacks": 2}
+    layer = {name: rank.get(name.split(".")[1] if name.count(".") else "") for name in import_graph()}
+    upward = [
+        f"{name} -> {target}"
+        for name, targets in import_graph().items()
+        for target in targets
+        if layer[name] is not None and layer[target] is not None and layer[target] > layer[name]
+    ]
+    assert not upward, upward
+
+
 def test_structure_modules_import_no_technique() -> None:
     graph = import_graph()
     for module in ("_registry", "_structure", "_state_dict_structure", "_checkpoint_file"):
