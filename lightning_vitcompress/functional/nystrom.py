@@ -25,7 +25,7 @@ from lightning_vitcompress._model import (
     set_submodule,
     supported_attention_blocks,
 )
-from lightning_vitcompress._structure import Record, register_replay
+from lightning_vitcompress._registry import Record, register_reader, register_replay
 from lightning_vitcompress.functional._outcome import check_outcome, output_shape
 from lightning_vitcompress.functional.measure import compare_throughput, eval_mode, images_and_labels
 from lightning_vitcompress.functional.nystrom_attention import (
@@ -39,6 +39,7 @@ from lightning_vitcompress.functional.nystrom_attention import (
     segment_means,
     swap_problem,
 )
+from lightning_vitcompress.functional.nystrom_structure import find_nystrom_blocks, read_nystrom
 from lightning_vitcompress.models import adapter_for
 
 __all__ = [
@@ -212,6 +213,10 @@ def _replay_nystrom(model: nn.Module, record: Record) -> None:
                 conv_kernel_size=record["conv_kernel_size"],
             ),
         )
+
+
+# a state dict without records: the blocks saved as NystromAttention, after pruning's record (see _registry)
+register_reader("nystrom", read_nystrom, survey=find_nystrom_blocks, order=20)
 
 
 # ---------------------------------------------------------------------------- swapping back

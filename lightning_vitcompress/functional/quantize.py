@@ -37,6 +37,7 @@ from torch import nn
 from torchao.quantization.qat import FakeQuantizedLinear
 
 from lightning_vitcompress._model import set_submodule
+from lightning_vitcompress._registry import register_reader
 from lightning_vitcompress._structure import Record, register_replay
 from lightning_vitcompress.functional.measure import eval_mode, model_device, serialized_size_bytes
 from lightning_vitcompress.functional.multihead_attention import (
@@ -55,6 +56,7 @@ from lightning_vitcompress.functional.quantize_layers import (
     is_quantized_layer,
     check_skip,
 )
+from lightning_vitcompress.functional.quantize_structure import find_split_attentions, read_quantized
 
 __all__ = ['ModelInputs', 'quantize_model', 'remove_fake_quantization', 'split_attention_to_quantize']
 
@@ -131,6 +133,10 @@ def _replay_quantize(model: nn.Module, record: Record) -> None:
         else:
             layer.weight.requires_grad_(False)
     keep_encoder_layers_unfused(model)
+
+
+# a state dict without records: its quantized layers, after pruning's and Nystrom's records (see _registry)
+register_reader(RECORD_KIND, read_quantized, survey=find_split_attentions, order=30)
 
 
 def keep_encoder_layers_unfused(model: nn.Module) -> None:

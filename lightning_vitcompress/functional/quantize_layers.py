@@ -12,10 +12,6 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import torch
-
-# imported with the package on purpose: torchao registers its quantized tensor classes with
-# torch.serialization.add_safe_globals on import, which is what lets load_compressed /
-# torch.load(weights_only=True) read a quantized checkpoint in a fresh process
 from torch import nn
 
 if TYPE_CHECKING:

@@ -23,6 +23,7 @@ from lightning_vitcompress.models.base import (
     ModelAdapter,
     PrefixTokens,
     logits_of,
+    supported_families,
 )
 from lightning_vitcompress.models.beit import BeitAdapter
 from lightning_vitcompress.models.cait import CaitAdapter
@@ -64,16 +65,6 @@ ADAPTERS: list[type[ModelAdapter]] = [
     TransformersAdapter,
     HandWrittenAdapter,  # any other model with attention the adapters read: keep last
 ]
-
-
-def supported_families() -> str:
-    """The supported families, for messages."""
-    return (
-        "timm VisionTransformer/VisionTransformerDistilled (SigLIP's attention-pool head too), timm Eva "
-        "(EVA, EVA-02, RoPE ViTs), timm Beit, timm Cait, timm SwinTransformer, torchvision VisionTransformer, "
-        "transformers ViTForImageClassification/DeiTForImageClassification(WithTeacher), "
-        "hand-written ViTs built on nn.MultiheadAttention or timm-style attention"
-    )
 
 
 def _looks_like_attention(module: nn.Module) -> bool:

@@ -32,10 +32,10 @@ from lightning_vitcompress.models.base import (
     Capabilities,
     ModelAdapter,
     PrefixTokens,
-    _separate_qkv,
     embedding_parameter,
     named_heads,
 )
+from lightning_vitcompress.models.layout import _separate_qkv
 
 
 def _is_transformers_model(model: nn.Module) -> bool:
