@@ -1,0 +1,520 @@
+"""CompressionPlan: ask for a speedup and an accuracy budget; fit finds the recipe, applies it and backs off.
+
+See :mod:`lightning_vitcompress.functional.plan` for the candidates, the speed
+model (measured parts of the real model on this machine) and the choice.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+from lightning_vitcompress._base import (
+    CompressionCallback,
+    first_batch,
+    validation_data,
+)
+from lightning_vitcompress._plan import PlanRow
+from lightning_vitcompress._structure import record_edit
+from lightning_vitcompress.callbacks.distillation import DistillationTeacher
+from lightning_vitcompress.callbacks.nystrom import NystromSwap
+from lightning_vitcompress.callbacks.pruning import PruningSchedule
+from lightning_vitcompress.callbacks.quantization import QuantizeOnFit
+from lightning_vitcompress.callbacks.token_merging import TokenMerging
+from lightning_vitcompress.functional.measure import images_of
+from lightning_vitcompress.functional.plan import (
+    NUM_LANDMARKS,
+    PRUNING_RATIOS,
+    Candidate,
+    Recipe,
+    SpeedModel,
+    choose_recipe,
+    format_frontier,
+    measure_speed_model,
+    plan_frontier,
+    recipe_code,
+    runner_for,
+    time_interleaved,
+)
+from lightning_vitcompress.functional.quantize_configs import QUANTIZATION_CONFIGS
+from lightning_vitcompress.functional.token_merging import (
+    TokenMergingConfig,
+    merge_tokens,
+)
+
+__all__ = ["CompressionPlan"]
+
+#: the callbacks the plan configures itself (one of them in the list too would act twice)
+_PLANNED = (PruningSchedule, NystromSwap, TokenMerging, DistillationTeacher, QuantizeOnFit)
+_DISTILLATION = {"mode": "soft", "alpha": 0.5, "temperature": 2.0}
+
+
+class CompressionPlan(CompressionCallback):
+    """Make the model ``target_speedup`` times faster on this machine, losing at most ``max_accuracy_drop`` points.
+
+    At ``setup`` it times the parts of the real model on this CPU (the whole
+    model and one block per pruning ratio and int8 config, at a few token
+    counts; the token-merging step; Nystrom blocks where the sequence is long
+    enough), predicts every candidate recipe's speed from them, and picks the
+    recipe cheapest in accuracy (the study's measured costs, as a prior) that is
+    predicted to reach the target. It then adds the plain callbacks of that
+    recipe to the Trainer (``PruningSchedule``, ``TokenMerging``, ``NystromSwap``,
+    ``QuantizeOnFit``, and ``DistillationTeacher`` with a frozen copy of the
+    model as it entered fit), so the fit trains the compressed model against
+    the uncompressed one.
+
+    The budget is checked on the validation data at each step: pruning steps
+    beyond it are rolled back (``PruningSchedule(max_accuracy_drop=...)``),
+    Nystrom blocks swapped back, int8 layers kept in float (their own budgets);
+    token merging, which has no budget of its own, is backed off here to the
+    next smaller ``r`` at each epoch start and at train end until the model is
+    within budget.
+
+    At ``fit`` end it writes ``compression_plan.md`` (the frontier, the recipe
+    and why, the final speed and accuracy against the target), the recipe as
+    plain callbacks (``compression_plan_callbacks.py``) and ``compression_plan.png``
+    to ``output_dir`` (default: the Trainer's log dir), and logs ``plan/*``.
+
+    Why one callback that adds the others, not a function returning them: the
+    recipe depends on the model, the data and the machine, all known only at
+    ``setup``; one entry in ``Trainer(callbacks=[...])`` composes with
+    ``BenchmarkCallback`` and ``ExportOnFit`` like any other. It must come
+    before them in the list (it is refused at ``setup`` otherwise), and the
+    callbacks it configures must not be in the list too.
+
+    Args:
+        target_speedup: wanted throughput over the uncompressed model (fp32, same runtime), e.g. 4.0.
+        max_accuracy_drop: points of validation top-1 the model may lose against the model entering fit
+            (None: no checks, no back-off). Needs validation data.
+        device: where the model will be deployed; ``"cpu"`` (the only one planned for now).
+        runtime: ``"torch"`` (eager) or ``"openvino"`` (float parts timed through OpenVINO).
+        pruning_ratios: candidate ratios (0 is always one).
+        r_values: candidate token-merging ``r``; None: quarters of the largest ``r`` the model takes; ``()``: none.
+        num_landmarks: candidate Nystrom landmark counts (each tried only where tokens > 4x landmarks).
+        quantization: candidate int8 configs (names in ``QUANTIZATION_CONFIGS``); ``()``: none.
+        batch_size: images per timed batch.
+        num_threads: threads of the timing (None: torch's current count).
+        distill: train against a frozen copy of the model entering fit (``DistillationTeacher``).
+        distillation: its options (None: ``mode="soft", alpha=0.5, temperature=2.0``).
+        pruning_steps: a pruning recipe is reached in this many steps (one per epoch, fewer in short fits), so a
+            step beyond the budget rolls back to the last good width rather than to no pruning.
+        speed_model: a :class:`~lightning_vitcompress.functional.plan.SpeedModel` measured before, reused instead of
+            timing at setup (the same model and machine).
+        rounds, min_run_time: interleaved timing rounds, and the seconds each part runs per round.
+        plot: write the frontier plot (needs matplotlib).
+        output_dir: where the report goes (None: the Trainer's log dir or ``default_root_dir``).
+        model_attribute: attribute holding the ViT (None finds it).
+
+    Example::
+
+        trainer = Trainer(max_epochs=3, callbacks=[CompressionPlan(target_speedup=4.0, max_accuracy_drop=1.0)])
+        trainer.fit(model, datamodule)      # the datamodule has a val_dataloader
+    """
+
+    order = 5
+    LOG_PREFIX = "plan"
+
+    def __init__(
+        self,
+        target_speedup: float,
+        max_accuracy_drop: Optional[float] = 1.0,
+        device: str = "cpu",
+        runtime: Literal["torch", "openvino"] = "torch",
+        *,
+        pruning_ratios: Sequence[float] = PRUNING_RATIOS,
+        r_values: Optional[Sequence[int]] = None,
+        num_landmarks: Sequence[int] = NUM_LANDMARKS,
+        quantization: Sequence[str] = ("int8_dynamic",),
+        batch_size: int = 4,
+        num_threads: Optional[int] = None,
+        distill: bool = True,
+        distillation: Optional[dict[str, Any]] = None,
+        pruning_steps: int = 2,
+        speed_model: Optional[SpeedModel] = None,
+        rounds: int = 3,
+        min_run_time: float = 0.05,
+        plot: bool = True,
+        output_dir: Optional[Union[str, Path]] = None,
+        model_attribute: Optional[str] = None,
+    ) -> None:
+        super().__init__(model_attribute)
+        _check_number(target_speedup, "target_speedup", 1.0, "a speedup over the uncompressed model, e.g. 4.0")
+        if max_accuracy_drop is not None:
+            _check_number(max_accuracy_drop, "max_accuracy_drop", 0.0, "points of top-1, e.g. 1.0, or None")
+        if device != "cpu":
+            raise ValueError(f"device={device!r}: the plan times CPU deployment for now; pass device='cpu'.")
+        if runtime not in ("torch", "openvino"):
+            raise ValueError(f"runtime={runtime!r}: pass 'torch' or 'openvino'.")
+        if runtime == "openvino":
+            if importlib.util.find_spec("openvino") is None:
+                raise ImportError("runtime='openvino' needs the openvino package (pip install openvino), "
+                                  "or pass runtime='torch'.")
+            if quantization:
+                raise ValueError(f"quantization={tuple(quantization)!r} with runtime='openvino': the plan times "
+                                 "OpenVINO's float model only for now; pass quantization=() (for NNCF int8 use "
+                                 "ExportOnFit('model.xml', quantize='int8')), or runtime='torch'.")
+        ratios = tuple(float(p) for p in _sequence(pruning_ratios, "pruning_ratios", "(0, 0.25, 0.5)"))
+        if any(not 0.0 <= p < 1.0 for p in ratios):
+            raise ValueError(f"pruning_ratios={tuple(pruning_ratios)!r}: each a fraction in [0, 1), "
+                             "e.g. (0, 0.25, 0.5).")
+        if r_values is not None:
+            r_values = tuple(_sequence(r_values, "r_values", "(4, 8) or None"))
+            _check_ints(r_values, "r_values", "(4, 8), () for no token merging, or None")
+        landmarks = tuple(_sequence(num_landmarks, "num_landmarks", "(32, 64)"))
+        _check_ints(landmarks, "num_landmarks", "(32, 64), or () for no Nystrom")
+        configs = tuple(_sequence(quantization, "quantization", "('int8_dynamic',)"))
+        unknown = [c for c in configs if c not in QUANTIZATION_CONFIGS]
+        if unknown:
+            raise ValueError(f"quantization={configs!r}: {unknown} are not configs; known: "
+                             f"{sorted(QUANTIZATION_CONFIGS)}, or () for none.")
+        for value, name, example in ((batch_size, "batch_size", "4"), (pruning_steps, "pruning_steps", "2"),
+                                     (rounds, "rounds", "3")):
+            _check_ints((value,), name, example)
+        if num_threads is not None:
+            _check_ints((num_threads,), "num_threads", "2, or None")
+        _check_number(min_run_time, "min_run_time", 1e-6, "seconds, e.g. 0.05")
+        if not isinstance(distill, bool):
+            raise ValueError(f"distill={distill!r}: pass True (train against the model entering fit) or False.")
+        if distillation is not None and not isinstance(distillation, dict):
+            raise ValueError(f"distillation={distillation!r}: pass DistillationTeacher options as a dict, "
+                             f"e.g. {_DISTILLATION}, or None for those.")
+        if speed_model is not None and not isinstance(speed_model, SpeedModel):
+            raise ValueError(f"speed_model={type(speed_model).__name__}: pass what measure_speed_model returned, "
+                             "or None to measure at setup.")
+        self.target_speedup = float(target_speedup)
+        self.max_accuracy_drop = None if max_accuracy_drop is None else float(max_accuracy_drop)
+        self.device = device
+        self.runtime = runtime
+        self.pruning_ratios = ratios
+        self.r_values = r_values
+        self.num_landmarks = landmarks
+        self.quantization = configs
+        self.batch_size = batch_size
+        self.num_threads = num_threads
+        self.distill = distill
+        self.distillation = dict(_DISTILLATION if distillation is None else distillation)
+        self.pruning_steps = pruning_steps
+        self.speed_model = speed_model
+        self.rounds = rounds
+        self.min_run_time = min_run_time
+        self.plot = plot
+        self.output_dir = output_dir
+        #: what setup decided: the frontier, the chosen candidate, the callbacks added
+        self.frontier: list[Candidate] = []
+        self.chosen: Optional[Candidate] = None
+        self.added: list[Callback] = []
+        #: the token-merging r in force (backed off from the recipe's) and each back-off
+        self.r: int = 0
+        self.backed_off: list[dict[str, Any]] = []
+        self.report: dict[str, Any] = {}
+        self._baseline: Optional[torch.nn.Module] = None
+        self._example: Optional[torch.Tensor] = None
+
+    # --------------------------------------------------------------------- setup: measure, choose, configure
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage == "fit" and self.chosen is None:
+            self._plan(trainer, pl_module)
+        super().setup(trainer, pl_module, stage)  # the pipeline's setup, the added callbacks included
+
+    def _plan(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        ours = [cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback)]
+        if ours and ours[0] is not self:
+            raise ValueError(
+                f"CompressionPlan comes after {type(ours[0]).__name__} in Trainer(callbacks=[...]): it chooses the "
+                "callbacks the others see at setup. Put CompressionPlan first in the list."
+            )
+        planned = [type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, _PLANNED)]
+        if planned:
+            raise ValueError(
+                f"CompressionPlan configures {', '.join(planned)} itself: remove {planned} from Trainer(callbacks=...)"
+                ", or drop CompressionPlan and use the plain callbacks (the report's compression_plan_callbacks.py)."
+            )
+        loader, _ = validation_data(trainer)
+        if self.max_accuracy_drop is not None and loader is None:
+            raise ValueError(
+                f"CompressionPlan(max_accuracy_drop={self.max_accuracy_drop!r}) checks validation top-1 at each step, "
+                f"but this fit has no validation data (limit_val_batches={trainer.limit_val_batches!r}). Pass "
+                "val_dataloaders to fit / a datamodule with val_dataloader and limit_val_batches > 0, or "
+                "max_accuracy_drop=None (no checks, no back-off)."
+            )
+        target = self.target(pl_module)
+        self._baseline = copy.deepcopy(target).cpu().eval()
+        self._example = self._example_batch(trainer)
+        speed = self.speed_model
+        if speed is None:
+            message: Any = None
+            if trainer.is_global_zero:  # one process measures (ranks on one machine would disturb each other)
+                rank_zero_info(f"CompressionPlan: timing the parts of the model on this CPU (batch "
+                               f"{self.batch_size}, {self.runtime})...")
+                try:
+                    message = self._measure(target)
+                except Exception as err:
+                    message = f"{type(err).__name__}: {err}"
+            message = trainer.strategy.broadcast(message, src=0)
+            if isinstance(message, str):
+                raise RuntimeError(f"CompressionPlan could not time the model: {message}")
+            speed = message
+        self.speed_model = speed
+        self.frontier = plan_frontier(speed)
+        self.chosen = choose_recipe(self.frontier, self.target_speedup)  # UnreachableTargetError names the fastest
+        self.r = self.chosen.recipe.r
+        self.added = self._callbacks(trainer, self.chosen.recipe)
+        index = trainer.callbacks.index(self) + 1
+        trainer.callbacks[index:index] = self.added
+        rank_zero_info(
+            f"CompressionPlan: {self.chosen.recipe.label()}, predicted {self.chosen.predicted_speedup:.2f}x "
+            f"(target {self.target_speedup:.2f}x), prior cost {self.chosen.accuracy_cost:.2f} pt; timed in "
+            f"{speed.seconds_measuring:.1f} s.\n{format_frontier(self.frontier, self.chosen)}"
+        )
+
+    def _example_batch(self, trainer: "pl.Trainer") -> torch.Tensor:
+        images = None
+        for validation in (True, False):
+            images = images_of(first_batch(trainer, validation=validation))
+            if images is not None:
+                break
+        if images is None:
+            raise ValueError("CompressionPlan times the model on the fit's images, but neither the validation nor "
+                             "the training data gave a batch of image tensors.")
+        images = images.detach().cpu()
+        repeats = -(-self.batch_size // images.shape[0])
+        return images.repeat(repeats, *([1] * (images.dim() - 1)))[: self.batch_size]
+
+    def _measure(self, target: torch.nn.Module) -> SpeedModel:
+        assert self._example is not None
+        return measure_speed_model(
+            target, self._example, pruning_ratios=self.pruning_ratios, r_values=self.r_values,
+            num_landmarks=self.num_landmarks, quantization=self.quantization, runtime=self.runtime,
+            num_threads=self.num_threads, rounds=self.rounds, min_run_time=self.min_run_time,
+            calibration_inputs=[self._example],
+        )
+
+    def _pruning_schedule(self, trainer: "pl.Trainer") -> tuple[int, int]:
+        """``(num_steps, end_epoch)``: steps one per epoch, each followed by at least one recovery epoch."""
+        max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs > 0 else 1
+        steps = max(1, min(self.pruning_steps, max_epochs - 1))
+        return steps, steps - 1
+
+    def _callbacks(self, trainer: "pl.Trainer", recipe: Recipe) -> list[Callback]:
+        """The recipe as the plain callbacks, each with the plan's budget."""
+        budget, attribute = self.max_accuracy_drop, self.model_attribute
+        out: list[Callback] = []
+        if recipe.pruning_ratio:
+            steps, end_epoch = self._pruning_schedule(trainer)
+            schedule = dict(end_epoch=end_epoch, num_steps=steps) if steps > 1 else {}
+            out.append(PruningSchedule(recipe.pruning_ratio, **schedule, max_accuracy_drop=budget,
+                                       model_attribute=attribute))
+        if recipe.num_landmarks:
+            out.append(NystromSwap(num_landmarks=recipe.num_landmarks, max_accuracy_drop=budget,
+                                   model_attribute=attribute))
+        if recipe.r:
+            out.append(TokenMerging(r=recipe.r, model_attribute=attribute))
+        if self.distill:
+            assert self._baseline is not None
+            out.append(DistillationTeacher(copy.deepcopy(self._baseline), **self.distillation,
+                                           model_attribute=attribute))
+        if recipe.quantization:
+            out.append(QuantizeOnFit(recipe.quantization, max_accuracy_drop=budget, model_attribute=attribute))
+        return out
+
+    def ordered_setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage == "fit" and self.chosen is None:  # another callback's setup ran the pipeline first
+            self._plan(trainer, pl_module)  # raises: CompressionPlan must come first
+
+    # ------------------------------------------------------------------ during fit: the token-merging back-off
+    def ordered_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if trainer.current_epoch > 0:
+            self._back_off(trainer, pl_module, f"epoch {trainer.current_epoch} start")
+        self.log_metrics(trainer, {"r": self.r})
+
+    def ordered_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._back_off(trainer, pl_module, "train end")
+
+    def _back_off(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", when: str) -> None:
+        """While the model is beyond the budget, merge fewer tokens (the next smaller candidate ``r``, then none)."""
+        budget = self.budget
+        if budget is None or not self.r:
+            return
+        accuracy = self.validation_accuracy(trainer)  # rank zero measures; every rank decides alike
+        while self.r and not budget.allows(accuracy):
+            smaller = max((r for r in self._r_ladder() if r < self.r), default=0)
+            target = self.target(pl_module)
+            plan = merge_tokens(target, smaller)
+            config = {**TokenMergingConfig(r=smaller).as_record(), "start_epoch": 0}
+            record_edit(pl_module, {"kind": "tome", "target": self.target_path or "", **plan, "config": config})
+            for callback in self.added:
+                if isinstance(callback, TokenMerging):
+                    callback.plan = {**plan, "config": config}
+            before, self.r = self.r, smaller
+            after = self.validation_accuracy(trainer)
+            self.backed_off.append({"when": when, "r": [before, smaller], "accuracy": [accuracy, after]})
+            rank_zero_info(f"CompressionPlan: at {when} the model is beyond the budget ({budget.describe(accuracy)}): "
+                           f"token merging backed off r={before} -> r={smaller} ({budget.describe(after)}).")
+            accuracy = after
+
+    def _r_ladder(self) -> list[int]:
+        assert self.speed_model is not None
+        return sorted({0, *self.speed_model.timings.merge})
+
+    # --------------------------------------------------------------------------------- fit end: the report
+    def ordered_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.chosen is None or self._baseline is None:
+            return
+        final = self.target(pl_module)
+        accuracy = self.validation_accuracy(trainer) if self.budget is not None else None
+        measured = self._measured_speedup(final) if trainer.is_global_zero else None
+        budget = self.budget
+        self.report = {
+            "target_speedup": self.target_speedup,
+            "chosen": self.chosen.recipe.as_dict(),
+            "label": self.chosen.recipe.label(),
+            "predicted_speedup": self.chosen.predicted_speedup,
+            "prior_accuracy_cost": self.chosen.accuracy_cost,
+            "why": self._why(),
+            "measured_speedup": measured,
+            "r_final": self.r,
+            "backed_off": self.backed_off,
+            "reference_accuracy": None if budget is None else budget.reference,
+            "final_accuracy": accuracy,
+            "accuracy_drop": None if budget is None or accuracy is None else budget.drop(accuracy),
+            "max_accuracy_drop": self.max_accuracy_drop,
+            "skipped": self.speed_model.skipped if self.speed_model else {},
+            "code": self._code(trainer),
+        }
+        self.log_metrics(trainer, {
+            "target_speedup": self.target_speedup, "predicted_speedup": self.chosen.predicted_speedup,
+            "measured_speedup": measured, "accuracy_drop": self.report["accuracy_drop"], "r": self.r,
+        })
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_hyperparams({"plan/recipe": self.chosen.recipe.label(), "plan/callbacks": self.report["code"]})
+            self._write(trainer)
+        self._baseline = None
+
+    def _measured_speedup(self, final: torch.nn.Module) -> Optional[float]:
+        assert self._baseline is not None and self._example is not None
+        threads = self.speed_model.num_threads if self.speed_model else torch.get_num_threads()
+        calls = {}
+        for name, model in (("base", self._baseline), ("final", final)):
+            was = model.training
+            model.eval()
+            try:
+                calls[name] = runner_for(model, (self._example,), {}, self.runtime, threads)
+            except Exception:
+                calls[name] = runner_for(model, (self._example,), {}, "torch", threads)
+            model.train(was)
+        seconds = time_interleaved(calls, self.rounds, self.min_run_time)
+        return seconds["base"] / seconds["final"]
+
+    def _why(self) -> str:
+        assert self.chosen is not None
+        reaching = [c for c in self.frontier if c.predicted_speedup >= self.target_speedup]
+        return (f"the cheapest in prior accuracy cost ({self.chosen.accuracy_cost:.2f} pt) of the "
+                f"{len(reaching)} of {len(self.frontier)} recipes predicted to reach {self.target_speedup:.2f}x")
+
+    def _code(self, trainer: "pl.Trainer") -> str:
+        assert self.chosen is not None
+        recipe = Recipe(self.chosen.recipe.pruning_ratio, self.r, self.chosen.recipe.num_landmarks,
+                        self.chosen.recipe.quantization)
+        steps, end_epoch = self._pruning_schedule(trainer)
+        distill = self.distillation if self.distill else None
+        return recipe_code(recipe, self.max_accuracy_drop, steps, end_epoch, distill)
+
+    def _write(self, trainer: "pl.Trainer") -> None:
+        folder = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        r = self.report
+        measured = "n/a" if r["measured_speedup"] is None else f"{r['measured_speedup']:.2f}x"
+        accuracy = "not measured (no budget)" if r["final_accuracy"] is None else (
+            f"{r['final_accuracy']:.2%} vs {r['reference_accuracy']:.2%} entering fit "
+            f"({-r['accuracy_drop']:+.2f} pt, budget {r['max_accuracy_drop']:.2f} pt)")
+        backed = "; ".join(f"{b['when']}: r {b['r'][0]} -> {b['r'][1]}" for b in r["backed_off"]) or "none"
+        assert self.chosen is not None
+        text = "\n".join([
+            "# Compression plan", "",
+            f"Target: {r['target_speedup']:.2f}x, at most {r['max_accuracy_drop']} pt of validation top-1.", "",
+            f"Chosen: **{r['label']}**, predicted {r['predicted_speedup']:.2f}x: {r['why']}.", "",
+            f"Final: {measured} measured (interleaved with the uncompressed model, batch {self.batch_size}); "
+            f"accuracy {accuracy}. Token-merging back-offs: {backed}.", "",
+            "Frontier (predicted from measured parts; accuracy cost is the study's prior, not a measurement):", "",
+            format_frontier(self.frontier, self.chosen), "",
+            "The recipe as plain callbacks:", "", "```python", r["code"].rstrip(), "```", "",
+        ])
+        (folder / "compression_plan.md").write_text(text)
+        (folder / "compression_plan_callbacks.py").write_text(r["code"])
+        (folder / "compression_plan.json").write_text(json.dumps(
+            {**r, "frontier": [{**c.recipe.as_dict(), "predicted_speedup": c.predicted_speedup,
+                                "accuracy_cost": c.accuracy_cost, "on_frontier": c.on_frontier}
+                               for c in self.frontier]}, indent=2, default=str))
+        if self.plot:
+            self._plot(folder / "compression_plan.png")
+        rank_zero_info(f"CompressionPlan: report in {folder / 'compression_plan.md'}")
+
+    def _plot(self, path: Path) -> None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.scatter([c.predicted_speedup for c in self.frontier], [c.accuracy_cost for c in self.frontier],
+                   s=12, c=["tab:blue" if c.on_frontier else "lightgrey" for c in self.frontier])
+        if self.chosen is not None:
+            ax.scatter([self.chosen.predicted_speedup], [self.chosen.accuracy_cost], s=60, c="tab:red",
+                       label=f"chosen: {self.chosen.recipe.label()}")
+        ax.axvline(self.target_speedup, ls="--", c="grey", label=f"target {self.target_speedup:.2f}x")
+        ax.set_xlabel("predicted speedup (measured parts)")
+        ax.set_ylabel("prior accuracy cost (pt)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+
+    # ------------------------------------------------------------------------------------- bookkeeping
+    def fit_plan(self, trainer: "pl.Trainer") -> list[PlanRow]:
+        if self.chosen is None:
+            return []
+        return [PlanRow("CompressionPlan", f"chose {self.chosen.recipe.label()} for {self.target_speedup:.2f}x",
+                        "setup (measured), back-off at epoch starts and train end",
+                        f"predicted {self.chosen.predicted_speedup:.2f}x, prior cost {self.chosen.accuracy_cost:.2f} pt")]
+
+    def decisions(self) -> Optional[dict[str, Any]]:
+        if self.chosen is None:
+            return None
+        return {"chosen": self.chosen.recipe.label(), "predicted_speedup": self.chosen.predicted_speedup,
+                "token_merging_backed_off": self.backed_off}
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"recipe": None if self.chosen is None else self.chosen.recipe.as_dict(), "r": self.r,
+                "backed_off": self.backed_off, "budget_reference": self.budget_reference}
+
+
+def _sequence(value: Any, name: str, example: str) -> Sequence[Any]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ValueError(f"{name}={value!r}: pass a sequence, e.g. {example}.")
+    return value
+
+
+def _check_number(value: Any, name: str, least: float, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= least:
+        raise ValueError(f"{name}={value!r}: pass a number >= {least:g} ({what}).")
+
+
+def _check_ints(values: Sequence[Any], name: str, example: str) -> None:
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+        raise ValueError(f"{name}={tuple(values) if len(values) != 1 else values[0]!r}: pass positive integers, "
+                         f"e.g. {example}.")
