@@ -396,10 +396,11 @@ class CompressionPlan(CompressionCallback):
             "target_speedup": self.target_speedup, "predicted_speedup": self.chosen.predicted_speedup,
             "measured_speedup": measured, "accuracy_drop": self.report["accuracy_drop"], "r": self.r,
         })
+        folder = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)  # log_dir: a collective call
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_hyperparams({"plan/recipe": self.chosen.recipe.label(), "plan/callbacks": self.report["code"]})
-            self._write(trainer)
+            self._write(folder)
         self._baseline = None
 
     def _measured_speedup(self, final: torch.nn.Module) -> Optional[float]:
@@ -431,8 +432,7 @@ class CompressionPlan(CompressionCallback):
         distill = self.distillation if self.distill else None
         return recipe_code(recipe, self.max_accuracy_drop, steps, end_epoch, distill)
 
-    def _write(self, trainer: "pl.Trainer") -> None:
-        folder = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
+    def _write(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         r = self.report
         measured = "n/a" if r["measured_speedup"] is None else f"{r['measured_speedup']:.2f}x"
