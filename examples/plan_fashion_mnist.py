@@ -112,7 +112,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             top1 = study.accuracy(model)
             results["cells"][key] = {
                 "target": target, "seed": seed, "reachable": reachable, "run_at": run_at,
-                "recipe": plan.report["label"], "r_final": plan.report["r_final"],
+                "recipe": plan.report["label"], "kept": plan.report["kept_label"],
                 "predicted_speedup": plan.report["predicted_speedup"],
                 "measured_speedup": plan.report["measured_speedup"], "top1": top1, "control_top1": control["top1"],
                 "delta": top1 - control["top1"], "fit_seconds": seconds,
@@ -129,7 +129,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 def markdown(results: dict[str, Any]) -> str:
     lines = [
         f"Fastest reachable (predicted): {results['fastest_reachable']:.2f}x", "",
-        "| target | seed | recipe (after back-off r) | predicted | measured | within 10% | top-1 | control | Δ (pt) "
+        "| target | seed | recipe chosen -> kept after the budget | predicted | measured | within 10% | top-1 | control | Δ (pt) "
         "| fit cost vs control |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -138,7 +138,7 @@ def markdown(results: dict[str, Any]) -> str:
         within = cell["measured_speedup"] is not None and cell["measured_speedup"] >= 0.9 * goal
         target = cell["target"] if cell["reachable"] else f"{cell['target']} (unreachable: ran at {goal:.2f}x)"
         lines.append(
-            f"| {target} | {cell['seed']} | {cell['recipe']} (r={cell['r_final']}) | {cell['predicted_speedup']:.2f}x "
+            f"| {target} | {cell['seed']} | {cell['recipe']} -> {cell['kept']} | {cell['predicted_speedup']:.2f}x "
             f"| {cell['measured_speedup']:.2f}x | {'yes' if within else 'no'} | {cell['top1']:.2f} "
             f"| {cell['control_top1']:.2f} | {cell['delta']:+.2f} | {cell['fit_cost_vs_control']:.2f}x |"
         )

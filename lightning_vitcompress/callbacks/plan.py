@@ -219,6 +219,7 @@ class CompressionPlan(CompressionCallback):
         self.report: dict[str, Any] = {}
         self._baseline: Optional[torch.nn.Module] = None
         self._example: Optional[torch.Tensor] = None
+        self._pruning_schedule_steps = (1, 0)
 
     # --------------------------------------------------------------------- setup: measure, choose, configure
     @override
@@ -304,6 +305,7 @@ class CompressionPlan(CompressionCallback):
         """``(num_steps, end_epoch)``: steps one per epoch, each followed by at least one recovery epoch."""
         max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs > 0 else 1
         steps = max(1, min(self.pruning_steps, max_epochs - 1))
+        self._pruning_schedule_steps = (steps, steps - 1)
         return steps, steps - 1
 
     def _callbacks(self, trainer: "pl.Trainer", recipe: Recipe) -> list[Callback]:
@@ -379,6 +381,7 @@ class CompressionPlan(CompressionCallback):
             "target_speedup": self.target_speedup,
             "chosen": self.chosen.recipe.as_dict(),
             "label": self.chosen.recipe.label(),
+            "kept_label": self._kept().label(),
             "predicted_speedup": self.chosen.predicted_speedup,
             "prior_accuracy_cost": self.chosen.accuracy_cost,
             "why": self._why(),
@@ -389,6 +392,8 @@ class CompressionPlan(CompressionCallback):
             "final_accuracy": accuracy,
             "accuracy_drop": None if budget is None or accuracy is None else budget.drop(accuracy),
             "max_accuracy_drop": self.max_accuracy_drop,
+            "kept": self._kept().as_dict(),  # after roll-backs and back-offs
+            "decisions": {type(cb).__name__: d for cb in self.added if (d := getattr(cb, "decisions", lambda: None)())},
             "skipped": self.speed_model.skipped if self.speed_model else {},
             "code": self._code(trainer),
         }
@@ -424,10 +429,18 @@ class CompressionPlan(CompressionCallback):
         return (f"the cheapest in prior accuracy cost ({self.chosen.accuracy_cost:.2f} pt) of the "
                 f"{len(reaching)} of {len(self.frontier)} recipes predicted to reach {self.target_speedup:.2f}x")
 
-    def _code(self, trainer: "pl.Trainer") -> str:
+    def _kept(self) -> Recipe:
+        """The recipe as the fit left it: pruning steps rolled back and token merging backed off taken out."""
         assert self.chosen is not None
-        recipe = Recipe(self.chosen.recipe.pruning_ratio, self.r, self.chosen.recipe.num_landmarks,
-                        self.chosen.recipe.quantization)
+        chosen, ratio = self.chosen.recipe, self.chosen.recipe.pruning_ratio
+        for callback in self.added:
+            if isinstance(callback, PruningSchedule) and callback.decisions():
+                steps, _ = self._pruning_schedule_steps
+                ratio = round(ratio * callback.decisions()["steps_kept"] / steps, 4)  # the linear schedule's
+        return Recipe(ratio, self.r, chosen.num_landmarks, chosen.quantization)
+
+    def _code(self, trainer: "pl.Trainer") -> str:
+        recipe = self._kept()
         steps, end_epoch = self._pruning_schedule(trainer)
         distill = self.distillation if self.distill else None
         return recipe_code(recipe, self.max_accuracy_drop, steps, end_epoch, distill)
@@ -445,6 +458,7 @@ class CompressionPlan(CompressionCallback):
             "# Compression plan", "",
             f"Target: {r['target_speedup']:.2f}x, at most {r['max_accuracy_drop']} pt of validation top-1.", "",
             f"Chosen: **{r['label']}**, predicted {r['predicted_speedup']:.2f}x: {r['why']}.", "",
+            f"Kept after the budget checks: **{Recipe(**r['kept']).label()}**.", "",
             f"Final: {measured} measured (interleaved with the uncompressed model, batch {self.batch_size}); "
             f"accuracy {accuracy}. Token-merging back-offs: {backed}.", "",
             "Frontier (predicted from measured parts; accuracy cost is the study's prior, not a measurement):", "",

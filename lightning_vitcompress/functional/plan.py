@@ -172,14 +172,22 @@ class SpeedModel:
         return [self.tokens_in, *after[:-1]], after
 
     def predict_seconds(self, recipe: Recipe) -> float:
-        """Seconds per batch of ``batch_size`` the recipe is predicted to take."""
+        """Seconds per batch of ``batch_size`` the recipe is predicted to take.
+
+        The variant's (pruning ratio, int8 config) whole-model time, scaled by what its parts say the recipe's
+        blocks change: ``rest + sum(block(tokens each block sees))`` over the same at all tokens with exact
+        attention, ``rest`` being the whole minus its blocks. Anchored so, a recipe without merging or Nystrom
+        is predicted at exactly its measured whole (parts timed apart never add up to the whole exactly).
+        """
         variant = (recipe.pruning_ratio, recipe.quantization)
-        exact = self.timings.block[(*variant, None)]
-        rest = max(0.0, self.timings.whole[variant] - self.depth * _interpolate(exact, self.tokens_in))
+        whole = self.timings.whole[variant]
+        exact = _interpolate(self.timings.block[(*variant, None)], self.tokens_in)
+        rest = max(0.0, whole - self.depth * exact)
         blocks = self.timings.block[(*variant, recipe.num_landmarks)]
         entering, leaving = self.token_counts(recipe.r)
         # attention sees the tokens entering a block, its MLP those left after the merge: half each
-        seconds = rest + sum(_interpolate(blocks, (n_in + n_out) / 2) for n_in, n_out in zip(entering, leaving))
+        parts = rest + sum(_interpolate(blocks, (n_in + n_out) / 2) for n_in, n_out in zip(entering, leaving))
+        seconds = whole * parts / (rest + self.depth * exact)
         return seconds + (self.timings.merge.get(recipe.r, 0.0) if recipe.r else 0.0)
 
     def speedup(self, recipe: Recipe) -> float:
