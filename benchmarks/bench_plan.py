@@ -60,15 +60,24 @@ def main() -> None:
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
     model = timm.create_model(args.model, pretrained=False, img_size=args.image_size).eval()
 
-    speed = measure_speed_model(model, x, pruning_ratios=sorted({r.pruning_ratio for r in RECIPES}),
-                                r_values=sorted({r.r for r in RECIPES if r.r}), num_landmarks=(),
-                                quantization=("int8_dynamic",), num_threads=args.threads)
+    speed = measure_speed_model(
+        model,
+        x,
+        pruning_ratios=sorted({r.pruning_ratio for r in RECIPES}),
+        r_values=sorted({r.r for r in RECIPES if r.r}),
+        num_landmarks=(),
+        quantization=("int8_dynamic",),
+        num_threads=args.threads,
+    )
     variants = {"uncompressed": model, **{r.label(): build(model, r, x) for r in RECIPES}}
-    measured = compare_throughput(variants, x, num_threads=args.threads, rounds=args.rounds,
-                                  min_run_time=args.min_run_time)
+    measured = compare_throughput(
+        variants, x, num_threads=args.threads, rounds=args.rounds, min_run_time=args.min_run_time
+    )
     base = measured["uncompressed"]
-    print(f"CPU: {cpu_name()}; {args.model} at {args.image_size}, batch {args.batch_size}, {args.threads} threads, "
-          f"eager; parts timed in {speed.seconds_measuring:.1f} s ({speed.tokens_in} tokens, {speed.depth} blocks)")
+    print(
+        f"CPU: {cpu_name()}; {args.model} at {args.image_size}, batch {args.batch_size}, {args.threads} threads, "
+        f"eager; parts timed in {speed.seconds_measuring:.1f} s ({speed.tokens_in} tokens, {speed.depth} blocks)"
+    )
     print(f"{'recipe':<40} {'predicted':>10} {'measured':>10} {'ratio':>7}")
     for recipe in RECIPES:
         predicted = speed.speedup(recipe)

@@ -61,10 +61,20 @@ def arguments(argv: Optional[list[str]] = None) -> Any:
 
 def trainer(args: Any, folder: Path, callbacks: list[Any]) -> L.Trainer:
     quick = dict(limit_train_batches=5) if args.fast else {}
-    return L.Trainer(max_epochs=args.fine_tune_epochs, accelerator="cpu", precision=args.precision,
-                     callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                     enable_model_summary=False, limit_val_batches=args.val_batches, num_sanity_val_steps=0,
-                     default_root_dir=folder, **quick)
+    return L.Trainer(
+        max_epochs=args.fine_tune_epochs,
+        accelerator="cpu",
+        precision=args.precision,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=args.val_batches,
+        num_sanity_val_steps=0,
+        default_root_dir=folder,
+        **quick,
+    )
 
 
 def fine_tune(study: Study, args: Any, seed: int, folder: Path, callbacks: list[Any]) -> tuple[torch.nn.Module, float]:
@@ -86,8 +96,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     results: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"cells": {}, "controls": {}}
     study = Study(args)
     example = next(iter(study.data.val_dataloader()))[0][: args.plan_batch_size]
-    speed = measure_speed_model(study.base(0).model, example, pruning_ratios=args.pruning_ratios,
-                                quantization=args.quantization, num_threads=args.threads)
+    speed = measure_speed_model(
+        study.base(0).model,
+        example,
+        pruning_ratios=args.pruning_ratios,
+        quantization=args.quantization,
+        num_threads=args.threads,
+    )
     frontier = plan_frontier(speed)
     fastest = max(c.predicted_speedup for c in frontier)
     print(f"plan timings: {speed.seconds_measuring:.0f} s; fastest reachable {fastest:.2f}x", flush=True)
@@ -105,17 +120,29 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             wanted = fastest if target == "max" else float(target)
             reachable = wanted <= fastest
             run_at = wanted if reachable else fastest
-            plan = CompressionPlan(target_speedup=run_at, max_accuracy_drop=args.max_accuracy_drop,
-                                   speed_model=speed, batch_size=args.plan_batch_size, num_threads=args.threads,
-                                   output_dir=output / key)
+            plan = CompressionPlan(
+                target_speedup=run_at,
+                max_accuracy_drop=args.max_accuracy_drop,
+                speed_model=speed,
+                batch_size=args.plan_batch_size,
+                num_threads=args.threads,
+                output_dir=output / key,
+            )
             model, seconds = fine_tune(study, args, seed, output / key, [plan])
             top1 = study.accuracy(model)
             results["cells"][key] = {
-                "target": target, "seed": seed, "reachable": reachable, "run_at": run_at,
-                "recipe": plan.report["label"], "kept": plan.report["kept_label"],
+                "target": target,
+                "seed": seed,
+                "reachable": reachable,
+                "run_at": run_at,
+                "recipe": plan.report["label"],
+                "kept": plan.report["kept_label"],
                 "predicted_speedup": plan.report["predicted_speedup"],
-                "measured_speedup": plan.report["measured_speedup"], "top1": top1, "control_top1": control["top1"],
-                "delta": top1 - control["top1"], "fit_seconds": seconds,
+                "measured_speedup": plan.report["measured_speedup"],
+                "top1": top1,
+                "control_top1": control["top1"],
+                "delta": top1 - control["top1"],
+                "fit_seconds": seconds,
                 "fit_cost_vs_control": seconds / control["fit_seconds"],
             }
             print(json.dumps(results["cells"][key]), flush=True)
@@ -128,9 +155,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
 def markdown(results: dict[str, Any]) -> str:
     lines = [
-        f"Fastest reachable (predicted): {results['fastest_reachable']:.2f}x", "",
-        "| target | seed | recipe chosen -> kept after the budget | predicted | measured | within 10% | top-1 | control | Δ (pt) "
-        "| fit cost vs control |",
+        f"Fastest reachable (predicted): {results['fastest_reachable']:.2f}x",
+        "",
+        (
+            "| target | seed | recipe chosen -> kept after the budget | predicted | measured | within 10% | top-1 "
+            "| control | Δ (pt) | fit cost vs control |"
+        ),
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for cell in results["cells"].values():

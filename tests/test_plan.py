@@ -29,14 +29,20 @@ def made_up_speed_model() -> SpeedModel:
         block={(0.0, None, None): full, (0.5, None, None): {n: t / 2 for n, t in full.items()}},
         merge={8: 0.0, 16: 0.0},
     )
-    return SpeedModel(timings, tokens_in=65, num_prefix_tokens=1, depth=2, batch_size=4, runtime="torch",
-                      num_threads=1)
+    return SpeedModel(timings, tokens_in=65, num_prefix_tokens=1, depth=2, batch_size=4, runtime="torch", num_threads=1)
 
 
 def quick(**overrides):
     """A plan that times little: two ratios, one r, no int8, one short round."""
-    options = dict(pruning_ratios=(0.0, 0.5), r_values=(16,), quantization=(), rounds=1, min_run_time=0.005,
-                   num_threads=1, plot=False)
+    options = dict(
+        pruning_ratios=(0.0, 0.5),
+        r_values=(16,),
+        quantization=(),
+        rounds=1,
+        min_run_time=0.005,
+        num_threads=1,
+        plot=False,
+    )
     return CompressionPlan(**{**options, **overrides})
 
 
@@ -58,15 +64,27 @@ def test_the_speed_model_predicts_from_parts_and_the_choice_reaches_the_target()
     namespace: dict = {"model": torch.nn.Linear(2, 2)}
     exec(code, namespace)  # the report's code runs as written
     assert [type(cb).__name__ for cb in namespace["callbacks"]] == [
-        "PruningSchedule", "TokenMerging", "DistillationTeacher", "QuantizeOnFit"]
+        "PruningSchedule",
+        "TokenMerging",
+        "DistillationTeacher",
+        "QuantizeOnFit",
+    ]
 
 
 def test_measuring_the_real_model_takes_seconds_and_leaves_it_alone(tiny_classifier, digits):
     model = tiny_classifier().model
     before = {k: v.clone() for k, v in model.state_dict().items()}
     images = next(iter(digits.val_dataloader()))[0][:4]
-    speed = measure_speed_model(model, images, pruning_ratios=(0.0, 0.5), r_values=(16,), quantization=(),
-                                rounds=1, min_run_time=0.005, num_threads=1)
+    speed = measure_speed_model(
+        model,
+        images,
+        pruning_ratios=(0.0, 0.5),
+        r_values=(16,),
+        quantization=(),
+        rounds=1,
+        min_run_time=0.005,
+        num_threads=1,
+    )
     assert speed.tokens_in == 65 and speed.depth == 2
     assert set(speed.timings.whole) == {(0.0, None), (0.5, None)}
     assert {r.label() for r in speed.recipes()} == {"uncompressed", "ToMe r=16", "prune 0.50", "prune 0.50 + ToMe r=16"}
@@ -79,8 +97,14 @@ def test_a_reachable_target_is_planned_and_fit_ends_with_the_recipe_applied(tmp_
     module = tiny_classifier()
     before = parameter_count(module.model)
     plan = CompressionPlan(target_speedup=2.3, max_accuracy_drop=None, speed_model=made_up_speed_model(), plot=False)
-    trainer = fast_trainer(tmp_path, callbacks=[plan, BenchmarkCallback(devices=["cpu"], rounds=1, min_run_time=0.01,
-                                                                        latency_repeats=2, plot=False)], max_epochs=2)
+    trainer = fast_trainer(
+        tmp_path,
+        callbacks=[
+            plan,
+            BenchmarkCallback(devices=["cpu"], rounds=1, min_run_time=0.01, latency_repeats=2, plot=False),
+        ],
+        max_epochs=2,
+    )
     trainer.fit(module, digits)
     assert plan.chosen.recipe == Recipe(0.5, 16) and plan.chosen.predicted_speedup >= 2.3
     assert [type(cb).__name__ for cb in plan.added] == ["PruningSchedule", "TokenMerging", "DistillationTeacher"]
@@ -145,7 +169,8 @@ def test_bad_arguments_name_the_argument_and_what_works(kwargs, match):
 def test_a_budget_without_validation_data_is_refused_at_setup(tmp_path, tiny_classifier, digits):
     with pytest.raises(ValueError, match=r"CompressionPlan\(max_accuracy_drop=1\.0\).*no validation data"):
         fast_trainer(tmp_path, callbacks=[quick(target_speedup=1.0)], limit_val_batches=0).fit(
-            tiny_classifier(), digits)
+            tiny_classifier(), digits
+        )
 
 
 def test_the_plan_must_come_first_and_alone(tmp_path, tiny_classifier, digits):
@@ -154,7 +179,8 @@ def test_the_plan_must_come_first_and_alone(tmp_path, tiny_classifier, digits):
         fast_trainer(tmp_path, callbacks=[bench, quick(target_speedup=1.0)]).fit(tiny_classifier(), digits)
     with pytest.raises(ValueError, match=r"configures PruningSchedule, TokenMerging itself"):
         fast_trainer(tmp_path, callbacks=[quick(target_speedup=1.0), PruningSchedule(0.5), TokenMerging(4)]).fit(
-            tiny_classifier(), digits)
+            tiny_classifier(), digits
+        )
 
 
 def test_ddp_two_processes_plan_alike_and_train_in_lock_step(tmp_path):

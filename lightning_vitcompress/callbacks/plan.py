@@ -157,16 +157,20 @@ class CompressionPlan(CompressionCallback):
             raise ValueError(f"runtime={runtime!r}: pass 'torch' or 'openvino'.")
         if runtime == "openvino":
             if importlib.util.find_spec("openvino") is None:
-                raise ImportError("runtime='openvino' needs the openvino package (pip install openvino), "
-                                  "or pass runtime='torch'.")
+                raise ImportError(
+                    "runtime='openvino' needs the openvino package (pip install openvino), or pass runtime='torch'."
+                )
             if quantization:
-                raise ValueError(f"quantization={tuple(quantization)!r} with runtime='openvino': the plan times "
-                                 "OpenVINO's float model only for now; pass quantization=() (for NNCF int8 use "
-                                 "ExportOnFit('model.xml', quantize='int8')), or runtime='torch'.")
+                raise ValueError(
+                    f"quantization={tuple(quantization)!r} with runtime='openvino': the plan times "
+                    "OpenVINO's float model only for now; pass quantization=() (for NNCF int8 use "
+                    "ExportOnFit('model.xml', quantize='int8')), or runtime='torch'."
+                )
         ratios = tuple(float(p) for p in _sequence(pruning_ratios, "pruning_ratios", "(0, 0.25, 0.5)"))
         if any(not 0.0 <= p < 1.0 for p in ratios):
-            raise ValueError(f"pruning_ratios={tuple(pruning_ratios)!r}: each a fraction in [0, 1), "
-                             "e.g. (0, 0.25, 0.5).")
+            raise ValueError(
+                f"pruning_ratios={tuple(pruning_ratios)!r}: each a fraction in [0, 1), e.g. (0, 0.25, 0.5)."
+            )
         if r_values is not None:
             r_values = tuple(_sequence(r_values, "r_values", "(4, 8) or None"))
             _check_ints(r_values, "r_values", "(4, 8), () for no token merging, or None")
@@ -175,10 +179,15 @@ class CompressionPlan(CompressionCallback):
         configs = tuple(_sequence(quantization, "quantization", "('int8_dynamic',)"))
         unknown = [c for c in configs if c not in QUANTIZATION_CONFIGS]
         if unknown:
-            raise ValueError(f"quantization={configs!r}: {unknown} are not configs; known: "
-                             f"{sorted(QUANTIZATION_CONFIGS)}, or () for none.")
-        for value, name, example in ((batch_size, "batch_size", "4"), (pruning_steps, "pruning_steps", "2"),
-                                     (rounds, "rounds", "3")):
+            raise ValueError(
+                f"quantization={configs!r}: {unknown} are not configs; known: "
+                f"{sorted(QUANTIZATION_CONFIGS)}, or () for none."
+            )
+        for value, name, example in (
+            (batch_size, "batch_size", "4"),
+            (pruning_steps, "pruning_steps", "2"),
+            (rounds, "rounds", "3"),
+        ):
             _check_ints((value,), name, example)
         if num_threads is not None:
             _check_ints((num_threads,), "num_threads", "2, or None")
@@ -186,11 +195,15 @@ class CompressionPlan(CompressionCallback):
         if not isinstance(distill, bool):
             raise ValueError(f"distill={distill!r}: pass True (train against the model entering fit) or False.")
         if distillation is not None and not isinstance(distillation, dict):
-            raise ValueError(f"distillation={distillation!r}: pass DistillationTeacher options as a dict, "
-                             f"e.g. {_DISTILLATION}, or None for those.")
+            raise ValueError(
+                f"distillation={distillation!r}: pass DistillationTeacher options as a dict, "
+                f"e.g. {_DISTILLATION}, or None for those."
+            )
         if speed_model is not None and not isinstance(speed_model, SpeedModel):
-            raise ValueError(f"speed_model={type(speed_model).__name__}: pass what measure_speed_model returned, "
-                             "or None to measure at setup.")
+            raise ValueError(
+                f"speed_model={type(speed_model).__name__}: pass what measure_speed_model returned, "
+                "or None to measure at setup."
+            )
         self.target_speedup = float(target_speedup)
         self.max_accuracy_drop = None if max_accuracy_drop is None else float(max_accuracy_drop)
         self.device = device
@@ -256,8 +269,10 @@ class CompressionPlan(CompressionCallback):
         if speed is None:
             message: Any = None
             if trainer.is_global_zero:  # one process measures (ranks on one machine would disturb each other)
-                rank_zero_info(f"CompressionPlan: timing the parts of the model on this CPU (batch "
-                               f"{self.batch_size}, {self.runtime})...")
+                rank_zero_info(
+                    f"CompressionPlan: timing the parts of the model on this CPU (batch "
+                    f"{self.batch_size}, {self.runtime})..."
+                )
                 try:
                     message = self._measure(target)
                 except Exception as err:
@@ -286,8 +301,10 @@ class CompressionPlan(CompressionCallback):
             if images is not None:
                 break
         if images is None:
-            raise ValueError("CompressionPlan times the model on the fit's images, but neither the validation nor "
-                             "the training data gave a batch of image tensors.")
+            raise ValueError(
+                "CompressionPlan times the model on the fit's images, but neither the validation nor "
+                "the training data gave a batch of image tensors."
+            )
         images = images.detach().cpu()
         repeats = -(-self.batch_size // images.shape[0])
         return images.repeat(repeats, *([1] * (images.dim() - 1)))[: self.batch_size]
@@ -295,9 +312,16 @@ class CompressionPlan(CompressionCallback):
     def _measure(self, target: torch.nn.Module) -> SpeedModel:
         assert self._example is not None
         return measure_speed_model(
-            target, self._example, pruning_ratios=self.pruning_ratios, r_values=self.r_values,
-            num_landmarks=self.num_landmarks, quantization=self.quantization, runtime=self.runtime,
-            num_threads=self.num_threads, rounds=self.rounds, min_run_time=self.min_run_time,
+            target,
+            self._example,
+            pruning_ratios=self.pruning_ratios,
+            r_values=self.r_values,
+            num_landmarks=self.num_landmarks,
+            quantization=self.quantization,
+            runtime=self.runtime,
+            num_threads=self.num_threads,
+            rounds=self.rounds,
+            min_run_time=self.min_run_time,
             calibration_inputs=[self._example],
         )
 
@@ -315,17 +339,20 @@ class CompressionPlan(CompressionCallback):
         if recipe.pruning_ratio:
             steps, end_epoch = self._pruning_schedule(trainer)
             schedule = dict(end_epoch=end_epoch, num_steps=steps) if steps > 1 else {}
-            out.append(PruningSchedule(recipe.pruning_ratio, **schedule, max_accuracy_drop=budget,
-                                       model_attribute=attribute))
+            out.append(
+                PruningSchedule(recipe.pruning_ratio, **schedule, max_accuracy_drop=budget, model_attribute=attribute)
+            )
         if recipe.num_landmarks:
-            out.append(NystromSwap(num_landmarks=recipe.num_landmarks, max_accuracy_drop=budget,
-                                   model_attribute=attribute))
+            out.append(
+                NystromSwap(num_landmarks=recipe.num_landmarks, max_accuracy_drop=budget, model_attribute=attribute)
+            )
         if recipe.r:
             out.append(TokenMerging(r=recipe.r, model_attribute=attribute))
         if self.distill:
             assert self._baseline is not None
-            out.append(DistillationTeacher(copy.deepcopy(self._baseline), **self.distillation,
-                                           model_attribute=attribute))
+            out.append(
+                DistillationTeacher(copy.deepcopy(self._baseline), **self.distillation, model_attribute=attribute)
+            )
         if recipe.quantization:
             out.append(QuantizeOnFit(recipe.quantization, max_accuracy_drop=budget, model_attribute=attribute))
         return out
@@ -361,8 +388,10 @@ class CompressionPlan(CompressionCallback):
             before, self.r = self.r, smaller
             after = self.validation_accuracy(trainer)
             self.backed_off.append({"when": when, "r": [before, smaller], "accuracy": [accuracy, after]})
-            rank_zero_info(f"CompressionPlan: at {when} the model is beyond the budget ({budget.describe(accuracy)}): "
-                           f"token merging backed off r={before} -> r={smaller} ({budget.describe(after)}).")
+            rank_zero_info(
+                f"CompressionPlan: at {when} the model is beyond the budget ({budget.describe(accuracy)}): "
+                f"token merging backed off r={before} -> r={smaller} ({budget.describe(after)})."
+            )
             accuracy = after
 
     def _r_ladder(self) -> list[int]:
@@ -397,14 +426,22 @@ class CompressionPlan(CompressionCallback):
             "skipped": self.speed_model.skipped if self.speed_model else {},
             "code": self._code(trainer),
         }
-        self.log_metrics(trainer, {
-            "target_speedup": self.target_speedup, "predicted_speedup": self.chosen.predicted_speedup,
-            "measured_speedup": measured, "accuracy_drop": self.report["accuracy_drop"], "r": self.r,
-        })
+        self.log_metrics(
+            trainer,
+            {
+                "target_speedup": self.target_speedup,
+                "predicted_speedup": self.chosen.predicted_speedup,
+                "measured_speedup": measured,
+                "accuracy_drop": self.report["accuracy_drop"],
+                "r": self.r,
+            },
+        )
         folder = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)  # log_dir: a collective call
         if trainer.is_global_zero:
             for logger in trainer.loggers:
-                logger.log_hyperparams({"plan/recipe": self.chosen.recipe.label(), "plan/callbacks": self.report["code"]})
+                logger.log_hyperparams(
+                    {"plan/recipe": self.report["kept_label"], "plan/callbacks": self.report["code"]}
+                )
             self._write(folder)
         self._baseline = None
 
@@ -426,8 +463,10 @@ class CompressionPlan(CompressionCallback):
     def _why(self) -> str:
         assert self.chosen is not None
         reaching = [c for c in self.frontier if c.predicted_speedup >= self.target_speedup]
-        return (f"the cheapest in prior accuracy cost ({self.chosen.accuracy_cost:.2f} pt) of the "
-                f"{len(reaching)} of {len(self.frontier)} recipes predicted to reach {self.target_speedup:.2f}x")
+        return (
+            f"the cheapest in prior accuracy cost ({self.chosen.accuracy_cost:.2f} pt) of the "
+            f"{len(reaching)} of {len(self.frontier)} recipes predicted to reach {self.target_speedup:.2f}x"
+        )
 
     def _kept(self) -> Recipe:
         """The recipe as the fit left it: pruning steps rolled back and token merging backed off taken out."""
@@ -449,28 +488,63 @@ class CompressionPlan(CompressionCallback):
         folder.mkdir(parents=True, exist_ok=True)
         r = self.report
         measured = "n/a" if r["measured_speedup"] is None else f"{r['measured_speedup']:.2f}x"
-        accuracy = "not measured (no budget)" if r["final_accuracy"] is None else (
-            f"{r['final_accuracy']:.2%} vs {r['reference_accuracy']:.2%} entering fit "
-            f"({-r['accuracy_drop']:+.2f} pt, budget {r['max_accuracy_drop']:.2f} pt)")
+        accuracy = (
+            "not measured (no budget)"
+            if r["final_accuracy"] is None
+            else (
+                f"{r['final_accuracy']:.2%} vs {r['reference_accuracy']:.2%} entering fit "
+                f"({-r['accuracy_drop']:+.2f} pt, budget {r['max_accuracy_drop']:.2f} pt)"
+            )
+        )
         backed = "; ".join(f"{b['when']}: r {b['r'][0]} -> {b['r'][1]}" for b in r["backed_off"]) or "none"
         assert self.chosen is not None
-        text = "\n".join([
-            "# Compression plan", "",
-            f"Target: {r['target_speedup']:.2f}x, at most {r['max_accuracy_drop']} pt of validation top-1.", "",
-            f"Chosen: **{r['label']}**, predicted {r['predicted_speedup']:.2f}x: {r['why']}.", "",
-            f"Kept after the budget checks: **{Recipe(**r['kept']).label()}**.", "",
-            f"Final: {measured} measured (interleaved with the uncompressed model, batch {self.batch_size}); "
-            f"accuracy {accuracy}. Token-merging back-offs: {backed}.", "",
-            "Frontier (predicted from measured parts; accuracy cost is the study's prior, not a measurement):", "",
-            format_frontier(self.frontier, self.chosen), "",
-            "The recipe as plain callbacks:", "", "```python", r["code"].rstrip(), "```", "",
-        ])
+        text = "\n".join(
+            [
+                "# Compression plan",
+                "",
+                f"Target: {r['target_speedup']:.2f}x, at most {r['max_accuracy_drop']} pt of validation top-1.",
+                "",
+                f"Chosen: **{r['label']}**, predicted {r['predicted_speedup']:.2f}x: {r['why']}.",
+                "",
+                f"Kept after the budget checks: **{Recipe(**r['kept']).label()}**.",
+                "",
+                (
+                    f"Final: {measured} measured (interleaved with the uncompressed model, batch {self.batch_size}); "
+                    f"accuracy {accuracy}. Token-merging back-offs: {backed}."
+                ),
+                "",
+                "Frontier (predicted from measured parts; accuracy cost is the study's prior, not a measurement):",
+                "",
+                format_frontier(self.frontier, self.chosen),
+                "",
+                "The recipe as plain callbacks:",
+                "",
+                "```python",
+                r["code"].rstrip(),
+                "```",
+                "",
+            ]
+        )
         (folder / "compression_plan.md").write_text(text)
         (folder / "compression_plan_callbacks.py").write_text(r["code"])
-        (folder / "compression_plan.json").write_text(json.dumps(
-            {**r, "frontier": [{**c.recipe.as_dict(), "predicted_speedup": c.predicted_speedup,
-                                "accuracy_cost": c.accuracy_cost, "on_frontier": c.on_frontier}
-                               for c in self.frontier]}, indent=2, default=str))
+        (folder / "compression_plan.json").write_text(
+            json.dumps(
+                {
+                    **r,
+                    "frontier": [
+                        {
+                            **c.recipe.as_dict(),
+                            "predicted_speedup": c.predicted_speedup,
+                            "accuracy_cost": c.accuracy_cost,
+                            "on_frontier": c.on_frontier,
+                        }
+                        for c in self.frontier
+                    ],
+                },
+                indent=2,
+                default=str,
+            )
+        )
         if self.plot:
             self._plot(folder / "compression_plan.png")
         rank_zero_info(f"CompressionPlan: report in {folder / 'compression_plan.md'}")
@@ -484,11 +558,20 @@ class CompressionPlan(CompressionCallback):
         except ImportError:
             return
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.scatter([c.predicted_speedup for c in self.frontier], [c.accuracy_cost for c in self.frontier],
-                   s=12, c=["tab:blue" if c.on_frontier else "lightgrey" for c in self.frontier])
+        ax.scatter(
+            [c.predicted_speedup for c in self.frontier],
+            [c.accuracy_cost for c in self.frontier],
+            s=12,
+            c=["tab:blue" if c.on_frontier else "lightgrey" for c in self.frontier],
+        )
         if self.chosen is not None:
-            ax.scatter([self.chosen.predicted_speedup], [self.chosen.accuracy_cost], s=60, c="tab:red",
-                       label=f"chosen: {self.chosen.recipe.label()}")
+            ax.scatter(
+                [self.chosen.predicted_speedup],
+                [self.chosen.accuracy_cost],
+                s=60,
+                c="tab:red",
+                label=f"chosen: {self.chosen.recipe.label()}",
+            )
         ax.axvline(self.target_speedup, ls="--", c="grey", label=f"target {self.target_speedup:.2f}x")
         ax.set_xlabel("predicted speedup (measured parts)")
         ax.set_ylabel("prior accuracy cost (pt)")
@@ -501,20 +584,33 @@ class CompressionPlan(CompressionCallback):
     def fit_plan(self, trainer: "pl.Trainer") -> list[PlanRow]:
         if self.chosen is None:
             return []
-        return [PlanRow("CompressionPlan", f"chose {self.chosen.recipe.label()} for {self.target_speedup:.2f}x",
-                        "setup (measured), back-off at epoch starts and train end",
-                        f"predicted {self.chosen.predicted_speedup:.2f}x, prior cost {self.chosen.accuracy_cost:.2f} pt")]
+        chosen = self.chosen
+        return [
+            PlanRow(
+                "CompressionPlan",
+                f"chose {chosen.recipe.label()} for {self.target_speedup:.2f}x",
+                "setup (measured), back-off at epoch starts and train end",
+                f"predicted {chosen.predicted_speedup:.2f}x, prior cost {chosen.accuracy_cost:.2f} pt",
+            )
+        ]
 
     def decisions(self) -> Optional[dict[str, Any]]:
         if self.chosen is None:
             return None
-        return {"chosen": self.chosen.recipe.label(), "predicted_speedup": self.chosen.predicted_speedup,
-                "token_merging_backed_off": self.backed_off}
+        return {
+            "chosen": self.chosen.recipe.label(),
+            "predicted_speedup": self.chosen.predicted_speedup,
+            "token_merging_backed_off": self.backed_off,
+        }
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"recipe": None if self.chosen is None else self.chosen.recipe.as_dict(), "r": self.r,
-                "backed_off": self.backed_off, "budget_reference": self.budget_reference}
+        return {
+            "recipe": None if self.chosen is None else self.chosen.recipe.as_dict(),
+            "r": self.r,
+            "backed_off": self.backed_off,
+            "budget_reference": self.budget_reference,
+        }
 
 
 def _sequence(value: Any, name: str, example: str) -> Sequence[Any]:
@@ -530,5 +626,6 @@ def _check_number(value: Any, name: str, least: float, what: str) -> None:
 
 def _check_ints(values: Sequence[Any], name: str, example: str) -> None:
     if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
-        raise ValueError(f"{name}={tuple(values) if len(values) != 1 else values[0]!r}: pass positive integers, "
-                         f"e.g. {example}.")
+        raise ValueError(
+            f"{name}={tuple(values) if len(values) != 1 else values[0]!r}: pass positive integers, e.g. {example}."
+        )

@@ -125,8 +125,12 @@ class Recipe:
         return " + ".join(parts) or "uncompressed"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"pruning_ratio": self.pruning_ratio, "r": self.r, "num_landmarks": self.num_landmarks,
-                "quantization": self.quantization}
+        return {
+            "pruning_ratio": self.pruning_ratio,
+            "r": self.r,
+            "num_landmarks": self.num_landmarks,
+            "quantization": self.quantization,
+        }
 
 
 @dataclass(frozen=True)
@@ -186,7 +190,9 @@ class SpeedModel:
         blocks = self.timings.block[(*variant, recipe.num_landmarks)]
         entering, leaving = self.token_counts(recipe.r)
         # attention sees the tokens entering a block, its MLP those left after the merge: half each
-        parts = rest + sum(_interpolate(blocks, (n_in + n_out) / 2) for n_in, n_out in zip(entering, leaving))
+        parts = rest + sum(
+            _interpolate(blocks, (n_in + n_out) / 2) for n_in, n_out in zip(entering, leaving, strict=True)
+        )
         seconds = whole * parts / (rest + self.depth * exact)
         return seconds + (self.timings.merge.get(recipe.r, 0.0) if recipe.r else 0.0)
 
@@ -202,7 +208,10 @@ class SpeedModel:
         rs = [0, *sorted(self.timings.merge)]
         return [
             Recipe(ratio, r, m, config)
-            for ratio in ratios for config in configs for r in rs for m in (None, *landmarks)
+            for ratio in ratios
+            for config in configs
+            for r in rs
+            for m in (None, *landmarks)
             if (ratio, config) in self.timings.whole and (ratio, config, m) in self.timings.block
         ]
 
@@ -243,7 +252,10 @@ def candidate_recipes(
     """The full grid of recipes (each technique off or at one of its values)."""
     return [
         Recipe(float(p), int(r), m, q)
-        for p in pruning_ratios for r in (0, *r_values) for m in (None, *num_landmarks) for q in (None, *quantization)
+        for p in pruning_ratios
+        for r in (0, *r_values)
+        for m in (None, *num_landmarks)
+        for q in (None, *quantization)
     ]
 
 
@@ -298,7 +310,7 @@ def choose_recipe(frontier: Sequence[Candidate], target_speedup: float) -> Candi
 
 # ------------------------------------------------------------------------------------------ measuring
 def _tokens_in(model: nn.Module, example_input: torch.Tensor) -> int:
-    (args, _), = _block_inputs(model, example_input[:1]).values()
+    ((args, _),) = _block_inputs(model, example_input[:1]).values()
     return int(args[0].shape[1])
 
 
@@ -322,8 +334,9 @@ def _block_inputs(model: nn.Module, example_input: torch.Tensor) -> dict[str, tu
     return seen
 
 
-def runner_for(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], runtime: str,
-            num_threads: int) -> Callable[[], Any]:
+def runner_for(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], runtime: str, num_threads: int
+) -> Callable[[], Any]:
     """A zero-argument call of ``module`` on these inputs, in the deploy runtime."""
     if runtime == "openvino":
         import openvino as ov
@@ -333,7 +346,8 @@ def runner_for(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
         if kwargs or len(args) != 1:
             raise ValueError("OpenVINO timing takes modules called with one tensor")
         compiled = ov.Core().compile_model(
-            convert_to_openvino(module, args[0], dynamic_batch=False), "CPU",
+            convert_to_openvino(module, args[0], dynamic_batch=False),
+            "CPU",
             {"INFERENCE_NUM_THREADS": num_threads, "INFERENCE_PRECISION_HINT": "f32"},
         )
         array = args[0].numpy()
@@ -371,8 +385,13 @@ def _token_grid(tokens_in: int, num_prefix_tokens: int) -> list[int]:
     return sorted({tokens_in, *(num_prefix_tokens + max(2, round(patches * f)) for f in (0.75, 0.5, 0.25))})
 
 
-def _variant(model: nn.Module, ratio: float, config: Optional[str], example_input: torch.Tensor,
-             calibration_inputs: Sequence[torch.Tensor]) -> nn.Module:
+def _variant(
+    model: nn.Module,
+    ratio: float,
+    config: Optional[str],
+    example_input: torch.Tensor,
+    calibration_inputs: Sequence[torch.Tensor],
+) -> nn.Module:
     """A copy of ``model`` pruned by ``ratio`` and quantized with ``config``, as the recipe would leave it."""
     variant = copy.deepcopy(model).eval()
     if ratio:
@@ -422,7 +441,7 @@ def measure_speed_model(
             for config in (None, *quantization):
                 try:
                     variant = _variant(model, ratio, config, example_input, calibration_inputs)
-                    (args, kwargs), = _block_inputs(variant, example_input).values()
+                    ((args, kwargs),) = _block_inputs(variant, example_input).values()
                     calls[("whole", ratio, config)] = runner_for(variant, (example_input,), {}, runtime, threads)
                     block = _first_block(variant)
                     for n in grid:
@@ -438,11 +457,12 @@ def measure_speed_model(
                     try:
                         swapped = copy.deepcopy(variant)
                         swap_attention(swapped, m)
-                        (s_args, s_kwargs), = _block_inputs(swapped, example_input).values()
+                        ((s_args, s_kwargs),) = _block_inputs(swapped, example_input).values()
                         block = _first_block(swapped)
                         for n in grid:
                             sliced = (s_args[0][:, :n].contiguous(), *s_args[1:])
-                            calls[("block", ratio, config, m, n)] = runner_for(block, sliced, s_kwargs, runtime, threads)
+                            key = ("block", ratio, config, m, n)
+                            calls[key] = runner_for(block, sliced, s_kwargs, runtime, threads)
                         keep_alive.append(swapped)
                     except Exception as err:
                         skipped[f"Nystrom m={m} (prune {ratio:.2f} / {config or 'float'})"] = f"{err}"[:300]
@@ -461,8 +481,9 @@ def measure_speed_model(
             timings.whole[key[1:]] = value
         elif key[0] == "block":
             timings.block.setdefault(key[1:4], {})[key[4]] = value
-    speed = SpeedModel(timings, tokens_in, prefix, depth, int(example_input.shape[0]), runtime, threads,
-                       skipped=skipped)
+    speed = SpeedModel(
+        timings, tokens_in, prefix, depth, int(example_input.shape[0]), runtime, threads, skipped=skipped
+    )
     for key, value in seconds.items():
         if key[0] == "merged":  # the merge step: what the merged model takes beyond its blocks at fewer tokens
             timings.merge[key[1]] = 0.0
@@ -482,8 +503,13 @@ def format_frontier(frontier: Sequence[Candidate], chosen: Optional[Candidate] =
     return "\n".join(lines)
 
 
-def recipe_code(recipe: Recipe, max_accuracy_drop: Optional[float] = 1.0, pruning_steps: int = 1,
-                pruning_end_epoch: int = 0, distill: Optional[dict[str, Any]] = None) -> str:
+def recipe_code(
+    recipe: Recipe,
+    max_accuracy_drop: Optional[float] = 1.0,
+    pruning_steps: int = 1,
+    pruning_end_epoch: int = 0,
+    distill: Optional[dict[str, Any]] = None,
+) -> str:
     """The recipe as plain callbacks a user can copy into ``Trainer(callbacks=[...])``."""
     budget = f"max_accuracy_drop={max_accuracy_drop!r}"
     entries = []
