@@ -32,6 +32,10 @@ def made_up_speed_model() -> SpeedModel:
     return SpeedModel(timings, tokens_in=65, num_prefix_tokens=1, depth=2, batch_size=4, runtime="torch", num_threads=1)
 
 
+#: the fit-end timing of the final model against the base: one short round
+CHEAP = dict(rounds=1, min_run_time=0.005, num_threads=1, plot=False)
+
+
 def quick(**overrides):
     """A plan that times little: two ratios, one r, no int8, one short round."""
     options = dict(
@@ -96,15 +100,8 @@ def test_measuring_the_real_model_takes_seconds_and_leaves_it_alone(tiny_classif
 def test_a_reachable_target_is_planned_and_fit_ends_with_the_recipe_applied(tmp_path, tiny_classifier, digits):
     module = tiny_classifier()
     before = parameter_count(module.model)
-    plan = CompressionPlan(target_speedup=2.3, max_accuracy_drop=None, speed_model=made_up_speed_model(), plot=False)
-    trainer = fast_trainer(
-        tmp_path,
-        callbacks=[
-            plan,
-            BenchmarkCallback(devices=["cpu"], rounds=1, min_run_time=0.01, latency_repeats=2, plot=False),
-        ],
-        max_epochs=2,
-    )
+    plan = CompressionPlan(target_speedup=2.3, max_accuracy_drop=None, speed_model=made_up_speed_model(), **CHEAP)
+    trainer = fast_trainer(tmp_path, callbacks=[plan], max_epochs=2)
     trainer.fit(module, digits)
     assert plan.chosen.recipe == Recipe(0.5, 16) and plan.chosen.predicted_speedup >= 2.3
     assert [type(cb).__name__ for cb in plan.added] == ["PruningSchedule", "TokenMerging", "DistillationTeacher"]
@@ -139,13 +136,47 @@ def test_a_budget_broken_mid_fit_backs_token_merging_off(tmp_path, tiny_classifi
 
     monkeypatch.setattr(CompressionPlan, "validation_accuracy", accuracy)
     module = tiny_classifier()
-    plan = CompressionPlan(target_speedup=1.2, max_accuracy_drop=0.0, speed_model=made_up_speed_model(), plot=False)
+    plan = CompressionPlan(target_speedup=1.2, max_accuracy_drop=0.0, speed_model=made_up_speed_model(), **CHEAP)
     fast_trainer(tmp_path, callbacks=[plan], max_epochs=2).fit(module, digits)
     assert plan.chosen.recipe == Recipe(0.0, 16)
     assert [b["r"] for b in plan.backed_off] == [[16, 8], [8, 0]]  # at epoch 1's start, the next r, then none
     assert plan.backed_off[0]["when"] == "epoch 1 start"
     assert merged_token_counts(module.model) == [65, 65]
     assert "TokenMerging(r=" not in plan.report["code"]  # the copyable recipe is what was kept
+
+
+def test_a_resumed_fit_keeps_the_first_fits_choice_and_back_off_without_measuring(
+    tmp_path, tiny_classifier, digits, monkeypatch
+):
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+    class StopAfterEpoch1(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            trainer.should_stop = trainer.current_epoch == 1
+
+    monkeypatch.setattr(
+        CompressionPlan,
+        "validation_accuracy",
+        lambda self, trainer, model=None: self.budget.reference - (0.05 if self.r else 0.0),
+    )
+    first = CompressionPlan(target_speedup=1.2, max_accuracy_drop=0.0, speed_model=made_up_speed_model(), **CHEAP)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    fast_trainer(
+        tmp_path, callbacks=[first, StopAfterEpoch1(), checkpoints], max_epochs=3, enable_checkpointing=True
+    ).fit(tiny_classifier(), digits)
+    assert first.r == 0  # backed off at epoch 1's start
+
+    def no_measuring(self, target):
+        raise AssertionError("a resumed plan reuses the first fit's timings")
+
+    monkeypatch.setattr(CompressionPlan, "_measure", no_measuring)
+    resumed, module = CompressionPlan(target_speedup=1.2, max_accuracy_drop=0.0, **CHEAP), tiny_classifier()
+    fast_trainer(tmp_path, callbacks=[resumed], max_epochs=3).fit(
+        module, digits, ckpt_path=tmp_path / "ckpt" / "last.ckpt"
+    )
+    assert resumed.chosen.recipe == Recipe(0.0, 16) and resumed.r == 0
+    assert [b["r"] for b in resumed.backed_off] == [[16, 8], [8, 0]]
+    assert merged_token_counts(module.model) == [65, 65]
 
 
 @pytest.mark.parametrize(

@@ -22,16 +22,17 @@ from typing_extensions import override
 from lightning_vitcompress._base import (
     CompressionCallback,
     first_batch,
+    resume_checkpoint_path,
     validation_data,
 )
 from lightning_vitcompress._plan import PlanRow
-from lightning_vitcompress._structure import record_edit
+from lightning_vitcompress._structure import read_checkpoint, record_edit
 from lightning_vitcompress.callbacks.distillation import DistillationTeacher
 from lightning_vitcompress.callbacks.nystrom import NystromSwap
 from lightning_vitcompress.callbacks.pruning import PruningSchedule
 from lightning_vitcompress.callbacks.quantization import QuantizeOnFit
 from lightning_vitcompress.callbacks.token_merging import TokenMerging
-from lightning_vitcompress.functional.measure import images_of
+from lightning_vitcompress.functional.measure import images_of, thread_count
 from lightning_vitcompress.functional.plan import (
     NUM_LANDMARKS,
     PRUNING_RATIOS,
@@ -265,6 +266,9 @@ class CompressionPlan(CompressionCallback):
         target = self.target(pl_module)
         self._baseline = copy.deepcopy(target).cpu().eval()
         self._example = self._example_batch(trainer)
+        saved = self._saved_state(trainer)
+        if saved is not None and self.speed_model is None:  # a resume plans from the first fit's timings
+            self.speed_model = SpeedModel.from_dict(saved["speed_model"])
         speed = self.speed_model
         if speed is None:
             message: Any = None
@@ -285,6 +289,14 @@ class CompressionPlan(CompressionCallback):
         self.frontier = plan_frontier(speed)
         self.chosen = choose_recipe(self.frontier, self.target_speedup)  # UnreachableTargetError names the fastest
         self.r = self.chosen.recipe.r
+        if saved is not None:  # the back-offs of the first fit stand
+            if Recipe(**saved["recipe"]) != self.chosen.recipe:
+                raise ValueError(
+                    f"CompressionPlan(target_speedup={self.target_speedup!r}) chooses {self.chosen.recipe.label()}, "
+                    f"but the checkpoint being resumed trained {Recipe(**saved['recipe']).label()}. Resume with the "
+                    "first fit's target_speedup and candidates."
+                )
+            self.r, self.backed_off = int(saved["r"]), list(saved["backed_off"])
         self.added = self._callbacks(trainer, self.chosen.recipe)
         index = trainer.callbacks.index(self) + 1
         trainer.callbacks[index:index] = self.added
@@ -293,6 +305,17 @@ class CompressionPlan(CompressionCallback):
             f"(target {self.target_speedup:.2f}x), prior cost {self.chosen.accuracy_cost:.2f} pt; timed in "
             f"{speed.seconds_measuring:.1f} s.\n{format_frontier(self.frontier, self.chosen)}"
         )
+
+    def _saved_state(self, trainer: "pl.Trainer") -> Optional[dict[str, Any]]:
+        """What this callback saved in the checkpoint this fit resumes from (None: a fresh fit, or none saved).
+
+        Read here, at setup, because Lightning restores callback state only after the model is rebuilt."""
+        path, weights_only = resume_checkpoint_path(trainer)
+        if not path or not Path(path).is_file():
+            return None
+        checkpoint = read_checkpoint(path, weights_only=weights_only, argument="ckpt_path")
+        saved = (checkpoint.get("callbacks") or {}).get(self.state_key)
+        return saved if isinstance(saved, dict) and saved.get("speed_model") else None
 
     def _example_batch(self, trainer: "pl.Trainer") -> torch.Tensor:
         images = None
@@ -346,8 +369,8 @@ class CompressionPlan(CompressionCallback):
             out.append(
                 NystromSwap(num_landmarks=recipe.num_landmarks, max_accuracy_drop=budget, model_attribute=attribute)
             )
-        if recipe.r:
-            out.append(TokenMerging(r=recipe.r, model_attribute=attribute))
+        if recipe.r:  # at the r in force (a resume after a back-off merges what the checkpoint recorded)
+            out.append(TokenMerging(r=self.r, model_attribute=attribute))
         if self.distill:
             assert self._baseline is not None
             out.append(
@@ -457,7 +480,8 @@ class CompressionPlan(CompressionCallback):
             except Exception:
                 calls[name] = runner_for(model, (self._example,), {}, "torch", threads)
             model.train(was)
-        seconds = time_interleaved(calls, self.rounds, self.min_run_time)
+        with thread_count(threads):
+            seconds = time_interleaved(calls, self.rounds, self.min_run_time)
         return seconds["base"] / seconds["final"]
 
     def _why(self) -> str:
@@ -607,6 +631,7 @@ class CompressionPlan(CompressionCallback):
     def state_dict(self) -> dict[str, Any]:
         return {
             "recipe": None if self.chosen is None else self.chosen.recipe.as_dict(),
+            "speed_model": None if self.speed_model is None else self.speed_model.as_dict(),
             "r": self.r,
             "backed_off": self.backed_off,
             "budget_reference": self.budget_reference,

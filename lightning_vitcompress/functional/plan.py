@@ -170,6 +170,26 @@ class SpeedModel:
     skipped: dict[str, str] = field(default_factory=dict)
     """what could not be measured (a technique, a config) and why"""
 
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data (what ``torch.load(weights_only=True)`` reads back): for checkpoints."""
+        t = self.timings
+        return {
+            "whole": [[*key, value] for key, value in t.whole.items()],
+            "block": [[*key, sorted(points.items())] for key, points in t.block.items()],
+            "merge": sorted(t.merge.items()),
+            **{name: getattr(self, name) for name in _SPEED_FIELDS},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SpeedModel:
+        """The speed model :meth:`as_dict` wrote."""
+        timings = PlanTimings(
+            whole={(float(ratio), config): value for ratio, config, value in data["whole"]},
+            block={(float(r), c, m): {int(n): v for n, v in points} for r, c, m, points in data["block"]},
+            merge={int(r): value for r, value in data["merge"]},
+        )
+        return cls(timings, **{name: data[name] for name in _SPEED_FIELDS})
+
     def token_counts(self, r: int) -> tuple[list[int], list[int]]:
         """Tokens entering and leaving each block under token merging ``r`` (all blocks merge)."""
         after = token_schedule(self.tokens_in, self.num_prefix_tokens, [r] * self.depth)
@@ -214,6 +234,18 @@ class SpeedModel:
             for m in (None, *landmarks)
             if (ratio, config) in self.timings.whole and (ratio, config, m) in self.timings.block
         ]
+
+
+_SPEED_FIELDS = (
+    "tokens_in",
+    "num_prefix_tokens",
+    "depth",
+    "batch_size",
+    "runtime",
+    "num_threads",
+    "seconds_measuring",
+    "skipped",
+)
 
 
 def _interpolate(points: dict[int, float], tokens: float) -> float:
