@@ -204,6 +204,11 @@ class SpeedModel:
         is predicted at exactly its measured whole (parts timed apart never add up to the whole exactly).
         """
         variant = (recipe.pruning_ratio, recipe.quantization)
+        if variant not in self.timings.whole or (recipe.r and recipe.r not in self.timings.merge):
+            raise KeyError(
+                f"{recipe.label()} was not measured (see skipped: {self.skipped}); measured: "
+                f"{[r.label() for r in self.recipes()]}"
+            )
         whole = self.timings.whole[variant]
         exact = _interpolate(self.timings.block[(*variant, None)], self.tokens_in)
         rest = max(0.0, whole - self.depth * exact)
