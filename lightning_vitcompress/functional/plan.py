@@ -37,6 +37,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import itertools
 import statistics
 import time
 from collections.abc import Sequence
@@ -254,15 +255,28 @@ _SPEED_FIELDS = (
 
 
 def _interpolate(points: dict[int, float], tokens: float) -> float:
-    """Piecewise-linear in the token count between measured points (extended linearly past the ends)."""
+    """Piecewise-linear in the token count between measured points (extended linearly past the ends), through
+    their non-decreasing fit: a block never gets faster with more tokens, so a point below a smaller count's is
+    timing noise (a shared machine) and is pooled with it."""
     xs = sorted(points)
+    ys = _non_decreasing([points[x] for x in xs])
     if len(xs) == 1:
-        return points[xs[0]] * tokens / xs[0]
-    for lo, hi in zip(xs, xs[1:]):
+        return ys[0] * tokens / xs[0]
+    for (lo, y_lo), (hi, y_hi) in itertools.pairwise(zip(xs, ys, strict=True)):
         if tokens <= hi or hi == xs[-1]:
-            slope = (points[hi] - points[lo]) / (hi - lo)
-            return max(0.0, points[lo] + slope * (tokens - lo))
+            return max(0.0, y_lo + (y_hi - y_lo) / (hi - lo) * (tokens - lo))
     raise AssertionError("unreachable")
+
+
+def _non_decreasing(values: Sequence[float]) -> list[float]:
+    """The closest non-decreasing sequence in least squares (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [mean, count]
+    for value in values:
+        blocks.append([value, 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m2, n2), (m1, n1) = blocks.pop(), blocks.pop()
+            blocks.append([(m1 * n1 + m2 * n2) / (n1 + n2), n1 + n2])
+    return [mean for mean, count in blocks for _ in range(int(count))]
 
 
 # ---------------------------------------------------------------------------------------- candidates
