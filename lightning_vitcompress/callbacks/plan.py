@@ -234,11 +234,13 @@ class CompressionPlan(CompressionCallback):
         self._baseline: Optional[torch.nn.Module] = None
         self._example: Optional[torch.Tensor] = None
         self._pruning_schedule_steps = (1, 0)
+        self._planned_for: Optional[int] = None
+        self._given_speed_model = speed_model
 
     # --------------------------------------------------------------------- setup: measure, choose, configure
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        if stage == "fit" and self.chosen is None:
+        if stage == "fit" and self._planned_for != id(trainer):  # once per Trainer (a new one plans afresh)
             self._plan(trainer, pl_module)
         super().setup(trainer, pl_module, stage)  # the pipeline's setup, the added callbacks included
 
@@ -263,6 +265,8 @@ class CompressionPlan(CompressionCallback):
                 "val_dataloaders to fit / a datamodule with val_dataloader and limit_val_batches > 0, or "
                 "max_accuracy_drop=None (no checks, no back-off)."
             )
+        self._planned_for, self.backed_off, self.report = id(trainer), [], {}
+        self.speed_model = self._given_speed_model  # a later fit of an already compressed model times it afresh
         target = self.target(pl_module)
         self._baseline = copy.deepcopy(target).cpu().eval()
         self._example = self._example_batch(trainer)
@@ -381,7 +385,7 @@ class CompressionPlan(CompressionCallback):
         return out
 
     def ordered_setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        if stage == "fit" and self.chosen is None:  # another callback's setup ran the pipeline first
+        if stage == "fit" and self._planned_for != id(trainer):  # another callback's setup ran the pipeline first
             self._plan(trainer, pl_module)  # raises: CompressionPlan must come first
 
     # ------------------------------------------------------------------ during fit: the token-merging back-off
