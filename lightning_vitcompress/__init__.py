@@ -2,8 +2,9 @@
 
 Example::
 
-    from lightning_vitcompress import BenchmarkCallback, PruningSchedule, QuantizeOnFit
-    trainer = Trainer(callbacks=[PruningSchedule(0.5), QuantizeOnFit("int8_dynamic"), BenchmarkCallback()])
+    >>> from lightning import Trainer
+    >>> from lightning_vitcompress import BenchmarkCallback, PruningSchedule, QuantizeOnFit
+    >>> trainer = Trainer(callbacks=[PruningSchedule(0.5), QuantizeOnFit("int8_dynamic"), BenchmarkCallback()])
 
 The callbacks (and everything that needs Lightning) load on first use, so
 ``lightning_vitcompress.functional`` works where only torch, timm and torchao
@@ -15,6 +16,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from lightning_vitcompress import _versions  # noqa: F401 - first: an old dependency is named, not met mid-import
 from lightning_vitcompress.functional import (
     DistillConfig,
     ExportConfig,

@@ -30,244 +30,68 @@ The base class also owns what every callback does at ``setup``: the fit-stage
 gate, the strategy check of callbacks that edit the model, epochs against
 ``max_epochs`` (:meth:`CompressionCallback.check_fit`), the record helper
 (:meth:`~CompressionCallback.record`) and one logging helper
-(:meth:`~CompressionCallback.log_metrics`).
+(:meth:`~CompressionCallback.log_metrics`). What the fit shares lives beside
+it: the per-trainer state and the resumed checkpoint in
+:mod:`~lightning_vitcompress._pipeline`, the fit's data in
+:mod:`~lightning_vitcompress._data`, and every access to Lightning's private
+API in :mod:`~lightning_vitcompress._lightning`.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Callable, ClassVar, Optional
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
 from lightning_vitcompress._card import write_model_cards
-from lightning_vitcompress._model import (
-    check_supported_attention,
-    get_submodule,
-    resolve_target_path,
-    stated_input_shape,
+from lightning_vitcompress._data import (
+    check_data_fits_models,
+    example_from_data,
+    first_batch,
+    in_training_step,
+    local_validation_accuracy,
+    measure_validation_accuracy,
+    validation_data,
 )
+from lightning_vitcompress._lightning import current_hook_name
+from lightning_vitcompress._model import check_supported_attention, get_submodule, resolve_target_path
+from lightning_vitcompress._pipeline import PipelineState, forget_pipeline_state, pipeline_state, resumed_checkpoint
 from lightning_vitcompress._plan import PlanRow, show_plan
 from lightning_vitcompress._structure import (
     STRUCTURE_KEY,
     Record,
     add_digest,
-    read_checkpoint,
     record_edit,
     recorded_edits,
     replay_checkpoint_structure,
     save_edits,
 )
 from lightning_vitcompress._training_state import check_strategy_supported
-from lightning_vitcompress.functional.budget import AccuracyBudget, limit_batches
-from lightning_vitcompress.functional.measure import eval_mode, images_of, measure_accuracy
+from lightning_vitcompress.functional.budget import AccuracyBudget
 
-_STATE_ATTRIBUTE = "_vitcompress_pipeline"
+__all__ = [
+    "REPLAY_ORDER",
+    "CompressionCallback",
+    "progress_line",
+    # the fit's data, from lightning_vitcompress._data, where the callbacks have imported them from
+    "example_from_data",
+    "first_batch",
+    "in_training_step",
+    "local_validation_accuracy",
+    "measure_validation_accuracy",
+    "validation_data",
+]
+
 #: on resume, the checkpoint's structure is replayed between the baseline snapshot and the edits
 REPLAY_ORDER = 15
 #: hooks in which Lightning lets a callback call ``LightningModule.log`` (the ones ours log from)
 _LOOP_HOOKS = frozenset({"on_train_epoch_start", "on_train_batch_start", "on_train_batch_end", "on_train_epoch_end"})
-
-
-class _PipelineState:
-    """Per-trainer bookkeeping: which ordered hooks ran, what was replayed on resume."""
-
-    def __init__(self) -> None:
-        self.done: set[tuple[Any, ...]] = set()
-        self.replayed: list[Record] = []
-        #: the checkpoint this fit resumes from (None for a fresh fit), read once at setup
-        self.resume_path: Optional[str] = None
-        self.checkpoint: dict[str, Any] = {}
-        #: one image of the Trainer's data (see :func:`example_from_data`), looked up once; False: none found
-        self.example: Any = None
-        #: the first batch of the validation / training data (see :func:`first_batch`), read once
-        self.batches: dict[str, Any] = {}
-        #: top-1 of each budgeted target (by path) as it entered fit, measured once at setup
-        self.references: dict[str, float] = {}
-
-
-def _pipeline_state(trainer: "pl.Trainer") -> _PipelineState:
-    state = trainer.__dict__.get(_STATE_ATTRIBUTE)
-    if state is None:
-        state = trainer.__dict__[_STATE_ATTRIBUTE] = _PipelineState()
-    return state
-
-
-def resume_checkpoint_path(trainer: "pl.Trainer") -> tuple[Optional[str], bool]:
-    """The checkpoint this ``fit`` will restore, already known at ``setup``, and whether to read it safely.
-
-    ``trainer.ckpt_path`` is only filled in after ``setup`` (Lightning restores
-    the checkpoint later), but a reshaped model must be rebuilt *before* its
-    weights load. Lightning 2.x resolves ``fit(ckpt_path=..., weights_only=...)``
-    ("last", "best", "hpc" or a path) into the arguments of ``Trainer._run``,
-    which is on the call stack during ``setup``; we read both from there. The
-    second value is False only when the user passed ``weights_only=False``.
-    The resume tests fail loudly should a Lightning release move them.
-    """
-    frame = inspect.currentframe()
-    while frame is not None:
-        if frame.f_code.co_name == "_run" and isinstance(frame.f_locals.get("self"), pl.Trainer):
-            path = frame.f_locals.get("ckpt_path")  # includes a path set with trainer.ckpt_path = ...
-            return (str(path) if path else None), frame.f_locals.get("weights_only") is not False
-        frame = frame.f_back
-    return (str(trainer.ckpt_path) if trainer.ckpt_path else None), True
-
-
-def _resumed_checkpoint(trainer: "pl.Trainer") -> tuple[Optional[str], dict[str, Any]]:
-    """The path and contents of the checkpoint this fit resumes from (``None, {}`` for a fresh fit)."""
-    path, weights_only = resume_checkpoint_path(trainer)
-    if not path or not Path(path).is_file():
-        return None, {}
-    return path, read_checkpoint(path, weights_only=weights_only, argument="ckpt_path")
-
-
-def example_from_data(trainer: "pl.Trainer") -> Optional[torch.Tensor]:
-    """One image (batch of 1) of the data this fit trains on: validation data first, else training data.
-
-    For models that do not state their input size. Lightning calls the
-    datamodule's ``setup`` before the callbacks' ``setup``, so the loaders can
-    be asked here, from the fit loop's data sources (``_DataLoaderSource.dataloader()``,
-    what Lightning itself calls: ``fit(...)``'s loaders, the datamodule's or the module's). The first batch is read under a forked random state, so the
-    training order is what it would be without us. Returns None where no data
-    is reachable or a batch holds no image tensor.
-    """
-    state = _pipeline_state(trainer)
-    if state.example is None:
-        state.example = _first_images(trainer)
-        state.example = False if state.example is None else state.example[:1].detach().cpu()
-    return state.example if isinstance(state.example, torch.Tensor) else None
-
-
-def first_batch(trainer: "pl.Trainer", validation: bool = True) -> Any:
-    """The first batch of the validation data (``validation=True``) or of the training data, read once under a
-    forked random state (the training order stays what it would be without us); None where none is reachable."""
-    state = _pipeline_state(trainer)
-    key = "validation" if validation else "training"
-    if key not in state.batches:
-        loop = trainer.fit_loop.epoch_loop.val_loop if validation else trainer.fit_loop
-        try:
-            with torch.random.fork_rng(devices=[]):
-                loader = _first_loader(loop._data_source)
-                state.batches[key] = next(iter(loader)) if loader is not None else None
-        except Exception:  # noqa: BLE001 - a failing or empty loader: no batch
-            state.batches[key] = None
-    return state.batches[key]
-
-
-def _first_images(trainer: "pl.Trainer") -> Optional[torch.Tensor]:
-    for validation in (True, False):  # validation data, then training data
-        images = images_of(first_batch(trainer, validation))
-        if images is not None:
-            return images
-    return None
-
-
-def _check_data_fits_models(trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-    """Images of the Trainer's data that the compressed model cannot take (another channel count or size than
-    the one it states) are refused before any callback edits the model, not at the first batch."""
-    if getattr(pl_module, "example_input_array", None) is not None:
-        return  # the module states what its model receives (training_step may convert the batch)
-    example = example_from_data(trainer)
-    if example is None or example.dim() != 4:
-        return
-    paths = {resolve_target_path(pl_module, cb.model_attribute)
-             for cb in trainer.callbacks if isinstance(cb, CompressionCallback)}
-    for path in sorted(paths):
-        model = get_submodule(pl_module, path)
-        stated = stated_input_shape(model)
-        if stated is None or tuple(example.shape[1:]) == tuple(stated):
-            continue
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        try:
-            with eval_mode(model), torch.inference_mode():
-                model(example.to(device))
-        except Exception as err:  # noqa: BLE001 - reported with its cause
-            raise ValueError(
-                f"The Trainer's data gives images of shape {tuple(example.shape[1:])}, but "
-                f"{type(model).__name__} ({path or 'the LightningModule'}) takes {tuple(stated)} (channels, height, "
-                f"width) and cannot run them ({type(err).__name__}: {err}). Nothing was changed. Give the model "
-                "images of its shape (e.g. repeat a grey channel 3 times in the dataset's transform), or build it "
-                "for your images (timm: in_chans=, img_size=); if training_step converts the batch before the model, "
-                "set example_input_array on the LightningModule to what the model receives."
-            ) from err
-
-
-def _first_loader(source: Any) -> Optional[Iterable[Any]]:
-    """The (first) dataloader of a Lightning data source: ``fit(...)``'s loaders, the datamodule's or the module's."""
-    if source is None or source.instance is None or not source.is_defined():
-        return None
-    loader = source.dataloader()
-    if isinstance(loader, (list, tuple)):
-        return loader[0] if loader else None
-    if isinstance(loader, Mapping):
-        return next(iter(loader.values()), None)
-    return loader
-
-
-def _run_once_in_order(
-    trainer: "pl.Trainer", key: tuple[Any, ...], action: Callable[["CompressionCallback"], None]
-) -> bool:
-    """Run ``action`` for all our callbacks in order, once per ``key``; False if already done."""
-    state = _pipeline_state(trainer)
-    if key in state.done:
-        return False
-    state.done.add(key)
-    ours = [cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback)]
-    for callback in sorted(ours, key=lambda cb: cb.order):  # stable: equal orders keep list order
-        action(callback)
-    return True
-
-
-def validation_data(trainer: "pl.Trainer") -> tuple[Optional[Iterable[Any]], Optional[int]]:
-    """The fit's validation dataloader (the first one) and how many of its batches to use.
-
-    Found wherever Lightning would find it (``fit(val_dataloaders=...)``, the
-    datamodule, the LightningModule's ``val_dataloader``); readable from
-    ``setup`` on. ``limit_val_batches`` applies (an int: that many batches, a
-    float: that fraction). ``(None, None)`` when there is none or it is limited to 0.
-    """
-    loader = _first_loader(trainer.fit_loop.epoch_loop.val_loop._data_source)
-    if loader is None:
-        return None, None
-    limit = trainer.limit_val_batches
-    if isinstance(limit, float):
-        try:
-            limit = None if limit >= 1.0 else int(len(loader) * limit)  # type: ignore[arg-type]
-        except TypeError:  # an iterable without len: all of it
-            limit = None
-    if limit == 0:
-        return None, None
-    return loader, limit
-
-
-def in_training_step(trainer: "pl.Trainer") -> bool:
-    """Inside a training batch (between its start and its update), not a callback's forward at an epoch start
-    or a validation step: what the callbacks that keep training inputs (calibration) go by, rather than the
-    module's mode (a model left in ``eval()`` trains in eval mode)."""
-    progress = trainer.fit_loop.epoch_loop.batch_progress.current
-    return trainer.training and progress.started > progress.processed
-
-
-def measure_validation_accuracy(trainer: "pl.Trainer", model: nn.Module) -> Optional[float]:
-    """Top-1 of ``model`` on the fit's validation data, measured on rank zero and the same on every rank.
-
-    The one place the budgets measure (``max_accuracy_drop`` of every callback).
-    """
-    accuracy = local_validation_accuracy(trainer, model) if trainer.is_global_zero else None
-    return trainer.strategy.broadcast(accuracy, src=0)
-
-
-def local_validation_accuracy(trainer: "pl.Trainer", model: nn.Module) -> Optional[float]:
-    """Top-1 of ``model`` on the fit's validation data, measured in this process only (no collective call)."""
-    loader, limit = validation_data(trainer)
-    return None if loader is None else measure_accuracy(model, limit_batches(loader, limit))
 
 
 def progress_line(trainer: "pl.Trainer", message: str) -> None:
@@ -332,7 +156,7 @@ class CompressionCallback(Callback):
         """
         named = {f"{self.LOG_PREFIX}/{name}": float(value) for name, value in metrics.items() if value is not None}
         pl_module = trainer.lightning_module
-        if getattr(pl_module, "_current_fx_name", None) in _LOOP_HOOKS:
+        if current_hook_name(pl_module) in _LOOP_HOOKS:
             for name, value in named.items():
                 pl_module.log(name, value, sync_dist=False, rank_zero_only=True)
         elif trainer.is_global_zero:
@@ -408,7 +232,7 @@ class CompressionCallback(Callback):
             )
         finished = self.resumed_without_training(trainer)
         if finished is not None:
-            path = _pipeline_state(trainer).resume_path
+            path = pipeline_state(trainer).resume_path
             raise ValueError(
                 f"{what} when training ends, but ckpt_path={path!r} leaves no training step to run ({finished}), "
                 "and Lightning then skips the train-end hooks: it would silently not happen. Raise max_epochs / "
@@ -418,7 +242,7 @@ class CompressionCallback(Callback):
     def resumed_without_training(self, trainer: "pl.Trainer") -> Optional[str]:
         """At ``setup`` of a resumed fit: why the checkpoint leaves no training step to run (it was saved after
         the last epoch or step), else None. Lightning then skips the train-end hooks."""
-        state = _pipeline_state(trainer)
+        state = pipeline_state(trainer)
         if state.resume_path is None:
             return None
         loops = state.checkpoint.get("loops") or {}
@@ -444,18 +268,18 @@ class CompressionCallback(Callback):
         ``(path, None)`` when it holds no state for this callback (e.g. a
         ``save_weights_only`` checkpoint); ``(None, None)`` for a fresh fit.
         """
-        state = _pipeline_state(trainer)
+        state = pipeline_state(trainer)
         saved = (state.checkpoint.get("callbacks") or {}).get(self.state_key)
         return state.resume_path, saved if isinstance(saved, dict) else None
 
     @staticmethod
     def replayed_records(trainer: "pl.Trainer", kind: str) -> list[Record]:
         """The structural edits of ``kind`` restored from the checkpoint at this fit's setup."""
-        return [r for r in _pipeline_state(trainer).replayed if r.get("kind") == kind]
+        return [r for r in pipeline_state(trainer).replayed if r.get("kind") == kind]
 
     def resumed(self, trainer: "pl.Trainer") -> bool:
         """True when this fit restores a checkpoint (its weights load after ``setup``)."""
-        return _pipeline_state(trainer).resume_path is not None
+        return pipeline_state(trainer).resume_path is not None
 
     # ------------------------------------------------ arguments vs checkpoint
     def resume_config(self) -> dict[str, Any]:
@@ -478,7 +302,7 @@ class CompressionCallback(Callback):
 
     def saved_config(self, trainer: "pl.Trainer") -> Optional[dict[str, Any]]:
         """The arguments the resumed checkpoint holds for this callback: its last record's, else its state's."""
-        checkpoint = _pipeline_state(trainer).checkpoint
+        checkpoint = pipeline_state(trainer).checkpoint
         records = [r for r in checkpoint.get(STRUCTURE_KEY, []) if self.KIND and r.get("kind") == self.KIND]
         if records and "config" in records[-1]:
             return records[-1]["config"]
@@ -507,11 +331,11 @@ class CompressionCallback(Callback):
     # -------------------------------------------- Lightning hooks: dispatch
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        state = _pipeline_state(trainer)
+        state = pipeline_state(trainer)
         if ("setup", stage) in state.done:
             return
         if stage == "fit":
-            state.resume_path, state.checkpoint = _resumed_checkpoint(trainer)
+            state.resume_path, state.checkpoint = resumed_checkpoint(trainer)
         checkpoint = state.checkpoint
         # arguments that disagree with the checkpoint are refused before anything changes the model
         for callback in trainer.callbacks:
@@ -519,7 +343,7 @@ class CompressionCallback(Callback):
                 callback.check_same_config(callback.saved_config(trainer), f"the checkpoint {state.resume_path}")
         replay_pending = stage == "fit"
         if stage == "fit" and ("setup", stage) not in state.done:
-            _check_data_fits_models(trainer, pl_module)
+            check_data_fits_models(trainer, pl_module, [cb.model_attribute for cb in _ours(trainer)])
             _prepare_budgets(trainer, pl_module, state)
 
         def replay() -> None:
@@ -545,7 +369,7 @@ class CompressionCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        state = _pipeline_state(trainer)
+        state = pipeline_state(trainer)
         if ("plan",) not in state.done:  # once per fit, whichever of our callbacks Lightning reaches first
             state.done.add(("plan",))
             show_plan(trainer)
@@ -580,7 +404,7 @@ class CompressionCallback(Callback):
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         # a later trainer.fit/test/validate on the same trainer dispatches afresh
-        trainer.__dict__.pop(_STATE_ATTRIBUTE, None)
+        forget_pipeline_state(trainer)
 
     @override
     def on_save_checkpoint(
@@ -592,7 +416,7 @@ class CompressionCallback(Callback):
             add_digest(checkpoint)  # read_checkpoint refuses the file if its tensors change afterwards
 
 
-def _prepare_budgets(trainer: "pl.Trainer", pl_module: "pl.LightningModule", state: _PipelineState) -> None:
+def _prepare_budgets(trainer: "pl.Trainer", pl_module: "pl.LightningModule", state: PipelineState) -> None:
     """Before any callback edits the model: each budget's reference accuracy, or an error without validation data.
 
     A fresh fit measures the target as it enters (once per target, on rank zero,
@@ -635,3 +459,20 @@ def _prepare_budgets(trainer: "pl.Trainer", pl_module: "pl.LightningModule", sta
             state.references[path] = accuracy
             rank_zero_info(f"Accuracy budget: the model entering fit has validation top-1 {accuracy:.2%}.")
         callback.budget_reference = state.references[path]
+
+
+def _ours(trainer: "pl.Trainer") -> list[CompressionCallback]:
+    return [cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback)]
+
+
+def _run_once_in_order(
+    trainer: "pl.Trainer", key: tuple[Any, ...], action: Callable[[CompressionCallback], None]
+) -> bool:
+    """Run ``action`` for all our callbacks in order, once per ``key``; False if already done."""
+    state = pipeline_state(trainer)
+    if key in state.done:
+        return False
+    state.done.add(key)
+    for callback in sorted(_ours(trainer), key=lambda cb: cb.order):  # stable: equal orders keep list order
+        action(callback)
+    return True

@@ -14,7 +14,17 @@ path. Rename it ``README.md`` to push the folder to the Hugging Face Hub.
 
 Example::
 
-    text = render_model_card(trainer, pl_module, card_dir=Path("outputs"))
+    >>> import lightning as L
+    >>> from lightning_vitcompress import TokenMerging
+    >>> from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
+    >>> model = DigitsClassifier(embed_dim=32, depth=2, num_heads=4)
+    >>> trainer = L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, callbacks=[TokenMerging(r=4)],
+    ...                     logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    ...                     enable_model_summary=False)
+    >>> trainer.fit(model, DigitsDataModule())
+    >>> text = render_model_card(trainer, model, card_dir=Path("outputs"))
+    >>> text.splitlines()[0], "TokenMerging" in text  # Hugging Face Hub metadata first, then the card
+    ('---', True)
 """
 
 from __future__ import annotations

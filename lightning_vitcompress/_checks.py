@@ -25,6 +25,7 @@ from typing import Any, Optional, Union
 import torch
 
 __all__ = [
+    "check_block_selection",
     "check_bool",
     "config_or_options",
     "example_input_error",
@@ -103,6 +104,25 @@ def check_names(value: Any, argument: str, example: str) -> list[str]:
     if not all(isinstance(name, str) and name for name in names):
         raise ValueError(f"{argument}={value!r}: every entry must be a non-empty attribute name, e.g. {example}.")
     return names
+
+
+def check_block_selection(
+    blocks: Any, *, kind: str = "attention-block", example: str = "[0, 1] or ['blocks.0.attn']"
+) -> Optional[list[Union[int, str]]]:
+    """``blocks`` as a list of block indices or names (None stays None, for all), or a ``ValueError`` naming it.
+
+    ``kind`` and ``example`` name what the technique selects (``"transformer-block"`` for token merging).
+    """
+    if blocks is not None and (
+        isinstance(blocks, (str, int))
+        or not isinstance(blocks, Sequence)
+        or not blocks
+        or not all(isinstance(b, (int, str)) and not isinstance(b, bool) for b in blocks)
+    ):
+        raise ValueError(
+            f"blocks={blocks!r}: pass a non-empty list of {kind} indices or names (e.g. {example}), or None for all."
+        )
+    return list(blocks) if blocks is not None else None
 
 
 def check_example_input(value: Any, argument: str = "example_input") -> None:

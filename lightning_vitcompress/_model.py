@@ -48,6 +48,7 @@ def find_attention_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
     Example::
 
+        >>> import timm
         >>> vit = timm.create_model("vit_tiny_patch16_224", pretrained=False)
         >>> [name for name, _ in find_attention_blocks(vit)][:2]
         ['blocks.0.attn', 'blocks.1.attn']
@@ -206,11 +207,14 @@ def resolve_target_model(root: nn.Module, model_attribute: Optional[str] = None)
 
     Example::
 
+        >>> import lightning as L, timm
         >>> class Classifier(L.LightningModule):
         ...     def __init__(self):
         ...         super().__init__()
-        ...         self.net = timm.create_model("vit_tiny_patch16_224", pretrained=False)
-        >>> resolve_target_model(Classifier()) is Classifier().net  # doctest: +SKIP
+        ...         self.net = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2)
+        >>> classifier = Classifier()
+        >>> resolve_target_model(classifier) is classifier.net
+        True
     """
     return get_submodule(root, resolve_target_path(root, model_attribute))
 

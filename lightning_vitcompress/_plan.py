@@ -9,13 +9,19 @@ per callback, and the table as text where the logger takes text (TensorBoard).
 
 Example::
 
-    rows = plan_rows(trainer)          # [PlanRow("PruningSchedule", "structured pruning ...", "setup", "...")]
-    print(format_plan(rows))           # the Markdown table printed at fit start
+    >>> import lightning as L
+    >>> from lightning_vitcompress import PruningSchedule, TokenMerging
+    >>> trainer = L.Trainer(max_epochs=3, callbacks=[PruningSchedule(0.5, end_epoch=2), TokenMerging(r=4)])
+    >>> print(format_plan(plan_rows(trainer)))  # the Markdown table printed at fit start
+    | callback | does | when | settings |
+    |---|---|---|---|
+    | PruningSchedule | structured pruning, 0.5 of the channels removed | 3 steps, epochs 0-2 | importance=l2, schedule=linear |
+    | TokenMerging | token merging (ToMe), r=4 per block (constant) | setup (before the optimizer exists) | blocks=all, no weights change |
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelSummary
@@ -37,6 +43,19 @@ class PlanRow(NamedTuple):
     details: str
 
 
+@runtime_checkable
+class PlannedCallback(Protocol):
+    """What the plan reads of a callback: its place in the order and its rows (every ``CompressionCallback``).
+
+    A protocol, not ``isinstance(cb, CompressionCallback)``: ``_base`` imports this module, so this one
+    does not import ``_base`` (no import cycle).
+    """
+
+    order: int
+
+    def fit_plan(self, trainer: pl.Trainer) -> list[PlanRow]: ...
+
+
 def epochs_phrase(start: int, end: int, steps: int = 1) -> str:
     """``"setup"``, ``"start of epoch 3"`` or ``"4 steps, epochs 0-3"``: when an epoch-scheduled edit happens."""
     if steps <= 1 and start == end:
@@ -54,9 +73,7 @@ def budget_phrase(callback: "CompressionCallback") -> str:
 
 def plan_rows(trainer: "pl.Trainer") -> list[PlanRow]:
     """The plan of every compression callback in ``trainer``, in the order they act."""
-    from lightning_vitcompress._base import CompressionCallback
-
-    ours: list[CompressionCallback] = [cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback)]
+    ours: list[PlannedCallback] = [cb for cb in trainer.callbacks if isinstance(cb, PlannedCallback)]
     return [row for cb in sorted(ours, key=lambda cb: cb.order) for row in cb.fit_plan(trainer)]
 
 

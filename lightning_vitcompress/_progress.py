@@ -8,12 +8,13 @@ or a task in the Trainer's own rich display when it uses
 with ``Trainer(enable_progress_bar=False)``. A bar never fails a fit: a bar
 that cannot draw warns once and goes quiet.
 
-Example::
+Example (``trainer=None`` gives a silent bar; a Trainer's own bar style draws it)::
 
-    with stage_bar(trainer, "QuantizeOnFit: calibrating", total=8, unit="batch") as bar:
-        for batch in batches:
-            model(batch)
-            bar.step()
+    >>> with stage_bar(None, "QuantizeOnFit: calibrating", total=8, unit="batch") as bar:
+    ...     for batch in range(8):
+    ...         bar.step()
+    >>> bar.count
+    8
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_vitcompress._lightning import rich_display
 
 __all__ = ["StageBar", "stage_bar"]
 
@@ -47,8 +50,9 @@ class StageBar:
         self._rich: Any = None
         self._task: Any = None
         self._own_rich = False
-        callback = trainer.progress_bar_callback if trainer is not None else None
-        self.enabled = bool(callback is not None and callback.is_enabled and trainer.is_global_zero)
+        callback: Any = trainer.progress_bar_callback if trainer is not None else None
+        self.enabled = bool(trainer is not None and callback is not None and callback.is_enabled
+                            and trainer.is_global_zero)
         if self.enabled:
             self._guard(lambda: self._open(callback, unit))
 
@@ -56,12 +60,12 @@ class StageBar:
         if isinstance(callback, RichProgressBar):
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            progress = callback.progress
-            if progress is None or getattr(callback, "_progress_stopped", True):
+            progress, console = rich_display(callback)
+            if progress is None:
                 # the Trainer's display is closed: our own, on its console
                 progress = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
                                     MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[note]}"),
-                                    console=getattr(callback, "_console", None))
+                                    console=console)
                 progress.start()
                 self._own_rich = True
             self._rich = progress

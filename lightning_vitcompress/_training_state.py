@@ -3,18 +3,19 @@
 Edits made in ``setup`` are free: the optimizers and the DDP wrapper do not
 exist yet. An edit later in training (pruning at an epoch boundary, a Nystrom
 swap at epoch k) replaces parameters, so the optimizer(s), LR scheduler(s) and
-the DDP wrapper must be rebuilt around the new ones. This is the ONE place that
-touches Lightning's strategy internals for that; it is tested with Lightning
-2.4-2.6 (``Strategy.setup_optimizers``, ``DDPStrategy.configure_ddp``).
+the DDP wrapper must be rebuilt around the new ones. Rebuilding them goes
+through :func:`~lightning_vitcompress._lightning.rewrap_and_setup_optimizers`
+(Lightning's seam); what is carried over (learning rates, scheduler positions,
+optimizer state) is kept here.
 """
 
 from __future__ import annotations
-
 
 import lightning.pytorch as pl
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_vitcompress._lightning import rewrap_and_setup_optimizers
 
 SUPPORTED_STRATEGIES = (SingleDeviceStrategy, DDPStrategy)
 
@@ -55,8 +56,7 @@ def refresh_after_structural_change(trainer: "pl.Trainer") -> None:
     strategy = trainer.strategy
     if not trainer.training or not strategy.optimizers:
         return
-    pl_module = strategy.lightning_module
-    assert pl_module is not None
+    assert strategy.lightning_module is not None
 
     old_optimizers = list(strategy.optimizers)
     old_schedulers = [config.scheduler.state_dict() for config in strategy.lr_scheduler_configs]
@@ -66,11 +66,7 @@ def refresh_after_structural_change(trainer: "pl.Trainer") -> None:
         for opt in old_optimizers
     ]
 
-    if isinstance(strategy, DDPStrategy):
-        # unwrap, then let the strategy wrap the edited module exactly as it did at setup
-        strategy.model = pl_module
-        strategy.configure_ddp()
-    strategy.setup_optimizers(trainer)
+    rewrap_and_setup_optimizers(trainer)
 
     if len(strategy.optimizers) != len(old_optimizers):
         rank_zero_warn(

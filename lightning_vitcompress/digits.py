@@ -6,9 +6,14 @@ examples, the tests and the benchmarks: one data module, one split, everywhere.
 
 Example::
 
-    dm = DigitsDataModule(batch_size=64)
-    model = DigitsClassifier(embed_dim=64, depth=4, num_heads=4)
-    L.Trainer(max_epochs=5).fit(model, dm)
+    >>> import lightning as L
+    >>> dm = DigitsDataModule(batch_size=64)
+    >>> model = DigitsClassifier(embed_dim=32, depth=2, num_heads=4)
+    >>> trainer = L.Trainer(max_epochs=1, limit_train_batches=4, logger=False, enable_checkpointing=False,
+    ...                     enable_progress_bar=False, enable_model_summary=False)
+    >>> trainer.fit(model, dm)
+    >>> len(dm.train_set), len(dm.val_set), len(dm.test_set)  # scikit-learn's 1,797 images, split 70/15/15
+    (1259, 269, 269)
 """
 
 from __future__ import annotations
@@ -188,7 +193,7 @@ class DigitsClassifier(pl.LightningModule):
         return self(batch[0]).argmax(-1)
 
     def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"])
         max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 10
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_epochs)
         return {"optimizer": optimizer, "lr_scheduler": scheduler}

@@ -10,11 +10,13 @@ network, ``download=True`` lets torchvision fetch them into the same folder.
 The quickstart and the tests stay on digits (:mod:`lightning_vitcompress.digits`);
 this module is for the study (``examples/paper_table.py --dataset fashion-mnist``).
 
-Example::
+Example (the fit needs the files: ``apt-get install dataset-fashion-mnist``, or the download)::
 
-    dm = FashionMNISTDataModule(root="data", train_subset=20_000)
-    model = DigitsClassifier(embed_dim=128, depth=4, num_heads=4, image_size=28, in_chans=1)
-    L.Trainer(max_epochs=10).fit(model, dm)
+    >>> import lightning as L
+    >>> from lightning_vitcompress.digits import DigitsClassifier
+    >>> dm = FashionMNISTDataModule(root="data", train_subset=20_000)
+    >>> model = DigitsClassifier(embed_dim=128, depth=4, num_heads=4, image_size=28, in_chans=1)
+    >>> L.Trainer(max_epochs=10).fit(model, dm)  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -249,7 +249,7 @@ class BenchmarkCallback(CompressionCallback):
 
     # ---------------------------------------------------------------- measure
     def ordered_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if not trainer.is_global_zero or self._baseline is None:
+        if not trainer.is_global_zero or self._baseline is None or self._input_shape is None:
             return
         final = self.target(pl_module)
         generator = torch.Generator().manual_seed(0)
@@ -397,6 +397,6 @@ def _deployed_artifact(
         "format": summary["format"],
         "load_seconds": artifact.load_seconds,
         "first_call_seconds": artifact.first_call_seconds,
-        "compile_seconds": quantize.summary.get("compile_seconds") if quantize is not None else None,
+        "compile_seconds": (quantize.summary or {}).get("compile_seconds") if quantize is not None else None,
         "export_seconds": summary["export_seconds"],
     }

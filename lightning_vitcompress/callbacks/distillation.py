@@ -6,16 +6,16 @@ returns::
     total = (1 - alpha) * task_loss + alpha * distillation_loss
 
 How, without touching the user's code: at ``setup`` (stage ``"fit"``) the
-callback wraps the LightningModule's ``training_step`` *on the instance* (the
-class is untouched; the wrapper is removed at ``teardown``). Lightning calls
-``pl_module.training_step`` by attribute lookup both on a single device
-(``Strategy.training_step``) and under DDP (the DDP wrapper's forward is
-redirected to ``getattr(pl_module, "training_step")``), so the wrapper runs in
-both cases and, under DDP, inside the DDP forward: the combined loss is the one
-automatic optimization backpropagates and DDP all-reduces. During the wrapped
-step, hooks on the student (the ViT the callback targets) run the teacher on
-the inputs of each forward call (just before the student's forward, which is
-measurably cheaper than after it) and record the student's logits; after
+callback wraps the LightningModule's ``training_step`` *on the instance*
+(:func:`~lightning_vitcompress._lightning.wrap_training_step`: Lightning has no
+public hook that changes the returned loss; the class is untouched, and the
+wrapper is removed at ``teardown``). Lightning looks the step up by attribute on
+one device and inside the DDP forward, so the combined loss is the one automatic
+optimization backpropagates and DDP all-reduces. During the wrapped step, hooks
+on the student (the ViT the callback targets) run the teacher on the inputs of
+each forward call (just before the student's forward, measurably cheaper than
+after it) and record the student's logits
+(:mod:`~lightning_vitcompress.callbacks._distillation_step`); after
 ``training_step`` returns, the distillation term is added to the returned loss
 (a tensor, or the ``"loss"`` entry of a dict).
 
@@ -46,7 +46,7 @@ import dataclasses
 import functools
 import os
 from collections.abc import Mapping
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -54,13 +54,15 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_vitcompress._base import CompressionCallback, example_from_data
+from lightning_vitcompress._base import CompressionCallback
+from lightning_vitcompress._data import example_from_data
+from lightning_vitcompress._lightning import wrap_training_step
 from lightning_vitcompress._plan import PlanRow
 from lightning_vitcompress._model import shape_example_input
-from lightning_vitcompress.models.base import logits_of
-from lightning_vitcompress._checks import check_bool, config_or_options
+from lightning_vitcompress._checks import check_bool
+from lightning_vitcompress._options import takes_config
+from lightning_vitcompress.callbacks._distillation_step import StudentCapture, distillation_terms, with_loss
 from lightning_vitcompress.functional.distill import (
-    DistillationMode,
     DistillConfig,
     InputAdapter,
     TeacherPrecision,
@@ -81,40 +83,8 @@ from lightning_vitcompress.functional.distill import (
 __all__ = ['DistillationTeacher']
 
 
-class _Capture:
-    """One forward call of the student in the training step, with the teacher's answer to its inputs."""
-
-    __slots__ = ("teacher_logits", "distill_logits", "prediction_logits")
-
-    def __init__(self, teacher_logits: Tensor, distill_logits: Tensor, prediction_logits: Tensor) -> None:
-        self.teacher_logits = teacher_logits
-        self.distill_logits = distill_logits  # the logits the teacher term trains
-        self.prediction_logits = prediction_logits  # what the student predicts (for agreement)
-
-
-def _class_and_distillation_logits(output: Any) -> Optional[tuple[Tensor, Tensor]]:
-    """The class-token and distillation-token logits of a DeiT student in distilled training, else None.
-
-    timm's ``VisionTransformerDistilled`` returns them as a pair; transformers'
-    ``DeiTForImageClassificationWithTeacher`` as ``cls_logits``/``distillation_logits``.
-    """
-    if isinstance(output, (tuple, list)) and len(output) == 2 and all(isinstance(o, Tensor) for o in output):
-        return output[0], output[1]
-    cls_logits, dist_logits = getattr(output, "cls_logits", None), getattr(output, "distillation_logits", None)
-    if isinstance(cls_logits, Tensor) and isinstance(dist_logits, Tensor):
-        return cls_logits, dist_logits
-    return None
-
-
-def _with_logits(output: Any, logits: Tensor) -> Any:
-    """``output`` with its logits replaced: the tensor itself, or an output object whose ``.logits`` is ``logits``."""
-    if isinstance(output, (Tensor, tuple, list)):
-        return logits
-    output.logits = logits  # transformers' ModelOutput keeps attribute and key in step
-    return output
-
-
 # ------------------------------------------------------------------- callback
+@takes_config(DistillConfig, positional=("teacher", "mode", "alpha", "temperature"))
 class DistillationTeacher(CompressionCallback):
     r"""Adds a distillation loss from a frozen teacher to the loss ``training_step`` returns.
 
@@ -133,12 +103,6 @@ class DistillationTeacher(CompressionCallback):
             a Lightning checkpoint (compressed teachers load too), read with
             ``torch.load(weights_only=True)`` unless you pass ``weights_only=False``
             for a trusted file.
-        mode, alpha, temperature, deit_target: the loss settings, as in
-            :class:`~lightning_vitcompress.functional.DistillConfig` (``"soft"``,
-            ``"hard"`` or ``"deit"``; weight in ``[0, 1]``; ``T > 0``; the DeiT
-            head's term). In ``mode="deit"`` ``training_step`` still sees
-            ordinary (class-head) logits; evaluation averages the two heads, as
-            timm does.
         config: the same settings as one ``DistillConfig`` (then leave the four
             keywords out; passing both is an error).
         teacher_class: checkpoint paths only: the LightningModule class to build;
@@ -192,12 +156,8 @@ class DistillationTeacher(CompressionCallback):
     def __init__(
         self,
         teacher: TeacherSpec,
-        mode: DistillationMode = "soft",
-        alpha: float = 0.5,
-        temperature: float = 2.0,
         *,
-        deit_target: Literal["hard", "soft"] = "hard",
-        config: Optional[DistillConfig] = None,
+        config: DistillConfig,
         pretrained: bool = True,
         teacher_weights: Optional[Union[str, "os.PathLike[str]"]] = None,
         teacher_kwargs: Optional[dict[str, Any]] = None,
@@ -209,8 +169,7 @@ class DistillationTeacher(CompressionCallback):
         model_attribute: Optional[str] = None,
     ) -> None:
         super().__init__(model_attribute)
-        options = dict(mode=mode, alpha=alpha, temperature=temperature, deit_target=deit_target)
-        self.config = config_or_options(config, DistillConfig, options, "DistillationTeacher")
+        self.config = config
         check_bool(pretrained, "pretrained", "timm names: load pretrained weights")
         check_bool(cache_teacher_logits, "cache_teacher_logits", "reuse the teacher's logits per sample")
         check_bool(weights_only, "weights_only", "True: safe loading, default; False: trusted files only")
@@ -234,9 +193,9 @@ class DistillationTeacher(CompressionCallback):
         self._cache: dict[bytes, Tensor] = {}
         self._cache_lookups = 0
         self._cache_hits = 0
-        self._installed: Optional[tuple[pl.LightningModule, Callable[..., Any], Optional[Any]]] = None
+        self._unwrap_training_step: Optional[Callable[[], None]] = None
 
-    # ------------------------------------------------------------ public API
+    # --------------------------------------------------------------- public API
     @property
     def teacher(self) -> nn.Module:
         """The frozen teacher network (built at ``setup``)."""
@@ -244,7 +203,71 @@ class DistillationTeacher(CompressionCallback):
             raise RuntimeError("The teacher is built at Trainer setup; call trainer.fit first.")
         return self._teacher
 
-    # -------------------------------------------------------------- teacher
+    # ----------------------------------- Lightning hooks, in the order they run
+    def ordered_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not pl_module.automatic_optimization:
+            raise ValueError(
+                f"{type(pl_module).__name__}.automatic_optimization is False: DistillationTeacher adds its term "
+                "to the loss that training_step returns, which manual optimization never backpropagates. Use "
+                "automatic optimization, or add soft_distillation_loss/hard_distillation_loss yourself."
+            )
+        self.teacher_precision = resolve_teacher_precision(
+            self.requested_teacher_precision, trainer.strategy.root_device
+        )
+        self._check_resume(trainer)
+        student = self.target(pl_module)
+        self.config.check_student(student)
+        if self._teacher is None:
+            self._teacher = self._prepare_teacher(self._build_teacher(pl_module), pl_module)
+        check_same_classes(student, self._teacher)
+        self._check_teacher_runs(trainer, student)
+        self._install(pl_module)
+        name = type(self._teacher).__name__
+        rank_zero_info(
+            f"DistillationTeacher: {name} teacher -> {type(student).__name__} student, mode={self.config.mode!r}, "
+            f"alpha={self.config.alpha}, temperature={self.config.temperature}, "
+            f"teacher_precision={self.teacher_precision!r}."
+        )
+
+    def fit_plan(self, trainer: pl.Trainer) -> list[PlanRow]:
+        c = self.config
+        teacher = self.teacher_spec if isinstance(self.teacher_spec, str) else type(self.teacher_spec).__name__
+        details = f"alpha={c.alpha:g}, temperature={c.temperature:g}, teacher in {self.teacher_precision}"
+        return [PlanRow("DistillationTeacher", f"adds a {c.mode} distillation term from {teacher}",
+                        "every training step", details)]
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the strategy has moved the student to its device (and dtype, for "-true" precisions) by now
+        self._place_teacher(self.target(pl_module))
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.cache_teacher_logits and trainer.current_epoch >= 1 and self._cache_lookups and not self._cache_hits:
+            rank_zero_warn(
+                "DistillationTeacher(cache_teacher_logits=True) found no cached teacher logits this epoch: the "
+                "inputs change every epoch (random augmentation?), so the cache only costs memory. "
+                "Set cache_teacher_logits=False."
+            )
+        self._cache_lookups = self._cache_hits = 0
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        # the teacher itself is deliberately *not* saved: checkpoints hold the student only. These fields are
+        # read back at a resume's setup (_check_resume).
+        teacher = None if isinstance(self.teacher_spec, nn.Module) else os.fspath(self.teacher_spec)
+        return {**dataclasses.asdict(self.config), "teacher": teacher, "teacher_precision": self.teacher_precision}
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._uninstall()
+        super().teardown(trainer, pl_module, stage)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._uninstall()  # Lightning does not call teardown after an exception
+
+    # ------------------------------------------------------- setup: the teacher
     def _build_teacher(self, pl_module: pl.LightningModule) -> nn.Module:
         """:func:`~lightning_vitcompress.functional.load_teacher`; a checkpoint defaults to the student's class."""
         checkpoint = teacher_kind(self.teacher_spec) == "checkpoint"
@@ -270,38 +293,6 @@ class DistillationTeacher(CompressionCallback):
         teacher.eval()
         teacher.requires_grad_(False)
         return teacher
-
-    # --------------------------------------------------------------- setup
-    def fit_plan(self, trainer: pl.Trainer) -> list[PlanRow]:
-        c = self.config
-        teacher = self.teacher_spec if isinstance(self.teacher_spec, str) else type(self.teacher_spec).__name__
-        return [PlanRow("DistillationTeacher", f"adds a {c.mode} distillation term from {teacher}",
-                        "every training step", f"alpha={c.alpha:g}, temperature={c.temperature:g}, teacher in {self.teacher_precision}")]
-
-    def ordered_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not pl_module.automatic_optimization:
-            raise ValueError(
-                f"{type(pl_module).__name__}.automatic_optimization is False: DistillationTeacher adds its term "
-                "to the loss that training_step returns, which manual optimization never backpropagates. Use "
-                "automatic optimization, or add soft_distillation_loss/hard_distillation_loss yourself."
-            )
-        self.teacher_precision = resolve_teacher_precision(
-            self.requested_teacher_precision, trainer.strategy.root_device
-        )
-        self._check_resume(trainer)
-        student = self.target(pl_module)
-        self.config.check_student(student)
-        if self._teacher is None:
-            self._teacher = self._prepare_teacher(self._build_teacher(pl_module), pl_module)
-        check_same_classes(student, self._teacher)
-        self._check_teacher_runs(trainer, student)
-        self._install(pl_module)
-        name = type(self._teacher).__name__
-        rank_zero_info(
-            f"DistillationTeacher: {name} teacher -> {type(student).__name__} student, mode={self.config.mode!r}, "
-            f"alpha={self.config.alpha}, temperature={self.config.temperature}, "
-            f"teacher_precision={self.teacher_precision!r}."
-        )
 
     def _check_teacher_runs(self, trainer: pl.Trainer, student: nn.Module) -> None:
         """The teacher holds weights and runs one of the student's inputs now, not at the first batch."""
@@ -329,220 +320,6 @@ class DistillationTeacher(CompressionCallback):
                 "a function mapping the student's batch to the teacher's input, e.g. repeating a grey channel), "
                 "or a teacher built for the student's images (channels and size)."
             ) from err
-
-    @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # the strategy has moved the student to its device (and dtype, for "-true" precisions) by now
-        self._place_teacher(self.target(pl_module))
-
-    def _place_teacher(self, student: nn.Module) -> None:
-        teacher = self.teacher
-        reference = next((p for p in student.parameters() if p.is_floating_point()), None)
-        teacher_param = next(iter(teacher.parameters()), None)
-        if reference is None or teacher_param is None:
-            return
-        # an fp32 teacher keeps fp32 weights next to a "-true" low-precision student
-        dtype = torch.float32 if self.teacher_precision == "fp32" else reference.dtype
-        if teacher_param.device != reference.device or (
-            teacher_param.is_floating_point() and teacher_param.dtype != dtype
-        ):
-            teacher.to(device=reference.device, dtype=dtype)
-            self._cache.clear()
-
-    # ------------------------------------------- wrapping training_step
-    def _install(self, pl_module: pl.LightningModule) -> None:
-        if self._installed is not None:
-            self._uninstall()
-        previous = pl_module.__dict__.get("training_step")  # an instance attribute someone else set, if any
-        original = pl_module.training_step
-
-        @functools.wraps(original)
-        def training_step(*args: Any, **kwargs: Any) -> Any:
-            return self._distilled_training_step(pl_module, original, *args, **kwargs)
-
-        training_step._vitcompress_distillation = True  # type: ignore[attr-defined]
-        pl_module.__dict__["training_step"] = training_step
-        self._installed = (pl_module, training_step, previous)
-
-    def _uninstall(self) -> None:
-        if self._installed is None:
-            return
-        pl_module, wrapper, previous = self._installed
-        self._installed = None
-        if pl_module.__dict__.get("training_step") is wrapper:
-            if previous is None:
-                del pl_module.__dict__["training_step"]
-            else:
-                pl_module.__dict__["training_step"] = previous
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._uninstall()
-        super().teardown(trainer, pl_module, stage)
-
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._uninstall()  # Lightning does not call teardown after an exception
-
-    # ------------------------------------------------------- training step
-    def _distilled_training_step(
-        self, pl_module: pl.LightningModule, original: Callable[..., Any], *args: Any, **kwargs: Any
-    ) -> Any:
-        student = self.target(pl_module)  # looked up per step: another callback may have replaced it
-        captures: list[_Capture] = []
-        pending: list[Tensor] = []  # teacher logits computed before the student's forward, awaiting its output
-        self._place_teacher(student)
-        handles = (
-            student.register_forward_pre_hook(self._teacher_hook(pending), with_kwargs=True),
-            student.register_forward_hook(self._capture_hook(pending, captures), with_kwargs=True),
-        )
-        deit = self.config.mode == "deit"
-        was_distilled = bool(getattr(student, "distilled_training", False))
-        if deit and callable(getattr(student, "set_distilled_training", None)):  # timm; transformers always is
-            student.set_distilled_training(True)
-        try:
-            output = original(*args, **kwargs)
-        finally:
-            for handle in handles:
-                handle.remove()
-            if deit and callable(getattr(student, "set_distilled_training", None)):
-                student.set_distilled_training(was_distilled)
-        if output is None:  # the user skips this batch
-            return None
-        task_loss = output.get("loss") if isinstance(output, Mapping) else output
-        if not isinstance(task_loss, Tensor):
-            raise TypeError(
-                f"DistillationTeacher: training_step returned {type(output).__name__}; it must return the loss "
-                "tensor or a dict with a 'loss' tensor, to which the distillation term is added."
-            )
-        if not captures:
-            raise RuntimeError(
-                f"DistillationTeacher: the student ({type(student).__name__} at "
-                f"{self.target_path or 'the LightningModule itself'!r}) was not called with gradients enabled "
-                "during training_step, so there are no logits to distil. Call the model (e.g. self(x)) in "
-                "training_step, or set model_attribute to the module that produces the logits."
-            )
-        distill_terms, agreements = [], []
-        for capture in captures:
-            teacher_logits = capture.teacher_logits
-            if teacher_logits.shape[-1] != capture.distill_logits.shape[-1]:
-                raise ValueError(
-                    f"teacher gives {teacher_logits.shape[-1]} logits per sample but the student "
-                    f"{capture.distill_logits.shape[-1]}: teacher and student must predict the same classes."
-                )
-            distill_terms.append(self.config.loss(capture.distill_logits, teacher_logits))
-            agreements.append(
-                (capture.prediction_logits.detach().argmax(-1) == teacher_logits.argmax(-1)).float().mean()
-            )
-        distill = distill_terms[0] if len(distill_terms) == 1 else torch.stack(distill_terms).mean()
-        agreement = agreements[0] if len(agreements) == 1 else torch.stack(agreements).mean()
-        total = combine_losses(task_loss, distill.to(task_loss.dtype), self.config.alpha)
-        batch_size = int(captures[0].distill_logits.shape[0]) if captures[0].distill_logits.ndim else 1
-        # the total is what training_step returns (Lightning's own "loss"); logging it too would cost time only
-        for name, value in (("task_loss", task_loss.detach()), ("loss", distill.detach()), ("agreement", agreement)):
-            pl_module.log(f"distill/{name}", value, on_step=True, on_epoch=True, batch_size=batch_size)
-        if isinstance(output, Mapping):
-            output = dict(output)
-            output["loss"] = total
-            return output
-        return total
-
-    @staticmethod
-    def _records(module: nn.Module) -> bool:
-        # forward calls without gradients (metrics, EMA targets) or in eval mode get no teacher term
-        return torch.is_grad_enabled() and module.training
-
-    def _teacher_hook(self, pending: list[Tensor]) -> Callable[..., Any]:
-        """Runs the teacher on the student's inputs *before* the student's forward.
-
-        Measured on CPU: the teacher forward before the student's forward costs
-        less than after it (while the student's activations are held for
-        backward), and less than the two run apart.
-        """
-
-        def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            if self._records(module):
-                pending.append(self._teacher_logits(args[0] if args else next(iter(kwargs.values()))))
-
-        return pre_hook
-
-    def _capture_hook(self, pending: list[Tensor], captures: list[_Capture]) -> Callable[..., Any]:
-        deit = self.config.mode == "deit"
-
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
-            record = self._records(module) and bool(pending)
-            if deit:
-                heads = _class_and_distillation_logits(output)
-                if heads is None:
-                    return None  # eval mode: timm already averaged the heads
-                cls_logits, dist_logits = heads
-                if not record:  # what the user would get without distilled training
-                    return _with_logits(output, (cls_logits + dist_logits) / 2)
-                captures.append(_Capture(pending.pop(), dist_logits, ((cls_logits + dist_logits) / 2).detach()))
-                return _with_logits(output, cls_logits)  # the task loss trains the class head
-            if not record:
-                return None
-            try:
-                logits = logits_of(output)  # a tensor, a tuple's first element, or transformers' .logits
-            except TypeError:
-                raise TypeError(
-                    f"DistillationTeacher: the student's forward returned {type(output).__name__}, not logits. "
-                    "Set model_attribute to the module that returns the logits."
-                ) from None
-            captures.append(_Capture(pending.pop(), logits, logits))
-            return None
-
-        return hook
-
-    # ------------------------------------------------------ teacher logits
-    def _adapter(self, inputs: Tensor) -> InputAdapter:
-        """``input_adapter``; when None, the teacher's fixed image size if the first batch differs from it."""
-        if self.input_adapter is not None:
-            return self.input_adapter
-        if not self._auto_size_checked:
-            self._auto_size_checked = True
-            wanted = _fixed_image_size(self.teacher)
-            if wanted is not None and inputs.ndim == 4 and tuple(inputs.shape[-2:]) != wanted:
-                self._auto_size = wanted
-                rank_zero_info(
-                    f"DistillationTeacher: resizing student inputs {tuple(inputs.shape[-2:])} to the teacher's "
-                    f"{wanted} (bilinear); pass input_adapter to choose otherwise."
-                )
-        return self._auto_size
-
-    def _teacher_forward(self, inputs: Tensor) -> Tensor:
-        return teacher_forward(self.teacher, inputs, self._adapter(inputs), precision=self.teacher_precision)
-
-    def _teacher_logits(self, inputs: Tensor) -> Tensor:
-        if not self.cache_teacher_logits:
-            return self._teacher_forward(inputs)
-        keys = sample_keys(inputs)
-        missing = [i for i, key in enumerate(keys) if key not in self._cache]
-        self._cache_lookups += len(keys)
-        self._cache_hits += len(keys) - len(missing)
-        if missing:
-            fresh = self._teacher_forward(inputs[missing]).to("cpu")
-            for i, row in zip(missing, fresh):
-                self._cache[keys[i]] = row.clone()
-        return torch.stack([self._cache[key] for key in keys]).to(inputs.device)
-
-    @override
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.cache_teacher_logits and trainer.current_epoch >= 1 and self._cache_lookups and not self._cache_hits:
-            rank_zero_warn(
-                "DistillationTeacher(cache_teacher_logits=True) found no cached teacher logits this epoch: the "
-                "inputs change every epoch (random augmentation?), so the cache only costs memory. "
-                "Set cache_teacher_logits=False."
-            )
-        self._cache_lookups = self._cache_hits = 0
-
-    # ------------------------------------------------------ callback state
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        # the teacher itself is deliberately *not* saved: checkpoints hold the student only. These fields are
-        # read back at a resume's setup (_check_resume).
-        teacher = None if isinstance(self.teacher_spec, nn.Module) else os.fspath(self.teacher_spec)
-        return {**dataclasses.asdict(self.config), "teacher": teacher, "teacher_precision": self.teacher_precision}
 
     def _check_resume(self, trainer: pl.Trainer) -> None:
         """Resuming with another loss is an error; another weight, temperature or teacher file is a warning.
@@ -574,3 +351,90 @@ class DistillationTeacher(CompressionCallback):
                 "the new values apply from the resumed step."
             )
 
+    def _place_teacher(self, student: nn.Module) -> None:
+        teacher = self.teacher
+        reference = next((p for p in student.parameters() if p.is_floating_point()), None)
+        teacher_param = next(iter(teacher.parameters()), None)
+        if reference is None or teacher_param is None:
+            return
+        # an fp32 teacher keeps fp32 weights next to a "-true" low-precision student
+        dtype = torch.float32 if self.teacher_precision == "fp32" else reference.dtype
+        if teacher_param.device != reference.device or (
+            teacher_param.is_floating_point() and teacher_param.dtype != dtype
+        ):
+            teacher.to(device=reference.device, dtype=dtype)
+            self._cache.clear()
+
+    # ---------------------------------------------- the distilled training step
+    def _install(self, pl_module: pl.LightningModule) -> None:
+        self._uninstall()
+        step = functools.partial(self._distilled_training_step, pl_module)
+        self._unwrap_training_step = wrap_training_step(pl_module, step)
+
+    def _uninstall(self) -> None:
+        unwrap, self._unwrap_training_step = self._unwrap_training_step, None
+        if unwrap is not None:
+            unwrap()
+
+    def _distilled_training_step(
+        self, pl_module: pl.LightningModule, original: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> Any:
+        student = self.target(pl_module)  # looked up per step: another callback may have replaced it
+        self._place_teacher(student)
+        with StudentCapture(self._teacher_logits, deit=self.config.mode == "deit").attached(student) as step:
+            output = original(*args, **kwargs)
+        if output is None:  # the user skips this batch
+            return None
+        task_loss = output.get("loss") if isinstance(output, Mapping) else output
+        if not isinstance(task_loss, Tensor):
+            raise TypeError(
+                f"DistillationTeacher: training_step returned {type(output).__name__}; it must return the loss "
+                "tensor or a dict with a 'loss' tensor, to which the distillation term is added."
+            )
+        if not step.captures:
+            raise RuntimeError(
+                f"DistillationTeacher: the student ({type(student).__name__} at "
+                f"{self.target_path or 'the LightningModule itself'!r}) was not called with gradients enabled "
+                "during training_step, so there are no logits to distil. Call the model (e.g. self(x)) in "
+                "training_step, or set model_attribute to the module that produces the logits."
+            )
+        distill, agreement = distillation_terms(step.captures, self.config.loss)
+        total = combine_losses(task_loss, distill.to(task_loss.dtype), self.config.alpha)
+        first = step.captures[0].distill_logits
+        batch_size = int(first.shape[0]) if first.ndim else 1
+        # the total is what training_step returns (Lightning's own "loss"); logging it too would cost time only
+        for name, value in (("task_loss", task_loss.detach()), ("loss", distill.detach()), ("agreement", agreement)):
+            pl_module.log(f"distill/{name}", value, on_step=True, on_epoch=True, batch_size=batch_size)
+        return with_loss(output, total)
+
+    # ----------------------------------------------------------- teacher logits
+    def _adapter(self, inputs: Tensor) -> InputAdapter:
+        """``input_adapter``; when None, the teacher's fixed image size if the first batch differs from it."""
+        if self.input_adapter is not None:
+            return self.input_adapter
+        if not self._auto_size_checked:
+            self._auto_size_checked = True
+            wanted = _fixed_image_size(self.teacher)
+            if wanted is not None and inputs.ndim == 4 and tuple(inputs.shape[-2:]) != wanted:
+                self._auto_size = wanted
+                rank_zero_info(
+                    f"DistillationTeacher: resizing student inputs {tuple(inputs.shape[-2:])} to the teacher's "
+                    f"{wanted} (bilinear); pass input_adapter to choose otherwise."
+                )
+        return self._auto_size
+
+    def _teacher_forward(self, inputs: Tensor) -> Tensor:
+        return teacher_forward(self.teacher, inputs, self._adapter(inputs), precision=self.teacher_precision)
+
+    def _teacher_logits(self, inputs: Tensor) -> Tensor:
+        if not self.cache_teacher_logits:
+            return self._teacher_forward(inputs)
+        keys = sample_keys(inputs)
+        missing = [i for i, key in enumerate(keys) if key not in self._cache]
+        self._cache_lookups += len(keys)
+        self._cache_hits += len(keys) - len(missing)
+        if missing:
+            fresh = self._teacher_forward(inputs[missing]).to("cpu")
+            for i, row in zip(missing, fresh):
+                self._cache[keys[i]] = row.clone()
+        return torch.stack([self._cache[key] for key in keys]).to(inputs.device)

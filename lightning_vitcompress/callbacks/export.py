@@ -22,8 +22,9 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_vitcompress._base import CompressionCallback, in_training_step, validation_data
-from lightning_vitcompress._checks import check_choice, check_int, check_output_file, check_path, config_or_options
+from lightning_vitcompress._checks import check_choice, check_int, check_output_file, check_path
 from lightning_vitcompress._model import stated_input_shape
+from lightning_vitcompress._options import takes_config
 from lightning_vitcompress._plan import PlanRow
 from lightning_vitcompress._progress import stage_bar
 from lightning_vitcompress.functional.export import (
@@ -48,6 +49,23 @@ _AGREEMENT_BATCHES = 8
 _OPENVINO_ORDER = 55
 
 
+def _path_and_format(arguments: dict[str, Any]) -> None:
+    """``path`` checked first; ``format=None``: from the suffix of ``path`` (``.onnx``, ``.xml``), else ``"pt2"``."""
+    path = check_path(arguments["path"], "path")
+    if path is None:
+        raise ValueError("path=None: pass the file to write, e.g. 'model.pt2' or 'model.onnx'.")
+    if arguments["format"] is None and arguments["config"] is None:
+        arguments["format"] = next((name for name, suffix in ARTIFACT_FORMATS.items() if path.suffix == suffix), "pt2")
+    arguments["format"] = arguments["format"] or "pt2"
+
+
+@takes_config(
+    ExportConfig,
+    positional=("path", "format"),
+    exclude=("check", "opset_version"),
+    defaults={"format": None},
+    prepare=_path_and_format,
+)
 class ExportOnFit(CompressionCallback):
     """Export the final model to ``path`` when training ends, load it back and check its outputs.
 
@@ -83,18 +101,11 @@ class ExportOnFit(CompressionCallback):
     Args:
         path: the file to write (``.pt2``, ``.onnx`` or ``.xml``).
         format: ``"pt2"``, ``"onnx"`` or ``"openvino"``; None: from the suffix of ``path`` (else ``"pt2"``).
-        quantize: ``"openvino"`` only: ``"int8"`` (NNCF post-training quantization) or None (float).
         calibration_batches: training batches NNCF calibrates on (``quantize="int8"``): the first ones of
             the last epoch, whole.
-        inference_precision: ``"32-true"`` or ``"bf16-mixed"`` (pt2; openvino: the IR's precision hint);
-            None: the QuantizeOnFit's in the Trainer when it has one (``"32-true"`` for ONNX; for OpenVINO
-            ``"bf16-mixed"`` where the CPU has native bf16), else ``"32-true"``.
-        dynamic_batch: any batch size (default) or the training batch's only.
-        device: ``"cpu"``/``"cuda"``; None: the device the model trained on.
-        tolerance: largest relative difference between the file's logits and the live model's
-            (None: :data:`~lightning_vitcompress.functional.export.TOLERANCES` per precision).
         on_error: ``"raise"`` (default) or ``"warn"`` when the export or its check fails.
-        config: an :class:`~lightning_vitcompress.functional.ExportConfig` instead of the options.
+        config: an :class:`~lightning_vitcompress.functional.ExportConfig` instead of the options
+            (passing both is an error).
         model_attribute: attribute of the LightningModule holding the ViT (None: found automatically).
 
     After fit, :attr:`summary` says what was written (path, size, export/load/first-call seconds,
@@ -107,30 +118,16 @@ class ExportOnFit(CompressionCallback):
     def __init__(
         self,
         path: Union[str, Path],
-        format: Optional[Literal["pt2", "onnx", "openvino"]] = None,
         *,
-        quantize: Optional[Literal["int8"]] = None,
         calibration_batches: int = 8,
-        inference_precision: Optional[Literal["32-true", "bf16-mixed"]] = None,
-        dynamic_batch: bool = True,
-        device: Optional[str] = None,
-        tolerance: Optional[float] = None,
         on_error: Literal["raise", "warn"] = "raise",
-        config: Optional[ExportConfig] = None,
+        config: ExportConfig,
         model_attribute: Optional[str] = None,
     ) -> None:
         super().__init__(model_attribute)
-        path = check_path(path, "path")
-        if path is None:
-            raise ValueError("path=None: pass the file to write, e.g. 'model.pt2' or 'model.onnx'.")
-        if format is None and config is None:
-            format = next((name for name, suffix in ARTIFACT_FORMATS.items() if path.suffix == suffix), "pt2")
-        options = dict(
-            format=format or "pt2", inference_precision=inference_precision, dynamic_batch=dynamic_batch,
-            device=device, tolerance=tolerance, quantize=quantize,
-        )
         #: the export options (``inference_precision`` None is resolved at setup)
-        self.config: ExportConfig = config_or_options(config, ExportConfig, options, "ExportOnFit")
+        self.config: ExportConfig = config
+        path = Path(path)  # checked by _path_and_format
         check_choice(on_error, "on_error", ("raise", "warn"))
         check_int(calibration_batches, "calibration_batches", minimum=1, example="8")
         if self.config.format == "openvino":
@@ -151,7 +148,7 @@ class ExportOnFit(CompressionCallback):
         #: an OpenVINO export's failure, raised at fit end (after QuantizeOnFit saved)
         self._deferred: Optional[tuple[str, Optional[Exception]]] = None
 
-    # ------------------------------------------------------------- setup: fail fast
+    # ----------------------------------------------------- hooks, in the order Lightning calls them
     def ordered_setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         check_output_file(self.path, "path")
         self._config = self._resolved_config(trainer)
@@ -165,69 +162,9 @@ class ExportOnFit(CompressionCallback):
         self.summary = None
         self._start_capture(trainer, model)
 
-    def _check_with_quantize_on_fit(self, trainer: "pl.Trainer") -> None:
-        from lightning_vitcompress.callbacks.quantization import QuantizeOnFit
-
-        if self._config.format != "openvino" or self._config.quantize is not None:
-            return
-        if any(isinstance(cb, QuantizeOnFit) for cb in trainer.callbacks):
-            raise ValueError(
-                f"ExportOnFit(path={str(self.path)!r}, format='openvino', quantize=None) with a QuantizeOnFit in the "
-                "Trainer: OpenVINO does not convert torchao's int8 layers, so the IR would be the float model while "
-                "the live model is int8. Pass quantize='int8' (NNCF quantizes the trained float model for OpenVINO), "
-                "or use format='pt2' for the torch int8 model."
-            )
-
-    def _resolved_config(self, trainer: "pl.Trainer") -> ExportConfig:
-        if self.config.inference_precision is not None or self.config.format in ("onnx", "openvino"):
-            return self.config
-        from lightning_vitcompress.callbacks.quantization import QuantizeOnFit
-
-        quantize = next((cb for cb in trainer.callbacks if isinstance(cb, QuantizeOnFit)), None)
-        precision = quantize.inference_precision if quantize is not None else "32-true"
-        return dataclasses.replace(self.config, inference_precision=precision)
-
-    def _start_capture(self, trainer: "pl.Trainer", model: nn.Module) -> None:
-        """Keep a few rows of the first training input (the real batch the exported file is checked on) and, for
-        NNCF int8, the first ``calibration_batches`` training inputs of each epoch."""
-        self._stop_capture()
-        self._example = None
-        self._calibration = []
-        calibrates = self._config.quantize is not None
-
-        def capture(module: nn.Module, args: tuple[Any, ...]) -> None:
-            if not (args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4):
-                return
-            if self._example is None:
-                self._example = args[0].detach()[:_CHECK_ROWS].clone()
-            if not calibrates:
-                self._stop_capture()
-            elif in_training_step(trainer) and len(self._calibration) < self.calibration_batches:
-                self._calibration.append(args[0].detach().clone())  # by the Trainer's progress: eval() models too
-
-        self._capture_handle = model.register_forward_pre_hook(capture)
-
     def ordered_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._calibration = []  # calibrate on the last epoch's inputs, seen by the most trained weights
 
-    def _stop_capture(self) -> None:
-        if self._capture_handle is not None:
-            self._capture_handle.remove()
-            self._capture_handle = None
-
-    def fit_plan(self, trainer: "pl.Trainer") -> list[PlanRow]:
-        c = self._config
-        what = f"writes {self.path.name} ({c.format}{', NNCF ' + c.quantize if c.quantize else ''})"
-        when = "train end, before QuantizeOnFit" if c.format == "openvino" else "train end, after QuantizeOnFit"
-        return [PlanRow("ExportOnFit", what, when,
-                        f"precision {c.precision}, checked against the live model (tolerance "
-                        f"{'per precision' if c.tolerance is None else c.tolerance})")]
-
-    def train_end_action(self) -> Optional[tuple[str, str]]:
-        return (f"ExportOnFit(path={str(self.path)!r}) writes its file",
-                "or call export_compressed(model, path, images) on the trained model")
-
-    # ------------------------------------------------------------- train end: export
     def ordered_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._stop_capture()
         # rank zero writes and checks the file; every rank learns how it went, so a failure raises everywhere
@@ -271,6 +208,73 @@ class ExportOnFit(CompressionCallback):
         if deferred is not None:
             self._fail(*deferred)
 
+    @override
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        self._stop_capture()
+        self._example = None
+        super().teardown(trainer, pl_module, stage)
+
+    # ----------------------------------------------------------------------- what the pipeline asks
+    def fit_plan(self, trainer: "pl.Trainer") -> list[PlanRow]:
+        c = self._config
+        what = f"writes {self.path.name} ({c.format}{', NNCF ' + c.quantize if c.quantize else ''})"
+        when = "train end, before QuantizeOnFit" if c.format == "openvino" else "train end, after QuantizeOnFit"
+        return [PlanRow("ExportOnFit", what, when,
+                        f"precision {c.precision}, checked against the live model (tolerance "
+                        f"{'per precision' if c.tolerance is None else c.tolerance})")]
+
+    def train_end_action(self) -> Optional[tuple[str, str]]:
+        return (f"ExportOnFit(path={str(self.path)!r}) writes its file",
+                "or call export_compressed(model, path, images) on the trained model")
+
+    # -------------------------------------------------------------------------------------- helpers
+    def _check_with_quantize_on_fit(self, trainer: "pl.Trainer") -> None:
+        from lightning_vitcompress.callbacks.quantization import QuantizeOnFit
+
+        if self._config.format != "openvino" or self._config.quantize is not None:
+            return
+        if any(isinstance(cb, QuantizeOnFit) for cb in trainer.callbacks):
+            raise ValueError(
+                f"ExportOnFit(path={str(self.path)!r}, format='openvino', quantize=None) with a QuantizeOnFit in the "
+                "Trainer: OpenVINO does not convert torchao's int8 layers, so the IR would be the float model while "
+                "the live model is int8. Pass quantize='int8' (NNCF quantizes the trained float model for OpenVINO), "
+                "or use format='pt2' for the torch int8 model."
+            )
+
+    def _resolved_config(self, trainer: "pl.Trainer") -> ExportConfig:
+        if self.config.inference_precision is not None or self.config.format in ("onnx", "openvino"):
+            return self.config
+        from lightning_vitcompress.callbacks.quantization import QuantizeOnFit
+
+        quantize = next((cb for cb in trainer.callbacks if isinstance(cb, QuantizeOnFit)), None)
+        precision = quantize.inference_precision if quantize is not None else "32-true"
+        return dataclasses.replace(self.config, inference_precision=precision)
+
+    def _start_capture(self, trainer: "pl.Trainer", model: nn.Module) -> None:
+        """Keep a few rows of the first training input (the real batch the exported file is checked on) and, for
+        NNCF int8, the first ``calibration_batches`` training inputs of each epoch."""
+        self._stop_capture()
+        self._example = None
+        self._calibration = []
+        calibrates = self._config.quantize is not None
+
+        def capture(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if not (args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4):
+                return
+            if self._example is None:
+                self._example = args[0].detach()[:_CHECK_ROWS].clone()
+            if not calibrates:
+                self._stop_capture()
+            elif in_training_step(trainer) and len(self._calibration) < self.calibration_batches:
+                self._calibration.append(args[0].detach().clone())  # by the Trainer's progress: eval() models too
+
+        self._capture_handle = model.register_forward_pre_hook(capture)
+
+    def _stop_capture(self) -> None:
+        if self._capture_handle is not None:
+            self._capture_handle.remove()
+            self._capture_handle = None
+
     def _export(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule"
     ) -> tuple[Optional[dict[str, Any]], Optional[str], Optional[Exception]]:
@@ -307,12 +311,6 @@ class ExportOnFit(CompressionCallback):
         if self.on_error == "raise":
             raise RuntimeError(message) from err
         rank_zero_warn(message)
-
-    @override
-    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        self._stop_capture()
-        self._example = None
-        super().teardown(trainer, pl_module, stage)
 
 
 def _top1_agreement(trainer: "pl.Trainer", model: nn.Module, summary: dict[str, Any]) -> Optional[float]:

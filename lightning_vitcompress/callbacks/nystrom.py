@@ -1,12 +1,13 @@
 """NystromSwap: Nyström attention swapped into a trained Vision Transformer, fine-tuned in the same fit.
 
-See :mod:`lightning_vitcompress.functional.nystrom` for the approximation itself.
+See :mod:`lightning_vitcompress.functional.nystrom` for the approximation itself. The recipe, in the hooks:
+``setup`` checks the chosen blocks (no masks, enough tokens) and swaps at ``swap_epoch=0``, else the swap comes
+at the start of ``swap_epoch``; with a budget, ``on_train_end`` swaps blocks back until the model is within it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
@@ -16,32 +17,21 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_vitcompress._base import CompressionCallback, example_from_data, progress_line, validation_data
-from lightning_vitcompress._checks import (
-    check_example_input,
-    check_int,
-    check_max_accuracy_drop,
-    config_or_options,
-    example_input_error,
-)
-from lightning_vitcompress._model import (
-    find_attention_blocks,
-    resolve_target_path,
-    set_submodule,
-    shape_example_input,
-)
+from lightning_vitcompress._checks import check_block_selection, check_example_input, check_int, check_max_accuracy_drop
+from lightning_vitcompress._model import find_attention_blocks, resolve_target_path, set_submodule, shape_example_input
+from lightning_vitcompress._options import takes_config
 from lightning_vitcompress._plan import PlanRow, budget_phrase, epochs_phrase
 from lightning_vitcompress._structure import recorded_edits
 from lightning_vitcompress._training_state import refresh_after_structural_change
+from lightning_vitcompress.callbacks._budget import judge
+from lightning_vitcompress.callbacks._nystrom_setup import check_min_tokens, check_no_masks, measure_break_even
 from lightning_vitcompress.functional.budget import limit_batches
-from lightning_vitcompress.functional.measure import eval_mode
 from lightning_vitcompress.functional.nystrom import (
     AttentionMaskError,
     BlockSelection,
     NystromAttention,
     NystromConfig,
     attention_token_counts,
-    check_block_selection,
-    nystrom_break_even,
     select_attention_blocks,
     swap_attention,
     swap_back,
@@ -50,23 +40,11 @@ from lightning_vitcompress.functional.nystrom import (
 
 __all__ = ["NystromSwap"]
 
-#: the longest sequence ``min_tokens="auto"`` times (the break-even is reported as not reached beyond it)
-_AUTO_MAX_TOKENS = 4096
-#: images per timed call of ``min_tokens="auto"`` without a BenchmarkCallback to take the batch size from
-_AUTO_BATCH_SIZE = 4
 
-
-def _check_min_tokens(value: Any) -> None:
-    if value is None or value == "auto":
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(
-            f"min_tokens={value!r}: pass an int >= 1 (swap only blocks whose input has at least that many tokens, "
-            "e.g. 1024), 'auto' (measure the break-even token count on this machine), or None to swap every "
-            "selected block."
-        )
-
-
+@takes_config(
+    NystromConfig,
+    positional=("num_landmarks", "swap_epoch", "blocks", "pinv_iterations", "conv_kernel_size", "num_prefix_tokens"),
+)
 class NystromSwap(CompressionCallback):
     """Swap softmax attention for Nyström attention (m landmarks), then keep training.
 
@@ -78,17 +56,10 @@ class NystromSwap(CompressionCallback):
     rebuild the Nyström modules before the weights load.
 
     Args:
-        num_landmarks: ``m``. Speed-up needs many tokens (>= ~1000 on CPU); at
-            197 tokens Nyström is slower than exact attention.
         swap_epoch: the epoch at whose start to swap; 0 swaps at ``setup``.
         blocks: which attention blocks to swap: indices into the model's
             attention blocks (``[0, 1]``, negative from the end) or their
             qualified names (``["blocks.0.attn"]``); None swaps all.
-        pinv_iterations: iterations of the iterative pseudo-inverse.
-        conv_kernel_size: odd kernel of the optional depthwise convolution
-            residual on V (new parameters, zero-initialized), or None.
-        num_prefix_tokens: tokens kept exact in front of the patches; None
-            reads the model's ``num_prefix_tokens`` (timm), else 0.
         example_input: one input batch of the ViT. At ``setup`` it runs through
             the model once to check that no chosen block gets an attention mask
             (Nyström attention cannot apply one), before anything is swapped.
@@ -108,6 +79,8 @@ class NystromSwap(CompressionCallback):
             first (each block's cost measured on the validation data), until it is
             within budget. The record keeps only the blocks that stayed Nyström,
             so resume and ``load_compressed`` rebuild exactly those. None: no budget.
+        config: a :class:`~lightning_vitcompress.functional.NystromConfig` instead of its options
+            (passing both is an error).
         model_attribute: attribute holding the ViT (None finds it).
 
     Example::
@@ -126,20 +99,17 @@ class NystromSwap(CompressionCallback):
 
     def __init__(
         self,
-        num_landmarks: int = 64,
         swap_epoch: int = 0,
         blocks: BlockSelection = None,
-        pinv_iterations: int = 6,
-        conv_kernel_size: Optional[int] = None,
-        num_prefix_tokens: Optional[int] = None,
         example_input: Optional[torch.Tensor] = None,
         min_tokens: Union[int, Literal["auto"], None] = None,
         max_accuracy_drop: Optional[float] = None,
-        config: Optional[NystromConfig] = None,
+        *,
+        config: NystromConfig,
         model_attribute: Optional[str] = None,
     ) -> None:
         super().__init__(model_attribute)
-        _check_min_tokens(min_tokens)
+        check_min_tokens(min_tokens)
         check_max_accuracy_drop(max_accuracy_drop)
         self.min_tokens = min_tokens
         self.max_accuracy_drop = max_accuracy_drop
@@ -153,10 +123,8 @@ class NystromSwap(CompressionCallback):
         self.budget_result: Optional[dict[str, Any]] = None
         self._selection: Optional[list[str]] = None
         self._swap_done = False
-        options = dict(num_landmarks=num_landmarks, pinv_iterations=pinv_iterations,
-                       conv_kernel_size=conv_kernel_size, num_prefix_tokens=num_prefix_tokens)
         #: how attention is approximated (validated once); ``config=`` or the same keyword arguments
-        self.config = config_or_options(config, NystromConfig, options, "NystromSwap")
+        self.config = config
         check_int(swap_epoch, "swap_epoch", example="0 (swaps at setup, before training)")
         self.blocks = check_block_selection(blocks)
         check_example_input(example_input)
@@ -166,105 +134,7 @@ class NystromSwap(CompressionCallback):
         #: the attention modules this fit's swap replaced, to undo it (see :meth:`on_exception`)
         self._originals: dict[str, nn.Module] = {}
 
-    def resume_config(self) -> dict[str, Any]:
-        config = {**dataclasses.asdict(self.config), "swap_epoch": self.swap_epoch, "blocks": self.blocks}
-        if self.min_tokens is not None:  # absent otherwise: checkpoints from before min_tokens still compare equal
-            config["min_tokens"] = self.min_tokens
-        return config
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        # lets a resumed fit refuse changed arguments also when the checkpoint predates the swap;
-        # the budget's reference and decisions come back with a resume (the records say which blocks are Nyström)
-        return {
-            "config": self.resume_config(),
-            **({"budget_reference": self.budget_reference} if self.max_accuracy_drop is not None else {}),
-            "swapped_back": [dict(entry) for entry in self.swapped_back],
-            "skipped_blocks": dict(self.skipped_blocks),
-        }
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.swapped_back = [dict(entry) for entry in state_dict.get("swapped_back", [])]
-        self.skipped_blocks = dict(state_dict.get("skipped_blocks", {}))
-
-    def _selected_blocks(self, model: nn.Module) -> list[str]:
-        return select_attention_blocks(model, self.blocks, owner="NystromSwap")
-
-    def _check_no_masks(self, model: nn.Module, names: list[str], trainer: "pl.Trainer") -> None:
-        """Run one example through ``model`` and refuse blocks that get a mask or other keys than queries."""
-        example = self.example_input[:1] if self.example_input is not None else shape_example_input(model)
-        if example is None:
-            example = example_from_data(trainer)
-        if example is None:
-            return  # no input known: a masked call fails at the first forward and on_exception undoes the swap
-        found: dict[str, str] = {}
-
-        def spy(name: str) -> Any:
-            def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-                try:
-                    bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
-                except TypeError:
-                    return
-                query = next(iter(bound.values()), None)
-                passed = [key for key in ("attn_mask", "key_padding_mask", "mask") if bound.get(key) is not None]
-                passed += ["is_causal=True"] if bound.get("is_causal") else []
-                passed += [key for key in ("key", "value") if bound.get(key) is not None and bound[key] is not query]
-                if passed:
-                    found.setdefault(name, ", ".join(passed))
-
-            return hook
-
-        modules = dict(find_attention_blocks(model))
-        handles = [
-            modules[name].register_forward_pre_hook(spy(name), with_kwargs=True)
-            for name in names
-            if not isinstance(modules[name], NystromAttention)
-        ]
-        try:
-            # eval mode with gradients on: nn.TransformerEncoderLayer's fused path would skip self_attn otherwise;
-            # then train mode (a mask passed only in training), its random draws and buffer updates undone
-            with eval_mode(model), torch.enable_grad():
-                model(example.to(next(model.parameters()).device))
-            buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
-            training = {module: module.training for module in model.modules()}
-            try:
-                with torch.random.fork_rng(devices=[]), torch.enable_grad():
-                    model.train()
-                    model(example.to(next(model.parameters()).device))
-            finally:
-                for module, mode in training.items():
-                    module.training = mode
-                with torch.no_grad():
-                    for name, buffer in model.named_buffers():
-                        if name in buffers:
-                            buffer.copy_(buffers[name])
-        except Exception as err:
-            if self.example_input is None:
-                return  # the model does not take this shape: nothing to learn from it
-            raise example_input_error(self.example_input, model, err) from err
-        finally:
-            for handle in handles:
-                handle.remove()
-        if found:
-            details = "; ".join(f"{name} gets {what}" for name, what in found.items())
-            keep = [name for name in names if name not in found]
-            advice = f"keep them exact: pass blocks={keep!r}" if keep else "no chosen block can be swapped"
-            raise ValueError(
-                f"NystromSwap(blocks={self.blocks!r}): {details}. Nyström attention is self-attention without masks "
-                f"(landmarks average over all tokens), so {advice}."
-            )
-
-    # ------------------------------------------------------------------ hooks
-    def fit_plan(self, trainer: "pl.Trainer") -> list[PlanRow]:
-        blocks = "all blocks" if self.blocks is None else f"blocks {list(self.blocks)}"
-        tokens = f", only where >= {self.min_tokens} tokens" if self.min_tokens is not None else ""
-        return [PlanRow("NystromSwap", f"Nyström attention, m={self.config.num_landmarks} landmarks, {blocks}{tokens}",
-                        epochs_phrase(self.swap_epoch, self.swap_epoch), "then fine-tunes" + budget_phrase(self))]
-
-    def scheduled_epochs(self) -> dict[str, int]:
-        return {"swap_epoch": self.swap_epoch} if self.swap_epoch > 0 else {}  # 0 swaps at setup
-
+    # ----------------------------------------------------- hooks, in the order Lightning calls them
     def ordered_setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         self.swapped_blocks = []
         self._originals = {}
@@ -284,7 +154,7 @@ class NystromSwap(CompressionCallback):
             self.skipped_blocks = {k: v for record in done for k, v in (record.get("skipped") or {}).items()}
             self._swap_done = True
             return
-        self._check_no_masks(model, chosen, trainer)
+        check_no_masks(model, chosen, self._example(trainer, model), self.example_input, self.blocks)
         self._check_prefix(trainer, pl_module, model, chosen)
         if self.min_tokens is not None:
             chosen = self._long_enough(trainer, pl_module, chosen)
@@ -303,6 +173,22 @@ class NystromSwap(CompressionCallback):
             swapped = [m for _, m in find_attention_blocks(model) if isinstance(m, NystromAttention)]
             landmarks = sum(m.num_landmarks for m in swapped) / max(1, len(swapped))
             self.log_metrics(trainer, {"num_landmarks": landmarks, "swapped_blocks": len(swapped)})  # what it has
+
+    def ordered_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """With a budget: swap blocks back to exact attention, most costly first, until the model is within it."""
+        metrics: dict[str, Optional[float]] = {}
+        if self.break_even is not None:
+            metrics["break_even_tokens"] = self.break_even["break_even"]
+            metrics.update({f"auto/{t}_tokens/speedup": r for t, r in self.break_even["speedups"].items()})
+        if self.skipped_blocks:
+            metrics["skipped_blocks"] = len(self.skipped_blocks)
+        model = self.target(pl_module)
+        nystrom = [name for name, m in find_attention_blocks(model) if isinstance(m, NystromAttention)
+                   and name in self.swapped_blocks]
+        if self.budget is not None and nystrom:
+            metrics.update(self._keep_within_budget(trainer, pl_module, nystrom))
+        if metrics:  # nothing decided at the end: no empty row in the loggers
+            self.log_metrics(trainer, metrics)
 
     @override
     def on_exception(
@@ -323,7 +209,62 @@ class NystromSwap(CompressionCallback):
         )
         self._originals, self.swapped_blocks = {}, []
 
-    # ------------------------------------------------------------------- swap
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        # lets a resumed fit refuse changed arguments also when the checkpoint predates the swap;
+        # the budget's reference and decisions come back with a resume (the records say which blocks are Nyström)
+        return {
+            "config": self.resume_config(),
+            **({"budget_reference": self.budget_reference} if self.max_accuracy_drop is not None else {}),
+            "swapped_back": [dict(entry) for entry in self.swapped_back],
+            "skipped_blocks": dict(self.skipped_blocks),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.swapped_back = [dict(entry) for entry in state_dict.get("swapped_back", [])]
+        self.skipped_blocks = dict(state_dict.get("skipped_blocks", {}))
+
+    # ----------------------------------------------------------------------- what the pipeline asks
+    def resume_config(self) -> dict[str, Any]:
+        config = {**dataclasses.asdict(self.config), "swap_epoch": self.swap_epoch, "blocks": self.blocks}
+        if self.min_tokens is not None:  # absent otherwise: checkpoints from before min_tokens still compare equal
+            config["min_tokens"] = self.min_tokens
+        return config
+
+    def fit_plan(self, trainer: "pl.Trainer") -> list[PlanRow]:
+        blocks = "all blocks" if self.blocks is None else f"blocks {list(self.blocks)}"
+        tokens = f", only where >= {self.min_tokens} tokens" if self.min_tokens is not None else ""
+        return [PlanRow("NystromSwap", f"Nyström attention, m={self.config.num_landmarks} landmarks, {blocks}{tokens}",
+                        epochs_phrase(self.swap_epoch, self.swap_epoch), "then fine-tunes" + budget_phrase(self))]
+
+    def scheduled_epochs(self) -> dict[str, int]:
+        return {"swap_epoch": self.swap_epoch} if self.swap_epoch > 0 else {}  # 0 swaps at setup
+
+    def train_end_action(self) -> Optional[tuple[str, str]]:
+        if self.max_accuracy_drop is None:
+            return None
+        return (f"NystromSwap(max_accuracy_drop={self.max_accuracy_drop!r}) swaps blocks back to exact attention "
+                "until the model is within budget", "or pass max_accuracy_drop=None")
+
+    def decisions(self) -> Optional[dict[str, Any]]:
+        if self.max_accuracy_drop is None and self.min_tokens is None:
+            return None
+        decided: dict[str, Any] = {
+            "max_accuracy_drop": self.max_accuracy_drop,
+            "reference_accuracy": self.budget_reference,
+            "nystrom_blocks": list(self.swapped_blocks),
+            "swapped_back": [dict(entry) for entry in self.swapped_back],
+            "skipped_blocks": dict(self.skipped_blocks),
+        }
+        if self.break_even is not None:
+            decided["break_even_tokens"] = self.break_even["break_even"]
+        return decided
+
+    # -------------------------------------------------------------------------------------- helpers
+    def _selected_blocks(self, model: nn.Module) -> list[str]:
+        return select_attention_blocks(model, self.blocks, owner="NystromSwap")
+
     def _swap(self, pl_module: "pl.LightningModule", names: list[str]) -> None:
         model = self.target(pl_module)
         originals: dict[str, nn.Module] = {}
@@ -378,7 +319,6 @@ class NystromSwap(CompressionCallback):
                 f"class/distillation/register tokens (fewer than {count}, e.g. 1), or None to read them from the model."
             )
 
-    # -------------------------------------------------------------- min_tokens
     def _long_enough(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", names: list[str]) -> list[str]:
         """The blocks of ``names`` whose input holds at least ``min_tokens`` tokens; the others go to
         :attr:`skipped_blocks` with the reason. ``"auto"`` measures the threshold first (rank zero, broadcast)."""
@@ -386,7 +326,7 @@ class NystromSwap(CompressionCallback):
         counts = self._token_counts(trainer, pl_module, model)
         threshold: Optional[int]
         if self.min_tokens == "auto":
-            self.break_even = self._measure_break_even(trainer, model, names, counts)
+            self.break_even = measure_break_even(trainer, model, self.config, names, counts)
             threshold = self.break_even["break_even"]
         else:
             threshold = int(self.min_tokens)  # type: ignore[arg-type]
@@ -412,11 +352,14 @@ class NystromSwap(CompressionCallback):
             )
         return keep
 
+    def _example(self, trainer: "pl.Trainer", model: nn.Module) -> Optional[torch.Tensor]:
+        """One input row: the user's ``example_input``, the model's stated input size, or the Trainer's data."""
+        example = self.example_input[:1] if self.example_input is not None else shape_example_input(model)
+        return example if example is not None else example_from_data(trainer)
+
     def _token_counts(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", model: nn.Module) -> dict[str, int]:
         """Tokens entering each attention block, with the token merging this fit will apply (if any)."""
-        example = self.example_input[:1] if self.example_input is not None else shape_example_input(model)
-        if example is None:
-            example = example_from_data(trainer)
+        example = self._example(trainer, model)
         merging = next(  # its target path is resolved at its own setup, after this one (order 35 > 30)
             (cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback) and cb.KIND == "tome"
              and resolve_target_path(pl_module, cb.model_attribute) == self.target_path), None,
@@ -437,63 +380,20 @@ class NystromSwap(CompressionCallback):
             )
         return attention_token_counts(model, example, merge_plan=plan)
 
-    def _measure_break_even(
-        self, trainer: "pl.Trainer", model: nn.Module, names: list[str], counts: dict[str, int]
-    ) -> dict[str, Any]:
-        result: Optional[dict[str, Any]] = None
-        if trainer.is_global_zero and names:
-            prefix = self.config.prefix_tokens(model)
-            seen = sorted({counts[name] for name in names if name in counts})
-            grid, tokens = [], 2 * (self.config.num_landmarks + prefix)
-            while tokens <= min(_AUTO_MAX_TOKENS, max(seen, default=tokens)):
-                grid.append(tokens)
-                tokens *= 2
-            bench = next((cb for cb in trainer.callbacks if type(cb).__name__ == "BenchmarkCallback"), None)
-            progress_line(trainer, f"NystromSwap(min_tokens='auto'): timing exact against Nyström attention at "
-                                   f"{sorted(set(grid + seen))} tokens")
-            attention = dict(find_attention_blocks(model))[names[0]]
-            result = nystrom_break_even(
-                attention, self.config, prefix, [*grid, *seen],
-                batch_size=getattr(bench, "batch_size", _AUTO_BATCH_SIZE), num_threads=getattr(bench, "num_threads", None),
-                min_run_time=min(0.5, getattr(bench, "min_run_time", 0.1)),
-            )
-            speedups = ", ".join(f"{t}: {r:.2f}x" for t, r in result["speedups"].items())
-            rank_zero_info(f"NystromSwap(min_tokens='auto'): Nyström / exact speed by token count: {speedups or 'n/a'}; "
-                           f"break-even {result['break_even'] or 'not reached'}.")
-        result = trainer.strategy.broadcast(result, src=0)
-        return result or {"speedups": {}, "break_even": None}
-
-    # ------------------------------------------------------------ max_accuracy_drop
-    def train_end_action(self) -> Optional[tuple[str, str]]:
-        if self.max_accuracy_drop is None:
-            return None
-        return (f"NystromSwap(max_accuracy_drop={self.max_accuracy_drop!r}) swaps blocks back to exact attention "
-                "until the model is within budget", "or pass max_accuracy_drop=None")
-
-    def ordered_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        """With a budget: swap blocks back to exact attention, most costly first, until the model is within it."""
-        metrics: dict[str, Optional[float]] = {}
-        if self.break_even is not None:
-            metrics["break_even_tokens"] = self.break_even["break_even"]
-            metrics.update({f"auto/{t}_tokens/speedup": r for t, r in self.break_even["speedups"].items()})
-        if self.skipped_blocks:
-            metrics["skipped_blocks"] = len(self.skipped_blocks)
+    def _keep_within_budget(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", nystrom: list[str]
+    ) -> dict[str, Optional[float]]:
+        """Judge the model; beyond budget, swap ``nystrom`` blocks back (most costly first) until within."""
         budget = self.budget
-        model = self.target(pl_module)
-        nystrom = [name for name, m in find_attention_blocks(model) if isinstance(m, NystromAttention)
-                   and name in self.swapped_blocks]
-        if budget is None or not nystrom:
-            if metrics:  # nothing decided at the end: no empty row in the loggers
-                self.log_metrics(trainer, metrics)
-            return
+        assert budget is not None
         label = f"NystromSwap(max_accuracy_drop={self.max_accuracy_drop!r})"
-        accuracy = self.validation_accuracy(trainer, model)
-        self.budget_result = {"accuracy_before": accuracy, "accuracy": accuracy}
-        if budget.allows(accuracy):
-            rank_zero_info(f"{label}: all {len(nystrom)} Nyström blocks kept, within budget: "
-                           f"{budget.describe(accuracy)}.")
+        model = self.target(pl_module)
+        verdict = judge(trainer, budget, model)
+        self.budget_result = {"accuracy_before": verdict.accuracy, "accuracy": verdict.accuracy}
+        if verdict.within:
+            rank_zero_info(f"{label}: all {len(nystrom)} Nyström blocks kept, within budget: {verdict.describe()}.")
         else:
-            progress_line(trainer, f"{label}: beyond budget ({budget.describe(accuracy)}); measuring what swapping "
+            progress_line(trainer, f"{label}: beyond budget ({verdict.describe()}); measuring what swapping "
                                    f"each of {len(nystrom)} blocks back to exact attention gains")
             gains: Optional[dict[str, dict[str, float]]] = None
             if trainer.is_global_zero:
@@ -506,30 +406,29 @@ class NystromSwap(CompressionCallback):
             for name in order:
                 swap_back(model, [name])
                 self._originals.pop(name, None)
-                accuracy = self.validation_accuracy(trainer, model)
-                self.swapped_back.append({"block": name, **gains[name], "accuracy_after": accuracy,
+                verdict = judge(trainer, budget, model)
+                self.swapped_back.append({"block": name, **gains[name], "accuracy_after": verdict.accuracy,
                                           "reference": budget.reference})
-                if budget.allows(accuracy):
+                if verdict.within:
                     break
-            self.budget_result["accuracy"] = accuracy
+            self.budget_result["accuracy"] = verdict.accuracy
             undone = [entry["block"] for entry in self.swapped_back]
             self._forget(pl_module, undone)
             kept = [name for name in self.swapped_blocks if name not in undone]
             self.swapped_blocks = kept
             message = (f"{label}: swapped {len(undone)} of {len(nystrom)} blocks back to exact attention, most "
-                       f"costly first ({undone}); {len(kept)} stay Nyström; {budget.describe(accuracy)}.")
-            if budget.allows(accuracy):
+                       f"costly first ({undone}); {len(kept)} stay Nyström; {verdict.describe()}.")
+            if verdict.within:
                 rank_zero_info(message)
             else:
                 rank_zero_warn(message + " Even exact attention everywhere is beyond the budget: the fine-tuning "
                                          "after the swap cost the accuracy, not the approximation.")
-        metrics.update(
-            accuracy=accuracy, accuracy_drop=budget.drop(accuracy) if accuracy is not None else None,
-            swapped_back=len(self.swapped_back), swapped_blocks=len(self.swapped_blocks),
-        )
+        metrics: dict[str, Optional[float]] = {
+            **verdict.metrics(), "swapped_back": len(self.swapped_back), "swapped_blocks": len(self.swapped_blocks),
+        }
         for entry in self.swapped_back:
             metrics[f"swap_back/{entry['block']}/accuracy_gain"] = entry["accuracy_gain"]
-        self.log_metrics(trainer, metrics)
+        return metrics
 
     def _forget(self, pl_module: "pl.LightningModule", names: list[str]) -> None:
         """Drop ``names`` from this target's records (new dicts: copies held elsewhere stay as they were), so that
@@ -544,17 +443,3 @@ class NystromSwap(CompressionCallback):
                     "swapped_back": {**record.get("swapped_back", {}), **{n: reason for n in names
                                                                           if n in record["blocks"]}},
                 }
-
-    def decisions(self) -> Optional[dict[str, Any]]:
-        if self.max_accuracy_drop is None and self.min_tokens is None:
-            return None
-        decided: dict[str, Any] = {
-            "max_accuracy_drop": self.max_accuracy_drop,
-            "reference_accuracy": self.budget_reference,
-            "nystrom_blocks": list(self.swapped_blocks),
-            "swapped_back": [dict(entry) for entry in self.swapped_back],
-            "skipped_blocks": dict(self.skipped_blocks),
-        }
-        if self.break_even is not None:
-            decided["break_even_tokens"] = self.break_even["break_even"]
-        return decided

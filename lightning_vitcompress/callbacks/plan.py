@@ -19,14 +19,12 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_vitcompress._base import (
-    CompressionCallback,
-    first_batch,
-    resume_checkpoint_path,
-    validation_data,
-)
+from lightning_vitcompress._base import CompressionCallback
+from lightning_vitcompress._data import first_batch, validation_data
+from lightning_vitcompress._lightning import fit_ckpt_path
 from lightning_vitcompress._plan import PlanRow
-from lightning_vitcompress._structure import read_checkpoint, record_edit
+from lightning_vitcompress._checkpoint_file import read_checkpoint
+from lightning_vitcompress._structure import record_edit
 from lightning_vitcompress.callbacks.distillation import DistillationTeacher
 from lightning_vitcompress.callbacks.nystrom import NystromSwap
 from lightning_vitcompress.callbacks.pruning import PruningSchedule
@@ -314,7 +312,7 @@ class CompressionPlan(CompressionCallback):
         """What this callback saved in the checkpoint this fit resumes from (None: a fresh fit, or none saved).
 
         Read here, at setup, because Lightning restores callback state only after the model is rebuilt."""
-        path, weights_only = resume_checkpoint_path(trainer)
+        path, weights_only = fit_ckpt_path(trainer)
         if not path or not Path(path).is_file():
             return None
         checkpoint = read_checkpoint(path, weights_only=weights_only, argument="ckpt_path")

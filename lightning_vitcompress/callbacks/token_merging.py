@@ -14,11 +14,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_vitcompress._base import CompressionCallback
-from lightning_vitcompress._checks import check_example_input, check_int, config_or_options
+from lightning_vitcompress._checks import check_example_input, check_int
+from lightning_vitcompress._options import takes_config
 from lightning_vitcompress._plan import PlanRow, epochs_phrase
 from lightning_vitcompress._structure import recorded_edits
 from lightning_vitcompress.functional.token_merging import (
-    RSpec,
     TokenMergingConfig,
     apply_merge_plan,
     merged_token_counts,
@@ -28,6 +28,7 @@ from lightning_vitcompress.functional.token_merging import (
 __all__ = ["TokenMerging"]
 
 
+@takes_config(TokenMergingConfig, positional=("r", "start_epoch", "blocks", "proportional_attention", "schedule"))
 class TokenMerging(CompressionCallback):
     """Merge ``r`` tokens in each block (bipartite soft matching), then keep training the merged model.
 
@@ -40,20 +41,11 @@ class TokenMerging(CompressionCallback):
     needs no rebuild when merging starts mid-fit: the parameters stay the same.
 
     Args:
-        r: tokens each selected block merges: an int (ViT-B/16 at 224: 8 to 16),
-            or one int per selected block. Bipartite matching merges at most half
-            the patch tokens of a block; ``r`` that would leave fewer tokens than
-            the prefix tokens + 1 is refused at ``setup``.
         start_epoch: the epoch at whose start merging begins; 0 merges at ``setup``.
-        blocks: the transformer blocks that merge: indices (negative from the
-            end) or block names (``"blocks.3"``); None: all.
-        proportional_attention: attention weighs each merged token by its size
-            (``+ log(size)`` on its logits).
-        schedule: ``"constant"`` or ``"decreasing"`` (``2r`` down to 0 over the blocks).
         example_input: one input batch, for models that do not state their input
             size (the token count checks ``r`` at ``setup``).
-        config: a :class:`~lightning_vitcompress.functional.TokenMergingConfig`
-            instead of ``r``/``blocks``/``proportional_attention``/``schedule``.
+        config: a :class:`~lightning_vitcompress.functional.TokenMergingConfig` instead of its options
+            (passing both is an error).
         model_attribute: attribute holding the ViT (None finds it).
 
     Logs ``tome/r`` (mean over the selected blocks) and ``tome/tokens_out``
@@ -72,19 +64,15 @@ class TokenMerging(CompressionCallback):
 
     def __init__(
         self,
-        r: RSpec = 8,
         start_epoch: int = 0,
-        blocks: Optional[list[Any]] = None,
-        proportional_attention: bool = True,
-        schedule: str = "constant",
         example_input: Optional[torch.Tensor] = None,
-        config: Optional[TokenMergingConfig] = None,
+        *,
+        config: TokenMergingConfig,
         model_attribute: Optional[str] = None,
     ) -> None:
         super().__init__(model_attribute)
-        options = dict(r=r, schedule=schedule, blocks=blocks, proportional_attention=proportional_attention)
         #: how many tokens merge where (validated once); ``config=`` or the same keyword arguments
-        self.config = config_or_options(config, TokenMergingConfig, options, "TokenMerging")
+        self.config = config
         check_int(start_epoch, "start_epoch", example="0 (merges at setup, before training)")
         check_example_input(example_input)
         self.start_epoch = start_epoch
@@ -92,23 +80,7 @@ class TokenMerging(CompressionCallback):
         #: the plan in force (what the record holds), once merging
         self.plan: Optional[dict[str, Any]] = None
 
-    def resume_config(self) -> dict[str, Any]:
-        return {**self.config.as_record(), "start_epoch": self.start_epoch}
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"config": self.resume_config()}
-
-    def fit_plan(self, trainer: "pl.Trainer") -> list[PlanRow]:
-        c = self.config
-        return [PlanRow("TokenMerging", f"token merging (ToMe), r={c.r} per block ({c.schedule})",
-                        epochs_phrase(self.start_epoch, self.start_epoch),
-                        f"blocks={'all' if c.blocks is None else list(c.blocks)}, no weights change")]
-
-    def scheduled_epochs(self) -> dict[str, int]:
-        return {"start_epoch": self.start_epoch} if self.start_epoch > 0 else {}
-
-    # ------------------------------------------------------------------ hooks
+    # ----------------------------------------------------- hooks, in the order Lightning calls them
     def ordered_setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         self.plan = None
         done = [r for r in recorded_edits(pl_module) if r.get("kind") == self.KIND and r.get("target") == self.target_path]
@@ -128,6 +100,24 @@ class TokenMerging(CompressionCallback):
             tokens = self.plan.get("tokens") or merged_token_counts(self.target(pl_module), self.example_input)
             self.log_metrics(trainer, {"r": sum(selected) / len(selected), "tokens_out": tokens[-1] if tokens else None})
 
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"config": self.resume_config()}
+
+    # ----------------------------------------------------------------------- what the pipeline asks
+    def resume_config(self) -> dict[str, Any]:
+        return {**self.config.as_record(), "start_epoch": self.start_epoch}
+
+    def fit_plan(self, trainer: "pl.Trainer") -> list[PlanRow]:
+        c = self.config
+        return [PlanRow("TokenMerging", f"token merging (ToMe), r={c.r} per block ({c.schedule})",
+                        epochs_phrase(self.start_epoch, self.start_epoch),
+                        f"blocks={'all' if c.blocks is None else list(c.blocks)}, no weights change")]
+
+    def scheduled_epochs(self) -> dict[str, int]:
+        return {"start_epoch": self.start_epoch} if self.start_epoch > 0 else {}
+
+    # -------------------------------------------------------------------------------------- helpers
     def _merge(self, pl_module: "pl.LightningModule", plan: dict[str, Any]) -> None:
         plan = {**plan, "config": self.resume_config()}
         apply_merge_plan(self.target(pl_module), plan)

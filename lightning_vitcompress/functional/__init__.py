@@ -5,9 +5,13 @@ torch, timm and torchao alone.
 
 Example::
 
-    from lightning_vitcompress.functional import compare_throughput, prune_vit, quantize_model
-    prune_vit(vit, 0.5, torch.randn(1, 3, 224, 224))
-    quantize_model(vit, "int8_dynamic")
+    >>> import timm, torch
+    >>> from lightning_vitcompress.functional import prune_vit, quantize_model
+    >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2).eval()
+    >>> summary = prune_vit(vit, 0.5, torch.randn(1, 3, 32, 32))
+    >>> summary = quantize_model(vit, "int8_dynamic")
+    >>> vit.embed_dim, vit(torch.randn(2, 3, 32, 32)).shape
+    (96, torch.Size([2, 1000]))
 """
 
 from lightning_vitcompress._model import find_attention_blocks, resolve_target_model

@@ -7,8 +7,14 @@ load the files (see the README).
 
 Example::
 
-    artifact = load_artifact("vit.pt2")   # or "vit.onnx", "vit.xml"
-    logits = artifact(images)
+    >>> import timm, torch
+    >>> from lightning_vitcompress.functional import export_compressed, load_artifact
+    >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2).eval()
+    >>> images = torch.randn(2, 3, 32, 32)
+    >>> summary = export_compressed(vit, "vit.pt2", images)
+    >>> artifact = load_artifact("vit.pt2")  # or "vit.onnx", "vit.xml"
+    >>> artifact(images).shape
+    torch.Size([2, 1000])
 """
 
 from __future__ import annotations
@@ -58,7 +64,7 @@ class LoadedArtifact(nn.Module):
         self.first_call_seconds: Optional[float] = None
         start = time.perf_counter()
         if format == "pt2":
-            from torch._inductor import aoti_load_package
+            from lightning_vitcompress.functional._torch_internals import aoti_load_package
 
             self._runner: Any = aoti_load_package(str(self.path))
         elif format == "openvino":
@@ -105,8 +111,13 @@ def load_artifact(
 
     Example::
 
-        artifact = load_artifact("vit.pt2")
-        logits = artifact(images)
+        >>> import torch
+        >>> from lightning_vitcompress.functional import export_compressed, load_artifact
+        >>> convnet = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(10))
+        >>> logits = convnet(torch.randn(1, 3, 16, 16))  # any model, not only a ViT
+        >>> summary = export_compressed(convnet.eval(), "convnet.pt2", torch.randn(2, 3, 16, 16))
+        >>> load_artifact("convnet.pt2")(torch.randn(3, 3, 16, 16)).shape
+        torch.Size([3, 10])
     """
     path = Path(path)
     if format is None:

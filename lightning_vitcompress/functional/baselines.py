@@ -7,8 +7,14 @@ report gives both speedups. Pure torch, no Lightning.
 
 Example::
 
-    reference = build_baseline(vit, "bf16_compiled")      # a new module; vit is untouched
-    report = compare_models({"fp32 eager": vit, "bf16 compiled": reference, "ours": compressed}, x)
+    >>> import timm, torch
+    >>> from lightning_vitcompress.functional.baselines import build_baseline
+    >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2).eval()
+    >>> reference = build_baseline(vit, "bf16_compiled")  # a new module; vit is untouched
+    >>> reference is vit, type(reference).__name__
+    (False, 'CompiledAutocast')
+
+and then ``compare_models({"fp32 eager": vit, "bf16 compiled": reference, "ours": compressed}, x)``.
 """
 
 from __future__ import annotations
@@ -20,10 +26,9 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
-from torch.utils import _python_dispatch
-from torch.utils._pytree import tree_map
 
 from lightning_vitcompress._checks import check_choice
+from lightning_vitcompress.functional._torch_internals import in_dispatch_mode, inductor_config, tree_map
 
 __all__ = ["BASELINES", "CompiledAutocast", "build_baseline", "check_baselines"]
 
@@ -71,10 +76,8 @@ class CompiledAutocast(nn.Module):
         return self.dtype if _native_bf16(device) else None
 
     def forward(self, x: torch.Tensor) -> Any:
-        import torch._inductor.config as inductor_config
-
         device = x.device
-        if _python_dispatch._get_current_dispatch_mode() is not None:
+        if in_dispatch_mode():
             return self.model(x)  # under a dispatch mode (count_macs' FlopCounterMode): eager, no new compile
         compiled = self._compiled.get(device.type)
         if compiled is None:
@@ -82,7 +85,7 @@ class CompiledAutocast(nn.Module):
                 warnings.filterwarnings("ignore", message=".*global hooks on modules.*")
                 compiled = self._compiled[device.type] = torch.compile(self.model)
         dtype = self.autocast_dtype(device)
-        with inductor_config.patch(freezing=True), torch.autocast(
+        with inductor_config().patch(freezing=True), torch.autocast(
             device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None
         ):
             output = compiled(x)

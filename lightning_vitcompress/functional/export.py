@@ -21,7 +21,9 @@ The artifact maps a batch of images to the logits tensor (output objects and
 DeiT's tuples are read as :func:`~lightning_vitcompress.models.logits_of` reads
 them), with a dynamic batch size and the image size of the example input. It is
 written next to its final path and moved there only once it loaded back and its
-outputs matched the live model's within :data:`TOLERANCES`.
+outputs matched the live model's within :data:`TOLERANCES`. What the artifact
+computes, its capture and the ONNX conversion are in
+:mod:`~lightning_vitcompress.functional.export_capture`.
 
 Example::
 
@@ -45,6 +47,12 @@ from torch import nn
 
 from lightning_vitcompress._checks import check_bool, check_choice, check_output_file, check_path
 from lightning_vitcompress.functional.measure import eval_mode
+from lightning_vitcompress.functional._torch_internals import (
+    FORWARD_HOOK_DICTS,
+    aoti_compile_and_package,
+    compiled_call,
+    set_compiled_call,
+)
 from lightning_vitcompress.functional.artifact import (
     ARTIFACT_FORMATS,
     ArtifactMismatchError,
@@ -53,16 +61,21 @@ from lightning_vitcompress.functional.artifact import (
     load_artifact,
     verify_artifact,
 )
+from lightning_vitcompress.functional.export_capture import (
+    _Deployable,
+    _example_batch,
+    _export_program,
+    _has_quantized_weights,
+    _has_x86_int8,
+    _write_onnx,
+)
 from lightning_vitcompress.functional.openvino import check_openvino_installed, convert_to_openvino, write_openvino
 from lightning_vitcompress.functional.quantize_configs import INFERENCE_PRECISIONS
 from lightning_vitcompress.functional.x86_int8 import (
     FROZEN_INDUCTOR_OPTIONS,
-    X86Int8DynamicLinear,
     _register_x86_lowering,
     cpu_supports_bfloat16,
-    run_in_precision,
 )
-from lightning_vitcompress.models.base import logits_of
 
 __all__ = [
     "ARTIFACT_FORMATS",
@@ -197,38 +210,22 @@ def _importable(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-class _Deployable(nn.Module):
-    """What the artifact computes: images -> logits (float32), in the configured precision."""
-
-    def __init__(self, model: nn.Module, autocast_dtype: Optional[torch.dtype]) -> None:
-        super().__init__()
-        self.model = model
-        self.autocast_dtype = autocast_dtype
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return run_in_precision(lambda x: logits_of(self.model(x)), self.autocast_dtype, images)
-
-
 @contextlib.contextmanager
 def _uncompiled(model: nn.Module) -> Iterator[nn.Module]:
     """``model`` with an in-place ``nn.Module.compile`` (QuantizeOnFit's) set aside: export traces the eager model."""
-    compiled = model.__dict__.get("_compiled_call_impl")
-    model._compiled_call_impl = None
+    compiled = compiled_call(model)
+    set_compiled_call(model, None)
     try:
         yield model
     finally:
-        model._compiled_call_impl = compiled
-
-
-_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
-               "_forward_hooks_always_called")
+        set_compiled_call(model, compiled)
 
 
 @contextlib.contextmanager
 def _hooks_set_aside(model: nn.Module) -> Iterator[nn.Module]:
     """``model`` with its modules' forward hooks set aside: a trial trace must not reach hooks that keep inputs
     (QuantizeOnFit's capture of the first training batch would keep the trace's tensors)."""
-    saved = [(module, name, getattr(module, name)) for module in model.modules() for name in _HOOK_DICTS
+    saved = [(module, name, getattr(module, name)) for module in model.modules() for name in FORWARD_HOOK_DICTS
              if getattr(module, name, None)]
     for module, name, hooks in saved:
         setattr(module, name, type(hooks)())
@@ -237,39 +234,6 @@ def _hooks_set_aside(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for module, name, hooks in saved:
             setattr(module, name, hooks)
-
-
-def _has_x86_int8(model: nn.Module) -> bool:
-    return any(isinstance(module, X86Int8DynamicLinear) for module in model.modules())
-
-
-def _example_batch(example_input: torch.Tensor) -> torch.Tensor:
-    """At least two rows: ``torch.export`` specializes a dynamic dimension it sees as 1."""
-    example_input = example_input.detach()
-    return example_input if example_input.shape[0] >= 2 else example_input.repeat(2, *[1] * (example_input.dim() - 1))
-
-
-def _export_program(module: nn.Module, example: torch.Tensor, dynamic_batch: bool) -> torch.export.ExportedProgram:
-    """``torch.export`` of ``module`` on ``example``; a model it cannot capture is a ``ValueError`` saying why."""
-    dynamic_shapes = {"images": {0: torch.export.Dim("batch", min=1)}} if dynamic_batch else None
-    try:
-        with torch.no_grad():
-            return torch.export.export(module, (example,), dynamic_shapes=dynamic_shapes, strict=False)
-    except Exception as err:  # noqa: BLE001 - reported with what would work
-        text = _short(err, 1500)
-        data_dependent = any(
-            marker in text for marker in ("data-dependent", "data dependent", "GuardOnDataDependent", "Could not guard")
-        )
-        hint = (
-            "It branches on tensor values (data-dependent control flow), which a graph cannot hold: compute the "
-            "branch from shapes, or use torch.cond"
-            if data_dependent
-            else "Make the forward traceable by torch.export (no Python side effects that depend on values)"
-        )
-        raise ValueError(
-            f"{type(module.model).__name__} cannot be exported with torch.export (dynamic_batch={dynamic_batch}). "
-            f"{hint}. The model itself is unchanged. It said: {text}"
-        ) from err
 
 
 def check_exportable(model: nn.Module, example_input: torch.Tensor, config: Optional[ExportConfig] = None) -> None:
@@ -468,45 +432,8 @@ def _moved_copy(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def _write_pt2(program: torch.export.ExportedProgram, path: Path) -> None:
-    from torch._inductor import aoti_compile_and_package
-
     # freezing applies only with gradients off, as in compile_frozen's inference-mode calls
     with torch.no_grad():
         aoti_compile_and_package(
             program, package_path=str(path), inductor_configs=dict(FROZEN_INDUCTOR_OPTIONS)
         )
-
-
-def _write_onnx(
-    module: nn.Module,
-    program: torch.export.ExportedProgram,
-    example: torch.Tensor,
-    path: Path,
-    config: ExportConfig,
-    int8: bool,
-) -> None:
-    kwargs: dict[str, Any] = {"dynamo": True, "verbose": False, "input_names": ["images"], "output_names": ["logits"]}
-    if config.opset_version is not None:
-        kwargs["opset_version"] = config.opset_version
-    try:
-        with torch.no_grad():
-            onnx_program = torch.onnx.export(program, (example,), **kwargs)
-        onnx_program.save(str(path))
-    except Exception as err:  # noqa: BLE001 - reported with the format that works
-        what = "its int8 layers" if int8 or _has_quantized_weights(module) else "the model"
-        raise ValueError(
-            f"format='onnx': the ONNX exporter cannot convert {what} ({_short(err, 300).splitlines()[0]}). "
-            "Use format='pt2' (AOTInductor, loads with torch alone), which runs every model this library makes."
-        ) from err
-
-
-def _short(err: BaseException, limit: int) -> str:
-    """``Type: message`` without terminal colour codes, cut at ``limit`` characters."""
-    import re
-
-    text = re.sub(r"\x1b\[[0-9;]*m", "", f"{type(err).__name__}: {err}").strip()
-    return text if len(text) <= limit else text[:limit] + " ..."
-
-
-def _has_quantized_weights(model: nn.Module) -> bool:
-    return any(type(p) not in (torch.Tensor, nn.Parameter) for p in model.parameters())

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils import benchmark as torch_benchmark
 
 from lightning_vitcompress._checks import check_positive
+from lightning_vitcompress.functional._torch_internals import compiled_call, set_compiled_call
 from lightning_vitcompress.models.base import logits_of
 
 Device = Union[str, torch.device]
@@ -92,21 +93,21 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> Optional[int]:
     counter = FlopCounterMode(display=False)
     # counted eager: under the counter a compiled module (nn.Module.compile, compile_frozen) would compile
     # again, which costs minutes on a small CPU and counts the same work
-    compiled = [(m, m._compiled_call_impl) for m in model.modules() if getattr(m, "_compiled_call_impl", None)]
+    compiled = [(m, compiled_call(m)) for m in model.modules() if compiled_call(m)]
     try:
         for module, _ in compiled:
-            module._compiled_call_impl = None
+            set_compiled_call(module, None)
         with eval_mode(model), torch.inference_mode(), counter:
             model(example_input)
     except Exception:  # noqa: BLE001 - the counter does not know every custom op
         return None
     finally:
         for module, call in compiled:
-            module._compiled_call_impl = call
+            set_compiled_call(module, call)
     return counter.get_total_flops() // 2 // max(1, example_input.shape[0])
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     for tensor in model.parameters():
         return tensor.device
     return torch.device("cpu")
@@ -144,8 +145,15 @@ def compare_throughput(
 
     Example::
 
-        ips = compare_throughput({"fp32": vit, "int8": quantized}, torch.randn(4, 3, 224, 224))
-        print(ips["int8"] / ips["fp32"])
+        >>> import copy, timm, torch
+        >>> from lightning_vitcompress.functional import compare_throughput, quantize_model
+        >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2).eval()
+        >>> quantized = copy.deepcopy(vit)
+        >>> summary = quantize_model(quantized, "int8_dynamic")
+        >>> ips = compare_throughput({"fp32": vit, "int8": quantized}, torch.randn(4, 3, 32, 32), rounds=1,
+        ...                          min_run_time=0.05)
+        >>> sorted(ips), ips["int8"] > 0
+        (['fp32', 'int8'], True)
     """
     check_positive(rounds, "rounds", "3", integer=True)
     check_positive(min_run_time, "min_run_time", "0.5")
@@ -192,8 +200,11 @@ def first_call_seconds(model: nn.Module, example_input: torch.Tensor) -> float:
 
     Example::
 
-        compiled = torch.compile(vit)
-        first_call_seconds(compiled, images)  # ~15-30 s for ViT-B/16 on 2 cores; the next call is milliseconds
+        >>> import timm, torch
+        >>> from lightning_vitcompress.functional.measure import first_call_seconds
+        >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2).eval()
+        >>> first_call_seconds(vit, torch.randn(2, 3, 32, 32)) > 0  # a torch.compile'd ViT-B/16: ~15-30 s on 2 cores
+        True
     """
     start = time.perf_counter()
     with torch.inference_mode():
@@ -269,7 +280,7 @@ def measure_accuracy(
     """Top-1 accuracy (torchmetrics) of ``model`` over ``(images, labels)`` or dict batches; None if empty."""
     from torchmetrics.classification import MulticlassAccuracy
 
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     metric: Optional[MulticlassAccuracy] = None
     with eval_mode(model), torch.inference_mode():
         for batch in batches:

@@ -13,9 +13,16 @@ quantizing and records it, so ``load_compressed`` swaps it in again.
 
 Example::
 
-    vit = torchvision.models.vit_b_16()
-    originals = split_multihead_attention(vit)      # {"encoder.layers.encoder_layer_0.self_attention": mha, ...}
-    quantize_model(vit, "int8_dynamic_x86")          # now also quantizes each attention's qkv and out_proj
+    >>> import torchvision
+    >>> from lightning_vitcompress.functional import quantize_model
+    >>> from lightning_vitcompress.functional.multihead_attention import split_multihead_attention
+    >>> vit = torchvision.models.VisionTransformer(32, 8, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128)
+    >>> originals = split_multihead_attention(vit)
+    >>> sorted(originals)
+    ['encoder.layers.encoder_layer_0.self_attention', 'encoder.layers.encoder_layer_1.self_attention']
+    >>> summary = quantize_model(vit, "int8_dynamic_x86")  # now also quantizes each attention's qkv and out_proj
+    >>> "encoder.layers.encoder_layer_0.self_attention.qkv" in summary["quantized"]
+    True
 """
 
 from __future__ import annotations
@@ -64,8 +71,13 @@ class MultiheadSelfAttention(nn.Module):
 
     Example::
 
-        layer = nn.TransformerEncoderLayer(192, 3, batch_first=True)
-        layer.self_attn = MultiheadSelfAttention.from_multihead(layer.self_attn)
+        >>> import torch
+        >>> layer = torch.nn.TransformerEncoderLayer(192, 3, batch_first=True).eval()
+        >>> x = torch.randn(2, 10, 192)
+        >>> before = layer(x)
+        >>> layer.self_attn = MultiheadSelfAttention.from_multihead(layer.self_attn)
+        >>> torch.allclose(layer(x), before, atol=1e-5)
+        True
     """
 
     is_vitcompress_attention: ClassVar[bool] = True  # see _model.ATTENTION_MARKER
@@ -202,8 +214,12 @@ def split_multihead_attention(model: nn.Module) -> dict[str, nn.MultiheadAttenti
 
     Example::
 
-        originals = split_multihead_attention(vit)
-        restore_multihead_attention(vit, originals)  # the model as it was (the same parameters)
+        >>> import torch
+        >>> encoder = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(64, 2, batch_first=True), 2)
+        >>> originals = split_multihead_attention(encoder)
+        >>> restore_multihead_attention(encoder, originals)  # the model as it was (the same parameters)
+        >>> type(encoder.layers[0].self_attn).__name__
+        'MultiheadAttention'
     """
     originals: dict[str, nn.MultiheadAttention] = {}
     for name, module in list(model.named_modules()):

@@ -25,7 +25,7 @@ from lightning_vitcompress._model import (
     set_submodule,
     supported_attention_blocks,
 )
-from lightning_vitcompress._structure import Record, register_replay
+from lightning_vitcompress._registry import Record, register_reader, register_replay
 from lightning_vitcompress.functional._outcome import check_outcome, output_shape
 from lightning_vitcompress.functional.measure import compare_throughput, eval_mode, images_and_labels
 from lightning_vitcompress.functional.nystrom_attention import (
@@ -39,6 +39,7 @@ from lightning_vitcompress.functional.nystrom_attention import (
     segment_means,
     swap_problem,
 )
+from lightning_vitcompress.functional.nystrom_structure import find_nystrom_blocks, read_nystrom
 from lightning_vitcompress.models import adapter_for
 
 __all__ = [
@@ -63,9 +64,11 @@ class NystromConfig:
     """How attention is approximated, validated once (the ``quantize_(model, config)`` of Nyström).
 
     Args:
-        num_landmarks: ``m``, the segment-mean landmarks of the patch tokens.
+        num_landmarks: ``m``, the segment-mean landmarks of the patch tokens. Speed-up needs many
+            tokens (>= ~1000 on CPU); at 197 tokens Nyström is slower than exact attention.
         pinv_iterations: iterations of the iterative pseudo-inverse (6 is usual).
-        conv_kernel_size: odd kernel of an optional depthwise convolution residual on V, or None.
+        conv_kernel_size: odd kernel of an optional depthwise convolution residual on V (new parameters,
+            zero-initialized), or None.
         num_prefix_tokens: tokens kept exact in front of the patches; None reads the model's
             ``num_prefix_tokens`` (timm), else 0.
 
@@ -101,21 +104,6 @@ class NystromConfig:
 
 
 BlockSelection = Optional[Sequence[Union[int, str]]]
-
-
-def check_block_selection(blocks: Any) -> Optional[list[Union[int, str]]]:
-    """``blocks`` as a list (None stays None), or a ``ValueError`` naming it."""
-    if blocks is not None and (
-        isinstance(blocks, (str, int))
-        or not isinstance(blocks, Sequence)
-        or not blocks
-        or not all(isinstance(b, (int, str)) and not isinstance(b, bool) for b in blocks)
-    ):
-        raise ValueError(
-            f"blocks={blocks!r}: pass a non-empty list of attention-block indices or names "
-            "(e.g. [0, 1] or ['blocks.0.attn']), or None for all."
-        )
-    return list(blocks) if blocks is not None else None
 
 
 def select_attention_blocks(model: nn.Module, blocks: BlockSelection = None, owner: str = "swap_attention") -> list[str]:
@@ -225,6 +213,10 @@ def _replay_nystrom(model: nn.Module, record: Record) -> None:
                 conv_kernel_size=record["conv_kernel_size"],
             ),
         )
+
+
+# a state dict without records: the blocks saved as NystromAttention, after pruning's record (see _registry)
+register_reader("nystrom", read_nystrom, survey=find_nystrom_blocks, order=20)
 
 
 # ---------------------------------------------------------------------------- swapping back

@@ -129,12 +129,20 @@ class NystromAttention(nn.Module):
 
     Example::
 
-        vit = timm.create_model("vit_small_patch16_224")
-        vit.blocks[0].attn = NystromAttention.from_attention(vit.blocks[0].attn, num_landmarks=64,
-                                                             num_prefix_tokens=vit.num_prefix_tokens)
+        >>> import timm, torch
+        >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=8, depth=2).eval()
+        >>> vit.blocks[0].attn = NystromAttention.from_attention(vit.blocks[0].attn, num_landmarks=16,
+        ...                                                      num_prefix_tokens=vit.num_prefix_tokens)
+        >>> vit(torch.randn(2, 3, 64, 64)).shape  # 65 tokens attend through 16 landmarks in block 0
+        torch.Size([2, 1000])
     """
 
     is_vitcompress_attention: ClassVar[bool] = True  # see _model.ATTENTION_MARKER
+    attn_drop: nn.Module  # nn.Dropout, or nn.Identity when swapped in for an attention without dropout
+    proj_drop: nn.Module
+    # set only on a swapped-in nn.MultiheadAttention: what nn.TransformerEncoderLayer reads before its fast path
+    _qkv_same_embed_dim: bool
+    in_proj_bias: Optional[torch.Tensor]
 
     def __init__(
         self,
@@ -415,8 +423,13 @@ def nystrom_settings(extra_state: Any) -> dict[str, Any]:
 
     Example::
 
-        nystrom_settings(state_dict["model.blocks.0.attn._extra_state"])
-        # {'num_landmarks': 16, 'num_prefix_tokens': 1, 'pinv_iterations': 6, 'conv_kernel_size': None, ...}
+        >>> import timm
+        >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1)
+        >>> vit.blocks[0].attn = NystromAttention.from_attention(vit.blocks[0].attn, num_landmarks=16,
+        ...                                                      num_prefix_tokens=1)
+        >>> settings = nystrom_settings(vit.state_dict()["blocks.0.attn._extra_state"])
+        >>> settings["num_landmarks"], settings["num_prefix_tokens"]
+        (16, 1)
     """
     values = extra_state.tolist() if isinstance(extra_state, torch.Tensor) else None
     if not isinstance(values, list) or len(values) != len(_SETTINGS) or values[0] != 1:

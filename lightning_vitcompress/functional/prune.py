@@ -26,20 +26,23 @@ from torch import nn
 
 from lightning_vitcompress._checks import check_bool, check_choice, check_fraction, check_int, check_names
 from lightning_vitcompress._model import ATTENTION_MARKER, get_submodule
-from lightning_vitcompress._structure import Record, register_replay, shape_changes, shape_snapshot
+from lightning_vitcompress._registry import register_reader, register_replay
+from lightning_vitcompress._structure import shape_changes, shape_snapshot
 from lightning_vitcompress.functional._outcome import check_outcome, output_shape
+from lightning_vitcompress.functional.prune_structure import (  # re-exported: callbacks and tests import them from here
+    HEADS_BUFFER,
+    prepare_saved,
+    prunable_widths,
+    read_pruned,
+    replay_prune,
+    widths_after,
+)
 from lightning_vitcompress.models import ModelAdapter, adapter_for
 from lightning_vitcompress.models.base import narrow_attention_pool, narrow_glu_mlp
 
 __all__ = ["PruneConfig", "prunable_widths", "prune_vit", "widths_after"]
 
 ImportanceName = Literal["l1", "l2", "taylor", "hessian", "random"]
-
-#: a pruned timm ``Attention`` keeps its head count in this buffer (a scalar int64): from the shapes
-#: alone 4 heads of 4 dims and 2 heads of 8 look the same, so a bare state dict needs it
-#: (:class:`~lightning_vitcompress.NystromAttention` keeps it in its extra state instead)
-HEADS_BUFFER = "vitcompress_num_heads"
-
 
 # ---------------------------------------------------------------------------- importance
 _IMPORTANCES: dict[str, Callable[[], tp.importance.Importance]] = {
@@ -109,7 +112,7 @@ class PruneConfig:
 
     pruning_ratio: float = 0.5
     target: Literal["channels", "params", "macs"] = "channels"
-    importance: Union[str, tp.importance.Importance] = "l2"
+    importance: Union[ImportanceName, tp.importance.Importance] = "l2"
     global_pruning: bool = False
     round_to: Optional[int] = None
     prune_embed_dim: bool = True
@@ -272,42 +275,6 @@ def _attention_output_layers(adapter: ModelAdapter) -> list[nn.Module]:
     ]
 
 
-@register_replay("prune")
-def _replay_prune(model: nn.Module, record: Record) -> None:
-    """Give ``model`` the shapes a pruning step left; the state dict fills in the weights."""
-    adapter = _adapter_or_none(model)  # before the edit: it remembers the widths to update
-    if adapter is not None:
-        adapter.prepare_pruning()
-    for name, change in record["modules"].items():
-        module = get_submodule(model, name)
-        for tensor_name, shape in change["tensors"].items():
-            if tensor_name in module._parameters:
-                old = module._parameters[tensor_name]
-                assert old is not None
-                module._parameters[tensor_name] = nn.Parameter(
-                    old.new_zeros(shape), requires_grad=old.requires_grad
-                )
-            elif tensor_name in module._buffers:
-                old_buffer = module._buffers[tensor_name]
-                assert old_buffer is not None
-                module._buffers[tensor_name] = old_buffer.new_zeros(shape)
-            elif tensor_name == HEADS_BUFFER:
-                module.register_buffer(HEADS_BUFFER, torch.zeros(shape, dtype=torch.int64))
-            else:
-                raise KeyError(f"Pruning record names {name}.{tensor_name}, which {type(module).__name__} lacks.")
-        for attr, value in change["attrs"].items():
-            setattr(module, attr, tuple(value) if isinstance(value, list) else value)
-    if adapter is not None:  # model-level widths (torchvision hidden_dim, transformers config)
-        adapter.fix_model_attributes()
-
-
-def _adapter_or_none(model: nn.Module) -> Optional[ModelAdapter]:
-    try:
-        return adapter_for(model)
-    except (TypeError, ValueError):  # a record of a model no adapter reads: the record's attributes are all
-        return None
-
-
 def _keep_head_counts(adapter: ModelAdapter, heads_before: dict[str, tuple[int, int]]) -> None:
     """Store the head count of every attention whose layout changed in :data:`HEADS_BUFFER`.
 
@@ -321,38 +288,6 @@ def _keep_head_counts(adapter: ModelAdapter, heads_before: dict[str, tuple[int, 
             continue
         if (layout.num_heads, layout.head_dim) != heads_before.get(layout.name) or HEADS_BUFFER in module._buffers:
             module.register_buffer(HEADS_BUFFER, torch.tensor(layout.num_heads, device=layout.out_proj.weight.device))
-
-
-def prunable_widths(model: nn.Module) -> dict[str, list[int]]:
-    """The widths pruning acts on: ``{"embed": [E], "<attention>": [heads, head_dim], "<MLP input>": [hidden]}``.
-
-    Attention widths are keyed by the name of the layer torch-pruning groups heads
-    by (timm ``qkv``, transformers ``q_proj``), or of the ``nn.MultiheadAttention``.
-    """
-    adapter = adapter_for(model)
-    names = {module: name for name, module in model.named_modules()}
-    widths: dict[str, list[int]] = {"embed": [adapter.embed_dim()]}
-    for layout in adapter.layouts():
-        key = layout.module if layout.kind == "in_proj" else layout.head_projections[0]
-        widths[names[key]] = [layout.num_heads, layout.head_dim]
-    for linear in adapter.mlp_input_layers():
-        widths[names[linear]] = [linear.out_features]
-    return widths
-
-
-def widths_after(original: dict[str, list[int]], ratio: float, prune_heads: bool) -> dict[str, list[int]]:
-    """The widths a one-shot uniform prune of ``original`` by ``ratio`` leaves (torch-pruning's rounding)."""
-    keep: dict[str, list[int]] = {}
-    for name, width in original.items():
-        if len(width) == 2:  # attention: [heads, head_dim]
-            heads, head_dim = width
-            if prune_heads:
-                keep[name] = [heads - math.ceil(ratio * heads), head_dim]
-            else:
-                keep[name] = [heads, int(head_dim * (1 - ratio))]
-        else:
-            keep[name] = [int(width[0] * (1 - ratio))]
-    return keep
 
 
 def _tie_embedding_to_heads(
@@ -417,7 +352,7 @@ def prune_vit(
     then only applies to layers ``keep`` does not name).
 
     Returns the shape changes (``{module name: {"tensors": ..., "attrs": ...}}``)
-    that :func:`_replay_prune` reapplies. Under DDP the channels chosen on rank 0
+    that :func:`~.prune_structure.replay_prune` reapplies. Under DDP the channels chosen on rank 0
     are used on every rank. On an error the model may be half pruned: work on a
     copy (``PruningSchedule`` restores the model from a snapshot instead).
 
@@ -534,3 +469,9 @@ def prune_vit(
         module.training = flag
     check_outcome(model, example_input, shape_before, "prune_vit", features=not adapter.classifier_heads())
     return shape_changes(before, shape_snapshot(model))
+
+
+# ---------------------------------------------------------------------------- registration
+# how a checkpoint rebuilds a pruned model: replay its record, or read the record from a bare state dict (_registry)
+register_replay("prune")(replay_prune)
+register_reader("prune", read_pruned, survey=prepare_saved, order=10)

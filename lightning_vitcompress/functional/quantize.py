@@ -37,8 +37,9 @@ from torch import nn
 from torchao.quantization.qat import FakeQuantizedLinear
 
 from lightning_vitcompress._model import set_submodule
+from lightning_vitcompress._registry import register_reader
 from lightning_vitcompress._structure import Record, register_replay
-from lightning_vitcompress.functional.measure import _model_device, eval_mode, serialized_size_bytes
+from lightning_vitcompress.functional.measure import eval_mode, model_device, serialized_size_bytes
 from lightning_vitcompress.functional.multihead_attention import (
     restore_multihead_attention,
     split_multihead_attention,
@@ -47,14 +48,15 @@ from lightning_vitcompress.functional.multihead_attention import (
 from lightning_vitcompress.functional.x86_int8 import (
     calibrate_input_ranges,
 )
-from lightning_vitcompress.functional.quantize_configs import _unprepared, resolve_quantization, spec_for_label
+from lightning_vitcompress.functional.quantize_configs import resolve_quantization, spec_for_label, unprepared
 from lightning_vitcompress.functional.quantize_layers import (
     SkipSpec,
-    _check_skip_matches,
-    _is_linear,
-    _is_quantized_layer,
+    check_skip_matches,
+    is_linear,
+    is_quantized_layer,
     check_skip,
 )
+from lightning_vitcompress.functional.quantize_structure import find_split_attentions, read_quantized
 
 __all__ = ['ModelInputs', 'quantize_model', 'remove_fake_quantization', 'split_attention_to_quantize']
 
@@ -62,11 +64,11 @@ __all__ = ['ModelInputs', 'quantize_model', 'remove_fake_quantization', 'split_a
 RECORD_KIND = "quantize"
 
 
-_MB = 1e6
+MB = 1e6
 
 
 #: how many examples of the captured input the post-quantization check runs
-_EXAMPLE_ROWS = 8
+EXAMPLE_ROWS = 8
 
 
 #: ``(min, max)`` of each named layer's inputs seen in calibration
@@ -133,6 +135,10 @@ def _replay_quantize(model: nn.Module, record: Record) -> None:
     keep_encoder_layers_unfused(model)
 
 
+# a state dict without records: its quantized layers, after pruning's and Nystrom's records (see _registry)
+register_reader(RECORD_KIND, read_quantized, survey=find_split_attentions, order=30)
+
+
 def keep_encoder_layers_unfused(model: nn.Module) -> None:
     """Turn off ``nn.TransformerEncoderLayer``'s fused inference path where its MLP is no float ``nn.Linear``.
 
@@ -173,11 +179,11 @@ def _as_inputs(inputs: Any) -> ModelInputs:
     return ModelInputs(inputs if isinstance(inputs, tuple) else (inputs,))
 
 
-def _run(model: nn.Module, inputs: Optional[ModelInputs]) -> Any:
+def run_model(model: nn.Module, inputs: Optional[ModelInputs]) -> Any:
     """``model`` on ``inputs`` (moved to its device), in eval mode; None without inputs."""
     if inputs is None:
         return None
-    device = _model_device(model)
+    device = model_device(model)
     with eval_mode(model):
         return model(*_to_device(inputs.args, device), **_to_device(dict(inputs.kwargs), device))
 
@@ -273,7 +279,7 @@ def _quantize_split_model(
     reduce_ranges: Optional[Callable[[Ranges], Ranges]],
     progress: Optional[Callable[[], None]] = None,
 ) -> dict[str, Any]:
-    _check_skip_matches(model, skip)
+    check_skip_matches(model, skip)
     selected, skipped = spec.select_layers(model, skip)
     if not selected:
         raise ValueError(f"skip={skip!r} leaves no nn.Linear layer to quantize; skipped: {skipped}")
@@ -281,7 +287,7 @@ def _quantize_split_model(
     size_before = serialized_size_bytes(model)
     with torch.no_grad():
         try:
-            reference = _run(model, example)
+            reference = run_model(model, example)
         except Exception as err:  # noqa: BLE001 - nothing was changed yet
             raise ValueError(
                 f"example_input: the model cannot run it before quantizing ({type(err).__name__}: {err}); "
@@ -289,7 +295,7 @@ def _quantize_split_model(
             ) from err
         copies = nn.ModuleList([spec.prepared_copy(layer) for layer in originals.values()])
         if spec.calibrates:
-            device = _model_device(model)
+            device = model_device(model)
             with eval_mode(model):
                 ranges = calibrate_input_ranges(
                     model,
@@ -305,13 +311,13 @@ def _quantize_split_model(
             for index, name in enumerate(selected):
                 if name in ranges:  # a layer the calibration inputs never reached stays full precision
                     holder = nn.ModuleList([copies[index]])
-                    torchao.quantization.quantize_(holder, spec.ptq_config(ranges[name]), filter_fn=_is_linear)
+                    torchao.quantization.quantize_(holder, spec.ptq_config(ranges[name]), filter_fn=is_linear)
                     copies[index] = holder[0]
         else:
-            torchao.quantization.quantize_(copies, spec.ptq_config(), filter_fn=_is_linear)
+            torchao.quantization.quantize_(copies, spec.ptq_config(), filter_fn=is_linear)
     quantized: list[str] = []
     for name, layer in zip(selected, copies):
-        if _is_quantized_layer(layer, spec):
+        if is_quantized_layer(layer, spec):
             quantized.append(name)
         elif spec.calibrates:
             skipped[name] = "not run by the calibration inputs, so no input range (kept full precision)"
@@ -321,11 +327,11 @@ def _quantize_split_model(
         raise RuntimeError(f"torchao quantized none of the {len(selected)} selected layers; skipped: {skipped}")
     for name, layer in zip(selected, copies):
         # quantized copies in; layers torchao left alone lose any QAT fake quantization
-        set_submodule(model, name, layer if name in quantized else _unprepared(originals[name]))
+        set_submodule(model, name, layer if name in quantized else unprepared(originals[name]))
     keep_encoder_layers_unfused(model)
     try:
         with torch.no_grad():
-            output = _run(model, example)
+            output = run_model(model, example)
     except Exception:
         for name, layer in originals.items():  # put the full-precision layers back
             set_submodule(model, name, layer)

@@ -35,6 +35,7 @@ from torchao.quantization.qat import FakeQuantizedLinear, IntxFakeQuantizeConfig
 from torchao.utils import TorchAOBaseTensor
 
 from lightning_vitcompress._model import set_submodule
+from lightning_vitcompress.functional._torch_internals import inductor_mode_options
 from lightning_vitcompress.functional.x86_int8 import (
     Int8DynamicX86Config,
     Int8StaticX86Config,
@@ -44,7 +45,7 @@ from lightning_vitcompress.functional.x86_int8 import (
     cpu_supports_bfloat16,
     cpu_supports_int8_dot_product,
 )
-from lightning_vitcompress.functional.quantize_layers import SkipSpec, _is_linear, select_layers
+from lightning_vitcompress.functional.quantize_layers import SkipSpec, is_linear, select_layers
 
 __all__ = ['INFERENCE_PRECISIONS', 'QUANTIZATION_CONFIGS', 'DefaultChoice', 'QuantizationSpec', 'check_compile', 'check_config',
            'default_quantization', 'resolve_quantization', 'spec_for_label']
@@ -130,14 +131,14 @@ class QuantizationSpec:
         """
         selected, _ = self.select_layers(model, skip)
         holder = nn.ModuleList([model.get_submodule(name) for name in selected])
-        torchao.quantization.quantize_(holder, self.qat_config(), filter_fn=_is_linear)
+        torchao.quantization.quantize_(holder, self.qat_config(), filter_fn=is_linear)
         for name, layer in zip(selected, holder):
             set_submodule(model, name, layer)
         return selected
 
     def prepared_copy(self, layer: nn.Module) -> nn.Module:
         """A copy of ``layer`` ready for ``quantize_``: fake quantization removed, bf16 where the kernel needs it."""
-        layer = _unprepared(copy.deepcopy(layer))
+        layer = unprepared(copy.deepcopy(layer))
         return layer.to(torch.bfloat16) if self.bfloat16_weights else layer
 
     # ------------------------------------------------------------- checks
@@ -197,12 +198,12 @@ class QuantizationSpec:
             if qat:
                 step = "QAT prepare"
                 holder = nn.ModuleList([copy.deepcopy(layer)])
-                torchao.quantization.quantize_(holder, self.qat_config(), filter_fn=_is_linear)
+                torchao.quantization.quantize_(holder, self.qat_config(), filter_fn=is_linear)
                 holder[0](x).sum().backward()
                 step = "quantize"
             holder = nn.ModuleList([self.prepared_copy(layer)])
             config = self.ptq_config((-4.0, 4.0) if self.calibrates else None)
-            torchao.quantization.quantize_(holder, config, filter_fn=_is_linear)
+            torchao.quantization.quantize_(holder, config, filter_fn=is_linear)
             with torch.no_grad():
                 holder[0](x.to(torch.bfloat16) if self.bfloat16_weights else x)
         except Exception as err:  # noqa: BLE001 - any failure is reported with its cause
@@ -485,11 +486,9 @@ def check_compile(compile: Any) -> None:
         raise TypeError(f"compile={compile!r}: {DECOMPOSE_ATTENTION} must be True or False.")
     mode = compile.get("mode")
     if mode is not None:
-        import torch._inductor
-
-        modes = list(torch._inductor.list_mode_options())
+        modes = inductor_mode_options()
         if mode not in modes:
             raise ValueError(f"compile={compile!r}: mode={mode!r} is not a torch.compile mode; use one of {modes}.")
 
-def _unprepared(layer: nn.Module) -> nn.Module:
+def unprepared(layer: nn.Module) -> nn.Module:
     return layer.to_linear() if isinstance(layer, FakeQuantizedLinear) else layer

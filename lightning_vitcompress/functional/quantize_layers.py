@@ -12,10 +12,6 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import torch
-
-# imported with the package on purpose: torchao registers its quantized tensor classes with
-# torch.serialization.add_safe_globals on import, which is what lets load_compressed /
-# torch.load(weights_only=True) read a quantized checkpoint in a fresh process
 from torch import nn
 
 if TYPE_CHECKING:
@@ -53,7 +49,7 @@ def _is_quantized_weight(weight: Any) -> bool:
     return type(data) is not torch.Tensor
 
 
-def _is_quantized_layer(layer: nn.Module, spec: QuantizationSpec) -> bool:
+def is_quantized_layer(layer: nn.Module, spec: QuantizationSpec) -> bool:
     """A layer ``quantize_`` changed: swapped for the spec's module, or given a quantized weight."""
     if spec.module_class is not None and isinstance(layer, spec.module_class):
         return True
@@ -61,7 +57,7 @@ def _is_quantized_layer(layer: nn.Module, spec: QuantizationSpec) -> bool:
     return weight is not None and _is_quantized_weight(weight)
 
 
-def _check_skip_matches(model: nn.Module, skip: SkipSpec) -> None:
+def check_skip_matches(model: nn.Module, skip: SkipSpec) -> None:
     """Each ``skip`` pattern names at least one ``nn.Linear`` of ``model``: a typo must not quantize a layer."""
     if skip is None or callable(skip):
         return
@@ -75,7 +71,7 @@ def _check_skip_matches(model: nn.Module, skip: SkipSpec) -> None:
             )
 
 
-def _skip_matcher(skip: SkipSpec) -> Callable[[str, nn.Module], bool]:
+def skip_matcher(skip: SkipSpec) -> Callable[[str, nn.Module], bool]:
     if skip is None:
         return lambda name, module: False
     if callable(skip):
@@ -98,7 +94,7 @@ def select_layers(
     :func:`~lightning_vitcompress.functional.quantize_model` first turns self-attention
     MHA into linear projections, so only cross-attention ones are left to skip.
     """
-    matches_skip = _skip_matcher(skip)
+    matches_skip = skip_matcher(skip)
     selected: list[str] = []
     skipped: dict[str, str] = {}
     for name, module in model.named_modules():
@@ -119,5 +115,5 @@ def select_layers(
     return selected, skipped
 
 
-def _is_linear(module: nn.Module, *args: Any) -> bool:
+def is_linear(module: nn.Module, *args: Any) -> bool:
     return isinstance(module, nn.Linear)

@@ -8,8 +8,14 @@ measures how much the model's output moves on real inputs.
 
 Example::
 
-    ranking = layer_sensitivity(vit, "int8_dynamic", selected, [images])
-    most_sensitive_first = sorted(ranking, key=ranking.get, reverse=True)
+    >>> import timm, torch
+    >>> from lightning_vitcompress.functional.quantize_sensitivity import layer_sensitivity
+    >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2).eval()
+    >>> selected = ["blocks.0.attn.qkv", "blocks.1.mlp.fc2"]
+    >>> ranking = layer_sensitivity(vit, "int8_dynamic", selected, [torch.randn(4, 3, 32, 32)])
+    >>> most_sensitive_first = sorted(ranking, key=ranking.get, reverse=True)
+    >>> sorted(most_sensitive_first) == sorted(selected), all(change >= 0 for change in ranking.values())
+    (True, True)
 """
 
 from __future__ import annotations
@@ -22,9 +28,9 @@ import torchao.quantization
 from torch import nn
 
 from lightning_vitcompress._model import set_submodule
-from lightning_vitcompress.functional.measure import _model_device, eval_mode
+from lightning_vitcompress.functional.measure import eval_mode, model_device
 from lightning_vitcompress.functional.quantize_configs import resolve_quantization
-from lightning_vitcompress.functional.quantize_layers import SkipSpec, _is_linear, _skip_matcher
+from lightning_vitcompress.functional.quantize_layers import SkipSpec, is_linear, skip_matcher
 from lightning_vitcompress.functional.x86_int8 import calibrate_input_ranges
 from lightning_vitcompress.models.base import logits_of
 
@@ -40,7 +46,7 @@ def layer_sensitivity(
     Calibrated configs (``"int8_static_x86"``) take each layer's range from ``inputs``.
     """
     spec = resolve_quantization(config)
-    device = _model_device(model)
+    device = model_device(model)
     batches = [x.to(device) for x in inputs]
     result: dict[str, float] = {}
     with eval_mode(model), torch.no_grad():
@@ -54,7 +60,7 @@ def layer_sensitivity(
                 result[name] = 0.0  # no input reached it
                 continue
             holder = nn.ModuleList([spec.prepared_copy(original)])
-            torchao.quantization.quantize_(holder, spec.ptq_config(ranges.get(name)), filter_fn=_is_linear)
+            torchao.quantization.quantize_(holder, spec.ptq_config(ranges.get(name)), filter_fn=is_linear)
             set_submodule(model, name, holder[0])
             try:
                 change = sum(
@@ -69,5 +75,5 @@ def layer_sensitivity(
 
 def skip_also(skip: SkipSpec, names: Sequence[str]) -> Callable[[str, nn.Module], bool]:
     """``skip`` widened by the layers ``names`` (kept in full precision too), as one ``fn(name, module)``."""
-    matches, extra = _skip_matcher(skip), frozenset(names)
+    matches, extra = skip_matcher(skip), frozenset(names)
     return lambda name, module: name in extra or matches(name, module)

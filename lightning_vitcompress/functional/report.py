@@ -152,8 +152,16 @@ def compare_models(
 
     Example::
 
-        report = compare_models({"fp32": vit, "int8": vit_int8}, torch.randn(8, 3, 224, 224), devices=["cpu"])
-        report["int8"]["cpu_images_per_s"] / report["fp32"]["cpu_images_per_s"]
+        >>> import copy, timm, torch
+        >>> from lightning_vitcompress.functional import compare_models, quantize_model
+        >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2).eval()
+        >>> vit_int8 = copy.deepcopy(vit)
+        >>> summary = quantize_model(vit_int8, "int8_dynamic")  # in place
+        >>> report = compare_models({"fp32": vit, "int8": vit_int8}, torch.randn(8, 3, 32, 32), devices=["cpu"],
+        ...                         rounds=1, min_run_time=0.05, latency_repeats=2)
+        >>> speedup = report["int8"]["cpu_images_per_s"] / report["fp32"]["cpu_images_per_s"]
+        >>> report["int8"]["size_mb"] < report["fp32"]["size_mb"]
+        True
     """
     check_positive(example_input.shape[0], "batch_size", "32")
     devices = _check_devices(devices)
@@ -164,7 +172,7 @@ def compare_models(
         for name, model in models.items():
             # an exported file (LoadedArtifact) holds no parameters: its size is the file's, params and MACs n/a
             artifact = isinstance(model, LoadedArtifact)
-            size = model.size_bytes if artifact else serialized_size_bytes(model)
+            size = model.size_bytes if isinstance(model, LoadedArtifact) else serialized_size_bytes(model)
             results[name].update(
                 params=None if artifact else count_parameters(model),
                 size_mb=size / _MB,
@@ -218,8 +226,13 @@ def benchmark_model(model: nn.Module, example_input: torch.Tensor, **kwargs: Any
 
     Example::
 
-        stats = benchmark_model(vit, torch.randn(32, 3, 224, 224), devices=["cpu"])
-        stats["cpu_images_per_s"], stats["size_mb"]
+        >>> import timm, torch
+        >>> from lightning_vitcompress.functional import benchmark_model
+        >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2).eval()
+        >>> stats = benchmark_model(vit, torch.randn(8, 3, 32, 32), devices=["cpu"], rounds=1, min_run_time=0.05,
+        ...                         latency_repeats=2)
+        >>> stats["cpu_images_per_s"] > 0, stats["params"] == sum(p.numel() for p in vit.parameters())
+        (True, True)
     """
     report = compare_models({"model": model}, example_input, **kwargs)
     return {**report["model"], **report["conditions"]}

@@ -21,16 +21,21 @@ freezing, in inference mode; ``autocast_dtype=torch.bfloat16`` also runs what
 is not quantized (attention, norms, GELU) in bf16, PyTorch's "int8-mixed-bf16"
 recipe for CPUs with AVX512-BF16/AMX.
 
-Example::
+Example (any model with linear layers; a ViT the same way)::
 
-    from torchao.quantization import quantize_
-    from lightning_vitcompress import Int8DynamicX86Config
-    from lightning_vitcompress.functional.x86_int8 import compile_frozen
-
-    quantize_(vit, Int8DynamicX86Config())
-    compile_frozen(vit)  # or compile_frozen(vit, autocast_dtype=torch.bfloat16)
-    with torch.inference_mode():
-        logits = vit(images)
+    >>> import torch
+    >>> from torchao.quantization import quantize_
+    >>> from lightning_vitcompress import Int8DynamicX86Config
+    >>> from lightning_vitcompress.functional.x86_int8 import compile_frozen
+    >>> mlp = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 10)).eval()
+    >>> quantize_(mlp, Int8DynamicX86Config())
+    >>> type(mlp[0]).__name__
+    'X86Int8DynamicLinear'
+    >>> compile_frozen(mlp)  # or compile_frozen(mlp, autocast_dtype=torch.bfloat16)
+    >>> with torch.inference_mode():
+    ...     logits = mlp(torch.randn(4, 64))
+    >>> logits.shape
+    torch.Size([4, 10])
 """
 
 from __future__ import annotations
@@ -44,10 +49,18 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._pytree import tree_map
 from torchao.core.config import AOBaseConfig
 from torchao.quantization.transform_module import register_quantize_module_handler
 
+from lightning_vitcompress.functional._torch_internals import (
+    cpu_has_amx_or_vnni,
+    eager_call,
+    inductor_config,
+    mkldnn_bf16_supported,
+    register_quantized_decomposed_ops,
+    set_compiled_call,
+    tree_map,
+)
 from lightning_vitcompress.functional.sdpa import DecomposedAttention
 
 #: smallest scale, as in torchao's X86InductorQuantizer default config
@@ -62,7 +75,7 @@ def _register_x86_lowering() -> None:
     patterns that turn the quantize/dequantize graph into oneDNN int8 GEMMs;
     without the import inductor compiles the reference ops.
     """
-    import torch.ao.quantization.fx._decomposed  # noqa: F401 - defines the quantized_decomposed ops
+    register_quantized_decomposed_ops()
     import torchao.quantization.pt2e.inductor_passes.x86  # noqa: F401
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
 
@@ -81,8 +94,19 @@ class X86Int8DynamicLinear(nn.Module):
 
     Example::
 
-        layer = X86Int8DynamicLinear.from_linear(nn.Linear(384, 1536))
+        >>> import torch
+        >>> linear = torch.nn.Linear(384, 1536)
+        >>> layer = X86Int8DynamicLinear.from_linear(linear)
+        >>> layer.weight.dtype, layer.weight_scale.shape
+        (torch.int8, torch.Size([1536]))
+        >>> x = torch.randn(2, 384)
+        >>> bool((layer(x) - linear(x)).abs().max() < 0.05)  # int8 weights and activations, close to fp32
+        True
     """
+
+    weight_scale: torch.Tensor
+    weight_zero_point: torch.Tensor
+    bias: Optional[nn.Parameter]
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__()
@@ -106,7 +130,7 @@ class X86Int8DynamicLinear(nn.Module):
             weight, scale, layer.weight_zero_point, 0, -128, 127, torch.int8
         )
         layer.weight_scale.copy_(scale)
-        if linear.bias is not None:
+        if linear.bias is not None and layer.bias is not None:
             layer.bias.data = linear.bias.detach().float().clone()
         return layer
 
@@ -152,7 +176,10 @@ class X86Int8StaticLinear(X86Int8DynamicLinear):
 
     Example::
 
-        layer = X86Int8StaticLinear.from_linear(nn.Linear(384, 1536), input_range=(-3.2, 4.1))
+        >>> import torch
+        >>> layer = X86Int8StaticLinear.from_linear(torch.nn.Linear(384, 1536), input_range=(-3.2, 4.1))
+        >>> layer(torch.randn(2, 384)).shape
+        torch.Size([2, 1536])
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
@@ -161,7 +188,7 @@ class X86Int8StaticLinear(X86Int8DynamicLinear):
         self.input_zero_point = 0
 
     @classmethod
-    def from_linear(  # type: ignore[override]
+    def from_linear(
         cls, linear: nn.Linear, input_range: Optional[tuple[float, float]] = None
     ) -> "X86Int8StaticLinear":
         """Quantize ``linear``'s weight; ``input_range`` (min, max) is what its inputs were seen to span."""
@@ -234,7 +261,13 @@ def calibrate_input_ranges(
 
     Example::
 
-        ranges = calibrate_input_ranges(vit, ["blocks.0.attn.qkv"], [((images,), {})])
+        >>> import timm, torch
+        >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2).eval()
+        >>> images = torch.randn(4, 3, 32, 32)
+        >>> ranges = calibrate_input_ranges(vit, ["blocks.0.attn.qkv"], [((images,), {})])
+        >>> low, high = ranges["blocks.0.attn.qkv"]
+        >>> low < 0 < high
+        True
     """
     ranges: dict[str, tuple[float, float]] = {}
 
@@ -307,16 +340,14 @@ def compile_frozen(
     as bf16 matmuls, see :func:`run_in_precision`; ``decompose_attention=False`` keeps the fused attention
     kernel) and casts floating outputs back to float32. ``QuantizeOnFit(compile={...})`` passes both here.
     """
-    import torch._inductor.config as inductor_config
-
     _register_x86_lowering()
-    compiled: Callable[..., Any] = torch.compile(model._call_impl, **compile_kwargs)
+    compiled: Callable[..., Any] = torch.compile(eager_call(model), **compile_kwargs)
 
     def call_with_freezing(*args: Any, **kwargs: Any) -> Any:
-        with inductor_config.patch(FROZEN_INDUCTOR_OPTIONS):
+        with inductor_config().patch(FROZEN_INDUCTOR_OPTIONS):
             return run_in_precision(compiled, autocast_dtype, *args, decompose_attention=decompose_attention, **kwargs)
 
-    model._compiled_call_impl = call_with_freezing  # what nn.Module.compile sets
+    set_compiled_call(model, call_with_freezing)  # what nn.Module.compile sets
 
 
 def _to_float32(value: Any) -> Any:
@@ -327,7 +358,7 @@ def _to_float32(value: Any) -> Any:
 
 def cpu_supports_bfloat16() -> bool:
     """Whether this CPU has native bf16 math (AVX512-BF16 or AMX), which makes "bf16-mixed" inference fast."""
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return bool(torch.backends.mkldnn.is_available() and mkldnn_bf16_supported())
 
 
 def cpu_supports_int8_dot_product() -> bool:
@@ -337,6 +368,5 @@ def cpu_supports_int8_dot_product() -> bool:
 
     if platform.machine().lower() not in ("x86_64", "amd64", "x86", "i686"):
         return False
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_vnni_supported", "_is_amx_tile_supported")]
-    return any(check() for check in checks if check is not None)
+    return cpu_has_amx_or_vnni()
 

@@ -2,9 +2,11 @@
 
 Example::
 
-    from lightning_vitcompress.models import adapter_for
-    adapter = adapter_for(timm.create_model("vit_tiny_patch16_224", pretrained=False))
-    [layout.num_heads for layout in adapter.layouts()]  # [3] * 12
+    >>> import timm
+    >>> from lightning_vitcompress.models import adapter_for
+    >>> adapter = adapter_for(timm.create_model("vit_tiny_patch16_224", pretrained=False))
+    >>> adapter.family, [layout.num_heads for layout in adapter.layouts()] == [3] * 12
+    ('timm', True)
 
 Adding a family: write ``models/<family>.py`` with a :class:`ModelAdapter`
 subclass and add it to :data:`ADAPTERS` (more specific families first).
@@ -21,6 +23,7 @@ from lightning_vitcompress.models.base import (
     ModelAdapter,
     PrefixTokens,
     logits_of,
+    supported_families,
 )
 from lightning_vitcompress.models.beit import BeitAdapter
 from lightning_vitcompress.models.cait import CaitAdapter
@@ -62,16 +65,6 @@ ADAPTERS: list[type[ModelAdapter]] = [
     TransformersAdapter,
     HandWrittenAdapter,  # any other model with attention the adapters read: keep last
 ]
-
-
-def supported_families() -> str:
-    """The supported families, for messages."""
-    return (
-        "timm VisionTransformer/VisionTransformerDistilled (SigLIP's attention-pool head too), timm Eva "
-        "(EVA, EVA-02, RoPE ViTs), timm Beit, timm Cait, timm SwinTransformer, torchvision VisionTransformer, "
-        "transformers ViTForImageClassification/DeiTForImageClassification(WithTeacher), "
-        "hand-written ViTs built on nn.MultiheadAttention or timm-style attention"
-    )
 
 
 def _looks_like_attention(module: nn.Module) -> bool:

@@ -25,12 +25,11 @@ Example::
     adapter.fix_attributes(pruner.num_heads)
     logits = adapter.logits(model(adapter.example_input()))
 
-Attention modules come in three structures, read here once for every family:
-a fused ``qkv`` Linear (timm ``Attention`` and modules marked
-``is_vitcompress_attention`` such as our ``NystromAttention``), the fused
-``in_proj_weight`` of ``nn.MultiheadAttention``, and separate q/k/v Linears
-(Hugging Face transformers: ``q_proj``/``k_proj``/``v_proj`` since 5.0,
-``query``/``key``/``value`` before).
+The adapter's parts live beside it: reading an attention module
+(:mod:`~lightning_vitcompress.models.layout`), the prefix tokens, heads and
+logits (:mod:`~lightning_vitcompress.models.heads`), and narrowing the layers
+torch-pruning cannot (:mod:`~lightning_vitcompress.models.narrow`). Their
+names are re-exported here.
 """
 
 from __future__ import annotations
@@ -43,93 +42,43 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Union
 
 import torch
-from timm.layers.attention import Attention as TimmAttention
 from torch import nn
 
-#: same marker as ``lightning_vitcompress._model.ATTENTION_MARKER`` (our NystromAttention sets it)
-ATTENTION_MARKER = "is_vitcompress_attention"
-
-#: (query, key, value) attribute names of separate projections, newest transformers naming first
-SEPARATE_QKV_NAMES: tuple[tuple[str, str, str], ...] = (
-    ("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q", "k", "v"),  # the last: timm CaiT's ClassAttn
+from lightning_vitcompress.models.heads import (
+    EmbeddingParameter,
+    PrefixTokens,
+    embedding_parameter,
+    logits_of,
+    named_heads,
 )
+from lightning_vitcompress.models.layout import (
+    ATTENTION_MARKER,
+    SEPARATE_QKV_NAMES,
+    AttentionLayout,
+    _int_attr,
+    is_attention_module,
+    read_layout,
+)
+from lightning_vitcompress.models.narrow import is_attention_pool, narrow_attention_pool, narrow_glu_mlp
 
-
-@dataclass(frozen=True)
-class AttentionLayout:
-    """Widths and projection layers of one attention block, read from its weights.
-
-    Exactly one of ``qkv`` (fused Linear), ``in_proj_weight`` (``nn.MultiheadAttention``)
-    or ``query``/``key``/``value`` (separate Linears) is set.
-
-    Example::
-
-        >>> layout = adapter_for(vit).layouts()[0]
-        >>> (layout.embed_dim, layout.num_heads, layout.head_dim)
-        (192, 3, 64)
-    """
-
-    name: str
-    module: nn.Module = field(repr=False)
-    embed_dim: int
-    num_heads: int
-    head_dim: int
-    out_proj: nn.Linear = field(repr=False)
-    qkv: Optional[nn.Linear] = field(default=None, repr=False)
-    in_proj_weight: Optional[nn.Parameter] = field(default=None, repr=False)
-    in_proj_bias: Optional[nn.Parameter] = field(default=None, repr=False)
-    query: Optional[nn.Linear] = field(default=None, repr=False)
-    key: Optional[nn.Linear] = field(default=None, repr=False)
-    value: Optional[nn.Linear] = field(default=None, repr=False)
-    #: the softmax scale the module stores and applies on every path; None: it applies 1/sqrt(head_dim)
-    scale: Optional[float] = None
-
-    @property
-    def kind(self) -> str:
-        """``"qkv"``, ``"in_proj"`` or ``"separate"``."""
-        if self.qkv is not None:
-            return "qkv"
-        return "in_proj" if self.in_proj_weight is not None else "separate"
-
-    @property
-    def attn_dim(self) -> int:
-        """Width of q (= k = v): ``num_heads * head_dim``."""
-        return self.num_heads * self.head_dim
-
-    @property
-    def effective_scale(self) -> float:
-        """The softmax scale the module computes with."""
-        return self.scale if self.scale is not None else self.head_dim**-0.5
-
-    @property
-    def head_projections(self) -> list[nn.Module]:
-        """Layers whose output channels are grouped by head (torch-pruning's ``num_heads`` keys)."""
-        if self.qkv is not None:
-            return [self.qkv]
-        if self.query is not None:
-            return [self.query, self.key, self.value]  # type: ignore[list-item]
-        return []  # nn.MultiheadAttention: torch-pruning prunes it as one unit (see HandWrittenAdapter)
-
-
-@dataclass(frozen=True)
-class EmbeddingParameter:
-    """A bare parameter with one dimension along the embedding (class/dist/register token, position embedding)."""
-
-    name: str
-    parameter: nn.Parameter
-    dim: int
-
-
-@dataclass(frozen=True)
-class PrefixTokens:
-    """The tokens in front of the patch tokens and the parameters holding them.
-
-    ``count`` is 1 for a ViT, 2 for distilled DeiT, ``1 + R`` with ``R`` registers.
-    ``parameters`` also lists position embeddings (they share the embedding dim).
-    """
-
-    count: int
-    parameters: tuple[EmbeddingParameter, ...]
+__all__ = [  # the adapter interface, and its parts' names (re-exported: adapters and techniques import them here)
+    "ATTENTION_MARKER",
+    "SEPARATE_QKV_NAMES",
+    "AttentionLayout",
+    "Capabilities",
+    "EmbeddingParameter",
+    "ModelAdapter",
+    "PrefixTokens",
+    "embedding_parameter",
+    "is_attention_module",
+    "is_attention_pool",
+    "logits_of",
+    "named_heads",
+    "narrow_attention_pool",
+    "narrow_glu_mlp",
+    "read_layout",
+    "supported_families",
+]
 
 
 @dataclass(frozen=True)
@@ -157,207 +106,14 @@ class Capabilities:
             )
 
 
-def _is_fused_qkv(module: nn.Module) -> bool:
-    return isinstance(getattr(module, "qkv", None), nn.Linear) and isinstance(getattr(module, "proj", None), nn.Linear)
-
-
-def _separate_qkv(module: nn.Module) -> Optional[tuple[nn.Linear, nn.Linear, nn.Linear]]:
-    for names in SEPARATE_QKV_NAMES:
-        layers = [getattr(module, n, None) for n in names]
-        if all(isinstance(layer, nn.Linear) for layer in layers):
-            return layers[0], layers[1], layers[2]  # type: ignore[return-value]
-    return None
-
-
-def _int_attr(module: nn.Module, *names: str) -> Optional[int]:
-    for name in names:
-        value = getattr(module, name, None)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None
-
-
-def is_attention_module(module: nn.Module) -> bool:
-    """True for a self-attention module the adapters read without knowing its family.
-
-    ``nn.MultiheadAttention``, timm's ``Attention`` (also inside a ViT of one's
-    own), a module marked ``is_vitcompress_attention`` (our ``NystromAttention``),
-    and transformers' q/k/v attention with an ``o_proj`` and a head count. Other
-    modules with the same weight names may compute something else (Swin's window
-    attention adds a relative-position bias per head) and are not taken.
-    """
-    if isinstance(module, (nn.MultiheadAttention, TimmAttention)) or getattr(type(module), ATTENTION_MARKER, False):
-        return True
+def supported_families() -> str:
+    """The supported families, for messages."""
     return (
-        type(module).__module__.startswith("transformers.")
-        and _separate_qkv(module) is not None
-        and isinstance(getattr(module, "o_proj", None), nn.Linear)
-        and _int_attr(module, "num_attention_heads", "num_heads") is not None
+        "timm VisionTransformer/VisionTransformerDistilled (SigLIP's attention-pool head too), timm Eva "
+        "(EVA, EVA-02, RoPE ViTs), timm Beit, timm Cait, timm SwinTransformer, torchvision VisionTransformer, "
+        "transformers ViTForImageClassification/DeiTForImageClassification(WithTeacher), "
+        "hand-written ViTs built on nn.MultiheadAttention or timm-style attention"
     )
-
-
-def read_layout(name: str, module: nn.Module, out_proj: Optional[nn.Linear] = None) -> AttentionLayout:
-    """The :class:`AttentionLayout` of ``module``; widths come from the weights, the head count from the module.
-
-    ``out_proj`` is needed only where the output projection lives outside the
-    module (transformers < 5: ``ViTSelfOutput.dense``).
-
-    Raises:
-        TypeError: ``module`` has none of the three supported structures (says why, without naming it).
-    """
-    if isinstance(module, nn.MultiheadAttention):
-        heads = module.num_heads
-        if module.in_proj_weight is None:
-            raise TypeError("its kdim/vdim differ from embed_dim (cross-attention); only self-attention is supported")
-        attn_dim = module.in_proj_weight.shape[0] // 3
-        return AttentionLayout(
-            name, module, module.in_proj_weight.shape[1], heads, attn_dim // heads, module.out_proj,
-            in_proj_weight=module.in_proj_weight, in_proj_bias=module.in_proj_bias,
-        )
-    if _is_fused_qkv(module):
-        heads = _int_attr(module, "num_heads")
-        if heads is None:
-            raise TypeError(
-                "it has a fused qkv Linear but no int num_heads attribute (the head count); set "
-                "self.num_heads = <heads> in its __init__, as timm's Attention does"
-            )
-        attn_dim = module.qkv.out_features // 3
-        scale = getattr(module, "scale", None)
-        return AttentionLayout(
-            name, module, module.qkv.in_features, heads, attn_dim // heads, module.proj, qkv=module.qkv,
-            scale=float(scale) if isinstance(scale, (int, float)) else None,
-        )
-    separate = _separate_qkv(module)
-    out = out_proj if out_proj is not None else getattr(module, "o_proj", getattr(module, "proj", None))
-    if separate is not None and isinstance(out, nn.Linear):
-        query, key, value = separate
-        heads = _int_attr(module, "num_attention_heads", "num_heads")
-        if heads is None:
-            raise TypeError("it has q/k/v Linears but no num_attention_heads/num_heads attribute")
-        scaling = getattr(module, "scaling", None)
-        return AttentionLayout(
-            name, module, query.in_features, heads, query.out_features // heads, out,
-            query=query, key=key, value=value, scale=float(scaling) if isinstance(scaling, (int, float)) else None,
-        )
-    raise TypeError("it has neither a fused qkv Linear, an in_proj_weight, nor q/k/v Linears with an output projection")
-
-
-def is_attention_pool(module: nn.Module) -> bool:
-    """A latent-query attention pool (timm ``AttentionPoolLatent``): ``latent``, ``q``, fused ``kv``, ``proj``."""
-    return (
-        isinstance(getattr(module, "latent", None), nn.Parameter)
-        and isinstance(getattr(module, "kv", None), nn.Linear)
-        and isinstance(getattr(module, "proj", None), nn.Linear)
-        and _int_attr(module, "num_heads") is not None
-    )
-
-
-def narrow_attention_pool(name: str, pool: nn.Module, width: int) -> None:
-    """Keep ``width // num_heads`` dims of each head of ``pool``'s q/k/v, by the L2 norm of their weights.
-
-    The pool's attention output is reshaped to its input width, so after the embedding is pruned
-    to ``width`` its inner width must follow. Its output width (the classifier's input) stays.
-    The trained softmax scale is folded into the query rows. Nothing happens when the widths agree.
-
-    Raises:
-        TypeError: a pool this cannot narrow (no query projection, or a per-head-dim q/k norm).
-        ValueError: ``width`` is not a multiple of the pool's head count (names ``round_to``).
-    """
-    heads, inner = int(pool.num_heads), pool.kv.out_features // 2
-    if inner == width:
-        return
-    if not isinstance(pool.q, nn.Linear) or not isinstance(getattr(pool, "q_norm", nn.Identity()), nn.Identity):
-        raise TypeError(
-            f"The attention pool {type(pool).__name__} at {name!r} has no query projection or normalises q/k per "
-            "head dim, so its width cannot follow the pruned embedding: pass prune_embed_dim=False."
-        )
-    if width % heads:
-        raise ValueError(
-            f"The pruned embedding width {width} is not a multiple of the {heads} heads of the attention pool "
-            f"{type(pool).__name__} at {name!r}: pass round_to={heads}."
-        )
-    head_dim, keep = inner // heads, width // heads
-    with torch.no_grad():
-        q = pool.q.weight.view(heads, head_dim, -1)
-        k, v = pool.kv.weight.view(2, heads, head_dim, -1)
-        out = pool.proj.weight.view(-1, heads, head_dim).transpose(0, 1)
-        score = sum(t.pow(2).sum(-1) for t in (q, k, v, out.transpose(1, 2)))  # (heads, head_dim)
-        kept = score.topk(keep, dim=1).indices.sort(dim=1).values
-        rows = (kept + torch.arange(heads, device=kept.device)[:, None] * head_dim).flatten()
-        trained = float(getattr(pool, "scale", head_dim**-0.5))
-        factor = trained / keep**-0.5
-        _narrow_linear(pool.q, rows=rows, factor=factor)
-        _narrow_linear(pool.kv, rows=torch.cat([rows, rows + inner]))
-        _narrow_linear(pool.proj, columns=rows)
-    pool.head_dim, pool.scale = keep, keep**-0.5
-
-
-def narrow_glu_mlp(mlp: nn.Module, keep: int) -> None:
-    """Keep the ``keep`` hidden channels of a gated MLP (``fc1`` = value and gate halves) with the largest
-    L2 norm over both halves of ``fc1`` and ``fc2``'s columns; its hidden norm, if any, follows."""
-    hidden = mlp.fc2.in_features
-    if keep >= hidden:
-        return
-    with torch.no_grad():
-        halves = mlp.fc1.weight.view(2, hidden, -1)
-        score = halves.pow(2).sum((0, 2)) + mlp.fc2.weight.pow(2).sum(0)
-        kept = score.topk(keep).indices.sort().values
-        _narrow_linear(mlp.fc1, rows=torch.cat([kept, kept + hidden]))
-        _narrow_linear(mlp.fc2, columns=kept)
-        norm = getattr(mlp, "norm", None)
-        if isinstance(norm, nn.LayerNorm) and norm.weight is not None:
-            norm.weight = nn.Parameter(norm.weight[kept], requires_grad=norm.weight.requires_grad)
-            if norm.bias is not None:
-                norm.bias = nn.Parameter(norm.bias[kept], requires_grad=norm.bias.requires_grad)
-            norm.normalized_shape = (keep,)
-
-
-def _narrow_linear(
-    linear: nn.Linear, rows: Optional[torch.Tensor] = None, columns: Optional[torch.Tensor] = None, factor: float = 1.0
-) -> None:
-    """Keep only ``rows`` (outputs) or ``columns`` (inputs) of ``linear``, in place; rows scaled by ``factor``."""
-    weight = linear.weight[rows] * factor if rows is not None else linear.weight[:, columns]
-    linear.weight = nn.Parameter(weight.contiguous(), requires_grad=linear.weight.requires_grad)
-    if rows is not None and linear.bias is not None:
-        linear.bias = nn.Parameter(linear.bias[rows] * factor, requires_grad=linear.bias.requires_grad)
-    linear.out_features, linear.in_features = linear.weight.shape
-
-
-def logits_of(output: Any) -> torch.Tensor:
-    """The logits in what a classifier returned: a tensor, a tuple/list (first element), or ``.logits``.
-
-    Example::
-
-        >>> logits_of(hf_vit(pixel_values)).shape  # ImageClassifierOutput
-        torch.Size([2, 10])
-    """
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(output, Mapping) and isinstance(output.get("logits"), torch.Tensor):
-        return output["logits"]
-    if isinstance(output, (tuple, list)) and output:
-        return logits_of(output[0])
-    raise TypeError(f"Cannot read logits from a {type(output).__name__}: expected a tensor, a tuple or .logits.")
-
-
-def named_heads(model: nn.Module, names: tuple[str, ...]) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of the children called ``names`` that hold parameters (Identity heads are skipped)."""
-    found = []
-    for name in names:
-        module = getattr(model, name, None)
-        if isinstance(module, nn.Module) and any(True for _ in module.parameters()):
-            found.append((name, module))
-    return found
-
-
-def embedding_parameter(name: str, parameter: Optional[nn.Parameter]) -> list[EmbeddingParameter]:
-    """``[EmbeddingParameter]`` for a present token/position parameter (last dim is the embedding), else ``[]``."""
-    if not isinstance(parameter, nn.Parameter):
-        return []
-    return [EmbeddingParameter(name, parameter, parameter.dim() - 1)]
 
 
 class ModelAdapter(ABC):
@@ -682,8 +438,6 @@ class ModelAdapter(ABC):
         try:
             read_layout(name, module, self._output_projection(name, module))
         except TypeError as error:
-            from lightning_vitcompress.models import supported_families
-
             raise TypeError(
                 f"Attention module {type(module).__name__} at {name!r} of a {self.family} "
                 f"{type(self.model).__name__} is not supported: {error}. Supported families: {supported_families()}."

@@ -6,10 +6,16 @@ keeps the q/k/v width (``heads x pruned head_dim``). The q/v biases kept beside
 ``qkv`` are folded into ``qkv.bias`` first (see :meth:`ModelAdapter.prepare_pruning`).
 Token merging and Nyström are refused: the bias is a fixed ``tokens x tokens`` table.
 
-Example::
+Example (a tiny BEiT; ``beit_base_patch16_224`` the same way)::
 
-    beit = timm.create_model("beit_base_patch16_224", pretrained=False)
-    prune_vit(beit, 0.5, torch.randn(1, 3, 224, 224))
+    >>> import timm, torch
+    >>> from lightning_vitcompress.functional import prune_vit
+    >>> beit = timm.create_model("beit_base_patch16_224", img_size=32, patch_size=8, embed_dim=64, depth=2,
+    ...                          num_heads=4, num_classes=10)
+    >>> before = sum(p.numel() for p in beit.parameters())
+    >>> records = prune_vit(beit, 0.5, torch.randn(1, 3, 32, 32))
+    >>> sum(p.numel() for p in beit.parameters()) < 0.6 * before, beit(torch.randn(2, 3, 32, 32)).shape
+    (True, torch.Size([2, 10]))
 """
 
 from __future__ import annotations

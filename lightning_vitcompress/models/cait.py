@@ -8,10 +8,16 @@ their input width into heads, so their q/k/v width is the embedding's: heads sta
 together. Token merging and Nyström are refused: talking heads mix the full
 attention maps of all heads, which neither keeps.
 
-Example::
+Example (a tiny CaiT; ``cait_xxs24_224`` the same way)::
 
-    cait = timm.create_model("cait_xxs24_224", pretrained=False)
-    prune_vit(cait, 0.5, torch.randn(1, 3, 224, 224))
+    >>> import timm, torch
+    >>> from lightning_vitcompress.functional import prune_vit
+    >>> cait = timm.create_model("cait_xxs24_224", img_size=32, patch_size=8, embed_dim=64, depth=2,
+    ...                          depth_token_only=1, num_heads=4, init_values=1.0, num_classes=10)
+    >>> before = sum(p.numel() for p in cait.parameters())
+    >>> records = prune_vit(cait, 0.5, torch.randn(1, 3, 32, 32))
+    >>> sum(p.numel() for p in cait.parameters()) < 0.6 * before, cait(torch.randn(2, 3, 32, 32)).shape
+    (True, torch.Size([2, 10]))
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import types
 from collections.abc import Iterator
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -80,7 +86,7 @@ class CaitAdapter(TimmAdapter):
                 "attention), which merged tokens do not keep")
 
 
-def _traced_talking_heads(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _traced_talking_heads(attn: Any, x: torch.Tensor) -> torch.Tensor:
     """What torch-pruning traces for a ``TalkingHeadAttn``: its ``qkv`` and ``proj`` around plain attention."""
     batch, tokens, width = x.shape
     qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, width // attn.num_heads).permute(2, 0, 3, 1, 4)

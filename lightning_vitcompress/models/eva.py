@@ -13,10 +13,15 @@ differ from ``VisionTransformer`` in three ways the techniques must know:
   ``k_bias`` buffer) and calls ``F.linear`` with ``qkv.weight``: before pruning they
   are folded into ``qkv.bias`` (:meth:`ModelAdapter.prepare_pruning`, the same function).
 
-Example::
+Example (a tiny EVA-02; ``eva02_tiny_patch14_224`` the same way)::
 
-    eva = timm.create_model("eva02_tiny_patch14_224", pretrained=False)
-    prune_vit(eva, 0.5, torch.randn(1, 3, 224, 224), prune_heads=True)
+    >>> import timm, torch
+    >>> from lightning_vitcompress.functional import prune_vit
+    >>> eva = timm.create_model("eva02_tiny_patch14_224", img_size=32, patch_size=8, depth=2, num_classes=10)
+    >>> before = sum(p.numel() for p in eva.parameters())
+    >>> records = prune_vit(eva, 0.5, torch.randn(1, 3, 32, 32), prune_heads=True)
+    >>> sum(p.numel() for p in eva.parameters()) < 0.6 * before, eva(torch.randn(2, 3, 32, 32)).shape
+    (True, torch.Size([2, 10]))
 """
 
 from __future__ import annotations

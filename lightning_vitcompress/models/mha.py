@@ -16,10 +16,26 @@ channels of different heads can end up in one head. Passing an MHA in
 
 Example::
 
-    class TinyViT(nn.Module):  # conv patch embedding, cls token, nn.TransformerEncoder, head
-        ...
-    adapter = HandWrittenAdapter(TinyViT())
-    adapter.capabilities.require("head_pruning", "prune_heads=True", adapter.family)  # ValueError
+    >>> import torch
+    >>> from torch import nn
+    >>> class TinyViT(nn.Module):  # conv patch embedding, cls token, nn.TransformerEncoder, head
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.patch_embed = nn.Conv2d(3, 64, kernel_size=8, stride=8)
+    ...         self.cls_token = nn.Parameter(torch.zeros(1, 1, 64))
+    ...         self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(64, 4, batch_first=True), 2)
+    ...         self.head = nn.Linear(64, 10)
+    ...     def forward(self, images):
+    ...         x = self.patch_embed(images).flatten(2).transpose(1, 2)
+    ...         x = self.encoder(torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1))
+    ...         return self.head(x[:, 0])
+    >>> adapter = HandWrittenAdapter(TinyViT())
+    >>> [name for name, _ in adapter.attention_blocks()]
+    ['encoder.layers.0.self_attn', 'encoder.layers.1.self_attn']
+    >>> adapter.capabilities.require("head_pruning", "prune_heads=True", adapter.family)
+    Traceback (most recent call last):
+    ...
+    ValueError: prune_heads=True is not possible on hand-written models: ...Turn off prune_heads=True.
 """
 
 from __future__ import annotations
@@ -70,6 +86,8 @@ class HandWrittenAdapter(ModelAdapter):
     """
 
     family = "hand-written"
+    #: a third-party module tree: its attributes are read dynamically (checked by tests/test_zoo.py, not mypy)
+    model: Any
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -146,13 +164,13 @@ class HandWrittenAdapter(ModelAdapter):
         return None
 
     @staticmethod
-    def attention_step(block: nn.Module, x: torch.Tensor, attend: Any) -> torch.Tensor:
+    def attention_step(block: Any, x: torch.Tensor, attend: Any) -> torch.Tensor:
         if block.norm_first:
             return x + block.dropout1(attend(block.norm1(x)))
         return block.norm1(x + block.dropout1(attend(x)))
 
     @staticmethod
-    def mlp_step(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def mlp_step(block: Any, x: torch.Tensor) -> torch.Tensor:
         if block.norm_first:
             return x + block._ff_block(block.norm2(x))
         return block.norm2(x + block._ff_block(x))

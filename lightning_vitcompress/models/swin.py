@@ -6,10 +6,16 @@ head, and heads stay) and int8. Refused, naming why: whole-head pruning (the bia
 table would have to follow), token merging (tokens tile fixed windows and merge 2x2
 between stages), Nyström (a window holds ``window_size**2`` tokens, already few).
 
-Example::
+Example (a tiny Swin; ``swin_tiny_patch4_window7_224`` the same way)::
 
-    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False)
-    prune_vit(swin, 0.5, torch.randn(1, 3, 224, 224))
+    >>> import timm, torch
+    >>> from lightning_vitcompress.functional import prune_vit
+    >>> swin = timm.create_model("swin_tiny_patch4_window7_224", img_size=32, patch_size=4, window_size=4,
+    ...                          embed_dim=32, depths=(2, 2), num_heads=(2, 4), num_classes=10)
+    >>> before = sum(p.numel() for p in swin.parameters())
+    >>> records = prune_vit(swin, 0.5, torch.randn(1, 3, 32, 32))
+    >>> sum(p.numel() for p in swin.parameters()) < 0.6 * before, swin(torch.randn(2, 3, 32, 32)).shape
+    (True, torch.Size([2, 10]))
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ class SwinAdapter(ModelAdapter):
     """timm Swin (v1): ``layers[i].blocks[j].attn`` is a ``WindowAttention`` with a fused ``qkv``."""
 
     family = "timm Swin"
+    #: a third-party module tree: its attributes are read dynamically (checked by tests/test_zoo.py, not mypy)
+    model: Any
     capabilities = Capabilities(
         head_pruning=False,
         why_not={"head_pruning": "each WindowAttention's relative-position bias table has one column per head."},
@@ -97,24 +105,24 @@ class _PatchMergingPruner(tp.pruner.function.BasePruningFunc):
     side by side (``4 x C``, neighbour-major), so a pruned input channel ``c`` is ``c + k*C`` for each ``k``."""
 
     @staticmethod
-    def _wide(layer: nn.Module, idxs: Sequence[int]) -> list[int]:
+    def _wide(layer: Any, idxs: Sequence[int]) -> list[int]:
         width = layer.norm.normalized_shape[0] // 4
         return [k * width + int(i) for k in range(4) for i in idxs]
 
-    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+    def prune_out_channels(self, layer: Any, idxs: Sequence[int]) -> nn.Module:
         tp.prune_linear_out_channels(layer.reduction, idxs)
         layer.out_dim = layer.reduction.out_features
         return layer
 
-    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+    def prune_in_channels(self, layer: Any, idxs: Sequence[int]) -> nn.Module:
         wide = self._wide(layer, idxs)
         tp.prune_layernorm_out_channels(layer.norm, wide)
         tp.prune_linear_in_channels(layer.reduction, wide)
         layer.dim = layer.norm.normalized_shape[0] // 4
         return layer
 
-    def get_out_channels(self, layer: nn.Module) -> int:
+    def get_out_channels(self, layer: Any) -> int:
         return layer.reduction.out_features
 
-    def get_in_channels(self, layer: nn.Module) -> int:
+    def get_in_channels(self, layer: Any) -> int:
         return layer.norm.normalized_shape[0] // 4

@@ -2,10 +2,13 @@
 
 Example::
 
-    vit = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False)
-    adapter = TimmAdapter(vit)
-    adapter.prefix_tokens().count  # 2: class and distillation token
-    [name for name, _ in adapter.classifier_heads()]  # ['head', 'head_dist']
+    >>> import timm
+    >>> vit = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=32, depth=2)
+    >>> adapter = TimmAdapter(vit)
+    >>> adapter.prefix_tokens().count  # class and distillation token
+    2
+    >>> [name for name, _ in adapter.classifier_heads()]
+    ['head', 'head_dist']
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ class TimmAdapter(ModelAdapter):
     """timm ViTs: ``blocks[i].attn`` with a fused ``qkv``; torch-pruning prunes heads, head dims, embed and MLP."""
 
     family = "timm"
+    #: a third-party module tree: its attributes are read dynamically (checked by tests/test_zoo.py, not mypy)
+    model: Any
     capabilities = Capabilities()
 
     @classmethod
@@ -82,9 +87,9 @@ class TimmAdapter(ModelAdapter):
         return None if type(block).forward is Block.forward else f"{type(block).__name__} is not timm's Block"
 
     @staticmethod
-    def attention_step(block: nn.Module, x: torch.Tensor, attend: Any) -> torch.Tensor:
+    def attention_step(block: Any, x: torch.Tensor, attend: Any) -> torch.Tensor:
         return x + block.drop_path1(block.ls1(attend(block.norm1(x))))
 
     @staticmethod
-    def mlp_step(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def mlp_step(block: Any, x: torch.Tensor) -> torch.Tensor:
         return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))

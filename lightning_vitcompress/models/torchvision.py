@@ -7,9 +7,11 @@ pruning. After an edit, ``hidden_dim`` (read by ``_process_input``) is updated.
 
 Example::
 
-    vit = torchvision.models.vit_b_16(weights=None)
-    adapter = TorchvisionAdapter(vit)
-    adapter.input_shape()  # (3, 224, 224)
+    >>> import torchvision
+    >>> vit = torchvision.models.VisionTransformer(32, 8, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128)
+    >>> adapter = TorchvisionAdapter(vit)
+    >>> adapter.input_shape(), [name for name, _ in adapter.attention_blocks()][0]
+    ((3, 32, 32), 'encoder.layers.encoder_layer_0.self_attention')
 """
 
 from __future__ import annotations
@@ -77,11 +79,11 @@ class TorchvisionAdapter(HandWrittenAdapter):
         return None if type(block).forward is EncoderBlock.forward else f"{type(block).__name__} is not an EncoderBlock"
 
     @staticmethod
-    def attention_step(block: nn.Module, x: torch.Tensor, attend: Any) -> torch.Tensor:
+    def attention_step(block: Any, x: torch.Tensor, attend: Any) -> torch.Tensor:
         return x + block.dropout(attend(block.ln_1(x)))
 
     @staticmethod
-    def mlp_step(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def mlp_step(block: Any, x: torch.Tensor) -> torch.Tensor:
         return x + block.mlp(block.ln_2(x))
 
     @staticmethod

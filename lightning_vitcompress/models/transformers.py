@@ -10,11 +10,13 @@ implementations, so head-dim pruning keeps it; outputs are objects with
 
 Example::
 
-    config = transformers.DeiTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=4, intermediate_size=64, num_labels=10)
-    model = transformers.DeiTForImageClassificationWithTeacher(config)
-    adapter = TransformersAdapter(model)
-    adapter.prefix_tokens().count  # 2
+    >>> import transformers
+    >>> config = transformers.DeiTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+    ...                                  num_attention_heads=4, intermediate_size=64, num_labels=10)
+    >>> model = transformers.DeiTForImageClassificationWithTeacher(config)
+    >>> adapter = TransformersAdapter(model)
+    >>> adapter.prefix_tokens().count  # class and distillation token
+    2
 """
 
 from __future__ import annotations
@@ -30,10 +32,10 @@ from lightning_vitcompress.models.base import (
     Capabilities,
     ModelAdapter,
     PrefixTokens,
-    _separate_qkv,
     embedding_parameter,
     named_heads,
 )
+from lightning_vitcompress.models.layout import _separate_qkv
 
 
 def _is_transformers_model(model: nn.Module) -> bool:
@@ -44,6 +46,8 @@ class TransformersAdapter(ModelAdapter):
     """ViT/DeiT image classifiers from transformers (eager and SDPA attention)."""
 
     family = "transformers"
+    #: a third-party module tree: its attributes are read dynamically (checked by tests/test_zoo.py, not mypy)
+    model: Any
     capabilities = Capabilities()
 
     @classmethod
@@ -56,7 +60,7 @@ class TransformersAdapter(ModelAdapter):
         )
 
     @property
-    def _embeddings(self) -> nn.Module:
+    def _embeddings(self) -> Any:
         return self.model.base_model.embeddings
 
     def attention_blocks(self) -> list[tuple[str, nn.Module]]:
@@ -129,9 +133,9 @@ class TransformersAdapter(ModelAdapter):
         return f"{type(block).__name__} has not all of {parts} (the transformers >= 5 ViT layer)"
 
     @staticmethod
-    def attention_step(block: nn.Module, x: torch.Tensor, attend: Any) -> torch.Tensor:
+    def attention_step(block: Any, x: torch.Tensor, attend: Any) -> torch.Tensor:
         return x + block.dropout(attend(block.layernorm_before(x)))
 
     @staticmethod
-    def mlp_step(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def mlp_step(block: Any, x: torch.Tensor) -> torch.Tensor:
         return x + block.dropout(block.mlp(block.layernorm_after(x)))
