@@ -34,10 +34,10 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fashion_mnist_study import Study, copy_classifier, parser  # noqa: E402 - the study's base models and data
+from fashion_mnist_study import Study, copy_classifier, parser  # the study's base models and data
 
-from lightning_vitcompress import CompressionPlan  # noqa: E402
-from lightning_vitcompress.functional.plan import measure_speed_model, plan_frontier  # noqa: E402
+from lightning_vitcompress import CompressionPlan
+from lightning_vitcompress.functional.plan import measure_speed_model, plan_frontier
 
 
 def arguments(argv: Optional[list[str]] = None) -> Any:

@@ -50,6 +50,11 @@ def quick(**overrides):
     return CompressionPlan(**{**options, **overrides})
 
 
+def short_trainer(tmp_path, **overrides):
+    """``fast_trainer`` with two training batches and one validation batch: the plan's fits need no more."""
+    return fast_trainer(tmp_path, **{"limit_train_batches": 2, "limit_val_batches": 1, **overrides})
+
+
 def parameter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -101,7 +106,7 @@ def test_a_reachable_target_is_planned_and_fit_ends_with_the_recipe_applied(tmp_
     module = tiny_classifier()
     before = parameter_count(module.model)
     plan = CompressionPlan(target_speedup=2.3, max_accuracy_drop=None, speed_model=made_up_speed_model(), **CHEAP)
-    trainer = fast_trainer(tmp_path, callbacks=[plan], max_epochs=2)
+    trainer = short_trainer(tmp_path, callbacks=[plan], max_epochs=2)
     trainer.fit(module, digits)
     assert plan.chosen.recipe == Recipe(0.5, 16) and plan.chosen.predicted_speedup >= 2.3
     assert [type(cb).__name__ for cb in plan.added] == ["PruningSchedule", "TokenMerging", "DistillationTeacher"]
@@ -116,7 +121,7 @@ def test_a_reachable_target_is_planned_and_fit_ends_with_the_recipe_applied(tmp_
 
 def test_the_plan_measures_at_setup_when_given_no_speed_model(tmp_path, tiny_classifier, digits):
     plan = quick(target_speedup=1.0, max_accuracy_drop=None)
-    fast_trainer(tmp_path, callbacks=[plan], max_epochs=1).fit(tiny_classifier(), digits)
+    short_trainer(tmp_path, callbacks=[plan], max_epochs=1).fit(tiny_classifier(), digits)
     assert plan.speed_model is not None and plan.speed_model.seconds_measuring > 0
     assert plan.chosen.predicted_speedup >= 1.0
 
@@ -125,7 +130,7 @@ def test_an_impossible_target_is_refused_at_setup_with_the_fastest_reachable(tmp
     module = tiny_classifier()
     before = parameter_count(module.model)
     with pytest.raises(UnreachableTargetError, match=r"target_speedup=50\.0 is beyond .* fastest reachable is \d"):
-        fast_trainer(tmp_path, callbacks=[quick(target_speedup=50.0)]).fit(module, digits)
+        short_trainer(tmp_path, callbacks=[quick(target_speedup=50.0)]).fit(module, digits)
     assert parameter_count(module.model) == before
 
 
@@ -137,7 +142,7 @@ def test_a_budget_broken_mid_fit_backs_token_merging_off(tmp_path, tiny_classifi
     monkeypatch.setattr(CompressionPlan, "validation_accuracy", accuracy)
     module = tiny_classifier()
     plan = CompressionPlan(target_speedup=1.2, max_accuracy_drop=0.0, speed_model=made_up_speed_model(), **CHEAP)
-    fast_trainer(tmp_path, callbacks=[plan], max_epochs=2).fit(module, digits)
+    short_trainer(tmp_path, callbacks=[plan], max_epochs=2).fit(module, digits)
     assert plan.chosen.recipe == Recipe(0.0, 16)
     assert [b["r"] for b in plan.backed_off] == [[16, 8], [8, 0]]  # at epoch 1's start, the next r, then none
     assert plan.backed_off[0]["when"] == "epoch 1 start"
@@ -161,7 +166,7 @@ def test_a_resumed_fit_keeps_the_first_fits_choice_and_back_off_without_measurin
     )
     first = CompressionPlan(target_speedup=1.2, max_accuracy_drop=0.0, speed_model=made_up_speed_model(), **CHEAP)
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    fast_trainer(
+    short_trainer(
         tmp_path, callbacks=[first, StopAfterEpoch1(), checkpoints], max_epochs=3, enable_checkpointing=True
     ).fit(tiny_classifier(), digits)
     assert first.r == 0  # backed off at epoch 1's start
@@ -171,7 +176,7 @@ def test_a_resumed_fit_keeps_the_first_fits_choice_and_back_off_without_measurin
 
     monkeypatch.setattr(CompressionPlan, "_measure", no_measuring)
     resumed, module = CompressionPlan(target_speedup=1.2, max_accuracy_drop=0.0, **CHEAP), tiny_classifier()
-    fast_trainer(tmp_path, callbacks=[resumed], max_epochs=3).fit(
+    short_trainer(tmp_path, callbacks=[resumed], max_epochs=3).fit(
         module, digits, ckpt_path=tmp_path / "ckpt" / "last.ckpt"
     )
     assert resumed.chosen.recipe == Recipe(0.0, 16) and resumed.r == 0
@@ -199,17 +204,17 @@ def test_bad_arguments_name_the_argument_and_what_works(kwargs, match):
 
 def test_a_budget_without_validation_data_is_refused_at_setup(tmp_path, tiny_classifier, digits):
     with pytest.raises(ValueError, match=r"CompressionPlan\(max_accuracy_drop=1\.0\).*no validation data"):
-        fast_trainer(tmp_path, callbacks=[quick(target_speedup=1.0)], limit_val_batches=0).fit(
+        short_trainer(tmp_path, callbacks=[quick(target_speedup=1.0)], limit_val_batches=0).fit(
             tiny_classifier(), digits
         )
 
 
 def test_the_plan_must_come_first_and_alone(tmp_path, tiny_classifier, digits):
     bench = BenchmarkCallback(devices=["cpu"], plot=False)
-    with pytest.raises(ValueError, match="comes after BenchmarkCallback.*Put CompressionPlan first"):
-        fast_trainer(tmp_path, callbacks=[bench, quick(target_speedup=1.0)]).fit(tiny_classifier(), digits)
+    with pytest.raises(ValueError, match=r"comes after BenchmarkCallback.*Put CompressionPlan first"):
+        short_trainer(tmp_path, callbacks=[bench, quick(target_speedup=1.0)]).fit(tiny_classifier(), digits)
     with pytest.raises(ValueError, match=r"configures PruningSchedule, TokenMerging itself"):
-        fast_trainer(tmp_path, callbacks=[quick(target_speedup=1.0), PruningSchedule(0.5), TokenMerging(4)]).fit(
+        short_trainer(tmp_path, callbacks=[quick(target_speedup=1.0), PruningSchedule(0.5), TokenMerging(4)]).fit(
             tiny_classifier(), digits
         )
 
@@ -231,7 +236,7 @@ def test_ddp_two_processes_plan_alike_and_train_in_lock_step(tmp_path):
     model = DigitsClassifier(**{TINY!r})
     plan = Measured(target_speedup=2.3, max_accuracy_drop=None, plot=False)
     trainer = L.Trainer(
-        accelerator="cpu", strategy="ddp", devices=2, max_epochs=2, limit_train_batches=3, limit_val_batches=1,
+        accelerator="cpu", strategy="ddp", devices=2, max_epochs=1, limit_train_batches=2, limit_val_batches=1,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         default_root_dir=OUT, callbacks=[plan],
     )

@@ -1,14 +1,12 @@
 """CompressionPlan: ask for a speedup and an accuracy budget; fit finds the recipe, applies it and backs off.
 
-See :mod:`lightning_vitcompress.functional.plan` for the candidates, the speed
-model (measured parts of the real model on this machine) and the choice.
+The speed model is :mod:`lightning_vitcompress.functional.plan_speed`, the candidates and the choice
+:mod:`lightning_vitcompress.functional.plan`; setup checks in ``_plan_setup.py``, the report in ``_plan_report.py``.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib.util
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -20,17 +18,25 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_vitcompress._base import CompressionCallback
-from lightning_vitcompress._data import first_batch, validation_data
-from lightning_vitcompress._lightning import fit_ckpt_path
 from lightning_vitcompress._plan import PlanRow
-from lightning_vitcompress._checkpoint_file import read_checkpoint
 from lightning_vitcompress._structure import record_edit
+from lightning_vitcompress.callbacks._plan_report import measured_speedup, write_plan_report
+from lightning_vitcompress.callbacks._plan_setup import (
+    DISTILLATION,
+    callback_list,
+    check_candidates,
+    check_goal,
+    check_options,
+    check_plan_fit,
+    example_batch,
+    saved_plan_state,
+)
 from lightning_vitcompress.callbacks.distillation import DistillationTeacher
 from lightning_vitcompress.callbacks.nystrom import NystromSwap
 from lightning_vitcompress.callbacks.pruning import PruningSchedule
 from lightning_vitcompress.callbacks.quantization import QuantizeOnFit
 from lightning_vitcompress.callbacks.token_merging import TokenMerging
-from lightning_vitcompress.functional.measure import images_of, thread_count
+from lightning_vitcompress.functional.nystrom import NystromConfig
 from lightning_vitcompress.functional.plan import (
     NUM_LANDMARKS,
     PRUNING_RATIOS,
@@ -42,20 +48,14 @@ from lightning_vitcompress.functional.plan import (
     measure_speed_model,
     plan_frontier,
     recipe_code,
-    runner_for,
-    time_interleaved,
 )
-from lightning_vitcompress.functional.quantize_configs import QUANTIZATION_CONFIGS
-from lightning_vitcompress.functional.token_merging import (
-    TokenMergingConfig,
-    merge_tokens,
-)
+from lightning_vitcompress.functional.prune import PruneConfig
+from lightning_vitcompress.functional.token_merging import TokenMergingConfig, merge_tokens
 
 __all__ = ["CompressionPlan"]
 
 #: the callbacks the plan configures itself (one of them in the list too would act twice)
 _PLANNED = (PruningSchedule, NystromSwap, TokenMerging, DistillationTeacher, QuantizeOnFit)
-_DISTILLATION = {"mode": "soft", "alpha": 0.5, "temperature": 2.0}
 
 
 class CompressionPlan(CompressionCallback):
@@ -114,10 +114,23 @@ class CompressionPlan(CompressionCallback):
         output_dir: where the report goes (None: the Trainer's log dir or ``default_root_dir``).
         model_attribute: attribute holding the ViT (None finds it).
 
-    Example::
+    Example (a tiny model, one epoch, and a target every recipe reaches, so it runs in seconds and the
+    uncompressed model, cheapest, is chosen; ask a real model for e.g. ``target_speedup=4.0``):
 
-        trainer = Trainer(max_epochs=3, callbacks=[CompressionPlan(target_speedup=4.0, max_accuracy_drop=1.0)])
-        trainer.fit(model, datamodule)      # the datamodule has a val_dataloader
+        >>> from pathlib import Path
+        >>> import lightning as L
+        >>> from lightning_vitcompress import CompressionPlan
+        >>> from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
+        >>> plan = CompressionPlan(target_speedup=1.0, max_accuracy_drop=1.0, pruning_ratios=(0, 0.5), r_values=(2,),
+        ...                        quantization=(), rounds=1, min_run_time=0.005, plot=False)
+        >>> trainer = L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False,
+        ...                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        ...                     callbacks=[plan])  # first in the list; the datamodule has a val_dataloader
+        >>> trainer.fit(DigitsClassifier(embed_dim=32, depth=2, num_heads=4), DigitsDataModule())
+        >>> plan.chosen.recipe.label(), [type(cb).__name__ for cb in plan.added]
+        ('uncompressed', ['DistillationTeacher'])
+        >>> sorted(path.name for path in Path(".").glob("compression_plan*"))
+        ['compression_plan.json', 'compression_plan.md', 'compression_plan_callbacks.py']
     """
 
     order = 5
@@ -147,62 +160,9 @@ class CompressionPlan(CompressionCallback):
         model_attribute: Optional[str] = None,
     ) -> None:
         super().__init__(model_attribute)
-        _check_number(target_speedup, "target_speedup", 1.0, "a speedup over the uncompressed model, e.g. 4.0")
-        if max_accuracy_drop is not None:
-            _check_number(max_accuracy_drop, "max_accuracy_drop", 0.0, "points of top-1, e.g. 1.0, or None")
-        if device != "cpu":
-            raise ValueError(f"device={device!r}: the plan times CPU deployment for now; pass device='cpu'.")
-        if runtime not in ("torch", "openvino"):
-            raise ValueError(f"runtime={runtime!r}: pass 'torch' or 'openvino'.")
-        if runtime == "openvino":
-            if importlib.util.find_spec("openvino") is None:
-                raise ImportError(
-                    "runtime='openvino' needs the openvino package (pip install openvino), or pass runtime='torch'."
-                )
-            if quantization:
-                raise ValueError(
-                    f"quantization={tuple(quantization)!r} with runtime='openvino': the plan times "
-                    "OpenVINO's float model only for now; pass quantization=() (for NNCF int8 use "
-                    "ExportOnFit('model.xml', quantize='int8')), or runtime='torch'."
-                )
-        ratios = tuple(float(p) for p in _sequence(pruning_ratios, "pruning_ratios", "(0, 0.25, 0.5)"))
-        if any(not 0.0 <= p < 1.0 for p in ratios):
-            raise ValueError(
-                f"pruning_ratios={tuple(pruning_ratios)!r}: each a fraction in [0, 1), e.g. (0, 0.25, 0.5)."
-            )
-        if r_values is not None:
-            r_values = tuple(_sequence(r_values, "r_values", "(4, 8) or None"))
-            _check_ints(r_values, "r_values", "(4, 8), () for no token merging, or None")
-        landmarks = tuple(_sequence(num_landmarks, "num_landmarks", "(32, 64)"))
-        _check_ints(landmarks, "num_landmarks", "(32, 64), or () for no Nystrom")
-        configs = tuple(_sequence(quantization, "quantization", "('int8_dynamic',)"))
-        unknown = [c for c in configs if c not in QUANTIZATION_CONFIGS]
-        if unknown:
-            raise ValueError(
-                f"quantization={configs!r}: {unknown} are not configs; known: "
-                f"{sorted(QUANTIZATION_CONFIGS)}, or () for none."
-            )
-        for value, name, example in (
-            (batch_size, "batch_size", "4"),
-            (pruning_steps, "pruning_steps", "2"),
-            (rounds, "rounds", "3"),
-        ):
-            _check_ints((value,), name, example)
-        if num_threads is not None:
-            _check_ints((num_threads,), "num_threads", "2, or None")
-        _check_number(min_run_time, "min_run_time", 1e-6, "seconds, e.g. 0.05")
-        if not isinstance(distill, bool):
-            raise ValueError(f"distill={distill!r}: pass True (train against the model entering fit) or False.")
-        if distillation is not None and not isinstance(distillation, dict):
-            raise ValueError(
-                f"distillation={distillation!r}: pass DistillationTeacher options as a dict, "
-                f"e.g. {_DISTILLATION}, or None for those."
-            )
-        if speed_model is not None and not isinstance(speed_model, SpeedModel):
-            raise ValueError(
-                f"speed_model={type(speed_model).__name__}: pass what measure_speed_model returned, "
-                "or None to measure at setup."
-            )
+        check_goal(target_speedup, max_accuracy_drop, device, runtime, quantization)
+        ratios, r_values, landmarks, configs = check_candidates(pruning_ratios, r_values, num_landmarks, quantization)
+        check_options(batch_size, pruning_steps, rounds, num_threads, min_run_time, distill, distillation, speed_model)
         self.target_speedup = float(target_speedup)
         self.max_accuracy_drop = None if max_accuracy_drop is None else float(max_accuracy_drop)
         self.device = device
@@ -214,7 +174,7 @@ class CompressionPlan(CompressionCallback):
         self.batch_size = batch_size
         self.num_threads = num_threads
         self.distill = distill
-        self.distillation = dict(_DISTILLATION if distillation is None else distillation)
+        self.distillation = dict(DISTILLATION if distillation is None else distillation)
         self.pruning_steps = pruning_steps
         self.speed_model = speed_model
         self.rounds = rounds
@@ -235,201 +195,36 @@ class CompressionPlan(CompressionCallback):
         self._planned_for: Optional[int] = None
         self._given_speed_model = speed_model
 
-    # --------------------------------------------------------------------- setup: measure, choose, configure
+    # ----------------------------------------------------------------------- hooks, in the order Lightning calls them
     @override
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self._planned_for != id(trainer):  # once per Trainer (a new one plans afresh)
             self._plan(trainer, pl_module)
         super().setup(trainer, pl_module, stage)  # the pipeline's setup, the added callbacks included
 
-    def _plan(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        ours = [cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback)]
-        if ours and ours[0] is not self:
-            raise ValueError(
-                f"CompressionPlan comes after {type(ours[0]).__name__} in Trainer(callbacks=[...]): it chooses the "
-                "callbacks the others see at setup. Put CompressionPlan first in the list."
-            )
-        planned = [type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, _PLANNED)]
-        if planned:
-            raise ValueError(
-                f"CompressionPlan configures {', '.join(planned)} itself: remove {planned} from Trainer(callbacks=...)"
-                ", or drop CompressionPlan and use the plain callbacks (the report's compression_plan_callbacks.py)."
-            )
-        loader, _ = validation_data(trainer)
-        if self.max_accuracy_drop is not None and loader is None:
-            raise ValueError(
-                f"CompressionPlan(max_accuracy_drop={self.max_accuracy_drop!r}) checks validation top-1 at each step, "
-                f"but this fit has no validation data (limit_val_batches={trainer.limit_val_batches!r}). Pass "
-                "val_dataloaders to fit / a datamodule with val_dataloader and limit_val_batches > 0, or "
-                "max_accuracy_drop=None (no checks, no back-off)."
-            )
-        self._planned_for, self.backed_off, self.report = id(trainer), [], {}
-        self.speed_model = self._given_speed_model  # a later fit of an already compressed model times it afresh
-        target = self.target(pl_module)
-        self._baseline = copy.deepcopy(target).cpu().eval()
-        self._example = self._example_batch(trainer)
-        saved = self._saved_state(trainer)
-        if saved is not None and self.speed_model is None:  # a resume plans from the first fit's timings
-            self.speed_model = SpeedModel.from_dict(saved["speed_model"])
-        speed = self.speed_model
-        if speed is None:
-            message: Any = None
-            if trainer.is_global_zero:  # one process measures (ranks on one machine would disturb each other)
-                rank_zero_info(
-                    f"CompressionPlan: timing the parts of the model on this CPU (batch "
-                    f"{self.batch_size}, {self.runtime})..."
-                )
-                try:
-                    message = self._measure(target)
-                except Exception as err:
-                    message = f"{type(err).__name__}: {err}"
-            message = trainer.strategy.broadcast(message, src=0)
-            if isinstance(message, str):
-                raise RuntimeError(f"CompressionPlan could not time the model: {message}")
-            speed = message
-        self.speed_model = speed
-        self.frontier = plan_frontier(speed)
-        self.chosen = choose_recipe(self.frontier, self.target_speedup)  # UnreachableTargetError names the fastest
-        self.r = self.chosen.recipe.r
-        if saved is not None:  # the back-offs of the first fit stand
-            if Recipe(**saved["recipe"]) != self.chosen.recipe:
-                raise ValueError(
-                    f"CompressionPlan(target_speedup={self.target_speedup!r}) chooses {self.chosen.recipe.label()}, "
-                    f"but the checkpoint being resumed trained {Recipe(**saved['recipe']).label()}. Resume with the "
-                    "first fit's target_speedup and candidates."
-                )
-            self.r, self.backed_off = int(saved["r"]), list(saved["backed_off"])
-        self.added = self._callbacks(trainer, self.chosen.recipe)
-        index = trainer.callbacks.index(self) + 1
-        trainer.callbacks[index:index] = self.added
-        rank_zero_info(
-            f"CompressionPlan: {self.chosen.recipe.label()}, predicted {self.chosen.predicted_speedup:.2f}x "
-            f"(target {self.target_speedup:.2f}x), prior cost {self.chosen.accuracy_cost:.2f} pt; timed in "
-            f"{speed.seconds_measuring:.1f} s.\n{format_frontier(self.frontier, self.chosen)}"
-        )
-
-    def _saved_state(self, trainer: "pl.Trainer") -> Optional[dict[str, Any]]:
-        """What this callback saved in the checkpoint this fit resumes from (None: a fresh fit, or none saved).
-
-        Read here, at setup, because Lightning restores callback state only after the model is rebuilt."""
-        path, weights_only = fit_ckpt_path(trainer)
-        if not path or not Path(path).is_file():
-            return None
-        checkpoint = read_checkpoint(path, weights_only=weights_only, argument="ckpt_path")
-        saved = (checkpoint.get("callbacks") or {}).get(self.state_key)
-        return saved if isinstance(saved, dict) and saved.get("speed_model") else None
-
-    def _example_batch(self, trainer: "pl.Trainer") -> torch.Tensor:
-        images = None
-        for validation in (True, False):
-            images = images_of(first_batch(trainer, validation=validation))
-            if images is not None:
-                break
-        if images is None:
-            raise ValueError(
-                "CompressionPlan times the model on the fit's images, but neither the validation nor "
-                "the training data gave a batch of image tensors."
-            )
-        images = images.detach().cpu()
-        repeats = -(-self.batch_size // images.shape[0])
-        return images.repeat(repeats, *([1] * (images.dim() - 1)))[: self.batch_size]
-
-    def _measure(self, target: torch.nn.Module) -> SpeedModel:
-        assert self._example is not None
-        return measure_speed_model(
-            target,
-            self._example,
-            pruning_ratios=self.pruning_ratios,
-            r_values=self.r_values,
-            num_landmarks=self.num_landmarks,
-            quantization=self.quantization,
-            runtime=self.runtime,
-            num_threads=self.num_threads,
-            rounds=self.rounds,
-            min_run_time=self.min_run_time,
-            calibration_inputs=[self._example],
-        )
-
-    def _pruning_schedule(self, trainer: "pl.Trainer") -> tuple[int, int]:
-        """``(num_steps, end_epoch)``: steps one per epoch, each followed by at least one recovery epoch."""
-        max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs > 0 else 1
-        steps = max(1, min(self.pruning_steps, max_epochs - 1))
-        self._pruning_schedule_steps = (steps, steps - 1)
-        return steps, steps - 1
-
-    def _callbacks(self, trainer: "pl.Trainer", recipe: Recipe) -> list[Callback]:
-        """The recipe as the plain callbacks, each with the plan's budget."""
-        budget, attribute = self.max_accuracy_drop, self.model_attribute
-        out: list[Callback] = []
-        if recipe.pruning_ratio:
-            steps, end_epoch = self._pruning_schedule(trainer)
-            schedule = dict(end_epoch=end_epoch, num_steps=steps) if steps > 1 else {}
-            out.append(
-                PruningSchedule(recipe.pruning_ratio, **schedule, max_accuracy_drop=budget, model_attribute=attribute)
-            )
-        if recipe.num_landmarks:
-            out.append(
-                NystromSwap(num_landmarks=recipe.num_landmarks, max_accuracy_drop=budget, model_attribute=attribute)
-            )
-        if recipe.r:  # at the r in force (a resume after a back-off merges what the checkpoint recorded)
-            out.append(TokenMerging(r=self.r, model_attribute=attribute))
-        if self.distill:
-            assert self._baseline is not None
-            out.append(
-                DistillationTeacher(copy.deepcopy(self._baseline), **self.distillation, model_attribute=attribute)
-            )
-        if recipe.quantization:
-            out.append(QuantizeOnFit(recipe.quantization, max_accuracy_drop=budget, model_attribute=attribute))
-        return out
-
-    def ordered_setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def ordered_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self._planned_for != id(trainer):  # another callback's setup ran the pipeline first
             self._plan(trainer, pl_module)  # raises: CompressionPlan must come first
 
-    # ------------------------------------------------------------------ during fit: the token-merging back-off
-    def ordered_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def ordered_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.current_epoch > 0:
             self._back_off(trainer, pl_module, f"epoch {trainer.current_epoch} start")
         self.log_metrics(trainer, {"r": self.r})
 
-    def ordered_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def ordered_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._back_off(trainer, pl_module, "train end")
 
-    def _back_off(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", when: str) -> None:
-        """While the model is beyond the budget, merge fewer tokens (the next smaller candidate ``r``, then none)."""
-        budget = self.budget
-        if budget is None or not self.r:
-            return
-        accuracy = self.validation_accuracy(trainer)  # rank zero measures; every rank decides alike
-        while self.r and not budget.allows(accuracy):
-            smaller = max((r for r in self._r_ladder() if r < self.r), default=0)
-            target = self.target(pl_module)
-            plan = merge_tokens(target, smaller)
-            config = {**TokenMergingConfig(r=smaller).as_record(), "start_epoch": 0}
-            record_edit(pl_module, {"kind": "tome", "target": self.target_path or "", **plan, "config": config})
-            for callback in self.added:
-                if isinstance(callback, TokenMerging):
-                    callback.plan = {**plan, "config": config}
-            before, self.r = self.r, smaller
-            after = self.validation_accuracy(trainer)
-            self.backed_off.append({"when": when, "r": [before, smaller], "accuracy": [accuracy, after]})
-            rank_zero_info(
-                f"CompressionPlan: at {when} the model is beyond the budget ({budget.describe(accuracy)}): "
-                f"token merging backed off r={before} -> r={smaller} ({budget.describe(after)})."
-            )
-            accuracy = after
-
-    def _r_ladder(self) -> list[int]:
-        assert self.speed_model is not None
-        return sorted({0, *self.speed_model.timings.merge})
-
-    # --------------------------------------------------------------------------------- fit end: the report
-    def ordered_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def ordered_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.chosen is None or self._baseline is None:
             return
         final = self.target(pl_module)
         accuracy = self.validation_accuracy(trainer) if self.budget is not None else None
-        measured = self._measured_speedup(final) if trainer.is_global_zero else None
+        measured = None
+        if trainer.is_global_zero:
+            assert self._example is not None  # set at setup, with _baseline
+            threads = self.speed_model.num_threads if self.speed_model else torch.get_num_threads()
+            timing = (self.runtime, threads, self.rounds, self.min_run_time)
+            measured = measured_speedup(self._baseline, final, self._example, *timing)
         budget = self.budget
         self.report = {
             "target_speedup": self.target_speedup,
@@ -467,147 +262,21 @@ class CompressionPlan(CompressionCallback):
                 logger.log_hyperparams(
                     {"plan/recipe": self.report["kept_label"], "plan/callbacks": self.report["code"]}
                 )
-            self._write(folder)
+            write_plan_report(folder, self.report, self.frontier, self.chosen, self.batch_size, self.plot)
         self._baseline = None
 
-    def _measured_speedup(self, final: torch.nn.Module) -> Optional[float]:
-        assert self._baseline is not None and self._example is not None
-        threads = self.speed_model.num_threads if self.speed_model else torch.get_num_threads()
-        calls = {}
-        for name, model in (("base", self._baseline), ("final", final)):
-            was = model.training
-            model.eval()
-            try:
-                calls[name] = runner_for(model, (self._example,), {}, self.runtime, threads)
-            except Exception:
-                calls[name] = runner_for(model, (self._example,), {}, "torch", threads)
-            model.train(was)
-        with thread_count(threads):
-            seconds = time_interleaved(calls, self.rounds, self.min_run_time)
-        return seconds["base"] / seconds["final"]
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "recipe": None if self.chosen is None else self.chosen.recipe.as_dict(),
+            "speed_model": None if self.speed_model is None else self.speed_model.as_dict(),
+            "r": self.r,
+            "backed_off": self.backed_off,
+            "budget_reference": self.budget_reference,
+        }
 
-    def _why(self) -> str:
-        assert self.chosen is not None
-        reaching = [c for c in self.frontier if c.predicted_speedup >= self.target_speedup]
-        return (
-            f"the cheapest in prior accuracy cost ({self.chosen.accuracy_cost:.2f} pt) of the "
-            f"{len(reaching)} of {len(self.frontier)} recipes predicted to reach {self.target_speedup:.2f}x"
-        )
-
-    def _kept(self) -> Recipe:
-        """The recipe as the fit left it: pruning steps rolled back and token merging backed off taken out."""
-        assert self.chosen is not None
-        chosen, ratio = self.chosen.recipe, self.chosen.recipe.pruning_ratio
-        for callback in self.added:
-            if isinstance(callback, PruningSchedule) and callback.decisions():
-                steps, _ = self._pruning_schedule_steps
-                ratio = round(ratio * callback.decisions()["steps_kept"] / steps, 4)  # the linear schedule's
-        return Recipe(ratio, self.r, chosen.num_landmarks, chosen.quantization)
-
-    def _code(self, trainer: "pl.Trainer") -> str:
-        recipe = self._kept()
-        steps, end_epoch = self._pruning_schedule(trainer)
-        distill = self.distillation if self.distill else None
-        return recipe_code(recipe, self.max_accuracy_drop, steps, end_epoch, distill)
-
-    def _write(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        r = self.report
-        measured = "n/a" if r["measured_speedup"] is None else f"{r['measured_speedup']:.2f}x"
-        accuracy = (
-            "not measured (no budget)"
-            if r["final_accuracy"] is None
-            else (
-                f"{r['final_accuracy']:.2%} vs {r['reference_accuracy']:.2%} entering fit "
-                f"({-r['accuracy_drop']:+.2f} pt, budget {r['max_accuracy_drop']:.2f} pt)"
-            )
-        )
-        backed = "; ".join(f"{b['when']}: r {b['r'][0]} -> {b['r'][1]}" for b in r["backed_off"]) or "none"
-        assert self.chosen is not None
-        text = "\n".join(
-            [
-                "# Compression plan",
-                "",
-                f"Target: {r['target_speedup']:.2f}x, at most {r['max_accuracy_drop']} pt of validation top-1.",
-                "",
-                f"Chosen: **{r['label']}**, predicted {r['predicted_speedup']:.2f}x: {r['why']}.",
-                "",
-                f"Kept after the budget checks: **{Recipe(**r['kept']).label()}**.",
-                "",
-                (
-                    f"Final: {measured} measured (interleaved with the uncompressed model, batch {self.batch_size}); "
-                    f"accuracy {accuracy}. Token-merging back-offs: {backed}."
-                ),
-                "",
-                "Frontier (predicted from measured parts; accuracy cost is the study's prior, not a measurement):",
-                "",
-                format_frontier(self.frontier, self.chosen),
-                "",
-                "The recipe as plain callbacks:",
-                "",
-                "```python",
-                r["code"].rstrip(),
-                "```",
-                "",
-            ]
-        )
-        (folder / "compression_plan.md").write_text(text)
-        (folder / "compression_plan_callbacks.py").write_text(r["code"])
-        (folder / "compression_plan.json").write_text(
-            json.dumps(
-                {
-                    **r,
-                    "frontier": [
-                        {
-                            **c.recipe.as_dict(),
-                            "predicted_speedup": c.predicted_speedup,
-                            "accuracy_cost": c.accuracy_cost,
-                            "on_frontier": c.on_frontier,
-                        }
-                        for c in self.frontier
-                    ],
-                },
-                indent=2,
-                default=str,
-            )
-        )
-        if self.plot:
-            self._plot(folder / "compression_plan.png")
-        rank_zero_info(f"CompressionPlan: report in {folder / 'compression_plan.md'}")
-
-    def _plot(self, path: Path) -> None:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            return
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.scatter(
-            [c.predicted_speedup for c in self.frontier],
-            [c.accuracy_cost for c in self.frontier],
-            s=12,
-            c=["tab:blue" if c.on_frontier else "lightgrey" for c in self.frontier],
-        )
-        if self.chosen is not None:
-            ax.scatter(
-                [self.chosen.predicted_speedup],
-                [self.chosen.accuracy_cost],
-                s=60,
-                c="tab:red",
-                label=f"chosen: {self.chosen.recipe.label()}",
-            )
-        ax.axvline(self.target_speedup, ls="--", c="grey", label=f"target {self.target_speedup:.2f}x")
-        ax.set_xlabel("predicted speedup (measured parts)")
-        ax.set_ylabel("prior accuracy cost (pt)")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-
-    # ------------------------------------------------------------------------------------- bookkeeping
-    def fit_plan(self, trainer: "pl.Trainer") -> list[PlanRow]:
+    # ----------------------------------------------------------------------------------------- what the pipeline asks
+    def fit_plan(self, trainer: pl.Trainer) -> list[PlanRow]:
         if self.chosen is None:
             return []
         chosen = self.chosen
@@ -629,30 +298,150 @@ class CompressionPlan(CompressionCallback):
             "token_merging_backed_off": self.backed_off,
         }
 
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "recipe": None if self.chosen is None else self.chosen.recipe.as_dict(),
-            "speed_model": None if self.speed_model is None else self.speed_model.as_dict(),
-            "r": self.r,
-            "backed_off": self.backed_off,
-            "budget_reference": self.budget_reference,
-        }
-
-
-def _sequence(value: Any, name: str, example: str) -> Sequence[Any]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise ValueError(f"{name}={value!r}: pass a sequence, e.g. {example}.")
-    return value
-
-
-def _check_number(value: Any, name: str, least: float, what: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= least:
-        raise ValueError(f"{name}={value!r}: pass a number >= {least:g} ({what}).")
-
-
-def _check_ints(values: Sequence[Any], name: str, example: str) -> None:
-    if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
-        raise ValueError(
-            f"{name}={tuple(values) if len(values) != 1 else values[0]!r}: pass positive integers, e.g. {example}."
+    # -------------------------------------------------------------------------------------------------------- helpers
+    def _plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        check_plan_fit(trainer, self, _PLANNED, self.max_accuracy_drop)
+        self._planned_for, self.backed_off, self.report = id(trainer), [], {}
+        self.speed_model = self._given_speed_model  # a later fit of an already compressed model times it afresh
+        target = self.target(pl_module)
+        self._baseline = copy.deepcopy(target).cpu().eval()
+        self._example = example_batch(trainer, self.batch_size)
+        saved = saved_plan_state(trainer, self.state_key)
+        if saved is not None and self.speed_model is None:  # a resume plans from the first fit's timings
+            self.speed_model = SpeedModel.from_dict(saved["speed_model"])
+        speed = self.speed_model
+        if speed is None:
+            message: Any = None
+            if trainer.is_global_zero:  # one process measures (ranks on one machine would disturb each other)
+                rank_zero_info(
+                    f"CompressionPlan: timing the parts of the model on this CPU (batch "
+                    f"{self.batch_size}, {self.runtime})..."
+                )
+                try:
+                    message = self._measure(target)
+                except Exception as err:
+                    message = f"{type(err).__name__}: {err}"
+            message = trainer.strategy.broadcast(message, src=0)
+            if isinstance(message, str):
+                raise RuntimeError(f"CompressionPlan could not time the model: {message}")
+            speed = message
+        self.speed_model = speed
+        self.frontier = plan_frontier(speed)
+        self.chosen = choose_recipe(self.frontier, self.target_speedup)  # UnreachableTargetError names the fastest
+        self.r = self.chosen.recipe.r
+        if saved is not None:  # the back-offs of the first fit stand
+            if Recipe(**saved["recipe"]) != self.chosen.recipe:
+                raise ValueError(
+                    f"CompressionPlan(target_speedup={self.target_speedup!r}) chooses {self.chosen.recipe.label()}, "
+                    f"but the checkpoint being resumed trained {Recipe(**saved['recipe']).label()}. Resume with the "
+                    "first fit's target_speedup and candidates."
+                )
+            self.r, self.backed_off = int(saved["r"]), list(saved["backed_off"])
+        self.added = self._callbacks(trainer, self.chosen.recipe)
+        callbacks = callback_list(trainer)
+        callbacks[callbacks.index(self) + 1 : callbacks.index(self) + 1] = self.added
+        rank_zero_info(
+            f"CompressionPlan: {self.chosen.recipe.label()}, predicted {self.chosen.predicted_speedup:.2f}x "
+            f"(target {self.target_speedup:.2f}x), prior cost {self.chosen.accuracy_cost:.2f} pt; timed in "
+            f"{speed.seconds_measuring:.1f} s.\n{format_frontier(self.frontier, self.chosen)}"
         )
+
+    def _measure(self, target: torch.nn.Module) -> SpeedModel:
+        assert self._example is not None
+        return measure_speed_model(
+            target,
+            self._example,
+            pruning_ratios=self.pruning_ratios,
+            r_values=self.r_values,
+            num_landmarks=self.num_landmarks,
+            quantization=self.quantization,
+            runtime=self.runtime,
+            num_threads=self.num_threads,
+            rounds=self.rounds,
+            min_run_time=self.min_run_time,
+            calibration_inputs=[self._example],
+        )
+
+    def _pruning_schedule(self, trainer: pl.Trainer) -> tuple[int, int]:
+        """``(num_steps, end_epoch)``: steps one per epoch, each followed by at least one recovery epoch."""
+        max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs > 0 else 1
+        steps = max(1, min(self.pruning_steps, max_epochs - 1))
+        self._pruning_schedule_steps = (steps, steps - 1)
+        return steps, steps - 1
+
+    def _callbacks(self, trainer: pl.Trainer, recipe: Recipe) -> list[Callback]:
+        """The recipe as the plain callbacks, each with the plan's budget."""
+        budget, attribute = self.max_accuracy_drop, self.model_attribute
+        out: list[Callback] = []
+        if recipe.pruning_ratio:
+            steps, end_epoch = self._pruning_schedule(trainer)  # one step: end_epoch 0, num_steps 1, the defaults
+            config = PruneConfig(pruning_ratio=recipe.pruning_ratio)
+            pruning = PruningSchedule(
+                end_epoch=end_epoch, num_steps=steps, max_accuracy_drop=budget, config=config, model_attribute=attribute
+            )
+            out.append(pruning)
+        if recipe.num_landmarks:
+            nystrom = NystromConfig(num_landmarks=recipe.num_landmarks)
+            out.append(NystromSwap(max_accuracy_drop=budget, config=nystrom, model_attribute=attribute))
+        if recipe.r:  # at the r in force (a resume after a back-off merges what the checkpoint recorded)
+            out.append(TokenMerging(config=TokenMergingConfig(r=self.r), model_attribute=attribute))
+        if self.distill:
+            assert self._baseline is not None
+            out.append(
+                DistillationTeacher(copy.deepcopy(self._baseline), **self.distillation, model_attribute=attribute)
+            )
+        if recipe.quantization:
+            out.append(QuantizeOnFit(recipe.quantization, max_accuracy_drop=budget, model_attribute=attribute))
+        return out
+
+    def _back_off(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str) -> None:
+        """While the model is beyond the budget, merge fewer tokens (the next smaller candidate ``r``, then none)."""
+        budget = self.budget
+        if budget is None or not self.r:
+            return
+        accuracy = self.validation_accuracy(trainer)  # rank zero measures; every rank decides alike
+        while self.r and not budget.allows(accuracy):
+            smaller = max((r for r in self._r_ladder() if r < self.r), default=0)
+            target = self.target(pl_module)
+            plan = merge_tokens(target, smaller)
+            config = {**TokenMergingConfig(r=smaller).as_record(), "start_epoch": 0}
+            record_edit(pl_module, {"kind": "tome", "target": self.target_path or "", **plan, "config": config})
+            for callback in self.added:
+                if isinstance(callback, TokenMerging):
+                    callback.plan = {**plan, "config": config}
+            before, self.r = self.r, smaller
+            after = self.validation_accuracy(trainer)
+            self.backed_off.append({"when": when, "r": [before, smaller], "accuracy": [accuracy, after]})
+            rank_zero_info(
+                f"CompressionPlan: at {when} the model is beyond the budget ({budget.describe(accuracy)}): "
+                f"token merging backed off r={before} -> r={smaller} ({budget.describe(after)})."
+            )
+            accuracy = after
+
+    def _r_ladder(self) -> list[int]:
+        assert self.speed_model is not None
+        return sorted({0, *self.speed_model.timings.merge})
+
+    def _why(self) -> str:
+        assert self.chosen is not None
+        reaching = [c for c in self.frontier if c.predicted_speedup >= self.target_speedup]
+        return (
+            f"the cheapest in prior accuracy cost ({self.chosen.accuracy_cost:.2f} pt) of the "
+            f"{len(reaching)} of {len(self.frontier)} recipes predicted to reach {self.target_speedup:.2f}x"
+        )
+
+    def _kept(self) -> Recipe:
+        """The recipe as the fit left it: pruning steps rolled back and token merging backed off taken out."""
+        assert self.chosen is not None
+        chosen, ratio = self.chosen.recipe, self.chosen.recipe.pruning_ratio
+        for callback in self.added:
+            if isinstance(callback, PruningSchedule) and (decisions := callback.decisions()):
+                steps, _ = self._pruning_schedule_steps
+                ratio = round(ratio * decisions["steps_kept"] / steps, 4)  # the linear schedule's
+        return Recipe(ratio, self.r, chosen.num_landmarks, chosen.quantization)
+
+    def _code(self, trainer: pl.Trainer) -> str:
+        recipe = self._kept()
+        steps, end_epoch = self._pruning_schedule(trainer)
+        distill = self.distillation if self.distill else None
+        return recipe_code(recipe, self.max_accuracy_drop, steps, end_epoch, distill)

@@ -58,6 +58,7 @@ NUM_LANDMARKS = (32, 64)
 #: token-merging r candidates, as fractions of the largest r the model takes
 R_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 
+
 @dataclass(frozen=True, order=True)
 class Recipe:
     """One combination of the techniques; all zero / None is the uncompressed model.
@@ -168,9 +169,10 @@ class SpeedModel:
                 f"{[r.label() for r in self.recipes()]}"
             )
         whole = self.timings.whole[variant]
-        exact = _interpolate(self.timings.block[(*variant, None)], self.tokens_in)
+        ratio, config = variant
+        exact = _interpolate(self.timings.block[(ratio, config, None)], self.tokens_in)
         rest = max(0.0, whole - self.depth * exact)
-        blocks = self.timings.block[(*variant, recipe.num_landmarks)]
+        blocks = self.timings.block[(ratio, config, recipe.num_landmarks)]
         entering, leaving = self.token_counts(recipe.r)
         # attention sees the tokens entering a block, its MLP those left after the merge: half each
         parts = rest + sum(
