@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from lightning_vitcompress._training_state import refresh_after_structural_change
     from lightning_vitcompress.callbacks import (
         BenchmarkCallback,
+        CompressionPlan,
         DistillationTeacher,
         ExportOnFit,
         NystromSwap,
@@ -61,6 +62,7 @@ __version__ = "0.1.0.dev0"
 #: public names that need Lightning, and the module each lives in
 _LIGHTNING_NAMES = {
     "BenchmarkCallback": "lightning_vitcompress.callbacks",
+    "CompressionPlan": "lightning_vitcompress.callbacks",
     "DistillationTeacher": "lightning_vitcompress.callbacks",
     "ExportOnFit": "lightning_vitcompress.callbacks",
     "NystromSwap": "lightning_vitcompress.callbacks",
@@ -84,6 +86,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "BenchmarkCallback",
     "CompressionCallback",
+    "CompressionPlan",
     "DistillConfig",
     "DistillationTeacher",
     "ExportConfig",

@@ -1,0 +1,89 @@
+"""CompressionPlan's speed model against measurement: predicted vs measured speedup of a few recipes.
+
+The plan predicts a recipe's speed from timed parts (the whole model and one block per pruning ratio and
+int8 config at a few token counts, the token-merging step) instead of timing each recipe. This checks
+that prediction: the same recipes built as the callbacks build them (``prune_vit``, ``merge_tokens``,
+``quantize_model``) and timed whole, all interleaved with the uncompressed model in this one process.
+Prints the CPU, the seconds the parts took to time, and per recipe: predicted, measured, ratio.
+
+Default: timm ``vit_base_patch16_224`` (random weights; speed does not depend on them), batch 4, 2 threads,
+eager fp32 and ``int8_dynamic``; ``--model`` takes any timm ViT name, ``--image-size`` its input size.
+
+    python benchmarks/bench_plan.py [--model vit_base_patch16_224] [--batch-size 4] [--threads 2]
+        [--rounds 3] [--min-run-time 0.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import timm
+import torch
+
+from lightning_vitcompress.functional import compare_throughput, merge_tokens, prune_vit, quantize_model
+from lightning_vitcompress.functional.plan import Recipe, measure_speed_model
+from lightning_vitcompress.functional.report import cpu_name
+
+#: recipes checked: each technique alone and combined
+RECIPES = [
+    Recipe(0.5),
+    Recipe(0.0, 8),
+    Recipe(0.4, 8, None, "int8_dynamic"),
+    Recipe(0.6, 16, None, "int8_dynamic"),
+]
+
+
+def build(model: torch.nn.Module, recipe: Recipe, x: torch.Tensor) -> torch.nn.Module:
+    """The recipe's model, made with the functions the callbacks run (in their order: prune, merge, quantize)."""
+    model = copy.deepcopy(model)
+    if recipe.pruning_ratio:
+        prune_vit(model, recipe.pruning_ratio, x[:1])
+    if recipe.r:
+        merge_tokens(model, recipe.r, example_input=x[:1])
+    if recipe.quantization:
+        quantize_model(model, recipe.quantization, calibration_inputs=[x])
+    return model.eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="vit_base_patch16_224")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--min-run-time", type=float, default=0.5)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
+    model = timm.create_model(args.model, pretrained=False, img_size=args.image_size).eval()
+
+    speed = measure_speed_model(
+        model,
+        x,
+        pruning_ratios=sorted({r.pruning_ratio for r in RECIPES}),
+        r_values=sorted({r.r for r in RECIPES if r.r}),
+        num_landmarks=(),
+        quantization=("int8_dynamic",),
+        num_threads=args.threads,
+    )
+    variants = {"uncompressed": model, **{r.label(): build(model, r, x) for r in RECIPES}}
+    measured = compare_throughput(
+        variants, x, num_threads=args.threads, rounds=args.rounds, min_run_time=args.min_run_time
+    )
+    base = measured["uncompressed"]
+    print(
+        f"CPU: {cpu_name()}; {args.model} at {args.image_size}, batch {args.batch_size}, {args.threads} threads, "
+        f"eager; parts timed in {speed.seconds_measuring:.1f} s ({speed.tokens_in} tokens, {speed.depth} blocks)"
+    )
+    print(f"{'recipe':<40} {'predicted':>10} {'measured':>10} {'ratio':>7}")
+    for recipe in RECIPES:
+        predicted = speed.speedup(recipe)
+        actual = measured[recipe.label()] / base
+        print(f"{recipe.label():<40} {predicted:>9.2f}x {actual:>9.2f}x {predicted / actual:>7.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""CompressionPlan on the Fashion-MNIST study's model: targets 4x, 8x and the fastest reachable, over seeds.
+
+Each seed's base ViT is the study's (``examples/fashion_mnist_study.py``: 96 wide, 4 blocks, patch 4 on
+28x28x1, 15 epochs on a 20,000-image subset), loaded from the study's cache or trained there once. Per
+seed and target, one fit of ``--fine-tune-epochs`` with ``CompressionPlan(target_speedup=..., max_accuracy_drop=1.0)``:
+the plan times the model's parts on this CPU (once per process: the same model shape and machine for every
+cell, so every cell plans from the same timings), picks the recipe, trains it against the uncompressed model
+and backs off where the budget breaks on the validation hold-out (``--val-batches`` batches of the 5,000
+held-out images). Each cell is paired with a control (the base fine-tuned as long, no plan), and reports:
+
+* top-1 on the full 10,000-image test set, the control's, and the paired delta;
+* the predicted and the measured speedup (the final model against the base, interleaved, batch
+  ``--plan-batch-size``, ``--threads`` threads) against the target; a target beyond the fastest
+  reachable is said so and run at the fastest;
+* the fit's seconds against the control's (the issue's bound: 1.5x).
+
+    python examples/plan_fashion_mnist.py                          # 3 seeds x (4x, 8x, max), resumes
+    python examples/plan_fashion_mnist.py --fast                   # smoke run (minutes)
+
+Writes ``plan_fashion_mnist.json`` (after every cell; a rerun skips the cells in it) and
+``plan_fashion_mnist.md`` to ``--output-dir``, and each cell's plan report under ``<output-dir>/<cell>/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fashion_mnist_study import Study, copy_classifier, parser  # the study's base models and data
+
+from lightning_vitcompress import CompressionPlan
+from lightning_vitcompress.functional.plan import measure_speed_model, plan_frontier
+
+
+def arguments(argv: Optional[list[str]] = None) -> Any:
+    p = parser()
+    p.description = __doc__
+    p.add_argument("--targets", nargs="+", default=["4", "8", "max"], help="speedups, or 'max': the fastest reachable")
+    p.add_argument("--max-accuracy-drop", type=float, default=1.0)
+    p.add_argument("--plan-batch-size", type=int, default=32, help="batch of the plan's timings (the deploy batch)")
+    p.add_argument("--val-batches", type=int, default=10, help="validation batches the budget is checked on")
+    p.add_argument("--pruning-ratios", type=float, nargs="+", default=[0.0, 0.25, 0.4, 0.5, 0.6])
+    p.add_argument("--quantization", nargs="*", default=["int8_dynamic"])
+    args = p.parse_args(argv)
+    args.output_dir = args.output_dir if args.output_dir != "outputs/fashion_mnist" else "outputs/plan_fashion_mnist"
+    if args.fast:
+        args.seeds, args.epochs, args.fine_tune_epochs, args.train_subset, args.val_batches = 1, 1, 1, 1024, 2
+    args.cache_dir = args.cache_dir or str(
+        Path(args.output_dir) / "cache" if args.fast else Path("outputs") / "fashion_mnist_cache"
+    )
+    return args
+
+
+def trainer(args: Any, folder: Path, callbacks: list[Any]) -> L.Trainer:
+    quick = dict(limit_train_batches=5) if args.fast else {}
+    return L.Trainer(
+        max_epochs=args.fine_tune_epochs,
+        accelerator="cpu",
+        precision=args.precision,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=args.val_batches,
+        num_sanity_val_steps=0,
+        default_root_dir=folder,
+        **quick,
+    )
+
+
+def fine_tune(study: Study, args: Any, seed: int, folder: Path, callbacks: list[Any]) -> tuple[torch.nn.Module, float]:
+    L.seed_everything(seed, verbose=False)
+    student = copy_classifier(study.base(seed), args)
+    student.hparams.lr = args.fine_tune_lr
+    student.model.train()
+    start = time.perf_counter()
+    trainer(args, folder, callbacks).fit(student, study.data)
+    return student.model.eval(), time.perf_counter() - start
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    args = arguments(argv)
+    torch.set_num_threads(args.threads)
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    path = output / "plan_fashion_mnist.json"
+    results: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"cells": {}, "controls": {}}
+    study = Study(args)
+    example = next(iter(study.data.val_dataloader()))[0][: args.plan_batch_size]
+    speed = measure_speed_model(
+        study.base(0).model,
+        example,
+        pruning_ratios=args.pruning_ratios,
+        quantization=args.quantization,
+        num_threads=args.threads,
+    )
+    frontier = plan_frontier(speed)
+    fastest = max(c.predicted_speedup for c in frontier)
+    print(f"plan timings: {speed.seconds_measuring:.0f} s; fastest reachable {fastest:.2f}x", flush=True)
+    results["fastest_reachable"] = fastest
+    for seed in range(args.seeds):
+        if str(seed) not in results["controls"]:
+            model, seconds = fine_tune(study, args, seed, output / f"control_seed{seed}", [])
+            results["controls"][str(seed)] = {"top1": study.accuracy(model), "fit_seconds": seconds}
+            _write(path, results)
+        control = results["controls"][str(seed)]
+        for target in args.targets:
+            key = f"{target}x_seed{seed}"
+            if key in results["cells"]:
+                continue
+            wanted = fastest if target == "max" else float(target)
+            reachable = wanted <= fastest
+            run_at = wanted if reachable else fastest
+            plan = CompressionPlan(
+                target_speedup=run_at,
+                max_accuracy_drop=args.max_accuracy_drop,
+                speed_model=speed,
+                batch_size=args.plan_batch_size,
+                num_threads=args.threads,
+                output_dir=output / key,
+            )
+            model, seconds = fine_tune(study, args, seed, output / key, [plan])
+            top1 = study.accuracy(model)
+            results["cells"][key] = {
+                "target": target,
+                "seed": seed,
+                "reachable": reachable,
+                "run_at": run_at,
+                "recipe": plan.report["label"],
+                "kept": plan.report["kept_label"],
+                "predicted_speedup": plan.report["predicted_speedup"],
+                "measured_speedup": plan.report["measured_speedup"],
+                "top1": top1,
+                "control_top1": control["top1"],
+                "delta": top1 - control["top1"],
+                "fit_seconds": seconds,
+                "fit_cost_vs_control": seconds / control["fit_seconds"],
+            }
+            print(json.dumps(results["cells"][key]), flush=True)
+            _write(path, results)
+    table = markdown(results)
+    (output / "plan_fashion_mnist.md").write_text(table + "\n")
+    print("\n" + table)
+    return results
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [
+        f"Fastest reachable (predicted): {results['fastest_reachable']:.2f}x",
+        "",
+        (
+            "| target | seed | recipe chosen -> kept after the budget | predicted | measured | within 10% | top-1 "
+            "| control | Δ (pt) | fit cost vs control |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for cell in results["cells"].values():
+        goal = cell["run_at"]
+        within = cell["measured_speedup"] is not None and cell["measured_speedup"] >= 0.9 * goal
+        target = cell["target"] if cell["reachable"] else f"{cell['target']} (unreachable: ran at {goal:.2f}x)"
+        lines.append(
+            f"| {target} | {cell['seed']} | {cell['recipe']} -> {cell['kept']} | {cell['predicted_speedup']:.2f}x "
+            f"| {cell['measured_speedup']:.2f}x | {'yes' if within else 'no'} | {cell['top1']:.2f} "
+            f"| {cell['control_top1']:.2f} | {cell['delta']:+.2f} | {cell['fit_cost_vs_control']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def _write(path: Path, results: dict[str, Any]) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(results, indent=2))
+    os.replace(partial, path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""CompressionPlan's report at fit end: the Markdown, JSON and copyable-callbacks files, and the frontier plot."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from lightning_vitcompress.functional.measure import thread_count
+from lightning_vitcompress.functional.plan import Candidate, Recipe, format_frontier, runner_for, time_interleaved
+
+__all__ = ["measured_speedup", "plot_frontier", "write_plan_report"]
+
+
+def measured_speedup(
+    baseline: nn.Module,
+    final: nn.Module,
+    example: torch.Tensor,
+    runtime: str,
+    num_threads: int,
+    rounds: int,
+    min_run_time: float,
+) -> float:
+    """The final model's speedup over the model that entered fit, timed interleaved on ``example`` (in
+    ``runtime``, or eager torch where the runtime refuses the final model)."""
+    calls = {}
+    for name, model in (("base", baseline), ("final", final)):
+        was = model.training
+        model.eval()
+        try:
+            calls[name] = runner_for(model, (example,), {}, runtime, num_threads)
+        except Exception:
+            calls[name] = runner_for(model, (example,), {}, "torch", num_threads)
+        model.train(was)
+    with thread_count(num_threads):
+        seconds = time_interleaved(calls, rounds, min_run_time)
+    return seconds["base"] / seconds["final"]
+
+
+def write_plan_report(
+    folder: Path,
+    report: dict[str, Any],
+    frontier: Sequence[Candidate],
+    chosen: Candidate,
+    batch_size: int,
+    plot: bool,
+) -> None:
+    """``compression_plan.md``, ``.json``, ``_callbacks.py`` (and ``.png`` when ``plot``) in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    r = report
+    measured = "n/a" if r["measured_speedup"] is None else f"{r['measured_speedup']:.2f}x"
+    accuracy = (
+        "not measured (no budget)"
+        if r["final_accuracy"] is None
+        else (
+            f"{r['final_accuracy']:.2%} vs {r['reference_accuracy']:.2%} entering fit "
+            f"({-r['accuracy_drop']:+.2f} pt, budget {r['max_accuracy_drop']:.2f} pt)"
+        )
+    )
+    backed = "; ".join(f"{b['when']}: r {b['r'][0]} -> {b['r'][1]}" for b in r["backed_off"]) or "none"
+    text = "\n".join(
+        [
+            "# Compression plan",
+            "",
+            f"Target: {r['target_speedup']:.2f}x, at most {r['max_accuracy_drop']} pt of validation top-1.",
+            "",
+            f"Chosen: **{r['label']}**, predicted {r['predicted_speedup']:.2f}x: {r['why']}.",
+            "",
+            f"Kept after the budget checks: **{Recipe(**r['kept']).label()}**.",
+            "",
+            (
+                f"Final: {measured} measured (interleaved with the uncompressed model, batch {batch_size}); "
+                f"accuracy {accuracy}. Token-merging back-offs: {backed}."
+            ),
+            "",
+            "Frontier (predicted from measured parts; accuracy cost is the study's prior, not a measurement):",
+            "",
+            format_frontier(frontier, chosen),
+            "",
+            "The recipe as plain callbacks:",
+            "",
+            "```python",
+            r["code"].rstrip(),
+            "```",
+            "",
+        ]
+    )
+    (folder / "compression_plan.md").write_text(text)
+    (folder / "compression_plan_callbacks.py").write_text(r["code"])
+    (folder / "compression_plan.json").write_text(
+        json.dumps(
+            {
+                **r,
+                "frontier": [
+                    {
+                        **c.recipe.as_dict(),
+                        "predicted_speedup": c.predicted_speedup,
+                        "accuracy_cost": c.accuracy_cost,
+                        "on_frontier": c.on_frontier,
+                    }
+                    for c in frontier
+                ],
+            },
+            indent=2,
+            default=str,
+        )
+    )
+    if plot:
+        plot_frontier(folder / "compression_plan.png", frontier, chosen, r["target_speedup"])
+    rank_zero_info(f"CompressionPlan: report in {folder / 'compression_plan.md'}")
+
+
+def plot_frontier(
+    path: Path, frontier: Sequence[Candidate], chosen: Optional[Candidate], target_speedup: float
+) -> None:
+    """Predicted speedup against prior accuracy cost of every recipe, the frontier, the chosen one and the target
+    (nothing without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter(
+        [c.predicted_speedup for c in frontier],
+        [c.accuracy_cost for c in frontier],
+        s=12,
+        c=["tab:blue" if c.on_frontier else "lightgrey" for c in frontier],
+    )
+    if chosen is not None:
+        ax.scatter(
+            [chosen.predicted_speedup],
+            [chosen.accuracy_cost],
+            s=60,
+            c="tab:red",
+            label=f"chosen: {chosen.recipe.label()}",
+        )
+    ax.axvline(target_speedup, ls="--", c="grey", label=f"target {target_speedup:.2f}x")
+    ax.set_xlabel("predicted speedup (measured parts)")
+    ax.set_ylabel("prior accuracy cost (pt)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
