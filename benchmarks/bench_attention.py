@@ -54,8 +54,12 @@ def openvino_by_hand(model: torch.nn.Module, x: torch.Tensor, threads: int) -> t
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="+", default=["unpruned:224:4", "pruned:224:4", "pruned:224:1",
-                                                        "pruned:384:1"], help="pruned|unpruned:image size:batch")
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        default=["unpruned:224:4", "pruned:224:4", "pruned:224:1", "pruned:384:1"],
+        help="pruned|unpruned:image size:batch",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--min-run-time", type=float, default=2.0)
@@ -66,11 +70,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch._dynamo.config.recompile_limit = 64  # many compiled ViTs of one class
     with_openvino = not args.no_openvino and all(importlib.util.find_spec(m) for m in ("openvino", "nncf"))
-    print(f"{CONFIG} bf16-mixed compiled (QuantizeOnFit()'s default here), timm ViT-B/16 random weights, "
-          f"{args.threads} threads of {cpu_name()}\n")
-    print("| model | image | tokens | batch | fp32 eager (img/s) | fused attention | written out | "
-          "written out vs fused | vs fp32 eager | OpenVINO int8 by hand | written out vs OpenVINO | "
-          "max logit diff fused / written out |")
+    print(
+        f"{CONFIG} bf16-mixed compiled (QuantizeOnFit()'s default here), timm ViT-B/16 random weights, "
+        f"{args.threads} threads of {cpu_name()}\n"
+    )
+    print(
+        "| model | image | tokens | batch | fp32 eager (img/s) | fused attention | written out | "
+        "written out vs fused | vs fp32 eager | OpenVINO int8 by hand | written out vs OpenVINO | "
+        "max logit diff fused / written out |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for shape in args.shapes:
         kind, size, batch = shape.split(":")
@@ -92,10 +100,13 @@ def main() -> None:
         name = "pruned 50%" if kind == "pruned" else "unpruned"
         ov = ips.get("openvino")
         ov_cells = "n/a | n/a" if ov is None else f"{ov:.2f} | {ips['decomposed'] / ov:.2f}x"
-        print(f"| {name} | {size} | {tokens} | {batch} | {ips['fp32']:.2f} | {ips['fused']:.2f} | "
-              f"{ips['decomposed']:.2f} | {ips['decomposed'] / ips['fused']:.2f}x | "
-              f"{ips['decomposed'] / ips['fp32']:.2f}x | {ov_cells} | {diff['fused']:.3f} / {diff['decomposed']:.3f} |",
-              flush=True)
+        print(
+            f"| {name} | {size} | {tokens} | {batch} | {ips['fp32']:.2f} | {ips['fused']:.2f} | "
+            f"{ips['decomposed']:.2f} | {ips['decomposed'] / ips['fused']:.2f}x | "
+            f"{ips['decomposed'] / ips['fp32']:.2f}x | {ov_cells} | {diff['fused']:.3f} / {diff['decomposed']:.3f} |",
+            flush=True,
+        )
+
 
 if __name__ == "__main__":
     main()

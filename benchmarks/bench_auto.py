@@ -30,7 +30,6 @@ import timm
 import torch
 from torch import nn
 
-from lightning_vitcompress.functional.report import cpu_name
 from lightning_vitcompress.functional import QUANTIZATION_CONFIGS, compare_throughput, quantize_model
 from lightning_vitcompress.functional.quantize_auto import (
     AutoCandidate,
@@ -38,6 +37,7 @@ from lightning_vitcompress.functional.quantize_auto import (
     format_auto_table,
     select_quantization,
 )
+from lightning_vitcompress.functional.report import cpu_name
 
 
 def build(model: nn.Module, candidate: AutoCandidate, x: torch.Tensor, calibration: list[torch.Tensor]) -> nn.Module:
@@ -61,8 +61,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--min-run-time", type=float, default=1.0)
     parser.add_argument("--time-budget", type=float, default=600.0, help="auto_time_budget_s")
-    parser.add_argument("--rebuild-missing", action="store_true",
-                        help="also build the fixed configs the selection did not reach in its time budget")
+    parser.add_argument(
+        "--rebuild-missing",
+        action="store_true",
+        help="also build the fixed configs the selection did not reach in its time budget",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -72,14 +75,24 @@ def main() -> None:
     calibration = [x, torch.randn_like(x)]
     candidates = auto_candidates(device, calibration=True)
 
-    print(f"## {args.model}, {device.type}, batch {args.batch_size}, {args.threads} threads of {cpu_name()}, torch {torch.__version__}")
+    print(
+        f"## {args.model}, {device.type}, batch {args.batch_size}, {args.threads} threads of {cpu_name()}, torch {torch.__version__}"
+    )
     print(f"candidates on this machine: {[c.label for c in candidates]}\n")
     torch._dynamo.reset()
     start = time.perf_counter()
     result = select_quantization(
-        model, candidates, x, example_input=x[:1], calibration_inputs=calibration,
-        time_budget_s=args.time_budget, rounds=args.rounds, min_run_time=args.min_run_time,
-        num_threads=args.threads, progress=lambda line: print(f"  auto: {line}", flush=True), keep_models=True,
+        model,
+        candidates,
+        x,
+        example_input=x[:1],
+        calibration_inputs=calibration,
+        time_budget_s=args.time_budget,
+        rounds=args.rounds,
+        min_run_time=args.min_run_time,
+        num_threads=args.threads,
+        progress=lambda line: print(f"  auto: {line}", flush=True),
+        keep_models=True,
     )
     selection_seconds = time.perf_counter() - start
     print("\n### what 'auto' measured\n")
@@ -94,7 +107,7 @@ def main() -> None:
         elif args.rebuild_missing:
             try:
                 variants[candidate.label] = build(model, candidate, x, calibration)
-            except Exception as err:  # noqa: BLE001 - report it and go on with the others
+            except Exception as err:
                 print(f"| {candidate.label} | failed: {type(err).__name__}: {str(err)[:100]} |")
         else:
             print(f"({candidate.label}: not built by the selection, left out; --rebuild-missing builds it)")
@@ -116,8 +129,11 @@ def main() -> None:
         ratio = float("nan")
     else:
         ratio = fixed[chosen.label] / fixed[fastest]
-        print(f"\n'auto' chose {chosen.label}: {ratio:.3f}x the fastest fixed config ({fastest}) in this timing "
-              f"-> {'within' if ratio >= 0.95 else 'NOT within'} 5%; ", end="")
+        print(
+            f"\n'auto' chose {chosen.label}: {ratio:.3f}x the fastest fixed config ({fastest}) in this timing "
+            f"-> {'within' if ratio >= 0.95 else 'NOT within'} 5%; ",
+            end="",
+        )
     print(f"selection took {selection_seconds:.0f} s (budget {args.time_budget:.0f} s)")
 
 

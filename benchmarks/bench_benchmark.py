@@ -58,8 +58,14 @@ def main() -> None:
         before = independent_images_per_s(module.model, args.batch_size, args.threads)
         bench = BenchmarkCallback(batch_size=args.batch_size, num_threads=args.threads, devices=["cpu"], plot=False)
         trainer = L.Trainer(
-            accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, callbacks=[bench], default_root_dir="/tmp/bench_benchmark",
+            accelerator="cpu",
+            max_steps=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[bench],
+            default_root_dir="/tmp/bench_benchmark",
         )
         trainer.fit(module, DataLoader(data, batch_size=2))
         after = independent_images_per_s(module.model, args.batch_size, args.threads)

@@ -38,8 +38,9 @@ import importlib.util
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import timm
 import torch
@@ -60,8 +61,13 @@ from lightning_vitcompress.functional.report import cpu_name
 from lightning_vitcompress.functional.x86_int8 import cpu_supports_bfloat16
 
 #: the fixed x86 configs the default is compared with: (config, inference_precision)
-FIXED = [("int8_static_x86", "32-true"), ("int8_static_x86", "bf16-mixed"), ("int8_dynamic_x86", "32-true"),
-         ("int8_dynamic_x86", "bf16-mixed"), ("int8_dynamic", "32-true")]
+FIXED = [
+    ("int8_static_x86", "32-true"),
+    ("int8_static_x86", "bf16-mixed"),
+    ("int8_dynamic_x86", "32-true"),
+    ("int8_dynamic_x86", "bf16-mixed"),
+    ("int8_dynamic", "32-true"),
+]
 
 
 class Row:
@@ -91,7 +97,9 @@ class OpenVINOByHand(nn.Module):
 
         ov_model = ov.convert_model(copy.deepcopy(model).eval(), example_input=example)
         dataset = nncf.Dataset([batch.numpy() for batch in calibration])
-        quantized = nncf.quantize(ov_model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration))
+        quantized = nncf.quantize(
+            ov_model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration)
+        )
         self.folder = Path(tempfile.mkdtemp(prefix="ov_by_hand_"))
         ov.save_model(quantized, str(self.folder / "model.xml"))
         self.size_bytes = sum(f.stat().st_size for f in self.folder.iterdir())
@@ -101,8 +109,9 @@ class OpenVINOByHand(nn.Module):
         return torch.from_numpy(self.compiled(images.numpy())[0])
 
 
-def quantized_copy(model: nn.Module, config: str, precision: str, example: torch.Tensor,
-                   calibration: list[torch.Tensor]) -> nn.Module:
+def quantized_copy(
+    model: nn.Module, config: str, precision: str, example: torch.Tensor, calibration: list[torch.Tensor]
+) -> nn.Module:
     """``model`` quantized and compiled as ``QuantizeOnFit(config, inference_precision=precision)`` leaves it."""
     quantized = copy.deepcopy(model).eval()
     spec = QUANTIZATION_CONFIGS[config]
@@ -122,8 +131,14 @@ REFERENCE = "fp32 eager, unpruned (reference)"
 SPEED_ONLY_TOLERANCE = 0.25
 
 
-def shape_rows(model: nn.Module, x: torch.Tensor, calibration: list[torch.Tensor], args: argparse.Namespace,
-               out: Path, reference: nn.Module) -> dict[str, Row]:
+def shape_rows(
+    model: nn.Module,
+    x: torch.Tensor,
+    calibration: list[torch.Tensor],
+    args: argparse.Namespace,
+    out: Path,
+    reference: nn.Module,
+) -> dict[str, Row]:
     """Every variant of one model shape, built (compiles paid here, first calls recorded); ``reference`` (the
     unpruned fp32 model) is timed beside them when it is another model, for speedups against the original."""
     default = default_quantization(torch.device("cpu"))
@@ -148,23 +163,30 @@ def shape_rows(model: nn.Module, x: torch.Tensor, calibration: list[torch.Tensor
     best._compiled_call_impl = None  # exported from the eager quantized model
     # speed rows: random weights and token merging (whose merges can flip on a rounding difference) move logits
     # past the export's own checks, which the tests hold on trained and untrained tiny models
-    pt2 = export_compressed(best, out / "vit.pt2", x, inference_precision=default.inference_precision,
-                            tolerance=SPEED_ONLY_TOLERANCE)
-    rows["ours: .pt2 (default config, AOTInductor)"] = Row(load_artifact(pt2["path"]), pt2["size_bytes"],
-                                                           f"export {pt2['export_seconds']:.0f} s")
+    pt2 = export_compressed(
+        best, out / "vit.pt2", x, inference_precision=default.inference_precision, tolerance=SPEED_ONLY_TOLERANCE
+    )
+    rows["ours: .pt2 (default config, AOTInductor)"] = Row(
+        load_artifact(pt2["path"]), pt2["size_bytes"], f"export {pt2['export_seconds']:.0f} s"
+    )
     if importlib.util.find_spec("onnxruntime") is not None and not args.no_onnx:
         static = copy.deepcopy(model).eval()
         quantize_model(static, "int8_static_x86", example_input=x, calibration_inputs=calibration)
         # onnxruntime's int8 kernels round differently from oneDNN's: on random ViT-B weights its logits moved
         # 4.4% of the largest one, past export_compressed's 3% check
         onnx = export_compressed(static, out / "vit.onnx", x, tolerance=SPEED_ONLY_TOLERANCE)
-        rows["ours: .onnx int8 static, onnxruntime"] = Row(load_artifact(onnx["path"]), onnx["size_bytes"],
-                                                           f"export {onnx['export_seconds']:.0f} s")
+        rows["ours: .onnx int8 static, onnxruntime"] = Row(
+            load_artifact(onnx["path"]), onnx["size_bytes"], f"export {onnx['export_seconds']:.0f} s"
+        )
     if importlib.util.find_spec("nncf") is not None:
-        ir = export_compressed(model, out / "vit.xml", x, quantize="int8", calibration_data=calibration,
-                               tolerance=SPEED_ONLY_TOLERANCE)
-        rows["ours: OpenVINO IR int8 (ExportOnFit)"] = Row(load_artifact(ir["path"]), ir["size_bytes"],
-                                                           f"export {ir['export_seconds']:.0f} s, {ir['inference_precision']}")
+        ir = export_compressed(
+            model, out / "vit.xml", x, quantize="int8", calibration_data=calibration, tolerance=SPEED_ONLY_TOLERANCE
+        )
+        rows["ours: OpenVINO IR int8 (ExportOnFit)"] = Row(
+            load_artifact(ir["path"]),
+            ir["size_bytes"],
+            f"export {ir['export_seconds']:.0f} s, {ir['inference_precision']}",
+        )
     for row in rows.values():
         row.first_call = first_call_seconds(row.model, x)
     return rows
@@ -175,23 +197,31 @@ def print_table(title: str, rows: dict[str, Row], ips: dict[str, float]) -> None
     study = ips["study: quantize_dynamic"]
     original = ips.get(REFERENCE, eager)
     print(f"\n### {title}\n")
-    print("| variant | CPU images/s | vs fp32 eager | vs unpruned fp32 eager | vs bf16 compiled | vs quantize_dynamic "
-          "| size (MB) | first call (s) | note |")
+    print(
+        "| variant | CPU images/s | vs fp32 eager | vs unpruned fp32 eager | vs bf16 compiled | vs quantize_dynamic "
+        "| size (MB) | first call (s) | note |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, row in rows.items():
-        print(f"| {name} | {ips[name]:.2f} | {ips[name] / eager:.2f}x | {ips[name] / original:.2f}x "
-              f"| {ips[name] / bf16:.2f}x | {ips[name] / study:.2f}x | {row.size_bytes / 1e6:.1f} | {row.first_call:.1f} "
-              f"| {row.note} |")
+        print(
+            f"| {name} | {ips[name]:.2f} | {ips[name] / eager:.2f}x | {ips[name] / original:.2f}x "
+            f"| {ips[name] / bf16:.2f}x | {ips[name] / study:.2f}x | {row.size_bytes / 1e6:.1f} | {row.first_call:.1f} "
+            f"| {row.note} |"
+        )
     fixed = {n: v for n, v in ips.items() if n.startswith("int8_")}
     chosen = next(n for n in fixed if n.endswith("default"))
     fastest = max(fixed, key=fixed.get)
-    print(f"\ndefault vs fastest fixed config ({fastest}): {fixed[chosen] / fixed[fastest]:.3f}x; "
-          f"default vs the study's quantize_dynamic: {fixed[chosen] / study:.2f}x")
+    print(
+        f"\ndefault vs fastest fixed config ({fastest}): {fixed[chosen] / fixed[fastest]:.3f}x; "
+        f"default vs the study's quantize_dynamic: {fixed[chosen] / study:.2f}x"
+    )
     ir = next((n for n in ips if n.startswith("ours: OpenVINO")), None)
     if ir is not None:
-        print(f"our OpenVINO IR vs OpenVINO by hand: {ips[ir] / ips['OpenVINO NNCF int8, by hand']:.3f}x; "
-              f"vs our .pt2: {ips[ir] / ips['ours: .pt2 (default config, AOTInductor)']:.2f}x; "
-              f"vs fp32 eager: {ips[ir] / eager:.2f}x; vs unpruned fp32 eager: {ips[ir] / original:.2f}x")
+        print(
+            f"our OpenVINO IR vs OpenVINO by hand: {ips[ir] / ips['OpenVINO NNCF int8, by hand']:.3f}x; "
+            f"vs our .pt2: {ips[ir] / ips['ours: .pt2 (default config, AOTInductor)']:.2f}x; "
+            f"vs fp32 eager: {ips[ir] / eager:.2f}x; vs unpruned fp32 eager: {ips[ir] / original:.2f}x"
+        )
 
 
 def main() -> None:
@@ -200,8 +230,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--min-run-time", type=float, default=1.0)
-    parser.add_argument("--shapes", nargs="+", default=["unpruned", "pruned", "merged"],
-                        choices=["unpruned", "pruned", "merged"])
+    parser.add_argument(
+        "--shapes", nargs="+", default=["unpruned", "pruned", "merged"], choices=["unpruned", "pruned", "merged"]
+    )
     parser.add_argument("--merge-r", type=int, default=16)
     parser.add_argument("--no-onnx", action="store_true")
     parser.add_argument("--fast", action="store_true", help="a tiny ViT at 32x32: checks the wiring in seconds")
@@ -219,9 +250,11 @@ def main() -> None:
     x = torch.randn(args.batch_size, 3, size, size)
     calibration = [torch.randn_like(x) for _ in range(4)]
     default = default_quantization(torch.device("cpu"))
-    print(f"{name} at {size}x{size}, batch {args.batch_size}, {args.threads} threads of {cpu_name()}; torch "
-          f"{torch.__version__}; QuantizeOnFit() default here: {default.config} {default.inference_precision} "
-          f"({default.reason}); precisions {list(INFERENCE_PRECISIONS)}")
+    print(
+        f"{name} at {size}x{size}, batch {args.batch_size}, {args.threads} threads of {cpu_name()}; torch "
+        f"{torch.__version__}; QuantizeOnFit() default here: {default.config} {default.inference_precision} "
+        f"({default.reason}); precisions {list(INFERENCE_PRECISIONS)}"
+    )
     reference = timm.create_model(name, pretrained=False, **kwargs).eval()
     for shape in args.shapes:
         model = copy.deepcopy(reference)
@@ -235,8 +268,9 @@ def main() -> None:
         out = Path(tempfile.mkdtemp(prefix=f"bench_deploy_{shape}_"))
         rows = shape_rows(model, x, calibration, args, out, reference if shape != "unpruned" else model)
         print(f"timing {len(rows)} variants of {title} ...", flush=True)
-        ips = compare_throughput({n: r.model for n, r in rows.items()}, x, rounds=args.rounds,
-                                 min_run_time=args.min_run_time)
+        ips = compare_throughput(
+            {n: r.model for n, r in rows.items()}, x, rounds=args.rounds, min_run_time=args.min_run_time
+        )
         print("timed", flush=True)
         print_table(title, rows, ips)
         del rows

@@ -38,10 +38,10 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from lightning_vitcompress import DistillationTeacher
+from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule, small_vit
 from lightning_vitcompress.functional import measure_accuracy
 from lightning_vitcompress.functional.distill import check_input_adapter, teacher_forward
-from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule, small_vit
-from lightning_vitcompress import DistillationTeacher
 
 TEACHER = dict(embed_dim=64, depth=4, num_heads=4)
 STUDENT = dict(embed_dim=32, depth=2, num_heads=4)
@@ -106,8 +106,9 @@ def step_times(
     timer = StepTimer()
     callbacks: list[Callback] = [timer]
     if teacher is not None:
-        callbacks.insert(0, TimedTeacher(teacher, mode="soft", alpha=0.5, input_adapter=adapter,
-                                         teacher_precision=precision))
+        callbacks.insert(
+            0, TimedTeacher(teacher, mode="soft", alpha=0.5, input_adapter=adapter, teacher_precision=precision)
+        )
     trainer(1, callbacks, limit_train_batches=steps + 2).fit(DigitsClassifier(**(student or STUDENT)), dm)
     if teacher is not None and inner is not None:
         inner += callbacks[0].forward_times[2:]
@@ -157,7 +158,7 @@ def overhead(rounds: int, steps: int, precisions: list[str], cases: list[int]) -
     for _ in range(rounds):  # interleaved: each plain student, then each teacher and precision
         for key, student in students.items():
             plain[key] += step_times(None, dm, steps, None, student=student)
-        for i, (label, student, teacher, size, precision) in enumerate(configs):
+        for i, (_label, student, teacher, size, precision) in enumerate(configs):
             distilled[i] += step_times(teacher, dm, steps, size, inner[i], precision, student)
             forward[i] += teacher_forward_times(teacher, dm, steps, size, precision)
     rows = []
@@ -165,13 +166,18 @@ def overhead(rounds: int, steps: int, precisions: list[str], cases: list[int]) -
         row = [label, precision]
         ratios = []
         for clock in (0, 1):  # wall, CPU
-            p, d, f, n = (statistics.median(t[clock] for t in v) * 1e3
-                          for v in (plain[repr(student)], distilled[i], forward[i], inner[i]))
+            p, d, f, n = (
+                statistics.median(t[clock] for t in v) * 1e3
+                for v in (plain[repr(student)], distilled[i], forward[i], inner[i])
+            )
             row += [f"{p:.1f}", f"{f:.1f}", f"{d:.1f}", f"{n:.1f}", f"{d - p - n:.1f}"]
             ratios.append((d / (p + f), d / p))
         (wall_fwd, _), (cpu_fwd, cpu_step) = ratios
-        row += [f"{wall_fwd:.3f} {'ok' if wall_fwd <= 1.1 else 'OVER'}",
-                f"{cpu_fwd:.3f} {'ok' if cpu_fwd <= 1.1 else 'OVER'}", f"{cpu_step:.2f}"]
+        row += [
+            f"{wall_fwd:.3f} {'ok' if wall_fwd <= 1.1 else 'OVER'}",
+            f"{cpu_fwd:.3f} {'ok' if cpu_fwd <= 1.1 else 'OVER'}",
+            f"{cpu_step:.2f}",
+        ]
         rows.append(row)
     return rows
 
@@ -240,16 +246,27 @@ def accuracy(args: argparse.Namespace) -> list[list[str]]:
         cases = [
             (f"ViT 32x2, soft T={t} a={a}", "vit_tiny_patch16_224", "soft", soft),
             (f"ViT 32x2, hard a={a}", "vit_tiny_patch16_224", "hard", dict(alpha=args.alpha)),
-            (f"DeiT-distilled 32x2, deit ({args.deit_target}{' T=' + t if args.deit_target == 'soft' else ''} a={a})",
-             "deit_tiny_distilled_patch16_224", "deit", deit),
+            (
+                f"DeiT-distilled 32x2, deit ({args.deit_target}{' T=' + t if args.deit_target == 'soft' else ''} a={a})",
+                "deit_tiny_distilled_patch16_224",
+                "deit",
+                deit,
+            ),
         ]
         for label, name, mode, settings in [case for case in cases if case[2] in modes]:
             alone = [student_accuracy(dm, s, epochs, None, mode, name, settings) for s in range(seeds)]
             distilled = [student_accuracy(dm, s, epochs, path, mode, name, settings) for s in range(seeds)]
             gain = statistics.mean(d - a for d, a in zip(distilled, alone))
             print(f"  {label}: alone {alone}, distilled {distilled}", flush=True)
-            rows.append([f"{label}, {epochs} ep", mean_std(alone), mean_std(distilled), f"{100 * gain:+.1f}",
-                         f"{sum(d > a for d, a in zip(distilled, alone))}/{seeds}"])
+            rows.append(
+                [
+                    f"{label}, {epochs} ep",
+                    mean_std(alone),
+                    mean_std(distilled),
+                    f"{100 * gain:+.1f}",
+                    f"{sum(d > a for d, a in zip(distilled, alone))}/{seeds}",
+                ]
+            )
         if args.sweep:
             rows += sweep(args, dm, path, epochs, seeds)
         if args.prune_epochs <= 0:
@@ -259,10 +276,19 @@ def accuracy(args: argparse.Namespace) -> list[list[str]]:
         distilled = [pruned_accuracy(dm, s, prune_epochs, path, True, lr, pruned) for s in range(seeds)]
         gain = statistics.mean(d - a for d, a in zip(distilled, alone))
         print(f"  pruned: alone {alone}, distilled {distilled}", flush=True)
-        label = (f"teacher pruned 50%, {prune_epochs} ep fine-tune (lr {lr:g}; soft T={args.prune_temperature:g} "
-                 f"a={args.prune_alpha:g})")
-        rows.append([label, mean_std(alone), mean_std(distilled),
-                     f"{100 * gain:+.1f}", f"{sum(d > a for d, a in zip(distilled, alone))}/{seeds}"])
+        label = (
+            f"teacher pruned 50%, {prune_epochs} ep fine-tune (lr {lr:g}; soft T={args.prune_temperature:g} "
+            f"a={args.prune_alpha:g})"
+        )
+        rows.append(
+            [
+                label,
+                mean_std(alone),
+                mean_std(distilled),
+                f"{100 * gain:+.1f}",
+                f"{sum(d > a for d, a in zip(distilled, alone))}/{seeds}",
+            ]
+        )
     return rows
 
 
@@ -282,8 +308,15 @@ def sweep(args: argparse.Namespace, dm: DigitsDataModule, path: Path, epochs: in
         gains = [d - a for d, a in zip(distilled, alone)]
         print(f"  sweep {item}: distilled {distilled}", flush=True)
         label = f"sweep: soft T={temperature} a={alpha}" + (f" {precision[0]} teacher" if precision else "")
-        rows.append([label, mean_std(alone), mean_std(distilled), f"{100 * statistics.mean(gains):+.1f}",
-                     f"{sum(g > 0 for g in gains)}/{seeds}"])
+        rows.append(
+            [
+                label,
+                mean_std(alone),
+                mean_std(distilled),
+                f"{100 * statistics.mean(gains):+.1f}",
+                f"{sum(g > 0 for g in gains)}/{seeds}",
+            ]
+        )
     return rows
 
 
@@ -296,8 +329,12 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--overhead-threads", type=int, default=1,
-                        help="threads for the overhead part; at 1 the main thread's CPU time holds all the work")
+    parser.add_argument(
+        "--overhead-threads",
+        type=int,
+        default=1,
+        help="threads for the overhead part; at 1 the main thread's CPU time holds all the work",
+    )
     parser.add_argument("--rounds", type=int, default=4, help="interleaved overhead rounds")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per round")
     parser.add_argument("--seeds", type=int, default=3)
@@ -305,17 +342,26 @@ def main() -> None:
     parser.add_argument("--teacher-epochs", type=int, default=30)
     parser.add_argument("--alpha", type=float, default=0.5, help="weight of the distillation term (student rows)")
     parser.add_argument("--temperature", type=float, default=4.0, help="soft-term temperature (student rows)")
-    parser.add_argument("--deit-target", choices=("hard", "soft"), default="hard",
-                        help="term training the distillation head in the deit row")
+    parser.add_argument(
+        "--deit-target",
+        choices=("hard", "soft"),
+        default="hard",
+        help="term training the distillation head in the deit row",
+    )
     parser.add_argument("--prune-epochs", type=int, default=12, help="fine-tune epochs of the pruned row (0: skip)")
     parser.add_argument("--prune-lr", type=float, default=5e-4, help="peak lr of the pruned fine-tune (cosine)")
     parser.add_argument("--prune-alpha", type=float, default=0.5)
     parser.add_argument("--prune-temperature", type=float, default=4.0)
     parser.add_argument("--modes", default="soft,deit", help="student rows among soft,hard,deit ('' for none)")
     parser.add_argument("--overhead-precisions", default="fp32,bf16", help="teacher precisions of the overhead rows")
-    parser.add_argument("--overhead-cases", default="0,1,2,3",
-                        help="indices into OVERHEAD_TEACHERS (student/teacher pairs) of the overhead rows")
-    parser.add_argument("--sweep", default="", help="extra soft rows: 'T:alpha[:teacher precision] ...', paired by seed")
+    parser.add_argument(
+        "--overhead-cases",
+        default="0,1,2,3",
+        help="indices into OVERHEAD_TEACHERS (student/teacher pairs) of the overhead rows",
+    )
+    parser.add_argument(
+        "--sweep", default="", help="extra soft rows: 'T:alpha[:teacher precision] ...', paired by seed"
+    )
     parser.add_argument("--skip-overhead", action="store_true")
     parser.add_argument("--skip-accuracy", action="store_true")
     args = parser.parse_args()
@@ -323,24 +369,51 @@ def main() -> None:
     print(f"torch {torch.__version__}, lightning {L.__version__}, {args.threads} threads, batch 64, student ViT 32x2")
     if not args.skip_overhead:
         torch.set_num_threads(args.overhead_threads)
-        print(f"\nOverhead per training step at {args.overhead_threads} thread(s), median ms over interleaved rounds "
-              "(wall clock | CPU time of the main thread)")
-        print("target: step with teacher (step+t) / (student step + teacher forward t-fwd) <= 1.10; t-fwd includes the "
-              "resize to the teacher's size (the input adapter)\n(t-fwd in it): the callback's teacher forward timed "
-              "inside step+t, adapter included; (own): step+t - step - (t-fwd in it): the callback's code (hooks, loss, "
-              "logging) plus any slowdown of the student's work next to the teacher's")
-        print("step+t / step (CPU): what the teacher adds to a student step (target for a same-size bf16 teacher: "
-              "<= 1.20)")
+        print(
+            f"\nOverhead per training step at {args.overhead_threads} thread(s), median ms over interleaved rounds "
+            "(wall clock | CPU time of the main thread)"
+        )
+        print(
+            "target: step with teacher (step+t) / (student step + teacher forward t-fwd) <= 1.10; t-fwd includes the "
+            "resize to the teacher's size (the input adapter)\n(t-fwd in it): the callback's teacher forward timed "
+            "inside step+t, adapter included; (own): step+t - step - (t-fwd in it): the callback's code (hooks, loss, "
+            "logging) plus any slowdown of the student's work next to the teacher's"
+        )
+        print(
+            "step+t / step (CPU): what the teacher adds to a student step (target for a same-size bf16 teacher: "
+            "<= 1.20)"
+        )
         print_table(
-            ["teacher", "precision", "step", "t-fwd", "step+t", "(t-fwd in it)", "(own)", "CPU step", "CPU t-fwd",
-             "CPU step+t", "(CPU t-fwd in it)", "(CPU own)", "ratio wall", "ratio CPU", "step+t / step CPU"],
-            overhead(args.rounds, args.steps, args.overhead_precisions.split(","),
-                     [int(i) for i in args.overhead_cases.split(",")]),
+            [
+                "teacher",
+                "precision",
+                "step",
+                "t-fwd",
+                "step+t",
+                "(t-fwd in it)",
+                "(own)",
+                "CPU step",
+                "CPU t-fwd",
+                "CPU step+t",
+                "(CPU t-fwd in it)",
+                "(CPU own)",
+                "ratio wall",
+                "ratio CPU",
+                "step+t / step CPU",
+            ],
+            overhead(
+                args.rounds,
+                args.steps,
+                args.overhead_precisions.split(","),
+                [int(i) for i in args.overhead_cases.split(",")],
+            ),
         )
     if not args.skip_accuracy:
         torch.set_num_threads(args.threads)
-        print(f"\nTest accuracy % on digits, mean ± std over {args.seeds} seeds (seeds 0..{args.seeds - 1}; the same "
-              "seeds alone and distilled, gains paired by seed)")
+        print(
+            f"\nTest accuracy % on digits, mean ± std over {args.seeds} seeds (seeds 0..{args.seeds - 1}; the same "
+            "seeds alone and distilled, gains paired by seed)"
+        )
         print_table(
             ["student", "alone", "distilled", "mean gain", "seeds better"],
             accuracy(args),

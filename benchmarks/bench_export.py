@@ -26,10 +26,10 @@ from pathlib import Path
 import timm
 import torch
 
-from lightning_vitcompress.functional.measure import first_call_seconds
-from lightning_vitcompress.functional.report import cpu_name
 from lightning_vitcompress import compile_frozen, export_compressed, load_artifact, quantize_model
 from lightning_vitcompress.functional import INFERENCE_PRECISIONS, compare_throughput, prune_vit, serialized_size_bytes
+from lightning_vitcompress.functional.measure import first_call_seconds
+from lightning_vitcompress.functional.report import cpu_name
 from lightning_vitcompress.functional.x86_int8 import cpu_supports_bfloat16
 
 
@@ -72,18 +72,26 @@ def main() -> None:
     ips = compare_throughput(
         {"compiled in-process": live, "loaded .pt2": deployed}, x, rounds=args.rounds, min_run_time=args.min_run_time
     )
-    print(f"\nvit_base_patch16_224 pruned 50% + int8_static_x86 ({precision}), batch {args.batch_size}, "
-          f"{args.threads} threads of {cpu_name()}, torch {torch.__version__}")
+    print(
+        f"\nvit_base_patch16_224 pruned 50% + int8_static_x86 ({precision}), batch {args.batch_size}, "
+        f"{args.threads} threads of {cpu_name()}, torch {torch.__version__}"
+    )
     print("| variant | CPU images/s | vs compiled | start-up (s) | size (MB) | size vs fp32 state dict |")
     print("|---|---|---|---|---|---|")
     int8_size = serialized_size_bytes(int8)
-    print(f"| compiled in-process | {ips['compiled in-process']:.2f} | 1.000x | {compile_first:.1f} (compile + first call) "
-          f"| {int8_size / 1e6:.1f} (state dict) | {int8_size / fp32_size:.3f}x |")
-    print(f"| loaded .pt2 | {ips['loaded .pt2']:.2f} | {ips['loaded .pt2'] / ips['compiled in-process']:.3f}x "
-          f"| {load_seconds + deployed_first:.2f} (load {load_seconds:.2f} + first call {deployed_first:.2f}) "
-          f"| {summary['size_bytes'] / 1e6:.1f} (file) | {summary['size_bytes'] / fp32_size:.3f}x |")
-    print(f"export + AOT compile (once, at train end): {summary['export_seconds']:.1f} s; "
-          f"logits vs live model {summary['relative_error']:.2g} (tolerance {summary['tolerance']:g})")
+    print(
+        f"| compiled in-process | {ips['compiled in-process']:.2f} | 1.000x | {compile_first:.1f} (compile + first call) "
+        f"| {int8_size / 1e6:.1f} (state dict) | {int8_size / fp32_size:.3f}x |"
+    )
+    print(
+        f"| loaded .pt2 | {ips['loaded .pt2']:.2f} | {ips['loaded .pt2'] / ips['compiled in-process']:.3f}x "
+        f"| {load_seconds + deployed_first:.2f} (load {load_seconds:.2f} + first call {deployed_first:.2f}) "
+        f"| {summary['size_bytes'] / 1e6:.1f} (file) | {summary['size_bytes'] / fp32_size:.3f}x |"
+    )
+    print(
+        f"export + AOT compile (once, at train end): {summary['export_seconds']:.1f} s; "
+        f"logits vs live model {summary['relative_error']:.2g} (tolerance {summary['tolerance']:g})"
+    )
     del live, deployed
 
     if args.no_onnx or importlib.util.find_spec("onnxruntime") is None:
@@ -91,14 +99,19 @@ def main() -> None:
         return
     onnx = export_compressed(pruned, out / "vit-pruned.onnx", x)
     runtime = load_artifact(onnx["path"])
-    ips = compare_throughput({"torch eager": pruned, "onnxruntime": runtime}, x, rounds=args.rounds,
-                             min_run_time=args.min_run_time)
+    ips = compare_throughput(
+        {"torch eager": pruned, "onnxruntime": runtime}, x, rounds=args.rounds, min_run_time=args.min_run_time
+    )
     print(f"\nvit_base_patch16_224 pruned 50%, fp32, batch {args.batch_size}, {args.threads} threads")
     print("| variant | CPU images/s | vs torch eager | size (MB) |")
     print("|---|---|---|---|")
-    print(f"| torch eager | {ips['torch eager']:.2f} | 1.000x | {serialized_size_bytes(pruned) / 1e6:.1f} (state dict) |")
-    print(f"| onnxruntime | {ips['onnxruntime']:.2f} | {ips['onnxruntime'] / ips['torch eager']:.3f}x "
-          f"| {onnx['size_bytes'] / 1e6:.1f} (file) |")
+    print(
+        f"| torch eager | {ips['torch eager']:.2f} | 1.000x | {serialized_size_bytes(pruned) / 1e6:.1f} (state dict) |"
+    )
+    print(
+        f"| onnxruntime | {ips['onnxruntime']:.2f} | {ips['onnxruntime'] / ips['torch eager']:.3f}x "
+        f"| {onnx['size_bytes'] / 1e6:.1f} (file) |"
+    )
     print(f"onnx export: {onnx['export_seconds']:.1f} s; logits vs live model {onnx['relative_error']:.2g}")
 
 

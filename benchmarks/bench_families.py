@@ -24,15 +24,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import timm
 import torch
 from torch import nn
 
-from lightning_vitcompress.functional.report import cpu_name
 from lightning_vitcompress import compile_frozen, prune_vit, quantize_model
 from lightning_vitcompress.functional import compare_throughput, count_parameters
+from lightning_vitcompress.functional.report import cpu_name
 from lightning_vitcompress.models import logits_of
 
 
@@ -45,8 +46,9 @@ class HandWrittenViT(nn.Module):
         self.patch = nn.Conv2d(3, width, kernel_size=16, stride=16)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = nn.Parameter(torch.randn(1, 197, width) * 0.02)
-        layer = nn.TransformerEncoderLayer(width, heads, mlp, dropout=0.0, activation="gelu", batch_first=True,
-                                           norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            width, heads, mlp, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
         self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, 1000)
@@ -94,7 +96,8 @@ class Logits(nn.Module):
 TIMM_FAMILIES: dict[str, tuple[Callable[[], nn.Module], dict[str, Any]]] = {
     "timm ViT-S/16": (lambda: timm.create_model("vit_small_patch16_224", pretrained=False), {}),
     "timm EVA-02-S/14": (
-        lambda: timm.create_model("eva02_small_patch14_224", pretrained=False, num_classes=1000), {"prune_heads": True}
+        lambda: timm.create_model("eva02_small_patch14_224", pretrained=False, num_classes=1000),
+        {"prune_heads": True},
     ),
     "timm Swin-T": (lambda: timm.create_model("swin_tiny_patch4_window7_224", pretrained=False), {}),
 }
@@ -146,8 +149,10 @@ def main() -> None:
     reference = next(iter(builds))
     variants, params = _variants(builds, x, int8=args.suite == "libraries")
     ips = compare_throughput(variants, x, num_threads=args.threads, rounds=args.rounds, min_run_time=args.min_run_time)
-    print(f"\n{title}, random weights, batch {args.batch_size}, {args.threads} threads, "
-          f"torch {torch.__version__}, CPU: {cpu_name()}")
+    print(
+        f"\n{title}, random weights, batch {args.batch_size}, {args.threads} threads, "
+        f"torch {torch.__version__}, CPU: {cpu_name()}"
+    )
     print(f"| family | variant | params (M) | CPU images/s | speedup vs its fp32 eager | vs {reference}'s speedup |")
     print("|---|---|---|---|---|---|")
     speedups: dict[tuple[str, str], float] = {}
@@ -160,10 +165,14 @@ def main() -> None:
         relative = speedups[family, label] / speedups[reference, label]
         if label != "fp32 eager" and relative < 0.9:
             failures.append(f"{family} {label}: {relative:.2f}x {reference}'s")
-        print(f"| {family} | {label} | {params[name] / 1e6:.1f} | {ips[name]:.2f} | {speedups[family, label]:.2f}x "
-              f"| {relative:.2f}x |")
-    print(f"target (every family >= 0.9x {reference}'s speedup):",
-          "met" if not failures else "missed: " + "; ".join(failures))
+        print(
+            f"| {family} | {label} | {params[name] / 1e6:.1f} | {ips[name]:.2f} | {speedups[family, label]:.2f}x "
+            f"| {relative:.2f}x |"
+        )
+    print(
+        f"target (every family >= 0.9x {reference}'s speedup):",
+        "met" if not failures else "missed: " + "; ".join(failures),
+    )
 
 
 if __name__ == "__main__":

@@ -42,15 +42,20 @@ def main() -> None:
     choice = default_quantization(torch.device("cpu"))
     spec = QUANTIZATION_CONFIGS[choice.config]
     x = torch.randn(args.batch_size, 3, 224, 224)
-    print(f"depth-4 ViTs at 224 (197 tokens), batch {args.batch_size}, {args.threads} threads of {cpu_name()}; "
-          f"default config here: {choice.config} {choice.inference_precision}; QuantizeOnFit() warns below width "
-          f"{INT8_PAYS_FROM_WIDTH}\n")
-    print("| width | fp32 eager (ms) | default int8 (ms) | default vs fp32 | portable int8_dynamic, eager (ms) "
-          "| portable vs fp32 |")
+    print(
+        f"depth-4 ViTs at 224 (197 tokens), batch {args.batch_size}, {args.threads} threads of {cpu_name()}; "
+        f"default config here: {choice.config} {choice.inference_precision}; QuantizeOnFit() warns below width "
+        f"{INT8_PAYS_FROM_WIDTH}\n"
+    )
+    print(
+        "| width | fp32 eager (ms) | default int8 (ms) | default vs fp32 | portable int8_dynamic, eager (ms) "
+        "| portable vs fp32 |"
+    )
     print("|---|---|---|---|---|---|")
     for width in args.widths:
-        model = timm.create_model("vit_base_patch16_224", pretrained=False, embed_dim=width, depth=4,
-                                  num_heads=max(1, width // 64)).eval()
+        model = timm.create_model(
+            "vit_base_patch16_224", pretrained=False, embed_dim=width, depth=4, num_heads=max(1, width // 64)
+        ).eval()
         int8 = copy.deepcopy(model)
         quantize_model(int8, spec, example_input=x, calibration_inputs=[x, torch.randn_like(x)])
         if spec.compiled_by_default:
@@ -60,12 +65,16 @@ def main() -> None:
         with torch.inference_mode():
             int8(x)  # compiled before the timing starts
         print(f"timing width {width} ...", file=sys.stderr, flush=True)
-        ips = compare_throughput({"fp32": model, "int8": int8, "portable": portable}, x, rounds=args.rounds,
-                                 min_run_time=args.min_run_time)
+        ips = compare_throughput(
+            {"fp32": model, "int8": int8, "portable": portable}, x, rounds=args.rounds, min_run_time=args.min_run_time
+        )
         print("timed", file=sys.stderr, flush=True)
         ms = {name: 1e3 * args.batch_size / value for name, value in ips.items()}
-        print(f"| {width} | {ms['fp32']:.2f} | {ms['int8']:.2f} | {ips['int8'] / ips['fp32']:.2f}x "
-              f"| {ms['portable']:.2f} | {ips['portable'] / ips['fp32']:.2f}x |", flush=True)
+        print(
+            f"| {width} | {ms['fp32']:.2f} | {ms['int8']:.2f} | {ips['int8'] / ips['fp32']:.2f}x "
+            f"| {ms['portable']:.2f} | {ips['portable'] / ips['fp32']:.2f}x |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

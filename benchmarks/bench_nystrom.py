@@ -63,7 +63,11 @@ def build(variant: str, tokens: int, depth: int) -> nn.Module:
     image_size, patch_size = GEOMETRY[tokens]
     torch.manual_seed(0)
     model = timm.create_model(
-        "vit_small_patch16_224", pretrained=False, img_size=image_size, patch_size=patch_size, depth=depth,
+        "vit_small_patch16_224",
+        pretrained=False,
+        img_size=image_size,
+        patch_size=patch_size,
+        depth=depth,
         num_classes=10,
     ).eval()
     for block in model.blocks:
@@ -122,7 +126,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depth", type=int, default=4, help="blocks (vit_small has 12)")
     parser.add_argument(
-        "--threads", type=int, default=1,
+        "--threads",
+        type=int,
+        default=1,
         help="intra-op threads (1: on a busy shared machine, 2-thread runs of small ops wait for busy cores)",
     )
     parser.add_argument("--tokens", type=int, nargs="+", default=list(GEOMETRY), choices=list(GEOMETRY))
@@ -141,15 +147,18 @@ def main() -> None:
         "speed = images/s ratio to exact (interleaved, median of "
         f"{args.rounds} rounds); mem = peak forward RSS growth, MiB"
     )
-    header = f"{'tokens':>6} | " + " | ".join(f"{n:>8}" for n in names[1:]) + " | " + " | ".join(
-        f"mem {n:>7}" for n in names + ["unfused"]
+    header = (
+        f"{'tokens':>6} | "
+        + " | ".join(f"{n:>8}" for n in names[1:])
+        + " | "
+        + " | ".join(f"mem {n:>7}" for n in [*names, "unfused"])
     )
     print(header)
     print("-" * len(header))
     results = {}
     for tokens in args.tokens:
         memory = {
-            name: measure_memory_in_subprocess(name, tokens, args.depth, args.threads) for name in names + ["unfused"]
+            name: measure_memory_in_subprocess(name, tokens, args.depth, args.threads) for name in [*names, "unfused"]
         }
         models = {name: build(name, tokens, args.depth) for name in names}
         ips = compare_throughput(models, example(tokens), num_threads=args.threads, rounds=args.rounds)
@@ -159,13 +168,15 @@ def main() -> None:
             f"{tokens:>6} | "
             + " | ".join(f"{ratios[n]:>7.2f}x" for n in names[1:])
             + " | "
-            + " | ".join(f"{memory[n]:>11.1f}" for n in names + ["unfused"]),
+            + " | ".join(f"{memory[n]:>11.1f}" for n in [*names, "unfused"]),
             flush=True,
         )
         del models
     print("\nexact images/s:", ", ".join(f"N={t}: {r['ips']['exact']:.2f}" for t, r in results.items()))
-    print("attention core share of exact forward time (1 - exact/no-core time):",
-          ", ".join(f"N={t}: {1 - 1 / r['ratios']['no-core']:.0%}" for t, r in results.items()))
+    print(
+        "attention core share of exact forward time (1 - exact/no-core time):",
+        ", ".join(f"N={t}: {1 - 1 / r['ratios']['no-core']:.0%}" for t, r in results.items()),
+    )
     for m in LANDMARKS:
         faster = [t for t, r in results.items() if r["ratios"][f"m={m}"] > 1.0]
         print(f"m={m}: faster than exact at N in {faster or 'none of the measured sizes'}")

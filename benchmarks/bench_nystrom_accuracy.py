@@ -28,17 +28,23 @@ import time
 import lightning as L
 import torch
 
-from lightning_vitcompress.functional import NystromAttention, measure_accuracy
-from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
 from lightning_vitcompress import NystromSwap
+from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
+from lightning_vitcompress.functional import NystromAttention, measure_accuracy
 
 LANDMARKS = (4, 8, 16, 32, 64)
 
 
 def trainer(epochs: int, callbacks: list) -> L.Trainer:
     return L.Trainer(
-        accelerator="cpu", max_epochs=epochs, callbacks=callbacks, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        accelerator="cpu",
+        max_epochs=epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
     )
 
 
@@ -94,8 +100,11 @@ def main() -> None:
         after = [finetune(m, s) for s in seeds] if m < 64 else exact_tuned  # m = 64 is exact attention
         diffs = [a - e for a, e in zip(after, exact_tuned)]
         rows.append((m, before, after, diffs))
-        print(f"  m={m}: swap {before:.2%}, fine-tuned {[f'{a:.2%}' for a in after]} "
-              f"({time.perf_counter() - start:.0f}s)", flush=True)
+        print(
+            f"  m={m}: swap {before:.2%}, fine-tuned {[f'{a:.2%}' for a in after]} "
+            f"({time.perf_counter() - start:.0f}s)",
+            flush=True,
+        )
 
     print(
         f"\nsmall ViT on digits (65 tokens = 64 patches + class token), trained {args.epochs} epochs exact; "
@@ -103,8 +112,10 @@ def main() -> None:
         f"seeds {seeds} (mean ± std); test set {sum(len(b[1]) for b in test)} images (1 image = "
         f"{100 / sum(len(b[1]) for b in test):.2f} pt)"
     )
-    header = (f"{'attention':>12} | {'swap only':>9} | {'swap vs exact':>13} | {'fine-tuned':>13} | "
-              f"{'fine-tuned vs exact (paired)':>28}")
+    header = (
+        f"{'attention':>12} | {'swap only':>9} | {'swap vs exact':>13} | {'fine-tuned':>13} | "
+        f"{'fine-tuned vs exact (paired)':>28}"
+    )
     print(header)
     print("-" * len(header))
     print(f"{'exact':>12} | {exact_accuracy:>9.2%} | {0:>+11.2f}pt | {mean_std(exact_tuned):>13} | {'':>28}")
@@ -112,13 +123,17 @@ def main() -> None:
         label = f"m={m}" + (" (=N/4)" if m == 16 else " (exact)" if m == 64 else "")
         spread = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
         diff = f"{100 * statistics.mean(diffs):+.2f} ± {100 * spread:.2f}pt"
-        print(f"{label:>12} | {before:>9.2%} | {100 * (before - exact_accuracy):>+11.2f}pt | {mean_std(after):>13} | "
-              f"{diff:>28}")
+        print(
+            f"{label:>12} | {before:>9.2%} | {100 * (before - exact_accuracy):>+11.2f}pt | {mean_std(after):>13} | "
+            f"{diff:>28}"
+        )
     for m, _, _, diffs in rows:
         if m == 16:
             gap = 100 * statistics.mean(diffs)
-            print(f"\ntarget (m = N/4 = 16 within 1 pt of the exact model, both fine-tuned): {gap:+.2f} pt -> "
-                  f"{'met' if gap >= -1.0 else 'NOT met'}")
+            print(
+                f"\ntarget (m = N/4 = 16 within 1 pt of the exact model, both fine-tuned): {gap:+.2f} pt -> "
+                f"{'met' if gap >= -1.0 else 'NOT met'}"
+            )
 
 
 if __name__ == "__main__":

@@ -38,8 +38,16 @@ def main() -> None:
     for label, (width, heads) in WIDTHS.items():
         attention = Attention(width, num_heads=heads, qkv_bias=True).eval()
         start = time.perf_counter()
-        result = nystrom_break_even(attention, NystromConfig(num_landmarks=args.landmarks), 1, args.tokens,
-                                    batch_size=args.batch_size, num_threads=args.threads, min_run_time=0.2, rounds=3)
+        result = nystrom_break_even(
+            attention,
+            NystromConfig(num_landmarks=args.landmarks),
+            1,
+            args.tokens,
+            batch_size=args.batch_size,
+            num_threads=args.threads,
+            min_run_time=0.2,
+            rounds=3,
+        )
         cells = [f"{result['speedups'][t]:.2f}x" if t in result["speedups"] else "n/a" for t in args.tokens]
         even = result["break_even"] or "not reached"
         print(f"| {label} | " + " | ".join(cells) + f" | {even} | {time.perf_counter() - start:.0f} |")

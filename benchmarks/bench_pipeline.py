@@ -27,11 +27,11 @@ import copy
 import timm
 import torch
 
-from lightning_vitcompress.functional.measure import first_call_seconds
-from lightning_vitcompress.functional.report import cpu_name
 from lightning_vitcompress import compile_frozen, quantize_model
 from lightning_vitcompress.functional import INFERENCE_PRECISIONS, compare_throughput, prune_vit, serialized_size_bytes
 from lightning_vitcompress.functional.baselines import build_baseline
+from lightning_vitcompress.functional.measure import first_call_seconds
+from lightning_vitcompress.functional.report import cpu_name
 
 REFERENCE = "fp32 model, bf16 compiled (what you would run anyway)"
 
@@ -81,8 +81,11 @@ def main() -> None:
         variants["pruned 50%, compiled bf16-mixed"] = pruned_bf16
         calibration = [x, torch.randn_like(x)]
         runs = [("", fp32, "int8_dynamic_x86", "32-true"), ("", fp32, "int8_static_x86", "bf16-mixed")]
-        runs += [("pruned 50% + ", pruned, config, precision)
-                 for config in ("int8_dynamic_x86", "int8_static_x86") for precision in INFERENCE_PRECISIONS]
+        runs += [
+            ("pruned 50% + ", pruned, config, precision)
+            for config in ("int8_dynamic_x86", "int8_static_x86")
+            for precision in INFERENCE_PRECISIONS
+        ]
         for prefix, source, config, precision in runs:
             model = copy.deepcopy(source)
             quantize_model(model, config, calibration_inputs=calibration)
@@ -93,17 +96,23 @@ def main() -> None:
 
     ips = compare_throughput(variants, x, num_threads=args.threads, rounds=args.rounds, min_run_time=2.0)
     base_ips, base_size = ips["fp32 eager"], serialized_size_bytes(fp32)
-    print(f"\nvit_base_patch16_224, batch {args.batch_size}, {args.threads} threads of {cpu_name()}, torch {torch.__version__}")
+    print(
+        f"\nvit_base_patch16_224, batch {args.batch_size}, {args.threads} threads of {cpu_name()}, torch {torch.__version__}"
+    )
     ref_ips = ips.get(REFERENCE)
-    print("| variant | params (M) | size (MB) | size ratio | CPU images/s | speedup vs fp32 eager "
-          "| speedup vs bf16 compiled |")
+    print(
+        "| variant | params (M) | size (MB) | size ratio | CPU images/s | speedup vs fp32 eager "
+        "| speedup vs bf16 compiled |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name, model in variants.items():
         size = serialized_size_bytes(model)
         params = sum(p.numel() for p in model.parameters()) / 1e6
         vs_ref = "n/a" if ref_ips is None else f"{ips[name] / ref_ips:.2f}x"
-        print(f"| {name} | {params:.1f} | {size / 1e6:.1f} | {size / base_size:.3f}x | {ips[name]:.2f} "
-              f"| {ips[name] / base_ips:.2f}x | {vs_ref} |")
+        print(
+            f"| {name} | {params:.1f} | {size / 1e6:.1f} | {size / base_size:.3f}x | {ips[name]:.2f} "
+            f"| {ips[name] / base_ips:.2f}x | {vs_ref} |"
+        )
     for name, seconds in compile_seconds.items():
         print(f"first call of {name} (compile cost): {seconds:.1f} s")
 

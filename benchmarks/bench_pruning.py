@@ -21,7 +21,6 @@ import copy
 import timm
 import torch
 
-from lightning_vitcompress.functional.report import cpu_name
 from lightning_vitcompress.functional import (
     compare_throughput,
     count_macs,
@@ -29,6 +28,7 @@ from lightning_vitcompress.functional import (
     prune_vit,
     serialized_size_bytes,
 )
+from lightning_vitcompress.functional.report import cpu_name
 
 
 def main() -> None:

@@ -45,9 +45,9 @@ from typing import Any, Optional
 import lightning as L
 import torch
 
-from lightning_vitcompress.functional import count_parameters, measure_accuracy
-from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
 from lightning_vitcompress import DistillationTeacher, PruningSchedule
+from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
+from lightning_vitcompress.functional import count_parameters, measure_accuracy
 
 ACCELERATOR = "cpu"
 DEFAULT_ARMS = "unpruned,l2-oneshot,l2-iter,taylor-oneshot,taylor-iter,l2-iter+distil"
@@ -55,8 +55,15 @@ DEFAULT_ARMS = "unpruned,l2-oneshot,l2-iter,taylor-oneshot,taylor-iter,l2-iter+d
 
 def fit(model: DigitsClassifier, dm: DigitsDataModule, epochs: int, callbacks: list[Any]) -> None:
     L.Trainer(
-        accelerator=ACCELERATOR, devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=callbacks,
+        accelerator=ACCELERATOR,
+        devices=1,
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=callbacks,
         default_root_dir="/tmp/bench_pruning_accuracy",
     ).fit(model, dm)
 
@@ -78,7 +85,10 @@ def make_callbacks(arm: str, args: argparse.Namespace, teacher: Any) -> list[Any
     if extra == "distil":
         callbacks.append(
             DistillationTeacher(
-                copy.deepcopy(teacher), mode="soft", alpha=args.alpha, temperature=args.temperature,
+                copy.deepcopy(teacher),
+                mode="soft",
+                alpha=args.alpha,
+                temperature=args.temperature,
                 cache_teacher_logits=True,
             )
         )
@@ -120,8 +130,11 @@ def pretrain(args: argparse.Namespace, dm: DigitsDataModule) -> DigitsClassifier
         if cache:
             torch.save(pretrained.state_dict(), cache)
     pretrained.cpu().hparams.lr = args.lr  # fine-tuning learning rate
-    print(f"pretrained test acc {measure_accuracy(pretrained, dm.test_dataloader()):.4f}, "
-          f"{count_parameters(pretrained.model):,} params", flush=True)
+    print(
+        f"pretrained test acc {measure_accuracy(pretrained, dm.test_dataloader()):.4f}, "
+        f"{count_parameters(pretrained.model):,} params",
+        flush=True,
+    )
     return pretrained
 
 
@@ -145,8 +158,12 @@ def main() -> None:
     parser.add_argument("--int8", action="store_true", help="also measure each final model after int8 dynamic")
     parser.add_argument("--cache-dir", default=None, help="keep/reuse the pretrained weights here")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--split", default="test", choices=["test", "val"],
-                        help="where accuracy is measured: choose settings on val, report them on test")
+    parser.add_argument(
+        "--split",
+        default="test",
+        choices=["test", "val"],
+        help="where accuracy is measured: choose settings on val, report them on test",
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--accelerator", default="cpu")
     args = parser.parse_args()
@@ -189,20 +206,26 @@ def main() -> None:
 
     reference = results["unpruned"]
     evaluated = dm.val_set if args.split == "val" else dm.test_set
-    print(f"\ndigits {args.split} split ({len(evaluated)} images), ViT embed_dim={args.embed_dim} depth={args.depth} "
-          f"heads={args.heads}: {args.pretrain_epochs} pretrain + {args.epochs} fine-tune epochs (lr {args.lr:g}), "
-          f"batch {args.batch_size}, {args.seeds} seeds; prune {args.ratio:.0%} of channels; iterative = "
-          f"{args.iter_steps or args.iter_end + 1} {args.schedule} steps over epochs 0..{args.iter_end}; "
-          f"distil: soft, alpha {args.alpha:g}, T {args.temperature:g}, teacher = the pretrained unpruned model")
-    print(f"| arm | params | {args.split} acc (mean +- std) | vs unpruned (pt) | paired diff per seed (pt, mean +- std) |")
+    print(
+        f"\ndigits {args.split} split ({len(evaluated)} images), ViT embed_dim={args.embed_dim} depth={args.depth} "
+        f"heads={args.heads}: {args.pretrain_epochs} pretrain + {args.epochs} fine-tune epochs (lr {args.lr:g}), "
+        f"batch {args.batch_size}, {args.seeds} seeds; prune {args.ratio:.0%} of channels; iterative = "
+        f"{args.iter_steps or args.iter_end + 1} {args.schedule} steps over epochs 0..{args.iter_end}; "
+        f"distil: soft, alpha {args.alpha:g}, T {args.temperature:g}, teacher = the pretrained unpruned model"
+    )
+    print(
+        f"| arm | params | {args.split} acc (mean +- std) | vs unpruned (pt) | paired diff per seed (pt, mean +- std) |"
+    )
     print("|---|---|---|---|---|")
     for name, accs in results.items():
         mean = statistics.mean(accs)
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
         diffs = [100 * (a - r) for a, r in zip(accs, reference)]
         diff_std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
-        print(f"| {name} | {params[name]:,} | {mean:.4f} +- {std:.4f} | {100 * (mean - statistics.mean(reference)):+.2f} "
-              f"| {statistics.mean(diffs):+.2f} +- {diff_std:.2f} |")
+        print(
+            f"| {name} | {params[name]:,} | {mean:.4f} +- {std:.4f} | {100 * (mean - statistics.mean(reference)):+.2f} "
+            f"| {statistics.mean(diffs):+.2f} +- {diff_std:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import timm
 import torch
 from torch import nn
 
-from lightning_vitcompress.functional.measure import first_call_seconds
+from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
 from lightning_vitcompress.functional import (
     INFERENCE_PRECISIONS,
     QUANTIZATION_CONFIGS,
@@ -42,7 +42,7 @@ from lightning_vitcompress.functional import (
     quantize_model,
     serialized_size_bytes,
 )
-from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
+from lightning_vitcompress.functional.measure import first_call_seconds
 
 MODELS = ("vit_base_patch16_224", "deit_small_patch16_224")
 
@@ -131,7 +131,7 @@ def cuda_section(args: argparse.Namespace) -> None:
                 continue
             try:
                 variants[config] = quantized(bf16, config, example_input=x)
-            except Exception as err:  # noqa: BLE001 - report and go on with the others
+            except Exception as err:
                 print(f"| {name} | {config} | failed: {type(err).__name__}: {str(err)[:120]} | n/a |")
         if name == MODELS[0] and args.cuda_compile:  # ~75-130 s of compile per variant on an H100 host
             for variant in ("bf16 eager", "int8_dynamic", "float8_dynamic"):
@@ -142,7 +142,9 @@ def cuda_section(args: argparse.Namespace) -> None:
                     with torch.inference_mode():
                         compiled(x)
                     torch.cuda.synchronize()
-                    print(f"| {name} | {variant.replace(' eager', '')} compile cost | {time.perf_counter() - start:.1f} s | |")
+                    print(
+                        f"| {name} | {variant.replace(' eager', '')} compile cost | {time.perf_counter() - start:.1f} s | |"
+                    )
                     variants[f"{variant.replace(' eager', '')} compiled"] = compiled
         speed = compare_throughput(variants, x, rounds=args.rounds, min_run_time=0.5)
         base_size = serialized_size_bytes(bf16)
@@ -157,8 +159,13 @@ def digits_section(args: argparse.Namespace) -> None:
     data.setup()
     model = DigitsClassifier()  # embed 64, depth 4, lr 2e-3, batch 32: the quickstart's model and recipe
     trainer = L.Trainer(
-        accelerator="cpu", max_epochs=args.digits_epochs, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        accelerator="cpu",
+        max_epochs=args.digits_epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
     )
     trainer.fit(model, data)
     vit = model.model.eval()
@@ -168,7 +175,9 @@ def digits_section(args: argparse.Namespace) -> None:
         reference_logits = vit(images)
     reference = reference_logits.argmax(-1)
     fp32_accuracy = measure_accuracy(vit, test)
-    print(f"\n## Digits ({args.digits_epochs} epochs, DigitsClassifier embed 64 depth 4), val+test {len(images)} images")
+    print(
+        f"\n## Digits ({args.digits_epochs} epochs, DigitsClassifier embed 64 depth 4), val+test {len(images)} images"
+    )
     print("| variant | accuracy | change vs fp32 (pt) | predictions changed | logits rel. change |")
     print("|---|---|---|---|---|")
     print(f"| fp32 | {fp32_accuracy:.4f} | | | |")

@@ -63,7 +63,9 @@ def main() -> None:
         variants[name], macs[name], tokens[name] = merged, count_macs(merged, x[:1]), merged_token_counts(merged)
 
     compile_seconds: dict[str, float] = {}
-    pipelines: list[tuple[str, str, str]] = [] if args.merging_only else [("pruned 50% + int8", "int8_dynamic", "eager")]
+    pipelines: list[tuple[str, str, str]] = (
+        [] if args.merging_only else [("pruned 50% + int8", "int8_dynamic", "eager")]
+    )
     if pipelines:
         pruned = copy.deepcopy(fp32)
         prune_vit(pruned, 0.5, x[:1])
@@ -98,8 +100,10 @@ def main() -> None:
         if name.startswith("ToMe"):
             without = "fp32 eager"
         versus = f"{ips[name] / ips[without]:.2f}x" if without else ""
-        print(f"| {name} | {macs[name] / 1e9:.2f} | {macs[name] / base_macs:.3f} | {ips[name]:.2f} "
-              f"| {ips[name] / base_ips:.2f}x | {versus} |")
+        print(
+            f"| {name} | {macs[name] / 1e9:.2f} | {macs[name] / base_macs:.3f} | {ips[name]:.2f} "
+            f"| {ips[name] / base_ips:.2f}x | {versus} |"
+        )
     for name, counts in tokens.items():
         print(f"tokens after each block, {name}: {counts}")
     for name, seconds in compile_seconds.items():

@@ -38,8 +38,15 @@ from lightning_vitcompress.functional import count_macs, measure_accuracy, merge
 
 def fit(model: DigitsClassifier, dm: DigitsDataModule, epochs: int, callbacks: list) -> None:
     L.Trainer(
-        accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=callbacks,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=callbacks,
         default_root_dir="/tmp/bench_token_merging_accuracy",
     ).fit(model, dm)
 
@@ -69,8 +76,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--r", type=int, default=None)
     parser.add_argument("--macs-target", type=float, default=0.5)
-    parser.add_argument("--schedule", default="decreasing", choices=["constant", "decreasing"],
-                        help="4 blocks of 65 tokens: constant r reaches 0.52x MACs at most (r=15)")
+    parser.add_argument(
+        "--schedule",
+        default="decreasing",
+        choices=["constant", "decreasing"],
+        help="4 blocks of 65 tokens: constant r reaches 0.52x MACs at most (r=15)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
@@ -82,8 +93,11 @@ def main() -> None:
     start = time.perf_counter()
     fit(pretrained, dm, args.pretrain_epochs, [])
     pretrained.cpu().hparams.lr = args.lr
-    print(f"pretrained {args.pretrain_epochs} epochs in {time.perf_counter() - start:.0f}s, test acc "
-          f"{measure_accuracy(pretrained, dm.test_dataloader()):.4f}", flush=True)
+    print(
+        f"pretrained {args.pretrain_epochs} epochs in {time.perf_counter() - start:.0f}s, test acc "
+        f"{measure_accuracy(pretrained, dm.test_dataloader()):.4f}",
+        flush=True,
+    )
 
     if args.r is None:
         r, ratio = choose_r(pretrained.model, args.macs_target, args.schedule)
@@ -96,10 +110,13 @@ def main() -> None:
     merge_tokens(off_the_shelf.model, r, schedule=args.schedule)
     tokens = merged_token_counts(off_the_shelf.model)
     no_finetune = measure_accuracy(off_the_shelf, dm.test_dataloader())
-    print(f"r={r}: MACs ratio {ratio:.3f}, tokens after each block {tokens}; merged without fine-tuning: "
-          f"{no_finetune:.4f}", flush=True)
+    print(
+        f"r={r}: MACs ratio {ratio:.3f}, tokens after each block {tokens}; merged without fine-tuning: "
+        f"{no_finetune:.4f}",
+        flush=True,
+    )
 
-    arms = {"unmerged": lambda: [], f"tome r={r} {args.schedule}": lambda: [TokenMerging(r=r, schedule=args.schedule)]}
+    arms = {"unmerged": list, f"tome r={r} {args.schedule}": lambda: [TokenMerging(r=r, schedule=args.schedule)]}
     results: dict[str, list[float]] = {name: [] for name in arms}
     for seed in range(args.seeds):
         for name, callbacks in arms.items():
@@ -112,9 +129,11 @@ def main() -> None:
             print(f"seed {seed} {name}: {results[name][-1]:.4f} ({time.perf_counter() - start:.0f}s)", flush=True)
 
     reference = results["unmerged"]
-    print(f"\ndigits test split ({len(dm.test_set)} images), ViT embed_dim={args.embed_dim} depth=4 heads=4 patch 4 "
-          f"(65 tokens): {args.pretrain_epochs} pretrain + {args.epochs} fine-tune epochs (lr {args.lr:g}), batch "
-          f"{args.batch_size}, {args.seeds} seeds; merged at setup of the fine-tuning fit")
+    print(
+        f"\ndigits test split ({len(dm.test_set)} images), ViT embed_dim={args.embed_dim} depth=4 heads=4 patch 4 "
+        f"(65 tokens): {args.pretrain_epochs} pretrain + {args.epochs} fine-tune epochs (lr {args.lr:g}), batch "
+        f"{args.batch_size}, {args.seeds} seeds; merged at setup of the fine-tuning fit"
+    )
     print("| arm | MACs ratio | test acc (mean +- std) | paired diff vs unmerged per seed (pt, mean +- std) |")
     print("|---|---|---|---|")
     for name, accs in results.items():
@@ -122,8 +141,10 @@ def main() -> None:
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
         diff_std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
         macs = 1.0 if name == "unmerged" else ratio
-        print(f"| {name} | {macs:.3f} | {statistics.mean(accs):.4f} +- {std:.4f} | "
-              f"{statistics.mean(diffs):+.2f} +- {diff_std:.2f} (per seed {', '.join(f'{d:+.2f}' for d in diffs)}) |")
+        print(
+            f"| {name} | {macs:.3f} | {statistics.mean(accs):.4f} +- {std:.4f} | "
+            f"{statistics.mean(diffs):+.2f} +- {diff_std:.2f} (per seed {', '.join(f'{d:+.2f}' for d in diffs)}) |"
+        )
     print(f"| tome r={r} {args.schedule}, no fine-tuning (pretrained, merged) | {ratio:.3f} | {no_finetune:.4f} | |")
 
 

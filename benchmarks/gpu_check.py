@@ -63,8 +63,14 @@ def run_tests(limit: int) -> dict[str, Any]:
     command = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *CUDA_TESTS]
     start = time.perf_counter()
     try:
-        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=limit,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+        done = subprocess.run(
+            command,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=limit,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
         tail = (done.stdout + done.stderr)[-3000:]
         return {"returncode": done.returncode, "seconds": round(time.perf_counter() - start, 1), "tail": tail}
     except subprocess.TimeoutExpired as err:
@@ -72,8 +78,15 @@ def run_tests(limit: int) -> dict[str, Any]:
         return {"returncode": "timeout", "seconds": limit, "tail": out[-3000:]}
 
 
-def build(label: str, pruned: bool, config: Optional[str], base: torch.nn.Module, pruned_base: torch.nn.Module,
-          compile_model: bool, x: torch.Tensor) -> torch.nn.Module:
+def build(
+    label: str,
+    pruned: bool,
+    config: Optional[str],
+    base: torch.nn.Module,
+    pruned_base: torch.nn.Module,
+    compile_model: bool,
+    x: torch.Tensor,
+) -> torch.nn.Module:
     from lightning_vitcompress import quantize_model
 
     model = copy.deepcopy(pruned_base if pruned else base)
@@ -122,8 +135,12 @@ def main() -> None:
         return
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "capability": list(capability),
-                              "torch": torch.__version__, "batch_size": args.batch_size}
+    report: dict[str, Any] = {
+        "gpu": torch.cuda.get_device_name(),
+        "capability": list(capability),
+        "torch": torch.__version__,
+        "batch_size": args.batch_size,
+    }
     if not args.skip_tests:
         report["tests"] = run_tests(args.test_limit)
         print(f"CUDA tests: returncode {report['tests']['returncode']} in {report['tests']['seconds']} s")
@@ -151,7 +168,7 @@ def main() -> None:
         built = time.perf_counter()
         try:
             model = build(label, pruned, config, base, pruned_base, not args.no_compile and config is not None, x)
-        except Exception as err:  # noqa: BLE001 - one failing config is a row, not the end of the run
+        except Exception as err:
             row["status"] = f"failed: {type(err).__name__}: {str(err)[:200]}"
             print(f"  {label}: {row['status']}", flush=True)
             continue
@@ -164,25 +181,33 @@ def main() -> None:
         reference = ips.get("fp32 eager (reference)")
         for label, model in models.items():
             p50, _ = measure_latency(model, x, repeats=30)
-            rows[label].update(images_per_s=ips[label], latency_ms_p50=p50,
-                               speedup_vs_fp32=None if not reference else ips[label] / reference)
+            rows[label].update(
+                images_per_s=ips[label],
+                latency_ms_p50=p50,
+                speedup_vs_fp32=None if not reference else ips[label] / reference,
+            )
         bf16 = ips.get("bf16")
         for label in models:
             rows[label]["speedup_vs_bf16"] = None if not bf16 else ips[label] / bf16
     report["rows"] = rows
     report["seconds"] = round(time.perf_counter() - start, 1)
-    lines = [f"ViT-B/16 @224, batch {args.batch_size}, {report['gpu']} (SM {capability[0]}.{capability[1]}), "
-             f"torch {torch.__version__}, {'eager' if args.no_compile else 'torch.compile'}; latency p50 at batch 1",
-             "", "| variant | images/s | vs fp32 eager | vs bf16 | p50 latency (ms) | size (MB) | status |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"ViT-B/16 @224, batch {args.batch_size}, {report['gpu']} (SM {capability[0]}.{capability[1]}), "
+        f"torch {torch.__version__}, {'eager' if args.no_compile else 'torch.compile'}; latency p50 at batch 1",
+        "",
+        "| variant | images/s | vs fp32 eager | vs bf16 | p50 latency (ms) | size (MB) | status |",
+        "|---|---|---|---|---|---|---|",
+    ]
 
     def cell(value: Any, digits: int = 2) -> str:
         return "n/a" if value is None else f"{value:.{digits}f}"
 
     for label, row in rows.items():
-        lines.append(f"| {label} | {cell(row.get('images_per_s'), 1)} | {cell(row.get('speedup_vs_fp32'))}x "
-                     f"| {cell(row.get('speedup_vs_bf16'))}x | {cell(row.get('latency_ms_p50'))} "
-                     f"| {cell(row.get('size_mb'), 1)} | {row['status']} |")
+        lines.append(
+            f"| {label} | {cell(row.get('images_per_s'), 1)} | {cell(row.get('speedup_vs_fp32'))}x "
+            f"| {cell(row.get('speedup_vs_bf16'))}x | {cell(row.get('latency_ms_p50'))} "
+            f"| {cell(row.get('size_mb'), 1)} | {row['status']} |"
+        )
     table = "\n".join(lines)
     print("\n" + table + f"\n\ntotal {report['seconds']} s")
     (output / "gpu_check.md").write_text(table + "\n")

@@ -27,9 +27,9 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from lightning_vitcompress.functional import measure_accuracy
-from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
 from lightning_vitcompress import DistillationTeacher
+from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
+from lightning_vitcompress.functional import measure_accuracy
 
 STUDENT = dict(model_name="deit_tiny_distilled_patch16_224", embed_dim=32, depth=2, num_heads=4)
 
@@ -46,8 +46,14 @@ def main() -> None:
     data.setup()
     epochs = 1 if args.fast else args.epochs
     common = dict(
-        accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False, enable_model_summary=False,
-        limit_val_batches=0, num_sanity_val_steps=0, **(dict(limit_train_batches=3) if args.fast else {}),
+        accelerator="cpu",
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        **(dict(limit_train_batches=3) if args.fast else {}),
     )
 
     # (1) the teacher, trained as usual; its checkpoint is all the callback needs

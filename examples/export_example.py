@@ -51,13 +51,21 @@ def main() -> None:
     path = output / f"digits-vit.{args.format}"
     callbacks = [
         PruningSchedule(0.5),
-        QuantizeOnFit("int8_static_x86", save_path=output / "model-int8.ckpt", save_fp32_path=output / "model-fp32.ckpt"),
+        QuantizeOnFit(
+            "int8_static_x86", save_path=output / "model-int8.ckpt", save_fp32_path=output / "model-fp32.ckpt"
+        ),
         ExportOnFit(path),
         BenchmarkCallback(batch_size=32, devices=("cpu",), plot=False),
     ]
     trainer = L.Trainer(
-        accelerator="cpu", max_epochs=args.epochs, callbacks=callbacks, default_root_dir=output,
-        enable_model_summary=False, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        accelerator="cpu",
+        max_epochs=args.epochs,
+        callbacks=callbacks,
+        default_root_dir=output,
+        enable_model_summary=False,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
     )
     trainer.fit(model, data)
 
@@ -65,8 +73,10 @@ def main() -> None:
     images, labels = next(iter(data.val_dataloader()))
     with torch.inference_mode():
         logits = serve(path, images)
-    print(f"\n{path} ({path.stat().st_size / 1e6:.2f} MB) served {len(images)} digits without the library: "
-          f"accuracy {(logits.argmax(-1) == labels).float().mean():.3f}")
+    print(
+        f"\n{path} ({path.stat().st_size / 1e6:.2f} MB) served {len(images)} digits without the library: "
+        f"accuracy {(logits.argmax(-1) == labels).float().mean():.3f}"
+    )
 
 
 if __name__ == "__main__":

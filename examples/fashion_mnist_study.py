@@ -122,8 +122,13 @@ RECIPES = [
     StudyRecipe("distillation hard", distil="hard"),
     StudyRecipe("DeiT distillation token", distil="deit"),
     StudyRecipe("combined: prune 50% + distil + int8 dynamic", prune=0.5, distil="soft", quantize="int8_dynamic"),
-    StudyRecipe("combined: prune 50% + distil + token merging + int8 dynamic", prune=0.5, distil="soft", merge=True,
-                quantize="int8_dynamic"),
+    StudyRecipe(
+        "combined: prune 50% + distil + token merging + int8 dynamic",
+        prune=0.5,
+        distil="soft",
+        merge=True,
+        quantize="int8_dynamic",
+    ),
 ]
 
 
@@ -153,8 +158,15 @@ def setup_of(args: argparse.Namespace) -> dict[str, Any]:
     """Everything that makes two runs' cells comparable; a resume must match it exactly."""
     return {
         "dataset": "fashion-mnist",
-        "model": {"timm": "vit_tiny_patch16_224", "embed_dim": args.embed_dim, "depth": args.depth,
-                  "num_heads": args.num_heads, "patch_size": 4, "image_size": 28, "in_chans": 1},
+        "model": {
+            "timm": "vit_tiny_patch16_224",
+            "embed_dim": args.embed_dim,
+            "depth": args.depth,
+            "num_heads": args.num_heads,
+            "patch_size": 4,
+            "image_size": 28,
+            "in_chans": 1,
+        },
         "train_subset": args.train_subset,
         "val_size": 5000,
         "test_images": None if args.fast else 10000,
@@ -196,9 +208,15 @@ class ConvTeacher(nn.Module):
 
         w = width
         self.features = nn.Sequential(
-            *conv(1, w), *conv(w, w), nn.MaxPool2d(2),            # 14x14
-            *conv(w, 2 * w), *conv(2 * w, 2 * w), nn.MaxPool2d(2),  # 7x7
-            *conv(2 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            *conv(1, w),
+            *conv(w, w),
+            nn.MaxPool2d(2),  # 14x14
+            *conv(w, 2 * w),
+            *conv(2 * w, 2 * w),
+            nn.MaxPool2d(2),  # 7x7
+            *conv(2 * w, 4 * w),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(4 * w, num_classes))
 
@@ -215,8 +233,15 @@ class TeacherClassifier(DigitsClassifier):
 
 
 def new_classifier(args: argparse.Namespace, model_name: str = "vit_tiny_patch16_224") -> DigitsClassifier:
-    return DigitsClassifier(model_name=model_name, lr=args.lr, embed_dim=args.embed_dim, depth=args.depth,
-                            num_heads=args.num_heads, image_size=28, in_chans=1)
+    return DigitsClassifier(
+        model_name=model_name,
+        lr=args.lr,
+        embed_dim=args.embed_dim,
+        depth=args.depth,
+        num_heads=args.num_heads,
+        image_size=28,
+        in_chans=1,
+    )
 
 
 def deit_from_base(base: DigitsClassifier, args: argparse.Namespace) -> DigitsClassifier:
@@ -251,8 +276,9 @@ class Study:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.data = FashionMNISTDataModule(root=args.data_root, batch_size=args.train_batch_size,
-                                           train_subset=args.train_subset)
+        self.data = FashionMNISTDataModule(
+            root=args.data_root, batch_size=args.train_batch_size, train_subset=args.train_subset
+        )
         self.data.setup("fit")
         loader = torch.utils.data.DataLoader(self.data.test_set, batch_size=500)
         self.test_batches = list(loader)[:2] if args.fast else list(loader)
@@ -265,9 +291,19 @@ class Study:
     def trainer(self, epochs: int, callbacks: list[Any] = ()) -> L.Trainer:
         # --fast: 5 of the subset's 8 batches: more than PruningSchedule's gradient_batches (4), or Taylor never prunes
         quick = dict(limit_train_batches=5) if self.args.fast else {}
-        return L.Trainer(max_epochs=epochs, accelerator="cpu", precision=self.args.precision, callbacks=list(callbacks),
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, **quick)
+        return L.Trainer(
+            max_epochs=epochs,
+            accelerator="cpu",
+            precision=self.args.precision,
+            callbacks=list(callbacks),
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            **quick,
+        )
 
     def accuracy(self, model: nn.Module) -> float:
         return 100 * measure_accuracy(model, self.test_batches)
@@ -278,7 +314,9 @@ class Study:
         path = self.cache / f"base_{base_fingerprint(self.args)}_seed{seed}.pt"
         lock = path.with_name(path.name + ".lock")
         while not path.is_file() and lock.is_file() and _process_alive(lock.read_text().strip()):
-            print(f"  base seed {seed}: process {lock.read_text().strip()} is training it ({lock}); waiting", flush=True)
+            print(
+                f"  base seed {seed}: process {lock.read_text().strip()} is training it ({lock}); waiting", flush=True
+            )
             time.sleep(30)
         module = new_classifier(self.args)
         if path.is_file():
@@ -298,8 +336,10 @@ class Study:
                 lock.unlink(missing_ok=True)
             seconds = time.perf_counter() - start
             images = len(self.data.train_set) * self.args.epochs
-            print(f"  base seed {seed}: trained in {seconds:.0f} s ({images / seconds:.0f} img/s), saved {path}",
-                  flush=True)
+            print(
+                f"  base seed {seed}: trained in {seconds:.0f} s ({images / seconds:.0f} img/s), saved {path}",
+                flush=True,
+            )
         module.model.eval()
         self.bases[seed] = module
         return module
@@ -368,7 +408,9 @@ def check_applied(recipe: StudyRecipe, model: nn.Module, base: nn.Module) -> Non
 
     params, base_params = (sum(p.numel() for p in m.parameters()) for m in (model, base))
     if recipe.prune is not None and params > (1 - recipe.prune / 2) * base_params:
-        raise RuntimeError(f"{recipe.name}: the model kept {params:,} of {base_params:,} parameters; pruning did not act.")
+        raise RuntimeError(
+            f"{recipe.name}: the model kept {params:,} of {base_params:,} parameters; pruning did not act."
+        )
     if recipe.nystrom is not None and not any(isinstance(m, NystromAttention) for m in model.modules()):
         raise RuntimeError(f"{recipe.name}: no NystromAttention block in the fine-tuned model; the swap did not act.")
 
@@ -428,26 +470,41 @@ def accuracy_run(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     for recipe, seed in work:
         if recipe.needs_teacher and "teacher" not in results:
             teacher = study.trained_teacher()
-            results["teacher"] = {"model": "ConvTeacher", "epochs": args.teacher_epochs, "seed": 0,
-                                  "params": sum(p.numel() for p in teacher.parameters()),
-                                  "top1": study.accuracy(teacher)}
+            results["teacher"] = {
+                "model": "ConvTeacher",
+                "epochs": args.teacher_epochs,
+                "seed": 0,
+                "params": sum(p.numel() for p in teacher.parameters()),
+                "top1": study.accuracy(teacher),
+            }
             write_results(path, results)
             print(f"  teacher: {results['teacher']}", flush=True)
         start = time.perf_counter()
         model, extra = study.run(recipe, seed)
         top1 = study.accuracy(model)
         trained = args.epochs + (args.fine_tune_epochs if recipe.fine_tuned else 0)
-        control_name = None if recipe.name == VANILLA else (CONTROL if recipe.fine_tuned and not recipe.control else VANILLA)
+        control_name = (
+            None if recipe.name == VANILLA else (CONTROL if recipe.fine_tuned and not recipe.control else VANILLA)
+        )
         if recipe.control:
             control_name = None
-        cell = {"recipe": recipe.name, "seed": seed, "epochs": trained,
-                "fine_tune_epochs": args.fine_tune_epochs if recipe.fine_tuned else 0,
-                "top1": top1, "control": control_name, **model_size(model), **extra,
-                "seconds": round(time.perf_counter() - start, 1)}
+        cell = {
+            "recipe": recipe.name,
+            "seed": seed,
+            "epochs": trained,
+            "fine_tune_epochs": args.fine_tune_epochs if recipe.fine_tuned else 0,
+            "top1": top1,
+            "control": control_name,
+            **model_size(model),
+            **extra,
+            "seconds": round(time.perf_counter() - start, 1),
+        }
         results["cells"].append(cell)
         write_results(path, results)
-        print(f"  [{time.strftime('%H:%M:%S')}] seed {seed} {recipe.name}: {top1:.2f}% "
-              f"({cell['seconds']:.0f} s)", flush=True)
+        print(
+            f"  [{time.strftime('%H:%M:%S')}] seed {seed} {recipe.name}: {top1:.2f}% ({cell['seconds']:.0f} s)",
+            flush=True,
+        )
     return results
 
 
@@ -457,12 +514,21 @@ def speed_run(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     import paper_table as pt
 
     results = load_results(path)
-    speed_args = pt.parse_args(["--rounds", str(args.rounds), "--min-run-time", str(args.min_run_time)]
-                               + (["--fast"] if args.fast else []) + (["--no-reference"] if args.no_reference else []))
+    speed_args = pt.parse_args(
+        ["--rounds", str(args.rounds), "--min-run-time", str(args.min_run_time)]
+        + (["--fast"] if args.fast else [])
+        + (["--no-reference"] if args.no_reference else [])
+    )
     rows, names = [], {}
     for recipe in RECIPES:
-        speed_recipe = pt.Recipe(recipe.name, family="deit" if recipe.distil == "deit" else "vit", prune=recipe.prune,
-                                 nystrom=recipe.speed_landmarks, quantize=recipe.quantize, merge=recipe.merge)
+        speed_recipe = pt.Recipe(
+            recipe.name,
+            family="deit" if recipe.distil == "deit" else "vit",
+            prune=recipe.prune,
+            nystrom=recipe.speed_landmarks,
+            quantize=recipe.quantize,
+            merge=recipe.merge,
+        )
         signature = dataclass_key(speed_recipe)
         if signature not in names:  # distillation rows run the vanilla model: measure each model once
             names[signature] = recipe.name
@@ -474,25 +540,47 @@ def speed_run(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     conditions = measured.pop("conditions")
     by_recipe: dict[str, Any] = {}
     for recipe in RECIPES:
-        speed_recipe = next(r for r in rows if dataclass_key(r) == dataclass_key(pt.Recipe(
-            recipe.name, family="deit" if recipe.distil == "deit" else "vit", prune=recipe.prune,
-            nystrom=recipe.speed_landmarks, quantize=recipe.quantize, merge=recipe.merge)))
+        speed_recipe = next(
+            r
+            for r in rows
+            if dataclass_key(r)
+            == dataclass_key(
+                pt.Recipe(
+                    recipe.name,
+                    family="deit" if recipe.distil == "deit" else "vit",
+                    prune=recipe.prune,
+                    nystrom=recipe.speed_landmarks,
+                    quantize=recipe.quantize,
+                    merge=recipe.merge,
+                )
+            )
+        )
         name, size = pt.speed_architecture(speed_recipe, speed_args)
         key = f"{name}@{size}|{speed_recipe.method}"
         base_key = f"{speed_args.speed_models[0]}@{speed_args.speed_image_size}|{VANILLA}"
         reference = measured.get(f"{speed_args.speed_models[0]}@{speed_args.speed_image_size}|{pt.REFERENCE}")
         m, base = measured[key], measured[base_key]
         by_recipe[recipe.name] = {
-            "speed_model": f"{name} @{size}", "params_m": m["params"] / 1e6, "size_mb": m["size_mb"],
+            "speed_model": f"{name} @{size}",
+            "params_m": m["params"] / 1e6,
+            "size_mb": m["size_mb"],
             "macs_g": None if info[key]["macs"] is None else info[key]["macs"] / 1e9,
-            "cpu_images_per_s": m["cpu_images_per_s"], "cpu_speedup": m["cpu_images_per_s"] / base["cpu_images_per_s"],
-            "cpu_speedup_vs_bf16_compiled": None if reference is None
+            "cpu_images_per_s": m["cpu_images_per_s"],
+            "cpu_speedup": m["cpu_images_per_s"] / base["cpu_images_per_s"],
+            "cpu_speedup_vs_bf16_compiled": None
+            if reference is None
             else m["cpu_images_per_s"] / reference["cpu_images_per_s"],
             "size_ratio": m["size_mb"] / base["size_mb"],
         }
-    results["speed"] = {"rows": by_recipe, "conditions": conditions, "models": speed_args.speed_models,
-                        "image_size": speed_args.speed_image_size, "batch_size": speed_args.batch_size,
-                        "threads": speed_args.threads, "load_average": load}
+    results["speed"] = {
+        "rows": by_recipe,
+        "conditions": conditions,
+        "models": speed_args.speed_models,
+        "image_size": speed_args.speed_image_size,
+        "batch_size": speed_args.batch_size,
+        "threads": speed_args.threads,
+        "load_average": load,
+    }
     write_results(path, results)
     return results
 
@@ -530,14 +618,22 @@ def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                 controls.append(control["top1"])
                 deltas.append((cell["seed"], cell["top1"] - control["top1"]))
         swap = [c["swap_only_top1"] for c in mine if "swap_only_top1" in c]
-        rows.append({
-            "recipe": recipe.name, "seeds": [c["seed"] for c in mine], "top1": _mean_std([c["top1"] for c in mine]),
-            "control": mine[0]["control"] if mine else None, "control_top1": _mean_std(controls),
-            "delta": _mean_std([d for _, d in deltas]), "delta_per_seed": deltas,
-            "swap_only": _mean_std(swap), "params": mine[0]["params"] if mine else None,
-            "size_mb": mine[0]["size_mb"] if mine else None, "epochs": mine[0]["epochs"] if mine else None,
-            "speed": speed.get(recipe.name),
-        })
+        rows.append(
+            {
+                "recipe": recipe.name,
+                "seeds": [c["seed"] for c in mine],
+                "top1": _mean_std([c["top1"] for c in mine]),
+                "control": mine[0]["control"] if mine else None,
+                "control_top1": _mean_std(controls),
+                "delta": _mean_std([d for _, d in deltas]),
+                "delta_per_seed": deltas,
+                "swap_only": _mean_std(swap),
+                "params": mine[0]["params"] if mine else None,
+                "size_mb": mine[0]["size_mb"] if mine else None,
+                "epochs": mine[0]["epochs"] if mine else None,
+                "speed": speed.get(recipe.name),
+            }
+        )
     return rows
 
 
@@ -546,8 +642,11 @@ def markdown(results: dict[str, Any], rows: list[dict[str, Any]], target_seeds: 
     model = setup["model"]
     teacher = results.get("teacher")
     speed = results.get("speed")
-    test_set = ("the full 10,000-image test set" if setup["test_images"] == 10000
-                else f"{setup['test_images']} test images (a smoke run)")
+    test_set = (
+        "the full 10,000-image test set"
+        if setup["test_images"] == 10000
+        else f"{setup['test_images']} test images (a smoke run)"
+    )
     speed_models = " / ".join(speed.get("models", ["ViT-B/16", "DeiT-B"])) if speed else ""
     lines = [
         f"**Fashion-MNIST, every recipe against a control trained as long.** Model: timm ViT, {model['embed_dim']} "
@@ -559,13 +658,15 @@ def markdown(results: dict[str, Any], rows: list[dict[str, Any]], target_seeds: 
         f"{setup['fine_tune_lr']} (int8 PTQ: none, paired with the base). Top-1 on "
         f"{test_set}; mean ± std over the seeds listed; Δ = recipe - control of "
         f"the same seed. Teacher for the distillation rows: {setup['teacher']}"
-        + (f", {teacher['params'] / 1e6:.2f}M parameters, test top-1 {teacher['top1']:.2f}%."
-           if teacher else ".")
-        + (f" Speed, size, MACs: the same recipe on {speed_models} at {speed.get('image_size', 224)}, random "
-           f"weights, batch {speed['batch_size']}, {speed['threads']} threads of "
-           f"{speed['conditions'].get('cpu_name')}, one interleaved run (`--speed-only`, load average "
-           f"{speed.get('load_average', 'n/a')} when it started), speedup against the fp32 eager ViT." if speed else
-           " Speed columns: n/a until `--speed-only` has run."),
+        + (f", {teacher['params'] / 1e6:.2f}M parameters, test top-1 {teacher['top1']:.2f}%." if teacher else ".")
+        + (
+            f" Speed, size, MACs: the same recipe on {speed_models} at {speed.get('image_size', 224)}, random "
+            f"weights, batch {speed['batch_size']}, {speed['threads']} threads of "
+            f"{speed['conditions'].get('cpu_name')}, one interleaved run (`--speed-only`, load average "
+            f"{speed.get('load_average', 'n/a')} when it started), speedup against the fp32 eager ViT."
+            if speed
+            else " Speed columns: n/a until `--speed-only` has run."
+        ),
         "",
         "| method | seeds | top-1 (%) | control | control top-1 (%) | Δ vs control (pt) | Δ per seed | "
         "params (small) | ViT-B/16 scale: size (MB) | MACs (G) | CPU speedup | vs bf16 compiled |",
@@ -582,10 +683,15 @@ def markdown(results: dict[str, Any], rows: list[dict[str, Any]], target_seeds: 
             f"| {_f(s.get('size_mb'), 1)} | {_f(s.get('macs_g'), 2)} | {_x(s.get('cpu_speedup'))} "
             f"| {_x(s.get('cpu_speedup_vs_bf16_compiled'))} |"
         )
-    missing = [f"{r['recipe']} (has seeds {','.join(map(str, r['seeds'])) or 'none'})" for r in rows
-               if len(r["seeds"]) < target_seeds]
+    missing = [
+        f"{r['recipe']} (has seeds {','.join(map(str, r['seeds'])) or 'none'})"
+        for r in rows
+        if len(r["seeds"]) < target_seeds
+    ]
     if missing:
-        lines.append(f"\n**Incomplete** (fewer than {target_seeds} seeds; the run resumes): " + "; ".join(missing) + ".")
+        lines.append(
+            f"\n**Incomplete** (fewer than {target_seeds} seeds; the run resumes): " + "; ".join(missing) + "."
+        )
     return "\n".join(lines)
 
 
@@ -636,9 +742,11 @@ def update_readme(table: str, readme: Path = ROOT / "README.md") -> None:
     text = readme.read_text()
     if start_marker not in text:
         raise SystemExit(f"{readme}: no {start_marker} ... {end_marker} block to replace; add the two markers.")
-    block = (f"{start_marker}\nGenerated from `docs/results/fashion_mnist.json` by `python examples/paper_table.py "
-             f"--dataset fashion-mnist --table-only --update-readme`:\n\n{table}\n\n"
-             f"![paired deltas](docs/results/fashion_mnist.png)\n{end_marker}")
+    block = (
+        f"{start_marker}\nGenerated from `docs/results/fashion_mnist.json` by `python examples/paper_table.py "
+        f"--dataset fashion-mnist --table-only --update-readme`:\n\n{table}\n\n"
+        f"![paired deltas](docs/results/fashion_mnist.png)\n{end_marker}"
+    )
     start, end = text.index(start_marker), text.index(end_marker) + len(end_marker)
     readme.write_text(text[:start] + block + text[end:])
     print(f"updated {readme}")
@@ -649,7 +757,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=["fashion-mnist"], default="fashion-mnist")
     p.add_argument("--data-root", default="data", help="holds FashionMNIST/raw/ (unpacked there from the apt package)")
-    p.add_argument("--results", default=None, help=f"the JSON (default {RESULTS.relative_to(ROOT)}; --fast: in --output-dir)")
+    p.add_argument(
+        "--results", default=None, help=f"the JSON (default {RESULTS.relative_to(ROOT)}; --fast: in --output-dir)"
+    )
     p.add_argument("--cache-dir", default=None, help="base checkpoints (default outputs/fashion_mnist_cache)")
     p.add_argument("--output-dir", default="outputs/fashion_mnist")
     p.add_argument("--seeds", type=int, default=3)
@@ -665,18 +775,32 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--train-batch-size", type=int, default=128)
     p.add_argument("--precision", default="32-true", help="Lightning precision of training, e.g. bf16-mixed")
     p.add_argument("--teacher-epochs", type=int, default=15, help="training epochs of the convnet teacher")
-    p.add_argument("--threads", type=int, default=1,
-                   help="training threads (1: on a shared machine 2 threads wasted 5x the CPU time, see the docstring)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="training threads (1: on a shared machine 2 threads wasted 5x the CPU time, see the docstring)",
+    )
     p.add_argument("--speed-only", action="store_true", help="measure the ViT-B/16-scale columns into the JSON")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--min-run-time", type=float, default=1.0)
     p.add_argument("--no-reference", action="store_true", help="--speed-only: skip the bf16-compiled reference")
     p.add_argument("--table-only", action="store_true", help="no training: table and plot from the JSON")
-    p.add_argument("--bases-only", type=int, nargs="+", default=None, metavar="SEED",
-                   help="only train and cache these seeds' base models (e.g. in a second "
-                        "process while the main run works); the main run loads them from --cache-dir")
-    p.add_argument("--update-readme", action="store_true", help="write the table into README.md, the plot to docs/results/")
-    p.add_argument("--fast", action="store_true", help="smoke run: 1 seed, 3 batches per epoch, 1000 test images, 1-epoch teacher")
+    p.add_argument(
+        "--bases-only",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="SEED",
+        help="only train and cache these seeds' base models (e.g. in a second "
+        "process while the main run works); the main run loads them from --cache-dir",
+    )
+    p.add_argument(
+        "--update-readme", action="store_true", help="write the table into README.md, the plot to docs/results/"
+    )
+    p.add_argument(
+        "--fast", action="store_true", help="smoke run: 1 seed, 3 batches per epoch, 1000 test images, 1-epoch teacher"
+    )
     return p
 
 
@@ -709,7 +833,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     print("\n" + table)
     output.mkdir(parents=True, exist_ok=True)
     (output / "fashion_mnist.md").write_text(table + "\n")
-    png = plot(rows, PLOT if args.update_readme else output / "fashion_mnist.png", results.get("setup", {}).get("test_images"))
+    png = plot(
+        rows, PLOT if args.update_readme else output / "fashion_mnist.png", results.get("setup", {}).get("test_images")
+    )
     if args.update_readme:
         update_readme(table)
     print(f"results: {path}; plot: {png}")

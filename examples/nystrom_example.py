@@ -25,9 +25,9 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_vitcompress.functional import NystromAttention, measure_accuracy
 from lightning_vitcompress import NystromSwap, load_compressed
 from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
+from lightning_vitcompress.functional import NystromAttention, measure_accuracy
 
 
 def main() -> None:

@@ -101,7 +101,7 @@ def cifar10_datamodule(batch_size: int, root: str) -> L.LightningDataModule:
     try:
         train = CIFAR10(root, train=True, download=True, transform=transform)
         test = CIFAR10(root, train=False, download=True, transform=transform)
-    except Exception as err:  # noqa: BLE001 - URLError, RuntimeError...
+    except Exception as err:
         raise SystemExit(
             f"--dataset cifar10 needs to download CIFAR-10 into {root!r} and could not ({err}). "
             "Run without --dataset for the offline digits table."
@@ -213,9 +213,11 @@ class Recipe:
 
     @property
     def fine_tuned(self) -> bool:
-        return self.family == "vit" and (self.merge or any(v is not None for v in (self.prune, self.nystrom, self.distil)))
+        return self.family == "vit" and (
+            self.merge or any(v is not None for v in (self.prune, self.nystrom, self.distil))
+        )
 
-    def accuracy_key(self) -> "Recipe":
+    def accuracy_key(self) -> Recipe:
         """Rows that differ only in their speed architecture share one accuracy."""
         return dataclasses.replace(self, method="", speed_model=None)
 
@@ -239,11 +241,22 @@ RECIPES = [
     Recipe("structured pruning 30% + fine-tune", prune=0.3),
     Recipe("structured pruning 50% + fine-tune", prune=0.5),
     Recipe("combined: prune 50% + distil + int8 dynamic", prune=0.5, distil="soft", quantize="int8_dynamic"),
-    Recipe("combined: prune 50% + distil + int8 static x86, bf16-mixed, compiled", prune=0.5, distil="soft",
-           quantize="int8_static_x86", inference_precision="bf16-mixed"),
+    Recipe(
+        "combined: prune 50% + distil + int8 static x86, bf16-mixed, compiled",
+        prune=0.5,
+        distil="soft",
+        quantize="int8_static_x86",
+        inference_precision="bf16-mixed",
+    ),
     Recipe("token merging (ToMe) + fine-tune", merge=True),
-    Recipe("combined: prune 50% + distil + token merging + int8 static x86, bf16-mixed, compiled", prune=0.5,
-           distil="soft", merge=True, quantize="int8_static_x86", inference_precision="bf16-mixed"),
+    Recipe(
+        "combined: prune 50% + distil + token merging + int8 static x86, bf16-mixed, compiled",
+        prune=0.5,
+        distil="soft",
+        merge=True,
+        quantize="int8_static_x86",
+        inference_precision="bf16-mixed",
+    ),
     Recipe("vanilla", speed_model=VIT_S_512),
     Recipe("Nystrom m=64 + fine-tune", nystrom=64, speed_model=VIT_S_512),
 ]
@@ -265,14 +278,13 @@ def quantizer(recipe: Recipe) -> QuantizeOnFit:
 def train_recipe(setting: Setting, recipe: Recipe, vanilla: DigitsClassifier, seed: int) -> nn.Module:
     """The recipe's model on the accuracy scale, starting from this seed's trained vanilla ViT."""
     args = setting.args
-    if recipe.family == "deit":
-        if (seed, "deit") not in setting.trained:  # one DeiT per seed; its quantized rows start from it
-            L.seed_everything(seed, verbose=False)
-            deit = setting.deit()
-            teacher = setting.trained_teacher or _clone_model(vanilla.model)
-            callbacks: list[Any] = [DistillationTeacher(_clone_model(teacher), mode="deit")]
-            setting.trainer(args.epochs, callbacks).fit(deit, setting.data)
-            setting.trained = {(seed, "deit"): deit.model}
+    if recipe.family == "deit" and (seed, "deit") not in setting.trained:  # one DeiT per seed; quantized rows reuse it
+        L.seed_everything(seed, verbose=False)
+        deit = setting.deit()
+        teacher = setting.trained_teacher or _clone_model(vanilla.model)
+        callbacks: list[Any] = [DistillationTeacher(_clone_model(teacher), mode="deit")]
+        setting.trainer(args.epochs, callbacks).fit(deit, setting.data)
+        setting.trained = {(seed, "deit"): deit.model}
     if not recipe.fine_tuned:
         source = setting.trained[(seed, "deit")] if recipe.family == "deit" else vanilla.model
         model = _clone_model(source)
@@ -322,7 +334,9 @@ def accuracy_runs(setting: Setting, recipes: list[Recipe]) -> dict[Recipe, dict[
             model = vanilla.model if key == Recipe("") else train_recipe(setting, key, vanilla, seed)
             results[key]["accuracy"].append(100 * measure_accuracy(model, batches))
             if key.nystrom is not None:
-                results[key]["swap_only"].append(100 * measure_accuracy(swapped_copy(vanilla.model, key.nystrom), batches))
+                results[key]["swap_only"].append(
+                    100 * measure_accuracy(swapped_copy(vanilla.model, key.nystrom), batches)
+                )
         print(f"  seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
     return results
 
@@ -380,8 +394,15 @@ def measure_speed(models: dict[str, nn.Module], args: argparse.Namespace) -> dic
                 model(example)
                 model(example[:1])
             print(f"  first calls of {key}: {time.perf_counter() - start:.0f} s", flush=True)
-        result = compare_models(group, example, devices=("cpu", "cuda"), num_threads=args.threads,
-                                rounds=args.rounds, min_run_time=args.min_run_time, latency_repeats=5)
+        result = compare_models(
+            group,
+            example,
+            devices=("cpu", "cuda"),
+            num_threads=args.threads,
+            rounds=args.rounds,
+            min_run_time=args.min_run_time,
+            latency_repeats=5,
+        )
         measured["conditions"] = result.pop("conditions")
         measured.update(result)
     return measured
@@ -389,7 +410,10 @@ def measure_speed(models: dict[str, nn.Module], args: argparse.Namespace) -> dic
 
 # ----------------------------------------------------------------------------------------- table
 def build_table(
-    setting: Setting, recipes: list[Recipe], accuracy: dict[Recipe, dict[str, Any]], speed: dict[str, Any],
+    setting: Setting,
+    recipes: list[Recipe],
+    accuracy: dict[Recipe, dict[str, Any]],
+    speed: dict[str, Any],
     info: dict[str, Any],
 ) -> list[dict[str, Any]]:
     args = setting.args
@@ -418,7 +442,8 @@ def build_table(
                 "macs_g": None if info[key]["macs"] is None else info[key]["macs"] / 1e9,
                 "cpu_images_per_s": m["cpu_images_per_s"],
                 "cpu_speedup": m["cpu_images_per_s"] / base["cpu_images_per_s"],
-                "cpu_speedup_vs_bf16_compiled": None if reference is None
+                "cpu_speedup_vs_bf16_compiled": None
+                if reference is None
                 else m["cpu_images_per_s"] / reference["cpu_images_per_s"],
                 "cpu_latency_ms_p50": m["cpu_latency_ms_p50"],
                 "size_ratio": m["size_mb"] / base["size_mb"],
@@ -429,12 +454,25 @@ def build_table(
         if arch_key.endswith(f"|{REFERENCE}"):
             name = arch_key.split("|")[0].replace("@", " @")
             base = speed[arch_key.replace(REFERENCE, "vanilla")]
-            rows.append({"speed_model": name, "method": REFERENCE, "accuracy": None, "accuracy_per_seed": [],
-                         "delta_vs_vanilla": None, "swap_only": None, "params_m": m["params"] / 1e6,
-                         "size_mb": m["size_mb"], "macs_g": None, "cpu_images_per_s": m["cpu_images_per_s"],
-                         "cpu_speedup": m["cpu_images_per_s"] / base["cpu_images_per_s"],
-                         "cpu_speedup_vs_bf16_compiled": 1.0, "cpu_latency_ms_p50": m["cpu_latency_ms_p50"],
-                         "size_ratio": m["size_mb"] / base["size_mb"], "gpu_images_per_s": m["gpu_images_per_s"]})
+            rows.append(
+                {
+                    "speed_model": name,
+                    "method": REFERENCE,
+                    "accuracy": None,
+                    "accuracy_per_seed": [],
+                    "delta_vs_vanilla": None,
+                    "swap_only": None,
+                    "params_m": m["params"] / 1e6,
+                    "size_mb": m["size_mb"],
+                    "macs_g": None,
+                    "cpu_images_per_s": m["cpu_images_per_s"],
+                    "cpu_speedup": m["cpu_images_per_s"] / base["cpu_images_per_s"],
+                    "cpu_speedup_vs_bf16_compiled": 1.0,
+                    "cpu_latency_ms_p50": m["cpu_latency_ms_p50"],
+                    "size_ratio": m["size_mb"] / base["size_mb"],
+                    "gpu_images_per_s": m["gpu_images_per_s"],
+                }
+            )
     return rows
 
 
@@ -462,12 +500,16 @@ def _pm(value: Optional[tuple[float, float]], signed: bool = False) -> str:
 def header(setting: Setting, conditions: dict[str, Any]) -> str:
     args = setting.args
     if setting.cifar:
-        data = (f"CIFAR-10 test set ({len(setting.data.test_dataloader().dataset)} images), ViT-B/16 / DeiT-B "
-                f"{'pretrained' if args.pretrained else 'random init'}, trained here")
+        data = (
+            f"CIFAR-10 test set ({len(setting.data.test_dataloader().dataset)} images), ViT-B/16 / DeiT-B "
+            f"{'pretrained' if args.pretrained else 'random init'}, trained here"
+        )
     else:
         images = sum(int(batch[0].shape[0]) for batch in setting.test_batches())
-        data = (f"digits test split ({images} images), 64-wide 4-block ViT/DeiT at 32x32 (65 tokens) trained here "
-                f"for {args.epochs} epochs (+{args.fine_tune_epochs} fine-tuning)")
+        data = (
+            f"digits test split ({images} images), 64-wide 4-block ViT/DeiT at 32x32 (65 tokens) trained here "
+            f"for {args.epochs} epochs (+{args.fine_tune_epochs} fine-tuning)"
+        )
     return (
         f"**Two scales, one recipe per row.** Accuracy: {data}; mean ± std over {args.seeds} seed(s) "
         f"(0..{args.seeds - 1}), Δ paired with the vanilla model of the same seed. Speed, size, MACs: the same "
@@ -518,13 +560,27 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Optional[Path]:
     measured = [r for r in rows if r["accuracy"] is not None]
     for number, r in enumerate(measured, 1):  # numbered points, the names in a legend: labels never overlap
         mean, std = r["accuracy"]
-        ax.errorbar(r["cpu_speedup"], mean, yerr=std, fmt="o", ms=5, capsize=2, color=colors[number % len(colors)],
-                    label=f"{number}. {r['method']} ({r['speed_model'].split(' ')[0]})")
+        ax.errorbar(
+            r["cpu_speedup"],
+            mean,
+            yerr=std,
+            fmt="o",
+            ms=5,
+            capsize=2,
+            color=colors[number % len(colors)],
+            label=f"{number}. {r['method']} ({r['speed_model'].split(' ')[0]})",
+        )
         ax.annotate(str(number), (r["cpu_speedup"], mean), fontsize=7, xytext=(4, 2), textcoords="offset points")
     for r in STUDY_ROWS:
         ax.scatter(r["cpu_speedup"], r["accuracy"], marker="x", color="gray", s=45)
-        ax.annotate(f"study: {r['method']}", (r["cpu_speedup"], r["accuracy"]), fontsize=7, color="gray",
-                    xytext=(4, -9), textcoords="offset points")
+        ax.annotate(
+            f"study: {r['method']}",
+            (r["cpu_speedup"], r["accuracy"]),
+            fontsize=7,
+            color="gray",
+            xytext=(4, -9),
+            textcoords="offset points",
+        )
     ax.set_xscale("log")
     ax.set_xlabel("CPU throughput at the study's scale, relative to fp32 eager (log)")
     ax.set_ylabel("top-1 (%): ours on digits (mean ± std),\nthe study on CIFAR-10")
@@ -539,16 +595,24 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Optional[Path]:
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     """The digits/CIFAR-10 table's arguments (``--fast`` already applied)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", choices=["digits", "cifar10", "fashion-mnist"], default="digits",
-                        help="fashion-mnist: the controlled study (examples/fashion_mnist_study.py, its own options)")
+    parser.add_argument(
+        "--dataset",
+        choices=["digits", "cifar10", "fashion-mnist"],
+        default="digits",
+        help="fashion-mnist: the controlled study (examples/fashion_mnist_study.py, its own options)",
+    )
     parser.add_argument("--pretrained", action="store_true", help="hub weights (cifar10 mode)")
     parser.add_argument("--data-root", default="data")
     parser.add_argument("--seeds", type=int, default=3, help="accuracy seeds (0..n-1)")
     parser.add_argument("--epochs", type=int, default=20, help="training epochs of the vanilla, teacher, DeiT rows")
     parser.add_argument("--fine-tune-epochs", type=int, default=12, help="epochs for Nystrom/pruning/combined")
     parser.add_argument("--fine-tune-lr", type=float, default=5e-4)
-    parser.add_argument("--speed-models", nargs=2, default=["vit_base_patch16_224", "deit_base_distilled_patch16_224"],
-                        help="timm names of the speed architectures of the ViT and DeiT rows")
+    parser.add_argument(
+        "--speed-models",
+        nargs=2,
+        default=["vit_base_patch16_224", "deit_base_distilled_patch16_224"],
+        help="timm names of the speed architectures of the ViT and DeiT rows",
+    )
     parser.add_argument("--speed-image-size", type=int, default=224)
     parser.add_argument("--small-speed-model", default="vit_tiny_patch16_224", help="--fast: every speed model")
     parser.add_argument("--batch-size", type=int, default=4, help="batch of the speed measurements")
@@ -557,8 +621,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--min-run-time", type=float, default=1.0)
     parser.add_argument("--no-reference", action="store_true", help="skip the bf16-compiled reference rows")
     parser.add_argument("--skip-accuracy", action="store_true", help="speed columns only (accuracy n/a)")
-    parser.add_argument("--fast", action="store_true",
-                        help="smoke run: 1 seed, a few batches per epoch, ViT-Tiny speed models at 128 (256 for the 1025-token rows), no reference")
+    parser.add_argument(
+        "--fast",
+        action="store_true",
+        help="smoke run: 1 seed, a few batches per epoch, ViT-Tiny speed models at 128 (256 for the 1025-token rows), no reference",
+    )
     parser.add_argument("--output-dir", default="outputs/paper_table")
     parser.add_argument(
         "--update-readme", action="store_true", help="write the table into README.md and the plot to docs/"
@@ -604,9 +671,11 @@ def main(argv: Optional[list[str]] = None) -> Any:
     table = markdown(rows, header(setting, speed["conditions"]))
     print("\n" + table)
     (output / "paper_table.md").write_text(table + "\n")
-    (output / "paper_table.json").write_text(json.dumps(
-        {"rows": rows, "conditions": speed["conditions"], "study_rows": STUDY_ROWS, "args": vars(args)}, indent=2
-    ))
+    (output / "paper_table.json").write_text(
+        json.dumps(
+            {"rows": rows, "conditions": speed["conditions"], "study_rows": STUDY_ROWS, "args": vars(args)}, indent=2
+        )
+    )
     plot(rows, output / "paper_table.png")
     print(f"\nwrote {output / 'paper_table.md'}, .json and .png")
     if args.update_readme:

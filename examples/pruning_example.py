@@ -20,9 +20,9 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_vitcompress.functional import count_parameters, measure_accuracy
 from lightning_vitcompress import PruningSchedule, load_compressed
 from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
+from lightning_vitcompress.functional import count_parameters, measure_accuracy
 
 
 def main() -> None:

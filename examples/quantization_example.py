@@ -24,8 +24,8 @@ import lightning as L
 import torch
 
 from lightning_vitcompress import QuantizeOnFit, load_compressed
-from lightning_vitcompress.functional import measure_accuracy, serialized_size_bytes
 from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
+from lightning_vitcompress.functional import measure_accuracy, serialized_size_bytes
 
 
 def describe(weight: torch.Tensor) -> str:
@@ -39,11 +39,16 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=16)
     parser.add_argument("--qat-epochs", type=int, default=2, help="0: post-training quantization only")
     parser.add_argument(
-        "--config", default="int8_dynamic",
+        "--config",
+        default="int8_dynamic",
         help="int8_dynamic, int8_weight_only (CPU or CUDA); int8_dynamic_x86, int8_static_x86 (x86 CPU, compiled)",
     )
-    parser.add_argument("--inference-precision", default="32-true", choices=["32-true", "bf16-mixed"],
-                        help="bf16-mixed: x86 configs only, on CPUs with AVX512-BF16/AMX")
+    parser.add_argument(
+        "--inference-precision",
+        default="32-true",
+        choices=["32-true", "bf16-mixed"],
+        help="bf16-mixed: x86 configs only, on CPUs with AVX512-BF16/AMX",
+    )
     parser.add_argument("--output-dir", default="outputs/quantization")
     args = parser.parse_args()
 
@@ -60,8 +65,14 @@ def main() -> None:
         save_fp32_path=output / "model-fp32.ckpt",
     )
     trainer = L.Trainer(
-        accelerator="cpu", max_epochs=args.epochs, callbacks=[quantize], default_root_dir=output,
-        enable_model_summary=False, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        accelerator="cpu",
+        max_epochs=args.epochs,
+        callbacks=[quantize],
+        default_root_dir=output,
+        enable_model_summary=False,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
     )
     trainer.fit(model, data)
     (result,) = trainer.test(model, data, verbose=False)  # the quantized model
@@ -73,11 +84,15 @@ def main() -> None:
     summary = quantize.summary
     print(f"\nQuantizeOnFit({args.config!r}, QAT epochs: {args.qat_epochs})")
     print(f"  layers quantized: {len(summary['quantized'])}, kept in full precision: {summary['skipped'] or 'none'}")
-    print(f"  model size: {serialized_size_bytes(fp32.model) / 1e6:.2f} MB fp32 -> "
-          f"{serialized_size_bytes(loaded.model) / 1e6:.2f} MB (head: {type(loaded.model.head).__name__} "
-          f"with {describe(loaded.model.head.weight)} weights)")
-    print(f"  test accuracy: fp32 {measure_accuracy(fp32, test):.4f}, quantized {result['test/acc']:.4f} "
-          f"(trainer.test), reloaded {measure_accuracy(loaded, test):.4f}")
+    print(
+        f"  model size: {serialized_size_bytes(fp32.model) / 1e6:.2f} MB fp32 -> "
+        f"{serialized_size_bytes(loaded.model) / 1e6:.2f} MB (head: {type(loaded.model.head).__name__} "
+        f"with {describe(loaded.model.head.weight)} weights)"
+    )
+    print(
+        f"  test accuracy: fp32 {measure_accuracy(fp32, test):.4f}, quantized {result['test/acc']:.4f} "
+        f"(trainer.test), reloaded {measure_accuracy(loaded, test):.4f}"
+    )
 
 
 if __name__ == "__main__":

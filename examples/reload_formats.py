@@ -18,8 +18,9 @@ on a test batch::
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import lightning as L
 import torch
@@ -40,8 +41,15 @@ def trained(callback: Any, folder: Path, data: DigitsDataModule) -> tuple[Digits
     L.seed_everything(0, verbose=False)
     model = DigitsClassifier(**ARCH)
     trainer = L.Trainer(
-        accelerator="cpu", max_epochs=1, limit_train_batches=8, limit_val_batches=0, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=8,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
     )
     trainer.fit(model, data)
     # what ModelCheckpoint() and ModelCheckpoint(save_weights_only=True) write, of the final (compressed) model

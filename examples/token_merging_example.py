@@ -56,16 +56,20 @@ def main() -> None:
     L.Trainer(max_epochs=2 if args.fast else args.merge_epochs, callbacks=[merging, checkpoint], **common).fit(
         model, data
     )
-    print(f"merged (r per block {merging.plan['block_r']}) after fine-tuning, test accuracy: "
-          f"{measure_accuracy(model, test):.2%}; MACs {count_macs(model.model, example) / macs:.2f}x; "
-          f"tokens after each block {merged_token_counts(model.model)}")
+    print(
+        f"merged (r per block {merging.plan['block_r']}) after fine-tuning, test accuracy: "
+        f"{measure_accuracy(model, test):.2%}; MACs {count_macs(model.model, example) / macs:.2f}x; "
+        f"tokens after each block {merged_token_counts(model.model)}"
+    )
 
     loaded = load_compressed(DigitsClassifier, checkpoint.last_model_path)
     images = test[0][0]
     with torch.no_grad():
         same = torch.equal(loaded(images).argmax(-1), model.eval()(images).argmax(-1))
-    print(f"reloaded from {checkpoint.last_model_path} with load_compressed: tokens after each block "
-          f"{merged_token_counts(loaded.model)}, same predictions = {same}")
+    print(
+        f"reloaded from {checkpoint.last_model_path} with load_compressed: tokens after each block "
+        f"{merged_token_counts(loaded.model)}, same predictions = {same}"
+    )
 
 
 if __name__ == "__main__":

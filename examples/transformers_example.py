@@ -44,8 +44,14 @@ class HFViTClassifier(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         config = ViTConfig(
-            image_size=32, patch_size=4, num_channels=3, hidden_size=hidden_size, num_hidden_layers=layers,
-            num_attention_heads=heads, intermediate_size=4 * hidden_size, num_labels=10,
+            image_size=32,
+            patch_size=4,
+            num_channels=3,
+            hidden_size=hidden_size,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=4 * hidden_size,
+            num_labels=10,
         )
         self.vit = ViTForImageClassification._from_config(config, attn_implementation="sdpa")
 
@@ -110,8 +116,10 @@ def main() -> None:
     with torch.no_grad():
         same = torch.allclose(loaded(images).logits, module.eval()(images).logits, atol=1e-4)
     accuracy = measure_accuracy(loaded, data.test_dataloader())
-    print(f"params {dense_params / 1e3:.0f}k -> {count_parameters(loaded.vit) / 1e3:.0f}k; "
-          f"test top-1 of the reloaded model {100 * accuracy:.2f}%; reload gives the same logits: {same}")
+    print(
+        f"params {dense_params / 1e3:.0f}k -> {count_parameters(loaded.vit) / 1e3:.0f}k; "
+        f"test top-1 of the reloaded model {100 * accuracy:.2f}%; reload gives the same logits: {same}"
+    )
 
 
 if __name__ == "__main__":

@@ -25,8 +25,9 @@ import dataclasses
 import importlib
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import lightning as L
 import torch
@@ -126,7 +127,7 @@ def run_case(case: Case, tmp_path: Path, datamodule: L.LightningDataModule) -> t
     if case.stage in ("init", "call"):
         try:
             made = case.make(tmp_path)
-        except Exception as err:  # noqa: BLE001 - measured
+        except Exception as err:
             return Outcome("constructor" if case.stage == "init" else "call", err, 0), model
         if case.stage == "call":
             return Outcome("never", None, 0), model
@@ -137,11 +138,12 @@ def run_case(case: Case, tmp_path: Path, datamodule: L.LightningDataModule) -> t
     trainer = fast_trainer(tmp_path, callbacks=callbacks, **case.trainer_kwargs)
     fit_kwargs = case.fit_kwargs(tmp_path) if case.fit_kwargs else {}
     data = case.data(datamodule) if case.data else datamodule
-    data_kwargs = dict(train_dataloaders=data[0], val_dataloaders=data[1]) if isinstance(data, tuple) else dict(
-        datamodule=data)
+    data_kwargs = (
+        dict(train_dataloaders=data[0], val_dataloaders=data[1]) if isinstance(data, tuple) else dict(datamodule=data)
+    )
     try:
         trainer.fit(model, **data_kwargs, **fit_kwargs)
-    except Exception as err:  # noqa: BLE001 - measured
+    except Exception as err:
         if not probe.batch_started:
             observed = "setup"
         elif trainer.global_step == 0 and not probe.train_ended:
@@ -155,7 +157,8 @@ def run_case(case: Case, tmp_path: Path, datamodule: L.LightningDataModule) -> t
 def _check_error_type(case: Case) -> None:
     types = case.error if isinstance(case.error, tuple) else (case.error,)
     assert all(t not in (Exception, BaseException) for t in types), (
-        f"{case.id}: error={case.error!r} is satisfied by any crash; name the specific exception type")
+        f"{case.id}: error={case.error!r} is satisfied by any crash; name the specific exception type"
+    )
 
 
 def check_case(case: Case, tmp_path: Path, datamodule: L.LightningDataModule) -> None:
@@ -187,11 +190,14 @@ def measured_table(modules: tuple[str, ...], tmp_root: Path, datamodule: L.Light
             folder.mkdir(parents=True, exist_ok=True)
             try:
                 outcome, _ = run_case(case, folder, datamodule)
-            except Exception as err:  # noqa: BLE001 - a setup case's constructor refused it: counted
+            except Exception as err:
                 outcome = Outcome("constructor", err, 0)
             counts[(case.callback, outcome.observed)] += 1
-            clear = outcome.error is not None and isinstance(outcome.error, case.error) and case.argument in str(
-                outcome.error)
+            clear = (
+                outcome.error is not None
+                and isinstance(outcome.error, case.error)
+                and case.argument in str(outcome.error)
+            )
             if not clear:
                 counts[(case.callback, "unclear")] += 1
                 unclear.append(f"{name}::{case.id}: {type(outcome.error).__name__}: {outcome.error}")

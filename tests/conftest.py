@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import lightning as L
 import pytest
@@ -61,10 +62,23 @@ def served(tmp_path_factory, trained_tiny, digits) -> dict[str, Any]:
     L.seed_everything(0, verbose=False)
     module = DigitsClassifier(**{**TINY, "lr": 1e-4})
     module.load_state_dict(trained_tiny)
-    bench = BenchmarkCallback(batch_size=4, devices=("cpu",), rounds=1, min_run_time=0.02, latency_repeats=1,
-                              accuracy_batches=1, plot=False, output_dir=folder)
-    trainer = fast_trainer(folder, callbacks=[bench, ExportOnFit(folder / "vit.pt2"), TQDMProgressBar()],
-                           enable_progress_bar=True, limit_train_batches=2, limit_val_batches=1)
+    bench = BenchmarkCallback(
+        batch_size=4,
+        devices=("cpu",),
+        rounds=1,
+        min_run_time=0.02,
+        latency_repeats=1,
+        accuracy_batches=1,
+        plot=False,
+        output_dir=folder,
+    )
+    trainer = fast_trainer(
+        folder,
+        callbacks=[bench, ExportOnFit(folder / "vit.pt2"), TQDMProgressBar()],
+        enable_progress_bar=True,
+        limit_train_batches=2,
+        limit_val_batches=1,
+    )
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         trainer.fit(module, digits)

@@ -7,7 +7,8 @@ weights built offline (``pretrained=False``, ``XConfig(...)``).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import lightning as L
 import pytest
@@ -23,8 +24,16 @@ WIDTH, HEADS, DEPTH, MLP, CLASSES, IMAGE, PATCH = 32, 4, 2, 64, 10, 32, 8
 
 def timm_vit(name: str = "vit_tiny_patch16_224", **kwargs: Any) -> nn.Module:
     return timm.create_model(
-        name, pretrained=False, img_size=IMAGE, patch_size=PATCH, embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS,
-        mlp_ratio=MLP / WIDTH, num_classes=CLASSES, **kwargs,
+        name,
+        pretrained=False,
+        img_size=IMAGE,
+        patch_size=PATCH,
+        embed_dim=WIDTH,
+        depth=DEPTH,
+        num_heads=HEADS,
+        mlp_ratio=MLP / WIDTH,
+        num_classes=CLASSES,
+        **kwargs,
     )
 
 
@@ -32,7 +41,12 @@ def torchvision_vit() -> nn.Module:
     from torchvision.models import VisionTransformer
 
     return VisionTransformer(
-        image_size=IMAGE, patch_size=PATCH, num_layers=DEPTH, num_heads=HEADS, hidden_dim=WIDTH, mlp_dim=MLP,
+        image_size=IMAGE,
+        patch_size=PATCH,
+        num_layers=DEPTH,
+        num_heads=HEADS,
+        hidden_dim=WIDTH,
+        mlp_dim=MLP,
         num_classes=CLASSES,
     )
 
@@ -41,8 +55,14 @@ def hf_vit(class_name: str, attn_implementation: str = "eager") -> nn.Module:
     transformers = pytest.importorskip("transformers", reason="the [hf] extra (transformers) is not installed")
     config_class = transformers.DeiTConfig if class_name.startswith("DeiT") else transformers.ViTConfig
     config = config_class(
-        image_size=IMAGE, patch_size=PATCH, num_channels=3, hidden_size=WIDTH, num_hidden_layers=DEPTH,
-        num_attention_heads=HEADS, intermediate_size=MLP, num_labels=CLASSES,
+        image_size=IMAGE,
+        patch_size=PATCH,
+        num_channels=3,
+        hidden_size=WIDTH,
+        num_hidden_layers=DEPTH,
+        num_attention_heads=HEADS,
+        intermediate_size=MLP,
+        num_labels=CLASSES,
     )
     return getattr(transformers, class_name)._from_config(config, attn_implementation=attn_implementation)
 

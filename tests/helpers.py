@@ -8,14 +8,15 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from torch import nn
 from timm.layers.attention import Attention as TimmAttention
+from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_vitcompress import CompressionCallback
@@ -327,8 +328,9 @@ class KillAt(Callback):
     def __init__(self, at: Any) -> None:
         self.at = at
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if trainer.global_step == self.at:
             self._kill()
 
@@ -364,8 +366,15 @@ def pipeline_run(folder: Path, kill_at: Any = None, ckpt_path: Any = None, **tra
         QuantizeOnFit("int8_dynamic", qat_start_epoch=3),
         ModelCheckpoint(dirpath=folder, save_last=True),
     ]
-    trainer = fast_trainer(folder, callbacks=callbacks, max_epochs=4, limit_train_batches=2, limit_val_batches=0,
-                           enable_checkpointing=True, **trainer_kwargs)
+    trainer = fast_trainer(
+        folder,
+        callbacks=callbacks,
+        max_epochs=4,
+        limit_train_batches=2,
+        limit_val_batches=0,
+        enable_checkpointing=True,
+        **trainer_kwargs,
+    )
     trainer.fit(model, loader, ckpt_path=ckpt_path)
     return model
 
@@ -373,11 +382,14 @@ def pipeline_run(folder: Path, kill_at: Any = None, ckpt_path: Any = None, **tra
 def start_killed(folder: Path, kill_at: Any) -> subprocess.Popen:
     """Start :func:`pipeline_run` in a fresh process that SIGKILLs itself at ``kill_at`` (wait on it)."""
     folder.mkdir(parents=True, exist_ok=True)
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import helpers; "
-            f"helpers.pipeline_run(helpers.Path({str(folder)!r}), {kill_at!r})")
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import helpers; "
+        f"helpers.pipeline_run(helpers.Path({str(folder)!r}), {kill_at!r})"
+    )
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen([sys.executable, "-c", code], cwd=folder, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-c", code], cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
 
 
 def ddp_pipeline(folder: Path, kill_at: Any = None, ckpt_path: Any = None, timeout: float = 300) -> int:
@@ -402,8 +414,9 @@ def ddp_pipeline(folder: Path, kill_at: Any = None, ckpt_path: Any = None, timeo
     script = folder / "ddp_pipeline.py"
     script.write_text(code)
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "KILL_GROUP": "1"}
-    process = subprocess.run([sys.executable, str(script)], cwd=folder, env=env, capture_output=True, timeout=timeout,
-                             start_new_session=True)
+    process = subprocess.run(
+        [sys.executable, str(script)], cwd=folder, env=env, capture_output=True, timeout=timeout, start_new_session=True
+    )
     if process.returncode not in (0, -signal.SIGKILL):
         raise AssertionError(f"DDP pipeline failed (rc={process.returncode}):\n{process.stderr.decode()[-4000:]}")
     return process.returncode

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -58,24 +59,51 @@ CASES = [
     init("plot-string", "plot", TypeError, plot="no"),
     init("model-attribute-empty", "model_attribute", ValueError, model_attribute=""),
     # ------------------------------------------------------------ setup: needs the model, the machine or disk
-    setup("input-shape-the-model-cannot-run", "input_shape=",
-          lambda t: BenchmarkCallback(input_shape=(3, 64, 64), **FAST), error=ValueError),
-    setup("input-shape-wrong-channels", "input_shape=",
-          lambda t: BenchmarkCallback(input_shape=(1, 32, 32), **FAST), error=ValueError),
-    setup("baseline-model-of-another-input-size", "input_shape=",
-          lambda t: BenchmarkCallback(baseline_model=small_vit(**{**TINY, "image_size": 64}), **FAST),
-          error=ValueError),
-    setup("output-dir-is-a-file", "output_dir=", lambda t: BenchmarkCallback(output_dir=_a_file(t), **FAST),
-          error=NotADirectoryError),
-    setup("model-attribute-missing", "model_attribute=", lambda t: BenchmarkCallback(model_attribute="net", **FAST),
-          error=AttributeError),
+    setup(
+        "input-shape-the-model-cannot-run",
+        "input_shape=",
+        lambda t: BenchmarkCallback(input_shape=(3, 64, 64), **FAST),
+        error=ValueError,
+    ),
+    setup(
+        "input-shape-wrong-channels",
+        "input_shape=",
+        lambda t: BenchmarkCallback(input_shape=(1, 32, 32), **FAST),
+        error=ValueError,
+    ),
+    setup(
+        "baseline-model-of-another-input-size",
+        "input_shape=",
+        lambda t: BenchmarkCallback(baseline_model=small_vit(**{**TINY, "image_size": 64}), **FAST),
+        error=ValueError,
+    ),
+    setup(
+        "output-dir-is-a-file",
+        "output_dir=",
+        lambda t: BenchmarkCallback(output_dir=_a_file(t), **FAST),
+        error=NotADirectoryError,
+    ),
+    setup(
+        "model-attribute-missing",
+        "model_attribute=",
+        lambda t: BenchmarkCallback(model_attribute="net", **FAST),
+        error=AttributeError,
+    ),
 ]
 if not torch.cuda.is_available():
     CASES += [
-        setup("devices-cuda-only-without-cuda", "devices=", lambda t: BenchmarkCallback(devices=("cuda",), **FAST),
-              error=ValueError),
-        setup("devices-cuda-index-without-cuda", "devices=",
-              lambda t: BenchmarkCallback(devices=("cpu", "cuda:1"), **FAST), error=ValueError),
+        setup(
+            "devices-cuda-only-without-cuda",
+            "devices=",
+            lambda t: BenchmarkCallback(devices=("cuda",), **FAST),
+            error=ValueError,
+        ),
+        setup(
+            "devices-cuda-index-without-cuda",
+            "devices=",
+            lambda t: BenchmarkCallback(devices=("cpu", "cuda:1"), **FAST),
+            error=ValueError,
+        ),
     ]
 
 

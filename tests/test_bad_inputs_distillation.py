@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import lightning as L
 import pytest
@@ -12,7 +13,7 @@ from bad_inputs import Case, check_case, tiny_model
 from helpers import TINY, fast_trainer
 from torch import nn
 
-from lightning_vitcompress import DistillConfig, DistillationTeacher
+from lightning_vitcompress import DistillationTeacher, DistillConfig
 from lightning_vitcompress._structure import UnsafeCheckpointError
 from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule, small_vit
 
@@ -100,6 +101,7 @@ def _meta_teacher() -> nn.Module:
     with torch.device("meta"):
         return teacher()
 
+
 CASES = [
     # ------------------------------------------------------------ constructor: the value alone decides
     init("teacher-none", "teacher", TypeError, teacher_spec=None),
@@ -120,18 +122,44 @@ CASES = [
     init("weights-only-int", "weights_only", TypeError, weights_only=1),
     init("teacher-precision-unknown", "teacher_precision", ValueError, teacher_precision="int8"),
     init("teacher-precision-dtype", "teacher_precision", ValueError, teacher_precision=torch.bfloat16),
-    Case("teacher-weights-for-a-module", lambda t: DistillationTeacher(teacher(), teacher_weights=t / "w.pth"),
-         "teacher_weights", "init", D, ValueError),
+    Case(
+        "teacher-weights-for-a-module",
+        lambda t: DistillationTeacher(teacher(), teacher_weights=t / "w.pth"),
+        "teacher_weights",
+        "init",
+        D,
+        ValueError,
+    ),
     init("teacher-kwargs-for-a-module", "teacher_kwargs", ValueError, teacher_kwargs=dict(num_classes=10)),
-    init("teacher-kwargs-a-string", "teacher_kwargs", TypeError, teacher_spec="vit_tiny_patch16_224",
-         teacher_kwargs="num_classes=10"),
-    init("teacher-kwargs-pretrained", "teacher_kwargs", ValueError, teacher_spec="vit_tiny_patch16_224",
-         teacher_kwargs=dict(pretrained=False)),
+    init(
+        "teacher-kwargs-a-string",
+        "teacher_kwargs",
+        TypeError,
+        teacher_spec="vit_tiny_patch16_224",
+        teacher_kwargs="num_classes=10",
+    ),
+    init(
+        "teacher-kwargs-pretrained",
+        "teacher_kwargs",
+        ValueError,
+        teacher_spec="vit_tiny_patch16_224",
+        teacher_kwargs=dict(pretrained=False),
+    ),
     init("teacher-weights-int", "teacher_weights", TypeError, teacher_spec="vit_tiny_patch16_224", teacher_weights=5),
-    init("teacher-class-for-a-timm-name", "teacher_class", ValueError, teacher_spec="vit_tiny_patch16_224",
-         teacher_class=DigitsClassifier),
-    init("teacher-class-an-instance", "teacher_class", TypeError, teacher_spec="teacher.ckpt",
-         teacher_class=DigitsClassifier(**TINY)),
+    init(
+        "teacher-class-for-a-timm-name",
+        "teacher_class",
+        ValueError,
+        teacher_spec="vit_tiny_patch16_224",
+        teacher_class=DigitsClassifier,
+    ),
+    init(
+        "teacher-class-an-instance",
+        "teacher_class",
+        TypeError,
+        teacher_spec="teacher.ckpt",
+        teacher_class=DigitsClassifier(**TINY),
+    ),
     init("input-adapter-zero", "input_adapter", ValueError, input_adapter=0),
     init("input-adapter-one-number-tuple", "input_adapter", ValueError, input_adapter=(224,)),
     init("input-adapter-string", "input_adapter", ValueError, input_adapter="224"),
@@ -140,41 +168,88 @@ CASES = [
     init("config-a-dict", "config", TypeError, config=dict(mode="hard")),
     init("config-and-a-loss-keyword", "config", ValueError, config=DistillConfig(mode="hard"), alpha=0.7),
     # ------------------------------------------------------------ setup: needs the student, the files or the Trainer
-    setup("teacher-other-class-count", "teacher", lambda t: DistillationTeacher(teacher(num_classes=7)),
-          error=ValueError),
-    setup("teacher-sequential-other-class-count", "teacher",
-          lambda t: DistillationTeacher(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 7))), error=ValueError),
-    setup("teacher-path-missing", "teacher=", lambda t: DistillationTeacher(str(t / "missing.ckpt")),
-          error=FileNotFoundError),
-    setup("teacher-checkpoint-of-another-architecture", "teacher=",
-          lambda t: DistillationTeacher(_other_architecture(t)), error=ValueError),
-    setup("teacher-plain-state-dict-file", "teacher=", lambda t: DistillationTeacher(_plain_state_dict(t)),
-          error=ValueError),
-    setup("teacher-unsafe-checkpoint", "teacher=", lambda t: DistillationTeacher(_unsafe(t)),
-          error=UnsafeCheckpointError),
-    setup("teacher-kwargs-unknown-key", "teacher_kwargs=",
-          lambda t: DistillationTeacher("vit_tiny_patch16_224", pretrained=False, teacher_kwargs=dict(num_clases=10)),
-          error=ValueError),
-    setup("teacher-weights-missing", "teacher_weights=",
-          lambda t: DistillationTeacher("vit_tiny_patch16_224", teacher_weights=t / "missing.pth"),
-          error=FileNotFoundError),
-    setup("teacher-is-the-student", "teacher", lambda t: DistillationTeacher(_SHARED_STUDENT.model.model),
-          error=ValueError, model=_SHARED_STUDENT.build),
-    setup("mode-deit-without-distillation-token", "mode=", lambda t: DistillationTeacher(teacher(), mode="deit"),
-          error=ValueError),
-    setup("model-attribute-missing", "model_attribute=", lambda t: DistillationTeacher(teacher(), model_attribute="net"),
-          error=AttributeError),
+    setup(
+        "teacher-other-class-count", "teacher", lambda t: DistillationTeacher(teacher(num_classes=7)), error=ValueError
+    ),
+    setup(
+        "teacher-sequential-other-class-count",
+        "teacher",
+        lambda t: DistillationTeacher(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 7))),
+        error=ValueError,
+    ),
+    setup(
+        "teacher-path-missing",
+        "teacher=",
+        lambda t: DistillationTeacher(str(t / "missing.ckpt")),
+        error=FileNotFoundError,
+    ),
+    setup(
+        "teacher-checkpoint-of-another-architecture",
+        "teacher=",
+        lambda t: DistillationTeacher(_other_architecture(t)),
+        error=ValueError,
+    ),
+    setup(
+        "teacher-plain-state-dict-file",
+        "teacher=",
+        lambda t: DistillationTeacher(_plain_state_dict(t)),
+        error=ValueError,
+    ),
+    setup(
+        "teacher-unsafe-checkpoint", "teacher=", lambda t: DistillationTeacher(_unsafe(t)), error=UnsafeCheckpointError
+    ),
+    setup(
+        "teacher-kwargs-unknown-key",
+        "teacher_kwargs=",
+        lambda t: DistillationTeacher("vit_tiny_patch16_224", pretrained=False, teacher_kwargs=dict(num_clases=10)),
+        error=ValueError,
+    ),
+    setup(
+        "teacher-weights-missing",
+        "teacher_weights=",
+        lambda t: DistillationTeacher("vit_tiny_patch16_224", teacher_weights=t / "missing.pth"),
+        error=FileNotFoundError,
+    ),
+    setup(
+        "teacher-is-the-student",
+        "teacher",
+        lambda t: DistillationTeacher(_SHARED_STUDENT.model.model),
+        error=ValueError,
+        model=_SHARED_STUDENT.build,
+    ),
+    setup(
+        "mode-deit-without-distillation-token",
+        "mode=",
+        lambda t: DistillationTeacher(teacher(), mode="deit"),
+        error=ValueError,
+    ),
+    setup(
+        "model-attribute-missing",
+        "model_attribute=",
+        lambda t: DistillationTeacher(teacher(), model_attribute="net"),
+        error=AttributeError,
+    ),
     # the teacher does not take the student's batches (3x32x32): refused at setup, not at the first batch
-    setup("teacher-one-channel", "input_adapter=", lambda t: DistillationTeacher(teacher(in_chans=1)),
-          error=ValueError),
-    setup("teacher-other-input-size", "input_adapter=",
-          lambda t: DistillationTeacher(nn.Sequential(nn.Flatten(), nn.Linear(3 * 28 * 28, 10))), error=ValueError),
+    setup(
+        "teacher-one-channel", "input_adapter=", lambda t: DistillationTeacher(teacher(in_chans=1)), error=ValueError
+    ),
+    setup(
+        "teacher-other-input-size",
+        "input_adapter=",
+        lambda t: DistillationTeacher(nn.Sequential(nn.Flatten(), nn.Linear(3 * 28 * 28, 10))),
+        error=ValueError,
+    ),
     setup("teacher-on-meta-device", "teacher=", lambda t: DistillationTeacher(_meta_teacher()), error=ValueError),
-    setup("resume-with-another-mode", "mode=", lambda t: DistillationTeacher(teacher(), mode="soft"), error=ValueError,
-          model=_distilled_student, trainer_kwargs=dict(max_epochs=2),
-          fit_kwargs=lambda t: dict(ckpt_path=_soft_run_checkpoint(t))),
+    setup(
+        "resume-with-another-mode",
+        "mode=",
+        lambda t: DistillationTeacher(teacher(), mode="soft"),
+        error=ValueError,
+        model=_distilled_student,
+        trainer_kwargs=dict(max_epochs=2),
+        fit_kwargs=lambda t: dict(ckpt_path=_soft_run_checkpoint(t)),
+    ),
 ]
-
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

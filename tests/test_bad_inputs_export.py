@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -38,8 +39,9 @@ class _Shared:
 
 def call(id: str, argument: str, fn: Callable[[nn.Module, Path], Any], error: Any) -> Case:
     shared = _Shared()
-    return Case(id, lambda t: fn(shared.model.model, t), argument, "call", "export_compressed", error,
-                model=shared.build)
+    return Case(
+        id, lambda t: fn(shared.model.model, t), argument, "call", "export_compressed", error, model=shared.build
+    )
 
 
 class ValueBranch(nn.Module):
@@ -86,6 +88,7 @@ def int8_model_to_openvino(model: nn.Module, tmp_path: Path) -> Any:
     quantize_model(int8, "int8_dynamic", example_input=IMAGES)
     return export_compressed(int8, tmp_path / "m.xml", IMAGES)
 
+
 CASES = [
     init("format-unknown", "format", ValueError, format="tflite"),
     init("path-none", "path", ValueError, path=None),
@@ -101,38 +104,85 @@ CASES = [
     init("config-and-options", "config", ValueError, config=ExportConfig(), dynamic_batch=False),
     init("model-attribute-empty", "model_attribute", ValueError, model_attribute=""),
     # no training step: Lightning skips the train-end hooks, so no file would be written
-    setup("no-training-steps", "limit_train_batches=0", lambda t: ExportOnFit(t / "m.pt2"), error=ValueError,
-          trainer_kwargs=dict(limit_train_batches=0)),
+    setup(
+        "no-training-steps",
+        "limit_train_batches=0",
+        lambda t: ExportOnFit(t / "m.pt2"),
+        error=ValueError,
+        trainer_kwargs=dict(limit_train_batches=0),
+    ),
     setup("path-is-a-directory", "path=", lambda t: ExportOnFit(t), error=IsADirectoryError),
     setup("path-under-a-file", "path=", lambda t: ExportOnFit(_under_a_file(t)), error=ValueError),
-    setup("data-dependent-control-flow", "cannot be exported with torch.export", lambda t: ExportOnFit(t / "m.pt2"),
-          error=ValueError, model=value_branch_model),
-    setup("model-attribute-missing", "model_attribute=", lambda t: ExportOnFit(t / "m.pt2", model_attribute="net"),
-          error=AttributeError),
+    setup(
+        "data-dependent-control-flow",
+        "cannot be exported with torch.export",
+        lambda t: ExportOnFit(t / "m.pt2"),
+        error=ValueError,
+        model=value_branch_model,
+    ),
+    setup(
+        "model-attribute-missing",
+        "model_attribute=",
+        lambda t: ExportOnFit(t / "m.pt2", model_attribute="net"),
+        error=AttributeError,
+    ),
     call("model-not-a-module", "model=", lambda m, t: export_compressed("vit.ckpt", t / "m.pt2", IMAGES), TypeError),
-    call("example-input-not-images", "example_input=",
-         lambda m, t: export_compressed(m, t / "m.pt2", torch.randn(2, 32)), ValueError),
+    call(
+        "example-input-not-images",
+        "example_input=",
+        lambda m, t: export_compressed(m, t / "m.pt2", torch.randn(2, 32)),
+        ValueError,
+    ),
     call("example-input-none", "example_input=", lambda m, t: export_compressed(m, t / "m.pt2", None), ValueError),
     call("path-under-a-file", "path=", lambda m, t: export_compressed(m, _under_a_file(t), IMAGES), ValueError),
-    call("options-and-config", "config=",
-         lambda m, t: export_compressed(m, t / "m.pt2", IMAGES, ExportConfig(), check=False), ValueError),
-    call("cuda-without-cuda", "device=",
-         lambda m, t: export_compressed(m, t / "m.pt2", IMAGES, device="cuda") if not torch.cuda.is_available()
-         else pytest.skip("this machine has CUDA"), ValueError),
+    call(
+        "options-and-config",
+        "config=",
+        lambda m, t: export_compressed(m, t / "m.pt2", IMAGES, ExportConfig(), check=False),
+        ValueError,
+    ),
+    call(
+        "cuda-without-cuda",
+        "device=",
+        lambda m, t: (
+            export_compressed(m, t / "m.pt2", IMAGES, device="cuda")
+            if not torch.cuda.is_available()
+            else pytest.skip("this machine has CUDA")
+        ),
+        ValueError,
+    ),
     init("openvino-path-not-xml", "path", ValueError, path="m.bin", format="openvino"),
     init("quantize-with-pt2", "quantize", ValueError, path="m.pt2", quantize="int8"),
     init("quantize-unknown", "quantize", ValueError, path="m.xml", quantize="int4"),
-    init("calibration-batches-zero", "calibration_batches", ValueError, path="m.xml", quantize="int8",
-         calibration_batches=0),
-    call("calibration-without-quantize", "calibration_data",
-         lambda m, t: export_compressed(m, t / "m.xml", IMAGES, calibration_data=[IMAGES]), ValueError),
+    init(
+        "calibration-batches-zero",
+        "calibration_batches",
+        ValueError,
+        path="m.xml",
+        quantize="int8",
+        calibration_batches=0,
+    ),
+    call(
+        "calibration-without-quantize",
+        "calibration_data",
+        lambda m, t: export_compressed(m, t / "m.xml", IMAGES, calibration_data=[IMAGES]),
+        ValueError,
+    ),
     call("load-unknown-suffix", "path=", lambda m, t: load_artifact(t / "model.bin"), ValueError),
     call("load-missing-file", "path=", lambda m, t: load_artifact(t / "model.pt2"), FileNotFoundError),
-] + ([
-    setup("openvino-float-ir-beside-quantize", "quantize=None) with a QuantizeOnFit", float_ir_beside_quantize_on_fit,
-          error=ValueError),
-    call("openvino-of-a-torch-int8-model", "torch int8 layers", int8_model_to_openvino, ValueError),
-] if HAS_OPENVINO else [])
+] + (
+    [
+        setup(
+            "openvino-float-ir-beside-quantize",
+            "quantize=None) with a QuantizeOnFit",
+            float_ir_beside_quantize_on_fit,
+            error=ValueError,
+        ),
+        call("openvino-of-a-torch-int8-model", "torch int8 layers", int8_model_to_openvino, ValueError),
+    ]
+    if HAS_OPENVINO
+    else []
+)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

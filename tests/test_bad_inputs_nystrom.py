@@ -20,8 +20,8 @@ from helpers import (
 )
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_vitcompress.digits import DigitsDataModule
 from lightning_vitcompress import NystromSwap
+from lightning_vitcompress.digits import DigitsDataModule
 
 N = "NystromSwap"
 MASK_EXAMPLE = torch.randn(2, 3, 32, 32)
@@ -32,8 +32,9 @@ def init(id: str, argument: str, **kwargs: Any) -> Case:
 
 
 def setup(id: str, argument: str, model: Any = tiny_model, trainer: Any = None, **kwargs: Any) -> Case:
-    return Case(id, lambda t: NystromSwap(**kwargs), argument, "setup", N, ValueError, model=model,
-                trainer_kwargs=trainer or {})
+    return Case(
+        id, lambda t: NystromSwap(**kwargs), argument, "setup", N, ValueError, model=model, trainer_kwargs=trainer or {}
+    )
 
 
 def _custom_attention_model() -> Any:
@@ -47,22 +48,34 @@ def resume(id: str, argument: str, first: dict[str, Any], again: dict[str, Any])
     def make(tmp_path: Path) -> NystromSwap:
         folder = tmp_path / "first"
         trainer = fast_trainer(
-            folder, callbacks=[NystromSwap(**first), StopAfterEpoch0(), ModelCheckpoint(dirpath=folder, save_last=True)],
-            max_epochs=2, limit_train_batches=2, limit_val_batches=0, enable_checkpointing=True,
+            folder,
+            callbacks=[NystromSwap(**first), StopAfterEpoch0(), ModelCheckpoint(dirpath=folder, save_last=True)],
+            max_epochs=2,
+            limit_train_batches=2,
+            limit_val_batches=0,
+            enable_checkpointing=True,
         )
         trainer.fit(tiny_model(), DigitsDataModule(batch_size=64))
         return NystromSwap(**again)
 
-    return Case(id, make, argument, "setup", N, ValueError, trainer_kwargs=dict(max_epochs=3),
-                fit_kwargs=lambda t: {"ckpt_path": t / "first" / "last.ckpt"})
+    return Case(
+        id,
+        make,
+        argument,
+        "setup",
+        N,
+        ValueError,
+        trainer_kwargs=dict(max_epochs=3),
+        fit_kwargs=lambda t: {"ckpt_path": t / "first" / "last.ckpt"},
+    )
 
 
 def _swapped_model() -> Any:
     """A model swapped to 4 landmarks by an earlier fit in this process."""
     model = tiny_model()
-    fast_trainer(Path(tempfile.mkdtemp()), callbacks=[NystromSwap(num_landmarks=4)], max_steps=1, limit_val_batches=0).fit(
-        model, DigitsDataModule(batch_size=64)
-    )
+    fast_trainer(
+        Path(tempfile.mkdtemp()), callbacks=[NystromSwap(num_landmarks=4)], max_steps=1, limit_val_batches=0
+    ).fit(model, DigitsDataModule(batch_size=64))
     return model
 
 
@@ -94,30 +107,58 @@ CASES = [
     setup("blocks-unknown-name", "blocks=['head']", blocks=["head"]),
     setup("swap-epoch-past-max-epochs", "swap_epoch=3", swap_epoch=3, trainer=dict(max_epochs=3)),
     setup("swap-epoch-under-fast-dev-run", "fast_dev_run=True", swap_epoch=1, trainer=dict(fast_dev_run=True)),
-    setup("budget-without-training-steps", "limit_train_batches=0", max_accuracy_drop=1.0,
-          trainer=dict(limit_train_batches=0)),
+    setup(
+        "budget-without-training-steps",
+        "limit_train_batches=0",
+        max_accuracy_drop=1.0,
+        trainer=dict(limit_train_batches=0),
+    ),
     setup("unsupported-attention", "blocks=None", model=_custom_attention_model),
     setup("masked-blocks", "blocks=None", model=MaskedClassifier, example_input=MASK_EXAMPLE),
-    setup("masked-blocks-later-swap", "blocks=None", model=MaskedClassifier, example_input=MASK_EXAMPLE,
-          swap_epoch=1, trainer=dict(max_epochs=2)),
+    setup(
+        "masked-blocks-later-swap",
+        "blocks=None",
+        model=MaskedClassifier,
+        example_input=MASK_EXAMPLE,
+        swap_epoch=1,
+        trainer=dict(max_epochs=2),
+    ),
     # 65 tokens (class + 64 patches): all of them prefix tokens, Nyström would never run
     setup("prefix-whole-sequence", "num_prefix_tokens=65", num_prefix_tokens=65),
     setup("prefix-past-sequence", "num_prefix_tokens=500", num_prefix_tokens=500),
     # an attention module no adapter can read: a TypeError, as for any unsupported attention type
-    Case("attention-without-num-heads", lambda t: NystromSwap(), "NoHeadsAttention", "setup", N, TypeError,
-         model=no_heads_model),
+    Case(
+        "attention-without-num-heads",
+        lambda t: NystromSwap(),
+        "NoHeadsAttention",
+        "setup",
+        N,
+        TypeError,
+        model=no_heads_model,
+    ),
     # nn.MultiheadAttention given a mask only in training: seen at setup, not at the first batch
     setup("mask-only-in-training", "blocks=None", model=masked_in_training_model),
     setup("example-input-wrong-shape", "example_input=", model=MaskedClassifier, example_input=torch.randn(2, 5)),
-    Case("second-fit-other-landmarks", lambda t: NystromSwap(num_landmarks=8), "num_landmarks=8", "setup", N,
-         ValueError, model=_swapped_model),
+    Case(
+        "second-fit-other-landmarks",
+        lambda t: NystromSwap(num_landmarks=8),
+        "num_landmarks=8",
+        "setup",
+        N,
+        ValueError,
+        model=_swapped_model,
+    ),
     # resuming with arguments that differ from the checkpoint's: refused before the checkpoint is restored
     resume("resume-other-landmarks", "num_landmarks=8", dict(num_landmarks=4), dict(num_landmarks=8)),
     resume("resume-other-conv", "conv_kernel_size=3", dict(num_landmarks=4), dict(num_landmarks=4, conv_kernel_size=3)),
     resume("resume-other-blocks", "blocks=[0]", dict(num_landmarks=4), dict(num_landmarks=4, blocks=[0])),
     # a checkpoint written before the swap: the callback state holds the arguments
-    resume("resume-before-swap-other-landmarks", "num_landmarks=8",
-           dict(num_landmarks=4, swap_epoch=1), dict(num_landmarks=8, swap_epoch=1)),
+    resume(
+        "resume-before-swap-other-landmarks",
+        "num_landmarks=8",
+        dict(num_landmarks=4, swap_epoch=1),
+        dict(num_landmarks=8, swap_epoch=1),
+    ),
 ]
 
 

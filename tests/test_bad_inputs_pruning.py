@@ -13,8 +13,8 @@ from helpers import EXAMPLE_IMAGES as IMAGES
 from helpers import MHAClassifier, StopAfterEpoch0, fast_trainer, grey_loaders, no_heads_model
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_vitcompress.digits import DigitsDataModule
 from lightning_vitcompress import PruningSchedule
+from lightning_vitcompress.digits import DigitsDataModule
 
 P = "PruningSchedule"
 
@@ -23,18 +23,24 @@ def init(id: str, argument: str, error: type[Exception] = ValueError, **kwargs: 
     return Case(id, lambda t: PruningSchedule(**kwargs), argument, "init", P, error)
 
 
-def setup(id: str, argument: str, error: Any = ValueError, model: Any = tiny_model, trainer: Any = None,
-          **kwargs: Any) -> Case:
-    return Case(id, lambda t: PruningSchedule(**kwargs), argument, "setup", P, error, model=model,
-                trainer_kwargs=trainer or {})
+def setup(
+    id: str, argument: str, error: Any = ValueError, model: Any = tiny_model, trainer: Any = None, **kwargs: Any
+) -> Case:
+    return Case(
+        id, lambda t: PruningSchedule(**kwargs), argument, "setup", P, error, model=model, trainer_kwargs=trainer or {}
+    )
 
 
 def _first_run(tmp_path: Path, callback: PruningSchedule, model: Any = None) -> Path:
     """A short fit with ``callback`` that stops after epoch 0 and leaves last.ckpt."""
     folder = tmp_path / "first"
     trainer = fast_trainer(
-        folder, callbacks=[callback, StopAfterEpoch0(), ModelCheckpoint(dirpath=folder, save_last=True)],
-        max_epochs=2, limit_train_batches=2, limit_val_batches=0, enable_checkpointing=True,
+        folder,
+        callbacks=[callback, StopAfterEpoch0(), ModelCheckpoint(dirpath=folder, save_last=True)],
+        max_epochs=2,
+        limit_train_batches=2,
+        limit_val_batches=0,
+        enable_checkpointing=True,
     )
     trainer.fit(model or tiny_model(), DigitsDataModule(batch_size=64))
     return folder / "last.ckpt"
@@ -45,8 +51,16 @@ def resume(id: str, argument: str, first: dict[str, Any], again: dict[str, Any])
         _first_run(tmp_path, PruningSchedule(**first))
         return PruningSchedule(**again)
 
-    return Case(id, make, argument, "setup", P, ValueError, trainer_kwargs=dict(max_epochs=3),
-                fit_kwargs=lambda t: {"ckpt_path": t / "first" / "last.ckpt"})
+    return Case(
+        id,
+        make,
+        argument,
+        "setup",
+        P,
+        ValueError,
+        trainer_kwargs=dict(max_epochs=3),
+        fit_kwargs=lambda t: {"ckpt_path": t / "first" / "last.ckpt"},
+    )
 
 
 def _pruned_model() -> Any:
@@ -115,24 +129,49 @@ CASES = [
     setup("model-attribute-missing", "model_attribute='net'", AttributeError, model_attribute="net"),
     setup("example-input-wrong-shape", "example_input=", example_input=torch.randn(1, 3, 7, 7)),
     setup("mha-heads-not-prunable", "prune_heads", model=MHAClassifier, prune_heads=True, example_input=IMAGES),
-    setup("mha-attention-without-embedding", "prune_embed_dim", model=MHAClassifier, prune_embed_dim=False,
-          example_input=IMAGES),
+    setup(
+        "mha-attention-without-embedding",
+        "prune_embed_dim",
+        model=MHAClassifier,
+        prune_embed_dim=False,
+        example_input=IMAGES,
+    ),
     setup("attention-without-num-heads", "num_heads", TypeError, model=no_heads_model),
     setup("budget-without-training-steps", "max_steps=0", max_accuracy_drop=1.0, trainer=dict(max_steps=0)),
     setup("model-already-int8", "already quantized", model=_int8_model),
     # 1-channel data for a 3-channel model: refused before pruning, not at the first batch after it
-    Case("grey-images-for-a-3-channel-model", lambda t: PruningSchedule(0.5), "(1, 32, 32)", "setup", P, ValueError,
-         data=grey_loaders),
-    Case("second-fit-other-ratio", lambda t: PruningSchedule(0.25), "pruning_ratio=0.25", "setup", P, ValueError,
-         model=_pruned_model),
+    Case(
+        "grey-images-for-a-3-channel-model",
+        lambda t: PruningSchedule(0.5),
+        "(1, 32, 32)",
+        "setup",
+        P,
+        ValueError,
+        data=grey_loaders,
+    ),
+    Case(
+        "second-fit-other-ratio",
+        lambda t: PruningSchedule(0.25),
+        "pruning_ratio=0.25",
+        "setup",
+        P,
+        ValueError,
+        model=_pruned_model,
+    ),
     # resuming with arguments that differ from the checkpoint's: refused before the checkpoint is restored
     resume("resume-other-ratio", "pruning_ratio=0.25", dict(pruning_ratio=0.5), dict(pruning_ratio=0.25)),
-    resume("resume-other-heads", "prune_heads=True", dict(pruning_ratio=0.5), dict(pruning_ratio=0.5, prune_heads=True)),
+    resume(
+        "resume-other-heads", "prune_heads=True", dict(pruning_ratio=0.5), dict(pruning_ratio=0.5, prune_heads=True)
+    ),
     resume("resume-other-importance", "importance='l1'", dict(pruning_ratio=0.5), dict(importance="l1")),
     resume("resume-other-target", "target='params'", dict(pruning_ratio=0.5), dict(target="params")),
     # a checkpoint written before the first pruning step: the callback state holds the arguments
-    resume("resume-before-first-step-other-ratio", "pruning_ratio=0.25",
-           dict(pruning_ratio=0.5, start_epoch=1), dict(pruning_ratio=0.25, start_epoch=1)),
+    resume(
+        "resume-before-first-step-other-ratio",
+        "pruning_ratio=0.25",
+        dict(pruning_ratio=0.5, start_epoch=1),
+        dict(pruning_ratio=0.25, start_epoch=1),
+    ),
 ]
 
 

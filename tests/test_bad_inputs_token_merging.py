@@ -17,10 +17,12 @@ def init(id: str, argument: str, error: type = ValueError, **kwargs: Any) -> Cas
     return Case(id, lambda t: TokenMerging(**kwargs), argument, "init", T, error)
 
 
-def setup(id: str, argument: str, model: Any = tiny_model, trainer: Any = None, error: Any = ValueError,
-          **kwargs: Any) -> Case:
-    return Case(id, lambda t: TokenMerging(**kwargs), argument, "setup", T, error, model=model,
-                trainer_kwargs=trainer or {})
+def setup(
+    id: str, argument: str, model: Any = tiny_model, trainer: Any = None, error: Any = ValueError, **kwargs: Any
+) -> Case:
+    return Case(
+        id, lambda t: TokenMerging(**kwargs), argument, "setup", T, error, model=model, trainer_kwargs=trainer or {}
+    )
 
 
 def _position_bias_model() -> Any:
@@ -40,8 +42,12 @@ CASES = [
     init("schedule-with-list", "schedule='decreasing'", r=[1, 2], schedule="decreasing"),
     init("blocks-empty", "blocks=[]", blocks=[]),
     init("blocks-int", "blocks=0", blocks=0),
-    init("proportional-attention-string", "proportional_attention=", error=(TypeError, ValueError),
-         proportional_attention="yes"),
+    init(
+        "proportional-attention-string",
+        "proportional_attention=",
+        error=(TypeError, ValueError),
+        proportional_attention="yes",
+    ),
     init("start-epoch-negative", "start_epoch=-1", start_epoch=-1),
     init("config-and-r", "r=4", r=4, config=TokenMergingConfig(r=8)),
     init("config-wrong-type", "config=", error=TypeError, config={"r": 8}),

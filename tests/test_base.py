@@ -51,7 +51,7 @@ def test_checkpoint_records_edits_and_load_compressed_rebuilds(tmp_path, tiny_cl
 
 
 def test_load_compressed_errors_name_the_problem(tmp_path):
-    with pytest.raises(FileNotFoundError, match="checkpoint_path=.*missing.ckpt"):
+    with pytest.raises(FileNotFoundError, match=r"checkpoint_path=.*missing.ckpt"):
         load_compressed(DigitsClassifier, tmp_path / "missing.ckpt")
     path = tmp_path / "bad.ckpt"
     weights = DigitsClassifier(embed_dim=32, depth=1, num_heads=4).state_dict()
@@ -75,7 +75,8 @@ def test_mid_fit_edit_rebuilds_optimizer_and_keeps_schedule(tmp_path, tiny_class
 
 def test_resume_replays_structure_before_weights_load(tmp_path, tiny_classifier, digits):
     first = fast_trainer(
-        tmp_path, callbacks=[DropLastBlock(epoch=1), ModelCheckpoint(dirpath=tmp_path, save_last=True)],
+        tmp_path,
+        callbacks=[DropLastBlock(epoch=1), ModelCheckpoint(dirpath=tmp_path, save_last=True)],
         max_epochs=2,
         enable_checkpointing=True,
     )

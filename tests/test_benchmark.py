@@ -34,8 +34,13 @@ class RunTwice(nn.Module):
 def test_twice_the_work_measures_about_half_the_throughput():
     vit = small_vit(embed_dim=64, depth=2)
     report = compare_models(
-        {"once": vit, "twice": RunTwice(vit)}, torch.randn(16, 3, 32, 32), devices=["cpu"], num_threads=2, rounds=3,
-        min_run_time=0.2, latency_repeats=5,
+        {"once": vit, "twice": RunTwice(vit)},
+        torch.randn(16, 3, 32, 32),
+        devices=["cpu"],
+        num_threads=2,
+        rounds=3,
+        min_run_time=0.2,
+        latency_repeats=5,
     )
     ratio = report["once"]["cpu_images_per_s"] / report["twice"]["cpu_images_per_s"]
     assert 1.6 < ratio < 2.5
@@ -126,7 +131,9 @@ def test_bf16_compiled_baseline_gives_the_speedup_against_what_a_team_would_run(
     assert reference["macs_per_image"] == baseline["macs_per_image"]
     assert reference["cpu_images_per_s"] > 0 and reference["cpu_latency_ms_p50"] > 0
     assert reference["accuracy"] == pytest.approx(baseline["accuracy"], abs=0.1)
-    assert reference["ratios"]["cpu_speedup"] == pytest.approx(final["cpu_images_per_s"] / reference["cpu_images_per_s"])
+    assert reference["ratios"]["cpu_speedup"] == pytest.approx(
+        final["cpu_images_per_s"] / reference["cpu_images_per_s"]
+    )
     assert report["ratios"]["cpu_speedup"] == pytest.approx(final["cpu_images_per_s"] / baseline["cpu_images_per_s"])
     assert "| bf16_compiled |" in format_report(report) and "| fp32 eager (baseline) |" in format_report(report)
     # the functional piece: a new module, close to the fp32 model, the original untouched
@@ -232,8 +239,15 @@ def test_input_shape_comes_from_the_family_adapter(tmp_path, digits, family):
         class Module(DigitsClassifier):
             def __init__(self) -> None:
                 super().__init__(**TINY)
-                config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
-                                   num_attention_heads=4, intermediate_size=64, num_labels=10)
+                config = ViTConfig(
+                    image_size=32,
+                    patch_size=8,
+                    hidden_size=32,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    intermediate_size=64,
+                    num_labels=10,
+                )
                 self.model = ViTForImageClassification(config)
 
             def forward(self, images):
@@ -242,8 +256,16 @@ def test_input_shape_comes_from_the_family_adapter(tmp_path, digits, family):
         model = Module()
     else:
         model = TorchvisionClassifier()
-    bench = BenchmarkCallback(batch_size=4, devices=("cpu",), rounds=1, min_run_time=0.05, latency_repeats=3,
-                              output_dir=tmp_path, plot=False, accuracy_batches=1)
+    bench = BenchmarkCallback(
+        batch_size=4,
+        devices=("cpu",),
+        rounds=1,
+        min_run_time=0.05,
+        latency_repeats=3,
+        output_dir=tmp_path,
+        plot=False,
+        accuracy_batches=1,
+    )
     fast_trainer(tmp_path, callbacks=[bench], limit_train_batches=1, limit_val_batches=1).fit(model, digits)
     assert bench.report["final"]["params"] == sum(p.numel() for p in model.model.parameters())
     assert bench.report["final"]["cpu_images_per_s"] > 0
@@ -253,8 +275,16 @@ def test_input_shape_comes_from_the_family_adapter(tmp_path, digits, family):
 def test_input_shape_comes_from_the_first_batch(tmp_path, digits, source):
     """A hand-written ViT that states no input size is measured at the shape of the Trainer's data."""
 
-    bench = BenchmarkCallback(batch_size=4, devices=("cpu",), rounds=1, min_run_time=0.05, latency_repeats=3,
-                              output_dir=tmp_path, plot=False, accuracy_batches=1)
+    bench = BenchmarkCallback(
+        batch_size=4,
+        devices=("cpu",),
+        rounds=1,
+        min_run_time=0.05,
+        latency_repeats=3,
+        output_dir=tmp_path,
+        plot=False,
+        accuracy_batches=1,
+    )
     trainer = fast_trainer(tmp_path, callbacks=[bench], limit_train_batches=1, limit_val_batches=1)
     if source == "datamodule":
         trainer.fit(MHAClassifier(), digits)
@@ -286,6 +316,6 @@ def test_batches_without_labels_are_refused_at_setup(tmp_path, tiny_classifier, 
     images_only = torch.utils.data.DataLoader([digits.val_dataloader().dataset[i][0] for i in range(8)], batch_size=4)
     bench = BenchmarkCallback(output_dir=tmp_path, plot=False, dataloader=images_only, **FAST)
     trainer = fast_trainer(tmp_path, callbacks=[bench])
-    with pytest.raises(ValueError, match="dataloader=.*no \\(images, labels\\) pair") as info:
+    with pytest.raises(ValueError, match=r"dataloader=.*no \(images, labels\) pair") as info:
         trainer.fit(tiny_classifier(), digits)
     assert trainer.global_step == 0 and "labels" in str(info.value)

@@ -9,10 +9,10 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from lightning_vitcompress import QuantizeOnFit
+from lightning_vitcompress._structure import recorded_edits
 from lightning_vitcompress.functional.budget import AccuracyBudget
 from lightning_vitcompress.functional.quantize import RECORD_KIND
 from lightning_vitcompress.functional.quantize_auto import AutoCandidate, select_quantization
-from lightning_vitcompress._structure import recorded_edits
 
 
 # ----------------------------------------------------------------------------- QuantizeOnFit("auto")
@@ -21,8 +21,9 @@ def test_auto_keeps_a_tiny_model_unquantized_when_int8_is_slower_and_says_so(tmp
     # out by compile=False (they run only compiled), which keeps this test fast
     model = tiny_classifier()
     before = {name: type(m.weight.data) for name, m in model.model.named_modules() if isinstance(m, nn.Linear)}
-    callback = QuantizeOnFit("auto", compile=False, auto_configs=["int8_dynamic", "int8_dynamic_x86"],
-                             auto_time_budget_s=5)
+    callback = QuantizeOnFit(
+        "auto", compile=False, auto_configs=["int8_dynamic", "int8_dynamic_x86"], auto_time_budget_s=5
+    )
     logger = CSVLogger(tmp_path)
     trainer = fast_trainer(tmp_path, callbacks=[callback], logger=logger, enable_progress_bar=True)
     trainer.fit(model, digits)
@@ -50,8 +51,11 @@ def test_auto_picks_an_int8_config_for_vit_b_sized_linears():
     )
     assert result["chosen"] is not None, result
     assert result["chosen"].config in ("int8_dynamic_x86", "int8_weight_only")
-    assert all(isinstance(m.weight.data, torch.Tensor) and m.weight.dtype == torch.float32
-               for m in model if isinstance(m, nn.Linear))  # the model itself is untouched
+    assert all(
+        isinstance(m.weight.data, torch.Tensor) and m.weight.dtype == torch.float32
+        for m in model
+        if isinstance(m, nn.Linear)
+    )  # the model itself is untouched
 
 
 def test_auto_rejects_a_config_beyond_the_accuracy_budget():
@@ -59,8 +63,14 @@ def test_auto_rejects_a_config_beyond_the_accuracy_budget():
     model = nn.Sequential(nn.Linear(768, 3072), nn.GELU(), nn.Linear(3072, 768)).eval()
     tokens = torch.randn(8, 197, 768)
     result = select_quantization(
-        model, [AutoCandidate("int8_dynamic_x86")], tokens, example_input=tokens[:1], min_run_time=0.05, rounds=2,
-        accuracy=lambda m: 0.5, budget=AccuracyBudget(max_drop=1.0, reference=0.9),
+        model,
+        [AutoCandidate("int8_dynamic_x86")],
+        tokens,
+        example_input=tokens[:1],
+        min_run_time=0.05,
+        rounds=2,
+        accuracy=lambda m: 0.5,
+        budget=AccuracyBudget(max_drop=1.0, reference=0.9),
     )
     assert result["chosen"] is None
     assert result["trials"][0]["accuracy"] == 0.5 and result["trials"][0]["status"].startswith("beyond budget")
@@ -137,8 +147,14 @@ def test_pruning_budget_rolls_back_an_absurd_step_and_a_resume_keeps_the_kept_st
 
     callback = pruning()
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
-    trainer = fast_trainer(tmp_path, callbacks=[callback, checkpoints], max_epochs=3, limit_train_batches=6,
-                           limit_val_batches=None, enable_checkpointing=True)
+    trainer = fast_trainer(
+        tmp_path,
+        callbacks=[callback, checkpoints],
+        max_epochs=3,
+        limit_train_batches=6,
+        limit_val_batches=None,
+        enable_checkpointing=True,
+    )
     trainer.fit(model, digits)
     assert callback.budget_reference == pytest.approx(entering)
     assert callback.stopped and callback.rollbacks and callback.rollbacks[0]["rolled_back"]
@@ -168,18 +184,38 @@ def test_the_benchmark_report_lists_the_decisions():
 
     row = dict.fromkeys(("params", "size_mb", "accuracy"), None)
     report = {
-        "baseline": row, "final": row, "ratios": {"accuracy_delta": None},
-        "batch_size": 4, "num_threads": 2, "cpu_name": "cpu", "gpu_name": None,
+        "baseline": row,
+        "final": row,
+        "ratios": {"accuracy_delta": None},
+        "batch_size": 4,
+        "num_threads": 2,
+        "cpu_name": "cpu",
+        "gpu_name": None,
         "decisions": {
             "PruningSchedule": {
-                "max_accuracy_drop": 1.0, "steps_kept": 1, "stopped_by_budget": True,
-                "rolled_back": [{"step": 2, "ratio": 0.858, "accuracy": 0.0595, "reference": 0.2528,
-                                 "rolled_back": True, "after_rollback": False}],
+                "max_accuracy_drop": 1.0,
+                "steps_kept": 1,
+                "stopped_by_budget": True,
+                "rolled_back": [
+                    {
+                        "step": 2,
+                        "ratio": 0.858,
+                        "accuracy": 0.0595,
+                        "reference": 0.2528,
+                        "rolled_back": True,
+                        "after_rollback": False,
+                    }
+                ],
             },
             "QuantizeOnFit": {
-                "config": None, "kept_in_higher_precision": ["head"],
-                "auto": {"chosen": "unquantized", "reason": "no config ran 1.05x faster", "selection_seconds": 3.0,
-                         "tried": [{"label": "int8_dynamic", "speedup": 0.42, "accuracy": None, "status": "slower"}]},
+                "config": None,
+                "kept_in_higher_precision": ["head"],
+                "auto": {
+                    "chosen": "unquantized",
+                    "reason": "no config ran 1.05x faster",
+                    "selection_seconds": 3.0,
+                    "tried": [{"label": "int8_dynamic", "speedup": 0.42, "accuracy": None, "status": "slower"}],
+                },
             },
         },
     }
@@ -187,4 +223,6 @@ def test_the_benchmark_report_lists_the_decisions():
     assert "PruningSchedule: step 2 (0.858 of the channels removed, top-1 5.95% vs 25.28% entering fit)" in text
     assert "rolled back" in text and "stopped after step 1" in text
     assert "kept in higher precision for the accuracy budget, most sensitive first: head" in text
-    assert "QuantizeOnFit(config='auto') chose unquantized: no config ran 1.05x faster (tried: int8_dynamic 0.42x" in text
+    assert (
+        "QuantizeOnFit(config='auto') chose unquantized: no config ran 1.05x faster (tried: int8_dynamic 0.42x" in text
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import pytest
@@ -14,8 +14,9 @@ from helpers import TINY, fast_trainer, run_ddp_script
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from lightning_vitcompress._base import CompressionCallback
 from lightning_vitcompress import DistillationTeacher
+from lightning_vitcompress._base import CompressionCallback
+from lightning_vitcompress.digits import DigitsClassifier, small_vit
 from lightning_vitcompress.functional import (
     DistillConfig,
     combine_losses,
@@ -23,7 +24,6 @@ from lightning_vitcompress.functional import (
     load_teacher,
     soft_distillation_loss,
 )
-from lightning_vitcompress.digits import DigitsClassifier, small_vit
 
 
 def tiny_teacher(seed: int = 1, **overrides: Any) -> torch.nn.Module:
@@ -62,12 +62,17 @@ def test_distill_config_is_checked_once_frozen_and_computes_the_term():
         config.alpha = 0.2  # type: ignore[misc]
     student, teacher = torch.randn(4, 5), torch.randn(4, 5)
     assert torch.equal(config.loss(student, teacher), soft_distillation_loss(student, teacher, 3.0))
-    assert torch.equal(DistillConfig(mode="soft", temperature=4).loss(student, teacher),
-                       soft_distillation_loss(student, teacher, 4.0))
+    assert torch.equal(
+        DistillConfig(mode="soft", temperature=4).loss(student, teacher), soft_distillation_loss(student, teacher, 4.0)
+    )
     for mode in ("hard", "deit"):  # deit's default target is DeiT's hard term
         assert torch.equal(DistillConfig(mode=mode).loss(student, teacher), hard_distillation_loss(student, teacher))
-    for kwargs, match in [(dict(alpha=1.5), r"alpha=1.5"), (dict(mode="kd"), r"mode='kd'"),
-                          (dict(temperature=0), r"temperature=0"), (dict(deit_target="soft"), r"deit_target='soft'")]:
+    for kwargs, match in [
+        (dict(alpha=1.5), r"alpha=1.5"),
+        (dict(mode="kd"), r"mode='kd'"),
+        (dict(temperature=0), r"temperature=0"),
+        (dict(deit_target="soft"), r"deit_target='soft'"),
+    ]:
         with pytest.raises(ValueError, match=match):
             DistillConfig(**kwargs)
 
@@ -76,7 +81,9 @@ def test_callback_takes_a_config_or_the_keywords_not_both():
     config = DistillConfig(mode="hard", alpha=0.3)
     assert DistillationTeacher(torch.nn.Linear(2, 2), config=config).config is config
     assert DistillationTeacher(torch.nn.Linear(2, 2), mode="hard", alpha=0.3).config == config
-    with pytest.raises(ValueError, match=r"\(config=\.\.\., mode='deit', alpha=0.7\): pass the options either in config"):
+    with pytest.raises(
+        ValueError, match=r"\(config=\.\.\., mode='deit', alpha=0.7\): pass the options either in config"
+    ):
         DistillationTeacher(torch.nn.Linear(2, 2), "deit", 0.7, config=DistillConfig(mode="hard"))
     with pytest.raises(TypeError, match=r"config=\{'mode': 'hard'\}: pass a DistillConfig"):
         DistillationTeacher(torch.nn.Linear(2, 2), config={"mode": "hard"})
@@ -130,11 +137,14 @@ class LossCheck(Callback):
             logits = student(images)
             task = F.cross_entropy(logits, labels) * self.forwards
             if cb.config.mode == "soft":
-                distill = F.kl_div(
-                    F.log_softmax(logits / cb.config.temperature, -1),
-                    F.softmax(teacher_logits / cb.config.temperature, -1),
-                    reduction="batchmean",
-                ) * cb.config.temperature**2
+                distill = (
+                    F.kl_div(
+                        F.log_softmax(logits / cb.config.temperature, -1),
+                        F.softmax(teacher_logits / cb.config.temperature, -1),
+                        reduction="batchmean",
+                    )
+                    * cb.config.temperature**2
+                )
             else:
                 distill = F.cross_entropy(logits, teacher_logits.argmax(-1))
         self.pairs.append((loss.item(), ((1 - cb.config.alpha) * task + cb.config.alpha * distill).item()))
@@ -142,8 +152,12 @@ class LossCheck(Callback):
 
 @pytest.mark.parametrize(
     "mode, model_name, deit_target",
-    [("soft", "vit_tiny_patch16_224", "hard"), ("hard", "vit_tiny_patch16_224", "hard"),
-     ("deit", "deit_tiny_distilled_patch16_224", "hard"), ("deit", "deit_tiny_distilled_patch16_224", "soft")],
+    [
+        ("soft", "vit_tiny_patch16_224", "hard"),
+        ("hard", "vit_tiny_patch16_224", "hard"),
+        ("deit", "deit_tiny_distilled_patch16_224", "hard"),
+        ("deit", "deit_tiny_distilled_patch16_224", "soft"),
+    ],
 )
 def test_backpropagated_loss_is_the_formula(tmp_path, digits, tiny_classifier, mode, model_name, deit_target):
     settings = dict(mode=mode, alpha=0.3, temperature=3.0, deit_target=deit_target)
@@ -157,9 +171,7 @@ def test_backpropagated_loss_is_the_formula(tmp_path, digits, tiny_classifier, m
     assert len(check.pairs) == 2
     for got, expected in check.pairs:
         assert got == pytest.approx(expected, rel=1e-4)
-    assert {"distill/task_loss_epoch", "distill/loss_epoch", "distill/agreement_epoch"} <= set(
-        trainer.callback_metrics
-    )
+    assert {"distill/task_loss_epoch", "distill/loss_epoch", "distill/agreement_epoch"} <= set(trainer.callback_metrics)
     assert 0.0 <= trainer.callback_metrics["distill/agreement_epoch"].item() <= 1.0
 
 
@@ -227,9 +239,12 @@ def test_teacher_frozen_outside_checkpoint_and_gradients_reach_only_the_student(
     trainer.save_checkpoint(path)
     checkpoint = torch.load(path, weights_only=True)
     assert set(checkpoint["state_dict"]) == set(model.state_dict())
-    assert not any(isinstance(v, torch.Tensor) and v.numel() > 1 for v in checkpoint["callbacks"][
-        next(k for k in checkpoint["callbacks"] if "DistillationTeacher" in k)
-    ].values())
+    assert not any(
+        isinstance(v, torch.Tensor) and v.numel() > 1
+        for v in checkpoint["callbacks"][
+            next(k for k in checkpoint["callbacks"] if "DistillationTeacher" in k)
+        ].values()
+    )
     # the wrapper is gone after fit: the module's own training_step again
     assert "training_step" not in model.__dict__
 
@@ -237,7 +252,7 @@ def test_teacher_frozen_outside_checkpoint_and_gradients_reach_only_the_student(
 class DeitSpy(DigitsClassifier):
     """Records what ``self(images)`` returns inside training_step."""
 
-    seen: list[Any] = []
+    seen: ClassVar[list[Any]] = []  # one list for the class: the test reads what any instance saw
 
     def training_step(self, batch, batch_idx):
         logits = self(batch[0])
@@ -299,8 +314,9 @@ def test_teacher_at_another_resolution_and_logit_cache(tmp_path, digits, tiny_cl
 
 def test_teacher_follows_the_students_precision(tmp_path, digits, tiny_classifier):
     callback = DistillationTeacher(tiny_teacher(), alpha=0.5)
-    trainer = fast_trainer(tmp_path, callbacks=[callback], precision="bf16-true", limit_train_batches=1,
-                           limit_val_batches=0)
+    trainer = fast_trainer(
+        tmp_path, callbacks=[callback], precision="bf16-true", limit_train_batches=1, limit_val_batches=0
+    )
     trainer.fit(tiny_classifier(), digits)
     assert {p.dtype for p in callback.teacher.parameters()} == {torch.bfloat16}
     assert torch.isfinite(trainer.callback_metrics["distill/loss_epoch"])
@@ -331,8 +347,9 @@ def test_teacher_precision_runs_the_teacher_under_autocast_in_inference_mode(
     teacher = tiny_teacher()
     dtypes = LinearDtypes(teacher)
     callback = DistillationTeacher(teacher, teacher_precision=requested)
-    trainer = fast_trainer(tmp_path, callbacks=[callback], precision=precision, limit_train_batches=1,
-                           limit_val_batches=0)
+    trainer = fast_trainer(
+        tmp_path, callbacks=[callback], precision=precision, limit_train_batches=1, limit_val_batches=0
+    )
     trainer.fit(tiny_classifier(), digits)
     if requested is None:  # the per-device default: bf16 only where this CPU has native bf16
         native = autocast_runs_natively("cpu", "bf16")
@@ -387,7 +404,10 @@ def test_resume_continues_exactly_where_the_checkpoint_stopped(tmp_path, digits,
     checkpoints = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
     straight = tiny_classifier()
     fast_trainer(
-        tmp_path, callbacks=[DistillationTeacher(tiny_teacher()), checkpoints], max_epochs=2, limit_val_batches=0,
+        tmp_path,
+        callbacks=[DistillationTeacher(tiny_teacher()), checkpoints],
+        max_epochs=2,
+        limit_val_batches=0,
         enable_checkpointing=True,
     ).fit(straight, train_dataloaders=loader)
     saved = torch.load(tmp_path / "epoch=0.ckpt", weights_only=True)
@@ -415,9 +435,7 @@ def test_resume_continues_exactly_where_the_checkpoint_stopped(tmp_path, digits,
     assert seen["changed"]  # the resumed epoch trained
 
 
-@pytest.mark.parametrize(
-    ("argument", "first", "then"), [("mode", "deit", "soft"), ("deit_target", "hard", "soft")]
-)
+@pytest.mark.parametrize(("argument", "first", "then"), [("mode", "deit", "soft"), ("deit_target", "hard", "soft")])
 def test_resuming_with_another_loss_is_an_error_naming_both_values(tmp_path, digits, argument, first, then):
     def student():
         L.seed_everything(0, verbose=False)

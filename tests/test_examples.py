@@ -50,9 +50,18 @@ def test_transformers_example_compresses_and_reloads(tmp_path):
 
     pytest.importorskip("transformers", reason="the [hf] extra (transformers) is not installed")
     proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / "transformers_example.py"), "--fast", "--epochs", "1",
-         "--output-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(EXAMPLES / "transformers_example.py"),
+            "--fast",
+            "--epochs",
+            "1",
+            "--output-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "reload gives the same logits: True" in proc.stdout

@@ -34,11 +34,12 @@ from lightning_vitcompress.functional import NystromConfig, prune_vit, quantize_
 from lightning_vitcompress.functional.export import TOLERANCES, ArtifactMismatchError, _Deployable
 from lightning_vitcompress.functional.x86_int8 import cpu_supports_bfloat16
 
-ONNX_MISSING = [name for name in ("onnx", "onnxscript", "onnxruntime") if not __import__("importlib.util").util
-                .find_spec(name)]
+ONNX_MISSING = [
+    name for name in ("onnx", "onnxscript", "onnxruntime") if not __import__("importlib.util").util.find_spec(name)
+]
 needs_onnx = pytest.mark.skipif(
-    bool(ONNX_MISSING), reason=f"the [export] extra is not installed ({ONNX_MISSING}): pip install onnx onnxscript "
-    "onnxruntime"
+    bool(ONNX_MISSING),
+    reason=f"the [export] extra is not installed ({ONNX_MISSING}): pip install onnx onnxscript onnxruntime",
 )
 BF16 = "bf16-mixed" if cpu_supports_bfloat16() else "32-true"
 IMAGES = 32
@@ -77,9 +78,17 @@ def run_without_library(tmp_path: Path, images: torch.Tensor, paths: list[Path])
     torch.save(images, tmp_path / "images.pt")
     (tmp_path / "loader.py").write_text(LOADER)
     result = subprocess.run(
-        [sys.executable, str(tmp_path / "loader.py"), str(tmp_path / "images.pt"), str(tmp_path / "outputs.pt"),
-         *map(str, paths)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        [
+            sys.executable,
+            str(tmp_path / "loader.py"),
+            str(tmp_path / "images.pt"),
+            str(tmp_path / "outputs.pt"),
+            *map(str, paths),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return torch.load(tmp_path / "outputs.pt", weights_only=True)
@@ -138,21 +147,24 @@ def test_pt2_for_cuda_of_a_pruned_bf16_model_runs_on_the_gpu_like_the_live_model
     model = build_family("timm-vit").eval()
     prune_vit(model, 0.5, digit_images[:1])
     model.cuda()
-    summary = export_compressed(model, tmp_path / "vit.pt2", digit_images.cuda(), device="cuda",
-                                inference_precision="bf16-mixed")
+    summary = export_compressed(
+        model, tmp_path / "vit.pt2", digit_images.cuda(), device="cuda", inference_precision="bf16-mixed"
+    )
     assert summary["relative_error"] <= summary["tolerance"]
     images = torch.randn(5, 3, IMAGES, IMAGES, device="cuda")
     with torch.inference_mode():
         output = load_artifact(summary["path"], device="cuda")(images)
     assert output.device.type == "cuda" and output.shape == (5, 10)
-    assert relative_error(output.float().cpu(), live_logits(model, images, "bf16-mixed").float().cpu()) <= summary[
-        "tolerance"]
+    assert (
+        relative_error(output.float().cpu(), live_logits(model, images, "bf16-mixed").float().cpu())
+        <= summary["tolerance"]
+    )
 
 
 def test_files_load_and_run_where_lightning_this_library_timm_and_torchao_cannot_import(
     pruned_int8, digit_images, tmp_path
 ):
-    model, folder, pt2, onnx = pruned_int8
+    model, _folder, pt2, onnx = pruned_int8
     paths = [Path(pt2["path"])] + ([Path(onnx["path"])] if onnx else [])
     images = digit_images[:3]
     outputs = run_without_library(tmp_path, images, paths)
@@ -221,11 +233,16 @@ def test_onnx_of_torchao_int8_names_the_format_that_runs_it(digit_images, tmp_pa
 def test_export_on_fit_writes_a_checked_nystrom_pt2_that_the_benchmark_measures_as_deployed(tmp_path):
     from lightning.pytorch.loggers import CSVLogger
 
-    bench = BenchmarkCallback(batch_size=4, devices=("cpu",), rounds=1, min_run_time=0.05, latency_repeats=1,
-                              accuracy_batches=1, plot=False)
+    bench = BenchmarkCallback(
+        batch_size=4, devices=("cpu",), rounds=1, min_run_time=0.05, latency_repeats=1, accuracy_batches=1, plot=False
+    )
     export = ExportOnFit(tmp_path / "vit.pt2")
-    trainer = fast_trainer(tmp_path, callbacks=[bench, export, NystromSwap(num_landmarks=4)], limit_train_batches=2,
-                           logger=CSVLogger(tmp_path))
+    trainer = fast_trainer(
+        tmp_path,
+        callbacks=[bench, export, NystromSwap(num_landmarks=4)],
+        limit_train_batches=2,
+        logger=CSVLogger(tmp_path),
+    )
     module = FamilyClassifier("timm-vit")
     trainer.fit(module, DigitsDataModule(batch_size=16))
     summary = export.summary
@@ -249,8 +266,13 @@ def test_export_on_fit_writes_a_checked_nystrom_pt2_that_the_benchmark_measures_
 
 @needs_onnx
 def test_export_runs_after_quantize_on_fit_saved_and_follows_its_precision_choice(tmp_path):
-    quantize = QuantizeOnFit("int8_static_x86", compile=False, save_path=tmp_path / "int8.ckpt",
-                             save_fp32_path=tmp_path / "fp32.ckpt", calibration_batches=1)
+    quantize = QuantizeOnFit(
+        "int8_static_x86",
+        compile=False,
+        save_path=tmp_path / "int8.ckpt",
+        save_fp32_path=tmp_path / "fp32.ckpt",
+        calibration_batches=1,
+    )
     export = ExportOnFit(tmp_path / "vit.onnx")
     # list order reversed on purpose: the canonical order still quantizes (and saves) first
     trainer = fast_trainer(tmp_path, callbacks=[export, quantize, PruningSchedule(0.5)], limit_train_batches=2)
@@ -314,7 +336,9 @@ def test_pt2_of_a_pruned_int8_torchvision_vit_quantizes_its_attention_and_matche
     torch.nn.init.normal_(model.heads.head.weight, std=0.1)  # its head starts at zero: nothing to compare
     prune_vit(model, 0.5, digit_images[:1])
     summary = quantize_model(model, "int8_dynamic_x86", example_input=digit_images)
-    assert summary["split_attention"] and all(f"{name}.qkv" in summary["quantized"] for name in summary["split_attention"])
+    assert summary["split_attention"] and all(
+        f"{name}.qkv" in summary["quantized"] for name in summary["split_attention"]
+    )
     pt2 = export_compressed(model, tmp_path / "vit.pt2", digit_images)
     assert pt2["relative_error"] <= pt2["tolerance"] == TOLERANCES[("32-true", True)]
     images = torch.randn(3, 3, IMAGES, IMAGES)

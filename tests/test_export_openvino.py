@@ -92,8 +92,9 @@ def test_int8_ir_of_each_family_pruned_and_token_merged_runs_like_the_live_model
     plan = merge_tokens(model, 2, example_input=digit_batches[0][:1])
     assert sum(p.numel() for p in model.parameters()) < params and plan["tokens"][-1] < plan["tokens"][0]
 
-    summary = export_compressed(model, tmp_path / "vit.xml", digit_batches[0], quantize="int8",
-                                calibration_data=digit_batches)
+    summary = export_compressed(
+        model, tmp_path / "vit.xml", digit_batches[0], quantize="int8", calibration_data=digit_batches
+    )
     assert summary["format"] == "openvino" and summary["quantize"] == "int8"
     assert summary["inference_precision"] == NATIVE and summary["tolerance"] == NNCF_INT8_TOLERANCE
     assert summary["relative_error"] <= NNCF_INT8_TOLERANCE
@@ -130,9 +131,17 @@ def test_ir_loads_and_runs_with_openvino_alone_where_torch_cannot_import(digit_b
     np.save(tmp_path / "images.npy", images.numpy())
     (tmp_path / "server.py").write_text(OPENVINO_ONLY)
     result = subprocess.run(
-        [sys.executable, str(tmp_path / "server.py"), str(tmp_path / "images.npy"), str(tmp_path / "vit.xml"),
-         str(tmp_path / "logits.npy")],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        [
+            sys.executable,
+            str(tmp_path / "server.py"),
+            str(tmp_path / "images.npy"),
+            str(tmp_path / "vit.xml"),
+            str(tmp_path / "logits.npy"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split()[-1] == HINTS[NATIVE]  # the precision travelled inside the IR
@@ -171,8 +180,14 @@ def test_missing_extra_names_the_install_command(monkeypatch, digit_batches, tmp
 def test_a_file_that_fails_its_check_is_not_kept(digit_batches, tmp_path):
     model = build_family("timm-vit").eval()
     with pytest.raises(ArtifactMismatchError, match="not kept"):
-        export_compressed(model, tmp_path / "vit.xml", digit_batches[0], quantize="int8",
-                          calibration_data=digit_batches, tolerance=1e-9)
+        export_compressed(
+            model,
+            tmp_path / "vit.xml",
+            digit_batches[0],
+            quantize="int8",
+            calibration_data=digit_batches,
+            tolerance=1e-9,
+        )
     assert not list(tmp_path.iterdir())  # neither the .xml nor the .bin
 
 
@@ -180,13 +195,18 @@ def test_a_file_that_fails_its_check_is_not_kept(digit_batches, tmp_path):
 def test_export_on_fit_writes_the_float_model_before_quantize_on_fit_and_nncf_quantizes_it(tmp_path):
     from lightning.pytorch.loggers import CSVLogger
 
-    bench = BenchmarkCallback(batch_size=4, devices=("cpu",), rounds=1, min_run_time=0.05, latency_repeats=1,
-                              accuracy_batches=1, plot=False)
+    bench = BenchmarkCallback(
+        batch_size=4, devices=("cpu",), rounds=1, min_run_time=0.05, latency_repeats=1, accuracy_batches=1, plot=False
+    )
     export = ExportOnFit(tmp_path / "vit.xml", quantize="int8", calibration_batches=2)
     quantize = QuantizeOnFit("int8_static_x86", compile=False, calibration_batches=1, save_path=tmp_path / "int8.ckpt")
     # list order on purpose: the canonical order exports the float model, then quantizes
-    trainer = fast_trainer(tmp_path, callbacks=[quantize, export, bench, PruningSchedule(0.5), TokenMerging(r=2)],
-                           limit_train_batches=3, logger=CSVLogger(tmp_path))
+    trainer = fast_trainer(
+        tmp_path,
+        callbacks=[quantize, export, bench, PruningSchedule(0.5), TokenMerging(r=2)],
+        limit_train_batches=3,
+        logger=CSVLogger(tmp_path),
+    )
     module = FamilyClassifier("timm-vit")
     trainer.fit(module, DigitsDataModule(batch_size=16))
 
@@ -206,8 +226,11 @@ def test_float_ir_beside_quantize_on_fit_is_refused_at_setup(tmp_path):
     module = FamilyClassifier("timm-vit")
     before = {k: v.clone() for k, v in module.state_dict().items()}
     trainer = fast_trainer(tmp_path, callbacks=[ExportOnFit(tmp_path / "vit.xml"), QuantizeOnFit("int8_dynamic")])
-    with pytest.raises(ValueError, match=r"(?s)format='openvino', quantize=None\) with a QuantizeOnFit.*"
-                                         r"quantize='int8'"):
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)format='openvino', quantize=None\) with a QuantizeOnFit.*"
+        r"quantize='int8'",
+    ):
         trainer.fit(module, DigitsDataModule(batch_size=16))
     assert trainer.global_step == 0 and all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
 
@@ -237,8 +260,11 @@ class _Unconvertible(FamilyClassifier):
 
 def test_a_model_the_converter_refuses_fails_at_setup_before_training(tmp_path):
     trainer = fast_trainer(tmp_path, callbacks=[ExportOnFit(tmp_path / "vit.xml")])
-    with pytest.raises(ValueError, match=r"format='openvino': ov.convert_model cannot convert VisionTransformer "
-                                         r"\(OpConversionFailure: No conversion rule .*linalg_svdvals.*format='pt2'"):
+    with pytest.raises(
+        ValueError,
+        match=r"format='openvino': ov.convert_model cannot convert VisionTransformer "
+        r"\(OpConversionFailure: No conversion rule .*linalg_svdvals.*format='pt2'",
+    ):
         trainer.fit(_Unconvertible(), DigitsDataModule(batch_size=16))
     assert trainer.global_step == 0 and not list(tmp_path.glob("vit.*"))
 

@@ -11,8 +11,8 @@ LightningModule that knows nothing of compression, saves a checkpoint after
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -152,15 +152,19 @@ def test_resume_mid_schedule_reaches_the_uninterrupted_structure(tmp_path, digit
     """Pruned in two steps (epochs 0 and 1), swapped at epoch 1: resuming after epoch 0 rebuilds step one first."""
 
     def callbacks() -> list:
-        return [PruningSchedule(0.5, start_epoch=0, end_epoch=1, num_steps=2), NystromSwap(num_landmarks=4, swap_epoch=1)]
+        return [
+            PruningSchedule(0.5, start_epoch=0, end_epoch=1, num_steps=2),
+            NystromSwap(num_landmarks=4, swap_epoch=1),
+        ]
 
     def shapes(module: FamilyClassifier) -> dict[str, tuple]:
         return {name: tuple(p.shape) for name, p in module.named_parameters()}
 
     whole = FamilyClassifier(family)
     every_epoch = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_top_k=-1, filename="{epoch}")
-    trainer = fast_trainer(tmp_path, callbacks=[*callbacks(), every_epoch], max_epochs=2, limit_train_batches=2,
-                           enable_checkpointing=True)
+    trainer = fast_trainer(
+        tmp_path, callbacks=[*callbacks(), every_epoch], max_epochs=2, limit_train_batches=2, enable_checkpointing=True
+    )
     trainer.fit(whole, digits)
 
     resumed = FamilyClassifier(family)

@@ -22,7 +22,8 @@ def _write_idx(folder: Path, prefix: str, images: torch.Tensor, labels: torch.Te
     """idx3 (images) and idx1 (labels), big-endian headers, as in the real files."""
     n = len(labels)
     blobs = {
-        f"{prefix}-images-idx3-ubyte": struct.pack(">IIII", 0x0803, n, 28, 28) + images.to(torch.uint8).numpy().tobytes(),
+        f"{prefix}-images-idx3-ubyte": struct.pack(">IIII", 0x0803, n, 28, 28)
+        + images.to(torch.uint8).numpy().tobytes(),
         f"{prefix}-labels-idx1-ubyte": struct.pack(">II", 0x0801, n) + labels.to(torch.uint8).numpy().tobytes(),
     }
     folder.mkdir(parents=True, exist_ok=True)
@@ -52,12 +53,18 @@ def _pixel_values(images: torch.Tensor) -> torch.Tensor:
 def test_reads_the_apt_package_layout_through_torchvision(tmp_path):
     system = tmp_path / "usr_share"
     truth = _fake_dataset(system, packed=True)
-    dm = FashionMNISTDataModule(root=tmp_path / "data", system_dir=system, batch_size=8, val_size=10,
-                                train_subset=25, augment=False)
+    dm = FashionMNISTDataModule(
+        root=tmp_path / "data", system_dir=system, batch_size=8, val_size=10, train_subset=25, augment=False
+    )
     dm.setup("fit")
     assert sorted((tmp_path / "data" / "FashionMNIST" / "raw").iterdir()) == sorted(
         tmp_path / "data" / "FashionMNIST" / "raw" / n
-        for n in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", "train-images-idx3-ubyte", "train-labels-idx1-ubyte")
+        for n in (
+            "t10k-images-idx3-ubyte",
+            "t10k-labels-idx1-ubyte",
+            "train-images-idx3-ubyte",
+            "train-labels-idx1-ubyte",
+        )
     )
     test_images, test_labels = next(iter(torch.utils.data.DataLoader(dm.test_set, batch_size=100)))
     assert test_images.shape == (12, 1, 28, 28)  # the whole test file, in order
@@ -75,8 +82,9 @@ def test_same_split_seed_same_subset_and_another_seed_another(tmp_path):
     _fake_dataset(tmp_path / "data" / "FashionMNIST" / "raw", packed=False)  # already unpacked: read in place
 
     def ids(seed: int) -> list[int]:
-        dm = FashionMNISTDataModule(root=tmp_path / "data", system_dir=None, val_size=5, train_subset=10,
-                                    split_seed=seed, augment=False)
+        dm = FashionMNISTDataModule(
+            root=tmp_path / "data", system_dir=None, val_size=5, train_subset=10, split_seed=seed, augment=False
+        )
         dm.setup()
         return _pixel_values(dm.train_set.tensors[0]).tolist()
 
@@ -113,8 +121,8 @@ def test_missing_files_name_the_apt_package_and_download(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "kwargs, name", [(dict(batch_size=0), "batch_size"), (dict(train_subset=-3), "train_subset"),
-                     (dict(val_size=-1), "val_size")]
+    "kwargs, name",
+    [(dict(batch_size=0), "batch_size"), (dict(train_subset=-3), "train_subset"), (dict(val_size=-1), "val_size")],
 )
 def test_bad_arguments_are_named(kwargs, name):
     with pytest.raises(ValueError, match=name):

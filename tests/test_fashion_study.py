@@ -27,10 +27,21 @@ def study():
 
 
 def _cell(study, recipe: str, seed: int, top1: float) -> dict:
-    control = None if recipe in (study.VANILLA, study.CONTROL) else (
-        study.VANILLA if recipe == "int8 dynamic (PTQ)" else study.CONTROL)
-    return {"recipe": recipe, "seed": seed, "epochs": 15, "fine_tune_epochs": 3, "top1": top1, "control": control,
-            "params": 1e5, "size_mb": 0.4}
+    control = (
+        None
+        if recipe in (study.VANILLA, study.CONTROL)
+        else (study.VANILLA if recipe == "int8 dynamic (PTQ)" else study.CONTROL)
+    )
+    return {
+        "recipe": recipe,
+        "seed": seed,
+        "epochs": 15,
+        "fine_tune_epochs": 3,
+        "top1": top1,
+        "control": control,
+        "params": 1e5,
+        "size_mb": 0.4,
+    }
 
 
 def _results(study, args) -> dict:

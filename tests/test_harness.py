@@ -33,12 +33,24 @@ class RaiseAt(Callback):
 
 @pytest.mark.parametrize(
     "hook, observed",
-    [("setup", "setup"), ("on_train_batch_start", "first batch"), ("on_train_batch_end", "later"),
-     ("on_train_end", "later"), (None, "never")],
+    [
+        ("setup", "setup"),
+        ("on_train_batch_start", "first batch"),
+        ("on_train_batch_end", "later"),
+        ("on_train_end", "later"),
+        (None, "never"),
+    ],
 )
 def test_the_stage_is_measured(hook, observed, tmp_path, digits):
-    case = Case("probe", lambda t: RaiseAt(hook), "x=1", "setup", "RaiseAt", ValueError,
-                trainer_kwargs=dict(limit_train_batches=3, limit_val_batches=0))
+    case = Case(
+        "probe",
+        lambda t: RaiseAt(hook),
+        "x=1",
+        "setup",
+        "RaiseAt",
+        ValueError,
+        trainer_kwargs=dict(limit_train_batches=3, limit_val_batches=0),
+    )
     outcome, _ = run_case(case, tmp_path, digits)
     assert outcome.observed == observed
     assert (outcome.error is None) == (hook is None)

@@ -43,7 +43,7 @@ def test_sigkill_at_each_phase_resumes_to_the_uninterrupted_model_or_is_refused(
     assert not [p for p, o in outcomes.items() if o.startswith("DIFFERENT")], outcomes
     # mid-epoch kills resume from the last epoch's checkpoint and train on to the same model; after the last
     # epoch Lightning runs no train-end hook, so QuantizeOnFit refuses the resume rather than not quantizing
-    assert outcomes == {**{p: "equal" for p in ("pruning", "nystrom", "qat")}, "quantize": outcomes["quantize"]}
+    assert outcomes == {**dict.fromkeys(("pruning", "nystrom", "qat"), "equal"), "quantize": outcomes["quantize"]}
     assert outcomes["quantize"].startswith("refused")
 
 

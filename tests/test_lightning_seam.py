@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import inspect
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import lightning.pytorch as pl
 import pytest
@@ -88,8 +89,14 @@ class Probe(Callback):
 
 def _trainer(tmp_path: Path, callbacks: list[Callback], **overrides: Any) -> pl.Trainer:
     options: dict[str, Any] = dict(
-        default_root_dir=tmp_path, max_epochs=1, accelerator="cpu", devices=1, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
     )
     options.update(overrides)
     return pl.Trainer(callbacks=callbacks, **options)
@@ -124,10 +131,13 @@ def test_fit_ckpt_path_reads_the_arguments_of_trainer_run(tmp_path: Path) -> Non
 
 def test_dataloaders_at_setup_are_the_ones_the_loops_use(tmp_path: Path) -> None:
     train, val = _loader(), _loader(4)
-    probe = Probe(lambda trainer, _, hook: (
-        (train_dataloaders(trainer), val_dataloaders(trainer)) if hook == "setup"
-        else (trainer.train_dataloader, trainer.val_dataloaders)
-    ))
+    probe = Probe(
+        lambda trainer, _, hook: (
+            (train_dataloaders(trainer), val_dataloaders(trainer))
+            if hook == "setup"
+            else (trainer.train_dataloader, trainer.val_dataloaders)
+        )
+    )
     _trainer(tmp_path, [probe]).fit(TwoLayers(), train, val)
     assert probe.seen["setup"][0] is train and probe.seen["setup"][1] is val
     assert probe.seen["on_train_start"] == (train, val)  # the public attributes, filled in once the loops start
@@ -198,7 +208,8 @@ def test_rewrap_and_setup_optimizers_builds_new_optimizers_mid_fit(tmp_path: Pat
         rewrap_and_setup_optimizers(trainer)
         after = trainer.optimizers[0]
         return before is not after, {id(p) for g in after.param_groups for p in g["params"]} == {
-            id(p) for p in pl_module.parameters()}
+            id(p) for p in pl_module.parameters()
+        }
 
     probe = Probe(rebuild)
     _trainer(tmp_path, [probe]).fit(TwoLayers(), _loader())
@@ -207,20 +218,33 @@ def test_rewrap_and_setup_optimizers_builds_new_optimizers_mid_fit(tmp_path: Pat
 
 def test_no_lightning_private_attribute_outside_the_seam() -> None:
     owners = r"(trainer|strategy|pl_module|lightning_module|loop|val_loop|fit_loop|epoch_loop|callback|connector)"
-    private = re.compile(rf"\b{owners}\._[a-z]\w*|_(accelerator|logger|checkpoint|data|callback)_connector\b"
-                         r"|\b(_data_source|_current_fx_name|_progress_stopped|_console)\b|Trainer\._run\b")
+    private = re.compile(
+        rf"\b{owners}\._[a-z]\w*|_(accelerator|logger|checkpoint|data|callback)_connector\b"
+        r"|\b(_data_source|_current_fx_name|_progress_stopped|_console)\b|Trainer\._run\b"
+    )
     package = Path(lightning_vitcompress.__file__).parent
     found = [
         f"{path.relative_to(package)}:{number}: {line.strip()}"
-        for path in sorted(package.rglob("*.py")) if path.name != "_lightning.py"
+        for path in sorted(package.rglob("*.py"))
+        if path.name != "_lightning.py"
         for number, line in enumerate(path.read_text().splitlines(), 1)
         if private.search(line)
     ]
     assert not found, "Lightning private API outside lightning_vitcompress/_lightning.py:\n" + "\n".join(found)
 
 
-@pytest.mark.parametrize("name", ["fit_ckpt_path", "train_dataloaders", "val_dataloaders", "current_hook_name",
-                                  "wrap_training_step", "rich_display", "rewrap_and_setup_optimizers"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "fit_ckpt_path",
+        "train_dataloaders",
+        "val_dataloaders",
+        "current_hook_name",
+        "wrap_training_step",
+        "rich_display",
+        "rewrap_and_setup_optimizers",
+    ],
+)
 def test_each_seam_function_names_what_it_relies_on(name: str) -> None:
     from lightning_vitcompress import _lightning
 

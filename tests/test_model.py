@@ -60,14 +60,18 @@ def test_two_models_with_attention_are_an_error_naming_both():
 def test_an_ema_copy_is_an_error_and_model_attribute_chooses():
     lit = DigitsClassifier(depth=1, embed_dim=32, num_heads=2)
     lit.ema = copy.deepcopy(lit.model)
-    with pytest.raises(ValueError, match=r"'model' \(VisionTransformer\), 'ema' \(VisionTransformer\).*model_attribute="):
+    with pytest.raises(
+        ValueError, match=r"'model' \(VisionTransformer\), 'ema' \(VisionTransformer\).*model_attribute="
+    ):
         resolve_target_path(lit)
     assert resolve_target_model(lit, "model") is lit.model
 
 
 def test_a_teacher_on_the_module_is_an_error():
     lit = DigitsClassifier(depth=1, embed_dim=32, num_heads=2)
-    lit.teacher = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, batch_first=True), 1, enable_nested_tensor=False)
+    lit.teacher = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(32, 4, batch_first=True), 1, enable_nested_tensor=False
+    )
     with pytest.raises(ValueError, match=r"'model' \(VisionTransformer\), 'teacher' \(TransformerEncoder\)"):
         resolve_target_path(lit)
 
@@ -124,8 +128,14 @@ def test_inline_blocks_next_to_a_model_are_an_error():
 def _tiny_relpos() -> nn.Module:
     """A timm ViT whose attention (RelPosAttention) no adapter reads."""
     return timm.create_model(
-        "vit_relpos_small_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=16, depth=1,
-        num_heads=2, num_classes=10,
+        "vit_relpos_small_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        embed_dim=16,
+        depth=1,
+        num_heads=2,
+        num_classes=10,
     )
 
 
@@ -162,8 +172,15 @@ def _family_model(family: str) -> nn.Module:
     if family == "transformers":
         from transformers import ViTConfig, ViTForImageClassification
 
-        config = ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                           intermediate_size=32, num_labels=10)
+        config = ViTConfig(
+            image_size=32,
+            patch_size=8,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            num_labels=10,
+        )
         return ViTForImageClassification(config)
     layer = nn.TransformerEncoderLayer(32, 4, batch_first=True)
     encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)

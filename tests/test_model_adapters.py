@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import pytest
 import timm
@@ -48,20 +48,32 @@ CASES = {
     ),
     "torchvision": Case(_torchvision, TorchvisionAdapter, TV_BLOCKS, 1, ["heads.head"]),
     "hf-vit-eager": Case(
-        lambda: _hf("ViTForImageClassification"), TransformersAdapter,
-        [f"vit.layers.{i}.attention" for i in range(DEPTH)], 1, ["classifier"],
+        lambda: _hf("ViTForImageClassification"),
+        TransformersAdapter,
+        [f"vit.layers.{i}.attention" for i in range(DEPTH)],
+        1,
+        ["classifier"],
     ),
     "hf-vit-sdpa": Case(
-        lambda: _hf("ViTForImageClassification", "sdpa"), TransformersAdapter,
-        [f"vit.layers.{i}.attention" for i in range(DEPTH)], 1, ["classifier"],
+        lambda: _hf("ViTForImageClassification", "sdpa"),
+        TransformersAdapter,
+        [f"vit.layers.{i}.attention" for i in range(DEPTH)],
+        1,
+        ["classifier"],
     ),
     "hf-deit": Case(
-        lambda: _hf("DeiTForImageClassification", "sdpa"), TransformersAdapter,
-        [f"deit.layers.{i}.attention" for i in range(DEPTH)], 2, ["classifier"],  # DeiTModel always has both tokens
+        lambda: _hf("DeiTForImageClassification", "sdpa"),
+        TransformersAdapter,
+        [f"deit.layers.{i}.attention" for i in range(DEPTH)],
+        2,
+        ["classifier"],  # DeiTModel always has both tokens
     ),
     "hf-deit-teacher": Case(
-        lambda: _hf("DeiTForImageClassificationWithTeacher"), TransformersAdapter,
-        [f"deit.layers.{i}.attention" for i in range(DEPTH)], 2, ["cls_classifier", "distillation_classifier"],
+        lambda: _hf("DeiTForImageClassificationWithTeacher"),
+        TransformersAdapter,
+        [f"deit.layers.{i}.attention" for i in range(DEPTH)],
+        2,
+        ["cls_classifier", "distillation_classifier"],
     ),
     "mha-batch-first": Case(MHAViT, HandWrittenAdapter, MHA_BLOCKS, 1, ["head"]),
     "mha-seq-first": Case(lambda: MHAViT(batch_first=False), HandWrittenAdapter, MHA_BLOCKS, 1, ["head"]),
@@ -181,8 +193,12 @@ def test_mha_fold_keeps_trained_scale() -> None:
     model = _make("torchvision")
     adapter = adapter_for(model)
     pruner = tp.pruner.MetaPruner(
-        model, adapter.example_input(), importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=0.5,
-        ignored_layers=[h for _, h in adapter.classifier_heads()], round_to=adapter.embed_multiple_of(),
+        model,
+        adapter.example_input(),
+        importance=tp.importance.MagnitudeImportance(p=2),
+        pruning_ratio=0.5,
+        ignored_layers=[h for _, h in adapter.classifier_heads()],
+        round_to=adapter.embed_multiple_of(),
         unwrapped_parameters=adapter.unwrapped_parameters(),
     )
     for group in pruner.step(interactive=True):
@@ -238,8 +254,14 @@ def test_deit_teacher_logits_are_the_average() -> None:
 
 def test_unsupported_attention_names_the_class() -> None:
     relpos = timm.create_model(
-        "vit_relpos_small_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=16, depth=1,
-        num_heads=2, num_classes=CLASSES,
+        "vit_relpos_small_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        embed_dim=16,
+        depth=1,
+        num_heads=2,
+        num_classes=CLASSES,
     )
     with pytest.raises(TypeError, match=r"RelPosAttention at 'blocks\.0\.attn'.*timm VisionTransformer"):
         adapter_for(relpos)
@@ -264,7 +286,7 @@ def test_no_attention_is_a_value_error() -> None:
 
 def test_capability_message_names_the_option() -> None:
     adapter = adapter_for(_make("torchvision"))
-    with pytest.raises(ValueError, match="prune_head_dims=True is not possible on torchvision.*Turn off"):
+    with pytest.raises(ValueError, match=r"prune_head_dims=True is not possible on torchvision.*Turn off"):
         adapter.capabilities.require("head_dim_pruning", "prune_head_dims=True", adapter.family)
     adapter_for(_make("timm-vit")).capabilities.require("head_dim_pruning", "prune_head_dims=True", "timm")
 
@@ -278,7 +300,6 @@ def test_input_shape_unknown_is_none() -> None:
         adapter.example_input()
 
 
-
 @pytest.mark.parametrize("name", CASES)
 def test_residual_and_mlp_layers_are_what_pruning_must_ignore(name: str) -> None:
     """Ignoring the residual writers keeps the embedding; ignoring the MLP inputs keeps the MLP width."""
@@ -286,9 +307,13 @@ def test_residual_and_mlp_layers_are_what_pruning_must_ignore(name: str) -> None
     adapter = adapter_for(model)
     heads = [head for _, head in adapter.classifier_heads()]
     pruner = tp.pruner.MetaPruner(
-        model, adapter.example_input(2), importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=0.5,
+        model,
+        adapter.example_input(2),
+        importance=tp.importance.MagnitudeImportance(p=2),
+        pruning_ratio=0.5,
         ignored_layers=[*heads, *adapter.residual_layers(), *adapter.mlp_input_layers()],
-        num_heads=adapter.head_groups(), unwrapped_parameters=adapter.unwrapped_parameters(),
+        num_heads=adapter.head_groups(),
+        unwrapped_parameters=adapter.unwrapped_parameters(),
         output_transform=adapter.logits,
     )
     for group in pruner.step(interactive=True):

@@ -13,6 +13,7 @@ from timm.layers.attention import Attention
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_vitcompress import NystromSwap
 from lightning_vitcompress._model import find_attention_blocks
 from lightning_vitcompress._structure import STRUCTURE_KEY, load_compressed, read_checkpoint, recorded_edits
 from lightning_vitcompress.digits import DigitsClassifier
@@ -23,7 +24,6 @@ from lightning_vitcompress.functional.nystrom import (
     segment_means,
     swap_attention,
 )
-from lightning_vitcompress import NystromSwap
 
 
 def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
@@ -114,7 +114,10 @@ def test_multihead_attention_layers_swap_with_both_layouts():
         assert layer(x).shape == x.shape and relative_error(layer(x), exact) > 1e-4
     with pytest.raises(ValueError, match="kdim=16"):
         NystromAttention.from_attention(nn.MultiheadAttention(32, 4, kdim=16, vdim=16), num_landmarks=8)
-    with pytest.raises(TypeError, match="supports timm's Attention, nn.MultiheadAttention and transformers' ViT/DeiT attention, not Linear"):
+    with pytest.raises(
+        TypeError,
+        match=r"supports timm's Attention, nn.MultiheadAttention and transformers' ViT/DeiT attention, not Linear",
+    ):
         NystromAttention.from_attention(nn.Linear(4, 4))
 
 
@@ -165,8 +168,10 @@ def test_swap_at_epoch_k_joins_new_parameters_to_the_optimizer(tmp_path, tiny_cl
 def test_checkpoint_resume_and_load_compressed_restore_the_swap(tmp_path, tiny_classifier, digits):
     swap = dict(num_landmarks=8, swap_epoch=1, conv_kernel_size=3)
     first = fast_trainer(
-        tmp_path, callbacks=[NystromSwap(**swap), ModelCheckpoint(dirpath=tmp_path, save_last=True)],
-        max_epochs=2, enable_checkpointing=True,
+        tmp_path,
+        callbacks=[NystromSwap(**swap), ModelCheckpoint(dirpath=tmp_path, save_last=True)],
+        max_epochs=2,
+        enable_checkpointing=True,
     )
     model = tiny_classifier()
     first.fit(model, digits)
@@ -208,7 +213,7 @@ def test_fail_fast_errors_name_the_argument(tmp_path, tiny_classifier, digits):
     model = tiny_classifier()
     for block in model.model.blocks:
         block.attn = CustomAttention(TINY["embed_dim"], TINY["num_heads"])
-    with pytest.raises(ValueError, match="cannot swap.*not CustomAttention"):
+    with pytest.raises(ValueError, match=r"cannot swap.*not CustomAttention"):
         fast_trainer(tmp_path, callbacks=[NystromSwap()]).fit(model, digits)
 
 
@@ -248,7 +253,7 @@ def test_masked_blocks_are_refused_before_any_swap_with_an_example_input(tmp_pat
     images = next(iter(digits.val_dataloader()))[0][:4]
     before = _outputs(model, images)
     trainer = fast_trainer(tmp_path, callbacks=[NystromSwap(num_landmarks=4, example_input=images)])
-    with pytest.raises(ValueError, match="encoder.layers.0.self_attn gets key_padding_mask"):
+    with pytest.raises(ValueError, match=r"encoder.layers.0.self_attn gets key_padding_mask"):
         trainer.fit(model, digits)
     assert trainer.global_step == 0 and not nystrom_blocks(model.model)
     torch.testing.assert_close(_outputs(model, images), before, rtol=0, atol=0)
@@ -258,7 +263,9 @@ def test_masked_blocks_are_refused_at_setup_from_the_trainers_data(tmp_path, dig
     """No example_input: the first batch of the Trainer's data shows the masks before anything is swapped."""
     model = MaskedClassifier()
     trainer = fast_trainer(tmp_path, callbacks=[NystromSwap(num_landmarks=4)])
-    with pytest.raises(ValueError, match=r"NystromSwap\(blocks=None\): encoder.layers.0.self_attn gets key_padding_mask"):
+    with pytest.raises(
+        ValueError, match=r"NystromSwap\(blocks=None\): encoder.layers.0.self_attn gets key_padding_mask"
+    ):
         trainer.fit(model, digits)
     assert trainer.global_step == 0 and not nystrom_blocks(model.model)
 
@@ -316,7 +323,7 @@ def test_a_failing_swap_leaves_the_model_as_it_was(tmp_path, tiny_classifier, di
 
         monkeypatch.setattr(swapping, "set_submodule", set_once)
     trainer = fast_trainer(tmp_path, callbacks=[NystromSwap(num_landmarks=4)])
-    with pytest.raises(RuntimeError, match="keeps its softmax attention.*injected"):
+    with pytest.raises(RuntimeError, match=r"keeps its softmax attention.*injected"):
         trainer.fit(model, digits)
     assert not nystrom_blocks(model.model) and not recorded_edits(model)
     torch.testing.assert_close(_outputs(model, images), before, rtol=0, atol=0)
@@ -340,8 +347,14 @@ def test_resume_before_the_swap_epoch_gives_the_weights_of_an_uninterrupted_run(
         model = tiny_classifier()
         swap = NystromSwap(num_landmarks=8, swap_epoch=1, conv_kernel_size=3)
         checkpoint = ModelCheckpoint(dirpath=tmp_path / folder, save_last=True)
-        trainer = fast_trainer(tmp_path / folder, callbacks=[swap, checkpoint, *extra], max_epochs=3,
-                               limit_train_batches=None, limit_val_batches=0, enable_checkpointing=True)
+        trainer = fast_trainer(
+            tmp_path / folder,
+            callbacks=[swap, checkpoint, *extra],
+            max_epochs=3,
+            limit_train_batches=None,
+            limit_val_batches=0,
+            enable_checkpointing=True,
+        )
         trainer.fit(model, train_dataloaders=loader, **fit_kwargs)
         return model
 

@@ -37,8 +37,9 @@ def test_max_accuracy_drop_is_checked_in_the_constructor(value):
 
 def test_a_budget_without_validation_data_is_an_error_at_setup(tmp_path, tiny_classifier, digits):
     model = tiny_classifier()
-    trainer = fast_trainer(tmp_path, callbacks=[NystromSwap(num_landmarks=8, max_accuracy_drop=1.0)],
-                           limit_val_batches=0)
+    trainer = fast_trainer(
+        tmp_path, callbacks=[NystromSwap(num_landmarks=8, max_accuracy_drop=1.0)], limit_val_batches=0
+    )
     with pytest.raises(ValueError, match=r"NystromSwap\(max_accuracy_drop=1.0\) measures validation top-1"):
         trainer.fit(model, digits)
     assert not nystrom_blocks(model.model)  # refused before anything was swapped
@@ -83,8 +84,7 @@ def test_the_budget_swaps_the_most_costly_block_back_and_the_checkpoint_rebuilds
     budget = max(0.0, (entering - best) * 100) + 1e-3  # within it with one block back, not with none
     callback = NystromSwap(num_landmarks=1, max_accuracy_drop=budget)
     logger = CSVLogger(tmp_path)
-    trainer = fast_trainer(tmp_path, callbacks=[callback], limit_train_batches=1, limit_val_batches=None,
-                           logger=logger)
+    trainer = fast_trainer(tmp_path, callbacks=[callback], limit_train_batches=1, limit_val_batches=None, logger=logger)
     trainer.fit(model, digits)
 
     assert callback.budget_reference == pytest.approx(entering)
@@ -129,20 +129,36 @@ def test_the_benchmark_report_lists_blocks_swapped_back_and_skipped():
 
     row = dict.fromkeys(("params", "size_mb", "accuracy"), None)
     report = {
-        "baseline": row, "final": row, "ratios": {"accuracy_delta": None},
-        "batch_size": 4, "num_threads": 2, "cpu_name": "cpu", "gpu_name": None,
+        "baseline": row,
+        "final": row,
+        "ratios": {"accuracy_delta": None},
+        "batch_size": 4,
+        "num_threads": 2,
+        "cpu_name": "cpu",
+        "gpu_name": None,
         "decisions": {
             "NystromSwap": {
-                "max_accuracy_drop": 1.0, "nystrom_blocks": ["blocks.0.attn"], "break_even_tokens": None,
-                "swapped_back": [{"block": "blocks.1.attn", "accuracy_gain": 3.5, "logit_change": 0.2,
-                                  "accuracy_after": 0.9, "reference": 0.91}],
+                "max_accuracy_drop": 1.0,
+                "nystrom_blocks": ["blocks.0.attn"],
+                "break_even_tokens": None,
+                "swapped_back": [
+                    {
+                        "block": "blocks.1.attn",
+                        "accuracy_gain": 3.5,
+                        "logit_change": 0.2,
+                        "accuracy_after": 0.9,
+                        "reference": 0.91,
+                    }
+                ],
                 "skipped_blocks": {"blocks.2.attn": "sees 49 tokens < min_tokens=60"},
             },
         },
     }
     text = format_report(report)
-    assert ("NystromSwap: blocks.1.attn swapped back to exact attention for max_accuracy_drop=1.0 (alone it gains "
-            "+3.50 pt; top-1 after 90.00% vs 91.00% entering fit)") in text
+    assert (
+        "NystromSwap: blocks.1.attn swapped back to exact attention for max_accuracy_drop=1.0 (alone it gains "
+        "+3.50 pt; top-1 after 90.00% vs 91.00% entering fit)"
+    ) in text
     assert "NystromSwap: blocks.2.attn kept exact: sees 49 tokens < min_tokens=60" in text
     assert "NystromSwap(min_tokens='auto'): measured break-even not reached" in text
 
@@ -197,8 +213,16 @@ def test_break_even_timing_reports_each_count_where_nystrom_approximates():
 
     from lightning_vitcompress.functional.nystrom import nystrom_break_even
 
-    result = nystrom_break_even(Attention(32, num_heads=4), NystromConfig(num_landmarks=8), 1, [9, 18, 65, 18],
-                                batch_size=1, num_threads=1, min_run_time=0.01, rounds=1)
+    result = nystrom_break_even(
+        Attention(32, num_heads=4),
+        NystromConfig(num_landmarks=8),
+        1,
+        [9, 18, 65, 18],
+        batch_size=1,
+        num_threads=1,
+        min_run_time=0.01,
+        rounds=1,
+    )
     assert set(result["speedups"]) == {18, 65}  # 9 tokens: the landmarks cover the patches, both are exact
     assert all(ratio > 0 for ratio in result["speedups"].values())
     even = result["break_even"]
@@ -257,6 +281,7 @@ def test_ddp_ranks_swap_back_the_same_blocks(tmp_path, trained_tiny):
     assert rank0["swapped_back"], rank0  # one landmark costs accuracy: the 0-point budget swaps blocks back
     for key in ("blocks", "structure", "swapped_back", "recorded"):
         assert rank0[key] == rank1[key], key
-    assert rank0["recorded"][0] == [f"blocks.{i}.attn" for i, kind in enumerate(rank0["blocks"])
-                                    if kind == "NystromAttention"]
+    assert rank0["recorded"][0] == [
+        f"blocks.{i}.attn" for i, kind in enumerate(rank0["blocks"]) if kind == "NystromAttention"
+    ]
     assert rank0["checksum"] == pytest.approx(rank1["checksum"], rel=1e-6)

@@ -74,7 +74,9 @@ def test_list_order_does_not_change_the_result(tmp_path, tiny_classifier, digits
     assert "Int8" in type(model.model.blocks[0].mlp.fc1.weight).__name__
 
 
-def test_resume_mid_pipeline_reaches_the_same_structure_and_loads_in_one_call(tmp_path, tiny_classifier, digits, teacher):
+def test_resume_mid_pipeline_reaches_the_same_structure_and_loads_in_one_call(
+    tmp_path, tiny_classifier, digits, teacher
+):
     uninterrupted = tiny_classifier()
     fast_trainer(tmp_path / "full", callbacks=pipeline(teacher, tmp_path / "full"), max_epochs=3).fit(
         uninterrupted, digits
@@ -175,11 +177,18 @@ def test_every_yaml_example_parses_into_its_callbacks_with_the_values_it_sets(co
 def test_the_yaml_examples_cover_every_callback():
     import lightning_vitcompress
 
-    named = {entry["class_path"].rsplit(".", 1)[1] for path in (EXAMPLES / "configs").glob("*.yaml")
-             for entry in yaml.safe_load(path.read_text())["trainer"]["callbacks"]}
-    public = {name for name in lightning_vitcompress.__all__ if isinstance(getattr(lightning_vitcompress, name), type)
-              and issubclass(getattr(lightning_vitcompress, name), CompressionCallback)
-              and name != "CompressionCallback"}
+    named = {
+        entry["class_path"].rsplit(".", 1)[1]
+        for path in (EXAMPLES / "configs").glob("*.yaml")
+        for entry in yaml.safe_load(path.read_text())["trainer"]["callbacks"]
+    }
+    public = {
+        name
+        for name in lightning_vitcompress.__all__
+        if isinstance(getattr(lightning_vitcompress, name), type)
+        and issubclass(getattr(lightning_vitcompress, name), CompressionCallback)
+        and name != "CompressionCallback"
+    }
     assert public == named, public - named
 
 
@@ -224,8 +233,9 @@ def test_resume_mid_pipeline_gives_the_weights_of_an_uninterrupted_run(tmp_path,
     def run(folder: str, *extra: Callback, **fit_kwargs) -> DigitsClassifier:
         model = tiny_classifier()
         callbacks = [*pipeline(teacher, tmp_path / folder), *extra]
-        fast_trainer(tmp_path / folder, callbacks=callbacks, max_epochs=3, limit_val_batches=0,
-                     enable_checkpointing=bool(extra)).fit(model, train_dataloaders=loader, **fit_kwargs)
+        fast_trainer(
+            tmp_path / folder, callbacks=callbacks, max_epochs=3, limit_val_batches=0, enable_checkpointing=bool(extra)
+        ).fit(model, train_dataloaders=loader, **fit_kwargs)
         return model.eval()
 
     straight = run("straight")

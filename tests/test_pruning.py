@@ -12,10 +12,16 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from lightning_vitcompress.functional.measure import count_macs, count_parameters
-from lightning_vitcompress._structure import STRUCTURE_KEY, ModelSnapshot, load_compressed, read_checkpoint, recorded_edits
-from lightning_vitcompress.digits import DigitsClassifier, small_vit
 from lightning_vitcompress import PruningSchedule
+from lightning_vitcompress._structure import (
+    STRUCTURE_KEY,
+    ModelSnapshot,
+    load_compressed,
+    read_checkpoint,
+    recorded_edits,
+)
+from lightning_vitcompress.digits import DigitsClassifier, small_vit
+from lightning_vitcompress.functional.measure import count_macs, count_parameters
 from lightning_vitcompress.functional.prune import prune_vit
 
 IMAGES = EXAMPLE_IMAGES
@@ -121,9 +127,7 @@ def test_resume_mid_schedule_reaches_same_structure_and_load_compressed(tmp_path
         return PruningSchedule(0.5, start_epoch=0, end_epoch=2)
 
     uninterrupted = tiny_classifier()
-    fast_trainer(tmp_path / "a", callbacks=[schedule()], max_epochs=3, limit_train_batches=2).fit(
-        uninterrupted, digits
-    )
+    fast_trainer(tmp_path / "a", callbacks=[schedule()], max_epochs=3, limit_train_batches=2).fit(uninterrupted, digits)
 
     class Interrupt(Callback):  # the job is killed after epoch 1, mid-schedule
         def on_train_epoch_end(self, trainer, pl_module):
@@ -132,7 +136,10 @@ def test_resume_mid_schedule_reaches_same_structure_and_load_compressed(tmp_path
     first = tiny_classifier()
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)
     trainer = fast_trainer(
-        tmp_path / "b", callbacks=[schedule(), Interrupt(), checkpoint], max_epochs=3, limit_train_batches=2,
+        tmp_path / "b",
+        callbacks=[schedule(), Interrupt(), checkpoint],
+        max_epochs=3,
+        limit_train_batches=2,
         enable_checkpointing=True,
     )
     trainer.fit(first, digits)
@@ -141,8 +148,11 @@ def test_resume_mid_schedule_reaches_same_structure_and_load_compressed(tmp_path
 
     resumed = tiny_classifier()
     resumed_trainer = fast_trainer(
-        tmp_path / "c", callbacks=[schedule(), ModelCheckpoint(dirpath=tmp_path / "c", save_last=True)],
-        max_epochs=3, limit_train_batches=2, enable_checkpointing=True,
+        tmp_path / "c",
+        callbacks=[schedule(), ModelCheckpoint(dirpath=tmp_path / "c", save_last=True)],
+        max_epochs=3,
+        limit_train_batches=2,
+        enable_checkpointing=True,
     )
     resumed_trainer.fit(resumed, digits, ckpt_path=tmp_path / "b" / "last.ckpt")
     assert resumed_trainer.current_epoch == 3
@@ -207,7 +217,9 @@ def test_model_dependent_values_fail_at_setup(tmp_path, tiny_classifier, digits,
 
 def test_multihead_attention_models_prune_embedding_attention_and_mlp(tmp_path, digits):
     """nn.MultiheadAttention ties q/k/v to the embedding: pruned together by default; what cannot be done is refused."""
-    with pytest.raises(ValueError, match="prune_heads=True is not possible on hand-written models.*Turn off prune_heads"):
+    with pytest.raises(
+        ValueError, match=r"prune_heads=True is not possible on hand-written models.*Turn off prune_heads"
+    ):
         fast_trainer(tmp_path, callbacks=[PruningSchedule(prune_heads=True, example_input=IMAGES)], max_steps=1).fit(
             MHAClassifier(), digits
         )
@@ -248,9 +260,11 @@ def test_params_target_and_logged_metrics(tmp_path, tiny_classifier, digits):
 def test_unsupported_strategy_fails_at_setup(tmp_path, digits):
     from unittest import mock
 
-    with mock.patch("lightning_vitcompress._training_state.SUPPORTED_STRATEGIES", ()):
-        with pytest.raises(RuntimeError, match="PruningSchedule changes the model's structure"):
-            fast_trainer(tmp_path, callbacks=[PruningSchedule()], max_steps=1).fit(DigitsClassifier(**TINY), digits)
+    with (
+        mock.patch("lightning_vitcompress._training_state.SUPPORTED_STRATEGIES", ()),
+        pytest.raises(RuntimeError, match="PruningSchedule changes the model's structure"),
+    ):
+        fast_trainer(tmp_path, callbacks=[PruningSchedule()], max_steps=1).fit(DigitsClassifier(**TINY), digits)
 
 
 def test_ddp_ranks_prune_identically_at_setup_and_mid_fit(tmp_path):
@@ -377,8 +391,14 @@ def test_resume_mid_schedule_gives_the_weights_of_an_uninterrupted_run(tmp_path,
     def run(folder, model, *extra, **fit_kwargs):
         schedule = PruningSchedule(0.5, start_epoch=0, end_epoch=2)
         checkpoint = ModelCheckpoint(dirpath=tmp_path / folder, save_last=True)
-        trainer = fast_trainer(tmp_path / folder, callbacks=[schedule, checkpoint, *extra], max_epochs=3,
-                               limit_train_batches=None, limit_val_batches=0, enable_checkpointing=True)
+        trainer = fast_trainer(
+            tmp_path / folder,
+            callbacks=[schedule, checkpoint, *extra],
+            max_epochs=3,
+            limit_train_batches=None,
+            limit_val_batches=0,
+            enable_checkpointing=True,
+        )
         trainer.fit(model, train_dataloaders=_fixed_loader(digits), **fit_kwargs)
         return model
 
@@ -394,8 +414,12 @@ def test_resume_mid_schedule_gives_the_weights_of_an_uninterrupted_run(tmp_path,
 
 
 def test_resuming_an_unpruned_checkpoint_prunes_after_the_restore(tmp_path, tiny_classifier, digits):
-    plain = fast_trainer(tmp_path, callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)],
-                         limit_train_batches=2, enable_checkpointing=True)
+    plain = fast_trainer(
+        tmp_path,
+        callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)],
+        limit_train_batches=2,
+        enable_checkpointing=True,
+    )
     plain.fit(tiny_classifier(), digits)
     saved = read_checkpoint(tmp_path / "last.ckpt")["state_dict"]
     seen = {}
@@ -448,12 +472,13 @@ def test_a_failing_pruning_step_leaves_the_model_as_it_was(
 
     monkeypatch.setattr(pruning, "_keep_head_counts", broken_fix)
     callback = PruningSchedule(0.5, start_epoch=start_epoch)
-    trainer = fast_trainer(tmp_path, callbacks=[Before(), callback], max_epochs=2, limit_train_batches=2,
-                           limit_val_batches=0)
+    trainer = fast_trainer(
+        tmp_path, callbacks=[Before(), callback], max_epochs=2, limit_train_batches=2, limit_val_batches=0
+    )
     model.eval()
     with torch.no_grad():
         initial = model(IMAGES)
-    with pytest.raises(RuntimeError, match="restored to how it was before this step.*injected failure"):
+    with pytest.raises(RuntimeError, match=r"restored to how it was before this step.*injected failure"):
         trainer.fit(model, digits)
     vit = model if on_module_itself else model.model
     assert callback.target_path == ("" if on_module_itself else "model")

@@ -25,13 +25,11 @@ from torchao.quantization.transform_module import register_quantize_module_handl
 from lightning_vitcompress import (
     Int8DynamicX86Config,
     Int8StaticX86Config,
+    QuantizeOnFit,
     X86Int8DynamicLinear,
     X86Int8StaticLinear,
     load_compressed,
 )
-from lightning_vitcompress.functional.multihead_attention import MultiheadSelfAttention
-from lightning_vitcompress.functional.x86_int8 import calibrate_input_ranges
-from lightning_vitcompress.functional.measure import measure_accuracy
 from lightning_vitcompress._model import set_submodule
 from lightning_vitcompress._structure import STRUCTURE_KEY, UnsafeCheckpointError, recorded_edits
 from lightning_vitcompress.digits import DigitsClassifier
@@ -42,8 +40,10 @@ from lightning_vitcompress.functional import (
     resolve_quantization,
     select_layers,
 )
+from lightning_vitcompress.functional.measure import measure_accuracy
+from lightning_vitcompress.functional.multihead_attention import MultiheadSelfAttention
 from lightning_vitcompress.functional.quantize_configs import spec_for_label
-from lightning_vitcompress import QuantizeOnFit
+from lightning_vitcompress.functional.x86_int8 import calibrate_input_ranges
 
 
 @pytest.fixture
@@ -71,9 +71,7 @@ def linear_weight_types(model: nn.Module) -> dict[str, type]:
     return {name: type(m.weight.data) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
-def test_int8_dynamic_quantizes_every_linear_keeps_accuracy_and_trainer_test_uses_it(
-    tmp_path, tiny_classifier, digits
-):
+def test_int8_dynamic_quantizes_every_linear_keeps_accuracy_and_trainer_test_uses_it(tmp_path, tiny_classifier, digits):
     model = tiny_classifier(lr=3e-3)
     callback = QuantizeOnFit("int8_dynamic", save_fp32_path=tmp_path / "fp32.ckpt")
     trainer = fast_trainer(tmp_path, callbacks=[callback], max_epochs=10, limit_train_batches=None, limit_val_batches=0)
@@ -247,8 +245,10 @@ def test_a_config_added_as_one_registry_entry_quantizes_in_a_fit_and_reloads(
     with torch.no_grad():
         expected = model(images)
     torch.save(model.state_dict(), tmp_path / "toy.pt")
-    for loaded in (load_compressed(DigitsClassifier, tmp_path / "toy.ckpt"),  # replayed by its label
-                   load_compressed(DigitsClassifier, tmp_path / "toy.pt", **TINY)):  # read from the tensors
+    for loaded in (
+        load_compressed(DigitsClassifier, tmp_path / "toy.ckpt"),  # replayed by its label
+        load_compressed(DigitsClassifier, tmp_path / "toy.pt", **TINY),
+    ):  # read from the tensors
         assert {name for name, m in loaded.model.named_modules() if type(m) is X86Int8DynamicLinear} == set(wide)
         with torch.no_grad():
             torch.testing.assert_close(loaded(images), expected)
@@ -286,8 +286,9 @@ def test_size_ratio_on_vit_small():
 def test_skip_by_name_pattern_or_predicate(tiny_classifier):
     vit = tiny_classifier().model
     selected, skipped = select_layers(vit, ["head", "blocks.1.*"])
-    assert skipped == {name: "skip" for name in ["blocks.1.attn.qkv", "blocks.1.attn.proj", "blocks.1.mlp.fc1",
-                                                 "blocks.1.mlp.fc2", "head"]}
+    assert skipped == dict.fromkeys(
+        ["blocks.1.attn.qkv", "blocks.1.attn.proj", "blocks.1.mlp.fc1", "blocks.1.mlp.fc2", "head"], "skip"
+    )
     assert selected == ["blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2"]
     summary = quantize_model(vit, "int8_weight_only", skip=lambda name, module: module.out_features == 10)
     assert summary["skipped"] == {"head": "skip"}
@@ -384,7 +385,7 @@ def test_setup_rejects_what_cannot_run_before_any_training(tmp_path, tiny_classi
 def test_constructor_rejects_unknown_configs_and_bad_arguments():
     with pytest.raises(ValueError, match=r"config='int3'.*\['float8_dynamic', 'int4_weight_only', 'int8_dynamic'"):
         QuantizeOnFit("int3")
-    with pytest.raises(TypeError, match="config=.*torchao config object"):
+    with pytest.raises(TypeError, match=r"config=.*torchao config object"):
         QuantizeOnFit(torch.qint8)
     with pytest.raises(ValueError, match="qat_start_epoch=-1"):
         QuantizeOnFit(qat_start_epoch=-1)
@@ -493,7 +494,9 @@ def test_multihead_attention_projections_quantize_through_linear_layers_compile_
     L.seed_everything(0, verbose=False)
     model = EncoderClassifier()
     images = next(iter(digits.test_dataloader()))[0]
-    callback = QuantizeOnFit("int8_dynamic", compile={"backend": "eager"}, save_path=tmp_path / "int8.ckpt")  # inductor: benchmark's
+    callback = QuantizeOnFit(
+        "int8_dynamic", compile={"backend": "eager"}, save_path=tmp_path / "int8.ckpt"
+    )  # inductor: benchmark's
     logger = CSVLogger(tmp_path)
     fast_trainer(tmp_path, callbacks=[callback], logger=logger).fit(model, digits)
     summary = callback.summary
@@ -544,8 +547,12 @@ def test_split_multihead_attention_is_the_same_function_with_masks_weights_and_e
         assert split.qkv.weight is attention.in_proj_weight and split.out_proj.weight is attention.out_proj.weight
         x = torch.randn(2, 5, 16) if batch_first else torch.randn(5, 2, 16)
         padding = torch.tensor([[False] * 5, [False, False, False, True, True]])
-        for options in ({"need_weights": False}, {"key_padding_mask": padding, "average_attn_weights": False},
-                        {"attn_mask": torch.randn(5, 5)}, {"attn_mask": torch.rand(5, 5) > 0.7, "need_weights": False}):
+        for options in (
+            {"need_weights": False},
+            {"key_padding_mask": padding, "average_attn_weights": False},
+            {"attn_mask": torch.randn(5, 5)},
+            {"attn_mask": torch.rand(5, 5) > 0.7, "need_weights": False},
+        ):
             expected, expected_weights = attention(x, x, x, **options)
             out, weights = split(x, x, x, **options)
             torch.testing.assert_close(out, expected)
@@ -564,7 +571,9 @@ def test_checkpoints_before_quantization_resume_and_the_saved_quantized_model_lo
     model = tiny_classifier()
     checkpoints = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     trainer = fast_trainer(
-        tmp_path, callbacks=[QuantizeOnFit("int8_dynamic", save_path=tmp_path / "int8.ckpt"), checkpoints], enable_checkpointing=True
+        tmp_path,
+        callbacks=[QuantizeOnFit("int8_dynamic", save_path=tmp_path / "int8.ckpt"), checkpoints],
+        enable_checkpointing=True,
     )
     trainer.fit(model, digits)
 
@@ -594,7 +603,7 @@ def test_checkpoints_before_quantization_resume_and_the_saved_quantized_model_lo
     crafted = torch.load(tmp_path / "int8.ckpt", weights_only=True)
     crafted["extra"] = Path("not plain data")  # what a tampered file could carry
     torch.save(crafted, tmp_path / "crafted.ckpt")
-    with pytest.raises(UnsafeCheckpointError, match="checkpoint_path=.*crafted.ckpt"):
+    with pytest.raises(UnsafeCheckpointError, match=r"checkpoint_path=.*crafted.ckpt"):
         load_compressed(DigitsClassifier, tmp_path / "crafted.ckpt")
 
 
@@ -733,13 +742,16 @@ def test_a_failed_save_of_the_quantized_model_puts_the_trained_model_back_and_sa
 ):
     model, before = tiny_classifier(), BeforeQuantizing()
     callback = QuantizeOnFit(
-        "int8_dynamic", save_path=tmp_path / "int8.ckpt", save_fp32_path=tmp_path / "fp32.ckpt",
-        qat_start_epoch=0 if qat else None
+        "int8_dynamic",
+        save_path=tmp_path / "int8.ckpt",
+        save_fp32_path=tmp_path / "fp32.ckpt",
+        qat_start_epoch=0 if qat else None,
     )
     trainer = fast_trainer(tmp_path, callbacks=[before, callback], limit_train_batches=2)
     _failing_save(monkeypatch, trainer, tmp_path / "int8.ckpt")
     with pytest.raises(
-        RuntimeError, match=r"save_path='.*int8.ckpt' failed \(OSError.*No space.*full precision.*save_fp32_path='.*fp32"
+        RuntimeError,
+        match=r"save_path='.*int8.ckpt' failed \(OSError.*No space.*full precision.*save_fp32_path='.*fp32",
     ):
         trainer.fit(model, digits)
     before.assert_unchanged(model)
@@ -783,11 +795,17 @@ def test_a_directory_as_save_path_is_refused_before_training_naming_the_argument
 def test_resuming_qat_with_the_same_arguments_or_before_qat_started_is_allowed(tmp_path, tiny_classifier, digits):
     checkpoints = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
     callback = QuantizeOnFit("int8_dynamic", qat_start_epoch=1, skip="head")
-    fast_trainer(tmp_path, callbacks=[callback, checkpoints], max_epochs=2, limit_train_batches=1,
-                 enable_checkpointing=True).fit(tiny_classifier(), digits)
+    fast_trainer(
+        tmp_path, callbacks=[callback, checkpoints], max_epochs=2, limit_train_batches=1, enable_checkpointing=True
+    ).fit(tiny_classifier(), digits)
     saved = torch.load(tmp_path / "epoch=1.ckpt", weights_only=True)["callbacks"]["QuantizeOnFit"]
-    assert saved == {"config": "int8_dynamic", "qat_start_epoch": 1, "skip": ["head"], "skip_callable": False,
-                     "qat_active": True}
+    assert saved == {
+        "config": "int8_dynamic",
+        "qat_start_epoch": 1,
+        "skip": ["head"],
+        "skip_callable": False,
+        "qat_active": True,
+    }
     # before QAT started anything may change; in QAT, the same arguments resume
     for ckpt, kwargs in (("epoch=0.ckpt", dict(config="int8_weight_only")), ("epoch=1.ckpt", dict(skip=["head"]))):
         arguments = {"config": "int8_dynamic", "qat_start_epoch": 1, "skip": "head", **kwargs}
@@ -795,10 +813,9 @@ def test_resuming_qat_with_the_same_arguments_or_before_qat_started_is_allowed(t
         resumed.fit(tiny_classifier(), digits, ckpt_path=tmp_path / ckpt)
         assert resumed.current_epoch == 3
     with pytest.raises(ValueError, match=r"skip=\['blocks.0.\*'\], but the checkpoint .* skip=\['head'\]"):
-        fast_trainer(tmp_path, callbacks=[QuantizeOnFit("int8_dynamic", qat_start_epoch=1, skip="blocks.0.*")],
-                     max_epochs=3).fit(
-            tiny_classifier(), digits, ckpt_path=tmp_path / "epoch=1.ckpt"
-        )
+        fast_trainer(
+            tmp_path, callbacks=[QuantizeOnFit("int8_dynamic", qat_start_epoch=1, skip="blocks.0.*")], max_epochs=3
+        ).fit(tiny_classifier(), digits, ckpt_path=tmp_path / "epoch=1.ckpt")
 
 
 def test_int8_static_x86_calibrates_a_model_left_in_eval_mode(tmp_path, tiny_classifier, digits):
@@ -811,4 +828,5 @@ def test_int8_static_x86_calibrates_a_model_left_in_eval_mode(tmp_path, tiny_cla
     trainer.fit(model, digits)
     assert callback.summary is not None and callback.summary["quantized"]
     assert {type(m) for m in model.model.modules() if isinstance(m, (nn.Linear, X86Int8StaticLinear))} == {
-        X86Int8StaticLinear}
+        X86Int8StaticLinear
+    }

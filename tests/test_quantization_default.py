@@ -41,8 +41,9 @@ def test_cpu_default_follows_what_the_hardware_reports(monkeypatch, int8_dot, bf
     assert choice.reason and ("VNNI" in choice.reason) == int8_dot
 
 
-@pytest.mark.parametrize(("capability", "config"), [((9, 0), "float8_dynamic"), ((8, 9), "float8_dynamic"),
-                                                     ((8, 0), "int8_dynamic")])
+@pytest.mark.parametrize(
+    ("capability", "config"), [((9, 0), "float8_dynamic"), ((8, 9), "float8_dynamic"), ((8, 0), "int8_dynamic")]
+)
 def test_cuda_default_is_float8_where_the_gpu_has_it_else_int8(monkeypatch, capability, config):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     choice = default_quantization(torch.device("cuda", 0))

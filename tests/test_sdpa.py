@@ -14,7 +14,11 @@ from lightning_vitcompress.functional.x86_int8 import cpu_supports_bfloat16, run
 def _qkv(batch: int = 2, heads: int = 3, queries: int = 17, keys: int = 17, width: int = 8, kv_heads: int = 0):
     torch.manual_seed(0)
     kv = kv_heads or heads
-    return torch.randn(batch, heads, queries, width), torch.randn(batch, kv, keys, width), torch.randn(batch, kv, keys, width)
+    return (
+        torch.randn(batch, heads, queries, width),
+        torch.randn(batch, kv, keys, width),
+        torch.randn(batch, kv, keys, width),
+    )
 
 
 @pytest.mark.parametrize(
@@ -33,7 +37,9 @@ def test_decomposed_attention_matches_the_fused_kernel(kwargs):
     mask = kwargs.get("attn_mask")
     if mask is not None and mask.dtype == torch.bool:
         mask[:, 0] = True  # no fully masked row: both sides would return NaN there
-    torch.testing.assert_close(decomposed_attention(q, k, v, **kwargs), F.scaled_dot_product_attention(q, k, v, **kwargs))
+    torch.testing.assert_close(
+        decomposed_attention(q, k, v, **kwargs), F.scaled_dot_product_attention(q, k, v, **kwargs)
+    )
 
 
 def test_decomposed_attention_handles_cross_attention_and_grouped_heads():
@@ -123,8 +129,11 @@ def _compiled_calls(compile_model) -> str:
 def test_compile_frozen_decomposes_attention_unless_told_not_to(decompose):
     from lightning_vitcompress.functional import compile_frozen
 
-    calls = _compiled_calls(lambda module, backend: compile_frozen(
-        module, autocast_dtype=torch.bfloat16, decompose_attention=decompose, backend=backend))
+    calls = _compiled_calls(
+        lambda module, backend: compile_frozen(
+            module, autocast_dtype=torch.bfloat16, decompose_attention=decompose, backend=backend
+        )
+    )
     assert ("scaled_dot_product_attention" in calls) is not decompose, calls
 
 
@@ -134,6 +143,9 @@ def test_quantize_on_fit_passes_decompose_attention_to_the_x86_compile():
 
     compile = QuantizeOnFit("int8_static_x86", compile={"decompose_attention": False}).compile
     # the callback's compile step: spec.compile(model, precision, **compile)
-    calls = _compiled_calls(lambda module, backend: QUANTIZATION_CONFIGS["int8_static_x86"].compile(
-        module, "bf16-mixed", **compile, backend=backend))
+    calls = _compiled_calls(
+        lambda module, backend: QUANTIZATION_CONFIGS["int8_static_x86"].compile(
+            module, "bf16-mixed", **compile, backend=backend
+        )
+    )
     assert "scaled_dot_product_attention" in calls, calls

@@ -41,9 +41,21 @@ def _post(port: int, body: bytes) -> tuple[int, dict]:
 def server(served):
     port = _free_port()
     process = subprocess.Popen(
-        [sys.executable, str(SERVE / "server.py"), str(served["folder"] / "vit.pt2"), "--port", str(port),
-         "--max-batch-size", "4", "--batch-timeout", "0.05", "--max-payload-bytes", "20000"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            str(SERVE / "server.py"),
+            str(served["folder"] / "vit.pt2"),
+            "--port",
+            str(port),
+            "--max-batch-size",
+            "4",
+            "--batch-timeout",
+            "0.05",
+            "--max-payload-bytes",
+            "20000",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     deadline = time.monotonic() + 90
     while True:

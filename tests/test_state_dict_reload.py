@@ -7,8 +7,9 @@ must load into a fresh ``DigitsClassifier`` with the trained outputs.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import lightning as L
 import pytest
@@ -38,7 +39,10 @@ def _train(tmp_path: Path, digits: Any, callback: L.Callback) -> tuple[DigitsCla
     model = DigitsClassifier(**TINY)
     weights_only = ModelCheckpoint(dirpath=tmp_path, filename="weights", save_weights_only=True)
     trainer = fast_trainer(
-        tmp_path, callbacks=[callback, weights_only], enable_checkpointing=True, limit_train_batches=2,
+        tmp_path,
+        callbacks=[callback, weights_only],
+        enable_checkpointing=True,
+        limit_train_batches=2,
         limit_val_batches=1,
     )
     trainer.fit(model, digits)
@@ -118,7 +122,7 @@ def test_torchao_and_static_x86_models_reload_from_torch_files(form, int8_dynami
     for trained, checkpoint in (int8_dynamic, int8_static_x86):
         loaded = _assert_loads_with_trained_outputs(trained, _save(trained, checkpoint, form, tmp_path), images)
         fc1 = loaded.model.blocks[0].mlp.fc1
-        assert type(getattr(fc1, "weight")) is not torch.Tensor or fc1.weight.dtype == torch.int8
+        assert type(fc1.weight) is not torch.Tensor or fc1.weight.dtype == torch.int8
     static_fc1 = loaded.model.blocks[0].mlp.fc1
     assert static_fc1.input_scale == int8_static_x86[0].model.blocks[0].mlp.fc1.input_scale
 
@@ -129,8 +133,11 @@ def test_safetensors_refuses_torchao_weights_and_static_scales_with_a_clear_erro
     # safetensors holds plain tensors only: torchao's subclasses and the static layers' (dict) extra state
     # cannot go there (safetensors itself says "invalid python storage"); torch.save files do (above)
     for (trained, _), kind in ((int8_dynamic, r"Int8Tensor|AffineQuantizedTensor"), (int8_static_x86, "dict")):
-        with pytest.raises(TypeError, match=rf"model\.blocks\.0\..* is a ({kind}), which safetensors cannot hold.*"
-                                            r"torch\.save"):
+        with pytest.raises(
+            TypeError,
+            match=rf"model\.blocks\.0\..* is a ({kind}), which safetensors cannot hold.*"
+            r"torch\.save",
+        ):
             save_safetensors(trained, tmp_path / "model.safetensors")
 
 
@@ -139,10 +146,14 @@ def test_records_that_disagree_with_the_weights_name_the_module(pruned, tmp_path
     records = copy.deepcopy(recorded_edits(trained))
     records[0]["modules"]["blocks.0.mlp.fc1"]["tensors"]["weight"][0] = 60
     path = tmp_path / "full.ckpt"
-    torch.save({"state_dict": trained.state_dict(), "hyper_parameters": dict(trained.hparams), STRUCTURE_KEY: records},
-               path)
-    with pytest.raises(StructureMismatchError, match=r"records disagree.*model\.blocks\.0\.mlp\.fc1 \(weight\): "
-                                                     r"rebuilt \[60, 16\], saved \[64, 16\]$"):
+    torch.save(
+        {"state_dict": trained.state_dict(), "hyper_parameters": dict(trained.hparams), STRUCTURE_KEY: records}, path
+    )
+    with pytest.raises(
+        StructureMismatchError,
+        match=r"records disagree.*model\.blocks\.0\.mlp\.fc1 \(weight\): "
+        r"rebuilt \[60, 16\], saved \[64, 16\]$",
+    ):
         load_compressed(DigitsClassifier, path)
 
 
@@ -150,15 +161,21 @@ def test_head_count_that_shapes_cannot_tell_is_an_error_asking_for_the_records(p
     trained, _ = pruned
     path = tmp_path / "old.pt"
     torch.save({k: v for k, v in trained.state_dict().items() if not k.endswith(HEADS_BUFFER)}, path)
-    with pytest.raises(StructureMismatchError, match=r"model\.blocks\.0\.attn: .*16 wide.*fits 2 heads of 8 or 4 "
-                                                     r"heads of 4.*structure records"):
+    with pytest.raises(
+        StructureMismatchError,
+        match=r"model\.blocks\.0\.attn: .*16 wide.*fits 2 heads of 8 or 4 "
+        r"heads of 4.*structure records",
+    ):
         load_compressed(DigitsClassifier, path, **TINY)
 
 
 @pytest.mark.parametrize(
     "source, match",
     [
-        (lambda: DigitsClassifier(**{**TINY, "embed_dim": 48}).state_dict(), r"model\.cls_token: saved with shape \[1, 1, 48\].*at model is built.*only narrows"),
+        (
+            lambda: DigitsClassifier(**{**TINY, "embed_dim": 48}).state_dict(),
+            r"model\.cls_token: saved with shape \[1, 1, 48\].*at model is built.*only narrows",
+        ),
         (lambda: DigitsClassifier(**{**TINY, "depth": 3}).state_dict(), r"unexpected model\.blocks\.2\."),
         (lambda: torch.nn.Linear(4, 2).state_dict(), r"none of its keys \(bias, weight\)"),
     ],

@@ -30,7 +30,7 @@ def _sharded_strategies() -> list:
         return strategies
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
-    return strategies + [DeepSpeedStrategy()]
+    return [*strategies, DeepSpeedStrategy()]
 
 
 @pytest.mark.parametrize("strategy", _sharded_strategies(), ids=lambda s: type(s).__name__)

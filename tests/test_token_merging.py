@@ -49,7 +49,7 @@ def test_class_tokens_are_never_merged_and_sizes_sum_to_the_input_length():
     torch.manual_seed(0)
     prefix, patches = 2, 15
     x = torch.randn(3, prefix + patches, 8)
-    x[:, :prefix] = x[:, prefix:prefix + 1]  # prefix tokens identical to a patch token: the best matches there are
+    x[:, :prefix] = x[:, prefix : prefix + 1]  # prefix tokens identical to a patch token: the best matches there are
     size = None
     tokens = x
     for r in (4, 3, 3):
@@ -142,9 +142,14 @@ def test_merging_mid_fit_resumes_and_loads_from_the_record(tmp_path, tiny_classi
     merging = dict(r=[6, 10], start_epoch=1)
     short = dict(limit_train_batches=2, limit_val_batches=1)
     first = fast_trainer(
-        tmp_path, callbacks=[TokenMerging(**merging), ModelCheckpoint(dirpath=tmp_path, save_last=True,
-                                                                      save_top_k=-1, every_n_epochs=1)],
-        max_epochs=2, enable_checkpointing=True, **short,
+        tmp_path,
+        callbacks=[
+            TokenMerging(**merging),
+            ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=-1, every_n_epochs=1),
+        ],
+        max_epochs=2,
+        enable_checkpointing=True,
+        **short,
     )
     model = tiny_classifier()
     first.fit(model, digits)
@@ -165,11 +170,14 @@ def test_merging_mid_fit_resumes_and_loads_from_the_record(tmp_path, tiny_classi
     early = next(p for p in tmp_path.glob("epoch=0*.ckpt"))
     assert STRUCTURE_KEY not in read_checkpoint(early) or not read_checkpoint(early)[STRUCTURE_KEY]
     again = tiny_classifier()
-    fast_trainer(tmp_path, callbacks=[TokenMerging(**merging)], max_epochs=2, **short).fit(again, digits, ckpt_path=early)
+    fast_trainer(tmp_path, callbacks=[TokenMerging(**merging)], max_epochs=2, **short).fit(
+        again, digits, ckpt_path=early
+    )
     assert len(recorded_edits(again)) == 1 and merged_token_counts(again.model) == [59, 49]
     with pytest.raises(ValueError, match=r"r=\[6, 9\].*was r=\[6, 10\]"):
         fast_trainer(tmp_path, callbacks=[TokenMerging(r=[6, 9], start_epoch=1)], max_epochs=3).fit(
-            tiny_classifier(), digits, ckpt_path=tmp_path / "last.ckpt")
+            tiny_classifier(), digits, ckpt_path=tmp_path / "last.ckpt"
+        )
 
 
 def test_ddp_two_processes_merge_in_lock_step(tmp_path):
@@ -215,12 +223,24 @@ def test_all_six_callbacks_give_the_same_result_in_two_list_orders(tmp_path, tin
             NystromSwap(num_landmarks=16, swap_epoch=1),
             TokenMerging(r=8, start_epoch=1),
             QuantizeOnFit("int8_dynamic"),
-            BenchmarkCallback(batch_size=8, rounds=1, min_run_time=0.01, latency_repeats=2, accuracy_batches=1,
-                              plot=False, output_dir=tmp_path / order),
+            BenchmarkCallback(
+                batch_size=8,
+                rounds=1,
+                min_run_time=0.01,
+                latency_repeats=2,
+                accuracy_batches=1,
+                plot=False,
+                output_dir=tmp_path / order,
+            ),
         ]
         model = tiny_classifier()
-        fast_trainer(tmp_path / order, callbacks=callbacks if order == "forward" else callbacks[::-1],
-                     max_epochs=2, limit_train_batches=2, limit_val_batches=1).fit(model, digits)
+        fast_trainer(
+            tmp_path / order,
+            callbacks=callbacks if order == "forward" else callbacks[::-1],
+            max_epochs=2,
+            limit_train_batches=2,
+            limit_val_batches=1,
+        ).fit(model, digits)
         bench = next(cb for cb in callbacks if isinstance(cb, BenchmarkCallback))
         shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
         results.append((shapes, bench.report))

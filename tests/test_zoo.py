@@ -78,8 +78,9 @@ def test_pruned_and_int8_fit_resumes_and_reloads(tmp_path, digits, family):
     module = ZooClassifier(family)
     params = sum(p.numel() for p in module.parameters())
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    trainer = fast_trainer(tmp_path, callbacks=[*callbacks(), saver], limit_train_batches=2, limit_val_batches=0,
-                           enable_checkpointing=True)
+    trainer = fast_trainer(
+        tmp_path, callbacks=[*callbacks(), saver], limit_train_batches=2, limit_val_batches=0, enable_checkpointing=True
+    )
     trainer.fit(module, digits)
     trainer.save_checkpoint(tmp_path / "final.ckpt")
     assert sum(p.numel() for p in module.parameters()) < params
@@ -97,7 +98,15 @@ def test_pruned_and_int8_fit_resumes_and_reloads(tmp_path, digits, family):
 
 def test_a_headless_backbone_prunes_to_narrower_features():
     """num_classes=0: the output is the embedding, so pruning narrows it (not a broken model)."""
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8,
-                            embed_dim=32, depth=2, num_heads=4).eval()
+    vit = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        num_classes=0,
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=4,
+    ).eval()
     prune_vit(vit, 0.5, torch.rand(1, 3, 32, 32))
     assert vit(torch.rand(2, 3, 32, 32)).shape == (2, 16)

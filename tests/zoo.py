@@ -21,9 +21,10 @@ import io
 import re
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import lightning as L
 import timm
@@ -47,8 +48,9 @@ SCALED = dict(VIT, init_values=1.0)
 def _mvitv2() -> nn.Module:
     from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
 
-    return MultiScaleVit(MultiScaleVitCfg(depths=(1, 1), embed_dim=32, num_heads=1), img_size=(IMAGE, IMAGE),
-                         num_classes=CLASSES)
+    return MultiScaleVit(
+        MultiScaleVitCfg(depths=(1, 1), embed_dim=32, num_heads=1), img_size=(IMAGE, IMAGE), num_classes=CLASSES
+    )
 
 
 def _timm(name: str, **kwargs: Any) -> Callable[[], nn.Module]:
@@ -65,34 +67,59 @@ class Family:
 
 
 #: family key -> tiny model; the rows of the README table, in this order
-ZOO: dict[str, Family] = {f.label: f for f in [
-    Family("ViT", "vit_tiny_patch16_224", _timm("vit_tiny_patch16_224", **VIT)),
-    Family("DeiT distilled", "deit_tiny_distilled_patch16_224", _timm("deit_tiny_distilled_patch16_224", **VIT)),
-    Family("DeiT III", "deit3_small_patch16_224", _timm("deit3_small_patch16_224", **SCALED)),
-    Family("DINOv2", "vit_small_patch14_dinov2", _timm("vit_small_patch14_dinov2", **SCALED)),
-    Family("DINOv2 + registers", "vit_small_patch14_reg4_dinov2", _timm("vit_small_patch14_reg4_dinov2", **SCALED)),
-    Family("CLIP", "vit_base_patch16_clip_224", _timm("vit_base_patch16_clip_224", **VIT)),
-    Family("FlexiViT", "flexivit_small", _timm("flexivit_small", **VIT)),
-    Family("ViT global-avg-pool", "vit_medium_patch16_gap_256", _timm("vit_medium_patch16_gap_256", **VIT)),
-    Family("SigLIP (MAP head)", "vit_base_patch16_siglip_224", _timm("vit_base_patch16_siglip_224", **VIT)),
-    Family("EVA-02", "eva02_tiny_patch14_224", _timm("eva02_tiny_patch14_224", **dict(VIT, mlp_ratio=4 * 2 / 3))),
-    Family("ViT RoPE", "vit_base_patch16_rope_224", _timm("vit_base_patch16_rope_224", **VIT)),
-    Family("BEiT", "beit_base_patch16_224", _timm("beit_base_patch16_224", **SCALED)),
-    Family("CaiT", "cait_xxs24_224", _timm("cait_xxs24_224", **dict(SCALED, depth_token_only=1))),
-    Family("Swin", "swin_tiny_patch4_window7_224", _timm(
-        "swin_tiny_patch4_window7_224", img_size=IMAGE, patch_size=4, window_size=4, embed_dim=32, depths=(2, 2),
-        num_heads=(2, 4))),
-    Family("ViT RelPos", "vit_relpos_small_patch16_224", _timm("vit_relpos_small_patch16_224", **VIT)),
-    Family("XCiT", "xcit_nano_12_p16_224", _timm("xcit_nano_12_p16_224", img_size=IMAGE, patch_size=8, embed_dim=32,
-                                                   depth=2, num_heads=4)),
-    Family("ConViT", "convit_tiny", _timm("convit_tiny", img_size=IMAGE, patch_size=8, embed_dim=8, depth=2,
-                                          num_heads=4, local_up_to_layer=1)),
-    Family("LeViT", "levit_128s", _timm("levit_128s", img_size=IMAGE, embed_dim=(32, 48), key_dim=8,
-                                        num_heads=(2, 3), depth=(1, 1))),
-    Family("PiT", "pit_ti_224", _timm("pit_ti_224", img_size=IMAGE, patch_size=8, stride=4, base_dims=[16, 16],
-                                      depth=[1, 1], heads=[2, 4])),
-    Family("MViTv2", "mvitv2_tiny", _mvitv2),
-]}
+ZOO: dict[str, Family] = {
+    f.label: f
+    for f in [
+        Family("ViT", "vit_tiny_patch16_224", _timm("vit_tiny_patch16_224", **VIT)),
+        Family("DeiT distilled", "deit_tiny_distilled_patch16_224", _timm("deit_tiny_distilled_patch16_224", **VIT)),
+        Family("DeiT III", "deit3_small_patch16_224", _timm("deit3_small_patch16_224", **SCALED)),
+        Family("DINOv2", "vit_small_patch14_dinov2", _timm("vit_small_patch14_dinov2", **SCALED)),
+        Family("DINOv2 + registers", "vit_small_patch14_reg4_dinov2", _timm("vit_small_patch14_reg4_dinov2", **SCALED)),
+        Family("CLIP", "vit_base_patch16_clip_224", _timm("vit_base_patch16_clip_224", **VIT)),
+        Family("FlexiViT", "flexivit_small", _timm("flexivit_small", **VIT)),
+        Family("ViT global-avg-pool", "vit_medium_patch16_gap_256", _timm("vit_medium_patch16_gap_256", **VIT)),
+        Family("SigLIP (MAP head)", "vit_base_patch16_siglip_224", _timm("vit_base_patch16_siglip_224", **VIT)),
+        Family("EVA-02", "eva02_tiny_patch14_224", _timm("eva02_tiny_patch14_224", **dict(VIT, mlp_ratio=4 * 2 / 3))),
+        Family("ViT RoPE", "vit_base_patch16_rope_224", _timm("vit_base_patch16_rope_224", **VIT)),
+        Family("BEiT", "beit_base_patch16_224", _timm("beit_base_patch16_224", **SCALED)),
+        Family("CaiT", "cait_xxs24_224", _timm("cait_xxs24_224", **dict(SCALED, depth_token_only=1))),
+        Family(
+            "Swin",
+            "swin_tiny_patch4_window7_224",
+            _timm(
+                "swin_tiny_patch4_window7_224",
+                img_size=IMAGE,
+                patch_size=4,
+                window_size=4,
+                embed_dim=32,
+                depths=(2, 2),
+                num_heads=(2, 4),
+            ),
+        ),
+        Family("ViT RelPos", "vit_relpos_small_patch16_224", _timm("vit_relpos_small_patch16_224", **VIT)),
+        Family(
+            "XCiT",
+            "xcit_nano_12_p16_224",
+            _timm("xcit_nano_12_p16_224", img_size=IMAGE, patch_size=8, embed_dim=32, depth=2, num_heads=4),
+        ),
+        Family(
+            "ConViT",
+            "convit_tiny",
+            _timm("convit_tiny", img_size=IMAGE, patch_size=8, embed_dim=8, depth=2, num_heads=4, local_up_to_layer=1),
+        ),
+        Family(
+            "LeViT",
+            "levit_128s",
+            _timm("levit_128s", img_size=IMAGE, embed_dim=(32, 48), key_dim=8, num_heads=(2, 3), depth=(1, 1)),
+        ),
+        Family(
+            "PiT",
+            "pit_ti_224",
+            _timm("pit_ti_224", img_size=IMAGE, patch_size=8, stride=4, base_dims=[16, 16], depth=[1, 1], heads=[2, 4]),
+        ),
+        Family("MViTv2", "mvitv2_tiny", _mvitv2),
+    ]
+}
 
 
 def build(family: str, seed: int = 0) -> nn.Module:
@@ -207,16 +234,18 @@ def run_cell(family: str, technique: str) -> Cell:
             if not _clear(err, model):
                 raise CellFailure(f"{family} / {technique}: unclear refusal {type(err).__name__}: {err}") from err
             return Cell(False, str(err))
-        except Exception as err:  # noqa: BLE001 - the point is to report it
+        except Exception as err:
             raise CellFailure(f"{family} / {technique}: crashed with {type(err).__name__}: {err}") from err
         try:
             with torch.no_grad():
                 output = logits_of(lit.eval()(IMAGES))
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             raise CellFailure(f"{family} / {technique}: broken model ({type(err).__name__}: {err})") from err
         if output.shape != reference.shape or not torch.isfinite(output).all():
-            raise CellFailure(f"{family} / {technique}: output {tuple(output.shape)} finite="
-                              f"{bool(torch.isfinite(output).all())}, expected {tuple(reference.shape)}")
+            raise CellFailure(
+                f"{family} / {technique}: output {tuple(output.shape)} finite="
+                f"{bool(torch.isfinite(output).all())}, expected {tuple(reference.shape)}"
+            )
         buffer = io.BytesIO()
         torch.save(lit.state_dict(), buffer)
         try:
@@ -224,7 +253,7 @@ def run_cell(family: str, technique: str) -> Cell:
             redo(loaded.model)
             with torch.no_grad():
                 again = logits_of(loaded(IMAGES))
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             raise CellFailure(f"{family} / {technique}: does not reload ({type(err).__name__}: {err})") from err
     if not torch.allclose(again, output, rtol=1e-4, atol=1e-5):
         raise CellFailure(f"{family} / {technique}: reloaded output differs by {(again - output).abs().max():.2e}")
@@ -252,8 +281,11 @@ def _short(why: str) -> str:
 
 def table_row(family: str, cells: dict[str, Cell]) -> str:
     """The table's row of ``family`` from its cells (``technique -> Cell``)."""
-    return (f"| {family} | `{ZOO[family].timm_name}` | "
-            + " | ".join("works" if c.works else f"refused: {_short(c.why)}" for c in cells.values()) + " |")
+    return (
+        f"| {family} | `{ZOO[family].timm_name}` | "
+        + " | ".join("works" if c.works else f"refused: {_short(c.why)}" for c in cells.values())
+        + " |"
+    )
 
 
 def family_table(cells: dict[tuple[str, str], Cell]) -> str:

@@ -68,8 +68,11 @@ def build_artifacts(folder: Path) -> dict[str, Path]:
 
 def start_server(path: Path, port: int, threads: int, timeout: float = 120.0) -> subprocess.Popen:
     """``server.py path`` on localhost:port, once /health answers 200."""
-    process = subprocess.Popen([sys.executable, str(HERE / "server.py"), str(path), "--port", str(port),
-                                "--threads", str(threads)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [sys.executable, str(HERE / "server.py"), str(path), "--port", str(port), "--threads", str(threads)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -125,8 +128,14 @@ def drive(port: int, bodies: list[bytes], clients: int, seconds: float) -> dict[
         thread.join()
     elapsed = time.monotonic() - began
     ms = np.array(latencies) * 1000 if latencies else np.array([float("nan")])
-    return {"requests": len(latencies), "failed": failed[0], "per_s": len(latencies) / elapsed,
-            "p50": float(np.percentile(ms, 50)), "p95": float(np.percentile(ms, 95)), "p99": float(np.percentile(ms, 99))}
+    return {
+        "requests": len(latencies),
+        "failed": failed[0],
+        "per_s": len(latencies) / elapsed,
+        "p50": float(np.percentile(ms, 50)),
+        "p95": float(np.percentile(ms, 95)),
+        "p99": float(np.percentile(ms, 99)),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -151,13 +160,17 @@ def main(argv: list[str] | None = None) -> None:
                 server.terminate()
                 server.wait(timeout=30)
     base = rows["fp32 .pt2"]["per_s"]
-    print(f"\nLitServe, {args.clients} clients x {args.seconds:g} s per variant, 1 worker with {args.threads} "
-          f"thread(s), max batch 8; CPU: {cpu_name()}; small ViT (192 wide, 6 blocks, 32x32, 65 tokens)\n")
+    print(
+        f"\nLitServe, {args.clients} clients x {args.seconds:g} s per variant, 1 worker with {args.threads} "
+        f"thread(s), max batch 8; CPU: {cpu_name()}; small ViT (192 wide, 6 blocks, 32x32, 65 tokens)\n"
+    )
     print("| artifact | requests | failed | requests/s | vs fp32 | p50 (ms) | p95 (ms) | p99 (ms) |")
     print("|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
-        print(f"| {name} | {r['requests']} | {r['failed']} | {r['per_s']:.1f} | {r['per_s'] / base:.2f}x | "
-              f"{r['p50']:.1f} | {r['p95']:.1f} | {r['p99']:.1f} |")
+        print(
+            f"| {name} | {r['requests']} | {r['failed']} | {r['per_s']:.1f} | {r['per_s'] / base:.2f}x | "
+            f"{r['p50']:.1f} | {r['p95']:.1f} | {r['p99']:.1f} |"
+        )
     if any(r["failed"] for r in rows.values()):
         sys.exit("some requests failed")
 

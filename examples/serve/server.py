@@ -16,7 +16,6 @@ string that is not base64, bytes that are not an image, or an image of another s
 413 for a body over ``--max-payload-bytes``. The server keeps serving.
 """
 
-
 import argparse
 import base64
 import binascii
@@ -43,7 +42,7 @@ class ImageRequest(BaseModel):
     _pixels: Optional[np.ndarray] = PrivateAttr(default=None)
 
     @model_validator(mode="after")
-    def _decode(self) -> "ImageRequest":  # noqa: D401
+    def _decode(self) -> "ImageRequest":
         channels, height, width = self.input_shape
         try:
             data = base64.b64decode(self.image, validate=True)
@@ -52,8 +51,10 @@ class ImageRequest(BaseModel):
         try:
             with Image.open(io.BytesIO(data)) as image:
                 if image.size != (width, height):  # read from the header, before decoding any pixel
-                    raise ValueError(f"the image is {image.size[0]}x{image.size[1]} pixels; this model takes "
-                                     f"{width}x{height}: resize it before sending")
+                    raise ValueError(
+                        f"the image is {image.size[0]}x{image.size[1]} pixels; this model takes "
+                        f"{width}x{height}: resize it before sending"
+                    )
                 pixels = np.asarray(image.convert("RGB" if channels == 3 else "L"), dtype=np.uint8)
         except (UnidentifiedImageError, OSError) as err:
             raise ValueError(f"'image' is not a PNG/JPEG image ({type(err).__name__}: {err})") from None
@@ -104,8 +105,15 @@ def load_runner(path: str, num_threads: int) -> Any:
 class ArtifactAPI(ls.LitAPI):
     """Classifies the images of a batch of requests with one call of the exported model."""
 
-    def __init__(self, path: str, mean: float = 0.5, std: float = 0.5, num_threads: int = 1,
-                 max_batch_size: int = 8, batch_timeout: float = 0.005) -> None:
+    def __init__(
+        self,
+        path: str,
+        mean: float = 0.5,
+        std: float = 0.5,
+        num_threads: int = 1,
+        max_batch_size: int = 8,
+        batch_timeout: float = 0.005,
+    ) -> None:
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout)
         self.path, self.mean, self.std, self.num_threads = path, mean, std, num_threads
 
@@ -128,9 +136,18 @@ class ArtifactAPI(ls.LitAPI):
         return {"class": int(np.argmax(logits)), "logits": [float(v) for v in logits]}
 
 
-def build_server(path: str, input_shape: tuple[int, int, int] = (3, 32, 32), *, mean: float = 0.5,
-                 std: float = 0.5, num_threads: int = 1, max_batch_size: int = 8, batch_timeout: float = 0.005,
-                 max_payload_bytes: int = MAX_PAYLOAD_BYTES, timeout: float = 30.0) -> ls.LitServer:
+def build_server(
+    path: str,
+    input_shape: tuple[int, int, int] = (3, 32, 32),
+    *,
+    mean: float = 0.5,
+    std: float = 0.5,
+    num_threads: int = 1,
+    max_batch_size: int = 8,
+    batch_timeout: float = 0.005,
+    max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+    timeout: float = 30.0,
+) -> ls.LitServer:
     """A LitServer for the artifact at ``path`` (one CPU worker; requests are checked against ``input_shape``)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such artifact; export one with ExportOnFit('vit.pt2') first.")
@@ -138,8 +155,9 @@ def build_server(path: str, input_shape: tuple[int, int, int] = (3, 32, 32), *, 
         raise ValueError(f"{path}: serve a .pt2 (AOTInductor) or an OpenVINO .xml file.")
     ImageRequest.input_shape = tuple(input_shape)  # type: ignore[assignment] - read by the forked API server
     api = ArtifactAPI(path, mean, std, num_threads, max_batch_size, batch_timeout)
-    return ls.LitServer(api, accelerator="cpu", devices=1, workers_per_device=1, timeout=timeout,
-                        max_payload_size=max_payload_bytes)
+    return ls.LitServer(
+        api, accelerator="cpu", devices=1, workers_per_device=1, timeout=timeout, max_payload_size=max_payload_bytes
+    )
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -154,9 +172,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--batch-timeout", type=float, default=0.005, help="seconds to wait to fill a batch")
     parser.add_argument("--max-payload-bytes", type=int, default=MAX_PAYLOAD_BYTES)
     args = parser.parse_args(argv)
-    server = build_server(args.artifact, tuple(args.input_shape), mean=args.mean, std=args.std,
-                          num_threads=args.threads, max_batch_size=args.max_batch_size,
-                          batch_timeout=args.batch_timeout, max_payload_bytes=args.max_payload_bytes)
+    server = build_server(
+        args.artifact,
+        tuple(args.input_shape),
+        mean=args.mean,
+        std=args.std,
+        num_threads=args.threads,
+        max_batch_size=args.max_batch_size,
+        batch_timeout=args.batch_timeout,
+        max_payload_bytes=args.max_payload_bytes,
+    )
     server.run(host="127.0.0.1", port=args.port, num_api_servers=1, generate_client_file=False, log_level="warning")
 
 
