@@ -291,8 +291,9 @@ def build_from_checkpoint(
         vit.load_state_dict({k[len(added_prefix) :]: v for k, v in state_dict.items()}, strict=strict, assign=True)
     else:
         pl_module.load_state_dict(state_dict, strict=strict, assign=True)
-    if lightning and callable(getattr(pl_module, "on_load_checkpoint", None)):  # a LightningModule's own hook
-        pl_module.on_load_checkpoint(checkpoint)
+    hook = getattr(pl_module, "on_load_checkpoint", None)
+    if lightning and callable(hook):  # a LightningModule's own hook
+        hook(checkpoint)
     return pl_module.eval()
 
 

@@ -245,15 +245,18 @@ def teacher_forward(
         x = inputs
         if callable(input_adapter):
             x = input_adapter(x)
-        elif input_adapter is not None and tuple(x.shape[-2:]) != tuple(input_adapter):
-            x = F.interpolate(x, size=input_adapter, mode="bilinear", align_corners=False)
+        elif input_adapter is not None:
+            size = (input_adapter, input_adapter) if isinstance(input_adapter, int) else input_adapter
+            if tuple(x.shape[-2:]) != tuple(size):
+                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         reference = next(iter(teacher.parameters()), None)
         if reference is not None and reference.is_floating_point() and x.is_floating_point():
             x = x.to(reference.dtype)
         if precision is None:
             output = teacher(x)
         else:
-            dtype = _TEACHER_DTYPES[check_teacher_precision(precision)]
+            check_teacher_precision(precision)  # raises for a name _TEACHER_DTYPES lacks
+            dtype = _TEACHER_DTYPES[precision]
             with torch.autocast(x.device.type, dtype=dtype, enabled=precision != "fp32"):
                 output = teacher(x)
         try:  # a tensor; a tuple (first output: a distilled timm teacher in eval averages); `.logits` (transformers)

@@ -304,11 +304,13 @@ def export_compressed(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model={type(model).__name__}: pass the nn.Module to export (e.g. a timm ViT).")
-    path = check_path(path, "path")
-    assert path is not None
+    target = check_path(path, "path")
+    assert target is not None  # path is required (not Optional); check_path returns None only for None
     if config is None:
         if "format" not in options:
-            options["format"] = next((name for name, suffix in ARTIFACT_FORMATS.items() if path.suffix == suffix), "pt2")
+            options["format"] = next(
+                (name for name, suffix in ARTIFACT_FORMATS.items() if target.suffix == suffix), "pt2"
+            )
         config = ExportConfig(**options)
     elif options:
         raise ValueError(f"export_compressed(config=..., {', '.join(options)}=...): pass the options in config only.")
@@ -319,11 +321,11 @@ def export_compressed(
             f"example_input={shown}: pass a real batch of images (batch, channels, height, width), e.g. the first "
             "validation batch; its image size is the exported file's."
         )
-    check_output_file(path, "path")
+    check_output_file(target, "path")
     config.check_environment()
-    if config.format == "openvino" and path.suffix != ".xml":
-        raise ValueError(f"path={str(path)!r} with format='openvino': an OpenVINO IR is an .xml file (its weights go "
-                         f"to the .bin beside it). Pass e.g. {str(path.with_suffix('.xml'))!r}.")
+    if config.format == "openvino" and target.suffix != ".xml":
+        raise ValueError(f"path={str(target)!r} with format='openvino': an OpenVINO IR is an .xml file (its weights go "
+                         f"to the .bin beside it). Pass e.g. {str(target.with_suffix('.xml'))!r}.")
     if calibration_data is not None and config.quantize is None:
         raise ValueError("calibration_data is for format='openvino', quantize='int8' (NNCF); this export quantizes "
                          "nothing. Drop calibration_data, or pass quantize='int8'.")
@@ -357,8 +359,8 @@ def export_compressed(
         program = None if config.format == "openvino" else _export_program(deployable, example, config.dynamic_batch)
         if program is not None:
             say(next(stages))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial{ARTIFACT_FORMATS[config.format]}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.partial{ARTIFACT_FORMATS[config.format]}")
         try:
             if config.format == "pt2":
                 assert program is not None
@@ -377,7 +379,7 @@ def export_compressed(
     export_seconds = time.perf_counter() - start
 
     summary: dict[str, Any] = {
-        "path": str(path),
+        "path": str(target),
         "format": config.format,
         "device": str(device),
         "inference_precision": config.precision,
@@ -397,7 +399,7 @@ def export_compressed(
             _remove(partial, config.format)
             raise
         say(next(stages))
-    for written, final in zip(artifact_files(partial, config.format), artifact_files(path, config.format)):
+    for written, final in zip(artifact_files(partial, config.format), artifact_files(target, config.format)):
         os.replace(written, final)
     return summary
 

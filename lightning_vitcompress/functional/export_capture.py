@@ -89,6 +89,7 @@ def _write_onnx(
     try:
         with torch.no_grad():
             onnx_program = torch.onnx.export(program, (example,), **kwargs)
+        assert onnx_program is not None  # dynamo=True returns the ONNXProgram (None is the legacy exporter's)
         onnx_program.save(str(path))
     except Exception as err:  # noqa: BLE001 - reported with the format that works
         what = "its int8 layers" if int8 or _has_quantized_weights(module) else "the model"

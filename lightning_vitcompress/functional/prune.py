@@ -189,7 +189,7 @@ class PruneConfig:
         if all(count == 0 for count in removed.values()):
             raise ValueError(
                 f"{given} removes no channel with round_to={self.round_to}: pass a larger pruning_ratio "
-                f"(at least {self.round_to / max(cut.values()):.3f}) or a smaller round_to."
+                f"(at least {(self.round_to or 1) / max(cut.values()):.3f}) or a smaller round_to."
             )
 
     def fraction_removed(self, original: dict[str, list[int]], model: nn.Module) -> float:
@@ -373,7 +373,7 @@ def prune_vit(
     adapter.prepare_pruning()
     layouts = adapter.layouts()
     residual, mlp_inputs, attention = adapter.residual_layers(), adapter.mlp_input_layers(), _attention_output_layers(adapter)
-    ignored: list[nn.Module] = [
+    ignored: list[Union[nn.Module, nn.Parameter]] = [  # torch-pruning takes modules and parameters
         *(head for _, head in adapter.classifier_heads()), *(get_submodule(model, n) for n in config.ignored_layers),
         *(m for _, pool in adapter.attention_pools() for m in (pool, pool.latent)),  # narrowed after the step
         *(mlp.fc1 for _, mlp in adapter.glu_mlps()),  # torch-pruning misreads their chunk: narrowed after the step
@@ -423,9 +423,9 @@ def prune_vit(
     before = shape_snapshot(model)
     # torch-pruning cannot trace the landmark branch of NystromAttention (it reads its token concat as a
     # channel concat); with landmarks >= tokens the module runs exact attention, whose graph is timm's
-    landmarks = {
-        layout.module: layout.module.num_landmarks
-        for layout in layouts if isinstance(getattr(layout.module, "num_landmarks", None), int)
+    landmarks: dict[Any, int] = {  # Nyström attentions, whose landmark count is set by name
+        layout.module: count
+        for layout in layouts if isinstance(count := getattr(layout.module, "num_landmarks", None), int)
     }
     for attn in landmarks:
         attn.num_landmarks = 2**31

@@ -153,7 +153,8 @@ def keep_encoder_layers_unfused(model: nn.Module) -> None:
     """
     for module in model.modules():
         if getattr(module, "qkv_bias_separate", None) is False and getattr(module, "q_bias", None) is not None:
-            module.qkv_bias_separate = True  # the same function, with qkv called as a module
+            attention: Any = module  # a timm EVA/BEiT attention: the flag is set by name
+            attention.qkv_bias_separate = True  # the same function, with qkv called as a module
         if isinstance(module, nn.TransformerEncoder) and any(
             not isinstance(layer.self_attn, nn.MultiheadAttention) for layer in module.layers
         ):
@@ -267,7 +268,7 @@ def split_attention_to_quantize(model: nn.Module) -> dict[str, nn.Module]:
 
     Returns the swapped-out modules by name (see :func:`restore_multihead_attention`).
     """
-    return split_multihead_attention(model)
+    return dict(split_multihead_attention(model))  # a copy typed as the callers hold it (dict is invariant)
 
 
 def _quantize_split_model(

@@ -88,8 +88,7 @@ def auto_candidates(device: Union[str, torch.device], *, calibration: bool = Tru
         return [
             AutoCandidate(name)
             for name in names
-            if QUANTIZATION_CONFIGS[name].min_capability is None
-            or capability >= QUANTIZATION_CONFIGS[name].min_capability
+            if (needed := QUANTIZATION_CONFIGS[name].min_capability) is None or capability >= needed
         ]
     candidates: list[AutoCandidate] = []
     if _is_x86() and torch.backends.mkldnn.is_available():
@@ -240,9 +239,9 @@ def select_quantization(
         for label in faster:
             if accuracy is not None:
                 say(f"checking the accuracy of {label} on the validation data")
-                trials[label]["accuracy"] = value = accuracy(built[label])
-                if budget is not None and not budget.allows(value):
-                    trials[label]["status"] = f"beyond budget ({budget.describe(value)})"
+                trials[label]["accuracy"] = top1 = accuracy(built[label])
+                if budget is not None and not budget.allows(top1):
+                    trials[label]["status"] = f"beyond budget ({budget.describe(top1)})"
                     continue
             chosen = by_label[label]
             trials[label]["status"] = "chosen"

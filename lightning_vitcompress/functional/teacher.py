@@ -75,6 +75,7 @@ def check_teacher(
     if kind == "timm":
         import timm
 
+        assert isinstance(teacher, str)  # teacher_kind: neither a module nor a path, so a model name
         if not teacher.startswith(_TIMM_SOURCES) and not timm.is_model(teacher):
             close = difflib.get_close_matches(teacher, timm.list_models(), n=5, cutoff=0.6)
             hint = f" Close matches: {close}." if close else " See timm.list_models('<pattern>*')."

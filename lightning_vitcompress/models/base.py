@@ -207,9 +207,10 @@ class ModelAdapter(ABC):
             if isinstance(getattr(module, "relative_position_bias_table", None), nn.Parameter) and callable(
                 getattr(module, "_get_rel_pos_bias", None)
             ):
+                attention: Any = module  # a timm attention: its bias getter is read and shadowed by name
                 with torch.no_grad():
-                    constant = module._get_rel_pos_bias().detach()
-                module._get_rel_pos_bias = lambda constant=constant: constant
+                    constant = attention._get_rel_pos_bias().detach()
+                attention._get_rel_pos_bias = lambda constant=constant: constant
                 shadowed.append(module)
         try:
             yield self.model
@@ -221,14 +222,14 @@ class ModelAdapter(ABC):
         """torch-pruning pruners for module types it should prune as one unit (its ``customized_pruners``)."""
         return {}
 
-    def glu_mlps(self) -> list[tuple[str, nn.Module]]:
+    def glu_mlps(self) -> list[tuple[str, Any]]:  # Any: timm modules, narrowed by name (narrow.py)
         """``(name, module)`` of gated MLPs whose ``fc1`` holds value and gate halves (timm ``GluMlp``, EVA-02's):
         torch-pruning cannot follow the chunk, so pruning narrows them itself (:func:`narrow_glu_mlp`)."""
         from timm.layers import GluMlp
 
         return [(n, m) for n, m in self.model.named_modules() if isinstance(m, GluMlp) and isinstance(m.fc1, nn.Linear)]
 
-    def attention_pools(self) -> list[tuple[str, nn.Module]]:
+    def attention_pools(self) -> list[tuple[str, Any]]:  # Any: timm modules, narrowed by name
         """``(name, module)`` of latent attention pools on the residual stream (SigLIP's MAP head; default: none).
 
         Pruning leaves their outputs (the head's input) alone and narrows their inner width to the
@@ -357,7 +358,7 @@ class ModelAdapter(ABC):
         for layout in self.layouts():
             heads = num_heads.get(layout.name)
             for key in (layout.module, *layout.head_projections):
-                heads = num_heads.get(key, heads)  # type: ignore[call-overload]
+                heads = num_heads.get(key, heads)
             heads = int(heads if heads is not None else layout.num_heads)
             attn_dim = self._attn_dim(layout)
             if attn_dim % heads:
@@ -384,7 +385,7 @@ class ModelAdapter(ABC):
 
     @staticmethod
     def _write_attention(layout: AttentionLayout, heads: int, head_dim: int) -> None:
-        module = layout.module
+        module: Any = layout.module  # a third-party attention: its head-count attributes are rewritten by name
         if layout.kind == "qkv":
             # timm's fused path ignores `scale` (it uses 1/sqrt(head_dim)): reset it, fix_attributes folds the ratio
             module.num_heads, module.head_dim, module.attn_dim = heads, head_dim, heads * head_dim
@@ -420,16 +421,21 @@ class ModelAdapter(ABC):
                 return
             if isinstance(q_norm, nn.Module) and not isinstance(q_norm, nn.Identity):
                 # a parameter-free norm would undo the fold: keep the trained scale on the eager path
-                layout.module.scale = layout.effective_scale * factor
-                layout.module.fused_attn = False
+                attention: Any = layout.module  # a timm attention: its eager-path attributes are set by name
+                attention.scale = layout.effective_scale * factor
+                attention.fused_attn = False
                 return
+            weight: torch.Tensor
+            bias: Optional[torch.Tensor]
             if layout.query is not None:
                 weight, bias, rows = layout.query.weight, layout.query.bias, layout.query.out_features
             elif layout.qkv is not None:
                 weight, bias, rows = layout.qkv.weight, layout.qkv.bias, layout.attn_dim
             else:
+                # neither q/k/v Linears nor a fused qkv: an nn.MultiheadAttention layout, which has in_proj_weight
+                assert layout.in_proj_weight is not None
                 weight, bias, rows = layout.in_proj_weight, layout.in_proj_bias, layout.attn_dim
-            weight[:rows].mul_(factor)  # type: ignore[index]
+            weight[:rows].mul_(factor)
             if bias is not None:
                 bias[:rows].mul_(factor)
 

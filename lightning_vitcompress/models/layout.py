@@ -18,7 +18,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, cast
 
 from timm.layers.attention import Attention as TimmAttention
 from torch import nn
@@ -154,10 +154,12 @@ def read_layout(name: str, module: nn.Module, out_proj: Optional[nn.Linear] = No
                 "it has a fused qkv Linear but no int num_heads attribute (the head count); set "
                 "self.num_heads = <heads> in its __init__, as timm's Attention does"
             )
-        attn_dim = module.qkv.out_features // 3
+        # _is_fused_qkv checked that both are nn.Linear (nn.Module.__getattr__ types them Tensor | Module)
+        qkv, proj = cast(nn.Linear, module.qkv), cast(nn.Linear, module.proj)
+        attn_dim = qkv.out_features // 3
         scale = getattr(module, "scale", None)
         return AttentionLayout(
-            name, module, module.qkv.in_features, heads, attn_dim // heads, module.proj, qkv=module.qkv,
+            name, module, qkv.in_features, heads, attn_dim // heads, proj, qkv=qkv,
             scale=float(scale) if isinstance(scale, (int, float)) else None,
         )
     separate = _separate_qkv(module)

@@ -12,7 +12,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -31,7 +31,9 @@ def is_attention_pool(module: nn.Module) -> bool:
     )
 
 
-def narrow_attention_pool(name: str, pool: nn.Module, width: int) -> None:
+# ``pool`` and ``mlp`` are third-party module trees (timm's AttentionPoolLatent, GluMlp) whose
+# children and attributes are read by name, so they are typed ``Any`` as in the family adapters.
+def narrow_attention_pool(name: str, pool: Any, width: int) -> None:
     """Keep ``width // num_heads`` dims of each head of ``pool``'s q/k/v, by the L2 norm of their weights.
 
     The pool's attention output is reshaped to its input width, so after the embedding is pruned
@@ -60,7 +62,7 @@ def narrow_attention_pool(name: str, pool: nn.Module, width: int) -> None:
         q = pool.q.weight.view(heads, head_dim, -1)
         k, v = pool.kv.weight.view(2, heads, head_dim, -1)
         out = pool.proj.weight.view(-1, heads, head_dim).transpose(0, 1)
-        score = sum(t.pow(2).sum(-1) for t in (q, k, v, out.transpose(1, 2)))  # (heads, head_dim)
+        score = q.pow(2).sum(-1) + k.pow(2).sum(-1) + v.pow(2).sum(-1) + out.transpose(1, 2).pow(2).sum(-1)  # (heads, head_dim)
         kept = score.topk(keep, dim=1).indices.sort(dim=1).values
         rows = (kept + torch.arange(heads, device=kept.device)[:, None] * head_dim).flatten()
         trained = float(getattr(pool, "scale", head_dim**-0.5))
@@ -71,7 +73,7 @@ def narrow_attention_pool(name: str, pool: nn.Module, width: int) -> None:
     pool.head_dim, pool.scale = keep, keep**-0.5
 
 
-def narrow_glu_mlp(mlp: nn.Module, keep: int) -> None:
+def narrow_glu_mlp(mlp: Any, keep: int) -> None:
     """Keep the ``keep`` hidden channels of a gated MLP (``fc1`` = value and gate halves) with the largest
     L2 norm over both halves of ``fc1`` and ``fc2``'s columns; its hidden norm, if any, follows."""
     hidden = mlp.fc2.in_features
