@@ -6,24 +6,29 @@ blocks and their :class:`AttentionLayout`, the prefix tokens, the classifier
 heads, the layers structured pruning acts on, the input shape and the logits,
 and after a structural edit it calls :meth:`ModelAdapter.fix_attributes`.
 
-Example::
+Example (torch-pruning driven by the adapter alone, on a tiny timm ViT)::
 
-    adapter = adapter_for(model)
-    before = sum(p.numel() for p in model.parameters())
-    pruner = torch_pruning.pruner.MetaPruner(
-        model, adapter.example_input(),
-        importance=torch_pruning.importance.MagnitudeImportance(p=2),
-        pruning_ratio=0.5,
-        ignored_layers=[head for _, head in adapter.classifier_heads()],
-        num_heads=adapter.head_groups(),
-        unwrapped_parameters=adapter.unwrapped_parameters(),
-        round_to=adapter.embed_multiple_of(),
-        output_transform=adapter.logits,
-    )
-    for group in pruner.step(interactive=True):
-        group.prune()
-    adapter.fix_attributes(pruner.num_heads)
-    logits = adapter.logits(model(adapter.example_input()))
+    >>> import timm, torch_pruning
+    >>> from lightning_vitcompress.models import adapter_for
+    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10)
+    >>> adapter = adapter_for(model)
+    >>> before = sum(p.numel() for p in model.parameters())
+    >>> pruner = torch_pruning.pruner.MetaPruner(
+    ...     model, adapter.example_input(),
+    ...     importance=torch_pruning.importance.MagnitudeImportance(p=2),
+    ...     pruning_ratio=0.5,
+    ...     ignored_layers=[head for _, head in adapter.classifier_heads()],
+    ...     num_heads=adapter.head_groups(),
+    ...     unwrapped_parameters=adapter.unwrapped_parameters(),
+    ...     round_to=adapter.embed_multiple_of(),
+    ...     output_transform=adapter.logits,
+    ... )
+    >>> for group in pruner.step(interactive=True):
+    ...     group.prune()
+    >>> adapter.fix_attributes(pruner.num_heads)
+    >>> logits = adapter.logits(model(adapter.example_input()))
+    >>> model.embed_dim, logits.shape, sum(p.numel() for p in model.parameters()) < 0.3 * before
+    (96, torch.Size([1, 10]), True)
 
 The adapter's parts live beside it: reading an attention module
 (:mod:`~lightning_vitcompress.models.layout`), the prefix tokens, heads and
@@ -94,9 +99,18 @@ class Capabilities:
     def require(self, capability: str, option: str, family: str, model_class: str = "") -> None:
         """Raise ``ValueError`` naming ``option`` when ``capability`` is missing.
 
-        Example::
+        Example (BEiT's relative-position bias has a column per head: its heads cannot be pruned)::
 
-            adapter.capabilities.require("head_pruning", "prune_heads=True", adapter.family)
+            >>> import timm
+            >>> from lightning_vitcompress.models import adapter_for
+            >>> beit = timm.create_model("beit_base_patch16_224", img_size=32, patch_size=8, depth=2,
+            ...                          embed_dim=64, num_heads=4)
+            >>> adapter = adapter_for(beit)
+            >>> adapter.capabilities.require("mlp_pruning", "prune_mlp=True", adapter.family)  # possible: no error
+            >>> adapter.capabilities.require("head_pruning", "prune_heads=True", adapter.family)
+            Traceback (most recent call last):
+            ...
+            ValueError: prune_heads=True is not possible on timm BEiT models: each attention's relative-position bias table has one column per head. Turn off prune_heads=True.
         """
         if not getattr(self, capability):
             reason = self.why_not.get(capability, "")

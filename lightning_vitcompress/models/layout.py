@@ -9,10 +9,14 @@ a fused ``qkv`` Linear (timm ``Attention`` and modules marked
 :class:`AttentionLayout`; the adapters (:mod:`~lightning_vitcompress.models.base`)
 decide which modules are the attention blocks.
 
-Example::
+Example (a tiny timm ViT; any family the same way)::
 
-    layout = read_layout("blocks.0.attn", vit.blocks[0].attn)
-    layout.kind, layout.num_heads, layout.head_dim    # ("qkv", 3, 64)
+    >>> import timm
+    >>> from lightning_vitcompress.models.layout import read_layout
+    >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
+    >>> layout = read_layout("blocks.0.attn", vit.blocks[0].attn)
+    >>> layout.kind, layout.num_heads, layout.head_dim
+    ('qkv', 3, 64)
 """
 
 from __future__ import annotations
@@ -43,9 +47,12 @@ class AttentionLayout:
 
     Example::
 
+        >>> import timm
+        >>> from lightning_vitcompress.models import adapter_for
+        >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
         >>> layout = adapter_for(vit).layouts()[0]
-        >>> (layout.embed_dim, layout.num_heads, layout.head_dim)
-        (192, 3, 64)
+        >>> (layout.name, layout.embed_dim, layout.num_heads, layout.head_dim)
+        ('blocks.0.attn', 192, 3, 64)
     """
 
     name: str

@@ -5,9 +5,15 @@ follow it (:func:`narrow_attention_pool`); a gated MLP's ``fc1`` holds its value
 and gate halves side by side, so its hidden channels are chosen here
 (:func:`narrow_glu_mlp`). Both keep the channels with the largest L2 norm.
 
-Example::
+Example (a timm gated MLP: ``fc1`` holds 128 value and 128 gate channels)::
 
-    narrow_glu_mlp(block.mlp, keep=block.mlp.fc2.in_features // 2)
+    >>> import torch
+    >>> from timm.layers import GluMlp
+    >>> from lightning_vitcompress.models.narrow import narrow_glu_mlp
+    >>> mlp = GluMlp(64, 256, act_layer=torch.nn.SiLU)
+    >>> narrow_glu_mlp(mlp, keep=mlp.fc2.in_features // 2)
+    >>> mlp.fc1.out_features, mlp.fc2.in_features, mlp(torch.randn(2, 5, 64)).shape
+    (128, 64, torch.Size([2, 5, 64]))
 """
 
 from __future__ import annotations
