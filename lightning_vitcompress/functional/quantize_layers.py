@@ -1,8 +1,15 @@
 """Which ``nn.Linear`` layers of a model a quantization config applies to (``skip``, incompatible shapes).
 
-Example::
+Example (a tiny timm ViT)::
 
-    selected, skipped = select_layers(vit, skip=["head", "blocks.0.*"])
+    >>> import timm
+    >>> from lightning_vitcompress.functional.quantize_layers import select_layers
+    >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
+    >>> selected, skipped = select_layers(vit, skip=["head", "blocks.0.*"])
+    >>> selected
+    ['blocks.1.attn.qkv', 'blocks.1.attn.proj', 'blocks.1.mlp.fc1', 'blocks.1.mlp.fc2']
+    >>> sorted(skipped)   # with why, by name
+    ['blocks.0.attn.proj', 'blocks.0.attn.qkv', 'blocks.0.mlp.fc1', 'blocks.0.mlp.fc2', 'head']
 """
 
 from __future__ import annotations

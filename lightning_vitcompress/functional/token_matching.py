@@ -9,10 +9,15 @@ size. :func:`_attend` runs an attention module (timm's fused ``qkv``,
 :mod:`~lightning_vitcompress.functional.token_merging` patches the blocks of a
 model with them.
 
-Example::
+Example (a class token and 16 patch tokens)::
 
-    merge = bipartite_soft_matching(keys, r=8, num_prefix_tokens=1)   # keys: (B, N, C)
-    x, size = merge_weighted_average(merge, x, size)   # (B, N - 8, C) and the tokens' sizes
+    >>> import torch
+    >>> from lightning_vitcompress.functional.token_matching import bipartite_soft_matching, merge_weighted_average
+    >>> keys, x = torch.randn(2, 17, 32), torch.randn(2, 17, 64)   # keys: (B, N, C)
+    >>> merge = bipartite_soft_matching(keys, r=8, num_prefix_tokens=1)
+    >>> x, size = merge_weighted_average(merge, x, None)   # (B, N - 8, C) and the tokens' sizes
+    >>> x.shape, size.sum(1).flatten().tolist()   # every token counted once
+    (torch.Size([2, 9, 64]), [17.0, 17.0])
 """
 
 from __future__ import annotations
