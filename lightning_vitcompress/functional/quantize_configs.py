@@ -341,6 +341,8 @@ def default_quantization(device: torch.device, calibrates: bool = True) -> Defau
 
     ``QuantizeOnFit(config="auto")`` measures instead of reading. Example::
 
+        >>> import torch
+        >>> from lightning_vitcompress.functional.quantize_configs import default_quantization
         >>> default_quantization(torch.device("meta")).config
         'int8_dynamic'
     """
