@@ -15,9 +15,15 @@ Adding a config is one registry entry::
         incompatible=lambda layer: "fewer than 64 inputs" if layer.in_features < 64 else None,
     )
 
-Example::
+Example (a tiny timm ViT; any model with linear layers the same way)::
 
-    summary = quantize_model(vit, "int8_dynamic", skip=["head"], example_input=images)
+    >>> import timm, torch
+    >>> from lightning_vitcompress.functional.quantize import quantize_model
+    >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10).eval()
+    >>> images = torch.randn(2, 3, 32, 32)
+    >>> summary = quantize_model(vit, "int8_dynamic", skip=["head"], example_input=images)
+    >>> len(summary["quantized"]), summary["skipped"], summary["size_after_bytes"] < summary["size_before_bytes"] / 2
+    (8, {'head': 'skip'}, True)
 """
 
 
@@ -232,7 +238,13 @@ def quantize_model(
 
     Example::
 
-        summary = quantize_model(vit, "int8_dynamic", skip=["head"], example_input=images)
+        >>> import timm, torch
+        >>> from lightning_vitcompress.functional.quantize import quantize_model
+        >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10)
+        >>> images = torch.randn(2, 3, 32, 32)
+        >>> summary = quantize_model(vit.eval(), "int8_dynamic", skip=["head"], example_input=images)
+        >>> summary["config"], summary["quantized"][:2], summary["output_relative_error"] < 0.1
+        ('int8_dynamic', ['blocks.0.attn.qkv', 'blocks.0.attn.proj'], True)
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model={type(model).__name__}: pass the nn.Module to quantize (e.g. a timm ViT).")
