@@ -11,12 +11,22 @@ checks the fastest ones' accuracy against the budget until one passes. A
 config must beat the unquantized model by :data:`MIN_SPEEDUP` to be chosen;
 if none does, the answer is "keep it unquantized".
 
-Example::
+Example (a tiny timm ViT, one candidate, short timings; ``auto_candidates("cpu")`` lists all of them)::
 
-    result = select_quantization(vit, auto_candidates("cpu", calibration=True), torch.randn(32, 3, 224, 224),
-                                 example_input=images[:8], calibration_inputs=[images])
-    result["chosen"]            # AutoCandidate(config="int8_static_x86", inference_precision="bf16-mixed") or None
-    print(format_auto_table(result))
+    >>> import timm, torch
+    >>> from lightning_vitcompress.functional.quantize_auto import (
+    ...     AutoCandidate, format_auto_table, select_quantization)
+    >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10).eval()
+    >>> images = torch.randn(8, 3, 32, 32)
+    >>> result = select_quantization(vit, [AutoCandidate("int8_dynamic")], images, example_input=images[:2],
+    ...                              compile=False, rounds=1, min_run_time=0.01)
+    >>> result["chosen"] in (None, AutoCandidate("int8_dynamic"))   # None: not faster here (machine-dependent)
+    True
+    >>> print(format_auto_table(result))   # images/s and the outcome depend on the machine
+    | config | images/s | vs unquantized | top-1 | outcome |
+    |---|---|---|---|---|
+    | unquantized | ... | 1.00x | | |
+    | int8_dynamic | ...
 """
 
 from __future__ import annotations
