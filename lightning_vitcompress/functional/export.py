@@ -25,11 +25,16 @@ outputs matched the live model's within :data:`TOLERANCES`. What the artifact
 computes, its capture and the ONNX conversion are in
 :mod:`~lightning_vitcompress.functional.export_capture`.
 
-Example::
+Example (a tiny timm ViT; a pruned or quantized one the same way)::
 
-    summary = export_compressed(vit, "vit-int8.pt2", images[:8], inference_precision="bf16-mixed")
-    runner = torch._inductor.aoti_load_package("vit-int8.pt2")   # in the server: torch only
-    logits = runner(images)
+    >>> import timm, torch
+    >>> from lightning_vitcompress.functional.export import export_compressed
+    >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=10).eval()
+    >>> images = torch.randn(8, 3, 32, 32)
+    >>> summary = export_compressed(vit, "vit.pt2", images[:2])   # checked against the live model
+    >>> runner = torch._inductor.aoti_load_package("vit.pt2")   # in the server: torch only
+    >>> summary["format"], runner(images).shape   # any batch size
+    ('pt2', torch.Size([8, 10]))
 """
 
 from __future__ import annotations
@@ -129,7 +134,10 @@ class ExportConfig:
 
     Example::
 
-        export_compressed(vit, "vit.onnx", images, ExportConfig(format="onnx"))
+        >>> from lightning_vitcompress.functional.export import ExportConfig, export_stages
+        >>> config = ExportConfig(format="onnx")   # export_compressed(vit, "vit.onnx", images, config)
+        >>> config.precision, export_stages(config)
+        ('32-true', ['trace (torch.export)', 'write ONNX', 'load back and check'])
     """
 
     format: Literal["pt2", "onnx", "openvino"] = "pt2"
@@ -298,9 +306,18 @@ def export_compressed(
 
     Example::
 
-        export_compressed(vit, "vit.pt2", images[:8])
-        export_compressed(vit, "vit.onnx", images[:8])
-        export_compressed(vit, "vit.xml", images[:8], quantize="int8", calibration_data=train_batches)
+        >>> import timm, torch
+        >>> from lightning_vitcompress.functional.export import export_compressed
+        >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=10).eval()
+        >>> images, train_batches = torch.randn(8, 3, 32, 32), [torch.randn(8, 3, 32, 32)]
+        >>> # export_compressed(vit, "vit.pt2", images[:8]) as in the module's example; the format follows the suffix:
+        >>> export_compressed(vit, "vit.onnx", images[:8])["format"]
+        'onnx'
+        >>> import contextlib, io
+        >>> with contextlib.redirect_stdout(io.StringIO()):   # NNCF prints its calibration progress bars
+        ...     summary = export_compressed(vit, "vit.xml", images[:8], quantize="int8", calibration_data=train_batches)
+        >>> summary["format"], summary["quantize"], summary["relative_error"] <= summary["tolerance"]
+        ('openvino', 'int8', True)
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model={type(model).__name__}: pass the nn.Module to export (e.g. a timm ViT).")
