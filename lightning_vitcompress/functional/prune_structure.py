@@ -8,11 +8,15 @@ the attributes that follow from them (``in_features``, ``normalized_shape``, the
 ViT's ``embed_dim``, each attention's head layout). :mod:`~lightning_vitcompress.functional.prune`
 registers both with :mod:`lightning_vitcompress._registry`.
 
-Example::
+Example (a two-block ``vit_tiny_patch16_224``)::
 
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False)
-    prunable_widths(vit)  # {"embed": [192], "blocks.0.attn.qkv": [3, 64], "blocks.0.mlp.fc1": [768], ...}
-    widths_after(prunable_widths(vit), 0.5, prune_heads=False)["blocks.0.attn.qkv"]   # [3, 32]
+    >>> import timm
+    >>> from lightning_vitcompress.functional.prune_structure import prunable_widths, widths_after
+    >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
+    >>> prunable_widths(vit)
+    {'embed': [192], 'blocks.0.attn.qkv': [3, 64], 'blocks.1.attn.qkv': [3, 64], 'blocks.0.mlp.fc1': [768], 'blocks.1.mlp.fc1': [768]}
+    >>> widths_after(prunable_widths(vit), 0.5, prune_heads=False)["blocks.0.attn.qkv"]   # 3 heads of 32 dims
+    [3, 32]
 """
 
 from __future__ import annotations
