@@ -7,10 +7,21 @@ converts the captured program. :func:`~lightning_vitcompress.functional.export.e
 decides what to write and checks it; the ``.pt2`` writer (AOTInductor) is there,
 the OpenVINO one in :mod:`~lightning_vitcompress.functional.openvino`.
 
-Example::
+Example (a tiny timm ViT; one image is repeated to two rows, so the batch stays dynamic)::
 
-    program = _export_program(_Deployable(vit, None), _example_batch(images), dynamic_batch=True)
-    _write_onnx(_Deployable(vit, None), program, _example_batch(images), Path("vit.onnx"), ExportConfig(), False)
+    >>> import timm, torch
+    >>> from pathlib import Path
+    >>> from lightning_vitcompress.functional.export import ExportConfig
+    >>> from lightning_vitcompress.functional.export_capture import (
+    ...     _Deployable, _example_batch, _export_program, _write_onnx)
+    >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=10).eval()
+    >>> images = torch.randn(1, 3, 32, 32)
+    >>> program = _export_program(_Deployable(vit, None), _example_batch(images), dynamic_batch=True)
+    >>> program.module()(torch.randn(5, 3, 32, 32)).shape
+    torch.Size([5, 10])
+    >>> _write_onnx(_Deployable(vit, None), program, _example_batch(images), Path("vit.onnx"), ExportConfig(), False)
+    >>> Path("vit.onnx").stat().st_size > 0
+    True
 """
 
 from __future__ import annotations
