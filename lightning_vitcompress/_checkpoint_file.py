@@ -31,9 +31,9 @@ from __future__ import annotations
 import hashlib
 import pickle
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Union
 
 import torch
 from torch import nn
@@ -100,7 +100,7 @@ def read_checkpoint(
         raise ValueError(
             f"{argument}={str(path)!r} is not a readable torch checkpoint (corrupted, or another format): {reason}"
         ) from err
-    except Exception as err:  # noqa: BLE001 - a damaged pickle fails with KeyError, EOFError, RuntimeError...
+    except Exception as err:
         raise ValueError(
             f"{argument}={str(path)!r} is not a readable torch checkpoint (truncated, corrupted, or another "
             f"format): {type(err).__name__}: {_unpickler_reason(err)}"
@@ -123,7 +123,7 @@ def _read_safetensors(path: Path, map_location: Any, argument: str) -> dict[str,
     device = map_location if isinstance(map_location, (str, int, torch.device)) else "cpu"
     try:
         return load_file(path, device=str(device))
-    except Exception as err:  # noqa: BLE001 - safetensors raises its own SafetensorError
+    except Exception as err:
         raise ValueError(f"{argument}={str(path)!r} is not a readable safetensors file: {err}") from err
 
 

@@ -36,8 +36,9 @@ Example (a toy edit that narrows a layer)::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from torch import nn
 

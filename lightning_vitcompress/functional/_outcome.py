@@ -62,7 +62,7 @@ def check_outcome(
     try:
         with eval_mode(model), torch.no_grad():
             logits: Any = logits_of(model(example_input))
-    except Exception as err:  # noqa: BLE001 - reported with its cause
+    except Exception as err:
         problem = f"then fails on its input ({type(err).__name__}: {err})"
     else:
         if (logits.shape[:-1], logits.dim()) != (before[:-1], len(before)) or (

@@ -43,15 +43,15 @@ import contextlib
 import copy
 import os
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import torch
 from torch import nn
 
 from lightning_vitcompress._checks import check_bool, check_choice, check_output_file, check_path
-from lightning_vitcompress.functional.measure import eval_mode
 from lightning_vitcompress.functional._torch_internals import (
     FORWARD_HOOK_DICTS,
     aoti_compile_and_package,
@@ -74,6 +74,7 @@ from lightning_vitcompress.functional.export_capture import (
     _has_x86_int8,
     _write_onnx,
 )
+from lightning_vitcompress.functional.measure import eval_mode
 from lightning_vitcompress.functional.openvino import check_openvino_installed, convert_to_openvino, write_openvino
 from lightning_vitcompress.functional.quantize_configs import INFERENCE_PRECISIONS
 from lightning_vitcompress.functional.x86_int8 import (
@@ -443,7 +444,7 @@ def _model_device(model: nn.Module) -> torch.device:
 def _moved_copy(model: nn.Module, device: torch.device) -> nn.Module:
     try:
         return copy.deepcopy(model).to(device)
-    except Exception as err:  # noqa: BLE001 - e.g. CPU-only int8 layers to CUDA
+    except Exception as err:
         raise ValueError(
             f"device={str(device)!r}: the model cannot move there ({type(err).__name__}: {err}). Export on the "
             "device the model was quantized for (device=None)."

@@ -69,7 +69,7 @@ def _export_program(module: nn.Module, example: torch.Tensor, dynamic_batch: boo
     try:
         with torch.no_grad():
             return torch.export.export(module, (example,), dynamic_shapes=dynamic_shapes, strict=False)
-    except Exception as err:  # noqa: BLE001 - reported with what would work
+    except Exception as err:
         text = _short(err, 1500)
         data_dependent = any(
             marker in text for marker in ("data-dependent", "data dependent", "GuardOnDataDependent", "Could not guard")
@@ -102,7 +102,7 @@ def _write_onnx(
             onnx_program = torch.onnx.export(program, (example,), **kwargs)
         assert onnx_program is not None  # dynamo=True returns the ONNXProgram (None is the legacy exporter's)
         onnx_program.save(str(path))
-    except Exception as err:  # noqa: BLE001 - reported with the format that works
+    except Exception as err:
         what = "its int8 layers" if int8 or _has_quantized_weights(module) else "the model"
         raise ValueError(
             f"format='onnx': the ONNX exporter cannot convert {what} ({_short(err, 300).splitlines()[0]}). "

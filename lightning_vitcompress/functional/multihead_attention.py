@@ -106,7 +106,7 @@ class MultiheadSelfAttention(nn.Module):
         self.q_norm, self.k_norm, self.norm, self.proj_drop = nn.Identity(), nn.Identity(), nn.Identity(), nn.Identity()
 
     @classmethod
-    def from_multihead(cls, attention: nn.MultiheadAttention) -> "MultiheadSelfAttention":
+    def from_multihead(cls, attention: nn.MultiheadAttention) -> MultiheadSelfAttention:
         """The same attention, sharing ``attention``'s parameters.
 
         Raises:

@@ -53,14 +53,14 @@ __all__ = [
     "NystromConfig",
     "attention_token_counts",
     "exact_attention",
-    "nystrom_break_even",
-    "swap_back",
-    "swap_back_gains",
     "iterative_pinv",
+    "nystrom_break_even",
     "nystrom_settings",
     "segment_means",
     "select_attention_blocks",
     "swap_attention",
+    "swap_back",
+    "swap_back_gains",
 ]
 
 
@@ -346,7 +346,7 @@ def swap_back_gains(
     """
     from lightning_vitcompress.models.base import logits_of
 
-    correct = {name: 0 for name in (None, *names)}
+    correct = dict.fromkeys((None, *names), 0)
     change = dict.fromkeys(names, 0.0)
     seen = 0
     with eval_mode(model), torch.inference_mode():
@@ -479,7 +479,7 @@ def nystrom_break_even(
     width = weight.shape[1]
     generator = torch.Generator().manual_seed(0)
     speedups: dict[int, float] = {}
-    for tokens in sorted(set(int(t) for t in token_counts)):
+    for tokens in sorted({int(t) for t in token_counts}):
         if tokens - num_prefix_tokens <= config.num_landmarks:
             continue
         x = torch.randn(batch_size, tokens, width, generator=generator).to(device=weight.device, dtype=weight.dtype)

@@ -21,6 +21,7 @@ Example (a two-block ``vit_tiny_patch16_224``)::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Mapping
@@ -117,10 +118,8 @@ def _adapter_or_none(model: nn.Module) -> Optional[ModelAdapter]:
 # ---------------------------------------------------------------------------- reading a state dict
 def prepare_saved(saved: SavedModel) -> None:
     """Put a pruned model's tensors in their traceable form (e.g. EVA's q/v biases folded into ``qkv.bias``)."""
-    try:
+    with contextlib.suppress(TypeError, ValueError):  # no adapter reads it: only int8 applies
         adapter_for(saved.model).prepare_pruning(saved.state_dict)
-    except (TypeError, ValueError):
-        pass  # no adapter reads it: only int8 applies
 
 
 def read_pruned(saved: SavedModel) -> list[Record]:
@@ -218,7 +217,7 @@ def _attributes(
         return {"head_dim": head_dim, "scale": head_dim**-0.5}
     conv = after.get(dot + "patch_embed.proj", {}).get("tensors", {}).get("weight")
     if conv:  # timm VisionTransformer: its width in a few attributes (see prune_vit)
-        return {attr: conv[0] for attr in ("embed_dim", "num_features", "head_hidden_size")}
+        return dict.fromkeys(("embed_dim", "num_features", "head_hidden_size"), conv[0])
     return {}
 
 

@@ -29,9 +29,9 @@ Example (a tiny timm ViT; any model with linear layers the same way)::
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -51,18 +51,18 @@ from lightning_vitcompress.functional.multihead_attention import (
     split_multihead_attention,
     split_named,
 )
-from lightning_vitcompress.functional.x86_int8 import (
-    calibrate_input_ranges,
-)
 from lightning_vitcompress.functional.quantize_configs import resolve_quantization, spec_for_label, unprepared
 from lightning_vitcompress.functional.quantize_layers import (
     SkipSpec,
+    check_skip,
     check_skip_matches,
     is_linear,
     is_quantized_layer,
-    check_skip,
 )
 from lightning_vitcompress.functional.quantize_structure import find_split_attentions, read_quantized
+from lightning_vitcompress.functional.x86_int8 import (
+    calibrate_input_ranges,
+)
 
 __all__ = ['ModelInputs', 'quantize_model', 'remove_fake_quantization', 'split_attention_to_quantize']
 
@@ -93,7 +93,7 @@ class ModelInputs:
     kwargs: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def detached(cls, args: tuple[Any, ...], kwargs: Mapping[str, Any], rows: Optional[int] = None) -> "ModelInputs":
+    def detached(cls, args: tuple[Any, ...], kwargs: Mapping[str, Any], rows: Optional[int] = None) -> ModelInputs:
         """A detached copy of a forward call's tensors, cut to their first ``rows`` rows (``None``: all)."""
         return cls(_detached_rows(args, rows), _detached_rows(dict(kwargs), rows))
 
@@ -301,7 +301,7 @@ def _quantize_split_model(
     with torch.no_grad():
         try:
             reference = run_model(model, example)
-        except Exception as err:  # noqa: BLE001 - nothing was changed yet
+        except Exception as err:
             raise ValueError(
                 f"example_input: the model cannot run it before quantizing ({type(err).__name__}: {err}); "
                 "pass an input the model takes. The model is unchanged."

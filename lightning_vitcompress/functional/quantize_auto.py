@@ -34,9 +34,9 @@ from __future__ import annotations
 import copy
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -139,7 +139,7 @@ def select_quantization(
     skip: SkipSpec = None,
     example_input: Any = None,
     calibration_inputs: Optional[Sequence[Any]] = None,
-    compile: Union[None, bool, dict[str, Any]] = None,
+    compile: Union[bool, dict[str, Any], None] = None,
     accuracy: Optional[Callable[[nn.Module], Optional[float]]] = None,
     budget: Optional[AccuracyBudget] = None,
     time_budget_s: float = 300.0,
@@ -205,7 +205,7 @@ def select_quantization(
                              **(compile if isinstance(compile, dict) else {}))
             with torch.inference_mode():
                 trial_model.eval()(timing_input)  # compiles for the timed shape (and fails here, not in the timer)
-        except Exception as err:  # noqa: BLE001 - a config that cannot run here is reported, not fatal
+        except Exception as err:
             trials[candidate.label] = _trial(candidate, f"failed: {type(err).__name__}: {err}")
             continue
         seconds = time.perf_counter() - began

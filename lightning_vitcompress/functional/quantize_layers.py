@@ -15,8 +15,8 @@ Example (a tiny timm ViT)::
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 from torch import nn
@@ -71,7 +71,7 @@ def check_skip_matches(model: nn.Module, skip: SkipSpec) -> None:
     names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     for pattern in [skip] if isinstance(skip, str) else skip:
         if not any(name == pattern or fnmatch.fnmatchcase(name, pattern) for name in names):
-            shown = names if len(names) <= 8 else names[:8] + ["..."]
+            shown = names if len(names) <= 8 else [*names[:8], "..."]
             raise ValueError(
                 f"skip={skip!r}: {pattern!r} matches no nn.Linear layer of {type(model).__name__}; its linear "
                 f"layers are {shown}. Use their names or glob patterns ('blocks.*.mlp.fc2')."

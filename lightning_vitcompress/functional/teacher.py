@@ -25,9 +25,9 @@ from __future__ import annotations
 import difflib
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 from torch import nn
 
@@ -120,7 +120,7 @@ def load_teacher(
     teacher: TeacherSpec,
     *,
     pretrained: bool = True,
-    teacher_weights: Optional[Union[str, "os.PathLike[str]"]] = None,
+    teacher_weights: Optional[Union[str, os.PathLike[str]]] = None,
     teacher_kwargs: Optional[Mapping[str, Any]] = None,
     teacher_class: Optional[type[nn.Module]] = None,
     weights_only: bool = True,
@@ -225,7 +225,7 @@ def _teacher_from_checkpoint(
 def _teacher_from_timm(
     name: str,
     pretrained: bool,
-    teacher_weights: Optional[Union[str, "os.PathLike[str]"]],
+    teacher_weights: Optional[Union[str, os.PathLike[str]]],
     given: dict[str, Any],
     warn: Callable[[str], Any],
 ) -> nn.Module:

@@ -22,8 +22,8 @@ Example (a class token and 16 patch tokens)::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Callable, Optional
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F

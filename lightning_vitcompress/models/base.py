@@ -260,7 +260,7 @@ class ModelAdapter(ABC):
         """Why structured pruning cannot run on this model, naming what would work (None: it can)."""
         return None
 
-    def _fix_model_attributes(self) -> None:
+    def _fix_model_attributes(self) -> None:  # noqa: B027 - an optional hook: families override it, default nothing
         """Update the model-level width attributes after an edit (family-specific; default: nothing)."""
 
     def fix_model_attributes(self) -> None:

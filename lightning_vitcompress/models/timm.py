@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
