@@ -6,10 +6,24 @@ request, with a warning), or ``safetensors`` for a ``.safetensors`` file, and
 then :func:`verify_digest` against the digest :func:`add_digest` saved in it.
 :mod:`lightning_vitcompress._structure` rebuilds the model from what it read.
 
-Example::
+Example (a tiny Digits module)::
 
-    checkpoint = read_checkpoint("last.ckpt")             # refuses pickled objects and damaged tensors
-    save_safetensors(lit_module, "pruned.safetensors")    # what load_compressed reads without unpickling
+    >>> import torch
+    >>> from safetensors.torch import load_file
+    >>> from lightning_vitcompress._checkpoint_file import UnsafeCheckpointError, read_checkpoint, save_safetensors
+    >>> from lightning_vitcompress.digits import DigitsClassifier
+    >>> lit_module = DigitsClassifier(embed_dim=32, depth=2, num_heads=4)
+    >>> torch.save({"state_dict": lit_module.state_dict()}, "last.ckpt")
+    >>> checkpoint = read_checkpoint("last.ckpt")             # refuses pickled objects and damaged tensors
+    >>> torch.save({"state_dict": {}, "hook": print}, "unsafe.ckpt")
+    >>> try:
+    ...     read_checkpoint("unsafe.ckpt")
+    ... except UnsafeCheckpointError:
+    ...     print("refused")
+    refused
+    >>> save_safetensors(lit_module, "pruned.safetensors")    # what load_compressed reads without unpickling
+    >>> len(load_file("pruned.safetensors")) == len(checkpoint["state_dict"])
+    True
 """
 
 from __future__ import annotations
@@ -17,9 +31,9 @@ from __future__ import annotations
 import hashlib
 import pickle
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Union
 
 import torch
 from torch import nn
@@ -86,7 +100,7 @@ def read_checkpoint(
         raise ValueError(
             f"{argument}={str(path)!r} is not a readable torch checkpoint (corrupted, or another format): {reason}"
         ) from err
-    except Exception as err:  # noqa: BLE001 - a damaged pickle fails with KeyError, EOFError, RuntimeError...
+    except Exception as err:
         raise ValueError(
             f"{argument}={str(path)!r} is not a readable torch checkpoint (truncated, corrupted, or another "
             f"format): {type(err).__name__}: {_unpickler_reason(err)}"
@@ -109,7 +123,7 @@ def _read_safetensors(path: Path, map_location: Any, argument: str) -> dict[str,
     device = map_location if isinstance(map_location, (str, int, torch.device)) else "cpu"
     try:
         return load_file(path, device=str(device))
-    except Exception as err:  # noqa: BLE001 - safetensors raises its own SafetensorError
+    except Exception as err:
         raise ValueError(f"{argument}={str(path)!r} is not a readable safetensors file: {err}") from err
 
 
@@ -123,8 +137,18 @@ def save_safetensors(state: Union[nn.Module, Mapping[str, Any]], path: Union[str
 
     Example::
 
-        save_safetensors(lit_module, "pruned.safetensors")  # or lit_module.model
-        model = load_compressed(LitClassifier, "pruned.safetensors", **init_kwargs)
+        >>> import torch
+        >>> from lightning_vitcompress import load_compressed
+        >>> from lightning_vitcompress._checkpoint_file import save_safetensors
+        >>> from lightning_vitcompress.digits import DigitsClassifier as LitClassifier
+        >>> from lightning_vitcompress.functional import prune_vit
+        >>> init_kwargs = dict(embed_dim=32, depth=2, num_heads=4)
+        >>> lit_module = LitClassifier(**init_kwargs)
+        >>> _ = prune_vit(lit_module.model, 0.5, torch.randn(1, 3, 32, 32))
+        >>> save_safetensors(lit_module, "pruned.safetensors")  # or lit_module.model
+        >>> model = load_compressed(LitClassifier, "pruned.safetensors", **init_kwargs)
+        >>> model.model.embed_dim   # the pruned width, read from the tensors
+        16
     """
     from safetensors.torch import save_file
 

@@ -40,7 +40,7 @@ class StageBar:
     warns once and turns itself off, so the work it reports on carries on.
     """
 
-    def __init__(self, trainer: Optional["pl.Trainer"], description: str, total: Optional[int],
+    def __init__(self, trainer: Optional[pl.Trainer], description: str, total: Optional[int],
                  unit: str = "step") -> None:
         self.description = description
         self.total = total
@@ -121,14 +121,14 @@ class StageBar:
     def _guard(self, action: Any) -> None:
         try:
             action()
-        except Exception as err:  # noqa: BLE001 - a progress bar must never fail the fit
+        except Exception as err:
             self.enabled = False
             rank_zero_warn(f"The progress bar for {self.description!r} could not be drawn and is off "
                            f"({type(err).__name__}: {err}); the work goes on.")
 
 
 @contextmanager
-def stage_bar(trainer: Optional["pl.Trainer"], description: str, total: Optional[int] = None,
+def stage_bar(trainer: Optional[pl.Trainer], description: str, total: Optional[int] = None,
               unit: str = "step") -> Iterator[StageBar]:
     """A :class:`StageBar` for the ``with`` block, closed at its end (also when the work fails); ``trainer=None``
     gives a silent one."""

@@ -15,19 +15,30 @@ This module imports no technique: the techniques import it. The package's
 so all have registered before any checkpoint loads. Readers run in ``order``,
 which is the order the callbacks act in: prune (10), Nyström (20), quantize (30).
 
-Example::
+Example (a toy edit that narrows a layer)::
 
-    @register_replay("my_edit")
-    def _replay_my_edit(model: nn.Module, record: dict) -> None:
-        shrink(model, record["ratio"])          # same shapes as when recorded
-
-    register_reader("my_edit", lambda saved: [{"ratio": 0.5}] if "shrunk" in saved.state_dict else [], order=40)
+    >>> from torch import nn
+    >>> from lightning_vitcompress._registry import known_kinds, register_reader, register_replay, replay_for
+    >>> def shrink(model: nn.Module, ratio: float) -> None:
+    ...     model.fc = nn.Linear(8, int(8 * ratio))
+    >>> @register_replay("my_edit")
+    ... def _replay_my_edit(model: nn.Module, record: dict) -> None:
+    ...     shrink(model, record["ratio"])          # same shapes as when recorded
+    >>> register_reader("my_edit", lambda saved: [{"ratio": 0.5}] if "shrunk" in saved.state_dict else [], order=40)
+    >>> model = nn.Module()
+    >>> model.fc = nn.Linear(8, 8)
+    >>> replay_for("my_edit")(model, {"kind": "my_edit", "ratio": 0.5})
+    >>> model.fc.out_features, "my_edit" in known_kinds()
+    (4, True)
+    >>> from lightning_vitcompress._registry import _READERS, _REPLAYS
+    >>> _ = _REPLAYS.pop("my_edit"), _READERS.pop("my_edit")   # this example's cleanup: the registry is global
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from torch import nn
 

@@ -15,13 +15,23 @@ technique.
 names the first disagreements. :mod:`~lightning_vitcompress._structure` decides
 when to use which (records first, inference when there are none).
 
-Example::
+Example (weights of a pruned Digits module saved without records)::
 
-    module = DigitsClassifier(**hparams)
-    state_dict = torch.load("weights.pt", weights_only=True)
-    replay_edits(module, infer_records(module, state_dict))
-    check_structure(module, state_dict)
-    module.load_state_dict(state_dict, assign=True)
+    >>> import torch
+    >>> from lightning_vitcompress._state_dict_structure import check_structure, infer_records
+    >>> from lightning_vitcompress._structure import replay_edits
+    >>> from lightning_vitcompress.digits import DigitsClassifier
+    >>> from lightning_vitcompress.functional import prune_vit
+    >>> hparams = dict(embed_dim=32, depth=2, num_heads=4)
+    >>> pruned = DigitsClassifier(**hparams)
+    >>> _ = prune_vit(pruned.model, 0.5, torch.randn(1, 3, 32, 32))
+    >>> torch.save(pruned.state_dict(), "weights.pt")
+    >>> module = DigitsClassifier(**hparams)
+    >>> state_dict = torch.load("weights.pt", weights_only=True)
+    >>> replay_edits(module, infer_records(module, state_dict))
+    >>> check_structure(module, state_dict)
+    >>> module.load_state_dict(state_dict, assign=True)
+    <All keys matched successfully>
 """
 
 from __future__ import annotations
@@ -102,7 +112,17 @@ def infer_records(module: nn.Module, state_dict: Mapping[str, Any], target_path:
 
     Example::
 
-        replay_edits(module, infer_records(module, torch.load("weights.pt", weights_only=True)))
+        >>> import torch
+        >>> from lightning_vitcompress._state_dict_structure import infer_records
+        >>> from lightning_vitcompress.digits import DigitsClassifier
+        >>> from lightning_vitcompress.functional import prune_vit
+        >>> pruned = DigitsClassifier(embed_dim=32, depth=2, num_heads=4)
+        >>> _ = prune_vit(pruned.model, 0.5, torch.randn(1, 3, 32, 32))
+        >>> torch.save(pruned.state_dict(), "weights.pt")
+        >>> module = DigitsClassifier(embed_dim=32, depth=2, num_heads=4)
+        >>> records = infer_records(module, torch.load("weights.pt", weights_only=True))
+        >>> [(record["kind"], record["target"], record["inferred"]) for record in records]
+        [('prune', 'model', True)]
     """
     if target_path is None:
         target_path = _target_or_whole(module)

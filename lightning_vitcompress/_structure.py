@@ -24,13 +24,30 @@ from a state dict, in :mod:`lightning_vitcompress._registry`: this module
 imports no technique. Reading files safely is
 :mod:`lightning_vitcompress._checkpoint_file`.
 
-Example::
+Example (a toy edit that narrows a layer, recorded and replayed on a fresh module)::
 
-    @register_replay("my_edit")
-    def _replay_my_edit(model: nn.Module, record: dict) -> None:
-        shrink(model, record["ratio"])          # same shapes as when recorded
-
-    record_edit(pl_module, {"kind": "my_edit", "target": "net", "ratio": 0.5})
+    >>> from torch import nn
+    >>> from lightning_vitcompress._registry import register_replay
+    >>> from lightning_vitcompress._structure import record_edit, recorded_edits, replay_edits
+    >>> def shrink(model: nn.Module, ratio: float) -> None:
+    ...     model.fc = nn.Linear(8, int(8 * ratio))
+    >>> @register_replay("my_edit")
+    ... def _replay_my_edit(model: nn.Module, record: dict) -> None:
+    ...     shrink(model, record["ratio"])          # same shapes as when recorded
+    >>> def build() -> nn.Module:
+    ...     pl_module = nn.Module()
+    ...     pl_module.net = nn.Module()
+    ...     pl_module.net.fc = nn.Linear(8, 8)
+    ...     return pl_module
+    >>> pl_module = build()
+    >>> shrink(pl_module.net, 0.5)
+    >>> record_edit(pl_module, {"kind": "my_edit", "target": "net", "ratio": 0.5})
+    >>> fresh = build()
+    >>> replay_edits(fresh, recorded_edits(pl_module))   # what loading a checkpoint does
+    >>> fresh.net.fc.out_features
+    4
+    >>> from lightning_vitcompress._registry import _REPLAYS
+    >>> _ = _REPLAYS.pop("my_edit")   # this example's cleanup: the registry is global
 """
 
 from __future__ import annotations
@@ -242,9 +259,21 @@ def load_compressed(
 
     Example::
 
-        model = load_compressed(LitClassifier, "checkpoints/last.ckpt")
-        model = load_compressed(LitClassifier, "vit.safetensors", embed_dim=192, depth=12)
-        model(images).argmax(-1)
+        >>> import lightning as L, torch
+        >>> from lightning_vitcompress import PruningSchedule, load_compressed
+        >>> from lightning_vitcompress._checkpoint_file import save_safetensors
+        >>> from lightning_vitcompress.digits import DigitsClassifier as LitClassifier, DigitsDataModule
+        >>> lit = LitClassifier(embed_dim=32, depth=2, num_heads=4)
+        >>> trainer = L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, callbacks=[PruningSchedule(0.5)],
+        ...                     logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        ...                     enable_model_summary=False)
+        >>> trainer.fit(lit, DigitsDataModule())
+        >>> trainer.save_checkpoint("checkpoints/last.ckpt")
+        >>> save_safetensors(lit, "vit.safetensors")
+        >>> model = load_compressed(LitClassifier, "checkpoints/last.ckpt")   # records and hyper-parameters
+        >>> model = load_compressed(LitClassifier, "vit.safetensors", embed_dim=32, depth=2, num_heads=4)  # tensors
+        >>> model.model.embed_dim, model(torch.randn(2, 3, 32, 32)).argmax(-1).shape   # pruned from 32
+        (16, torch.Size([2]))
 
     Raises:
         StructureMismatchError: the saved tensors do not fit the rebuilt module
@@ -291,8 +320,9 @@ def build_from_checkpoint(
         vit.load_state_dict({k[len(added_prefix) :]: v for k, v in state_dict.items()}, strict=strict, assign=True)
     else:
         pl_module.load_state_dict(state_dict, strict=strict, assign=True)
-    if lightning and callable(getattr(pl_module, "on_load_checkpoint", None)):  # a LightningModule's own hook
-        pl_module.on_load_checkpoint(checkpoint)
+    hook = getattr(pl_module, "on_load_checkpoint", None)
+    if lightning and callable(hook):  # a LightningModule's own hook
+        hook(checkpoint)
     return pl_module.eval()
 
 

@@ -12,8 +12,9 @@ works without Lightning); a source tree that is not installed is not checked.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib import metadata
-from typing import Callable, Optional
+from typing import Optional
 
 from packaging.requirements import Requirement
 from packaging.version import InvalidVersion, Version

@@ -15,7 +15,13 @@ Example::
 """
 
 from lightning_vitcompress._model import find_attention_blocks, resolve_target_model
-from lightning_vitcompress._structure import load_compressed, record_edit, register_replay, replay_edits, save_safetensors
+from lightning_vitcompress._structure import (
+    load_compressed,
+    record_edit,
+    register_replay,
+    replay_edits,
+    save_safetensors,
+)
 from lightning_vitcompress.functional.distill import (
     DistillConfig,
     combine_losses,
@@ -43,16 +49,18 @@ from lightning_vitcompress.functional.measure import (
 from lightning_vitcompress.functional.multihead_attention import MultiheadSelfAttention, split_multihead_attention
 from lightning_vitcompress.functional.nystrom import NystromAttention, NystromConfig, swap_attention
 from lightning_vitcompress.functional.prune import PruneConfig, prune_vit
+from lightning_vitcompress.functional.quantize import ModelInputs, quantize_model
 from lightning_vitcompress.functional.quantize_configs import (
     INFERENCE_PRECISIONS,
     QUANTIZATION_CONFIGS,
     DefaultChoice,
-    default_quantization,
     QuantizationSpec,
+    default_quantization,
     resolve_quantization,
 )
-from lightning_vitcompress.functional.quantize import ModelInputs, quantize_model
 from lightning_vitcompress.functional.quantize_layers import select_layers
+from lightning_vitcompress.functional.report import benchmark_model, compare_models, format_report
+from lightning_vitcompress.functional.sdpa import DecomposedAttention, decomposed_attention
 from lightning_vitcompress.functional.token_merging import (
     TokenMergingConfig,
     merge_tokens,
@@ -60,8 +68,6 @@ from lightning_vitcompress.functional.token_merging import (
     remove_token_merging,
     token_merging_paused,
 )
-from lightning_vitcompress.functional.report import benchmark_model, compare_models, format_report
-from lightning_vitcompress.functional.sdpa import DecomposedAttention, decomposed_attention
 from lightning_vitcompress.functional.x86_int8 import (
     Int8DynamicX86Config,
     Int8StaticX86Config,
@@ -71,40 +77,40 @@ from lightning_vitcompress.functional.x86_int8 import (
 )
 
 __all__ = [
+    "INFERENCE_PRECISIONS",
+    "QUANTIZATION_CONFIGS",
     "ArtifactMismatchError",
     "DecomposedAttention",
+    "DefaultChoice",
     "DistillConfig",
     "ExportConfig",
-    "LoadedArtifact",
-    "check_exportable",
-    "export_compressed",
-    "load_artifact",
-    "INFERENCE_PRECISIONS",
     "Int8DynamicX86Config",
     "Int8StaticX86Config",
+    "LoadedArtifact",
     "ModelInputs",
     "MultiheadSelfAttention",
     "NystromAttention",
     "NystromConfig",
     "PruneConfig",
-    "QUANTIZATION_CONFIGS",
-    "DefaultChoice",
-    "default_quantization",
     "QuantizationSpec",
     "TokenMergingConfig",
     "X86Int8DynamicLinear",
     "X86Int8StaticLinear",
     "benchmark_model",
+    "check_exportable",
     "combine_losses",
     "compare_models",
     "compare_throughput",
     "compile_frozen",
     "count_macs",
-    "decomposed_attention",
     "count_parameters",
+    "decomposed_attention",
+    "default_quantization",
+    "export_compressed",
     "find_attention_blocks",
     "format_report",
     "hard_distillation_loss",
+    "load_artifact",
     "load_compressed",
     "load_teacher",
     "measure_accuracy",
@@ -113,9 +119,9 @@ __all__ = [
     "merged_token_counts",
     "prune_vit",
     "quantize_model",
-    "remove_token_merging",
     "record_edit",
     "register_replay",
+    "remove_token_merging",
     "replay_edits",
     "resolve_quantization",
     "resolve_target_model",

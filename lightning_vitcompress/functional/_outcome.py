@@ -5,11 +5,21 @@ edited widths (an attention pool, a reshape to the input width) gives a model
 that fails later, far from the cause. :func:`check_outcome` turns that into an
 error at the call, naming the model class, the technique and what is supported.
 
-Example::
+Example (a tiny timm ViT; an edit that changes the output shape is refused)::
 
-    before = output_shape(model, images)
-    prune(model)
-    check_outcome(model, images, before, "prune_vit")
+    >>> import timm, torch
+    >>> from lightning_vitcompress.functional._outcome import check_outcome, output_shape
+    >>> from lightning_vitcompress.functional.prune import prune_vit
+    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10)
+    >>> images = torch.randn(2, 3, 32, 32)
+    >>> before = output_shape(model, images)
+    >>> _ = prune_vit(model, 0.5, images[:1])
+    >>> check_outcome(model, images, before, "prune_vit")  # still runs, same shape, finite: nothing happens
+    >>> model.head = torch.nn.Linear(96, 5)
+    >>> check_outcome(model, images, before, "my_edit")
+    Traceback (most recent call last):
+    ...
+    TypeError: my_edit: the edited VisionTransformer then returns logits of shape (2, 5) instead of (2, 10): ...
 """
 
 from __future__ import annotations
@@ -52,7 +62,7 @@ def check_outcome(
     try:
         with eval_mode(model), torch.no_grad():
             logits: Any = logits_of(model(example_input))
-    except Exception as err:  # noqa: BLE001 - reported with its cause
+    except Exception as err:
         problem = f"then fails on its input ({type(err).__name__}: {err})"
     else:
         if (logits.shape[:-1], logits.dim()) != (before[:-1], len(before)) or (

@@ -9,8 +9,9 @@ function, and ``tests/test_lightning_seam.py`` says which. Checked on torch
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn

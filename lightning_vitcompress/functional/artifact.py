@@ -79,7 +79,7 @@ class LoadedArtifact(nn.Module):
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             providers = ["CUDAExecutionProvider"] if device.type == "cuda" else []
             self._runner = onnxruntime.InferenceSession(
-                str(self.path), options, providers=providers + ["CPUExecutionProvider"]
+                str(self.path), options, providers=[*providers, "CPUExecutionProvider"]
             )
             self._input_name = self._runner.get_inputs()[0].name
         self.load_seconds = time.perf_counter() - start
@@ -96,7 +96,7 @@ class LoadedArtifact(nn.Module):
             self.first_call_seconds = time.perf_counter() - start
         return output
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> "LoadedArtifact":
+    def __deepcopy__(self, memo: dict[int, Any]) -> LoadedArtifact:
         # the runner is a native handle; a copy is a fresh load of the same file (on its own device)
         return LoadedArtifact(self.path, self.format, self.device)
 
@@ -144,7 +144,7 @@ def verify_artifact(
         loaded = load_artifact(path, format=format, device=device)
         with torch.inference_mode():
             output = loaded(example)
-    except Exception as err:  # noqa: BLE001 - the file is unusable; say so with the cause
+    except Exception as err:
         raise ArtifactMismatchError(
             f"The exported {format} file does not run when loaded back ({type(err).__name__}: {err}); it was not "
             "kept. The model itself is unchanged."

@@ -91,7 +91,7 @@ class CompiledAutocast(nn.Module):
             output = compiled(x)
         return tree_map(lambda v: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v, output)
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> "CompiledAutocast":
+    def __deepcopy__(self, memo: dict[int, Any]) -> CompiledAutocast:
         clone = CompiledAutocast(copy.deepcopy(self.model, memo), self.dtype)
         return clone.train(self.training)
 

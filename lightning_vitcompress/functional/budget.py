@@ -6,13 +6,22 @@ accuracy (the model as it entered ``fit``) and the allowed drop in points;
 ``max_accuracy_drop`` decisions through it, measuring with
 :func:`~lightning_vitcompress.functional.measure.measure_accuracy`.
 
-Example::
+Example (a tiny timm ViT, validated on labels it gets right: 100% entering)::
 
-    budget = AccuracyBudget(max_drop=1.0, reference=measure_accuracy(vit, val_batches))
-    ...compress...
-    accuracy = measure_accuracy(vit, val_batches)
-    if not budget.allows(accuracy):
-        print(budget.describe(accuracy))   # "92.10% vs 94.00% entering fit: -1.90 pt, budget 1.00 pt"
+    >>> import timm, torch
+    >>> from lightning_vitcompress.functional.budget import AccuracyBudget
+    >>> from lightning_vitcompress.functional.measure import measure_accuracy
+    >>> from lightning_vitcompress.functional.prune import prune_vit
+    >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10).eval()
+    >>> images = torch.randn(64, 3, 32, 32)
+    >>> val_batches = [(images, vit(images).argmax(-1))]
+    >>> budget = AccuracyBudget(max_drop=1.0, reference=measure_accuracy(vit, val_batches))
+    >>> _ = prune_vit(vit, 0.5, images[:1])   # ...compress...
+    >>> accuracy = measure_accuracy(vit, val_batches)
+    >>> budget.reference, budget.allows(accuracy) == (accuracy >= 0.99)
+    (1.0, True)
+    >>> budget.describe(0.921)   # what a callback reports for a model beyond its budget
+    '92.10% vs 100.00% entering fit: -7.90 pt, budget 1.00 pt'
 """
 
 from __future__ import annotations
@@ -34,7 +43,9 @@ class AccuracyBudget:
 
     Example::
 
-        AccuracyBudget(1.0, 0.94).allows(0.932)   # True: -0.8 pt
+        >>> from lightning_vitcompress.functional.budget import AccuracyBudget
+        >>> AccuracyBudget(1.0, 0.94).allows(0.932), AccuracyBudget(1.0, 0.94).allows(0.92)   # -0.8 pt, -2 pt
+        (True, False)
     """
 
     max_drop: float

@@ -4,14 +4,24 @@
 user's loss at every training step; they are usable on their own in any
 training loop. Loading the teacher is :mod:`~lightning_vitcompress.functional.teacher`.
 
-Example::
+Example (tiny timm ViTs: a 64-pixel teacher from a local weights file, a 32-pixel student)::
 
-    config = DistillConfig(mode="soft", alpha=0.5, temperature=4.0)
-    teacher = load_teacher("vit_base_patch16_224", teacher_weights="vit_b16.safetensors",
-                           teacher_kwargs=dict(num_classes=10)).eval().requires_grad_(False)
-    logits = student(x)
-    term = config.loss(logits, teacher_forward(teacher, x, input_adapter=224))  # no_grad, resized to 224
-    loss = combine_losses(F.cross_entropy(logits, y), term, config.alpha)
+    >>> import timm, torch, torch.nn.functional as F
+    >>> from safetensors.torch import save_file
+    >>> from lightning_vitcompress.functional.distill import (
+    ...     DistillConfig, combine_losses, load_teacher, teacher_forward)
+    >>> tiny = dict(num_classes=10, patch_size=8, depth=2)
+    >>> save_file(timm.create_model("vit_tiny_patch16_224", img_size=64, **tiny).state_dict(), "teacher.safetensors")
+    >>> config = DistillConfig(mode="soft", alpha=0.5, temperature=4.0)
+    >>> teacher = load_teacher("vit_tiny_patch16_224", teacher_weights="teacher.safetensors",
+    ...                        teacher_kwargs=dict(img_size=64, **tiny)).eval().requires_grad_(False)
+    >>> student = timm.create_model("vit_tiny_patch16_224", img_size=32, **tiny)
+    >>> x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    >>> logits = student(x)
+    >>> term = config.loss(logits, teacher_forward(teacher, x, input_adapter=64))  # no_grad, resized to 64
+    >>> loss = combine_losses(F.cross_entropy(logits, y), term, config.alpha)
+    >>> loss.shape, loss.requires_grad, any(p.grad is not None for p in teacher.parameters())
+    (torch.Size([]), True, False)
 """
 
 from __future__ import annotations
@@ -69,7 +79,13 @@ def soft_distillation_loss(student_logits: Tensor, teacher_logits: Tensor, tempe
 
     Example::
 
-        loss = soft_distillation_loss(student(x), teacher(x), temperature=4.0)
+        >>> import torch
+        >>> from lightning_vitcompress.functional.distill import soft_distillation_loss
+        >>> teacher_logits = torch.randn(8, 10)
+        >>> float(soft_distillation_loss(teacher_logits, teacher_logits, temperature=4.0))  # same logits: nothing
+        0.0
+        >>> float(soft_distillation_loss(torch.zeros(8, 10), teacher_logits, temperature=4.0)) > 0
+        True
     """
     if temperature <= 0:
         raise ValueError(f"temperature={temperature!r}: must be > 0, e.g. 1.0 or 4.0.")
@@ -110,8 +126,13 @@ class DistillConfig:
 
     Example::
 
-        config = DistillConfig(mode="deit", deit_target="soft", temperature=3.0)
-        term = config.loss(student_logits, teacher_logits)
+        >>> import torch
+        >>> from lightning_vitcompress.functional.distill import DistillConfig
+        >>> config = DistillConfig(mode="deit", deit_target="soft", temperature=3.0)
+        >>> student_logits, teacher_logits = torch.randn(8, 10), torch.randn(8, 10)
+        >>> term = config.loss(student_logits, teacher_logits)  # the distillation head's soft term
+        >>> term.shape, config.alpha
+        (torch.Size([]), 0.5)
     """
 
     mode: DistillationMode = "soft"
@@ -245,15 +266,18 @@ def teacher_forward(
         x = inputs
         if callable(input_adapter):
             x = input_adapter(x)
-        elif input_adapter is not None and tuple(x.shape[-2:]) != tuple(input_adapter):
-            x = F.interpolate(x, size=input_adapter, mode="bilinear", align_corners=False)
+        elif input_adapter is not None:
+            size = (input_adapter, input_adapter) if isinstance(input_adapter, int) else input_adapter
+            if tuple(x.shape[-2:]) != tuple(size):
+                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         reference = next(iter(teacher.parameters()), None)
         if reference is not None and reference.is_floating_point() and x.is_floating_point():
             x = x.to(reference.dtype)
         if precision is None:
             output = teacher(x)
         else:
-            dtype = _TEACHER_DTYPES[check_teacher_precision(precision)]
+            check_teacher_precision(precision)  # raises for a name _TEACHER_DTYPES lacks
+            dtype = _TEACHER_DTYPES[precision]
             with torch.autocast(x.device.type, dtype=dtype, enabled=precision != "fp32"):
                 output = teacher(x)
         try:  # a tensor; a tuple (first output: a distilled timm teacher in eval averages); `.logits` (transformers)

@@ -25,11 +25,16 @@ outputs matched the live model's within :data:`TOLERANCES`. What the artifact
 computes, its capture and the ONNX conversion are in
 :mod:`~lightning_vitcompress.functional.export_capture`.
 
-Example::
+Example (a tiny timm ViT; a pruned or quantized one the same way)::
 
-    summary = export_compressed(vit, "vit-int8.pt2", images[:8], inference_precision="bf16-mixed")
-    runner = torch._inductor.aoti_load_package("vit-int8.pt2")   # in the server: torch only
-    logits = runner(images)
+    >>> import timm, torch
+    >>> from lightning_vitcompress.functional.export import export_compressed
+    >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=10).eval()
+    >>> images = torch.randn(8, 3, 32, 32)
+    >>> summary = export_compressed(vit, "vit.pt2", images[:2])   # checked against the live model
+    >>> runner = torch._inductor.aoti_load_package("vit.pt2")   # in the server: torch only
+    >>> summary["format"], runner(images).shape   # any batch size
+    ('pt2', torch.Size([8, 10]))
 """
 
 from __future__ import annotations
@@ -38,15 +43,15 @@ import contextlib
 import copy
 import os
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import torch
 from torch import nn
 
 from lightning_vitcompress._checks import check_bool, check_choice, check_output_file, check_path
-from lightning_vitcompress.functional.measure import eval_mode
 from lightning_vitcompress.functional._torch_internals import (
     FORWARD_HOOK_DICTS,
     aoti_compile_and_package,
@@ -69,6 +74,7 @@ from lightning_vitcompress.functional.export_capture import (
     _has_x86_int8,
     _write_onnx,
 )
+from lightning_vitcompress.functional.measure import eval_mode
 from lightning_vitcompress.functional.openvino import check_openvino_installed, convert_to_openvino, write_openvino
 from lightning_vitcompress.functional.quantize_configs import INFERENCE_PRECISIONS
 from lightning_vitcompress.functional.x86_int8 import (
@@ -129,7 +135,10 @@ class ExportConfig:
 
     Example::
 
-        export_compressed(vit, "vit.onnx", images, ExportConfig(format="onnx"))
+        >>> from lightning_vitcompress.functional.export import ExportConfig, export_stages
+        >>> config = ExportConfig(format="onnx")   # export_compressed(vit, "vit.onnx", images, config)
+        >>> config.precision, export_stages(config)
+        ('32-true', ['trace (torch.export)', 'write ONNX', 'load back and check'])
     """
 
     format: Literal["pt2", "onnx", "openvino"] = "pt2"
@@ -298,17 +307,28 @@ def export_compressed(
 
     Example::
 
-        export_compressed(vit, "vit.pt2", images[:8])
-        export_compressed(vit, "vit.onnx", images[:8])
-        export_compressed(vit, "vit.xml", images[:8], quantize="int8", calibration_data=train_batches)
+        >>> import timm, torch
+        >>> from lightning_vitcompress.functional.export import export_compressed
+        >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=10).eval()
+        >>> images, train_batches = torch.randn(8, 3, 32, 32), [torch.randn(8, 3, 32, 32)]
+        >>> # export_compressed(vit, "vit.pt2", images[:8]) as in the module's example; the format follows the suffix:
+        >>> export_compressed(vit, "vit.onnx", images[:8])["format"]
+        'onnx'
+        >>> import contextlib, io
+        >>> with contextlib.redirect_stdout(io.StringIO()):   # NNCF prints its calibration progress bars
+        ...     summary = export_compressed(vit, "vit.xml", images[:8], quantize="int8", calibration_data=train_batches)
+        >>> summary["format"], summary["quantize"], summary["relative_error"] <= summary["tolerance"]
+        ('openvino', 'int8', True)
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model={type(model).__name__}: pass the nn.Module to export (e.g. a timm ViT).")
-    path = check_path(path, "path")
-    assert path is not None
+    target = check_path(path, "path")
+    assert target is not None  # path is required (not Optional); check_path returns None only for None
     if config is None:
         if "format" not in options:
-            options["format"] = next((name for name, suffix in ARTIFACT_FORMATS.items() if path.suffix == suffix), "pt2")
+            options["format"] = next(
+                (name for name, suffix in ARTIFACT_FORMATS.items() if target.suffix == suffix), "pt2"
+            )
         config = ExportConfig(**options)
     elif options:
         raise ValueError(f"export_compressed(config=..., {', '.join(options)}=...): pass the options in config only.")
@@ -319,11 +339,11 @@ def export_compressed(
             f"example_input={shown}: pass a real batch of images (batch, channels, height, width), e.g. the first "
             "validation batch; its image size is the exported file's."
         )
-    check_output_file(path, "path")
+    check_output_file(target, "path")
     config.check_environment()
-    if config.format == "openvino" and path.suffix != ".xml":
-        raise ValueError(f"path={str(path)!r} with format='openvino': an OpenVINO IR is an .xml file (its weights go "
-                         f"to the .bin beside it). Pass e.g. {str(path.with_suffix('.xml'))!r}.")
+    if config.format == "openvino" and target.suffix != ".xml":
+        raise ValueError(f"path={str(target)!r} with format='openvino': an OpenVINO IR is an .xml file (its weights go "
+                         f"to the .bin beside it). Pass e.g. {str(target.with_suffix('.xml'))!r}.")
     if calibration_data is not None and config.quantize is None:
         raise ValueError("calibration_data is for format='openvino', quantize='int8' (NNCF); this export quantizes "
                          "nothing. Drop calibration_data, or pass quantize='int8'.")
@@ -357,8 +377,8 @@ def export_compressed(
         program = None if config.format == "openvino" else _export_program(deployable, example, config.dynamic_batch)
         if program is not None:
             say(next(stages))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial{ARTIFACT_FORMATS[config.format]}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.partial{ARTIFACT_FORMATS[config.format]}")
         try:
             if config.format == "pt2":
                 assert program is not None
@@ -377,7 +397,7 @@ def export_compressed(
     export_seconds = time.perf_counter() - start
 
     summary: dict[str, Any] = {
-        "path": str(path),
+        "path": str(target),
         "format": config.format,
         "device": str(device),
         "inference_precision": config.precision,
@@ -397,7 +417,7 @@ def export_compressed(
             _remove(partial, config.format)
             raise
         say(next(stages))
-    for written, final in zip(artifact_files(partial, config.format), artifact_files(path, config.format)):
+    for written, final in zip(artifact_files(partial, config.format), artifact_files(target, config.format)):
         os.replace(written, final)
     return summary
 
@@ -424,7 +444,7 @@ def _model_device(model: nn.Module) -> torch.device:
 def _moved_copy(model: nn.Module, device: torch.device) -> nn.Module:
     try:
         return copy.deepcopy(model).to(device)
-    except Exception as err:  # noqa: BLE001 - e.g. CPU-only int8 layers to CUDA
+    except Exception as err:
         raise ValueError(
             f"device={str(device)!r}: the model cannot move there ({type(err).__name__}: {err}). Export on the "
             "device the model was quantized for (device=None)."

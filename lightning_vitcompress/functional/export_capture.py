@@ -7,10 +7,21 @@ converts the captured program. :func:`~lightning_vitcompress.functional.export.e
 decides what to write and checks it; the ``.pt2`` writer (AOTInductor) is there,
 the OpenVINO one in :mod:`~lightning_vitcompress.functional.openvino`.
 
-Example::
+Example (a tiny timm ViT; one image is repeated to two rows, so the batch stays dynamic)::
 
-    program = _export_program(_Deployable(vit, None), _example_batch(images), dynamic_batch=True)
-    _write_onnx(_Deployable(vit, None), program, _example_batch(images), Path("vit.onnx"), ExportConfig(), False)
+    >>> import timm, torch
+    >>> from pathlib import Path
+    >>> from lightning_vitcompress.functional.export import ExportConfig
+    >>> from lightning_vitcompress.functional.export_capture import (
+    ...     _Deployable, _example_batch, _export_program, _write_onnx)
+    >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=10).eval()
+    >>> images = torch.randn(1, 3, 32, 32)
+    >>> program = _export_program(_Deployable(vit, None), _example_batch(images), dynamic_batch=True)
+    >>> program.module()(torch.randn(5, 3, 32, 32)).shape
+    torch.Size([5, 10])
+    >>> _write_onnx(_Deployable(vit, None), program, _example_batch(images), Path("vit.onnx"), ExportConfig(), False)
+    >>> Path("vit.onnx").stat().st_size > 0
+    True
 """
 
 from __future__ import annotations
@@ -58,7 +69,7 @@ def _export_program(module: nn.Module, example: torch.Tensor, dynamic_batch: boo
     try:
         with torch.no_grad():
             return torch.export.export(module, (example,), dynamic_shapes=dynamic_shapes, strict=False)
-    except Exception as err:  # noqa: BLE001 - reported with what would work
+    except Exception as err:
         text = _short(err, 1500)
         data_dependent = any(
             marker in text for marker in ("data-dependent", "data dependent", "GuardOnDataDependent", "Could not guard")
@@ -89,8 +100,9 @@ def _write_onnx(
     try:
         with torch.no_grad():
             onnx_program = torch.onnx.export(program, (example,), **kwargs)
+        assert onnx_program is not None  # dynamo=True returns the ONNXProgram (None is the legacy exporter's)
         onnx_program.save(str(path))
-    except Exception as err:  # noqa: BLE001 - reported with the format that works
+    except Exception as err:
         what = "its int8 layers" if int8 or _has_quantized_weights(module) else "the model"
         raise ValueError(
             f"format='onnx': the ONNX exporter cannot convert {what} ({_short(err, 300).splitlines()[0]}). "

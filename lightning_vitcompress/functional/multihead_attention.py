@@ -28,6 +28,7 @@ Example::
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import ClassVar, Optional
 
 import torch
@@ -105,7 +106,7 @@ class MultiheadSelfAttention(nn.Module):
         self.q_norm, self.k_norm, self.norm, self.proj_drop = nn.Identity(), nn.Identity(), nn.Identity(), nn.Identity()
 
     @classmethod
-    def from_multihead(cls, attention: nn.MultiheadAttention) -> "MultiheadSelfAttention":
+    def from_multihead(cls, attention: nn.MultiheadAttention) -> MultiheadSelfAttention:
         """The same attention, sharing ``attention``'s parameters.
 
         Raises:
@@ -229,7 +230,7 @@ def split_multihead_attention(model: nn.Module) -> dict[str, nn.MultiheadAttenti
     return originals
 
 
-def restore_multihead_attention(model: nn.Module, originals: dict[str, nn.MultiheadAttention]) -> None:
+def restore_multihead_attention(model: nn.Module, originals: Mapping[str, nn.Module]) -> None:
     """Put back the modules :func:`split_multihead_attention` swapped out (their parameters were shared)."""
     for name, module in originals.items():
         set_submodule(model, name, module)

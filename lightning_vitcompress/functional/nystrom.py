@@ -4,10 +4,15 @@ The attention module itself (and the math) is in
 :mod:`lightning_vitcompress.functional.nystrom_attention`;
 :class:`~lightning_vitcompress.NystromSwap` calls :func:`swap_attention` inside ``fit``.
 
-Example::
+Example (a tiny timm ViT with 64 patch tokens; ``vit_small_patch16_384`` the same way)::
 
-    vit = timm.create_model("vit_small_patch16_384", pretrained=False)
-    swap_attention(vit, NystromConfig(num_landmarks=64))
+    >>> import timm, torch
+    >>> from lightning_vitcompress.functional.nystrom import NystromConfig, swap_attention
+    >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=8, depth=2, num_classes=10)
+    >>> sorted(swap_attention(vit, NystromConfig(num_landmarks=16)))  # the softmax attentions replaced
+    ['blocks.0.attn', 'blocks.1.attn']
+    >>> type(vit.blocks[0].attn).__name__, vit(torch.randn(2, 3, 64, 64)).shape
+    ('NystromAttention', torch.Size([2, 10]))
 """
 
 from __future__ import annotations
@@ -48,14 +53,14 @@ __all__ = [
     "NystromConfig",
     "attention_token_counts",
     "exact_attention",
-    "nystrom_break_even",
-    "swap_back",
-    "swap_back_gains",
     "iterative_pinv",
+    "nystrom_break_even",
     "nystrom_settings",
     "segment_means",
     "select_attention_blocks",
     "swap_attention",
+    "swap_back",
+    "swap_back_gains",
 ]
 
 
@@ -74,8 +79,14 @@ class NystromConfig:
 
     Example::
 
-        swap_attention(vit, NystromConfig(num_landmarks=64))
-        NystromSwap(config=NystromConfig(num_landmarks=64), swap_epoch=2)
+        >>> import timm
+        >>> from lightning_vitcompress import NystromSwap
+        >>> from lightning_vitcompress.functional.nystrom import NystromConfig, swap_attention
+        >>> config = NystromConfig(num_landmarks=16)
+        >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=8, depth=2)
+        >>> len(swap_attention(vit, config))  # the same config now, or in a callback during fit
+        2
+        >>> callback = NystromSwap(config=config, swap_epoch=2)
     """
 
     num_landmarks: int = 64
@@ -156,8 +167,11 @@ def swap_attention(
 
     Example::
 
-        vit = timm.create_model("vit_small_patch16_384", pretrained=False)
-        swap_attention(vit, NystromConfig(num_landmarks=64), blocks=[-4, -3, -2, -1])
+        >>> import timm
+        >>> from lightning_vitcompress.functional.nystrom import NystromConfig, swap_attention
+        >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=8, depth=6)
+        >>> list(swap_attention(vit, NystromConfig(num_landmarks=16), blocks=[-2, -1]))  # the last two blocks
+        ['blocks.4.attn', 'blocks.5.attn']
     """
     if not isinstance(config, NystromConfig):
         config = NystromConfig(num_landmarks=config, **options)
@@ -281,9 +295,15 @@ def swap_back(model: nn.Module, names: Iterable[str]) -> dict[str, NystromAttent
 
     Example::
 
-        swap_attention(vit, NystromConfig(num_landmarks=16))
-        ...fine-tune...
-        swap_back(vit, ["blocks.0.attn"])   # block 0 computes exact softmax attention again
+        >>> import timm
+        >>> from lightning_vitcompress.functional.nystrom import NystromConfig, swap_attention, swap_back
+        >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=8, depth=2)
+        >>> _ = swap_attention(vit, NystromConfig(num_landmarks=16))
+        >>> # ...fine-tune...
+        >>> list(swap_back(vit, ["blocks.0.attn"]))  # block 0 computes exact softmax attention again
+        ['blocks.0.attn']
+        >>> type(vit.blocks[0].attn).__name__, type(vit.blocks[1].attn).__name__
+        ('Attention', 'NystromAttention')
     """
     removed = {name: get_submodule(model, name) for name in names}
     wrong = [name for name, module in removed.items() if not isinstance(module, NystromAttention)]
@@ -314,12 +334,19 @@ def swap_back_gains(
 
     Example::
 
-        gains = swap_back_gains(vit, ["blocks.0.attn", "blocks.1.attn"], val_loader)
-        most_costly = max(gains, key=lambda n: (gains[n]["accuracy_gain"], gains[n]["logit_change"]))
+        >>> import timm, torch
+        >>> from lightning_vitcompress.functional.nystrom import NystromConfig, swap_attention, swap_back_gains
+        >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=8, depth=2, num_classes=10)
+        >>> _ = swap_attention(vit, NystromConfig(num_landmarks=16))
+        >>> val_loader = [(torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))) for _ in range(2)]
+        >>> gains = swap_back_gains(vit.eval(), ["blocks.0.attn", "blocks.1.attn"], val_loader)
+        >>> most_costly = max(gains, key=lambda n: (gains[n]["accuracy_gain"], gains[n]["logit_change"]))
+        >>> sorted(gains["blocks.0.attn"]), most_costly in gains
+        (['accuracy_gain', 'logit_change'], True)
     """
     from lightning_vitcompress.models.base import logits_of
 
-    correct = {name: 0 for name in (None, *names)}
+    correct = dict.fromkeys((None, *names), 0)
     change = dict.fromkeys(names, 0.0)
     seen = 0
     with eval_mode(model), torch.inference_mode():
@@ -433,7 +460,13 @@ def nystrom_break_even(
 
     Example::
 
-        nystrom_break_even(vit.blocks[0].attn, NystromConfig(num_landmarks=64), 1, [197, 577, 1025])
+        >>> import timm
+        >>> from lightning_vitcompress.functional.nystrom import NystromConfig, nystrom_break_even
+        >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1)
+        >>> timing = nystrom_break_even(vit.blocks[0].attn, NystromConfig(num_landmarks=16), 1, [65, 257],
+        ...                             min_run_time=0.01, rounds=1)
+        >>> sorted(timing["speedups"]), sorted(timing)  # its speed-up at each count (machine-dependent)
+        ([65, 257], ['break_even', 'speedups'])
     """
     import copy
 
@@ -446,7 +479,7 @@ def nystrom_break_even(
     width = weight.shape[1]
     generator = torch.Generator().manual_seed(0)
     speedups: dict[int, float] = {}
-    for tokens in sorted(set(int(t) for t in token_counts)):
+    for tokens in sorted({int(t) for t in token_counts}):
         if tokens - num_prefix_tokens <= config.num_landmarks:
             continue
         x = torch.randn(batch_size, tokens, width, generator=generator).to(device=weight.device, dtype=weight.dtype)

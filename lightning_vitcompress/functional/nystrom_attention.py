@@ -201,7 +201,7 @@ class NystromAttention(nn.Module):
         num_prefix_tokens: int = 0,
         pinv_iterations: int = 6,
         conv_kernel_size: Optional[int] = None,
-    ) -> "NystromAttention":
+    ) -> NystromAttention:
         """A Nyström module that reuses ``attention``'s trained modules (shared, not copied).
 
         ``attention`` is a timm ``Attention`` (ViT, DeiT, with qk-norm, scale-norm

@@ -7,11 +7,20 @@ blocks (the pruning reader needs their head layout) and :func:`read_nystrom`
 turns them into the records that :mod:`~lightning_vitcompress.functional.nystrom`'s
 replay rebuilds, one per set of settings. ``nystrom.py`` registers both.
 
-Example::
+Example (weights saved with block 0 swapped, read into a freshly built ViT)::
 
-    saved = SavedModel(vit, torch.load("weights.pt", weights_only=True), target="model")
-    find_nystrom_blocks(saved)
-    read_nystrom(saved)   # [{"blocks": ["blocks.0.attn", ...], "num_landmarks": 16, ...}]
+    >>> import timm, torch
+    >>> from lightning_vitcompress._registry import SavedModel
+    >>> from lightning_vitcompress.functional.nystrom import swap_attention
+    >>> from lightning_vitcompress.functional.nystrom_structure import find_nystrom_blocks, read_nystrom
+    >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
+    >>> _ = swap_attention(vit, 16, blocks=[0])
+    >>> torch.save(vit.state_dict(), "weights.pt")
+    >>> fresh = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
+    >>> saved = SavedModel(fresh, torch.load("weights.pt", weights_only=True), target="")
+    >>> find_nystrom_blocks(saved)
+    >>> read_nystrom(saved)
+    [{'blocks': ['blocks.0.attn'], 'num_landmarks': 16, 'num_prefix_tokens': 1, 'pinv_iterations': 6, 'conv_kernel_size': None}]
 """
 
 from __future__ import annotations

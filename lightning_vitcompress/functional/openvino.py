@@ -42,8 +42,16 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-__all__ = ["INSTALL_OPENVINO", "OPENVINO_PRECISION_HINTS", "OpenVINORunner", "convert_to_openvino",
-           "check_openvino_installed", "converter_message", "openvino_files", "write_openvino"]
+__all__ = [
+    "INSTALL_OPENVINO",
+    "OPENVINO_PRECISION_HINTS",
+    "OpenVINORunner",
+    "check_openvino_installed",
+    "convert_to_openvino",
+    "converter_message",
+    "openvino_files",
+    "write_openvino",
+]
 
 INSTALL_OPENVINO = "pip install 'lightning-vitcompress[openvino]' (openvino, nncf)"
 
@@ -74,7 +82,7 @@ def convert_to_openvino(module: nn.Module, example: torch.Tensor, dynamic_batch:
     try:
         with torch.no_grad():
             return ov.convert_model(module, example_input=example, input=[input_shape])
-    except Exception as err:  # noqa: BLE001 - the converter's own words, with what works instead
+    except Exception as err:
         raise ValueError(
             f"format='openvino': ov.convert_model cannot convert {type(getattr(module, 'model', module)).__name__} "
             f"({converter_message(err)}). Use format='pt2' (AOTInductor), which runs every model this library "
@@ -120,7 +128,7 @@ def _nncf_int8(ov_model: Any, batches: list[torch.Tensor]) -> Any:
     dataset = nncf.Dataset([batch.detach().float().cpu().numpy() for batch in batches])
     try:
         return nncf.quantize(ov_model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(batches))
-    except Exception as err:  # noqa: BLE001 - NNCF's words, with what works instead
+    except Exception as err:
         raise ValueError(
             f"quantize='int8': NNCF post-training quantization failed ({converter_message(err)}). Export in float "
             "(quantize=None), or use QuantizeOnFit with format='pt2'."

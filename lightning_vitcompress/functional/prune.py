@@ -6,10 +6,14 @@ keeps each attention's trained softmax scale, and returns the shape changes as
 a record that :func:`~lightning_vitcompress.load_compressed` replays on a fresh
 model. :class:`~lightning_vitcompress.PruningSchedule` calls it inside ``fit``.
 
-Example::
+Example (a tiny timm ViT; ``vit_base_patch16_224`` the same way)::
 
-    vit = timm.create_model("vit_base_patch16_224", pretrained=False)
-    prune_vit(vit, 0.5, torch.randn(1, 3, 224, 224))   # half the channels of every layer
+    >>> import timm, torch
+    >>> from lightning_vitcompress.functional.prune import prune_vit
+    >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
+    >>> _ = prune_vit(vit, 0.5, torch.randn(1, 3, 32, 32))   # half the channels of every layer
+    >>> vit.embed_dim, vit.blocks[0].mlp.fc1.out_features
+    (96, 384)
 
 .. _torch-pruning: https://github.com/VainF/Torch-Pruning
 """
@@ -105,9 +109,15 @@ class PruneConfig:
 
     Example::
 
-        config = PruneConfig(0.5, prune_heads=True)
-        prune_vit(vit, config, torch.randn(1, 3, 224, 224))
-        PruningSchedule(config=config, start_epoch=0)
+        >>> import timm, torch
+        >>> from lightning_vitcompress import PruningSchedule
+        >>> from lightning_vitcompress.functional.prune import PruneConfig, prune_vit
+        >>> config = PruneConfig(0.5, prune_heads=True)
+        >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_heads=4)
+        >>> _ = prune_vit(vit, config, torch.randn(1, 3, 32, 32))  # now, or in a callback during fit:
+        >>> vit.blocks[0].attn.num_heads, vit.blocks[0].attn.head_dim  # whole heads removed
+        (2, 48)
+        >>> callback = PruningSchedule(config=config, start_epoch=0)
     """
 
     pruning_ratio: float = 0.5
@@ -189,7 +199,7 @@ class PruneConfig:
         if all(count == 0 for count in removed.values()):
             raise ValueError(
                 f"{given} removes no channel with round_to={self.round_to}: pass a larger pruning_ratio "
-                f"(at least {self.round_to / max(cut.values()):.3f}) or a smaller round_to."
+                f"(at least {(self.round_to or 1) / max(cut.values()):.3f}) or a smaller round_to."
             )
 
     def fraction_removed(self, original: dict[str, list[int]], model: nn.Module) -> float:
@@ -358,8 +368,12 @@ def prune_vit(
 
     Example::
 
-        vit = timm.create_model("vit_base_patch16_224")
-        prune_vit(vit, 0.5, torch.randn(1, 3, 224, 224))
+        >>> import timm, torch
+        >>> from lightning_vitcompress.functional.prune import prune_vit
+        >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
+        >>> records = prune_vit(vit, 0.5, torch.randn(1, 3, 32, 32))
+        >>> records["blocks.0.mlp.fc1"]["tensors"]["weight"], vit(torch.randn(2, 3, 32, 32)).shape  # new shapes
+        ([384, 96], torch.Size([2, 1000]))
     """
     if not isinstance(config, PruneConfig):
         config = PruneConfig(pruning_ratio=config, **options)
@@ -373,7 +387,7 @@ def prune_vit(
     adapter.prepare_pruning()
     layouts = adapter.layouts()
     residual, mlp_inputs, attention = adapter.residual_layers(), adapter.mlp_input_layers(), _attention_output_layers(adapter)
-    ignored: list[nn.Module] = [
+    ignored: list[Union[nn.Module, nn.Parameter]] = [  # torch-pruning takes modules and parameters
         *(head for _, head in adapter.classifier_heads()), *(get_submodule(model, n) for n in config.ignored_layers),
         *(m for _, pool in adapter.attention_pools() for m in (pool, pool.latent)),  # narrowed after the step
         *(mlp.fc1 for _, mlp in adapter.glu_mlps()),  # torch-pruning misreads their chunk: narrowed after the step
@@ -423,9 +437,9 @@ def prune_vit(
     before = shape_snapshot(model)
     # torch-pruning cannot trace the landmark branch of NystromAttention (it reads its token concat as a
     # channel concat); with landmarks >= tokens the module runs exact attention, whose graph is timm's
-    landmarks = {
-        layout.module: layout.module.num_landmarks
-        for layout in layouts if isinstance(getattr(layout.module, "num_landmarks", None), int)
+    landmarks: dict[Any, int] = {  # Nyström attentions, whose landmark count is set by name
+        layout.module: count
+        for layout in layouts if isinstance(count := getattr(layout.module, "num_landmarks", None), int)
     }
     for attn in landmarks:
         attn.num_landmarks = 2**31

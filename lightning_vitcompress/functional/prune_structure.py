@@ -8,15 +8,20 @@ the attributes that follow from them (``in_features``, ``normalized_shape``, the
 ViT's ``embed_dim``, each attention's head layout). :mod:`~lightning_vitcompress.functional.prune`
 registers both with :mod:`lightning_vitcompress._registry`.
 
-Example::
+Example (a two-block ``vit_tiny_patch16_224``)::
 
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False)
-    prunable_widths(vit)  # {"embed": [192], "blocks.0.attn.qkv": [3, 64], "blocks.0.mlp.fc1": [768], ...}
-    widths_after(prunable_widths(vit), 0.5, prune_heads=False)["blocks.0.attn.qkv"]   # [3, 32]
+    >>> import timm
+    >>> from lightning_vitcompress.functional.prune_structure import prunable_widths, widths_after
+    >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
+    >>> prunable_widths(vit)
+    {'embed': [192], 'blocks.0.attn.qkv': [3, 64], 'blocks.1.attn.qkv': [3, 64], 'blocks.0.mlp.fc1': [768], 'blocks.1.mlp.fc1': [768]}
+    >>> widths_after(prunable_widths(vit), 0.5, prune_heads=False)["blocks.0.attn.qkv"]   # 3 heads of 32 dims
+    [3, 32]
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Mapping
@@ -113,10 +118,8 @@ def _adapter_or_none(model: nn.Module) -> Optional[ModelAdapter]:
 # ---------------------------------------------------------------------------- reading a state dict
 def prepare_saved(saved: SavedModel) -> None:
     """Put a pruned model's tensors in their traceable form (e.g. EVA's q/v biases folded into ``qkv.bias``)."""
-    try:
+    with contextlib.suppress(TypeError, ValueError):  # no adapter reads it: only int8 applies
         adapter_for(saved.model).prepare_pruning(saved.state_dict)
-    except (TypeError, ValueError):
-        pass  # no adapter reads it: only int8 applies
 
 
 def read_pruned(saved: SavedModel) -> list[Record]:
@@ -214,7 +217,7 @@ def _attributes(
         return {"head_dim": head_dim, "scale": head_dim**-0.5}
     conv = after.get(dot + "patch_embed.proj", {}).get("tensors", {}).get("weight")
     if conv:  # timm VisionTransformer: its width in a few attributes (see prune_vit)
-        return {attr: conv[0] for attr in ("embed_dim", "num_features", "head_hidden_size")}
+        return dict.fromkeys(("embed_dim", "num_features", "head_hidden_size"), conv[0])
     return {}
 
 

@@ -15,17 +15,23 @@ Adding a config is one registry entry::
         incompatible=lambda layer: "fewer than 64 inputs" if layer.in_features < 64 else None,
     )
 
-Example::
+Example (a tiny timm ViT; any model with linear layers the same way)::
 
-    summary = quantize_model(vit, "int8_dynamic", skip=["head"], example_input=images)
+    >>> import timm, torch
+    >>> from lightning_vitcompress.functional.quantize import quantize_model
+    >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10).eval()
+    >>> images = torch.randn(2, 3, 32, 32)
+    >>> summary = quantize_model(vit, "int8_dynamic", skip=["head"], example_input=images)
+    >>> len(summary["quantized"]), summary["skipped"], summary["size_after_bytes"] < summary["size_before_bytes"] / 2
+    (8, {'head': 'skip'}, True)
 """
 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -45,18 +51,18 @@ from lightning_vitcompress.functional.multihead_attention import (
     split_multihead_attention,
     split_named,
 )
-from lightning_vitcompress.functional.x86_int8 import (
-    calibrate_input_ranges,
-)
 from lightning_vitcompress.functional.quantize_configs import resolve_quantization, spec_for_label, unprepared
 from lightning_vitcompress.functional.quantize_layers import (
     SkipSpec,
+    check_skip,
     check_skip_matches,
     is_linear,
     is_quantized_layer,
-    check_skip,
 )
 from lightning_vitcompress.functional.quantize_structure import find_split_attentions, read_quantized
+from lightning_vitcompress.functional.x86_int8 import (
+    calibrate_input_ranges,
+)
 
 __all__ = ['ModelInputs', 'quantize_model', 'remove_fake_quantization', 'split_attention_to_quantize']
 
@@ -87,7 +93,7 @@ class ModelInputs:
     kwargs: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def detached(cls, args: tuple[Any, ...], kwargs: Mapping[str, Any], rows: Optional[int] = None) -> "ModelInputs":
+    def detached(cls, args: tuple[Any, ...], kwargs: Mapping[str, Any], rows: Optional[int] = None) -> ModelInputs:
         """A detached copy of a forward call's tensors, cut to their first ``rows`` rows (``None``: all)."""
         return cls(_detached_rows(args, rows), _detached_rows(dict(kwargs), rows))
 
@@ -153,7 +159,8 @@ def keep_encoder_layers_unfused(model: nn.Module) -> None:
     """
     for module in model.modules():
         if getattr(module, "qkv_bias_separate", None) is False and getattr(module, "q_bias", None) is not None:
-            module.qkv_bias_separate = True  # the same function, with qkv called as a module
+            attention: Any = module  # a timm EVA/BEiT attention: the flag is set by name
+            attention.qkv_bias_separate = True  # the same function, with qkv called as a module
         if isinstance(module, nn.TransformerEncoder) and any(
             not isinstance(layer.self_attn, nn.MultiheadAttention) for layer in module.layers
         ):
@@ -231,7 +238,13 @@ def quantize_model(
 
     Example::
 
-        summary = quantize_model(vit, "int8_dynamic", skip=["head"], example_input=images)
+        >>> import timm, torch
+        >>> from lightning_vitcompress.functional.quantize import quantize_model
+        >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10)
+        >>> images = torch.randn(2, 3, 32, 32)
+        >>> summary = quantize_model(vit.eval(), "int8_dynamic", skip=["head"], example_input=images)
+        >>> summary["config"], summary["quantized"][:2], summary["output_relative_error"] < 0.1
+        ('int8_dynamic', ['blocks.0.attn.qkv', 'blocks.0.attn.proj'], True)
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model={type(model).__name__}: pass the nn.Module to quantize (e.g. a timm ViT).")
@@ -267,7 +280,7 @@ def split_attention_to_quantize(model: nn.Module) -> dict[str, nn.Module]:
 
     Returns the swapped-out modules by name (see :func:`restore_multihead_attention`).
     """
-    return split_multihead_attention(model)
+    return dict(split_multihead_attention(model))  # a copy typed as the callers hold it (dict is invariant)
 
 
 def _quantize_split_model(
@@ -288,7 +301,7 @@ def _quantize_split_model(
     with torch.no_grad():
         try:
             reference = run_model(model, example)
-        except Exception as err:  # noqa: BLE001 - nothing was changed yet
+        except Exception as err:
             raise ValueError(
                 f"example_input: the model cannot run it before quantizing ({type(err).__name__}: {err}); "
                 "pass an input the model takes. The model is unchanged."

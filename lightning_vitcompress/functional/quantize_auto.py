@@ -11,12 +11,22 @@ checks the fastest ones' accuracy against the budget until one passes. A
 config must beat the unquantized model by :data:`MIN_SPEEDUP` to be chosen;
 if none does, the answer is "keep it unquantized".
 
-Example::
+Example (a tiny timm ViT, one candidate, short timings; ``auto_candidates("cpu")`` lists all of them)::
 
-    result = select_quantization(vit, auto_candidates("cpu", calibration=True), torch.randn(32, 3, 224, 224),
-                                 example_input=images[:8], calibration_inputs=[images])
-    result["chosen"]            # AutoCandidate(config="int8_static_x86", inference_precision="bf16-mixed") or None
-    print(format_auto_table(result))
+    >>> import timm, torch
+    >>> from lightning_vitcompress.functional.quantize_auto import (
+    ...     AutoCandidate, format_auto_table, select_quantization)
+    >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10).eval()
+    >>> images = torch.randn(8, 3, 32, 32)
+    >>> result = select_quantization(vit, [AutoCandidate("int8_dynamic")], images, example_input=images[:2],
+    ...                              compile=False, rounds=1, min_run_time=0.01)
+    >>> result["chosen"] in (None, AutoCandidate("int8_dynamic"))   # None: not faster here (machine-dependent)
+    True
+    >>> print(format_auto_table(result))   # images/s and the outcome depend on the machine
+    | config | images/s | vs unquantized | top-1 | outcome |
+    |---|---|---|---|---|
+    | unquantized | ... | 1.00x | | |
+    | int8_dynamic | ...
 """
 
 from __future__ import annotations
@@ -24,9 +34,9 @@ from __future__ import annotations
 import copy
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -88,8 +98,7 @@ def auto_candidates(device: Union[str, torch.device], *, calibration: bool = Tru
         return [
             AutoCandidate(name)
             for name in names
-            if QUANTIZATION_CONFIGS[name].min_capability is None
-            or capability >= QUANTIZATION_CONFIGS[name].min_capability
+            if (needed := QUANTIZATION_CONFIGS[name].min_capability) is None or capability >= needed
         ]
     candidates: list[AutoCandidate] = []
     if _is_x86() and torch.backends.mkldnn.is_available():
@@ -130,7 +139,7 @@ def select_quantization(
     skip: SkipSpec = None,
     example_input: Any = None,
     calibration_inputs: Optional[Sequence[Any]] = None,
-    compile: Union[None, bool, dict[str, Any]] = None,
+    compile: Union[bool, dict[str, Any], None] = None,
     accuracy: Optional[Callable[[nn.Module], Optional[float]]] = None,
     budget: Optional[AccuracyBudget] = None,
     time_budget_s: float = 300.0,
@@ -196,7 +205,7 @@ def select_quantization(
                              **(compile if isinstance(compile, dict) else {}))
             with torch.inference_mode():
                 trial_model.eval()(timing_input)  # compiles for the timed shape (and fails here, not in the timer)
-        except Exception as err:  # noqa: BLE001 - a config that cannot run here is reported, not fatal
+        except Exception as err:
             trials[candidate.label] = _trial(candidate, f"failed: {type(err).__name__}: {err}")
             continue
         seconds = time.perf_counter() - began
@@ -240,9 +249,9 @@ def select_quantization(
         for label in faster:
             if accuracy is not None:
                 say(f"checking the accuracy of {label} on the validation data")
-                trials[label]["accuracy"] = value = accuracy(built[label])
-                if budget is not None and not budget.allows(value):
-                    trials[label]["status"] = f"beyond budget ({budget.describe(value)})"
+                trials[label]["accuracy"] = top1 = accuracy(built[label])
+                if budget is not None and not budget.allows(top1):
+                    trials[label]["status"] = f"beyond budget ({budget.describe(top1)})"
                     continue
             chosen = by_label[label]
             trials[label]["status"] = "chosen"

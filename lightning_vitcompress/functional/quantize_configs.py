@@ -17,11 +17,11 @@ import copy
 import dataclasses
 import functools
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
-
 import torchao.quantization
 from torch import nn
 from torchao.core.config import AOBaseConfig
@@ -36,6 +36,7 @@ from torchao.utils import TorchAOBaseTensor
 
 from lightning_vitcompress._model import set_submodule
 from lightning_vitcompress.functional._torch_internals import inductor_mode_options
+from lightning_vitcompress.functional.quantize_layers import SkipSpec, is_linear, select_layers
 from lightning_vitcompress.functional.x86_int8 import (
     Int8DynamicX86Config,
     Int8StaticX86Config,
@@ -45,7 +46,6 @@ from lightning_vitcompress.functional.x86_int8 import (
     cpu_supports_bfloat16,
     cpu_supports_int8_dot_product,
 )
-from lightning_vitcompress.functional.quantize_layers import SkipSpec, is_linear, select_layers
 
 __all__ = ['INFERENCE_PRECISIONS', 'QUANTIZATION_CONFIGS', 'DefaultChoice', 'QuantizationSpec', 'check_compile', 'check_config',
            'default_quantization', 'resolve_quantization', 'spec_for_label']
@@ -206,7 +206,7 @@ class QuantizationSpec:
             torchao.quantization.quantize_(holder, config, filter_fn=is_linear)
             with torch.no_grad():
                 holder[0](x.to(torch.bfloat16) if self.bfloat16_weights else x)
-        except Exception as err:  # noqa: BLE001 - any failure is reported with its cause
+        except Exception as err:
             what = "qat_start_epoch (torchao QAT cannot fake-quantize this config). " if step == "QAT prepare" else ""
             raise ValueError(
                 f"QuantizeOnFit(config={self.name!r}): the {step} step failed on a test layer on {device}: "
@@ -215,7 +215,7 @@ class QuantizationSpec:
             ) from err
 
     # ------------------------------------------------------------- compiling
-    def compiles(self, compile: Union[None, bool, dict[str, Any]]) -> bool:
+    def compiles(self, compile: Union[bool, dict[str, Any], None]) -> bool:
         """Whether ``QuantizeOnFit(compile=...)`` compiles this config (``None``: :attr:`compiled_by_default`)."""
         return self.compiled_by_default if compile is None else compile is not False
 
@@ -341,6 +341,8 @@ def default_quantization(device: torch.device, calibrates: bool = True) -> Defau
 
     ``QuantizeOnFit(config="auto")`` measures instead of reading. Example::
 
+        >>> import torch
+        >>> from lightning_vitcompress.functional.quantize_configs import default_quantization
         >>> default_quantization(torch.device("meta")).config
         'int8_dynamic'
     """

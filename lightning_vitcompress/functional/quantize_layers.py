@@ -1,15 +1,22 @@
 """Which ``nn.Linear`` layers of a model a quantization config applies to (``skip``, incompatible shapes).
 
-Example::
+Example (a tiny timm ViT)::
 
-    selected, skipped = select_layers(vit, skip=["head", "blocks.0.*"])
+    >>> import timm
+    >>> from lightning_vitcompress.functional.quantize_layers import select_layers
+    >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
+    >>> selected, skipped = select_layers(vit, skip=["head", "blocks.0.*"])
+    >>> selected
+    ['blocks.1.attn.qkv', 'blocks.1.attn.proj', 'blocks.1.mlp.fc1', 'blocks.1.mlp.fc2']
+    >>> sorted(skipped)   # with why, by name
+    ['blocks.0.attn.proj', 'blocks.0.attn.qkv', 'blocks.0.mlp.fc1', 'blocks.0.mlp.fc2', 'head']
 """
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 from torch import nn
@@ -64,7 +71,7 @@ def check_skip_matches(model: nn.Module, skip: SkipSpec) -> None:
     names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     for pattern in [skip] if isinstance(skip, str) else skip:
         if not any(name == pattern or fnmatch.fnmatchcase(name, pattern) for name in names):
-            shown = names if len(names) <= 8 else names[:8] + ["..."]
+            shown = names if len(names) <= 8 else [*names[:8], "..."]
             raise ValueError(
                 f"skip={skip!r}: {pattern!r} matches no nn.Linear layer of {type(model).__name__}; its linear "
                 f"layers are {shown}. Use their names or glob patterns ('blocks.*.mlp.fc2')."

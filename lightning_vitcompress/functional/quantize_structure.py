@@ -9,11 +9,20 @@ shapes) and :func:`read_quantized` returns the records that
 :mod:`~lightning_vitcompress.functional.quantize`'s replay rebuilds, one per
 config. ``quantize.py`` registers both.
 
-Example::
+Example (int8 weights saved from a quantized ViT, read into a freshly built one)::
 
-    saved = SavedModel(vit, torch.load("int8.pt", weights_only=True), target="model")
-    find_split_attentions(saved)
-    read_quantized(saved)   # [{"config": "int8_dynamic_x86", "layers": ["blocks.0.attn.qkv", ...], ...}]
+    >>> import timm, torch
+    >>> from lightning_vitcompress._registry import SavedModel
+    >>> from lightning_vitcompress.functional.quantize import quantize_model
+    >>> from lightning_vitcompress.functional.quantize_structure import find_split_attentions, read_quantized
+    >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1).eval()
+    >>> _ = quantize_model(vit, "int8_dynamic_x86", skip=["head"])
+    >>> torch.save(vit.state_dict(), "int8.pt")
+    >>> fresh = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1)
+    >>> saved = SavedModel(fresh, torch.load("int8.pt", weights_only=True), target="")
+    >>> find_split_attentions(saved)   # no nn.MultiheadAttention was split in a timm ViT
+    >>> read_quantized(saved)
+    [{'config': 'int8_dynamic_x86', 'layers': ['blocks.0.attn.qkv', 'blocks.0.attn.proj', 'blocks.0.mlp.fc1', 'blocks.0.mlp.fc2'], 'skipped': {}, 'split_attention': []}]
 """
 
 from __future__ import annotations

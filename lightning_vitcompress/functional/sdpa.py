@@ -21,6 +21,7 @@ sequences longer than ``max_tokens``) go to the fused kernel unchanged.
 Example::
 
     >>> import torch, torch.nn.functional as F
+    >>> from lightning_vitcompress.functional.sdpa import DecomposedAttention
     >>> q, k, v = (torch.randn(2, 3, 50, 32) for _ in range(3))
     >>> with DecomposedAttention():
     ...     out = F.scaled_dot_product_attention(q, k, v)
@@ -31,7 +32,8 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F

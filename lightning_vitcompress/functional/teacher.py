@@ -7,10 +7,17 @@ at construction (a missing file, an unknown timm name with the closest ones);
 structure), a timm name with ``pretrained_cfg_overlay`` for local weights.
 :mod:`~lightning_vitcompress.functional.distill` re-exports both.
 
-Example::
+Example (a tiny timm ViT's weights saved to a local file, as a fine-tuned teacher's would be)::
 
-    teacher = load_teacher("vit_base_patch16_224", teacher_weights="vit_b16.safetensors",
-                           teacher_kwargs=dict(num_classes=10))
+    >>> import timm, torch
+    >>> from safetensors.torch import save_file
+    >>> from lightning_vitcompress.functional.teacher import load_teacher
+    >>> tiny = dict(img_size=32, patch_size=8, depth=2, num_classes=10)
+    >>> trained = timm.create_model("vit_tiny_patch16_224", **tiny)
+    >>> save_file(trained.state_dict(), "vit_tiny.safetensors")
+    >>> teacher = load_teacher("vit_tiny_patch16_224", teacher_weights="vit_tiny.safetensors", teacher_kwargs=tiny)
+    >>> torch.equal(teacher.head.weight, trained.head.weight)   # the file's weights, its 10-class head kept
+    True
 """
 
 from __future__ import annotations
@@ -18,9 +25,9 @@ from __future__ import annotations
 import difflib
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 from torch import nn
 
@@ -75,6 +82,7 @@ def check_teacher(
     if kind == "timm":
         import timm
 
+        assert isinstance(teacher, str)  # teacher_kind: neither a module nor a path, so a model name
         if not teacher.startswith(_TIMM_SOURCES) and not timm.is_model(teacher):
             close = difflib.get_close_matches(teacher, timm.list_models(), n=5, cutoff=0.6)
             hint = f" Close matches: {close}." if close else " See timm.list_models('<pattern>*')."
@@ -112,7 +120,7 @@ def load_teacher(
     teacher: TeacherSpec,
     *,
     pretrained: bool = True,
-    teacher_weights: Optional[Union[str, "os.PathLike[str]"]] = None,
+    teacher_weights: Optional[Union[str, os.PathLike[str]]] = None,
     teacher_kwargs: Optional[Mapping[str, Any]] = None,
     teacher_class: Optional[type[nn.Module]] = None,
     weights_only: bool = True,
@@ -152,7 +160,17 @@ def load_teacher(
 
     Example::
 
-        teacher = load_teacher("runs/big.ckpt", teacher_class=DigitsClassifier)
+        >>> import lightning as L
+        >>> from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
+        >>> from lightning_vitcompress.functional.teacher import load_teacher
+        >>> big = DigitsClassifier(embed_dim=32, depth=2, num_heads=4)
+        >>> trainer = L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False,
+        ...                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(big, DigitsDataModule())
+        >>> trainer.save_checkpoint("runs/big.ckpt")
+        >>> teacher = load_teacher("runs/big.ckpt", teacher_class=DigitsClassifier)
+        >>> type(teacher).__name__, teacher.embed_dim   # the ViT inside the LightningModule
+        ('VisionTransformer', 32)
     """
     check_teacher(teacher, teacher_weights=teacher_weights, teacher_kwargs=teacher_kwargs, teacher_class=teacher_class)
     if isinstance(teacher, nn.Module):
@@ -207,7 +225,7 @@ def _teacher_from_checkpoint(
 def _teacher_from_timm(
     name: str,
     pretrained: bool,
-    teacher_weights: Optional[Union[str, "os.PathLike[str]"]],
+    teacher_weights: Optional[Union[str, os.PathLike[str]]],
     given: dict[str, Any],
     warn: Callable[[str], Any],
 ) -> nn.Module:

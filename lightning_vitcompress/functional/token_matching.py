@@ -9,16 +9,21 @@ size. :func:`_attend` runs an attention module (timm's fused ``qkv``,
 :mod:`~lightning_vitcompress.functional.token_merging` patches the blocks of a
 model with them.
 
-Example::
+Example (a class token and 16 patch tokens)::
 
-    merge = bipartite_soft_matching(keys, r=8, num_prefix_tokens=1)   # keys: (B, N, C)
-    x, size = merge_weighted_average(merge, x, size)   # (B, N - 8, C) and the tokens' sizes
+    >>> import torch
+    >>> from lightning_vitcompress.functional.token_matching import bipartite_soft_matching, merge_weighted_average
+    >>> keys, x = torch.randn(2, 17, 32), torch.randn(2, 17, 64)   # keys: (B, N, C)
+    >>> merge = bipartite_soft_matching(keys, r=8, num_prefix_tokens=1)
+    >>> x, size = merge_weighted_average(merge, x, None)   # (B, N - 8, C) and the tokens' sizes
+    >>> x.shape, size.sum(1).flatten().tolist()   # every token counted once
+    (torch.Size([2, 9, 64]), [17.0, 17.0])
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Callable, Optional
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +33,11 @@ __all__ = ["bipartite_soft_matching", "merge_weighted_average", "token_schedule"
 
 
 # ---------------------------------------------------------------------------- the math
+def _no_merge(x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
+    """The merge of a matching with nothing to merge: ``x`` unchanged."""
+    return x
+
+
 def bipartite_soft_matching(
     metric: torch.Tensor, r: int, num_prefix_tokens: int = 0
 ) -> Callable[[torch.Tensor, str], torch.Tensor]:
@@ -43,13 +53,13 @@ def bipartite_soft_matching(
     patches = metric.shape[1] - num_prefix_tokens
     r = min(r, (patches + 1) // 2)
     if r <= 0:
-        return lambda x, mode="sum": x
+        return _no_merge
     with torch.no_grad():
         metric = metric[:, num_prefix_tokens:]
         metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)
         a, b = metric[:, ::2], metric[:, 1::2]
         if b.shape[1] == 0:
-            return lambda x, mode="sum": x
+            return _no_merge
         scores = a @ b.transpose(-1, -2)
         node_max, node_idx = scores.max(dim=-1)
         edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
@@ -98,7 +108,9 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torc
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale)
 
 
-def _timm_attention(m: nn.Module, x: torch.Tensor, size: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+# The attentions below are third-party module trees whose children and attributes are read by name
+# (as in the family adapters), so they are typed ``Any``.
+def _timm_attention(m: Any, x: torch.Tensor, size: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """timm ``Attention`` (fused qkv), computed as it does, plus the size bias; returns (output, keys)."""
     batch, tokens, _ = x.shape
     gate = m.gate(x).sigmoid() if getattr(m, "gate", None) is not None else None
@@ -129,7 +141,7 @@ def _mha_attention(m: nn.MultiheadAttention, x: torch.Tensor,
     return m.out_proj(out.transpose(1, 2).reshape(batch, tokens, -1)), k.mean(1)
 
 
-def _separate_attention(m: nn.Module, x: torch.Tensor,
+def _separate_attention(m: Any, x: torch.Tensor,
                         size: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers >= 5 ViT/DeiT attention (``q_proj``/``k_proj``/``v_proj``/``o_proj``), plus the size bias."""
     batch, tokens, _ = x.shape
@@ -147,7 +159,8 @@ def _separate_attention(m: nn.Module, x: torch.Tensor,
 def _attend(module: nn.Module, x: torch.Tensor, size: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of any supported structure on batch-first ``x`` with sizes; (output, matching metric)."""
     if getattr(type(module), "is_vitcompress_attention", False) and hasattr(module, "num_landmarks"):
-        return module._attend(x), x  # Nyström (batch-first core): no size bias; match on the block's input
+        nystrom: Any = module  # a NystromAttention, recognized by its class flag (no import of that module here)
+        return nystrom._attend(x), x  # Nyström (batch-first core): no size bias; match on the block's input
     if isinstance(module, nn.MultiheadAttention):
         return _mha_attention(module, x, size)
     if isinstance(getattr(module, "qkv", None), nn.Module):

@@ -34,11 +34,15 @@ What to know:
   the merge; checked on timm and transformers); :func:`token_merging_paused`
   runs the blocks' own forward for code that must trace the unmerged model.
 
-Example::
+Example (a tiny timm ViT: 65 tokens, 4 blocks; ``vit_base_patch16_224`` the same way)::
 
-    vit = timm.create_model("vit_base_patch16_224", pretrained=False)
-    merge_tokens(vit, 16)          # 197 tokens in, 11 out of the last block
-    vit(torch.randn(2, 3, 224, 224))
+    >>> import timm, torch
+    >>> from lightning_vitcompress.functional.token_merging import merge_tokens
+    >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=8, depth=4, num_classes=10)
+    >>> merge_tokens(vit, 8)["tokens"]          # 65 tokens in, 33 out of the last block
+    [57, 49, 41, 33]
+    >>> vit(torch.randn(2, 3, 64, 64)).shape
+    torch.Size([2, 10])
 """
 
 from __future__ import annotations
@@ -115,7 +119,11 @@ class TokenMergingConfig:
 
     Example::
 
-        merge_tokens(vit, TokenMergingConfig(r=8, schedule="decreasing"))
+        >>> import timm
+        >>> from lightning_vitcompress.functional.token_merging import TokenMergingConfig, merge_tokens
+        >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=8, depth=4)
+        >>> merge_tokens(vit, TokenMergingConfig(r=8, schedule="decreasing"))["tokens"]  # more merged early
+        [49, 38, 33, 33]
     """
 
     r: RSpec = 8
@@ -365,9 +373,12 @@ def merge_tokens(
 
     Example::
 
-        vit = timm.create_model("deit_small_patch16_224", pretrained=False)
-        plan = merge_tokens(vit, 16)
-        plan["tokens"][-1]  # tokens left after the last block
+        >>> import timm
+        >>> from lightning_vitcompress.functional.token_merging import merge_tokens
+        >>> vit = timm.create_model("deit_tiny_patch16_224", img_size=64, patch_size=8, depth=4)
+        >>> plan = merge_tokens(vit, 12)
+        >>> plan["tokens"][-1]  # tokens left after the last block, of 65
+        17
     """
     if not isinstance(config, TokenMergingConfig):
         config = TokenMergingConfig(r=config, **options)

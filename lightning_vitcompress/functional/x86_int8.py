@@ -43,8 +43,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +68,7 @@ from lightning_vitcompress.functional.sdpa import DecomposedAttention
 _EPS = 2.0**-12
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _register_x86_lowering() -> None:
     """Define the ``quantized_decomposed`` ops and register inductor's x86 int8 lowering.
 
@@ -76,7 +77,7 @@ def _register_x86_lowering() -> None:
     without the import inductor compiles the reference ops.
     """
     register_quantized_decomposed_ops()
-    import torchao.quantization.pt2e.inductor_passes.x86  # noqa: F401
+    import torchao.quantization.pt2e.inductor_passes.x86
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
 
     # inductor's oneDNN lowering copies the zero points with torch.tensor(tensor) and warns about
@@ -120,7 +121,7 @@ class X86Int8DynamicLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "X86Int8DynamicLinear":
+    def from_linear(cls, linear: nn.Linear) -> X86Int8DynamicLinear:
         """Quantize ``linear``'s weight (symmetric per output channel, int8)."""
         weight = linear.weight.detach().float()
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
@@ -190,7 +191,7 @@ class X86Int8StaticLinear(X86Int8DynamicLinear):
     @classmethod
     def from_linear(
         cls, linear: nn.Linear, input_range: Optional[tuple[float, float]] = None
-    ) -> "X86Int8StaticLinear":
+    ) -> X86Int8StaticLinear:
         """Quantize ``linear``'s weight; ``input_range`` (min, max) is what its inputs were seen to span."""
         if input_range is None:
             raise ValueError(

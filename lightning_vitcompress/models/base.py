@@ -6,24 +6,29 @@ blocks and their :class:`AttentionLayout`, the prefix tokens, the classifier
 heads, the layers structured pruning acts on, the input shape and the logits,
 and after a structural edit it calls :meth:`ModelAdapter.fix_attributes`.
 
-Example::
+Example (torch-pruning driven by the adapter alone, on a tiny timm ViT)::
 
-    adapter = adapter_for(model)
-    before = sum(p.numel() for p in model.parameters())
-    pruner = torch_pruning.pruner.MetaPruner(
-        model, adapter.example_input(),
-        importance=torch_pruning.importance.MagnitudeImportance(p=2),
-        pruning_ratio=0.5,
-        ignored_layers=[head for _, head in adapter.classifier_heads()],
-        num_heads=adapter.head_groups(),
-        unwrapped_parameters=adapter.unwrapped_parameters(),
-        round_to=adapter.embed_multiple_of(),
-        output_transform=adapter.logits,
-    )
-    for group in pruner.step(interactive=True):
-        group.prune()
-    adapter.fix_attributes(pruner.num_heads)
-    logits = adapter.logits(model(adapter.example_input()))
+    >>> import timm, torch_pruning
+    >>> from lightning_vitcompress.models import adapter_for
+    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10)
+    >>> adapter = adapter_for(model)
+    >>> before = sum(p.numel() for p in model.parameters())
+    >>> pruner = torch_pruning.pruner.MetaPruner(
+    ...     model, adapter.example_input(),
+    ...     importance=torch_pruning.importance.MagnitudeImportance(p=2),
+    ...     pruning_ratio=0.5,
+    ...     ignored_layers=[head for _, head in adapter.classifier_heads()],
+    ...     num_heads=adapter.head_groups(),
+    ...     unwrapped_parameters=adapter.unwrapped_parameters(),
+    ...     round_to=adapter.embed_multiple_of(),
+    ...     output_transform=adapter.logits,
+    ... )
+    >>> for group in pruner.step(interactive=True):
+    ...     group.prune()
+    >>> adapter.fix_attributes(pruner.num_heads)
+    >>> logits = adapter.logits(model(adapter.example_input()))
+    >>> model.embed_dim, logits.shape, sum(p.numel() for p in model.parameters()) < 0.3 * before
+    (96, torch.Size([1, 10]), True)
 
 The adapter's parts live beside it: reading an attention module
 (:mod:`~lightning_vitcompress.models.layout`), the prefix tokens, heads and
@@ -94,9 +99,18 @@ class Capabilities:
     def require(self, capability: str, option: str, family: str, model_class: str = "") -> None:
         """Raise ``ValueError`` naming ``option`` when ``capability`` is missing.
 
-        Example::
+        Example (BEiT's relative-position bias has a column per head: its heads cannot be pruned)::
 
-            adapter.capabilities.require("head_pruning", "prune_heads=True", adapter.family)
+            >>> import timm
+            >>> from lightning_vitcompress.models import adapter_for
+            >>> beit = timm.create_model("beit_base_patch16_224", img_size=32, patch_size=8, depth=2,
+            ...                          embed_dim=64, num_heads=4)
+            >>> adapter = adapter_for(beit)
+            >>> adapter.capabilities.require("mlp_pruning", "prune_mlp=True", adapter.family)  # possible: no error
+            >>> adapter.capabilities.require("head_pruning", "prune_heads=True", adapter.family)
+            Traceback (most recent call last):
+            ...
+            ValueError: prune_heads=True is not possible on timm BEiT models: each attention's relative-position bias table has one column per head. Turn off prune_heads=True.
         """
         if not getattr(self, capability):
             reason = self.why_not.get(capability, "")
@@ -207,9 +221,10 @@ class ModelAdapter(ABC):
             if isinstance(getattr(module, "relative_position_bias_table", None), nn.Parameter) and callable(
                 getattr(module, "_get_rel_pos_bias", None)
             ):
+                attention: Any = module  # a timm attention: its bias getter is read and shadowed by name
                 with torch.no_grad():
-                    constant = module._get_rel_pos_bias().detach()
-                module._get_rel_pos_bias = lambda constant=constant: constant
+                    constant = attention._get_rel_pos_bias().detach()
+                attention._get_rel_pos_bias = lambda constant=constant: constant
                 shadowed.append(module)
         try:
             yield self.model
@@ -221,14 +236,14 @@ class ModelAdapter(ABC):
         """torch-pruning pruners for module types it should prune as one unit (its ``customized_pruners``)."""
         return {}
 
-    def glu_mlps(self) -> list[tuple[str, nn.Module]]:
+    def glu_mlps(self) -> list[tuple[str, Any]]:  # Any: timm modules, narrowed by name (narrow.py)
         """``(name, module)`` of gated MLPs whose ``fc1`` holds value and gate halves (timm ``GluMlp``, EVA-02's):
         torch-pruning cannot follow the chunk, so pruning narrows them itself (:func:`narrow_glu_mlp`)."""
         from timm.layers import GluMlp
 
         return [(n, m) for n, m in self.model.named_modules() if isinstance(m, GluMlp) and isinstance(m.fc1, nn.Linear)]
 
-    def attention_pools(self) -> list[tuple[str, nn.Module]]:
+    def attention_pools(self) -> list[tuple[str, Any]]:  # Any: timm modules, narrowed by name
         """``(name, module)`` of latent attention pools on the residual stream (SigLIP's MAP head; default: none).
 
         Pruning leaves their outputs (the head's input) alone and narrows their inner width to the
@@ -245,7 +260,7 @@ class ModelAdapter(ABC):
         """Why structured pruning cannot run on this model, naming what would work (None: it can)."""
         return None
 
-    def _fix_model_attributes(self) -> None:
+    def _fix_model_attributes(self) -> None:  # noqa: B027 - an optional hook: families override it, default nothing
         """Update the model-level width attributes after an edit (family-specific; default: nothing)."""
 
     def fix_model_attributes(self) -> None:
@@ -357,7 +372,7 @@ class ModelAdapter(ABC):
         for layout in self.layouts():
             heads = num_heads.get(layout.name)
             for key in (layout.module, *layout.head_projections):
-                heads = num_heads.get(key, heads)  # type: ignore[call-overload]
+                heads = num_heads.get(key, heads)
             heads = int(heads if heads is not None else layout.num_heads)
             attn_dim = self._attn_dim(layout)
             if attn_dim % heads:
@@ -384,7 +399,7 @@ class ModelAdapter(ABC):
 
     @staticmethod
     def _write_attention(layout: AttentionLayout, heads: int, head_dim: int) -> None:
-        module = layout.module
+        module: Any = layout.module  # a third-party attention: its head-count attributes are rewritten by name
         if layout.kind == "qkv":
             # timm's fused path ignores `scale` (it uses 1/sqrt(head_dim)): reset it, fix_attributes folds the ratio
             module.num_heads, module.head_dim, module.attn_dim = heads, head_dim, heads * head_dim
@@ -420,16 +435,21 @@ class ModelAdapter(ABC):
                 return
             if isinstance(q_norm, nn.Module) and not isinstance(q_norm, nn.Identity):
                 # a parameter-free norm would undo the fold: keep the trained scale on the eager path
-                layout.module.scale = layout.effective_scale * factor
-                layout.module.fused_attn = False
+                attention: Any = layout.module  # a timm attention: its eager-path attributes are set by name
+                attention.scale = layout.effective_scale * factor
+                attention.fused_attn = False
                 return
+            weight: torch.Tensor
+            bias: Optional[torch.Tensor]
             if layout.query is not None:
                 weight, bias, rows = layout.query.weight, layout.query.bias, layout.query.out_features
             elif layout.qkv is not None:
                 weight, bias, rows = layout.qkv.weight, layout.qkv.bias, layout.attn_dim
             else:
+                # neither q/k/v Linears nor a fused qkv: an nn.MultiheadAttention layout, which has in_proj_weight
+                assert layout.in_proj_weight is not None
                 weight, bias, rows = layout.in_proj_weight, layout.in_proj_bias, layout.attn_dim
-            weight[:rows].mul_(factor)  # type: ignore[index]
+            weight[:rows].mul_(factor)
             if bias is not None:
                 bias[:rows].mul_(factor)
 

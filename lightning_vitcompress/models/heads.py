@@ -1,9 +1,15 @@
 """The parts of a ViT around its attention blocks: prefix tokens, embedding parameters, classifier heads, logits.
 
-Example::
+Example (a tiny timm DeiT with its distillation head, and one without)::
 
-    logits_of(hf_vit(pixel_values))                   # the .logits of an ImageClassifierOutput
-    named_heads(vit, ("head", "head_dist"))           # [("head", Linear(...))], Identity heads skipped
+    >>> import timm
+    >>> from lightning_vitcompress.models.heads import named_heads
+    >>> deit = timm.create_model("deit_tiny_distilled_patch16_224", img_size=32, patch_size=8, depth=2)
+    >>> [name for name, _ in named_heads(deit, ("head", "head_dist"))]
+    ['head', 'head_dist']
+    >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=0)
+    >>> named_heads(vit, ("head", "head_dist"))  # an Identity head holds no parameters: skipped
+    []
 """
 
 from __future__ import annotations
@@ -43,7 +49,15 @@ def logits_of(output: Any) -> torch.Tensor:
 
     Example::
 
-        >>> logits_of(hf_vit(pixel_values)).shape  # ImageClassifierOutput
+        >>> import torch, transformers
+        >>> from lightning_vitcompress.models.heads import logits_of
+        >>> config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+        ...                                 num_attention_heads=4, intermediate_size=64, num_labels=10)
+        >>> hf_vit = transformers.ViTForImageClassification(config)
+        >>> output = hf_vit(torch.randn(2, 3, 32, 32))
+        >>> type(output).__name__, logits_of(output).shape
+        ('ImageClassifierOutput', torch.Size([2, 10]))
+        >>> logits_of((torch.zeros(2, 10), torch.zeros(2, 10))).shape  # a tuple: its first element
         torch.Size([2, 10])
     """
     if isinstance(output, torch.Tensor):

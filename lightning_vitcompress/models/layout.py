@@ -9,16 +9,20 @@ a fused ``qkv`` Linear (timm ``Attention`` and modules marked
 :class:`AttentionLayout`; the adapters (:mod:`~lightning_vitcompress.models.base`)
 decide which modules are the attention blocks.
 
-Example::
+Example (a tiny timm ViT; any family the same way)::
 
-    layout = read_layout("blocks.0.attn", vit.blocks[0].attn)
-    layout.kind, layout.num_heads, layout.head_dim    # ("qkv", 3, 64)
+    >>> import timm
+    >>> from lightning_vitcompress.models.layout import read_layout
+    >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
+    >>> layout = read_layout("blocks.0.attn", vit.blocks[0].attn)
+    >>> layout.kind, layout.num_heads, layout.head_dim
+    ('qkv', 3, 64)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, cast
 
 from timm.layers.attention import Attention as TimmAttention
 from torch import nn
@@ -43,9 +47,12 @@ class AttentionLayout:
 
     Example::
 
+        >>> import timm
+        >>> from lightning_vitcompress.models import adapter_for
+        >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
         >>> layout = adapter_for(vit).layouts()[0]
-        >>> (layout.embed_dim, layout.num_heads, layout.head_dim)
-        (192, 3, 64)
+        >>> (layout.name, layout.embed_dim, layout.num_heads, layout.head_dim)
+        ('blocks.0.attn', 192, 3, 64)
     """
 
     name: str
@@ -154,10 +161,12 @@ def read_layout(name: str, module: nn.Module, out_proj: Optional[nn.Linear] = No
                 "it has a fused qkv Linear but no int num_heads attribute (the head count); set "
                 "self.num_heads = <heads> in its __init__, as timm's Attention does"
             )
-        attn_dim = module.qkv.out_features // 3
+        # _is_fused_qkv checked that both are nn.Linear (nn.Module.__getattr__ types them Tensor | Module)
+        qkv, proj = cast(nn.Linear, module.qkv), cast(nn.Linear, module.proj)
+        attn_dim = qkv.out_features // 3
         scale = getattr(module, "scale", None)
         return AttentionLayout(
-            name, module, module.qkv.in_features, heads, attn_dim // heads, module.proj, qkv=module.qkv,
+            name, module, qkv.in_features, heads, attn_dim // heads, proj, qkv=qkv,
             scale=float(scale) if isinstance(scale, (int, float)) else None,
         )
     separate = _separate_qkv(module)

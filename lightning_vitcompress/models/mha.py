@@ -44,7 +44,6 @@ import math
 from typing import Any, Optional
 
 import torch
-
 from torch import nn
 
 from lightning_vitcompress.models.base import (

@@ -5,14 +5,20 @@ follow it (:func:`narrow_attention_pool`); a gated MLP's ``fc1`` holds its value
 and gate halves side by side, so its hidden channels are chosen here
 (:func:`narrow_glu_mlp`). Both keep the channels with the largest L2 norm.
 
-Example::
+Example (a timm gated MLP: ``fc1`` holds 128 value and 128 gate channels)::
 
-    narrow_glu_mlp(block.mlp, keep=block.mlp.fc2.in_features // 2)
+    >>> import torch
+    >>> from timm.layers import GluMlp
+    >>> from lightning_vitcompress.models.narrow import narrow_glu_mlp
+    >>> mlp = GluMlp(64, 256, act_layer=torch.nn.SiLU)
+    >>> narrow_glu_mlp(mlp, keep=mlp.fc2.in_features // 2)
+    >>> mlp.fc1.out_features, mlp.fc2.in_features, mlp(torch.randn(2, 5, 64)).shape
+    (128, 64, torch.Size([2, 5, 64]))
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -31,7 +37,9 @@ def is_attention_pool(module: nn.Module) -> bool:
     )
 
 
-def narrow_attention_pool(name: str, pool: nn.Module, width: int) -> None:
+# ``pool`` and ``mlp`` are third-party module trees (timm's AttentionPoolLatent, GluMlp) whose
+# children and attributes are read by name, so they are typed ``Any`` as in the family adapters.
+def narrow_attention_pool(name: str, pool: Any, width: int) -> None:
     """Keep ``width // num_heads`` dims of each head of ``pool``'s q/k/v, by the L2 norm of their weights.
 
     The pool's attention output is reshaped to its input width, so after the embedding is pruned
@@ -60,7 +68,7 @@ def narrow_attention_pool(name: str, pool: nn.Module, width: int) -> None:
         q = pool.q.weight.view(heads, head_dim, -1)
         k, v = pool.kv.weight.view(2, heads, head_dim, -1)
         out = pool.proj.weight.view(-1, heads, head_dim).transpose(0, 1)
-        score = sum(t.pow(2).sum(-1) for t in (q, k, v, out.transpose(1, 2)))  # (heads, head_dim)
+        score = q.pow(2).sum(-1) + k.pow(2).sum(-1) + v.pow(2).sum(-1) + out.transpose(1, 2).pow(2).sum(-1)  # (heads, head_dim)
         kept = score.topk(keep, dim=1).indices.sort(dim=1).values
         rows = (kept + torch.arange(heads, device=kept.device)[:, None] * head_dim).flatten()
         trained = float(getattr(pool, "scale", head_dim**-0.5))
@@ -71,7 +79,7 @@ def narrow_attention_pool(name: str, pool: nn.Module, width: int) -> None:
     pool.head_dim, pool.scale = keep, keep**-0.5
 
 
-def narrow_glu_mlp(mlp: nn.Module, keep: int) -> None:
+def narrow_glu_mlp(mlp: Any, keep: int) -> None:
     """Keep the ``keep`` hidden channels of a gated MLP (``fc1`` = value and gate halves) with the largest
     L2 norm over both halves of ``fc1`` and ``fc2``'s columns; its hidden norm, if any, follows."""
     hidden = mlp.fc2.in_features

@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -64,7 +63,7 @@ class TimmAdapter(ModelAdapter):
     def classifier_heads(self) -> list[tuple[str, nn.Module]]:
         return named_heads(self.model, ("head", "head_dist"))
 
-    def attention_pools(self) -> list[tuple[str, nn.Module]]:
+    def attention_pools(self) -> list[tuple[str, Any]]:  # Any: timm modules, narrowed by name
         pool = getattr(self.model, "attn_pool", None)
         return [("attn_pool", pool)] if isinstance(pool, nn.Module) and is_attention_pool(pool) else []
 

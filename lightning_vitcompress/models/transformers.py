@@ -24,7 +24,6 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-
 from torch import nn
 
 from lightning_vitcompress.models.base import (
