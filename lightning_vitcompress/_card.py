@@ -100,9 +100,9 @@ def _relative(path: str, folder: Path) -> str:
 
 
 def _environment(report: Optional[dict[str, Any]]) -> list[str]:
-    from lightning_vitcompress.functional.report import _versions, cpu_name
+    from lightning_vitcompress.functional.report import cpu_name, package_versions
 
-    versions = report["versions"] if report is not None else _versions()
+    versions = report["versions"] if report is not None else package_versions()
     gpu = (report or {}).get("gpu_name") or (torch.cuda.get_device_name() if torch.cuda.is_available() else None)
     lines = [f"- {name}: {version or 'not installed'}" for name, version in versions.items()]
     lines.append(f"- python: {platform.python_version()}")

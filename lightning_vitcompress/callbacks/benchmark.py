@@ -40,8 +40,8 @@ from lightning_vitcompress.functional.measure import (
 )
 from lightning_vitcompress.functional.report import (
     REPORT_FILENAME,
-    _check_devices,
-    _check_input_shape,
+    check_devices,
+    check_input_shape,
     compare_models,
     format_report,
     measurement_steps,
@@ -123,9 +123,9 @@ class BenchmarkCallback(CompressionCallback):
         check_positive(batch_size, "batch_size", "32", integer=True)
         if num_threads is not None:
             check_positive(num_threads, "num_threads", "2", integer=True)
-        devices = _check_devices(devices)
+        devices = check_devices(devices)
         if input_shape is not None:
-            input_shape = _check_input_shape(input_shape)
+            input_shape = check_input_shape(input_shape)
         if dataloader is not None and not isinstance(dataloader, Iterable):
             raise TypeError(
                 f"dataloader={dataloader!r}: pass an iterable of (images, labels) batches, e.g. "

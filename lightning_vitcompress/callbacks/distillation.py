@@ -67,12 +67,12 @@ from lightning_vitcompress.functional.distill import (
     InputAdapter,
     TeacherPrecision,
     TeacherSpec,
-    _fixed_image_size,
     check_input_adapter,
     check_same_classes,
     check_teacher,
     check_teacher_precision,
     combine_losses,
+    fixed_image_size,
     load_teacher,
     resolve_teacher_precision,
     sample_keys,
@@ -414,7 +414,7 @@ class DistillationTeacher(CompressionCallback):
             return self.input_adapter
         if not self._auto_size_checked:
             self._auto_size_checked = True
-            wanted = _fixed_image_size(self.teacher)
+            wanted = fixed_image_size(self.teacher)
             if wanted is not None and inputs.ndim == 4 and tuple(inputs.shape[-2:]) != wanted:
                 self._auto_size = wanted
                 rank_zero_info(

@@ -44,7 +44,7 @@ from lightning_vitcompress.callbacks._pruning_schedule import (
     steps_due,
 )
 from lightning_vitcompress.functional.measure import count_macs, count_parameters
-from lightning_vitcompress.functional.prune import PruneConfig, _gradient_kind, prunable_widths, prune_vit, widths_after
+from lightning_vitcompress.functional.prune import PruneConfig, gradient_kind, prunable_widths, prune_vit, widths_after
 
 __all__ = ["PruningSchedule"]
 
@@ -215,7 +215,7 @@ class PruningSchedule(CompressionCallback):
     def on_after_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """Taylor/Hessian importance: add this batch's gradients (squared for Hessian) while a step waits."""
         if self._gathering:
-            self._gradients.add(self.target(pl_module), square=_gradient_kind(self._importance) == "hessian")
+            self._gradients.add(self.target(pl_module), square=gradient_kind(self._importance) == "hessian")
 
     @override
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", *args: Any) -> None:
@@ -303,7 +303,7 @@ class PruningSchedule(CompressionCallback):
 
     @property
     def _needs_gradients(self) -> bool:
-        return _gradient_kind(self._importance) is not None
+        return gradient_kind(self._importance) is not None
 
     def _prune_if_due(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", position_in_epoch: int) -> None:
         """At a boundary where a step falls due: judge the last step, gather gradients if needed, prune."""
