@@ -59,7 +59,7 @@ from lightning_vitcompress._data import (
     measure_validation_accuracy,
     validation_data,
 )
-from lightning_vitcompress._lightning import current_hook_name
+from lightning_vitcompress._lightning import callbacks_of, current_hook_name, fast_dev_run_of
 from lightning_vitcompress._model import check_supported_attention, get_submodule, resolve_target_path
 from lightning_vitcompress._pipeline import PipelineState, forget_pipeline_state, pipeline_state, resumed_checkpoint
 from lightning_vitcompress._plan import PlanRow, show_plan
@@ -201,10 +201,11 @@ class CompressionCallback(Callback):
             return
         for argument, epoch in self.scheduled_epochs().items():
             if epoch >= max_epochs:
-                if trainer.fast_dev_run:
+                fast_dev_run = fast_dev_run_of(trainer)
+                if fast_dev_run:
                     raise ValueError(
-                        f"{name}({argument}={epoch}) would never act: Trainer(fast_dev_run={trainer.fast_dev_run!r}) "
-                        f"sets max_epochs=1 (one epoch of {int(trainer.fast_dev_run)} batch(es)), so only epoch 0 "
+                        f"{name}({argument}={epoch}) would never act: Trainer(fast_dev_run={fast_dev_run!r}) "
+                        f"sets max_epochs=1 (one epoch of {int(fast_dev_run)} batch(es)), so only epoch 0 "
                         f"runs. Pass {argument}=0 for a dev run, or turn fast_dev_run off to run the schedule."
                     )
                 raise ValueError(
@@ -338,7 +339,7 @@ class CompressionCallback(Callback):
             state.resume_path, state.checkpoint = resumed_checkpoint(trainer)
         checkpoint = state.checkpoint
         # arguments that disagree with the checkpoint are refused before anything changes the model
-        for callback in trainer.callbacks:
+        for callback in callbacks_of(trainer):
             if isinstance(callback, CompressionCallback) and state.resume_path is not None:
                 callback.check_same_config(callback.saved_config(trainer), f"the checkpoint {state.resume_path}")
         replay_pending = stage == "fit"
@@ -411,7 +412,7 @@ class CompressionCallback(Callback):
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]
     ) -> None:
         save_edits(pl_module, checkpoint)
-        first = next(cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback))
+        first = next(cb for cb in callbacks_of(trainer) if isinstance(cb, CompressionCallback))
         if self is first and trainer.is_global_zero:  # once per file, on the rank that writes it
             add_digest(checkpoint)  # read_checkpoint refuses the file if its tensors change afterwards
 
@@ -424,7 +425,7 @@ def _prepare_budgets(trainer: "pl.Trainer", pl_module: "pl.LightningModule", sta
     model entering it is already compressed.
     """
     budgeted = [
-        cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback) and cb.max_accuracy_drop is not None
+        cb for cb in callbacks_of(trainer) if isinstance(cb, CompressionCallback) and cb.max_accuracy_drop is not None
     ]
     if not budgeted:
         return
@@ -462,7 +463,7 @@ def _prepare_budgets(trainer: "pl.Trainer", pl_module: "pl.LightningModule", sta
 
 
 def _ours(trainer: "pl.Trainer") -> list[CompressionCallback]:
-    return [cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback)]
+    return [cb for cb in callbacks_of(trainer) if isinstance(cb, CompressionCallback)]
 
 
 def _run_once_in_order(

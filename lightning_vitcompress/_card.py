@@ -38,6 +38,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_vitcompress._lightning import callbacks_of
+
 __all__ = ["MODEL_CARD_FILENAME", "load_snippet", "render_model_card", "write_model_cards"]
 
 #: the card's file name, in each folder it is written to
@@ -77,7 +79,7 @@ def load_snippet(path: str, format: str, input_shape: tuple[int, ...]) -> str:
 
 
 def _callback(trainer: "pl.Trainer", name: str) -> Any:
-    return next((cb for cb in trainer.callbacks if type(cb).__name__ == name), None)
+    return next((cb for cb in callbacks_of(trainer) if type(cb).__name__ == name), None)
 
 
 def _input_shape(trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Optional[tuple[int, ...]]:

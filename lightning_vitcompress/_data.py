@@ -76,12 +76,15 @@ def validation_data(trainer: "pl.Trainer") -> tuple[Optional[Iterable[Any]], Opt
     loader = _first_loader(val_dataloaders(trainer))
     if loader is None:
         return None, None
-    limit = trainer.limit_val_batches
-    if isinstance(limit, float):
+    setting = trainer.limit_val_batches
+    limit: Optional[int]
+    if isinstance(setting, float):
         try:
-            limit = None if limit >= 1.0 else int(len(loader) * limit)  # type: ignore[arg-type]
+            limit = None if setting >= 1.0 else int(len(loader) * setting)  # type: ignore[arg-type]  # TypeError below
         except TypeError:  # an iterable without len: all of it
             limit = None
+    else:
+        limit = setting
     if limit == 0:
         return None, None
     return loader, limit
@@ -106,7 +109,8 @@ def in_training_step(trainer: "pl.Trainer") -> bool:
     """Inside a training batch (between its start and its update), not a callback's forward at an epoch start
     or a validation step: what the callbacks that keep training inputs (calibration) go by, rather than the
     module's mode (a model left in ``eval()`` trains in eval mode)."""
-    progress = trainer.fit_loop.epoch_loop.batch_progress.current
+    # declared as a _ReadyCompletedTracker, filled with a _ProcessedTracker (which has started/processed)
+    progress: Any = trainer.fit_loop.epoch_loop.batch_progress.current
     return trainer.training and progress.started > progress.processed
 
 

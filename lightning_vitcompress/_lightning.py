@@ -10,6 +10,11 @@ a Lightning release that moves one of them breaks one function, and
 Each function names what it relies on and the Lightning versions its source was
 checked on (2.4.0, 2.5.0, 2.6.0 and the main branch of July 2026); the tests run
 against the installed Lightning.
+
+It also holds the typed accessors for public ``Trainer`` attributes that
+Lightning assigns in its connectors rather than declares on the class
+(:func:`callbacks_of`, :func:`datamodule_of`, :func:`fast_dev_run_of`), so
+type checkers see their types in one place.
 """
 
 from __future__ import annotations
@@ -22,10 +27,13 @@ import lightning.pytorch as pl
 from lightning.pytorch.strategies import DDPStrategy
 
 if TYPE_CHECKING:
-    from lightning.pytorch.callbacks import RichProgressBar
+    from lightning.pytorch.callbacks import Callback, RichProgressBar
 
 __all__ = [
+    "callbacks_of",
     "current_hook_name",
+    "datamodule_of",
+    "fast_dev_run_of",
     "fit_ckpt_path",
     "rewrap_and_setup_optimizers",
     "rich_display",
@@ -36,6 +44,34 @@ __all__ = [
 
 #: marks a ``training_step`` installed by :func:`wrap_training_step`
 WRAPPED_MARKER = "_vitcompress_distillation"
+
+
+def callbacks_of(trainer: "pl.Trainer") -> list[Callback]:
+    """``trainer.callbacks``, typed.
+
+    A public attribute, but ``Trainer`` does not declare it: its callback connector assigns it in
+    ``Trainer.__init__``, so type checkers do not know it. Reading it here gives it its type once.
+    """
+    callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]  # assigned by the connector, not declared
+    return callbacks
+
+
+def datamodule_of(trainer: "pl.Trainer") -> Optional[pl.LightningDataModule]:
+    """``trainer.datamodule`` (``None`` when the fit got dataloaders), typed.
+
+    Public, but assigned by ``Trainer``'s data connector rather than declared on the class (see :func:`callbacks_of`).
+    """
+    datamodule: Optional[pl.LightningDataModule] = trainer.datamodule  # type: ignore[attr-defined]  # as callbacks_of
+    return datamodule
+
+
+def fast_dev_run_of(trainer: "pl.Trainer") -> int | bool:
+    """``Trainer(fast_dev_run=...)``'s value (``False``, ``True`` or a batch count), typed.
+
+    Public, but assigned by ``Trainer``'s debugging connector rather than declared (see :func:`callbacks_of`).
+    """
+    fast_dev_run: int | bool = trainer.fast_dev_run  # type: ignore[attr-defined]  # as callbacks_of
+    return fast_dev_run
 
 
 def fit_ckpt_path(trainer: "pl.Trainer") -> tuple[Optional[str], bool]:

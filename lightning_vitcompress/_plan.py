@@ -28,6 +28,8 @@ from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_vitcompress._lightning import callbacks_of
+
 if TYPE_CHECKING:
     from lightning_vitcompress._base import CompressionCallback
 
@@ -73,7 +75,7 @@ def budget_phrase(callback: "CompressionCallback") -> str:
 
 def plan_rows(trainer: "pl.Trainer") -> list[PlanRow]:
     """The plan of every compression callback in ``trainer``, in the order they act."""
-    ours: list[PlannedCallback] = [cb for cb in trainer.callbacks if isinstance(cb, PlannedCallback)]
+    ours: list[PlannedCallback] = [cb for cb in callbacks_of(trainer) if isinstance(cb, PlannedCallback)]
     return [row for cb in sorted(ours, key=lambda cb: cb.order) for row in cb.fit_plan(trainer)]
 
 
@@ -90,7 +92,7 @@ def show_plan(trainer: "pl.Trainer") -> None:
     if not rows or not trainer.is_global_zero:
         return
     table = format_plan(rows)
-    if any(isinstance(cb, ModelSummary) for cb in trainer.callbacks):
+    if any(isinstance(cb, ModelSummary) for cb in callbacks_of(trainer)):
         rank_zero_info(f"\nCompression plan (lightning-vitcompress):\n{table}\n")
     for logger in trainer.loggers:
         try:

@@ -51,17 +51,18 @@ class StudentCapture:
             student.register_forward_pre_hook(self._teacher_hook, with_kwargs=True),
             student.register_forward_hook(self._capture_hook, with_kwargs=True),
         )
-        toggles = self.deit and callable(getattr(student, "set_distilled_training", None))  # timm; transformers is
+        set_distilled: Any = getattr(student, "set_distilled_training", None) if self.deit else None  # timm; transformers is
+        toggles = callable(set_distilled)
         was_distilled = bool(getattr(student, "distilled_training", False))
         if toggles:
-            student.set_distilled_training(True)
+            set_distilled(True)
         try:
             yield self
         finally:
             for handle in handles:
                 handle.remove()
             if toggles:
-                student.set_distilled_training(was_distilled)
+                set_distilled(was_distilled)
 
     @staticmethod
     def _records(module: nn.Module) -> bool:

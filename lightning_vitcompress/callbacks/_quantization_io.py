@@ -29,10 +29,10 @@ from torch import nn
 from lightning_vitcompress._data import in_training_step
 from lightning_vitcompress._progress import stage_bar
 from lightning_vitcompress._structure import STRUCTURE_KEY, add_digest, recorded_edits
+from lightning_vitcompress.functional._torch_internals import set_compiled_call
 from lightning_vitcompress.functional.quantize import EXAMPLE_ROWS, MB, ModelInputs, Ranges, quantize_model, run_model
 from lightning_vitcompress.functional.quantize_configs import QuantizationSpec
 from lightning_vitcompress.functional.quantize_layers import SkipSpec
-from lightning_vitcompress.functional._torch_internals import set_compiled_call
 
 
 class TrainingInputs:

@@ -154,7 +154,7 @@ def warn_if_too_narrow(model: nn.Module, spec: QuantizationSpec, compile: Any, s
     cheaper math), say so. Compiled x86 int8 paid at every width measured (``benchmarks/bench_int8_width.py``)."""
     if spec.compiles(compile):
         return
-    widest = max(model.get_submodule(name).in_features for name in selected)
+    widest = max(layer.in_features for layer in map(model.get_submodule, selected) if isinstance(layer, nn.Linear))
     if widest < width:
         rank_zero_warn(
             f"QuantizeOnFit: config={spec.name!r} runs eager here and the widest linear layer of this model "

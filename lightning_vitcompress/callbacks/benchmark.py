@@ -29,6 +29,7 @@ from lightning_vitcompress._checks import (
     check_path,
     check_positive,
 )
+from lightning_vitcompress._lightning import callbacks_of, datamodule_of
 from lightning_vitcompress._model import stated_input_shape
 from lightning_vitcompress._plan import PlanRow
 from lightning_vitcompress._progress import stage_bar
@@ -300,7 +301,7 @@ class BenchmarkCallback(CompressionCallback):
             self.report["deployed_startup"] = startup
         decisions = {  # what the budgets and "auto" decided: rolled-back steps, layers kept, the chosen config
             type(callback).__name__: decided
-            for callback in trainer.callbacks
+            for callback in callbacks_of(trainer)
             if isinstance(callback, CompressionCallback) and (decided := callback.decisions()) is not None
         }
         if decisions:
@@ -310,9 +311,10 @@ class BenchmarkCallback(CompressionCallback):
 
     def _accuracy_batches(self, trainer: "pl.Trainer") -> Optional[list[Any]]:
         loader = self.dataloader
-        if loader is None and trainer.datamodule is not None:
+        datamodule = datamodule_of(trainer)
+        if loader is None and datamodule is not None:
             try:
-                loader = trainer.datamodule.val_dataloader()
+                loader = datamodule.val_dataloader()
             except Exception:  # noqa: BLE001 - a datamodule without validation data
                 loader = None
         if loader is None:
@@ -377,7 +379,7 @@ def _deployed_artifact(
     from lightning_vitcompress.callbacks.quantization import QuantizeOnFit
     from lightning_vitcompress.functional.artifact import load_artifact
 
-    export = next((cb for cb in trainer.callbacks if isinstance(cb, ExportOnFit) and cb.summary), None)
+    export = next((cb for cb in callbacks_of(trainer) if isinstance(cb, ExportOnFit) and cb.summary), None)
     if export is None or export.summary is None:
         return None, None
     summary = export.summary
@@ -391,7 +393,7 @@ def _deployed_artifact(
     artifact = load_artifact(summary["path"], format=summary["format"])
     with torch.inference_mode():
         artifact(example_input)
-    quantize = next((cb for cb in trainer.callbacks if isinstance(cb, QuantizeOnFit) and cb.summary), None)
+    quantize = next((cb for cb in callbacks_of(trainer) if isinstance(cb, QuantizeOnFit) and cb.summary), None)
     return artifact, {
         "path": summary["path"],
         "format": summary["format"],

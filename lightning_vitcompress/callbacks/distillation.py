@@ -55,12 +55,12 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_vitcompress._base import CompressionCallback
+from lightning_vitcompress._checks import check_bool
 from lightning_vitcompress._data import example_from_data
 from lightning_vitcompress._lightning import wrap_training_step
-from lightning_vitcompress._plan import PlanRow
 from lightning_vitcompress._model import shape_example_input
-from lightning_vitcompress._checks import check_bool
-from lightning_vitcompress._options import takes_config
+from lightning_vitcompress._options import passed_config, takes_config
+from lightning_vitcompress._plan import PlanRow
 from lightning_vitcompress.callbacks._distillation_step import StudentCapture, distillation_terms, with_loss
 from lightning_vitcompress.functional.distill import (
     DistillConfig,
@@ -156,8 +156,8 @@ class DistillationTeacher(CompressionCallback):
     def __init__(
         self,
         teacher: TeacherSpec,
-        *,
-        config: DistillConfig,
+        *args: Any,
+        config: Optional[DistillConfig] = None,
         pretrained: bool = True,
         teacher_weights: Optional[Union[str, "os.PathLike[str]"]] = None,
         teacher_kwargs: Optional[dict[str, Any]] = None,
@@ -167,9 +167,10 @@ class DistillationTeacher(CompressionCallback):
         cache_teacher_logits: bool = False,
         weights_only: bool = True,
         model_attribute: Optional[str] = None,
+        **options: Any,
     ) -> None:
         super().__init__(model_attribute)
-        self.config = config
+        self.config = passed_config(config, args, options)
         check_bool(pretrained, "pretrained", "timm names: load pretrained weights")
         check_bool(cache_teacher_logits, "cache_teacher_logits", "reuse the teacher's logits per sample")
         check_bool(weights_only, "weights_only", "True: safe loading, default; False: trusted files only")

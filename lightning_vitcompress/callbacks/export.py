@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, cast
 
 import lightning.pytorch as pl
 import torch
@@ -23,8 +23,9 @@ from typing_extensions import override
 
 from lightning_vitcompress._base import CompressionCallback, in_training_step, validation_data
 from lightning_vitcompress._checks import check_choice, check_int, check_output_file, check_path
+from lightning_vitcompress._lightning import callbacks_of
 from lightning_vitcompress._model import stated_input_shape
-from lightning_vitcompress._options import takes_config
+from lightning_vitcompress._options import passed_config, takes_config
 from lightning_vitcompress._plan import PlanRow
 from lightning_vitcompress._progress import stage_bar
 from lightning_vitcompress.functional.export import (
@@ -118,15 +119,16 @@ class ExportOnFit(CompressionCallback):
     def __init__(
         self,
         path: Union[str, Path],
-        *,
+        *args: Any,
         calibration_batches: int = 8,
         on_error: Literal["raise", "warn"] = "raise",
-        config: ExportConfig,
+        config: Optional[ExportConfig] = None,
         model_attribute: Optional[str] = None,
+        **options: Any,
     ) -> None:
         super().__init__(model_attribute)
         #: the export options (``inference_precision`` None is resolved at setup)
-        self.config: ExportConfig = config
+        self.config: ExportConfig = passed_config(config, args, options)
         path = Path(path)  # checked by _path_and_format
         check_choice(on_error, "on_error", ("raise", "warn"))
         check_int(calibration_batches, "calibration_batches", minimum=1, example="8")
@@ -134,7 +136,7 @@ class ExportOnFit(CompressionCallback):
             if path.suffix != ".xml":
                 raise ValueError(f"path={str(path)!r} with format='openvino': an OpenVINO IR is an .xml file (its "
                                  f"weights go to the .bin beside it). Pass e.g. {str(path.with_suffix('.xml'))!r}.")
-            self.order = _OPENVINO_ORDER  # type: ignore[misc] - this instance acts before QuantizeOnFit
+            self.order = _OPENVINO_ORDER  # type: ignore[misc]  # this instance (only) acts before QuantizeOnFit
         self.path = path
         self.on_error = on_error
         self.calibration_batches = calibration_batches
@@ -178,6 +180,7 @@ class ExportOnFit(CompressionCallback):
             else:
                 self._fail(failure, error)
             return
+        assert summary is not None  # _export returns a summary whenever it reports no failure
         self.summary = summary
         for logger in trainer.loggers:
             logger.log_hyperparams({"export/path": summary["path"], "export/format": summary["format"],
@@ -233,7 +236,7 @@ class ExportOnFit(CompressionCallback):
 
         if self._config.format != "openvino" or self._config.quantize is not None:
             return
-        if any(isinstance(cb, QuantizeOnFit) for cb in trainer.callbacks):
+        if any(isinstance(cb, QuantizeOnFit) for cb in callbacks_of(trainer)):
             raise ValueError(
                 f"ExportOnFit(path={str(self.path)!r}, format='openvino', quantize=None) with a QuantizeOnFit in the "
                 "Trainer: OpenVINO does not convert torchao's int8 layers, so the IR would be the float model while "
@@ -246,9 +249,10 @@ class ExportOnFit(CompressionCallback):
             return self.config
         from lightning_vitcompress.callbacks.quantization import QuantizeOnFit
 
-        quantize = next((cb for cb in trainer.callbacks if isinstance(cb, QuantizeOnFit)), None)
+        quantize = next((cb for cb in callbacks_of(trainer) if isinstance(cb, QuantizeOnFit)), None)
         precision = quantize.inference_precision if quantize is not None else "32-true"
-        return dataclasses.replace(self.config, inference_precision=precision)
+        # a str in the quantization layer, checked to be one of these by QuantizeOnFit's constructor
+        return dataclasses.replace(self.config, inference_precision=cast(Literal["32-true", "bf16-mixed"], precision))
 
     def _start_capture(self, trainer: "pl.Trainer", model: nn.Module) -> None:
         """Keep a few rows of the first training input (the real batch the exported file is checked on) and, for

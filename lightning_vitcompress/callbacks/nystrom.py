@@ -8,6 +8,7 @@ at the start of ``swap_epoch``; with a budget, ``on_train_end`` swaps blocks bac
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
@@ -18,20 +19,24 @@ from typing_extensions import override
 
 from lightning_vitcompress._base import CompressionCallback, example_from_data, progress_line, validation_data
 from lightning_vitcompress._checks import check_block_selection, check_example_input, check_int, check_max_accuracy_drop
-from lightning_vitcompress._model import find_attention_blocks, resolve_target_path, set_submodule, shape_example_input
-from lightning_vitcompress._options import takes_config
+from lightning_vitcompress._model import find_attention_blocks, set_submodule, shape_example_input
+from lightning_vitcompress._options import passed_config, takes_config
 from lightning_vitcompress._plan import PlanRow, budget_phrase, epochs_phrase
 from lightning_vitcompress._structure import recorded_edits
 from lightning_vitcompress._training_state import refresh_after_structural_change
 from lightning_vitcompress.callbacks._budget import judge
-from lightning_vitcompress.callbacks._nystrom_setup import check_min_tokens, check_no_masks, measure_break_even
+from lightning_vitcompress.callbacks._nystrom_setup import (
+    check_min_tokens,
+    check_no_masks,
+    measure_break_even,
+    token_counts,
+)
 from lightning_vitcompress.functional.budget import limit_batches
 from lightning_vitcompress.functional.nystrom import (
     AttentionMaskError,
     BlockSelection,
     NystromAttention,
     NystromConfig,
-    attention_token_counts,
     select_attention_blocks,
     swap_attention,
     swap_back,
@@ -43,7 +48,8 @@ __all__ = ["NystromSwap"]
 
 @takes_config(
     NystromConfig,
-    positional=("num_landmarks", "swap_epoch", "blocks", "pinv_iterations", "conv_kernel_size", "num_prefix_tokens"),
+    positional=("num_landmarks", "swap_epoch", "blocks", "pinv_iterations", "conv_kernel_size", "num_prefix_tokens",
+                "example_input", "min_tokens", "max_accuracy_drop"),
 )
 class NystromSwap(CompressionCallback):
     """Swap softmax attention for Nyström attention (m landmarks), then keep training.
@@ -99,14 +105,15 @@ class NystromSwap(CompressionCallback):
 
     def __init__(
         self,
+        *args: Any,
         swap_epoch: int = 0,
         blocks: BlockSelection = None,
         example_input: Optional[torch.Tensor] = None,
         min_tokens: Union[int, Literal["auto"], None] = None,
         max_accuracy_drop: Optional[float] = None,
-        *,
-        config: NystromConfig,
+        config: Optional[NystromConfig] = None,
         model_attribute: Optional[str] = None,
+        **options: Any,
     ) -> None:
         super().__init__(model_attribute)
         check_min_tokens(min_tokens)
@@ -124,7 +131,7 @@ class NystromSwap(CompressionCallback):
         self._selection: Optional[list[str]] = None
         self._swap_done = False
         #: how attention is approximated (validated once); ``config=`` or the same keyword arguments
-        self.config = config
+        self.config = passed_config(config, args, options)
         check_int(swap_epoch, "swap_epoch", example="0 (swaps at setup, before training)")
         self.blocks = check_block_selection(blocks)
         check_example_input(example_input)
@@ -202,11 +209,13 @@ class NystromSwap(CompressionCallback):
             set_submodule(model, name, original)
         edits = recorded_edits(pl_module)
         edits[:] = [r for r in edits if not (r.get("kind") == self.KIND and r.get("target") == self.target_path)]
-        exception.add_note(
-            f"NystromSwap undid its swap of {list(self._originals)}: the model has its softmax attention back. "
-            "Pass example_input=<one input batch> to have such blocks refused at setup, or keep them exact with "
-            "blocks=[...]."
-        )
+        note = (f"NystromSwap undid its swap of {list(self._originals)}: the model has its softmax attention back. "
+                "Pass example_input=<one input batch> to have such blocks refused at setup, or keep them exact with "
+                "blocks=[...].")
+        if sys.version_info >= (3, 11):
+            exception.add_note(note)
+        else:  # Python 3.10 has no exception notes (add_note raised AttributeError here)
+            rank_zero_warn(note)
         self._originals, self.swapped_blocks = {}, []
 
     @override
@@ -305,7 +314,7 @@ class NystromSwap(CompressionCallback):
         if prefix == 0:
             return
         try:
-            counts = self._token_counts(trainer, pl_module, model)
+            counts = token_counts(trainer, pl_module, model, self._example(trainer, model), self.target_path, self.min_tokens)
         except ValueError:  # no input size known: nothing to compare with (the count is checked when it runs)
             return
         short = {name: counts[name] for name in names if name in counts and counts[name] <= prefix}
@@ -323,7 +332,7 @@ class NystromSwap(CompressionCallback):
         """The blocks of ``names`` whose input holds at least ``min_tokens`` tokens; the others go to
         :attr:`skipped_blocks` with the reason. ``"auto"`` measures the threshold first (rank zero, broadcast)."""
         model = self.target(pl_module)
-        counts = self._token_counts(trainer, pl_module, model)
+        counts = token_counts(trainer, pl_module, model, self._example(trainer, model), self.target_path, self.min_tokens)
         threshold: Optional[int]
         if self.min_tokens == "auto":
             self.break_even = measure_break_even(trainer, model, self.config, names, counts)
@@ -356,29 +365,6 @@ class NystromSwap(CompressionCallback):
         """One input row: the user's ``example_input``, the model's stated input size, or the Trainer's data."""
         example = self.example_input[:1] if self.example_input is not None else shape_example_input(model)
         return example if example is not None else example_from_data(trainer)
-
-    def _token_counts(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", model: nn.Module) -> dict[str, int]:
-        """Tokens entering each attention block, with the token merging this fit will apply (if any)."""
-        example = self._example(trainer, model)
-        merging = next(  # its target path is resolved at its own setup, after this one (order 35 > 30)
-            (cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback) and cb.KIND == "tome"
-             and resolve_target_path(pl_module, cb.model_attribute) == self.target_path), None,
-        )
-        already = any(r.get("kind") == "tome" and r.get("target") == self.target_path
-                      for r in recorded_edits(pl_module))
-        plan = None
-        if merging is not None and not already:  # merging starts after the swap: count what the blocks will see
-            from lightning_vitcompress.functional.token_merging import plan_token_merging
-
-            plan = plan_token_merging(model, merging.config, merging.example_input if merging.example_input
-                                      is not None else example)
-        if plan is None and example is None:
-            raise ValueError(
-                f"NystromSwap(min_tokens={self.min_tokens!r}) needs the token count of each block, but "
-                f"{type(model).__name__} states no input size and the Trainer has no data to take one batch from. "
-                "Pass example_input=<one input batch>, or min_tokens=None."
-            )
-        return attention_token_counts(model, example, merge_plan=plan)
 
     def _keep_within_budget(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", nystrom: list[str]

@@ -29,7 +29,7 @@ from typing_extensions import override
 
 from lightning_vitcompress._base import CompressionCallback
 from lightning_vitcompress._checks import check_choice, check_example_input, check_int, check_max_accuracy_drop
-from lightning_vitcompress._options import takes_config
+from lightning_vitcompress._options import passed_config, takes_config
 from lightning_vitcompress._plan import PlanRow, budget_phrase, epochs_phrase
 from lightning_vitcompress._structure import ModelSnapshot, recorded_edits
 from lightning_vitcompress._training_state import refresh_after_structural_change
@@ -100,7 +100,7 @@ class PruningSchedule(CompressionCallback):
 
     def __init__(
         self,
-        *,
+        *args: Any,
         start_epoch: int = 0,
         end_epoch: Optional[int] = None,
         num_steps: Optional[int] = None,
@@ -110,12 +110,13 @@ class PruningSchedule(CompressionCallback):
         seed: int = 0,
         example_input: Optional[torch.Tensor] = None,
         max_accuracy_drop: Optional[float] = None,
-        config: PruneConfig,
+        config: Optional[PruneConfig] = None,
         model_attribute: Optional[str] = None,
+        **options: Any,
     ) -> None:
         super().__init__(model_attribute)
         #: what is pruned (validated once); ``config=`` or the same keyword arguments
-        self.config = config
+        self.config = passed_config(config, args, options)
         check_int(start_epoch, "start_epoch", example="0 (prune at setup)")
         end_epoch = start_epoch if end_epoch is None else end_epoch
         check_int(end_epoch, "end_epoch", minimum=start_epoch, example=f"{start_epoch} (start_epoch={start_epoch})")

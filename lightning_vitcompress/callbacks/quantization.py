@@ -38,16 +38,6 @@ from lightning_vitcompress._plan import PlanRow, budget_phrase
 from lightning_vitcompress._structure import recorded_edits
 from lightning_vitcompress._training_state import refresh_after_structural_change
 from lightning_vitcompress.callbacks._quantization_auto import AUTO, AutoQuantization
-from lightning_vitcompress.callbacks._quantization_setup import (
-    check_arguments,
-    check_calibration_data,
-    check_inference_precision,
-    check_not_quantized,
-    check_resume,
-    check_save_paths,
-    choose_default,
-    warn_if_too_narrow,
-)
 from lightning_vitcompress.callbacks._quantization_io import (
     StepFailed,
     TrainingInputs,
@@ -57,6 +47,16 @@ from lightning_vitcompress.callbacks._quantization_io import (
     save_checkpoint,
     save_fp32_copy,
     save_quantized,
+)
+from lightning_vitcompress.callbacks._quantization_setup import (
+    check_arguments,
+    check_calibration_data,
+    check_inference_precision,
+    check_not_quantized,
+    check_resume,
+    check_save_paths,
+    choose_default,
+    warn_if_too_narrow,
 )
 from lightning_vitcompress.functional.multihead_attention import restore_multihead_attention
 from lightning_vitcompress.functional.quantize import RECORD_KIND, remove_fake_quantization, split_attention_to_quantize
@@ -212,7 +212,7 @@ class QuantizeOnFit(CompressionCallback):
         self._qat_active = False
         #: the training inputs kept for train end: the check and compile example, the calibration batches
         self._inputs = TrainingInputs(calibration_batches)
-        self._split: dict[str, nn.Module] = {}  # nn.MultiheadAttention modules split for quantization, by name
+        self._split: dict[str, nn.MultiheadAttention] = {}  # nn.MultiheadAttention modules split for quantization, by name
 
     # ------------------------------------------------------------- setup: fail fast
     def ordered_setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:

@@ -15,7 +15,7 @@ from typing_extensions import override
 
 from lightning_vitcompress._base import CompressionCallback
 from lightning_vitcompress._checks import check_example_input, check_int
-from lightning_vitcompress._options import takes_config
+from lightning_vitcompress._options import passed_config, takes_config
 from lightning_vitcompress._plan import PlanRow, epochs_phrase
 from lightning_vitcompress._structure import recorded_edits
 from lightning_vitcompress.functional.token_merging import (
@@ -28,7 +28,7 @@ from lightning_vitcompress.functional.token_merging import (
 __all__ = ["TokenMerging"]
 
 
-@takes_config(TokenMergingConfig, positional=("r", "start_epoch", "blocks", "proportional_attention", "schedule"))
+@takes_config(TokenMergingConfig, positional=("r", "start_epoch", "blocks", "proportional_attention", "schedule", "example_input"))
 class TokenMerging(CompressionCallback):
     """Merge ``r`` tokens in each block (bipartite soft matching), then keep training the merged model.
 
@@ -64,15 +64,16 @@ class TokenMerging(CompressionCallback):
 
     def __init__(
         self,
+        *args: Any,
         start_epoch: int = 0,
         example_input: Optional[torch.Tensor] = None,
-        *,
-        config: TokenMergingConfig,
+        config: Optional[TokenMergingConfig] = None,
         model_attribute: Optional[str] = None,
+        **options: Any,
     ) -> None:
         super().__init__(model_attribute)
         #: how many tokens merge where (validated once); ``config=`` or the same keyword arguments
-        self.config = config
+        self.config = passed_config(config, args, options)
         check_int(start_epoch, "start_epoch", example="0 (merges at setup, before training)")
         check_example_input(example_input)
         self.start_epoch = start_epoch
