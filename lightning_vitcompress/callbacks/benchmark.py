@@ -92,12 +92,18 @@ class BenchmarkCallback(CompressionCallback):
             (``report["baselines"][name]["ratios"]``). Compiling costs a minute or more
             on a small CPU. Default ``()``: none.
 
-    Example::
+    Example (a tiny ViT on scikit-learn's digits, timed briefly)::
 
-        bench = BenchmarkCallback(batch_size=32, num_threads=2)
-        trainer = Trainer(callbacks=[PruningSchedule(0.5), QuantizeOnFit(), bench])
-        trainer.fit(model, datamodule)
-        bench.report["ratios"]["cpu_speedup"]
+        >>> import lightning as L
+        >>> from lightning_vitcompress import BenchmarkCallback, PruningSchedule
+        >>> from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
+        >>> bench = BenchmarkCallback(batch_size=8, devices=("cpu",), rounds=1, min_run_time=0.01)
+        >>> trainer = L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False,
+        ...                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        ...                     callbacks=[PruningSchedule(0.5), bench])
+        >>> trainer.fit(DigitsClassifier(embed_dim=32, depth=2, num_heads=4), DigitsDataModule())
+        >>> round(bench.report["ratios"]["params_ratio"], 2)  # and cpu_speedup, size_ratio, accuracy_delta...
+        0.29
     """
 
     order = 10

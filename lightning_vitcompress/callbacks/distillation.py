@@ -128,15 +128,22 @@ class DistillationTeacher(CompressionCallback):
         model_attribute: attribute of the LightningModule holding the student ViT;
             ``None`` finds it.
 
-    Example::
+    Example (a tiny student on scikit-learn's digits; the teacher would be trained, e.g. from a checkpoint)::
 
-        teacher = DigitsClassifier.load_from_checkpoint("big.ckpt").model
-        trainer = L.Trainer(callbacks=[DistillationTeacher(teacher, mode="soft", alpha=0.5, temperature=2.0)])
-        trainer.fit(DigitsClassifier(embed_dim=32, depth=2), datamodule)
-
-        # DeiT: distillation token of a distilled student, teacher at 224 from a local file
-        DistillationTeacher("vit_base_patch16_224", teacher_weights="vit_b16.safetensors",
-                            teacher_kwargs=dict(num_classes=10), config=DistillConfig(mode="deit"), input_adapter=224)
+        >>> import lightning as L
+        >>> from lightning_vitcompress import DistillationTeacher
+        >>> from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
+        >>> teacher = DigitsClassifier(embed_dim=64, depth=2, num_heads=4).model
+        >>> trainer = L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False,
+        ...                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        ...                     callbacks=[DistillationTeacher(teacher, mode="soft", alpha=0.5, temperature=2.0)])
+        >>> trainer.fit(DigitsClassifier(embed_dim=32, depth=2, num_heads=4), DigitsDataModule())
+        >>> sorted(name for name in trainer.callback_metrics if name.startswith("distill/") and name.endswith("_epoch"))
+        ['distill/agreement_epoch', 'distill/loss_epoch', 'distill/task_loss_epoch']
+        >>> # DeiT: distillation token of a distilled student, teacher at 224 from a local file (not in CI)
+        >>> from lightning_vitcompress.functional import DistillConfig
+        >>> DistillationTeacher("vit_base_patch16_224", teacher_weights="vit_b16.safetensors",  # doctest: +SKIP
+        ...                     teacher_kwargs=dict(num_classes=10), config=DistillConfig(mode="deit"), input_adapter=224)
 
     Resuming (``trainer.fit(ckpt_path=...)``) with another ``mode`` or
     ``deit_target`` than the checkpoint's run is an error at setup naming both

@@ -88,16 +88,25 @@ class ExportOnFit(CompressionCallback):
     fails before training. The export runs after QuantizeOnFit wrote its
     checkpoints; it never changes the model. Rank zero exports.
 
-    Example::
+    Example (a tiny ViT on scikit-learn's digits, to ONNX; ``"vit.pt2"`` is loaded with
+    ``torch._inductor.aoti_load_package`` and ``ExportOnFit("vit-int8.xml", quantize="int8")`` with
+    ``ov.Core().compile_model``, each without this library)::
 
-        from lightning_vitcompress import BenchmarkCallback, ExportOnFit, PruningSchedule, QuantizeOnFit
-
-        trainer = Trainer(callbacks=[PruningSchedule(0.5), QuantizeOnFit("int8_static_x86", save_path="int8.ckpt"),
-                                     ExportOnFit("vit-int8.pt2"), BenchmarkCallback()])
-        trainer.fit(model, datamodule)
-        runner = torch._inductor.aoti_load_package("vit-int8.pt2")  # in the server: torch only
-
-        ExportOnFit("vit-int8.xml", quantize="int8")  # OpenVINO: ov.Core().compile_model("vit-int8.xml", "CPU")
+        >>> import lightning as L
+        >>> import numpy as np
+        >>> import onnxruntime
+        >>> from lightning_vitcompress import ExportOnFit
+        >>> from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
+        >>> export = ExportOnFit("digits.onnx")
+        >>> trainer = L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False,
+        ...                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        ...                     callbacks=[export])
+        >>> trainer.fit(DigitsClassifier(embed_dim=32, depth=2, num_heads=4), DigitsDataModule())
+        >>> export.summary["path"], export.summary["format"]
+        ('digits.onnx', 'onnx')
+        >>> session = onnxruntime.InferenceSession("digits.onnx")  # in the server: onnxruntime only
+        >>> session.run(None, {session.get_inputs()[0].name: np.zeros((2, 3, 32, 32), np.float32)})[0].shape
+        (2, 10)
 
     Args:
         path: the file to write (``.pt2``, ``.onnx`` or ``.xml``).

@@ -89,13 +89,21 @@ class NystromSwap(CompressionCallback):
             (passing both is an error).
         model_attribute: attribute holding the ViT (None finds it).
 
-    Example::
+    Example (a tiny ViT on scikit-learn's digits)::
 
-        trainer = Trainer(max_epochs=10, callbacks=[NystromSwap(num_landmarks=64, swap_epoch=0)])
-        trainer.fit(LitViT(), datamodule)
-
-        # only where the sequence is long enough to pay on this machine, and at most 1 point of top-1 lost
-        NystromSwap(num_landmarks=64, min_tokens="auto", max_accuracy_drop=1.0)
+        >>> import lightning as L
+        >>> from lightning_vitcompress import NystromSwap
+        >>> from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
+        >>> model = DigitsClassifier(embed_dim=32, depth=2, num_heads=4)
+        >>> trainer = L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False,
+        ...                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        ...                     callbacks=[NystromSwap(num_landmarks=8, swap_epoch=0)])
+        >>> trainer.fit(model, DigitsDataModule())
+        >>> type(model.model.blocks[0].attn).__name__
+        'NystromAttention'
+        >>> # only where the sequence is long enough to pay on this machine, and at most 1 point of top-1 lost
+        >>> NystromSwap(num_landmarks=64, min_tokens="auto", max_accuracy_drop=1.0).min_tokens
+        'auto'
     """
 
     order = 30

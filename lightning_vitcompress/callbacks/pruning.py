@@ -61,11 +61,21 @@ class PruningSchedule(CompressionCallback):
     ``start_epoch`` to ``end_epoch`` following ``schedule`` and fine-tunes in
     between, rebuilding optimizers, LR schedulers and the DDP wrapper each time.
 
-    Example::
+    Example (a tiny ViT on scikit-learn's digits)::
 
-        trainer = Trainer(max_epochs=10, callbacks=[PruningSchedule(0.5, end_epoch=4, num_steps=5)])
-        trainer.fit(model, datamodule)
-        model = load_compressed(MyModule, "last.ckpt")  # pruned shapes rebuilt, weights loaded
+        >>> import lightning as L
+        >>> from lightning_vitcompress import PruningSchedule, load_compressed
+        >>> from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
+        >>> model = DigitsClassifier(embed_dim=32, depth=2, num_heads=4)
+        >>> trainer = L.Trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=1, logger=False,
+        ...                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        ...                     callbacks=[PruningSchedule(0.5, end_epoch=1, num_steps=2)])
+        >>> trainer.fit(model, DigitsDataModule())
+        >>> model.model.blocks[0].mlp.fc1  # was Linear(32, 128)
+        Linear(in_features=16, out_features=64, bias=True)
+        >>> trainer.save_checkpoint("pruned.ckpt")
+        >>> load_compressed(DigitsClassifier, "pruned.ckpt").model.blocks[0].mlp.fc1.in_features  # shapes rebuilt
+        16
 
     Args:
         start_epoch: epoch of the first pruning step.

@@ -80,14 +80,23 @@ INT8_PAYS_FROM_WIDTH = 256
 class QuantizeOnFit(CompressionCallback):
     r"""Quantize the trained model's linear layers with torchao when training ends; optional QAT.
 
-    Example::
+    Example (a tiny ViT on scikit-learn's digits)::
 
-        from lightning_vitcompress import QuantizeOnFit, load_compressed
+        >>> import lightning as L
+        >>> from lightning_vitcompress import QuantizeOnFit, load_compressed
+        >>> from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
+        >>> model = DigitsClassifier(embed_dim=32, depth=2, num_heads=4)
+        >>> trainer = L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False,
+        ...                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        ...                     callbacks=[QuantizeOnFit("int8_dynamic", save_path="model-int8.ckpt")])
+        >>> trainer.fit(model, DigitsDataModule())
+        >>> _ = trainer.test(model, DigitsDataModule(), verbose=False)  # runs the quantized model
+        >>> type(model.model.blocks[0].mlp.fc1.weight).__name__
+        'Int8Tensor'
+        >>> type(load_compressed(DigitsClassifier, "model-int8.ckpt").model.blocks[0].mlp.fc1.weight).__name__
+        'Int8Tensor'
 
-        trainer = Trainer(callbacks=[QuantizeOnFit(save_path="model-int8.ckpt")])  # the config fast on this device
-        trainer.fit(model, datamodule)
-        trainer.test(model, datamodule)      # runs the quantized model
-        model = load_compressed(LitModel, "model-int8.ckpt")
+        Without a config (``QuantizeOnFit(save_path=...)``) it picks the one fast on the Trainer's device.
 
     Args:
         config: ``None`` (default): the int8 config that is fast on the device the Trainer runs on, read from what the

@@ -51,10 +51,18 @@ class TokenMerging(CompressionCallback):
     Logs ``tome/r`` (mean over the selected blocks) and ``tome/tokens_out``
     (tokens after the last block) at each epoch start once merging.
 
-    Example::
+    Example (a tiny ViT on scikit-learn's digits)::
 
-        trainer = Trainer(max_epochs=10, callbacks=[TokenMerging(r=16, start_epoch=0)])
-        trainer.fit(LitViT(), datamodule)
+        >>> import lightning as L
+        >>> from lightning_vitcompress import TokenMerging
+        >>> from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
+        >>> model = DigitsClassifier(embed_dim=32, depth=2, num_heads=4)
+        >>> trainer = L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False,
+        ...                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        ...                     callbacks=[merging := TokenMerging(r=4, start_epoch=0)])
+        >>> trainer.fit(model, DigitsDataModule())
+        >>> merging.plan["tokens_in"], merging.plan["tokens"]  # tokens leaving each block: 4 fewer per block
+        (65, [61, 57])
     """
 
     order = 35
