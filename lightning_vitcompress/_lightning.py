@@ -46,7 +46,7 @@ __all__ = [
 WRAPPED_MARKER = "_vitcompress_distillation"
 
 
-def callbacks_of(trainer: "pl.Trainer") -> list[Callback]:
+def callbacks_of(trainer: pl.Trainer) -> list[Callback]:
     """``trainer.callbacks``, typed.
 
     A public attribute, but ``Trainer`` does not declare it: its callback connector assigns it in
@@ -56,7 +56,7 @@ def callbacks_of(trainer: "pl.Trainer") -> list[Callback]:
     return callbacks
 
 
-def datamodule_of(trainer: "pl.Trainer") -> Optional[pl.LightningDataModule]:
+def datamodule_of(trainer: pl.Trainer) -> Optional[pl.LightningDataModule]:
     """``trainer.datamodule`` (``None`` when the fit got dataloaders), typed.
 
     Public, but assigned by ``Trainer``'s data connector rather than declared on the class (see :func:`callbacks_of`).
@@ -65,7 +65,7 @@ def datamodule_of(trainer: "pl.Trainer") -> Optional[pl.LightningDataModule]:
     return datamodule
 
 
-def fast_dev_run_of(trainer: "pl.Trainer") -> int | bool:
+def fast_dev_run_of(trainer: pl.Trainer) -> int | bool:
     """``Trainer(fast_dev_run=...)``'s value (``False``, ``True`` or a batch count), typed.
 
     Public, but assigned by ``Trainer``'s debugging connector rather than declared (see :func:`callbacks_of`).
@@ -74,7 +74,7 @@ def fast_dev_run_of(trainer: "pl.Trainer") -> int | bool:
     return fast_dev_run
 
 
-def fit_ckpt_path(trainer: "pl.Trainer") -> tuple[Optional[str], bool]:
+def fit_ckpt_path(trainer: pl.Trainer) -> tuple[Optional[str], bool]:
     """The checkpoint this ``fit`` restores, known already at ``setup``, and whether to load it with ``weights_only``.
 
     Reads the ``ckpt_path`` and ``weights_only`` arguments of ``Trainer._run`` from
@@ -95,7 +95,7 @@ def fit_ckpt_path(trainer: "pl.Trainer") -> tuple[Optional[str], bool]:
     return (str(trainer.ckpt_path) if trainer.ckpt_path else None), True
 
 
-def train_dataloaders(trainer: "pl.Trainer") -> Any:
+def train_dataloaders(trainer: pl.Trainer) -> Any:
     """The training loader(s) ``fit`` will use, from ``setup`` on: ``fit(train_dataloaders=...)``, the datamodule's
     or the module's ``train_dataloader()``; None where none is defined.
 
@@ -105,7 +105,7 @@ def train_dataloaders(trainer: "pl.Trainer") -> Any:
     return _dataloaders(trainer.fit_loop._data_source)
 
 
-def val_dataloaders(trainer: "pl.Trainer") -> Any:
+def val_dataloaders(trainer: pl.Trainer) -> Any:
     """The validation loader(s) ``fit`` will use, from ``setup`` on: ``fit(val_dataloaders=...)``, the datamodule's
     or the module's ``val_dataloader()``; None where none is defined.
 
@@ -122,7 +122,7 @@ def _dataloaders(source: Any) -> Any:
     return source.dataloader()
 
 
-def current_hook_name(pl_module: "pl.LightningModule") -> Optional[str]:
+def current_hook_name(pl_module: pl.LightningModule) -> Optional[str]:
     """The name of the hook Lightning is running (``"on_train_batch_end"``...), None outside hooks.
 
     Reads ``LightningModule._current_fx_name``, which Lightning sets around every hook call and
@@ -131,7 +131,7 @@ def current_hook_name(pl_module: "pl.LightningModule") -> Optional[str]:
     return getattr(pl_module, "_current_fx_name", None)
 
 
-def wrap_training_step(pl_module: "pl.LightningModule", step: Callable[..., Any]) -> Callable[[], None]:
+def wrap_training_step(pl_module: pl.LightningModule, step: Callable[..., Any]) -> Callable[[], None]:
     """Make Lightning call ``step(original_training_step, *args, **kwargs)`` as ``pl_module``'s training step;
     returns the function that undoes it (a no-op once something else replaced the step).
 
@@ -160,7 +160,7 @@ def wrap_training_step(pl_module: "pl.LightningModule", step: Callable[..., Any]
     return undo
 
 
-def rich_display(callback: "RichProgressBar") -> tuple[Any, Any]:
+def rich_display(callback: RichProgressBar) -> tuple[Any, Any]:
     """``(progress, console)`` of a ``RichProgressBar``: its live ``rich.progress.Progress`` (None once stopped or
     before it starts) and its ``rich`` console (None before it starts).
 
@@ -170,7 +170,7 @@ def rich_display(callback: "RichProgressBar") -> tuple[Any, Any]:
     return (None if stopped else callback.progress), getattr(callback, "_console", None)
 
 
-def rewrap_and_setup_optimizers(trainer: "pl.Trainer") -> None:
+def rewrap_and_setup_optimizers(trainer: pl.Trainer) -> None:
     """After parameters were replaced mid-fit: wrap the LightningModule in DDP again (DDP strategies) and rebuild
     the optimizers and LR schedulers from ``configure_optimizers``.
 

@@ -20,7 +20,7 @@ from lightning_vitcompress._lightning import rewrap_and_setup_optimizers
 SUPPORTED_STRATEGIES = (SingleDeviceStrategy, DDPStrategy)
 
 
-def check_strategy_supported(trainer: "pl.Trainer", callback_name: str) -> None:
+def check_strategy_supported(trainer: pl.Trainer, callback_name: str) -> None:
     """Fail fast for strategies that shard parameters (FSDP, DeepSpeed, model parallel).
 
     Structural edits need every rank to hold the whole model; the single-device
@@ -34,7 +34,7 @@ def check_strategy_supported(trainer: "pl.Trainer", callback_name: str) -> None:
         )
 
 
-def refresh_after_structural_change(trainer: "pl.Trainer") -> None:
+def refresh_after_structural_change(trainer: pl.Trainer) -> None:
     """Rebuild DDP wrapper, optimizers and LR schedulers around the current parameters.
 
     Call after replacing or reshaping parameters while fitting. What is kept:

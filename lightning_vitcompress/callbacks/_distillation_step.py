@@ -25,7 +25,7 @@ __all__ = ["Capture", "StudentCapture", "distillation_terms", "with_loss"]
 class Capture:
     """One forward call of the student in the training step, with the teacher's answer to its inputs."""
 
-    __slots__ = ("teacher_logits", "distill_logits", "prediction_logits")
+    __slots__ = ("distill_logits", "prediction_logits", "teacher_logits")
 
     def __init__(self, teacher_logits: Tensor, distill_logits: Tensor, prediction_logits: Tensor) -> None:
         self.teacher_logits = teacher_logits

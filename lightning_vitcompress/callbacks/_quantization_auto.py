@@ -96,7 +96,7 @@ class AutoQuantization:
         #: what "auto" tried and chose in the last fit (``None`` before, or without "auto")
         self.result: Optional[dict[str, Any]] = None
 
-    def setup(self, trainer: "pl.Trainer", device: torch.device) -> None:
+    def setup(self, trainer: pl.Trainer, device: torch.device) -> None:
         """The candidates "auto" will try on ``device``: those that run here (a dry run each), calibrated
         ones only when training steps run; an error naming what was tried when none does."""
         trains = not (trainer.max_epochs == 0 or trainer.limit_train_batches == 0)
@@ -126,7 +126,7 @@ class AutoQuantization:
     # ------------------------------------------------------------- "auto"
     def choose(
         self,
-        trainer: "pl.Trainer",
+        trainer: pl.Trainer,
         model: nn.Module,
         example: Optional[ModelInputs],
         calibration: list[ModelInputs],
@@ -208,7 +208,7 @@ class AutoQuantization:
     # ------------------------------------------------------------- max_accuracy_drop
     def fit_budget(
         self,
-        trainer: "pl.Trainer",
+        trainer: pl.Trainer,
         model: nn.Module,
         spec: QuantizationSpec,
         budget: AccuracyBudget,

@@ -118,7 +118,7 @@ def check_inference_precision(inference_precision: str, native_bf16: Callable[[]
         )
 
 
-def check_calibration_data(trainer: "pl.Trainer", spec: QuantizationSpec, calibration_batches: int) -> None:
+def check_calibration_data(trainer: pl.Trainer, spec: QuantizationSpec, calibration_batches: int) -> None:
     """A calibrated config needs finite training inputs: the first training batch holds no NaN or Inf."""
     if spec.calibrates:
         images = images_of(first_batch(trainer, validation=False))
@@ -132,7 +132,7 @@ def check_calibration_data(trainer: "pl.Trainer", spec: QuantizationSpec, calibr
 
 
 def choose_default(
-    trainer: "pl.Trainer", device: torch.device, inference_precision: Optional[str], compile: Any
+    trainer: pl.Trainer, device: torch.device, inference_precision: Optional[str], compile: Any
 ) -> tuple[DefaultChoice, QuantizationSpec, str]:
     """``config=None``: the config fast on ``device`` and its precision (``inference_precision`` unless None), said
     in the log."""

@@ -169,14 +169,14 @@ class BenchmarkCallback(CompressionCallback):
         #: ``input_shape``, or the one inferred from the model at setup
         self._input_shape: Optional[tuple[int, ...]] = input_shape
 
-    def fit_plan(self, trainer: "pl.Trainer") -> list[PlanRow]:
+    def fit_plan(self, trainer: pl.Trainer) -> list[PlanRow]:
         timing = self.rounds * 2 * len(self.devices) * self.min_run_time
         return [PlanRow("BenchmarkCallback", "measures size, MACs, accuracy, throughput, latency",
                         "baseline at setup, final at fit end",
                         f"batch {self.batch_size}, devices {list(self.devices)}, about {timing:.0f} s of timing")]
 
     # ------------------------------------------------------------------ setup
-    def ordered_setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def ordered_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         model = self.target(pl_module)
         self._check_devices_present()
         if self.output_dir is not None:
@@ -209,13 +209,13 @@ class BenchmarkCallback(CompressionCallback):
         try:
             with eval_mode(model), torch.inference_mode():
                 model(torch.zeros(1, *self._input_shape, device=device))
-        except Exception as err:  # noqa: BLE001 - reported with its cause
+        except Exception as err:  # reported with its cause
             raise ValueError(
                 f"input_shape={self._input_shape!r}: the {label} ({type(model).__name__}) cannot run an input of "
                 f"this shape ({type(err).__name__}: {err}). Pass the (channels, height, width) the model takes."
             ) from err
 
-    def _check_accuracy_batch(self, trainer: "pl.Trainer") -> None:
+    def _check_accuracy_batch(self, trainer: pl.Trainer) -> None:
         """The accuracy data's first batch holds images and labels we can find (tuple or dict), known now rather
         than after training."""
         if self.dataloader is not None:
@@ -235,7 +235,7 @@ class BenchmarkCallback(CompressionCallback):
             ) from err
 
     def _infer_input_shape(
-        self, pl_module: "pl.LightningModule", model: nn.Module, trainer: "pl.Trainer"
+        self, pl_module: pl.LightningModule, model: nn.Module, trainer: pl.Trainer
     ) -> tuple[int, ...]:
         if self.input_shape is not None:
             return self.input_shape
@@ -255,7 +255,7 @@ class BenchmarkCallback(CompressionCallback):
         )
 
     # ---------------------------------------------------------------- measure
-    def ordered_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def ordered_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero or self._baseline is None or self._input_shape is None:
             return
         final = self.target(pl_module)
@@ -315,13 +315,13 @@ class BenchmarkCallback(CompressionCallback):
         self._baseline = None  # free the copy
         self._write(trainer)
 
-    def _accuracy_batches(self, trainer: "pl.Trainer") -> Optional[list[Any]]:
+    def _accuracy_batches(self, trainer: pl.Trainer) -> Optional[list[Any]]:
         loader = self.dataloader
         datamodule = datamodule_of(trainer)
         if loader is None and datamodule is not None:
             try:
                 loader = datamodule.val_dataloader()
-            except Exception:  # noqa: BLE001 - a datamodule without validation data
+            except Exception:  # a datamodule without validation data
                 loader = None
         if loader is None:
             loader = trainer.val_dataloaders
@@ -341,12 +341,12 @@ class BenchmarkCallback(CompressionCallback):
         return batches
 
     # ----------------------------------------------------------------- output
-    def _resolve_output_dir(self, trainer: "pl.Trainer") -> Path:
+    def _resolve_output_dir(self, trainer: pl.Trainer) -> Path:
         if self.output_dir is not None:
             return Path(self.output_dir)
         return Path(trainer.log_dir or trainer.default_root_dir)
 
-    def _write(self, trainer: "pl.Trainer") -> None:
+    def _write(self, trainer: pl.Trainer) -> None:
         assert self.report is not None
         output_dir = self._resolve_output_dir(trainer)
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -375,7 +375,7 @@ class BenchmarkCallback(CompressionCallback):
 
 
 def _deployed_artifact(
-    trainer: "pl.Trainer", example_input: torch.Tensor
+    trainer: pl.Trainer, example_input: torch.Tensor
 ) -> tuple[Optional[nn.Module], Optional[dict[str, Any]]]:
     """The file ExportOnFit wrote, loaded afresh and called once on ``example_input`` (what a server pays at start),
     with those timings next to the in-process compile time it replaces; ``(None, None)`` without one.

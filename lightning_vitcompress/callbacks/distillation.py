@@ -166,7 +166,7 @@ class DistillationTeacher(CompressionCallback):
         *args: Any,
         config: Optional[DistillConfig] = None,
         pretrained: bool = True,
-        teacher_weights: Optional[Union[str, "os.PathLike[str]"]] = None,
+        teacher_weights: Optional[Union[str, os.PathLike[str]]] = None,
         teacher_kwargs: Optional[dict[str, Any]] = None,
         teacher_class: Optional[type[pl.LightningModule]] = None,
         input_adapter: InputAdapter = None,
@@ -321,7 +321,7 @@ class DistillationTeacher(CompressionCallback):
         device = next((t.device for t in tensors), torch.device("cpu"))
         try:
             teacher_forward(teacher, example.to(device), self._adapter(example), precision=self.teacher_precision)
-        except Exception as err:  # noqa: BLE001 - reported with its cause
+        except Exception as err:  # reported with its cause
             raise ValueError(
                 f"teacher={type(teacher).__name__} cannot run the student's input of shape {tuple(example.shape)} "
                 f"(from {source}): {type(err).__name__}: {err}. Pass input_adapter= (an image size to resize to, or "

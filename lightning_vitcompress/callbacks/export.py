@@ -160,7 +160,7 @@ class ExportOnFit(CompressionCallback):
         self._deferred: Optional[tuple[str, Optional[Exception]]] = None
 
     # ----------------------------------------------------- hooks, in the order Lightning calls them
-    def ordered_setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def ordered_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_output_file(self.path, "path")
         self._config = self._resolved_config(trainer)
         self._config.check_environment()
@@ -173,10 +173,10 @@ class ExportOnFit(CompressionCallback):
         self.summary = None
         self._start_capture(trainer, model)
 
-    def ordered_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def ordered_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._calibration = []  # calibrate on the last epoch's inputs, seen by the most trained weights
 
-    def ordered_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def ordered_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._stop_capture()
         # rank zero writes and checks the file; every rank learns how it went, so a failure raises everywhere
         # (a lone raise on rank zero would leave the others waiting in a collective) and summary is the same
@@ -215,19 +215,19 @@ class ExportOnFit(CompressionCallback):
                if summary.get("top1_agreement") is not None else "")
         )
 
-    def ordered_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def ordered_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         deferred, self._deferred = self._deferred, None
         if deferred is not None:
             self._fail(*deferred)
 
     @override
-    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._stop_capture()
         self._example = None
         super().teardown(trainer, pl_module, stage)
 
     # ----------------------------------------------------------------------- what the pipeline asks
-    def fit_plan(self, trainer: "pl.Trainer") -> list[PlanRow]:
+    def fit_plan(self, trainer: pl.Trainer) -> list[PlanRow]:
         c = self._config
         what = f"writes {self.path.name} ({c.format}{', NNCF ' + c.quantize if c.quantize else ''})"
         when = "train end, before QuantizeOnFit" if c.format == "openvino" else "train end, after QuantizeOnFit"
@@ -240,7 +240,7 @@ class ExportOnFit(CompressionCallback):
                 "or call export_compressed(model, path, images) on the trained model")
 
     # -------------------------------------------------------------------------------------- helpers
-    def _check_with_quantize_on_fit(self, trainer: "pl.Trainer") -> None:
+    def _check_with_quantize_on_fit(self, trainer: pl.Trainer) -> None:
         from lightning_vitcompress.callbacks.quantization import QuantizeOnFit
 
         if self._config.format != "openvino" or self._config.quantize is not None:
@@ -253,7 +253,7 @@ class ExportOnFit(CompressionCallback):
                 "or use format='pt2' for the torch int8 model."
             )
 
-    def _resolved_config(self, trainer: "pl.Trainer") -> ExportConfig:
+    def _resolved_config(self, trainer: pl.Trainer) -> ExportConfig:
         if self.config.inference_precision is not None or self.config.format in ("onnx", "openvino"):
             return self.config
         from lightning_vitcompress.callbacks.quantization import QuantizeOnFit
@@ -263,7 +263,7 @@ class ExportOnFit(CompressionCallback):
         # a str in the quantization layer, checked to be one of these by QuantizeOnFit's constructor
         return dataclasses.replace(self.config, inference_precision=cast(Literal["32-true", "bf16-mixed"], precision))
 
-    def _start_capture(self, trainer: "pl.Trainer", model: nn.Module) -> None:
+    def _start_capture(self, trainer: pl.Trainer, model: nn.Module) -> None:
         """Keep a few rows of the first training input (the real batch the exported file is checked on) and, for
         NNCF int8, the first ``calibration_batches`` training inputs of each epoch."""
         self._stop_capture()
@@ -289,7 +289,7 @@ class ExportOnFit(CompressionCallback):
             self._capture_handle = None
 
     def _export(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule"
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> tuple[Optional[dict[str, Any]], Optional[str], Optional[Exception]]:
         """``(summary, None, None)``, or ``(None, why, error or None)`` when no checked file was written."""
         model = self.target(pl_module)
@@ -306,7 +306,7 @@ class ExportOnFit(CompressionCallback):
             with stage_bar(trainer, f"ExportOnFit: {self.path.name}", total=len(stages), unit="stage") as bar:
                 summary = export_compressed(model, self.path, example, self._config, calibration_data=calibration,
                                             progress=lambda stage: bar.step(stage))
-        except Exception as err:  # noqa: BLE001 - the model is untouched; say so
+        except Exception as err:  # the model is untouched; say so
             return None, f"{type(err).__name__}: {err}", err
         # the file's own quantization (NNCF) can change decisions: how often, on real data (other formats hold
         # the live model's own layers, and its compiled call would recompile for the validation batch's shape)
@@ -326,7 +326,7 @@ class ExportOnFit(CompressionCallback):
         rank_zero_warn(message)
 
 
-def _top1_agreement(trainer: "pl.Trainer", model: nn.Module, summary: dict[str, Any]) -> Optional[float]:
+def _top1_agreement(trainer: pl.Trainer, model: nn.Module, summary: dict[str, Any]) -> Optional[float]:
     """How often the written file's top-1 class equals the live model's, on up to :data:`_AGREEMENT_BATCHES`
     validation batches; None without validation data (or a file for another device)."""
     loader, limit = validation_data(trainer)
@@ -349,7 +349,7 @@ def _top1_agreement(trainer: "pl.Trainer", model: nn.Module, summary: dict[str, 
     return agree / total if total else None
 
 
-def _input_shape(pl_module: "pl.LightningModule", model: nn.Module) -> Optional[tuple[int, ...]]:
+def _input_shape(pl_module: pl.LightningModule, model: nn.Module) -> Optional[tuple[int, ...]]:
     example = getattr(pl_module, "example_input_array", None)
     if isinstance(example, torch.Tensor) and example.dim() == 4:
         return tuple(example.shape[1:])

@@ -150,7 +150,7 @@ class NystromSwap(CompressionCallback):
         self._originals: dict[str, nn.Module] = {}
 
     # ----------------------------------------------------- hooks, in the order Lightning calls them
-    def ordered_setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def ordered_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.swapped_blocks = []
         self._originals = {}
         self._selection, self._swap_done, self.budget_result = None, False, None
@@ -178,7 +178,7 @@ class NystromSwap(CompressionCallback):
             self._swap(pl_module, chosen)
         # resuming a checkpoint from before the swap: its weights load after setup, the swap follows at epoch start
 
-    def ordered_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def ordered_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._swap_done and trainer.current_epoch >= self.swap_epoch:
             model = self.target(pl_module)
             self._swap(pl_module, self._selection if self._selection is not None else self._selected_blocks(model))
@@ -189,7 +189,7 @@ class NystromSwap(CompressionCallback):
             landmarks = sum(m.num_landmarks for m in swapped) / max(1, len(swapped))
             self.log_metrics(trainer, {"num_landmarks": landmarks, "swapped_blocks": len(swapped)})  # what it has
 
-    def ordered_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def ordered_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """With a budget: swap blocks back to exact attention, most costly first, until the model is within it."""
         metrics: dict[str, Optional[float]] = {}
         if self.break_even is not None:
@@ -207,7 +207,7 @@ class NystromSwap(CompressionCallback):
 
     @override
     def on_exception(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         """A swapped block called with a mask (unseen at setup): put this fit's swap back, so the model works."""
         if not isinstance(exception, AttentionMaskError) or not self._originals:
@@ -249,7 +249,7 @@ class NystromSwap(CompressionCallback):
             config["min_tokens"] = self.min_tokens
         return config
 
-    def fit_plan(self, trainer: "pl.Trainer") -> list[PlanRow]:
+    def fit_plan(self, trainer: pl.Trainer) -> list[PlanRow]:
         blocks = "all blocks" if self.blocks is None else f"blocks {list(self.blocks)}"
         tokens = f", only where >= {self.min_tokens} tokens" if self.min_tokens is not None else ""
         return [PlanRow("NystromSwap", f"Nyström attention, m={self.config.num_landmarks} landmarks, {blocks}{tokens}",
@@ -282,7 +282,7 @@ class NystromSwap(CompressionCallback):
     def _selected_blocks(self, model: nn.Module) -> list[str]:
         return select_attention_blocks(model, self.blocks, owner="NystromSwap")
 
-    def _swap(self, pl_module: "pl.LightningModule", names: list[str]) -> None:
+    def _swap(self, pl_module: pl.LightningModule, names: list[str]) -> None:
         model = self.target(pl_module)
         originals: dict[str, nn.Module] = {}
         self._swap_done = True
@@ -315,7 +315,7 @@ class NystromSwap(CompressionCallback):
             )
 
     def _check_prefix(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", model: nn.Module, names: list[str]
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module, names: list[str]
     ) -> None:
         """A block whose tokens are all prefix tokens would stay exact attention: refuse that now."""
         prefix = self.config.prefix_tokens(model)
@@ -336,7 +336,7 @@ class NystromSwap(CompressionCallback):
                 f"class/distillation/register tokens (fewer than {count}, e.g. 1), or None to read them from the model."
             )
 
-    def _long_enough(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", names: list[str]) -> list[str]:
+    def _long_enough(self, trainer: pl.Trainer, pl_module: pl.LightningModule, names: list[str]) -> list[str]:
         """The blocks of ``names`` whose input holds at least ``min_tokens`` tokens; the others go to
         :attr:`skipped_blocks` with the reason. ``"auto"`` measures the threshold first (rank zero, broadcast)."""
         model = self.target(pl_module)
@@ -369,13 +369,13 @@ class NystromSwap(CompressionCallback):
             )
         return keep
 
-    def _example(self, trainer: "pl.Trainer", model: nn.Module) -> Optional[torch.Tensor]:
+    def _example(self, trainer: pl.Trainer, model: nn.Module) -> Optional[torch.Tensor]:
         """One input row: the user's ``example_input``, the model's stated input size, or the Trainer's data."""
         example = self.example_input[:1] if self.example_input is not None else shape_example_input(model)
         return example if example is not None else example_from_data(trainer)
 
     def _keep_within_budget(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", nystrom: list[str]
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, nystrom: list[str]
     ) -> dict[str, Optional[float]]:
         """Judge the model; beyond budget, swap ``nystrom`` blocks back (most costly first) until within."""
         budget = self.budget
@@ -424,7 +424,7 @@ class NystromSwap(CompressionCallback):
             metrics[f"swap_back/{entry['block']}/accuracy_gain"] = entry["accuracy_gain"]
         return metrics
 
-    def _forget(self, pl_module: "pl.LightningModule", names: list[str]) -> None:
+    def _forget(self, pl_module: pl.LightningModule, names: list[str]) -> None:
         """Drop ``names`` from this target's records (new dicts: copies held elsewhere stay as they were), so that
         resume and ``load_compressed`` rebuild only the blocks that stayed Nyström."""
         edits = recorded_edits(pl_module)

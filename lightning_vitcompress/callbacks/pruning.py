@@ -173,7 +173,7 @@ class PruningSchedule(CompressionCallback):
         self._last_metrics: dict[str, Optional[float]] = {}
 
     # ------------------------------------------------------------------ hooks, in the order Lightning calls them
-    def ordered_setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def ordered_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Check the model, take the widths and the channel ratio, and prune the steps due before training."""
         model = self.target(pl_module)
         self.config.check_model(model)
@@ -212,29 +212,29 @@ class PruningSchedule(CompressionCallback):
             if due:
                 self._prune(trainer, pl_module, due)
 
-    def ordered_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def ordered_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.interval == "epoch" and not self._needs_gradients:
             self._prune_if_due(trainer, pl_module, 0)
 
     def ordered_train_batch_start(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self.interval == "step" or self._needs_gradients:
             self._prune_if_due(trainer, pl_module, batch_idx if self.interval == "step" else 0)
 
     @override
-    def on_after_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Taylor/Hessian importance: add this batch's gradients (squared for Hessian) while a step waits."""
         if self._gathering:
             self._gradients.add(self.target(pl_module), square=gradient_kind(self._importance) == "hessian")
 
     @override
-    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", *args: Any) -> None:
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if self._last_metrics:  # logged here: a step at setup or an epoch start cannot log yet
             self.log_metrics(trainer, self._last_metrics)
             self._last_metrics = {}
 
-    def ordered_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def ordered_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The last step is judged when training ends (before quantization or the benchmark see the model)."""
         self._judge(trainer, pl_module)
         if self._last_metrics:
@@ -272,7 +272,7 @@ class PruningSchedule(CompressionCallback):
             "schedule": schedule,
         }
 
-    def fit_plan(self, trainer: "pl.Trainer") -> list[PlanRow]:
+    def fit_plan(self, trainer: pl.Trainer) -> list[PlanRow]:
         c = self.config
         unit = "epochs" if self.interval == "epoch" else "steps"
         when = (epochs_phrase(self.start_epoch, self.end_epoch, self.num_steps) if self.interval == "epoch"
@@ -307,7 +307,7 @@ class PruningSchedule(CompressionCallback):
         assert self._channel_ratio is not None
         return self._fractions[step - 1] * self._channel_ratio
 
-    def _steps_due(self, trainer: Optional["pl.Trainer"], position_in_epoch: int = 0) -> int:
+    def _steps_due(self, trainer: Optional[pl.Trainer], position_in_epoch: int = 0) -> int:
         """How many pruning steps should have run at this boundary (``None``: at the start of fit)."""
         return steps_due(trainer, position_in_epoch, start_epoch=self.start_epoch, end_epoch=self.end_epoch,
                          num_steps=self.num_steps, interval=self.interval)
@@ -316,7 +316,7 @@ class PruningSchedule(CompressionCallback):
     def _needs_gradients(self) -> bool:
         return gradient_kind(self._importance) is not None
 
-    def _prune_if_due(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", position_in_epoch: int) -> None:
+    def _prune_if_due(self, trainer: pl.Trainer, pl_module: pl.LightningModule, position_in_epoch: int) -> None:
         """At a boundary where a step falls due: judge the last step, gather gradients if needed, prune."""
         due = self._steps_due(trainer, position_in_epoch)
         if due <= self.steps_done or self.stopped:
@@ -329,7 +329,7 @@ class PruningSchedule(CompressionCallback):
         self._prune(trainer, pl_module, due)
         refresh_after_structural_change(trainer)
 
-    def _prune(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", step: int) -> None:
+    def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         """Prune from the ratio of step ``self.steps_done`` to that of ``step``; on failure, restore the model.
 
         With a budget the state before it is kept, to roll back to when :meth:`_judge` finds it beyond.
@@ -389,7 +389,7 @@ class PruningSchedule(CompressionCallback):
             f"params {params_before:,} -> {params:,}" + (f", MACs/image {macs:,}" if macs is not None else "")
         )
 
-    def _judge(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> bool:
+    def _judge(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
         """Judge the last step against the budget (rank zero measures, every rank decides the same).
 
         Within budget: True. Beyond: :meth:`_roll_back` to the state before it, the schedule stops, False.
@@ -408,7 +408,7 @@ class PruningSchedule(CompressionCallback):
         return False
 
     def _roll_back(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", accuracy: Optional[float], described: str
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, accuracy: Optional[float], described: str
     ) -> None:
         """Put the model back as it was when last judged within budget (or say why it cannot); stop the schedule."""
         model = self.target(pl_module)

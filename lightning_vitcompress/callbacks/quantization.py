@@ -224,7 +224,7 @@ class QuantizeOnFit(CompressionCallback):
         self._split: dict[str, nn.MultiheadAttention] = {}  # nn.MultiheadAttention modules split for quantization, by name
 
     # ------------------------------------------------------------- setup: fail fast
-    def ordered_setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def ordered_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_not_quantized(self.replayed_records(trainer, RECORD_KIND))
         device = trainer.strategy.root_device
         for argument, path in (("save_path", self.save_path), ("save_fp32_path", self.save_fp32_path)):
@@ -264,7 +264,7 @@ class QuantizeOnFit(CompressionCallback):
         self._inputs.start(trainer, model, calibrates=any(spec.calibrates for spec in specs))
 
     # ------------------------------------------------------------- training: QAT
-    def ordered_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def ordered_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._inputs.new_epoch()
         if self.qat_start_epoch is None or self._qat_active or trainer.current_epoch < self.qat_start_epoch:
             return
@@ -295,7 +295,7 @@ class QuantizeOnFit(CompressionCallback):
         }
 
     # ------------------------------------------------------------- train end: the recipe
-    def ordered_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def ordered_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The recipe: choose the config ("auto"); write the fp32 copy, quantize (within the budget), record and write
         the quantized model, all or nothing (:meth:`_or_put_back`); compile and log. Or write the unquantized model."""
         self._inputs.stop()
@@ -324,12 +324,12 @@ class QuantizeOnFit(CompressionCallback):
 
     # ------------------------------------------------------------- teardown
     @override
-    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._inputs.clear()
         super().teardown(trainer, pl_module, stage)
 
     # ------------------------------------------------------------- what the base class and the report ask
-    def fit_plan(self, trainer: "pl.Trainer") -> list[PlanRow]:
+    def fit_plan(self, trainer: pl.Trainer) -> list[PlanRow]:
         if self.auto:
             what = f"int8: the fastest of {len(self.search.candidates)} configs timed here ('auto')"
             why = f"search bounded by {self.auto_time_budget_s:g} s"
@@ -366,7 +366,7 @@ class QuantizeOnFit(CompressionCallback):
         return self.search.result
 
     # ------------------------------------------------------------- train end helpers
-    def _choose_auto(self, trainer: "pl.Trainer", model: nn.Module) -> None:
+    def _choose_auto(self, trainer: pl.Trainer, model: nn.Module) -> None:
         """``config="auto"``: measure, log what was tried, take the choice (``spec`` stays None: none was faster)."""
         chosen = self.search.choose(trainer, model, self._inputs.example, self._inputs.calibration, self.budget)
         self.log_metrics(trainer, self.search.metrics())
@@ -375,7 +375,7 @@ class QuantizeOnFit(CompressionCallback):
             self.inference_precision = chosen.inference_precision
 
     def _quantize_and_save(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", model: nn.Module
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module
     ) -> Optional[dict[str, Any]]:
         """Every step that changes the model or writes it, under :meth:`_or_put_back`; ``None`` when one failed."""
         assert self.spec is not None
@@ -404,7 +404,7 @@ class QuantizeOnFit(CompressionCallback):
         return None
 
     @contextlib.contextmanager
-    def _or_put_back(self, pl_module: "pl.LightningModule", model: nn.Module) -> Iterator[None]:
+    def _or_put_back(self, pl_module: pl.LightningModule, model: nn.Module) -> Iterator[None]:
         """Run the block; should it fail, put the model back as trained (its layers in full precision, no fake
         quantization, ``nn.MultiheadAttention`` whole, no new record) and raise or warn as ``on_error`` says."""
         assert self.spec is not None
@@ -413,7 +413,7 @@ class QuantizeOnFit(CompressionCallback):
         records = len(recorded_edits(pl_module))
         try:
             yield
-        except Exception as err:  # noqa: BLE001 - reported with its cause; the fp32 model is put back
+        except Exception as err:  # reported with its cause; the fp32 model is put back
             for name, layer in layers.items():
                 if model.get_submodule(name) is not layer:
                     set_submodule(model, name, layer)
@@ -429,7 +429,7 @@ class QuantizeOnFit(CompressionCallback):
             rank_zero_warn(message)
 
     def _quantize(
-        self, model: nn.Module, trainer: "pl.Trainer", skip: SkipSpec = None, quiet: bool = False
+        self, model: nn.Module, trainer: pl.Trainer, skip: SkipSpec = None, quiet: bool = False
     ) -> dict[str, Any]:
         """Quantize ``model`` in place on the captured inputs (``skip``: instead of the callback's); its summary."""
         assert self.spec is not None

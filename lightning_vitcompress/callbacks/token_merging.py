@@ -90,7 +90,7 @@ class TokenMerging(CompressionCallback):
         self.plan: Optional[dict[str, Any]] = None
 
     # ----------------------------------------------------- hooks, in the order Lightning calls them
-    def ordered_setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def ordered_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.plan = None
         done = [r for r in recorded_edits(pl_module) if r.get("kind") == self.KIND and r.get("target") == self.target_path]
         if done:  # replayed from the checkpoint, or merged by an earlier fit of this module
@@ -101,7 +101,7 @@ class TokenMerging(CompressionCallback):
         if self.start_epoch == 0:
             self._merge(pl_module, plan)
 
-    def ordered_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def ordered_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.plan is None and trainer.current_epoch >= self.start_epoch:
             self._merge(pl_module, plan_token_merging(self.target(pl_module), self.config, self.example_input))
         if self.plan is not None:
@@ -117,7 +117,7 @@ class TokenMerging(CompressionCallback):
     def resume_config(self) -> dict[str, Any]:
         return {**self.config.as_record(), "start_epoch": self.start_epoch}
 
-    def fit_plan(self, trainer: "pl.Trainer") -> list[PlanRow]:
+    def fit_plan(self, trainer: pl.Trainer) -> list[PlanRow]:
         c = self.config
         return [PlanRow("TokenMerging", f"token merging (ToMe), r={c.r} per block ({c.schedule})",
                         epochs_phrase(self.start_epoch, self.start_epoch),
@@ -127,7 +127,7 @@ class TokenMerging(CompressionCallback):
         return {"start_epoch": self.start_epoch} if self.start_epoch > 0 else {}
 
     # -------------------------------------------------------------------------------------- helpers
-    def _merge(self, pl_module: "pl.LightningModule", plan: dict[str, Any]) -> None:
+    def _merge(self, pl_module: pl.LightningModule, plan: dict[str, Any]) -> None:
         plan = {**plan, "config": self.resume_config()}
         apply_merge_plan(self.target(pl_module), plan)
         self.record(pl_module, **plan)
