@@ -59,7 +59,7 @@ from lightning_vitcompress._data import (
     measure_validation_accuracy,
     validation_data,
 )
-from lightning_vitcompress._lightning import current_hook_name
+from lightning_vitcompress._lightning import callbacks_of, current_hook_name, fast_dev_run_of
 from lightning_vitcompress._model import check_supported_attention, get_submodule, resolve_target_path
 from lightning_vitcompress._pipeline import PipelineState, forget_pipeline_state, pipeline_state, resumed_checkpoint
 from lightning_vitcompress._plan import PlanRow, show_plan
@@ -94,7 +94,7 @@ REPLAY_ORDER = 15
 _LOOP_HOOKS = frozenset({"on_train_epoch_start", "on_train_batch_start", "on_train_batch_end", "on_train_epoch_end"})
 
 
-def progress_line(trainer: "pl.Trainer", message: str) -> None:
+def progress_line(trainer: pl.Trainer, message: str) -> None:
     """One line of progress for the work after the last epoch, on rank zero; silent with
     ``Trainer(enable_progress_bar=False)``."""
     if trainer.progress_bar_callback is not None:
@@ -146,7 +146,7 @@ class CompressionCallback(Callback):
         record_edit(pl_module, record)
         return record
 
-    def log_metrics(self, trainer: "pl.Trainer", metrics: Mapping[str, Optional[float]]) -> None:
+    def log_metrics(self, trainer: pl.Trainer, metrics: Mapping[str, Optional[float]]) -> None:
         """Log ``metrics`` as ``<LOG_PREFIX>/<name>`` (``None`` values are skipped), on rank zero.
 
         Inside the training loop they go through ``LightningModule.log`` (so they
@@ -170,7 +170,7 @@ class CompressionCallback(Callback):
             return None
         return AccuracyBudget(float(self.max_accuracy_drop), self.budget_reference)
 
-    def validation_accuracy(self, trainer: "pl.Trainer", model: Optional[nn.Module] = None) -> Optional[float]:
+    def validation_accuracy(self, trainer: pl.Trainer, model: Optional[nn.Module] = None) -> Optional[float]:
         """Top-1 of ``model`` (default: the target) on the validation data; rank zero measures, all get it."""
         if model is None:
             model = self.target(trainer.lightning_module)
@@ -180,7 +180,7 @@ class CompressionCallback(Callback):
         """What this callback decided in the last fit, for the benchmark report (None: nothing to say)."""
         return None
 
-    def fit_plan(self, trainer: "pl.Trainer") -> list[PlanRow]:
+    def fit_plan(self, trainer: pl.Trainer) -> list[PlanRow]:
         """What this callback will do in this fit, and when: its rows of the plan printed at fit start
         (:mod:`lightning_vitcompress._plan`). Called after ``setup``, so resolved choices can be named."""
         summary = (inspect.getdoc(self) or type(self).__name__).splitlines()[0].rstrip(".")
@@ -190,7 +190,7 @@ class CompressionCallback(Callback):
         """Arguments naming a training epoch at which this callback acts (``{"end_epoch": 4}``)."""
         return {}
 
-    def check_fit(self, trainer: "pl.Trainer") -> None:
+    def check_fit(self, trainer: pl.Trainer) -> None:
         """What every callback checks at fit ``setup``: the strategy (for edits), epochs within ``max_epochs``."""
         name = type(self).__name__
         if self.EDITS_STRUCTURE:
@@ -201,10 +201,11 @@ class CompressionCallback(Callback):
             return
         for argument, epoch in self.scheduled_epochs().items():
             if epoch >= max_epochs:
-                if trainer.fast_dev_run:
+                fast_dev_run = fast_dev_run_of(trainer)
+                if fast_dev_run:
                     raise ValueError(
-                        f"{name}({argument}={epoch}) would never act: Trainer(fast_dev_run={trainer.fast_dev_run!r}) "
-                        f"sets max_epochs=1 (one epoch of {int(trainer.fast_dev_run)} batch(es)), so only epoch 0 "
+                        f"{name}({argument}={epoch}) would never act: Trainer(fast_dev_run={fast_dev_run!r}) "
+                        f"sets max_epochs=1 (one epoch of {int(fast_dev_run)} batch(es)), so only epoch 0 "
                         f"runs. Pass {argument}=0 for a dev run, or turn fast_dev_run off to run the schedule."
                     )
                 raise ValueError(
@@ -217,7 +218,7 @@ class CompressionCallback(Callback):
         there: a fit that never reaches train end is refused at setup rather than silently skipping it."""
         return None
 
-    def _check_reaches_train_end(self, trainer: "pl.Trainer") -> None:
+    def _check_reaches_train_end(self, trainer: pl.Trainer) -> None:
         action = self.train_end_action()
         if action is None:
             return
@@ -239,7 +240,7 @@ class CompressionCallback(Callback):
                 f"max_steps to train on, {instead}."
             )
 
-    def resumed_without_training(self, trainer: "pl.Trainer") -> Optional[str]:
+    def resumed_without_training(self, trainer: pl.Trainer) -> Optional[str]:
         """At ``setup`` of a resumed fit: why the checkpoint leaves no training step to run (it was saved after
         the last epoch or step), else None. Lightning then skips the train-end hooks."""
         state = pipeline_state(trainer)
@@ -259,7 +260,7 @@ class CompressionCallback(Callback):
                 return f"it was saved at step {steps} of Trainer(max_steps={trainer.max_steps})"
         return None
 
-    def resumed_callback_state(self, trainer: "pl.Trainer") -> tuple[Optional[str], Optional[dict[str, Any]]]:
+    def resumed_callback_state(self, trainer: pl.Trainer) -> tuple[Optional[str], Optional[dict[str, Any]]]:
         """At ``setup`` of a resumed fit: the checkpoint path and the state this callback saved in it.
 
         Lightning restores callback state only after the weights, later than
@@ -273,11 +274,11 @@ class CompressionCallback(Callback):
         return state.resume_path, saved if isinstance(saved, dict) else None
 
     @staticmethod
-    def replayed_records(trainer: "pl.Trainer", kind: str) -> list[Record]:
+    def replayed_records(trainer: pl.Trainer, kind: str) -> list[Record]:
         """The structural edits of ``kind`` restored from the checkpoint at this fit's setup."""
         return [r for r in pipeline_state(trainer).replayed if r.get("kind") == kind]
 
-    def resumed(self, trainer: "pl.Trainer") -> bool:
+    def resumed(self, trainer: pl.Trainer) -> bool:
         """True when this fit restores a checkpoint (its weights load after ``setup``)."""
         return pipeline_state(trainer).resume_path is not None
 
@@ -300,7 +301,7 @@ class CompressionCallback(Callback):
                 "compress differently."
             )
 
-    def saved_config(self, trainer: "pl.Trainer") -> Optional[dict[str, Any]]:
+    def saved_config(self, trainer: pl.Trainer) -> Optional[dict[str, Any]]:
         """The arguments the resumed checkpoint holds for this callback: its last record's, else its state's."""
         checkpoint = pipeline_state(trainer).checkpoint
         records = [r for r in checkpoint.get(STRUCTURE_KEY, []) if self.KIND and r.get("kind") == self.KIND]
@@ -310,27 +311,27 @@ class CompressionCallback(Callback):
         return state.get("config") if state else None
 
     # -------------------------------------------------- hooks for subclasses
-    def ordered_setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def ordered_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """``setup`` of ``fit`` (only), in canonical order, after :meth:`check_fit` and the replay of a resumed
         checkpoint's structure."""
 
-    def ordered_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def ordered_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """``on_train_epoch_start``, in canonical order."""
 
     def ordered_train_batch_start(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         """``on_train_batch_start``, in canonical order."""
 
-    def ordered_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def ordered_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """``on_train_end``, in canonical order."""
 
-    def ordered_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def ordered_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """``on_fit_end``, in canonical order (the model is unwrapped and on CPU)."""
 
     # -------------------------------------------- Lightning hooks: dispatch
     @override
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         state = pipeline_state(trainer)
         if ("setup", stage) in state.done:
             return
@@ -338,7 +339,7 @@ class CompressionCallback(Callback):
             state.resume_path, state.checkpoint = resumed_checkpoint(trainer)
         checkpoint = state.checkpoint
         # arguments that disagree with the checkpoint are refused before anything changes the model
-        for callback in trainer.callbacks:
+        for callback in callbacks_of(trainer):
             if isinstance(callback, CompressionCallback) and state.resume_path is not None:
                 callback.check_same_config(callback.saved_config(trainer), f"the checkpoint {state.resume_path}")
         replay_pending = stage == "fit"
@@ -368,14 +369,14 @@ class CompressionCallback(Callback):
             replay()
 
     @override
-    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         state = pipeline_state(trainer)
         if ("plan",) not in state.done:  # once per fit, whichever of our callbacks Lightning reaches first
             state.done.add(("plan",))
             show_plan(trainer)
 
     @override
-    def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         _run_once_in_order(
             trainer,
             ("epoch_start", trainer.current_epoch),
@@ -384,7 +385,7 @@ class CompressionCallback(Callback):
 
     @override
     def on_train_batch_start(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         _run_once_in_order(
             trainer,
@@ -393,30 +394,30 @@ class CompressionCallback(Callback):
         )
 
     @override
-    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         _run_once_in_order(trainer, ("train_end",), lambda cb: cb.ordered_train_end(trainer, pl_module))
 
     @override
-    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if _run_once_in_order(trainer, ("fit_end",), lambda cb: cb.ordered_fit_end(trainer, pl_module)):
             write_model_cards(trainer, pl_module)  # beside the exported file and the benchmark report
 
     @override
-    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # a later trainer.fit/test/validate on the same trainer dispatches afresh
         forget_pipeline_state(trainer)
 
     @override
     def on_save_checkpoint(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         save_edits(pl_module, checkpoint)
-        first = next(cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback))
+        first = next(cb for cb in callbacks_of(trainer) if isinstance(cb, CompressionCallback))
         if self is first and trainer.is_global_zero:  # once per file, on the rank that writes it
             add_digest(checkpoint)  # read_checkpoint refuses the file if its tensors change afterwards
 
 
-def _prepare_budgets(trainer: "pl.Trainer", pl_module: "pl.LightningModule", state: PipelineState) -> None:
+def _prepare_budgets(trainer: pl.Trainer, pl_module: pl.LightningModule, state: PipelineState) -> None:
     """Before any callback edits the model: each budget's reference accuracy, or an error without validation data.
 
     A fresh fit measures the target as it enters (once per target, on rank zero,
@@ -424,7 +425,7 @@ def _prepare_budgets(trainer: "pl.Trainer", pl_module: "pl.LightningModule", sta
     model entering it is already compressed.
     """
     budgeted = [
-        cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback) and cb.max_accuracy_drop is not None
+        cb for cb in callbacks_of(trainer) if isinstance(cb, CompressionCallback) and cb.max_accuracy_drop is not None
     ]
     if not budgeted:
         return
@@ -461,12 +462,12 @@ def _prepare_budgets(trainer: "pl.Trainer", pl_module: "pl.LightningModule", sta
         callback.budget_reference = state.references[path]
 
 
-def _ours(trainer: "pl.Trainer") -> list[CompressionCallback]:
-    return [cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback)]
+def _ours(trainer: pl.Trainer) -> list[CompressionCallback]:
+    return [cb for cb in callbacks_of(trainer) if isinstance(cb, CompressionCallback)]
 
 
 def _run_once_in_order(
-    trainer: "pl.Trainer", key: tuple[Any, ...], action: Callable[[CompressionCallback], None]
+    trainer: pl.Trainer, key: tuple[Any, ...], action: Callable[[CompressionCallback], None]
 ) -> bool:
     """Run ``action`` for all our callbacks in order, once per ``key``; False if already done."""
     state = pipeline_state(trainer)

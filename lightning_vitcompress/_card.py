@@ -38,6 +38,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_vitcompress._lightning import callbacks_of
+
 __all__ = ["MODEL_CARD_FILENAME", "load_snippet", "render_model_card", "write_model_cards"]
 
 #: the card's file name, in each folder it is written to
@@ -76,11 +78,11 @@ def load_snippet(path: str, format: str, input_shape: tuple[int, ...]) -> str:
     return _SNIPPETS[format].format(path=path, shape=(1, *input_shape))
 
 
-def _callback(trainer: "pl.Trainer", name: str) -> Any:
-    return next((cb for cb in trainer.callbacks if type(cb).__name__ == name), None)
+def _callback(trainer: pl.Trainer, name: str) -> Any:
+    return next((cb for cb in callbacks_of(trainer) if type(cb).__name__ == name), None)
 
 
-def _input_shape(trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Optional[tuple[int, ...]]:
+def _input_shape(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[tuple[int, ...]]:
     bench, export = _callback(trainer, "BenchmarkCallback"), _callback(trainer, "ExportOnFit")
     if bench is not None and bench.report is not None:
         return tuple(bench.report["input_shape"])
@@ -100,9 +102,9 @@ def _relative(path: str, folder: Path) -> str:
 
 
 def _environment(report: Optional[dict[str, Any]]) -> list[str]:
-    from lightning_vitcompress.functional.report import _versions, cpu_name
+    from lightning_vitcompress.functional.report import cpu_name, package_versions
 
-    versions = report["versions"] if report is not None else _versions()
+    versions = report["versions"] if report is not None else package_versions()
     gpu = (report or {}).get("gpu_name") or (torch.cuda.get_device_name() if torch.cuda.is_available() else None)
     lines = [f"- {name}: {version or 'not installed'}" for name, version in versions.items()]
     lines.append(f"- python: {platform.python_version()}")
@@ -113,7 +115,7 @@ def _environment(report: Optional[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def render_model_card(trainer: "pl.Trainer", pl_module: "pl.LightningModule", card_dir: Path) -> str:
+def render_model_card(trainer: pl.Trainer, pl_module: pl.LightningModule, card_dir: Path) -> str:
     """The card's Markdown for a finished fit, with paths relative to ``card_dir`` where they lie inside it."""
     from lightning_vitcompress._plan import format_plan, plan_rows
     from lightning_vitcompress.functional.report import format_report
@@ -189,7 +191,7 @@ def _resolved(quant: Any, report: Optional[dict[str, Any]], artifact: Optional[d
     return lines or ["- Nothing to resolve: every setting is as passed."]
 
 
-def write_model_cards(trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> list[Path]:
+def write_model_cards(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Path]:
     """Write the card beside the exported file and the benchmark report (rank zero); the paths written.
 
     Never raises: a card that cannot be written (or rendered) is a warning naming the path.
@@ -207,7 +209,7 @@ def write_model_cards(trainer: "pl.Trainer", pl_module: "pl.LightningModule") ->
         path = folder / MODEL_CARD_FILENAME
         try:
             path.write_text(render_model_card(trainer, pl_module, folder))
-        except Exception as err:  # noqa: BLE001 - a card never fails the fit
+        except Exception as err:  # a card never fails the fit
             rank_zero_warn(f"The model card could not be written to {path} ({type(err).__name__}: {err}); the "
                            "fit's results are unaffected.")
             continue

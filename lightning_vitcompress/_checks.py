@@ -9,8 +9,11 @@ the Trainer or the file system (:func:`check_output_file`, :func:`check_output_d
 
 Example::
 
-    check_int(num_steps, "num_steps", minimum=1, example="3 pruning steps")
-    check_fraction(pruning_ratio, "pruning_ratio", "0.5 to remove half")
+    >>> from lightning_vitcompress._checks import check_fraction, check_int
+    >>> check_int(3, "num_steps", minimum=1, example="3 pruning steps")
+    >>> check_fraction(1.5, "pruning_ratio", "0.5 to remove half")
+    Traceback (most recent call last):
+    ValueError: pruning_ratio=1.5: must be a number in (0, 1), e.g. 0.5 to remove half.
 """
 
 from __future__ import annotations
@@ -203,7 +206,14 @@ def config_or_options(config: Any, config_class: type, options: dict[str, Any], 
 
     Example::
 
-        self.config = config_or_options(config, PruneConfig, dict(pruning_ratio=pruning_ratio), "PruningSchedule")
+        >>> from lightning_vitcompress._checks import config_or_options
+        >>> from lightning_vitcompress.functional import PruneConfig
+        >>> config_or_options(None, PruneConfig, dict(pruning_ratio=0.3), "PruningSchedule").pruning_ratio
+        0.3
+        >>> config_or_options(PruneConfig(0.3), PruneConfig, dict(pruning_ratio=0.7), "PruningSchedule")
+        Traceback (most recent call last):
+        ValueError: PruningSchedule(config=..., pruning_ratio=0.7): pass the options either in config or as keyword
+        arguments, not both (e.g. dataclasses.replace(config, pruning_ratio=0.7)).
     """
     if config is None:
         return config_class(**options)

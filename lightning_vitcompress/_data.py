@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 
-def example_from_data(trainer: "pl.Trainer") -> Optional[torch.Tensor]:
+def example_from_data(trainer: pl.Trainer) -> Optional[torch.Tensor]:
     """One image (batch of 1) of the data this fit trains on: validation data first, else training data.
 
     For models that do not state their input size. Lightning calls the
@@ -50,7 +50,7 @@ def example_from_data(trainer: "pl.Trainer") -> Optional[torch.Tensor]:
     return state.example if isinstance(state.example, torch.Tensor) else None
 
 
-def first_batch(trainer: "pl.Trainer", validation: bool = True) -> Any:
+def first_batch(trainer: pl.Trainer, validation: bool = True) -> Any:
     """The first batch of the validation data (``validation=True``) or of the training data, read once under a
     forked random state (the training order stays what it would be without us); None where none is reachable."""
     state = pipeline_state(trainer)
@@ -60,12 +60,12 @@ def first_batch(trainer: "pl.Trainer", validation: bool = True) -> Any:
             with torch.random.fork_rng(devices=[]):
                 loader = _first_loader(val_dataloaders(trainer) if validation else train_dataloaders(trainer))
                 state.batches[key] = next(iter(loader)) if loader is not None else None
-        except Exception:  # noqa: BLE001 - a failing or empty loader: no batch
+        except Exception:  # a failing or empty loader: no batch
             state.batches[key] = None
     return state.batches[key]
 
 
-def validation_data(trainer: "pl.Trainer") -> tuple[Optional[Iterable[Any]], Optional[int]]:
+def validation_data(trainer: pl.Trainer) -> tuple[Optional[Iterable[Any]], Optional[int]]:
     """The fit's validation dataloader (the first one) and how many of its batches to use.
 
     Found wherever Lightning would find it (``fit(val_dataloaders=...)``, the
@@ -76,18 +76,21 @@ def validation_data(trainer: "pl.Trainer") -> tuple[Optional[Iterable[Any]], Opt
     loader = _first_loader(val_dataloaders(trainer))
     if loader is None:
         return None, None
-    limit = trainer.limit_val_batches
-    if isinstance(limit, float):
+    setting = trainer.limit_val_batches
+    limit: Optional[int]
+    if isinstance(setting, float):
         try:
-            limit = None if limit >= 1.0 else int(len(loader) * limit)  # type: ignore[arg-type]
+            limit = None if setting >= 1.0 else int(len(loader) * setting)  # type: ignore[arg-type]  # TypeError below
         except TypeError:  # an iterable without len: all of it
             limit = None
+    else:
+        limit = setting
     if limit == 0:
         return None, None
     return loader, limit
 
 
-def measure_validation_accuracy(trainer: "pl.Trainer", model: nn.Module) -> Optional[float]:
+def measure_validation_accuracy(trainer: pl.Trainer, model: nn.Module) -> Optional[float]:
     """Top-1 of ``model`` on the fit's validation data, measured on rank zero and the same on every rank.
 
     The one place the budgets measure (``max_accuracy_drop`` of every callback).
@@ -96,22 +99,23 @@ def measure_validation_accuracy(trainer: "pl.Trainer", model: nn.Module) -> Opti
     return trainer.strategy.broadcast(accuracy, src=0)
 
 
-def local_validation_accuracy(trainer: "pl.Trainer", model: nn.Module) -> Optional[float]:
+def local_validation_accuracy(trainer: pl.Trainer, model: nn.Module) -> Optional[float]:
     """Top-1 of ``model`` on the fit's validation data, measured in this process only (no collective call)."""
     loader, limit = validation_data(trainer)
     return None if loader is None else measure_accuracy(model, limit_batches(loader, limit))
 
 
-def in_training_step(trainer: "pl.Trainer") -> bool:
+def in_training_step(trainer: pl.Trainer) -> bool:
     """Inside a training batch (between its start and its update), not a callback's forward at an epoch start
     or a validation step: what the callbacks that keep training inputs (calibration) go by, rather than the
     module's mode (a model left in ``eval()`` trains in eval mode)."""
-    progress = trainer.fit_loop.epoch_loop.batch_progress.current
+    # declared as a _ReadyCompletedTracker, filled with a _ProcessedTracker (which has started/processed)
+    progress: Any = trainer.fit_loop.epoch_loop.batch_progress.current
     return trainer.training and progress.started > progress.processed
 
 
 def check_data_fits_models(
-    trainer: "pl.Trainer", pl_module: "pl.LightningModule", model_attributes: Iterable[Optional[str]]
+    trainer: pl.Trainer, pl_module: pl.LightningModule, model_attributes: Iterable[Optional[str]]
 ) -> None:
     """Images of the Trainer's data that the compressed models (the callbacks' ``model_attributes`` of
     ``pl_module``) cannot take (another channel count or size than the one they state) are refused before any
@@ -131,7 +135,7 @@ def check_data_fits_models(
         try:
             with eval_mode(model), torch.inference_mode():
                 model(example.to(device))
-        except Exception as err:  # noqa: BLE001 - reported with its cause
+        except Exception as err:  # reported with its cause
             raise ValueError(
                 f"The Trainer's data gives images of shape {tuple(example.shape[1:])}, but "
                 f"{type(model).__name__} ({path or 'the LightningModule'}) takes {tuple(stated)} (channels, height, "
@@ -142,7 +146,7 @@ def check_data_fits_models(
             ) from err
 
 
-def _first_images(trainer: "pl.Trainer") -> Optional[torch.Tensor]:
+def _first_images(trainer: pl.Trainer) -> Optional[torch.Tensor]:
     for validation in (True, False):  # validation data, then training data
         images = images_of(first_batch(trainer, validation))
         if images is not None:

@@ -10,6 +10,11 @@ a Lightning release that moves one of them breaks one function, and
 Each function names what it relies on and the Lightning versions its source was
 checked on (2.4.0, 2.5.0, 2.6.0 and the main branch of July 2026); the tests run
 against the installed Lightning.
+
+It also holds the typed accessors for public ``Trainer`` attributes that
+Lightning assigns in its connectors rather than declares on the class
+(:func:`callbacks_of`, :func:`datamodule_of`, :func:`fast_dev_run_of`), so
+type checkers see their types in one place.
 """
 
 from __future__ import annotations
@@ -22,10 +27,13 @@ import lightning.pytorch as pl
 from lightning.pytorch.strategies import DDPStrategy
 
 if TYPE_CHECKING:
-    from lightning.pytorch.callbacks import RichProgressBar
+    from lightning.pytorch.callbacks import Callback, RichProgressBar
 
 __all__ = [
+    "callbacks_of",
     "current_hook_name",
+    "datamodule_of",
+    "fast_dev_run_of",
     "fit_ckpt_path",
     "rewrap_and_setup_optimizers",
     "rich_display",
@@ -38,7 +46,35 @@ __all__ = [
 WRAPPED_MARKER = "_vitcompress_distillation"
 
 
-def fit_ckpt_path(trainer: "pl.Trainer") -> tuple[Optional[str], bool]:
+def callbacks_of(trainer: pl.Trainer) -> list[Callback]:
+    """``trainer.callbacks``, typed.
+
+    A public attribute, but ``Trainer`` does not declare it: its callback connector assigns it in
+    ``Trainer.__init__``, so type checkers do not know it. Reading it here gives it its type once.
+    """
+    callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]  # assigned by the connector, not declared
+    return callbacks
+
+
+def datamodule_of(trainer: pl.Trainer) -> Optional[pl.LightningDataModule]:
+    """``trainer.datamodule`` (``None`` when the fit got dataloaders), typed.
+
+    Public, but assigned by ``Trainer``'s data connector rather than declared on the class (see :func:`callbacks_of`).
+    """
+    datamodule: Optional[pl.LightningDataModule] = trainer.datamodule  # type: ignore[attr-defined]  # as callbacks_of
+    return datamodule
+
+
+def fast_dev_run_of(trainer: pl.Trainer) -> int | bool:
+    """``Trainer(fast_dev_run=...)``'s value (``False``, ``True`` or a batch count), typed.
+
+    Public, but assigned by ``Trainer``'s debugging connector rather than declared (see :func:`callbacks_of`).
+    """
+    fast_dev_run: int | bool = trainer.fast_dev_run  # type: ignore[attr-defined]  # as callbacks_of
+    return fast_dev_run
+
+
+def fit_ckpt_path(trainer: pl.Trainer) -> tuple[Optional[str], bool]:
     """The checkpoint this ``fit`` restores, known already at ``setup``, and whether to load it with ``weights_only``.
 
     Reads the ``ckpt_path`` and ``weights_only`` arguments of ``Trainer._run`` from
@@ -59,7 +95,7 @@ def fit_ckpt_path(trainer: "pl.Trainer") -> tuple[Optional[str], bool]:
     return (str(trainer.ckpt_path) if trainer.ckpt_path else None), True
 
 
-def train_dataloaders(trainer: "pl.Trainer") -> Any:
+def train_dataloaders(trainer: pl.Trainer) -> Any:
     """The training loader(s) ``fit`` will use, from ``setup`` on: ``fit(train_dataloaders=...)``, the datamodule's
     or the module's ``train_dataloader()``; None where none is defined.
 
@@ -69,7 +105,7 @@ def train_dataloaders(trainer: "pl.Trainer") -> Any:
     return _dataloaders(trainer.fit_loop._data_source)
 
 
-def val_dataloaders(trainer: "pl.Trainer") -> Any:
+def val_dataloaders(trainer: pl.Trainer) -> Any:
     """The validation loader(s) ``fit`` will use, from ``setup`` on: ``fit(val_dataloaders=...)``, the datamodule's
     or the module's ``val_dataloader()``; None where none is defined.
 
@@ -86,7 +122,7 @@ def _dataloaders(source: Any) -> Any:
     return source.dataloader()
 
 
-def current_hook_name(pl_module: "pl.LightningModule") -> Optional[str]:
+def current_hook_name(pl_module: pl.LightningModule) -> Optional[str]:
     """The name of the hook Lightning is running (``"on_train_batch_end"``...), None outside hooks.
 
     Reads ``LightningModule._current_fx_name``, which Lightning sets around every hook call and
@@ -95,7 +131,7 @@ def current_hook_name(pl_module: "pl.LightningModule") -> Optional[str]:
     return getattr(pl_module, "_current_fx_name", None)
 
 
-def wrap_training_step(pl_module: "pl.LightningModule", step: Callable[..., Any]) -> Callable[[], None]:
+def wrap_training_step(pl_module: pl.LightningModule, step: Callable[..., Any]) -> Callable[[], None]:
     """Make Lightning call ``step(original_training_step, *args, **kwargs)`` as ``pl_module``'s training step;
     returns the function that undoes it (a no-op once something else replaced the step).
 
@@ -124,7 +160,7 @@ def wrap_training_step(pl_module: "pl.LightningModule", step: Callable[..., Any]
     return undo
 
 
-def rich_display(callback: "RichProgressBar") -> tuple[Any, Any]:
+def rich_display(callback: RichProgressBar) -> tuple[Any, Any]:
     """``(progress, console)`` of a ``RichProgressBar``: its live ``rich.progress.Progress`` (None once stopped or
     before it starts) and its ``rich`` console (None before it starts).
 
@@ -134,7 +170,7 @@ def rich_display(callback: "RichProgressBar") -> tuple[Any, Any]:
     return (None if stopped else callback.progress), getattr(callback, "_console", None)
 
 
-def rewrap_and_setup_optimizers(trainer: "pl.Trainer") -> None:
+def rewrap_and_setup_optimizers(trainer: pl.Trainer) -> None:
     """After parameters were replaced mid-fit: wrap the LightningModule in DDP again (DDP strategies) and rebuild
     the optimizers and LR schedulers from ``configure_optimizers``.
 

@@ -12,16 +12,37 @@ docstring, and calls the callback's own ``__init__`` with one validated config
 keywords, never both). Like :func:`dataclasses.dataclass`, the generated
 signature is the truth; the body only declares the callback's own keywords.
 
-Example::
+What static type checkers see: they read the source ``__init__``, not the
+generated signature. So the body is written to accept every call the generated
+signature accepts: ``*args: Any`` (the positional options), the callback's own
+keywords, ``config: Optional[X] = None`` and ``**options: Any`` (the config's
+fields). ``PruningSchedule(0.5, prune_heads=True)`` and ``PruningSchedule()``
+type-check (``tests/typing_usage.py`` is in mypy's files); the field keywords
+are not checked statically, but at construction, against the config. At run
+time the body always gets one validated config, every other argument by name,
+and empty ``args`` / ``options``: :func:`passed_config` says so to the checker.
 
-    @takes_config(NystromConfig, positional=("num_landmarks", "swap_epoch"))
-    class NystromSwap(CompressionCallback):
-        # the class docstring's ``Args:`` documents swap_epoch and config; NystromConfig's Args are merged in
+Example (the callbacks are declared this way; a toy one here):
 
-        def __init__(self, swap_epoch: int = 0, *, config: NystromConfig, model_attribute=None) -> None:
-            self.config = config  # validated: NystromSwap(32) put num_landmarks=32 into it
-
-    inspect.signature(NystromSwap)  # (num_landmarks: int = 64, swap_epoch: int = 0, *, pinv_iterations: int = 6, ...)
+    >>> import dataclasses, inspect
+    >>> from typing import Any, Optional
+    >>> from lightning_vitcompress._options import passed_config, takes_config
+    >>> @dataclasses.dataclass(frozen=True)
+    ... class ShrinkConfig:
+    ...     ratio: float = 0.5
+    ...     heads: bool = False
+    >>> @takes_config(ShrinkConfig, positional=("ratio", "start_epoch"))
+    ... class Shrink:
+    ...     def __init__(self, *args: Any, start_epoch: int = 0, config: Optional[ShrinkConfig] = None,
+    ...                  **options: Any) -> None:
+    ...         self.config = passed_config(config, args, options)  # validated: Shrink(0.3) put ratio=0.3 in it
+    ...         self.start_epoch = start_epoch
+    >>> print(inspect.signature(Shrink))
+    (ratio: float = 0.5, start_epoch: int = 0, *, heads: bool = False, config: Optional[...ShrinkConfig] = None) -> None
+    >>> Shrink(0.3, 2, heads=True).config
+    ShrinkConfig(ratio=0.3, heads=True)
+    >>> Shrink(config=ShrinkConfig(0.3)).config.ratio
+    0.3
 """
 
 from __future__ import annotations
@@ -38,7 +59,8 @@ from lightning_vitcompress._checks import config_or_options
 
 __all__ = ["takes_config"]
 
-_Class = TypeVar("_Class", bound=type)
+_Class = TypeVar("_Class")
+_Config = TypeVar("_Config")
 _P = inspect.Parameter
 #: an ``Args:`` entry: ``name: text`` or several names, ``a / b / c:`` or ``a, b, c:``
 _ENTRY = re.compile(r"^(?P<names>\w+(?:\s*[/,]\s*\w+)*)\s*:")
@@ -51,7 +73,7 @@ def takes_config(
     exclude: Sequence[str] = (),
     defaults: Optional[Mapping[str, Any]] = None,
     prepare: Optional[Callable[[dict[str, Any]], None]] = None,
-) -> Callable[[_Class], _Class]:
+) -> Callable[[type[_Class]], type[_Class]]:
     """Class decorator: the callback's constructor also takes ``config_class``'s fields, once validated.
 
     Args:
@@ -66,7 +88,7 @@ def takes_config(
     """
     defaults = dict(defaults or {})
 
-    def decorate(cls: _Class) -> _Class:
+    def decorate(cls: type[_Class]) -> type[_Class]:
         body = cls.__init__
         owner = cls.__name__
         signature, annotations = _merged_signature(body, config_class, positional, exclude, defaults)
@@ -88,12 +110,24 @@ def takes_config(
 
         __init__.__signature__ = signature  # type: ignore[attr-defined]
         __init__.__annotations__ = annotations
-        del __init__.__wrapped__  # type: ignore[attr-defined] - the merged signature is the truth, not the body's
-        cls.__init__ = __init__  # type: ignore[misc]
+        del __init__.__wrapped__  # the merged signature is the truth, not the body's
+        cls.__init__ = __init__  # type: ignore[method-assign]  # replacing the class's __init__ is this decorator's job
         cls.__doc__ = _merged_doc(cls.__doc__, config_class.__doc__, list(signature.parameters))
         return cls
 
     return decorate
+
+
+def passed_config(config: Optional[_Config], args: tuple[Any, ...], options: Mapping[str, Any]) -> _Config:
+    """The validated config a :func:`takes_config` body receives, typed non-``None``.
+
+    The body declares ``config: Optional[X] = None``, ``*args`` and ``**options`` so that static checkers accept
+    every call the generated signature accepts; at run time the decorator always passes one config and every
+    other argument by name, so ``config`` is never ``None`` and ``args`` / ``options`` are empty here.
+    """
+    if config is None or args or options:
+        raise TypeError("a takes_config body was called directly: call the decorated class")
+    return config
 
 
 def _field_names(config_class: type) -> list[str]:
@@ -110,7 +144,9 @@ def _merged_signature(
     """The public ``__init__`` signature (``self`` first) and its resolved annotations."""
     own_hints = typing.get_type_hints(body)
     config_hints = typing.get_type_hints(config_class)
-    own = {name: p for name, p in inspect.signature(body).parameters.items()}
+    # the body's *args / **options only let static checkers accept the generated signature's calls (module docstring)
+    variadic = (_P.VAR_POSITIONAL, _P.VAR_KEYWORD)
+    own = {name: p for name, p in inspect.signature(body).parameters.items() if p.kind not in variadic}
     if "config" not in own:
         raise TypeError(f"{body.__qualname__} must take the validated config as its `config` parameter.")
     fields: dict[str, _P] = {}
@@ -118,7 +154,11 @@ def _merged_signature(
         if not field.init or field.name in exclude:
             continue
         annotation = config_hints[field.name]
-        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
+        default: Any = field.default
+        if field.default_factory is not dataclasses.MISSING:
+            default = field.default_factory()
+        elif default is dataclasses.MISSING:
+            default = _P.empty
         if field.name in defaults:
             default = defaults[field.name]
             annotation = Optional[annotation] if default is None else annotation

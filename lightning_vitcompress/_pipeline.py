@@ -36,7 +36,7 @@ class PipelineState:
         self.references: dict[str, float] = {}
 
 
-def pipeline_state(trainer: "pl.Trainer") -> PipelineState:
+def pipeline_state(trainer: pl.Trainer) -> PipelineState:
     """This trainer's :class:`PipelineState`, created on first use."""
     state = trainer.__dict__.get(_STATE_ATTRIBUTE)
     if state is None:
@@ -44,12 +44,12 @@ def pipeline_state(trainer: "pl.Trainer") -> PipelineState:
     return state
 
 
-def forget_pipeline_state(trainer: "pl.Trainer") -> None:
+def forget_pipeline_state(trainer: pl.Trainer) -> None:
     """Drop the state at ``teardown``: a later fit/test/validate on the same trainer dispatches afresh."""
     trainer.__dict__.pop(_STATE_ATTRIBUTE, None)
 
 
-def resumed_checkpoint(trainer: "pl.Trainer") -> tuple[Optional[str], dict[str, Any]]:
+def resumed_checkpoint(trainer: pl.Trainer) -> tuple[Optional[str], dict[str, Any]]:
     """The path and contents of the checkpoint this fit resumes from (``None, {}`` for a fresh fit), read at
     ``setup``, before Lightning restores it (see :func:`~lightning_vitcompress._lightning.fit_ckpt_path`)."""
     path, weights_only = fit_ckpt_path(trainer)

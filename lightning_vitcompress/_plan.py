@@ -28,6 +28,8 @@ from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_vitcompress._lightning import callbacks_of
+
 if TYPE_CHECKING:
     from lightning_vitcompress._base import CompressionCallback
 
@@ -63,7 +65,7 @@ def epochs_phrase(start: int, end: int, steps: int = 1) -> str:
     return f"{steps} steps, epochs {start}-{end}"
 
 
-def budget_phrase(callback: "CompressionCallback") -> str:
+def budget_phrase(callback: CompressionCallback) -> str:
     """``"; max_accuracy_drop=1 pt (entry top-1 94.00%)"`` for a callback with a budget, else ``""``."""
     if callback.max_accuracy_drop is None:
         return ""
@@ -71,9 +73,9 @@ def budget_phrase(callback: "CompressionCallback") -> str:
     return f"; max_accuracy_drop={callback.max_accuracy_drop:g} pt{entry}, undone beyond it"
 
 
-def plan_rows(trainer: "pl.Trainer") -> list[PlanRow]:
+def plan_rows(trainer: pl.Trainer) -> list[PlanRow]:
     """The plan of every compression callback in ``trainer``, in the order they act."""
-    ours: list[PlannedCallback] = [cb for cb in trainer.callbacks if isinstance(cb, PlannedCallback)]
+    ours: list[PlannedCallback] = [cb for cb in callbacks_of(trainer) if isinstance(cb, PlannedCallback)]
     return [row for cb in sorted(ours, key=lambda cb: cb.order) for row in cb.fit_plan(trainer)]
 
 
@@ -84,19 +86,19 @@ def format_plan(rows: list[PlanRow]) -> str:
     return "\n".join(lines)
 
 
-def show_plan(trainer: "pl.Trainer") -> None:
+def show_plan(trainer: pl.Trainer) -> None:
     """Print the plan on rank zero (where the model summary prints) and log it to the Trainer's loggers."""
     rows = plan_rows(trainer)
     if not rows or not trainer.is_global_zero:
         return
     table = format_plan(rows)
-    if any(isinstance(cb, ModelSummary) for cb in trainer.callbacks):
+    if any(isinstance(cb, ModelSummary) for cb in callbacks_of(trainer)):
         rank_zero_info(f"\nCompression plan (lightning-vitcompress):\n{table}\n")
     for logger in trainer.loggers:
         try:
             logger.log_hyperparams({f"plan/{r.callback}": f"{r.what}; {r.when}; {r.details}" for r in rows})
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_text("vitcompress/plan", table, global_step=trainer.global_step)
-        except Exception as err:  # noqa: BLE001 - the plan is information; it never stops the fit
+        except Exception as err:  # the plan is information; it never stops the fit
             rank_zero_warn(f"The compression plan could not be logged to {type(logger).__name__} "
                            f"({type(err).__name__}: {err}); the fit goes on.")

@@ -20,7 +20,7 @@ from lightning_vitcompress._lightning import rewrap_and_setup_optimizers
 SUPPORTED_STRATEGIES = (SingleDeviceStrategy, DDPStrategy)
 
 
-def check_strategy_supported(trainer: "pl.Trainer", callback_name: str) -> None:
+def check_strategy_supported(trainer: pl.Trainer, callback_name: str) -> None:
     """Fail fast for strategies that shard parameters (FSDP, DeepSpeed, model parallel).
 
     Structural edits need every rank to hold the whole model; the single-device
@@ -34,7 +34,7 @@ def check_strategy_supported(trainer: "pl.Trainer", callback_name: str) -> None:
         )
 
 
-def refresh_after_structural_change(trainer: "pl.Trainer") -> None:
+def refresh_after_structural_change(trainer: pl.Trainer) -> None:
     """Rebuild DDP wrapper, optimizers and LR schedulers around the current parameters.
 
     Call after replacing or reshaping parameters while fitting. What is kept:
@@ -46,12 +46,24 @@ def refresh_after_structural_change(trainer: "pl.Trainer") -> None:
 
     Outside ``trainer.fit`` (or before the optimizers exist) this does nothing.
 
-    Example::
+    Example (a tiny ViT on scikit-learn's digits)::
 
-        class MyEdit(Callback):
-            def on_train_epoch_start(self, trainer, pl_module):
-                shrink(pl_module)                       # parameters replaced
-                refresh_after_structural_change(trainer)
+        >>> import lightning as L
+        >>> import torch
+        >>> from lightning_vitcompress._training_state import refresh_after_structural_change
+        >>> from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
+        >>> class NewHead(L.Callback):
+        ...     def on_train_epoch_start(self, trainer, pl_module):
+        ...         pl_module.model.head = torch.nn.Linear(32, 10)  # parameters replaced
+        ...         refresh_after_structural_change(trainer)
+        ...         groups = trainer.optimizers[0].param_groups
+        ...         self.trains_head = any(p is pl_module.model.head.weight for g in groups for p in g["params"])
+        >>> trainer = L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False,
+        ...                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        ...                     callbacks=[edit := NewHead()])
+        >>> trainer.fit(DigitsClassifier(embed_dim=32, depth=2, num_heads=4), DigitsDataModule())
+        >>> edit.trains_head  # the optimizer holds the new parameters
+        True
     """
     strategy = trainer.strategy
     if not trainer.training or not strategy.optimizers:

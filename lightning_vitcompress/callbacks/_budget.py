@@ -8,12 +8,25 @@ accuracy of the model entering fit, allowed drop) says whether it is within.
 :func:`judge` does that once; the callback acts on the :class:`Verdict`
 (keep, roll back, swap blocks back, keep layers in full precision).
 
-Example::
+Example (a callback's hook, on a tiny ViT and scikit-learn's digits)::
 
-    verdict = judge(trainer, self.budget, model)
-    if not verdict.within:
-        rank_zero_warn(f"beyond the accuracy budget ({verdict.describe()})")
-    self.log_metrics(trainer, verdict.metrics())
+    >>> import lightning as L
+    >>> from lightning_vitcompress.callbacks._budget import judge
+    >>> from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
+    >>> from lightning_vitcompress.functional.budget import AccuracyBudget
+    >>> class Judge(L.Callback):
+    ...     def on_train_end(self, trainer, pl_module):
+    ...         verdict = judge(trainer, AccuracyBudget(max_drop=1.0, reference=0.9), pl_module)
+    ...         if not verdict.within:
+    ...             print(f"beyond the accuracy budget ({verdict.describe()})")
+    ...         self.metrics = verdict.metrics()
+    >>> trainer = L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False,
+    ...                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    ...                     callbacks=[judging := Judge()])
+    >>> trainer.fit(DigitsClassifier(embed_dim=32, depth=2, num_heads=4), DigitsDataModule())
+    beyond the accuracy budget (...% vs 90.00% entering fit: ... pt, budget 1.00 pt)
+    >>> sorted(judging.metrics)  # logged by the callback
+    ['accuracy', 'accuracy_drop']
 """
 
 from __future__ import annotations

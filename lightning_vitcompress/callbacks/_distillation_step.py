@@ -25,7 +25,7 @@ __all__ = ["Capture", "StudentCapture", "distillation_terms", "with_loss"]
 class Capture:
     """One forward call of the student in the training step, with the teacher's answer to its inputs."""
 
-    __slots__ = ("teacher_logits", "distill_logits", "prediction_logits")
+    __slots__ = ("distill_logits", "prediction_logits", "teacher_logits")
 
     def __init__(self, teacher_logits: Tensor, distill_logits: Tensor, prediction_logits: Tensor) -> None:
         self.teacher_logits = teacher_logits
@@ -51,17 +51,18 @@ class StudentCapture:
             student.register_forward_pre_hook(self._teacher_hook, with_kwargs=True),
             student.register_forward_hook(self._capture_hook, with_kwargs=True),
         )
-        toggles = self.deit and callable(getattr(student, "set_distilled_training", None))  # timm; transformers is
+        set_distilled: Any = getattr(student, "set_distilled_training", None) if self.deit else None  # timm; transformers is
+        toggles = callable(set_distilled)
         was_distilled = bool(getattr(student, "distilled_training", False))
         if toggles:
-            student.set_distilled_training(True)
+            set_distilled(True)
         try:
             yield self
         finally:
             for handle in handles:
                 handle.remove()
             if toggles:
-                student.set_distilled_training(was_distilled)
+                set_distilled(was_distilled)
 
     @staticmethod
     def _records(module: nn.Module) -> bool:

@@ -17,11 +17,19 @@ from torch import nn
 
 from lightning_vitcompress._base import progress_line
 from lightning_vitcompress._checks import example_input_error
-from lightning_vitcompress._model import find_attention_blocks
+from lightning_vitcompress._lightning import callbacks_of
+from lightning_vitcompress._model import find_attention_blocks, resolve_target_path
+from lightning_vitcompress._structure import recorded_edits
+from lightning_vitcompress.callbacks.token_merging import TokenMerging
 from lightning_vitcompress.functional.measure import eval_mode
-from lightning_vitcompress.functional.nystrom import NystromAttention, NystromConfig, nystrom_break_even
+from lightning_vitcompress.functional.nystrom import (
+    NystromAttention,
+    NystromConfig,
+    attention_token_counts,
+    nystrom_break_even,
+)
 
-__all__ = ["check_min_tokens", "check_no_masks", "measure_break_even"]
+__all__ = ["check_min_tokens", "check_no_masks", "measure_break_even", "token_counts"]
 
 #: the longest sequence ``min_tokens="auto"`` times (the break-even is reported as not reached beyond it)
 _AUTO_MAX_TOKENS = 4096
@@ -123,7 +131,7 @@ def measure_break_even(
         while tokens <= min(_AUTO_MAX_TOKENS, max(seen, default=tokens)):
             grid.append(tokens)
             tokens *= 2
-        bench = next((cb for cb in trainer.callbacks if type(cb).__name__ == "BenchmarkCallback"), None)
+        bench = next((cb for cb in callbacks_of(trainer) if type(cb).__name__ == "BenchmarkCallback"), None)
         progress_line(
             trainer,
             f"NystromSwap(min_tokens='auto'): timing exact against Nyström attention at "
@@ -146,3 +154,32 @@ def measure_break_even(
         )
     result = trainer.strategy.broadcast(result, src=0)
     return result or {"speedups": {}, "break_even": None}
+
+
+def token_counts(
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    model: nn.Module,
+    example: Optional[torch.Tensor],
+    target_path: Optional[str],
+    min_tokens: Any,
+) -> dict[str, int]:
+    """Tokens entering each attention block of ``model``, with the token merging this fit will apply (if any)."""
+    merging = next(  # its target path is resolved at its own setup, after NystromSwap's (order 35 > 30)
+        (cb for cb in callbacks_of(trainer) if isinstance(cb, TokenMerging)
+         and resolve_target_path(pl_module, cb.model_attribute) == target_path), None,
+    )
+    already = any(r.get("kind") == "tome" and r.get("target") == target_path for r in recorded_edits(pl_module))
+    plan = None
+    if merging is not None and not already:  # merging starts after the swap: count what the blocks will see
+        from lightning_vitcompress.functional.token_merging import plan_token_merging
+
+        plan = plan_token_merging(model, merging.config, merging.example_input if merging.example_input
+                                  is not None else example)
+    if plan is None and example is None:
+        raise ValueError(
+            f"NystromSwap(min_tokens={min_tokens!r}) needs the token count of each block, but "
+            f"{type(model).__name__} states no input size and the Trainer has no data to take one batch from. "
+            "Pass example_input=<one input batch>, or min_tokens=None."
+        )
+    return attention_token_counts(model, example, merge_plan=plan)

@@ -216,11 +216,11 @@ def example_input_for(model: nn.Module, trainer: pl.Trainer, user_example: Optio
         except Exception as err:
             raise example_input_error(user_example, model, err) from err
         return example
-    example = shape_example_input(model)
-    if example is None:
-        example = example_from_data(trainer)
-    if example is not None:
-        return example.to(next(model.parameters()).device)
+    found = shape_example_input(model)
+    if found is None:
+        found = example_from_data(trainer)
+    if found is not None:
+        return found.to(next(model.parameters()).device)
     raise ValueError(
         f"Cannot build an example input for {type(model).__name__}: it states no input size and the Trainer "
         "has no data to take one batch from. Pass example_input=<one input batch> so that torch-pruning can "

@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_vitcompress._base import local_validation_accuracy, progress_line, validation_data
+from lightning_vitcompress._lightning import callbacks_of
 from lightning_vitcompress._model import set_submodule, stated_input_shape
 from lightning_vitcompress._progress import stage_bar
 from lightning_vitcompress.callbacks._budget import Verdict, judge
@@ -95,7 +96,7 @@ class AutoQuantization:
         #: what "auto" tried and chose in the last fit (``None`` before, or without "auto")
         self.result: Optional[dict[str, Any]] = None
 
-    def setup(self, trainer: "pl.Trainer", device: torch.device) -> None:
+    def setup(self, trainer: pl.Trainer, device: torch.device) -> None:
         """The candidates "auto" will try on ``device``: those that run here (a dry run each), calibrated
         ones only when training steps run; an error naming what was tried when none does."""
         trains = not (trainer.max_epochs == 0 or trainer.limit_train_batches == 0)
@@ -125,7 +126,7 @@ class AutoQuantization:
     # ------------------------------------------------------------- "auto"
     def choose(
         self,
-        trainer: "pl.Trainer",
+        trainer: pl.Trainer,
         model: nn.Module,
         example: Optional[ModelInputs],
         calibration: list[ModelInputs],
@@ -135,7 +136,7 @@ class AutoQuantization:
         numbers); every rank gets its choice (None: keep the model unquantized)."""
         result: Optional[dict[str, Any]] = None
         if trainer.is_global_zero:
-            bench = next((cb for cb in trainer.callbacks if type(cb).__name__ == "BenchmarkCallback"), None)
+            bench = next((cb for cb in callbacks_of(trainer) if type(cb).__name__ == "BenchmarkCallback"), None)
             batch_size = getattr(bench, "batch_size", AUTO_BATCH_SIZE)
             timing_input = _timing_input(model, batch_size, example, getattr(bench, "_input_shape", None))
             with stage_bar(trainer, "QuantizeOnFit(config='auto'): configs",
@@ -207,7 +208,7 @@ class AutoQuantization:
     # ------------------------------------------------------------- max_accuracy_drop
     def fit_budget(
         self,
-        trainer: "pl.Trainer",
+        trainer: pl.Trainer,
         model: nn.Module,
         spec: QuantizationSpec,
         budget: AccuracyBudget,
@@ -247,7 +248,11 @@ class AutoQuantization:
         order: Optional[list[str]] = None
         if trainer.is_global_zero:
             loader, _ = validation_data(trainer)
-            images = next(iter(loader))[0] if loader is not None else example.args[0]
+            if loader is not None:
+                images = next(iter(loader))[0]
+            else:  # the budget measured on validation data, so there is some; else the example input
+                assert example is not None, "QuantizeOnFit(config='auto') needs validation data or an example input"
+                images = example.args[0]
             sensitivity = layer_sensitivity(model, spec, layers, [images])
             order = sorted(layers, key=lambda layer: -sensitivity[layer])
         order = trainer.strategy.broadcast(order, src=0)
@@ -285,6 +290,7 @@ def _timing_input(
     """A batch of ``batch_size`` random inputs shaped like the training inputs, on the model's device."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     first = example.args[0] if example is not None and example.args else None
+    shape: Optional[tuple[int, ...]]
     if isinstance(first, torch.Tensor) and first.dim() >= 1:
         shape = tuple(first.shape[1:])
     else:

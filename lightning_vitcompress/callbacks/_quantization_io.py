@@ -29,10 +29,10 @@ from torch import nn
 from lightning_vitcompress._data import in_training_step
 from lightning_vitcompress._progress import stage_bar
 from lightning_vitcompress._structure import STRUCTURE_KEY, add_digest, recorded_edits
+from lightning_vitcompress.functional._torch_internals import set_compiled_call
 from lightning_vitcompress.functional.quantize import EXAMPLE_ROWS, MB, ModelInputs, Ranges, quantize_model, run_model
 from lightning_vitcompress.functional.quantize_configs import QuantizationSpec
 from lightning_vitcompress.functional.quantize_layers import SkipSpec
-from lightning_vitcompress.functional._torch_internals import set_compiled_call
 
 
 class TrainingInputs:
@@ -46,7 +46,7 @@ class TrainingInputs:
         self.calibration: list[ModelInputs] = []
         self._handle: Optional[Any] = None
 
-    def start(self, trainer: "pl.Trainer", model: nn.Module, calibrates: bool) -> None:
+    def start(self, trainer: pl.Trainer, model: nn.Module, calibrates: bool) -> None:
         """Watch ``model``'s forward calls in ``trainer``'s training steps (forgetting what was kept before)."""
         self.clear()
 
@@ -81,7 +81,7 @@ class TrainingInputs:
         self.calibration = []
 
 
-def reduce_ranges(trainer: "pl.Trainer", ranges: Ranges) -> Ranges:
+def reduce_ranges(trainer: pl.Trainer, ranges: Ranges) -> Ranges:
     """The union of the calibration ranges of all ranks (each rank calibrated on its own batches)."""
     if trainer.world_size <= 1:
         return ranges
@@ -91,7 +91,7 @@ def reduce_ranges(trainer: "pl.Trainer", ranges: Ranges) -> Ranges:
     return {name: (-float(low), float(high)) for name, (low, high) in zip(names, bounds.tolist())}
 
 
-def save_checkpoint(trainer: "pl.Trainer", pl_module: "pl.LightningModule", path: Path) -> None:
+def save_checkpoint(trainer: pl.Trainer, pl_module: pl.LightningModule, path: Path) -> None:
     """Write ``pl_module`` as it is now to ``path`` (rank zero writes), with its structure records and a digest."""
     checkpoint: dict[str, Any] = {
         "state_dict": pl_module.state_dict(),
@@ -124,11 +124,11 @@ class StepFailed(Exception):
     is chained."""
 
 
-def save_fp32_copy(trainer: "pl.Trainer", pl_module: "pl.LightningModule", path: Path, config: str) -> None:
+def save_fp32_copy(trainer: pl.Trainer, pl_module: pl.LightningModule, path: Path, config: str) -> None:
     """:func:`save_checkpoint` of the trained model, before anything is quantized."""
     try:
         save_checkpoint(trainer, pl_module, path)
-    except Exception as err:  # noqa: BLE001 - nothing was quantized yet
+    except Exception as err:  # nothing was quantized yet
         raise StepFailed(
             f"QuantizeOnFit(config={config!r}) did not quantize: writing the full-precision copy to "
             f"save_fp32_path={str(path)!r} failed ({type(err).__name__}: {err}). The trained "
@@ -137,13 +137,13 @@ def save_fp32_copy(trainer: "pl.Trainer", pl_module: "pl.LightningModule", path:
 
 
 def save_quantized(
-    trainer: "pl.Trainer", pl_module: "pl.LightningModule", path: Path, config: str, fp32_path: Optional[Path]
+    trainer: pl.Trainer, pl_module: pl.LightningModule, path: Path, config: str, fp32_path: Optional[Path]
 ) -> None:
     """:func:`save_checkpoint` of the quantized model; on failure a half-written file is removed."""
     previous = file_stamp(path)
     try:
         save_checkpoint(trainer, pl_module, path)
-    except Exception as err:  # noqa: BLE001 - the quantization is undone: the user keeps the trained model
+    except Exception as err:  # the quantization is undone: the user keeps the trained model
         if trainer.is_global_zero and file_stamp(path) != previous:
             path.unlink(missing_ok=True)  # a half-written file must not pass for the quantized model
         fp32 = (
@@ -160,7 +160,7 @@ def save_quantized(
 
 
 def compile_quantized(
-    trainer: "pl.Trainer",
+    trainer: pl.Trainer,
     model: nn.Module,
     spec: QuantizationSpec,
     inference_precision: str,
@@ -178,7 +178,7 @@ def compile_quantized(
         try:
             with torch.inference_mode():
                 run_model(model, example)
-        except Exception as err:  # noqa: BLE001 - the quantized model is fine, only compiling failed
+        except Exception as err:  # the quantized model is fine, only compiling failed
             set_compiled_call(model, None)  # undo nn.Module.compile
             rank_zero_warn(f"QuantizeOnFit(compile={compile!r}): compiling the quantized model failed, "
                            f"it runs eager: {type(err).__name__}: {err}")
@@ -187,7 +187,7 @@ def compile_quantized(
 
 
 def quantize_on_inputs(
-    trainer: "pl.Trainer", model: nn.Module, spec: QuantizationSpec, skip: SkipSpec, inputs: TrainingInputs, quiet: bool
+    trainer: pl.Trainer, model: nn.Module, spec: QuantizationSpec, skip: SkipSpec, inputs: TrainingInputs, quiet: bool
 ) -> dict[str, Any]:
     """:func:`quantize_model` on the captured ``inputs`` (calibration ranges reduced over ranks) with a progress
     bar and a note of the skipped layers, unless ``quiet`` (the budget's trials)."""
@@ -217,9 +217,9 @@ def quantize_on_inputs(
 
 
 def log_summary(
-    trainer: "pl.Trainer",
+    trainer: pl.Trainer,
     summary: dict[str, Any],
-    log_metrics: Callable[["pl.Trainer", Mapping[str, Optional[float]]], None],
+    log_metrics: Callable[[pl.Trainer, Mapping[str, Optional[float]]], None],
 ) -> None:
     """What the quantized model is: hyperparameters to the loggers, ``quant/`` metrics through ``log_metrics``
     (the callback's), one line to the console."""

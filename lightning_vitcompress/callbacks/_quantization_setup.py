@@ -118,7 +118,7 @@ def check_inference_precision(inference_precision: str, native_bf16: Callable[[]
         )
 
 
-def check_calibration_data(trainer: "pl.Trainer", spec: QuantizationSpec, calibration_batches: int) -> None:
+def check_calibration_data(trainer: pl.Trainer, spec: QuantizationSpec, calibration_batches: int) -> None:
     """A calibrated config needs finite training inputs: the first training batch holds no NaN or Inf."""
     if spec.calibrates:
         images = images_of(first_batch(trainer, validation=False))
@@ -132,7 +132,7 @@ def check_calibration_data(trainer: "pl.Trainer", spec: QuantizationSpec, calibr
 
 
 def choose_default(
-    trainer: "pl.Trainer", device: torch.device, inference_precision: Optional[str], compile: Any
+    trainer: pl.Trainer, device: torch.device, inference_precision: Optional[str], compile: Any
 ) -> tuple[DefaultChoice, QuantizationSpec, str]:
     """``config=None``: the config fast on ``device`` and its precision (``inference_precision`` unless None), said
     in the log."""
@@ -154,7 +154,7 @@ def warn_if_too_narrow(model: nn.Module, spec: QuantizationSpec, compile: Any, s
     cheaper math), say so. Compiled x86 int8 paid at every width measured (``benchmarks/bench_int8_width.py``)."""
     if spec.compiles(compile):
         return
-    widest = max(model.get_submodule(name).in_features for name in selected)
+    widest = max(layer.in_features for layer in map(model.get_submodule, selected) if isinstance(layer, nn.Linear))
     if widest < width:
         rank_zero_warn(
             f"QuantizeOnFit: config={spec.name!r} runs eager here and the widest linear layer of this model "

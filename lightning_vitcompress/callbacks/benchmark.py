@@ -29,6 +29,7 @@ from lightning_vitcompress._checks import (
     check_path,
     check_positive,
 )
+from lightning_vitcompress._lightning import callbacks_of, datamodule_of
 from lightning_vitcompress._model import stated_input_shape
 from lightning_vitcompress._plan import PlanRow
 from lightning_vitcompress._progress import stage_bar
@@ -40,8 +41,8 @@ from lightning_vitcompress.functional.measure import (
 )
 from lightning_vitcompress.functional.report import (
     REPORT_FILENAME,
-    _check_devices,
-    _check_input_shape,
+    check_devices,
+    check_input_shape,
     compare_models,
     format_report,
     measurement_steps,
@@ -91,12 +92,18 @@ class BenchmarkCallback(CompressionCallback):
             (``report["baselines"][name]["ratios"]``). Compiling costs a minute or more
             on a small CPU. Default ``()``: none.
 
-    Example::
+    Example (a tiny ViT on scikit-learn's digits, timed briefly)::
 
-        bench = BenchmarkCallback(batch_size=32, num_threads=2)
-        trainer = Trainer(callbacks=[PruningSchedule(0.5), QuantizeOnFit(), bench])
-        trainer.fit(model, datamodule)
-        bench.report["ratios"]["cpu_speedup"]
+        >>> import lightning as L
+        >>> from lightning_vitcompress import BenchmarkCallback, PruningSchedule
+        >>> from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
+        >>> bench = BenchmarkCallback(batch_size=8, devices=("cpu",), rounds=1, min_run_time=0.01)
+        >>> trainer = L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False,
+        ...                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        ...                     callbacks=[PruningSchedule(0.5), bench])
+        >>> trainer.fit(DigitsClassifier(embed_dim=32, depth=2, num_heads=4), DigitsDataModule())
+        >>> round(bench.report["ratios"]["params_ratio"], 2)  # and cpu_speedup, size_ratio, accuracy_delta...
+        0.29
     """
 
     order = 10
@@ -123,9 +130,9 @@ class BenchmarkCallback(CompressionCallback):
         check_positive(batch_size, "batch_size", "32", integer=True)
         if num_threads is not None:
             check_positive(num_threads, "num_threads", "2", integer=True)
-        devices = _check_devices(devices)
+        devices = check_devices(devices)
         if input_shape is not None:
-            input_shape = _check_input_shape(input_shape)
+            input_shape = check_input_shape(input_shape)
         if dataloader is not None and not isinstance(dataloader, Iterable):
             raise TypeError(
                 f"dataloader={dataloader!r}: pass an iterable of (images, labels) batches, e.g. "
@@ -162,14 +169,14 @@ class BenchmarkCallback(CompressionCallback):
         #: ``input_shape``, or the one inferred from the model at setup
         self._input_shape: Optional[tuple[int, ...]] = input_shape
 
-    def fit_plan(self, trainer: "pl.Trainer") -> list[PlanRow]:
+    def fit_plan(self, trainer: pl.Trainer) -> list[PlanRow]:
         timing = self.rounds * 2 * len(self.devices) * self.min_run_time
         return [PlanRow("BenchmarkCallback", "measures size, MACs, accuracy, throughput, latency",
                         "baseline at setup, final at fit end",
                         f"batch {self.batch_size}, devices {list(self.devices)}, about {timing:.0f} s of timing")]
 
     # ------------------------------------------------------------------ setup
-    def ordered_setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def ordered_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         model = self.target(pl_module)
         self._check_devices_present()
         if self.output_dir is not None:
@@ -202,13 +209,13 @@ class BenchmarkCallback(CompressionCallback):
         try:
             with eval_mode(model), torch.inference_mode():
                 model(torch.zeros(1, *self._input_shape, device=device))
-        except Exception as err:  # noqa: BLE001 - reported with its cause
+        except Exception as err:  # reported with its cause
             raise ValueError(
                 f"input_shape={self._input_shape!r}: the {label} ({type(model).__name__}) cannot run an input of "
                 f"this shape ({type(err).__name__}: {err}). Pass the (channels, height, width) the model takes."
             ) from err
 
-    def _check_accuracy_batch(self, trainer: "pl.Trainer") -> None:
+    def _check_accuracy_batch(self, trainer: pl.Trainer) -> None:
         """The accuracy data's first batch holds images and labels we can find (tuple or dict), known now rather
         than after training."""
         if self.dataloader is not None:
@@ -228,7 +235,7 @@ class BenchmarkCallback(CompressionCallback):
             ) from err
 
     def _infer_input_shape(
-        self, pl_module: "pl.LightningModule", model: nn.Module, trainer: "pl.Trainer"
+        self, pl_module: pl.LightningModule, model: nn.Module, trainer: pl.Trainer
     ) -> tuple[int, ...]:
         if self.input_shape is not None:
             return self.input_shape
@@ -248,7 +255,7 @@ class BenchmarkCallback(CompressionCallback):
         )
 
     # ---------------------------------------------------------------- measure
-    def ordered_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def ordered_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero or self._baseline is None or self._input_shape is None:
             return
         final = self.target(pl_module)
@@ -300,7 +307,7 @@ class BenchmarkCallback(CompressionCallback):
             self.report["deployed_startup"] = startup
         decisions = {  # what the budgets and "auto" decided: rolled-back steps, layers kept, the chosen config
             type(callback).__name__: decided
-            for callback in trainer.callbacks
+            for callback in callbacks_of(trainer)
             if isinstance(callback, CompressionCallback) and (decided := callback.decisions()) is not None
         }
         if decisions:
@@ -308,12 +315,13 @@ class BenchmarkCallback(CompressionCallback):
         self._baseline = None  # free the copy
         self._write(trainer)
 
-    def _accuracy_batches(self, trainer: "pl.Trainer") -> Optional[list[Any]]:
+    def _accuracy_batches(self, trainer: pl.Trainer) -> Optional[list[Any]]:
         loader = self.dataloader
-        if loader is None and trainer.datamodule is not None:
+        datamodule = datamodule_of(trainer)
+        if loader is None and datamodule is not None:
             try:
-                loader = trainer.datamodule.val_dataloader()
-            except Exception:  # noqa: BLE001 - a datamodule without validation data
+                loader = datamodule.val_dataloader()
+            except Exception:  # a datamodule without validation data
                 loader = None
         if loader is None:
             loader = trainer.val_dataloaders
@@ -333,12 +341,12 @@ class BenchmarkCallback(CompressionCallback):
         return batches
 
     # ----------------------------------------------------------------- output
-    def _resolve_output_dir(self, trainer: "pl.Trainer") -> Path:
+    def _resolve_output_dir(self, trainer: pl.Trainer) -> Path:
         if self.output_dir is not None:
             return Path(self.output_dir)
         return Path(trainer.log_dir or trainer.default_root_dir)
 
-    def _write(self, trainer: "pl.Trainer") -> None:
+    def _write(self, trainer: pl.Trainer) -> None:
         assert self.report is not None
         output_dir = self._resolve_output_dir(trainer)
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -367,7 +375,7 @@ class BenchmarkCallback(CompressionCallback):
 
 
 def _deployed_artifact(
-    trainer: "pl.Trainer", example_input: torch.Tensor
+    trainer: pl.Trainer, example_input: torch.Tensor
 ) -> tuple[Optional[nn.Module], Optional[dict[str, Any]]]:
     """The file ExportOnFit wrote, loaded afresh and called once on ``example_input`` (what a server pays at start),
     with those timings next to the in-process compile time it replaces; ``(None, None)`` without one.
@@ -377,7 +385,7 @@ def _deployed_artifact(
     from lightning_vitcompress.callbacks.quantization import QuantizeOnFit
     from lightning_vitcompress.functional.artifact import load_artifact
 
-    export = next((cb for cb in trainer.callbacks if isinstance(cb, ExportOnFit) and cb.summary), None)
+    export = next((cb for cb in callbacks_of(trainer) if isinstance(cb, ExportOnFit) and cb.summary), None)
     if export is None or export.summary is None:
         return None, None
     summary = export.summary
@@ -391,7 +399,7 @@ def _deployed_artifact(
     artifact = load_artifact(summary["path"], format=summary["format"])
     with torch.inference_mode():
         artifact(example_input)
-    quantize = next((cb for cb in trainer.callbacks if isinstance(cb, QuantizeOnFit) and cb.summary), None)
+    quantize = next((cb for cb in callbacks_of(trainer) if isinstance(cb, QuantizeOnFit) and cb.summary), None)
     return artifact, {
         "path": summary["path"],
         "format": summary["format"],

@@ -55,24 +55,24 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_vitcompress._base import CompressionCallback
+from lightning_vitcompress._checks import check_bool
 from lightning_vitcompress._data import example_from_data
 from lightning_vitcompress._lightning import wrap_training_step
-from lightning_vitcompress._plan import PlanRow
 from lightning_vitcompress._model import shape_example_input
-from lightning_vitcompress._checks import check_bool
-from lightning_vitcompress._options import takes_config
+from lightning_vitcompress._options import passed_config, takes_config
+from lightning_vitcompress._plan import PlanRow
 from lightning_vitcompress.callbacks._distillation_step import StudentCapture, distillation_terms, with_loss
 from lightning_vitcompress.functional.distill import (
     DistillConfig,
     InputAdapter,
     TeacherPrecision,
     TeacherSpec,
-    _fixed_image_size,
     check_input_adapter,
     check_same_classes,
     check_teacher,
     check_teacher_precision,
     combine_losses,
+    fixed_image_size,
     load_teacher,
     resolve_teacher_precision,
     sample_keys,
@@ -128,15 +128,22 @@ class DistillationTeacher(CompressionCallback):
         model_attribute: attribute of the LightningModule holding the student ViT;
             ``None`` finds it.
 
-    Example::
+    Example (a tiny student on scikit-learn's digits; the teacher would be trained, e.g. from a checkpoint)::
 
-        teacher = DigitsClassifier.load_from_checkpoint("big.ckpt").model
-        trainer = L.Trainer(callbacks=[DistillationTeacher(teacher, mode="soft", alpha=0.5, temperature=2.0)])
-        trainer.fit(DigitsClassifier(embed_dim=32, depth=2), datamodule)
-
-        # DeiT: distillation token of a distilled student, teacher at 224 from a local file
-        DistillationTeacher("vit_base_patch16_224", teacher_weights="vit_b16.safetensors",
-                            teacher_kwargs=dict(num_classes=10), config=DistillConfig(mode="deit"), input_adapter=224)
+        >>> import lightning as L
+        >>> from lightning_vitcompress import DistillationTeacher
+        >>> from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
+        >>> teacher = DigitsClassifier(embed_dim=64, depth=2, num_heads=4).model
+        >>> trainer = L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False,
+        ...                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        ...                     callbacks=[DistillationTeacher(teacher, mode="soft", alpha=0.5, temperature=2.0)])
+        >>> trainer.fit(DigitsClassifier(embed_dim=32, depth=2, num_heads=4), DigitsDataModule())
+        >>> sorted(name for name in trainer.callback_metrics if name.startswith("distill/") and name.endswith("_epoch"))
+        ['distill/agreement_epoch', 'distill/loss_epoch', 'distill/task_loss_epoch']
+        >>> # DeiT: distillation token of a distilled student, teacher at 224 from a local file (not in CI)
+        >>> from lightning_vitcompress.functional import DistillConfig
+        >>> DistillationTeacher("vit_base_patch16_224", teacher_weights="vit_b16.safetensors",  # doctest: +SKIP
+        ...                     teacher_kwargs=dict(num_classes=10), config=DistillConfig(mode="deit"), input_adapter=224)
 
     Resuming (``trainer.fit(ckpt_path=...)``) with another ``mode`` or
     ``deit_target`` than the checkpoint's run is an error at setup naming both
@@ -156,10 +163,10 @@ class DistillationTeacher(CompressionCallback):
     def __init__(
         self,
         teacher: TeacherSpec,
-        *,
-        config: DistillConfig,
+        *args: Any,
+        config: Optional[DistillConfig] = None,
         pretrained: bool = True,
-        teacher_weights: Optional[Union[str, "os.PathLike[str]"]] = None,
+        teacher_weights: Optional[Union[str, os.PathLike[str]]] = None,
         teacher_kwargs: Optional[dict[str, Any]] = None,
         teacher_class: Optional[type[pl.LightningModule]] = None,
         input_adapter: InputAdapter = None,
@@ -167,9 +174,10 @@ class DistillationTeacher(CompressionCallback):
         cache_teacher_logits: bool = False,
         weights_only: bool = True,
         model_attribute: Optional[str] = None,
+        **options: Any,
     ) -> None:
         super().__init__(model_attribute)
-        self.config = config
+        self.config = passed_config(config, args, options)
         check_bool(pretrained, "pretrained", "timm names: load pretrained weights")
         check_bool(cache_teacher_logits, "cache_teacher_logits", "reuse the teacher's logits per sample")
         check_bool(weights_only, "weights_only", "True: safe loading, default; False: trusted files only")
@@ -313,7 +321,7 @@ class DistillationTeacher(CompressionCallback):
         device = next((t.device for t in tensors), torch.device("cpu"))
         try:
             teacher_forward(teacher, example.to(device), self._adapter(example), precision=self.teacher_precision)
-        except Exception as err:  # noqa: BLE001 - reported with its cause
+        except Exception as err:  # reported with its cause
             raise ValueError(
                 f"teacher={type(teacher).__name__} cannot run the student's input of shape {tuple(example.shape)} "
                 f"(from {source}): {type(err).__name__}: {err}. Pass input_adapter= (an image size to resize to, or "
@@ -414,7 +422,7 @@ class DistillationTeacher(CompressionCallback):
             return self.input_adapter
         if not self._auto_size_checked:
             self._auto_size_checked = True
-            wanted = _fixed_image_size(self.teacher)
+            wanted = fixed_image_size(self.teacher)
             if wanted is not None and inputs.ndim == 4 and tuple(inputs.shape[-2:]) != wanted:
                 self._auto_size = wanted
                 rank_zero_info(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, cast
 
 import lightning.pytorch as pl
 import torch
@@ -23,8 +23,9 @@ from typing_extensions import override
 
 from lightning_vitcompress._base import CompressionCallback, in_training_step, validation_data
 from lightning_vitcompress._checks import check_choice, check_int, check_output_file, check_path
+from lightning_vitcompress._lightning import callbacks_of
 from lightning_vitcompress._model import stated_input_shape
-from lightning_vitcompress._options import takes_config
+from lightning_vitcompress._options import passed_config, takes_config
 from lightning_vitcompress._plan import PlanRow
 from lightning_vitcompress._progress import stage_bar
 from lightning_vitcompress.functional.export import (
@@ -87,16 +88,25 @@ class ExportOnFit(CompressionCallback):
     fails before training. The export runs after QuantizeOnFit wrote its
     checkpoints; it never changes the model. Rank zero exports.
 
-    Example::
+    Example (a tiny ViT on scikit-learn's digits, to ONNX; ``"vit.pt2"`` is loaded with
+    ``torch._inductor.aoti_load_package`` and ``ExportOnFit("vit-int8.xml", quantize="int8")`` with
+    ``ov.Core().compile_model``, each without this library)::
 
-        from lightning_vitcompress import BenchmarkCallback, ExportOnFit, PruningSchedule, QuantizeOnFit
-
-        trainer = Trainer(callbacks=[PruningSchedule(0.5), QuantizeOnFit("int8_static_x86", save_path="int8.ckpt"),
-                                     ExportOnFit("vit-int8.pt2"), BenchmarkCallback()])
-        trainer.fit(model, datamodule)
-        runner = torch._inductor.aoti_load_package("vit-int8.pt2")  # in the server: torch only
-
-        ExportOnFit("vit-int8.xml", quantize="int8")  # OpenVINO: ov.Core().compile_model("vit-int8.xml", "CPU")
+        >>> import lightning as L
+        >>> import numpy as np
+        >>> import onnxruntime
+        >>> from lightning_vitcompress import ExportOnFit
+        >>> from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
+        >>> export = ExportOnFit("digits.onnx")
+        >>> trainer = L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False,
+        ...                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        ...                     callbacks=[export])
+        >>> trainer.fit(DigitsClassifier(embed_dim=32, depth=2, num_heads=4), DigitsDataModule())
+        >>> export.summary["path"], export.summary["format"]
+        ('digits.onnx', 'onnx')
+        >>> session = onnxruntime.InferenceSession("digits.onnx")  # in the server: onnxruntime only
+        >>> session.run(None, {session.get_inputs()[0].name: np.zeros((2, 3, 32, 32), np.float32)})[0].shape
+        (2, 10)
 
     Args:
         path: the file to write (``.pt2``, ``.onnx`` or ``.xml``).
@@ -118,15 +128,16 @@ class ExportOnFit(CompressionCallback):
     def __init__(
         self,
         path: Union[str, Path],
-        *,
+        *args: Any,
         calibration_batches: int = 8,
         on_error: Literal["raise", "warn"] = "raise",
-        config: ExportConfig,
+        config: Optional[ExportConfig] = None,
         model_attribute: Optional[str] = None,
+        **options: Any,
     ) -> None:
         super().__init__(model_attribute)
         #: the export options (``inference_precision`` None is resolved at setup)
-        self.config: ExportConfig = config
+        self.config: ExportConfig = passed_config(config, args, options)
         path = Path(path)  # checked by _path_and_format
         check_choice(on_error, "on_error", ("raise", "warn"))
         check_int(calibration_batches, "calibration_batches", minimum=1, example="8")
@@ -134,7 +145,7 @@ class ExportOnFit(CompressionCallback):
             if path.suffix != ".xml":
                 raise ValueError(f"path={str(path)!r} with format='openvino': an OpenVINO IR is an .xml file (its "
                                  f"weights go to the .bin beside it). Pass e.g. {str(path.with_suffix('.xml'))!r}.")
-            self.order = _OPENVINO_ORDER  # type: ignore[misc] - this instance acts before QuantizeOnFit
+            self.order = _OPENVINO_ORDER  # type: ignore[misc]  # this instance (only) acts before QuantizeOnFit
         self.path = path
         self.on_error = on_error
         self.calibration_batches = calibration_batches
@@ -149,7 +160,7 @@ class ExportOnFit(CompressionCallback):
         self._deferred: Optional[tuple[str, Optional[Exception]]] = None
 
     # ----------------------------------------------------- hooks, in the order Lightning calls them
-    def ordered_setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def ordered_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_output_file(self.path, "path")
         self._config = self._resolved_config(trainer)
         self._config.check_environment()
@@ -162,10 +173,10 @@ class ExportOnFit(CompressionCallback):
         self.summary = None
         self._start_capture(trainer, model)
 
-    def ordered_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def ordered_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._calibration = []  # calibrate on the last epoch's inputs, seen by the most trained weights
 
-    def ordered_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def ordered_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._stop_capture()
         # rank zero writes and checks the file; every rank learns how it went, so a failure raises everywhere
         # (a lone raise on rank zero would leave the others waiting in a collective) and summary is the same
@@ -178,6 +189,7 @@ class ExportOnFit(CompressionCallback):
             else:
                 self._fail(failure, error)
             return
+        assert summary is not None  # _export returns a summary whenever it reports no failure
         self.summary = summary
         for logger in trainer.loggers:
             logger.log_hyperparams({"export/path": summary["path"], "export/format": summary["format"],
@@ -203,19 +215,19 @@ class ExportOnFit(CompressionCallback):
                if summary.get("top1_agreement") is not None else "")
         )
 
-    def ordered_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def ordered_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         deferred, self._deferred = self._deferred, None
         if deferred is not None:
             self._fail(*deferred)
 
     @override
-    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._stop_capture()
         self._example = None
         super().teardown(trainer, pl_module, stage)
 
     # ----------------------------------------------------------------------- what the pipeline asks
-    def fit_plan(self, trainer: "pl.Trainer") -> list[PlanRow]:
+    def fit_plan(self, trainer: pl.Trainer) -> list[PlanRow]:
         c = self._config
         what = f"writes {self.path.name} ({c.format}{', NNCF ' + c.quantize if c.quantize else ''})"
         when = "train end, before QuantizeOnFit" if c.format == "openvino" else "train end, after QuantizeOnFit"
@@ -228,12 +240,12 @@ class ExportOnFit(CompressionCallback):
                 "or call export_compressed(model, path, images) on the trained model")
 
     # -------------------------------------------------------------------------------------- helpers
-    def _check_with_quantize_on_fit(self, trainer: "pl.Trainer") -> None:
+    def _check_with_quantize_on_fit(self, trainer: pl.Trainer) -> None:
         from lightning_vitcompress.callbacks.quantization import QuantizeOnFit
 
         if self._config.format != "openvino" or self._config.quantize is not None:
             return
-        if any(isinstance(cb, QuantizeOnFit) for cb in trainer.callbacks):
+        if any(isinstance(cb, QuantizeOnFit) for cb in callbacks_of(trainer)):
             raise ValueError(
                 f"ExportOnFit(path={str(self.path)!r}, format='openvino', quantize=None) with a QuantizeOnFit in the "
                 "Trainer: OpenVINO does not convert torchao's int8 layers, so the IR would be the float model while "
@@ -241,16 +253,17 @@ class ExportOnFit(CompressionCallback):
                 "or use format='pt2' for the torch int8 model."
             )
 
-    def _resolved_config(self, trainer: "pl.Trainer") -> ExportConfig:
+    def _resolved_config(self, trainer: pl.Trainer) -> ExportConfig:
         if self.config.inference_precision is not None or self.config.format in ("onnx", "openvino"):
             return self.config
         from lightning_vitcompress.callbacks.quantization import QuantizeOnFit
 
-        quantize = next((cb for cb in trainer.callbacks if isinstance(cb, QuantizeOnFit)), None)
+        quantize = next((cb for cb in callbacks_of(trainer) if isinstance(cb, QuantizeOnFit)), None)
         precision = quantize.inference_precision if quantize is not None else "32-true"
-        return dataclasses.replace(self.config, inference_precision=precision)
+        # a str in the quantization layer, checked to be one of these by QuantizeOnFit's constructor
+        return dataclasses.replace(self.config, inference_precision=cast(Literal["32-true", "bf16-mixed"], precision))
 
-    def _start_capture(self, trainer: "pl.Trainer", model: nn.Module) -> None:
+    def _start_capture(self, trainer: pl.Trainer, model: nn.Module) -> None:
         """Keep a few rows of the first training input (the real batch the exported file is checked on) and, for
         NNCF int8, the first ``calibration_batches`` training inputs of each epoch."""
         self._stop_capture()
@@ -276,7 +289,7 @@ class ExportOnFit(CompressionCallback):
             self._capture_handle = None
 
     def _export(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule"
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> tuple[Optional[dict[str, Any]], Optional[str], Optional[Exception]]:
         """``(summary, None, None)``, or ``(None, why, error or None)`` when no checked file was written."""
         model = self.target(pl_module)
@@ -293,7 +306,7 @@ class ExportOnFit(CompressionCallback):
             with stage_bar(trainer, f"ExportOnFit: {self.path.name}", total=len(stages), unit="stage") as bar:
                 summary = export_compressed(model, self.path, example, self._config, calibration_data=calibration,
                                             progress=lambda stage: bar.step(stage))
-        except Exception as err:  # noqa: BLE001 - the model is untouched; say so
+        except Exception as err:  # the model is untouched; say so
             return None, f"{type(err).__name__}: {err}", err
         # the file's own quantization (NNCF) can change decisions: how often, on real data (other formats hold
         # the live model's own layers, and its compiled call would recompile for the validation batch's shape)
@@ -313,7 +326,7 @@ class ExportOnFit(CompressionCallback):
         rank_zero_warn(message)
 
 
-def _top1_agreement(trainer: "pl.Trainer", model: nn.Module, summary: dict[str, Any]) -> Optional[float]:
+def _top1_agreement(trainer: pl.Trainer, model: nn.Module, summary: dict[str, Any]) -> Optional[float]:
     """How often the written file's top-1 class equals the live model's, on up to :data:`_AGREEMENT_BATCHES`
     validation batches; None without validation data (or a file for another device)."""
     loader, limit = validation_data(trainer)
@@ -336,7 +349,7 @@ def _top1_agreement(trainer: "pl.Trainer", model: nn.Module, summary: dict[str, 
     return agree / total if total else None
 
 
-def _input_shape(pl_module: "pl.LightningModule", model: nn.Module) -> Optional[tuple[int, ...]]:
+def _input_shape(pl_module: pl.LightningModule, model: nn.Module) -> Optional[tuple[int, ...]]:
     example = getattr(pl_module, "example_input_array", None)
     if isinstance(example, torch.Tensor) and example.dim() == 4:
         return tuple(example.shape[1:])

@@ -8,6 +8,7 @@ at the start of ``swap_epoch``; with a budget, ``on_train_end`` swaps blocks bac
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
@@ -18,20 +19,24 @@ from typing_extensions import override
 
 from lightning_vitcompress._base import CompressionCallback, example_from_data, progress_line, validation_data
 from lightning_vitcompress._checks import check_block_selection, check_example_input, check_int, check_max_accuracy_drop
-from lightning_vitcompress._model import find_attention_blocks, resolve_target_path, set_submodule, shape_example_input
-from lightning_vitcompress._options import takes_config
+from lightning_vitcompress._model import find_attention_blocks, set_submodule, shape_example_input
+from lightning_vitcompress._options import passed_config, takes_config
 from lightning_vitcompress._plan import PlanRow, budget_phrase, epochs_phrase
 from lightning_vitcompress._structure import recorded_edits
 from lightning_vitcompress._training_state import refresh_after_structural_change
 from lightning_vitcompress.callbacks._budget import judge
-from lightning_vitcompress.callbacks._nystrom_setup import check_min_tokens, check_no_masks, measure_break_even
+from lightning_vitcompress.callbacks._nystrom_setup import (
+    check_min_tokens,
+    check_no_masks,
+    measure_break_even,
+    token_counts,
+)
 from lightning_vitcompress.functional.budget import limit_batches
 from lightning_vitcompress.functional.nystrom import (
     AttentionMaskError,
     BlockSelection,
     NystromAttention,
     NystromConfig,
-    attention_token_counts,
     select_attention_blocks,
     swap_attention,
     swap_back,
@@ -43,7 +48,8 @@ __all__ = ["NystromSwap"]
 
 @takes_config(
     NystromConfig,
-    positional=("num_landmarks", "swap_epoch", "blocks", "pinv_iterations", "conv_kernel_size", "num_prefix_tokens"),
+    positional=("num_landmarks", "swap_epoch", "blocks", "pinv_iterations", "conv_kernel_size", "num_prefix_tokens",
+                "example_input", "min_tokens", "max_accuracy_drop"),
 )
 class NystromSwap(CompressionCallback):
     """Swap softmax attention for Nyström attention (m landmarks), then keep training.
@@ -83,13 +89,21 @@ class NystromSwap(CompressionCallback):
             (passing both is an error).
         model_attribute: attribute holding the ViT (None finds it).
 
-    Example::
+    Example (a tiny ViT on scikit-learn's digits)::
 
-        trainer = Trainer(max_epochs=10, callbacks=[NystromSwap(num_landmarks=64, swap_epoch=0)])
-        trainer.fit(LitViT(), datamodule)
-
-        # only where the sequence is long enough to pay on this machine, and at most 1 point of top-1 lost
-        NystromSwap(num_landmarks=64, min_tokens="auto", max_accuracy_drop=1.0)
+        >>> import lightning as L
+        >>> from lightning_vitcompress import NystromSwap
+        >>> from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
+        >>> model = DigitsClassifier(embed_dim=32, depth=2, num_heads=4)
+        >>> trainer = L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False,
+        ...                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        ...                     callbacks=[NystromSwap(num_landmarks=8, swap_epoch=0)])
+        >>> trainer.fit(model, DigitsDataModule())
+        >>> type(model.model.blocks[0].attn).__name__
+        'NystromAttention'
+        >>> # only where the sequence is long enough to pay on this machine, and at most 1 point of top-1 lost
+        >>> NystromSwap(num_landmarks=64, min_tokens="auto", max_accuracy_drop=1.0).min_tokens
+        'auto'
     """
 
     order = 30
@@ -99,14 +113,15 @@ class NystromSwap(CompressionCallback):
 
     def __init__(
         self,
+        *args: Any,
         swap_epoch: int = 0,
         blocks: BlockSelection = None,
         example_input: Optional[torch.Tensor] = None,
         min_tokens: Union[int, Literal["auto"], None] = None,
         max_accuracy_drop: Optional[float] = None,
-        *,
-        config: NystromConfig,
+        config: Optional[NystromConfig] = None,
         model_attribute: Optional[str] = None,
+        **options: Any,
     ) -> None:
         super().__init__(model_attribute)
         check_min_tokens(min_tokens)
@@ -124,7 +139,7 @@ class NystromSwap(CompressionCallback):
         self._selection: Optional[list[str]] = None
         self._swap_done = False
         #: how attention is approximated (validated once); ``config=`` or the same keyword arguments
-        self.config = config
+        self.config = passed_config(config, args, options)
         check_int(swap_epoch, "swap_epoch", example="0 (swaps at setup, before training)")
         self.blocks = check_block_selection(blocks)
         check_example_input(example_input)
@@ -135,7 +150,7 @@ class NystromSwap(CompressionCallback):
         self._originals: dict[str, nn.Module] = {}
 
     # ----------------------------------------------------- hooks, in the order Lightning calls them
-    def ordered_setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def ordered_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.swapped_blocks = []
         self._originals = {}
         self._selection, self._swap_done, self.budget_result = None, False, None
@@ -163,7 +178,7 @@ class NystromSwap(CompressionCallback):
             self._swap(pl_module, chosen)
         # resuming a checkpoint from before the swap: its weights load after setup, the swap follows at epoch start
 
-    def ordered_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def ordered_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._swap_done and trainer.current_epoch >= self.swap_epoch:
             model = self.target(pl_module)
             self._swap(pl_module, self._selection if self._selection is not None else self._selected_blocks(model))
@@ -174,7 +189,7 @@ class NystromSwap(CompressionCallback):
             landmarks = sum(m.num_landmarks for m in swapped) / max(1, len(swapped))
             self.log_metrics(trainer, {"num_landmarks": landmarks, "swapped_blocks": len(swapped)})  # what it has
 
-    def ordered_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def ordered_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """With a budget: swap blocks back to exact attention, most costly first, until the model is within it."""
         metrics: dict[str, Optional[float]] = {}
         if self.break_even is not None:
@@ -192,7 +207,7 @@ class NystromSwap(CompressionCallback):
 
     @override
     def on_exception(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         """A swapped block called with a mask (unseen at setup): put this fit's swap back, so the model works."""
         if not isinstance(exception, AttentionMaskError) or not self._originals:
@@ -202,11 +217,13 @@ class NystromSwap(CompressionCallback):
             set_submodule(model, name, original)
         edits = recorded_edits(pl_module)
         edits[:] = [r for r in edits if not (r.get("kind") == self.KIND and r.get("target") == self.target_path)]
-        exception.add_note(
-            f"NystromSwap undid its swap of {list(self._originals)}: the model has its softmax attention back. "
-            "Pass example_input=<one input batch> to have such blocks refused at setup, or keep them exact with "
-            "blocks=[...]."
-        )
+        note = (f"NystromSwap undid its swap of {list(self._originals)}: the model has its softmax attention back. "
+                "Pass example_input=<one input batch> to have such blocks refused at setup, or keep them exact with "
+                "blocks=[...].")
+        if sys.version_info >= (3, 11):
+            exception.add_note(note)
+        else:  # Python 3.10 has no exception notes (add_note raised AttributeError here)
+            rank_zero_warn(note)
         self._originals, self.swapped_blocks = {}, []
 
     @override
@@ -232,7 +249,7 @@ class NystromSwap(CompressionCallback):
             config["min_tokens"] = self.min_tokens
         return config
 
-    def fit_plan(self, trainer: "pl.Trainer") -> list[PlanRow]:
+    def fit_plan(self, trainer: pl.Trainer) -> list[PlanRow]:
         blocks = "all blocks" if self.blocks is None else f"blocks {list(self.blocks)}"
         tokens = f", only where >= {self.min_tokens} tokens" if self.min_tokens is not None else ""
         return [PlanRow("NystromSwap", f"Nyström attention, m={self.config.num_landmarks} landmarks, {blocks}{tokens}",
@@ -265,7 +282,7 @@ class NystromSwap(CompressionCallback):
     def _selected_blocks(self, model: nn.Module) -> list[str]:
         return select_attention_blocks(model, self.blocks, owner="NystromSwap")
 
-    def _swap(self, pl_module: "pl.LightningModule", names: list[str]) -> None:
+    def _swap(self, pl_module: pl.LightningModule, names: list[str]) -> None:
         model = self.target(pl_module)
         originals: dict[str, nn.Module] = {}
         self._swap_done = True
@@ -298,14 +315,14 @@ class NystromSwap(CompressionCallback):
             )
 
     def _check_prefix(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", model: nn.Module, names: list[str]
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module, names: list[str]
     ) -> None:
         """A block whose tokens are all prefix tokens would stay exact attention: refuse that now."""
         prefix = self.config.prefix_tokens(model)
         if prefix == 0:
             return
         try:
-            counts = self._token_counts(trainer, pl_module, model)
+            counts = token_counts(trainer, pl_module, model, self._example(trainer, model), self.target_path, self.min_tokens)
         except ValueError:  # no input size known: nothing to compare with (the count is checked when it runs)
             return
         short = {name: counts[name] for name in names if name in counts and counts[name] <= prefix}
@@ -319,11 +336,11 @@ class NystromSwap(CompressionCallback):
                 f"class/distillation/register tokens (fewer than {count}, e.g. 1), or None to read them from the model."
             )
 
-    def _long_enough(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", names: list[str]) -> list[str]:
+    def _long_enough(self, trainer: pl.Trainer, pl_module: pl.LightningModule, names: list[str]) -> list[str]:
         """The blocks of ``names`` whose input holds at least ``min_tokens`` tokens; the others go to
         :attr:`skipped_blocks` with the reason. ``"auto"`` measures the threshold first (rank zero, broadcast)."""
         model = self.target(pl_module)
-        counts = self._token_counts(trainer, pl_module, model)
+        counts = token_counts(trainer, pl_module, model, self._example(trainer, model), self.target_path, self.min_tokens)
         threshold: Optional[int]
         if self.min_tokens == "auto":
             self.break_even = measure_break_even(trainer, model, self.config, names, counts)
@@ -352,36 +369,13 @@ class NystromSwap(CompressionCallback):
             )
         return keep
 
-    def _example(self, trainer: "pl.Trainer", model: nn.Module) -> Optional[torch.Tensor]:
+    def _example(self, trainer: pl.Trainer, model: nn.Module) -> Optional[torch.Tensor]:
         """One input row: the user's ``example_input``, the model's stated input size, or the Trainer's data."""
         example = self.example_input[:1] if self.example_input is not None else shape_example_input(model)
         return example if example is not None else example_from_data(trainer)
 
-    def _token_counts(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", model: nn.Module) -> dict[str, int]:
-        """Tokens entering each attention block, with the token merging this fit will apply (if any)."""
-        example = self._example(trainer, model)
-        merging = next(  # its target path is resolved at its own setup, after this one (order 35 > 30)
-            (cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback) and cb.KIND == "tome"
-             and resolve_target_path(pl_module, cb.model_attribute) == self.target_path), None,
-        )
-        already = any(r.get("kind") == "tome" and r.get("target") == self.target_path
-                      for r in recorded_edits(pl_module))
-        plan = None
-        if merging is not None and not already:  # merging starts after the swap: count what the blocks will see
-            from lightning_vitcompress.functional.token_merging import plan_token_merging
-
-            plan = plan_token_merging(model, merging.config, merging.example_input if merging.example_input
-                                      is not None else example)
-        if plan is None and example is None:
-            raise ValueError(
-                f"NystromSwap(min_tokens={self.min_tokens!r}) needs the token count of each block, but "
-                f"{type(model).__name__} states no input size and the Trainer has no data to take one batch from. "
-                "Pass example_input=<one input batch>, or min_tokens=None."
-            )
-        return attention_token_counts(model, example, merge_plan=plan)
-
     def _keep_within_budget(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", nystrom: list[str]
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, nystrom: list[str]
     ) -> dict[str, Optional[float]]:
         """Judge the model; beyond budget, swap ``nystrom`` blocks back (most costly first) until within."""
         budget = self.budget
@@ -430,7 +424,7 @@ class NystromSwap(CompressionCallback):
             metrics[f"swap_back/{entry['block']}/accuracy_gain"] = entry["accuracy_gain"]
         return metrics
 
-    def _forget(self, pl_module: "pl.LightningModule", names: list[str]) -> None:
+    def _forget(self, pl_module: pl.LightningModule, names: list[str]) -> None:
         """Drop ``names`` from this target's records (new dicts: copies held elsewhere stay as they were), so that
         resume and ``load_compressed`` rebuild only the blocks that stayed Nyström."""
         edits = recorded_edits(pl_module)

@@ -29,7 +29,7 @@ from typing_extensions import override
 
 from lightning_vitcompress._base import CompressionCallback
 from lightning_vitcompress._checks import check_choice, check_example_input, check_int, check_max_accuracy_drop
-from lightning_vitcompress._options import takes_config
+from lightning_vitcompress._options import passed_config, takes_config
 from lightning_vitcompress._plan import PlanRow, budget_phrase, epochs_phrase
 from lightning_vitcompress._structure import ModelSnapshot, recorded_edits
 from lightning_vitcompress._training_state import refresh_after_structural_change
@@ -44,7 +44,7 @@ from lightning_vitcompress.callbacks._pruning_schedule import (
     steps_due,
 )
 from lightning_vitcompress.functional.measure import count_macs, count_parameters
-from lightning_vitcompress.functional.prune import PruneConfig, _gradient_kind, prunable_widths, prune_vit, widths_after
+from lightning_vitcompress.functional.prune import PruneConfig, gradient_kind, prunable_widths, prune_vit, widths_after
 
 __all__ = ["PruningSchedule"]
 
@@ -61,11 +61,21 @@ class PruningSchedule(CompressionCallback):
     ``start_epoch`` to ``end_epoch`` following ``schedule`` and fine-tunes in
     between, rebuilding optimizers, LR schedulers and the DDP wrapper each time.
 
-    Example::
+    Example (a tiny ViT on scikit-learn's digits)::
 
-        trainer = Trainer(max_epochs=10, callbacks=[PruningSchedule(0.5, end_epoch=4, num_steps=5)])
-        trainer.fit(model, datamodule)
-        model = load_compressed(MyModule, "last.ckpt")  # pruned shapes rebuilt, weights loaded
+        >>> import lightning as L
+        >>> from lightning_vitcompress import PruningSchedule, load_compressed
+        >>> from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
+        >>> model = DigitsClassifier(embed_dim=32, depth=2, num_heads=4)
+        >>> trainer = L.Trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=1, logger=False,
+        ...                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        ...                     callbacks=[PruningSchedule(0.5, end_epoch=1, num_steps=2)])
+        >>> trainer.fit(model, DigitsDataModule())
+        >>> model.model.blocks[0].mlp.fc1  # was Linear(32, 128)
+        Linear(in_features=16, out_features=64, bias=True)
+        >>> trainer.save_checkpoint("pruned.ckpt")
+        >>> load_compressed(DigitsClassifier, "pruned.ckpt").model.blocks[0].mlp.fc1.in_features  # shapes rebuilt
+        16
 
     Args:
         start_epoch: epoch of the first pruning step.
@@ -100,7 +110,7 @@ class PruningSchedule(CompressionCallback):
 
     def __init__(
         self,
-        *,
+        *args: Any,
         start_epoch: int = 0,
         end_epoch: Optional[int] = None,
         num_steps: Optional[int] = None,
@@ -110,12 +120,13 @@ class PruningSchedule(CompressionCallback):
         seed: int = 0,
         example_input: Optional[torch.Tensor] = None,
         max_accuracy_drop: Optional[float] = None,
-        config: PruneConfig,
+        config: Optional[PruneConfig] = None,
         model_attribute: Optional[str] = None,
+        **options: Any,
     ) -> None:
         super().__init__(model_attribute)
         #: what is pruned (validated once); ``config=`` or the same keyword arguments
-        self.config = config
+        self.config = passed_config(config, args, options)
         check_int(start_epoch, "start_epoch", example="0 (prune at setup)")
         end_epoch = start_epoch if end_epoch is None else end_epoch
         check_int(end_epoch, "end_epoch", minimum=start_epoch, example=f"{start_epoch} (start_epoch={start_epoch})")
@@ -162,7 +173,7 @@ class PruningSchedule(CompressionCallback):
         self._last_metrics: dict[str, Optional[float]] = {}
 
     # ------------------------------------------------------------------ hooks, in the order Lightning calls them
-    def ordered_setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def ordered_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Check the model, take the widths and the channel ratio, and prune the steps due before training."""
         model = self.target(pl_module)
         self.config.check_model(model)
@@ -201,29 +212,29 @@ class PruningSchedule(CompressionCallback):
             if due:
                 self._prune(trainer, pl_module, due)
 
-    def ordered_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def ordered_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.interval == "epoch" and not self._needs_gradients:
             self._prune_if_due(trainer, pl_module, 0)
 
     def ordered_train_batch_start(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self.interval == "step" or self._needs_gradients:
             self._prune_if_due(trainer, pl_module, batch_idx if self.interval == "step" else 0)
 
     @override
-    def on_after_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Taylor/Hessian importance: add this batch's gradients (squared for Hessian) while a step waits."""
         if self._gathering:
-            self._gradients.add(self.target(pl_module), square=_gradient_kind(self._importance) == "hessian")
+            self._gradients.add(self.target(pl_module), square=gradient_kind(self._importance) == "hessian")
 
     @override
-    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", *args: Any) -> None:
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if self._last_metrics:  # logged here: a step at setup or an epoch start cannot log yet
             self.log_metrics(trainer, self._last_metrics)
             self._last_metrics = {}
 
-    def ordered_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def ordered_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The last step is judged when training ends (before quantization or the benchmark see the model)."""
         self._judge(trainer, pl_module)
         if self._last_metrics:
@@ -261,7 +272,7 @@ class PruningSchedule(CompressionCallback):
             "schedule": schedule,
         }
 
-    def fit_plan(self, trainer: "pl.Trainer") -> list[PlanRow]:
+    def fit_plan(self, trainer: pl.Trainer) -> list[PlanRow]:
         c = self.config
         unit = "epochs" if self.interval == "epoch" else "steps"
         when = (epochs_phrase(self.start_epoch, self.end_epoch, self.num_steps) if self.interval == "epoch"
@@ -296,16 +307,16 @@ class PruningSchedule(CompressionCallback):
         assert self._channel_ratio is not None
         return self._fractions[step - 1] * self._channel_ratio
 
-    def _steps_due(self, trainer: Optional["pl.Trainer"], position_in_epoch: int = 0) -> int:
+    def _steps_due(self, trainer: Optional[pl.Trainer], position_in_epoch: int = 0) -> int:
         """How many pruning steps should have run at this boundary (``None``: at the start of fit)."""
         return steps_due(trainer, position_in_epoch, start_epoch=self.start_epoch, end_epoch=self.end_epoch,
                          num_steps=self.num_steps, interval=self.interval)
 
     @property
     def _needs_gradients(self) -> bool:
-        return _gradient_kind(self._importance) is not None
+        return gradient_kind(self._importance) is not None
 
-    def _prune_if_due(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", position_in_epoch: int) -> None:
+    def _prune_if_due(self, trainer: pl.Trainer, pl_module: pl.LightningModule, position_in_epoch: int) -> None:
         """At a boundary where a step falls due: judge the last step, gather gradients if needed, prune."""
         due = self._steps_due(trainer, position_in_epoch)
         if due <= self.steps_done or self.stopped:
@@ -318,7 +329,7 @@ class PruningSchedule(CompressionCallback):
         self._prune(trainer, pl_module, due)
         refresh_after_structural_change(trainer)
 
-    def _prune(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", step: int) -> None:
+    def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         """Prune from the ratio of step ``self.steps_done`` to that of ``step``; on failure, restore the model.
 
         With a budget the state before it is kept, to roll back to when :meth:`_judge` finds it beyond.
@@ -378,7 +389,7 @@ class PruningSchedule(CompressionCallback):
             f"params {params_before:,} -> {params:,}" + (f", MACs/image {macs:,}" if macs is not None else "")
         )
 
-    def _judge(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> bool:
+    def _judge(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
         """Judge the last step against the budget (rank zero measures, every rank decides the same).
 
         Within budget: True. Beyond: :meth:`_roll_back` to the state before it, the schedule stops, False.
@@ -397,7 +408,7 @@ class PruningSchedule(CompressionCallback):
         return False
 
     def _roll_back(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", accuracy: Optional[float], described: str
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, accuracy: Optional[float], described: str
     ) -> None:
         """Put the model back as it was when last judged within budget (or say why it cannot); stop the schedule."""
         model = self.target(pl_module)

@@ -38,16 +38,6 @@ from lightning_vitcompress._plan import PlanRow, budget_phrase
 from lightning_vitcompress._structure import recorded_edits
 from lightning_vitcompress._training_state import refresh_after_structural_change
 from lightning_vitcompress.callbacks._quantization_auto import AUTO, AutoQuantization
-from lightning_vitcompress.callbacks._quantization_setup import (
-    check_arguments,
-    check_calibration_data,
-    check_inference_precision,
-    check_not_quantized,
-    check_resume,
-    check_save_paths,
-    choose_default,
-    warn_if_too_narrow,
-)
 from lightning_vitcompress.callbacks._quantization_io import (
     StepFailed,
     TrainingInputs,
@@ -57,6 +47,16 @@ from lightning_vitcompress.callbacks._quantization_io import (
     save_checkpoint,
     save_fp32_copy,
     save_quantized,
+)
+from lightning_vitcompress.callbacks._quantization_setup import (
+    check_arguments,
+    check_calibration_data,
+    check_inference_precision,
+    check_not_quantized,
+    check_resume,
+    check_save_paths,
+    choose_default,
+    warn_if_too_narrow,
 )
 from lightning_vitcompress.functional.multihead_attention import restore_multihead_attention
 from lightning_vitcompress.functional.quantize import RECORD_KIND, remove_fake_quantization, split_attention_to_quantize
@@ -80,14 +80,23 @@ INT8_PAYS_FROM_WIDTH = 256
 class QuantizeOnFit(CompressionCallback):
     r"""Quantize the trained model's linear layers with torchao when training ends; optional QAT.
 
-    Example::
+    Example (a tiny ViT on scikit-learn's digits)::
 
-        from lightning_vitcompress import QuantizeOnFit, load_compressed
+        >>> import lightning as L
+        >>> from lightning_vitcompress import QuantizeOnFit, load_compressed
+        >>> from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
+        >>> model = DigitsClassifier(embed_dim=32, depth=2, num_heads=4)
+        >>> trainer = L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False,
+        ...                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        ...                     callbacks=[QuantizeOnFit("int8_dynamic", save_path="model-int8.ckpt")])
+        >>> trainer.fit(model, DigitsDataModule())
+        >>> _ = trainer.test(model, DigitsDataModule(), verbose=False)  # runs the quantized model
+        >>> type(model.model.blocks[0].mlp.fc1.weight).__name__
+        'Int8Tensor'
+        >>> type(load_compressed(DigitsClassifier, "model-int8.ckpt").model.blocks[0].mlp.fc1.weight).__name__
+        'Int8Tensor'
 
-        trainer = Trainer(callbacks=[QuantizeOnFit(save_path="model-int8.ckpt")])  # the config fast on this device
-        trainer.fit(model, datamodule)
-        trainer.test(model, datamodule)      # runs the quantized model
-        model = load_compressed(LitModel, "model-int8.ckpt")
+        Without a config (``QuantizeOnFit(save_path=...)``) it picks the one fast on the Trainer's device.
 
     Args:
         config: ``None`` (default): the int8 config that is fast on the device the Trainer runs on, read from what the
@@ -212,10 +221,10 @@ class QuantizeOnFit(CompressionCallback):
         self._qat_active = False
         #: the training inputs kept for train end: the check and compile example, the calibration batches
         self._inputs = TrainingInputs(calibration_batches)
-        self._split: dict[str, nn.Module] = {}  # nn.MultiheadAttention modules split for quantization, by name
+        self._split: dict[str, nn.MultiheadAttention] = {}  # nn.MultiheadAttention modules split for quantization, by name
 
     # ------------------------------------------------------------- setup: fail fast
-    def ordered_setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def ordered_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_not_quantized(self.replayed_records(trainer, RECORD_KIND))
         device = trainer.strategy.root_device
         for argument, path in (("save_path", self.save_path), ("save_fp32_path", self.save_fp32_path)):
@@ -255,7 +264,7 @@ class QuantizeOnFit(CompressionCallback):
         self._inputs.start(trainer, model, calibrates=any(spec.calibrates for spec in specs))
 
     # ------------------------------------------------------------- training: QAT
-    def ordered_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def ordered_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._inputs.new_epoch()
         if self.qat_start_epoch is None or self._qat_active or trainer.current_epoch < self.qat_start_epoch:
             return
@@ -286,7 +295,7 @@ class QuantizeOnFit(CompressionCallback):
         }
 
     # ------------------------------------------------------------- train end: the recipe
-    def ordered_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def ordered_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The recipe: choose the config ("auto"); write the fp32 copy, quantize (within the budget), record and write
         the quantized model, all or nothing (:meth:`_or_put_back`); compile and log. Or write the unquantized model."""
         self._inputs.stop()
@@ -315,12 +324,12 @@ class QuantizeOnFit(CompressionCallback):
 
     # ------------------------------------------------------------- teardown
     @override
-    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._inputs.clear()
         super().teardown(trainer, pl_module, stage)
 
     # ------------------------------------------------------------- what the base class and the report ask
-    def fit_plan(self, trainer: "pl.Trainer") -> list[PlanRow]:
+    def fit_plan(self, trainer: pl.Trainer) -> list[PlanRow]:
         if self.auto:
             what = f"int8: the fastest of {len(self.search.candidates)} configs timed here ('auto')"
             why = f"search bounded by {self.auto_time_budget_s:g} s"
@@ -357,7 +366,7 @@ class QuantizeOnFit(CompressionCallback):
         return self.search.result
 
     # ------------------------------------------------------------- train end helpers
-    def _choose_auto(self, trainer: "pl.Trainer", model: nn.Module) -> None:
+    def _choose_auto(self, trainer: pl.Trainer, model: nn.Module) -> None:
         """``config="auto"``: measure, log what was tried, take the choice (``spec`` stays None: none was faster)."""
         chosen = self.search.choose(trainer, model, self._inputs.example, self._inputs.calibration, self.budget)
         self.log_metrics(trainer, self.search.metrics())
@@ -366,7 +375,7 @@ class QuantizeOnFit(CompressionCallback):
             self.inference_precision = chosen.inference_precision
 
     def _quantize_and_save(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", model: nn.Module
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module
     ) -> Optional[dict[str, Any]]:
         """Every step that changes the model or writes it, under :meth:`_or_put_back`; ``None`` when one failed."""
         assert self.spec is not None
@@ -395,7 +404,7 @@ class QuantizeOnFit(CompressionCallback):
         return None
 
     @contextlib.contextmanager
-    def _or_put_back(self, pl_module: "pl.LightningModule", model: nn.Module) -> Iterator[None]:
+    def _or_put_back(self, pl_module: pl.LightningModule, model: nn.Module) -> Iterator[None]:
         """Run the block; should it fail, put the model back as trained (its layers in full precision, no fake
         quantization, ``nn.MultiheadAttention`` whole, no new record) and raise or warn as ``on_error`` says."""
         assert self.spec is not None
@@ -404,7 +413,7 @@ class QuantizeOnFit(CompressionCallback):
         records = len(recorded_edits(pl_module))
         try:
             yield
-        except Exception as err:  # noqa: BLE001 - reported with its cause; the fp32 model is put back
+        except Exception as err:  # reported with its cause; the fp32 model is put back
             for name, layer in layers.items():
                 if model.get_submodule(name) is not layer:
                     set_submodule(model, name, layer)
@@ -420,7 +429,7 @@ class QuantizeOnFit(CompressionCallback):
             rank_zero_warn(message)
 
     def _quantize(
-        self, model: nn.Module, trainer: "pl.Trainer", skip: SkipSpec = None, quiet: bool = False
+        self, model: nn.Module, trainer: pl.Trainer, skip: SkipSpec = None, quiet: bool = False
     ) -> dict[str, Any]:
         """Quantize ``model`` in place on the captured inputs (``skip``: instead of the callback's); its summary."""
         assert self.spec is not None

@@ -15,7 +15,7 @@ from typing_extensions import override
 
 from lightning_vitcompress._base import CompressionCallback
 from lightning_vitcompress._checks import check_example_input, check_int
-from lightning_vitcompress._options import takes_config
+from lightning_vitcompress._options import passed_config, takes_config
 from lightning_vitcompress._plan import PlanRow, epochs_phrase
 from lightning_vitcompress._structure import recorded_edits
 from lightning_vitcompress.functional.token_merging import (
@@ -28,7 +28,7 @@ from lightning_vitcompress.functional.token_merging import (
 __all__ = ["TokenMerging"]
 
 
-@takes_config(TokenMergingConfig, positional=("r", "start_epoch", "blocks", "proportional_attention", "schedule"))
+@takes_config(TokenMergingConfig, positional=("r", "start_epoch", "blocks", "proportional_attention", "schedule", "example_input"))
 class TokenMerging(CompressionCallback):
     """Merge ``r`` tokens in each block (bipartite soft matching), then keep training the merged model.
 
@@ -51,10 +51,18 @@ class TokenMerging(CompressionCallback):
     Logs ``tome/r`` (mean over the selected blocks) and ``tome/tokens_out``
     (tokens after the last block) at each epoch start once merging.
 
-    Example::
+    Example (a tiny ViT on scikit-learn's digits)::
 
-        trainer = Trainer(max_epochs=10, callbacks=[TokenMerging(r=16, start_epoch=0)])
-        trainer.fit(LitViT(), datamodule)
+        >>> import lightning as L
+        >>> from lightning_vitcompress import TokenMerging
+        >>> from lightning_vitcompress.digits import DigitsClassifier, DigitsDataModule
+        >>> model = DigitsClassifier(embed_dim=32, depth=2, num_heads=4)
+        >>> trainer = L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False,
+        ...                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        ...                     callbacks=[merging := TokenMerging(r=4, start_epoch=0)])
+        >>> trainer.fit(model, DigitsDataModule())
+        >>> merging.plan["tokens_in"], merging.plan["tokens"]  # tokens leaving each block: 4 fewer per block
+        (65, [61, 57])
     """
 
     order = 35
@@ -64,15 +72,16 @@ class TokenMerging(CompressionCallback):
 
     def __init__(
         self,
+        *args: Any,
         start_epoch: int = 0,
         example_input: Optional[torch.Tensor] = None,
-        *,
-        config: TokenMergingConfig,
+        config: Optional[TokenMergingConfig] = None,
         model_attribute: Optional[str] = None,
+        **options: Any,
     ) -> None:
         super().__init__(model_attribute)
         #: how many tokens merge where (validated once); ``config=`` or the same keyword arguments
-        self.config = config
+        self.config = passed_config(config, args, options)
         check_int(start_epoch, "start_epoch", example="0 (merges at setup, before training)")
         check_example_input(example_input)
         self.start_epoch = start_epoch
@@ -81,7 +90,7 @@ class TokenMerging(CompressionCallback):
         self.plan: Optional[dict[str, Any]] = None
 
     # ----------------------------------------------------- hooks, in the order Lightning calls them
-    def ordered_setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def ordered_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.plan = None
         done = [r for r in recorded_edits(pl_module) if r.get("kind") == self.KIND and r.get("target") == self.target_path]
         if done:  # replayed from the checkpoint, or merged by an earlier fit of this module
@@ -92,7 +101,7 @@ class TokenMerging(CompressionCallback):
         if self.start_epoch == 0:
             self._merge(pl_module, plan)
 
-    def ordered_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def ordered_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.plan is None and trainer.current_epoch >= self.start_epoch:
             self._merge(pl_module, plan_token_merging(self.target(pl_module), self.config, self.example_input))
         if self.plan is not None:
@@ -108,7 +117,7 @@ class TokenMerging(CompressionCallback):
     def resume_config(self) -> dict[str, Any]:
         return {**self.config.as_record(), "start_epoch": self.start_epoch}
 
-    def fit_plan(self, trainer: "pl.Trainer") -> list[PlanRow]:
+    def fit_plan(self, trainer: pl.Trainer) -> list[PlanRow]:
         c = self.config
         return [PlanRow("TokenMerging", f"token merging (ToMe), r={c.r} per block ({c.schedule})",
                         epochs_phrase(self.start_epoch, self.start_epoch),
@@ -118,7 +127,7 @@ class TokenMerging(CompressionCallback):
         return {"start_epoch": self.start_epoch} if self.start_epoch > 0 else {}
 
     # -------------------------------------------------------------------------------------- helpers
-    def _merge(self, pl_module: "pl.LightningModule", plan: dict[str, Any]) -> None:
+    def _merge(self, pl_module: pl.LightningModule, plan: dict[str, Any]) -> None:
         plan = {**plan, "config": self.resume_config()}
         apply_merge_plan(self.target(pl_module), plan)
         self.record(pl_module, **plan)

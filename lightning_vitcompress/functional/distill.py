@@ -326,7 +326,7 @@ def _num_classes(model: nn.Module) -> Optional[int]:
     return head.out_features if isinstance(head, nn.Linear) else None
 
 
-def _fixed_image_size(model: nn.Module) -> Optional[tuple[int, int]]:
+def fixed_image_size(model: nn.Module) -> Optional[tuple[int, int]]:
     """The input size a timm ViT-like teacher insists on; ``None`` when it takes any size."""
     if getattr(model, "dynamic_img_size", False):
         return None

@@ -65,7 +65,7 @@ def _make_importance(importance: Union[str, tp.importance.Importance]) -> tp.imp
     return _IMPORTANCES[importance]()
 
 
-def _gradient_kind(importance: tp.importance.Importance) -> Optional[str]:
+def gradient_kind(importance: tp.importance.Importance) -> Optional[str]:
     """``"taylor"`` / ``"hessian"`` when ``importance`` reads ``param.grad``, else ``None``."""
     if isinstance(importance, tp.importance.GroupHessianImportance):
         return "hessian"

@@ -275,7 +275,7 @@ def quantize_model(
     return summary
 
 
-def split_attention_to_quantize(model: nn.Module) -> dict[str, nn.Module]:
+def split_attention_to_quantize(model: nn.Module) -> dict[str, nn.MultiheadAttention]:
     """Give each self-attention ``nn.MultiheadAttention`` linear projections that quantize (``skip`` still applies).
 
     Returns the swapped-out modules by name (see :func:`restore_multihead_attention`).

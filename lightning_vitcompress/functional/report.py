@@ -69,7 +69,8 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _versions() -> dict[str, Optional[str]]:
+def package_versions() -> dict[str, Optional[str]]:
+    """The installed version of each package a report names (``None`` where one is absent)."""
     names = ("torch", "lightning", "timm", "torchao", "torch-pruning", "torchmetrics", "lightning-vitcompress")
     versions: dict[str, Optional[str]] = {}
     for name in names:
@@ -80,7 +81,7 @@ def _versions() -> dict[str, Optional[str]]:
     return versions
 
 
-def _check_devices(devices: Union[str, Sequence[str]]) -> tuple[str, ...]:
+def check_devices(devices: Union[str, Sequence[str]]) -> tuple[str, ...]:
     """``devices`` as a tuple of valid device names (a single name is one device, not its letters)."""
     if isinstance(devices, (str, torch.device)):
         devices = (devices,)
@@ -91,7 +92,7 @@ def _check_devices(devices: Union[str, Sequence[str]]) -> tuple[str, ...]:
     return tuple(str(device) for device in devices)
 
 
-def _check_input_shape(input_shape: Any) -> tuple[int, int, int]:
+def check_input_shape(input_shape: Any) -> tuple[int, int, int]:
     """``(channels, height, width)`` of positive ints, or a ``ValueError`` naming ``input_shape``."""
     if (
         isinstance(input_shape, (str, bytes))
@@ -117,7 +118,7 @@ def _cuda_copy(model: nn.Module, label: str) -> Optional[nn.Module]:
 def measurement_steps(models: int, devices: Sequence[str], rounds: int) -> int:
     """How many times :func:`compare_models` calls ``progress`` for ``models`` models (a bar's total): per model
     its size/MACs/accuracy, then per device present ``rounds`` timings and one latency."""
-    present = [d for d in _check_devices(devices) if resolve_device(d).type == "cpu" or torch.cuda.is_available()]
+    present = [d for d in check_devices(devices) if resolve_device(d).type == "cpu" or torch.cuda.is_available()]
     return models * (1 + len(present) * (rounds + 1))
 
 
@@ -164,7 +165,7 @@ def compare_models(
         True
     """
     check_positive(example_input.shape[0], "batch_size", "32")
-    devices = _check_devices(devices)
+    devices = check_devices(devices)
     batches = list(batches) if batches is not None else None
     say = progress or (lambda message: None)
     results: dict[str, dict[str, Any]] = {name: dict.fromkeys(_METRICS) for name in models}
@@ -215,7 +216,7 @@ def compare_models(
         "num_threads": threads,
         "cpu_name": cpu_name(),
         "gpu_name": gpu_name,
-        "versions": _versions(),
+        "versions": package_versions(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     return {**results, "conditions": conditions}
