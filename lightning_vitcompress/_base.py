@@ -40,8 +40,8 @@ API in :mod:`~lightning_vitcompress._lightning`.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
-from typing import Any, Callable, ClassVar, Optional
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -78,13 +78,13 @@ from lightning_vitcompress.functional.budget import AccuracyBudget
 __all__ = [
     "REPLAY_ORDER",
     "CompressionCallback",
-    "progress_line",
     # the fit's data, from lightning_vitcompress._data, where the callbacks have imported them from
     "example_from_data",
     "first_batch",
     "in_training_step",
     "local_validation_accuracy",
     "measure_validation_accuracy",
+    "progress_line",
     "validation_data",
 ]
 
@@ -223,8 +223,11 @@ class CompressionCallback(Callback):
         if action is None:
             return
         what, instead = action
-        settings = (("max_epochs", trainer.max_epochs), ("max_steps", trainer.max_steps),
-                    ("limit_train_batches", trainer.limit_train_batches))
+        settings = (
+            ("max_epochs", trainer.max_epochs),
+            ("max_steps", trainer.max_steps),
+            ("limit_train_batches", trainer.limit_train_batches),
+        )
         zero = ", ".join(f"{name}={value}" for name, value in settings if value == 0)
         if zero:
             raise ValueError(
@@ -252,12 +255,11 @@ class CompressionCallback(Callback):
         except (KeyError, TypeError, ValueError):
             epochs = None
         steps = state.checkpoint.get("global_step")
-        if trainer.max_epochs is not None and trainer.max_epochs >= 0 and epochs is not None:
-            if epochs >= trainer.max_epochs:
-                return f"it was saved after epoch {epochs} of Trainer(max_epochs={trainer.max_epochs})"
-        if trainer.max_steps is not None and trainer.max_steps >= 0 and isinstance(steps, int):
-            if steps >= trainer.max_steps:
-                return f"it was saved at step {steps} of Trainer(max_steps={trainer.max_steps})"
+        max_epochs, max_steps = trainer.max_epochs, trainer.max_steps
+        if max_epochs is not None and max_epochs >= 0 and epochs is not None and epochs >= max_epochs:
+            return f"it was saved after epoch {epochs} of Trainer(max_epochs={max_epochs})"
+        if max_steps is not None and max_steps >= 0 and isinstance(steps, int) and steps >= max_steps:
+            return f"it was saved at step {steps} of Trainer(max_steps={max_steps})"
         return None
 
     def resumed_callback_state(self, trainer: pl.Trainer) -> tuple[Optional[str], Optional[dict[str, Any]]]:
@@ -292,8 +294,11 @@ class CompressionCallback(Callback):
         if not saved:
             return
         mine = self.resume_config()
-        differ = [f"{name}={mine[name]!r} (was {name}={saved[name]!r})" for name in mine if name in saved
-                  and mine[name] != saved[name]]
+        differ = [
+            f"{name}={mine[name]!r} (was {name}={saved[name]!r})"
+            for name in mine
+            if name in saved and mine[name] != saved[name]
+        ]
         if differ:
             raise ValueError(
                 f"{type(self).__name__} arguments differ from {source}: {'; '.join(differ)}. Pass the earlier "

@@ -109,8 +109,10 @@ def _environment(report: Optional[dict[str, Any]]) -> list[str]:
     lines = [f"- {name}: {version or 'not installed'}" for name, version in versions.items()]
     lines.append(f"- python: {platform.python_version()}")
     measured = "measured on" if report is not None else "trained on (nothing was measured: no BenchmarkCallback)"
-    lines.append(f"- CPU ({measured}): {report['cpu_name'] if report else cpu_name()}"
-                 + (f", {report['num_threads']} threads" if report else ""))
+    lines.append(
+        f"- CPU ({measured}): {report['cpu_name'] if report else cpu_name()}"
+        + (f", {report['num_threads']} threads" if report else "")
+    )
     lines.append(f"- GPU: {gpu or 'none (n/a)'}")
     return lines
 
@@ -136,29 +138,54 @@ def render_model_card(trainer: pl.Trainer, pl_module: pl.LightningModule, card_d
     out.append(f"- LightningModule: `{type(pl_module).__module__}.{model_name}`")
     out.append(f"- Input: float32 images of shape (N, {', '.join(map(str, shape))})" if shape else "- Input: n/a")
     if artifact is not None:
-        out.append(f"- Artifact: `{_relative(artifact['path'], card_dir)}` ({artifact['format']}, "
-                   f"{artifact['inference_precision']}{', NNCF ' + artifact['quantize'] if artifact.get('quantize') else ''}"
-                   f", {artifact['size_bytes'] / 1e6:.2f} MB), checked against the live model: relative logit error "
-                   f"{_number(artifact.get('relative_error'))} (tolerance {artifact['tolerance']:g})")
+        out.append(
+            f"- Artifact: `{_relative(artifact['path'], card_dir)}` ({artifact['format']}, "
+            f"{artifact['inference_precision']}{', NNCF ' + artifact['quantize'] if artifact.get('quantize') else ''}"
+            f", {artifact['size_bytes'] / 1e6:.2f} MB), checked against the live model: relative logit error "
+            f"{_number(artifact.get('relative_error'))} (tolerance {artifact['tolerance']:g})"
+        )
     if report is not None:
         out.append(f"- Benchmark report: `{_relative(str(bench.report_path), card_dir)}`")
     out += ["", "## How to Get Started with the Model", ""]
     if artifact is not None and shape is not None:
-        out += ["Without Lightning, timm, torchao or lightning-vitcompress installed:", "", "```python",
-                load_snippet(_relative(artifact["path"], card_dir), artifact["format"], shape), "```"]
-        out.append("\nRun it from this folder. Feed images preprocessed as the training data was (same size, "
-                   "channels and normalisation).")
+        out += [
+            "Without Lightning, timm, torchao or lightning-vitcompress installed:",
+            "",
+            "```python",
+            load_snippet(_relative(artifact["path"], card_dir), artifact["format"], shape),
+            "```",
+        ]
+        out.append(
+            "\nRun it from this folder. Feed images preprocessed as the training data was (same size, "
+            "channels and normalisation)."
+        )
     else:
-        out.append("No exported file: add `ExportOnFit(\"model.pt2\")` to the Trainer, or load the checkpoint with "
-                   "`lightning_vitcompress.load_compressed(MyModule, \"last.ckpt\")`.")
-    out += ["", "## Training Details", "", "### Compression recipe", "",
-            f"Trained for {trainer.current_epoch} epoch(s), {trainer.global_step} step(s), with:", "",
-            format_plan(rows) if rows else "(no compression callback)", "", "### Resolved configs and decisions", ""]
+        out.append(
+            'No exported file: add `ExportOnFit("model.pt2")` to the Trainer, or load the checkpoint with '
+            '`lightning_vitcompress.load_compressed(MyModule, "last.ckpt")`.'
+        )
+    out += [
+        "",
+        "## Training Details",
+        "",
+        "### Compression recipe",
+        "",
+        f"Trained for {trainer.current_epoch} epoch(s), {trainer.global_step} step(s), with:",
+        "",
+        format_plan(rows) if rows else "(no compression callback)",
+        "",
+        "### Resolved configs and decisions",
+        "",
+    ]
     out += _resolved(quant, report, artifact)
     out += ["", "## Evaluation", ""]
     if report is not None:
-        out += [f"Batch {report['batch_size']}, {report['num_threads']} CPU threads; accuracy on the validation data "
-                "the Trainer had (None: none).", "", format_report(report)]
+        out += [
+            f"Batch {report['batch_size']}, {report['num_threads']} CPU threads; accuracy on the validation data "
+            "the Trainer had (None: none).",
+            "",
+            format_report(report),
+        ]
     else:
         out.append("Not measured: add `BenchmarkCallback()` to the Trainer for the before/after table.")
     out += ["", "## Technical Specifications", "", *_environment(report), ""]
@@ -175,19 +202,26 @@ def _resolved(quant: Any, report: Optional[dict[str, Any]], artifact: Optional[d
     if summary is not None:
         choice = getattr(quant, "default_choice", None)
         why = f" (default for this device: {choice.reason})" if choice is not None else ""
-        lines.append(f"- QuantizeOnFit: `{summary['config']}`, {summary['inference_precision']}{why}; "
-                     f"{len(summary['quantized'])} layers quantized, {len(summary['skipped'])} kept in full "
-                     "precision")
+        lines.append(
+            f"- QuantizeOnFit: `{summary['config']}`, {summary['inference_precision']}{why}; "
+            f"{len(summary['quantized'])} layers quantized, {len(summary['skipped'])} kept in full "
+            "precision"
+        )
     elif quant is not None:
         lines.append("- QuantizeOnFit: nothing was quantized (see the decisions below and the fit's log)")
     decisions = (report or {}).get("decisions")
     if decisions:
         lines += ["- Budget and 'auto' decisions:", "", "```json", json.dumps(decisions, indent=2, default=str), "```"]
     if artifact is not None:
-        lines.append(f"- ExportOnFit: {artifact['format']} in {artifact['inference_precision']}, exported in "
-                     f"{artifact['export_seconds']:.1f} s"
-                     + (f", top-1 agreement with the live model {artifact['top1_agreement']:.2%}"
-                        if artifact.get("top1_agreement") is not None else ""))
+        lines.append(
+            f"- ExportOnFit: {artifact['format']} in {artifact['inference_precision']}, exported in "
+            f"{artifact['export_seconds']:.1f} s"
+            + (
+                f", top-1 agreement with the live model {artifact['top1_agreement']:.2%}"
+                if artifact.get("top1_agreement") is not None
+                else ""
+            )
+        )
     return lines or ["- Nothing to resolve: every setting is as passed."]
 
 
@@ -210,8 +244,10 @@ def write_model_cards(trainer: pl.Trainer, pl_module: pl.LightningModule) -> lis
         try:
             path.write_text(render_model_card(trainer, pl_module, folder))
         except Exception as err:  # a card never fails the fit
-            rank_zero_warn(f"The model card could not be written to {path} ({type(err).__name__}: {err}); the "
-                           "fit's results are unaffected.")
+            rank_zero_warn(
+                f"The model card could not be written to {path} ({type(err).__name__}: {err}); the "
+                "fit's results are unaffected."
+            )
             continue
         written.append(path)
         rank_zero_info(f"Model card: {path}")

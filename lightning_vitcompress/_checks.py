@@ -30,8 +30,6 @@ import torch
 __all__ = [
     "check_block_selection",
     "check_bool",
-    "config_or_options",
-    "example_input_error",
     "check_choice",
     "check_example_input",
     "check_fraction",
@@ -42,6 +40,8 @@ __all__ = [
     "check_output_file",
     "check_path",
     "check_positive",
+    "config_or_options",
+    "example_input_error",
 ]
 
 
@@ -193,9 +193,13 @@ def check_output_dir(path: Union[str, Path], argument: str) -> None:
     path = Path(path)
     if path.exists():
         if not path.is_dir():
-            raise NotADirectoryError(f"{argument}={str(path)!r} is a file; pass a directory (it is created if missing).")
+            raise NotADirectoryError(
+                f"{argument}={str(path)!r} is a file; pass a directory (it is created if missing)."
+            )
         if not os.access(path, os.W_OK | os.X_OK):
-            raise PermissionError(f"{argument}={str(path)!r}: the directory is not writable. Pass one you can write to.")
+            raise PermissionError(
+                f"{argument}={str(path)!r}: the directory is not writable. Pass one you can write to."
+            )
         return
     _writable_ancestor(path, argument)
 

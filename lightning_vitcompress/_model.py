@@ -29,7 +29,10 @@ from lightning_vitcompress.models import ADAPTERS, adapter_for
 from lightning_vitcompress.models.base import ATTENTION_MARKER, is_attention_module
 
 __all__ = [
-    "ATTENTION_MARKER", "find_attention_blocks", "is_attention_block", "resolve_target_model",
+    "ATTENTION_MARKER",
+    "find_attention_blocks",
+    "is_attention_block",
+    "resolve_target_model",
     "supported_attention_blocks",
 ]
 
@@ -139,7 +142,8 @@ def resolve_target_path(root: nn.Module, model_attribute: Optional[str] = None) 
         raise AmbiguousTargetError(
             f"{type(root).__name__} holds more than one model with attention blocks: {listed}{also}. "
             f"Pass model_attribute='<one of them>' (e.g. model_attribute={models[0][0]!r}) to say which one "
-            "the callbacks compress" + ("; to compress the module's own blocks, put its ViT in one attribute." if inline else ".")
+            "the callbacks compress"
+            + ("; to compress the module's own blocks, put its ViT in one attribute." if inline else ".")
         )
     if holders or is_attention_block(root):
         return ""  # a ViT written inline: the module itself

@@ -100,5 +100,7 @@ def show_plan(trainer: pl.Trainer) -> None:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_text("vitcompress/plan", table, global_step=trainer.global_step)
         except Exception as err:  # the plan is information; it never stops the fit
-            rank_zero_warn(f"The compression plan could not be logged to {type(logger).__name__} "
-                           f"({type(err).__name__}: {err}); the fit goes on.")
+            rank_zero_warn(
+                f"The compression plan could not be logged to {type(logger).__name__} "
+                f"({type(err).__name__}: {err}); the fit goes on."
+            )

@@ -40,8 +40,9 @@ class StageBar:
     warns once and turns itself off, so the work it reports on carries on.
     """
 
-    def __init__(self, trainer: Optional[pl.Trainer], description: str, total: Optional[int],
-                 unit: str = "step") -> None:
+    def __init__(
+        self, trainer: Optional[pl.Trainer], description: str, total: Optional[int], unit: str = "step"
+    ) -> None:
         self.description = description
         self.total = total
         #: how many units were reported (counted even when nothing is drawn)
@@ -51,8 +52,9 @@ class StageBar:
         self._task: Any = None
         self._own_rich = False
         callback: Any = trainer.progress_bar_callback if trainer is not None else None
-        self.enabled = bool(trainer is not None and callback is not None and callback.is_enabled
-                            and trainer.is_global_zero)
+        self.enabled = bool(
+            trainer is not None and callback is not None and callback.is_enabled and trainer.is_global_zero
+        )
         if self.enabled:
             self._guard(lambda: self._open(callback, unit))
 
@@ -63,9 +65,14 @@ class StageBar:
             progress, console = rich_display(callback)
             if progress is None:
                 # the Trainer's display is closed: our own, on its console
-                progress = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
-                                    MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[note]}"),
-                                    console=console)
+                progress = Progress(
+                    TextColumn("[progress.description]{task.description}"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TimeRemainingColumn(),
+                    TextColumn("{task.fields[note]}"),
+                    console=console,
+                )
                 progress.start()
                 self._own_rich = True
             self._rich = progress
@@ -74,8 +81,16 @@ class StageBar:
         from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
         bar_format = callback.BAR_FORMAT if isinstance(callback, TQDMProgressBar) else TQDMProgressBar.BAR_FORMAT
-        self._tqdm = Tqdm(desc=self.description, total=self.total, unit=unit, leave=True, dynamic_ncols=True,
-                          file=sys.stdout, smoothing=0, bar_format=bar_format if self.total else None)
+        self._tqdm = Tqdm(
+            desc=self.description,
+            total=self.total,
+            unit=unit,
+            leave=True,
+            dynamic_ncols=True,
+            file=sys.stdout,
+            smoothing=0,
+            bar_format=bar_format if self.total else None,
+        )
 
     def step(self, message: Optional[str] = None, advance: int = 1) -> None:
         """Report ``advance`` units done; ``message`` says what is under way now."""
@@ -123,13 +138,16 @@ class StageBar:
             action()
         except Exception as err:
             self.enabled = False
-            rank_zero_warn(f"The progress bar for {self.description!r} could not be drawn and is off "
-                           f"({type(err).__name__}: {err}); the work goes on.")
+            rank_zero_warn(
+                f"The progress bar for {self.description!r} could not be drawn and is off "
+                f"({type(err).__name__}: {err}); the work goes on."
+            )
 
 
 @contextmanager
-def stage_bar(trainer: Optional[pl.Trainer], description: str, total: Optional[int] = None,
-              unit: str = "step") -> Iterator[StageBar]:
+def stage_bar(
+    trainer: Optional[pl.Trainer], description: str, total: Optional[int] = None, unit: str = "step"
+) -> Iterator[StageBar]:
     """A :class:`StageBar` for the ``with`` block, closed at its end (also when the work fails); ``trainer=None``
     gives a silent one."""
     bar = StageBar(trainer, description, total, unit)

@@ -167,7 +167,8 @@ def check_structure(
             mismatched.append(f"{owner or '(root)'} ({tensor}): rebuilt {list(built.shape)}, saved {list(value.shape)}")
     if mismatched:
         raise StructureMismatchError(
-            f"{source} disagree with the saved weights: " + "; ".join(mismatched[:_SHOWN])
+            f"{source} disagree with the saved weights: "
+            + "; ".join(mismatched[:_SHOWN])
             + (f" and {len(mismatched) - _SHOWN} more" if len(mismatched) > _SHOWN else "")
         )
     if not strict:

@@ -95,4 +95,3 @@ def refresh_after_structural_change(trainer: pl.Trainer) -> None:
     for config, scheduler_state in zip(strategy.lr_scheduler_configs, old_schedulers):
         # a scheduler's state_dict holds counters and lrs, no parameter references
         config.scheduler.load_state_dict(scheduler_state)
-

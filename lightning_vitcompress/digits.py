@@ -37,9 +37,7 @@ def load_digits_tensors(image_size: int = IMAGE_SIZE) -> tuple[torch.Tensor, tor
     try:
         from sklearn.datasets import load_digits
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "The digits data set needs scikit-learn: pip install 'lightning-vitcompress[data]'"
-        ) from err
+        raise ImportError("The digits data set needs scikit-learn: pip install 'lightning-vitcompress[data]'") from err
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8) in [0, 1]
     images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
@@ -108,7 +106,6 @@ class DigitsDataModule(SplitsDataModule):
         self.train_set, self.val_set, self.test_set = random_split(dataset, lengths, generator=generator)
 
 
-
 def small_vit(
     model_name: str = "vit_tiny_patch16_224",
     embed_dim: int = 64,
@@ -164,8 +161,14 @@ class DigitsClassifier(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.model = small_vit(
-            model_name, embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
-            image_size=image_size, patch_size=patch_size, in_chans=in_chans,
+            model_name,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            image_size=image_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
         )
         self.val_accuracy = MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")
         self.test_accuracy = MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")
@@ -193,7 +196,9 @@ class DigitsClassifier(pl.LightningModule):
         return self(batch[0]).argmax(-1)
 
     def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"])
+        optimizer = torch.optim.AdamW(
+            self.parameters(), lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"]
+        )
         max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 10
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_epochs)
         return {"optimizer": optimizer, "lr_scheduler": scheduler}

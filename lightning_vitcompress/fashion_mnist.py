@@ -31,7 +31,13 @@ from torch.utils.data import Dataset, TensorDataset
 
 from lightning_vitcompress.digits import SplitsDataModule
 
-__all__ = ["FASHION_MNIST_FILES", "SYSTEM_DIR", "FashionMNISTDataModule", "FashionMNISTNotFoundError", "prepare_raw_files"]
+__all__ = [
+    "FASHION_MNIST_FILES",
+    "SYSTEM_DIR",
+    "FashionMNISTDataModule",
+    "FashionMNISTNotFoundError",
+    "prepare_raw_files",
+]
 
 NUM_CLASSES = 10
 IMAGE_SIZE = 28
@@ -139,7 +145,9 @@ class FashionMNISTDataModule(SplitsDataModule):
         if not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"batch_size={batch_size!r}: must be a positive number of images, e.g. 128.")
         if train_subset is not None and (not isinstance(train_subset, int) or train_subset <= 0):
-            raise ValueError(f"train_subset={train_subset!r}: a positive number of images (e.g. 20000) or None for all.")
+            raise ValueError(
+                f"train_subset={train_subset!r}: a positive number of images (e.g. 20000) or None for all."
+            )
         if not isinstance(val_size, int) or val_size < 0:
             raise ValueError(f"val_size={val_size!r}: a number of images >= 0, e.g. 5000.")
         self.root = Path(root)

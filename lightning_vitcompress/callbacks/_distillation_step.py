@@ -10,9 +10,9 @@ its loss.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -51,7 +51,9 @@ class StudentCapture:
             student.register_forward_pre_hook(self._teacher_hook, with_kwargs=True),
             student.register_forward_hook(self._capture_hook, with_kwargs=True),
         )
-        set_distilled: Any = getattr(student, "set_distilled_training", None) if self.deit else None  # timm; transformers is
+        set_distilled: Any = (
+            getattr(student, "set_distilled_training", None) if self.deit else None
+        )  # timm; transformers is
         toggles = callable(set_distilled)
         was_distilled = bool(getattr(student, "distilled_training", False))
         if toggles:

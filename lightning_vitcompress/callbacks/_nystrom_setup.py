@@ -166,16 +166,21 @@ def token_counts(
 ) -> dict[str, int]:
     """Tokens entering each attention block of ``model``, with the token merging this fit will apply (if any)."""
     merging = next(  # its target path is resolved at its own setup, after NystromSwap's (order 35 > 30)
-        (cb for cb in callbacks_of(trainer) if isinstance(cb, TokenMerging)
-         and resolve_target_path(pl_module, cb.model_attribute) == target_path), None,
+        (
+            cb
+            for cb in callbacks_of(trainer)
+            if isinstance(cb, TokenMerging) and resolve_target_path(pl_module, cb.model_attribute) == target_path
+        ),
+        None,
     )
     already = any(r.get("kind") == "tome" and r.get("target") == target_path for r in recorded_edits(pl_module))
     plan = None
     if merging is not None and not already:  # merging starts after the swap: count what the blocks will see
         from lightning_vitcompress.functional.token_merging import plan_token_merging
 
-        plan = plan_token_merging(model, merging.config, merging.example_input if merging.example_input
-                                  is not None else example)
+        plan = plan_token_merging(
+            model, merging.config, merging.example_input if merging.example_input is not None else example
+        )
     if plan is None and example is None:
         raise ValueError(
             f"NystromSwap(min_tokens={min_tokens!r}) needs the token count of each block, but "

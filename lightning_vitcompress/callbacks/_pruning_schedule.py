@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
-from typing import Any, Callable, Literal, Optional, Union
+from collections.abc import Callable
+from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -52,7 +54,7 @@ def schedule_fractions(schedule: Union[str, Callable[[float], float]], num_steps
                 "fraction of pruning_ratio reached, a number in [0, 1] (e.g. lambda progress: progress)."
             )
         fractions.append(float(value))
-    if any(later < earlier for earlier, later in zip(fractions, fractions[1:])):
+    if any(later < earlier for earlier, later in itertools.pairwise(fractions)):
         raise ValueError(
             f"schedule={schedule!r} gives fractions {fractions} at steps 1..{num_steps}: pruned channels cannot come "
             "back, so the fractions must not decrease."

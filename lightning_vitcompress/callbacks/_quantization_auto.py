@@ -13,8 +13,8 @@ budget, the captured inputs) as arguments; it reads nothing of the callback.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Callable, Optional, Union
+from collections.abc import Callable, Sequence
+from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -59,8 +59,11 @@ def check_auto_arguments(qat_start_epoch: Any, inference_precision: Any, auto_co
         )
     if auto_configs is None:
         return
-    if isinstance(auto_configs, str) or not isinstance(auto_configs, Sequence) or not auto_configs or not all(
-        isinstance(name, str) and name in QUANTIZATION_CONFIGS for name in auto_configs
+    if (
+        isinstance(auto_configs, str)
+        or not isinstance(auto_configs, Sequence)
+        or not auto_configs
+        or not all(isinstance(name, str) and name in QUANTIZATION_CONFIGS for name in auto_configs)
     ):
         raise ValueError(
             f"auto_configs={auto_configs!r}: pass a non-empty list of config names to choose from, out of "
@@ -82,7 +85,7 @@ class AutoQuantization:
         self,
         configs: Optional[Sequence[str]],
         skip: SkipSpec,
-        compile: Union[None, bool, dict[str, Any]],
+        compile: Union[bool, dict[str, Any], None],
         time_budget_s: float = 300.0,
         max_accuracy_drop: Optional[float] = None,
     ) -> None:
@@ -139,8 +142,9 @@ class AutoQuantization:
             bench = next((cb for cb in callbacks_of(trainer) if type(cb).__name__ == "BenchmarkCallback"), None)
             batch_size = getattr(bench, "batch_size", AUTO_BATCH_SIZE)
             timing_input = _timing_input(model, batch_size, example, getattr(bench, "_input_shape", None))
-            with stage_bar(trainer, "QuantizeOnFit(config='auto'): configs",
-                           total=len(self.candidates) + 1, unit="config") as bar:
+            with stage_bar(
+                trainer, "QuantizeOnFit(config='auto'): configs", total=len(self.candidates) + 1, unit="config"
+            ) as bar:
                 result = select_quantization(
                     model,
                     self.candidates,
@@ -182,7 +186,7 @@ class AutoQuantization:
         return metrics
 
     def unquantized_summary(self) -> dict[str, Any]:
-        """"auto" found nothing faster within budget: the summary of the model left as trained, said in the log."""
+        """ "auto" found nothing faster within budget: the summary of the model left as trained, said in the log."""
         reason = self.result["reason"] if self.result is not None else "see rank zero's log"
         rank_zero_info(f"QuantizeOnFit(config='auto') kept the model unquantized: {reason}.")
         return {"config": None, "quantized": [], "skipped": {}, "qat": False, "auto": self.result}
@@ -238,13 +242,24 @@ class AutoQuantization:
         undo(summary["quantized"])
         fp32 = judge(trainer, budget, model)
         if not fp32.within:
-            rank_zero_warn(f"{name}: the model is beyond the accuracy budget before quantizing "
-                           f"({fp32.describe()}); it was left unquantized.")
-            return {"config": None, "quantized": [], "skipped": {}, "qat": False, "accuracy": fp32.accuracy,
-                    "reason": "beyond the accuracy budget before quantizing"}
+            rank_zero_warn(
+                f"{name}: the model is beyond the accuracy budget before quantizing "
+                f"({fp32.describe()}); it was left unquantized."
+            )
+            return {
+                "config": None,
+                "quantized": [],
+                "skipped": {},
+                "qat": False,
+                "accuracy": fp32.accuracy,
+                "reason": "beyond the accuracy budget before quantizing",
+            }
         layers = list(summary["quantized"])
-        progress_line(trainer, f"{name}: all layers quantized is beyond budget ({quantized.describe()}); "
-                               f"measuring the sensitivity of {len(layers)} layers")
+        progress_line(
+            trainer,
+            f"{name}: all layers quantized is beyond budget ({quantized.describe()}); "
+            f"measuring the sensitivity of {len(layers)} layers",
+        )
         order: Optional[list[str]] = None
         if trainer.is_global_zero:
             loader, _ = validation_data(trainer)
@@ -271,8 +286,14 @@ class AutoQuantization:
                 beyond = keep
         if within == len(order):
             rank_zero_info(f"{name}: only the unquantized model is within budget; it was left unquantized.")
-            return {"config": None, "quantized": [], "skipped": {}, "qat": False, "accuracy": fp32.accuracy,
-                    "reason": "no layer can be quantized within the accuracy budget"}
+            return {
+                "config": None,
+                "quantized": [],
+                "skipped": {},
+                "qat": False,
+                "accuracy": fp32.accuracy,
+                "reason": "no layer can be quantized within the accuracy budget",
+            }
         kept = order[:within]
         summary = quantize(skip_also(self.skip, kept))
         for rank, layer in enumerate(kept, 1):
@@ -283,6 +304,7 @@ class AutoQuantization:
             f"{measured[within].describe()}."
         )
         return summary
+
 
 def _timing_input(
     model: nn.Module, batch_size: int, example: Optional[ModelInputs], input_shape: Optional[tuple[int, ...]]

@@ -17,9 +17,9 @@ from __future__ import annotations
 import copy
 import functools
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -164,7 +164,7 @@ def compile_quantized(
     model: nn.Module,
     spec: QuantizationSpec,
     inference_precision: str,
-    compile: Union[None, bool, dict[str, Any]],
+    compile: Union[bool, dict[str, Any], None],
     example: Optional[ModelInputs],
 ) -> Optional[float]:
     """Compile ``model`` in place as ``spec`` does and run it once on ``example`` (with a progress bar): the seconds
@@ -180,8 +180,10 @@ def compile_quantized(
                 run_model(model, example)
         except Exception as err:  # the quantized model is fine, only compiling failed
             set_compiled_call(model, None)  # undo nn.Module.compile
-            rank_zero_warn(f"QuantizeOnFit(compile={compile!r}): compiling the quantized model failed, "
-                           f"it runs eager: {type(err).__name__}: {err}")
+            rank_zero_warn(
+                f"QuantizeOnFit(compile={compile!r}): compiling the quantized model failed, "
+                f"it runs eager: {type(err).__name__}: {err}"
+            )
             return None
         return time.perf_counter() - start
 

@@ -7,8 +7,9 @@ work (contract 3, fail fast).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -66,8 +67,10 @@ def check_arguments(
     check_max_accuracy_drop(max_accuracy_drop)
     check_positive(auto_time_budget_s, "auto_time_budget_s", "300 (seconds)")
     if inference_precision is not None and inference_precision not in INFERENCE_PRECISIONS:
-        raise ValueError(f"inference_precision={inference_precision!r}: pass one of {list(INFERENCE_PRECISIONS)}, "
-                         "or None (the default config's choice).")
+        raise ValueError(
+            f"inference_precision={inference_precision!r}: pass one of {list(INFERENCE_PRECISIONS)}, "
+            "or None (the default config's choice)."
+        )
     if not auto:
         if spec is not None:
             spec.check_inference_precision(inference_precision or "32-true", compile)

@@ -7,7 +7,6 @@ CPU/GPU names, library versions); a device that is absent is reported as
 ``None`` (``n/a`` in the table), never as a number.
 """
 
-
 from __future__ import annotations
 
 import copy
@@ -51,7 +50,7 @@ from lightning_vitcompress.functional.report import (
 )
 from lightning_vitcompress.functional.token_merging import merged_token_counts
 
-__all__ = ['BenchmarkCallback']
+__all__ = ["BenchmarkCallback"]
 
 
 class BenchmarkCallback(CompressionCallback):
@@ -171,9 +170,14 @@ class BenchmarkCallback(CompressionCallback):
 
     def fit_plan(self, trainer: pl.Trainer) -> list[PlanRow]:
         timing = self.rounds * 2 * len(self.devices) * self.min_run_time
-        return [PlanRow("BenchmarkCallback", "measures size, MACs, accuracy, throughput, latency",
-                        "baseline at setup, final at fit end",
-                        f"batch {self.batch_size}, devices {list(self.devices)}, about {timing:.0f} s of timing")]
+        return [
+            PlanRow(
+                "BenchmarkCallback",
+                "measures size, MACs, accuracy, throughput, latency",
+                "baseline at setup, final at fit end",
+                f"batch {self.batch_size}, devices {list(self.devices)}, about {timing:.0f} s of timing",
+            )
+        ]
 
     # ------------------------------------------------------------------ setup
     def ordered_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -263,9 +267,12 @@ class BenchmarkCallback(CompressionCallback):
         example_input = torch.randn(self.batch_size, *self._input_shape, generator=generator)
         batches = self._accuracy_batches(trainer)
         timing = self.rounds * 2 * len(self.devices) * self.min_run_time
-        progress_line(trainer, f"BenchmarkCallback: measuring the baseline and final models (size, MACs, "
-                               f"{'accuracy on ' + str(len(batches)) + ' batches, ' if batches else ''}throughput "
-                               f"at batch {self.batch_size}: about {timing:.0f} s of timing plus latency)")
+        progress_line(
+            trainer,
+            f"BenchmarkCallback: measuring the baseline and final models (size, MACs, "
+            f"{'accuracy on ' + str(len(batches)) + ' batches, ' if batches else ''}throughput "
+            f"at batch {self.batch_size}: about {timing:.0f} s of timing plus latency)",
+        )
         models: dict[str, nn.Module] = {"baseline": self._baseline}
         references = {name: build_baseline(self._baseline, name) for name in self.baselines}
         models.update(references)
@@ -294,8 +301,11 @@ class BenchmarkCallback(CompressionCallback):
         }
         if references:
             self.report["baselines"] = {
-                name: {"description": BASELINES[name], **measured[name],
-                       "ratios": summarize(measured[name], measured["final"])}
+                name: {
+                    "description": BASELINES[name],
+                    **measured[name],
+                    "ratios": summarize(measured[name], measured["final"]),
+                }
                 for name in references
             }
         tokens = merged_token_counts(final)  # a merging model's tokens per block, from the forwards just timed
@@ -358,7 +368,9 @@ class BenchmarkCallback(CompressionCallback):
         metrics = {f"{stage}_{key}": value for stage in stages for key, value in self.report[stage].items()}
         for name, reference in self.report.get("baselines", {}).items():
             metrics.update({f"vs_{name}_{key}": value for key, value in reference["ratios"].items()})
-        deployed_ratios = {f"deployed_{key}": value for key, value in (self.report.get("deployed_ratios") or {}).items()}
+        deployed_ratios = {
+            f"deployed_{key}": value for key, value in (self.report.get("deployed_ratios") or {}).items()
+        }
         self.log_metrics(trainer, {**metrics, **self.report["ratios"], **deployed_ratios})
         for logger in trainer.loggers:
             logger.save()

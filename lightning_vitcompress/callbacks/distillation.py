@@ -45,8 +45,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Mapping
-from typing import Any, Callable, Optional, Union
+from collections.abc import Callable, Mapping
+from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -80,7 +80,7 @@ from lightning_vitcompress.functional.distill import (
     teacher_kind,
 )
 
-__all__ = ['DistillationTeacher']
+__all__ = ["DistillationTeacher"]
 
 
 # ------------------------------------------------------------------- callback
@@ -241,8 +241,14 @@ class DistillationTeacher(CompressionCallback):
         c = self.config
         teacher = self.teacher_spec if isinstance(self.teacher_spec, str) else type(self.teacher_spec).__name__
         details = f"alpha={c.alpha:g}, temperature={c.temperature:g}, teacher in {self.teacher_precision}"
-        return [PlanRow("DistillationTeacher", f"adds a {c.mode} distillation term from {teacher}",
-                        "every training step", details)]
+        return [
+            PlanRow(
+                "DistillationTeacher",
+                f"adds a {c.mode} distillation term from {teacher}",
+                "every training step",
+                details,
+            )
+        ]
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -143,8 +143,10 @@ class ExportOnFit(CompressionCallback):
         check_int(calibration_batches, "calibration_batches", minimum=1, example="8")
         if self.config.format == "openvino":
             if path.suffix != ".xml":
-                raise ValueError(f"path={str(path)!r} with format='openvino': an OpenVINO IR is an .xml file (its "
-                                 f"weights go to the .bin beside it). Pass e.g. {str(path.with_suffix('.xml'))!r}.")
+                raise ValueError(
+                    f"path={str(path)!r} with format='openvino': an OpenVINO IR is an .xml file (its "
+                    f"weights go to the .bin beside it). Pass e.g. {str(path.with_suffix('.xml'))!r}."
+                )
             self.order = _OPENVINO_ORDER  # type: ignore[misc]  # this instance (only) acts before QuantizeOnFit
         self.path = path
         self.on_error = on_error
@@ -192,8 +194,13 @@ class ExportOnFit(CompressionCallback):
         assert summary is not None  # _export returns a summary whenever it reports no failure
         self.summary = summary
         for logger in trainer.loggers:
-            logger.log_hyperparams({"export/path": summary["path"], "export/format": summary["format"],
-                                    "export/inference_precision": summary["inference_precision"]})
+            logger.log_hyperparams(
+                {
+                    "export/path": summary["path"],
+                    "export/format": summary["format"],
+                    "export/inference_precision": summary["inference_precision"],
+                }
+            )
         self.log_metrics(
             trainer,
             {
@@ -209,10 +216,16 @@ class ExportOnFit(CompressionCallback):
         rank_zero_info(
             f"ExportOnFit: wrote {summary['path']} ({summary['format']}, {summary['inference_precision']}, "
             f"{summary['size_bytes'] / _MB:.2f} MB) in {summary['export_seconds']:.1f} s"
-            + (f"; loaded back, logits within {error:.2g} of the live model's (tolerance {summary['tolerance']:g})"
-               if error is not None else "")
-            + (f"; top-1 agreement with it {summary['top1_agreement']:.2%} on validation data"
-               if summary.get("top1_agreement") is not None else "")
+            + (
+                f"; loaded back, logits within {error:.2g} of the live model's (tolerance {summary['tolerance']:g})"
+                if error is not None
+                else ""
+            )
+            + (
+                f"; top-1 agreement with it {summary['top1_agreement']:.2%} on validation data"
+                if summary.get("top1_agreement") is not None
+                else ""
+            )
         )
 
     def ordered_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -231,13 +244,21 @@ class ExportOnFit(CompressionCallback):
         c = self._config
         what = f"writes {self.path.name} ({c.format}{', NNCF ' + c.quantize if c.quantize else ''})"
         when = "train end, before QuantizeOnFit" if c.format == "openvino" else "train end, after QuantizeOnFit"
-        return [PlanRow("ExportOnFit", what, when,
-                        f"precision {c.precision}, checked against the live model (tolerance "
-                        f"{'per precision' if c.tolerance is None else c.tolerance})")]
+        return [
+            PlanRow(
+                "ExportOnFit",
+                what,
+                when,
+                f"precision {c.precision}, checked against the live model (tolerance "
+                f"{'per precision' if c.tolerance is None else c.tolerance})",
+            )
+        ]
 
     def train_end_action(self) -> Optional[tuple[str, str]]:
-        return (f"ExportOnFit(path={str(self.path)!r}) writes its file",
-                "or call export_compressed(model, path, images) on the trained model")
+        return (
+            f"ExportOnFit(path={str(self.path)!r}) writes its file",
+            "or call export_compressed(model, path, images) on the trained model",
+        )
 
     # -------------------------------------------------------------------------------------- helpers
     def _check_with_quantize_on_fit(self, trainer: pl.Trainer) -> None:
@@ -304,8 +325,14 @@ class ExportOnFit(CompressionCallback):
         stages = export_stages(self._config)
         try:
             with stage_bar(trainer, f"ExportOnFit: {self.path.name}", total=len(stages), unit="stage") as bar:
-                summary = export_compressed(model, self.path, example, self._config, calibration_data=calibration,
-                                            progress=lambda stage: bar.step(stage))
+                summary = export_compressed(
+                    model,
+                    self.path,
+                    example,
+                    self._config,
+                    calibration_data=calibration,
+                    progress=lambda stage: bar.step(stage),
+                )
         except Exception as err:  # the model is untouched; say so
             return None, f"{type(err).__name__}: {err}", err
         # the file's own quantization (NNCF) can change decisions: how often, on real data (other formats hold

@@ -48,8 +48,17 @@ __all__ = ["NystromSwap"]
 
 @takes_config(
     NystromConfig,
-    positional=("num_landmarks", "swap_epoch", "blocks", "pinv_iterations", "conv_kernel_size", "num_prefix_tokens",
-                "example_input", "min_tokens", "max_accuracy_drop"),
+    positional=(
+        "num_landmarks",
+        "swap_epoch",
+        "blocks",
+        "pinv_iterations",
+        "conv_kernel_size",
+        "num_prefix_tokens",
+        "example_input",
+        "min_tokens",
+        "max_accuracy_drop",
+    ),
 )
 class NystromSwap(CompressionCallback):
     """Swap softmax attention for Nyström attention (m landmarks), then keep training.
@@ -198,17 +207,18 @@ class NystromSwap(CompressionCallback):
         if self.skipped_blocks:
             metrics["skipped_blocks"] = len(self.skipped_blocks)
         model = self.target(pl_module)
-        nystrom = [name for name, m in find_attention_blocks(model) if isinstance(m, NystromAttention)
-                   and name in self.swapped_blocks]
+        nystrom = [
+            name
+            for name, m in find_attention_blocks(model)
+            if isinstance(m, NystromAttention) and name in self.swapped_blocks
+        ]
         if self.budget is not None and nystrom:
             metrics.update(self._keep_within_budget(trainer, pl_module, nystrom))
         if metrics:  # nothing decided at the end: no empty row in the loggers
             self.log_metrics(trainer, metrics)
 
     @override
-    def on_exception(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
-    ) -> None:
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         """A swapped block called with a mask (unseen at setup): put this fit's swap back, so the model works."""
         if not isinstance(exception, AttentionMaskError) or not self._originals:
             return
@@ -217,9 +227,11 @@ class NystromSwap(CompressionCallback):
             set_submodule(model, name, original)
         edits = recorded_edits(pl_module)
         edits[:] = [r for r in edits if not (r.get("kind") == self.KIND and r.get("target") == self.target_path)]
-        note = (f"NystromSwap undid its swap of {list(self._originals)}: the model has its softmax attention back. "
-                "Pass example_input=<one input batch> to have such blocks refused at setup, or keep them exact with "
-                "blocks=[...].")
+        note = (
+            f"NystromSwap undid its swap of {list(self._originals)}: the model has its softmax attention back. "
+            "Pass example_input=<one input batch> to have such blocks refused at setup, or keep them exact with "
+            "blocks=[...]."
+        )
         if sys.version_info >= (3, 11):
             exception.add_note(note)
         else:  # Python 3.10 has no exception notes (add_note raised AttributeError here)
@@ -252,8 +264,14 @@ class NystromSwap(CompressionCallback):
     def fit_plan(self, trainer: pl.Trainer) -> list[PlanRow]:
         blocks = "all blocks" if self.blocks is None else f"blocks {list(self.blocks)}"
         tokens = f", only where >= {self.min_tokens} tokens" if self.min_tokens is not None else ""
-        return [PlanRow("NystromSwap", f"Nyström attention, m={self.config.num_landmarks} landmarks, {blocks}{tokens}",
-                        epochs_phrase(self.swap_epoch, self.swap_epoch), "then fine-tunes" + budget_phrase(self))]
+        return [
+            PlanRow(
+                "NystromSwap",
+                f"Nyström attention, m={self.config.num_landmarks} landmarks, {blocks}{tokens}",
+                epochs_phrase(self.swap_epoch, self.swap_epoch),
+                "then fine-tunes" + budget_phrase(self),
+            )
+        ]
 
     def scheduled_epochs(self) -> dict[str, int]:
         return {"swap_epoch": self.swap_epoch} if self.swap_epoch > 0 else {}  # 0 swaps at setup
@@ -261,8 +279,11 @@ class NystromSwap(CompressionCallback):
     def train_end_action(self) -> Optional[tuple[str, str]]:
         if self.max_accuracy_drop is None:
             return None
-        return (f"NystromSwap(max_accuracy_drop={self.max_accuracy_drop!r}) swaps blocks back to exact attention "
-                "until the model is within budget", "or pass max_accuracy_drop=None")
+        return (
+            f"NystromSwap(max_accuracy_drop={self.max_accuracy_drop!r}) swaps blocks back to exact attention "
+            "until the model is within budget",
+            "or pass max_accuracy_drop=None",
+        )
 
     def decisions(self) -> Optional[dict[str, Any]]:
         if self.max_accuracy_drop is None and self.min_tokens is None:
@@ -322,14 +343,19 @@ class NystromSwap(CompressionCallback):
         if prefix == 0:
             return
         try:
-            counts = token_counts(trainer, pl_module, model, self._example(trainer, model), self.target_path, self.min_tokens)
+            counts = token_counts(
+                trainer, pl_module, model, self._example(trainer, model), self.target_path, self.min_tokens
+            )
         except ValueError:  # no input size known: nothing to compare with (the count is checked when it runs)
             return
         short = {name: counts[name] for name in names if name in counts and counts[name] <= prefix}
         if short:
             name, count = next(iter(short.items()))
-            source = (f"num_prefix_tokens={self.config.num_prefix_tokens}" if self.config.num_prefix_tokens is not None
-                      else f"the {prefix} prefix tokens read from {type(model).__name__}")
+            source = (
+                f"num_prefix_tokens={self.config.num_prefix_tokens}"
+                if self.config.num_prefix_tokens is not None
+                else f"the {prefix} prefix tokens read from {type(model).__name__}"
+            )
             raise ValueError(
                 f"NystromSwap({source}): block {name!r} sees only {count} tokens, so every token would be a prefix "
                 "token kept exact and Nyström attention would never run. Pass num_prefix_tokens= the model's "
@@ -340,7 +366,9 @@ class NystromSwap(CompressionCallback):
         """The blocks of ``names`` whose input holds at least ``min_tokens`` tokens; the others go to
         :attr:`skipped_blocks` with the reason. ``"auto"`` measures the threshold first (rank zero, broadcast)."""
         model = self.target(pl_module)
-        counts = token_counts(trainer, pl_module, model, self._example(trainer, model), self.target_path, self.min_tokens)
+        counts = token_counts(
+            trainer, pl_module, model, self._example(trainer, model), self.target_path, self.min_tokens
+        )
         threshold: Optional[int]
         if self.min_tokens == "auto":
             self.break_even = measure_break_even(trainer, model, self.config, names, counts)
@@ -359,8 +387,11 @@ class NystromSwap(CompressionCallback):
                     f"timed count{f' up to {timed}' if timed else ''}"
                 )
             else:
-                source = f"min_tokens='auto' (measured break-even {threshold})" if self.min_tokens == "auto" else (
-                    f"min_tokens={self.min_tokens}")
+                source = (
+                    f"min_tokens='auto' (measured break-even {threshold})"
+                    if self.min_tokens == "auto"
+                    else (f"min_tokens={self.min_tokens}")
+                )
                 self.skipped_blocks[name] = f"sees {count} tokens < {source}"
         if self.skipped_blocks:
             rank_zero_info(
@@ -387,8 +418,11 @@ class NystromSwap(CompressionCallback):
         if verdict.within:
             rank_zero_info(f"{label}: all {len(nystrom)} Nyström blocks kept, within budget: {verdict.describe()}.")
         else:
-            progress_line(trainer, f"{label}: beyond budget ({verdict.describe()}); measuring what swapping "
-                                   f"each of {len(nystrom)} blocks back to exact attention gains")
+            progress_line(
+                trainer,
+                f"{label}: beyond budget ({verdict.describe()}); measuring what swapping "
+                f"each of {len(nystrom)} blocks back to exact attention gains",
+            )
             gains: Optional[dict[str, dict[str, float]]] = None
             if trainer.is_global_zero:
                 loader, limit = validation_data(trainer)
@@ -401,8 +435,9 @@ class NystromSwap(CompressionCallback):
                 swap_back(model, [name])
                 self._originals.pop(name, None)
                 verdict = judge(trainer, budget, model)
-                self.swapped_back.append({"block": name, **gains[name], "accuracy_after": verdict.accuracy,
-                                          "reference": budget.reference})
+                self.swapped_back.append(
+                    {"block": name, **gains[name], "accuracy_after": verdict.accuracy, "reference": budget.reference}
+                )
                 if verdict.within:
                     break
             self.budget_result["accuracy"] = verdict.accuracy
@@ -410,15 +445,21 @@ class NystromSwap(CompressionCallback):
             self._forget(pl_module, undone)
             kept = [name for name in self.swapped_blocks if name not in undone]
             self.swapped_blocks = kept
-            message = (f"{label}: swapped {len(undone)} of {len(nystrom)} blocks back to exact attention, most "
-                       f"costly first ({undone}); {len(kept)} stay Nyström; {verdict.describe()}.")
+            message = (
+                f"{label}: swapped {len(undone)} of {len(nystrom)} blocks back to exact attention, most "
+                f"costly first ({undone}); {len(kept)} stay Nyström; {verdict.describe()}."
+            )
             if verdict.within:
                 rank_zero_info(message)
             else:
-                rank_zero_warn(message + " Even exact attention everywhere is beyond the budget: the fine-tuning "
-                                         "after the swap cost the accuracy, not the approximation.")
+                rank_zero_warn(
+                    message + " Even exact attention everywhere is beyond the budget: the fine-tuning "
+                    "after the swap cost the accuracy, not the approximation."
+                )
         metrics: dict[str, Optional[float]] = {
-            **verdict.metrics(), "swapped_back": len(self.swapped_back), "swapped_blocks": len(self.swapped_blocks),
+            **verdict.metrics(),
+            "swapped_back": len(self.swapped_back),
+            "swapped_blocks": len(self.swapped_blocks),
         }
         for entry in self.swapped_back:
             metrics[f"swap_back/{entry['block']}/accuracy_gain"] = entry["accuracy_gain"]
@@ -434,6 +475,8 @@ class NystromSwap(CompressionCallback):
                 edits[index] = {
                     **record,
                     "blocks": [name for name in record["blocks"] if name not in names],
-                    "swapped_back": {**record.get("swapped_back", {}), **{n: reason for n in names
-                                                                          if n in record["blocks"]}},
+                    "swapped_back": {
+                        **record.get("swapped_back", {}),
+                        **{n: reason for n in names if n in record["blocks"]},
+                    },
                 }

@@ -20,7 +20,8 @@ the step; ``on_train_end`` judges the last step.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Literal, Optional, Union
+from collections.abc import Callable
+from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -275,11 +276,20 @@ class PruningSchedule(CompressionCallback):
     def fit_plan(self, trainer: pl.Trainer) -> list[PlanRow]:
         c = self.config
         unit = "epochs" if self.interval == "epoch" else "steps"
-        when = (epochs_phrase(self.start_epoch, self.end_epoch, self.num_steps) if self.interval == "epoch"
-                else f"{self.num_steps} steps over {unit}, epochs {self.start_epoch}-{self.end_epoch}")
+        when = (
+            epochs_phrase(self.start_epoch, self.end_epoch, self.num_steps)
+            if self.interval == "epoch"
+            else f"{self.num_steps} steps over {unit}, epochs {self.start_epoch}-{self.end_epoch}"
+        )
         schedule = self.schedule if isinstance(self.schedule, str) else "custom"
-        return [PlanRow("PruningSchedule", f"structured pruning, {c.pruning_ratio:g} of the {c.target} removed",
-                        when, f"importance={c.importance_name}, schedule={schedule}" + budget_phrase(self))]
+        return [
+            PlanRow(
+                "PruningSchedule",
+                f"structured pruning, {c.pruning_ratio:g} of the {c.target} removed",
+                when,
+                f"importance={c.importance_name}, schedule={schedule}" + budget_phrase(self),
+            )
+        ]
 
     def scheduled_epochs(self) -> dict[str, int]:
         return {"end_epoch": self.end_epoch}
@@ -287,8 +297,11 @@ class PruningSchedule(CompressionCallback):
     def train_end_action(self) -> Optional[tuple[str, str]]:
         if self.max_accuracy_drop is None:
             return None
-        return (f"PruningSchedule(max_accuracy_drop={self.max_accuracy_drop!r}) judges its last pruning step "
-                "against the budget", "or pass max_accuracy_drop=None")
+        return (
+            f"PruningSchedule(max_accuracy_drop={self.max_accuracy_drop!r}) judges its last pruning step "
+            "against the budget",
+            "or pass max_accuracy_drop=None",
+        )
 
     def decisions(self) -> Optional[dict[str, Any]]:
         if self.max_accuracy_drop is None and not self.rollbacks:
@@ -309,8 +322,14 @@ class PruningSchedule(CompressionCallback):
 
     def _steps_due(self, trainer: Optional[pl.Trainer], position_in_epoch: int = 0) -> int:
         """How many pruning steps should have run at this boundary (``None``: at the start of fit)."""
-        return steps_due(trainer, position_in_epoch, start_epoch=self.start_epoch, end_epoch=self.end_epoch,
-                         num_steps=self.num_steps, interval=self.interval)
+        return steps_due(
+            trainer,
+            position_in_epoch,
+            start_epoch=self.start_epoch,
+            end_epoch=self.end_epoch,
+            num_steps=self.num_steps,
+            interval=self.interval,
+        )
 
     @property
     def _needs_gradients(self) -> bool:
@@ -351,18 +370,27 @@ class PruningSchedule(CompressionCallback):
         try:
             if self._needs_gradients:
                 self._gradients.load(model)
-            config = dataclasses.replace(self.config, pruning_ratio=relative, target="channels",
-                                         importance=self._importance)
+            config = dataclasses.replace(
+                self.config, pruning_ratio=relative, target="channels", importance=self._importance
+            )
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed + step)  # random importance: the same draw on every rank
                 changes = prune_vit(model, config, self._example_input, keep=keep)
             params, macs = count_parameters(model), count_macs(model, self._example_input)
             ratio = self.config.fraction_removed(self._original_widths, model)
             self.record(
-                pl_module, step=step, num_steps=self.num_steps, channel_ratio=reached,
-                channel_ratio_final=self._channel_ratio, fraction_removed=ratio,
-                original_widths=self._original_widths, original_params=self._original_params,
-                params=params, macs=macs, modules=changes, config=self.resume_config(),
+                pl_module,
+                step=step,
+                num_steps=self.num_steps,
+                channel_ratio=reached,
+                channel_ratio_final=self._channel_ratio,
+                fraction_removed=ratio,
+                original_widths=self._original_widths,
+                original_params=self._original_params,
+                params=params,
+                macs=macs,
+                modules=changes,
+                config=self.resume_config(),
             )
         except Exception as err:
             snapshot.restore()
@@ -400,8 +428,10 @@ class PruningSchedule(CompressionCallback):
         self._unjudged = False
         verdict = judge(trainer, budget, self.target(pl_module))
         if verdict.within:
-            rank_zero_info(f"PruningSchedule step {self.steps_done}/{self.num_steps} is within the accuracy budget: "
-                           f"{verdict.describe()}.")
+            rank_zero_info(
+                f"PruningSchedule step {self.steps_done}/{self.num_steps} is within the accuracy budget: "
+                f"{verdict.describe()}."
+            )
             self._last_metrics.update(verdict.metrics())
             return True
         self._roll_back(trainer, pl_module, verdict.accuracy, verdict.describe())
@@ -416,14 +446,24 @@ class PruningSchedule(CompressionCallback):
         ratio = self.config.fraction_removed(self._original_widths, model)
         again = self.stopped  # the training since a rollback left the model beyond budget once more
         self.stopped = True
-        undone = {"step": self.steps_done, "ratio": ratio, "accuracy": accuracy, "reference": self.budget.reference,
-                  "after_rollback": again}
+        undone = {
+            "step": self.steps_done,
+            "ratio": ratio,
+            "accuracy": accuracy,
+            "reference": self.budget.reference,
+            "after_rollback": again,
+        }
         others = self._good.edited_since(pl_module, self.KIND) if self._good is not None else []
         if self._good is None or others:
-            why = "the state before it was not kept (this fit resumed after the step)" if self._good is None else (
-                f"other callbacks edited the model since ({others}), which a rollback would silently undo")
-            rank_zero_warn(f"PruningSchedule step {self.steps_done}/{self.num_steps} is beyond the accuracy budget "
-                           f"({described}) but cannot be rolled back: {why}. The schedule stops here.")
+            why = (
+                "the state before it was not kept (this fit resumed after the step)"
+                if self._good is None
+                else (f"other callbacks edited the model since ({others}), which a rollback would silently undo")
+            )
+            rank_zero_warn(
+                f"PruningSchedule step {self.steps_done}/{self.num_steps} is beyond the accuracy budget "
+                f"({described}) but cannot be rolled back: {why}. The schedule stops here."
+            )
             undone["rolled_back"] = False
         else:
             self._good.restore(trainer, pl_module)
@@ -431,7 +471,8 @@ class PruningSchedule(CompressionCallback):
             undone["rolled_back"] = True
             kept = self.config.fraction_removed(self._original_widths, model)
             what = (
-                "the training since the rollback left the model beyond the accuracy budget" if again
+                "the training since the rollback left the model beyond the accuracy budget"
+                if again
                 else f"step {undone['step']}/{self.num_steps} ({ratio:.3f} of the prunable channels removed) is "
                 "beyond the accuracy budget"
             )

@@ -176,7 +176,7 @@ class QuantizeOnFit(CompressionCallback):
         *,
         skip: SkipSpec = None,
         qat_start_epoch: Optional[int] = None,
-        compile: Union[None, bool, dict[str, Any]] = None,
+        compile: Union[bool, dict[str, Any], None] = None,
         inference_precision: Optional[Literal["32-true", "bf16-mixed"]] = None,
         calibration_batches: int = 8,
         save_path: Optional[Union[str, Path]] = None,
@@ -195,9 +195,18 @@ class QuantizeOnFit(CompressionCallback):
         #: the config resolved once: what it is, how it quantizes, compiles and replays
         self.spec: Optional[QuantizationSpec] = None if self.auto or self.default else resolve_quantization(config)
         check_arguments(
-            config, self.spec, auto=self.auto, skip=skip, qat_start_epoch=qat_start_epoch, compile=compile,
-            inference_precision=inference_precision, calibration_batches=calibration_batches, on_error=on_error,
-            max_accuracy_drop=max_accuracy_drop, auto_time_budget_s=auto_time_budget_s, auto_configs=auto_configs,
+            config,
+            self.spec,
+            auto=self.auto,
+            skip=skip,
+            qat_start_epoch=qat_start_epoch,
+            compile=compile,
+            inference_precision=inference_precision,
+            calibration_batches=calibration_batches,
+            on_error=on_error,
+            max_accuracy_drop=max_accuracy_drop,
+            auto_time_budget_s=auto_time_budget_s,
+            auto_configs=auto_configs,
         )
         self.save_path, self.save_fp32_path = check_save_paths(save_path, save_fp32_path)
         self.config = config
@@ -221,7 +230,9 @@ class QuantizeOnFit(CompressionCallback):
         self._qat_active = False
         #: the training inputs kept for train end: the check and compile example, the calibration batches
         self._inputs = TrainingInputs(calibration_batches)
-        self._split: dict[str, nn.MultiheadAttention] = {}  # nn.MultiheadAttention modules split for quantization, by name
+        self._split: dict[
+            str, nn.MultiheadAttention
+        ] = {}  # nn.MultiheadAttention modules split for quantization, by name
 
     # ------------------------------------------------------------- setup: fail fast
     def ordered_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

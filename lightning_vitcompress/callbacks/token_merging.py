@@ -28,7 +28,9 @@ from lightning_vitcompress.functional.token_merging import (
 __all__ = ["TokenMerging"]
 
 
-@takes_config(TokenMergingConfig, positional=("r", "start_epoch", "blocks", "proportional_attention", "schedule", "example_input"))
+@takes_config(
+    TokenMergingConfig, positional=("r", "start_epoch", "blocks", "proportional_attention", "schedule", "example_input")
+)
 class TokenMerging(CompressionCallback):
     """Merge ``r`` tokens in each block (bipartite soft matching), then keep training the merged model.
 
@@ -92,7 +94,9 @@ class TokenMerging(CompressionCallback):
     # ----------------------------------------------------- hooks, in the order Lightning calls them
     def ordered_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.plan = None
-        done = [r for r in recorded_edits(pl_module) if r.get("kind") == self.KIND and r.get("target") == self.target_path]
+        done = [
+            r for r in recorded_edits(pl_module) if r.get("kind") == self.KIND and r.get("target") == self.target_path
+        ]
         if done:  # replayed from the checkpoint, or merged by an earlier fit of this module
             self.check_same_config(done[-1].get("config"), "the merging an earlier fit applied to this model")
             self.plan = done[-1]
@@ -107,7 +111,9 @@ class TokenMerging(CompressionCallback):
         if self.plan is not None:
             selected = [r for r in self.plan["block_r"] if r > 0] or [0]
             tokens = self.plan.get("tokens") or merged_token_counts(self.target(pl_module), self.example_input)
-            self.log_metrics(trainer, {"r": sum(selected) / len(selected), "tokens_out": tokens[-1] if tokens else None})
+            self.log_metrics(
+                trainer, {"r": sum(selected) / len(selected), "tokens_out": tokens[-1] if tokens else None}
+            )
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -119,9 +125,14 @@ class TokenMerging(CompressionCallback):
 
     def fit_plan(self, trainer: pl.Trainer) -> list[PlanRow]:
         c = self.config
-        return [PlanRow("TokenMerging", f"token merging (ToMe), r={c.r} per block ({c.schedule})",
-                        epochs_phrase(self.start_epoch, self.start_epoch),
-                        f"blocks={'all' if c.blocks is None else list(c.blocks)}, no weights change")]
+        return [
+            PlanRow(
+                "TokenMerging",
+                f"token merging (ToMe), r={c.r} per block ({c.schedule})",
+                epochs_phrase(self.start_epoch, self.start_epoch),
+                f"blocks={'all' if c.blocks is None else list(c.blocks)}, no weights change",
+            )
+        ]
 
     def scheduled_epochs(self) -> dict[str, int]:
         return {"start_epoch": self.start_epoch} if self.start_epoch > 0 else {}

@@ -65,9 +65,7 @@ def check_outcome(
     except Exception as err:
         problem = f"then fails on its input ({type(err).__name__}: {err})"
     else:
-        if (logits.shape[:-1], logits.dim()) != (before[:-1], len(before)) or (
-            not features and logits.shape != before
-        ):
+        if (logits.shape[:-1], logits.dim()) != (before[:-1], len(before)) or (not features and logits.shape != before):
             problem = f"then returns logits of shape {tuple(logits.shape)} instead of {tuple(before)}"
         elif not torch.isfinite(logits).all():
             problem = "then returns non-finite logits"

@@ -30,8 +30,14 @@ from torch import nn
 from lightning_vitcompress._checks import check_choice
 from lightning_vitcompress.functional.openvino import OpenVINORunner, openvino_files
 
-__all__ = ["ARTIFACT_FORMATS", "ArtifactMismatchError", "LoadedArtifact", "artifact_files", "load_artifact",
-           "verify_artifact"]
+__all__ = [
+    "ARTIFACT_FORMATS",
+    "ArtifactMismatchError",
+    "LoadedArtifact",
+    "artifact_files",
+    "load_artifact",
+    "verify_artifact",
+]
 
 #: ``format`` -> file suffix
 ARTIFACT_FORMATS: dict[str, str] = {"pt2": ".pt2", "onnx": ".onnx", "openvino": ".xml"}
@@ -162,4 +168,8 @@ def verify_artifact(
             f"max abs logit) on a real batch, above tolerance={tolerance:g}; it was not kept. Pass a larger "
             "tolerance if this precision loss is expected, or report the model that does this."
         )
-    return {"load_seconds": loaded.load_seconds, "first_call_seconds": loaded.first_call_seconds, "relative_error": error}
+    return {
+        "load_seconds": loaded.load_seconds,
+        "first_call_seconds": loaded.first_call_seconds,
+        "relative_error": error,
+    }

@@ -85,8 +85,9 @@ class CompiledAutocast(nn.Module):
                 warnings.filterwarnings("ignore", message=".*global hooks on modules.*")
                 compiled = self._compiled[device.type] = torch.compile(self.model)
         dtype = self.autocast_dtype(device)
-        with inductor_config().patch(freezing=True), torch.autocast(
-            device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None
+        with (
+            inductor_config().patch(freezing=True),
+            torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None),
         ):
             output = compiled(x)
         return tree_map(lambda v: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v, output)

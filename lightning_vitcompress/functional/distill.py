@@ -27,8 +27,9 @@ Example (tiny timm ViTs: a 64-pixel teacher from a local weights file, a 32-pixe
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -91,7 +92,9 @@ def soft_distillation_loss(student_logits: Tensor, teacher_logits: Tensor, tempe
         raise ValueError(f"temperature={temperature!r}: must be > 0, e.g. 1.0 or 4.0.")
     student = student_logits.float().flatten(0, -2) / temperature
     teacher = teacher_logits.float().flatten(0, -2) / temperature
-    kl = F.kl_div(F.log_softmax(student, dim=-1), F.log_softmax(teacher, dim=-1), reduction="batchmean", log_target=True)
+    kl = F.kl_div(
+        F.log_softmax(student, dim=-1), F.log_softmax(teacher, dim=-1), reduction="batchmean", log_target=True
+    )
     return kl * temperature**2
 
 
@@ -195,7 +198,9 @@ def check_teacher_precision(teacher_precision: Any) -> Optional[TeacherPrecision
     """``None`` (resolved per device by :func:`resolve_teacher_precision`), ``"bf16"``, ``"fp16"`` or ``"fp32"``."""
     if teacher_precision is not None:
         check_choice(
-            teacher_precision, "teacher_precision", tuple(_TEACHER_DTYPES),
+            teacher_precision,
+            "teacher_precision",
+            tuple(_TEACHER_DTYPES),
             ", or None (bf16 where the device runs it natively, else fp32)",
         )
     return teacher_precision
@@ -223,9 +228,7 @@ def autocast_runs_natively(device: Union[str, torch.device], precision: str) -> 
     return False
 
 
-def resolve_teacher_precision(
-    teacher_precision: Optional[str], device: Union[str, torch.device]
-) -> TeacherPrecision:
+def resolve_teacher_precision(teacher_precision: Optional[str], device: Union[str, torch.device]) -> TeacherPrecision:
     """The precision the teacher runs in on ``device``: ``teacher_precision``, or for ``None`` bf16 where
     the device has native bf16 (:func:`autocast_runs_natively`) and fp32 elsewhere.
 
@@ -298,7 +301,6 @@ def sample_keys(inputs: Tensor) -> list[bytes]:
     if rows.dtype == torch.bfloat16:  # numpy has no bfloat16: hash the same bits as int16
         rows = rows.view(torch.int16)
     return [hashlib.blake2b(header + row.numpy().tobytes(), digest_size=16).digest() for row in rows]
-
 
 
 def check_same_classes(student: nn.Module, teacher: nn.Module) -> None:

@@ -202,8 +202,10 @@ class ExportConfig:
         if self.format == "openvino":
             check_openvino_installed(self.quantize)
             if self.device is not None and torch.device(self.device).type != "cpu":
-                raise ValueError(f"device={self.device!r} with format='openvino': the IR is written for OpenVINO's "
-                                 "CPU plugin. Pass device='cpu' or None, or use format='pt2' for CUDA.")
+                raise ValueError(
+                    f"device={self.device!r} with format='openvino': the IR is written for OpenVINO's "
+                    "CPU plugin. Pass device='cpu' or None, or use format='pt2' for CUDA."
+                )
         if self.precision == "bf16-mixed" and not cpu_supports_bfloat16():
             raise ValueError(
                 "inference_precision='bf16-mixed': this CPU has no native bf16 math (AVX512-BF16 or AMX), so the "
@@ -234,8 +236,12 @@ def _uncompiled(model: nn.Module) -> Iterator[nn.Module]:
 def _hooks_set_aside(model: nn.Module) -> Iterator[nn.Module]:
     """``model`` with its modules' forward hooks set aside: a trial trace must not reach hooks that keep inputs
     (QuantizeOnFit's capture of the first training batch would keep the trace's tensors)."""
-    saved = [(module, name, getattr(module, name)) for module in model.modules() for name in FORWARD_HOOK_DICTS
-             if getattr(module, name, None)]
+    saved = [
+        (module, name, getattr(module, name))
+        for module in model.modules()
+        for name in FORWARD_HOOK_DICTS
+        if getattr(module, name, None)
+    ]
     for module, name, hooks in saved:
         setattr(module, name, type(hooks)())
     try:
@@ -333,8 +339,11 @@ def export_compressed(
     elif options:
         raise ValueError(f"export_compressed(config=..., {', '.join(options)}=...): pass the options in config only.")
     if not isinstance(example_input, torch.Tensor) or example_input.dim() != 4 or example_input.shape[0] == 0:
-        shown = (f"<tensor of shape {tuple(example_input.shape)}>" if isinstance(example_input, torch.Tensor)
-                 else f"<{type(example_input).__name__}>")
+        shown = (
+            f"<tensor of shape {tuple(example_input.shape)}>"
+            if isinstance(example_input, torch.Tensor)
+            else f"<{type(example_input).__name__}>"
+        )
         raise ValueError(
             f"example_input={shown}: pass a real batch of images (batch, channels, height, width), e.g. the first "
             "validation batch; its image size is the exported file's."
@@ -342,11 +351,15 @@ def export_compressed(
     check_output_file(target, "path")
     config.check_environment()
     if config.format == "openvino" and target.suffix != ".xml":
-        raise ValueError(f"path={str(target)!r} with format='openvino': an OpenVINO IR is an .xml file (its weights go "
-                         f"to the .bin beside it). Pass e.g. {str(target.with_suffix('.xml'))!r}.")
+        raise ValueError(
+            f"path={str(target)!r} with format='openvino': an OpenVINO IR is an .xml file (its weights go "
+            f"to the .bin beside it). Pass e.g. {str(target.with_suffix('.xml'))!r}."
+        )
     if calibration_data is not None and config.quantize is None:
-        raise ValueError("calibration_data is for format='openvino', quantize='int8' (NNCF); this export quantizes "
-                         "nothing. Drop calibration_data, or pass quantize='int8'.")
+        raise ValueError(
+            "calibration_data is for format='openvino', quantize='int8' (NNCF); this export quantizes "
+            "nothing. Drop calibration_data, or pass quantize='int8'."
+        )
 
     device = torch.device(config.device) if config.device is not None else _model_device(model)
     if device.type != "cpu" and config.precision == "bf16-mixed":
@@ -363,8 +376,11 @@ def export_compressed(
     int8 = _has_x86_int8(source) or _has_quantized_weights(source)  # x86 layers, or torchao's tensor subclasses
     if config.format == "openvino":
         _check_float(source)
-    tolerance = config.tolerance if config.tolerance is not None else (
-        NNCF_INT8_TOLERANCE if config.quantize == "int8" else TOLERANCES[(config.precision, int8)])
+    tolerance = (
+        config.tolerance
+        if config.tolerance is not None
+        else (NNCF_INT8_TOLERANCE if config.quantize == "int8" else TOLERANCES[(config.precision, int8)])
+    )
 
     say = progress or (lambda stage: None)
     stages = iter(export_stages(config))
@@ -388,8 +404,15 @@ def export_compressed(
                 _write_onnx(deployable, program, example, partial, config, int8)
             else:
                 calibration = [example] if calibration_data is None else [b.to(device) for b in calibration_data]
-                write_openvino(deployable, example, partial, precision=config.precision, quantize=config.quantize,
-                               calibration_data=calibration, dynamic_batch=config.dynamic_batch)
+                write_openvino(
+                    deployable,
+                    example,
+                    partial,
+                    precision=config.precision,
+                    quantize=config.quantize,
+                    calibration_data=calibration,
+                    dynamic_batch=config.dynamic_batch,
+                )
         except BaseException:
             _remove(partial, config.format)
             raise
@@ -424,10 +447,16 @@ def export_compressed(
 
 def export_stages(config: ExportConfig) -> list[str]:
     """The stages :func:`export_compressed` reports to ``progress``, in order, for ``config``."""
-    write = {"pt2": "compile (AOTInductor)", "onnx": "write ONNX",
-             "openvino": "convert to OpenVINO" + (" + NNCF int8" if config.quantize else "")}[config.format]
-    return ([] if config.format == "openvino" else ["trace (torch.export)"]) + [write] + (
-        ["load back and check"] if config.check else [])
+    write = {
+        "pt2": "compile (AOTInductor)",
+        "onnx": "write ONNX",
+        "openvino": "convert to OpenVINO" + (" + NNCF int8" if config.quantize else ""),
+    }[config.format]
+    return (
+        ([] if config.format == "openvino" else ["trace (torch.export)"])
+        + [write]
+        + (["load back and check"] if config.check else [])
+    )
 
 
 def _remove(path: Path, format: str) -> None:
@@ -454,6 +483,4 @@ def _moved_copy(model: nn.Module, device: torch.device) -> nn.Module:
 def _write_pt2(program: torch.export.ExportedProgram, path: Path) -> None:
     # freezing applies only with gradients off, as in compile_frozen's inference-mode calls
     with torch.no_grad():
-        aoti_compile_and_package(
-            program, package_path=str(path), inductor_configs=dict(FROZEN_INDUCTOR_OPTIONS)
-        )
+        aoti_compile_and_package(program, package_path=str(path), inductor_configs=dict(FROZEN_INDUCTOR_OPTIONS))

@@ -88,8 +88,9 @@ class MultiheadSelfAttention(nn.Module):
     _qkv_same_embed_dim: ClassVar[bool] = True
     in_proj_bias: ClassVar[None] = None
 
-    def __init__(self, embed_dim: int, num_heads: int, bias: bool = True, dropout: float = 0.0,
-                 batch_first: bool = False) -> None:
+    def __init__(
+        self, embed_dim: int, num_heads: int, bias: bool = True, dropout: float = 0.0, batch_first: bool = False
+    ) -> None:
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}.")
@@ -178,8 +179,14 @@ class MultiheadSelfAttention(nn.Module):
         out = out.squeeze(0) if unbatched else (out if self.batch_first else out.transpose(0, 1))
         return out, weights
 
-    def _mask(self, attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor], batch: int,
-              tokens: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    def _mask(
+        self,
+        attn_mask: Optional[torch.Tensor],
+        key_padding_mask: Optional[torch.Tensor],
+        batch: int,
+        tokens: int,
+        dtype: torch.dtype,
+    ) -> Optional[torch.Tensor]:
         """The masks as one additive bias of shape (batch or 1, heads or 1, tokens, tokens); True = masked out."""
         bias = None
         if attn_mask is not None:
@@ -200,8 +207,10 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def split_problem(attention: nn.MultiheadAttention) -> Optional[str]:
     """Why ``attention`` cannot become a :class:`MultiheadSelfAttention` (None when it can)."""
     if not attention._qkv_same_embed_dim:
-        return (f"nn.MultiheadAttention with kdim={attention.kdim}/vdim={attention.vdim} != "
-                f"embed_dim={attention.embed_dim} is cross-attention; only self-attention is split.")
+        return (
+            f"nn.MultiheadAttention with kdim={attention.kdim}/vdim={attention.vdim} != "
+            f"embed_dim={attention.embed_dim} is cross-attention; only self-attention is split."
+        )
     if attention.bias_k is not None or attention.add_zero_attn:
         return "nn.MultiheadAttention with add_bias_kv=True or add_zero_attn=True adds keys and is not split."
     return None
@@ -242,7 +251,9 @@ def split_named(model: nn.Module, names: list[str]) -> None:
         try:
             module = model.get_submodule(name)
         except AttributeError as err:
-            raise KeyError(f"The checkpoint's quantize record splits attention {name!r}, which this model lacks.") from err
+            raise KeyError(
+                f"The checkpoint's quantize record splits attention {name!r}, which this model lacks."
+            ) from err
         if isinstance(module, MultiheadSelfAttention):
             continue
         if not isinstance(module, nn.MultiheadAttention):
@@ -251,4 +262,3 @@ def split_named(model: nn.Module, names: list[str]) -> None:
                 "not nn.MultiheadAttention."
             )
         set_submodule(model, name, MultiheadSelfAttention.from_multihead(module))
-

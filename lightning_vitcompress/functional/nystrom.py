@@ -117,7 +117,9 @@ class NystromConfig:
 BlockSelection = Optional[Sequence[Union[int, str]]]
 
 
-def select_attention_blocks(model: nn.Module, blocks: BlockSelection = None, owner: str = "swap_attention") -> list[str]:
+def select_attention_blocks(
+    model: nn.Module, blocks: BlockSelection = None, owner: str = "swap_attention"
+) -> list[str]:
     """Qualified names of the attention blocks ``blocks`` selects (indices, negative from the end, or names).
 
     Raises a ``ValueError`` naming ``blocks`` for an unknown block and for blocks that cannot be swapped.
@@ -176,7 +178,9 @@ def swap_attention(
     if not isinstance(config, NystromConfig):
         config = NystromConfig(num_landmarks=config, **options)
     elif options:
-        raise ValueError(f"swap_attention: pass the options in the NystromConfig, not also as keywords ({sorted(options)}).")
+        raise ValueError(
+            f"swap_attention: pass the options in the NystromConfig, not also as keywords ({sorted(options)})."
+        )
     prefix = config.prefix_tokens(model)
     replacements: dict[str, NystromAttention] = {}
     for name in select_attention_blocks(model, blocks):
@@ -322,9 +326,7 @@ def swap_back(model: nn.Module, names: Iterable[str]) -> dict[str, NystromAttent
     return removed  # type: ignore[return-value]
 
 
-def swap_back_gains(
-    model: nn.Module, names: Sequence[str], batches: Iterable[Any]
-) -> dict[str, dict[str, float]]:
+def swap_back_gains(model: nn.Module, names: Sequence[str], batches: Iterable[Any]) -> dict[str, dict[str, float]]:
     """What swapping each Nyström block back alone (the others staying Nyström) gains, measured on ``batches``.
 
     For each block: ``accuracy_gain`` (points of top-1, ``(images, labels)``
@@ -398,8 +400,13 @@ def attention_token_counts(
         for name, block, _ in blocks:
             batch_first = adapter.tokens_batch_first(block)
 
-            def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], name: str = name,
-                     batch_first: bool = batch_first) -> None:
+            def hook(
+                module: nn.Module,
+                args: tuple[Any, ...],
+                kwargs: dict[str, Any],
+                name: str = name,
+                batch_first: bool = batch_first,
+            ) -> None:
                 x = args[0] if args else next(iter(kwargs.values()))
                 per_block.setdefault(name, int(x.shape[1] if batch_first else x.shape[0]))
 
@@ -472,8 +479,11 @@ def nystrom_break_even(
 
     exact = copy.deepcopy(attention)
     nystrom = NystromAttention.from_attention(
-        exact, num_landmarks=config.num_landmarks, num_prefix_tokens=num_prefix_tokens,
-        pinv_iterations=config.pinv_iterations, conv_kernel_size=config.conv_kernel_size,
+        exact,
+        num_landmarks=config.num_landmarks,
+        num_prefix_tokens=num_prefix_tokens,
+        pinv_iterations=config.pinv_iterations,
+        conv_kernel_size=config.conv_kernel_size,
     )
     weight = nystrom.qkv.weight
     width = weight.shape[1]
@@ -483,8 +493,14 @@ def nystrom_break_even(
         if tokens - num_prefix_tokens <= config.num_landmarks:
             continue
         x = torch.randn(batch_size, tokens, width, generator=generator).to(device=weight.device, dtype=weight.dtype)
-        ips = compare_throughput({"exact": _SelfAttention(exact), "nystrom": _SelfAttention(nystrom)}, x,
-                                 num_threads=num_threads, rounds=rounds, min_run_time=min_run_time, warmup=1)
+        ips = compare_throughput(
+            {"exact": _SelfAttention(exact), "nystrom": _SelfAttention(nystrom)},
+            x,
+            num_threads=num_threads,
+            rounds=rounds,
+            min_run_time=min_run_time,
+            warmup=1,
+        )
         speedups[tokens] = ips["nystrom"] / ips["exact"]
     break_even: Optional[int] = None
     for tokens in sorted(speedups, reverse=True):

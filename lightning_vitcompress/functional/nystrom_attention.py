@@ -39,7 +39,14 @@ from lightning_vitcompress._checks import check_int
 from lightning_vitcompress.functional.multihead_attention import plain_linear
 from lightning_vitcompress.models.base import is_attention_module, read_layout
 
-__all__ = ["AttentionMaskError", "NystromAttention", "iterative_pinv", "nystrom_settings", "segment_means", "swap_problem"]
+__all__ = [
+    "AttentionMaskError",
+    "NystromAttention",
+    "iterative_pinv",
+    "nystrom_settings",
+    "segment_means",
+    "swap_problem",
+]
 
 
 def _check_landmarks(num_landmarks: Any) -> None:
@@ -54,8 +61,9 @@ def _check_options(pinv_iterations: Any, conv_kernel_size: Any, num_prefix_token
             f"conv_kernel_size={conv_kernel_size!r}: pass an odd positive int (e.g. 33) for the depthwise "
             "convolution residual on V, or None for none."
         )
-    check_int(num_prefix_tokens, "num_prefix_tokens", example="1 (the class token; None reads the model's)",
-              allow_none=True)
+    check_int(
+        num_prefix_tokens, "num_prefix_tokens", example="1 (the class token; None reads the model's)", allow_none=True
+    )
 
 
 #: where :meth:`NystromAttention.from_attention` keeps the module it replaced (see ``functional.nystrom.exact_attention``)
@@ -254,7 +262,9 @@ class NystromAttention(nn.Module):
             parts = (layout.query, layout.key, layout.value)
             bias = all(part.bias is not None for part in parts)  # type: ignore[union-attr]
             weight = layout.query.weight  # type: ignore[union-attr]
-            new.qkv = nn.Linear(layout.embed_dim, 3 * layout.attn_dim, bias=bias, device=weight.device, dtype=weight.dtype)
+            new.qkv = nn.Linear(
+                layout.embed_dim, 3 * layout.attn_dim, bias=bias, device=weight.device, dtype=weight.dtype
+            )
             with torch.no_grad():
                 new.qkv.weight.copy_(torch.cat([part.weight for part in parts]))  # type: ignore[union-attr]
                 if bias:

@@ -156,8 +156,11 @@ class OpenVINORunner:
 
         core = ov.Core()
         ir = core.read_model(str(path))
-        config: dict[str, Any] = {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY",
-                                  "NUM_STREAMS": 1}
+        config: dict[str, Any] = {
+            "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+            "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": 1,
+        }
         if ir.has_rt_info(_RUNTIME_HINT):
             config["INFERENCE_PRECISION_HINT"] = ir.get_rt_info(_RUNTIME_HINT).astype(str)
         self.compiled = core.compile_model(ir, "CPU", config)

@@ -21,8 +21,9 @@ Example (a tiny timm ViT; ``vit_base_patch16_224`` the same way)::
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Literal, Optional, Sequence, Union
+from typing import Any, Literal, Optional, Union
 
 import torch
 import torch_pruning as tp
@@ -84,8 +85,10 @@ def quantized_layer_names(model: nn.Module) -> list[str]:
     for name, module in model.named_modules():
         weight = module.__dict__.get("_parameters", {}).get("weight")
         subclass = weight is not None and type(weight.data) is not torch.Tensor
-        if isinstance(module, X86Int8DynamicLinear) or subclass or type(module).__module__.startswith(
-            "torch.ao.nn.quantized"
+        if (
+            isinstance(module, X86Int8DynamicLinear)
+            or subclass
+            or type(module).__module__.startswith("torch.ao.nn.quantized")
         ):
             names.append(name)
     return names
@@ -135,7 +138,9 @@ class PruneConfig:
         check_fraction(self.pruning_ratio, "pruning_ratio", "0.5 to remove half")
         check_choice(self.target, "target", ("channels", "params", "macs"))
         if not isinstance(self.importance, tp.importance.Importance):
-            check_choice(self.importance, "importance", sorted(_IMPORTANCES), " or a torch_pruning.importance.Importance object")
+            check_choice(
+                self.importance, "importance", sorted(_IMPORTANCES), " or a torch_pruning.importance.Importance object"
+            )
         for name in ("global_pruning", "prune_embed_dim", "prune_attention", "prune_heads", "prune_mlp"):
             check_bool(getattr(self, name), name)
         if not (self.prune_embed_dim or self.prune_attention or self.prune_mlp):
@@ -155,8 +160,11 @@ class PruneConfig:
 
     def to_record(self) -> dict[str, Any]:
         """Plain data (``weights_only``-safe): written into checkpoints, compared on resume."""
-        return {**{f.name: getattr(self, f.name) for f in fields(self)}, "importance": self.importance_name,
-                "ignored_layers": list(self.ignored_layers)}
+        return {
+            **{f.name: getattr(self, f.name) for f in fields(self)},
+            "importance": self.importance_name,
+            "ignored_layers": list(self.ignored_layers),
+        }
 
     # ------------------------------------------------------- what a ratio does to widths
     def cut_widths(self, widths: dict[str, list[int]]) -> dict[str, int]:
@@ -248,14 +256,19 @@ class PruneConfig:
                 "prune_embed_dim both True or both False, and global_pruning=False."
             )
         if not capabilities.head_dim_pruning and self.prune_attention != self.prune_embed_dim:
-            on, off = ("prune_attention", "prune_embed_dim") if self.prune_attention else ("prune_embed_dim", "prune_attention")
+            on, off = (
+                ("prune_attention", "prune_embed_dim")
+                if self.prune_attention
+                else ("prune_embed_dim", "prune_attention")
+            )
             raise ValueError(
                 f"{on}=True with {off}=False is not possible on {family} models: their nn.MultiheadAttention "
                 f"prunes q/k/v only together with the embedding. Pass {off}=True as well, or {on}=False "
                 "(prune_mlp=True alone prunes only the MLP channels)."
             )
         qk_norm = [
-            layout.name for layout in adapter.layouts()
+            layout.name
+            for layout in adapter.layouts()
             if not isinstance(getattr(layout.module, "q_norm", nn.Identity()), nn.Identity)
         ]
         if qk_norm and self.prune_attention and not self.prune_heads:
@@ -323,8 +336,10 @@ def _tie_embedding_to_heads(
             head_dim -= config.removed(False, width[1], config.pruning_ratio)
         targets.add(heads * head_dim)
     if len(targets) != 1:
-        raise ValueError(f"The attention blocks would keep q/k/v widths {sorted(targets)}, but {adapter.family} "
-                         "attention needs one width, the embedding's: prune every block by the same ratio.")
+        raise ValueError(
+            f"The attention blocks would keep q/k/v widths {sorted(targets)}, but {adapter.family} "
+            "attention needs one width, the embedding's: prune every block by the same ratio."
+        )
     target = targets.pop()
     for layer in residual:
         ratio_dict[layer] = _ratio_to_keep(widths["embed"][0], target)
@@ -386,9 +401,14 @@ def prune_vit(
     config.check_model(model)
     adapter.prepare_pruning()
     layouts = adapter.layouts()
-    residual, mlp_inputs, attention = adapter.residual_layers(), adapter.mlp_input_layers(), _attention_output_layers(adapter)
+    residual, mlp_inputs, attention = (
+        adapter.residual_layers(),
+        adapter.mlp_input_layers(),
+        _attention_output_layers(adapter),
+    )
     ignored: list[Union[nn.Module, nn.Parameter]] = [  # torch-pruning takes modules and parameters
-        *(head for _, head in adapter.classifier_heads()), *(get_submodule(model, n) for n in config.ignored_layers),
+        *(head for _, head in adapter.classifier_heads()),
+        *(get_submodule(model, n) for n in config.ignored_layers),
         *(m for _, pool in adapter.attention_pools() for m in (pool, pool.latent)),  # narrowed after the step
         *(mlp.fc1 for _, mlp in adapter.glu_mlps()),  # torch-pruning misreads their chunk: narrowed after the step
     ]
@@ -405,8 +425,11 @@ def prune_vit(
     head_ratio_dict: dict[nn.Module, float] = {}
     if keep is not None and not global_pruning:
         by_key = {
-            name: layout for layout in layouts if layout.kind != "in_proj"
-            for name, m in model.named_modules() if m is layout.head_projections[0]
+            name: layout
+            for layout in layouts
+            if layout.kind != "in_proj"
+            for name, m in model.named_modules()
+            if m is layout.head_projections[0]
         }
         for name, width in prunable_widths(model).items():
             target = keep.get(name)
@@ -439,7 +462,8 @@ def prune_vit(
     # channel concat); with landmarks >= tokens the module runs exact attention, whose graph is timm's
     landmarks: dict[Any, int] = {  # Nyström attentions, whose landmark count is set by name
         layout.module: count
-        for layout in layouts if isinstance(count := getattr(layout.module, "num_landmarks", None), int)
+        for layout in layouts
+        if isinstance(count := getattr(layout.module, "num_landmarks", None), int)
     }
     for attn in landmarks:
         attn.num_landmarks = 2**31

@@ -78,7 +78,6 @@ def widths_after(original: dict[str, list[int]], ratio: float, prune_heads: bool
     return keep
 
 
-
 # ---------------------------------------------------------------------------- replay
 def replay_prune(model: nn.Module, record: Record) -> None:
     """Give ``model`` the shapes a pruning step left; the state dict fills in the weights."""
@@ -91,9 +90,7 @@ def replay_prune(model: nn.Module, record: Record) -> None:
             if tensor_name in module._parameters:
                 old = module._parameters[tensor_name]
                 assert old is not None
-                module._parameters[tensor_name] = nn.Parameter(
-                    old.new_zeros(shape), requires_grad=old.requires_grad
-                )
+                module._parameters[tensor_name] = nn.Parameter(old.new_zeros(shape), requires_grad=old.requires_grad)
             elif tensor_name in module._buffers:
                 old_buffer = module._buffers[tensor_name]
                 assert old_buffer is not None
@@ -205,12 +202,22 @@ def _attributes(
         return {"num_heads": heads, "head_dim": head_dim, "attn_dim": qkv[0] // 3, "scale": scale}
     in_proj = tensors.get("in_proj_weight")
     if isinstance(module, nn.MultiheadAttention) and in_proj:  # pruned only along with the embedding
-        return {"embed_dim": in_proj[1], "kdim": in_proj[1], "vdim": in_proj[1], "head_dim": in_proj[0] // 3 // module.num_heads}
+        return {
+            "embed_dim": in_proj[1],
+            "kdim": in_proj[1],
+            "vdim": in_proj[1],
+            "head_dim": in_proj[0] // 3 // module.num_heads,
+        }
     query = after.get(dot + "q_proj", {}).get("tensors", {}).get("weight")
     if query and is_attention_block(module):  # transformers: separate q/k/v
         heads, head_dim = _head_layout(name, module, query[0], saved, nystrom, prefix)
-        return {"num_attention_heads": heads, "num_heads": heads, "attention_head_size": head_dim,
-                "head_dim": head_dim, "all_head_size": query[0]}
+        return {
+            "num_attention_heads": heads,
+            "num_heads": heads,
+            "attention_head_size": head_dim,
+            "head_dim": head_dim,
+            "all_head_size": query[0],
+        }
     kv = after.get(dot + "kv", {}).get("tensors", {}).get("weight")
     if kv and is_attention_pool(module):  # an attention pool narrowed to a pruned embedding: heads stay
         head_dim = kv[0] // 2 // module.num_heads

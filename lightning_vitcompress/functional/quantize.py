@@ -26,7 +26,6 @@ Example (a tiny timm ViT; any model with linear layers the same way)::
     (8, {'head': 'skip'}, True)
 """
 
-
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
@@ -64,7 +63,7 @@ from lightning_vitcompress.functional.x86_int8 import (
     calibrate_input_ranges,
 )
 
-__all__ = ['ModelInputs', 'quantize_model', 'remove_fake_quantization', 'split_attention_to_quantize']
+__all__ = ["ModelInputs", "quantize_model", "remove_fake_quantization", "split_attention_to_quantize"]
 
 
 RECORD_KIND = "quantize"
@@ -132,7 +131,9 @@ def _replay_quantize(model: nn.Module, record: Record) -> None:
         except AttributeError as err:
             raise KeyError(f"The checkpoint's quantize record names layer {name!r}, which this model lacks.") from err
         if not isinstance(layer, nn.Linear):
-            raise TypeError(f"The checkpoint's quantize record names {name!r}, a {type(layer).__name__}, not nn.Linear.")
+            raise TypeError(
+                f"The checkpoint's quantize record names {name!r}, a {type(layer).__name__}, not nn.Linear."
+            )
         if module_class is not None:
             empty = module_class(layer.in_features, layer.out_features, bias=layer.bias is not None)
             set_submodule(model, name, empty.to(layer.weight.device))
@@ -170,7 +171,6 @@ def keep_encoder_layers_unfused(model: nn.Module) -> None:
             for layer in (module.linear1, module.linear2)
         ):
             module.activation_relu_or_gelu = 0
-
 
 
 def remove_fake_quantization(model: nn.Module) -> None:

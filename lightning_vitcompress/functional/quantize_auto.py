@@ -188,8 +188,10 @@ def select_quantization(
             trials[candidate.label] = _trial(candidate, "not tried: no calibration inputs")
             continue
         typical = f", about {sum(build_times) / len(build_times):.0f} s each so far" if build_times else ""
-        say(f"trying {candidate.label} ({index}/{len(candidates)}: quantize"
-            f"{' + compile' if spec.compiles(compile) else ''}{typical})")
+        say(
+            f"trying {candidate.label} ({index}/{len(candidates)}: quantize"
+            f"{' + compile' if spec.compiles(compile) else ''}{typical})"
+        )
         began = time.perf_counter()
         try:
             trial_model = copy.deepcopy(model)
@@ -201,8 +203,9 @@ def select_quantization(
                 calibration_inputs=calibration_inputs if spec.calibrates else None,
             )
             if spec.compiles(compile):
-                spec.compile(trial_model, candidate.inference_precision,
-                             **(compile if isinstance(compile, dict) else {}))
+                spec.compile(
+                    trial_model, candidate.inference_precision, **(compile if isinstance(compile, dict) else {})
+                )
             with torch.inference_mode():
                 trial_model.eval()(timing_input)  # compiles for the timed shape (and fails here, not in the timer)
         except Exception as err:
@@ -219,14 +222,20 @@ def select_quantization(
     if built:
         left = max(0.0, time_budget_s - (time.perf_counter() - start))
         per_measurement = min(min_run_time, max(0.05, 0.5 * left / (rounds * (len(built) + 1))))
-        say(f"timing {len(built)} configs against the unquantized model, interleaved (batch "
-            f"{timing_input.shape[0]}, {rounds} rounds of {per_measurement:.2f} s or more each)")
+        say(
+            f"timing {len(built)} configs against the unquantized model, interleaved (batch "
+            f"{timing_input.shape[0]}, {rounds} rounds of {per_measurement:.2f} s or more each)"
+        )
         variants = {"unquantized": model, **built}
         samples: dict[str, list[float]] = {label: [] for label in variants}
         for round_index in range(rounds):
             # one round at a time: a round or more is always measured, the next only while time is left
             measured = compare_throughput(
-                variants, timing_input, num_threads=num_threads, rounds=1, min_run_time=per_measurement,
+                variants,
+                timing_input,
+                num_threads=num_threads,
+                rounds=1,
+                min_run_time=per_measurement,
                 warmup=1 if round_index == 0 else 0,
             )
             for label, value in measured.items():
@@ -255,13 +264,15 @@ def select_quantization(
                     continue
             chosen = by_label[label]
             trials[label]["status"] = "chosen"
-            reason = f"fastest config{' within the accuracy budget' if budget is not None else ''}: " \
-                     f"{ips[label] / baseline_ips:.2f}x the unquantized model"
+            reason = (
+                f"fastest config{' within the accuracy budget' if budget is not None else ''}: "
+                f"{ips[label] / baseline_ips:.2f}x the unquantized model"
+            )
             break
         else:
             if faster:
                 reason = "every config faster than the unquantized model lost more accuracy than the budget allows"
-        for label in faster[faster.index(chosen.label) + 1:] if chosen is not None else ():
+        for label in faster[faster.index(chosen.label) + 1 :] if chosen is not None else ():
             trials[label]["status"] = "faster than unquantized, not needed"
     models = dict(built) if keep_models else {}
     built.clear()
@@ -288,6 +299,7 @@ def format_auto_table(result: dict[str, Any]) -> str:
         lines.append(f"| {trial['label']} | {ips} | {speedup} | {top1} | {trial['status']} |")
     chosen = result["chosen"]
     verdict = f"chose {chosen.label}" if chosen is not None else "kept the model unquantized"
-    lines.append(f"\n{verdict}: {result['reason']} (batch {result['batch_size']}, selection took "
-                 f"{result['seconds']:.1f} s)")
+    lines.append(
+        f"\n{verdict}: {result['reason']} (batch {result['batch_size']}, selection took {result['seconds']:.1f} s)"
+    )
     return "\n".join(lines)

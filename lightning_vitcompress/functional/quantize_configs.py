@@ -47,8 +47,17 @@ from lightning_vitcompress.functional.x86_int8 import (
     cpu_supports_int8_dot_product,
 )
 
-__all__ = ['INFERENCE_PRECISIONS', 'QUANTIZATION_CONFIGS', 'DefaultChoice', 'QuantizationSpec', 'check_compile', 'check_config',
-           'default_quantization', 'resolve_quantization', 'spec_for_label']
+__all__ = [
+    "INFERENCE_PRECISIONS",
+    "QUANTIZATION_CONFIGS",
+    "DefaultChoice",
+    "QuantizationSpec",
+    "check_compile",
+    "check_config",
+    "default_quantization",
+    "resolve_quantization",
+    "spec_for_label",
+]
 
 
 #: ``QuantizeOnFit(inference_precision=...)``: the dtype the compiled model's unquantized ops run in
@@ -99,11 +108,15 @@ class QuantizationSpec:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"QuantizationSpec(name={self.name!r}): pass the config's name, e.g. 'int8_dynamic'.")
         if not callable(self.build):
-            raise TypeError(f"QuantizationSpec(name={self.name!r}, build={self.build!r}): pass a function "
-                            "returning a torchao config, e.g. torchao.quantization.Int8WeightOnlyConfig.")
+            raise TypeError(
+                f"QuantizationSpec(name={self.name!r}, build={self.build!r}): pass a function "
+                "returning a torchao config, e.g. torchao.quantization.Int8WeightOnlyConfig."
+            )
         if self.bf16_mixed and not self.frozen_compile:
-            raise ValueError(f"QuantizationSpec(name={self.name!r}): bf16_mixed=True needs frozen_compile=True "
-                             "(bf16-mixed runs inside compile_frozen).")
+            raise ValueError(
+                f"QuantizationSpec(name={self.name!r}): bf16_mixed=True needs frozen_compile=True "
+                "(bf16-mixed runs inside compile_frozen)."
+            )
 
     @functools.cached_property
     def config_class(self) -> type:
@@ -349,20 +362,29 @@ def default_quantization(device: torch.device, calibrates: bool = True) -> Defau
     if device.type == "cuda":
         capability = torch.cuda.get_device_capability(device)
         if capability >= QUANTIZATION_CONFIGS["float8_dynamic"].min_capability:  # type: ignore[operator]
-            return DefaultChoice("float8_dynamic", "32-true", f"CUDA compute capability {capability[0]}."
-                                 f"{capability[1]} has float8 tensor cores")
-        return DefaultChoice("int8_dynamic", "32-true", f"CUDA compute capability {capability[0]}.{capability[1]}: "
-                             "int8 (float8 needs 8.9 or newer)")
+            return DefaultChoice(
+                "float8_dynamic",
+                "32-true",
+                f"CUDA compute capability {capability[0]}.{capability[1]} has float8 tensor cores",
+            )
+        return DefaultChoice(
+            "int8_dynamic",
+            "32-true",
+            f"CUDA compute capability {capability[0]}.{capability[1]}: int8 (float8 needs 8.9 or newer)",
+        )
     if device.type == "cpu" and cpu_supports_int8_dot_product():
         bf16 = cpu_supports_bfloat16()
         config = "int8_static_x86" if calibrates else "int8_dynamic_x86"
         reason = "x86 CPU with int8 dot products (VNNI/AMX): oneDNN int8 GEMMs" + (
-            ", activation ranges calibrated on training batches" if calibrates else
-            " with dynamic activation ranges (no training batch to calibrate on)")
+            ", activation ranges calibrated on training batches"
+            if calibrates
+            else " with dynamic activation ranges (no training batch to calibrate on)"
+        )
         reason += ", the rest in bf16 (native on this CPU)" if bf16 else " (no native bf16 on this CPU: float32 rest)"
         return DefaultChoice(config, "bf16-mixed" if bf16 else "32-true", reason)
-    return DefaultChoice("int8_dynamic", "32-true", f"{device.type} device without x86 int8 dot products: torchao's "
-                         "portable int8")
+    return DefaultChoice(
+        "int8_dynamic", "32-true", f"{device.type} device without x86 int8 dot products: torchao's portable int8"
+    )
 
 
 def check_config(config: Any) -> None:
@@ -491,6 +513,7 @@ def check_compile(compile: Any) -> None:
         modes = inductor_mode_options()
         if mode not in modes:
             raise ValueError(f"compile={compile!r}: mode={mode!r} is not a torch.compile mode; use one of {modes}.")
+
 
 def unprepared(layer: nn.Module) -> nn.Module:
     return layer.to_linear() if isinstance(layer, FakeQuantizedLinear) else layer

@@ -24,7 +24,7 @@ from torch import nn
 if TYPE_CHECKING:
     from lightning_vitcompress.functional.quantize_configs import QuantizationSpec
 
-__all__ = ['SkipSpec', 'check_skip', 'select_layers']
+__all__ = ["SkipSpec", "check_skip", "select_layers"]
 
 
 SkipSpec = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]

@@ -51,9 +51,7 @@ def layer_sensitivity(
     result: dict[str, float] = {}
     with eval_mode(model), torch.no_grad():
         references = [logits_of(model(x)).float() for x in batches]
-        ranges = (
-            calibrate_input_ranges(model, list(layers), (((x,), {}) for x in batches)) if spec.calibrates else {}
-        )
+        ranges = calibrate_input_ranges(model, list(layers), (((x,), {}) for x in batches)) if spec.calibrates else {}
         for name in layers:
             original = model.get_submodule(name)
             if spec.calibrates and name not in ranges:

@@ -45,8 +45,10 @@ def find_split_attentions(saved: SavedModel) -> None:
     Such a module is saved with ``<name>.qkv.weight`` and no ``in_proj_weight``.
     """
     saved.found["split_attention"] = [
-        name for name, module in saved.model.named_modules()
-        if isinstance(module, nn.MultiheadAttention) and f"{name}.qkv.weight" in saved.state_dict
+        name
+        for name, module in saved.model.named_modules()
+        if isinstance(module, nn.MultiheadAttention)
+        and f"{name}.qkv.weight" in saved.state_dict
         and f"{name}.in_proj_weight" not in saved.state_dict
     ]
 

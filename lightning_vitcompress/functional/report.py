@@ -11,13 +11,13 @@ CPU/GPU names, library versions); a device that is absent is reported as
 from __future__ import annotations
 
 import copy
-import warnings
 import datetime
 import platform
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -37,7 +37,7 @@ from lightning_vitcompress.functional.measure import (
     thread_count,
 )
 
-__all__ = ['benchmark_model', 'compare_models', 'format_report', 'save_plot', 'summarize']
+__all__ = ["benchmark_model", "compare_models", "format_report", "save_plot", "summarize"]
 
 
 REPORT_FILENAME = "vitcompress_benchmark.json"
@@ -110,7 +110,7 @@ def check_input_shape(input_shape: Any) -> tuple[int, int, int]:
 def _cuda_copy(model: nn.Module, label: str) -> Optional[nn.Module]:
     try:
         return copy.deepcopy(model).to("cuda")
-    except Exception as err:  # noqa: BLE001 - e.g. a CPU-only quantized layout
+    except Exception as err:
         warnings.warn(f"could not move the {label} model to CUDA ({err}); GPU columns are n/a.", stacklevel=2)
         return None
 
@@ -184,7 +184,11 @@ def compare_models(
             say(f"size, MACs{', accuracy' if batches else ''}: {name}")
         if "cpu" in devices:
             for name, ips in compare_throughput(
-                models, example_input, num_threads=threads, rounds=rounds, min_run_time=min_run_time,
+                models,
+                example_input,
+                num_threads=threads,
+                rounds=rounds,
+                min_run_time=min_run_time,
                 progress=lambda message: say(f"CPU {message}"),
             ).items():
                 results[name]["cpu_images_per_s"] = ips
@@ -200,7 +204,10 @@ def compare_models(
             if movable:
                 gpu_input = example_input.to("cuda")
                 for name, ips in compare_throughput(
-                    movable, gpu_input, rounds=rounds, min_run_time=min_run_time,
+                    movable,
+                    gpu_input,
+                    rounds=rounds,
+                    min_run_time=min_run_time,
                     progress=lambda message: say(f"GPU {message}"),
                 ).items():
                     results[name]["gpu_images_per_s"] = ips
@@ -284,7 +291,10 @@ def format_report(report: dict[str, Any]) -> str:
     deployed = report.get("deployed")  # the exported file as loaded (ExportOnFit), when there is one
     lines = ["| metric | baseline | final | final / baseline |", "|---|---|---|---|"]
     if deployed is not None:
-        lines = ["| metric | baseline | final | final / baseline | deployed | deployed / baseline |", "|---|---|---|---|---|---|"]
+        lines = [
+            "| metric | baseline | final | final / baseline | deployed | deployed / baseline |",
+            "|---|---|---|---|---|---|",
+        ]
     for label, key, digits in rows:
         ratio = _ratio(final.get(key), baseline.get(key))
         if key == "accuracy":
@@ -325,7 +335,11 @@ def _baselines_table(report: dict[str, Any]) -> list[str]:
     references = report.get("baselines") or {}
     if not references:
         return []
-    lines = ["", "| against | CPU images/s | GPU images/s | final CPU speedup | final GPU speedup |", "|---|---|---|---|---|"]
+    lines = [
+        "",
+        "| against | CPU images/s | GPU images/s | final CPU speedup | final GPU speedup |",
+        "|---|---|---|---|---|",
+    ]
     baseline_ratios = report["ratios"]
     lines.append(
         f"| fp32 eager (baseline) | {_cell(report['baseline'].get('cpu_images_per_s'), 1)} "
@@ -365,21 +379,27 @@ def _decision_lines(decisions: dict[str, Any]) -> list[str]:
             lines.append(f"- {name}: {block} kept exact: {why}")
         if "break_even_tokens" in decided:
             even = decided["break_even_tokens"]
-            lines.append(f"- {name}(min_tokens='auto'): measured break-even "
-                         f"{'not reached' if even is None else f'{even} tokens'}")
+            lines.append(
+                f"- {name}(min_tokens='auto'): measured break-even "
+                f"{'not reached' if even is None else f'{even} tokens'}"
+            )
         if decided.get("stopped_by_budget"):
             lines.append(f"- {name}: the schedule stopped after step {decided.get('steps_kept')}")
         if decided.get("kept_in_higher_precision"):
-            lines.append(f"- {name}: kept in higher precision for the accuracy budget, most sensitive first: "
-                         f"{', '.join(decided['kept_in_higher_precision'])}")
+            lines.append(
+                f"- {name}: kept in higher precision for the accuracy budget, most sensitive first: "
+                f"{', '.join(decided['kept_in_higher_precision'])}"
+            )
         auto = decided.get("auto")
         if auto:
             tried = ", ".join(
                 f"{t['label']} {'n/a' if t['speedup'] is None else format(t['speedup'], '.2f') + 'x'}"
                 for t in auto["tried"]
             )
-            lines.append(f"- {name}(config='auto') chose {auto['chosen']}: {auto['reason']} (tried: {tried}; "
-                         f"{auto['selection_seconds']:.0f} s)")
+            lines.append(
+                f"- {name}(config='auto') chose {auto['chosen']}: {auto['reason']} (tried: {tried}; "
+                f"{auto['selection_seconds']:.0f} s)"
+            )
     return ["", "Decisions:", *lines] if lines else []
 
 
@@ -414,6 +434,3 @@ def save_plot(report: dict[str, Any], path: Union[str, Path]) -> Optional[Path]:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-

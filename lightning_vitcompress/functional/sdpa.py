@@ -122,5 +122,13 @@ def _sdpa_arguments(
     enable_gqa: bool = False,
 ) -> dict[str, Any]:
     """``F.scaled_dot_product_attention``'s arguments by name (its signature, positional or keyword)."""
-    return dict(query=query, key=key, value=value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                scale=scale, enable_gqa=enable_gqa)
+    return dict(
+        query=query,
+        key=key,
+        value=value,
+        attn_mask=attn_mask,
+        dropout_p=dropout_p,
+        is_causal=is_causal,
+        scale=scale,
+        enable_gqa=enable_gqa,
+    )

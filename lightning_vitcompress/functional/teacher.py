@@ -87,7 +87,11 @@ def check_teacher(
             close = difflib.get_close_matches(teacher, timm.list_models(), n=5, cutoff=0.6)
             hint = f" Close matches: {close}." if close else " See timm.list_models('<pattern>*')."
             raise ValueError(f"teacher={teacher!r} is neither an existing checkpoint path nor a timm model name.{hint}")
-    given = {"teacher_weights": teacher_weights, "teacher_kwargs": teacher_kwargs or None, "teacher_class": teacher_class}
+    given = {
+        "teacher_weights": teacher_weights,
+        "teacher_kwargs": teacher_kwargs or None,
+        "teacher_class": teacher_class,
+    }
     only_for = {"teacher_weights": "timm", "teacher_kwargs": "timm", "teacher_class": "checkpoint"}
     for argument, applies_to in only_for.items():
         if given[argument] is not None and kind != applies_to:

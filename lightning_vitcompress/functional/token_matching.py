@@ -103,8 +103,14 @@ def _size_bias(size: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[tor
     return None if size is None else size.log().to(dtype)[:, None, None, :, 0]  # (B, 1, 1, N)
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], dropout: float,
-          scale: Optional[float]) -> torch.Tensor:
+def _sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    dropout: float,
+    scale: Optional[float],
+) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale)
 
 
@@ -130,8 +136,9 @@ def _timm_attention(m: Any, x: torch.Tensor, size: Optional[torch.Tensor]) -> tu
     return m.proj_drop(m.proj(out)), k.mean(1)
 
 
-def _mha_attention(m: nn.MultiheadAttention, x: torch.Tensor,
-                   size: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _mha_attention(
+    m: nn.MultiheadAttention, x: torch.Tensor, size: Optional[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``nn.MultiheadAttention`` self-attention on batch-first ``x``, plus the size bias."""
     batch, tokens, _ = x.shape
     heads = m.num_heads
@@ -141,8 +148,7 @@ def _mha_attention(m: nn.MultiheadAttention, x: torch.Tensor,
     return m.out_proj(out.transpose(1, 2).reshape(batch, tokens, -1)), k.mean(1)
 
 
-def _separate_attention(m: Any, x: torch.Tensor,
-                        size: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _separate_attention(m: Any, x: torch.Tensor, size: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers >= 5 ViT/DeiT attention (``q_proj``/``k_proj``/``v_proj``/``o_proj``), plus the size bias."""
     batch, tokens, _ = x.shape
     heads = m.num_attention_heads
@@ -172,8 +178,10 @@ def _attention_problem(module: nn.Module) -> Optional[str]:
     """Why :func:`_attend` cannot run ``module`` with sizes (None: it can)."""
     for name, _ in [*module.named_parameters(), *module.named_buffers()]:
         if "rel" in name or "pos" in name or "rope" in name:
-            return (f"it holds {name!r}, a position bias of fixed length inside the block, which cannot follow "
-                    "merged tokens")
+            return (
+                f"it holds {name!r}, a position bias of fixed length inside the block, which cannot follow "
+                "merged tokens"
+            )
     if isinstance(module, nn.MultiheadAttention):
         if not module._qkv_same_embed_dim or module.bias_k is not None or module.add_zero_attn:
             return "nn.MultiheadAttention with kdim/vdim, bias_k/bias_v or add_zero_attn"
@@ -181,8 +189,11 @@ def _attention_problem(module: nn.Module) -> Optional[str]:
     if getattr(type(module), "is_vitcompress_attention", False):
         return None
     if isinstance(getattr(module, "qkv", None), nn.Module):
-        missing = [a for a in ("num_heads", "head_dim", "q_norm", "k_norm", "norm", "proj", "proj_drop", "fused_attn")
-                   if not hasattr(module, a)]
+        missing = [
+            a
+            for a in ("num_heads", "head_dim", "q_norm", "k_norm", "norm", "proj", "proj_drop", "fused_attn")
+            if not hasattr(module, a)
+        ]
         return f"a fused-qkv attention without {missing}" if missing else None
     if all(isinstance(getattr(module, a, None), nn.Linear) for a in ("q_proj", "k_proj", "v_proj", "o_proj")):
         return None

@@ -90,7 +90,8 @@ RSpec = Union[int, Sequence[int]]
 def _check_r(r: Any) -> None:
     ok_int = isinstance(r, int) and not isinstance(r, bool) and r >= 0
     ok_list = (
-        isinstance(r, (list, tuple)) and len(r) > 0
+        isinstance(r, (list, tuple))
+        and len(r) > 0
         and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in r)
     )
     if not (ok_int or ok_list):
@@ -193,7 +194,9 @@ def _merging_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any
     settings: _BlockMerging = self.__dict__[MERGE_ATTRIBUTE]
     state = settings.state
     size = state.size if settings.index > 0 else None  # the first block starts every forward afresh
-    masks = [a for a in args if isinstance(a, torch.Tensor)] + [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
+    masks = [a for a in args if isinstance(a, torch.Tensor)] + [
+        v for v in kwargs.values() if isinstance(v, torch.Tensor)
+    ]
     if state.paused or (size is None and settings.r == 0):
         state.size = None
         out = type(self).forward(self, x, *args, **kwargs)
@@ -351,8 +354,13 @@ def apply_merge_plan(model: nn.Module, plan: dict[str, Any]) -> None:
     state = _MergeState(len(found))
     for index, ((_, block, attention), r) in enumerate(zip(found, plan["block_r"])):
         block.__dict__[MERGE_ATTRIBUTE] = _BlockMerging(
-            index, int(r), attention, int(plan["num_prefix_tokens"]), bool(plan["proportional_attention"]),
-            type(adapter), state,
+            index,
+            int(r),
+            attention,
+            int(plan["num_prefix_tokens"]),
+            bool(plan["proportional_attention"]),
+            type(adapter),
+            state,
         )
         block.forward = types.MethodType(_merging_forward, block)
 
@@ -383,8 +391,9 @@ def merge_tokens(
     if not isinstance(config, TokenMergingConfig):
         config = TokenMergingConfig(r=config, **options)
     elif options:
-        raise ValueError(f"merge_tokens: pass the options in the TokenMergingConfig, not also as keywords "
-                         f"({sorted(options)}).")
+        raise ValueError(
+            f"merge_tokens: pass the options in the TokenMergingConfig, not also as keywords ({sorted(options)})."
+        )
     plan = plan_token_merging(model, config, example_input)
     example = example_input[:1] if example_input is not None else shape_example_input(model)
     before = output_shape(model, example)
@@ -407,8 +416,10 @@ def remove_token_merging(model: nn.Module) -> None:
 @contextlib.contextmanager
 def token_merging_paused(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block, ``model``'s blocks run their own forward (for tracing, e.g. torch-pruning)."""
-    states = {id(block.__dict__[MERGE_ATTRIBUTE].state): block.__dict__[MERGE_ATTRIBUTE].state
-              for _, block in _merging_blocks(model)}
+    states = {
+        id(block.__dict__[MERGE_ATTRIBUTE].state): block.__dict__[MERGE_ATTRIBUTE].state
+        for _, block in _merging_blocks(model)
+    }
     before = {key: state.paused for key, state in states.items()}
     for state in states.values():
         state.paused = True
@@ -447,4 +458,3 @@ def merged_token_counts(model: nn.Module, example_input: Optional[torch.Tensor] 
 @register_replay("tome")
 def _replay_token_merging(model: nn.Module, record: Record) -> None:
     apply_merge_plan(model, record)
-

@@ -166,7 +166,6 @@ def _quantize_linear(module: nn.Module, config: Int8DynamicX86Config) -> nn.Modu
     return X86Int8DynamicLinear.from_linear(module)
 
 
-
 class X86Int8StaticLinear(X86Int8DynamicLinear):
     """An :class:`X86Int8DynamicLinear` whose activation quantization was calibrated once.
 
@@ -189,9 +188,7 @@ class X86Int8StaticLinear(X86Int8DynamicLinear):
         self.input_zero_point = 0
 
     @classmethod
-    def from_linear(
-        cls, linear: nn.Linear, input_range: Optional[tuple[float, float]] = None
-    ) -> X86Int8StaticLinear:
+    def from_linear(cls, linear: nn.Linear, input_range: Optional[tuple[float, float]] = None) -> X86Int8StaticLinear:
         """Quantize ``linear``'s weight; ``input_range`` (min, max) is what its inputs were seen to span."""
         if input_range is None:
             raise ValueError(
@@ -370,4 +367,3 @@ def cpu_supports_int8_dot_product() -> bool:
     if platform.machine().lower() not in ("x86_64", "amd64", "x86", "i686"):
         return False
     return cpu_has_amx_or_vnni()
-

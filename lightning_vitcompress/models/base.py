@@ -115,9 +115,7 @@ class Capabilities:
         if not getattr(self, capability):
             reason = self.why_not.get(capability, "")
             which = f" ({model_class})" if model_class else ""
-            raise ValueError(
-                f"{option} is not possible on {family} models{which}: {reason} Turn off {option}."
-            )
+            raise ValueError(f"{option} is not possible on {family} models{which}: {reason} Turn off {option}.")
 
 
 def supported_families() -> str:
@@ -415,9 +413,13 @@ class ModelAdapter(ABC):
                     f"{heads * head_dim} and {width}."
                 )
         else:  # transformers: `scaling`, where present, is used by eager and SDPA alike and stays
-            for attr, value in (("num_attention_heads", heads), ("num_heads", heads),
-                                ("attention_head_size", head_dim), ("head_dim", head_dim),
-                                ("all_head_size", heads * head_dim)):
+            for attr, value in (
+                ("num_attention_heads", heads),
+                ("num_heads", heads),
+                ("attention_head_size", head_dim),
+                ("head_dim", head_dim),
+                ("all_head_size", heads * head_dim),
+            ):
                 if _int_attr(module, attr) is not None:
                     setattr(module, attr, value)
             if isinstance(module.__dict__.get("scale"), float):  # timm CaiT's ClassAttn: eager path only
@@ -468,8 +470,10 @@ class ModelAdapter(ABC):
     def token_blocks(self) -> list[tuple[str, nn.Module, str]]:
         """``(block name, block, attention attribute)`` of each transformer block (the parent of each attention)."""
         modules = dict(self.model.named_modules())
-        return [(name.rpartition(".")[0], modules[name.rpartition(".")[0]], name.rpartition(".")[2])
-                for name, _ in self.attention_blocks()]
+        return [
+            (name.rpartition(".")[0], modules[name.rpartition(".")[0]], name.rpartition(".")[2])
+            for name, _ in self.attention_blocks()
+        ]
 
     def merge_problem(self, block: nn.Module) -> Optional[str]:
         """Why token merging cannot run ``block`` (None: it can, with :meth:`attention_step` and :meth:`mlp_step`)."""

@@ -47,9 +47,10 @@ class BeitAdapter(TimmAdapter):
         return True
 
     def nystrom_problem(self) -> Optional[str]:
-        return ("its attention adds a relative-position bias per (query, key) pair, which Nyström attention "
-                "never forms")
+        return "its attention adds a relative-position bias per (query, key) pair, which Nyström attention never forms"
 
     def merge_problem(self, block: nn.Module) -> Optional[str]:
-        return (f"{type(block).__name__} adds a relative-position bias of fixed length (a tokens x tokens table), "
-                "which cannot follow merged tokens")
+        return (
+            f"{type(block).__name__} adds a relative-position bias of fixed length (a tokens x tokens table), "
+            "which cannot follow merged tokens"
+        )

@@ -82,8 +82,10 @@ class CaitAdapter(TimmAdapter):
         return "talking heads mix the heads' full attention maps, which Nyström attention never forms"
 
     def merge_problem(self, block: nn.Module) -> Optional[str]:
-        return (f"{type(block).__name__}'s attention mixes the attention maps of its heads (talking heads or class "
-                "attention), which merged tokens do not keep")
+        return (
+            f"{type(block).__name__}'s attention mixes the attention maps of its heads (talking heads or class "
+            "attention), which merged tokens do not keep"
+        )
 
 
 def _traced_talking_heads(attn: Any, x: torch.Tensor) -> torch.Tensor:

@@ -35,9 +35,7 @@ from torch import nn
 from lightning_vitcompress.models.base import Capabilities
 from lightning_vitcompress.models.timm import TimmAdapter
 
-_ROPE = (
-    "rotary position embeddings (RoPE) rotate fixed pairs of each head's dims by the token's grid position"
-)
+_ROPE = "rotary position embeddings (RoPE) rotate fixed pairs of each head's dims by the token's grid position"
 
 
 class EvaAdapter(TimmAdapter):
@@ -64,8 +62,10 @@ class EvaAdapter(TimmAdapter):
     def pruning_problem(self) -> Optional[str]:
         rope = getattr(self.model, "rope", None)
         if isinstance(rope, nn.Module) and any(True for _ in rope.parameters()):
-            return (f"its rotary embedding {type(rope).__name__} learns frequencies per head, which whole-head "
-                    "pruning would have to follow; supported: fixed (non-learned) RoPE, e.g. EVA-02")
+            return (
+                f"its rotary embedding {type(rope).__name__} learns frequencies per head, which whole-head "
+                "pruning would have to follow; supported: fixed (non-learned) RoPE, e.g. EVA-02"
+            )
         return None
 
     @contextlib.contextmanager

@@ -23,6 +23,7 @@ from torch import nn
 
 __all__ = ["EmbeddingParameter", "PrefixTokens", "embedding_parameter", "logits_of", "named_heads"]
 
+
 @dataclass(frozen=True)
 class EmbeddingParameter:
     """A bare parameter with one dimension along the embedding (class/dist/register token, position embedding)."""

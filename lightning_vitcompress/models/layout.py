@@ -34,7 +34,9 @@ ATTENTION_MARKER = "is_vitcompress_attention"
 
 #: (query, key, value) attribute names of separate projections, newest transformers naming first
 SEPARATE_QKV_NAMES: tuple[tuple[str, str, str], ...] = (
-    ("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q", "k", "v"),  # the last: timm CaiT's ClassAttn
+    ("q_proj", "k_proj", "v_proj"),
+    ("query", "key", "value"),
+    ("q", "k", "v"),  # the last: timm CaiT's ClassAttn
 )
 
 
@@ -151,8 +153,14 @@ def read_layout(name: str, module: nn.Module, out_proj: Optional[nn.Linear] = No
             raise TypeError("its kdim/vdim differ from embed_dim (cross-attention); only self-attention is supported")
         attn_dim = module.in_proj_weight.shape[0] // 3
         return AttentionLayout(
-            name, module, module.in_proj_weight.shape[1], heads, attn_dim // heads, module.out_proj,
-            in_proj_weight=module.in_proj_weight, in_proj_bias=module.in_proj_bias,
+            name,
+            module,
+            module.in_proj_weight.shape[1],
+            heads,
+            attn_dim // heads,
+            module.out_proj,
+            in_proj_weight=module.in_proj_weight,
+            in_proj_bias=module.in_proj_bias,
         )
     if _is_fused_qkv(module):
         heads = _int_attr(module, "num_heads")
@@ -166,7 +174,13 @@ def read_layout(name: str, module: nn.Module, out_proj: Optional[nn.Linear] = No
         attn_dim = qkv.out_features // 3
         scale = getattr(module, "scale", None)
         return AttentionLayout(
-            name, module, qkv.in_features, heads, attn_dim // heads, proj, qkv=qkv,
+            name,
+            module,
+            qkv.in_features,
+            heads,
+            attn_dim // heads,
+            proj,
+            qkv=qkv,
             scale=float(scale) if isinstance(scale, (int, float)) else None,
         )
     separate = _separate_qkv(module)
@@ -178,7 +192,15 @@ def read_layout(name: str, module: nn.Module, out_proj: Optional[nn.Linear] = No
             raise TypeError("it has q/k/v Linears but no num_attention_heads/num_heads attribute")
         scaling = getattr(module, "scaling", None)
         return AttentionLayout(
-            name, module, query.in_features, heads, query.out_features // heads, out,
-            query=query, key=key, value=value, scale=float(scaling) if isinstance(scaling, (int, float)) else None,
+            name,
+            module,
+            query.in_features,
+            heads,
+            query.out_features // heads,
+            out,
+            query=query,
+            key=key,
+            value=value,
+            scale=float(scaling) if isinstance(scaling, (int, float)) else None,
         )
     raise TypeError("it has neither a fused qkv Linear, an in_proj_weight, nor q/k/v Linears with an output projection")

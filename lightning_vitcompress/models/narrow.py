@@ -27,6 +27,7 @@ from lightning_vitcompress.models.layout import _int_attr
 
 __all__ = ["is_attention_pool", "narrow_attention_pool", "narrow_glu_mlp"]
 
+
 def is_attention_pool(module: nn.Module) -> bool:
     """A latent-query attention pool (timm ``AttentionPoolLatent``): ``latent``, ``q``, fused ``kv``, ``proj``."""
     return (
@@ -68,7 +69,9 @@ def narrow_attention_pool(name: str, pool: Any, width: int) -> None:
         q = pool.q.weight.view(heads, head_dim, -1)
         k, v = pool.kv.weight.view(2, heads, head_dim, -1)
         out = pool.proj.weight.view(-1, heads, head_dim).transpose(0, 1)
-        score = q.pow(2).sum(-1) + k.pow(2).sum(-1) + v.pow(2).sum(-1) + out.transpose(1, 2).pow(2).sum(-1)  # (heads, head_dim)
+        score = (
+            q.pow(2).sum(-1) + k.pow(2).sum(-1) + v.pow(2).sum(-1) + out.transpose(1, 2).pow(2).sum(-1)
+        )  # (heads, head_dim)
         kept = score.topk(keep, dim=1).indices.sort(dim=1).values
         rows = (kept + torch.arange(heads, device=kept.device)[:, None] * head_dim).flatten()
         trained = float(getattr(pool, "scale", head_dim**-0.5))

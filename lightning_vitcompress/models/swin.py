@@ -92,12 +92,16 @@ class SwinAdapter(ModelAdapter):
 
     def nystrom_problem(self) -> Optional[str]:
         window = self.model.layers[0].blocks[0].attn.window_size
-        return (f"WindowAttention attends within windows of {window[0]}x{window[1]} tokens, already linear in the "
-                "image size, and adds a relative-position bias per (query, key) pair")
+        return (
+            f"WindowAttention attends within windows of {window[0]}x{window[1]} tokens, already linear in the "
+            "image size, and adds a relative-position bias per (query, key) pair"
+        )
 
     def merge_problem(self, block: nn.Module) -> Optional[str]:
-        return (f"{type(block).__name__} attends within fixed windows of {block.window_size} tokens that patch "
-                "merging joins 2x2 between stages; merged tokens would not tile the windows")
+        return (
+            f"{type(block).__name__} attends within fixed windows of {block.window_size} tokens that patch "
+            "merging joins 2x2 between stages; merged tokens would not tile the windows"
+        )
 
 
 class _PatchMergingPruner(tp.pruner.function.BasePruningFunc):

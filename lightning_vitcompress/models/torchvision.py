@@ -45,8 +45,10 @@ class TorchvisionAdapter(HandWrittenAdapter):
 
     def attention_blocks(self) -> list[tuple[str, nn.Module]]:
         names = [f"encoder.layers.{name}.self_attention" for name, _ in self.model.encoder.layers.named_children()]
-        return [(name, self.check_attention(name, layer.self_attention))
-                for name, layer in zip(names, self.model.encoder.layers)]
+        return [
+            (name, self.check_attention(name, layer.self_attention))
+            for name, layer in zip(names, self.model.encoder.layers)
+        ]
 
     def patch_embedding(self) -> Optional[nn.Module]:
         conv = self.model.conv_proj

@@ -69,7 +69,8 @@ class TransformersAdapter(ModelAdapter):
         found = [
             (prefix + name, module)
             for name, module in modules
-            if _separate_qkv(module) is not None or getattr(type(module), ATTENTION_MARKER, False)  # or NystromAttention
+            if _separate_qkv(module) is not None
+            or getattr(type(module), ATTENTION_MARKER, False)  # or NystromAttention
         ]
         for name, module in modules:  # an attention that neither is nor holds q/k/v projections: unsupported
             if "attention" in type(module).__name__.lower() and not any(
