@@ -42,7 +42,7 @@ from lightning_vitcompress.functional import (
 )
 from lightning_vitcompress.functional.measure import measure_accuracy
 from lightning_vitcompress.functional.multihead_attention import MultiheadSelfAttention
-from lightning_vitcompress.functional.quantize_configs import spec_for_label
+from lightning_vitcompress.functional.quantize_structure import spec_for_label
 from lightning_vitcompress.functional.x86_int8 import calibrate_input_ranges
 
 

@@ -1,8 +1,9 @@
 """What :class:`~lightning_vitcompress.NystromSwap` checks and measures at ``setup``, apart from its hooks.
 
 ``min_tokens`` is valid; no chosen block gets an attention mask (one example runs
-through the model with spies on the blocks); ``min_tokens="auto"`` times exact
-against Nyström attention to find the break-even token count on this machine.
+through the model with spies on the blocks); no block sees only prefix tokens;
+``min_tokens="auto"`` times exact against Nyström attention to find the
+break-even token count on this machine, and blocks below the threshold stay exact.
 """
 
 from __future__ import annotations
@@ -29,7 +30,14 @@ from lightning_vitcompress.functional.nystrom import (
     nystrom_break_even,
 )
 
-__all__ = ["check_min_tokens", "check_no_masks", "measure_break_even", "token_counts"]
+__all__ = [
+    "check_min_tokens",
+    "check_no_masks",
+    "check_prefix_tokens",
+    "measure_break_even",
+    "skip_short_blocks",
+    "token_counts",
+]
 
 #: the longest sequence ``min_tokens="auto"`` times (the break-even is reported as not reached beyond it)
 _AUTO_MAX_TOKENS = 4096
@@ -188,3 +196,53 @@ def token_counts(
             "Pass example_input=<one input batch>, or min_tokens=None."
         )
     return attention_token_counts(model, example, merge_plan=plan)
+
+
+def check_prefix_tokens(config: NystromConfig, model: nn.Module, counts: dict[str, int], names: list[str]) -> None:
+    """A block whose tokens are all prefix tokens would stay exact attention: raise naming it and the fix."""
+    prefix = config.prefix_tokens(model)
+    short = {name: counts[name] for name in names if name in counts and counts[name] <= prefix}
+    if prefix == 0 or not short:
+        return
+    name, count = next(iter(short.items()))
+    source = (
+        f"num_prefix_tokens={config.num_prefix_tokens}"
+        if config.num_prefix_tokens is not None
+        else f"the {prefix} prefix tokens read from {type(model).__name__}"
+    )
+    raise ValueError(
+        f"NystromSwap({source}): block {name!r} sees only {count} tokens, so every token would be a prefix "
+        "token kept exact and Nyström attention would never run. Pass num_prefix_tokens= the model's "
+        f"class/distillation/register tokens (fewer than {count}, e.g. 1), or None to read them from the model."
+    )
+
+
+def skip_short_blocks(
+    names: list[str],
+    counts: dict[str, int],
+    min_tokens: Any,
+    break_even: Optional[dict[str, Any]],
+) -> tuple[list[str], dict[str, str]]:
+    """``(kept, skipped)``: the blocks of ``names`` whose input holds at least ``min_tokens`` tokens (the measured
+    ``break_even`` for ``"auto"``), and the others with the reason each stays exact."""
+    threshold = (break_even or {}).get("break_even") if min_tokens == "auto" else int(min_tokens)
+    keep: list[str] = []
+    skipped: dict[str, str] = {}
+    for name in names:
+        count = counts.get(name)
+        if count is None or (threshold is not None and count >= threshold):
+            keep.append(name)
+        elif threshold is None:
+            timed = max(break_even["speedups"], default=None) if break_even else None
+            skipped[name] = (
+                f"sees {count} tokens; min_tokens='auto' measured Nyström slower than exact attention at every "
+                f"timed count{f' up to {timed}' if timed else ''}"
+            )
+        else:
+            source = (
+                f"min_tokens='auto' (measured break-even {threshold})"
+                if min_tokens == "auto"
+                else f"min_tokens={min_tokens}"
+            )
+            skipped[name] = f"sees {count} tokens < {source}"
+    return keep, skipped

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_vitcompress._base import example_from_data
-from lightning_vitcompress._checks import check_choice, example_input_error
+from lightning_vitcompress._checks import check_choice, check_int, example_input_error
 from lightning_vitcompress._model import shape_example_input
 from lightning_vitcompress._structure import ModelSnapshot, Record, recorded_edits
 from lightning_vitcompress._training_state import refresh_after_structural_change
@@ -34,11 +34,46 @@ __all__ = [
     "ScheduleName",
     "channel_ratio_for",
     "example_input_for",
+    "last_recorded_step",
     "schedule_fractions",
+    "schedule_steps",
     "steps_due",
 ]
 
 ScheduleName = Literal["linear", "cubic"]
+
+
+def schedule_steps(
+    start_epoch: int, end_epoch: Optional[int], num_steps: Optional[int], interval: str
+) -> tuple[int, int]:
+    """``(end_epoch, num_steps)`` with their defaults filled in; raises naming the argument unless they fit together."""
+    check_int(start_epoch, "start_epoch", example="0 (prune at setup)")
+    end_epoch = start_epoch if end_epoch is None else end_epoch
+    check_int(end_epoch, "end_epoch", minimum=start_epoch, example=f"{start_epoch} (start_epoch={start_epoch})")
+    check_choice(interval, "interval", ("epoch", "step"))
+    if num_steps is None:
+        num_steps = end_epoch - start_epoch + 1 if interval == "epoch" else 1
+    check_int(num_steps, "num_steps", minimum=1, example="3 pruning steps")
+    if interval == "epoch" and num_steps > end_epoch - start_epoch + 1:
+        raise ValueError(
+            f"num_steps={num_steps} does not fit into epochs {start_epoch}..{end_epoch} at one step per epoch; "
+            f"use num_steps <= {end_epoch - start_epoch + 1}, a later end_epoch, or interval='step'."
+        )
+    return end_epoch, num_steps
+
+
+def last_recorded_step(pl_module: pl.LightningModule, kind: str, target_path: Optional[str]) -> Optional[Record]:
+    """The record of the last pruning step already applied to ``pl_module``'s model (replayed from a checkpoint,
+    or made by an earlier fit), or None; raises when the model was pruned but its steps were not recorded."""
+    done = [r for r in recorded_edits(pl_module) if r.get("kind") == kind and r.get("target") == target_path]
+    if done and "channel_ratio_final" not in done[-1]:
+        raise RuntimeError(
+            "PruningSchedule: the checkpoint being resumed holds a pruned model but no record of the pruning "
+            "steps (its shapes were read from the weights), so the schedule cannot tell how far it got. Resume "
+            "from a checkpoint saved with this package's records (a full ModelCheckpoint), or fine-tune the "
+            "pruned model without PruningSchedule."
+        )
+    return done[-1] if done else None
 
 
 def schedule_fractions(schedule: Union[str, Callable[[float], float]], num_steps: int) -> list[float]:
@@ -174,6 +209,16 @@ class GoodState:
                 optimizer.load_state_dict(copy.deepcopy(state))
         for config, state in zip(strategy.lr_scheduler_configs, self.schedulers):
             config.scheduler.load_state_dict(state)
+
+
+def why_not_restorable(good: Optional[GoodState], pl_module: pl.LightningModule, kind: str) -> Optional[str]:
+    """Why a rollback to ``good`` cannot happen (``None``: it can): nothing was kept, or others edited since."""
+    if good is None:
+        return "the state before it was not kept (this fit resumed after the step)"
+    others = good.edited_since(pl_module, kind)
+    if others:
+        return f"other callbacks edited the model since ({others}), which a rollback would silently undo"
+    return None
 
 
 class GradientMean:

@@ -16,7 +16,14 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_vitcompress._base import first_batch
-from lightning_vitcompress._checks import check_choice, check_int, check_max_accuracy_drop, check_path, check_positive
+from lightning_vitcompress._checks import (
+    check_choice,
+    check_int,
+    check_max_accuracy_drop,
+    check_output_file,
+    check_path,
+    check_positive,
+)
 from lightning_vitcompress.callbacks._quantization_auto import check_auto_arguments
 from lightning_vitcompress.functional.measure import images_of
 from lightning_vitcompress.functional.quantize_configs import (
@@ -94,6 +101,24 @@ def check_save_paths(save_path: Any, save_fp32_path: Any) -> tuple[Optional[Path
             "'model-fp32.ckpt'."
         )
     return save_path, save_fp32_path
+
+
+def check_output_files(save_path: Optional[Path], save_fp32_path: Optional[Path]) -> None:
+    """At setup: each path given can be written (its folder exists or can be made, it is not a folder)."""
+    for argument, path in (("save_path", save_path), ("save_fp32_path", save_fp32_path)):
+        if path is not None:
+            check_output_file(path, argument)
+
+
+def selected_layers(spec: QuantizationSpec, model: nn.Module, skip: Any, label: str) -> list[str]:
+    """The ``nn.Linear`` layers ``spec`` quantizes in ``model``; raises naming ``skip`` when there are none."""
+    selected, skipped = spec.select_layers(model, skip)
+    if not selected:
+        raise ValueError(
+            f"QuantizeOnFit(config={label!r}, skip={skip!r}) selects no nn.Linear layer of the model; "
+            f"skipped: {skipped}. Loosen `skip`."
+        )
+    return selected
 
 
 def check_resume(path: Optional[str], saved: Optional[dict[str, Any]], mine: dict[str, Any]) -> None:

@@ -73,6 +73,7 @@ from lightning_vitcompress.functional.distill import (
     check_teacher_precision,
     combine_losses,
     fixed_image_size,
+    freeze_teacher,
     load_teacher,
     resolve_teacher_precision,
     sample_keys,
@@ -226,7 +227,7 @@ class DistillationTeacher(CompressionCallback):
         student = self.target(pl_module)
         self.config.check_student(student)
         if self._teacher is None:
-            self._teacher = self._prepare_teacher(self._build_teacher(pl_module), pl_module)
+            self._teacher = freeze_teacher(self._build_teacher(pl_module), pl_module)
         check_same_classes(student, self._teacher)
         self._check_teacher_runs(trainer, student)
         self._install(pl_module)
@@ -295,18 +296,6 @@ class DistillationTeacher(CompressionCallback):
             model_attribute=self.model_attribute,
             warn=rank_zero_warn,
         )
-
-    def _prepare_teacher(self, teacher: nn.Module, pl_module: pl.LightningModule) -> nn.Module:
-        student_params = {id(p) for p in pl_module.parameters()}
-        if any(id(p) in student_params for p in teacher.parameters()):
-            raise ValueError(
-                "teacher shares parameters with the LightningModule being trained. Keep the teacher out of the "
-                "module (do not assign it as an attribute): pass it only to DistillationTeacher, so that it is "
-                "neither trained, saved in checkpoints nor wrapped by DDP."
-            )
-        teacher.eval()
-        teacher.requires_grad_(False)
-        return teacher
 
     def _check_teacher_runs(self, trainer: pl.Trainer, student: nn.Module) -> None:
         """The teacher holds weights and runs one of the student's inputs now, not at the first batch."""

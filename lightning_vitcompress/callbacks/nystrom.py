@@ -28,7 +28,9 @@ from lightning_vitcompress.callbacks._budget import judge
 from lightning_vitcompress.callbacks._nystrom_setup import (
     check_min_tokens,
     check_no_masks,
+    check_prefix_tokens,
     measure_break_even,
+    skip_short_blocks,
     token_counts,
 )
 from lightning_vitcompress.functional.budget import limit_batches
@@ -179,9 +181,7 @@ class NystromSwap(CompressionCallback):
             self._swap_done = True
             return
         check_no_masks(model, chosen, self._example(trainer, model), self.example_input, self.blocks)
-        self._check_prefix(trainer, pl_module, model, chosen)
-        if self.min_tokens is not None:
-            chosen = self._long_enough(trainer, pl_module, chosen)
+        chosen = self._long_enough(trainer, pl_module, model, chosen)
         self._selection = chosen
         if self.swap_epoch == 0 and not self.resumed(trainer):
             self._swap(pl_module, chosen)
@@ -335,64 +335,26 @@ class NystromSwap(CompressionCallback):
                 f"({self.config.prefix_tokens(model)} prefix tokens kept exact)."
             )
 
-    def _check_prefix(
+    def _long_enough(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module, names: list[str]
-    ) -> None:
-        """A block whose tokens are all prefix tokens would stay exact attention: refuse that now."""
-        prefix = self.config.prefix_tokens(model)
-        if prefix == 0:
-            return
+    ) -> list[str]:
+        """Refuse blocks of only prefix tokens; keep those of ``names`` with at least ``min_tokens`` tokens, the
+        others go to :attr:`skipped_blocks` with the reason. ``"auto"`` measures the threshold first (rank zero)."""
+        if self.min_tokens is None and self.config.prefix_tokens(model) == 0:
+            return names
+        example = self._example(trainer, model)
         try:
-            counts = token_counts(
-                trainer, pl_module, model, self._example(trainer, model), self.target_path, self.min_tokens
-            )
-        except ValueError:  # no input size known: nothing to compare with (the count is checked when it runs)
-            return
-        short = {name: counts[name] for name in names if name in counts and counts[name] <= prefix}
-        if short:
-            name, count = next(iter(short.items()))
-            source = (
-                f"num_prefix_tokens={self.config.num_prefix_tokens}"
-                if self.config.num_prefix_tokens is not None
-                else f"the {prefix} prefix tokens read from {type(model).__name__}"
-            )
-            raise ValueError(
-                f"NystromSwap({source}): block {name!r} sees only {count} tokens, so every token would be a prefix "
-                "token kept exact and Nyström attention would never run. Pass num_prefix_tokens= the model's "
-                f"class/distillation/register tokens (fewer than {count}, e.g. 1), or None to read them from the model."
-            )
-
-    def _long_enough(self, trainer: pl.Trainer, pl_module: pl.LightningModule, names: list[str]) -> list[str]:
-        """The blocks of ``names`` whose input holds at least ``min_tokens`` tokens; the others go to
-        :attr:`skipped_blocks` with the reason. ``"auto"`` measures the threshold first (rank zero, broadcast)."""
-        model = self.target(pl_module)
-        counts = token_counts(
-            trainer, pl_module, model, self._example(trainer, model), self.target_path, self.min_tokens
-        )
-        threshold: Optional[int]
+            counts = token_counts(trainer, pl_module, model, example, self.target_path, self.min_tokens)
+        except ValueError:  # no input size known: the prefix check waits for the first forward, min_tokens cannot
+            if self.min_tokens is not None:
+                raise
+            return names
+        check_prefix_tokens(self.config, model, counts, names)
+        if self.min_tokens is None:
+            return names
         if self.min_tokens == "auto":
             self.break_even = measure_break_even(trainer, model, self.config, names, counts)
-            threshold = self.break_even["break_even"]
-        else:
-            threshold = int(self.min_tokens)  # type: ignore[arg-type]
-        keep, self.skipped_blocks = [], {}
-        for name in names:
-            count = counts.get(name)
-            if count is None or (threshold is not None and count >= threshold):
-                keep.append(name)
-            elif threshold is None:
-                timed = max(self.break_even["speedups"], default=None) if self.break_even else None
-                self.skipped_blocks[name] = (
-                    f"sees {count} tokens; min_tokens='auto' measured Nyström slower than exact attention at every "
-                    f"timed count{f' up to {timed}' if timed else ''}"
-                )
-            else:
-                source = (
-                    f"min_tokens='auto' (measured break-even {threshold})"
-                    if self.min_tokens == "auto"
-                    else (f"min_tokens={self.min_tokens}")
-                )
-                self.skipped_blocks[name] = f"sees {count} tokens < {source}"
+        keep, self.skipped_blocks = skip_short_blocks(names, counts, self.min_tokens, self.break_even)
         if self.skipped_blocks:
             rank_zero_info(
                 f"NystromSwap: {len(self.skipped_blocks)} of {len(names)} blocks stay exact (too few tokens to pay): "

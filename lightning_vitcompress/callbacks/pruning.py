@@ -19,7 +19,6 @@ the step; ``on_train_end`` judges the last step.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any, Literal, Optional, Union
 
@@ -29,10 +28,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_vitcompress._base import CompressionCallback
-from lightning_vitcompress._checks import check_choice, check_example_input, check_int, check_max_accuracy_drop
+from lightning_vitcompress._checks import check_example_input, check_int, check_max_accuracy_drop
 from lightning_vitcompress._options import passed_config, takes_config
 from lightning_vitcompress._plan import PlanRow, budget_phrase, epochs_phrase
-from lightning_vitcompress._structure import ModelSnapshot, recorded_edits
 from lightning_vitcompress._training_state import refresh_after_structural_change
 from lightning_vitcompress.callbacks._budget import judge
 from lightning_vitcompress.callbacks._pruning_schedule import (
@@ -41,11 +39,15 @@ from lightning_vitcompress.callbacks._pruning_schedule import (
     ScheduleName,
     channel_ratio_for,
     example_input_for,
+    last_recorded_step,
     schedule_fractions,
+    schedule_steps,
     steps_due,
+    why_not_restorable,
 )
-from lightning_vitcompress.functional.measure import count_macs, count_parameters
-from lightning_vitcompress.functional.prune import PruneConfig, gradient_kind, prunable_widths, prune_vit, widths_after
+from lightning_vitcompress.callbacks._pruning_step import StepResult, prune_step
+from lightning_vitcompress.functional.measure import count_parameters
+from lightning_vitcompress.functional.prune import PruneConfig, gradient_kind, prunable_widths
 
 __all__ = ["PruningSchedule"]
 
@@ -128,18 +130,7 @@ class PruningSchedule(CompressionCallback):
         super().__init__(model_attribute)
         #: what is pruned (validated once); ``config=`` or the same keyword arguments
         self.config = passed_config(config, args, options)
-        check_int(start_epoch, "start_epoch", example="0 (prune at setup)")
-        end_epoch = start_epoch if end_epoch is None else end_epoch
-        check_int(end_epoch, "end_epoch", minimum=start_epoch, example=f"{start_epoch} (start_epoch={start_epoch})")
-        check_choice(interval, "interval", ("epoch", "step"))
-        if num_steps is None:
-            num_steps = end_epoch - start_epoch + 1 if interval == "epoch" else 1
-        check_int(num_steps, "num_steps", minimum=1, example="3 pruning steps")
-        if interval == "epoch" and num_steps > end_epoch - start_epoch + 1:
-            raise ValueError(
-                f"num_steps={num_steps} does not fit into epochs {start_epoch}..{end_epoch} at one step per epoch; "
-                f"use num_steps <= {end_epoch - start_epoch + 1}, a later end_epoch, or interval='step'."
-            )
+        end_epoch, num_steps = schedule_steps(start_epoch, end_epoch, num_steps, interval)
         self._fractions = schedule_fractions(schedule, num_steps)
         check_int(gradient_batches, "gradient_batches", minimum=1, example="4")
         check_int(seed, "seed", example="0")
@@ -183,22 +174,13 @@ class PruningSchedule(CompressionCallback):
         # budget state of this fit (a resumed fit gets the checkpoint's back in load_state_dict)
         self.stopped, self.rollbacks, self._good, self._unjudged = False, [], None, False
         # the steps already applied: replayed from the checkpoint, or made by an earlier fit of this module
-        done = [
-            r for r in recorded_edits(pl_module) if r.get("kind") == self.KIND and r.get("target") == self.target_path
-        ]
-        if done and "channel_ratio_final" not in done[-1]:
-            raise RuntimeError(
-                "PruningSchedule: the checkpoint being resumed holds a pruned model but no record of the pruning "
-                "steps (its shapes were read from the weights), so the schedule cannot tell how far it got. Resume "
-                "from a checkpoint saved with this package's records (a full ModelCheckpoint), or fine-tune the "
-                "pruned model without PruningSchedule."
-            )
-        if done:
-            self.check_same_config(done[-1].get("config"), "the pruning an earlier fit applied to this model")
-            self.steps_done = int(done[-1]["step"])
-            self._channel_ratio = done[-1]["channel_ratio_final"]
-            self._original_widths = done[-1]["original_widths"]
-            self._original_params = done[-1]["original_params"]
+        done = last_recorded_step(pl_module, self.KIND, self.target_path)
+        if done is not None:
+            self.check_same_config(done.get("config"), "the pruning an earlier fit applied to this model")
+            self.steps_done = int(done["step"])
+            self._channel_ratio = done["channel_ratio_final"]
+            self._original_widths = done["original_widths"]
+            self._original_params = done["original_params"]
             return  # steps still due run at their epoch / batch boundary
         self.steps_done = 0
         self._original_widths = prunable_widths(model)
@@ -358,64 +340,44 @@ class PruningSchedule(CompressionCallback):
             self._good = GoodState(trainer, pl_module, model, self.steps_done)
         previous = self.ratio_after_step(self.steps_done) if self.steps_done else 0.0
         reached = self.ratio_after_step(step)
-        # the fraction of the *current* channels to remove; a hair less guards int() flooring
-        relative = max(0.0, 1.0 - (1.0 - reached) / (1.0 - previous) - 1e-6)
-        if relative <= 0.0:
-            self.steps_done = step
-            return
         assert self._original_widths is not None and self._example_input is not None
-        keep = widths_after(self._original_widths, reached, self.config.prune_heads)
-        params_before = count_parameters(model)
-        snapshot = ModelSnapshot(model)  # pruning works in place (the module may be the LightningModule itself)
-        try:
-            if self._needs_gradients:
-                self._gradients.load(model)
-            config = dataclasses.replace(
-                self.config, pruning_ratio=relative, target="channels", importance=self._importance
-            )
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed + step)  # random importance: the same draw on every rank
-                changes = prune_vit(model, config, self._example_input, keep=keep)
-            params, macs = count_parameters(model), count_macs(model, self._example_input)
-            ratio = self.config.fraction_removed(self._original_widths, model)
+
+        def record(result: StepResult) -> None:
             self.record(
                 pl_module,
                 step=step,
                 num_steps=self.num_steps,
                 channel_ratio=reached,
                 channel_ratio_final=self._channel_ratio,
-                fraction_removed=ratio,
+                fraction_removed=result.ratio,
                 original_widths=self._original_widths,
                 original_params=self._original_params,
-                params=params,
-                macs=macs,
-                modules=changes,
+                params=result.params,
+                macs=result.macs,
+                modules=result.changes,
                 config=self.resume_config(),
             )
-        except Exception as err:
-            snapshot.restore()
-            raise RuntimeError(
-                f"PruningSchedule step {step}/{self.num_steps} (to channel ratio {reached:.3f}) failed; the model was "
-                f"restored to how it was before this step. Cause: {type(err).__name__}: {err}"
-            ) from err
-        finally:
-            for param in model.parameters():
-                param.grad = None
-        self._reset_gradients()
-        self.steps_done = step
-        self._unjudged = self.budget is not None
-        self._last_metrics = {
-            **self._last_metrics,
-            "params": params,
-            "params_ratio": params / max(1, self._original_params),
-            "ratio": ratio,
-            "step": step,
-            "macs": macs,
-        }
-        rank_zero_info(
-            f"PruningSchedule step {step}/{self.num_steps}: {ratio:.3f} of the prunable channels removed, "
-            f"params {params_before:,} -> {params:,}" + (f", MACs/image {macs:,}" if macs is not None else "")
+
+        result = prune_step(
+            model,
+            self.config,
+            importance=self._importance,
+            example=self._example_input,
+            original_widths=self._original_widths,
+            previous=previous,
+            reached=reached,
+            seed=self.seed,
+            step=step,
+            num_steps=self.num_steps,
+            gradients=self._gradients if self._needs_gradients else None,
+            record=record,
         )
+        self.steps_done = step
+        if result is None:  # nothing to remove between the two ratios
+            return
+        self._reset_gradients()
+        self._unjudged = self.budget is not None
+        self._last_metrics = {**self._last_metrics, **result.metrics(self._original_params), "step": step}
 
     def _judge(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
         """Judge the last step against the budget (rank zero measures, every rank decides the same).
@@ -453,13 +415,8 @@ class PruningSchedule(CompressionCallback):
             "reference": self.budget.reference,
             "after_rollback": again,
         }
-        others = self._good.edited_since(pl_module, self.KIND) if self._good is not None else []
-        if self._good is None or others:
-            why = (
-                "the state before it was not kept (this fit resumed after the step)"
-                if self._good is None
-                else (f"other callbacks edited the model since ({others}), which a rollback would silently undo")
-            )
+        why = why_not_restorable(self._good, pl_module, self.KIND)
+        if why is not None or self._good is None:
             rank_zero_warn(
                 f"PruningSchedule step {self.steps_done}/{self.num_steps} is beyond the accuracy budget "
                 f"({described}) but cannot be rolled back: {why}. The schedule stops here."

@@ -32,7 +32,6 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_vitcompress._base import CompressionCallback
-from lightning_vitcompress._checks import check_output_file
 from lightning_vitcompress._model import set_submodule
 from lightning_vitcompress._plan import PlanRow, budget_phrase
 from lightning_vitcompress._structure import recorded_edits
@@ -53,9 +52,11 @@ from lightning_vitcompress.callbacks._quantization_setup import (
     check_calibration_data,
     check_inference_precision,
     check_not_quantized,
+    check_output_files,
     check_resume,
     check_save_paths,
     choose_default,
+    selected_layers,
     warn_if_too_narrow,
 )
 from lightning_vitcompress.functional.multihead_attention import restore_multihead_attention
@@ -230,17 +231,14 @@ class QuantizeOnFit(CompressionCallback):
         self._qat_active = False
         #: the training inputs kept for train end: the check and compile example, the calibration batches
         self._inputs = TrainingInputs(calibration_batches)
-        self._split: dict[
-            str, nn.MultiheadAttention
-        ] = {}  # nn.MultiheadAttention modules split for quantization, by name
+        #: the ``nn.MultiheadAttention`` modules split for quantization, by name
+        self._split: dict[str, nn.MultiheadAttention] = {}
 
     # ------------------------------------------------------------- setup: fail fast
     def ordered_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_not_quantized(self.replayed_records(trainer, RECORD_KIND))
         device = trainer.strategy.root_device
-        for argument, path in (("save_path", self.save_path), ("save_fp32_path", self.save_fp32_path)):
-            if path is not None:
-                check_output_file(path, argument)
+        check_output_files(self.save_path, self.save_fp32_path)
         if self.default:
             self.default_choice, self.spec, self.inference_precision = choose_default(
                 trainer, device, self.requested_inference_precision, self.compile
@@ -259,12 +257,7 @@ class QuantizeOnFit(CompressionCallback):
             check_inference_precision(self.inference_precision, native_bf16=cpu_supports_bfloat16)
             check_calibration_data(trainer, spec, self.calibration_batches)
             spec.dry_run(device, qat=self.qat_start_epoch is not None)
-        selected, skipped = spec.select_layers(model, self.skip)
-        if not selected:
-            raise ValueError(
-                f"QuantizeOnFit(config={self.config_label!r}, skip={self.skip!r}) selects no nn.Linear "
-                f"layer of the model; skipped: {skipped}. Loosen `skip`."
-            )
+        selected = selected_layers(spec, model, self.skip, self.config_label)
         if self.default:
             warn_if_too_narrow(model, spec, self.compile, selected, width=INT8_PAYS_FROM_WIDTH)
         self.search.result = None

@@ -39,6 +39,7 @@ from lightning_vitcompress._checks import check_choice, check_fraction, check_po
 from lightning_vitcompress.functional.teacher import (  # re-exported: teacher loading lives there
     TeacherSpec,
     check_teacher,
+    freeze_teacher,
     load_teacher,
     teacher_kind,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "check_teacher",
     "check_teacher_precision",
     "combine_losses",
+    "freeze_teacher",
     "hard_distillation_loss",
     "load_teacher",
     "resolve_teacher_precision",

@@ -21,7 +21,7 @@ Example (a tiny timm ViT; ``vit_base_patch16_224`` the same way)::
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Literal, Optional, Union
 
@@ -34,6 +34,12 @@ from lightning_vitcompress._model import ATTENTION_MARKER, get_submodule
 from lightning_vitcompress._registry import register_reader, register_replay
 from lightning_vitcompress._structure import shape_changes, shape_snapshot
 from lightning_vitcompress.functional._outcome import check_outcome, output_shape
+from lightning_vitcompress.functional.prune_importance import (  # gradient_kind re-exported: the callback imports it
+    IMPORTANCES,
+    ImportanceName,
+    gradient_kind,
+    make_importance,
+)
 from lightning_vitcompress.functional.prune_structure import (  # re-exported: callbacks and tests import them from here
     HEADS_BUFFER,
     prepare_saved,
@@ -45,34 +51,7 @@ from lightning_vitcompress.functional.prune_structure import (  # re-exported: c
 from lightning_vitcompress.models import ModelAdapter, adapter_for
 from lightning_vitcompress.models.base import narrow_attention_pool, narrow_glu_mlp
 
-__all__ = ["PruneConfig", "prunable_widths", "prune_vit", "widths_after"]
-
-ImportanceName = Literal["l1", "l2", "taylor", "hessian", "random"]
-
-# ---------------------------------------------------------------------------- importance
-_IMPORTANCES: dict[str, Callable[[], tp.importance.Importance]] = {
-    "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
-    "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
-    "taylor": tp.importance.GroupTaylorImportance,
-    "hessian": tp.importance.GroupHessianImportance,
-    "random": tp.importance.RandomImportance,
-}
-
-
-def _make_importance(importance: Union[str, tp.importance.Importance]) -> tp.importance.Importance:
-    if isinstance(importance, tp.importance.Importance):
-        return importance
-    check_choice(importance, "importance", sorted(_IMPORTANCES), " or a torch_pruning.importance.Importance object")
-    return _IMPORTANCES[importance]()
-
-
-def gradient_kind(importance: tp.importance.Importance) -> Optional[str]:
-    """``"taylor"`` / ``"hessian"`` when ``importance`` reads ``param.grad``, else ``None``."""
-    if isinstance(importance, tp.importance.GroupHessianImportance):
-        return "hessian"
-    if isinstance(importance, tp.importance.GroupTaylorImportance):
-        return "taylor"
-    return None
+__all__ = ["PruneConfig", "gradient_kind", "prunable_widths", "prune_vit", "widths_after"]
 
 
 # ---------------------------------------------------------------------------- config
@@ -139,7 +118,7 @@ class PruneConfig:
         check_choice(self.target, "target", ("channels", "params", "macs"))
         if not isinstance(self.importance, tp.importance.Importance):
             check_choice(
-                self.importance, "importance", sorted(_IMPORTANCES), " or a torch_pruning.importance.Importance object"
+                self.importance, "importance", sorted(IMPORTANCES), " or a torch_pruning.importance.Importance object"
             )
         for name in ("global_pruning", "prune_embed_dim", "prune_attention", "prune_heads", "prune_mlp"):
             check_bool(getattr(self, name), name)
@@ -156,7 +135,7 @@ class PruneConfig:
 
     def make_importance(self) -> tp.importance.Importance:
         """A fresh torch-pruning importance (the object itself when one was given)."""
-        return _make_importance(self.importance)
+        return make_importance(self.importance)
 
     def to_record(self) -> dict[str, Any]:
         """Plain data (``weights_only``-safe): written into checkpoints, compared on resume."""

@@ -50,7 +50,7 @@ from lightning_vitcompress.functional.multihead_attention import (
     split_multihead_attention,
     split_named,
 )
-from lightning_vitcompress.functional.quantize_configs import resolve_quantization, spec_for_label, unprepared
+from lightning_vitcompress.functional.quantize_configs import resolve_quantization, unprepared
 from lightning_vitcompress.functional.quantize_layers import (
     SkipSpec,
     check_skip,
@@ -58,7 +58,7 @@ from lightning_vitcompress.functional.quantize_layers import (
     is_linear,
     is_quantized_layer,
 )
-from lightning_vitcompress.functional.quantize_structure import find_split_attentions, read_quantized
+from lightning_vitcompress.functional.quantize_structure import find_split_attentions, read_quantized, spec_for_label
 from lightning_vitcompress.functional.x86_int8 import (
     calibrate_input_ranges,
 )

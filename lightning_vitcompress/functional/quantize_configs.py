@@ -32,7 +32,6 @@ from torchao.quantization import (
     Int8WeightOnlyConfig,
 )
 from torchao.quantization.qat import FakeQuantizedLinear, IntxFakeQuantizeConfig, QATConfig
-from torchao.utils import TorchAOBaseTensor
 
 from lightning_vitcompress._model import set_submodule
 from lightning_vitcompress.functional._torch_internals import inductor_mode_options
@@ -56,7 +55,6 @@ __all__ = [
     "check_config",
     "default_quantization",
     "resolve_quantization",
-    "spec_for_label",
 ]
 
 
@@ -448,41 +446,6 @@ def resolve_quantization(config: Any) -> QuantizationSpec:
 def _given(config: AOBaseConfig) -> AOBaseConfig:
     """``build`` of a spec resolved from a config object (a function, so the spec pickles, e.g. for ddp_spawn)."""
     return config
-
-
-def spec_for_label(label: str) -> Optional[QuantizationSpec]:
-    """The spec a quantize record's ``config`` label names, for the replay.
-
-    A registry name, or the class name of a registered entry's torchao config
-    (records of config objects), gives that entry. The name of another torchao
-    config class or quantized tensor class (records read from a bare state
-    dict) gives None: its layers stay ``nn.Linear`` with tensor-subclass weights.
-
-    Raises:
-        ValueError: a label none of these know, naming it and what is registered.
-    """
-    if label in QUANTIZATION_CONFIGS:
-        return QUANTIZATION_CONFIGS[label]
-    for spec in QUANTIZATION_CONFIGS.values():
-        if spec.config_class.__name__ == label:
-            return spec
-    if label in _class_names(AOBaseConfig) or label in _class_names(TorchAOBaseTensor):
-        return None
-    raise ValueError(
-        f"The checkpoint's quantize record names config={label!r}, which is neither a registered quantization "
-        f"config ({sorted(QUANTIZATION_CONFIGS)}) nor a torchao config or tensor class loaded in this process, so "
-        "its layers cannot be rebuilt. Register it (QUANTIZATION_CONFIGS[name] = QuantizationSpec(...)) or import "
-        "the module that defines its config class before loading."
-    )
-
-
-def _class_names(base: type) -> set[str]:
-    names, pending = set(), [base]
-    while pending:
-        cls = pending.pop()
-        names.add(cls.__name__)
-        pending.extend(cls.__subclasses__())
-    return names
 
 
 def _compile_arguments() -> set[str]:

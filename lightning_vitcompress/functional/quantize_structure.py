@@ -7,7 +7,8 @@ split form is saved with ``<name>.qkv.weight`` instead of ``in_proj_weight``.
 :func:`find_split_attentions` finds the latter (the pruning reader reads their
 shapes) and :func:`read_quantized` returns the records that
 :mod:`~lightning_vitcompress.functional.quantize`'s replay rebuilds, one per
-config. ``quantize.py`` registers both.
+config. ``quantize.py`` registers both, and its replay asks :func:`spec_for_label`
+which registered config a record's label names.
 
 Example (int8 weights saved from a quantized ViT, read into a freshly built one)::
 
@@ -32,11 +33,13 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
+from torchao.core.config import AOBaseConfig
+from torchao.utils import TorchAOBaseTensor
 
 from lightning_vitcompress._registry import Record, SavedModel
-from lightning_vitcompress.functional.quantize_configs import QUANTIZATION_CONFIGS
+from lightning_vitcompress.functional.quantize_configs import QUANTIZATION_CONFIGS, QuantizationSpec
 
-__all__ = ["find_split_attentions", "read_quantized"]
+__all__ = ["find_split_attentions", "read_quantized", "spec_for_label"]
 
 
 def find_split_attentions(saved: SavedModel) -> None:
@@ -98,3 +101,38 @@ def _swapped_in_modules() -> list[tuple[str, frozenset[str]]]:
         for config, spec in QUANTIZATION_CONFIGS.items()
         if spec.module_class is not None
     ]
+
+
+def spec_for_label(label: str) -> Optional[QuantizationSpec]:
+    """The spec a quantize record's ``config`` label names, for the replay.
+
+    A registry name, or the class name of a registered entry's torchao config
+    (records of config objects), gives that entry. The name of another torchao
+    config class or quantized tensor class (records read from a bare state
+    dict) gives None: its layers stay ``nn.Linear`` with tensor-subclass weights.
+
+    Raises:
+        ValueError: a label none of these know, naming it and what is registered.
+    """
+    if label in QUANTIZATION_CONFIGS:
+        return QUANTIZATION_CONFIGS[label]
+    for spec in QUANTIZATION_CONFIGS.values():
+        if spec.config_class.__name__ == label:
+            return spec
+    if label in _class_names(AOBaseConfig) or label in _class_names(TorchAOBaseTensor):
+        return None
+    raise ValueError(
+        f"The checkpoint's quantize record names config={label!r}, which is neither a registered quantization "
+        f"config ({sorted(QUANTIZATION_CONFIGS)}) nor a torchao config or tensor class loaded in this process, so "
+        "its layers cannot be rebuilt. Register it (QUANTIZATION_CONFIGS[name] = QuantizationSpec(...)) or import "
+        "the module that defines its config class before loading."
+    )
+
+
+def _class_names(base: type) -> set[str]:
+    names, pending = set(), [base]
+    while pending:
+        cls = pending.pop()
+        names.add(cls.__name__)
+        pending.extend(cls.__subclasses__())
+    return names

@@ -35,7 +35,7 @@ from lightning_vitcompress._checks import check_path
 from lightning_vitcompress._model import get_submodule, resolve_target_path
 from lightning_vitcompress._structure import build_from_checkpoint, read_checkpoint
 
-__all__ = ["TeacherSpec", "check_teacher", "load_teacher", "teacher_kind"]
+__all__ = ["TeacherSpec", "check_teacher", "freeze_teacher", "load_teacher", "teacher_kind"]
 
 TeacherSpec = Union[nn.Module, str, "os.PathLike[str]"]
 
@@ -183,6 +183,20 @@ def load_teacher(
     if teacher_kind(spec) == "checkpoint":
         return _teacher_from_checkpoint(spec, teacher_class, weights_only, model_attribute)
     return _teacher_from_timm(spec, pretrained, teacher_weights, dict(teacher_kwargs or {}), warn)
+
+
+def freeze_teacher(teacher: nn.Module, student: nn.Module) -> nn.Module:
+    """``teacher`` in eval mode with no gradients; raises if it shares parameters with ``student`` (it would train)."""
+    student_params = {id(p) for p in student.parameters()}
+    if any(id(p) in student_params for p in teacher.parameters()):
+        raise ValueError(
+            "teacher shares parameters with the LightningModule being trained. Keep the teacher out of the "
+            "module (do not assign it as an attribute): pass it only to DistillationTeacher, so that it is "
+            "neither trained, saved in checkpoints nor wrapped by DDP."
+        )
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher
 
 
 def _network_of(module: nn.Module, model_attribute: Optional[str]) -> nn.Module:
