@@ -288,7 +288,9 @@ def _keep_head_counts(adapter: ModelAdapter, heads_before: dict[str, tuple[int, 
         module = layout.module
         if layout.kind == "in_proj" or getattr(type(module), ATTENTION_MARKER, False):
             continue
-        if (layout.num_heads, layout.head_dim) != heads_before.get(layout.name) or HEADS_BUFFER in module._buffers:
+        if (layout.num_heads, layout.head_dim) != heads_before.get(layout.name) or HEADS_BUFFER in dict(
+            module.named_buffers(recurse=False)
+        ):
             module.register_buffer(HEADS_BUFFER, torch.tensor(layout.num_heads, device=layout.out_proj.weight.device))
 
 

@@ -86,15 +86,14 @@ def replay_prune(model: nn.Module, record: Record) -> None:
         adapter.prepare_pruning()
     for name, change in record["modules"].items():
         module = get_submodule(model, name)
+        parameters = dict(module.named_parameters(recurse=False, remove_duplicate=False))
+        buffers = dict(module.named_buffers(recurse=False, remove_duplicate=False))
         for tensor_name, shape in change["tensors"].items():
-            if tensor_name in module._parameters:
-                old = module._parameters[tensor_name]
-                assert old is not None
-                module._parameters[tensor_name] = nn.Parameter(old.new_zeros(shape), requires_grad=old.requires_grad)
-            elif tensor_name in module._buffers:
-                old_buffer = module._buffers[tensor_name]
-                assert old_buffer is not None
-                module._buffers[tensor_name] = old_buffer.new_zeros(shape)
+            if tensor_name in parameters:  # nn.Module's setattr replaces a registered parameter / buffer in place
+                old = parameters[tensor_name]
+                setattr(module, tensor_name, nn.Parameter(old.new_zeros(shape), requires_grad=old.requires_grad))
+            elif tensor_name in buffers:
+                setattr(module, tensor_name, buffers[tensor_name].new_zeros(shape))
             elif tensor_name == HEADS_BUFFER:
                 module.register_buffer(HEADS_BUFFER, torch.zeros(shape, dtype=torch.int64))
             else:

@@ -183,7 +183,8 @@ def _attention_problem(module: nn.Module) -> Optional[str]:
                 "merged tokens"
             )
     if isinstance(module, nn.MultiheadAttention):
-        if not module._qkv_same_embed_dim or module.bias_k is not None or module.add_zero_attn:
+        separate_kv = module.kdim != module.embed_dim or module.vdim != module.embed_dim
+        if separate_kv or module.bias_k is not None or module.add_zero_attn:
             return "nn.MultiheadAttention with kdim/vdim, bias_k/bias_v or add_zero_attn"
         return None
     if getattr(type(module), "is_vitcompress_attention", False):
