@@ -14,14 +14,13 @@ from lightning.pytorch.callbacks import Callback
 from lightning_vitcompress._base import CompressionCallback
 from lightning_vitcompress._checkpoint_file import read_checkpoint
 from lightning_vitcompress._data import first_batch, validation_data
-from lightning_vitcompress._lightning import fit_ckpt_path
+from lightning_vitcompress._lightning import callbacks_of, fit_ckpt_path
 from lightning_vitcompress.functional.measure import images_of
 from lightning_vitcompress.functional.plan import SpeedModel
 from lightning_vitcompress.functional.quantize_configs import QUANTIZATION_CONFIGS
 
 __all__ = [
     "DISTILLATION",
-    "callback_list",
     "check_candidates",
     "check_goal",
     "check_options",
@@ -117,13 +116,13 @@ def check_plan_fit(
 ) -> None:
     """The fit ``plan`` sets up is one it can plan: the plan first of the compression callbacks, none of the
     ``planned_types`` it adds itself in the list, and validation data when there is a budget."""
-    ours = [cb for cb in callback_list(trainer) if isinstance(cb, CompressionCallback)]
+    ours = [cb for cb in callbacks_of(trainer) if isinstance(cb, CompressionCallback)]
     if ours and ours[0] is not plan:
         raise ValueError(
             f"CompressionPlan comes after {type(ours[0]).__name__} in Trainer(callbacks=[...]): it chooses the "
             "callbacks the others see at setup. Put CompressionPlan first in the list."
         )
-    planned = [type(cb).__name__ for cb in callback_list(trainer) if isinstance(cb, planned_types)]
+    planned = [type(cb).__name__ for cb in callbacks_of(trainer) if isinstance(cb, planned_types)]
     if planned:
         raise ValueError(
             f"CompressionPlan configures {', '.join(planned)} itself: remove {planned} from Trainer(callbacks=...)"
@@ -137,12 +136,6 @@ def check_plan_fit(
             "val_dataloaders to fit / a datamodule with val_dataloader and limit_val_batches > 0, or "
             "max_accuracy_drop=None (no checks, no back-off)."
         )
-
-
-def callback_list(trainer: pl.Trainer) -> list[Callback]:
-    """``trainer.callbacks`` (the list itself, which the plan extends), typed."""
-    callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]  # assigned by the connector, not declared
-    return callbacks
 
 
 def saved_plan_state(trainer: pl.Trainer, state_key: str) -> Optional[dict[str, Any]]:

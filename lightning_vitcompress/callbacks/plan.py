@@ -18,12 +18,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_vitcompress._base import CompressionCallback
+from lightning_vitcompress._lightning import callbacks_of
 from lightning_vitcompress._plan import PlanRow
 from lightning_vitcompress._structure import record_edit
 from lightning_vitcompress.callbacks._plan_report import measured_speedup, write_plan_report
 from lightning_vitcompress.callbacks._plan_setup import (
     DISTILLATION,
-    callback_list,
     check_candidates,
     check_goal,
     check_options,
@@ -338,7 +338,7 @@ class CompressionPlan(CompressionCallback):
                 )
             self.r, self.backed_off = int(saved["r"]), list(saved["backed_off"])
         self.added = self._callbacks(trainer, self.chosen.recipe)
-        callbacks = callback_list(trainer)
+        callbacks = callbacks_of(trainer)
         callbacks[callbacks.index(self) + 1 : callbacks.index(self) + 1] = self.added
         rank_zero_info(
             f"CompressionPlan: {self.chosen.recipe.label()}, predicted {self.chosen.predicted_speedup:.2f}x "
