@@ -28,7 +28,10 @@ at ~350 img/s: 3 seeds in about 3-4 h, in pieces.
 (whose teacher was a RegNet), it is a small convolutional network (:class:`ConvTeacher`, 5
 conv layers, 0.14M parameters) trained on the same 20,000-image subset for
 ``--teacher-epochs``, once (seed 0), cached beside the bases; its test top-1 is written
-to the JSON. A first attempt, the softmax ensemble of the three seeds' base ViTs (83.9%),
+to the JSON (a rerun whose cache is gone retrains it and stops unless it reaches the JSON's
+top-1: the cells must share one teacher). The distillation rows fine-tune from the base like the
+others; the two rows "..., from scratch" instead run the base's whole training (same seed, init,
+epochs, lr) with the teacher added, paired with the vanilla base of their seed. A first attempt, the softmax ensemble of the three seeds' base ViTs (83.9%),
 was *weaker* than seed 0's own base (84.5%): a ViT this size on 20k images is data-starved
 and its seeds disagree by up to 4 points, so ViT knowledge could not teach a ViT. A
 convnet's locality prior is exactly what such a student lacks (DeiT's finding: a convnet

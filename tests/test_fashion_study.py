@@ -109,3 +109,37 @@ def test_conv_teacher_is_what_the_teacher_module_trains(study):
     assert module(torch.randn(6, 1, 28, 28)).shape == (6, 10)
     # the optimizer takes module.parameters(): they must be the convnet's, with no leftover ViT
     assert {id(p) for p in module.parameters()} == {id(p) for p in module.model.parameters()}
+
+
+def test_a_from_scratch_row_is_paired_with_the_vanilla_run_of_its_seed(study, tmp_path, monkeypatch):
+    import torch
+
+    recipe = "distillation hard, from scratch"
+    args = study.parser().parse_args(["--seeds", "1", "--recipes", recipe])
+    path = tmp_path / "results.json"
+    results = _results(study, args)  # vanilla seed 0 at 80.0
+    results["teacher"] = {"top1": 91.0}
+    results["speed"] = {"rows": {study.VANILLA: {"cpu_speedup": 1.0, "size_mb": 346.3}}}
+    study.write_results(path, results)
+
+    class TrainedStudy:  # what Study gives once the recipe has trained: no training here
+        teacher = torch.nn.Identity()  # already loaded: the teacher is not checked again
+        test_images = 10000
+
+        def __init__(self, args):
+            pass
+
+        def run(self, recipe, seed):
+            return torch.nn.Linear(4, 10), {}
+
+        def accuracy(self, model):
+            return 81.25
+
+    monkeypatch.setattr(study, "Study", TrainedStudy)
+    written = study.accuracy_run(args, path)
+    cell = study.find_cell(written, recipe, 0)
+    # trained as long as the vanilla base, from the same seed: that base is its control, not the fine-tuned one
+    assert (cell["control"], cell["epochs"], cell["fine_tune_epochs"]) == (study.VANILLA, args.epochs, 0)
+    row = {r["recipe"]: r for r in study.table_rows(written)}[recipe]
+    assert row["delta_per_seed"] == [(0, pytest.approx(1.25))]
+    assert row["speed"] == {"cpu_speedup": 1.0, "size_mb": 346.3}  # the vanilla architecture's speed
