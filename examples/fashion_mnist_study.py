@@ -680,7 +680,9 @@ def markdown(results: dict[str, Any], rows: list[dict[str, Any]], target_seeds: 
         f"({setup['precision']}), trained here. Base: {setup['epochs']} epochs from scratch on a fixed "
         f"{setup['train_subset']:,}-image training subset (flip + crop augmentation), lr {setup['lr']}; each "
         f"recipe and its control: {setup['fine_tune_epochs']} more epochs from the base at lr "
-        f"{setup['fine_tune_lr']} (int8 PTQ: none, paired with the base). Top-1 on "
+        f"{setup['fine_tune_lr']} (int8 PTQ: none, paired with the base; the rows '..., from scratch': the "
+        f"base's own {setup['epochs']}-epoch run from the same seed with the teacher added, paired with the base). "
+        "Top-1 on "
         f"{test_set}; mean ± std over the seeds listed; Δ = recipe - control of "
         f"the same seed. Teacher for the distillation rows: {setup['teacher']}"
         + (f", {teacher['params'] / 1e6:.2f}M parameters, test top-1 {teacher['top1']:.2f}%." if teacher else ".")
