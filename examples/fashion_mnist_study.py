@@ -753,7 +753,7 @@ def plot(rows: list[dict[str, Any]], path: Path, test_images: Optional[int] = No
     ax.set_yticks(range(len(shown)), [f"{r['recipe']} (n={len(r['delta_per_seed'])})" for r in shown], fontsize=8)
     ax.invert_yaxis()
     ax.axvline(0, color="gray", lw=0.8)
-    ax.set_xlabel("top-1 Δ vs a control fine-tuned as long (pt); dots: seeds, bar: mean")
+    ax.set_xlabel("top-1 Δ vs a control trained as long (pt); dots: seeds, bar: mean")
     images = f"{test_images:,}" if test_images else "?"
     ax.set_title(f"Fashion-MNIST ({images} test images): each recipe against its own control", fontsize=10)
     ax.grid(alpha=0.3, axis="x")
