@@ -89,6 +89,7 @@ __all__ = [  # the names other modules import from here (the file and registry n
     "add_digest",
     "build_from_checkpoint",
     "checkpoint_digest",
+    "edits_of",
     "load_compressed",
     "read_checkpoint",
     "record_edit",
@@ -200,6 +201,11 @@ def recorded_edits(pl_module: nn.Module) -> list[Record]:
         # stored in __dict__, not as a buffer: it is not part of the state dict
         pl_module.__dict__[_EDITS_ATTRIBUTE] = edits
     return edits
+
+
+def edits_of(pl_module: nn.Module, kind: str, target: Optional[str]) -> list[Record]:
+    """The edits of ``kind`` made to the model at ``target`` (replayed from a checkpoint or made in this process)."""
+    return [r for r in recorded_edits(pl_module) if r.get("kind") == kind and r.get("target") == target]
 
 
 def record_edit(pl_module: nn.Module, record: Record) -> None:

@@ -20,7 +20,7 @@ from lightning_vitcompress._base import progress_line
 from lightning_vitcompress._checks import example_input_error
 from lightning_vitcompress._lightning import callbacks_of
 from lightning_vitcompress._model import find_attention_blocks, resolve_target_path
-from lightning_vitcompress._structure import recorded_edits
+from lightning_vitcompress._structure import edits_of
 from lightning_vitcompress.callbacks.token_merging import TokenMerging
 from lightning_vitcompress.functional.measure import eval_mode
 from lightning_vitcompress.functional.nystrom import (
@@ -181,7 +181,7 @@ def token_counts(
         ),
         None,
     )
-    already = any(r.get("kind") == "tome" and r.get("target") == target_path for r in recorded_edits(pl_module))
+    already = bool(edits_of(pl_module, "tome", target_path))
     plan = None
     if merging is not None and not already:  # merging starts after the swap: count what the blocks will see
         from lightning_vitcompress.functional.token_merging import plan_token_merging

@@ -23,7 +23,7 @@ from torch import nn
 from lightning_vitcompress._base import example_from_data
 from lightning_vitcompress._checks import check_choice, check_int, example_input_error
 from lightning_vitcompress._model import shape_example_input
-from lightning_vitcompress._structure import ModelSnapshot, Record, recorded_edits
+from lightning_vitcompress._structure import ModelSnapshot, Record, edits_of, recorded_edits
 from lightning_vitcompress._training_state import refresh_after_structural_change
 from lightning_vitcompress.functional.measure import count_macs, count_parameters, eval_mode
 from lightning_vitcompress.functional.prune import PruneConfig, prune_vit
@@ -65,7 +65,7 @@ def schedule_steps(
 def last_recorded_step(pl_module: pl.LightningModule, kind: str, target_path: Optional[str]) -> Optional[Record]:
     """The record of the last pruning step already applied to ``pl_module``'s model (replayed from a checkpoint,
     or made by an earlier fit), or None; raises when the model was pruned but its steps were not recorded."""
-    done = [r for r in recorded_edits(pl_module) if r.get("kind") == kind and r.get("target") == target_path]
+    done = edits_of(pl_module, kind, target_path)
     if done and "channel_ratio_final" not in done[-1]:
         raise RuntimeError(
             "PruningSchedule: the checkpoint being resumed holds a pruned model but no record of the pruning "

@@ -22,7 +22,7 @@ from lightning_vitcompress._checks import check_block_selection, check_example_i
 from lightning_vitcompress._model import find_attention_blocks, set_submodule, shape_example_input
 from lightning_vitcompress._options import passed_config, takes_config
 from lightning_vitcompress._plan import PlanRow, budget_phrase, epochs_phrase
-from lightning_vitcompress._structure import recorded_edits
+from lightning_vitcompress._structure import edits_of, recorded_edits
 from lightning_vitcompress._training_state import refresh_after_structural_change
 from lightning_vitcompress.callbacks._budget import judge
 from lightning_vitcompress.callbacks._nystrom_setup import (
@@ -171,9 +171,7 @@ class NystromSwap(CompressionCallback):
         if not chosen:
             raise ValueError("NystromSwap found no attention blocks to swap.")
         # swapped already: replayed from the checkpoint, or by an earlier fit of this module
-        done = [
-            r for r in recorded_edits(pl_module) if r.get("kind") == self.KIND and r.get("target") == self.target_path
-        ]
+        done = edits_of(pl_module, self.KIND, self.target_path)
         if done:
             self.check_same_config(done[-1].get("config"), "the swap an earlier fit applied to this model")
             self.swapped_blocks = [name for record in done for name in record["blocks"]]

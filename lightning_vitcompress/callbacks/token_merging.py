@@ -17,7 +17,7 @@ from lightning_vitcompress._base import CompressionCallback
 from lightning_vitcompress._checks import check_example_input, check_int
 from lightning_vitcompress._options import passed_config, takes_config
 from lightning_vitcompress._plan import PlanRow, epochs_phrase
-from lightning_vitcompress._structure import recorded_edits
+from lightning_vitcompress._structure import edits_of
 from lightning_vitcompress.functional.token_merging import (
     TokenMergingConfig,
     apply_merge_plan,
@@ -94,9 +94,7 @@ class TokenMerging(CompressionCallback):
     # ----------------------------------------------------- hooks, in the order Lightning calls them
     def ordered_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.plan = None
-        done = [
-            r for r in recorded_edits(pl_module) if r.get("kind") == self.KIND and r.get("target") == self.target_path
-        ]
+        done = edits_of(pl_module, self.KIND, self.target_path)
         if done:  # replayed from the checkpoint, or merged by an earlier fit of this module
             self.check_same_config(done[-1].get("config"), "the merging an earlier fit applied to this model")
             self.plan = done[-1]
