@@ -11,6 +11,7 @@ eager fp32 and ``int8_dynamic``; ``--model`` takes any timm ViT name, ``--image-
 
     python benchmarks/bench_plan.py [--model vit_base_patch16_224] [--batch-size 4] [--threads 2]
         [--rounds 3] [--min-run-time 0.5]
+    python benchmarks/bench_plan.py --study-model --batch-size 32 --threads 1   # the plan example's setting
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import copy
 import timm
 import torch
 
+from lightning_vitcompress.digits import small_vit
 from lightning_vitcompress.functional import compare_throughput, merge_tokens, prune_vit, quantize_model
 from lightning_vitcompress.functional.plan import Recipe, measure_speed_model
 from lightning_vitcompress.functional.report import cpu_name
@@ -31,6 +33,15 @@ RECIPES = [
     Recipe(0.0, 8),
     Recipe(0.4, 8, None, "int8_dynamic"),
     Recipe(0.6, 16, None, "int8_dynamic"),
+]
+#: ``--study-model``: the Fashion-MNIST study's ViT (96 wide, 4 blocks, 50 tokens), where r goes up to 12
+STUDY_RECIPES = [
+    Recipe(0.0, 0, None, "int8_dynamic"),
+    Recipe(0.0, 12),
+    Recipe(0.0, 12, None, "int8_dynamic"),
+    Recipe(0.25, 6),
+    Recipe(0.5),
+    Recipe(0.6, 12),
 ]
 
 
@@ -54,22 +65,31 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--min-run-time", type=float, default=0.5)
+    parser.add_argument(
+        "--study-model", action="store_true", help="the Fashion-MNIST study's ViT (28x28x1, 96 wide, 4 blocks) instead"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
-    model = timm.create_model(args.model, pretrained=False, img_size=args.image_size).eval()
+    recipes = STUDY_RECIPES if args.study_model else RECIPES
+    if args.study_model:
+        args.model, args.image_size = "fashion-mnist study ViT", 28
+        model = small_vit(embed_dim=96, depth=4, num_heads=3, image_size=28, in_chans=1).eval()
+        x = torch.randn(args.batch_size, 1, 28, 28)
+    else:
+        model = timm.create_model(args.model, pretrained=False, img_size=args.image_size).eval()
+        x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
 
     speed = measure_speed_model(
         model,
         x,
-        pruning_ratios=sorted({r.pruning_ratio for r in RECIPES}),
-        r_values=sorted({r.r for r in RECIPES if r.r}),
+        pruning_ratios=sorted({r.pruning_ratio for r in recipes}),
+        r_values=sorted({r.r for r in recipes if r.r}),
         num_landmarks=(),
         quantization=("int8_dynamic",),
         num_threads=args.threads,
     )
-    variants = {"uncompressed": model, **{r.label(): build(model, r, x) for r in RECIPES}}
+    variants = {"uncompressed": model, **{r.label(): build(model, r, x) for r in recipes}}
     measured = compare_throughput(
         variants, x, num_threads=args.threads, rounds=args.rounds, min_run_time=args.min_run_time
     )
@@ -78,11 +98,17 @@ def main() -> None:
         f"CPU: {cpu_name()}; {args.model} at {args.image_size}, batch {args.batch_size}, {args.threads} threads, "
         f"eager; parts timed in {speed.seconds_measuring:.1f} s ({speed.tokens_in} tokens, {speed.depth} blocks)"
     )
-    print(f"{'recipe':<40} {'predicted':>10} {'measured':>10} {'ratio':>7}")
-    for recipe in RECIPES:
+    print(f"{'recipe':<40} {'predicted':>10} {'measured':>10} {'ratio':>7} {'pred. ms':>9} {'meas. ms':>9}")
+    ms = 1e3 * args.batch_size
+    print(f"{'uncompressed':<40} {'':>10} {'':>10} {'':>7} {speed.predict_seconds(Recipe()) * 1e3:>9.1f} {ms / base:>9.1f}")
+    for recipe in recipes:
         predicted = speed.speedup(recipe)
         actual = measured[recipe.label()] / base
-        print(f"{recipe.label():<40} {predicted:>9.2f}x {actual:>9.2f}x {predicted / actual:>7.2f}")
+        seconds = speed.predict_seconds(recipe) * 1e3
+        print(
+            f"{recipe.label():<40} {predicted:>9.2f}x {actual:>9.2f}x {predicted / actual:>7.2f} "
+            f"{seconds:>9.1f} {ms / measured[recipe.label()]:>9.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -113,6 +113,32 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+#: just under glibc's largest dynamic mmap threshold (``DEFAULT_MMAP_THRESHOLD_MAX``, 32 MiB on 64-bit)
+_SETTLING_BYTES = 31 * 2**20
+
+
+def settle_allocator() -> None:
+    """Put the C allocator in the state a long-running process is in before timing anything (cheap, idempotent).
+
+    glibc's ``malloc`` serves every block above its mmap threshold (128 KiB in a fresh process) with a new
+    ``mmap``, page faults included, on every call, until freeing a larger block raises the threshold (to at
+    most 32 MiB). A process that has loaded data has raised it; a fresh benchmark process has not. There,
+    int8 dynamic, whose per-call activation buffers fall in between, ran the Fashion-MNIST study's ViT at
+    0.56x of fp32 (batch 32, 1 thread, AMD EPYC), and at 1.24x once the threshold was raised: the ranking
+    flipped with the allocator, not the kernels. Allocating and freeing one block just under the maximum
+    raises it there, where no later free moves it much, so every variant is timed in the same state. With
+    another allocator (jemalloc, tcmalloc, macOS) this only allocates and frees one block.
+
+    Example::
+
+        >>> from lightning_vitcompress.functional.measure import settle_allocator
+        >>> settle_allocator()  # what compare_throughput, measure_latency and the plan's timing do first
+    """
+    block = torch.empty(_SETTLING_BYTES, dtype=torch.uint8)
+    block[:: 4096] = 0  # touch each page: the block is really mapped, then unmapped on free
+    del block
+
+
 def _timer(model: nn.Module, example_input: torch.Tensor, num_threads: int) -> torch_benchmark.Timer:
     return torch_benchmark.Timer(
         stmt="model(x)",
@@ -157,6 +183,7 @@ def compare_throughput(
     """
     check_positive(rounds, "rounds", "3", integer=True)
     check_positive(min_run_time, "min_run_time", "0.5")
+    settle_allocator()
     threads = num_threads if num_threads is not None else torch.get_num_threads()
     batch = example_input.shape[0]
     seconds: dict[str, list[float]] = {name: [] for name in models}
@@ -186,6 +213,7 @@ def measure_latency(
     check_positive(repeats, "repeats", "30", integer=True)
     example_image = example_image[:1]
     threads = num_threads if num_threads is not None else torch.get_num_threads()
+    settle_allocator()
     with eval_mode(model), torch.inference_mode():
         timer = _timer(model, example_image, threads)
         timer.timeit(2)  # warm-up
