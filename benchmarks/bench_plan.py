@@ -2,8 +2,8 @@
 
 The plan predicts a recipe's speed from timed parts (the whole model and one block per pruning ratio and
 int8 config at a few token counts, the token-merging step) instead of timing each recipe. This checks
-that prediction: the same recipes built as the callbacks build them (``prune_vit``, ``merge_tokens``,
-``quantize_model``) and timed whole, all interleaved with the uncompressed model in this one process.
+that prediction: the same recipes built as the callbacks build them (``build_recipe``: ``prune_vit``,
+``merge_tokens``, ``quantize_model``) and timed whole, all interleaved with the uncompressed model in this one process.
 Prints the CPU, the seconds the parts took to time, and per recipe: predicted, measured, ratio.
 
 Default: timm ``vit_base_patch16_224`` (random weights; speed does not depend on them), batch 4, 2 threads,
@@ -17,14 +17,13 @@ eager fp32 and ``int8_dynamic``; ``--model`` takes any timm ViT name, ``--image-
 from __future__ import annotations
 
 import argparse
-import copy
 
 import timm
 import torch
 
 from lightning_vitcompress.digits import small_vit
-from lightning_vitcompress.functional import compare_throughput, merge_tokens, prune_vit, quantize_model
-from lightning_vitcompress.functional.plan import Recipe, measure_speed_model
+from lightning_vitcompress.functional import compare_throughput
+from lightning_vitcompress.functional.plan import Recipe, build_recipe, measure_speed_model
 from lightning_vitcompress.functional.report import cpu_name
 
 #: recipes checked: each technique alone and combined
@@ -43,18 +42,6 @@ STUDY_RECIPES = [
     Recipe(0.5),
     Recipe(0.6, 12),
 ]
-
-
-def build(model: torch.nn.Module, recipe: Recipe, x: torch.Tensor) -> torch.nn.Module:
-    """The recipe's model, made with the functions the callbacks run (in their order: prune, merge, quantize)."""
-    model = copy.deepcopy(model)
-    if recipe.pruning_ratio:
-        prune_vit(model, recipe.pruning_ratio, x[:1])
-    if recipe.r:
-        merge_tokens(model, recipe.r, example_input=x[:1])
-    if recipe.quantization:
-        quantize_model(model, recipe.quantization, calibration_inputs=[x])
-    return model.eval()
 
 
 def main() -> None:
@@ -89,7 +76,7 @@ def main() -> None:
         quantization=("int8_dynamic",),
         num_threads=args.threads,
     )
-    variants = {"uncompressed": model, **{r.label(): build(model, r, x) for r in recipes}}
+    variants = {"uncompressed": model, **{r.label(): build_recipe(model, r, x) for r in recipes}}
     measured = compare_throughput(
         variants, x, num_threads=args.threads, rounds=args.rounds, min_run_time=args.min_run_time
     )
@@ -100,7 +87,9 @@ def main() -> None:
     )
     print(f"{'recipe':<40} {'predicted':>10} {'measured':>10} {'ratio':>7} {'pred. ms':>9} {'meas. ms':>9}")
     ms = 1e3 * args.batch_size
-    print(f"{'uncompressed':<40} {'':>10} {'':>10} {'':>7} {speed.predict_seconds(Recipe()) * 1e3:>9.1f} {ms / base:>9.1f}")
+    print(
+        f"{'uncompressed':<40} {'':>10} {'':>10} {'':>7} {speed.predict_seconds(Recipe()) * 1e3:>9.1f} {ms / base:>9.1f}"
+    )
     for recipe in recipes:
         predicted = speed.speedup(recipe)
         actual = measured[recipe.label()] / base

@@ -67,11 +67,13 @@ def write_plan_report(
         [
             "# Compression plan",
             "",
-            f"Target: {r['target_speedup']:.2f}x, at most {r['max_accuracy_drop']} pt of validation top-1.",
+            f"Target: {'max, ' if r['asked'] == 'max' else ''}{r['target_speedup']:.2f}x, at most "
+            f"{r['max_accuracy_drop']} pt of validation top-1.",
             "",
             f"Chosen: **{r['label']}**, predicted {r['predicted_speedup']:.2f}x: {r['why']}.",
             "",
-            f"Kept after the budget checks: **{Recipe(**r['kept']).label()}**.",
+            f"Kept after the budget checks: **{Recipe(**r['kept']).label()}**"
+            + (f", predicted {r['predicted_kept_speedup']:.2f}x." if r["predicted_kept_speedup"] else "."),
             "",
             (
                 f"Final: {measured} measured (interleaved with the uncompressed model, batch {batch_size}); "

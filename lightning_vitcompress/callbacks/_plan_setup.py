@@ -35,7 +35,10 @@ DISTILLATION = {"mode": "soft", "alpha": 0.5, "temperature": 2.0}
 
 def check_goal(target_speedup: Any, max_accuracy_drop: Any, device: Any, runtime: Any, quantization: Any) -> None:
     """What is asked (speedup, budget) and where it is deployed; refused with a message naming the argument."""
-    _check_number(target_speedup, "target_speedup", 1.0, "a speedup over the uncompressed model, e.g. 4.0")
+    if target_speedup != "max":
+        _check_number(
+            target_speedup, "target_speedup", 1.0, "a speedup over the uncompressed model, e.g. 4.0, or 'max'"
+        )
     if max_accuracy_drop is not None:
         _check_number(max_accuracy_drop, "max_accuracy_drop", 0.0, "points of top-1, e.g. 1.0, or None")
     if device != "cpu":

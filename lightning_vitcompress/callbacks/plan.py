@@ -92,7 +92,8 @@ class CompressionPlan(CompressionCallback):
     callbacks it configures must not be in the list too.
 
     Args:
-        target_speedup: wanted throughput over the uncompressed model (fp32, same runtime), e.g. 4.0.
+        target_speedup: wanted throughput over the uncompressed model (fp32, same runtime), e.g. 4.0; or
+            ``"max"``: the fastest recipe whose prior accuracy cost is within ``max_accuracy_drop``.
         max_accuracy_drop: points of validation top-1 the model may lose against the model entering fit
             (None: no checks, no back-off). Needs validation data.
         device: where the model will be deployed; ``"cpu"`` (the only one planned for now).
@@ -138,7 +139,7 @@ class CompressionPlan(CompressionCallback):
 
     def __init__(
         self,
-        target_speedup: float,
+        target_speedup: Union[float, Literal["max"]],
         max_accuracy_drop: Optional[float] = 1.0,
         device: str = "cpu",
         runtime: Literal["torch", "openvino"] = "torch",
@@ -163,7 +164,9 @@ class CompressionPlan(CompressionCallback):
         check_goal(target_speedup, max_accuracy_drop, device, runtime, quantization)
         ratios, r_values, landmarks, configs = check_candidates(pruning_ratios, r_values, num_landmarks, quantization)
         check_options(batch_size, pruning_steps, rounds, num_threads, min_run_time, distill, distillation, speed_model)
-        self.target_speedup = float(target_speedup)
+        self.target_speedup: Union[float, Literal["max"]] = "max" if target_speedup == "max" else float(target_speedup)
+        #: the speedup aimed at: ``target_speedup``, or for ``"max"`` the chosen recipe's predicted one (at setup)
+        self.goal: float = 0.0 if target_speedup == "max" else float(target_speedup)
         self.max_accuracy_drop = None if max_accuracy_drop is None else float(max_accuracy_drop)
         self.device = device
         self.runtime = runtime
@@ -227,11 +230,13 @@ class CompressionPlan(CompressionCallback):
             measured = measured_speedup(self._baseline, final, self._example, *timing)
         budget = self.budget
         self.report = {
-            "target_speedup": self.target_speedup,
+            "target_speedup": self.goal,
+            "asked": self.target_speedup,
             "chosen": self.chosen.recipe.as_dict(),
             "label": self.chosen.recipe.label(),
             "kept_label": self._kept().label(),
             "predicted_speedup": self.chosen.predicted_speedup,
+            "predicted_kept_speedup": self.speed_model.speedup(self._kept()) if self.speed_model else None,
             "prior_accuracy_cost": self.chosen.accuracy_cost,
             "why": self._why(),
             "measured_speedup": measured,
@@ -249,7 +254,7 @@ class CompressionPlan(CompressionCallback):
         self.log_metrics(
             trainer,
             {
-                "target_speedup": self.target_speedup,
+                "target_speedup": self.goal,
                 "predicted_speedup": self.chosen.predicted_speedup,
                 "measured_speedup": measured,
                 "accuracy_drop": self.report["accuracy_drop"],
@@ -283,7 +288,7 @@ class CompressionPlan(CompressionCallback):
         return [
             PlanRow(
                 "CompressionPlan",
-                f"chose {chosen.recipe.label()} for {self.target_speedup:.2f}x",
+                f"chose {chosen.recipe.label()} for {self._asked()}",
                 "setup (measured), back-off at epoch starts and train end",
                 f"predicted {chosen.predicted_speedup:.2f}x, prior cost {chosen.accuracy_cost:.2f} pt",
             )
@@ -327,7 +332,9 @@ class CompressionPlan(CompressionCallback):
             speed = message
         self.speed_model = speed
         self.frontier = plan_frontier(speed)
-        self.chosen = choose_recipe(self.frontier, self.target_speedup)  # UnreachableTargetError names the fastest
+        # UnreachableTargetError names the fastest; "max": the fastest within the budget's prior
+        self.chosen = choose_recipe(self.frontier, self.target_speedup, self.max_accuracy_drop)
+        self.goal = self.chosen.predicted_speedup if self.target_speedup == "max" else float(self.target_speedup)
         self.r = self.chosen.recipe.r
         if saved is not None:  # the back-offs of the first fit stand
             if Recipe(**saved["recipe"]) != self.chosen.recipe:
@@ -342,7 +349,7 @@ class CompressionPlan(CompressionCallback):
         callbacks[callbacks.index(self) + 1 : callbacks.index(self) + 1] = self.added
         rank_zero_info(
             f"CompressionPlan: {self.chosen.recipe.label()}, predicted {self.chosen.predicted_speedup:.2f}x "
-            f"(target {self.target_speedup:.2f}x), prior cost {self.chosen.accuracy_cost:.2f} pt; timed in "
+            f"(target {self._asked()}), prior cost {self.chosen.accuracy_cost:.2f} pt; timed in "
             f"{speed.seconds_measuring:.1f} s.\n{format_frontier(self.frontier, self.chosen)}"
         )
 
@@ -424,11 +431,22 @@ class CompressionPlan(CompressionCallback):
 
     def _why(self) -> str:
         assert self.chosen is not None
-        reaching = [c for c in self.frontier if c.predicted_speedup >= self.target_speedup]
+        if self.target_speedup == "max":
+            return (
+                f"the fastest of the {len(self.frontier)} recipes whose prior accuracy cost is within "
+                f"max_accuracy_drop={self.max_accuracy_drop!r}"
+            )
+        reaching = [c for c in self.frontier if c.predicted_speedup >= self.goal]
         return (
             f"the cheapest in prior accuracy cost ({self.chosen.accuracy_cost:.2f} pt) of the "
-            f"{len(reaching)} of {len(self.frontier)} recipes predicted to reach {self.target_speedup:.2f}x"
+            f"{len(reaching)} of {len(self.frontier)} recipes predicted to reach {self.goal:.2f}x"
         )
+
+    def _asked(self) -> str:
+        """The target as asked: ``4.00x``, or ``max (4.00x)`` once chosen."""
+        if self.target_speedup != "max":
+            return f"{self.target_speedup:.2f}x"
+        return f"max ({self.goal:.2f}x)" if self.goal else "max"
 
     def _kept(self) -> Recipe:
         """The recipe as the fit left it: pruning steps rolled back and token merging backed off taken out."""

@@ -135,7 +135,7 @@ def settle_allocator() -> None:
         >>> settle_allocator()  # what compare_throughput, measure_latency and the plan's timing do first
     """
     block = torch.empty(_SETTLING_BYTES, dtype=torch.uint8)
-    block[:: 4096] = 0  # touch each page: the block is really mapped, then unmapped on free
+    block[::4096] = 0  # touch each page: the block is really mapped, then unmapped on free
     del block
 
 

@@ -55,7 +55,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 from lightning_vitcompress.functional.plan_speed import (
     NUM_LANDMARKS,
@@ -65,6 +65,7 @@ from lightning_vitcompress.functional.plan_speed import (
     Recipe,
     Runtime,
     SpeedModel,
+    build_recipe,
     measure_speed_model,
     r_candidates,
     runner_for,
@@ -81,6 +82,7 @@ __all__ = [
     "Runtime",
     "SpeedModel",
     "UnreachableTargetError",
+    "build_recipe",
     "candidate_recipes",
     "choose_recipe",
     "format_frontier",
@@ -160,12 +162,22 @@ def plan_frontier(speed: SpeedModel, recipes: Optional[Sequence[Recipe]] = None)
     return sorted(out, key=lambda c: (-c.predicted_speedup, c.accuracy_cost))
 
 
-def choose_recipe(frontier: Sequence[Candidate], target_speedup: float) -> Candidate:
+def choose_recipe(
+    frontier: Sequence[Candidate], target_speedup: Union[float, Literal["max"]], max_cost: Optional[float] = None
+) -> Candidate:
     """The recipe cheapest in (prior) accuracy among those predicted to reach ``target_speedup``; ties: the faster.
+
+    ``target_speedup="max"``: the fastest recipe whose prior cost is at most ``max_cost`` (None: the fastest of
+    all; ties: the cheaper), i.e. the fastest the accuracy budget is expected to allow.
 
     Raises:
         UnreachableTargetError: no recipe reaches it; the message names the fastest reachable.
     """
+    if target_speedup == "max":
+        allowed = [c for c in frontier if max_cost is None or c.accuracy_cost <= max_cost]
+        if not allowed:
+            raise UnreachableTargetError(f"no candidate recipe has a prior cost within max_cost={max_cost!r}")
+        return max(allowed, key=lambda c: (c.predicted_speedup, -c.accuracy_cost))
     reaching = [c for c in frontier if c.predicted_speedup >= target_speedup]
     if not reaching:
         fastest = max(frontier, key=lambda c: c.predicted_speedup)

@@ -43,6 +43,7 @@ __all__ = [
     "Recipe",
     "Runtime",
     "SpeedModel",
+    "build_recipe",
     "measure_speed_model",
     "r_candidates",
     "runner_for",
@@ -341,20 +342,31 @@ def _token_grid(tokens_in: int, num_prefix_tokens: int) -> list[int]:
     return sorted({tokens_in, *(num_prefix_tokens + max(2, round(patches * f)) for f in fractions)})
 
 
-def _variant(
-    model: nn.Module,
-    ratio: float,
-    config: Optional[str],
-    example_input: torch.Tensor,
-    calibration_inputs: Sequence[torch.Tensor],
+def build_recipe(
+    model: nn.Module, recipe: Recipe, example_input: torch.Tensor, calibration_inputs: Sequence[torch.Tensor] = ()
 ) -> nn.Module:
-    """A copy of ``model`` pruned by ``ratio`` and quantized with ``config``, as the recipe would leave it."""
-    variant = copy.deepcopy(model).eval()
-    if ratio:
-        prune_vit(variant, ratio, example_input[:1])
-    if config:
-        quantize_model(variant, config, calibration_inputs=list(calibration_inputs) or [example_input])
-    return variant
+    """A copy of ``model`` compressed by ``recipe`` with no training, as the callbacks leave it (in their order:
+    prune, Nystrom, merge, quantize): what a recipe's speed is measured on. ``model`` is not changed.
+
+    Example::
+
+        >>> import timm, torch
+        >>> from lightning_vitcompress.functional.plan import Recipe, build_recipe
+        >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10)
+        >>> small = build_recipe(vit, Recipe(pruning_ratio=0.5, r=4), torch.randn(2, 3, 32, 32))
+        >>> small(torch.randn(2, 3, 32, 32)).shape, small.embed_dim < vit.embed_dim
+        (torch.Size([2, 10]), True)
+    """
+    built = copy.deepcopy(model).eval()
+    if recipe.pruning_ratio:
+        prune_vit(built, recipe.pruning_ratio, example_input[:1])
+    if recipe.num_landmarks:
+        swap_attention(built, recipe.num_landmarks)
+    if recipe.r:
+        merge_tokens(built, recipe.r, example_input=example_input[:1])
+    if recipe.quantization:
+        quantize_model(built, recipe.quantization, calibration_inputs=list(calibration_inputs) or [example_input])
+    return built.eval()
 
 
 def measure_speed_model(
@@ -396,7 +408,7 @@ def measure_speed_model(
         for ratio in sorted({0.0, *map(float, pruning_ratios)}):
             for config in (None, *quantization):
                 try:
-                    variant = _variant(model, ratio, config, example_input, calibration_inputs)
+                    variant = build_recipe(model, Recipe(ratio, quantization=config), example_input, calibration_inputs)
                     ((args, kwargs),) = _block_inputs(variant, example_input).values()
                     calls[("whole", ratio, config)] = runner_for(variant, (example_input,), {}, runtime, threads)
                     block = _first_block(variant)
