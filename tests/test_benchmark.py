@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import platform
+import subprocess
+import sys
 from importlib import metadata
 
 import pytest
@@ -47,6 +50,35 @@ def test_twice_the_work_measures_about_half_the_throughput():
     ratio = report["once"]["cpu_images_per_s"] / report["twice"]["cpu_images_per_s"]
     assert 1.6 < ratio < 2.5
     assert report["twice"]["macs_per_image"] == 2 * report["once"]["macs_per_image"]
+
+
+_PAGE_FAULTS = """
+import resource, torch
+from lightning_vitcompress.functional.measure import settle_allocator
+def faults():  # minor page faults of 20 allocations of 4 MiB, each touched and freed
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        block = torch.empty(4 << 20, dtype=torch.uint8)
+        block[::4096] = 1
+        del block
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(faults())
+settle_allocator()
+print(faults())
+"""
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc thresholds only"
+)
+def test_timing_settles_the_allocator_so_medium_blocks_stop_page_faulting():
+    # a fresh process (what a benchmark script is): glibc maps medium blocks afresh, page faults and all, until a
+    # larger free raises its threshold; after settle_allocator (what every timing function calls first) they reuse
+    # the heap. Unsettled, int8 dynamic's per-call buffers made it 2x slower in a fresh process than in a fit.
+    out = subprocess.run([sys.executable, "-c", _PAGE_FAULTS], capture_output=True, text=True, check=True).stdout
+    fresh, settled = map(int, out.split())
+    assert fresh >= 1024  # at least the first 4 MiB block faults in page by page
+    assert settled < fresh / 10
 
 
 def test_size_is_the_saved_state_dict_and_gpu_is_none_without_cuda(tmp_path):

@@ -69,6 +69,9 @@ def test_the_speed_model_predicts_from_parts_and_the_choice_reaches_the_target()
     assert choose_recipe(frontier, 2.3).recipe == Recipe(0.5, 16)
     with pytest.raises(UnreachableTargetError, match=r"fastest reachable is 2\.50x \(prune 0\.50 \+ ToMe r=16\)"):
         choose_recipe(frontier, 3.0)
+    # "max": the fastest whose prior cost fits the budget (prune 0.5 costs 2.9 pt by the study's prior)
+    assert choose_recipe(frontier, "max", max_cost=1.0).recipe == Recipe(0.0, 16)
+    assert choose_recipe(frontier, "max", max_cost=None).recipe == Recipe(0.5, 16)
     code = recipe_code(Recipe(0.5, 16, None, "int8_dynamic"), 1.0, 2, 1, {"mode": "soft"})
     namespace: dict = {"model": torch.nn.Linear(2, 2)}
     exec(code, namespace)  # the report's code runs as written
@@ -117,6 +120,17 @@ def test_a_reachable_target_is_planned_and_fit_ends_with_the_recipe_applied(tmp_
     assert "Chosen: **prune 0.50 + ToMe r=16**" in report and "PruningSchedule(0.5" in report
     assert (tmp_path / "compression_plan_callbacks.py").read_text() == plan.report["code"]
     assert plan.report["measured_speedup"] > 0
+
+
+def test_max_runs_the_fastest_recipe_the_budget_is_expected_to_allow(tmp_path, tiny_classifier, digits):
+    plan = CompressionPlan(target_speedup="max", max_accuracy_drop=1.0, speed_model=made_up_speed_model(), **CHEAP)
+    short_trainer(tmp_path, callbacks=[plan], max_epochs=1).fit(tiny_classifier(), digits)
+    assert plan.chosen.recipe == Recipe(0.0, 16) and plan.goal == pytest.approx(1.25)
+    assert plan.report["asked"] == "max" and plan.report["target_speedup"] == pytest.approx(1.25)
+    kept = Recipe(0.0, plan.r)  # token merging may have been backed off: the prediction follows what was kept
+    assert plan.report["predicted_kept_speedup"] == pytest.approx(made_up_speed_model().speedup(kept))
+    report = (tmp_path / "compression_plan.md").read_text()
+    assert "Target: max, 1.25x" in report and "whose prior accuracy cost is within max_accuracy_drop=1.0" in report
 
 
 def test_the_plan_measures_at_setup_when_given_no_speed_model(tmp_path, tiny_classifier, digits):
@@ -188,6 +202,7 @@ def test_a_resumed_fit_keeps_the_first_fits_choice_and_back_off_without_measurin
     ("kwargs", "match"),
     [
         (dict(target_speedup=0.5), r"target_speedup=0\.5: pass a number >= 1"),
+        (dict(target_speedup="fastest"), r"target_speedup='fastest': pass a number >= 1 .*or 'max'"),
         (dict(target_speedup=2.0, max_accuracy_drop=-1), r"max_accuracy_drop=-1: pass a number >= 0"),
         (dict(target_speedup=2.0, device="cuda"), r"device='cuda'.*device='cpu'"),
         (dict(target_speedup=2.0, runtime="onnx"), r"runtime='onnx': pass 'torch' or 'openvino'"),
