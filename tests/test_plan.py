@@ -120,10 +120,13 @@ def test_a_reachable_target_is_planned_and_fit_ends_with_the_recipe_applied(tmp_
     assert "Chosen: **prune 0.50 + ToMe r=16**" in report and "PruningSchedule(0.5" in report
     assert (tmp_path / "compression_plan_callbacks.py").read_text() == plan.report["code"]
     assert plan.report["measured_speedup"] > 0
+    # verified at setup: the chosen recipe built whole and timed (the made-up figures are not this machine's)
+    assert plan.verified_speedup > 0 and plan.report["verified_speedup"] == plan.verified_speedup
 
 
 def test_max_runs_the_fastest_recipe_the_budget_is_expected_to_allow(tmp_path, tiny_classifier, digits):
-    plan = CompressionPlan(target_speedup="max", max_accuracy_drop=1.0, speed_model=made_up_speed_model(), **CHEAP)
+    made_up = made_up_speed_model()  # its figures are not this machine's: the goal is the prediction, not checked
+    plan = CompressionPlan(target_speedup="max", max_accuracy_drop=1.0, speed_model=made_up, verify=False, **CHEAP)
     short_trainer(tmp_path, callbacks=[plan], max_epochs=1).fit(tiny_classifier(), digits)
     assert plan.chosen.recipe == Recipe(0.0, 16) and plan.goal == pytest.approx(1.25)
     assert plan.report["asked"] == "max" and plan.report["target_speedup"] == pytest.approx(1.25)
@@ -158,10 +161,35 @@ def test_a_budget_broken_mid_fit_backs_token_merging_off(tmp_path, tiny_classifi
     plan = CompressionPlan(target_speedup=1.2, max_accuracy_drop=0.0, speed_model=made_up_speed_model(), **CHEAP)
     short_trainer(tmp_path, callbacks=[plan], max_epochs=2).fit(module, digits)
     assert plan.chosen.recipe == Recipe(0.0, 16)
-    assert [b["r"] for b in plan.backed_off] == [[16, 8], [8, 0]]  # at epoch 1's start, the next r, then none
-    assert plan.backed_off[0]["when"] == "epoch 1 start"
+    assert [b["r"] for b in plan.backed_off] == [[16, 8], [8, 0]]  # after its recovery: the next r, then none
+    assert {b["when"] for b in plan.backed_off} == {"train end"}
     assert merged_token_counts(module.model) == [65, 65]
     assert "TokenMerging(r=" not in plan.report["code"]  # the copyable recipe is what was kept
+
+
+def test_a_pruning_step_beyond_the_budget_rolls_back_though_token_merging_came_after_it(
+    tmp_path, tiny_classifier, digits, monkeypatch
+):
+    # force the break on pruning alone: top-1 falls 5 points while the model is pruned, whatever the merging
+    module = tiny_classifier()
+    unpruned = parameter_count(module.model)
+
+    def accuracy(trainer, model):
+        return 0.9 - (0.05 if parameter_count(model) < unpruned else 0.0)
+
+    monkeypatch.setattr("lightning_vitcompress._base.measure_validation_accuracy", accuracy)
+    monkeypatch.setattr("lightning_vitcompress.callbacks._budget.measure_validation_accuracy", accuracy)
+    plan = CompressionPlan(target_speedup=2.3, max_accuracy_drop=1.0, speed_model=made_up_speed_model(), **CHEAP)
+    short_trainer(tmp_path, callbacks=[plan], max_epochs=3).fit(module, digits)
+    assert plan.chosen.recipe == Recipe(0.5, 16)
+    pruning = next(cb for cb in plan.added if isinstance(cb, PruningSchedule))
+    # the merging applied after the step (and the plan's back-offs) no longer block the rollback: it is undone
+    # with the step, and merged again at the r in force
+    assert [r["rolled_back"] for r in pruning.rollbacks] == [True]
+    assert parameter_count(module.model) == unpruned
+    assert merged_token_counts(module.model) == [65 - plan.r, 65 - 2 * plan.r]
+    assert module.model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert plan.report["kept"]["pruning_ratio"] == 0.0
 
 
 def test_a_resumed_fit_keeps_the_first_fits_choice_and_back_off_without_measuring(
@@ -183,7 +211,7 @@ def test_a_resumed_fit_keeps_the_first_fits_choice_and_back_off_without_measurin
     short_trainer(
         tmp_path, callbacks=[first, StopAfterEpoch1(), checkpoints], max_epochs=3, enable_checkpointing=True
     ).fit(tiny_classifier(), digits)
-    assert first.r == 0  # backed off at epoch 1's start
+    assert first.r == 0  # backed off at train end (the stop after epoch 1 ends training)
 
     def no_measuring(self, target):
         raise AssertionError("a resumed plan reuses the first fit's timings")
@@ -203,6 +231,7 @@ def test_a_resumed_fit_keeps_the_first_fits_choice_and_back_off_without_measurin
     [
         (dict(target_speedup=0.5), r"target_speedup=0\.5: pass a number >= 1"),
         (dict(target_speedup="fastest"), r"target_speedup='fastest': pass a number >= 1 .*or 'max'"),
+        (dict(target_speedup="max", verify="yes"), r"verify='yes': pass True .* or False"),
         (dict(target_speedup=2.0, max_accuracy_drop=-1), r"max_accuracy_drop=-1: pass a number >= 0"),
         (dict(target_speedup=2.0, device="cuda"), r"device='cuda'.*device='cpu'"),
         (dict(target_speedup=2.0, runtime="onnx"), r"runtime='onnx': pass 'torch' or 'openvino'"),

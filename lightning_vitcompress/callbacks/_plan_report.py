@@ -1,20 +1,29 @@
-"""CompressionPlan's report at fit end: the Markdown, JSON and copyable-callbacks files, and the frontier plot."""
+"""CompressionPlan's timings of whole models (the chosen recipe at setup, the final model at fit end) and its report:
+the Markdown, JSON and copyable-callbacks files, and the frontier plot."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
+import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_vitcompress.functional.measure import thread_count
-from lightning_vitcompress.functional.plan import Candidate, Recipe, format_frontier, runner_for, time_interleaved
+from lightning_vitcompress.functional.plan import (
+    Candidate,
+    Recipe,
+    build_recipe,
+    format_frontier,
+    runner_for,
+    time_interleaved,
+)
 
-__all__ = ["measured_speedup", "plot_frontier", "write_plan_report"]
+__all__ = ["built_speedup", "measured_speedup", "plot_frontier", "why_chosen", "write_plan_report"]
 
 
 def measured_speedup(
@@ -40,6 +49,25 @@ def measured_speedup(
     with thread_count(num_threads):
         seconds = time_interleaved(calls, rounds, min_run_time)
     return seconds["base"] / seconds["final"]
+
+
+def built_speedup(
+    trainer: pl.Trainer,
+    baseline: nn.Module,
+    recipe: Recipe,
+    example: torch.Tensor,
+    runtime: str,
+    num_threads: int,
+    rounds: int,
+    min_run_time: float,
+) -> float:
+    """``recipe`` built whole on a copy of ``baseline`` (untrained) and timed against it: the speed model's prediction
+    checked. Every rank builds it (pruning agrees its draw across ranks), rank zero times it, all get the figure."""
+    measured: Any = None
+    built = build_recipe(baseline, recipe, example)
+    if trainer.is_global_zero:
+        measured = measured_speedup(baseline, built, example, runtime, num_threads, rounds, min_run_time)
+    return float(trainer.strategy.broadcast(measured, src=0))
 
 
 def write_plan_report(
@@ -151,3 +179,19 @@ def plot_frontier(
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def why_chosen(
+    chosen: Candidate, frontier: Sequence[Candidate], target_speedup: Union[float, str], max_accuracy_drop: Any
+) -> str:
+    """Why the plan chose ``chosen`` for ``target_speedup`` (a speedup, or ``"max"``), in words for the report."""
+    if target_speedup == "max":
+        return (
+            f"the fastest of the {len(frontier)} recipes whose prior accuracy cost is within "
+            f"max_accuracy_drop={max_accuracy_drop!r}"
+        )
+    reaching = [c for c in frontier if c.predicted_speedup >= float(target_speedup)]
+    return (
+        f"the cheapest in prior accuracy cost ({chosen.accuracy_cost:.2f} pt) of the "
+        f"{len(reaching)} of {len(frontier)} recipes predicted to reach {float(target_speedup):.2f}x"
+    )

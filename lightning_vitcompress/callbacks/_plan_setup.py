@@ -3,31 +3,45 @@
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch import nn
 
 from lightning_vitcompress._base import CompressionCallback
 from lightning_vitcompress._checkpoint_file import read_checkpoint
 from lightning_vitcompress._data import first_batch, validation_data
 from lightning_vitcompress._lightning import callbacks_of, fit_ckpt_path
+from lightning_vitcompress.callbacks.distillation import DistillationTeacher
+from lightning_vitcompress.callbacks.nystrom import NystromSwap
+from lightning_vitcompress.callbacks.pruning import PruningSchedule
+from lightning_vitcompress.callbacks.quantization import QuantizeOnFit
+from lightning_vitcompress.callbacks.token_merging import TokenMerging
 from lightning_vitcompress.functional.measure import images_of
-from lightning_vitcompress.functional.plan import SpeedModel
+from lightning_vitcompress.functional.nystrom import NystromConfig
+from lightning_vitcompress.functional.plan import Recipe, SpeedModel
+from lightning_vitcompress.functional.prune import PruneConfig
 from lightning_vitcompress.functional.quantize_configs import QUANTIZATION_CONFIGS
+from lightning_vitcompress.functional.token_merging import TokenMergingConfig
 
 __all__ = [
     "DISTILLATION",
+    "PLANNED",
     "check_candidates",
     "check_goal",
     "check_options",
     "check_plan_fit",
     "example_batch",
+    "recipe_callbacks",
     "saved_plan_state",
 ]
+
+#: the callbacks the plan configures itself (one of them in the list too would act twice)
+PLANNED = (PruningSchedule, NystromSwap, TokenMerging, DistillationTeacher, QuantizeOnFit)
 
 #: ``DistillationTeacher``'s options when ``distillation=None``
 DISTILLATION = {"mode": "soft", "alpha": 0.5, "temperature": 2.0}
@@ -186,3 +200,46 @@ def _check_ints(values: Sequence[Any], name: str, example: str) -> None:
         raise ValueError(
             f"{name}={tuple(values) if len(values) != 1 else values[0]!r}: pass positive integers, e.g. {example}."
         )
+
+
+def recipe_callbacks(
+    recipe: Recipe,
+    r: int,
+    budget: Optional[float],
+    pruning_steps: tuple[int, int],
+    teacher: Optional[nn.Module],
+    distillation: dict[str, Any],
+    merge_again: Callable[[pl.LightningModule], None],
+    *,
+    model_attribute: Optional[str],
+) -> list[Callback]:
+    """The recipe as the plain callbacks, each with the plan's budget.
+
+    Token merging at ``r`` (the r in force: a resume after a back-off merges what the checkpoint recorded);
+    ``pruning_steps``: ``(num_steps, end_epoch)``; ``teacher``: the frozen model entering fit, None for no
+    distillation; ``merge_again``: what merges again after a pruning rollback undid the merging done since.
+    """
+    out: list[Callback] = []
+    if recipe.pruning_ratio:
+        steps, end_epoch = pruning_steps  # one step: end_epoch 0, num_steps 1, the defaults
+        config = PruneConfig(pruning_ratio=recipe.pruning_ratio)
+        pruning = PruningSchedule(
+            end_epoch=end_epoch,
+            num_steps=steps,
+            max_accuracy_drop=budget,
+            config=config,
+            model_attribute=model_attribute,
+        )
+        if recipe.r:  # a rollback of a step undoes the merging done since (same modules): merge again after
+            pruning.redo_after_rollback = (("tome",), merge_again)
+        out.append(pruning)
+    if recipe.num_landmarks:
+        nystrom = NystromConfig(num_landmarks=recipe.num_landmarks)
+        out.append(NystromSwap(max_accuracy_drop=budget, config=nystrom, model_attribute=model_attribute))
+    if recipe.r:
+        out.append(TokenMerging(config=TokenMergingConfig(r=r), model_attribute=model_attribute))
+    if teacher is not None:
+        out.append(DistillationTeacher(teacher, **distillation, model_attribute=model_attribute))
+    if recipe.quantization:
+        out.append(QuantizeOnFit(recipe.quantization, max_accuracy_drop=budget, model_attribute=model_attribute))
+    return out

@@ -12,7 +12,7 @@ import copy
 import dataclasses
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
@@ -211,11 +211,14 @@ class GoodState:
             config.scheduler.load_state_dict(state)
 
 
-def why_not_restorable(good: Optional[GoodState], pl_module: pl.LightningModule, kind: str) -> Optional[str]:
-    """Why a rollback to ``good`` cannot happen (``None``: it can): nothing was kept, or others edited since."""
+def why_not_restorable(
+    good: Optional[GoodState], pl_module: pl.LightningModule, kind: str, redone: Sequence[str] = ()
+) -> Optional[str]:
+    """Why a rollback to ``good`` cannot happen (``None``: it can): nothing was kept, or others edited since
+    (other than the ``redone`` kinds, which their owner makes again after the rollback)."""
     if good is None:
         return "the state before it was not kept (this fit resumed after the step)"
-    others = good.edited_since(pl_module, kind)
+    others = [other for other in good.edited_since(pl_module, kind) if other not in redone]
     if others:
         return f"other callbacks edited the model since ({others}), which a rollback would silently undo"
     return None

@@ -14,29 +14,27 @@ from typing import Any, Literal, Optional, Union
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_vitcompress._base import CompressionCallback
 from lightning_vitcompress._lightning import callbacks_of
 from lightning_vitcompress._plan import PlanRow
 from lightning_vitcompress._structure import record_edit
-from lightning_vitcompress.callbacks._plan_report import measured_speedup, write_plan_report
+from lightning_vitcompress.callbacks._plan_report import built_speedup, measured_speedup, why_chosen, write_plan_report
 from lightning_vitcompress.callbacks._plan_setup import (
     DISTILLATION,
+    PLANNED,
     check_candidates,
     check_goal,
     check_options,
     check_plan_fit,
     example_batch,
+    recipe_callbacks,
     saved_plan_state,
 )
-from lightning_vitcompress.callbacks.distillation import DistillationTeacher
-from lightning_vitcompress.callbacks.nystrom import NystromSwap
 from lightning_vitcompress.callbacks.pruning import PruningSchedule
-from lightning_vitcompress.callbacks.quantization import QuantizeOnFit
 from lightning_vitcompress.callbacks.token_merging import TokenMerging
-from lightning_vitcompress.functional.nystrom import NystromConfig
 from lightning_vitcompress.functional.plan import (
     NUM_LANDMARKS,
     PRUNING_RATIOS,
@@ -49,47 +47,36 @@ from lightning_vitcompress.functional.plan import (
     plan_frontier,
     recipe_code,
 )
-from lightning_vitcompress.functional.prune import PruneConfig
 from lightning_vitcompress.functional.token_merging import TokenMergingConfig, merge_tokens
 
 __all__ = ["CompressionPlan"]
-
-#: the callbacks the plan configures itself (one of them in the list too would act twice)
-_PLANNED = (PruningSchedule, NystromSwap, TokenMerging, DistillationTeacher, QuantizeOnFit)
 
 
 class CompressionPlan(CompressionCallback):
     """Make the model ``target_speedup`` times faster on this machine, losing at most ``max_accuracy_drop`` points.
 
-    At ``setup`` it times the parts of the real model on this CPU (the whole
-    model and one block per pruning ratio and int8 config, at a few token
-    counts; the token-merging step; Nystrom blocks where the sequence is long
-    enough), predicts every candidate recipe's speed from them, and picks the
-    recipe cheapest in accuracy (the study's measured costs, as a prior) that is
-    predicted to reach the target. It then adds the plain callbacks of that
-    recipe to the Trainer (``PruningSchedule``, ``TokenMerging``, ``NystromSwap``,
-    ``QuantizeOnFit``, and ``DistillationTeacher`` with a frozen copy of the
-    model as it entered fit), so the fit trains the compressed model against
-    the uncompressed one.
+    At ``setup`` it times the parts of the real model on this CPU (the whole model and one block per pruning
+    ratio and int8 config, at a few token counts; the token-merging step; Nystrom blocks where the sequence is
+    long enough), predicts every candidate recipe's speed from them, picks the recipe cheapest in accuracy (the
+    study's measured costs, as a prior) predicted to reach the target, and times that recipe built whole to
+    check. It then adds the recipe's plain callbacks to the Trainer (``PruningSchedule``, ``TokenMerging``,
+    ``NystromSwap``, ``QuantizeOnFit``, and ``DistillationTeacher`` with a frozen copy of the model as it
+    entered fit), so the fit trains the compressed model against the uncompressed one.
 
-    The budget is checked on the validation data at each step: pruning steps
-    beyond it are rolled back (``PruningSchedule(max_accuracy_drop=...)``),
-    Nystrom blocks swapped back, int8 layers kept in float (their own budgets);
-    token merging, which has no budget of its own, is backed off here to the
-    next smaller ``r`` at each epoch start and at train end until the model is
-    within budget.
+    The budget is checked on the validation data at each step: pruning steps beyond it are rolled back
+    (``PruningSchedule(max_accuracy_drop=...)``), Nystrom blocks swapped back, int8 layers kept in float (their
+    own budgets); token merging, which has no budget of its own, is backed off here at train end, after its
+    recovery, to the next smaller ``r`` until the model is within budget (not at epoch starts: a fit's first
+    epochs dip below the model entering fit whatever merges, and the dip is not the merging's).
 
-    At ``fit`` end it writes ``compression_plan.md`` (the frontier, the recipe
-    and why, the final speed and accuracy against the target), the recipe as
-    plain callbacks (``compression_plan_callbacks.py``) and ``compression_plan.png``
-    to ``output_dir`` (default: the Trainer's log dir), and logs ``plan/*``.
+    At ``fit`` end it writes ``compression_plan.md`` (the frontier, the recipe and why, the final speed and
+    accuracy against the target), the recipe as plain callbacks (``compression_plan_callbacks.py``) and
+    ``compression_plan.png`` to ``output_dir`` (default: the Trainer's log dir), and logs ``plan/*``.
 
-    Why one callback that adds the others, not a function returning them: the
-    recipe depends on the model, the data and the machine, all known only at
-    ``setup``; one entry in ``Trainer(callbacks=[...])`` composes with
-    ``BenchmarkCallback`` and ``ExportOnFit`` like any other. It must come
-    before them in the list (it is refused at ``setup`` otherwise), and the
-    callbacks it configures must not be in the list too.
+    Why one callback that adds the others, not a function returning them: the recipe depends on the model, the
+    data and the machine, all known only at ``setup``; one entry in ``Trainer(callbacks=[...])`` composes with
+    ``BenchmarkCallback`` and ``ExportOnFit`` like any other. It must come before them in the list (it is
+    refused at ``setup`` otherwise), and the callbacks it configures must not be in the list too.
 
     Args:
         target_speedup: wanted throughput over the uncompressed model (fp32, same runtime), e.g. 4.0; or
@@ -110,6 +97,8 @@ class CompressionPlan(CompressionCallback):
             step beyond the budget rolls back to the last good width rather than to no pruning.
         speed_model: a :class:`~lightning_vitcompress.functional.plan.SpeedModel` measured before, reused instead of
             timing at setup (the same model and machine).
+        verify: time the chosen recipe built whole (untrained) at setup against the model entering fit, in seconds:
+            for ``"max"`` that figure becomes the goal; a target it misses by over 10% is warned about.
         rounds, min_run_time: interleaved timing rounds, and the seconds each part runs per round.
         plot: write the frontier plot (needs matplotlib).
         output_dir: where the report goes (None: the Trainer's log dir or ``default_root_dir``).
@@ -154,6 +143,7 @@ class CompressionPlan(CompressionCallback):
         distillation: Optional[dict[str, Any]] = None,
         pruning_steps: int = 2,
         speed_model: Optional[SpeedModel] = None,
+        verify: bool = True,
         rounds: int = 3,
         min_run_time: float = 0.05,
         plot: bool = True,
@@ -180,6 +170,11 @@ class CompressionPlan(CompressionCallback):
         self.distillation = dict(DISTILLATION if distillation is None else distillation)
         self.pruning_steps = pruning_steps
         self.speed_model = speed_model
+        if not isinstance(verify, bool):
+            raise ValueError(f"verify={verify!r}: pass True (time the chosen recipe built whole at setup) or False.")
+        self.verify = verify
+        #: the chosen recipe's speedup measured whole at setup (``verify``)
+        self.verified_speedup: Optional[float] = None
         self.rounds = rounds
         self.min_run_time = min_run_time
         self.plot = plot
@@ -210,8 +205,6 @@ class CompressionPlan(CompressionCallback):
             self._plan(trainer, pl_module)  # raises: CompressionPlan must come first
 
     def ordered_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch > 0:
-            self._back_off(trainer, pl_module, f"epoch {trainer.current_epoch} start")
         self.log_metrics(trainer, {"r": self.r})
 
     def ordered_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -236,9 +229,10 @@ class CompressionPlan(CompressionCallback):
             "label": self.chosen.recipe.label(),
             "kept_label": self._kept().label(),
             "predicted_speedup": self.chosen.predicted_speedup,
+            "verified_speedup": self.verified_speedup,
             "predicted_kept_speedup": self.speed_model.speedup(self._kept()) if self.speed_model else None,
             "prior_accuracy_cost": self.chosen.accuracy_cost,
-            "why": self._why(),
+            "why": why_chosen(self.chosen, self.frontier, self.target_speedup, self.max_accuracy_drop),
             "measured_speedup": measured,
             "r_final": self.r,
             "backed_off": self.backed_off,
@@ -289,7 +283,7 @@ class CompressionPlan(CompressionCallback):
             PlanRow(
                 "CompressionPlan",
                 f"chose {chosen.recipe.label()} for {self._asked()}",
-                "setup (measured), back-off at epoch starts and train end",
+                "setup (measured and verified), back-off at train end",
                 f"predicted {chosen.predicted_speedup:.2f}x, prior cost {chosen.accuracy_cost:.2f} pt",
             )
         ]
@@ -305,7 +299,7 @@ class CompressionPlan(CompressionCallback):
 
     # -------------------------------------------------------------------------------------------------------- helpers
     def _plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        check_plan_fit(trainer, self, _PLANNED, self.max_accuracy_drop)
+        check_plan_fit(trainer, self, PLANNED, self.max_accuracy_drop)
         self._planned_for, self.backed_off, self.report = id(trainer), [], {}
         self.speed_model = self._given_speed_model  # a later fit of an already compressed model times it afresh
         target = self.target(pl_module)
@@ -335,6 +329,7 @@ class CompressionPlan(CompressionCallback):
         # UnreachableTargetError names the fastest; "max": the fastest within the budget's prior
         self.chosen = choose_recipe(self.frontier, self.target_speedup, self.max_accuracy_drop)
         self.goal = self.chosen.predicted_speedup if self.target_speedup == "max" else float(self.target_speedup)
+        self.verified_speedup = self._verified(trainer) if self.verify else None
         self.r = self.chosen.recipe.r
         if saved is not None:  # the back-offs of the first fit stand
             if Recipe(**saved["recipe"]) != self.chosen.recipe:
@@ -344,7 +339,18 @@ class CompressionPlan(CompressionCallback):
                     "first fit's target_speedup and candidates."
                 )
             self.r, self.backed_off = int(saved["r"]), list(saved["backed_off"])
-        self.added = self._callbacks(trainer, self.chosen.recipe)
+        teacher = copy.deepcopy(self._baseline) if self.distill else None
+        steps = self._pruning_schedule(trainer) if self.chosen.recipe.pruning_ratio else (1, 0)
+        self.added = recipe_callbacks(
+            self.chosen.recipe,
+            self.r,
+            self.max_accuracy_drop,
+            steps,
+            teacher,
+            self.distillation,
+            lambda module: self._merge_at(module, self.r),  # after a rollback undid it
+            model_attribute=self.model_attribute,
+        )
         callbacks = callbacks_of(trainer)
         callbacks[callbacks.index(self) + 1 : callbacks.index(self) + 1] = self.added
         rank_zero_info(
@@ -369,6 +375,21 @@ class CompressionPlan(CompressionCallback):
             calibration_inputs=[self._example],
         )
 
+    def _verified(self, trainer: pl.Trainer) -> Optional[float]:
+        """The chosen recipe built whole (untrained) and timed against the model entering fit, on rank zero."""
+        assert self.chosen is not None and self._baseline is not None and self._example is not None
+        threads = self.speed_model.num_threads if self.speed_model else torch.get_num_threads()
+        timing = (self.runtime, threads, self.rounds, self.min_run_time)
+        speedup = built_speedup(trainer, self._baseline, self.chosen.recipe, self._example, *timing)
+        if self.target_speedup == "max":
+            self.goal = speedup
+        elif speedup < 0.9 * self.goal:
+            rank_zero_warn(
+                f"CompressionPlan: {self.chosen.recipe.label()} was predicted at {self.chosen.predicted_speedup:.2f}x "
+                f"but measures {speedup:.2f}x built whole, short of target_speedup={self.goal!r}; the fit goes on."
+            )
+        return speedup
+
     def _pruning_schedule(self, trainer: pl.Trainer) -> tuple[int, int]:
         """``(num_steps, end_epoch)``: steps one per epoch, each followed by at least one recovery epoch."""
         max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs > 0 else 1
@@ -376,47 +397,16 @@ class CompressionPlan(CompressionCallback):
         self._pruning_schedule_steps = (steps, steps - 1)
         return steps, steps - 1
 
-    def _callbacks(self, trainer: pl.Trainer, recipe: Recipe) -> list[Callback]:
-        """The recipe as the plain callbacks, each with the plan's budget."""
-        budget, attribute = self.max_accuracy_drop, self.model_attribute
-        out: list[Callback] = []
-        if recipe.pruning_ratio:
-            steps, end_epoch = self._pruning_schedule(trainer)  # one step: end_epoch 0, num_steps 1, the defaults
-            config = PruneConfig(pruning_ratio=recipe.pruning_ratio)
-            pruning = PruningSchedule(
-                end_epoch=end_epoch, num_steps=steps, max_accuracy_drop=budget, config=config, model_attribute=attribute
-            )
-            out.append(pruning)
-        if recipe.num_landmarks:
-            nystrom = NystromConfig(num_landmarks=recipe.num_landmarks)
-            out.append(NystromSwap(max_accuracy_drop=budget, config=nystrom, model_attribute=attribute))
-        if recipe.r:  # at the r in force (a resume after a back-off merges what the checkpoint recorded)
-            out.append(TokenMerging(config=TokenMergingConfig(r=self.r), model_attribute=attribute))
-        if self.distill:
-            assert self._baseline is not None
-            out.append(
-                DistillationTeacher(copy.deepcopy(self._baseline), **self.distillation, model_attribute=attribute)
-            )
-        if recipe.quantization:
-            out.append(QuantizeOnFit(recipe.quantization, max_accuracy_drop=budget, model_attribute=attribute))
-        return out
-
     def _back_off(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str) -> None:
         """While the model is beyond the budget, merge fewer tokens (the next smaller candidate ``r``, then none)."""
-        budget = self.budget
-        if budget is None or not self.r:
+        budget, speed = self.budget, self.speed_model
+        if budget is None or speed is None or not self.r:
             return
         accuracy = self.validation_accuracy(trainer)  # rank zero measures; every rank decides alike
         while self.r and not budget.allows(accuracy):
-            smaller = max((r for r in self._r_ladder() if r < self.r), default=0)
-            target = self.target(pl_module)
-            plan = merge_tokens(target, smaller)
-            config = {**TokenMergingConfig(r=smaller).as_record(), "start_epoch": 0}
-            record_edit(pl_module, {"kind": "tome", "target": self.target_path or "", **plan, "config": config})
-            for callback in self.added:
-                if isinstance(callback, TokenMerging):
-                    callback.plan = {**plan, "config": config}
-            before, self.r = self.r, smaller
+            smaller = max((r for r in speed.timings.merge if r < self.r), default=0)  # the next candidate
+            before = self.r
+            self._merge_at(pl_module, smaller)
             after = self.validation_accuracy(trainer)
             self.backed_off.append({"when": when, "r": [before, smaller], "accuracy": [accuracy, after]})
             rank_zero_info(
@@ -425,22 +415,15 @@ class CompressionPlan(CompressionCallback):
             )
             accuracy = after
 
-    def _r_ladder(self) -> list[int]:
-        assert self.speed_model is not None
-        return sorted({0, *self.speed_model.timings.merge})
-
-    def _why(self) -> str:
-        assert self.chosen is not None
-        if self.target_speedup == "max":
-            return (
-                f"the fastest of the {len(self.frontier)} recipes whose prior accuracy cost is within "
-                f"max_accuracy_drop={self.max_accuracy_drop!r}"
-            )
-        reaching = [c for c in self.frontier if c.predicted_speedup >= self.goal]
-        return (
-            f"the cheapest in prior accuracy cost ({self.chosen.accuracy_cost:.2f} pt) of the "
-            f"{len(reaching)} of {len(self.frontier)} recipes predicted to reach {self.goal:.2f}x"
-        )
+    def _merge_at(self, pl_module: pl.LightningModule, r: int) -> None:
+        """Merge ``r`` tokens per block from now on (recorded, so a checkpoint replays it)."""
+        plan = merge_tokens(self.target(pl_module), r)
+        config = {**TokenMergingConfig(r=r).as_record(), "start_epoch": 0}
+        record_edit(pl_module, {"kind": "tome", "target": self.target_path or "", **plan, "config": config})
+        for callback in self.added:
+            if isinstance(callback, TokenMerging):
+                callback.plan = {**plan, "config": config}
+        self.r = r
 
     def _asked(self) -> str:
         """The target as asked: ``4.00x``, or ``max (4.00x)`` once chosen."""

@@ -3,16 +3,14 @@
 :class:`PruningSchedule` removes embedding channels, attention head dimensions
 (or whole heads) and MLP hidden channels with `torch-pruning`_, so the model's
 weight matrices get smaller and its forward faster (mask pruning gives neither).
-It prunes once at the start of fit or step by step over a schedule, keeps the
-optimizer, LR scheduler and DDP wrapper consistent after each step, and records
-every step in the checkpoint so that resuming and :func:`load_compressed` rebuild
-the pruned shapes before the weights load.
+It prunes once at the start of fit or step by step over a schedule, keeps the optimizer, LR scheduler
+and DDP wrapper consistent after each step, and records every step in the checkpoint so that resuming
+and :func:`load_compressed` rebuild the pruned shapes before the weights load.
 
-The recipe, in the hooks: ``setup`` checks and (by default) prunes once; at each
-epoch or batch boundary where a step falls due, the last step is judged against
-the accuracy budget (kept, or rolled back and the schedule stops), gradients are
-gathered for Taylor/Hessian importance, then :meth:`PruningSchedule._prune` makes
-the step; ``on_train_end`` judges the last step.
+The recipe, in the hooks: ``setup`` checks and (by default) prunes once; at each epoch or batch boundary
+where a step falls due, the last step is judged against the accuracy budget (kept, or rolled back and the
+schedule stops), gradients are gathered for Taylor/Hessian importance, then :meth:`PruningSchedule._prune`
+makes the step; ``on_train_end`` judges the last step.
 
 .. _torch-pruning: https://github.com/VainF/Torch-Pruning
 """
@@ -145,6 +143,9 @@ class PruningSchedule(CompressionCallback):
         self._good: Optional[GoodState] = None
         #: a step was made since :attr:`_good` and is not judged yet
         self._unjudged = False
+        #: ``(kinds, redo)``: edits of these kinds since a step do not block its rollback, which undoes them and calls
+        #: ``redo(pl_module)`` (CompressionPlan's token merging)
+        self.redo_after_rollback: Optional[tuple[tuple[str, ...], Callable[[pl.LightningModule], None]]] = None
         self._importance = self.config.make_importance()
         self.start_epoch = start_epoch
         self.end_epoch = end_epoch
@@ -415,7 +416,8 @@ class PruningSchedule(CompressionCallback):
             "reference": self.budget.reference,
             "after_rollback": again,
         }
-        why = why_not_restorable(self._good, pl_module, self.KIND)
+        redone, redo = self.redo_after_rollback or ((), None)
+        why = why_not_restorable(self._good, pl_module, self.KIND, redone)
         if why is not None or self._good is None:
             rank_zero_warn(
                 f"PruningSchedule step {self.steps_done}/{self.num_steps} is beyond the accuracy budget "
@@ -424,6 +426,8 @@ class PruningSchedule(CompressionCallback):
             undone["rolled_back"] = False
         else:
             self._good.restore(trainer, pl_module)
+            if redo is not None:
+                redo(pl_module)
             self.steps_done = self._good.steps_done
             undone["rolled_back"] = True
             kept = self.config.fraction_removed(self._original_widths, model)
