@@ -142,7 +142,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 _write(path, results)
                 continue
             plan = CompressionPlan(
-                target_speedup=target if reachable else "max",
+                target_speedup=float(target) if reachable and target != "max" else "max",
                 max_accuracy_drop=args.max_accuracy_drop,
                 speed_model=speed,
                 num_landmarks=args.num_landmarks,
@@ -163,6 +163,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 "kept": plan.report["kept_label"],
                 "predicted_speedup": plan.report["predicted_speedup"],
                 "predicted_kept_speedup": plan.report["predicted_kept_speedup"],
+                "verified": plan.report["verified"],
                 "measured_speedup": plan.report["measured_speedup"],
                 "validation_drop": plan.report["accuracy_drop"],
                 "top1": top1,

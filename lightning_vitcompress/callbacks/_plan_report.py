@@ -4,13 +4,13 @@ the Markdown, JSON and copyable-callbacks files, and the frontier plot."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_vitcompress.functional.measure import thread_count
@@ -23,7 +23,7 @@ from lightning_vitcompress.functional.plan import (
     time_interleaved,
 )
 
-__all__ = ["built_speedup", "measured_speedup", "plot_frontier", "why_chosen", "write_plan_report"]
+__all__ = ["built_speedup", "measured_speedup", "plot_frontier", "verify_choice", "why_chosen", "write_plan_report"]
 
 
 def measured_speedup(
@@ -68,6 +68,37 @@ def built_speedup(
     if trainer.is_global_zero:
         measured = measured_speedup(baseline, built, example, runtime, num_threads, rounds, min_run_time)
     return float(trainer.strategy.broadcast(measured, src=0))
+
+
+def verify_choice(
+    frontier: Sequence[Candidate],
+    target_speedup: Union[float, str],
+    chosen: Candidate,
+    timed: Callable[[Recipe], float],
+    tries: int = 3,
+) -> tuple[Candidate, float, list[dict[str, Any]]]:
+    """Time ``chosen`` built whole (``timed``); for a numeric target it misses by over 10%, go on to the next
+    candidates predicted to reach it, cheapest first, ``tries`` in all, and keep the first within 10% (else the
+    fastest measured, warned about). Returns the candidate kept, its measured speedup and every try."""
+    if target_speedup == "max":
+        speedup = timed(chosen.recipe)
+        return chosen, speedup, [{"recipe": chosen.recipe.label(), "measured_speedup": speedup}]
+    goal = float(target_speedup)
+    reaching = sorted(
+        (c for c in frontier if c.predicted_speedup >= goal), key=lambda c: (c.accuracy_cost, -c.predicted_speedup)
+    )
+    tried: list[tuple[Candidate, float]] = []
+    for candidate in [chosen, *(c for c in reaching if c.recipe != chosen.recipe)][:tries]:
+        tried.append((candidate, timed(candidate.recipe)))
+        if tried[-1][1] >= 0.9 * goal:
+            break
+    else:
+        rank_zero_warn(
+            f"CompressionPlan: the {len(tried)} cheapest recipes predicted to reach target_speedup={goal!r} measure "
+            f"{', '.join(f'{c.recipe.label()} {s:.2f}x' for c, s in tried)} built whole; the fastest is kept."
+        )
+    kept, speedup = tried[-1] if tried[-1][1] >= 0.9 * goal else max(tried, key=lambda t: t[1])
+    return kept, speedup, [{"recipe": c.recipe.label(), "measured_speedup": s} for c, s in tried]
 
 
 def write_plan_report(

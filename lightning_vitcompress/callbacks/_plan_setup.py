@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -23,7 +23,7 @@ from lightning_vitcompress.callbacks.quantization import QuantizeOnFit
 from lightning_vitcompress.callbacks.token_merging import TokenMerging
 from lightning_vitcompress.functional.measure import images_of
 from lightning_vitcompress.functional.nystrom import NystromConfig
-from lightning_vitcompress.functional.plan import Recipe, SpeedModel
+from lightning_vitcompress.functional.plan import Candidate, Recipe, SpeedModel
 from lightning_vitcompress.functional.prune import PruneConfig
 from lightning_vitcompress.functional.quantize_configs import QUANTIZATION_CONFIGS
 from lightning_vitcompress.functional.token_merging import TokenMergingConfig
@@ -37,6 +37,7 @@ __all__ = [
     "check_plan_fit",
     "example_batch",
     "recipe_callbacks",
+    "resumed_choice",
     "saved_plan_state",
 ]
 
@@ -103,8 +104,11 @@ def check_options(
     distill: Any,
     distillation: Any,
     speed_model: Any,
+    verify: Any = True,
 ) -> None:
     """How it times and trains."""
+    if not isinstance(verify, bool):
+        raise ValueError(f"verify={verify!r}: pass True (time the chosen recipe built whole at setup) or False.")
     for value, name, example in (
         (batch_size, "batch_size", "4"),
         (pruning_steps, "pruning_steps", "2"),
@@ -243,3 +247,22 @@ def recipe_callbacks(
     if recipe.quantization:
         out.append(QuantizeOnFit(recipe.quantization, max_accuracy_drop=budget, model_attribute=model_attribute))
     return out
+
+
+def resumed_choice(
+    frontier: Sequence[Candidate], target_speedup: Union[float, str], chosen: Candidate, trained: Recipe
+) -> Candidate:
+    """The candidate a resumed fit goes on with: the recipe its checkpoint ``trained``, if it is one that reaches
+    the target (the first fit's verification may have moved past the cheapest, ``chosen`` now); for ``"max"``
+    the same as ``chosen``. Anything else means other arguments: refused, naming both."""
+    if target_speedup == "max":
+        found = chosen if trained == chosen.recipe else None
+    else:
+        goal = float(target_speedup)
+        found = next((c for c in frontier if c.recipe == trained and c.predicted_speedup >= goal), None)
+    if found is None:
+        raise ValueError(
+            f"CompressionPlan(target_speedup={target_speedup!r}) chooses {chosen.recipe.label()}, but the checkpoint "
+            f"being resumed trained {trained.label()}. Resume with the first fit's target_speedup and candidates."
+        )
+    return found

@@ -14,14 +14,20 @@ from typing import Any, Literal, Optional, Union
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_vitcompress._base import CompressionCallback
 from lightning_vitcompress._lightning import callbacks_of
 from lightning_vitcompress._plan import PlanRow
 from lightning_vitcompress._structure import record_edit
-from lightning_vitcompress.callbacks._plan_report import built_speedup, measured_speedup, why_chosen, write_plan_report
+from lightning_vitcompress.callbacks._plan_report import (
+    built_speedup,
+    measured_speedup,
+    verify_choice,
+    why_chosen,
+    write_plan_report,
+)
 from lightning_vitcompress.callbacks._plan_setup import (
     DISTILLATION,
     PLANNED,
@@ -31,6 +37,7 @@ from lightning_vitcompress.callbacks._plan_setup import (
     check_plan_fit,
     example_batch,
     recipe_callbacks,
+    resumed_choice,
     saved_plan_state,
 )
 from lightning_vitcompress.callbacks.pruning import PruningSchedule
@@ -153,32 +160,24 @@ class CompressionPlan(CompressionCallback):
         super().__init__(model_attribute)
         check_goal(target_speedup, max_accuracy_drop, device, runtime, quantization)
         ratios, r_values, landmarks, configs = check_candidates(pruning_ratios, r_values, num_landmarks, quantization)
-        check_options(batch_size, pruning_steps, rounds, num_threads, min_run_time, distill, distillation, speed_model)
+        check_options(
+            batch_size, pruning_steps, rounds, num_threads, min_run_time, distill, distillation, speed_model, verify
+        )
         self.target_speedup: Union[float, Literal["max"]] = "max" if target_speedup == "max" else float(target_speedup)
         #: the speedup aimed at: ``target_speedup``, or for ``"max"`` the chosen recipe's predicted one (at setup)
         self.goal: float = 0.0 if target_speedup == "max" else float(target_speedup)
         self.max_accuracy_drop = None if max_accuracy_drop is None else float(max_accuracy_drop)
-        self.device = device
-        self.runtime = runtime
-        self.pruning_ratios = ratios
-        self.r_values = r_values
-        self.num_landmarks = landmarks
-        self.quantization = configs
-        self.batch_size = batch_size
-        self.num_threads = num_threads
-        self.distill = distill
+        self.device, self.runtime = device, runtime
+        self.pruning_ratios, self.r_values, self.num_landmarks, self.quantization = ratios, r_values, landmarks, configs
+        self.batch_size, self.num_threads, self.distill = batch_size, num_threads, distill
         self.distillation = dict(DISTILLATION if distillation is None else distillation)
         self.pruning_steps = pruning_steps
         self.speed_model = speed_model
-        if not isinstance(verify, bool):
-            raise ValueError(f"verify={verify!r}: pass True (time the chosen recipe built whole at setup) or False.")
         self.verify = verify
-        #: the chosen recipe's speedup measured whole at setup (``verify``)
+        #: the chosen recipe's speedup measured whole at setup (``verify``), and each recipe timed so
         self.verified_speedup: Optional[float] = None
-        self.rounds = rounds
-        self.min_run_time = min_run_time
-        self.plot = plot
-        self.output_dir = output_dir
+        self.verified: list[dict[str, Any]] = []
+        self.rounds, self.min_run_time, self.plot, self.output_dir = rounds, min_run_time, plot, output_dir
         #: what setup decided: the frontier, the chosen candidate, the callbacks added
         self.frontier: list[Candidate] = []
         self.chosen: Optional[Candidate] = None
@@ -218,9 +217,7 @@ class CompressionPlan(CompressionCallback):
         measured = None
         if trainer.is_global_zero:
             assert self._example is not None  # set at setup, with _baseline
-            threads = self.speed_model.num_threads if self.speed_model else torch.get_num_threads()
-            timing = (self.runtime, threads, self.rounds, self.min_run_time)
-            measured = measured_speedup(self._baseline, final, self._example, *timing)
+            measured = measured_speedup(self._baseline, final, self._example, *self._timing())
         budget = self.budget
         self.report = {
             "target_speedup": self.goal,
@@ -230,6 +227,7 @@ class CompressionPlan(CompressionCallback):
             "kept_label": self._kept().label(),
             "predicted_speedup": self.chosen.predicted_speedup,
             "verified_speedup": self.verified_speedup,
+            "verified": self.verified,
             "predicted_kept_speedup": self.speed_model.speedup(self._kept()) if self.speed_model else None,
             "prior_accuracy_cost": self.chosen.accuracy_cost,
             "why": why_chosen(self.chosen, self.frontier, self.target_speedup, self.max_accuracy_drop),
@@ -272,6 +270,7 @@ class CompressionPlan(CompressionCallback):
             "r": self.r,
             "backed_off": self.backed_off,
             "budget_reference": self.budget_reference,
+            "verified_speedup": self.verified_speedup,
         }
 
     # ----------------------------------------------------------------------------------------- what the pipeline asks
@@ -329,15 +328,14 @@ class CompressionPlan(CompressionCallback):
         # UnreachableTargetError names the fastest; "max": the fastest within the budget's prior
         self.chosen = choose_recipe(self.frontier, self.target_speedup, self.max_accuracy_drop)
         self.goal = self.chosen.predicted_speedup if self.target_speedup == "max" else float(self.target_speedup)
-        self.verified_speedup = self._verified(trainer) if self.verify else None
+        if self.verify and saved is None:
+            self._verify(trainer)
         self.r = self.chosen.recipe.r
-        if saved is not None:  # the back-offs of the first fit stand
-            if Recipe(**saved["recipe"]) != self.chosen.recipe:
-                raise ValueError(
-                    f"CompressionPlan(target_speedup={self.target_speedup!r}) chooses {self.chosen.recipe.label()}, "
-                    f"but the checkpoint being resumed trained {Recipe(**saved['recipe']).label()}. Resume with the "
-                    "first fit's target_speedup and candidates."
-                )
+        if saved is not None:  # the first fit's choice (its verification may have moved it on) and back-offs stand
+            self.chosen = resumed_choice(self.frontier, self.target_speedup, self.chosen, Recipe(**saved["recipe"]))
+            self.verified_speedup = saved.get("verified_speedup")
+            if self.target_speedup == "max" and self.verified_speedup:
+                self.goal = self.verified_speedup
             self.r, self.backed_off = int(saved["r"]), list(saved["backed_off"])
         teacher = copy.deepcopy(self._baseline) if self.distill else None
         steps = self._pruning_schedule(trainer) if self.chosen.recipe.pruning_ratio else (1, 0)
@@ -375,20 +373,25 @@ class CompressionPlan(CompressionCallback):
             calibration_inputs=[self._example],
         )
 
-    def _verified(self, trainer: pl.Trainer) -> Optional[float]:
-        """The chosen recipe built whole (untrained) and timed against the model entering fit, on rank zero."""
+    def _verify(self, trainer: pl.Trainer) -> None:
+        """Time the chosen recipe built whole (untrained) against the model entering fit; a numeric target it
+        misses by over 10% moves the choice on to the next candidates (``verify_choice``)."""
         assert self.chosen is not None and self._baseline is not None and self._example is not None
-        threads = self.speed_model.num_threads if self.speed_model else torch.get_num_threads()
-        timing = (self.runtime, threads, self.rounds, self.min_run_time)
-        speedup = built_speedup(trainer, self._baseline, self.chosen.recipe, self._example, *timing)
+        baseline, example = self._baseline, self._example
+
+        def timed(recipe: Recipe) -> float:
+            return built_speedup(trainer, baseline, recipe, example, *self._timing())
+
+        self.chosen, self.verified_speedup, self.verified = verify_choice(
+            self.frontier, self.target_speedup, self.chosen, timed
+        )
         if self.target_speedup == "max":
-            self.goal = speedup
-        elif speedup < 0.9 * self.goal:
-            rank_zero_warn(
-                f"CompressionPlan: {self.chosen.recipe.label()} was predicted at {self.chosen.predicted_speedup:.2f}x "
-                f"but measures {speedup:.2f}x built whole, short of target_speedup={self.goal!r}; the fit goes on."
-            )
-        return speedup
+            self.goal = self.verified_speedup
+
+    def _timing(self) -> tuple[str, int, int, float]:
+        """How whole models are timed: runtime, threads (the speed model's), rounds, seconds per round."""
+        threads = self.speed_model.num_threads if self.speed_model else torch.get_num_threads()
+        return self.runtime, threads, self.rounds, self.min_run_time
 
     def _pruning_schedule(self, trainer: pl.Trainer) -> tuple[int, int]:
         """``(num_steps, end_epoch)``: steps one per epoch, each followed by at least one recovery epoch."""
@@ -426,10 +429,8 @@ class CompressionPlan(CompressionCallback):
         self.r = r
 
     def _asked(self) -> str:
-        """The target as asked: ``4.00x``, or ``max (4.00x)`` once chosen."""
-        if self.target_speedup != "max":
-            return f"{self.target_speedup:.2f}x"
-        return f"max ({self.goal:.2f}x)" if self.goal else "max"
+        """The target as asked: ``4.00x``, or ``max (1.52x)`` once chosen."""
+        return f"{self.goal:.2f}x" if self.target_speedup != "max" else f"max ({self.goal:.2f}x)"
 
     def _kept(self) -> Recipe:
         """The recipe as the fit left it: pruning steps rolled back and token merging backed off taken out."""
