@@ -149,6 +149,15 @@ def test_a_choice_that_measures_short_of_the_target_built_whole_moves_on_to_the_
     ):
         kept, speedup, tried = verify_choice(frontier, 1.2, chosen, slow.__getitem__)
     assert (kept.recipe, speedup, len(tried)) == (Recipe(0.5, 8), 0.8, 3)  # the fastest of the three, said
+    # "max": the predicted fastest within the prior budget are timed, the fastest measured is kept
+    fastest = choose_recipe(frontier, "max")  # prune 0.5 + ToMe r=16, then prune 0.5 + ToMe r=8 (2.2x)
+    kept, speedup, tried = verify_choice(frontier, "max", fastest, lambda r: measured.get(r, 2.7), None, 2)
+    assert (kept.recipe, speedup) == (Recipe(0.5, 8), 2.7) and len(tried) == 2
+    budgeted = {Recipe(0.0, 16): 1.3, Recipe(0.0, 8): 1.4, Recipe(): 1.0}  # within 1 pt: no pruning
+    kept, speedup, tried = verify_choice(
+        frontier, "max", choose_recipe(frontier, "max", 1.0), budgeted.__getitem__, 1.0
+    )
+    assert (kept.recipe, speedup) == (Recipe(0.0, 8), 1.4) and tried[0]["recipe"] == "ToMe r=16"
     # a resume goes on with what the first fit trained, if it reaches the target; other arguments are refused
     assert resumed_choice(frontier, 1.2, chosen, Recipe(0.5)).recipe == Recipe(0.5)
     with pytest.raises(ValueError, match=r"chooses ToMe r=16, but the checkpoint being resumed trained prune 0\.50"):

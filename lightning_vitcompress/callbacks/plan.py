@@ -375,7 +375,8 @@ class CompressionPlan(CompressionCallback):
 
     def _verify(self, trainer: pl.Trainer) -> None:
         """Time the chosen recipe built whole (untrained) against the model entering fit; a numeric target it
-        misses by over 10% moves the choice on to the next candidates (``verify_choice``)."""
+        misses by over 10% moves the choice on to the next candidates; for ``"max"`` the fastest measured of the
+        predicted fastest is kept (``verify_choice``)."""
         assert self.chosen is not None and self._baseline is not None and self._example is not None
         baseline, example = self._baseline, self._example
 
@@ -383,7 +384,7 @@ class CompressionPlan(CompressionCallback):
             return built_speedup(trainer, baseline, recipe, example, *self._timing())
 
         self.chosen, self.verified_speedup, self.verified = verify_choice(
-            self.frontier, self.target_speedup, self.chosen, timed
+            self.frontier, self.target_speedup, self.chosen, timed, self.max_accuracy_drop
         )
         if self.target_speedup == "max":
             self.goal = self.verified_speedup
