@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -23,50 +23,52 @@ from lightning_vitcompress.functional.plan import (
     time_interleaved,
 )
 
-__all__ = ["built_speedup", "measured_speedup", "plot_frontier", "verify_choice", "why_chosen", "write_plan_report"]
+__all__ = [
+    "Timing",
+    "built_speedup",
+    "measured_speedup",
+    "plot_frontier",
+    "verify_choice",
+    "why_chosen",
+    "write_plan_report",
+]
 
 
-def measured_speedup(
-    baseline: nn.Module,
-    final: nn.Module,
-    example: torch.Tensor,
-    runtime: str,
-    num_threads: int,
-    rounds: int,
-    min_run_time: float,
-) -> float:
+class Timing(NamedTuple):
+    """How whole models are timed against each other: the runtime, threads, interleaved rounds, seconds per round."""
+
+    runtime: str
+    num_threads: int
+    rounds: int
+    min_run_time: float
+
+
+def measured_speedup(baseline: nn.Module, final: nn.Module, example: torch.Tensor, timing: Timing) -> float:
     """The final model's speedup over the model that entered fit, timed interleaved on ``example`` (in
-    ``runtime``, or eager torch where the runtime refuses the final model)."""
+    ``timing.runtime``, or eager torch where the runtime refuses the final model)."""
     calls = {}
     for name, model in (("base", baseline), ("final", final)):
         was = model.training
         model.eval()
         try:
-            calls[name] = runner_for(model, (example,), {}, runtime, num_threads)
+            calls[name] = runner_for(model, (example,), {}, timing.runtime, timing.num_threads)
         except Exception:
-            calls[name] = runner_for(model, (example,), {}, "torch", num_threads)
+            calls[name] = runner_for(model, (example,), {}, "torch", timing.num_threads)
         model.train(was)
-    with thread_count(num_threads):
-        seconds = time_interleaved(calls, rounds, min_run_time)
+    with thread_count(timing.num_threads):
+        seconds = time_interleaved(calls, timing.rounds, timing.min_run_time)
     return seconds["base"] / seconds["final"]
 
 
 def built_speedup(
-    trainer: pl.Trainer,
-    baseline: nn.Module,
-    recipe: Recipe,
-    example: torch.Tensor,
-    runtime: str,
-    num_threads: int,
-    rounds: int,
-    min_run_time: float,
+    trainer: pl.Trainer, baseline: nn.Module, recipe: Recipe, example: torch.Tensor, timing: Timing
 ) -> float:
     """``recipe`` built whole on a copy of ``baseline`` (untrained) and timed against it: the speed model's prediction
     checked. Every rank builds it (pruning agrees its draw across ranks), rank zero times it, all get the figure."""
     measured: Any = None
     built = build_recipe(baseline, recipe, example)
     if trainer.is_global_zero:
-        measured = measured_speedup(baseline, built, example, runtime, num_threads, rounds, min_run_time)
+        measured = measured_speedup(baseline, built, example, timing)
     return float(trainer.strategy.broadcast(measured, src=0))
 
 

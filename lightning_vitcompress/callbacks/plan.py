@@ -22,6 +22,7 @@ from lightning_vitcompress._lightning import callbacks_of
 from lightning_vitcompress._plan import PlanRow
 from lightning_vitcompress._structure import record_edit
 from lightning_vitcompress.callbacks._plan_report import (
+    Timing,
     built_speedup,
     measured_speedup,
     verify_choice,
@@ -217,7 +218,7 @@ class CompressionPlan(CompressionCallback):
         measured = None
         if trainer.is_global_zero:
             assert self._example is not None  # set at setup, with _baseline
-            measured = measured_speedup(self._baseline, final, self._example, *self._timing())
+            measured = measured_speedup(self._baseline, final, self._example, self._timing())
         budget = self.budget
         self.report = {
             "target_speedup": self.goal,
@@ -374,14 +375,13 @@ class CompressionPlan(CompressionCallback):
         )
 
     def _verify(self, trainer: pl.Trainer) -> None:
-        """Time the chosen recipe built whole (untrained) against the model entering fit; a numeric target it
-        misses by over 10% moves the choice on to the next candidates; for ``"max"`` the fastest measured of the
-        predicted fastest is kept (``verify_choice``)."""
+        """Time the choice built whole (untrained) against the model entering fit: :func:`verify_choice` keeps it,
+        or moves on (a numeric target missed by over 10%; for ``"max"``, the fastest measured of three)."""
         assert self.chosen is not None and self._baseline is not None and self._example is not None
         baseline, example = self._baseline, self._example
 
         def timed(recipe: Recipe) -> float:
-            return built_speedup(trainer, baseline, recipe, example, *self._timing())
+            return built_speedup(trainer, baseline, recipe, example, self._timing())
 
         self.chosen, self.verified_speedup, self.verified = verify_choice(
             self.frontier, self.target_speedup, self.chosen, timed, self.max_accuracy_drop
@@ -389,10 +389,10 @@ class CompressionPlan(CompressionCallback):
         if self.target_speedup == "max":
             self.goal = self.verified_speedup
 
-    def _timing(self) -> tuple[str, int, int, float]:
-        """How whole models are timed: runtime, threads (the speed model's), rounds, seconds per round."""
+    def _timing(self) -> Timing:
+        """How whole models are timed: at the speed model's thread count."""
         threads = self.speed_model.num_threads if self.speed_model else torch.get_num_threads()
-        return self.runtime, threads, self.rounds, self.min_run_time
+        return Timing(self.runtime, threads, self.rounds, self.min_run_time)
 
     def _pruning_schedule(self, trainer: pl.Trainer) -> tuple[int, int]:
         """``(num_steps, end_epoch)``: steps one per epoch, each followed by at least one recovery epoch."""
