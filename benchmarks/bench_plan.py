@@ -11,12 +11,13 @@ eager fp32 and ``int8_dynamic``; ``--model`` takes any timm ViT name, ``--image-
 
     python benchmarks/bench_plan.py [--model vit_base_patch16_224] [--batch-size 4] [--threads 2]
         [--rounds 3] [--min-run-time 0.5]
-    python benchmarks/bench_plan.py --study-model --batch-size 32 --threads 1   # the plan example's setting
+    python benchmarks/bench_plan.py --study-model --batch-size 32 --threads 1 [--ceiling]   # the plan example's setting
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 
 import timm
 import torch
@@ -54,6 +55,11 @@ def main() -> None:
     parser.add_argument("--min-run-time", type=float, default=0.5)
     parser.add_argument(
         "--study-model", action="store_true", help="the Fashion-MNIST study's ViT (28x28x1, 96 wide, 4 blocks) instead"
+    )
+    parser.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="also: how fast any recipe could get (the model without its blocks; pruning up to 90%%)",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -98,6 +104,31 @@ def main() -> None:
             f"{recipe.label():<40} {predicted:>9.2f}x {actual:>9.2f}x {predicted / actual:>7.2f} "
             f"{seconds:>9.1f} {ms / measured[recipe.label()]:>9.1f}"
         )
+    if args.ceiling:
+        ceiling(model, x, args.threads, args.rounds, args.min_run_time)
+
+
+def ceiling(model: torch.nn.Module, x: torch.Tensor, threads: int, rounds: int, min_run_time: float) -> None:
+    """What bounds any recipe's speed: the model with no blocks (patch embedding, norm, head), and the fastest
+    recipe predicted when pruning goes up to 90% with the largest r (eager dispatch keeps a thin block costly)."""
+    headless = copy.deepcopy(model)
+    headless.blocks = torch.nn.Sequential()
+    ips = compare_throughput({"full": model, "no blocks": headless}, x, num_threads=threads, rounds=rounds,
+                             min_run_time=min_run_time)  # fmt: skip
+    speed = measure_speed_model(
+        model, x, pruning_ratios=(0.0, 0.5, 0.75, 0.9), quantization=("int8_dynamic",), num_threads=threads
+    )
+    fastest = max(speed.recipes(), key=speed.speedup)
+    print(
+        f"ceiling: the model without its {speed.depth} blocks runs {ips['no blocks'] / ips['full']:.1f}x the full one"
+    )
+    for (ratio, config), whole in sorted(speed.timings.whole.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")):
+        block = speed.timings.block[(ratio, config, None)][speed.tokens_in]
+        print(
+            f"  prune {ratio:.2f} {config or 'fp32':<13} whole {whole * 1e3:7.2f} ms, one block at all tokens "
+            f"{block * 1e3:6.2f} ms"
+        )
+    print(f"  fastest recipe predicted: {fastest.label()} at {speed.speedup(fastest):.2f}x")
 
 
 if __name__ == "__main__":
