@@ -62,6 +62,7 @@ def arguments(argv: Optional[list[str]] = None) -> Any:
     p.add_argument("--val-batches", type=int, default=10, help="validation batches the budget is checked on")
     p.add_argument("--pruning-ratios", type=float, nargs="+", default=[0.0, 0.25, 0.4, 0.5, 0.6])
     p.add_argument("--quantization", nargs="*", default=["int8_dynamic"])
+    p.add_argument("--only-seeds", type=int, nargs="*", default=None, help="these seeds (e.g. one per process)")
     p.add_argument("--num-landmarks", type=int, nargs="*", default=[8], help="Nystrom candidates (the study's m=8)")
     args = p.parse_args(argv)
     args.output_dir = args.output_dir if args.output_dir != "outputs/fashion_mnist" else "outputs/plan_fashion_mnist"
@@ -126,7 +127,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     results["timing_seconds"] = speed.seconds_measuring
     results["cpu"] = cpu_name()
     targets = sorted(args.targets, key=lambda t: t != "max")  # max first: an unreachable target is its fit
-    for seed in range(args.seeds):
+    for seed in args.only_seeds or range(args.seeds):
         if str(seed) not in results["controls"]:
             model, seconds = fine_tune(study, args, seed, output / f"control_seed{seed}", [])
             results["controls"][str(seed)] = {"top1": study.accuracy(model), "fit_seconds": seconds}
