@@ -162,6 +162,10 @@ def test_a_choice_that_measures_short_of_the_target_built_whole_moves_on_to_the_
     assert resumed_choice(frontier, 1.2, chosen, Recipe(0.5)).recipe == Recipe(0.5)
     with pytest.raises(ValueError, match=r"chooses ToMe r=16, but the checkpoint being resumed trained prune 0\.50"):
         resumed_choice(frontier, 2.3, chosen, Recipe(0.5))
+    fastest_within = choose_recipe(frontier, "max", 1.0)  # for "max": any recipe within the budget's prior
+    assert resumed_choice(frontier, "max", fastest_within, Recipe(0.0, 8), 1.0).recipe == Recipe(0.0, 8)
+    with pytest.raises(ValueError, match=r"trained prune 0\.50"):
+        resumed_choice(frontier, "max", fastest_within, Recipe(0.5), 1.0)
 
 
 def test_the_plan_measures_at_setup_when_given_no_speed_model(tmp_path, tiny_classifier, digits):

@@ -250,16 +250,21 @@ def recipe_callbacks(
 
 
 def resumed_choice(
-    frontier: Sequence[Candidate], target_speedup: Union[float, str], chosen: Candidate, trained: Recipe
+    frontier: Sequence[Candidate],
+    target_speedup: Union[float, str],
+    chosen: Candidate,
+    trained: Recipe,
+    max_cost: Optional[float] = None,
 ) -> Candidate:
-    """The candidate a resumed fit goes on with: the recipe its checkpoint ``trained``, if it is one that reaches
-    the target (the first fit's verification may have moved past the cheapest, ``chosen`` now); for ``"max"``
-    the same as ``chosen``. Anything else means other arguments: refused, naming both."""
+    """The candidate a resumed fit goes on with: the recipe its checkpoint ``trained``, if the same arguments could
+    have chosen it (the first fit's verification may have moved past ``chosen``): one predicted to reach the
+    target, or for ``"max"`` one whose prior cost is within ``max_cost``. Anything else means other arguments:
+    refused, naming both."""
     if target_speedup == "max":
-        found = chosen if trained == chosen.recipe else None
+        allowed = [c for c in frontier if max_cost is None or c.accuracy_cost <= max_cost]
     else:
-        goal = float(target_speedup)
-        found = next((c for c in frontier if c.recipe == trained and c.predicted_speedup >= goal), None)
+        allowed = [c for c in frontier if c.predicted_speedup >= float(target_speedup)]
+    found = next((c for c in allowed if c.recipe == trained), None)
     if found is None:
         raise ValueError(
             f"CompressionPlan(target_speedup={target_speedup!r}) chooses {chosen.recipe.label()}, but the checkpoint "

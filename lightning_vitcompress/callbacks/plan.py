@@ -328,16 +328,17 @@ class CompressionPlan(CompressionCallback):
         self.frontier = plan_frontier(speed)
         # UnreachableTargetError names the fastest; "max": the fastest within the budget's prior
         self.chosen = choose_recipe(self.frontier, self.target_speedup, self.max_accuracy_drop)
-        self.goal = self.chosen.predicted_speedup if self.target_speedup == "max" else float(self.target_speedup)
+        self.verified_speedup = None
         if self.verify and saved is None:
             self._verify(trainer)
         self.r = self.chosen.recipe.r
         if saved is not None:  # the first fit's choice (its verification may have moved it on) and back-offs stand
-            self.chosen = resumed_choice(self.frontier, self.target_speedup, self.chosen, Recipe(**saved["recipe"]))
+            trained, budget = Recipe(**saved["recipe"]), self.max_accuracy_drop
+            self.chosen = resumed_choice(self.frontier, self.target_speedup, self.chosen, trained, budget)
             self.verified_speedup = saved.get("verified_speedup")
-            if self.target_speedup == "max" and self.verified_speedup:
-                self.goal = self.verified_speedup
             self.r, self.backed_off = int(saved["r"]), list(saved["backed_off"])
+        if self.target_speedup == "max":  # the figure measured built whole, else the prediction
+            self.goal = self.verified_speedup or self.chosen.predicted_speedup
         teacher = copy.deepcopy(self._baseline) if self.distill else None
         steps = self._pruning_schedule(trainer) if self.chosen.recipe.pruning_ratio else (1, 0)
         self.added = recipe_callbacks(
@@ -386,8 +387,6 @@ class CompressionPlan(CompressionCallback):
         self.chosen, self.verified_speedup, self.verified = verify_choice(
             self.frontier, self.target_speedup, self.chosen, timed, self.max_accuracy_drop
         )
-        if self.target_speedup == "max":
-            self.goal = self.verified_speedup
 
     def _timing(self) -> Timing:
         """How whole models are timed: at the speed model's thread count."""
