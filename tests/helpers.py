@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -420,3 +422,24 @@ def ddp_pipeline(folder: Path, kill_at: Any = None, ckpt_path: Any = None, timeo
     if process.returncode not in (0, -signal.SIGKILL):
         raise AssertionError(f"DDP pipeline failed (rc={process.returncode}):\n{process.stderr.decode()[-4000:]}")
     return process.returncode
+
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+
+
+@contextlib.contextmanager
+def example_module(name: str) -> Iterator[Any]:
+    """``examples/<name>.py`` imported as a module while the block runs (examples/ on ``sys.path`` for its own
+    imports; registered in ``sys.modules``, where dataclasses look their module up)."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        for imported in (name, "fashion_mnist_study"):  # the plan example imports the study
+            sys.modules.pop(imported, None)
+        sys.path.remove(str(EXAMPLES))

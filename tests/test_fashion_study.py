@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-EXAMPLES = Path(__file__).parents[1] / "examples"
+from helpers import example_module
 
 
 @pytest.fixture(scope="module")
 def study():
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        spec = importlib.util.spec_from_file_location("fashion_mnist_study", EXAMPLES / "fashion_mnist_study.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["fashion_mnist_study"] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
+    with example_module("fashion_mnist_study") as module:
         yield module
-    finally:
-        sys.modules.pop("fashion_mnist_study", None)
-        sys.path.remove(str(EXAMPLES))
 
 
 def _cell(study, recipe: str, seed: int, top1: float) -> dict:

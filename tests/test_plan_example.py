@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-EXAMPLES = Path(__file__).parents[1] / "examples"
+from helpers import example_module
 
 
 @pytest.fixture(scope="module")
 def example():
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        spec = importlib.util.spec_from_file_location("plan_fashion_mnist", EXAMPLES / "plan_fashion_mnist.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+    with example_module("plan_fashion_mnist") as module:
         yield module
-    finally:
-        sys.modules.pop("fashion_mnist_study", None)
-        sys.path.remove(str(EXAMPLES))
 
 
 def _cell(target, reachable, measured, goal=1.5, delta=-0.4):
