@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, Literal, NamedTuple, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -18,6 +18,7 @@ from lightning_vitcompress.functional.plan import (
     Candidate,
     Recipe,
     build_recipe,
+    eligible_candidates,
     format_frontier,
     runner_for,
     time_interleaved,
@@ -74,7 +75,7 @@ def built_speedup(
 
 def verify_choice(
     frontier: Sequence[Candidate],
-    target_speedup: Union[float, str],
+    target_speedup: Union[float, Literal["max"]],
     chosen: Candidate,
     timed: Callable[[Recipe], float],
     max_cost: Optional[float] = None,
@@ -85,18 +86,15 @@ def verify_choice(
     fastest measured, warned about). For ``"max"``, time the ``tries`` predicted fastest whose prior cost is within
     ``max_cost`` and keep the fastest measured (parts predict a ranking that close recipes can swap). Returns the
     candidate kept, its measured speedup and every try."""
+    eligible = eligible_candidates(frontier, target_speedup, max_cost)
+    candidates = [chosen, *(c for c in eligible if c.recipe != chosen.recipe)][:tries]
     if target_speedup == "max":
-        allowed = [c for c in frontier if max_cost is None or c.accuracy_cost <= max_cost]
-        fastest = sorted(allowed, key=lambda c: (-c.predicted_speedup, c.accuracy_cost))
-        timings = [(c, timed(c.recipe)) for c in [chosen, *(c for c in fastest if c.recipe != chosen.recipe)][:tries]]
+        timings = [(c, timed(c.recipe)) for c in candidates]
         kept, speedup = max(timings, key=lambda t: t[1])
         return kept, speedup, [{"recipe": c.recipe.label(), "measured_speedup": s} for c, s in timings]
     goal = float(target_speedup)
-    reaching = sorted(
-        (c for c in frontier if c.predicted_speedup >= goal), key=lambda c: (c.accuracy_cost, -c.predicted_speedup)
-    )
     tried: list[tuple[Candidate, float]] = []
-    for candidate in [chosen, *(c for c in reaching if c.recipe != chosen.recipe)][:tries]:
+    for candidate in candidates:
         tried.append((candidate, timed(candidate.recipe)))
         if tried[-1][1] >= 0.9 * goal:
             break
@@ -221,7 +219,10 @@ def plot_frontier(
 
 
 def why_chosen(
-    chosen: Candidate, frontier: Sequence[Candidate], target_speedup: Union[float, str], max_accuracy_drop: Any
+    chosen: Candidate,
+    frontier: Sequence[Candidate],
+    target_speedup: Union[float, Literal["max"]],
+    max_accuracy_drop: Any,
 ) -> str:
     """Why the plan chose ``chosen`` for ``target_speedup`` (a speedup, or ``"max"``), in words for the report."""
     if target_speedup == "max":
@@ -229,7 +230,7 @@ def why_chosen(
             f"the fastest of the {len(frontier)} recipes whose prior accuracy cost is within "
             f"max_accuracy_drop={max_accuracy_drop!r}"
         )
-    reaching = [c for c in frontier if c.predicted_speedup >= float(target_speedup)]
+    reaching = eligible_candidates(frontier, float(target_speedup))
     return (
         f"the cheapest in prior accuracy cost ({chosen.accuracy_cost:.2f} pt) of the "
         f"{len(reaching)} of {len(frontier)} recipes predicted to reach {float(target_speedup):.2f}x"

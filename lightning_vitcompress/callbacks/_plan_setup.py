@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -23,7 +23,7 @@ from lightning_vitcompress.callbacks.quantization import QuantizeOnFit
 from lightning_vitcompress.callbacks.token_merging import TokenMerging
 from lightning_vitcompress.functional.measure import images_of
 from lightning_vitcompress.functional.nystrom import NystromConfig
-from lightning_vitcompress.functional.plan import Candidate, Recipe, SpeedModel
+from lightning_vitcompress.functional.plan import Candidate, Recipe, SpeedModel, eligible_candidates
 from lightning_vitcompress.functional.prune import PruneConfig
 from lightning_vitcompress.functional.quantize_configs import QUANTIZATION_CONFIGS
 from lightning_vitcompress.functional.token_merging import TokenMergingConfig
@@ -251,7 +251,7 @@ def recipe_callbacks(
 
 def resumed_choice(
     frontier: Sequence[Candidate],
-    target_speedup: Union[float, str],
+    target_speedup: Union[float, Literal["max"]],
     chosen: Candidate,
     trained: Recipe,
     max_cost: Optional[float] = None,
@@ -260,11 +260,7 @@ def resumed_choice(
     have chosen it (the first fit's verification may have moved past ``chosen``): one predicted to reach the
     target, or for ``"max"`` one whose prior cost is within ``max_cost``. Anything else means other arguments:
     refused, naming both."""
-    if target_speedup == "max":
-        allowed = [c for c in frontier if max_cost is None or c.accuracy_cost <= max_cost]
-    else:
-        allowed = [c for c in frontier if c.predicted_speedup >= float(target_speedup)]
-    found = next((c for c in allowed if c.recipe == trained), None)
+    found = next((c for c in eligible_candidates(frontier, target_speedup, max_cost) if c.recipe == trained), None)
     if found is None:
         raise ValueError(
             f"CompressionPlan(target_speedup={target_speedup!r}) chooses {chosen.recipe.label()}, but the checkpoint "

@@ -106,7 +106,8 @@ class CompressionPlan(CompressionCallback):
         speed_model: a :class:`~lightning_vitcompress.functional.plan.SpeedModel` measured before, reused instead of
             timing at setup (the same model and machine).
         verify: time the chosen recipe built whole (untrained) at setup against the model entering fit, in seconds:
-            for ``"max"`` that figure becomes the goal; a target it misses by over 10% is warned about.
+            a target it misses by over 10% moves the choice on to the next candidates (three in all, else the
+            fastest measured, warned about); for ``"max"`` the fastest measured of three becomes the goal.
         rounds, min_run_time: interleaved timing rounds, and the seconds each part runs per round.
         plot: write the frontier plot (needs matplotlib).
         output_dir: where the report goes (None: the Trainer's log dir or ``default_root_dir``).
@@ -165,15 +166,15 @@ class CompressionPlan(CompressionCallback):
             batch_size, pruning_steps, rounds, num_threads, min_run_time, distill, distillation, speed_model, verify
         )
         self.target_speedup: Union[float, Literal["max"]] = "max" if target_speedup == "max" else float(target_speedup)
-        #: the speedup aimed at: ``target_speedup``, or for ``"max"`` the chosen recipe's predicted one (at setup)
+        #: the speedup aimed at: ``target_speedup``, or for ``"max"`` the chosen recipe's, measured built whole at
+        #: setup (its prediction with ``verify=False``)
         self.goal: float = 0.0 if target_speedup == "max" else float(target_speedup)
         self.max_accuracy_drop = None if max_accuracy_drop is None else float(max_accuracy_drop)
         self.device, self.runtime = device, runtime
         self.pruning_ratios, self.r_values, self.num_landmarks, self.quantization = ratios, r_values, landmarks, configs
         self.batch_size, self.num_threads, self.distill = batch_size, num_threads, distill
         self.distillation = dict(DISTILLATION if distillation is None else distillation)
-        self.pruning_steps = pruning_steps
-        self.speed_model = speed_model
+        self.pruning_steps, self.speed_model = pruning_steps, speed_model
         self.verify = verify
         #: the chosen recipe's speedup measured whole at setup (``verify``), and each recipe timed so
         self.verified_speedup: Optional[float] = None

@@ -85,6 +85,7 @@ __all__ = [
     "build_recipe",
     "candidate_recipes",
     "choose_recipe",
+    "eligible_candidates",
     "format_frontier",
     "measure_speed_model",
     "plan_frontier",
@@ -162,6 +163,19 @@ def plan_frontier(speed: SpeedModel, recipes: Optional[Sequence[Recipe]] = None)
     return sorted(out, key=lambda c: (-c.predicted_speedup, c.accuracy_cost))
 
 
+def eligible_candidates(
+    frontier: Sequence[Candidate], target_speedup: Union[float, Literal["max"]], max_cost: Optional[float] = None
+) -> list[Candidate]:
+    """The candidates ``target_speedup`` may choose, in order of preference: those predicted to reach it, cheapest
+    in prior accuracy first (ties: the faster); for ``"max"``, those whose prior cost is at most ``max_cost`` (None:
+    all), fastest first (ties: the cheaper)."""
+    if target_speedup == "max":
+        allowed = [c for c in frontier if max_cost is None or c.accuracy_cost <= max_cost]
+        return sorted(allowed, key=lambda c: (-c.predicted_speedup, c.accuracy_cost))
+    reaching = [c for c in frontier if c.predicted_speedup >= target_speedup]
+    return sorted(reaching, key=lambda c: (c.accuracy_cost, -c.predicted_speedup))
+
+
 def choose_recipe(
     frontier: Sequence[Candidate], target_speedup: Union[float, Literal["max"]], max_cost: Optional[float] = None
 ) -> Candidate:
@@ -173,20 +187,17 @@ def choose_recipe(
     Raises:
         UnreachableTargetError: no recipe reaches it; the message names the fastest reachable.
     """
+    eligible = eligible_candidates(frontier, target_speedup, max_cost)
+    if eligible:
+        return eligible[0]
     if target_speedup == "max":
-        allowed = [c for c in frontier if max_cost is None or c.accuracy_cost <= max_cost]
-        if not allowed:
-            raise UnreachableTargetError(f"no candidate recipe has a prior cost within max_cost={max_cost!r}")
-        return max(allowed, key=lambda c: (c.predicted_speedup, -c.accuracy_cost))
-    reaching = [c for c in frontier if c.predicted_speedup >= target_speedup]
-    if not reaching:
-        fastest = max(frontier, key=lambda c: c.predicted_speedup)
-        raise UnreachableTargetError(
-            f"target_speedup={target_speedup!r} is beyond every candidate recipe on this machine: the fastest "
-            f"reachable is {fastest.predicted_speedup:.2f}x ({fastest.recipe.label()}). Pass target_speedup <= "
-            f"{fastest.predicted_speedup:.2f}, or widen the candidates (pruning_ratios=..., quantization=...)."
-        )
-    return min(reaching, key=lambda c: (c.accuracy_cost, -c.predicted_speedup))
+        raise UnreachableTargetError(f"no candidate recipe has a prior cost within max_cost={max_cost!r}")
+    fastest = max(frontier, key=lambda c: c.predicted_speedup)
+    raise UnreachableTargetError(
+        f"target_speedup={target_speedup!r} is beyond every candidate recipe on this machine: the fastest "
+        f"reachable is {fastest.predicted_speedup:.2f}x ({fastest.recipe.label()}). Pass target_speedup <= "
+        f"{fastest.predicted_speedup:.2f}, or widen the candidates (pruning_ratios=..., quantization=...)."
+    )
 
 
 # -------------------------------------------------------------------------------------------- report
